@@ -1,0 +1,165 @@
+// Shared per-token logic of the MLM masking ops, compiled into both the CPU and the CUDA
+// kernels so that the two backends make exactly the same decisions for the same seed.
+//
+// Random words per token (row b, position l; philox index = b << 32 | l):
+//   philox_draw(seed, idx, kMaskOffset) -> w0: Bernoulli selection uniform
+//                                          w1: action uniform (mask / random / keep)
+//                                          w2: unused
+//                                          w3: priority key for exact-count selection
+//   PhiloxStream(seed, idx, kRandomTokenOffset): the random replacement token.
+// Span masking draws its spans from one stream per row: PhiloxStream(seed, b << 32,
+// kSpanOffset).
+#pragma once
+#include <cstdint>
+
+#include "philox.h"
+
+namespace pk {
+namespace masking {
+
+constexpr uint32_t kMaskOffset = 0x4d4c4d00u;         // "MLM\0"
+constexpr uint32_t kRandomTokenOffset = 0x4d4c4d01u;
+constexpr uint32_t kSpanOffset = 0x4d4c4d02u;
+
+enum Action : int { kMask = 0, kRandom = 1, kKeep = 2 };
+
+struct Params {
+  int64_t mask_token_id;
+  int64_t vocab_size;
+  float replace_prob;
+  float random_prob;
+  uint64_t seed;
+  const int64_t* special;  // sorted ascending (may hold duplicates or ids outside the vocab)
+  int64_t n_special;
+  int64_t n_allowed;  // vocab ids that are not special: the range of random replacements
+};
+
+PK_HD uint64_t token_index(int64_t row, int64_t pos) {
+  return (static_cast<uint64_t>(row) << 32) | static_cast<uint32_t>(pos);
+}
+
+PK_HD bool is_special(const Params& p, int64_t id) {
+  int64_t lo = 0, hi = p.n_special;  // binary search in the sorted list
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (p.special[mid] < id) lo = mid + 1; else hi = mid;
+  }
+  return lo < p.n_special && p.special[lo] == id;
+}
+
+// Number of distinct special ids inside [0, vocab_size).
+PK_HD int64_t count_specials_in_vocab(const int64_t* special, int64_t n, int64_t vocab) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = special[i];
+    if (s < 0 || s >= vocab || (i > 0 && special[i - 1] == s)) continue;
+    ++c;
+  }
+  return c;
+}
+
+// The r-th (0-based) vocab id that is not special.
+PK_HD int64_t nth_allowed_id(const Params& p, int64_t r) {
+  for (int64_t i = 0; i < p.n_special; ++i) {
+    const int64_t s = p.special[i];
+    if (s < 0 || s >= p.vocab_size || (i > 0 && p.special[i - 1] == s)) continue;
+    if (s <= r) ++r; else break;
+  }
+  return r;
+}
+
+// A token may be selected when it is real (attention mask non-zero), inside the vocab
+// and not special.
+PK_HD bool eligible(const Params& p, int64_t id, bool attended) {
+  return attended && id >= 0 && id < p.vocab_size && !is_special(p, id);
+}
+
+PK_HD int action_from_uniform(const Params& p, float u) {
+  if (u < p.replace_prob) return kMask;
+  if (u < p.replace_prob + p.random_prob) return kRandom;
+  return kKeep;
+}
+
+// New id of a selected token under an action.
+PK_HD int64_t apply_action(const Params& p, int action, int64_t id, int64_t row, int64_t pos) {
+  if (action == kMask) return p.mask_token_id;
+  if (action == kRandom && p.n_allowed > 0) {
+    PhiloxStream s(p.seed, token_index(row, pos), kRandomTokenOffset);
+    return nth_allowed_id(p, static_cast<int64_t>(uniform_int(s, static_cast<uint32_t>(p.n_allowed))));
+  }
+  return id;
+}
+
+// Priority of a selection unit for exact-count selection: the smallest keys win. The low
+// half is the position, so keys are distinct and ties cannot make the count inexact.
+PK_HD uint64_t exact_key(uint32_t w3, int64_t pos) {
+  return (static_cast<uint64_t>(w3) << 32) | static_cast<uint32_t>(pos);
+}
+
+// How many units to select exactly: round-half-to-even like Python's round(), at least one
+// when any unit is eligible, at most max_predictions (<= 0: no cap).
+PK_HD int64_t exact_budget(float prob, int64_t n_eligible, int64_t max_predictions) {
+  if (n_eligible <= 0) return 0;
+  const double x = static_cast<double>(prob) * static_cast<double>(n_eligible);
+  double f = floor(x);
+  const double d = x - f;
+  if (d > 0.5 || (d == 0.5 && fmod(f, 2.0) != 0.0)) f += 1.0;
+  int64_t k = static_cast<int64_t>(f);
+  if (k < 1) k = 1;
+  if (k > n_eligible) k = n_eligible;
+  if (max_predictions > 0 && k > max_predictions) k = max_predictions;
+  return k;
+}
+
+// SpanBERT span length: geometric(p) on {1, 2, ...}, clipped to max_span. Drawn as a run of
+// Bernoulli(p) trials on exact float uniforms, so CPU and CUDA agree bit for bit.
+PK_HD int span_length(PhiloxStream& s, float geometric_p, int max_span) {
+  int len = 1;
+  while (len < max_span && !(uniform_float(s.next()) < geometric_p)) ++len;
+  return len;
+}
+
+// Span masking of one row, sequential by nature (each span must avoid the earlier ones).
+// out and labels must hold the row's ids and -100 on entry. Spans (in tokens, or in words
+// when word_starts is given) start at a uniformly drawn eligible position (word start),
+// stop at an ineligible or already selected token, and are clipped so that exactly
+// budget = round(prob * n_eligible) tokens are selected. Each span gets one action
+// (mask / random / keep), as in SpanBERT; random tokens are drawn per token.
+template <typename id_t, typename label_t, typename attn_t>
+PK_HD void span_mask_row(const Params& p, const id_t* ids, const attn_t* attn, const bool* word_starts,
+                         id_t* out, label_t* labels, int64_t L, int64_t row, float prob, float geometric_p,
+                         int max_span) {
+  int64_t n_eligible = 0;
+  for (int64_t l = 0; l < L; ++l)
+    n_eligible += eligible(p, static_cast<int64_t>(ids[l]), attn == nullptr || attn[l] != 0);
+  if (n_eligible == 0 || !(prob > 0.0f)) return;
+  const int64_t budget = exact_budget(prob, n_eligible, 0);
+  PhiloxStream s(p.seed, token_index(row, 0), kSpanOffset);
+  int64_t selected = 0;
+  const int64_t max_attempts = 8 * L + 64;  // bound the rejection loop on sparse rows
+  for (int64_t attempt = 0; attempt < max_attempts && selected < budget; ++attempt) {
+    const int len = span_length(s, geometric_p, max_span);
+    const int64_t start = static_cast<int64_t>(uniform_int(s, static_cast<uint32_t>(L)));
+    const int action = action_from_uniform(p, uniform_float(s.next()));
+    const bool start_ok = eligible(p, static_cast<int64_t>(ids[start]), attn == nullptr || attn[start] != 0) &&
+                          labels[start] == -100 && (word_starts == nullptr || start == 0 || word_starts[start]);
+    if (!start_ok) continue;
+    int words = 0;
+    for (int64_t pos = start; pos < L && selected < budget; ++pos) {
+      if (word_starts != nullptr) {
+        if (pos == start || word_starts[pos]) ++words;
+        if (words > len) break;
+      } else if (pos - start >= len) {
+        break;
+      }
+      const int64_t id = static_cast<int64_t>(ids[pos]);
+      if (!eligible(p, id, attn == nullptr || attn[pos] != 0) || labels[pos] != -100) break;
+      labels[pos] = static_cast<label_t>(id);
+      out[pos] = static_cast<id_t>(apply_action(p, action, id, row, pos));
+      ++selected;
+    }
+  }
+}
+
+}  // namespace masking
+}  // namespace pk

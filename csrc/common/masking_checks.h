@@ -1,0 +1,78 @@
+// Host-side argument checks shared by the CPU and CUDA entry points of the masking ops.
+// The Python wrappers check the same things with friendlier messages; these keep direct
+// calls of torch.ops.pretrain_kernels.* from ever reading out of bounds.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "masking.h"
+
+namespace pk {
+namespace masking {
+
+struct CheckedInputs {
+  at::Tensor ids, attn, special, word_starts, prob_rows;
+};
+
+inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::optional<at::Tensor>& attention_mask,
+                                  const c10::optional<at::Tensor>& special_ids,
+                                  const c10::optional<at::Tensor>& word_starts,
+                                  const c10::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                  int64_t mask_token_id, int64_t vocab_size, double replace_prob,
+                                  double random_prob) {
+  TORCH_CHECK(input_ids.dim() == 2, "input_ids: expected a 2-D tensor [batch, seq_len], got ", input_ids.dim(),
+              "-D");
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong || input_ids.scalar_type() == at::kInt,
+              "input_ids: expected int32 or int64, got ", input_ids.scalar_type());
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= (int64_t(1) << 32) - 1, "vocab_size: expected 1 <= vocab_size < 2^32, got ",
+              vocab_size);
+  TORCH_CHECK(mask_token_id >= 0 && mask_token_id < vocab_size, "mask_token_id: expected an id in [0, ", vocab_size,
+              "), got ", mask_token_id);
+  TORCH_CHECK(replace_prob >= 0 && random_prob >= 0 && replace_prob + random_prob <= 1.0 + 1e-9,
+              "replace_prob/random_prob: expected non-negative with replace_prob + random_prob <= 1, got ",
+              replace_prob, " and ", random_prob);
+  TORCH_CHECK(input_ids.size(1) < (int64_t(1) << 31), "input_ids: seq_len must be below 2^31");
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "seed: expected a one-element int64 tensor");
+  TORCH_CHECK(seed.device().is_cpu() || seed.device() == input_ids.device(),
+              "seed: expected a CPU tensor or one on ", input_ids.device(), ", got ", seed.device());
+  const auto B = input_ids.size(0), L = input_ids.size(1);
+  CheckedInputs c;
+  c.ids = input_ids.contiguous();
+  if (attention_mask.has_value()) {
+    const auto& a = *attention_mask;
+    TORCH_CHECK(a.sizes() == input_ids.sizes(), "attention_mask: expected shape ", input_ids.sizes(), ", got ",
+                a.sizes());
+    TORCH_CHECK(a.device() == input_ids.device(), "attention_mask: expected device ", input_ids.device(), ", got ",
+                a.device());
+    c.attn = (a.scalar_type() == at::kBool ? a : a.ne(0)).contiguous();
+  }
+  if (special_ids.has_value()) {
+    const auto& s = *special_ids;
+    TORCH_CHECK(s.dim() == 1, "special_ids: expected a 1-D tensor, got ", s.dim(), "-D");
+    TORCH_CHECK(s.device() == input_ids.device(), "special_ids: expected device ", input_ids.device(), ", got ",
+                s.device());
+    TORCH_CHECK(!at::isFloatingType(s.scalar_type()) && s.scalar_type() != at::kBool,
+                "special_ids: expected an integer tensor, got ", s.scalar_type());
+    c.special = std::get<0>(s.to(at::kLong).sort()).contiguous();
+  }
+  if (word_starts.has_value()) {
+    const auto& w = *word_starts;
+    TORCH_CHECK(w.sizes() == input_ids.sizes(), "word_starts: expected shape ", input_ids.sizes(), ", got ",
+                w.sizes());
+    TORCH_CHECK(w.device() == input_ids.device(), "word_starts: expected device ", input_ids.device(), ", got ",
+                w.device());
+    c.word_starts = (w.scalar_type() == at::kBool ? w : w.ne(0)).contiguous();
+  }
+  if (mask_prob_rows.has_value()) {
+    const auto& m = *mask_prob_rows;
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == B, "mask_prob: expected a per-row tensor of shape [", B, "], got ",
+                m.sizes());
+    TORCH_CHECK(m.device() == input_ids.device(), "mask_prob: expected device ", input_ids.device(), ", got ",
+                m.device());
+    c.prob_rows = m.to(at::kFloat).contiguous();
+  }
+  (void)L;
+  return c;
+}
+
+}  // namespace masking
+}  // namespace pk

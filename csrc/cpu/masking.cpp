@@ -1,0 +1,185 @@
+// CPU kernels of the MLM masking family: mlm_mask (Bernoulli / exact-count selection,
+// optional whole-word units, 80/10/10 actions) and span_mask (SpanBERT spans).
+//
+// One pass per row, rows in parallel (at::parallel_for). Every decision comes from the
+// shared per-token functions in csrc/common/masking.h keyed by (seed, row, position), so
+// the thread count never changes the result and the CUDA kernels reproduce it exactly.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/masking.h"
+#include "../common/masking_checks.h"
+
+namespace pk {
+namespace {
+
+using masking::Params;
+
+Params make_params(const masking::CheckedInputs& c, int64_t mask_token_id, int64_t vocab_size, double replace_prob,
+                   double random_prob, uint64_t seed) {
+  Params p;
+  p.mask_token_id = mask_token_id;
+  p.vocab_size = vocab_size;
+  p.replace_prob = static_cast<float>(replace_prob);
+  p.random_prob = static_cast<float>(random_prob);
+  p.seed = seed;
+  p.special = c.special.defined() ? c.special.data_ptr<int64_t>() : nullptr;
+  p.n_special = c.special.defined() ? c.special.numel() : 0;
+  p.n_allowed = vocab_size - masking::count_specials_in_vocab(p.special, p.n_special, vocab_size);
+  return p;
+}
+
+template <typename id_t>
+void check_id_range(const at::Tensor& ids, int64_t vocab_size) {
+  const id_t* x = ids.data_ptr<id_t>();
+  const int64_t n = ids.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(x[i] >= 0 && static_cast<int64_t>(x[i]) < vocab_size, "input_ids: expected ids in [0, vocab_size=",
+                vocab_size, "), found ", static_cast<int64_t>(x[i]), " at flat index ", i);
+  }
+}
+
+template <typename id_t>
+void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, float prob, bool exact_count,
+                   int64_t max_predictions, at::Tensor& out, at::Tensor& labels) {
+  const int64_t B = c.ids.size(0), L = c.ids.size(1);
+  const id_t* ids = c.ids.data_ptr<id_t>();
+  const bool* attn = c.attn.defined() ? c.attn.data_ptr<bool>() : nullptr;
+  const bool* ws = c.word_starts.defined() ? c.word_starts.data_ptr<bool>() : nullptr;
+  const float* prob_rows = c.prob_rows.defined() ? c.prob_rows.data_ptr<float>() : nullptr;
+  id_t* o = out.data_ptr<id_t>();
+  id_t* lab = labels.data_ptr<id_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<uint64_t> keys;
+    std::vector<int64_t> unit_of;  // selection unit (word start or the token itself)
+    for (int64_t b = b0; b < b1; ++b) {
+      const id_t* row = ids + b * L;
+      const bool* arow = attn ? attn + b * L : nullptr;
+      const bool* wrow = ws ? ws + b * L : nullptr;
+      id_t* orow = o + b * L;
+      id_t* lrow = lab + b * L;
+      const float pr = prob_rows ? prob_rows[b] : prob;
+      const auto elig = [&](int64_t l) { return masking::eligible(p, static_cast<int64_t>(row[l]), !arow || arow[l]); };
+      unit_of.resize(L);
+      int64_t current = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        if (!wrow || l == 0 || wrow[l]) current = l;
+        unit_of[l] = current;
+      }
+      // Threshold on the unit keys for exact counts: a unit is selected iff key <= threshold.
+      uint64_t threshold = 0;
+      bool any = false;
+      if (exact_count) {
+        keys.clear();
+        for (int64_t l = 0; l < L; ++l) {
+          if (unit_of[l] != l || !elig(l)) continue;
+          keys.push_back(masking::exact_key(philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset).v[3], l));
+        }
+        const int64_t k = pr > 0.0f ? masking::exact_budget(pr, static_cast<int64_t>(keys.size()), max_predictions) : 0;
+        if (k > 0) {
+          std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
+          threshold = keys[k - 1];
+          any = true;
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t id = static_cast<int64_t>(row[l]);
+        bool selected = false;
+        if (elig(l)) {
+          const int64_t u = unit_of[l];
+          if (u == l || elig(u)) {
+            const Philox4x32 wu = philox_draw(p.seed, masking::token_index(b, u), masking::kMaskOffset);
+            selected = exact_count ? (any && masking::exact_key(wu.v[3], u) <= threshold)
+                                   : (uniform_float(wu.v[0]) < pr);
+          }
+        }
+        if (selected) {
+          const Philox4x32 w = philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset);
+          const int action = masking::action_from_uniform(p, uniform_float(w.v[1]));
+          orow[l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
+          lrow[l] = static_cast<id_t>(id);
+        } else {
+          orow[l] = row[l];
+          lrow[l] = static_cast<id_t>(-100);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids,
+                                                const c10::optional<at::Tensor>& attention_mask,
+                                                const c10::optional<at::Tensor>& special_ids,
+                                                const c10::optional<at::Tensor>& word_starts,
+                                                const c10::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                                double mask_prob, int64_t mask_token_id, int64_t vocab_size,
+                                                double replace_prob, double random_prob, bool exact_count,
+                                                int64_t max_predictions) {
+  auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
+                                 mask_token_id, vocab_size, replace_prob, random_prob);
+  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
+  auto out = at::empty_like(c.ids);
+  auto labels = at::empty_like(c.ids);
+  if (c.ids.numel() == 0) return {out, labels};
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const Params p = make_params(c, mask_token_id, vocab_size, replace_prob, random_prob, s);
+  AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "mlm_mask_cpu", [&] {
+    check_id_range<index_t>(c.ids, vocab_size);
+    mlm_mask_rows<index_t>(p, c, static_cast<float>(mask_prob), exact_count, max_predictions, out, labels);
+  });
+  return {out, labels};
+}
+
+std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
+                                                 const c10::optional<at::Tensor>& attention_mask,
+                                                 const c10::optional<at::Tensor>& special_ids,
+                                                 const c10::optional<at::Tensor>& word_starts,
+                                                 const c10::optional<at::Tensor>& mask_prob_rows,
+                                                 const at::Tensor& seed, double mask_prob, int64_t mask_token_id,
+                                                 int64_t vocab_size, double replace_prob, double random_prob,
+                                                 double geometric_p, int64_t max_span) {
+  auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
+                                 mask_token_id, vocab_size, replace_prob, random_prob);
+  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
+  TORCH_CHECK(geometric_p > 0.0 && geometric_p <= 1.0, "geometric_p: expected a probability in (0, 1], got ",
+              geometric_p);
+  TORCH_CHECK(max_span >= 1, "max_span: expected >= 1, got ", max_span);
+  auto out = c.ids.clone();
+  auto labels = at::full_like(c.ids, -100);
+  if (c.ids.numel() == 0) return {out, labels};
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const Params p = make_params(c, mask_token_id, vocab_size, replace_prob, random_prob, s);
+  const int64_t B = c.ids.size(0), L = c.ids.size(1);
+  AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "span_mask_cpu", [&] {
+    check_id_range<index_t>(c.ids, vocab_size);
+    const index_t* ids = c.ids.data_ptr<index_t>();
+    const bool* attn = c.attn.defined() ? c.attn.data_ptr<bool>() : nullptr;
+    const bool* ws = c.word_starts.defined() ? c.word_starts.data_ptr<bool>() : nullptr;
+    const float* prob_rows = c.prob_rows.defined() ? c.prob_rows.data_ptr<float>() : nullptr;
+    index_t* o = out.data_ptr<index_t>();
+    index_t* lab = labels.data_ptr<index_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        masking::span_mask_row<index_t, index_t, bool>(
+            p, ids + b * L, attn ? attn + b * L : nullptr, ws ? ws + b * L : nullptr, o + b * L, lab + b * L, L, b,
+            prob_rows ? prob_rows[b] : static_cast<float>(mask_prob), static_cast<float>(geometric_p),
+            static_cast<int>(max_span));
+      }
+    });
+  });
+  return {out, labels};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
+  m.impl("mlm_mask", &mlm_mask_cpu);
+  m.impl("span_mask", &span_mask_cpu);
+}
+
+}  // namespace pk

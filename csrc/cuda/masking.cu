@@ -1,0 +1,297 @@
+// CUDA kernels of the MLM masking family. Same decisions as csrc/cpu/masking.cpp, bit for
+// bit: both call the per-token functions of csrc/common/masking.h with the same Philox keys.
+//
+//  * mlm_mask, Bernoulli selection on tokens: one flat elementwise pass, one thread per
+//    token, nothing shared.
+//  * mlm_mask with whole words and/or an exact count: one block per row. Whole words need
+//    each token's word start, a running max over the row (cub::BlockScan, carried across
+//    chunks of blockDim tokens). Exact counts need the k-th smallest unit key of the row:
+//    a radix select over the 64-bit keys, 8 passes of 8 bits with a shared 256-bin
+//    histogram; keys are recomputed from Philox in every pass instead of being stored, so
+//    the kernel needs no scratch memory and any row length works. No host sync anywhere.
+//  * span_mask: spans depend on the earlier spans of the row, so one thread walks one row
+//    (the same sequential code as on the CPU); rows run in parallel.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/cub.cuh>
+#include <torch/library.h>
+
+#include "../common/masking.h"
+#include "../common/masking_checks.h"
+
+namespace pk {
+namespace {
+
+using masking::Params;
+
+struct DeviceArgs {
+  Params p;
+  const int64_t* seed_dev;  // when the seed lives on the GPU (graph capture with fresh seeds)
+  const float* prob_rows;
+  float prob;
+  const bool* attn;
+  const bool* word_starts;
+  int64_t B, L;
+  int64_t max_predictions;
+};
+
+__device__ __forceinline__ Params resolve(const DeviceArgs& a) {
+  Params p = a.p;
+  if (a.seed_dev != nullptr) p.seed = static_cast<uint64_t>(*a.seed_dev);
+  p.n_allowed = p.vocab_size - masking::count_specials_in_vocab(p.special, p.n_special, p.vocab_size);
+  return p;
+}
+
+template <typename id_t>
+__global__ void mlm_mask_flat_kernel(DeviceArgs a, const id_t* __restrict__ ids, id_t* __restrict__ out,
+                                     id_t* __restrict__ labels) {
+  const Params p = resolve(a);
+  const int64_t n = a.B * a.L;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t b = i / a.L, l = i - b * a.L;
+    const int64_t id = static_cast<int64_t>(ids[i]);
+    const float pr = a.prob_rows ? a.prob_rows[b] : a.prob;
+    bool selected = false;
+    Philox4x32 w;
+    if (masking::eligible(p, id, a.attn == nullptr || a.attn[i])) {
+      w = philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset);
+      selected = uniform_float(w.v[0]) < pr;
+    }
+    if (selected) {
+      const int action = masking::action_from_uniform(p, uniform_float(w.v[1]));
+      out[i] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
+      labels[i] = static_cast<id_t>(id);
+    } else {
+      out[i] = ids[i];
+      labels[i] = static_cast<id_t>(-100);
+    }
+  }
+}
+
+constexpr int kRowThreads = 256;
+
+struct MaxOp {  // cub::Max is gone from newer CCCL releases
+  __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
+
+template <typename id_t>
+__global__ void __launch_bounds__(kRowThreads)
+    mlm_mask_row_kernel(DeviceArgs a, bool exact_count, const id_t* __restrict__ ids, id_t* __restrict__ out,
+                        id_t* __restrict__ labels) {
+  using BlockScan = cub::BlockScan<int, kRowThreads>;
+  using BlockReduce = cub::BlockReduce<int, kRowThreads>;
+  __shared__ union {
+    typename BlockScan::TempStorage scan;
+    typename BlockReduce::TempStorage reduce;
+  } tmp;
+  __shared__ unsigned int hist[256];
+  __shared__ uint64_t s_prefix;
+  __shared__ int64_t s_remaining;
+  __shared__ int s_carry;
+
+  const Params p = resolve(a);
+  const int64_t b = blockIdx.x;
+  const int64_t L = a.L;
+  const id_t* row = ids + b * L;
+  const bool* arow = a.attn ? a.attn + b * L : nullptr;
+  const bool* wrow = a.word_starts ? a.word_starts + b * L : nullptr;
+  const float pr = a.prob_rows ? a.prob_rows[b] : a.prob;
+  auto elig = [&](int64_t l) { return masking::eligible(p, static_cast<int64_t>(row[l]), !arow || arow[l]); };
+  auto is_unit = [&](int64_t l) { return (!wrow || l == 0 || wrow[l]) && elig(l); };
+  auto key_of = [&](int64_t l) {
+    return masking::exact_key(philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset).v[3], l);
+  };
+
+  uint64_t threshold = 0;
+  bool any = false;
+  if (exact_count) {
+    int count = 0;
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) count += is_unit(l);
+    const int n_units = BlockReduce(tmp.reduce).Sum(count);
+    if (threadIdx.x == 0) {
+      s_remaining = pr > 0.0f ? masking::exact_budget(pr, n_units, a.max_predictions) : 0;
+      s_prefix = 0;
+    }
+    __syncthreads();
+    any = s_remaining > 0;
+    if (any) {
+      // Radix select of the s_remaining-th smallest key, most significant byte first.
+      for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        const uint64_t prefix = s_prefix;
+        const uint64_t high_mask = shift == 56 ? 0 : (~uint64_t(0) << (shift + 8));
+        for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+          if (!is_unit(l)) continue;
+          const uint64_t k = key_of(l);
+          if ((k & high_mask) == prefix) atomicAdd(&hist[(k >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          int64_t rem = s_remaining;
+          int d = 0;
+          for (; d < 256; ++d) {
+            if (rem <= hist[d]) break;
+            rem -= hist[d];
+          }
+          s_prefix = prefix | (static_cast<uint64_t>(d) << shift);
+          s_remaining = rem;
+        }
+        __syncthreads();
+      }
+      threshold = s_prefix;
+    }
+  }
+
+  if (threadIdx.x == 0) s_carry = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < L; base += blockDim.x) {
+    const int64_t l = base + threadIdx.x;
+    const bool in = l < L;
+    int unit = static_cast<int>(l);
+    if (wrow) {
+      // Word start of each token: running max of the positions that start a word.
+      const int start = (in && (l == 0 || wrow[l])) ? static_cast<int>(l) : -1;
+      int running;
+      BlockScan(tmp.scan).InclusiveScan(start, running, MaxOp());
+      const int carry = s_carry;
+      unit = running > carry ? running : carry;
+      __syncthreads();
+      if (threadIdx.x == blockDim.x - 1) s_carry = unit;
+      __syncthreads();
+    }
+    if (!in) continue;
+    const int64_t id = static_cast<int64_t>(row[l]);
+    bool selected = false;
+    if (elig(l) && (unit == l || elig(unit))) {
+      if (exact_count) {
+        selected = any && key_of(unit) <= threshold;
+      } else {
+        selected = uniform_float(philox_draw(p.seed, masking::token_index(b, unit), masking::kMaskOffset).v[0]) < pr;
+      }
+    }
+    if (selected) {
+      const Philox4x32 w = philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset);
+      const int action = masking::action_from_uniform(p, uniform_float(w.v[1]));
+      out[b * L + l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
+      labels[b * L + l] = static_cast<id_t>(id);
+    } else {
+      out[b * L + l] = row[l];
+      labels[b * L + l] = static_cast<id_t>(-100);
+    }
+  }
+}
+
+template <typename id_t>
+__global__ void span_mask_kernel(DeviceArgs a, float geometric_p, int max_span, const id_t* __restrict__ ids,
+                                 id_t* __restrict__ out, id_t* __restrict__ labels) {
+  const Params p = resolve(a);
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= a.B) return;
+  const int64_t L = a.L;
+  masking::span_mask_row<id_t, id_t, bool>(p, ids + b * L, a.attn ? a.attn + b * L : nullptr,
+                                           a.word_starts ? a.word_starts + b * L : nullptr, out + b * L,
+                                           labels + b * L, L, b, a.prob_rows ? a.prob_rows[b] : a.prob,
+                                           geometric_p, max_span);
+}
+
+DeviceArgs make_args(const masking::CheckedInputs& c, const at::Tensor& seed, double mask_prob,
+                     int64_t mask_token_id, int64_t vocab_size, double replace_prob, double random_prob,
+                     int64_t max_predictions) {
+  DeviceArgs a;
+  a.p.mask_token_id = mask_token_id;
+  a.p.vocab_size = vocab_size;
+  a.p.replace_prob = static_cast<float>(replace_prob);
+  a.p.random_prob = static_cast<float>(random_prob);
+  a.seed_dev = seed.is_cuda() ? seed.data_ptr<int64_t>() : nullptr;
+  a.p.seed = seed.is_cuda() ? 0 : static_cast<uint64_t>(seed.item<int64_t>());  // CPU scalar: no device sync
+  a.p.special = c.special.defined() ? c.special.data_ptr<int64_t>() : nullptr;
+  a.p.n_special = c.special.defined() ? c.special.numel() : 0;
+  a.p.n_allowed = 0;  // computed on the device from the special list
+  a.prob_rows = c.prob_rows.defined() ? c.prob_rows.data_ptr<float>() : nullptr;
+  a.prob = static_cast<float>(mask_prob);
+  a.attn = c.attn.defined() ? c.attn.data_ptr<bool>() : nullptr;
+  a.word_starts = c.word_starts.defined() ? c.word_starts.data_ptr<bool>() : nullptr;
+  a.B = c.ids.size(0);
+  a.L = c.ids.size(1);
+  a.max_predictions = max_predictions;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> mlm_mask_cuda(const at::Tensor& input_ids,
+                                                 const c10::optional<at::Tensor>& attention_mask,
+                                                 const c10::optional<at::Tensor>& special_ids,
+                                                 const c10::optional<at::Tensor>& word_starts,
+                                                 const c10::optional<at::Tensor>& mask_prob_rows,
+                                                 const at::Tensor& seed, double mask_prob, int64_t mask_token_id,
+                                                 int64_t vocab_size, double replace_prob, double random_prob,
+                                                 bool exact_count, int64_t max_predictions) {
+  const c10::cuda::CUDAGuard guard(input_ids.device());
+  auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
+                                 mask_token_id, vocab_size, replace_prob, random_prob);
+  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
+  auto out = at::empty_like(c.ids);
+  auto labels = at::empty_like(c.ids);
+  if (c.ids.numel() == 0) return {out, labels};
+  const DeviceArgs a =
+      make_args(c, seed, mask_prob, mask_token_id, vocab_size, replace_prob, random_prob, max_predictions);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "mlm_mask_cuda", [&] {
+    if (!exact_count && !c.word_starts.defined()) {
+      const int threads = 256;
+      const int64_t n = c.ids.numel();
+      const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+      const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, max_blocks));
+      mlm_mask_flat_kernel<index_t><<<blocks, threads, 0, stream>>>(a, c.ids.data_ptr<index_t>(),
+                                                                    out.data_ptr<index_t>(), labels.data_ptr<index_t>());
+    } else {
+      TORCH_CHECK(c.ids.size(0) <= 2147483647, "input_ids: too many rows");
+      mlm_mask_row_kernel<index_t><<<static_cast<unsigned>(c.ids.size(0)), kRowThreads, 0, stream>>>(
+          a, exact_count, c.ids.data_ptr<index_t>(), out.data_ptr<index_t>(), labels.data_ptr<index_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, labels};
+}
+
+std::tuple<at::Tensor, at::Tensor> span_mask_cuda(const at::Tensor& input_ids,
+                                                  const c10::optional<at::Tensor>& attention_mask,
+                                                  const c10::optional<at::Tensor>& special_ids,
+                                                  const c10::optional<at::Tensor>& word_starts,
+                                                  const c10::optional<at::Tensor>& mask_prob_rows,
+                                                  const at::Tensor& seed, double mask_prob, int64_t mask_token_id,
+                                                  int64_t vocab_size, double replace_prob, double random_prob,
+                                                  double geometric_p, int64_t max_span) {
+  const c10::cuda::CUDAGuard guard(input_ids.device());
+  auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
+                                 mask_token_id, vocab_size, replace_prob, random_prob);
+  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
+  TORCH_CHECK(geometric_p > 0.0 && geometric_p <= 1.0, "geometric_p: expected a probability in (0, 1], got ",
+              geometric_p);
+  TORCH_CHECK(max_span >= 1, "max_span: expected >= 1, got ", max_span);
+  auto out = c.ids.clone();
+  auto labels = at::full_like(c.ids, -100);
+  if (c.ids.numel() == 0) return {out, labels};
+  const DeviceArgs a = make_args(c, seed, mask_prob, mask_token_id, vocab_size, replace_prob, random_prob, 0);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "span_mask_cuda", [&] {
+    const int threads = 64;
+    const int blocks = static_cast<int>((c.ids.size(0) + threads - 1) / threads);
+    span_mask_kernel<index_t><<<blocks, threads, 0, stream>>>(a, static_cast<float>(geometric_p),
+                                                              static_cast<int>(max_span), c.ids.data_ptr<index_t>(),
+                                                              out.data_ptr<index_t>(), labels.data_ptr<index_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, labels};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) {
+  m.impl("mlm_mask", &mlm_mask_cuda);
+  m.impl("span_mask", &span_mask_cuda);
+}
+
+}  // namespace pk

@@ -1,0 +1,147 @@
+"""Masked-modeling ops: pk.mlm_mask (80/10/10 masking, exact counts, whole words, per-row
+rates) and pk.span_mask (SpanBERT spans), both one fused pass over the batch.
+
+Semantics follow transformers' DataCollatorForLanguageModeling: each eligible token is
+selected with probability mask_prob; a selected token becomes the mask token with
+probability replace_prob, a random token with probability random_prob, and stays
+otherwise; labels hold the original id where selected and -100 elsewhere. Eligible means
+attention_mask != 0, inside [0, vocab_size) and not a special id.
+
+One deliberate difference: random replacements are drawn uniformly from the vocab ids that
+are *not* special (transformers can draw [CLS], [PAD], ... as "random" tokens).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ._common import check_int, check_prob, check_same_device, resolve_seed
+
+_special_cache: dict = {}
+
+
+def _special_tensor(special_token_ids, device: torch.device):
+    """special_token_ids as a sorted int64 tensor on `device` (lists are cached per device,
+    so steady-state calls do no host-to-device copies)."""
+    if special_token_ids is None:
+        return None
+    if isinstance(special_token_ids, torch.Tensor):
+        if special_token_ids.dtype.is_floating_point or special_token_ids.dtype == torch.bool:
+            raise TypeError(f"special_token_ids: expected integer ids, got {special_token_ids.dtype}")
+        check_same_device("special_token_ids", special_token_ids, device)
+        return special_token_ids.reshape(-1)
+    if not isinstance(special_token_ids, Iterable):
+        raise TypeError(f"special_token_ids: expected a list of ints or a tensor, got {type(special_token_ids).__name__}")
+    ids = tuple(sorted({check_int("special_token_ids", i) for i in special_token_ids}))
+    if not ids:
+        return None
+    key = (ids, device)
+    t = _special_cache.get(key)
+    if t is None:
+        if len(_special_cache) > 64:
+            _special_cache.clear()
+        t = torch.tensor(ids, dtype=torch.int64, device=device)
+        _special_cache[key] = t
+    return t
+
+
+def _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob, attention_mask,
+                  word_starts, special_token_ids):
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids: expected int32 or int64 token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected shape [batch, seq_len], got {tuple(input_ids.shape)}")
+    vocab_size = check_int("vocab_size", vocab_size, low=1, high=2**32)
+    mask_token_id = check_int("mask_token_id", mask_token_id, low=0)
+    if mask_token_id >= vocab_size:
+        raise ValueError(f"mask_token_id: expected an id in [0, vocab_size={vocab_size}), got {mask_token_id}")
+    replace_prob = check_prob("replace_prob", replace_prob)
+    random_prob = check_prob("random_prob", random_prob)
+    if replace_prob + random_prob > 1.0 + 1e-9:
+        raise ValueError(f"replace_prob + random_prob: expected at most 1, got {replace_prob} + {random_prob}")
+    device = input_ids.device
+    prob_rows = None
+    if isinstance(mask_prob, torch.Tensor):
+        if not mask_prob.dtype.is_floating_point:
+            raise TypeError(f"mask_prob: expected a float tensor of per-row rates, got {mask_prob.dtype}")
+        if mask_prob.dim() == 0:
+            mask_prob = mask_prob.expand(input_ids.shape[0])
+        if tuple(mask_prob.shape) != (input_ids.shape[0],):
+            raise ValueError(f"mask_prob: expected a float or a per-row tensor of shape [{input_ids.shape[0]}], "
+                             f"got shape {tuple(mask_prob.shape)}")
+        check_same_device("mask_prob", mask_prob, device)
+        if device.type == "cpu" and mask_prob.numel() and not bool(((mask_prob >= 0) & (mask_prob <= 1)).all()):
+            raise ValueError("mask_prob: expected per-row probabilities in [0, 1]")
+        prob_rows, mask_prob = mask_prob, 0.0
+    else:
+        mask_prob = check_prob("mask_prob", mask_prob)
+    for name, t in (("attention_mask", attention_mask), ("word_starts", word_starts)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} (that of input_ids), got {tuple(t.shape)}")
+        check_same_device(name, t, device)
+    special = _special_tensor(special_token_ids, device)
+    return mask_token_id, vocab_size, mask_prob, prob_rows, replace_prob, random_prob, special
+
+
+def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, mask_prob=0.15,
+             replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids=None,
+             attention_mask: torch.Tensor | None = None, exact_count: bool = False,
+             max_predictions: int | None = None, word_starts: torch.Tensor | None = None, seed=None,
+             generator: torch.Generator | None = None):
+    """Fused BERT masking. Returns (masked_ids, labels), both shaped and typed like input_ids.
+
+    input_ids: [B, L] int32/int64. mask_prob: a float, or a per-row float tensor [B] (e.g. a
+    masked-diffusion rate per sequence; changing it never recompiles or syncs).
+    exact_count: select exactly round(mask_prob * n_eligible) units per row (at least one
+    when any is eligible, at most max_predictions), a uniformly random subset.
+    word_starts: bool [B, L], True where a word begins: whole words are selected together
+    (the unit is a word, eligible when its first piece is); each piece then gets its own
+    mask/random/keep draw, as transformers' whole-word collator does.
+    seed / generator: see pretrain_kernels.ops._common.resolve_seed. On CUDA, ids outside
+    [0, vocab_size) are left unchanged and unselected (checking would need a host sync); on
+    the CPU they raise an error.
+    """
+    (mask_token_id, vocab_size, mask_prob, prob_rows, replace_prob, random_prob,
+     special) = _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob,
+                              attention_mask, word_starts, special_token_ids)
+    max_predictions = 0 if max_predictions is None else check_int("max_predictions", max_predictions, low=1)
+    seed_t = resolve_seed(seed, generator, input_ids.device)
+    return torch.ops.pretrain_kernels.mlm_mask(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
+                                               mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
+                                               bool(exact_count), max_predictions)
+
+
+def span_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, mask_prob=0.15,
+              replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids=None,
+              attention_mask: torch.Tensor | None = None, word_starts: torch.Tensor | None = None,
+              geometric_p: float = 0.2, max_span: int = 10, seed=None, generator: torch.Generator | None = None):
+    """SpanBERT masking: spans of geometric(geometric_p) length clipped to max_span (in words
+    when word_starts is given) until exactly round(mask_prob * n_eligible) tokens are
+    selected; one mask/random/keep action per span. Same outputs as mlm_mask."""
+    (mask_token_id, vocab_size, mask_prob, prob_rows, replace_prob, random_prob,
+     special) = _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob,
+                              attention_mask, word_starts, special_token_ids)
+    geometric_p = check_prob("geometric_p", geometric_p, low_open=True)
+    max_span = check_int("max_span", max_span, low=1)
+    seed_t = resolve_seed(seed, generator, input_ids.device)
+    return torch.ops.pretrain_kernels.span_mask(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
+                                                mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
+                                                geometric_p, max_span)
+
+
+def _fake_mask(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob, mask_token_id,
+               vocab_size, replace_prob, random_prob, *rest):
+    torch._check(input_ids.dim() == 2, lambda: "input_ids: expected a 2-D tensor")
+    out = torch.empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+    return out, torch.empty_like(out)
+
+
+torch.library.register_fake("pretrain_kernels::mlm_mask")(_fake_mask)
+torch.library.register_fake("pretrain_kernels::span_mask")(_fake_mask)
