@@ -16,3 +16,33 @@ def mlm_eligible(input_ids, vocab_size, special_ids=(), attention_mask=None):
     if attention_mask is not None:
         elig &= attention_mask.bool()
     return elig
+
+
+def philox4x32_10(ctr, key):
+    """Philox4x32-10 in Python integers (Salmon et al. 2011), for cross-checking the C++."""
+    M0, M1, W0, W1, MASK = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + W0) & MASK, (k1 + W1) & MASK
+        p0, p1 = M0 * c0, M1 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK, p1 & MASK, ((p0 >> 32) ^ c3 ^ k1) & MASK, p0 & MASK
+    return c0, c1, c2, c3
+
+
+def mlm_selection_reference(input_ids, seed, mask_prob, vocab_size, special_ids=(), attention_mask=None):
+    """Which tokens the Bernoulli mlm_mask selects for a given seed, from the documented key
+    layout (philox index = row << 32 | position, offset 0x4d4c4d00, word 0 < mask_prob)."""
+    B, L = input_ids.shape
+    elig = mlm_eligible(input_ids, vocab_size, special_ids, attention_mask)
+    seed &= (1 << 64) - 1
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    sel = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        for pos in range(L):
+            if not elig[b, pos]:
+                continue
+            w0 = philox4x32_10((pos, b, 0x4D4C4D00, 0), key)[0]
+            sel[b, pos] = (w0 >> 8) * 2.0**-24 < torch.tensor(mask_prob, dtype=torch.float32).item()
+    return sel

@@ -98,9 +98,9 @@ PK_HD uint64_t exact_key(uint32_t w3, int64_t pos) {
 
 // How many units to select exactly: round-half-to-even like Python's round(), at least one
 // when any unit is eligible, at most max_predictions (<= 0: no cap).
-PK_HD int64_t exact_budget(float prob, int64_t n_eligible, int64_t max_predictions) {
+PK_HD int64_t exact_budget(double prob, int64_t n_eligible, int64_t max_predictions) {
   if (n_eligible <= 0) return 0;
-  const double x = static_cast<double>(prob) * static_cast<double>(n_eligible);
+  const double x = prob * static_cast<double>(n_eligible);
   double f = floor(x);
   const double d = x - f;
   if (d > 0.5 || (d == 0.5 && fmod(f, 2.0) != 0.0)) f += 1.0;
@@ -127,12 +127,12 @@ PK_HD int span_length(PhiloxStream& s, float geometric_p, int max_span) {
 // (mask / random / keep), as in SpanBERT; random tokens are drawn per token.
 template <typename id_t, typename label_t, typename attn_t>
 PK_HD void span_mask_row(const Params& p, const id_t* ids, const attn_t* attn, const bool* word_starts,
-                         id_t* out, label_t* labels, int64_t L, int64_t row, float prob, float geometric_p,
+                         id_t* out, label_t* labels, int64_t L, int64_t row, double prob, float geometric_p,
                          int max_span) {
   int64_t n_eligible = 0;
   for (int64_t l = 0; l < L; ++l)
     n_eligible += eligible(p, static_cast<int64_t>(ids[l]), attn == nullptr || attn[l] != 0);
-  if (n_eligible == 0 || !(prob > 0.0f)) return;
+  if (n_eligible == 0 || !(prob > 0.0)) return;
   const int64_t budget = exact_budget(prob, n_eligible, 0);
   PhiloxStream s(p.seed, token_index(row, 0), kSpanOffset);
   int64_t selected = 0;

@@ -33,6 +33,15 @@ Params make_params(const masking::CheckedInputs& c, int64_t mask_token_id, int64
   return p;
 }
 
+void check_prob_rows(const masking::CheckedInputs& c) {
+  if (!c.prob_rows.defined()) return;
+  const float* r = c.prob_rows.data_ptr<float>();
+  for (int64_t i = 0; i < c.prob_rows.numel(); ++i) {
+    TORCH_CHECK(r[i] >= 0.0f && r[i] <= 1.0f, "mask_prob: expected per-row probabilities in [0, 1], got ", r[i],
+                " in row ", i);
+  }
+}
+
 template <typename id_t>
 void check_id_range(const at::Tensor& ids, int64_t vocab_size) {
   const id_t* x = ids.data_ptr<id_t>();
@@ -44,7 +53,7 @@ void check_id_range(const at::Tensor& ids, int64_t vocab_size) {
 }
 
 template <typename id_t>
-void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, float prob, bool exact_count,
+void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, double prob, bool exact_count,
                    int64_t max_predictions, at::Tensor& out, at::Tensor& labels) {
   const int64_t B = c.ids.size(0), L = c.ids.size(1);
   const id_t* ids = c.ids.data_ptr<id_t>();
@@ -63,7 +72,8 @@ void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, float prob,
       const bool* wrow = ws ? ws + b * L : nullptr;
       id_t* orow = o + b * L;
       id_t* lrow = lab + b * L;
-      const float pr = prob_rows ? prob_rows[b] : prob;
+      const double prd = prob_rows ? static_cast<double>(prob_rows[b]) : prob;
+      const float pr = static_cast<float>(prd);
       const auto elig = [&](int64_t l) { return masking::eligible(p, static_cast<int64_t>(row[l]), !arow || arow[l]); };
       unit_of.resize(L);
       int64_t current = 0;
@@ -80,7 +90,7 @@ void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, float prob,
           if (unit_of[l] != l || !elig(l)) continue;
           keys.push_back(masking::exact_key(philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset).v[3], l));
         }
-        const int64_t k = pr > 0.0f ? masking::exact_budget(pr, static_cast<int64_t>(keys.size()), max_predictions) : 0;
+        const int64_t k = prd > 0.0 ? masking::exact_budget(prd, static_cast<int64_t>(keys.size()), max_predictions) : 0;
         if (k > 0) {
           std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
           threshold = keys[k - 1];
@@ -123,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids,
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
                                  mask_token_id, vocab_size, replace_prob, random_prob);
   TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
+  check_prob_rows(c);
   auto out = at::empty_like(c.ids);
   auto labels = at::empty_like(c.ids);
   if (c.ids.numel() == 0) return {out, labels};
@@ -130,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids,
   const Params p = make_params(c, mask_token_id, vocab_size, replace_prob, random_prob, s);
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "mlm_mask_cpu", [&] {
     check_id_range<index_t>(c.ids, vocab_size);
-    mlm_mask_rows<index_t>(p, c, static_cast<float>(mask_prob), exact_count, max_predictions, out, labels);
+    mlm_mask_rows<index_t>(p, c, mask_prob, exact_count, max_predictions, out, labels);
   });
   return {out, labels};
 }
@@ -149,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
   TORCH_CHECK(geometric_p > 0.0 && geometric_p <= 1.0, "geometric_p: expected a probability in (0, 1], got ",
               geometric_p);
   TORCH_CHECK(max_span >= 1, "max_span: expected >= 1, got ", max_span);
+  check_prob_rows(c);
   auto out = c.ids.clone();
   auto labels = at::full_like(c.ids, -100);
   if (c.ids.numel() == 0) return {out, labels};
@@ -167,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
       for (int64_t b = b0; b < b1; ++b) {
         masking::span_mask_row<index_t, index_t, bool>(
             p, ids + b * L, attn ? attn + b * L : nullptr, ws ? ws + b * L : nullptr, o + b * L, lab + b * L, L, b,
-            prob_rows ? prob_rows[b] : static_cast<float>(mask_prob), static_cast<float>(geometric_p),
+            prob_rows ? static_cast<double>(prob_rows[b]) : mask_prob, static_cast<float>(geometric_p),
             static_cast<int>(max_span));
       }
     });

@@ -29,7 +29,7 @@ struct DeviceArgs {
   Params p;
   const int64_t* seed_dev;  // when the seed lives on the GPU (graph capture with fresh seeds)
   const float* prob_rows;
-  float prob;
+  double prob;  // the scalar rate in double: exact counts round prob * n like Python
   const bool* attn;
   const bool* word_starts;
   int64_t B, L;
@@ -52,7 +52,7 @@ __global__ void mlm_mask_flat_kernel(DeviceArgs a, const id_t* __restrict__ ids,
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t b = i / a.L, l = i - b * a.L;
     const int64_t id = static_cast<int64_t>(ids[i]);
-    const float pr = a.prob_rows ? a.prob_rows[b] : a.prob;
+    const float pr = a.prob_rows ? a.prob_rows[b] : static_cast<float>(a.prob);
     bool selected = false;
     Philox4x32 w;
     if (masking::eligible(p, id, a.attn == nullptr || a.attn[i])) {
@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kRowThreads)
   const id_t* row = ids + b * L;
   const bool* arow = a.attn ? a.attn + b * L : nullptr;
   const bool* wrow = a.word_starts ? a.word_starts + b * L : nullptr;
-  const float pr = a.prob_rows ? a.prob_rows[b] : a.prob;
+  const double prd = a.prob_rows ? static_cast<double>(a.prob_rows[b]) : a.prob;
+  const float pr = static_cast<float>(prd);
   auto elig = [&](int64_t l) { return masking::eligible(p, static_cast<int64_t>(row[l]), !arow || arow[l]); };
   auto is_unit = [&](int64_t l) { return (!wrow || l == 0 || wrow[l]) && elig(l); };
   auto key_of = [&](int64_t l) {
@@ -111,7 +112,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x) count += is_unit(l);
     const int n_units = BlockReduce(tmp.reduce).Sum(count);
     if (threadIdx.x == 0) {
-      s_remaining = pr > 0.0f ? masking::exact_budget(pr, n_units, a.max_predictions) : 0;
+      s_remaining = prd > 0.0 ? masking::exact_budget(prd, n_units, a.max_predictions) : 0;
       s_prefix = 0;
     }
     __syncthreads();
@@ -193,7 +194,7 @@ __global__ void span_mask_kernel(DeviceArgs a, float geometric_p, int max_span, 
   const int64_t L = a.L;
   masking::span_mask_row<id_t, id_t, bool>(p, ids + b * L, a.attn ? a.attn + b * L : nullptr,
                                            a.word_starts ? a.word_starts + b * L : nullptr, out + b * L,
-                                           labels + b * L, L, b, a.prob_rows ? a.prob_rows[b] : a.prob,
+                                           labels + b * L, L, b, a.prob_rows ? static_cast<double>(a.prob_rows[b]) : a.prob,
                                            geometric_p, max_span);
 }
 
@@ -211,7 +212,7 @@ DeviceArgs make_args(const masking::CheckedInputs& c, const at::Tensor& seed, do
   a.p.n_special = c.special.defined() ? c.special.numel() : 0;
   a.p.n_allowed = 0;  // computed on the device from the special list
   a.prob_rows = c.prob_rows.defined() ? c.prob_rows.data_ptr<float>() : nullptr;
-  a.prob = static_cast<float>(mask_prob);
+  a.prob = mask_prob;
   a.attn = c.attn.defined() ? c.attn.data_ptr<bool>() : nullptr;
   a.word_starts = c.word_starts.defined() ? c.word_starts.data_ptr<bool>() : nullptr;
   a.B = c.ids.size(0);

@@ -73,8 +73,6 @@ def _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob,
             raise ValueError(f"mask_prob: expected a float or a per-row tensor of shape [{input_ids.shape[0]}], "
                              f"got shape {tuple(mask_prob.shape)}")
         check_same_device("mask_prob", mask_prob, device)
-        if device.type == "cpu" and mask_prob.numel() and not bool(((mask_prob >= 0) & (mask_prob <= 1)).all()):
-            raise ValueError("mask_prob: expected per-row probabilities in [0, 1]")
         prob_rows, mask_prob = mask_prob, 0.0
     else:
         mask_prob = check_prob("mask_prob", mask_prob)
