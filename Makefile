@@ -1,0 +1,62 @@
+# pretrain-kernels: two commands on a fresh machine (Python 3.10+, a C++ compiler):
+#   make demo   set up (virtualenv, torch, the package with its extension), run the main job
+#   make test   same set-up, then the C++ and Python test suites
+# Knobs: PYTHON (the interpreter that creates .venv), TORCH_SPEC (which torch to install),
+# PK_BUILD_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (see setup.py), PYTEST_ARGS.
+
+PYTHON ?= python3
+TORCH_SPEC ?= torch>=2.5
+EXTRAS ?= test,train
+PYTEST_ARGS ?=
+
+# Use the active virtualenv if there is one, else ./.venv (created on demand).
+ifdef VIRTUAL_ENV
+PY := $(VIRTUAL_ENV)/bin/python
+VENV_DEP :=
+else
+PY := $(CURDIR)/.venv/bin/python
+VENV_DEP := .venv/bin/python
+endif
+
+SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py') setup.py pyproject.toml
+STAMP := build/.installed-$(notdir $(PY))
+
+.PHONY: setup demo test test-py test-cpp bench device-check clean
+
+.venv/bin/python:
+	$(PYTHON) -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+
+# torch first (the extension builds against it), then the package without build isolation.
+$(STAMP): $(VENV_DEP) $(SOURCES)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@mkdir -p build && touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m pretrain_kernels.demo
+
+test: setup test-cpp test-py
+
+test-py: setup
+	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Header-only C++ tests (RNG known answers) through CMake/ctest.
+test-cpp:
+	cmake -S . -B build/cmake -DPK_WITH_TORCH=OFF -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cmake > /dev/null
+	ctest --test-dir build/cmake --output-on-failure
+
+bench: setup
+	$(PY) -m pip install -q pytest-benchmark matplotlib numba transformers
+	$(PY) -m pytest benchmarks -q --benchmark-json=build/bench.json -p no:cacheprovider
+	$(PY) benchmarks/report.py build/bench.json --out benchmarks/results/latest
+
+device-check:
+	bash scripts/device_check.sh
+
+clean:
+	rm -rf build python/pretrain_kernels/_C*.so *.egg-info python/*.egg-info

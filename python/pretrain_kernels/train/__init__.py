@@ -1,0 +1,1 @@
+"""Training utilities: embedded corpora (no downloads) and, later, the training loop."""
