@@ -1,0 +1,134 @@
+"""pk.mlm_mask against what a user would run instead, on the same batch:
+transformers' DataCollatorForLanguageModeling.torch_mask_tokens, a plain torch composite
+(bernoulli / where), a numba parallel kernel (CPU), and the torch composite on the GPU.
+
+Run: pytest benchmarks/bench_masking.py --benchmark-json=build/bench.json; then
+python benchmarks/report.py build/bench.json. Each test records group, impl and the bytes
+the op must move (ids read, masked ids and labels written) in extra_info.
+"""
+import numpy as np
+import pytest
+import torch
+
+import pretrain_kernels as pk
+
+from conftest import cuda_sync_fn
+
+VOCAB = 30522
+MASK_ID, PAD_ID, CLS_ID, SEP_ID, UNK_ID = 103, 0, 101, 102, 100
+SPECIAL = [PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID]
+SHAPES = [(64, 512), (256, 2048)]
+
+
+def make_ids(B, L, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(999, VOCAB, (B, L), generator=g)
+    ids[:, 0] = CLS_ID
+    ids[:, -1] = SEP_ID
+    return ids.to(device)
+
+
+def torch_composite(ids, special, p=0.15):
+    probs = torch.full(ids.shape, p, device=ids.device)
+    probs.masked_fill_(torch.isin(ids, special), 0.0)
+    sel = torch.bernoulli(probs).bool()
+    labels = torch.where(sel, ids, torch.full_like(ids, -100))
+    replaced = torch.bernoulli(torch.full(ids.shape, 0.8, device=ids.device)).bool() & sel
+    out = ids.masked_fill(replaced, MASK_ID)
+    rnd = torch.bernoulli(torch.full(ids.shape, 0.5, device=ids.device)).bool() & sel & ~replaced
+    out = torch.where(rnd, torch.randint(VOCAB, ids.shape, device=ids.device), out)
+    return out, labels
+
+
+def hf_collator():
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    for name, i in (("[PAD]", PAD_ID), ("[UNK]", UNK_ID), ("[CLS]", CLS_ID), ("[SEP]", SEP_ID), ("[MASK]", MASK_ID)):
+        vocab.pop(f"t{i}")
+        vocab[name] = i
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return transformers.DataCollatorForLanguageModeling(fast, mlm_probability=0.15)
+
+
+_numba_fn = None
+
+
+def numba_mask():
+    global _numba_fn
+    if _numba_fn is None:
+        numba = pytest.importorskip("numba")
+
+        @numba.njit(parallel=True, cache=False)
+        def mask(ids, special, p, mask_id, vocab, seed):
+            B, L = ids.shape
+            out = ids.copy()
+            labels = np.full_like(ids, -100)
+            for b in numba.prange(B):
+                np.random.seed(seed + b)
+                for pos in range(L):
+                    t = ids[b, pos]
+                    sp = False
+                    for s in special:
+                        if t == s:
+                            sp = True
+                    if sp or np.random.random() >= p:
+                        continue
+                    labels[b, pos] = t
+                    u = np.random.random()
+                    if u < 0.8:
+                        out[b, pos] = mask_id
+                    elif u < 0.9:
+                        out[b, pos] = np.random.randint(0, vocab)
+            return out, labels
+
+        _numba_fn = mask
+    return _numba_fn
+
+
+def _info(benchmark, group, impl, B, L, device, elem=8):
+    benchmark.group = f"mlm_mask {B}x{L} {device}"
+    benchmark.extra_info.update(family="masking", op="mlm_mask", impl=impl, device=device, shape=f"{B}x{L}",
+                                baseline=(impl == "pk"), bytes=B * L * elem * 3, tokens=B * L)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pk_mlm_mask(benchmark, bench_device, shape):
+    B, L = shape
+    ids = make_ids(B, L, bench_device)
+    special = torch.tensor(SPECIAL, device=bench_device)
+    _info(benchmark, "mlm_mask", "pk", B, L, bench_device)
+    fn = cuda_sync_fn(lambda: pk.mlm_mask(ids, mask_token_id=MASK_ID, vocab_size=VOCAB, special_token_ids=special,
+                                          seed=1), bench_device)
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_torch_composite(benchmark, bench_device, shape):
+    B, L = shape
+    ids = make_ids(B, L, bench_device)
+    special = torch.tensor(SPECIAL, device=bench_device)
+    _info(benchmark, "mlm_mask", "torch composite", B, L, bench_device)
+    benchmark(cuda_sync_fn(lambda: torch_composite(ids, special), bench_device))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_transformers_collator(benchmark, shape):
+    B, L = shape
+    coll = hf_collator()
+    ids = make_ids(B, L)
+    _info(benchmark, "mlm_mask", "transformers collator", B, L, "cpu")
+    benchmark.pedantic(lambda: coll.torch_mask_tokens(ids.clone()), rounds=3 if B * L > 100000 else 5, iterations=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_numba_parallel(benchmark, shape):
+    B, L = shape
+    fn = numba_mask()
+    ids = make_ids(B, L).numpy()
+    special = np.array(SPECIAL, dtype=np.int64)
+    fn(ids, special, 0.15, MASK_ID, VOCAB, 0)  # compile outside the timing
+    _info(benchmark, "mlm_mask", "numba parallel", B, L, "cpu")
+    benchmark(lambda: fn(ids, special, 0.15, MASK_ID, VOCAB, 0))
