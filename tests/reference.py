@@ -33,7 +33,8 @@ def philox4x32_10(ctr, key):
 
 def mlm_selection_reference(input_ids, seed, mask_prob, vocab_size, special_ids=(), attention_mask=None):
     """Which tokens the Bernoulli mlm_mask selects for a given seed, from the documented key
-    layout (philox index = row << 32 | position, offset 0x4d4c4d00, word 0 < mask_prob)."""
+    layout: selection word of (row, pos) = word pos % 4 of the Philox block with counter
+    (pos // 4, row, 0x4d4c4d00, 0) and key = seed; selected when its float < mask_prob."""
     B, L = input_ids.shape
     elig = mlm_eligible(input_ids, vocab_size, special_ids, attention_mask)
     seed &= (1 << 64) - 1
@@ -43,6 +44,6 @@ def mlm_selection_reference(input_ids, seed, mask_prob, vocab_size, special_ids=
         for pos in range(L):
             if not elig[b, pos]:
                 continue
-            w0 = philox4x32_10((pos, b, 0x4D4C4D00, 0), key)[0]
+            w0 = philox4x32_10((pos // 4, b, 0x4D4C4D00, 0), key)[pos % 4]
             sel[b, pos] = (w0 >> 8) * 2.0**-24 < torch.tensor(mask_prob, dtype=torch.float32).item()
     return sel

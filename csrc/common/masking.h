@@ -1,12 +1,14 @@
 // Shared per-token logic of the MLM masking ops, compiled into both the CPU and the CUDA
 // kernels so that the two backends make exactly the same decisions for the same seed.
 //
-// Random words per token (row b, position l; philox index = b << 32 | l):
-//   philox_draw(seed, idx, kMaskOffset) -> w0: Bernoulli selection uniform
-//                                          w1: action uniform (mask / random / keep)
-//                                          w2: unused
-//                                          w3: priority key for exact-count selection
-//   PhiloxStream(seed, idx, kRandomTokenOffset): the random replacement token.
+// Random words (philox index = row << 32 | counter):
+//   selection word of token (b, l): philox_draw(seed, index(b, l / 4), kMaskOffset).v[l % 4]
+//       -> Bernoulli selection (uniform < mask_prob), or the priority key of exact counts.
+//       One Philox block serves four neighbouring tokens: selection is the only draw every
+//       token needs, so this is what bounds the kernel's arithmetic.
+//   action word of a selected token: philox_draw(seed, index(b, l), kActionOffset).v[0]
+//       -> mask / random / keep.
+//   PhiloxStream(seed, index(b, l), kRandomTokenOffset): the random replacement token.
 // Span masking draws its spans from one stream per row: PhiloxStream(seed, b << 32,
 // kSpanOffset).
 #pragma once
@@ -20,6 +22,7 @@ namespace masking {
 constexpr uint32_t kMaskOffset = 0x4d4c4d00u;         // "MLM\0"
 constexpr uint32_t kRandomTokenOffset = 0x4d4c4d01u;
 constexpr uint32_t kSpanOffset = 0x4d4c4d02u;
+constexpr uint32_t kActionOffset = 0x4d4c4d03u;
 
 enum Action : int { kMask = 0, kRandom = 1, kKeep = 2 };
 
@@ -36,6 +39,20 @@ struct Params {
 
 PK_HD uint64_t token_index(int64_t row, int64_t pos) {
   return (static_cast<uint64_t>(row) << 32) | static_cast<uint32_t>(pos);
+}
+
+// Word k of a block without a run-time array index (which would spill to local memory on
+// the GPU).
+PK_HD uint32_t word_of(const Philox4x32& w, int k) {
+  return k == 0 ? w.v[0] : k == 1 ? w.v[1] : k == 2 ? w.v[2] : w.v[3];
+}
+
+PK_HD uint32_t selection_word(uint64_t seed, int64_t row, int64_t pos) {
+  return word_of(philox_draw(seed, token_index(row, pos >> 2), kMaskOffset), static_cast<int>(pos & 3));
+}
+
+PK_HD float action_uniform(uint64_t seed, int64_t row, int64_t pos) {
+  return uniform_float(philox_draw(seed, token_index(row, pos), kActionOffset).v[0]);
 }
 
 PK_HD bool is_special(const Params& p, int64_t id) {
@@ -92,8 +109,8 @@ PK_HD int64_t apply_action(const Params& p, int action, int64_t id, int64_t row,
 
 // Priority of a selection unit for exact-count selection: the smallest keys win. The low
 // half is the position, so keys are distinct and ties cannot make the count inexact.
-PK_HD uint64_t exact_key(uint32_t w3, int64_t pos) {
-  return (static_cast<uint64_t>(w3) << 32) | static_cast<uint32_t>(pos);
+PK_HD uint64_t exact_key(uint32_t w, int64_t pos) {
+  return (static_cast<uint64_t>(w) << 32) | static_cast<uint32_t>(pos);
 }
 
 // How many units to select exactly: round-half-to-even like Python's round(), at least one

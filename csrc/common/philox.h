@@ -139,6 +139,9 @@ PK_HD void normal_pair(uint32_t a, uint32_t b, float* z0, float* z1) {
 // structure-of-arrays form so that the compiler vectorises the rounds (32x32->64-bit
 // multiplies map to vpmuludq). Host only; results equal N calls of philox4x32_10.
 template <int N>
+#if defined(__GNUC__)
+__attribute__((always_inline))  // inline into each ISA clone of the caller so it vectorises there
+#endif
 inline void philox4x32_10_block(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
                                 uint32_t (*out)[N]) {
   uint32_t a[N], b[N], c[N], d[N];

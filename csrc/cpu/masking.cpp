@@ -53,10 +53,12 @@ void check_id_range(const at::Tensor& ids, int64_t vocab_size) {
   }
 }
 
-// The common case (token units, Bernoulli selection) in blocks of 16 tokens: one vectorised
-// Philox pass for the block, then scalar work only for the ~15% selected tokens. Compiled
-// for AVX-512, AVX2 and baseline x86-64, picked at load time from the CPU's features.
-constexpr int kBlock = 16;
+// The common case (token units, Bernoulli selection) in blocks of 64 tokens: one
+// vectorised pass computes the 16 Philox blocks that hold their selection words, then
+// scalar work only for the ~15% selected tokens. Compiled for AVX-512, AVX2 and baseline
+// x86-64, picked at load time from the CPU's features.
+constexpr int kBlocks = 16;
+constexpr int kTokens = 4 * kBlocks;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -68,19 +70,18 @@ template <typename id_t>
 PK_CPU_CLONES void bernoulli_row(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
                                  int64_t L, int64_t b, float pr) {
   const uint32_t key0 = static_cast<uint32_t>(p.seed), key1 = static_cast<uint32_t>(p.seed >> 32);
-  // Selection threshold on the raw word: uniform_float(w) < pr  <=>  (w >> 8) < ceil(pr * 2^24).
-  const float scaled = pr * 16777216.0f;
-  const uint32_t thresh = pr >= 1.0f ? (1u << 24) : static_cast<uint32_t>(std::ceil(scaled));
-  uint32_t w[4][kBlock];
-  for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, L - l0));
-    philox4x32_10_block<kBlock>(static_cast<uint32_t>(l0), static_cast<uint32_t>(b), masking::kMaskOffset, 0, key0,
-                                key1, w);
+  // Selection on the raw word: uniform_float(w) < pr  <=>  (w >> 8) < ceil(pr * 2^24).
+  const uint32_t thresh = pr >= 1.0f ? (1u << 24) : static_cast<uint32_t>(std::ceil(pr * 16777216.0f));
+  uint32_t w[4][kBlocks];
+  for (int64_t l0 = 0; l0 < L; l0 += kTokens) {
+    const int n = static_cast<int>(std::min<int64_t>(kTokens, L - l0));
+    philox4x32_10_block<kBlocks>(static_cast<uint32_t>(l0 >> 2), static_cast<uint32_t>(b), masking::kMaskOffset, 0,
+                                 key0, key1, w);
     for (int i = 0; i < n; ++i) {
       const int64_t l = l0 + i;
       const int64_t id = static_cast<int64_t>(row[l]);
-      if ((w[0][i] >> 8) < thresh && masking::eligible(p, id, !arow || arow[l])) {
-        const int action = masking::action_from_uniform(p, uniform_float(w[1][i]));
+      if ((w[i & 3][i >> 2] >> 8) < thresh && masking::eligible(p, id, !arow || arow[l])) {
+        const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
         orow[l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
         lrow[l] = static_cast<id_t>(id);
       } else {
@@ -131,7 +132,7 @@ void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, double prob
         keys.clear();
         for (int64_t l = 0; l < L; ++l) {
           if (unit_of[l] != l || !elig(l)) continue;
-          keys.push_back(masking::exact_key(philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset).v[3], l));
+          keys.push_back(masking::exact_key(masking::selection_word(p.seed, b, l), l));
         }
         const int64_t k = prd > 0.0 ? masking::exact_budget(prd, static_cast<int64_t>(keys.size()), max_predictions) : 0;
         if (k > 0) {
@@ -146,14 +147,12 @@ void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, double prob
         if (elig(l)) {
           const int64_t u = unit_of[l];
           if (u == l || elig(u)) {
-            const Philox4x32 wu = philox_draw(p.seed, masking::token_index(b, u), masking::kMaskOffset);
-            selected = exact_count ? (any && masking::exact_key(wu.v[3], u) <= threshold)
-                                   : (uniform_float(wu.v[0]) < pr);
+            const uint32_t wu = masking::selection_word(p.seed, b, u);
+            selected = exact_count ? (any && masking::exact_key(wu, u) <= threshold) : (uniform_float(wu) < pr);
           }
         }
         if (selected) {
-          const Philox4x32 w = philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset);
-          const int action = masking::action_from_uniform(p, uniform_float(w.v[1]));
+          const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
           orow[l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
           lrow[l] = static_cast<id_t>(id);
         } else {

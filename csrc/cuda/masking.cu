@@ -2,7 +2,7 @@
 // bit: both call the per-token functions of csrc/common/masking.h with the same Philox keys.
 //
 //  * mlm_mask, Bernoulli selection on tokens: one flat elementwise pass, one thread per
-//    token, nothing shared.
+//    four tokens (they share a Philox block of selection words), nothing shared.
 //  * mlm_mask with whole words and/or an exact count: one block per row. Whole words need
 //    each token's word start, a running max over the row (cub::BlockScan, carried across
 //    chunks of blockDim tokens). Exact counts need the k-th smallest unit key of the row:
@@ -43,29 +43,34 @@ __device__ __forceinline__ Params resolve(const DeviceArgs& a) {
   return p;
 }
 
+// One thread per group of four neighbouring tokens of a row: the four share one Philox
+// block of selection words.
 template <typename id_t>
 __global__ void mlm_mask_flat_kernel(DeviceArgs a, const id_t* __restrict__ ids, id_t* __restrict__ out,
                                      id_t* __restrict__ labels) {
   const Params p = resolve(a);
-  const int64_t n = a.B * a.L;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t b = i / a.L, l = i - b * a.L;
-    const int64_t id = static_cast<int64_t>(ids[i]);
+  const int64_t groups_per_row = (a.L + 3) >> 2;
+  const int64_t n = a.B * groups_per_row;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n;
+       g += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t b = g / groups_per_row, l0 = (g - b * groups_per_row) << 2;
     const float pr = a.prob_rows ? a.prob_rows[b] : static_cast<float>(a.prob);
-    bool selected = false;
-    Philox4x32 w;
-    if (masking::eligible(p, id, a.attn == nullptr || a.attn[i])) {
-      w = philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset);
-      selected = uniform_float(w.v[0]) < pr;
-    }
-    if (selected) {
-      const int action = masking::action_from_uniform(p, uniform_float(w.v[1]));
-      out[i] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
-      labels[i] = static_cast<id_t>(id);
-    } else {
-      out[i] = ids[i];
-      labels[i] = static_cast<id_t>(-100);
+    const Philox4x32 w = philox_draw(p.seed, masking::token_index(b, l0 >> 2), masking::kMaskOffset);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t l = l0 + k;
+      if (l >= a.L) break;
+      const int64_t i = b * a.L + l;
+      const id_t raw = ids[i];
+      const int64_t id = static_cast<int64_t>(raw);
+      if (uniform_float(w.v[k]) < pr && masking::eligible(p, id, a.attn == nullptr || a.attn[i])) {
+        const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
+        out[i] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
+        labels[i] = raw;
+      } else {
+        out[i] = raw;
+        labels[i] = static_cast<id_t>(-100);
+      }
     }
   }
 }
@@ -102,7 +107,7 @@ __global__ void __launch_bounds__(kRowThreads)
   auto elig = [&](int64_t l) { return masking::eligible(p, static_cast<int64_t>(row[l]), !arow || arow[l]); };
   auto is_unit = [&](int64_t l) { return (!wrow || l == 0 || wrow[l]) && elig(l); };
   auto key_of = [&](int64_t l) {
-    return masking::exact_key(philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset).v[3], l);
+    return masking::exact_key(masking::selection_word(p.seed, b, l), l);
   };
 
   uint64_t threshold = 0;
@@ -170,12 +175,11 @@ __global__ void __launch_bounds__(kRowThreads)
       if (exact_count) {
         selected = any && key_of(unit) <= threshold;
       } else {
-        selected = uniform_float(philox_draw(p.seed, masking::token_index(b, unit), masking::kMaskOffset).v[0]) < pr;
+        selected = uniform_float(masking::selection_word(p.seed, b, unit)) < pr;
       }
     }
     if (selected) {
-      const Philox4x32 w = philox_draw(p.seed, masking::token_index(b, l), masking::kMaskOffset);
-      const int action = masking::action_from_uniform(p, uniform_float(w.v[1]));
+      const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
       out[b * L + l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
       labels[b * L + l] = static_cast<id_t>(id);
     } else {
@@ -242,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cuda(const at::Tensor& input_ids,
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "mlm_mask_cuda", [&] {
     if (!exact_count && !c.word_starts.defined()) {
       const int threads = 256;
-      const int64_t n = c.ids.numel();
+      const int64_t n = c.ids.size(0) * ((c.ids.size(1) + 3) / 4);
       const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
       const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, max_blocks));
       mlm_mask_flat_kernel<index_t><<<blocks, threads, 0, stream>>>(a, c.ids.data_ptr<index_t>(),
