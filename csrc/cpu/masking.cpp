@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "../common/masking.h"
@@ -47,6 +49,21 @@ template <typename id_t>
 void check_id_range(const at::Tensor& ids, int64_t vocab_size) {
   const id_t* x = ids.data_ptr<id_t>();
   const int64_t n = ids.numel();
+  // A min/max reduction (vectorised) first; the offending index only on failure.
+  const auto [lo, hi] = at::parallel_reduce(
+      0, n, 1 << 16, std::make_pair(std::numeric_limits<id_t>::max(), std::numeric_limits<id_t>::lowest()),
+      [&](int64_t a, int64_t b, std::pair<id_t, id_t> acc) {
+        id_t mn = acc.first, mx = acc.second;
+        for (int64_t i = a; i < b; ++i) {
+          mn = std::min(mn, x[i]);
+          mx = std::max(mx, x[i]);
+        }
+        return std::make_pair(mn, mx);
+      },
+      [](std::pair<id_t, id_t> a, std::pair<id_t, id_t> b) {
+        return std::make_pair(std::min(a.first, b.first), std::max(a.second, b.second));
+      });
+  if (lo >= 0 && static_cast<int64_t>(hi) < vocab_size) return;
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(x[i] >= 0 && static_cast<int64_t>(x[i]) < vocab_size, "input_ids: expected ids in [0, vocab_size=",
                 vocab_size, "), found ", static_cast<int64_t>(x[i]), " at flat index ", i);
