@@ -7,6 +7,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C
 from .collator import MLMCollator
 from .ops.masking import mlm_mask, span_mask
+# ---- sampling ----
+from .ops.sampling import TopKTopPLogitsWarper, sample, speculative_accept, top_k_top_p_filter
 
 __version__ = "0.1.0"
 
@@ -20,3 +22,5 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "mlm_mask", "span_mask", "MLMCollator"]
+# ---- sampling ----
+__all__ += ["sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept"]
