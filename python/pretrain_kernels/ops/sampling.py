@@ -79,6 +79,8 @@ _RANGES = {
     "presence_penalty": (lambda x: math.isfinite(x), "a finite value"),
     "frequency_penalty": (lambda x: math.isfinite(x), "a finite value"),
 }
+_NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0}
 _TENSOR_RANGES = {
     "temperature": lambda t: t >= 0,
     "top_k": lambda t: t >= 0,
@@ -91,8 +93,7 @@ _TENSOR_RANGES = {
 
 
 def _knob(name, value, batch, device, *, integer=False):
-    """(scalar, per-row tensor or None) for one knob."""
-    default = 0 if integer else 0.0
+    """(scalar, per-row tensor or None) for one knob; with a tensor the scalar is neutral."""
     if isinstance(value, torch.Tensor):
         if integer:
             if value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex():
@@ -110,7 +111,7 @@ def _knob(name, value, batch, device, *, integer=False):
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
                 raise ValueError(f"{name}: expected {_RANGES[name][1]}, got {value[row].item()} in row {row}")
-        return default, value
+        return _NEUTRAL[name], value
     v = _number(name, value, integer=integer)
     ok, desc = _RANGES[name]
     if not ok(v):
