@@ -7,13 +7,17 @@
 //
 //   1. max pass: M = max of the values (greedy rows: argmax of the penalised logits,
 //      lowest index on ties) -> row mode (normal / +inf entries / nothing drawable);
-//   2. top-k: three radix levels (11, 11, 10 bits of the 32-bit key); each rescans the row
-//      (L2-resident after the first pass) into a shared 2048-bin count histogram with
-//      warp-aggregated atomics, then the block finds the crossing bin with one BlockScan
-//      over the bins. A bin that holds exactly the missing count ends the descent early;
+//   2. top-k: three radix levels (11, 11, 10 bits of the 32-bit key) into a shared 2048-bin
+//      count histogram (warp-aggregated atomics); the block finds the crossing bin with one
+//      BlockScan over the bins. A bin that holds exactly the missing count ends the descent
+//      early. After the first level, when at most 2048 keys lie at or above the chosen bin
+//      (the usual top-k case), they are gathered into shared memory and every later step
+//      (top-k levels, top-p, min-p, total, draw) works on that list; otherwise each level
+//      rescans the row (L2-resident after the first pass);
 //   3. top-p: the same three levels with fixed-point mass histograms, restricted to the
 //      top-k set; the first level's total is Z_k;
-//   4. draw: each warp owns a contiguous chunk of the row; the warps' kept masses give Z,
+//   4. draw (candidate list: each kept candidate's index-order mass prefix by a loop over the
+//      list); on the row: each warp owns a contiguous chunk of the row; the warps' kept masses give Z,
 //      one 64-bit uniform gives the target, and the one warp whose chunk holds it walks its
 //      chunk with warp prefix sums to the token (first index whose inclusive mass sum
 //      exceeds the target, as on the CPU).
@@ -38,6 +42,7 @@ using namespace sampling;
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBinsPerThread = kMaxBins / kThreads;
+constexpr int kCand = kMaxBins;  // capacity of the shared candidate list
 using ull = unsigned long long;
 
 template <typename T>
@@ -67,8 +72,12 @@ struct Shared {
     typename cub::BlockScan<ull, kThreads>::TempStorage scan;
     typename cub::BlockReduce<float, kThreads>::TempStorage reduce_f;
     typename cub::BlockReduce<ArgMax, kThreads>::TempStorage reduce_am;
+    typename cub::BlockReduce<ull, kThreads>::TempStorage reduce_u;
   } tmp;
-  ull hist[kMaxBins];
+  ull hist[kMaxBins];  // histograms; the candidates' masses in the draw of the candidate path
+  uint32_t cand_idx[kCand];
+  uint32_t cand_key[kCand];
+  int ncand;
   ull warp_sum[kWarps];
   ull total;
   ull before;
@@ -299,38 +308,80 @@ __global__ void __launch_bounds__(kThreads)
   if (mode == kInfinite) m = 0.0f;
   auto value = [&](int64_t i) { return mode_value(scaled_value(to_float(row[i]), temperature), mode); };
 
-  // 2. top-k threshold.
+  // 2. top-k threshold. The first level runs over the row; when the keys at or above the
+  // chosen bin number at most kCand (the usual case for top-k: k plus one bin's worth),
+  // they are gathered into shared memory and everything after (the other top-k levels,
+  // top-p, min-p, the draw) runs on that list instead of rescanning the row.
   uint32_t threshold = 0;
+  bool compact = false;
+  int n = 0;
   if (k.topk_on(V)) {
     ull rem = static_cast<ull>(k.top_k);
     uint32_t prefix = 0;
-    for (int level = 0; level < kLevels; ++level) {
-      const int nb = level_bins(level);
-      clear_hist(s, nb);
-      for (int64_t base = 0; base < V; base += kThreads) {
-        const int64_t i = base + tid;
-        uint32_t key = 0;
-        bool active = false;
-        if (i < V) {
-          key = float_key(value(i));
-          active = level_match(key, prefix, level);
-        }
-        hist_add_count(s.hist, level_bin(key, level), active);
-      }
-      __syncthreads();
-      block_crossing<false>(s, nb, rem, 0, 0.0f, false);
-      const int bin = s.bin;
-      if (bin < 0) {  // cannot happen (k < V); keep everything rather than read garbage
-        prefix = 0;
-        break;
-      }
-      rem -= s.before;
-      prefix |= static_cast<uint32_t>(bin) << level_shift(level);
-      const bool exact = rem == s.hist[bin];
-      __syncthreads();
-      if (exact) break;
+    clear_hist(s, level_bins(0));
+    for (int64_t base = 0; base < V; base += kThreads) {
+      const int64_t i = base + tid;
+      uint32_t key = 0;
+      if (i < V) key = float_key(value(i));
+      hist_add_count(s.hist, level_bin(key, 0), i < V);
     }
-    threshold = prefix;
+    __syncthreads();
+    block_crossing<false>(s, level_bins(0), rem, 0, 0.0f, false);
+    const int bin0 = s.bin;
+    if (bin0 >= 0) {  // always (k < V)
+      const ull at_or_above = s.before + s.hist[bin0];
+      rem -= s.before;
+      prefix = static_cast<uint32_t>(bin0) << level_shift(0);
+      bool exact = rem == s.hist[bin0];
+      compact = at_or_above <= static_cast<ull>(kCand);
+      if (tid == 0) s.ncand = 0;
+      __syncthreads();
+      if (compact) {
+        for (int64_t i = tid; i < V; i += kThreads) {
+          const uint32_t key = float_key(value(i));
+          if (key >= prefix) {
+            const int pos = atomicAdd(&s.ncand, 1);
+            if (pos < kCand) {  // always: exactly at_or_above <= kCand keys qualify
+              s.cand_idx[pos] = static_cast<uint32_t>(i);
+              s.cand_key[pos] = key;
+            }
+          }
+        }
+        __syncthreads();
+        n = s.ncand < kCand ? s.ncand : kCand;
+      }
+      for (int level = 1; level < kLevels && !exact; ++level) {
+        const int nb = level_bins(level);
+        clear_hist(s, nb);
+        if (compact) {
+          for (int c = tid; c < n; c += kThreads) {
+            const uint32_t key = s.cand_key[c];
+            if (level_match(key, prefix, level)) atomicAdd(&s.hist[level_bin(key, level)], 1ull);
+          }
+        } else {
+          for (int64_t base = 0; base < V; base += kThreads) {
+            const int64_t i = base + tid;
+            uint32_t key = 0;
+            bool active = false;
+            if (i < V) {
+              key = float_key(value(i));
+              active = level_match(key, prefix, level);
+            }
+            hist_add_count(s.hist, level_bin(key, level), active);
+          }
+        }
+        __syncthreads();
+        block_crossing<false>(s, nb, rem, 0, 0.0f, false);
+        const int bin = s.bin;
+        if (bin < 0) break;  // cannot happen; keep the bins found so far
+        rem -= s.before;
+        prefix |= static_cast<uint32_t>(bin) << level_shift(level);
+        exact = rem == s.hist[bin];
+        __syncthreads();
+      }
+      threshold = prefix;
+    }
+    __syncthreads();
   }
 
   // 3. top-p threshold within the top-k set.
@@ -347,12 +398,21 @@ __global__ void __launch_bounds__(kThreads)
       for (int level = 0; level < kLevels; ++level) {
         const int nb = level_bins(level);
         clear_hist(s, nb);
-        for (int64_t i = tid; i < V; i += kThreads) {
-          const float v = value(i);
-          const uint32_t key = float_key(v);
-          if (key < threshold || !level_match(key, prefix, level)) continue;
-          const ull w = mass_of(weight(v));
-          if (w != 0) atomicAdd(&s.hist[level_bin(key, level)], w);
+        if (compact) {
+          for (int c = tid; c < n; c += kThreads) {
+            const uint32_t key = s.cand_key[c];
+            if (key < threshold || !level_match(key, prefix, level)) continue;
+            const ull w = mass_of(weight(key_float(key)));
+            if (w != 0) atomicAdd(&s.hist[level_bin(key, level)], w);
+          }
+        } else {
+          for (int64_t i = tid; i < V; i += kThreads) {
+            const float v = value(i);
+            const uint32_t key = float_key(v);
+            if (key < threshold || !level_match(key, prefix, level)) continue;
+            const ull w = mass_of(weight(v));
+            if (w != 0) atomicAdd(&s.hist[level_bin(key, level)], w);
+          }
         }
         __syncthreads();
         if (level == 0) {
@@ -398,8 +458,47 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // 4. the draw.
+  const Philox4x32 words = p.words(b, kSampleOffset);
+  if (compact) {
+    // Masses of the kept candidates (into the free histogram), their total, then each kept
+    // candidate's mass prefix in index order; the one whose interval holds the target wins.
+    ull local = 0;
+    for (int c = tid; c < n; c += kThreads) {
+      const uint32_t key = s.cand_key[c];
+      ull w = 0;
+      if (key >= threshold) {
+        const float e = weight(key_float(key));
+        if (!minp || e >= min_p) w = mass_of(e);
+      }
+      s.hist[c] = w;
+      local += w;
+    }
+    const ull zsum = cub::BlockReduce<ull, kThreads>(s.tmp.reduce_u).Sum(local);
+    if (tid == 0) {
+      s.total = zsum;
+      s.token = -1;
+    }
+    __syncthreads();
+    const ull z = s.total;
+    const ull target = draw_target(z, words);
+    for (int c = tid; c < n; c += kThreads) {
+      const ull w = s.hist[c];
+      if (w == 0) continue;
+      const uint32_t idx = s.cand_idx[c];
+      ull before = 0;
+      for (int j = 0; j < n; ++j) before += s.cand_idx[j] < idx ? s.hist[j] : 0ull;
+      if (before <= target && target < before + w) s.token = idx;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      const int64_t token = s.token;
+      tokens[b] = token;
+      logprobs[b] = token < 0 ? neg_inf() : logprob_of(value(token), m, z);
+    }
+    return;
+  }
   const ull z = block_total(s, V, kept_mass);
-  const ull target = draw_target(z, p.words(b, kSampleOffset));
+  const ull target = draw_target(z, words);
   const int64_t token = block_pick(s, V, target, kept_mass);
   if (tid == 0) {
     tokens[b] = token;
