@@ -30,8 +30,9 @@ per-row seed tensor [B], row i draws with (seed[i], 0), exactly like a one-row c
 seed[i]. Without a seed, one is drawn from `generator` or torch's default generator.
 
 On CUDA, per-row knob values and prev_tokens ids are not checked (that would need a host
-sync): out-of-range prev_tokens ids are ignored; top_k < 0 counts as off, NaN top_p as 1,
-temperature <= 0 or NaN as greedy. The CPU kernels raise errors for all of these.
+sync): out-of-range prev_tokens ids are ignored, an out-of-range draft token id counts as
+rejected; top_k < 0 counts as off, NaN top_p as 1, temperature <= 0 or NaN as greedy. The CPU
+kernels raise errors for all of these.
 """
 from __future__ import annotations
 
