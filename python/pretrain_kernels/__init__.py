@@ -8,6 +8,12 @@ from . import _C
 from .collator import MLMCollator
 from .ops.masking import mlm_mask, span_mask
 
+# ---- diffusion ----
+from . import schedulers
+from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
+                            flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
+# ---- end diffusion ----
+
 __version__ = "0.1.0"
 
 
@@ -20,3 +26,7 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "mlm_mask", "span_mask", "MLMCollator"]
+# ---- diffusion ----
+__all__ += ["noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step",
+            "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers"]
+# ---- end diffusion ----
