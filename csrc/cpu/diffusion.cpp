@@ -29,10 +29,12 @@ namespace {
 
 constexpr int64_t kChunk = 1024;
 
+// The elementwise body over one chunk. Branch free, so the compiler vectorises it.
 template <typename acc_t, class Step>
-void apply_chunk(const acc_t* __restrict__ c, const acc_t* __restrict__ a0, const acc_t* __restrict__ a1,
-                 const acc_t* __restrict__ a2, const acc_t* __restrict__ a3, const acc_t* __restrict__ z,
-                 acc_t* __restrict__ o0, acc_t* __restrict__ o1, int64_t n) {
+inline __attribute__((always_inline)) void apply_loop(const acc_t* __restrict__ c, const acc_t* __restrict__ a0,
+                                                      const acc_t* __restrict__ a1, const acc_t* __restrict__ a2,
+                                                      const acc_t* __restrict__ a3, const acc_t* __restrict__ z,
+                                                      acc_t* __restrict__ o0, acc_t* __restrict__ o1, int64_t n) {
   acc_t cl[kNumCoef];
   for (int k = 0; k < kNumCoef; ++k) cl[k] = c[k];
   for (int64_t j = 0; j < n; ++j) {
@@ -41,6 +43,38 @@ void apply_chunk(const acc_t* __restrict__ c, const acc_t* __restrict__ a0, cons
     o0[j] = r0;
     o1[j] = r1;
   }
+}
+
+// The default build targets baseline x86-64 (SSE2). The float body is also compiled for
+// AVX2 + FMA and picked at run time when the CPU has them: the steps do 10-20 flops per
+// element, so the 8-wide FMA version is about twice as fast as the 4-wide one.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PK_DIFFUSION_AVX2 1
+template <class Step>
+__attribute__((target("avx2,fma"))) void apply_loop_avx2(const float* c, const float* a0, const float* a1,
+                                                         const float* a2, const float* a3, const float* z, float* o0,
+                                                         float* o1, int64_t n) {
+  apply_loop<float, Step>(c, a0, a1, a2, a3, z, o0, o1, n);
+}
+
+inline bool cpu_has_avx2_fma() {
+  static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return v;
+}
+#endif
+
+template <typename acc_t, class Step>
+void apply_chunk(const acc_t* c, const acc_t* a0, const acc_t* a1, const acc_t* a2, const acc_t* a3, const acc_t* z,
+                 acc_t* o0, acc_t* o1, int64_t n) {
+#ifdef PK_DIFFUSION_AVX2
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (cpu_has_avx2_fma()) {
+      apply_loop_avx2<Step>(c, a0, a1, a2, a3, z, o0, o1, n);
+      return;
+    }
+  }
+#endif
+  apply_loop<acc_t, Step>(c, a0, a1, a2, a3, z, o0, o1, n);
 }
 
 struct CpuBackend {
