@@ -152,7 +152,7 @@ def test_dpmpp_2m_step(benchmark, device, size, impl):
     def theirs():
         sched._step_index = 4
         sched.lower_order_nums = 2
-        sched.model_outputs = [prev, None]
+        sched.model_outputs = [None, prev]  # step shifts it to [prev, model_output]
         return sched.step(mo, sched.timesteps[4], x)
 
     fns = {

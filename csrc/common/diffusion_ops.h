@@ -86,6 +86,20 @@ inline void check_main(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() >= 1, name, ": expected a batch dimension, got a 0-d tensor");
 }
 
+// Element i of a CPU tensor of int32/int64/float32/float64 (in its storage order, which is
+// the logical order for the 0-d and 1-d tensors it is used on), as a double.
+inline double host_value(const at::Tensor& t, int64_t i) {
+  const int64_t off = i * (t.dim() == 0 ? 0 : t.stride(0));
+  switch (t.scalar_type()) {
+    case at::kInt: return static_cast<double>(t.data_ptr<int32_t>()[off]);
+    case at::kLong: return static_cast<double>(t.data_ptr<int64_t>()[off]);
+    case at::kFloat: return static_cast<double>(t.data_ptr<float>()[off]);
+    case at::kDouble: return t.data_ptr<double>()[off];
+    default: TORCH_CHECK(false, "expected an int32, int64, float32 or float64 tensor, got ", t.scalar_type());
+  }
+  return 0.0;
+}
+
 // A per-sample parameter: one value (any device if it is a CPU tensor) or one per sample.
 inline PerSample per_sample(const at::Tensor& t, const char* name, int64_t B, const at::Device& dev, bool integral,
                             std::vector<at::Tensor>& keep) {
@@ -101,7 +115,7 @@ inline PerSample per_sample(const at::Tensor& t, const char* name, int64_t B, co
   PerSample p;
   if (t.numel() == 1 && t.is_cpu()) {
     p.kind = PerSample::kConst;
-    p.value = t.to(at::kDouble).item<double>();  // host memory: no device sync
+    p.value = host_value(t, 0);  // host memory: no device sync, no ATen op
     return p;
   }
   TORCH_CHECK(t.device() == dev, name, ": expected a tensor on ", dev, " (or a one-element CPU tensor), got ",
@@ -120,11 +134,13 @@ inline PerSample per_sample(const at::Tensor& t, const char* name, int64_t B, co
 // Checks the values of a host-readable timestep tensor: 0 <= t < n (or t < n and any
 // negative value when allow_negative, meaning "past the last step").
 inline void check_timestep_range(const at::Tensor& t, const char* name, int64_t n, bool allow_negative) {
-  if (!t.is_cpu() || t.numel() == 0) return;
-  const auto tl = t.to(at::kLong);
-  const int64_t lo = tl.min().item<int64_t>(), hi = tl.max().item<int64_t>();
-  TORCH_CHECK(hi < n, name, ": expected values below ", n, " (the length of alphas_cumprod), got ", hi);
-  TORCH_CHECK(allow_negative || lo >= 0, name, ": expected non-negative values, got ", lo);
+  if (!t.is_cpu()) return;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const double v = host_value(t, i);
+    TORCH_CHECK(v < static_cast<double>(n), name, ": expected values below ", n,
+                " (the length of alphas_cumprod), got ", static_cast<int64_t>(v));
+    TORCH_CHECK(allow_negative || v >= 0.0, name, ": expected non-negative values, got ", static_cast<int64_t>(v));
+  }
 }
 
 inline Table table(const at::Tensor& acp, const at::Device& dev, std::vector<at::Tensor>& keep) {

@@ -369,7 +369,7 @@ class DDIMScheduler(_AlphaBarScheduler):
         if variance_noise is not None and generator is not None:
             raise ValueError("variance_noise/generator: pass at most one of them")
         ratio = self.config.num_train_timesteps // self.num_inference_steps
-        if isinstance(timestep, torch.Tensor):
+        if isinstance(timestep, torch.Tensor) and (timestep.device.type != "cpu" or timestep.numel() > 1):
             t = self._per_sample_timesteps(timestep, sample.device)
             prev = t - ratio  # on the timestep's device, no sync
         else:
@@ -391,12 +391,13 @@ class _SigmaScheduler(_Scheduler):
     def _finish(self, sigmas_host, timesteps_host, device):
         """sigmas_host: float32 numpy with the final sigma appended."""
         self.sigmas = torch.from_numpy(sigmas_host.astype(np.float32))  # CPU, as diffusers
+        self._sig_views = self.sigmas.unbind()
         self._timesteps_host = np.asarray(timesteps_host, dtype=np.float32)
         self._step_index = None
         self._begin_index = None
 
     def _sig(self, i):
-        return self.sigmas[i]  # 0-d CPU view: a constant for the kernel, no copy
+        return self._sig_views[i]  # 0-d CPU view: a constant for the kernel, no copy
 
 
 class EulerDiscreteScheduler(_SigmaScheduler, _AlphaBarScheduler):
@@ -548,6 +549,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
         self.timesteps = self.sigmas * num_train_timesteps
         self._timesteps_host = self.timesteps.numpy().copy()
         self._sigmas_host = self.sigmas
+        self._sig_views = self.sigmas.unbind()
         self.sigma_min = float(sig[-1])
         self.sigma_max = float(sig[0])
         self.init_noise_sigma = 1.0
@@ -614,6 +616,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
         else:
             sig = np.concatenate([sig, [0.0]]).astype(np.float32)
         self._sigmas_host = torch.from_numpy(sig)
+        self._sig_views = self._sigmas_host.unbind()
         self.sigmas = self._sigmas_host.to(device)
         self._timesteps_host = ts
         self.timesteps = torch.from_numpy(ts.copy()).to(device)
@@ -621,7 +624,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
         self._begin_index = None
 
     def _sig(self, i):
-        return self._sigmas_host[i]
+        return self._sig_views[i]
 
     def scale_model_input(self, sample, timestep=None):
         return sample

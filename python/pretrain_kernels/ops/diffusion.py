@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from ._common import resolve_seed
+from ._common import is_compiling, resolve_seed
 
 _OPS = torch.ops.pretrain_kernels
 
@@ -133,6 +133,23 @@ def _tensor(name, x):
     return x
 
 
+_scalar_cache: dict = {}
+
+
+def _scalar_tensor(value, dtype):
+    """A one-element CPU tensor for a Python number. Cached (the ops never write to it), so
+    a sampling loop does not pay a tensor construction per coefficient per step."""
+    if is_compiling():
+        return torch.tensor(value, dtype=dtype)
+    key = (value, dtype)
+    t = _scalar_cache.get(key)
+    if t is None:
+        if len(_scalar_cache) > 8192:
+            _scalar_cache.clear()
+        t = _scalar_cache[key] = torch.tensor(value, dtype=dtype)
+    return t
+
+
 def _per_sample(name, value, *, integral=False):
     """A per-sample parameter as a tensor: tensors pass (one value or one per sample),
     Python numbers become one-element CPU tensors (read by the op without a device copy)."""
@@ -145,8 +162,8 @@ def _per_sample(name, value, *, integral=False):
     if integral:
         if not isinstance(value, numbers.Integral) and not float(value).is_integer():
             raise ValueError(f"{name}: expected an integer timestep, got {value}")
-        return torch.tensor(int(value), dtype=torch.int64)
-    return torch.tensor(float(value), dtype=torch.float64)
+        return _scalar_tensor(int(value), torch.int64)
+    return _scalar_tensor(float(value), torch.float64)
 
 
 def _acp(alphas_cumprod, device):
