@@ -16,12 +16,13 @@
 // int32/int64/float32/float64 with stride 0 (one value for the batch) or 1, or a constant
 // taken from a CPU scalar tensor (so a CPU 0-d tensor can feed a CUDA kernel without a copy).
 //
-// Noise: element i (flat index into the contiguous sample) uses
-//   normal_pair(philox_draw(seed, i, offset)) -> z0,
-// with one Philox offset per op, so CPU and CUDA draw the same normals for a seed.
+// Noise: element i (flat index into the contiguous sample) gets a standard normal from the
+// Philox block i / 4 (see philox_normal below), with one Philox offset per op, so CPU and
+// CUDA draw the same normals for a seed.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "philox.h"
@@ -405,12 +406,89 @@ struct FlowMatch {
   }
 };
 
-// Standard normal for flat element i.
+// ---- standard normals ----------------------------------------------------------------------
+// Box-Muller on Philox words with our own float log and sincos (pure arithmetic, accurate to
+// a few ulp): the CPU loop vectorises them (libm calls would not) and both backends do the
+// same float operations. One Philox block (4 words) gives 4 normals: element i uses block
+// i / 4, words (2p, 2p+1) with p = (i / 2) % 2, and the cosine (i even) or sine (i odd) half.
+
+PK_HD float bits_float(uint32_t b) {
+  float f;
+  memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+PK_HD uint32_t float_bits(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+// log(x) for normal positive floats: x = m 2^e with m in [0.75, 1.5), log m = 2 atanh(s),
+// s = (m - 1) / (m + 1) in [-1/7, 1/5], by its odd series up to s^11 (truncation < 1e-10).
+PK_HD float log_pos(float x) {
+  // Integer-only range reduction (vectorises): e = floor(log2(x / 0.75)), m = x / 2^e.
+  const uint32_t bits = float_bits(x);
+  const int32_t e = static_cast<int32_t>(bits - 0x3f400000u) >> 23;
+  const float m = bits_float(bits - (static_cast<uint32_t>(e) << 23));
+  const float sv = (m - 1.0f) / (m + 1.0f);
+  const float s2 = sv * sv;
+  const float poly =
+      1.0f + s2 * (0.33333333f + s2 * (0.2f + s2 * (0.14285714f + s2 * (0.11111111f + s2 * 0.09090909f))));
+  return 2.0f * sv * poly + static_cast<float>(e) * 0.69314718f;
+}
+
+// sin and cos of 2 pi u for u in [0, 1): nearest quarter turn k, remainder f = u - k/4 in
+// [-1/8, 1/8] (exact), Taylor polynomials on |x| = |2 pi f| <= pi/4, then a quarter-turn rotation.
+PK_HD void sincos_turns(float u, float* sn, float* cs) {
+  const int k = static_cast<int>(u * 4.0f + 0.5f);
+  const float f = u - 0.25f * static_cast<float>(k);
+  const float x = 6.28318531f * f;
+  const float x2 = x * x;
+  const float sx = x * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f + x2 * 2.7557319e-6f))));
+  const float cx = 1.0f + x2 * (-0.5f + x2 * (4.1666667e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f +
+                                                                                            x2 * -2.7557319e-7f))));
+  const int q = k & 3;
+  const float a = (q & 1) ? cx : sx;  // sin after rotating by q quarter turns
+  const float b = (q & 1) ? sx : cx;
+  *sn = (q == 2 || q == 3) ? -a : a;
+  *cs = (q == 1 || q == 2) ? -b : b;
+}
+
+// sqrt(y) for y >= 0 as y / sqrt(y) with three Newton steps on the reciprocal square root
+// from the classic bit-level estimate (relative error ~1e-7; exactly 0 for y = 0). Written
+// out because a libm sqrtf call (errno) keeps the CPU loop from vectorising.
+PK_HD float sqrt_nonneg(float y) {
+  float r = bits_float(0x5f3759dfu - (float_bits(y) >> 1));
+  const float h = 0.5f * y;
+  r = r * (1.5f - h * r * r);
+  r = r * (1.5f - h * r * r);
+  r = r * (1.5f - h * r * r);
+  return y * r;
+}
+
+PK_HD void normal_pair_fast(uint32_t w0, uint32_t w1, float* z0, float* z1) {
+  const float r = sqrt_nonneg(-2.0f * log_pos(uniform_float_open0(w0)));
+  float sn, cs;
+  sincos_turns(uniform_float(w1), &sn, &cs);
+  *z0 = r * cs;
+  *z1 = r * sn;
+}
+
+// The 4 normals of Philox block `blk` (elements 4 blk .. 4 blk + 3).
+PK_HD void normal_block(uint64_t seed, uint64_t blk, uint32_t offset, float* z) {
+  const Philox4x32 w = philox_draw(seed, blk, offset);
+  normal_pair_fast(w.v[0], w.v[1], &z[0], &z[1]);
+  normal_pair_fast(w.v[2], w.v[3], &z[2], &z[3]);
+}
+
+// The normal of element i alone (what normal_block gives for it).
 PK_HD float philox_normal(uint64_t seed, uint64_t i, uint32_t offset) {
-  const Philox4x32 w = philox_draw(seed, i, offset);
+  const Philox4x32 w = philox_draw(seed, i >> 2, offset);
+  const int p = static_cast<int>((i >> 1) & 1u);
   float z0, z1;
-  normal_pair(w.v[0], w.v[1], &z0, &z1);
-  return z0;
+  normal_pair_fast(p ? w.v[2] : w.v[0], p ? w.v[3] : w.v[1], &z0, &z1);
+  return (i & 1u) ? z1 : z0;
 }
 
 }  // namespace diffusion

@@ -77,6 +77,30 @@ void apply_chunk(const acc_t* c, const acc_t* a0, const acc_t* a1, const acc_t* 
   apply_loop<acc_t, Step>(c, a0, a1, a2, a3, z, o0, o1, n);
 }
 
+// Normals of elements [base, base + n) into out[(base % 4) + j]: whole Philox blocks, four
+// normals each, in a loop without branches (vectorised, AVX2 when the CPU has it).
+inline void fill_normals_generic(uint64_t seed, uint32_t offset, int64_t blk0, int64_t nblk, float* __restrict__ out) {
+  for (int64_t k = 0; k < nblk; ++k) normal_block(seed, static_cast<uint64_t>(blk0 + k), offset, out + 4 * k);
+}
+
+#ifdef PK_DIFFUSION_AVX2
+__attribute__((target("avx2,fma"))) void fill_normals_avx2(uint64_t seed, uint32_t offset, int64_t blk0, int64_t nblk,
+                                                           float* __restrict__ out) {
+  for (int64_t k = 0; k < nblk; ++k) normal_block(seed, static_cast<uint64_t>(blk0 + k), offset, out + 4 * k);
+}
+#endif
+
+inline void fill_normals(uint64_t seed, uint32_t offset, int64_t base, int64_t n, float* out) {
+  const int64_t blk0 = base >> 2, blk1 = (base + n + 3) >> 2;
+#ifdef PK_DIFFUSION_AVX2
+  if (cpu_has_avx2_fma()) {
+    fill_normals_avx2(seed, offset, blk0, blk1 - blk0, out);
+    return;
+  }
+#endif
+  fill_normals_generic(seed, offset, blk0, blk1 - blk0, out);
+}
+
 struct CpuBackend {
   template <class Step>
   static void run(const Step& st, StepIO& io) {
@@ -109,6 +133,7 @@ struct CpuBackend {
       acc_t* bo1 = buf.data() + 6 * kChunk;
       acc_t* zeros = buf.data() + 7 * kChunk;
       std::fill(zeros, zeros + kChunk, acc_t(0));
+      std::vector<float> nbuf(draw ? kChunk + 8 : 0);
       int64_t last_b = -1;
       double cd[kNumCoef] = {0};
       acc_t cf[kNumCoef] = {};
@@ -143,7 +168,8 @@ struct CpuBackend {
             z = bz;
           }
         } else if (draw) {
-          for (int64_t j = 0; j < n; ++j) bz[j] = static_cast<acc_t>(philox_normal(seed, base + j, offset));
+          fill_normals(seed, offset, base, n, nbuf.data());
+          for (int64_t j = 0; j < n; ++j) bz[j] = static_cast<acc_t>(nbuf[(base & 3) + j]);
           z = bz;
         }
         acc_t* o0 = bo0;
