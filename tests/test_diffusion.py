@@ -405,6 +405,33 @@ def test_ddpm_noise_distribution():
     assert torch.equal(z0, pk.ddpm_step(mo, x, 0, -1, acp, noise=torch.zeros_like(x))[0])
 
 
+def _philox4x32_10(c, k):
+    mask = 0xFFFFFFFF
+    c0, c1, c2, c3 = c
+    k0, k1 = k
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+    return c0, c1, c2, c3
+
+
+def test_in_kernel_noise_is_box_muller_on_philox():
+    # The noise of element i: Philox block i // 4 keyed by the seed, words (2p, 2p + 1) with
+    # p = (i // 2) % 2, Box-Muller cos (even i) or sin (odd i); checked against float64 math.
+    seed, offset = 987654321, 0x44494605  # flow_match_step's Philox offset
+    z, _ = pk.flow_match_step(torch.zeros(1, 300), torch.zeros(1, 300), 0.5, 1.0, stochastic=True, seed=seed)
+    for i in range(300):
+        w = _philox4x32_10((i >> 2, 0, offset, 0), (seed & 0xFFFFFFFF, seed >> 32))
+        p = (i >> 1) & 1
+        u1 = ((w[2 * p] >> 8) + 1) * 2.0**-24
+        u2 = (w[2 * p + 1] >> 8) * 2.0**-24
+        r = math.sqrt(-2 * math.log(u1))
+        want = r * (math.sin(2 * math.pi * u2) if i & 1 else math.cos(2 * math.pi * u2))
+        assert abs(z[0, i].item() - want) < 2e-6 * max(1.0, abs(want)), i
+
+
 @pytest.mark.cuda
 def test_stochastic_steps_cpu_cuda_match():
     acp = pk.noise_schedule("linear")
