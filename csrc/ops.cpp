@@ -33,4 +33,40 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // Chain speculative sampling: draft_probs [B, n, V], draft_token_ids [B, n], target_probs [B, n+1, V]
   // -> (output_token_ids [B, n+1] int64, -1 after the last emitted token; num_accepted [B] int64).
   m.def("speculative_accept(Tensor draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor seed) -> (Tensor, Tensor)");
+  // ---- diffusion (csrc/{cpu,cuda}/diffusion, math in csrc/common/diffusion.h) ----
+  // Per-sample parameters (timesteps, sigmas): one value or one per sample (dim 0 of the
+  // sample); a one-element CPU tensor may feed a CUDA op. alphas_cumprod: float64 table.
+  // prev_timesteps < 0 means "after the last step" (alpha_bar = 1, or final_alpha_cumprod).
+  // seed: one-element int64 tensor (CPU or the sample's device), used when a step draws
+  // noise and no noise tensor is given. Steps return (prev_sample, pred_original_sample),
+  // heun_step (prev_sample, derivative).
+  m.def("add_noise(Tensor x0, Tensor noise, Tensor timesteps, Tensor? alphas_cumprod, str target) -> (Tensor, Tensor)");
+  m.def(
+      "diffusion_loss(Tensor pred, Tensor target, Tensor? timesteps, Tensor? alphas_cumprod, str weighting, "
+      "float gamma, str prediction_type) -> Tensor");
+  m.def(
+      "diffusion_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? timesteps, Tensor? alphas_cumprod, "
+      "str weighting, float gamma, str prediction_type) -> Tensor");
+  m.def(
+      "ddpm_step(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
+      "Tensor? noise, Tensor? seed, str prediction_type, str variance_type, bool clip_sample, "
+      "float clip_sample_range) -> (Tensor, Tensor)");
+  m.def(
+      "ddim_step(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
+      "Tensor? noise, Tensor? seed, float final_alpha_cumprod, float eta, str prediction_type, bool clip_sample, "
+      "float clip_sample_range, bool use_clipped_model_output) -> (Tensor, Tensor)");
+  m.def(
+      "euler_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? noise, Tensor? seed, "
+      "str prediction_type, float churn_gamma, float s_tmin, float s_tmax, float s_noise) -> (Tensor, Tensor)");
+  m.def(
+      "heun_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? prev_derivative, "
+      "Tensor? prev_sample, str prediction_type, bool clip_sample, float clip_sample_range) -> (Tensor, Tensor)");
+  m.def(
+      "dpmpp_2m_step(Tensor model_output, Tensor sample, Tensor? prev_x0, Tensor? sigma_prev, Tensor sigma, "
+      "Tensor sigma_next, Tensor? noise, Tensor? seed, str prediction_type, str algorithm_type, str solver_type, "
+      "int order, bool flow_sigmas) -> (Tensor, Tensor)");
+  m.def(
+      "flow_match_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? noise, "
+      "Tensor? seed, bool stochastic) -> (Tensor, Tensor)");
+  // ---- end diffusion ----
 }

@@ -10,6 +10,12 @@ from .ops.masking import mlm_mask, span_mask
 # ---- sampling ----
 from .ops.sampling import TopKTopPLogitsWarper, sample, speculative_accept, top_k_top_p_filter
 
+# ---- diffusion ----
+from . import schedulers
+from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
+                            flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
+# ---- end diffusion ----
+
 __version__ = "0.1.0"
 
 
@@ -24,3 +30,7 @@ def build_info() -> dict:
 __all__ = ["build_info", "mlm_mask", "span_mask", "MLMCollator"]
 # ---- sampling ----
 __all__ += ["sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept"]
+# ---- diffusion ----
+__all__ += ["noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step",
+            "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers"]
+# ---- end diffusion ----
