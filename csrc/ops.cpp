@@ -39,7 +39,8 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // prev_timesteps < 0 means "after the last step" (alpha_bar = 1, or final_alpha_cumprod).
   // seed: one-element int64 tensor (CPU or the sample's device), used when a step draws
   // noise and no noise tensor is given. Steps return (prev_sample, pred_original_sample),
-  // heun_step (prev_sample, derivative).
+  // heun_step (prev_sample, derivative); flow_match_step an empty second output unless
+  // return_x0 (one write less per element).
   m.def("add_noise(Tensor x0, Tensor noise, Tensor timesteps, Tensor? alphas_cumprod, str target) -> (Tensor, Tensor)");
   m.def(
       "diffusion_loss(Tensor pred, Tensor target, Tensor? timesteps, Tensor? alphas_cumprod, str weighting, "
@@ -67,6 +68,6 @@ TORCH_LIBRARY(pretrain_kernels, m) {
       "int order, bool flow_sigmas) -> (Tensor, Tensor)");
   m.def(
       "flow_match_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? noise, "
-      "Tensor? seed, bool stochastic) -> (Tensor, Tensor)");
+      "Tensor? seed, bool stochastic, bool return_x0) -> (Tensor, Tensor)");
   // ---- end diffusion ----
 }

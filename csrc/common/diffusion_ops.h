@@ -399,15 +399,19 @@ struct Ops {
   }
 
   static std::tuple<T, T> flow_match_step(const T& model_output, const T& sample, const T& sigma,
-                                          const T& sigma_next, const OT& noise, const OT& seed, bool stochastic) {
+                                          const T& sigma_next, const OT& noise, const OT& seed, bool stochastic,
+                                          bool return_x0) {
     FlowMatch st;
     st.stochastic = stochastic;
     StepIO io = step_io(model_output, sample, noise, seed, stochastic, kFlowOffset);
+    if (!return_x0) io.out[1] = at::empty({0}, sample.options());
     std::vector<T> keep;
     st.sigma = per_sample(sigma, "sigma", io.B, sample.device(), false, keep);
     st.sigma_next = per_sample(sigma_next, "sigma_next", io.B, sample.device(), false, keep);
+    const T x0 = io.out[1];
+    if (!return_x0) io.out[1] = T();  // the kernels skip an undefined second output
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);
-    return {io.out[0], io.out[1]};
+    return {io.out[0], x0};
   }
 };
 

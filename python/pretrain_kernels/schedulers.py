@@ -660,7 +660,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
         i = self._step_index
         stochastic = bool(self.config.stochastic_sampling)
         prev, _ = _d.flow_match_step(model_output, sample, self._sig(i), self._sig(i + 1), stochastic=stochastic,
-                                     generator=generator if stochastic else None)
+                                     generator=generator if stochastic else None, return_x0=False)
         self._step_index += 1
         if not return_dict:
             return (prev,)

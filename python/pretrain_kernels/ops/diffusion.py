@@ -373,14 +373,16 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
 
 
 def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False, noise=None, seed=None,
-                    generator=None):
+                    generator=None, return_x0=True):
     """One flow-matching Euler step (diffusers' FlowMatchEulerDiscreteScheduler.step):
     prev = sample + (sigma_next - sigma) v, or with stochastic=True
-    prev = (1 - sigma_next) x0 + sigma_next z, x0 = sample - sigma v. Returns (prev, x0)."""
+    prev = (1 - sigma_next) x0 + sigma_next z, x0 = sample - sigma v. Returns (prev, x0);
+    with return_x0=False x0 is not written (an empty tensor comes back), saving a pass."""
     _tensor("sample", sample)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, bool(stochastic))
     return _OPS.flow_match_step(model_output, sample, _per_sample("sigma", sigma),
-                                _per_sample("sigma_next", sigma_next), noise, seed_t, bool(stochastic))
+                                _per_sample("sigma_next", sigma_next), noise, seed_t, bool(stochastic),
+                                bool(return_x0))
 
 
 # ---- fake kernels and autograd --------------------------------------------------------------
@@ -404,8 +406,13 @@ def _fake_loss_backward(grad, pred, target, timesteps, alphas_cumprod, weighting
     return torch.empty_like(pred)
 
 
-for _name in ("ddpm_step", "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step"):
+def _fake_flow(model_output, sample, sigma, sigma_next, noise, seed, stochastic, return_x0):
+    return torch.empty_like(sample), (torch.empty_like(sample) if return_x0 else sample.new_empty((0,)))
+
+
+for _name in ("ddpm_step", "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step"):
     torch.library.register_fake(f"pretrain_kernels::{_name}")(_fake_pair)
+torch.library.register_fake("pretrain_kernels::flow_match_step")(_fake_flow)
 torch.library.register_fake("pretrain_kernels::add_noise")(_fake_add_noise)
 torch.library.register_fake("pretrain_kernels::diffusion_loss")(_fake_loss)
 torch.library.register_fake("pretrain_kernels::diffusion_loss_backward")(_fake_loss_backward)
