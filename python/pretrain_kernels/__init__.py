@@ -34,3 +34,8 @@ __all__ += ["sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative
 __all__ += ["noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step",
             "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers"]
 # ---- end diffusion ----
+
+# ---- attention ----
+from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention  # noqa: E402
+
+__all__ += ["flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention"]
