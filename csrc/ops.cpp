@@ -93,4 +93,5 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   m.def(
       "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
       "Tensor? v_new, float scale, bool causal) -> Tensor");
+  // ---- end attention ----
 }

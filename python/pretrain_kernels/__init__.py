@@ -15,6 +15,9 @@ from . import schedulers
 from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
 # ---- end diffusion ----
+# ---- attention ----
+from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
+# ---- end attention ----
 
 __version__ = "0.1.0"
 
@@ -34,8 +37,6 @@ __all__ += ["sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative
 __all__ += ["noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step",
             "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers"]
 # ---- end diffusion ----
-
 # ---- attention ----
-from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention  # noqa: E402
-
 __all__ += ["flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention"]
+# ---- end attention ----
