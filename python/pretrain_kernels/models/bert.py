@@ -1,0 +1,128 @@
+"""BERT-style masked language model over packed variable-length sequences.
+
+Sequences of different lengths are packed end to end into one (total_tokens,) stream with
+int32 offsets cu_seqlens [batch + 1], as FlashAttention's varlen API: every token is real (no
+padding waste) and pk.flash_attention(..., cu_seqlens_q=cu, cu_seqlens_k=cu) keeps each
+sequence's attention inside the sequence. Positions are rotary (RoPE), restarting at 0 for
+each sequence. The MLM head (dense, GELU, LayerNorm, decoder tied to the input embedding, bias)
+is evaluated only at the positions that carry a label, which is all the loss needs.
+
+Masking happens outside the model, with pk.mlm_mask / pk.MLMCollator on the padded batch;
+pack() then drops the padding.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pretrain_kernels as pk
+
+from .gpt import MLP, apply_rope, rope_tables
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 260
+    max_len: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    mlp_ratio: float = 4.0
+    rope_base: float = 10000.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor):
+    """Padded [B, L] ids with a 0/1 attention mask (real tokens first in each row) -> packed
+    (ids [N], cu_seqlens int32 [B + 1], positions [N], max_seqlen, *others packed [N])."""
+    keep = attention_mask.bool()
+    lens = keep.sum(dim=1)
+    cu = torch.zeros(input_ids.shape[0] + 1, dtype=torch.int32, device=input_ids.device)
+    cu[1:] = torch.cumsum(lens, 0)
+    positions = (torch.cumsum(keep.long(), dim=1) - 1)[keep]
+    max_seqlen = int(lens.max()) if lens.numel() else 0
+    return (input_ids[keep], cu, positions, max_seqlen, *(o[keep] for o in others))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd {cfg.n_embd} must divide by n_head {cfg.n_head}")
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        N, C = x.shape  # packed tokens
+        q, k, v = self.qkv(x).view(N, 3, self.n_head, self.head_dim).unbind(1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = pk.flash_attention(q, k, v.contiguous(), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                               max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+        return self.proj(y.reshape(N, C))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd, cfg.mlp_ratio)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.ln1(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.ln2(x))
+
+
+class BertMLM(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        # MLM head: transform, then the decoder tied to the embedding
+        self.head_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.head_ln = nn.LayerNorm(cfg.n_embd)
+        self.decoder_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, ids, cu_seqlens, positions, max_seqlen):
+        """Packed ids [N] -> hidden states [N, n_embd]."""
+        if max_seqlen > self.cfg.max_len:
+            raise ValueError(f"max_seqlen: {max_seqlen} exceeds max_len {self.cfg.max_len}")
+        cos, sin = rope_tables(positions, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_base)
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, cu_seqlens, max_seqlen)
+        return self.ln_f(x)
+
+    def head(self, h):
+        h = self.head_ln(F.gelu(self.head_dense(h)))
+        return F.linear(h, self.embed.weight, self.decoder_bias)
+
+    def forward(self, ids, cu_seqlens, positions, max_seqlen, labels=None):
+        """Packed inputs (see pack()). Without labels: logits [N, vocab] at every token. With
+        labels [N] (-100 = no label): (logits at the labelled tokens [M, vocab], labels [M],
+        summed cross-entropy over them)."""
+        h = self.encode(ids, cu_seqlens, positions, max_seqlen)
+        if labels is None:
+            return self.head(h)
+        sel = labels != -100
+        logits = self.head(h[sel])
+        y = labels[sel]
+        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+        return logits, y, loss_sum
