@@ -56,7 +56,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 class Judge:
     """Trained once on construction (a few seconds on 8x8 digits), deterministic under seed."""
 
-    def __init__(self, data, *, epochs: int = 40, seed: int = 0):
+    def __init__(self, data, *, epochs: int = 20, seed: int = 0):
         if data.train_labels is None:
             raise ValueError("judge: the image data has no labels")
         self.data = data

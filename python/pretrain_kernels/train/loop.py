@@ -131,6 +131,17 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str, device="cpu") -> None:
     load_model(model, os.path.join(ckpt_dir, "model.safetensors"), device=str(device))
 
 
+def build_task_from_dir(ckpt_dir: str, *, load_data: bool = True, device="cpu"):
+    """(task with the checkpoint's weights, saved training settings) from a run folder."""
+    from .tasks import build_task
+
+    cfg = read_config(ckpt_dir)
+    task = build_task(cfg["task"], load_data=load_data)
+    load_weights(task.model, ckpt_dir, device)
+    task.model.to(device)
+    return task, cfg.get("train", {})
+
+
 # ---- the loop ------------------------------------------------------------------------------
 
 

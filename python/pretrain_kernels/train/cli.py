@@ -1,0 +1,343 @@
+"""Command-line entry points.
+
+  pk-train mlm|gpt|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
+  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT run, every pk.sample knob
+  pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
+
+pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
+CPU, NCCL on GPU), each rank on its share of the same global batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+TASKS = ("mlm", "gpt", "diffusion", "flow")
+
+# Per-task defaults (the calibrated 2-core CPU runs; see README "Training").
+DEFAULTS = {
+    "gpt": dict(steps=1500, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250),
+    "mlm": dict(steps=1500, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250),
+    "diffusion": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
+    "flow": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
+}
+TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
+              "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device")
+
+
+def _positive(kind=int):
+    def conv(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole' if kind is int else ''} number, got {s!r}")
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+        return v
+    return conv
+
+
+def _nonneg(kind=int):
+    def conv(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+        return v
+    return conv
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, diffusion or flow-matching model "
+                                "on the package's fused ops (embedded data unless --data is given).")
+    p.add_argument("task", choices=TASKS, help="objective")
+    p.add_argument("--out", help="run folder (default runs/<task>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--data", help="text: a folder of text files; images: a folder of images (sub-folders = "
+                   "classes) or an .npy array (default: the stdlib source / sklearn digits)")
+    p.add_argument("--size", choices=("tiny", "small"), default="small", help="model preset")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=_positive())
+    g.add_argument("--batch-size", type=_positive(), help="global batch per optimizer step")
+    g.add_argument("--grad-accum", type=_positive())
+    g.add_argument("--lr", type=_positive(float))
+    g.add_argument("--min-lr-ratio", type=_nonneg(float))
+    g.add_argument("--warmup", type=_nonneg())
+    g.add_argument("--weight-decay", type=_nonneg(float))
+    g.add_argument("--clip", type=_nonneg(float), help="gradient-norm clip (0: off)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16: autocast")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=_positive(), help="torch CPU threads")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=_nonneg())
+    g.add_argument("--save-every", type=_nonneg())
+    g.add_argument("--log-every", type=_positive())
+    g.add_argument("--no-final-eval", action="store_true", help="skip the sample-quality evaluation at the end")
+    g.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("text models (mlm, gpt)")
+    g.add_argument("--seq-len", type=_positive())
+    g.add_argument("--layers", type=_positive())
+    g.add_argument("--dim", type=_positive(), help="model width")
+    g.add_argument("--heads", type=_positive())
+    g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
+    g.add_argument("--mask-prob", type=_positive(float), default=0.15, help="mlm")
+    g = p.add_argument_group("image models (diffusion, flow)")
+    g.add_argument("--arch", choices=("unet", "dit"), default="unet")
+    g.add_argument("--uncond", action="store_true", help="no class conditioning")
+    g.add_argument("--p-uncond", type=_nonneg(float), default=0.2, help="label dropout (classifier-free guidance)")
+    g.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction", help="diffusion")
+    g.add_argument("--schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
+                   default="squaredcos_cap_v2", help="diffusion")
+    g.add_argument("--eval-samples", type=_positive(), default=500)
+    g.add_argument("--guidance", type=_positive(float), default=1.0, help="class-conditional eval guidance")
+    return p
+
+
+def _build_task(args, p):
+    from pretrain_kernels.models import BertConfig, GPTConfig
+
+    from .tasks import SIZES, DenoisingTask, GPTTask, MLMTask
+
+    d = DEFAULTS[args.task]
+    seq_len = args.seq_len or (64 if args.size == "tiny" else d.get("seq_len", 256))
+    if args.task in ("gpt", "mlm"):
+        m = dict(SIZES[args.task][args.size])
+        for key, val in (("n_layer", args.layers), ("n_embd", args.dim), ("n_head", args.heads)):
+            if val is not None:
+                m[key] = val
+        if args.task == "gpt":
+            m["n_kv_head"] = args.kv_heads or (m["n_head"] if args.heads else m["n_kv_head"])
+            m["block_size"] = max(m["block_size"], seq_len)
+            return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data)
+        m["max_len"] = max(m["max_len"], seq_len)
+        return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
+                       data=args.data)
+    m = dict(SIZES[args.arch][args.size])
+    if args.dim is not None:
+        m["base_channels" if args.arch == "unet" else "dim"] = args.dim
+    if args.layers is not None:
+        m["num_res_blocks" if args.arch == "unet" else "depth"] = args.layers
+    if args.heads is not None and args.arch == "dit":
+        m["heads"] = args.heads
+    return DenoisingTask(args.task, arch=args.arch, model_cfg=m, class_cond=not args.uncond, p_uncond=args.p_uncond,
+                         prediction=args.prediction, schedule=args.schedule, data=args.data,
+                         eval_samples=args.eval_samples, guidance=args.guidance)
+
+
+def _init_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def train_main(argv=None) -> dict:
+    from .loop import TrainConfig, Trainer, build_task_from_dir
+
+    p = train_parser()
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or os.path.join("runs", args.task)
+    saved = {}
+    try:
+        if args.resume:
+            if not os.path.isdir(out):
+                p.error(f"--resume: run folder {out!r} does not exist")
+            task, saved = build_task_from_dir(out)
+            if task.name != args.task:
+                p.error(f"--resume: {out!r} holds a {task.name} run, not {args.task}")
+        else:
+            torch.manual_seed(args.seed if args.seed is not None else 0)  # model initialisation
+            task = _build_task(args, p)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        p.error(str(e))
+    tc = dict(DEFAULTS[args.task])
+    tc.pop("seq_len", None)
+    if args.size == "tiny":
+        tc.update(steps=20, batch_size=8, warmup=2, eval_every=0)
+    tc.update(saved)
+    for key in TRAIN_KEYS:
+        val = getattr(args, key, None)
+        if val is not None:
+            tc[key] = val
+    tc["progress"] = not args.no_progress
+    tc["final_eval"] = not args.no_final_eval
+    tc = {k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**tc)
+    _init_distributed()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        n = sum(p_.numel() for p_ in task.model.parameters())
+        print(f"pk-train {args.task}: {type(task.model).__name__} {n / 1e6:.2f}M parameters, {cfg.steps} steps of "
+              f"{cfg.batch_size}, lr {cfg.lr}, {cfg.dtype}, {torch.get_num_threads()} threads -> {out}",
+              flush=True)
+    try:
+        trainer = Trainer(task, cfg, out)
+    except ValueError as e:
+        p.error(str(e))
+    history = trainer.train(resume=args.resume)
+    evals = [h for h in history if "eval" in h]
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return evals[-1]["eval"] if evals else {}
+
+
+# ---- pk-generate ---------------------------------------------------------------------------------
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT run folder (byte level), sampled "
+                                "by pk.sample with a KV cache.")
+    p.add_argument("--checkpoint", required=True, help="a pk-train gpt run folder")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: 'def ')")
+    p.add_argument("--max-new-tokens", type=_positive(), default=200)
+    p.add_argument("--temperature", type=_nonneg(float), default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=_nonneg(), default=0)
+    p.add_argument("--top-p", type=_positive(float), default=1.0)
+    p.add_argument("--min-p", type=_nonneg(float), default=0.0)
+    p.add_argument("--repetition-penalty", type=_positive(float), default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
+    p.add_argument("--stop", default=None, help="stop a row at any of these characters (e.g. $'\\n')")
+    p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def generate_main(argv=None) -> list[str]:
+    from .data import ByteTokenizer
+    from .loop import build_task_from_dir
+
+    p = generate_parser()
+    args = p.parse_args(argv)
+    if args.top_p > 1.0:
+        p.error(f"--top-p: expected a value in (0, 1], got {args.top_p}")
+    try:
+        task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    if task.name != "gpt":
+        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt run")
+    tok = ByteTokenizer()
+    prompts = args.prompt or ["def "]
+    if any(len(s) == 0 for s in prompts):
+        p.error("--prompt: prompts must not be empty")
+    stop = tok.encode(args.stop) if args.stop else []
+    model = task.model.eval()
+    outs = model.generate([tok.encode(s) for s in prompts], args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, seed=args.seed, stop_tokens=stop,
+                          use_cache=not args.no_cache)
+    texts = []
+    for s, o in zip(prompts, outs):
+        text = s + bytes(t for t in o if t < 256).decode("utf-8", errors="replace")
+        texts.append(text)
+        print(text)
+        print("-" * 40)
+    return texts
+
+
+# ---- pk-sample-images ----------------------------------------------------------------------------
+
+
+def sample_images_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pk-sample-images", description="A PNG grid of samples from a diffusion or "
+                                "flow-matching run folder, through pk.schedulers.")
+    p.add_argument("--checkpoint", required=True, help="a pk-train diffusion/flow run folder")
+    p.add_argument("--out", default="samples.png", help="PNG file to write")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm", "flow"),
+                   help="default: flow for flow runs, ddim for diffusion runs")
+    p.add_argument("--steps", type=_positive(), help="default: 4 (flow), 50 (ddim), 1000 (ddpm), 10 (dpm)")
+    p.add_argument("--n", type=_positive(), default=100, help="number of images")
+    p.add_argument("--nrow", type=_positive(), default=10, help="images per row")
+    p.add_argument("--uncond", action="store_true", help="unconditional samples from a class-conditional model")
+    p.add_argument("--guidance", type=_positive(float), default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=_positive(), default=4, help="pixel upscaling in the PNG")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def save_grid(x: torch.Tensor, path: str, nrow: int = 10, scale: int = 4) -> None:
+    """Images [N, C, H, W] in [-1, 1] -> one PNG (nearest-neighbour upscaled, 1 px gaps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = ((x.clamp(-1, 1) + 1) / 2).float()
+    N, C, H, W = x.shape
+    x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    H, W = H * scale, W * scale
+    rows = (N + nrow - 1) // nrow
+    grid = np.ones((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), dtype=np.float32)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        img = x[i].permute(1, 2, 0).numpy()
+        img = np.repeat(img, 3, axis=2) if C == 1 else img[..., :3]
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plt.imsave(path, grid)
+
+
+def sample_images_main(argv=None) -> str:
+    from .loop import build_task_from_dir
+    from .tasks import sample_images
+
+    p = sample_images_parser()
+    args = p.parse_args(argv)
+    if not args.out.lower().endswith(".png"):
+        p.error(f"--out: expected a .png path, got {args.out!r}")
+    try:
+        task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    if task.name not in ("diffusion", "flow"):
+        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-sample-images needs diffusion/flow")
+    sampler = args.sampler or ("flow" if task.name == "flow" else "ddim")
+    steps = args.steps or {"flow": 4, "ddim": 50, "ddpm": 1000, "dpm": 10}[sampler]
+    labels = None
+    if task.class_cond and not args.uncond:
+        labels = (torch.arange(args.n) // max(1, args.n // task.num_classes)).clamp_max(task.num_classes - 1)
+    try:
+        x = sample_images(task, task.model.eval(), args.n, sampler=sampler, steps=steps, labels=labels,
+                          guidance=args.guidance, seed=args.seed, device=args.device)
+    except ValueError as e:
+        p.error(str(e))
+    save_grid(x, args.out, nrow=args.nrow, scale=args.scale)
+    print(f"wrote {args.n} samples ({sampler}, {steps} steps{', class rows' if labels is not None else ''}) "
+          f"to {args.out}")
+    return args.out
+
+
+# console scripts (their return value is the exit status)
+def pk_train() -> int:
+    train_main()
+    return 0
+
+
+def pk_generate() -> int:
+    generate_main()
+    return 0
+
+
+def pk_sample_images() -> int:
+    sample_images_main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(pk_train())
