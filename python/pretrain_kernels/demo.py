@@ -8,7 +8,7 @@ Part 2, the three model families trained briefly on the embedded data with the o
 loop (about 10 minutes on 2 CPU cores in all): a BERT-style MLM (masked-byte accuracy beside
 the most-frequent-byte baseline, and a line with its masked bytes filled in), a GPT
 (validation nats per byte and a text sample through the KV cache and pk.sample), and a
-class-conditional flow-matching DiT on the 8x8 digits (samples in 4 fused solver steps judged
+class-conditional flow-matching U-Net on the 8x8 digits (samples in 4 fused solver steps judged
 by a digit classifier, and a PNG grid with one row per class)."""
 from __future__ import annotations
 
@@ -145,13 +145,13 @@ def masking_demo(args) -> None:
 # ---- part 2: training ------------------------------------------------------------------------
 
 # Steps per family (about 10 minutes on 2 CPU cores in all, evaluations included).
-DEMO_STEPS = {"mlm": 500, "gpt": 600, "flow": 1200}
+DEMO_STEPS = {"mlm": 300, "gpt": 300, "flow": 1200}
 
 
-def _train(task, steps, batch, lr, out, args):
+def _train(task, steps, batch, lr, out, args, dtype="float32"):
     from pretrain_kernels.train.loop import TrainConfig, Trainer
 
-    cfg = TrainConfig(steps=max(2, int(steps * args.scale)), batch_size=batch, lr=lr,
+    cfg = TrainConfig(steps=max(2, int(steps * args.scale)), batch_size=batch, lr=lr, dtype=dtype,
                       warmup=max(1, min(100, int(steps * args.scale) // 10)), eval_every=0, log_every=10,
                       seed=args.seed, progress=not args.no_progress)
     t = time.perf_counter()
@@ -177,7 +177,7 @@ def training_demo(args) -> None:
     mlm = MLMTask(BertConfig(**SIZES["mlm"]["small"]), seq_len=128, min_len=32, eval_windows=128)
     print(f"\nMLM: BertMLM {mlm.model.num_params() / 1e6:.2f}M parameters, packed varlen batches masked by "
           f"pk.mlm_mask")
-    m, secs, steps = _train(mlm, DEMO_STEPS["mlm"], 32, 2e-3, os.path.join(args.out, "mlm"), args)
+    m, secs, steps = _train(mlm, DEMO_STEPS["mlm"], 24, 2e-3, os.path.join(args.out, "mlm"), args, "bfloat16")
     print(f"MLM after {steps} steps ({secs:.0f}s): masked-byte accuracy {m['masked_accuracy']:.3f} "
           f"(most-frequent-byte baseline {m['baseline_accuracy']:.3f}), loss {m['val_loss']:.3f} nats")
     val = mlm.val
@@ -200,7 +200,7 @@ def training_demo(args) -> None:
     torch.manual_seed(args.seed)
     gpt = GPTTask(GPTConfig(**SIZES["gpt"]["small"]), seq_len=256, eval_windows=128)
     print(f"\nGPT: {gpt.model.num_params() / 1e6:.2f}M parameters, causal pk.flash_attention")
-    m, secs, steps = _train(gpt, DEMO_STEPS["gpt"], 16, 2e-3, os.path.join(args.out, "gpt"), args)
+    m, secs, steps = _train(gpt, DEMO_STEPS["gpt"], 16, 2e-3, os.path.join(args.out, "gpt"), args, "bfloat16")
     print(f"GPT after {steps} steps ({secs:.0f}s): validation {m['val_loss']:.3f} nats/byte "
           f"({m['val_bits_per_byte']:.2f} bits; the corpus' unigram entropy is 3.24 nats)")
     gpt.model.eval()
@@ -214,8 +214,8 @@ def training_demo(args) -> None:
 
     # -- flow matching on digits --
     torch.manual_seed(args.seed)
-    flow = DenoisingTask("flow", arch="dit", model_cfg=SIZES["dit"]["small"], class_cond=True, eval_samples=500)
-    print(f"\nFlow matching: class-conditional DiT {flow.model.num_params() / 1e6:.2f}M parameters on the 8x8 digits "
+    flow = DenoisingTask("flow", arch="unet", model_cfg=SIZES["unet"]["small"], class_cond=True, eval_samples=500)
+    print(f"\nFlow matching: class-conditional U-Net {flow.model.num_params() / 1e6:.2f}M parameters on the 8x8 digits "
           f"(pk.add_noise target='flow', pk.diffusion_loss)")
     m, secs, steps = _train(flow, DEMO_STEPS["flow"], 64, 1e-3, os.path.join(args.out, "flow"), args)
     print(f"flow after {steps} steps ({secs:.0f}s, samples judged by a CNN with {m['judge_test_accuracy']:.3f} "

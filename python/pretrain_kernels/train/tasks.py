@@ -362,7 +362,7 @@ SIZES = {
             "small": dict(n_layer=4, n_head=4, n_embd=192, max_len=256)},
     "unet": {"tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                           head_dim=16, groups=4),
-             "small": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(4, 2),
+             "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(4, 2),
                            head_dim=32, groups=8)},
     "dit": {"tiny": dict(dim=32, depth=2, heads=2, patch_size=2),
             "small": dict(dim=192, depth=6, heads=6, patch_size=2)},
