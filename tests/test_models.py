@@ -25,7 +25,7 @@ def _overfit(model, loss_fn, steps=40, lr=3e-3):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return first, float(loss_fn())
+    return first, float(loss_fn().detach())
 
 
 def tiny_gpt(**kw):
