@@ -22,8 +22,8 @@ TASKS = ("mlm", "gpt", "diffusion", "flow")
 DEFAULTS = {
     "gpt": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mlm": dict(steps=750, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
-    "diffusion": dict(steps=2500, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
-    "flow": dict(steps=2500, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
+    "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
+    "flow": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
 }
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
               "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device")
