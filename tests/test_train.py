@@ -240,6 +240,7 @@ def test_cli_bad_checkpoints(tmp_path, capsys, text_dir):
     assert "expected a .png" in _error(capsys, sample_images_main, ["--checkpoint", out, "--out", "x.jpg"])
     assert "holds a gpt run" in _error(capsys, train_main, ["mlm", "--resume", "--out", out])
     assert "--top-p" in _error(capsys, generate_main, ["--checkpoint", out, "--top-p", "1.5"])
+    assert "exceeds block_size" in _error(capsys, generate_main, ["--checkpoint", out, "--max-new-tokens", "64"])
 
 
 # ---- data and judge --------------------------------------------------------------------------

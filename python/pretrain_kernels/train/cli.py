@@ -235,11 +235,14 @@ def generate_main(argv=None) -> list[str]:
         p.error("--prompt: prompts must not be empty")
     stop = tok.encode(args.stop) if args.stop else []
     model = task.model.eval()
-    outs = model.generate([tok.encode(s) for s in prompts], args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, seed=args.seed, stop_tokens=stop,
-                          use_cache=not args.no_cache)
+    try:
+        outs = model.generate([tok.encode(s) for s in prompts], args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, seed=args.seed, stop_tokens=stop,
+                              use_cache=not args.no_cache)
+    except ValueError as e:
+        p.error(str(e))
     texts = []
     for s, o in zip(prompts, outs):
         text = s + bytes(t for t in o if t < 256).decode("utf-8", errors="replace")
