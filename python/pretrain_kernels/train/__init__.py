@@ -1,1 +1,2 @@
-"""Training utilities: embedded corpora (no downloads) and, later, the training loop."""
+"""Training: embedded corpora and user data (data.py), the training loop (loop.py), the
+objectives (tasks.py), the image judge (judge.py) and the command-line entry points (cli.py)."""
