@@ -1,0 +1,87 @@
+// Shared tile and mask logic of the attention ops, usable from host and device code so
+// that the CPU kernels (csrc/cpu/attention_*.cpp) and the CUDA kernels make exactly the
+// same visibility decisions and skip exactly the same tiles.
+//
+// Visibility. Query i of a sequence with sq queries and sk keys sees key j when
+//     0 <= j < sk,
+//     window_left  < 0  or  j >= i + offset - window_left,
+//     window_right < 0  or  j <= i + offset + window_right,
+// where offset = sk - sq when the mask is aligned bottom-right (FlashAttention >= 2.1:
+// the last query sees the last key) and 0 when aligned top-left (torch SDPA's
+// is_causal). Causal attention is window_right = 0. The visible keys of a query form one
+// interval [key_lo(i), key_hi(i)), and both ends grow with i, so a block of queries
+// [i0, i1) sees keys [key_lo(i0), key_hi(i1 - 1)) and a block of keys [j0, j1) is seen by
+// queries [query_lo(j0), query_hi(j1)).
+//
+// A tile (query block x key block) is skipped when no query of it sees any of its keys
+// and needs no per-element mask when every query of it sees every key of it.
+#pragma once
+#include <cstdint>
+
+#ifndef PK_HD
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define PK_HD __host__ __device__ __forceinline__
+#else
+#define PK_HD inline
+#endif
+#endif
+
+namespace pk {
+namespace attention {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+struct Window {
+  int64_t left;    // < 0: unbounded
+  int64_t right;   // < 0: unbounded; 0 for causal
+  int64_t offset;  // key index aligned with query 0
+};
+
+PK_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+PK_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+PK_HD Window make_window(int64_t left, int64_t right, bool bottom_right, int64_t sq, int64_t sk) {
+  Window w;
+  w.left = left;
+  w.right = right;
+  w.offset = bottom_right ? sk - sq : 0;
+  return w;
+}
+
+// First visible key of query i (may be >= key_hi when none is visible).
+PK_HD int64_t key_lo(const Window& w, int64_t i) { return w.left < 0 ? 0 : imax(0, i + w.offset - w.left); }
+
+// One past the last visible key of query i, for a sequence of sk keys.
+PK_HD int64_t key_hi(const Window& w, int64_t i, int64_t sk) {
+  return w.right < 0 ? sk : imax(0, imin(sk, i + w.offset + w.right + 1));
+}
+
+PK_HD bool visible(const Window& w, int64_t i, int64_t j) {
+  return (w.left < 0 || j >= i + w.offset - w.left) && (w.right < 0 || j <= i + w.offset + w.right);
+}
+
+// First query that sees any key >= j0 (queries of a sequence with sq queries).
+PK_HD int64_t query_lo(const Window& w, int64_t j0, int64_t sq) {
+  return w.right < 0 ? 0 : imin(sq, imax(0, j0 - w.offset - w.right));
+}
+
+// One past the last query that sees any key < j1.
+PK_HD int64_t query_hi(const Window& w, int64_t j1, int64_t sq) {
+  return w.left < 0 ? sq : imax(0, imin(sq, j1 - w.offset + w.left));
+}
+
+// Whether every query of [i0, i1) sees every key of [j0, j1) (no element mask needed).
+PK_HD bool tile_full(const Window& w, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t sk) {
+  return key_lo(w, i1 - 1) <= j0 && key_hi(w, i0, sk) >= j1;
+}
+
+// Whether some query of [i0, i1) sees some key of [j0, j1).
+PK_HD bool tile_any(const Window& w, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t sk) {
+  return key_lo(w, i0) < j1 && key_hi(w, i1 - 1, sk) > j0 && key_lo(w, i0) < key_hi(w, i1 - 1, sk);
+}
+
+// Number of blocks of size bs covering n.
+PK_HD int64_t num_blocks(int64_t n, int64_t bs) { return (n + bs - 1) / bs; }
+
+}  // namespace attention
+}  // namespace pk

@@ -1,0 +1,384 @@
+// CPU kernels of the attention family: flash_attn_fwd, flash_attn_bwd (attention_bwd.cpp),
+// flash_attn_kvcache. Layout (batch, seqlen, heads, head_dim) like FlashAttention, or packed
+// (tokens, heads, head_dim) with int32 cu_seqlens (varlen).
+//
+// The approach
+// ------------
+// Attention is softmax(Q K^T * scale + mask) V per (sequence, head). Materialising the
+// scores costs O(Sq * Sk) memory and, worse, streams that matrix through memory twice.
+// Instead the forward pass walks over tiles: a block of query rows stays in cache (as
+// float, pre-multiplied by the scale) together with its output accumulator O, and the keys
+// go by in blocks of kBlockK. For each key block:
+//   S = Q_blk K_blk^T                (tile GEMM, K_blk packed transposed once per tile)
+//   mask S (window / causal / caller's mask) where the tile is not wholly visible
+//   online softmax per row: m' = max(m, max S), P = exp(S - m'), l = l e^(m-m') + sum P,
+//                            O = O e^(m-m') + P V_blk
+// and at the end O / l is the output and m + log l the logsumexp (lse), the only thing the
+// backward pass keeps besides the inputs and the output: extra memory O(B * H * Sq).
+// Tiles that the causal/window mask hides entirely are never visited: the visible keys
+// of a query block form one interval (csrc/common/attention.h), so the key loop runs over
+// exactly that interval.
+//
+// The row block holds all query heads that share a key/value head (GQA/MQA) for a run of
+// positions, so one packed key tile serves the whole group. Parallel work items are
+// (sequence, kv head, query block), enough to keep the cores busy for batch 1.
+//
+// The backward pass (attention_bwd.cpp) recomputes P = exp(Q K^T * scale - lse) tile by
+// tile from the saved lse instead of storing it, and runs over key blocks: a work item
+// owns (sequence, kv head, a chunk of key blocks), keeps dK and dV of its key block in
+// cache while the query blocks that see it go by, and accumulates dQ into a float buffer
+// per chunk; the chunks' buffers are summed in a fixed order afterwards, so the result
+// does not depend on the thread count and the pass is deterministic.
+//
+// Decode (flash_attn_kvcache) is the forward pass with per-sequence key lengths read from
+// cache_seqlens, after the new keys and values are written into the cache in place.
+//
+// Inner loops: a small register-blocked GEMM and exp/max row kernels
+// (attention_kernels.h), AVX-512 when the CPU has it (chosen at run time), plain loops
+// otherwise. Accumulation is float (double for float64 inputs, used by gradcheck).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "attention_impl.h"
+
+namespace pk {
+namespace attention {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kRowsFwd = 64;  // query rows (positions x heads of a group) per forward block
+constexpr int64_t kBlockK = 128;  // keys per forward tile
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
+  const int64_t G = p.group(), D = p.D, Dv = p.Dv, H = p.H;
+  const int64_t BQ = std::max<int64_t>(1, kRowsFwd / G);
+  const int64_t BK = kBlockK;
+  struct Task {
+    int64_t b, hk, i0;
+  };
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t lq = p.len_q(b);
+    for (int64_t hk = 0; hk < p.Hk; ++hk)
+      for (int64_t i0 = 0; i0 < lq; i0 += BQ) tasks.push_back({b, hk, i0});
+  }
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool direct_v = std::is_same_v<scalar_t, acc_t>;
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    const int64_t R_max = BQ * G;
+    std::vector<acc_t> Qf(R_max * D), O(R_max * Dv), S(R_max * BK), Kt(D * BK), Vf(direct_v ? 0 : BK * Dv);
+    std::vector<acc_t> m(R_max), l(R_max);
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [b, hk, i0] = tasks[t];
+      const int64_t lq = p.len_q(b), lk = p.len_k(b);
+      const int64_t i1 = std::min(i0 + BQ, lq), np = i1 - i0, R = np * G;
+      const Window w = p.window(b);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < np; ++r)
+          load_row(Qf.data() + (g * np + r) * D, p.q_row<scalar_t>(b, i0 + r, hk * G + g), D, scale);
+      std::fill(O.begin(), O.begin() + R * Dv, acc_t(0));
+      std::fill(m.begin(), m.begin() + R, ninf);
+      std::fill(l.begin(), l.begin() + R, acc_t(0));
+      const int64_t kb = key_lo(w, i0), ke = key_hi(w, i1 - 1, lk);
+      for (int64_t j0 = kb; j0 < ke; j0 += BK) {
+        const int64_t nk = std::min(BK, ke - j0);
+        const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
+        load_transposed(Kt.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
+        const acc_t* Vp;
+        int64_t ldv;
+        if constexpr (direct_v) {
+          Vp = p.v_row<acc_t>(b, j0, hk);
+          ldv = p.v.ss;
+        } else {
+          for (int64_t j = 0; j < nk; ++j) load_row(Vf.data() + j * Dv, p.v_row<scalar_t>(b, j0 + j, hk), Dv);
+          Vp = Vf.data();
+          ldv = Dv;
+        }
+        gemm<acc_t>(R, nk, D, Qf.data(), D, 1, Kt.data(), BK, S.data(), BK, false);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t g = r / np, i = i0 + r % np;
+          acc_t* s = S.data() + r * BK;
+          if (!full || p.has_mask()) p.mask_row(s, nk, w, b, hk * G + g, i, j0, full);
+          const acc_t mnew = std::max(m[r], row_max(s, nk));
+          if (mnew == ninf) {
+            std::fill(s, s + nk, acc_t(0));
+            continue;
+          }
+          const acc_t alpha = m[r] == ninf ? acc_t(0) : std::exp(m[r] - mnew);
+          const acc_t sum = exp_sum(s, nk, mnew);
+          l[r] = l[r] * alpha + sum;
+          m[r] = mnew;
+          if (alpha != acc_t(1)) {
+            acc_t* o = O.data() + r * Dv;
+            for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
+          }
+        }
+        gemm<acc_t>(R, Dv, nk, S.data(), BK, 1, Vp, ldv, O.data(), Dv, true);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / np, i = i0 + r % np, h = hk * G + g;
+        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+        store_row(out + ((p.tok_q(b) + i) * H + h) * Dv, O.data() + r * Dv, Dv, inv);
+        lse[p.lse_index(b, h, i)] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
+      }
+    }
+  });
+}
+
+// ---- argument checks ------------------------------------------------------------------
+
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, name,
+              ": expected float32, float16, bfloat16 or float64, got ", dt);
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch, int64_t total) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, ": expected an int32 tensor, got ", cu.scalar_type());
+  TORCH_CHECK(cu.device().is_cpu(), name, ": expected a CPU tensor, got one on ", cu.device());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) == batch + 1, name, ": expected shape [", batch + 1, "], got ", cu.sizes());
+  const at::Tensor c = cu.contiguous();
+  const int32_t* x = c.data_ptr<int32_t>();
+  TORCH_CHECK(x[0] == 0, name, ": expected to start at 0, got ", x[0]);
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(x[b + 1] >= x[b], name, ": expected non-decreasing offsets, got ", x[b], " then ", x[b + 1],
+                " at index ", b + 1);
+  TORCH_CHECK(x[batch] == total, name, ": expected to end at the token count ", total, ", got ", x[batch]);
+}
+
+Operand operand(const at::Tensor& t, bool varlen) {
+  Operand o;
+  o.ptr = t.data_ptr();
+  if (varlen) {
+    o.sb = 0;
+    o.ss = t.stride(0);
+    o.sh = t.stride(1);
+  } else {
+    o.sb = t.stride(0);
+    o.ss = t.stride(1);
+    o.sh = t.stride(2);
+  }
+  return o;
+}
+
+}  // namespace
+
+// Builds the problem and checks every argument; q/k/v may be replaced by copies whose last
+// dimension is contiguous, cu_seqlens by contiguous ones (the caller keeps them alive).
+Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
+                     std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
+                     int64_t window_left, int64_t window_right, bool bottom_right) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->device().is_cpu(), name, ": expected a CPU tensor, got one on ", t->device());
+    check_float_dtype(*t, name);
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v: expected one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q, cu_seqlens_k: pass both or neither");
+  const bool varlen = cu_q.has_value();
+  const int64_t nd = varlen ? 3 : 4;
+  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  TORCH_CHECK(q.dim() == nd, "q: expected ", nd, " dims ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == nd, "k: expected ", nd, " dims ", layout, ", got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == nd, "v: expected ", nd, " dims ", layout, ", got shape ", v.sizes());
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window: expected values >= -1 (-1: unbounded), got (",
+              window_left, ", ", window_right, ")");
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  Problem p;
+  p.H = q.size(-2);
+  p.Hk = k.size(-2);
+  p.D = q.size(-1);
+  p.Dv = v.size(-1);
+  TORCH_CHECK(v.size(-2) == p.Hk, "k, v: expected the same number of heads, got ", p.Hk, " and ", v.size(-2));
+  TORCH_CHECK(p.Hk >= 1 && p.H % p.Hk == 0, "heads: the query heads (", p.H,
+              ") must be a multiple of the key/value heads (", p.Hk, ")");
+  TORCH_CHECK(k.size(-1) == p.D, "head_dim: q and k must match, got ", p.D, " and ", k.size(-1));
+  TORCH_CHECK(p.D >= 1 && p.D <= kMaxHeadDim, "head_dim: expected 1 to ", kMaxHeadDim, ", got ", p.D);
+  TORCH_CHECK(p.Dv >= 1 && p.Dv <= kMaxHeadDim, "head_dim of v: expected 1 to ", kMaxHeadDim, ", got ", p.Dv);
+  if (varlen) {
+    TORCH_CHECK(!mask.has_value(), "attn_mask: not supported with cu_seqlens (varlen)");
+    p.batch = cu_q->numel() - 1;
+    TORCH_CHECK(p.batch >= 0, "cu_seqlens_q: expected at least one element");
+    check_cu_seqlens(*cu_q, "cu_seqlens_q", p.batch, q.size(0));
+    check_cu_seqlens(*cu_k, "cu_seqlens_k", p.batch, k.size(0));
+    TORCH_CHECK(v.size(0) == k.size(0), "k, v: expected the same token count, got ", k.size(0), " and ", v.size(0));
+    *cu_q = cu_q->contiguous();
+    *cu_k = cu_k->contiguous();
+    p.cu_q = cu_q->data_ptr<int32_t>();
+    p.cu_k = cu_k->data_ptr<int32_t>();
+    for (int64_t b = 0; b < p.batch; ++b) {
+      p.sq = std::max<int64_t>(p.sq, p.cu_q[b + 1] - p.cu_q[b]);
+      p.sk = std::max<int64_t>(p.sk, p.cu_k[b + 1] - p.cu_k[b]);
+    }
+    p.total_q = q.size(0);
+  } else {
+    p.batch = q.size(0);
+    TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch, "batch: q, k, v must match, got ", p.batch, ", ",
+                k.size(0), ", ", v.size(0));
+    TORCH_CHECK(v.size(1) == k.size(1), "k, v: expected the same sequence length, got ", k.size(1), " and ",
+                v.size(1));
+    p.sq = q.size(1);
+    p.sk = k.size(1);
+    p.total_q = p.batch * p.sq;
+  }
+  q = last_dim_contiguous(q);
+  k = last_dim_contiguous(k);
+  v = last_dim_contiguous(v);
+  p.q = operand(q, varlen);
+  p.k = operand(k, varlen);
+  p.v = operand(v, varlen);
+  if (mask.has_value()) {
+    const at::Tensor& mk = *mask;
+    TORCH_CHECK(mk.device().is_cpu(), "attn_mask: expected a CPU tensor, got one on ", mk.device());
+    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
+                "attn_mask: expected bool or float32 (convert float masks first), got ", mk.scalar_type());
+    TORCH_CHECK(mk.dim() == 4 && mk.size(0) == p.batch && mk.size(1) == p.H && mk.size(2) == p.sq &&
+                    mk.size(3) == p.sk,
+                "attn_mask: expected shape [", p.batch, ", ", p.H, ", ", p.sq, ", ", p.sk, "] (expand it), got ",
+                mk.sizes());
+    if (mk.scalar_type() == at::kBool)
+      p.mask_bool = mk.data_ptr<bool>();
+    else
+      p.mask_float = mk.data_ptr<float>();
+    p.m_sb = mk.stride(0);
+    p.m_sh = mk.stride(1);
+    p.m_si = mk.stride(2);
+    p.m_sj = mk.stride(3);
+  }
+  p.scale = scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  return p;
+}
+
+at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void run_forward(const Problem& p, const at::Tensor& q, at::Tensor& out, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn_fwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_kernel<scalar_t, acc_t>(p, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
+  });
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in,
+                                                      const std::optional<at::Tensor>& cu_seqlens_q,
+                                                      const std::optional<at::Tensor>& cu_seqlens_k,
+                                                      const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
+                                                      int64_t max_seqlen_k, double scale, int64_t window_left,
+                                                      int64_t window_right, bool bottom_right) {
+  (void)max_seqlen_q;
+  (void)max_seqlen_k;  // the CPU kernel reads the lengths from cu_seqlens
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
+  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = p.Dv;
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = cu_q.has_value() ? at::empty({p.H, p.total_q}, q.options().dtype(lse_dtype(q)))
+                                    : at::empty({p.batch, p.H, p.sq}, q.options().dtype(lse_dtype(q)));
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  run_forward(p, q, out, lse);
+  return {out, lse};
+}
+
+at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
+                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                  const std::optional<at::Tensor>& v_new, double scale, bool causal) {
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new, v_new: pass both or neither");
+  TORCH_CHECK(q_in.dim() == 4, "q: expected 4 dims (batch, seqlen, heads, head_dim), got shape ", q_in.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
+              "k_cache, v_cache: expected 4 dims (batch, max_seqlen, kv_heads, head_dim), got shapes ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = q_in.size(0), Smax = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, "k_cache, v_cache: expected batch ", B, ", got ",
+              k_cache.size(0), " and ", v_cache.size(0));
+  TORCH_CHECK(v_cache.size(1) == Smax, "v_cache: expected max_seqlen ", Smax, " (that of k_cache), got ",
+              v_cache.size(1));
+  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
+              "k_cache, v_cache: expected a contiguous last dimension (they are written in place)");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens: expected an int32 tensor, got ",
+              cache_seqlens.scalar_type());
+  TORCH_CHECK(cache_seqlens.device().is_cpu(), "cache_seqlens: expected a CPU tensor, got one on ",
+              cache_seqlens.device());
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens: expected shape [", B,
+              "], got ", cache_seqlens.sizes());
+  const at::Tensor lens = cache_seqlens.contiguous();
+  const int32_t* len = lens.data_ptr<int32_t>();
+  int64_t s_new = 0;
+  if (k_new.has_value()) {
+    TORCH_CHECK(k_new->dim() == 4 && v_new->dim() == 4,
+                "k_new, v_new: expected 4 dims (batch, seqlen_new, kv_heads, head_dim), got shapes ", k_new->sizes(),
+                " and ", v_new->sizes());
+    TORCH_CHECK(k_new->size(0) == B && v_new->size(0) == B && v_new->size(1) == k_new->size(1),
+                "k_new, v_new: expected batch ", B, " and one length, got shapes ", k_new->sizes(), " and ",
+                v_new->sizes());
+    TORCH_CHECK(k_new->size(2) == k_cache.size(2) && k_new->size(3) == k_cache.size(3),
+                "k_new: expected (heads, head_dim) of k_cache ", k_cache.sizes().slice(2), ", got ",
+                k_new->sizes().slice(2));
+    TORCH_CHECK(v_new->size(2) == v_cache.size(2) && v_new->size(3) == v_cache.size(3),
+                "v_new: expected (heads, head_dim) of v_cache ", v_cache.sizes().slice(2), ", got ",
+                v_new->sizes().slice(2));
+    TORCH_CHECK(k_new->scalar_type() == k_cache.scalar_type() && v_new->scalar_type() == v_cache.scalar_type(),
+                "k_new, v_new: expected the dtype of the cache ", k_cache.scalar_type(), ", got ",
+                k_new->scalar_type(), " and ", v_new->scalar_type());
+    TORCH_CHECK(k_new->device().is_cpu() && v_new->device().is_cpu(), "k_new, v_new: expected CPU tensors");
+    s_new = k_new->size(1);
+  }
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(len[b] >= 0 && len[b] + s_new <= Smax, "cache_seqlens: row ", b, " holds ", len[b], " tokens",
+                s_new ? " plus " + std::to_string(s_new) + " new" : std::string(), ", past the cache of ", Smax,
+                " (or negative)");
+  // Checks q/k/v against each other (dtypes, heads, head dims) before anything is written.
+  at::Tensor q = q_in, k = k_cache, v = v_cache;
+  std::optional<at::Tensor> none_q, none_k, none_mask;
+  Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true);
+  if (s_new > 0) {
+    for (int64_t b = 0; b < B; ++b) {
+      k_cache[b].narrow(0, len[b], s_new).copy_((*k_new)[b]);
+      v_cache[b].narrow(0, len[b], s_new).copy_((*v_new)[b]);
+    }
+  }
+  p.seqlens_k = len;
+  p.seqlens_k_extra = s_new;
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = p.Dv;
+  at::Tensor out = at::empty(out_shape, q.options());
+  if (out.numel() == 0) return out;
+  at::Tensor lse = at::empty({p.batch, p.H, p.sq}, q.options().dtype(lse_dtype(q)));
+  run_forward(p, q, out, lse);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd_cpu);
+  m.impl("flash_attn_bwd", &flash_attn_bwd_cpu);
+  m.impl("flash_attn_kvcache", &flash_attn_kvcache_cpu);
+}
+
+}  // namespace cpu
+}  // namespace attention
+}  // namespace pk

@@ -1,0 +1,194 @@
+// CPU backward of flash attention (see the essay at the top of attention.cpp).
+//
+// With P = softmax(S), S = Q K^T * scale (+ mask), O = P V and Di = rowsum(dO * O):
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Di),  dQ = scale * dS K,  dK = scale * dS^T Q.
+// P is recomputed per tile as exp(S - lse). Q is loaded pre-multiplied by the scale, which
+// makes dK = dS^T (scale Q) come out already scaled. When the caller also needs the
+// gradient of the lse (return_lse=True), d lse_i / d S_ij = P_ij folds into Di -= dlse_i.
+//
+// Work items are (sequence, kv head, chunk of key blocks). An item keeps the float dK, dV
+// of one key block (and the key block itself, plain and transposed) while the query
+// blocks that see it go by, for every query head of the group, and adds its dS K into a
+// float dQ buffer of its chunk. The number of chunks depends only on the problem size
+// (enough items for the cores when batch x kv heads is small), and the chunk buffers are
+// summed in chunk order, so the gradients do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention_impl.h"
+
+namespace pk {
+namespace attention {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kBlockQ = 64;   // query rows per backward tile
+constexpr int64_t kBlockKb = 64;  // keys per backward tile (and per dK/dV block)
+constexpr int64_t kMinItems = 8;  // split key blocks into chunks until there are this many items
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out, const acc_t* lse, const acc_t* dlse,
+                     scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  const int64_t G = p.group(), D = p.D, Dv = p.Dv, H = p.H, Hk = p.Hk;
+  const int64_t BQ = kBlockQ, BK = kBlockKb;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+
+  // Di = rowsum(dO * O) - dlse, laid out like lse.
+  std::vector<acc_t> Di(static_cast<size_t>(H * p.total_q));
+  at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lq = p.len_q(b);
+      for (int64_t i = 0; i < lq; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t off = ((p.tok_q(b) + i) * H + h) * Dv;
+          acc_t s = 0;
+          for (int64_t d = 0; d < Dv; ++d) s += static_cast<acc_t>(dout[off + d]) * static_cast<acc_t>(out[off + d]);
+          const int64_t li = p.lse_index(b, h, i);
+          Di[li] = s - (dlse ? dlse[li] : acc_t(0));
+        }
+    }
+  });
+
+  int64_t max_kb = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_kb = std::max(max_kb, num_blocks(p.len_k(b), BK));
+  const int64_t items = std::max<int64_t>(1, p.batch * Hk);
+  const int64_t n_chunks = std::max<int64_t>(1, std::min(max_kb, (kMinItems + items - 1) / items));
+  const int64_t q_elems = p.total_q * H * D;
+  std::vector<acc_t> dq_acc(static_cast<size_t>(n_chunks * q_elems), acc_t(0));
+
+  at::parallel_for(0, p.batch * Hk * n_chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> Kf(BK * D), Kt(D * BK), Vt(Dv * BK), dK(BK * D), dV(BK * Dv);
+    std::vector<acc_t> Qf(BQ * D), dOf(BQ * Dv), S(BQ * BK), dP(BQ * BK);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t % n_chunks, hk = (t / n_chunks) % Hk, b = t / (n_chunks * Hk);
+      const int64_t lq = p.len_q(b), lk = p.len_k(b);
+      const int64_t nkb = num_blocks(lk, BK);
+      const int64_t kb0 = c * nkb / n_chunks, kb1 = (c + 1) * nkb / n_chunks;
+      const Window w = p.window(b);
+      acc_t* dq_c = dq_acc.data() + c * q_elems;
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t j0 = kb * BK, nk = std::min(BK, lk - j0);
+        for (int64_t j = 0; j < nk; ++j) load_row(Kf.data() + j * D, p.k_row<scalar_t>(b, j0 + j, hk), D);
+        load_transposed(Kt.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
+        load_transposed(Vt.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, nk, Dv);
+        std::fill(dK.begin(), dK.end(), acc_t(0));
+        std::fill(dV.begin(), dV.end(), acc_t(0));
+        const int64_t qlo = query_lo(w, j0, lq), qhi = query_hi(w, j0 + nk, lq);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g;
+          for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
+            const int64_t i1 = std::min(i0 + BQ, qhi), np = i1 - i0;
+            if (!tile_any(w, i0, i1, j0, j0 + nk, lk)) continue;
+            const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
+            for (int64_t r = 0; r < np; ++r) {
+              load_row(Qf.data() + r * D, p.q_row<scalar_t>(b, i0 + r, h), D, scale);
+              load_row(dOf.data() + r * Dv, dout + ((p.tok_q(b) + i0 + r) * H + h) * Dv, Dv);
+            }
+            // S, then P = exp(S - lse) in place.
+            gemm<acc_t>(np, nk, D, Qf.data(), D, 1, Kt.data(), BK, S.data(), BK, false);
+            for (int64_t r = 0; r < np; ++r) {
+              acc_t* s = S.data() + r * BK;
+              if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h, i0 + r, j0, full);
+              const acc_t L = lse[p.lse_index(b, h, i0 + r)];
+              if (L == ninf)
+                std::fill(s, s + nk, acc_t(0));
+              else
+                exp_sum(s, nk, L);
+            }
+            // dV += P^T dO
+            gemm<acc_t>(nk, Dv, np, S.data(), 1, BK, dOf.data(), Dv, dV.data(), Dv, true);
+            // dP = dO V^T, then dS = P * (dP - Di) in place.
+            gemm<acc_t>(np, nk, Dv, dOf.data(), Dv, 1, Vt.data(), BK, dP.data(), BK, false);
+            for (int64_t r = 0; r < np; ++r) {
+              const acc_t di = Di[p.lse_index(b, h, i0 + r)];
+              const acc_t* pr = S.data() + r * BK;
+              acc_t* ds = dP.data() + r * BK;
+              for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - di);
+            }
+            // dK += dS^T (scale Q);  dQ += dS K (scaled at the end)
+            gemm<acc_t>(nk, D, np, dP.data(), 1, BK, Qf.data(), D, dK.data(), D, true);
+            gemm<acc_t>(np, D, nk, dP.data(), BK, 1, Kf.data(), D, dq_c + ((p.tok_q(b) + i0) * H + h) * D, H * D,
+                        true);
+          }
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          const int64_t tok = p.tok_k(b) + j0 + j;
+          store_row(dk + (tok * Hk + hk) * D, dK.data() + j * D, D);
+          store_row(dv + (tok * Hk + hk) * Dv, dV.data() + j * Dv, Dv);
+        }
+      }
+    }
+  });
+
+  // dQ = scale * sum over chunks, in chunk order.
+  const int64_t rows = p.total_q * H;
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> acc(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      std::copy(dq_acc.begin() + r * D, dq_acc.begin() + (r + 1) * D, acc.begin());
+      for (int64_t c = 1; c < n_chunks; ++c) {
+        const acc_t* src = dq_acc.data() + c * q_elems + r * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += src[d];
+      }
+      store_row(dq + r * D, acc.data(), D, scale);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  (void)max_seqlen_q;
+  (void)max_seqlen_k;
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
+  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
+  std::vector<int64_t> o_shape(q_in.sizes().begin(), q_in.sizes().end());
+  o_shape.back() = p.Dv;
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(o_shape) && dout_in.sizes() == at::IntArrayRef(o_shape),
+              "out, dout: expected shape ", at::IntArrayRef(o_shape), ", got ", out_in.sizes(), " and ",
+              dout_in.sizes());
+  TORCH_CHECK(out_in.scalar_type() == q.scalar_type() && dout_in.scalar_type() == q.scalar_type(),
+              "out, dout: expected dtype ", q.scalar_type(), ", got ", out_in.scalar_type(), " and ",
+              dout_in.scalar_type());
+  const auto lt = lse_dtype(q);
+  const std::vector<int64_t> lse_shape =
+      cu_q.has_value() ? std::vector<int64_t>{p.H, p.total_q} : std::vector<int64_t>{p.batch, p.H, p.sq};
+  TORCH_CHECK(lse_in.scalar_type() == lt && lse_in.sizes() == at::IntArrayRef(lse_shape), "lse: expected ", lt,
+              " of shape ", at::IntArrayRef(lse_shape), ", got ", lse_in.scalar_type(), " of shape ", lse_in.sizes());
+  if (dlse_in.has_value())
+    TORCH_CHECK(dlse_in->scalar_type() == lt && dlse_in->sizes() == lse_in.sizes(), "dlse: expected ", lt,
+                " of shape ", lse_in.sizes(), ", got ", dlse_in->scalar_type(), " of shape ", dlse_in->sizes());
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor dlse = dlse_in.has_value() ? dlse_in->contiguous() : at::Tensor();
+  at::Tensor dq = at::empty(q_in.sizes(), q.options());
+  at::Tensor dk = at::zeros(k_in.sizes(), k.options());
+  at::Tensor dv = at::zeros(v_in.sizes(), v.options());
+  if (dq.numel() == 0) {
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_kernel<scalar_t, acc_t>(p, dout.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+                                     dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr, dq.data_ptr<scalar_t>(),
+                                     dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace cpu
+}  // namespace attention
+}  // namespace pk

@@ -1,0 +1,114 @@
+// Problem description shared by the CPU attention kernels (forward, backward, decode):
+// where each sequence's rows live, the mask, the scale. See attention.cpp for the essay.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../common/attention.h"
+#include "attention_kernels.h"
+
+namespace pk {
+namespace attention {
+namespace cpu {
+
+// Strided view of one operand: element (b, s, h, d) at b * sb + s * ss + h * sh + d.
+// For packed (varlen) operands sb is unused: sequence b starts at token cu[b].
+struct Operand {
+  const void* ptr = nullptr;
+  int64_t sb = 0, ss = 0, sh = 0;
+};
+
+struct Problem {
+  int64_t batch = 0;            // sequences
+  int64_t H = 0, Hk = 0;        // query heads, key/value heads (H % Hk == 0)
+  int64_t D = 0, Dv = 0;        // head dims of q/k and of v/out
+  int64_t sq = 0, sk = 0;       // dense lengths (also the maxima for varlen)
+  const int32_t* cu_q = nullptr;  // varlen offsets [batch + 1], or null
+  const int32_t* cu_k = nullptr;
+  const int32_t* seqlens_k = nullptr;  // per-sequence key count (kv cache), or null
+  int64_t seqlens_k_extra = 0;         // added to seqlens_k[b] (the new tokens of a cache step)
+  Operand q, k, v;
+  // Mask from the caller (SDPA): bool (true = attend) or float32 (added to the scores),
+  // indexed (b, h, i, j) through strides (zero where broadcast).
+  const bool* mask_bool = nullptr;
+  const float* mask_float = nullptr;
+  int64_t m_sb = 0, m_sh = 0, m_si = 0, m_sj = 0;
+  double scale = 1.0;
+  int64_t window_left = -1, window_right = -1;
+  bool bottom_right = true;
+
+  int64_t total_q = 0;          // tokens on the query side (B * sq dense, cu_q[B] varlen)
+
+  int64_t group() const { return H / Hk; }
+  int64_t len_q(int64_t b) const { return cu_q ? int64_t(cu_q[b + 1]) - cu_q[b] : sq; }
+  int64_t len_k(int64_t b) const {
+    if (seqlens_k) return int64_t(seqlens_k[b]) + seqlens_k_extra;
+    return cu_k ? int64_t(cu_k[b + 1]) - cu_k[b] : sk;
+  }
+  // First token of sequence b in a (tokens, heads, dim) view of q-side / k-side tensors.
+  int64_t tok_q(int64_t b) const { return cu_q ? int64_t(cu_q[b]) : b * sq; }
+  int64_t tok_k(int64_t b) const { return cu_k ? int64_t(cu_k[b]) : b * sk; }
+  template <typename T>
+  const T* q_row(int64_t b, int64_t i, int64_t h) const {
+    return static_cast<const T*>(q.ptr) + (cu_q ? (cu_q[b] + i) * q.ss : b * q.sb + i * q.ss) + h * q.sh;
+  }
+  template <typename T>
+  const T* k_row(int64_t b, int64_t j, int64_t hk) const {
+    return static_cast<const T*>(k.ptr) + (cu_k ? (cu_k[b] + j) * k.ss : b * k.sb + j * k.ss) + hk * k.sh;
+  }
+  template <typename T>
+  const T* v_row(int64_t b, int64_t j, int64_t hk) const {
+    return static_cast<const T*>(v.ptr) + (cu_k ? (cu_k[b] + j) * v.ss : b * v.sb + j * v.ss) + hk * v.sh;
+  }
+  // Outputs and the logsumexp are contiguous: out (tokens, H, Dv), lse (B, H, sq) dense or
+  // (H, total_q) varlen, as FlashAttention lays them out.
+  int64_t lse_index(int64_t b, int64_t h, int64_t i) const {
+    return cu_q ? h * total_q + cu_q[b] + i : (b * H + h) * sq + i;
+  }
+  Window window(int64_t b) const { return make_window(window_left, window_right, bottom_right, len_q(b), len_k(b)); }
+  bool has_mask() const { return mask_bool || mask_float; }
+
+  // Masks a row of scores s[0, n) of query i (head h) against keys j0 .. j0 + n: invisible
+  // keys get -inf, the caller's float mask is added. `full`: the window hides nothing here.
+  template <typename acc_t>
+  void mask_row(acc_t* s, int64_t n, const Window& w, int64_t b, int64_t h, int64_t i, int64_t j0, bool full) const {
+    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    if (!full) {
+      const int64_t lo = key_lo(w, i) - j0, hi = key_hi(w, i, j0 + n) - j0;
+      for (int64_t j = 0; j < n; ++j)
+        if (j < lo || j >= hi) s[j] = ninf;
+    }
+    if (mask_bool) {
+      const bool* m = mask_bool + b * m_sb + h * m_sh + i * m_si + j0 * m_sj;
+      for (int64_t j = 0; j < n; ++j)
+        if (!m[j * m_sj]) s[j] = ninf;
+    } else if (mask_float) {
+      const float* m = mask_float + b * m_sb + h * m_sh + i * m_si + j0 * m_sj;
+      for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(m[j * m_sj]);
+    }
+  }
+};
+
+// Checks every argument of a forward/backward call and describes it. q/k/v may be replaced
+// by copies with a contiguous last dimension and cu_seqlens by contiguous copies; the
+// caller keeps them alive while the Problem is used.
+Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
+                     std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
+                     int64_t window_left, int64_t window_right, bool bottom_right);
+
+// float64 for float64 inputs, float32 otherwise.
+at::ScalarType lse_dtype(const at::Tensor& q);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right);
+
+}  // namespace cpu
+}  // namespace attention
+}  // namespace pk

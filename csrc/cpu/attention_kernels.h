@@ -1,0 +1,279 @@
+// Tile primitives of the CPU attention kernels (csrc/cpu/attention*.cpp): a small GEMM on
+// tiles held in cache, row max, exp-and-sum. Each has a portable version (plain loops, any
+// accumulation type) and, for float, an AVX-512 version compiled with per-function target
+// attributes and picked at run time from the CPU's features, so the default build needs no
+// -march flag.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define PK_ATTN_X86 1
+#define PK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
+#define PK_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,avx512bf16")))
+#else
+#define PK_ATTN_X86 0
+#endif
+
+namespace pk {
+namespace attention {
+namespace cpu {
+
+struct CpuFeatures {
+  bool avx512 = false;
+  bool avx512bf16 = false;
+};
+
+inline const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures r;
+#if PK_ATTN_X86
+    __builtin_cpu_init();
+    r.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    r.avx512bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+    const char* env = std::getenv("PK_ATTENTION_ISA");  // "generic" forces the portable loops
+    if (env && std::strcmp(env, "generic") == 0) r = CpuFeatures{};
+    if (env && std::strcmp(env, "avx512") == 0) r.avx512bf16 = false;
+    return r;
+  }();
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------
+// Portable versions.
+
+// C[m, n] (row stride ldc) = (accumulate ? C[m, n] : 0) + sum_k A(m, k) * B[k * ldb + n],
+// with A(m, k) = A[m * a_rs + k * a_ks] (so A may be a transposed view).
+template <typename acc_t>
+void gemm_ref(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_rs, int64_t a_ks, const acc_t* B,
+              int64_t ldb, acc_t* C, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    acc_t* c = C + m * ldc;
+    if (!accumulate) std::fill(c, c + N, acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t a = A[m * a_rs + k * a_ks];
+      const acc_t* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+template <typename acc_t>
+acc_t row_max_ref(const acc_t* s, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[j] = exp(s[j] - sub); returns the sum. sub is finite.
+template <typename acc_t>
+acc_t exp_sum_ref(acc_t* s, int64_t n, acc_t sub) {
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t e = std::exp(s[j] - sub);
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+#if PK_ATTN_X86
+// ---------------------------------------------------------------------------------------
+// AVX-512 versions (float).
+
+// exp(x) for x <= 0 (and any x up to 88): Cody-Waite range reduction, degree-6 polynomial,
+// 2^n by scalef. Inputs below -87.3 (and -inf) give exactly 0.
+PK_TARGET_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
+  const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.38888889e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+PK_TARGET_AVX512 inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+PK_TARGET_AVX512 inline float row_max_avx512(const float* s, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+  if (j < n) m = _mm512_mask_max_ps(m, tail_mask(n - j), m, _mm512_maskz_loadu_ps(tail_mask(n - j), s + j));
+  return _mm512_reduce_max_ps(m);
+}
+
+PK_TARGET_AVX512 inline float exp_sum_avx512(float* s, int64_t n, float sub) {
+  const __m512 vs = _mm512_set1_ps(sub);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vs));
+    _mm512_storeu_ps(s + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (j < n) {
+    const __mmask16 t = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(t, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vs)));
+    _mm512_mask_storeu_ps(s + j, t, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Register-blocked micro kernel: an MR x (16*NV) block of C, A broadcast, B streamed.
+template <int MR, int NV>
+PK_TARGET_AVX512 inline void gemm_micro_avx512(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
+                                               int64_t ldb, float* C, int64_t ldc, __mmask16 last, bool accumulate) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = accumulate ? _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, C + r * ldc + 16 * v)
+                           : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NV];
+    const float* bk = B + k * ldb;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, bk + 16 * v);
+    const float* ak = A + k * a_ks;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(ak[r * a_rs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, v == NV - 1 ? last : 0xffff, c[r][v]);
+}
+
+template <int NV>
+PK_TARGET_AVX512 inline void gemm_rows_avx512(int64_t M, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+                                              const float* B, int64_t ldb, float* C, int64_t ldc, __mmask16 last,
+                                              bool accumulate) {
+  constexpr int MR = NV >= 4 ? 6 : (NV == 3 ? 8 : (NV == 2 ? 12 : 16));
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    gemm_micro_avx512<MR, NV>(K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, last, accumulate);
+  const int64_t rest = M - m;
+  const float* a = A + m * a_rs;
+  float* c = C + m * ldc;
+  for (int64_t r0 = 0; r0 < rest;) {
+    const int64_t take = std::min<int64_t>(rest - r0, 4);
+    switch (take) {
+      case 4: gemm_micro_avx512<4, NV>(K, a + r0 * a_rs, a_rs, a_ks, B, ldb, c + r0 * ldc, ldc, last, accumulate); break;
+      case 3: gemm_micro_avx512<3, NV>(K, a + r0 * a_rs, a_rs, a_ks, B, ldb, c + r0 * ldc, ldc, last, accumulate); break;
+      case 2: gemm_micro_avx512<2, NV>(K, a + r0 * a_rs, a_rs, a_ks, B, ldb, c + r0 * ldc, ldc, last, accumulate); break;
+      default: gemm_micro_avx512<1, NV>(K, a + r0 * a_rs, a_rs, a_ks, B, ldb, c + r0 * ldc, ldc, last, accumulate); break;
+    }
+    r0 += take;
+  }
+}
+
+PK_TARGET_AVX512 inline void gemm_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+                                         const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nn = std::min<int64_t>(64, N - n0);
+    const int nv = static_cast<int>((nn + 15) / 16);
+    const __mmask16 last = tail_mask(nn - 16 * (nv - 1));
+    switch (nv) {
+      case 4: gemm_rows_avx512<4>(M, K, A, a_rs, a_ks, B + n0, ldb, C + n0, ldc, last, accumulate); break;
+      case 3: gemm_rows_avx512<3>(M, K, A, a_rs, a_ks, B + n0, ldb, C + n0, ldc, last, accumulate); break;
+      case 2: gemm_rows_avx512<2>(M, K, A, a_rs, a_ks, B + n0, ldb, C + n0, ldc, last, accumulate); break;
+      default: gemm_rows_avx512<1>(M, K, A, a_rs, a_ks, B + n0, ldb, C + n0, ldc, last, accumulate); break;
+    }
+  }
+}
+#endif  // PK_ATTN_X86
+
+// ---------------------------------------------------------------------------------------
+// Dispatch.
+
+template <typename acc_t>
+inline void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_rs, int64_t a_ks, const acc_t* B,
+                 int64_t ldb, acc_t* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_features().avx512) {
+      if (K <= 0) {
+        if (!accumulate)
+          for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
+        return;
+      }
+      gemm_avx512(M, N, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+      return;
+    }
+  }
+#endif
+  gemm_ref(M, N, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+}
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* s, int64_t n) {
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_features().avx512) return row_max_avx512(s, n);
+  }
+#endif
+  return row_max_ref(s, n);
+}
+
+template <typename acc_t>
+inline acc_t exp_sum(acc_t* s, int64_t n, acc_t sub) {
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_features().avx512) return exp_sum_avx512(s, n, sub);
+  }
+#endif
+  return exp_sum_ref(s, n, sub);
+}
+
+// Element conversions between storage and accumulation types.
+template <typename acc_t, typename scalar_t>
+inline void load_row(acc_t* dst, const scalar_t* src, int64_t n, acc_t mul = acc_t(1)) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * mul;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* dst, const acc_t* src, int64_t n, acc_t mul = acc_t(1)) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * mul);
+}
+
+// dst[d * ld + j] = src_j[d] for rows j of src (row stride rs): a transposed tile.
+template <typename acc_t, typename scalar_t>
+inline void load_transposed(acc_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t rows, int64_t cols) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const scalar_t* s = src + j * rs;
+    for (int64_t d = 0; d < cols; ++d) dst[d * ld + j] = static_cast<acc_t>(s[d]);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attention
+}  // namespace pk
