@@ -47,3 +47,61 @@ def mlm_selection_reference(input_ids, seed, mask_prob, vocab_size, special_ids=
             w0 = philox4x32_10((pos // 4, b, 0x4D4C4D00, 0), key)[pos % 4]
             sel[b, pos] = (w0 >> 8) * 2.0**-24 < torch.tensor(mask_prob, dtype=torch.float32).item()
     return sel
+
+
+# ---- attention -----------------------------------------------------------------------------
+
+
+def attention_visible(sq, sk, *, causal=False, window=(-1, -1), bottom_right=True, device=None):
+    """Bool (sq, sk): query i sees key j (FlashAttention's causal/window semantics)."""
+    left, right = window
+    if causal:
+        right = 0
+    offset = sk - sq if bottom_right else 0
+    i = torch.arange(sq, device=device)[:, None] + offset
+    j = torch.arange(sk, device=device)[None, :]
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= i - left
+    if right >= 0:
+        vis &= j <= i + right
+    return vis
+
+
+def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_right=True, attn_mask=None):
+    """Plain attention in float64, layout (batch, seqlen, heads, head_dim); k/v may have fewer
+    heads (GQA). attn_mask: bool (True = attend) or float (added), broadcastable to
+    (batch, heads, sq, sk). Returns (out (B, Sq, H, Dv), lse (B, H, Sq)), float64; rows that see
+    no key give 0 and lse -inf."""
+    q, k, v = (t.detach().to(torch.float64) if not t.requires_grad else t.to(torch.float64) for t in (q, k, v))
+    B, sq, H, D = q.shape
+    sk, Hk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
+    s = qh @ kh.transpose(-1, -2) * scale
+    vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(torch.float64)
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
+    s = s.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(dead[..., 0], float("-inf"))
+    p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
+    return (p @ vh).transpose(1, 2), lse
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw):
+    """attention_ref per sequence of packed (tokens, heads, head_dim) inputs; returns
+    (out (total_q, H, Dv), lse (H, total_q))."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        o, l = attention_ref(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None], **kw)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)

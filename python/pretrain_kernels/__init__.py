@@ -20,3 +20,8 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "mlm_mask", "span_mask", "MLMCollator"]
+
+# ---- attention ----
+from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention  # noqa: E402
+
+__all__ += ["flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention"]

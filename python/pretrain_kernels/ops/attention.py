@@ -1,0 +1,330 @@
+"""Flash attention: fused, tiled, memory-linear attention with online softmax.
+
+Public functions:
+  flash_attention               FlashAttention-style API, layout (batch, seqlen, heads, head_dim)
+                                or packed varlen (total_tokens, heads, head_dim) + cu_seqlens;
+                                differentiable (the backward recomputes from the saved lse)
+  flash_attention_with_kvcache  decode / chunked prefill against a KV cache, written in place
+  scaled_dot_product_attention  drop-in for torch.nn.functional.scaled_dot_product_attention
+
+They call the ops torch.ops.pretrain_kernels.flash_attn_fwd / flash_attn_bwd /
+flash_attn_kvcache (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/attention*.cpp).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+# ---- argument checks -----------------------------------------------------------------------
+
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def _check_same(q, k, v, names=("q", "k", "v")) -> None:
+    for name, t in zip(names, (q, k, v)):
+        _check_float(name, t)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{', '.join(names)}: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{', '.join(names)}: expected one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_heads(H: int, Hk: int, Hv: int, names=("q", "k", "v")) -> None:
+    if Hv != Hk:
+        raise ValueError(f"{names[1]}, {names[2]}: expected the same number of heads, got {Hk} and {Hv}")
+    if Hk < 1 or H % Hk != 0:
+        raise ValueError(f"heads: the query heads ({H}) must be a multiple of the key/value heads ({Hk})")
+
+
+def _check_head_dim(name: str, d: int) -> None:
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: expected a head_dim from 1 to {MAX_HEAD_DIM}, got {d}")
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return scale
+
+
+def _check_window(window) -> tuple[int, int]:
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(f"window: expected a pair (left, right), got {window!r}") from None
+    out = []
+    for name, w in (("left", left), ("right", right)):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window: expected ints, got {type(w).__name__} for {name}")
+        if w < -1:
+            raise ValueError(f"window: expected values >= -1 (-1: unbounded), got {w} for {name}")
+        out.append(int(w))
+    return out[0], out[1]
+
+
+def _check_cu(name: str, cu, device) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: expected an int32 tensor, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name}: expected a 1-D tensor [batch + 1], got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
+
+
+def _max_seqlen(name: str, value) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative int or None, got {value!r}")
+    return int(value)
+
+
+# ---- flash_attention -----------------------------------------------------------------------
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale=None,
+                    window=(-1, -1), cu_seqlens_q: torch.Tensor | None = None,
+                    cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
+                    max_seqlen_k: int | None = None, return_lse: bool = False):
+    """Exact attention softmax(q k^T * scale) v, computed tile by tile (memory linear in the
+    sequence length), differentiable.
+
+    q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, kv_heads, head_dim) with
+    heads a multiple of kv_heads (GQA / MQA: query head h uses kv head h // (heads // kv_heads)).
+    Varlen: q (total_q, heads, head_dim), k/v (total_k, kv_heads, head_dim) and int32
+    cu_seqlens_q / cu_seqlens_k [batch + 1] of sequence offsets, as flash_attn_varlen_func;
+    max_seqlen_* are optional (the CPU kernel reads the lengths).
+    causal: aligned bottom-right when the lengths differ (the last query sees the last key).
+    window=(left, right): query i sees keys j with i + Sk - Sq - left <= j <= i + Sk - Sq + right
+    (-1: unbounded); causal sets right = 0. Rows that see no key give 0 and lse -inf.
+    scale: default 1 / sqrt(head_dim). head_dim up to 256; float32, bfloat16, float16
+    (float32 accumulation) and float64.
+    Returns out shaped like q, and with return_lse=True also lse (float32; float64 for
+    float64 inputs): (batch, heads, seqlen_q), or (heads, total_q) for varlen; differentiable.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    _check_same(q, k, v)
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_q, cu_seqlens_k: pass both for varlen attention")
+        _check_cu("cu_seqlens_q", cu_seqlens_q, q.device)
+        _check_cu("cu_seqlens_k", cu_seqlens_k, q.device)
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected the same batch, got {cu_seqlens_q.numel() - 1} "
+                             f"and {cu_seqlens_k.numel() - 1}")
+    nd, layout = (3, "(total_tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != nd:
+            raise ValueError(f"{name}: expected {nd} dims {layout}, got shape {tuple(t.shape)}")
+    _check_heads(q.shape[-2], k.shape[-2], v.shape[-2])
+    D = q.shape[-1]
+    if k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(f"head_dim: q, k, v must match, got {D}, {k.shape[-1]}, {v.shape[-1]}")
+    _check_head_dim("q", D)
+    if varlen:
+        if k.shape[0] != v.shape[0]:
+            raise ValueError(f"k, v: expected the same token count, got {k.shape[0]} and {v.shape[0]}")
+    else:
+        if not q.shape[0] == k.shape[0] == v.shape[0]:
+            raise ValueError(f"batch: q, k, v must match, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"k, v: expected the same sequence length, got {k.shape[1]} and {v.shape[1]}")
+    scale = _resolve_scale(scale, D)
+    left, right = _check_window(window)
+    if causal:
+        right = 0
+    out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(
+        q, k, v, cu_seqlens_q if varlen else None, cu_seqlens_k if varlen else None, None,
+        _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True)
+    return (out, lse) if return_lse else out
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+
+
+def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 cache_seqlens: torch.Tensor, *, k_new: torch.Tensor | None = None,
+                                 v_new: torch.Tensor | None = None, causal: bool = True, scale=None) -> torch.Tensor:
+    """Decode / chunked prefill against a KV cache, forward only (as flash_attn_with_kvcache).
+
+    q: (batch, seqlen_q, heads, head_dim); k_cache, v_cache: (batch, max_seqlen, kv_heads,
+    head_dim); cache_seqlens: int32 [batch], the tokens already in each row of the cache.
+    k_new, v_new (batch, seqlen_new, kv_heads, head_dim), when given, are written into the
+    caches in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new (the caller
+    advances cache_seqlens). q then attends to the first cache_seqlens[b] + seqlen_new keys,
+    causally aligned bottom-right when causal. Returns (batch, seqlen_q, heads, head_dim).
+    """
+    _check_same(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new, v_new: pass both or neither")
+    if k_new is not None:
+        _check_same(q, k_new, v_new, ("q", "k_new", "v_new"))
+        for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+            if t.dim() != 4 or t.shape[0] != cache.shape[0] or t.shape[2:] != cache.shape[2:]:
+                raise ValueError(f"{name}: expected shape (batch={cache.shape[0]}, seqlen_new, "
+                                 f"{cache.shape[2]}, {cache.shape[3]}), got {tuple(t.shape)}")
+        if k_new.shape[1] != v_new.shape[1]:
+            raise ValueError(f"k_new, v_new: expected one length, got {k_new.shape[1]} and {v_new.shape[1]}")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
+        got = cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
+        raise TypeError(f"cache_seqlens: expected an int32 tensor [batch], got {got}")
+    if cache_seqlens.shape != (q.shape[0],):
+        raise ValueError(f"cache_seqlens: expected shape ({q.shape[0]},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens: expected a tensor on {q.device}, got {cache_seqlens.device}")
+    if k_cache.shape[0] != q.shape[0] or v_cache.shape[0] != q.shape[0]:
+        raise ValueError(f"k_cache, v_cache: expected batch {q.shape[0]}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
+    _check_heads(q.shape[2], k_cache.shape[2], v_cache.shape[2], ("q", "k_cache", "v_cache"))
+    D = q.shape[-1]
+    if k_cache.shape[-1] != D or v_cache.shape[-1] != D:
+        raise ValueError(f"head_dim: q, k_cache, v_cache must match, got {D}, {k_cache.shape[-1]}, {v_cache.shape[-1]}")
+    _check_head_dim("q", D)
+    scale = _resolve_scale(scale, D)
+    return torch.ops.pretrain_kernels.flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
+                                                         bool(causal))
+
+
+# ---- SDPA drop-in --------------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale=None, enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention: same signature, layout
+    (..., heads, L, E) and results, computed by the flash kernel (no L x S matrix).
+
+    attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+    (..., heads, L, S); applied inside the kernel tile by tile. is_causal: top-left aligned
+    lower triangle, as torch. Rows that see no key give 0, as torch's fused CPU kernels.
+    Differences: dropout_p must be 0 (no dropout kernel yet); the mask gets no gradient.
+    """
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p: only 0.0 is supported (no dropout kernel yet), got {dropout_p}")
+    _check_same(query, key, value, ("query", "key", "value"))
+    if query.dim() < 3:
+        raise ValueError(f"query: expected at least 3 dims (..., L, E), got shape {tuple(query.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise ValueError(f"{name}: expected {query.dim()} dims like query, got shape {tuple(t.shape)}")
+    if query.dim() == 3:  # (N, L, E): one head
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        lead = None
+    else:
+        lead = query.shape[:-3]
+        for name, t in (("key", key), ("value", value)):
+            if t.shape[:-3] != lead:
+                raise ValueError(f"{name}: expected the batch dims {tuple(lead)} of query, got {tuple(t.shape[:-3])}")
+        if len(lead) != 1:
+            query, key, value = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+    B, H, L, E = query.shape
+    Hk, S = key.shape[1], key.shape[2]
+    if value.shape[1] != Hk or value.shape[2] != S:
+        raise ValueError(f"value: expected (heads, S) = ({Hk}, {S}) of key, got {tuple(value.shape[1:3])}")
+    if H != Hk and not enable_gqa:
+        raise ValueError(f"key: expected {H} heads like query (pass enable_gqa=True for grouped-query attention), "
+                         f"got {Hk}")
+    _check_heads(H, Hk, value.shape[1], ("query", "key", "value"))
+    if key.shape[-1] != E:
+        raise ValueError(f"head_dim: query and key must match, got {E} and {key.shape[-1]}")
+    _check_head_dim("query", E)
+    _check_head_dim("value", value.shape[-1])
+    scale = _resolve_scale(scale, E)
+    mask = None
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("attn_mask, is_causal: pass at most one (as torch's SDPA)")
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask: expected a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask: expected a tensor on {query.device}, got {attn_mask.device}")
+        if attn_mask.dtype != torch.bool:
+            if not attn_mask.dtype.is_floating_point:
+                raise TypeError(f"attn_mask: expected bool or a float dtype, got {attn_mask.dtype}")
+            if attn_mask.requires_grad and torch.is_grad_enabled():
+                raise NotImplementedError("attn_mask: gradients with respect to the mask are not supported")
+            attn_mask = attn_mask.to(torch.float32)
+        target = (B, L, S) if lead is None else (*lead, H, L, S)
+        try:
+            mask = torch.broadcast_to(attn_mask, target)
+        except RuntimeError:
+            raise ValueError(f"attn_mask: expected a shape broadcastable to {target}, got "
+                             f"{tuple(attn_mask.shape)}") from None
+        mask = mask.unsqueeze(1) if lead is None else mask.reshape(B, H, L, S)
+    out, _ = torch.ops.pretrain_kernels.flash_attn_fwd(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, mask, -1, -1, scale,
+        -1, 0 if is_causal else -1, False)
+    out = out.transpose(1, 2)  # (B, H, L, Ev)
+    if lead is None:
+        return out.squeeze(1)
+    return out.reshape(*lead, *out.shape[1:]) if len(lead) != 1 else out
+
+
+# ---- fake kernels and autograd -------------------------------------------------------------
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pretrain_kernels::flash_attn_fwd")
+def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q, max_seqlen_k, scale,
+                         window_left, window_right, bottom_right):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
+                         max_seqlen_k, scale, window_left, window_right, bottom_right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("pretrain_kernels::flash_attn_kvcache")
+def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+    return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask)
+    ctx.params = (max_q, max_k, scale, left, right, bottom_right)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, mask = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, mask,
+                                                           *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pretrain_kernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
