@@ -93,23 +93,30 @@ BWD_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_backward_matches_reference(case, dtype):
+    """Gradient errors, averaged over three draws: a single draw of a tiny shape (head_dim 1,
+    a handful of keys) is dominated by cancellation in dS = P (dP - Di), where which of two
+    float32 computations lands closer is luck."""
     B, sq, sk, H, Hk, D, causal, window = case
     g = torch.Generator().manual_seed(sq * 7 + sk + D)
-    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
-        B, sk, Hk, D, dtype=dtype, gen=g)
-    dout = rand(B, sq, H, D, dtype=dtype, gen=g)
+    errs = {"ours": [0.0] * 3, "torch": [0.0] * 3}
+    for _ in range(3):
+        q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+            B, sk, Hk, D, dtype=dtype, gen=g)
+        dout = rand(B, sq, H, D, dtype=dtype, gen=g)
 
-    def grads(fn, dt):
-        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        fn(*xs).backward(dout.to(dt))
-        return [x.grad for x in xs]
+        def grads(fn, dt):
+            xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+            fn(*xs).backward(dout.to(dt))
+            return [x.grad for x in xs]
 
-    ref = grads(lambda a, b, c: attention_ref(a, b, c, causal=causal, window=window)[0], torch.float64)
-    ours = grads(lambda a, b, c: pk.flash_attention(a, b, c, causal=causal, window=window), dtype)
-    theirs = grads(lambda a, b, c: torch_sdpa(a, b, c, causal=causal, window=window), dtype)
-    for name, o, t, r in zip("qkv", ours, theirs, ref):
-        assert o.dtype == dtype and o.shape == r.shape
-        eo, et = rel_err(o, r), rel_err(t, r)
+        ref = grads(lambda a, b, c: attention_ref(a, b, c, causal=causal, window=window)[0], torch.float64)
+        ours = grads(lambda a, b, c: pk.flash_attention(a, b, c, causal=causal, window=window), dtype)
+        theirs = grads(lambda a, b, c: torch_sdpa(a, b, c, causal=causal, window=window), dtype)
+        for i, (o, t, r) in enumerate(zip(ours, theirs, ref)):
+            assert o.dtype == dtype and o.shape == r.shape
+            errs["ours"][i] += rel_err(o, r) / 3
+            errs["torch"][i] += rel_err(t, r) / 3
+    for name, eo, et in zip("qkv", errs["ours"], errs["torch"]):
         assert eo <= 2 * max(et, FLOOR[dtype]), (name, eo, et)
 
 
@@ -468,3 +475,40 @@ def test_scale_and_window_semantics():
     assert (out[:, :7] == 0).all() and (out[:, 7:] != 0).any()
     assert math.isclose(pk.flash_attention(q[:, :1], k[:, :1], v[:, :1])[0, 0, 0, 0].item(), v[0, 0, 0, 0].item(),
                         rel_tol=1e-6)
+
+
+_ISA_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+import pretrain_kernels as pk
+from reference import attention_ref
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.5e-2), (torch.float16, 3e-3)):
+    for (sq, sk, H, Hk, D, causal) in ((37, 129, 4, 2, 40, True), (130, 70, 2, 1, 96, False), (1, 300, 2, 2, 64, True)):
+        q, k, v = torch.randn(1, sq, H, D), torch.randn(1, sk, Hk, D), torch.randn(1, sk, Hk, D)
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        out = pk.flash_attention(q, k, v, causal=causal)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = attention_ref(qr, kr, vr, causal=causal)[0]
+        rgrads = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
+        for a, b in ((out, ref), *zip(grads, rgrads)):
+            err = ((a.double() - b).norm() / b.norm()).item()
+            assert err < tol, (dtype, sq, sk, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx512"])
+def test_other_instruction_sets(isa):
+    """The portable loops (CPUs without AVX-512) and the AVX-512 path without the bf16
+    instructions, forced through PK_ATTENTION_ISA in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PK_ATTENTION_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
