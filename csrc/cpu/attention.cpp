@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -56,58 +57,144 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kRowsFwd = 64;  // query rows (positions x heads of a group) per forward block
-constexpr int64_t kBlockK = 128;  // keys per forward tile
+constexpr int64_t kRowsFwd = 64;   // query rows (positions x heads of a group) per forward block
+constexpr int64_t kBlockK = 128;   // keys per forward tile
+constexpr int64_t kSmallRows = 8;  // blocks this small (decode) read the keys in place, unpacked
+constexpr int64_t kKeyPad = 16;    // packed key panels are padded to this many keys
+
+enum class FwdPath {
+  kPacked,      // keys packed transposed once per (sequence, kv head), tile GEMMs in acc_t
+  kPackedBf16,  // bfloat16 kept, keys and values packed in pairs for vdpbf16ps
+  kRows,        // few rows per block: dot products against the keys in place (AVX-512)
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
-  const int64_t G = p.group(), D = p.D, Dv = p.Dv, H = p.H;
+  const int64_t G = p.group(), D = p.D, Dv = p.Dv, H = p.H, Hk = p.Hk;
   const int64_t BQ = std::max<int64_t>(1, kRowsFwd / G);
   const int64_t BK = kBlockK;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool direct_v = std::is_same_v<scalar_t, acc_t>;
+  const int64_t Dp = round_up(D, 2);
+
+  // Blocks of at most kSmallRows rows read the keys in place; the others use the packed
+  // panels. The choice depends on the block alone, so a sequence gets the same result
+  // whether it runs alone or packed with others (varlen).
+  FwdPath packed_path = FwdPath::kPacked;
+  bool rows_ok = false;
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const auto& cpu = cpu_features();
+    rows_ok = cpu.avx512;
+    if (std::is_same_v<scalar_t, c10::BFloat16> && cpu.avx512bf16) packed_path = FwdPath::kPackedBf16;
+  }
+#endif
+  bool need_pack = false;
+  for (int64_t b = 0; b < p.batch && !need_pack; ++b) need_pack = !rows_ok || std::min(p.len_q(b), BQ) * G > kSmallRows;
+  const FwdPath pack_path = need_pack ? packed_path : FwdPath::kRows;  // what the panels are packed for
+
+  // Packed key/value panels per (sequence, kv head): offsets in padded keys.
+  std::vector<int64_t> kofs(p.batch + 1, 0);
+  for (int64_t b = 0; b < p.batch; ++b) kofs[b + 1] = kofs[b] + round_up(p.len_k(b), kKeyPad);
+  const auto panel = [&](int64_t b, int64_t hk, int64_t width) {
+    return (kofs[b] * Hk + hk * (kofs[b + 1] - kofs[b])) * width;
+  };
+  std::vector<acc_t> Kt_all, Vf_all;
+  std::vector<uint16_t> Kp_all, Vp_all;
+  if (pack_path == FwdPath::kPacked) {
+    Kt_all.resize(kofs[p.batch] * Hk * D);
+    if (!direct_v) Vf_all.resize(kofs[p.batch] * Hk * Dv);
+    at::parallel_for(0, p.batch * Hk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
+        acc_t* kt = Kt_all.data() + panel(b, hk, D);
+        if (lk > 0) load_transposed(kt, skp, p.k_row<scalar_t>(b, 0, hk), p.k.ss, lk, D);
+        for (int64_t d = 0; d < D; ++d) std::fill(kt + d * skp + lk, kt + (d + 1) * skp, acc_t(0));
+        if (!direct_v) {
+          acc_t* vf = Vf_all.data() + panel(b, hk, Dv);
+          for (int64_t j = 0; j < lk; ++j) load_row(vf + j * Dv, p.v_row<scalar_t>(b, j, hk), Dv);
+          std::fill(vf + lk * Dv, vf + skp * Dv, acc_t(0));
+        }
+      }
+    });
+  } else if (pack_path == FwdPath::kPackedBf16) {
+    Kp_all.assign(kofs[p.batch] * Hk * Dp, 0);
+    Vp_all.assign(kofs[p.batch] * Hk * Dv, 0);
+    at::parallel_for(0, p.batch * Hk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
+        uint16_t* kp = Kp_all.data() + panel(b, hk, Dp);
+        uint16_t* vp = Vp_all.data() + panel(b, hk, Dv);
+        for (int64_t j = 0; j < lk; ++j) {
+          const uint16_t* kr = reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j, hk));
+          for (int64_t d = 0; d < D; ++d) kp[(d >> 1) * skp * 2 + 2 * j + (d & 1)] = kr[d];
+          const uint16_t* vr = reinterpret_cast<const uint16_t*>(p.v_row<scalar_t>(b, j, hk));
+          for (int64_t d = 0; d < Dv; ++d) vp[(j >> 1) * Dv * 2 + 2 * d + (j & 1)] = vr[d];
+        }
+      }
+    });
+  }
+
   struct Task {
     int64_t b, hk, i0;
   };
   std::vector<Task> tasks;
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t lq = p.len_q(b);
-    for (int64_t hk = 0; hk < p.Hk; ++hk)
+    for (int64_t hk = 0; hk < Hk; ++hk)
       for (int64_t i0 = 0; i0 < lq; i0 += BQ) tasks.push_back({b, hk, i0});
   }
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  constexpr bool direct_v = std::is_same_v<scalar_t, acc_t>;
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     const int64_t R_max = BQ * G;
-    std::vector<acc_t> Qf(R_max * D), O(R_max * Dv), S(R_max * BK), Kt(D * BK), Vf(direct_v ? 0 : BK * Dv);
+    std::vector<acc_t> Qf(R_max * D), O(R_max * Dv), S(R_max * BK);
+    std::vector<uint16_t> Qb(pack_path == FwdPath::kPackedBf16 ? R_max * Dp : 0), Pb(Qb.empty() ? 0 : R_max * BK);
     std::vector<acc_t> m(R_max), l(R_max);
     for (int64_t t = t0; t < t1; ++t) {
       const auto [b, hk, i0] = tasks[t];
-      const int64_t lq = p.len_q(b), lk = p.len_k(b);
+      const int64_t lq = p.len_q(b), lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
       const int64_t i1 = std::min(i0 + BQ, lq), np = i1 - i0, R = np * G;
       const Window w = p.window(b);
+      const FwdPath path = rows_ok && R <= kSmallRows ? FwdPath::kRows : packed_path;
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t r = 0; r < np; ++r)
-          load_row(Qf.data() + (g * np + r) * D, p.q_row<scalar_t>(b, i0 + r, hk * G + g), D, scale);
+        for (int64_t r = 0; r < np; ++r) {
+          const scalar_t* src = p.q_row<scalar_t>(b, i0 + r, hk * G + g);
+          if (path == FwdPath::kPackedBf16) {
+            uint16_t* dst = Qb.data() + (g * np + r) * Dp;
+            std::memcpy(dst, src, D * sizeof(uint16_t));
+            if (Dp > D) dst[D] = 0;
+          } else {
+            load_row(Qf.data() + (g * np + r) * D, src, D, scale);
+          }
+        }
       std::fill(O.begin(), O.begin() + R * Dv, acc_t(0));
       std::fill(m.begin(), m.begin() + R, ninf);
       std::fill(l.begin(), l.begin() + R, acc_t(0));
-      const int64_t kb = key_lo(w, i0), ke = key_hi(w, i1 - 1, lk);
+      int64_t kb = key_lo(w, i0);
+      const int64_t ke = key_hi(w, i1 - 1, lk);
+      if (path != FwdPath::kRows) kb = kb / kKeyPad * kKeyPad;  // panel columns stay aligned
       for (int64_t j0 = kb; j0 < ke; j0 += BK) {
         const int64_t nk = std::min(BK, ke - j0);
         const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
-        load_transposed(Kt.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
-        const acc_t* Vp;
-        int64_t ldv;
-        if constexpr (direct_v) {
-          Vp = p.v_row<acc_t>(b, j0, hk);
-          ldv = p.v.ss;
-        } else {
-          for (int64_t j = 0; j < nk; ++j) load_row(Vf.data() + j * Dv, p.v_row<scalar_t>(b, j0 + j, hk), Dv);
-          Vp = Vf.data();
-          ldv = Dv;
+        // S = Q K^T (scaled)
+        if (path == FwdPath::kPacked) {
+          gemm<acc_t>(R, nk, D, Qf.data(), D, 1, Kt_all.data() + panel(b, hk, D) + j0, skp, S.data(), BK, false);
         }
-        gemm<acc_t>(R, nk, D, Qf.data(), D, 1, Kt.data(), BK, S.data(), BK, false);
+#if PK_ATTN_X86
+        if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
+          if (path == FwdPath::kRows) {
+            qk_rows_avx512<scalar_t>(R, nk, D, Qf.data(), p.k_row<scalar_t>(b, j0, hk), p.k.ss, S.data(), BK);
+          } else if (path == FwdPath::kPackedBf16) {
+            gemm_bf16(R, nk, Dp / 2, Qb.data(), Dp, Kp_all.data() + panel(b, hk, Dp) + 2 * j0, 2 * skp, S.data(), BK,
+                      false);
+            for (int64_t r = 0; r < R; ++r) scale_row_avx512(S.data() + r * BK, nk, scale);
+          }
+        }
+#endif
+        // online softmax
         for (int64_t r = 0; r < R; ++r) {
           const int64_t g = r / np, i = i0 + r % np;
           acc_t* s = S.data() + r * BK;
@@ -126,7 +213,31 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
             for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
           }
         }
-        gemm<acc_t>(R, Dv, nk, S.data(), BK, 1, Vp, ldv, O.data(), Dv, true);
+        // O += P V
+        if (path == FwdPath::kPacked) {
+          const acc_t* Vp;
+          int64_t ldv;
+          if constexpr (direct_v) {
+            Vp = p.v_row<acc_t>(b, j0, hk);
+            ldv = p.v.ss;
+          } else {
+            Vp = Vf_all.data() + panel(b, hk, Dv) + j0 * Dv;
+            ldv = Dv;
+          }
+          gemm<acc_t>(R, Dv, nk, S.data(), BK, 1, Vp, ldv, O.data(), Dv, true);
+        }
+#if PK_ATTN_X86
+        if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
+          if (path == FwdPath::kRows) {
+            pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, O.data());
+          } else if (path == FwdPath::kPackedBf16) {
+            const int64_t nkp = round_up(nk, 2);
+            for (int64_t r = 0; r < R; ++r) to_bf16_row(Pb.data() + r * BK, S.data() + r * BK, nk, nkp);
+            gemm_bf16(R, Dv, nkp / 2, Pb.data(), BK, Vp_all.data() + panel(b, hk, Dv) + j0 * Dv, 2 * Dv, O.data(),
+                      Dv, true);
+          }
+        }
+#endif
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t g = r / np, i = i0 + r % np, h = hk * G + g;

@@ -114,7 +114,7 @@ PK_TARGET_AVX512 inline __m512 exp512(__m512 x) {
 }
 
 PK_TARGET_AVX512 inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
 PK_TARGET_AVX512 inline float row_max_avx512(const float* s, int64_t n) {
@@ -209,6 +209,155 @@ PK_TARGET_AVX512 inline void gemm_avx512(int64_t M, int64_t N, int64_t K, const 
       default: gemm_rows_avx512<1>(M, K, A, a_rs, a_ks, B + n0, ldb, C + n0, ldc, last, accumulate); break;
     }
   }
+}
+
+// ---- rows kernels for few query rows (decode): no packing, keys read in place ----------
+
+template <typename scalar_t>
+PK_TARGET_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 m) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "float, bfloat16 or half");
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+
+// S[r * lds + j] = sum_d Q[r * D + d] * K[j * ldk + d] for r < R, j < nk.
+template <typename scalar_t>
+PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const float* Q, const scalar_t* K, int64_t ldk,
+                                     float* S, int64_t lds) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const scalar_t* kj = K + j * ldk;
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const int64_t nr = std::min<int64_t>(4, R - r0);
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const __mmask16 m = tail_mask(D - d0);
+        const __m512 kv = load16(kj + d0, m);
+        for (int64_t r = 0; r < nr; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, Q + (r0 + r) * D + d0), kv, acc[r]);
+      }
+      for (int64_t r = 0; r < nr; ++r) S[(r0 + r) * lds + j] = _mm512_reduce_add_ps(acc[r]);
+    }
+  }
+}
+
+// O[r * Dv + d] += sum_j P[r * ldp + j] * V[j * ldv + d].
+template <typename scalar_t>
+PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const float* P, int64_t ldp, const scalar_t* V,
+                                     int64_t ldv, float* O) {
+  for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+    const int64_t nd = std::min<int64_t>(64, Dv - d0);
+    const __mmask16 m[4] = {tail_mask(nd), tail_mask(nd - 16), tail_mask(nd - 32), tail_mask(nd - 48)};
+    for (int64_t r = 0; r < R; ++r) {
+      float* o = O + r * Dv + d0;
+      __m512 acc[4];
+      for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(nd > 16 * v ? m[v] : 0, o + 16 * v);
+      const float* pr = P + r * ldp;
+      for (int64_t j = 0; j < nk; ++j) {
+        const __m512 pj = _mm512_set1_ps(pr[j]);
+        const scalar_t* vj = V + j * ldv + d0;
+        for (int v = 0; v < 4; ++v)
+          if (nd > 16 * v) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, m[v]), acc[v]);
+      }
+      for (int v = 0; v < 4; ++v)
+        if (nd > 16 * v) _mm512_mask_storeu_ps(o + 16 * v, m[v], acc[v]);
+    }
+  }
+}
+
+PK_TARGET_AVX512 inline void scale_row_avx512(float* s, int64_t n, float scale) {
+  const __m512 f = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), f));
+  }
+}
+
+// ---- bfloat16 tiles with the AVX512-BF16 dot product (vdpbf16ps) ------------------------
+// C[m, n] (+)= sum_kp A2(m, kp) . B2(kp, n): A holds bf16 pairs along k (row stride lda in
+// bf16 elements), B holds for each pair index kp a row of N pairs (row stride ldb in bf16
+// elements), the VNNI layout. Odd K is padded with zeros by the packer.
+
+template <int MR, int NV>
+PK_TARGET_AVX512BF16 inline void gemm_bf16_micro(int64_t KP, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                                 int64_t ldb, float* C, int64_t ldc, __mmask16 last, bool accumulate) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = accumulate ? _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, C + r * ldc + 16 * v)
+                           : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    __m512i b[NV];
+    const uint16_t* bk = B + kp * ldb;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_epi32(v == NV - 1 ? last : 0xffff, bk + 32 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * kp, sizeof(pair));
+      const __m512i a = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)a, (__m512bh)b[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, v == NV - 1 ? last : 0xffff, c[r][v]);
+}
+
+template <int NV>
+PK_TARGET_AVX512BF16 inline void gemm_bf16_rows(int64_t M, int64_t KP, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                                int64_t ldb, float* C, int64_t ldc, __mmask16 last, bool accumulate) {
+  constexpr int MR = NV >= 4 ? 6 : (NV == 3 ? 8 : (NV == 2 ? 12 : 16));
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    gemm_bf16_micro<MR, NV>(KP, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last, accumulate);
+  for (; m < M;) {
+    const int64_t take = std::min<int64_t>(M - m, 4);
+    switch (take) {
+      case 4: gemm_bf16_micro<4, NV>(KP, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last, accumulate); break;
+      case 3: gemm_bf16_micro<3, NV>(KP, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last, accumulate); break;
+      case 2: gemm_bf16_micro<2, NV>(KP, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last, accumulate); break;
+      default: gemm_bf16_micro<1, NV>(KP, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last, accumulate); break;
+    }
+    m += take;
+  }
+}
+
+PK_TARGET_AVX512BF16 inline void gemm_bf16(int64_t M, int64_t N, int64_t KP, const uint16_t* A, int64_t lda,
+                                           const uint16_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nn = std::min<int64_t>(64, N - n0);
+    const int nv = static_cast<int>((nn + 15) / 16);
+    const __mmask16 last = tail_mask(nn - 16 * (nv - 1));
+    const uint16_t* b = B + 2 * n0;
+    switch (nv) {
+      case 4: gemm_bf16_rows<4>(M, KP, A, lda, b, ldb, C + n0, ldc, last, accumulate); break;
+      case 3: gemm_bf16_rows<3>(M, KP, A, lda, b, ldb, C + n0, ldc, last, accumulate); break;
+      case 2: gemm_bf16_rows<2>(M, KP, A, lda, b, ldb, C + n0, ldc, last, accumulate); break;
+      default: gemm_bf16_rows<1>(M, KP, A, lda, b, ldb, C + n0, ldc, last, accumulate); break;
+    }
+  }
+}
+
+// dst[0, n) = bf16(src[0, n)) (round to nearest even), zero up to n_pad.
+PK_TARGET_AVX512BF16 inline void to_bf16_row(uint16_t* dst, const float* src, int64_t n, int64_t n_pad) {
+  int64_t j = 0;
+  for (; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + j));
+    _mm256_mask_storeu_epi16(dst + j, m, (__m256i)h);
+  }
+  for (j = n; j < n_pad; ++j) dst[j] = 0;
 }
 #endif  // PK_ATTN_X86
 
