@@ -226,46 +226,80 @@ PK_TARGET_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 m) {
   }
 }
 
-// S[r * lds + j] = sum_d Q[r * D + d] * K[j * ldk + d] for r < R, j < nk.
+// S[r * lds + j] = sum_d Q[r * D + d] * K[j * ldk + d] for r < R, j < nk. Four keys at a
+// time, so that four independent FMA chains hide the latency.
 template <typename scalar_t>
 PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const float* Q, const scalar_t* K, int64_t ldk,
                                      float* S, int64_t lds) {
-  for (int64_t j = 0; j < nk; ++j) {
-    const scalar_t* kj = K + j * ldk;
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      const int64_t nr = std::min<int64_t>(4, R - r0);
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4) {
+    const scalar_t* k0 = K + j * ldk;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* q = Q + r * D;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
       for (int64_t d0 = 0; d0 < D; d0 += 16) {
         const __mmask16 m = tail_mask(D - d0);
-        const __m512 kv = load16(kj + d0, m);
-        for (int64_t r = 0; r < nr; ++r)
-          acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, Q + (r0 + r) * D + d0), kv, acc[r]);
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + d0);
+        a0 = _mm512_fmadd_ps(qv, load16(k0 + d0, m), a0);
+        a1 = _mm512_fmadd_ps(qv, load16(k0 + ldk + d0, m), a1);
+        a2 = _mm512_fmadd_ps(qv, load16(k0 + 2 * ldk + d0, m), a2);
+        a3 = _mm512_fmadd_ps(qv, load16(k0 + 3 * ldk + d0, m), a3);
       }
-      for (int64_t r = 0; r < nr; ++r) S[(r0 + r) * lds + j] = _mm512_reduce_add_ps(acc[r]);
+      float* s = S + r * lds + j;
+      s[0] = _mm512_reduce_add_ps(a0);
+      s[1] = _mm512_reduce_add_ps(a1);
+      s[2] = _mm512_reduce_add_ps(a2);
+      s[3] = _mm512_reduce_add_ps(a3);
+    }
+  }
+  for (; j < nk; ++j) {
+    const scalar_t* kj = K + j * ldk;
+    for (int64_t r = 0; r < R; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const __mmask16 m = tail_mask(D - d0);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, Q + r * D + d0), load16(kj + d0, m), acc);
+      }
+      S[r * lds + j] = _mm512_reduce_add_ps(acc);
     }
   }
 }
 
-// O[r * Dv + d] += sum_j P[r * ldp + j] * V[j * ldv + d].
+// O[r * Dv + d] += sum_j P[r * ldp + j] * V[j * ldv + d]; up to 128 columns (eight
+// independent accumulators) per pass.
 template <typename scalar_t>
 PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const float* P, int64_t ldp, const scalar_t* V,
                                      int64_t ldv, float* O) {
-  for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
-    const int64_t nd = std::min<int64_t>(64, Dv - d0);
-    const __mmask16 m[4] = {tail_mask(nd), tail_mask(nd - 16), tail_mask(nd - 32), tail_mask(nd - 48)};
+  for (int64_t d0 = 0; d0 < Dv; d0 += 128) {
+    const int64_t nd = std::min<int64_t>(128, Dv - d0);
+    const int nv = static_cast<int>((nd + 15) / 16);
+    __mmask16 m[8];
+    for (int v = 0; v < 8; ++v) m[v] = tail_mask(nd - 16 * v);
     for (int64_t r = 0; r < R; ++r) {
       float* o = O + r * Dv + d0;
-      __m512 acc[4];
-      for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(nd > 16 * v ? m[v] : 0, o + 16 * v);
+      __m512 acc[8];
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) acc[v] = _mm512_maskz_loadu_ps(m[v], o + 16 * v);
       const float* pr = P + r * ldp;
-      for (int64_t j = 0; j < nk; ++j) {
-        const __m512 pj = _mm512_set1_ps(pr[j]);
-        const scalar_t* vj = V + j * ldv + d0;
-        for (int v = 0; v < 4; ++v)
-          if (nd > 16 * v) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, m[v]), acc[v]);
+      if (nv == 8) {
+        for (int64_t j = 0; j < nk; ++j) {
+          const __m512 pj = _mm512_set1_ps(pr[j]);
+          const scalar_t* vj = V + j * ldv + d0;
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, 0xffff), acc[v]);
+        }
+      } else {
+        for (int64_t j = 0; j < nk; ++j) {
+          const __m512 pj = _mm512_set1_ps(pr[j]);
+          const scalar_t* vj = V + j * ldv + d0;
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v)
+            if (v < nv) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, m[v]), acc[v]);
+        }
       }
-      for (int v = 0; v < 4; ++v)
-        if (nd > 16 * v) _mm512_mask_storeu_ps(o + 16 * v, m[v], acc[v]);
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v)
+        if (v < nv) _mm512_mask_storeu_ps(o + 16 * v, m[v], acc[v]);
     }
   }
 }
