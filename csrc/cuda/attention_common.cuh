@@ -75,6 +75,7 @@ struct Params {
 // One sequence of the batch: where its rows live and how long it is.
 struct Seq {
   int64_t tok0 = 0;          // first query token in out (tokens, H, Dv)
+  int64_t ktok0 = 0;         // first key token in dk / dv (tokens, Hk, D)
   int64_t lq = 0, lk = 0;
   int64_t q_off = 0, k_off = 0, v_off = 0;  // element offset of row 0 (head 0)
 };
@@ -87,6 +88,7 @@ __device__ __forceinline__ Seq seq_info(const Params& p, int64_t b) {
     const int64_t q0 = clamp64(p.cu_q[b], 0, p.total_q), q1 = clamp64(p.cu_q[b + 1], q0, p.total_q);
     const int64_t k0 = clamp64(p.cu_k[b], 0, p.total_k), k1 = clamp64(p.cu_k[b + 1], k0, p.total_k);
     s.tok0 = q0;
+    s.ktok0 = k0;
     s.lq = q1 - q0;
     s.lk = k1 - k0;
     s.q_off = q0 * p.q_ss;
@@ -94,6 +96,7 @@ __device__ __forceinline__ Seq seq_info(const Params& p, int64_t b) {
     s.v_off = k0 * p.v_ss;
   } else {
     s.tok0 = b * p.sq;
+    s.ktok0 = b * p.sk;
     s.lq = p.sq;
     s.lk = p.seqlens_k != nullptr ? clamp64(int64_t(p.seqlens_k[b]) + p.seqlens_k_extra, 0, p.sk) : p.sk;
     s.q_off = b * p.q_sb;
