@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
   uint16_t* sV = sK + kBN * kLd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int G = p.H / p.Hk;
-  const bool do_vec = (p.Dv % 8) == 0;  // dout is contiguous (tokens, H, Dv)
+  const bool do_vec = p.dout_vec;  // dout is contiguous (tokens, H, Dv)
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
   float* sDi = sL2 + kBQ;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int G = p.H / p.Hk;
-  const bool do_vec = (p.Dv % 8) == 0;
+  const bool do_vec = p.dout_vec;
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -457,6 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor dv = at::zeros(v_in.sizes(), v.options());
   if (dq.numel() == 0 || dk.numel() == 0) return {dq, dk, dv};
   at::Tensor Di = at::empty(lse_shape, lse.options());
+  p.dout_vec = dout.element_size() == 2 && p.Dv % 8 == 0 && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool sm80 = at::cuda::getCurrentDeviceProperties()->major >= 8;
   const int64_t q_bound = query_bound(p, max_seqlen_q), k_bound = key_bound(p, max_seqlen_k);

@@ -43,6 +43,7 @@ struct Params {
   int64_t k_sb = 0, k_ss = 0, k_sh = 0;
   int64_t v_sb = 0, v_ss = 0, v_sh = 0;
   bool q_vec = false, k_vec = false, v_vec = false;  // rows may be read in 16-byte chunks
+  bool dout_vec = false;  // backward: dout (contiguous) may be read in 16-byte chunks
 
   void* out = nullptr;         // (tokens, H, Dv), contiguous, input dtype
   float* lse = nullptr;        // (B, H, sq) dense, (H, total_q) varlen
