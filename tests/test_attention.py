@@ -160,6 +160,43 @@ def test_gradcheck_varlen_and_mask_float64():
                                         (qs, ks, vs))
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("unequal", [False, True], ids=["sq=sk", "sq!=sk"])
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("window", [(-1, -1), (6, 2)], ids=["nowindow", "window"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_combination(causal, window, gqa, unequal, varlen):
+    """Each combination of causal / window / GQA / unequal lengths / varlen, forward and
+    backward, against the float64 reference (float32, small odd shapes)."""
+    g = torch.Generator().manual_seed(11)
+    H, Hk, D = (6, 2, 24) if gqa else (3, 3, 24)
+    lens_q = [23, 1, 70] if varlen else [37]
+    lens_k = [9, 17, 131] if (varlen and unequal) else ([29] if unequal else lens_q)
+    if not varlen:
+        lens_q, lens_k = lens_q * 2, lens_k * 2  # batch of two
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(tk, Hk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(tk, Hk, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(tq, H, D, generator=g, dtype=torch.float64)
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    if varlen:
+        out = pk.flash_attention(q32, k32, v32, causal=causal, window=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    else:
+        B = len(lens_q)
+        out = pk.flash_attention(q32.view(B, -1, H, D), k32.view(B, -1, Hk, D), v32.view(B, -1, Hk, D),
+                                 causal=causal, window=window).reshape(tq, H, D)
+    grads = torch.autograd.grad(out, (q32, k32, v32), dout.float())
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_varlen_ref(qr, kr, vr, cu_q, cu_k, causal=causal, window=window)
+    rgrads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    assert rel_err(out, ref) < 1e-6
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_varlen_equals_per_sequence(dtype):
     g = torch.Generator().manual_seed(2)

@@ -77,7 +77,6 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
   const int64_t BK = kBlockK;
   const acc_t scale = static_cast<acc_t>(p.scale);
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  constexpr bool direct_v = std::is_same_v<scalar_t, acc_t>;
   const int64_t Dp = round_up(D, 2);
 
   // Blocks of at most kSmallRows rows read the keys in place; the others use the packed
@@ -98,7 +97,9 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
 
   // Packed key/value panels per (sequence, kv head): offsets in padded keys.
   std::vector<int64_t> kofs(p.batch + 1, 0);
-  for (int64_t b = 0; b < p.batch; ++b) kofs[b + 1] = kofs[b] + round_up(p.len_k(b), kKeyPad);
+  // Panel rows are padded by kKeyPad more keys so that their stride is never a multiple of
+  // 4 KiB: rows a power of two apart share L1 sets and evict each other inside the GEMM.
+  for (int64_t b = 0; b < p.batch; ++b) kofs[b + 1] = kofs[b] + round_up(p.len_k(b), kKeyPad) + kKeyPad;
   const auto panel = [&](int64_t b, int64_t hk, int64_t width) {
     return (kofs[b] * Hk + hk * (kofs[b + 1] - kofs[b])) * width;
   };
@@ -106,14 +107,14 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
   std::vector<uint16_t> Kp_all, Vp_all;
   if (pack_path == FwdPath::kPacked) {
     Kt_all.resize(kofs[p.batch] * Hk * D);
-    if (!direct_v) Vf_all.resize(kofs[p.batch] * Hk * Dv);
+    Vf_all.resize(kofs[p.batch] * Hk * Dv);
     at::parallel_for(0, p.batch * Hk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
         acc_t* kt = Kt_all.data() + panel(b, hk, D);
         if (lk > 0) load_transposed(kt, skp, p.k_row<scalar_t>(b, 0, hk), p.k.ss, lk, D);
         for (int64_t d = 0; d < D; ++d) std::fill(kt + d * skp + lk, kt + (d + 1) * skp, acc_t(0));
-        if (!direct_v) {
+        {  // values as acc_t rows, contiguous
           acc_t* vf = Vf_all.data() + panel(b, hk, Dv);
           for (int64_t j = 0; j < lk; ++j) load_row(vf + j * Dv, p.v_row<scalar_t>(b, j, hk), Dv);
           std::fill(vf + lk * Dv, vf + skp * Dv, acc_t(0));
@@ -215,15 +216,8 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         }
         // O += P V
         if (path == FwdPath::kPacked) {
-          const acc_t* Vp;
-          int64_t ldv;
-          if constexpr (direct_v) {
-            Vp = p.v_row<acc_t>(b, j0, hk);
-            ldv = p.v.ss;
-          } else {
-            Vp = Vf_all.data() + panel(b, hk, Dv) + j0 * Dv;
-            ldv = Dv;
-          }
+          const acc_t* Vp = Vf_all.data() + panel(b, hk, Dv) + j0 * Dv;
+          const int64_t ldv = Dv;
           gemm<acc_t>(R, Dv, nk, S.data(), BK, 1, Vp, ldv, O.data(), Dv, true);
         }
 #if PK_ATTN_X86
