@@ -248,7 +248,7 @@ def test_decode_equals_full_attention(dtype):
         v_cache[b, :start[b]] = rand(int(start[b]), Hk, D, dtype=dtype, gen=g)
     hist_k, hist_v = k_cache.clone(), v_cache.clone()
     lens = start.clone()
-    chunks = [9] + [1] * (total - 9 - 10) + [10]
+    chunks = [9, 3] + [1] * (total - 9 - 3 - 10) + [10]  # 3 new tokens x 2 heads: the decode kernel
     pos = 0
     for n in chunks:
         out = pk.flash_attention_with_kvcache(q_all[:, pos:pos + n], k_cache, v_cache, lens,

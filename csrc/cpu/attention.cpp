@@ -70,9 +70,101 @@ enum class FwdPath {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Online softmax over one tile of scores S (R rows x nk keys, row stride lds; rows are
+// g * np + r for query i0 + r of head h0 + g): masks, updates the running max m and sum l,
+// rescales the output rows O (stride Dv), and leaves P = exp(S - m) in S.
+template <typename acc_t>
+void softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t R, int64_t np, int64_t nk, const Window& w,
+                  int64_t b, int64_t h0, int64_t i0, int64_t j0, bool full, acc_t* m, acc_t* l, acc_t* O) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / np, i = i0 + r % np;
+    acc_t* s = S + r * lds;
+    if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h0 + g, i, j0, full);
+    const acc_t mnew = std::max(m[r], row_max(s, nk));
+    if (mnew == ninf) {
+      std::fill(s, s + nk, acc_t(0));
+      continue;
+    }
+    const acc_t alpha = m[r] == ninf ? acc_t(0) : std::exp(m[r] - mnew);
+    const acc_t sum = exp_sum(s, nk, mnew);
+    l[r] = l[r] * alpha + sum;
+    m[r] = mnew;
+    if (alpha != acc_t(1)) {
+      acc_t* o = O + r * p.Dv;
+      for (int64_t d = 0; d < p.Dv; ++d) o[d] *= alpha;
+    }
+  }
+}
+
+// Writes O / l and the lse of R rows (see softmax_tile for the row order).
+template <typename scalar_t, typename acc_t>
+void finish_rows(const Problem& p, scalar_t* out, acc_t* lse, int64_t R, int64_t np, int64_t b, int64_t h0, int64_t i0,
+                 const acc_t* m, const acc_t* l, const acc_t* O) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / np, i = i0 + r % np, h = h0 + g;
+    const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+    store_row(out + ((p.tok_q(b) + i) * p.H + h) * p.Dv, O + r * p.Dv, p.Dv, inv);
+    lse[p.lse_index(b, h, i)] = l[r] > 0 ? m[r] + std::log(l[r]) : -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+#if PK_ATTN_X86
+constexpr int64_t kMinTasks = 8;       // decode work items to aim for (independent of threads)
+
+// Decode and short chunks: every sequence's queries fit in one block of at most
+// kSmallRows rows per kv head. A work item takes a sequence and a range of kv heads and
+// walks the keys in short steps, all its heads per step, so that the rows of a
+// (batch, seqlen, heads, dim) cache are read in address order.
+template <typename scalar_t>
+void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
+  // Same key steps as the forward's rows path, so that a sequence gets the same bits
+  // either way (a short sequence inside a varlen batch takes the forward's rows path).
+  const int64_t G = p.group(), D = p.D, Dv = p.Dv, Hk = p.Hk, BK = kBlockK;
+  const int64_t n_split = std::max<int64_t>(1, std::min(Hk, (kMinTasks + p.batch - 1) / std::max<int64_t>(1, p.batch)));
+  const float scale = static_cast<float>(p.scale);
+  at::parallel_for(0, p.batch * n_split, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> Qf, O, m, l, S;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n_split, sp = t % n_split;
+      const int64_t hk0 = sp * Hk / n_split, hk1 = (sp + 1) * Hk / n_split, nh = hk1 - hk0;
+      const int64_t lq = p.len_q(b), lk = p.len_k(b), np = lq, R = np * G;
+      if (R == 0 || nh == 0) continue;
+      const Window w = p.window(b);
+      Qf.resize(nh * R * D);
+      O.assign(nh * R * Dv, 0.f);
+      m.assign(nh * R, -std::numeric_limits<float>::infinity());
+      l.assign(nh * R, 0.f);
+      S.resize(R * BK);
+      for (int64_t hh = 0; hh < nh; ++hh)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t r = 0; r < np; ++r)
+            load_row(Qf.data() + (hh * R + g * np + r) * D, p.q_row<scalar_t>(b, r, (hk0 + hh) * G + g), D, scale);
+      const int64_t kb = key_lo(w, 0), ke = key_hi(w, lq - 1, lk);
+      for (int64_t j0 = kb; j0 < ke; j0 += BK) {
+        const int64_t nk = std::min(BK, ke - j0);
+        const bool full = tile_full(w, 0, lq, j0, j0 + nk, lk);
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          const int64_t hk = hk0 + hh;
+          qk_rows_avx512<scalar_t>(R, nk, D, Qf.data() + hh * R * D, p.k_row<scalar_t>(b, j0, hk), p.k.ss, S.data(),
+                                   BK);
+          softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, 0, j0, full, m.data() + hh * R, l.data() + hh * R,
+                       O.data() + hh * R * Dv);
+          pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss,
+                                   O.data() + hh * R * Dv);
+        }
+      }
+      for (int64_t hh = 0; hh < nh; ++hh)
+        finish_rows(p, out, lse, R, np, b, (hk0 + hh) * G, 0, m.data() + hh * R, l.data() + hh * R,
+                    O.data() + hh * R * Dv);
+    }
+  });
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
-  const int64_t G = p.group(), D = p.D, Dv = p.Dv, H = p.H, Hk = p.Hk;
+  const int64_t G = p.group(), D = p.D, Dv = p.Dv, Hk = p.Hk;
   const int64_t BQ = std::max<int64_t>(1, kRowsFwd / G);
   const int64_t BK = kBlockK;
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -89,6 +181,16 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
     const auto& cpu = cpu_features();
     rows_ok = cpu.avx512;
     if (std::is_same_v<scalar_t, c10::BFloat16> && cpu.avx512bf16) packed_path = FwdPath::kPackedBf16;
+  }
+#endif
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
+    bool decode = rows_ok;
+    for (int64_t b = 0; b < p.batch && decode; ++b) decode = p.len_q(b) <= BQ && p.len_q(b) * G <= kSmallRows;
+    if (decode) {
+      decode_kernel<scalar_t>(p, out, lse);
+      return;
+    }
   }
 #endif
   bool need_pack = false;
@@ -196,24 +298,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         }
 #endif
         // online softmax
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t g = r / np, i = i0 + r % np;
-          acc_t* s = S.data() + r * BK;
-          if (!full || p.has_mask()) p.mask_row(s, nk, w, b, hk * G + g, i, j0, full);
-          const acc_t mnew = std::max(m[r], row_max(s, nk));
-          if (mnew == ninf) {
-            std::fill(s, s + nk, acc_t(0));
-            continue;
-          }
-          const acc_t alpha = m[r] == ninf ? acc_t(0) : std::exp(m[r] - mnew);
-          const acc_t sum = exp_sum(s, nk, mnew);
-          l[r] = l[r] * alpha + sum;
-          m[r] = mnew;
-          if (alpha != acc_t(1)) {
-            acc_t* o = O.data() + r * Dv;
-            for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
-          }
-        }
+        softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, i0, j0, full, m.data(), l.data(), O.data());
         // O += P V
         if (path == FwdPath::kPacked) {
           const acc_t* Vp = Vf_all.data() + panel(b, hk, Dv) + j0 * Dv;
@@ -233,12 +318,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         }
 #endif
       }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t g = r / np, i = i0 + r % np, h = hk * G + g;
-        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
-        store_row(out + ((p.tok_q(b) + i) * H + h) * Dv, O.data() + r * Dv, Dv, inv);
-        lse[p.lse_index(b, h, i)] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
-      }
+      finish_rows(p, out, lse, R, np, b, hk * G, i0, m.data(), l.data(), O.data());
     }
   });
 }
