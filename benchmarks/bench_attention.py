@@ -140,17 +140,24 @@ def test_decode(benchmark, D, dt, impl):
 
 
 _MEM_SCRIPT = r"""
-import resource, sys, torch
-import torch.nn.functional as F
+import sys, torch
 sys.path.insert(0, {here!r})
 import bench_attention as ba
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
 impl, S, D = {impl!r}, {S}, {D}
 q, k, v = ba.make_inputs(S, D, torch.float32, impl, grad=True)
 dout = torch.randn_like(q)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident size (VmHWM)
+    f.write("5")
+before = status("VmRSS")
 torch.autograd.grad(ba.run_fn(impl, q, k, v, False)(), (q, k, v), dout)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024.0)
+print((status("VmHWM") - before) / 1024.0)
 """
 
 

@@ -9,12 +9,13 @@
 // Instead the forward pass walks over tiles: a block of query rows stays in cache (as
 // float, pre-multiplied by the scale) together with its output accumulator O, and the keys
 // go by in blocks of kBlockK. For each key block:
-//   S = Q_blk K_blk^T                (tile GEMM, K_blk packed transposed once per tile)
+//   S = Q_blk K_blk^T                (tile GEMM against a packed key panel, see below)
 //   mask S (window / causal / caller's mask) where the tile is not wholly visible
 //   online softmax per row: m' = max(m, max S), P = exp(S - m'), l = l e^(m-m') + sum P,
 //                            O = O e^(m-m') + P V_blk
 // and at the end O / l is the output and m + log l the logsumexp (lse), the only thing the
-// backward pass keeps besides the inputs and the output: extra memory O(B * H * Sq).
+// backward pass keeps besides the inputs and the output: extra memory O(B * H * Sq), plus
+// a packed copy of K and V (the size of the inputs), never O(Sq * Sk).
 // Tiles that the causal/window mask hides entirely are never visited: the visible keys
 // of a query block form one interval (csrc/common/attention.h), so the key loop runs over
 // exactly that interval.
@@ -28,14 +29,27 @@
 // owns (sequence, kv head, a chunk of key blocks), keeps dK and dV of its key block in
 // cache while the query blocks that see it go by, and accumulates dQ into a float buffer
 // per chunk; the chunks' buffers are summed in a fixed order afterwards, so the result
-// does not depend on the thread count and the pass is deterministic.
+// does not depend on the thread count and the pass is deterministic. Extra memory: Di and
+// one float dQ buffer per chunk (at most a few, only when batch x kv heads is small).
 //
-// Decode (flash_attn_kvcache) is the forward pass with per-sequence key lengths read from
-// cache_seqlens, after the new keys and values are written into the cache in place.
+// Decode (flash_attn_kvcache) writes the new keys and values into the cache in place, then
+// runs the forward pass with per-sequence key lengths read from cache_seqlens.
 //
-// Inner loops: a small register-blocked GEMM and exp/max row kernels
-// (attention_kernels.h), AVX-512 when the CPU has it (chosen at run time), plain loops
-// otherwise. Accumulation is float (double for float64 inputs, used by gradcheck).
+// Inner loops (attention_kernels.h), chosen per block at run time from the CPU's features:
+//  - packed path: before the tiles, the keys of each (sequence, kv head) are packed once
+//    into a transposed float panel (and the values into a contiguous one), so the tile
+//    GEMMs read unit-stride rows; panel rows are padded so their stride is never a multiple
+//    of 4 KiB. The tile GEMM is a register-blocked AVX-512 kernel (6 rows x 64 columns).
+//  - bf16 path (AVX512-BF16): the bf16 inputs stay bf16, keys and values are packed in
+//    pairs and both products use vdpbf16ps (exact products, float sums); P is rounded to
+//    bf16 for the P V product, as FlashAttention does on GPUs.
+//  - rows path: blocks of at most kSmallRows query rows (decode, short chunks) read the keys
+//    in place with dot products, 16 keys per transposed reduction; when every sequence is
+//    that short, decode_kernel walks the keys of all heads of a sequence together, in
+//    address order, with software prefetch.
+//  - portable loops for CPUs without AVX-512 (PK_ATTENTION_ISA=generic forces them) and
+//    for float64 (used by gradcheck), which accumulates in double.
+// Accumulation is float everywhere else; the softmax statistics and the lse are float.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
