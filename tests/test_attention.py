@@ -18,8 +18,17 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOOR = {torch.float32: 2e-7, torch.bfloat16: 2e-3, torch.float16: 3e-4, torch.float64: 1e-14}
 
 
+@pytest.fixture
+def adevice(device):
+    """The conftest device, skipping CUDA until the attention ops have CUDA kernels."""
+    if device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "pretrain_kernels::flash_attn_fwd", "CUDA"):
+        pytest.skip("no CUDA kernel for the attention ops in this build")
+    return device
+
+
 def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
     den = ref.norm()
     return ((x - ref).norm() / den).item() if den > 0 else (x - ref).norm().item()
 
@@ -59,13 +68,15 @@ FWD_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_forward_matches_reference(case, dtype):
+def test_forward_matches_reference(case, dtype, adevice):
     B, sq, sk, H, Hk, D, causal, window = case
     g = torch.Generator().manual_seed(sq * 1000 + sk + D)
     q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
         B, sk, Hk, D, dtype=dtype, gen=g)
-    out, lse = pk.flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
     ref, ref_lse = attention_ref(q, k, v, causal=causal, window=window)
+    q, k, v = q.to(adevice), k.to(adevice), v.to(adevice)
+    out, lse = pk.flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == (B, H, sq) and lse.dtype == torch.float32
     theirs = rel_err(torch_sdpa(q, k, v, causal=causal, window=window), ref)
@@ -92,7 +103,7 @@ BWD_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_backward_matches_reference(case, dtype):
+def test_backward_matches_reference(case, dtype, adevice):
     """Gradient errors, averaged over three draws: a single draw of a tiny shape (head_dim 1,
     a handful of keys) is dominated by cancellation in dS = P (dP - Di), where which of two
     float32 computations lands closer is luck."""
@@ -104,14 +115,14 @@ def test_backward_matches_reference(case, dtype):
             B, sk, Hk, D, dtype=dtype, gen=g)
         dout = rand(B, sq, H, D, dtype=dtype, gen=g)
 
-        def grads(fn, dt):
-            xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-            fn(*xs).backward(dout.to(dt))
-            return [x.grad for x in xs]
+        def grads(fn, dt, dev="cpu"):
+            xs = [t.detach().to(dev, dt).requires_grad_() for t in (q, k, v)]
+            fn(*xs).backward(dout.to(dev, dt))
+            return [x.grad.cpu() for x in xs]
 
         ref = grads(lambda a, b, c: attention_ref(a, b, c, causal=causal, window=window)[0], torch.float64)
-        ours = grads(lambda a, b, c: pk.flash_attention(a, b, c, causal=causal, window=window), dtype)
-        theirs = grads(lambda a, b, c: torch_sdpa(a, b, c, causal=causal, window=window), dtype)
+        ours = grads(lambda a, b, c: pk.flash_attention(a, b, c, causal=causal, window=window), dtype, adevice)
+        theirs = grads(lambda a, b, c: torch_sdpa(a, b, c, causal=causal, window=window), dtype, adevice)
         for i, (o, t, r) in enumerate(zip(ours, theirs, ref)):
             assert o.dtype == dtype and o.shape == r.shape
             errs["ours"][i] += rel_err(o, r) / 3
@@ -160,6 +171,44 @@ def test_gradcheck_varlen_and_mask_float64():
                                         (qs, ks, vs))
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("unequal", [False, True], ids=["sq=sk", "sq!=sk"])
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("window", [(-1, -1), (6, 2)], ids=["nowindow", "window"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_combination(causal, window, gqa, unequal, varlen, adevice):
+    """Each combination of causal / window / GQA / unequal lengths / varlen, forward and
+    backward, against the float64 reference (float32, small odd shapes)."""
+    g = torch.Generator().manual_seed(11)
+    H, Hk, D = (6, 2, 24) if gqa else (3, 3, 24)
+    lens_q = [23, 1, 70] if varlen else [37]
+    lens_k = [9, 17, 131] if (varlen and unequal) else ([29] if unequal else lens_q)
+    if not varlen:
+        lens_q, lens_k = lens_q * 2, lens_k * 2  # batch of two
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(tk, Hk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(tk, Hk, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(tq, H, D, generator=g, dtype=torch.float64)
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q32, k32, v32 = (t.to(adevice, torch.float32).requires_grad_() for t in (q, k, v))
+    if varlen:
+        out = pk.flash_attention(q32, k32, v32, causal=causal, window=window, cu_seqlens_q=cu_q.to(adevice),
+                                 cu_seqlens_k=cu_k.to(adevice))
+    else:
+        B = len(lens_q)
+        out = pk.flash_attention(q32.view(B, -1, H, D), k32.view(B, -1, Hk, D), v32.view(B, -1, Hk, D),
+                                 causal=causal, window=window).reshape(tq, H, D)
+    grads = torch.autograd.grad(out, (q32, k32, v32), dout.to(adevice, torch.float32))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_varlen_ref(qr, kr, vr, cu_q, cu_k, causal=causal, window=window)
+    rgrads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    assert rel_err(out, ref) < 1e-6
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_varlen_equals_per_sequence(dtype):
     g = torch.Generator().manual_seed(2)
@@ -194,7 +243,7 @@ def test_varlen_equals_per_sequence(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_decode_equals_full_attention(dtype):
+def test_decode_equals_full_attention(dtype, adevice):
     """Prefill a chunk, then decode token by token: each step equals causal attention over
     the same prefix, and the cache holds exactly the tokens written."""
     g = torch.Generator().manual_seed(3)
@@ -210,8 +259,10 @@ def test_decode_equals_full_attention(dtype):
         k_cache[b, :start[b]] = rand(int(start[b]), Hk, D, dtype=dtype, gen=g)
         v_cache[b, :start[b]] = rand(int(start[b]), Hk, D, dtype=dtype, gen=g)
     hist_k, hist_v = k_cache.clone(), v_cache.clone()
-    lens = start.clone()
-    chunks = [9] + [1] * (total - 9 - 10) + [10]
+    q_all, k_all, v_all, k_cache, v_cache, hist_k, hist_v = (
+        t.to(adevice) for t in (q_all, k_all, v_all, k_cache, v_cache, hist_k, hist_v))
+    lens = start.clone().to(adevice)
+    chunks = [9, 3] + [1] * (total - 9 - 3 - 10) + [10]  # 3 new tokens x 2 heads: the decode kernel
     pos = 0
     for n in chunks:
         out = pk.flash_attention_with_kvcache(q_all[:, pos:pos + n], k_cache, v_cache, lens,
@@ -228,7 +279,7 @@ def test_decode_equals_full_attention(dtype):
         lens += n
         pos += n
     # without new tokens: attends to the first cache_seqlens keys; non-causal sees them all
-    q1 = rand(B, 2, H, D, dtype=dtype, gen=g)
+    q1 = rand(B, 2, H, D, dtype=dtype, gen=g).to(adevice)
     out = pk.flash_attention_with_kvcache(q1, k_cache, v_cache, lens, causal=False)
     for b in range(B):
         full = pk.flash_attention(q1[b:b + 1], k_cache[b:b + 1, :lens[b]], v_cache[b:b + 1, :lens[b]])

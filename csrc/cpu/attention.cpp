@@ -9,12 +9,13 @@
 // Instead the forward pass walks over tiles: a block of query rows stays in cache (as
 // float, pre-multiplied by the scale) together with its output accumulator O, and the keys
 // go by in blocks of kBlockK. For each key block:
-//   S = Q_blk K_blk^T                (tile GEMM, K_blk packed transposed once per tile)
+//   S = Q_blk K_blk^T                (tile GEMM against a packed key panel, see below)
 //   mask S (window / causal / caller's mask) where the tile is not wholly visible
 //   online softmax per row: m' = max(m, max S), P = exp(S - m'), l = l e^(m-m') + sum P,
 //                            O = O e^(m-m') + P V_blk
 // and at the end O / l is the output and m + log l the logsumexp (lse), the only thing the
-// backward pass keeps besides the inputs and the output: extra memory O(B * H * Sq).
+// backward pass keeps besides the inputs and the output: extra memory O(B * H * Sq), plus
+// a packed copy of K and V (the size of the inputs), never O(Sq * Sk).
 // Tiles that the causal/window mask hides entirely are never visited: the visible keys
 // of a query block form one interval (csrc/common/attention.h), so the key loop runs over
 // exactly that interval.
@@ -28,14 +29,27 @@
 // owns (sequence, kv head, a chunk of key blocks), keeps dK and dV of its key block in
 // cache while the query blocks that see it go by, and accumulates dQ into a float buffer
 // per chunk; the chunks' buffers are summed in a fixed order afterwards, so the result
-// does not depend on the thread count and the pass is deterministic.
+// does not depend on the thread count and the pass is deterministic. Extra memory: Di and
+// one float dQ buffer per chunk (at most a few, only when batch x kv heads is small).
 //
-// Decode (flash_attn_kvcache) is the forward pass with per-sequence key lengths read from
-// cache_seqlens, after the new keys and values are written into the cache in place.
+// Decode (flash_attn_kvcache) writes the new keys and values into the cache in place, then
+// runs the forward pass with per-sequence key lengths read from cache_seqlens.
 //
-// Inner loops: a small register-blocked GEMM and exp/max row kernels
-// (attention_kernels.h), AVX-512 when the CPU has it (chosen at run time), plain loops
-// otherwise. Accumulation is float (double for float64 inputs, used by gradcheck).
+// Inner loops (attention_kernels.h), chosen per block at run time from the CPU's features:
+//  - packed path: before the tiles, the keys of each (sequence, kv head) are packed once
+//    into a transposed float panel (and the values into a contiguous one), so the tile
+//    GEMMs read unit-stride rows; panel rows are padded so their stride is never a multiple
+//    of 4 KiB. The tile GEMM is a register-blocked AVX-512 kernel (6 rows x 64 columns).
+//  - bf16 path (AVX512-BF16): the bf16 inputs stay bf16, keys and values are packed in
+//    pairs and both products use vdpbf16ps (exact products, float sums); P is rounded to
+//    bf16 for the P V product, as FlashAttention does on GPUs.
+//  - rows path: blocks of at most kSmallRows query rows (decode, short chunks) read the keys
+//    in place with dot products, 16 keys per transposed reduction; when every sequence is
+//    that short, decode_kernel walks the keys of all heads of a sequence together, in
+//    address order, with software prefetch.
+//  - portable loops for CPUs without AVX-512 (PK_ATTENTION_ISA=generic forces them) and
+//    for float64 (used by gradcheck), which accumulates in double.
+// Accumulation is float everywhere else; the softmax statistics and the lse are float.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -70,14 +84,105 @@ enum class FwdPath {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Online softmax over one tile of scores S (R rows x nk keys, row stride lds; rows are
+// g * np + r for query i0 + r of head h0 + g): masks, updates the running max m and sum l,
+// rescales the output rows O (stride Dv), and leaves P = exp(S - m) in S.
+template <typename acc_t>
+void softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t R, int64_t np, int64_t nk, const Window& w,
+                  int64_t b, int64_t h0, int64_t i0, int64_t j0, bool full, acc_t* m, acc_t* l, acc_t* O) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / np, i = i0 + r % np;
+    acc_t* s = S + r * lds;
+    if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h0 + g, i, j0, full);
+    const acc_t mnew = std::max(m[r], row_max(s, nk));
+    if (mnew == ninf) {
+      std::fill(s, s + nk, acc_t(0));
+      continue;
+    }
+    const acc_t alpha = m[r] == ninf ? acc_t(0) : std::exp(m[r] - mnew);
+    const acc_t sum = exp_sum(s, nk, mnew);
+    l[r] = l[r] * alpha + sum;
+    m[r] = mnew;
+    if (alpha != acc_t(1)) {
+      acc_t* o = O + r * p.Dv;
+      for (int64_t d = 0; d < p.Dv; ++d) o[d] *= alpha;
+    }
+  }
+}
+
+// Writes O / l and the lse of R rows (see softmax_tile for the row order).
+template <typename scalar_t, typename acc_t>
+void finish_rows(const Problem& p, scalar_t* out, acc_t* lse, int64_t R, int64_t np, int64_t b, int64_t h0, int64_t i0,
+                 const acc_t* m, const acc_t* l, const acc_t* O) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / np, i = i0 + r % np, h = h0 + g;
+    const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+    store_row(out + ((p.tok_q(b) + i) * p.H + h) * p.Dv, O + r * p.Dv, p.Dv, inv);
+    lse[p.lse_index(b, h, i)] = l[r] > 0 ? m[r] + std::log(l[r]) : -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+#if PK_ATTN_X86
+constexpr int64_t kMinTasks = 8;       // decode work items to aim for (independent of threads)
+
+// Decode and short chunks: every sequence's queries fit in one block of at most
+// kSmallRows rows per kv head. A work item takes a sequence and a range of kv heads and
+// walks the keys in short steps, all its heads per step, so that the rows of a
+// (batch, seqlen, heads, dim) cache are read in address order.
+template <typename scalar_t>
+void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
+  // Same key steps as the forward's rows path, so that a sequence gets the same bits
+  // either way (a short sequence inside a varlen batch takes the forward's rows path).
+  const int64_t G = p.group(), D = p.D, Dv = p.Dv, Hk = p.Hk, BK = kBlockK;
+  const int64_t n_split = std::max<int64_t>(1, std::min(Hk, (kMinTasks + p.batch - 1) / std::max<int64_t>(1, p.batch)));
+  const float scale = static_cast<float>(p.scale);
+  at::parallel_for(0, p.batch * n_split, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> Qf, O, m, l, S;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n_split, sp = t % n_split;
+      const int64_t hk0 = sp * Hk / n_split, hk1 = (sp + 1) * Hk / n_split, nh = hk1 - hk0;
+      const int64_t lq = p.len_q(b), lk = p.len_k(b), np = lq, R = np * G;
+      if (R == 0 || nh == 0) continue;
+      const Window w = p.window(b);
+      Qf.resize(nh * R * D);
+      O.assign(nh * R * Dv, 0.f);
+      m.assign(nh * R, -std::numeric_limits<float>::infinity());
+      l.assign(nh * R, 0.f);
+      S.resize(R * BK);
+      for (int64_t hh = 0; hh < nh; ++hh)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t r = 0; r < np; ++r)
+            load_row(Qf.data() + (hh * R + g * np + r) * D, p.q_row<scalar_t>(b, r, (hk0 + hh) * G + g), D, scale);
+      const int64_t kb = key_lo(w, 0), ke = key_hi(w, lq - 1, lk);
+      for (int64_t j0 = kb; j0 < ke; j0 += BK) {
+        const int64_t nk = std::min(BK, ke - j0);
+        const bool full = tile_full(w, 0, lq, j0, j0 + nk, lk);
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          const int64_t hk = hk0 + hh;
+          qk_rows_avx512<scalar_t>(R, nk, D, Qf.data() + hh * R * D, p.k_row<scalar_t>(b, j0, hk), p.k.ss, S.data(),
+                                   BK);
+          softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, 0, j0, full, m.data() + hh * R, l.data() + hh * R,
+                       O.data() + hh * R * Dv);
+          pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss,
+                                   O.data() + hh * R * Dv);
+        }
+      }
+      for (int64_t hh = 0; hh < nh; ++hh)
+        finish_rows(p, out, lse, R, np, b, (hk0 + hh) * G, 0, m.data() + hh * R, l.data() + hh * R,
+                    O.data() + hh * R * Dv);
+    }
+  });
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
-  const int64_t G = p.group(), D = p.D, Dv = p.Dv, H = p.H, Hk = p.Hk;
+  const int64_t G = p.group(), D = p.D, Dv = p.Dv, Hk = p.Hk;
   const int64_t BQ = std::max<int64_t>(1, kRowsFwd / G);
   const int64_t BK = kBlockK;
   const acc_t scale = static_cast<acc_t>(p.scale);
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  constexpr bool direct_v = std::is_same_v<scalar_t, acc_t>;
   const int64_t Dp = round_up(D, 2);
 
   // Blocks of at most kSmallRows rows read the keys in place; the others use the packed
@@ -92,13 +197,25 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
     if (std::is_same_v<scalar_t, c10::BFloat16> && cpu.avx512bf16) packed_path = FwdPath::kPackedBf16;
   }
 #endif
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
+    bool decode = rows_ok;
+    for (int64_t b = 0; b < p.batch && decode; ++b) decode = p.len_q(b) <= BQ && p.len_q(b) * G <= kSmallRows;
+    if (decode) {
+      decode_kernel<scalar_t>(p, out, lse);
+      return;
+    }
+  }
+#endif
   bool need_pack = false;
   for (int64_t b = 0; b < p.batch && !need_pack; ++b) need_pack = !rows_ok || std::min(p.len_q(b), BQ) * G > kSmallRows;
   const FwdPath pack_path = need_pack ? packed_path : FwdPath::kRows;  // what the panels are packed for
 
   // Packed key/value panels per (sequence, kv head): offsets in padded keys.
   std::vector<int64_t> kofs(p.batch + 1, 0);
-  for (int64_t b = 0; b < p.batch; ++b) kofs[b + 1] = kofs[b] + round_up(p.len_k(b), kKeyPad);
+  // Panel rows are padded by kKeyPad more keys so that their stride is never a multiple of
+  // 4 KiB: rows a power of two apart share L1 sets and evict each other inside the GEMM.
+  for (int64_t b = 0; b < p.batch; ++b) kofs[b + 1] = kofs[b] + round_up(p.len_k(b), kKeyPad) + kKeyPad;
   const auto panel = [&](int64_t b, int64_t hk, int64_t width) {
     return (kofs[b] * Hk + hk * (kofs[b + 1] - kofs[b])) * width;
   };
@@ -106,14 +223,14 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
   std::vector<uint16_t> Kp_all, Vp_all;
   if (pack_path == FwdPath::kPacked) {
     Kt_all.resize(kofs[p.batch] * Hk * D);
-    if (!direct_v) Vf_all.resize(kofs[p.batch] * Hk * Dv);
+    Vf_all.resize(kofs[p.batch] * Hk * Dv);
     at::parallel_for(0, p.batch * Hk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
         acc_t* kt = Kt_all.data() + panel(b, hk, D);
         if (lk > 0) load_transposed(kt, skp, p.k_row<scalar_t>(b, 0, hk), p.k.ss, lk, D);
         for (int64_t d = 0; d < D; ++d) std::fill(kt + d * skp + lk, kt + (d + 1) * skp, acc_t(0));
-        if (!direct_v) {
+        {  // values as acc_t rows, contiguous
           acc_t* vf = Vf_all.data() + panel(b, hk, Dv);
           for (int64_t j = 0; j < lk; ++j) load_row(vf + j * Dv, p.v_row<scalar_t>(b, j, hk), Dv);
           std::fill(vf + lk * Dv, vf + skp * Dv, acc_t(0));
@@ -195,35 +312,11 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         }
 #endif
         // online softmax
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t g = r / np, i = i0 + r % np;
-          acc_t* s = S.data() + r * BK;
-          if (!full || p.has_mask()) p.mask_row(s, nk, w, b, hk * G + g, i, j0, full);
-          const acc_t mnew = std::max(m[r], row_max(s, nk));
-          if (mnew == ninf) {
-            std::fill(s, s + nk, acc_t(0));
-            continue;
-          }
-          const acc_t alpha = m[r] == ninf ? acc_t(0) : std::exp(m[r] - mnew);
-          const acc_t sum = exp_sum(s, nk, mnew);
-          l[r] = l[r] * alpha + sum;
-          m[r] = mnew;
-          if (alpha != acc_t(1)) {
-            acc_t* o = O.data() + r * Dv;
-            for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
-          }
-        }
+        softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, i0, j0, full, m.data(), l.data(), O.data());
         // O += P V
         if (path == FwdPath::kPacked) {
-          const acc_t* Vp;
-          int64_t ldv;
-          if constexpr (direct_v) {
-            Vp = p.v_row<acc_t>(b, j0, hk);
-            ldv = p.v.ss;
-          } else {
-            Vp = Vf_all.data() + panel(b, hk, Dv) + j0 * Dv;
-            ldv = Dv;
-          }
+          const acc_t* Vp = Vf_all.data() + panel(b, hk, Dv) + j0 * Dv;
+          const int64_t ldv = Dv;
           gemm<acc_t>(R, Dv, nk, S.data(), BK, 1, Vp, ldv, O.data(), Dv, true);
         }
 #if PK_ATTN_X86
@@ -239,12 +332,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         }
 #endif
       }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t g = r / np, i = i0 + r % np, h = hk * G + g;
-        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
-        store_row(out + ((p.tok_q(b) + i) * H + h) * Dv, O.data() + r * Dv, Dv, inv);
-        lse[p.lse_index(b, h, i)] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
-      }
+      finish_rows(p, out, lse, R, np, b, hk * G, i0, m.data(), l.data(), O.data());
     }
   });
 }

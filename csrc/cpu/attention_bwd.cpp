@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -32,6 +33,39 @@ namespace {
 constexpr int64_t kBlockQ = 64;   // query rows per backward tile
 constexpr int64_t kBlockKb = 64;  // keys per backward tile (and per dK/dV block)
 constexpr int64_t kMinItems = 8;  // split key blocks into chunks until there are this many items
+
+// The rows j < n of src (row stride rs, `cols` values each) as bf16 pairs along the
+// columns: dst[(c / 2) * 2 * ld + 2 * j + c % 2], odd column counts padded with zero.
+template <typename scalar_t>
+void pack_pairs(uint16_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t n, int64_t cols) {
+  if (cols % 2) std::fill(dst + (cols / 2) * 2 * ld, dst + (cols / 2 + 1) * 2 * ld, uint16_t(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* r = reinterpret_cast<const uint16_t*>(src + j * rs);
+    for (int64_t c = 0; c < cols; ++c) dst[(c >> 1) * 2 * ld + 2 * j + (c & 1)] = r[c];
+  }
+}
+
+template <typename scalar_t>
+void copy_padded(uint16_t* dst, const scalar_t* src, int64_t n, int64_t n_pad) {
+  std::memcpy(dst, src, n * sizeof(uint16_t));
+  for (int64_t i = n; i < n_pad; ++i) dst[i] = 0;
+}
+
+// C[r, j] = scale * sum over pairs of A(r) . B(j) (bf16 pairs, see pack_pairs); float only.
+template <typename acc_t>
+void qk_bf16(int64_t M, int64_t N, int64_t KP, const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t ld,
+             acc_t* C, int64_t ldc, float scale) {
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    gemm_bf16(M, N, KP, A, lda, Bp, 2 * ld, C, ldc, false);
+    if (scale != 1.f)
+      for (int64_t r = 0; r < M; ++r) scale_row_avx512(C + r * ldc, N, scale);
+    return;
+  }
+#endif
+  (void)M, (void)N, (void)KP, (void)A, (void)lda, (void)Bp, (void)ld, (void)C, (void)ldc, (void)scale;
+  TORCH_CHECK(false, "flash_attn_bwd: the bf16 dot-product path needs float accumulation and AVX512-BF16");
+}
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out, const acc_t* lse, const acc_t* dlse,
@@ -63,10 +97,19 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   const int64_t n_chunks = std::max<int64_t>(1, std::min(max_kb, (kMinItems + items - 1) / items));
   const int64_t q_elems = p.total_q * H * D;
   std::vector<acc_t> dq_acc(static_cast<size_t>(n_chunks * q_elems), acc_t(0));
+  // bfloat16 inputs: S = Q K^T and dP = dO V^T straight from the bf16 values with vdpbf16ps
+  // (exact products, float sums); the other three products need rounded P / dS and stay float.
+  bool use_bf16 = false;
+#if PK_ATTN_X86
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) use_bf16 = cpu_features().avx512bf16;
+#endif
+  const int64_t Dp = (D + 1) / 2 * 2, Dvp = (Dv + 1) / 2 * 2;
 
   at::parallel_for(0, p.batch * Hk * n_chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> Kf(BK * D), Kt(D * BK), Vt(Dv * BK), dK(BK * D), dV(BK * Dv);
+    std::vector<acc_t> Kf(BK * D), Kt(use_bf16 ? 0 : D * BK), Vt(use_bf16 ? 0 : Dv * BK), dK(BK * D), dV(BK * Dv);
     std::vector<acc_t> Qf(BQ * D), dOf(BQ * Dv), S(BQ * BK), dP(BQ * BK);
+    std::vector<uint16_t> Kp(use_bf16 ? Dp * BK : 0), Vp(use_bf16 ? Dvp * BK : 0);
+    std::vector<uint16_t> Qb(use_bf16 ? BQ * Dp : 0), dOb(use_bf16 ? BQ * Dvp : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % n_chunks, hk = (t / n_chunks) % Hk, b = t / (n_chunks * Hk);
       const int64_t lq = p.len_q(b), lk = p.len_k(b);
@@ -77,8 +120,13 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t j0 = kb * BK, nk = std::min(BK, lk - j0);
         for (int64_t j = 0; j < nk; ++j) load_row(Kf.data() + j * D, p.k_row<scalar_t>(b, j0 + j, hk), D);
-        load_transposed(Kt.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
-        load_transposed(Vt.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, nk, Dv);
+        if (use_bf16) {
+          pack_pairs(Kp.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
+          pack_pairs(Vp.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, nk, Dv);
+        } else {
+          load_transposed(Kt.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
+          load_transposed(Vt.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, nk, Dv);
+        }
         std::fill(dK.begin(), dK.end(), acc_t(0));
         std::fill(dV.begin(), dV.end(), acc_t(0));
         const int64_t qlo = query_lo(w, j0, lq), qhi = query_hi(w, j0 + nk, lq);
@@ -89,11 +137,20 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             if (!tile_any(w, i0, i1, j0, j0 + nk, lk)) continue;
             const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
             for (int64_t r = 0; r < np; ++r) {
-              load_row(Qf.data() + r * D, p.q_row<scalar_t>(b, i0 + r, h), D, scale);
-              load_row(dOf.data() + r * Dv, dout + ((p.tok_q(b) + i0 + r) * H + h) * Dv, Dv);
+              const scalar_t* qr = p.q_row<scalar_t>(b, i0 + r, h);
+              const scalar_t* dor = dout + ((p.tok_q(b) + i0 + r) * H + h) * Dv;
+              load_row(Qf.data() + r * D, qr, D, scale);
+              load_row(dOf.data() + r * Dv, dor, Dv);
+              if (use_bf16) {
+                copy_padded(Qb.data() + r * Dp, qr, D, Dp);
+                copy_padded(dOb.data() + r * Dvp, dor, Dv, Dvp);
+              }
             }
             // S, then P = exp(S - lse) in place.
-            gemm<acc_t>(np, nk, D, Qf.data(), D, 1, Kt.data(), BK, S.data(), BK, false);
+            if (use_bf16)
+              qk_bf16(np, nk, Dp / 2, Qb.data(), Dp, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
+            else
+              gemm<acc_t>(np, nk, D, Qf.data(), D, 1, Kt.data(), BK, S.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
               acc_t* s = S.data() + r * BK;
               if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h, i0 + r, j0, full);
@@ -106,7 +163,10 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             // dV += P^T dO
             gemm<acc_t>(nk, Dv, np, S.data(), 1, BK, dOf.data(), Dv, dV.data(), Dv, true);
             // dP = dO V^T, then dS = P * (dP - Di) in place.
-            gemm<acc_t>(np, nk, Dv, dOf.data(), Dv, 1, Vt.data(), BK, dP.data(), BK, false);
+            if (use_bf16)
+              qk_bf16(np, nk, Dvp / 2, dOb.data(), Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
+            else
+              gemm<acc_t>(np, nk, Dv, dOf.data(), Dv, 1, Vt.data(), BK, dP.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
               const acc_t di = Di[p.lse_index(b, h, i0 + r)];
               const acc_t* pr = S.data() + r * BK;

@@ -228,10 +228,47 @@ PK_TARGET_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 m) {
 
 // S[r * lds + j] = sum_d Q[r * D + d] * K[j * ldk + d] for r < R, j < nk. Four keys at a
 // time, so that four independent FMA chains hide the latency.
+// Horizontal sums of 16 vectors: out[j] = sum of the lanes of a[j].
+PK_TARGET_AVX512 inline __m512 reduce16(__m512* a) {
+  __m512 s[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per lane: keys 4i .. 4i+3, each summed over the lane
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)  // lanes (0+1), (2+3) of keys 8i .. 8i+3, then of 8i+4 .. 8i+7
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 template <typename scalar_t>
 PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const float* Q, const scalar_t* K, int64_t ldk,
                                      float* S, int64_t lds) {
   int64_t j = 0;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  for (; j + 16 <= nk; j += 16) {  // sixteen keys at a time, sums transposed into one vector
+    const scalar_t* k0 = K + j * ldk;
+    // Rows of one head are ldk apart (other heads in between), too far apart for the
+    // hardware prefetchers: fetch the keys two steps ahead by hand.
+    for (int t = 32; t < 48; ++t)
+      for (int64_t off = 0; off < row_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(k0 + t * ldk) + off, _MM_HINT_T0);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* q = Q + r * D;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const __mmask16 m = tail_mask(D - d0);
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + d0);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qv, load16(k0 + t * ldk + d0, m), acc[t]);
+      }
+      _mm512_storeu_ps(S + r * lds + j, reduce16(acc));
+    }
+  }
   for (; j + 4 <= nk; j += 4) {
     const scalar_t* k0 = K + j * ldk;
     for (int64_t r = 0; r < R; ++r) {
@@ -285,6 +322,9 @@ PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const fl
         for (int64_t j = 0; j < nk; ++j) {
           const __m512 pj = _mm512_set1_ps(pr[j]);
           const scalar_t* vj = V + j * ldv + d0;
+          if (r == 0)
+            for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(vj + 32 * ldv) + off, _MM_HINT_T0);
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, 0xffff), acc[v]);
         }
@@ -292,6 +332,9 @@ PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const fl
         for (int64_t j = 0; j < nk; ++j) {
           const __m512 pj = _mm512_set1_ps(pr[j]);
           const scalar_t* vj = V + j * ldv + d0;
+          if (r == 0)
+            for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(vj + 32 * ldv) + off, _MM_HINT_T0);
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v)
             if (v < nv) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, m[v]), acc[v]);

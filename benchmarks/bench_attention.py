@@ -1,0 +1,182 @@
+"""pk.flash_attention / pk.flash_attention_with_kvcache against what a user would run instead,
+on the same inputs: torch's SDPA (its fused CPU flash kernel) and eager attention
+(softmax(q k^T * scale) v, materialised).
+
+Shapes: B=2, H=8, head_dim 64 and 128, S in {512, 1024, 2048, 4096}, causal and not,
+float32 and bfloat16; forward, forward+backward; decode (batch 8, cache 4096, one new
+token). The default run takes a subset (S=1024, and decode); PK_BENCH_ALL=1 runs them all.
+extra_info.flops: 4*B*H*Sq*Sk*D for the forward (halved when causal), x3.5 for
+forward+backward. test_peak_memory records the peak resident memory of forward+backward at
+S=4096 for each implementation (a fresh process each).
+
+Run: pytest benchmarks/bench_attention.py --benchmark-json=build/bench_attention.json; then
+python benchmarks/report.py build/bench_attention.json.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pretrain_kernels as pk
+
+ALL = os.environ.get("PK_BENCH_ALL") == "1"
+B, H = 2, 8
+SEQLENS = [512, 1024, 2048, 4096] if ALL else [1024]
+HEAD_DIMS = [64, 128]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ["pk", "torch sdpa", "eager"]
+DECODE = dict(batch=8, cache=4096, heads=8)
+
+
+def eager_attention(q, k, v, causal):
+    """(B, H, S, D) layout, the scores materialised."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        S = q.shape[-2]
+        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def make_inputs(S, D, dtype, impl, grad=False):
+    """Same values for every implementation; each in its natural layout: (B, S, H, D) for pk,
+    (B, H, S, D) for torch."""
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(B, S, H, D, generator=g).to(dtype) for _ in range(3)]
+    if impl != "pk":
+        qkv = [t.transpose(1, 2).contiguous() for t in qkv]
+    return [t.requires_grad_(grad) for t in qkv]
+
+
+def run_fn(impl, q, k, v, causal):
+    if impl == "pk":
+        return lambda: pk.flash_attention(q, k, v, causal=causal)
+    if impl == "torch sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return lambda: eager_attention(q, k, v, causal)
+
+
+def _rounds(S):
+    return 2 if S >= 2048 else 4
+
+
+CASES = [(S, D, c, dt) for S in SEQLENS for D in HEAD_DIMS for c in (False, True) for dt in DTYPES]
+
+
+def _id(case):
+    S, D, c, dt = case
+    return f"S{S}-D{D}-{'causal' if c else 'full'}-{dt}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward(benchmark, case, impl):
+    S, D, causal, dt = case
+    q, k, v = make_inputs(S, D, DTYPES[dt], impl)
+    flops = 4 * B * H * S * S * D / (2 if causal else 1)
+    benchmark.group = f"attention fwd B{B} H{H} {_id(case)}"
+    benchmark.extra_info.update(family="attention", op="flash_attention fwd", impl=impl, device="cpu",
+                                shape=f"{B}x{S}x{H}x{D}", baseline=(impl == "pk"), flops=flops)
+    fn = run_fn(impl, q, k, v, causal)
+    with torch.no_grad():
+        benchmark.pedantic(fn, rounds=_rounds(S), iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward_backward(benchmark, case, impl):
+    S, D, causal, dt = case
+    q, k, v = make_inputs(S, D, DTYPES[dt], impl, grad=True)
+    dout = torch.randn_like(q)
+    flops = 3.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+    benchmark.group = f"attention fwd+bwd B{B} H{H} {_id(case)}"
+    benchmark.extra_info.update(family="attention", op="flash_attention fwd+bwd", impl=impl, device="cpu",
+                                shape=f"{B}x{S}x{H}x{D}", baseline=(impl == "pk"), flops=flops)
+    fwd = run_fn(impl, q, k, v, causal)
+
+    def step():
+        torch.autograd.grad(fwd(), (q, k, v), dout)
+
+    benchmark.pedantic(step, rounds=_rounds(S), iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_decode(benchmark, D, dt, impl):
+    """One new token per row against a cache of 4096 (the new key/value written in place by
+    pk; the alternatives attend to the full cache slice)."""
+    Bd, L, Hd = DECODE["batch"], DECODE["cache"], DECODE["heads"]
+    dtype = DTYPES[dt]
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
+    v_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
+    q = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    k_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    v_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    lens = torch.full((Bd,), L - 1, dtype=torch.int32)
+    benchmark.group = f"attention decode B{Bd} cache{L} H{Hd} D{D} {dt}"
+    benchmark.extra_info.update(family="attention", op="flash_attention_with_kvcache", impl=impl, device="cpu",
+                                shape=f"{Bd}x1x{Hd}x{D} cache {L}", baseline=(impl == "pk"),
+                                flops=4 * Bd * Hd * L * D, bytes=2 * k_cache.numel() * k_cache.element_size())
+    if impl == "pk":
+        fn = lambda: pk.flash_attention_with_kvcache(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new)  # noqa: E731
+    else:
+        # the cache kept as torch users keep it: (B, H, L, D), new token appended in place
+        kc, vc = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+        qt, kn, vn = q.transpose(1, 2), k_new.transpose(1, 2), v_new.transpose(1, 2)
+
+        def fn():
+            kc[:, :, L - 1:L] = kn
+            vc[:, :, L - 1:L] = vn
+            if impl == "torch sdpa":
+                return F.scaled_dot_product_attention(qt, kc, vc)
+            return eager_attention(qt, kc, vc, False)
+
+    with torch.no_grad():
+        benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=2)
+
+
+_MEM_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {here!r})
+import bench_attention as ba
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+impl, S, D = {impl!r}, {S}, {D}
+q, k, v = ba.make_inputs(S, D, torch.float32, impl, grad=True)
+dout = torch.randn_like(q)
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident size (VmHWM)
+    f.write("5")
+before = status("VmRSS")
+torch.autograd.grad(ba.run_fn(impl, q, k, v, False)(), (q, k, v), dout)
+print((status("VmHWM") - before) / 1024.0)
+"""
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peak_memory(benchmark, impl):
+    """Peak extra resident memory (MiB) of one forward+backward at S=4096, D=64, float32,
+    beyond the inputs: recorded in extra_info.peak_mib (the time is that of the subprocess)."""
+    S, D = 4096, 64
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = _MEM_SCRIPT.format(here=here, impl=impl, S=S, D=D)
+    result = {}
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        result["mib"] = float(r.stdout.strip().splitlines()[-1])
+
+    benchmark.group = f"attention fwd+bwd peak memory S{S} D{D} fp32"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(family="attention", op="flash_attention fwd+bwd memory", impl=impl, device="cpu",
+                                shape=f"{B}x{S}x{H}x{D}", baseline=(impl == "pk"), peak_mib=result["mib"])
+    print(f"\npeak extra memory {impl}: {result['mib']:.0f} MiB")
