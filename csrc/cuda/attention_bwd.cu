@@ -459,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor Di = at::empty(lse_shape, lse.options());
   p.dout_vec = dout.element_size() == 2 && p.Dv % 8 == 0 && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm80 = at::cuda::getCurrentDeviceProperties()->major >= 8;
+  const bool sm80 = use_tensor_cores();
   const int64_t q_bound = query_bound(p, max_seqlen_q), k_bound = key_bound(p, max_seqlen_k);
   switch (q.scalar_type()) {
     case at::kHalf:

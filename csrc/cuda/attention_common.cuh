@@ -20,7 +20,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -358,6 +360,15 @@ inline int64_t key_bound(const Params& p, int64_t max_seqlen_k) {
 // the combine pass) for any dtype; q_bound / k_bound: upper bounds of the per-sequence
 // lengths (grid extent and split choice).
 void run_forward(Params& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like);
+
+// Whether float16 / bfloat16 may use the tensor-core kernels: sm_80 or newer, unless the
+// environment sets PK_ATTENTION_CUDA_PATH=simt (read on every call; a debugging aid that
+// runs every dtype through the SIMT kernels).
+inline bool use_tensor_cores() {
+  const char* e = std::getenv("PK_ATTENTION_CUDA_PATH");
+  if (e != nullptr && std::string(e) == "simt") return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
 
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

@@ -141,7 +141,7 @@ void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_boun
 void run_forward(Params& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like) {
   if (p.total_q == 0 || p.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm80 = at::cuda::getCurrentDeviceProperties()->major >= 8;
+  const bool sm80 = use_tensor_cores();
   switch (dtype) {
     case at::kHalf: forward_typed<__half>(p, sm80, q_bound, k_bound, like, stream); break;
     case at::kBFloat16: forward_typed<__nv_bfloat16>(p, sm80, q_bound, k_bound, like, stream); break;
