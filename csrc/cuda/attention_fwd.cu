@@ -23,6 +23,8 @@
 // float32 inputs (and GPUs before sm_80) run fwd_rows_kernel: one warp per query row, a
 // lane per key for the scores and a lane per head-dim slot for the output, same online
 // softmax in float; exact to float32 rounding, slower.
+// PK_ATTENTION_CUDA_PATH=simt in the environment sends float16 / bfloat16 there too (forward
+// and backward), to tell a tensor-core problem from anything else on a new GPU.
 //
 // Split-KV: when the grid is too small to fill the GPU (decode, batch 1), the key range of
 // every query is cut into n_splits pieces that run as separate blocks and write float
