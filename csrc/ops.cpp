@@ -16,6 +16,60 @@ TORCH_LIBRARY(pretrain_kernels, m) {
       "Tensor? mask_prob_rows, Tensor seed, float mask_prob, int mask_token_id, int vocab_size, "
       "float replace_prob, float random_prob, float geometric_p, int max_span) -> (Tensor, Tensor)");
 
+  // ---- sampling (csrc/{cpu,cuda}/sampling) ----
+  // seed: int64 tensor of one element (row i draws with (seed, i)) or [B] (row i draws with
+  // (seed[i], 0)), on the CPU or on the logits' device. *_rows: optional per-row knobs [B]
+  // (float32; top_k_rows int64) overriding the scalar of the same name.
+  // sample -> (tokens [B] int64, logprobs [B] float32).
+  m.def(
+      "sample(Tensor logits, Tensor? prev_tokens, Tensor seed, Tensor? temperature_rows, Tensor? top_k_rows, "
+      "Tensor? top_p_rows, Tensor? min_p_rows, Tensor? repetition_penalty_rows, Tensor? presence_penalty_rows, "
+      "Tensor? frequency_penalty_rows, float temperature, int top_k, float top_p, float min_p, "
+      "float repetition_penalty, float presence_penalty, float frequency_penalty) -> (Tensor, Tensor)");
+  // The logits with -inf outside the kept set (same dtype and shape).
+  m.def(
+      "top_k_top_p_filter(Tensor logits, Tensor? top_k_rows, Tensor? top_p_rows, Tensor? min_p_rows, int top_k, "
+      "float top_p, float min_p) -> Tensor");
+  // Chain speculative sampling: draft_probs [B, n, V], draft_token_ids [B, n], target_probs [B, n+1, V]
+  // -> (output_token_ids [B, n+1] int64, -1 after the last emitted token; num_accepted [B] int64).
+  m.def("speculative_accept(Tensor draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor seed) -> (Tensor, Tensor)");
+  // ---- diffusion (csrc/{cpu,cuda}/diffusion, math in csrc/common/diffusion.h) ----
+  // Per-sample parameters (timesteps, sigmas): one value or one per sample (dim 0 of the
+  // sample); a one-element CPU tensor may feed a CUDA op. alphas_cumprod: float64 table.
+  // prev_timesteps < 0 means "after the last step" (alpha_bar = 1, or final_alpha_cumprod).
+  // seed: one-element int64 tensor (CPU or the sample's device), used when a step draws
+  // noise and no noise tensor is given. Steps return (prev_sample, pred_original_sample),
+  // heun_step (prev_sample, derivative); flow_match_step an empty second output unless
+  // return_x0 (one write less per element).
+  m.def("add_noise(Tensor x0, Tensor noise, Tensor timesteps, Tensor? alphas_cumprod, str target) -> (Tensor, Tensor)");
+  m.def(
+      "diffusion_loss(Tensor pred, Tensor target, Tensor? timesteps, Tensor? alphas_cumprod, str weighting, "
+      "float gamma, str prediction_type) -> Tensor");
+  m.def(
+      "diffusion_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? timesteps, Tensor? alphas_cumprod, "
+      "str weighting, float gamma, str prediction_type) -> Tensor");
+  m.def(
+      "ddpm_step(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
+      "Tensor? noise, Tensor? seed, str prediction_type, str variance_type, bool clip_sample, "
+      "float clip_sample_range) -> (Tensor, Tensor)");
+  m.def(
+      "ddim_step(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
+      "Tensor? noise, Tensor? seed, float final_alpha_cumprod, float eta, str prediction_type, bool clip_sample, "
+      "float clip_sample_range, bool use_clipped_model_output) -> (Tensor, Tensor)");
+  m.def(
+      "euler_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? noise, Tensor? seed, "
+      "str prediction_type, float churn_gamma, float s_tmin, float s_tmax, float s_noise) -> (Tensor, Tensor)");
+  m.def(
+      "heun_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? prev_derivative, "
+      "Tensor? prev_sample, str prediction_type, bool clip_sample, float clip_sample_range) -> (Tensor, Tensor)");
+  m.def(
+      "dpmpp_2m_step(Tensor model_output, Tensor sample, Tensor? prev_x0, Tensor? sigma_prev, Tensor sigma, "
+      "Tensor sigma_next, Tensor? noise, Tensor? seed, str prediction_type, str algorithm_type, str solver_type, "
+      "int order, bool flow_sigmas) -> (Tensor, Tensor)");
+  m.def(
+      "flow_match_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? noise, "
+      "Tensor? seed, bool stochastic, bool return_x0) -> (Tensor, Tensor)");
+  // ---- end diffusion ----
   // ---- attention (csrc/cpu/attention*.cpp) ----
   // Layout (batch, seqlen, heads, head_dim), or packed (tokens, heads, head_dim) with int32
   // cu_seqlens_q/k (varlen). k/v may have fewer heads (GQA). Query i sees key j when
@@ -39,4 +93,5 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   m.def(
       "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
       "Tensor? v_new, float scale, bool causal) -> Tensor");
+  // ---- end attention ----
 }

@@ -20,6 +20,40 @@ def masking():
         pk.span_mask(ids, mask_token_id=4, vocab_size=100, word_starts=ws, seed=2)
 
 
+def sampling():
+    g = torch.Generator().manual_seed(1)
+    for B, V in [(1, 7), (3, 1000), (2, 5000)]:
+        logits = torch.randn(B, V, generator=g).cuda()
+        prev = torch.randint(-1, V, (B, 9), generator=g).cuda()
+        pk.sample(logits, temperature=0.7, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.2,
+                  presence_penalty=0.1, frequency_penalty=0.1, prev_tokens=prev, seed=3, return_logprobs=True)
+        pk.sample(logits, temperature=0.0, seed=3)
+        pk.sample(logits, top_p=0.5, seed=4)
+        pk.top_k_top_p_filter(logits, top_k=3, top_p=0.8, min_p=0.05)
+        n = 3
+        draft = torch.softmax(torch.randn(B, n, V, generator=g), -1).cuda()
+        target = torch.softmax(torch.randn(B, n + 1, V, generator=g), -1).cuda()
+        ids = torch.randint(0, V, (B, n), generator=g).cuda()
+        pk.speculative_accept(draft, ids, target, seed=5)
+
+
+def diffusion():
+    g = torch.Generator().manual_seed(2)
+    acp = pk.noise_schedule("scaled_linear", 1000, 0.00085, 0.012).cuda()
+    for shape in [(1, 1, 3, 3), (3, 4, 7, 5), (2, 3, 32, 32)]:
+        x0 = torch.randn(shape, generator=g).cuda()
+        eps = torch.randn(shape, generator=g).cuda()
+        t = torch.randint(0, 1000, (shape[0],), generator=g).cuda()
+        xt, target = pk.add_noise(x0, eps, t, acp, target="v_prediction")
+        pred = target.clone().requires_grad_(True)
+        pk.diffusion_loss(pred, target, t, acp, weighting="min_snr", prediction_type="v_prediction").backward()
+        prev_t = (t - 20).clamp(min=-1)
+        pk.ddpm_step(eps, xt, t, prev_t, acp, seed=1)
+        pk.ddim_step(eps, xt, t, prev_t, acp, eta=0.5, seed=1)
+        sigma = torch.rand(shape[0], generator=g).cuda()
+        pk.flow_match_step(eps, xt, sigma, sigma * 0.5, stochastic=True, seed=1)
+
+
 def attention():
     """Forward, backward (tensor-core and SIMT passes), varlen, split-KV decode with append,
     and the SDPA drop-in with bool / float masks, on small odd shapes in every dtype."""
@@ -58,7 +92,7 @@ def attention():
             pk.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum().backward()
 
 
-CHECKS = [masking, attention]
+CHECKS = [masking, sampling, diffusion, attention]
 
 if __name__ == "__main__":
     for check in CHECKS:

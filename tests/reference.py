@@ -47,6 +47,167 @@ def mlm_selection_reference(input_ids, seed, mask_prob, vocab_size, special_ids=
             w0 = philox4x32_10((pos // 4, b, 0x4D4C4D00, 0), key)[pos % 4]
             sel[b, pos] = (w0 >> 8) * 2.0**-24 < torch.tensor(mask_prob, dtype=torch.float32).item()
     return sel
+# ---- sampling --------------------------------------------------------------------------------
+
+
+def penalized_logits(logits, prev_tokens=None, repetition_penalty=1.0, presence_penalty=0.0,
+                     frequency_penalty=0.0):
+    """Penalties over prev_tokens [B, T] (-1 = none), float64: repetition as transformers'
+    RepetitionPenaltyLogitsProcessor (each distinct id once; positive logits divided, negative
+    multiplied), then minus frequency * count and presence * (count > 0) as vLLM. Each knob a
+    number or a per-row tensor."""
+    x = logits.double().clone()
+    if prev_tokens is None:
+        return x
+    B, V = x.shape
+    knobs = [torch.as_tensor(k, dtype=torch.float64).expand(B) for k in
+             (repetition_penalty, presence_penalty, frequency_penalty)]
+    for b in range(B):
+        ids = prev_tokens[b].long()
+        ids = ids[ids >= 0]
+        if ids.numel() == 0:
+            continue
+        counts = torch.bincount(ids, minlength=V).double()
+        seen = counts > 0
+        rep, pres, freq = (float(k[b]) for k in knobs)
+        row = x[b]
+        pen = torch.where(row > 0, row / rep, row * rep)
+        row = torch.where(seen, pen, row)
+        x[b] = row - freq * counts - pres * seen.double()
+    return x
+
+
+def sampling_values(logits, temperature=1.0):
+    """Values after temperature, float64: NaN -> -inf; a row with +inf entries becomes 0 there
+    and -inf elsewhere (the limit of softmax)."""
+    B = logits.shape[0]
+    t = torch.as_tensor(temperature, dtype=torch.float64).expand(B).reshape(B, 1)
+    v = logits.double() / t
+    v = torch.where(torch.isnan(v), torch.full_like(v, -torch.inf), v)
+    has_inf = torch.isposinf(v).any(dim=1, keepdim=True)
+    inf_mode = torch.where(torch.isposinf(v), torch.zeros_like(v), torch.full_like(v, -torch.inf))
+    return torch.where(has_inf, inf_mode, v)
+
+
+def kept_mask(values, top_k=0, top_p=1.0, min_p=0.0):
+    """Kept set of top-k, then top-p (mass strictly above, within the top-k set, below p),
+    then min-p (prob >= min_p * max prob), on float64 values [B, V]. Knobs: numbers or per-row."""
+    B, V = values.shape
+    k = torch.as_tensor(top_k).expand(B).long()
+    p = torch.as_tensor(top_p, dtype=torch.float64).expand(B)
+    mp = torch.as_tensor(min_p, dtype=torch.float64).expand(B)
+    keep = torch.ones_like(values, dtype=torch.bool)
+    for b in range(B):
+        v = values[b]
+        kb = int(k[b])
+        if 0 < kb < V:
+            kth = torch.topk(v, kb).values[-1]
+            keep[b] &= v >= kth
+        if float(p[b]) < 1.0:
+            vv = torch.where(keep[b], v, torch.full_like(v, -torch.inf))
+            probs = torch.softmax(vv, dim=0)
+            sv, order = torch.sort(vv, descending=True, stable=True)
+            sp = probs[order]
+            excl = torch.cumsum(sp, 0) - sp
+            starts = torch.ones_like(sv, dtype=torch.bool)
+            starts[1:] = sv[1:] != sv[:-1]
+            first = torch.cummax(torch.where(starts, torch.arange(V), torch.zeros(V, dtype=torch.long)), 0).values
+            above = torch.empty_like(excl)
+            above[order] = excl[first]
+            keep[b] &= above < float(p[b])
+        if float(mp[b]) > 0.0:
+            keep[b] &= torch.exp(v - v.max()) >= float(mp[b])
+    keep &= values > -torch.inf
+    return keep
+
+
+def sampling_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, prev_tokens=None,
+                   repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
+    """The distribution pk.sample draws from (float64 [B, V]), for temperature > 0."""
+    x = penalized_logits(logits, prev_tokens, repetition_penalty, presence_penalty, frequency_penalty)
+    v = sampling_values(x, temperature)
+    keep = kept_mask(v, top_k, top_p, min_p)
+    w = torch.where(keep, torch.exp(v - v.max(dim=1, keepdim=True).values), torch.zeros_like(v))
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def top_k_top_p_filter(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """Logits with -inf outside the kept set (at temperature 1)."""
+    keep = kept_mask(sampling_values(logits), top_k, top_p, min_p)
+    return torch.where(keep, logits, torch.full_like(logits, -torch.inf))
+
+
+def speculative_first_token_probs(draft_probs, draft_token_ids, target_probs):
+    """Distribution of the first emitted token of chain speculative sampling for one row:
+    accept d0 with min(1, q/p), else draw from normalise(max(0, q - p)). It equals q (the
+    target at position 0) whenever the draft was drawn from p; here d0 is fixed, so the
+    distribution is a(d0) * onehot(d0) + (1 - a(d0)) * residual."""
+    p0, q0 = draft_probs[0].double(), target_probs[0].double()
+    d = int(draft_token_ids[0])
+    a = min(1.0, float(q0[d] / p0[d])) if float(p0[d]) > 0 else (1.0 if float(q0[d]) > 0 else 0.0)
+    res = torch.clamp(q0 - p0, min=0)
+    res = res / res.sum() if float(res.sum()) > 0 else q0 / q0.sum()
+    out = (1 - a) * res
+    out[d] += a
+    return out
+# ---- diffusion -----------------------------------------------------------------------------
+# Written from the papers' formulas (and diffusers' discretisations), in float64.
+import math  # noqa: E402
+
+
+def diffusion_betas(kind, n, beta_start=1e-4, beta_end=0.02):
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), n, dtype=torch.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        f = [math.cos((i / n + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(n + 1)]
+        return torch.tensor([min(1.0 - f[i + 1] / f[i], 0.999) for i in range(n)], dtype=torch.float64)
+    if kind == "sigmoid":
+        x = torch.linspace(-6.0, 6.0, n, dtype=torch.float64)
+        return beta_start + (beta_end - beta_start) / (1.0 + torch.exp(-x))
+    raise ValueError(kind)
+
+
+def diffusion_alphas_cumprod(kind, n, beta_start=1e-4, beta_end=0.02, rescale=False):
+    abar = torch.cumprod(1.0 - diffusion_betas(kind, n, beta_start, beta_end), 0)
+    if rescale:  # Lin et al. 2023: shift and scale sqrt(abar) so that it ends at 0
+        s = abar.sqrt()
+        s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+        abar = s**2
+    return abar
+
+
+def _bcast(v, x):
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def diffusion_add_noise(x0, noise, t, acp, target):
+    x0, noise = x0.double(), noise.double()
+    if target == "flow":
+        s = _bcast(torch.as_tensor(t, dtype=torch.float64).expand(x0.shape[0]), x0)
+        return (1 - s) * x0 + s * noise, noise - x0
+    a = _bcast(acp.double()[torch.as_tensor(t).long().expand(x0.shape[0])], x0)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    tgt = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[target]
+    return xt, tgt
+
+
+def diffusion_loss(pred, target, t=None, acp=None, weighting="none", gamma=5.0, prediction_type="epsilon",
+                   reduction="mean"):
+    per = ((pred.double() - target.double()) ** 2).flatten(1).mean(1)
+    if weighting == "min_snr":
+        a = acp.double()[torch.as_tensor(t).long().expand(pred.shape[0])]
+        snr = a / (1 - a)
+        m = torch.minimum(snr, torch.full_like(snr, gamma))
+        if prediction_type == "epsilon":
+            w = torch.where(snr == 0, torch.ones_like(snr), m / snr)
+        elif prediction_type == "v_prediction":
+            w = m / (snr + 1)
+        else:
+            w = m
+        per = per * w
+    return per.mean() if reduction == "mean" else per
 
 
 # ---- attention -----------------------------------------------------------------------------

@@ -39,6 +39,19 @@ def check_invariants(ids, attn, out, labels, specials=SPECIAL, vocab=V, mask_id=
     return sel
 
 
+def test_unsorted_special_tensor_is_sorted_by_the_wrapper(device):
+    ids, attn = make_batch(4, 50, device)
+    unsorted = torch.tensor([4, 0, 3, 1, 2, 2], device=device)
+    a = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=unsorted, attention_mask=attn, seed=3,
+                    random_prob=0.5, replace_prob=0.5)
+    b = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=SPECIAL, attention_mask=attn, seed=3,
+                    random_prob=0.5, replace_prob=0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    unsorted[0] = 7  # a new version of the tensor is sorted again, not served from the cache
+    c = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=unsorted, attention_mask=attn, seed=3)
+    check_invariants(ids, attn, c[0], c[1], specials=[0, 1, 2, 3, 7])
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 129), (2, 1000)])
 def test_invariants_and_non_contiguous(device, dtype, shape):
@@ -388,6 +401,9 @@ def test_bad_input_errors():
         with pytest.raises(ValueError, match="attention_mask"):
             pk.mlm_mask(ids, attention_mask=attn.cuda(), **kw)
     # Direct op calls are checked in C++ too.
+    with pytest.raises(RuntimeError, match="special_ids"):
+        torch.ops.pretrain_kernels.mlm_mask(ids, None, torch.tensor([3, 1]), None, None, torch.tensor([1]), 0.1, 4, V,
+                                            0.8, 0.1, False, 0)
     with pytest.raises(RuntimeError, match="mask_token_id"):
         torch.ops.pretrain_kernels.mlm_mask(ids, None, None, None, None, torch.tensor([1]), 0.1, V + 5, V, 0.8, 0.1,
                                             False, 0)

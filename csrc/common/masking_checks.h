@@ -52,7 +52,14 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
                 s.device());
     TORCH_CHECK(!at::isFloatingType(s.scalar_type()) && s.scalar_type() != at::kBool,
                 "special_ids: expected an integer tensor, got ", s.scalar_type());
-    c.special = std::get<0>(s.to(at::kLong).sort()).contiguous();
+    // Sorted ascending, as the wrappers pass it (sorting here would cost a device sort per call).
+    c.special = s.to(at::kLong).contiguous();
+    if (c.special.device().is_cpu()) {
+      const int64_t* sp = c.special.data_ptr<int64_t>();
+      for (int64_t i = 1; i < c.special.numel(); ++i) {
+        TORCH_CHECK(sp[i - 1] <= sp[i], "special_ids: expected ids sorted in ascending order");
+      }
+    }
   }
   if (word_starts.has_value()) {
     const auto& w = *word_starts;

@@ -29,8 +29,9 @@
 // owns (sequence, kv head, a chunk of key blocks), keeps dK and dV of its key block in
 // cache while the query blocks that see it go by, and accumulates dQ into a float buffer
 // per chunk; the chunks' buffers are summed in a fixed order afterwards, so the result
-// does not depend on the thread count and the pass is deterministic. Extra memory: Di and
-// one float dQ buffer per chunk (at most a few, only when batch x kv heads is small).
+// does not depend on the thread count and the pass is deterministic. Extra memory: Di,
+// float copies of Q and dO laid out per head, and one float dQ buffer per chunk (more
+// than one only when batch x kv heads is small).
 //
 // Decode (flash_attn_kvcache) writes the new keys and values into the cache in place, then
 // runs the forward pass with per-sequence key lengths read from cache_seqlens.

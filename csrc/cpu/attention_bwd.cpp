@@ -95,6 +95,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   for (int64_t b = 0; b < p.batch; ++b) max_kb = std::max(max_kb, num_blocks(p.len_k(b), BK));
   const int64_t items = std::max<int64_t>(1, p.batch * Hk);
   const int64_t n_chunks = std::max<int64_t>(1, std::min(max_kb, (kMinItems + items - 1) / items));
+  // dQ accumulators, Q (times the scale) and dO as per-head panels [head][token][dim]:
+  // converted once, read with unit row stride by every key block.
   const int64_t q_elems = p.total_q * H * D;
   std::vector<acc_t> dq_acc(static_cast<size_t>(n_chunks * q_elems), acc_t(0));
   // bfloat16 inputs: S = Q K^T and dP = dO V^T straight from the bf16 values with vdpbf16ps
@@ -103,13 +105,29 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
 #if PK_ATTN_X86
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) use_bf16 = cpu_features().avx512bf16;
 #endif
-  const int64_t Dp = (D + 1) / 2 * 2, Dvp = (Dv + 1) / 2 * 2;
+  const int64_t Dp = (D + 1) / 2 * 2, Dvp = (Dv + 1) / 2 * 2, T = p.total_q;
+  std::vector<acc_t> Qs_all(static_cast<size_t>(H * T * D)), dO_all(static_cast<size_t>(H * T * Dv));
+  std::vector<uint16_t> Qb_all(use_bf16 ? H * T * Dp : 0), dOb_all(use_bf16 ? H * T * Dvp : 0);
+  at::parallel_for(0, p.batch * H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H, tok0 = p.tok_q(b);
+      for (int64_t i = 0; i < p.len_q(b); ++i) {
+        const scalar_t* qr = p.q_row<scalar_t>(b, i, h);
+        const scalar_t* dor = dout + ((tok0 + i) * H + h) * Dv;
+        load_row(Qs_all.data() + (h * T + tok0 + i) * D, qr, D, scale);
+        load_row(dO_all.data() + (h * T + tok0 + i) * Dv, dor, Dv);
+        if (use_bf16) {
+          copy_padded(Qb_all.data() + (h * T + tok0 + i) * Dp, qr, D, Dp);
+          copy_padded(dOb_all.data() + (h * T + tok0 + i) * Dvp, dor, Dv, Dvp);
+        }
+      }
+    }
+  });
 
   at::parallel_for(0, p.batch * Hk * n_chunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> Kf(BK * D), Kt(use_bf16 ? 0 : D * BK), Vt(use_bf16 ? 0 : Dv * BK), dK(BK * D), dV(BK * Dv);
-    std::vector<acc_t> Qf(BQ * D), dOf(BQ * Dv), S(BQ * BK), dP(BQ * BK);
+    std::vector<acc_t> S(BQ * BK), dP(BQ * BK);
     std::vector<uint16_t> Kp(use_bf16 ? Dp * BK : 0), Vp(use_bf16 ? Dvp * BK : 0);
-    std::vector<uint16_t> Qb(use_bf16 ? BQ * Dp : 0), dOb(use_bf16 ? BQ * Dvp : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % n_chunks, hk = (t / n_chunks) % Hk, b = t / (n_chunks * Hk);
       const int64_t lq = p.len_q(b), lk = p.len_k(b);
@@ -136,21 +154,14 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             const int64_t i1 = std::min(i0 + BQ, qhi), np = i1 - i0;
             if (!tile_any(w, i0, i1, j0, j0 + nk, lk)) continue;
             const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
-            for (int64_t r = 0; r < np; ++r) {
-              const scalar_t* qr = p.q_row<scalar_t>(b, i0 + r, h);
-              const scalar_t* dor = dout + ((p.tok_q(b) + i0 + r) * H + h) * Dv;
-              load_row(Qf.data() + r * D, qr, D, scale);
-              load_row(dOf.data() + r * Dv, dor, Dv);
-              if (use_bf16) {
-                copy_padded(Qb.data() + r * Dp, qr, D, Dp);
-                copy_padded(dOb.data() + r * Dvp, dor, Dv, Dvp);
-              }
-            }
+            const int64_t row0 = h * T + p.tok_q(b) + i0;  // panel row of query i0, head h
+            const acc_t* Qf = Qs_all.data() + row0 * D;
+            const acc_t* dOf = dO_all.data() + row0 * Dv;
             // S, then P = exp(S - lse) in place.
             if (use_bf16)
-              qk_bf16(np, nk, Dp / 2, Qb.data(), Dp, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
+              qk_bf16(np, nk, Dp / 2, Qb_all.data() + row0 * Dp, Dp, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
             else
-              gemm<acc_t>(np, nk, D, Qf.data(), D, 1, Kt.data(), BK, S.data(), BK, false);
+              gemm<acc_t>(np, nk, D, Qf, D, 1, Kt.data(), BK, S.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
               acc_t* s = S.data() + r * BK;
               if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h, i0 + r, j0, full);
@@ -161,12 +172,12 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
                 exp_sum(s, nk, L);
             }
             // dV += P^T dO
-            gemm<acc_t>(nk, Dv, np, S.data(), 1, BK, dOf.data(), Dv, dV.data(), Dv, true);
+            gemm<acc_t>(nk, Dv, np, S.data(), 1, BK, dOf, Dv, dV.data(), Dv, true);
             // dP = dO V^T, then dS = P * (dP - Di) in place.
             if (use_bf16)
-              qk_bf16(np, nk, Dvp / 2, dOb.data(), Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
+              qk_bf16(np, nk, Dvp / 2, dOb_all.data() + row0 * Dvp, Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
             else
-              gemm<acc_t>(np, nk, Dv, dOf.data(), Dv, 1, Vt.data(), BK, dP.data(), BK, false);
+              gemm<acc_t>(np, nk, Dv, dOf, Dv, 1, Vt.data(), BK, dP.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
               const acc_t di = Di[p.lse_index(b, h, i0 + r)];
               const acc_t* pr = S.data() + r * BK;
@@ -174,9 +185,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
               for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - di);
             }
             // dK += dS^T (scale Q);  dQ += dS K (scaled at the end)
-            gemm<acc_t>(nk, D, np, dP.data(), 1, BK, Qf.data(), D, dK.data(), D, true);
-            gemm<acc_t>(np, D, nk, dP.data(), BK, 1, Kf.data(), D, dq_c + ((p.tok_q(b) + i0) * H + h) * D, H * D,
-                        true);
+            gemm<acc_t>(nk, D, np, dP.data(), 1, BK, Qf, D, dK.data(), D, true);
+            gemm<acc_t>(np, D, nk, dP.data(), BK, 1, Kf.data(), D, dq_c + row0 * D, D, true);
           }
         }
         for (int64_t j = 0; j < nk; ++j) {
@@ -188,14 +198,15 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
     }
   });
 
-  // dQ = scale * sum over chunks, in chunk order.
-  const int64_t rows = p.total_q * H;
+  // dQ = scale * sum over chunks, in chunk order; from [head][token] panels to (token, head).
+  const int64_t rows = T * H;
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> acc(D);
     for (int64_t r = r0; r < r1; ++r) {
-      std::copy(dq_acc.begin() + r * D, dq_acc.begin() + (r + 1) * D, acc.begin());
+      const int64_t tok = r / H, h = r % H, pr = h * T + tok;
+      std::copy(dq_acc.begin() + pr * D, dq_acc.begin() + (pr + 1) * D, acc.begin());
       for (int64_t c = 1; c < n_chunks; ++c) {
-        const acc_t* src = dq_acc.data() + c * q_elems + r * D;
+        const acc_t* src = dq_acc.data() + c * q_elems + pr * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += src[d];
       }
       store_row(dq + r * D, acc.data(), D, scale);

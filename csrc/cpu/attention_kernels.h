@@ -2,7 +2,8 @@
 // tiles held in cache, row max, exp-and-sum. Each has a portable version (plain loops, any
 // accumulation type) and, for float, an AVX-512 version compiled with per-function target
 // attributes and picked at run time from the CPU's features, so the default build needs no
-// -march flag.
+// -march flag. PK_ATTENTION_ISA=generic (environment) forces the portable loops at run time;
+// -DPK_ATTN_NO_X86 leaves the x86 code out of the build.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -14,7 +15,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PK_ATTN_NO_X86)
 #include <immintrin.h>
 #define PK_ATTN_X86 1
 #define PK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))

@@ -7,6 +7,17 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C
 from .collator import MLMCollator
 from .ops.masking import mlm_mask, span_mask
+# ---- sampling ----
+from .ops.sampling import TopKTopPLogitsWarper, sample, speculative_accept, top_k_top_p_filter
+
+# ---- diffusion ----
+from . import schedulers
+from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
+                            flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
+# ---- end diffusion ----
+# ---- attention ----
+from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
+# ---- end attention ----
 
 __version__ = "0.1.0"
 
@@ -20,8 +31,12 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "mlm_mask", "span_mask", "MLMCollator"]
-
+# ---- sampling ----
+__all__ += ["sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept"]
+# ---- diffusion ----
+__all__ += ["noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step",
+            "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers"]
+# ---- end diffusion ----
 # ---- attention ----
-from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention  # noqa: E402
-
 __all__ += ["flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention"]
+# ---- end attention ----

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ._common import check_int, check_prob, check_same_device, resolve_seed
+from ._common import check_int, check_prob, check_same_device, is_compiling, resolve_seed
 
 _special_cache: dict = {}
 
@@ -30,7 +30,18 @@ def _special_tensor(special_token_ids, device: torch.device):
         if special_token_ids.dtype.is_floating_point or special_token_ids.dtype == torch.bool:
             raise TypeError(f"special_token_ids: expected integer ids, got {special_token_ids.dtype}")
         check_same_device("special_token_ids", special_token_ids, device)
-        return special_token_ids.reshape(-1)
+        t = special_token_ids.reshape(-1)
+        if is_compiling():
+            return torch.sort(t.to(torch.int64)).values
+        # The ops want them sorted; sort once per tensor version, not once per call.
+        key = ("tensor", t.data_ptr(), t._version, t.numel(), t.dtype, device)
+        hit = _special_cache.get(key)
+        if hit is None:
+            if len(_special_cache) > 64:
+                _special_cache.clear()
+            hit = torch.sort(t.to(torch.int64)).values
+            _special_cache[key] = hit
+        return hit
     if not isinstance(special_token_ids, Iterable):
         raise TypeError(f"special_token_ids: expected a list of ints or a tensor, got {type(special_token_ids).__name__}")
     ids = tuple(sorted({check_int("special_token_ids", i) for i in special_token_ids}))

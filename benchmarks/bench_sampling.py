@@ -1,0 +1,172 @@
+"""Sampling benchmarks: pk.sample against what a user would run instead.
+
+Contenders (same logits, same machine, one run):
+  * pk            pk.sample, fused and sort-free (temperature, top-k, top-p in one op)
+  * transformers  the transformers pipeline: TemperatureLogitsWarper, TopKLogitsWarper,
+                  TopPLogitsWarper (sort + cumsum), softmax, torch.multinomial
+  * torch_sort    the same pipeline written in plain torch (sort-based top-p)
+  * numba         a numba (parallel over rows) version: partition for top-k, sort of the
+                  survivors, softmax, cumsum, one uniform per row (CPU only)
+  * pk_plain / softmax_multinomial: no filters, pk.sample against softmax + torch.multinomial
+
+Knobs of the filtered cases: temperature 0.7, top_k 50, top_p 0.9.
+
+Run:  pytest benchmarks/bench_sampling.py --benchmark-only [-k cpu|cuda]
+The default grid is short (B in {1, 64}, V in {32000, 128256} on the CPU; B=128, V=128256 on a
+GPU); PK_BENCH_FULL=1 runs B in {1, 64, 256} x V in {32000, 128256, 256000}. Each case runs a
+few rounds only (PK_BENCH_ROUNDS, default 5).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain_kernels as pk
+
+TEMPERATURE, TOP_K, TOP_P = 0.7, 50, 0.9
+ROUNDS = int(os.environ.get("PK_BENCH_ROUNDS", "5"))
+FULL = os.environ.get("PK_BENCH_FULL") == "1"
+CPU_SHAPES = [(b, v) for b in (1, 64, 256) for v in (32000, 128256, 256000)] if FULL else \
+    [(1, 32000), (1, 128256), (64, 32000), (64, 128256)]
+CUDA_SHAPES = [(b, v) for b in (1, 64, 128, 256) for v in (32000, 128256, 256000)] if FULL else [(128, 128256)]
+HAS_CUDA = torch.cuda.is_available() and pk.build_info()["with_cuda"]
+
+
+def _cases():
+    out = [pytest.param("cpu", b, v, id=f"cpu-B{b}-V{v}") for b, v in CPU_SHAPES]
+    out += [pytest.param("cuda", b, v, id=f"cuda-B{b}-V{v}",
+                         marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")) for b, v in CUDA_SHAPES]
+    return out
+
+
+def _logits(B, V, device):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, V, generator=g) * 3.0).to(device)
+
+
+def _run(benchmark, fn, device):
+    if device == "cuda":
+        def call():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        call = fn
+    call()  # warm-up (allocations, numba / transformers first calls)
+    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+# ---- contenders ---------------------------------------------------------------------------------
+
+
+def transformers_pipeline(logits):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(TEMPERATURE), TopKLogitsWarper(TOP_K),
+                                   TopPLogitsWarper(TOP_P)])
+    return lambda: torch.multinomial(torch.softmax(warpers(None, logits), dim=-1), 1)
+
+
+def torch_sort_pipeline(logits):
+    def run():
+        x = logits / TEMPERATURE
+        kth = torch.topk(x, TOP_K, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, -float("inf"))
+        sx, idx = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sx, dim=-1)
+        above = probs.cumsum(dim=-1) - probs
+        sx = sx.masked_fill(above >= TOP_P, -float("inf"))
+        x = torch.empty_like(x).scatter_(-1, idx, sx)
+        return torch.multinomial(torch.softmax(x, dim=-1), 1)
+    return run
+
+
+_numba_fn = None
+
+
+def numba_sampler():
+    global _numba_fn
+    if _numba_fn is None:
+        import numba
+
+        @numba.njit(parallel=True, fastmath=False)
+        def sample_rows(logits, temperature, top_k, top_p, uniforms, out):
+            B, V = logits.shape
+            for b in numba.prange(B):
+                row = logits[b] / temperature
+                kth = np.partition(row, V - top_k)[V - top_k]
+                cand = np.nonzero(row >= kth)[0]
+                vals = row[cand]
+                order = np.argsort(-vals)
+                vals = vals[order]
+                cand = cand[order]
+                w = np.exp(vals - vals[0])
+                probs = w / w.sum()
+                cum = 0.0
+                n = 0
+                while n < probs.size and cum < top_p:
+                    cum += probs[n]
+                    n += 1
+                kept = probs[:n] / probs[:n].sum()
+                target = uniforms[b]
+                acc = 0.0
+                pick = n - 1
+                for i in range(n):
+                    acc += kept[i]
+                    if acc > target:
+                        pick = i
+                        break
+                out[b] = cand[pick]
+
+        _numba_fn = sample_rows
+    return _numba_fn
+
+
+# ---- benchmarks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,B,V", _cases())
+def test_filtered_pk(benchmark, device, B, V):
+    x = _logits(B, V, device)
+    benchmark.group = f"filtered-{device}-B{B}-V{V}"
+    _run(benchmark, lambda: pk.sample(x, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, seed=0), device)
+
+
+@pytest.mark.parametrize("device,B,V", _cases())
+def test_filtered_transformers(benchmark, device, B, V):
+    pytest.importorskip("transformers")
+    x = _logits(B, V, device)
+    benchmark.group = f"filtered-{device}-B{B}-V{V}"
+    _run(benchmark, transformers_pipeline(x), device)
+
+
+@pytest.mark.parametrize("device,B,V", _cases())
+def test_filtered_torch_sort(benchmark, device, B, V):
+    x = _logits(B, V, device)
+    benchmark.group = f"filtered-{device}-B{B}-V{V}"
+    _run(benchmark, torch_sort_pipeline(x), device)
+
+
+@pytest.mark.parametrize("device,B,V", [c for c in _cases() if c.values[0] == "cpu"])
+def test_filtered_numba(benchmark, device, B, V):
+    pytest.importorskip("numba")
+    x = _logits(B, V, device).numpy()
+    u = np.random.default_rng(0).random(B)
+    out = np.empty(B, dtype=np.int64)
+    fn = numba_sampler()
+    benchmark.group = f"filtered-{device}-B{B}-V{V}"
+    _run(benchmark, lambda: fn(x, np.float32(TEMPERATURE), TOP_K, TOP_P, u, out), device)
+
+
+@pytest.mark.parametrize("device,B,V", _cases())
+def test_plain_pk(benchmark, device, B, V):
+    x = _logits(B, V, device)
+    benchmark.group = f"plain-{device}-B{B}-V{V}"
+    _run(benchmark, lambda: pk.sample(x, seed=0), device)
+
+
+@pytest.mark.parametrize("device,B,V", _cases())
+def test_plain_softmax_multinomial(benchmark, device, B, V):
+    x = _logits(B, V, device)
+    benchmark.group = f"plain-{device}-B{B}-V{V}"
+    _run(benchmark, lambda: torch.multinomial(torch.softmax(x, dim=-1), 1), device)

@@ -1,0 +1,298 @@
+// Shared math of the sampling family (pk.sample, pk.top_k_top_p_filter,
+// pk.speculative_accept), compiled into both the CPU and the CUDA kernels.
+//
+// The approach, sort-free on both backends:
+//
+//  * Every logit becomes a float32 value v (penalties, then division by the temperature;
+//    NaN counts as -inf). M = max v. When some v is +inf, the row's distribution is the
+//    limit of softmax: uniform over the +inf entries, so v := (v == +inf) ? 0 : -inf.
+//  * A value's weight is e = exp(v - M) in (0, 1], from exp_nonpos below (a polynomial
+//    written with non-contracting float ops, so host and device give the same bits). The
+//    weight is turned into a fixed-point integer mass = floor(e * 2^36). All sums are
+//    integer sums: exact, so the order of summation (thread count, launch shape) never
+//    changes a result, and CPU and CUDA reach the same totals, thresholds and tokens.
+//    Tokens with e < 2^-36 (probability below ~1.5e-11 of the most likely token) have
+//    mass 0 and are never drawn.
+//  * The kept set is always {v >= threshold} (plus the min-p test e >= min_p), so
+//    filtering reduces to finding one threshold by selection on the order-preserving
+//    32-bit key of v: a radix descent of three levels (11, 11 and 10 bits). Top-k walks
+//    count histograms to the k-th largest key; top-p walks mass histograms (restricted to
+//    the top-k set) to the smallest key whose strictly-greater mass is below p * Z_k.
+//    Both searches take the bin where a running sum over the bins, from the top bin down,
+//    first reaches a limit (crossing_* below).
+//  * One 64-bit uniform r picks the integer target floor(Z * r / 2^64) in [0, Z); the
+//    token is the first kept index (in index order) whose inclusive mass prefix exceeds
+//    the target: inverse-CDF sampling over the renormalised kept set.
+//
+// Random words: philox_draw(seed, index, kSampleOffset) with index = row (one shared seed)
+// or 0 (one seed per row); words 0 and 1 form r. Speculative acceptance uses
+// philox_draw(seed, index, kSpeculativeOffset, j) for draft position j: word 0 is the
+// acceptance uniform, words 2 and 3 the 64-bit uniform of the correction / bonus draw.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "philox.h"
+
+namespace pk {
+namespace sampling {
+
+constexpr uint32_t kSampleOffset = 0x534d5000u;       // "SMP\0"
+constexpr uint32_t kSpeculativeOffset = 0x534d5001u;
+
+constexpr int kMassShift = 36;                         // mass = floor(e * 2^36)
+constexpr float kMassScale = 68719476736.0f;           // 2^36
+constexpr int64_t kMaxVocab = int64_t(1) << 27;        // keeps every mass sum below 2^63
+// Probabilities (speculative decoding) use the same fixed point with 2^36 per unit.
+
+// Radix levels over the 32-bit key: bits [31:21], [20:10], [9:0].
+constexpr int kLevels = 3;
+constexpr int kMaxBins = 2048;
+PK_HD int level_shift(int level) { return level == 0 ? 21 : (level == 1 ? 10 : 0); }
+PK_HD int level_bins(int level) { return level == 2 ? 1024 : 2048; }
+// Does `key` lie in the range fixed by the levels before `level` (prefix holds those bits)?
+PK_HD bool level_match(uint32_t key, uint32_t prefix, int level) {
+  if (level == 0) return true;
+  const int s = level_shift(level - 1);
+  return (key >> s) == (prefix >> s);
+}
+PK_HD uint32_t level_bin(uint32_t key, int level) {
+  return (key >> level_shift(level)) & static_cast<uint32_t>(level_bins(level) - 1);
+}
+
+// ---- float arithmetic that rounds the same way on host and device ---------------------
+// (nvcc contracts a*b+c into an FMA unless told not to; the x86-64 baseline host build has
+// no FMA instructions, so plain operators already round each step there.)
+#if defined(__CUDA_ARCH__)
+PK_HD float fmul(float a, float b) { return __fmul_rn(a, b); }
+PK_HD float fadd(float a, float b) { return __fadd_rn(a, b); }
+PK_HD float fsub(float a, float b) { return __fsub_rn(a, b); }
+PK_HD float fdiv(float a, float b) { return __fdiv_rn(a, b); }
+PK_HD double dmul(double a, double b) { return __dmul_rn(a, b); }
+PK_HD uint64_t mulhi64(uint64_t a, uint64_t b) { return __umul64hi(a, b); }
+#else
+PK_HD float fmul(float a, float b) { return a * b; }
+PK_HD float fadd(float a, float b) { return a + b; }
+PK_HD float fsub(float a, float b) { return a - b; }
+PK_HD float fdiv(float a, float b) { return a / b; }
+PK_HD double dmul(double a, double b) { return a * b; }
+PK_HD uint64_t mulhi64(uint64_t a, uint64_t b) {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+}
+#endif
+
+PK_HD uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
+#endif
+}
+PK_HD float bits_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+#endif
+}
+PK_HD float pos_inf() { return bits_float(0x7f800000u); }
+PK_HD float neg_inf() { return bits_float(0xff800000u); }
+PK_HD bool is_nan(float x) { return x != x; }
+
+// exp(x) for x <= 0 with ~1 ulp accuracy; 0 below -87 (where expf would be subnormal).
+// Cephes-style: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial.
+PK_HD float exp_nonpos(float x) {
+  const bool tiny = !(x >= -87.0f);  // also -inf and NaN
+  const float xc = tiny ? -87.0f : x;
+  const float t = fadd(fmul(xc, 1.44269504088896341f), 12582912.0f);  // round to nearest via 1.5 * 2^23
+  const float n = fsub(t, 12582912.0f);
+  float r = fsub(xc, fmul(n, 0.693359375f));
+  r = fsub(r, fmul(n, -2.12194440e-4f));
+  float p = 1.9875691500e-4f;
+  p = fadd(fmul(p, r), 1.3981999507e-3f);
+  p = fadd(fmul(p, r), 8.3334519073e-3f);
+  p = fadd(fmul(p, r), 4.1665795894e-2f);
+  p = fadd(fmul(p, r), 1.6666665459e-1f);
+  p = fadd(fmul(p, r), 5.0000001201e-1f);
+  const float y = fadd(fadd(fmul(fmul(p, r), r), r), 1.0f);
+  const int32_t e = static_cast<int32_t>(n) + 127;  // n in [-126, 0]
+  const float out = fmul(y, bits_float(static_cast<uint32_t>(e) << 23));
+  return tiny ? 0.0f : out;
+}
+
+PK_HD uint64_t mass_of(float e) { return static_cast<uint64_t>(static_cast<int64_t>(fmul(e, kMassScale))); }
+
+// Order-preserving map float -> uint32 (larger float, larger key). -0 and +0 map alike.
+PK_HD uint32_t float_key(float v) {
+  v = fadd(v, 0.0f);  // -0 -> +0
+  const uint32_t b = float_bits(v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+PK_HD float key_float(uint32_t k) {
+  const uint32_t b = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  return bits_float(b);
+}
+
+// ---- per-row knobs ---------------------------------------------------------------------
+struct RowKnobs {
+  float temperature;  // <= 0 (or NaN): greedy
+  int64_t top_k;      // <= 0 or >= V: off
+  float top_p;        // >= 1 (or NaN): off; <= 0 keeps only the most likely value
+  float min_p;        // <= 0 (or NaN): off
+  PK_HD bool greedy() const { return !(temperature > 0.0f); }
+  PK_HD bool topk_on(int64_t V) const { return top_k > 0 && top_k < V; }
+  PK_HD bool topp_on() const { return top_p < 1.0f; }
+  PK_HD bool minp_on() const { return min_p > 0.0f; }
+};
+
+// Repetition (transformers: positive logits divided, negative multiplied, once per id),
+// then presence and frequency (vLLM: minus presence for a seen id, minus frequency times
+// its count). `count` >= 1 is the number of occurrences of the id in prev_tokens.
+PK_HD float penalize(float x, int64_t count, float repetition, float presence, float frequency) {
+  float y = x > 0.0f ? fdiv(x, repetition) : fmul(x, repetition);
+  y = fsub(y, fmul(frequency, static_cast<float>(count)));
+  return fsub(y, presence);
+}
+
+// The value of a logit after temperature (NaN -> -inf). Temperature must be > 0.
+PK_HD float scaled_value(float x, float temperature) {
+  if (is_nan(x)) return neg_inf();
+  return fdiv(x, temperature);
+}
+
+// Row mode after the max pass: normal, all +inf entries (uniform over them), or nothing
+// drawable (every value -inf or NaN).
+enum RowMode : int { kNormal = 0, kInfinite = 1, kEmpty = 2 };
+PK_HD int row_mode(float max_value) {
+  if (max_value == pos_inf()) return kInfinite;
+  if (max_value == neg_inf()) return kEmpty;
+  return kNormal;
+}
+// The value used by every later pass.
+PK_HD float mode_value(float v, int mode) {
+  if (mode == kInfinite) return v == pos_inf() ? 0.0f : neg_inf();
+  return v;
+}
+
+// ---- selection: the bin where a running sum over bins, top bin first, reaches a limit --
+// Count (top-k): hist[d] = number of keys in bin d; want the bin holding the rem-th largest.
+// Returns the bin and sets *before = the count in the bins above it.
+PK_HD int crossing_count(const uint64_t* hist, int nb, uint64_t rem, uint64_t* before) {
+  uint64_t cum = 0;
+  for (int d = nb - 1; d >= 0; --d) {
+    if (cum + hist[d] >= rem) {
+      *before = cum;
+      return d;
+    }
+    cum += hist[d];
+  }
+  *before = cum;
+  return -1;
+}
+// Mass (top-p): the lowest bin holding a key u whose strictly-greater mass A(u) is below
+// the limit, i.e. the first bin (top down) where above + mass(bins >= d) >= limit.
+PK_HD bool mass_crossed(uint64_t above, uint64_t cum, double limit) {
+  return static_cast<double>(above + cum) >= limit;
+}
+PK_HD int crossing_mass(const uint64_t* hist, int nb, uint64_t above, double limit, uint64_t* before) {
+  uint64_t cum = 0;
+  for (int d = nb - 1; d >= 0; --d) {
+    if (mass_crossed(above, cum + hist[d], limit)) {
+      *before = cum;
+      return d;
+    }
+    cum += hist[d];
+  }
+  *before = cum;
+  return -1;
+}
+PK_HD double topp_limit(float top_p, uint64_t total) { return dmul(static_cast<double>(top_p), static_cast<double>(total)); }
+
+// Target of the inverse-CDF draw in [0, total).
+PK_HD uint64_t draw_target(uint64_t total, const Philox4x32& w) {
+  const uint64_t r = (static_cast<uint64_t>(w.v[0]) << 32) | w.v[1];
+  return mulhi64(total, r);
+}
+PK_HD uint64_t draw_target_words(uint64_t total, uint32_t hi, uint32_t lo) {
+  return mulhi64(total, (static_cast<uint64_t>(hi) << 32) | lo);
+}
+
+// log-probability of a drawn value v under the kept set of total mass `total`.
+PK_HD float logprob_of(float v, float max_value, uint64_t total) {
+  const float z = static_cast<float>(static_cast<double>(total) * (1.0 / 68719476736.0));
+  return fsub(fsub(v, max_value), logf(z));
+}
+
+// Everything a sampling kernel reads, as plain pointers and scalars (host or device).
+// A per-row pointer, when set, overrides the scalar of the same knob.
+struct Params {
+  int64_t B = 0, V = 0, T = 0;  // T: length of prev_tokens rows (0: no penalties)
+  const float* temperature_rows = nullptr;
+  const int64_t* top_k_rows = nullptr;
+  const float* top_p_rows = nullptr;
+  const float* min_p_rows = nullptr;
+  const float* repetition_rows = nullptr;
+  const float* presence_rows = nullptr;
+  const float* frequency_rows = nullptr;
+  float temperature = 1.0f;
+  int64_t top_k = 0;
+  float top_p = 1.0f, min_p = 0.0f;
+  float repetition = 1.0f, presence = 0.0f, frequency = 0.0f;
+  const int64_t* prev = nullptr;   // [B, T] int64
+  uint64_t seed = 0;               // used when seed_ptr is null
+  const int64_t* seed_ptr = nullptr;  // one seed, or one per row when per_row_seed
+  bool per_row_seed = false;
+
+  PK_HD RowKnobs knobs(int64_t b) const {
+    RowKnobs k;
+    k.temperature = temperature_rows ? temperature_rows[b] : temperature;
+    k.top_k = top_k_rows ? top_k_rows[b] : top_k;
+    k.top_p = top_p_rows ? top_p_rows[b] : top_p;
+    k.min_p = min_p_rows ? min_p_rows[b] : min_p;
+    if (is_nan(k.top_p)) k.top_p = 1.0f;
+    return k;
+  }
+  PK_HD float repetition_of(int64_t b) const { return repetition_rows ? repetition_rows[b] : repetition; }
+  PK_HD float presence_of(int64_t b) const { return presence_rows ? presence_rows[b] : presence; }
+  PK_HD float frequency_of(int64_t b) const { return frequency_rows ? frequency_rows[b] : frequency; }
+  PK_HD bool penalties_on(int64_t b) const {
+    return T > 0 && (repetition_of(b) != 1.0f || presence_of(b) != 0.0f || frequency_of(b) != 0.0f);
+  }
+  PK_HD uint64_t seed_of(int64_t b) const {
+    if (seed_ptr == nullptr) return seed;
+    return static_cast<uint64_t>(per_row_seed ? seed_ptr[b] : seed_ptr[0]);
+  }
+  PK_HD uint64_t seed_index(int64_t b) const { return per_row_seed ? 0u : static_cast<uint64_t>(b); }
+  PK_HD Philox4x32 words(int64_t b, uint32_t offset, uint32_t draw = 0) const {
+    return philox_draw(seed_of(b), seed_index(b), offset, draw);
+  }
+};
+
+
+// ---- speculative decoding --------------------------------------------------------------
+// Probabilities as fixed-point masses (same 2^36 scale; NaN and negatives count as 0).
+PK_HD uint64_t prob_mass(float p) {
+  if (!(p > 0.0f)) return 0;
+  if (p > 1.0f) p = 1.0f;
+  return mass_of(p);
+}
+// Accept draft token d with draft probability pd and target probability pt iff
+// u < min(1, pt / pd), evaluated without a division: pt >= pd, or u * pd < pt.
+PK_HD bool accept_draft(float u, float pd, float pt) {
+  if (is_nan(pt) || !(pt > 0.0f)) return false;
+  if (is_nan(pd) || pt >= pd) return true;
+  return fmul(u, pd) < pt;
+}
+// Mass of the residual distribution max(0, pt - pd).
+PK_HD uint64_t residual_mass(float pt, float pd) {
+  const uint64_t a = prob_mass(pt), b = prob_mass(pd);
+  return a > b ? a - b : 0;
+}
+
+}  // namespace sampling
+}  // namespace pk

@@ -1,0 +1,489 @@
+// CPU kernels of the sampling family: sample (penalties, temperature, top-k, top-p, min-p
+// and the draw in one op), top_k_top_p_filter and speculative_accept.
+//
+// Rows run in parallel (at::parallel_for), each row start to finish on one thread with a
+// thread-local workspace, so the thread count never changes a result. The math (values,
+// weights, fixed-point masses, the bin choice of each radix level, the draw) is the shared
+// code of csrc/common/sampling.h, so the CUDA kernels reach the same thresholds and the
+// same tokens. What differs is only how the passes are organised: on the CPU the first
+// radix level runs over the whole row and then the row is compacted to the candidates
+// (the elements at or above the chosen bin), so the later levels, the weights, the total
+// and the draw touch a few hundred entries instead of the vocabulary.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../common/sampling.h"
+#include "../common/sampling_checks.h"
+
+namespace pk {
+namespace {
+
+using namespace sampling;
+
+struct Workspace {
+  std::vector<float> v;        // values (penalised, scaled, mode-mapped)
+  std::vector<float> e;        // weights exp(v - M); only the candidates' when a list is used
+  std::vector<uint32_t> key;   // order-preserving keys of v (when a filter is on)
+  std::vector<uint32_t> cand;  // candidate indices, ascending
+  std::vector<uint32_t> tmp;
+  std::vector<int64_t> prev;
+  uint64_t hist[kMaxBins];
+};
+
+// ---- vectorised passes (GCC/Clang vector extensions: SSE2 on the x86-64 baseline, NEON on
+// arm64). Each lane performs exactly the operations of the scalar functions in
+// common/sampling.h, so the results are bit-identical to them (and to the CUDA kernels).
+typedef float f8 __attribute__((vector_size(16)));
+typedef int32_t i8 __attribute__((vector_size(16)));
+typedef uint32_t u8 __attribute__((vector_size(16)));
+constexpr int kLanes = 4;
+
+inline f8 load8(const float* p) {
+  f8 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline void store8(float* p, f8 x) { std::memcpy(p, &x, sizeof(x)); }
+
+__attribute__((always_inline)) inline f8 exp_nonpos8(f8 x) {
+  const i8 tiny = ~(x >= -87.0f);
+  const f8 xc = tiny ? f8{} - 87.0f : x;
+  const f8 t = xc * 1.44269504088896341f + 12582912.0f;
+  const f8 n = t - 12582912.0f;
+  f8 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  f8 p = f8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const f8 y = ((p * r) * r + r) + 1.0f;
+  const i8 e = __builtin_convertvector(n, i8) + 127;
+  const f8 out = y * (f8)(e << 23);  // vector casts reinterpret the bits
+  return tiny ? f8{} : out;
+}
+
+// e[i] = exp_nonpos(v[i] - m)
+void weights_all(const float* v, float* e, int64_t V, float m) {
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) store8(e + i, exp_nonpos8(load8(v + i) - m));
+  for (; i < V; ++i) e[i] = exp_nonpos(fsub(v[i], m));
+}
+
+// v[i] = scaled_value(v[i], t); returns the max.
+float scale_and_max(float* v, int64_t V, float t) {
+  int64_t i = 0;
+  f8 mv = f8{} + neg_inf();
+  for (; i + kLanes <= V; i += kLanes) {
+    const f8 x = load8(v + i);
+    const f8 y = (x != x) ? f8{} + neg_inf() : x / t;
+    store8(v + i, y);
+    mv = y > mv ? y : mv;
+  }
+  float m = neg_inf();
+  for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
+  for (; i < V; ++i) {
+    const float y = scaled_value(v[i], t);
+    v[i] = y;
+    m = y > m ? y : m;
+  }
+  return m;
+}
+
+void keys_all(const float* v, uint32_t* key, int64_t V) {
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    const f8 x = load8(v + i) + 0.0f;
+    const i8 b = (i8)x;
+    const u8 k = (u8)b ^ (u8)((b >> 31) | INT32_MIN);
+    std::memcpy(key + i, &k, sizeof(k));
+  }
+  for (; i < V; ++i) key[i] = float_key(v[i]);
+}
+
+template <typename scalar_t>
+void load_row(const scalar_t* x, int64_t V, float* v) {
+  for (int64_t i = 0; i < V; ++i) v[i] = static_cast<float>(x[i]);
+}
+
+void apply_penalties(const Params& p, int64_t b, float* v, Workspace& ws) {
+  const int64_t* row = p.prev + b * p.T;
+  ws.prev.clear();
+  for (int64_t j = 0; j < p.T; ++j) {
+    if (row[j] >= 0 && row[j] < p.V) ws.prev.push_back(row[j]);
+  }
+  std::sort(ws.prev.begin(), ws.prev.end());
+  const float rep = p.repetition_of(b), pres = p.presence_of(b), freq = p.frequency_of(b);
+  for (size_t j = 0; j < ws.prev.size();) {
+    size_t k = j;
+    while (k < ws.prev.size() && ws.prev[k] == ws.prev[j]) ++k;
+    const int64_t id = ws.prev[j];
+    v[id] = penalize(v[id], static_cast<int64_t>(k - j), rep, pres, freq);
+    j = k;
+  }
+}
+
+// The kept set of a row: {i in S : key[i] >= threshold and (no min-p or e[i] >= min_p)},
+// S = the whole row (all) or ws.cand.
+struct Selection {
+  int mode = kNormal;
+  float max_value = 0.0f;
+  bool all = true;
+  bool use_key = false;
+  uint32_t threshold = 0;
+  bool minp = false;
+  float min_p = 0.0f;
+  bool kept(const Workspace& ws, uint32_t i) const {
+    return (!use_key || ws.key[i] >= threshold) && (!minp || ws.e[i] >= min_p);
+  }
+};
+
+template <typename F>
+void for_each(const Selection& s, const Workspace& ws, int64_t V, F&& f) {
+  if (s.all) {
+    for (int64_t i = 0; i < V; ++i) f(static_cast<uint32_t>(i));
+  } else {
+    for (uint32_t i : ws.cand) f(i);
+  }
+}
+
+// Keep the candidates with key >= lower (order kept).
+void compact(Workspace& ws, bool from_all, int64_t V, uint32_t lower) {
+  ws.tmp.clear();
+  if (from_all) {
+    const uint32_t* key = ws.key.data();
+    for (int64_t i = 0; i < V; ++i) {
+      if (key[i] >= lower) ws.tmp.push_back(static_cast<uint32_t>(i));
+    }
+  } else {
+    for (uint32_t i : ws.cand) {
+      if (ws.key[i] >= lower) ws.tmp.push_back(i);
+    }
+  }
+  ws.cand.swap(ws.tmp);
+}
+
+// Values, mode and thresholds of one row; ws.v must hold the (penalised) logits.
+// need_all_e: the caller needs the weights of the whole row (drawing or min-p without a list).
+Selection select_row(const RowKnobs& k, float temperature, int64_t V, Workspace& ws) {
+  Selection s;
+  float* v = ws.v.data();
+  float m = scale_and_max(v, V, temperature);
+  s.mode = row_mode(m);
+  if (s.mode == kEmpty) return s;
+  if (s.mode == kInfinite) {
+    for (int64_t i = 0; i < V; ++i) v[i] = mode_value(v[i], kInfinite);
+    m = 0.0f;
+  }
+  s.max_value = m;
+  s.minp = k.minp_on();
+  s.min_p = k.min_p;
+  const bool topk = k.topk_on(V), topp = k.topp_on();
+  s.use_key = topk || topp;
+  if (s.use_key) {
+    keys_all(v, ws.key.data(), V);
+  }
+  uint64_t* h = ws.hist;
+  if (topk) {
+    // Radix descent on counts to the k-th largest key; compaction after the first level.
+    uint64_t rem = static_cast<uint64_t>(k.top_k), before = 0;
+    std::memset(h, 0, sizeof(uint64_t) * level_bins(0));
+    for (int64_t i = 0; i < V; ++i) ++h[ws.key[i] >> level_shift(0)];
+    int bin = crossing_count(h, level_bins(0), rem, &before);
+    rem -= before;
+    uint32_t prefix = static_cast<uint32_t>(bin) << level_shift(0);
+    bool exact = rem == h[bin];
+    compact(ws, true, V, prefix);
+    for (int level = 1; level < kLevels && !exact; ++level) {
+      std::memset(h, 0, sizeof(uint64_t) * level_bins(level));
+      for (uint32_t i : ws.cand) {
+        const uint32_t kk = ws.key[i];
+        if (level_match(kk, prefix, level)) ++h[level_bin(kk, level)];
+      }
+      bin = crossing_count(h, level_bins(level), rem, &before);
+      rem -= before;
+      prefix |= static_cast<uint32_t>(bin) << level_shift(level);
+      exact = rem == h[bin];
+    }
+    s.threshold = prefix;
+    compact(ws, false, V, prefix);
+    s.all = false;
+  }
+  // Weights of S.
+  float* e = ws.e.data();
+  if (s.all) {
+    weights_all(v, e, V, m);
+  } else {
+    for (uint32_t i : ws.cand) e[i] = exp_nonpos(fsub(v[i], m));
+  }
+  if (topp) {
+    uint32_t tp;
+    if (!(k.top_p > 0.0f)) {
+      tp = float_key(m);  // keep only the most likely value
+      compact(ws, s.all, V, tp);
+    } else {
+      // Radix descent on masses (restricted to the top-k set) to the smallest key whose
+      // strictly-greater mass is below top_p * Z_k.
+      std::memset(h, 0, sizeof(uint64_t) * level_bins(0));
+      uint64_t zk = 0;
+      Selection all_keys = s;  // iterate S without the min-p test
+      all_keys.minp = false;
+      for_each(all_keys, ws, V, [&](uint32_t i) {
+        const uint64_t w = mass_of(e[i]);
+        zk += w;
+        h[ws.key[i] >> level_shift(0)] += w;
+      });
+      const double limit = topp_limit(k.top_p, zk);
+      uint64_t above = 0, before = 0;
+      int bin = crossing_mass(h, level_bins(0), above, limit, &before);
+      above += before;
+      uint32_t prefix = static_cast<uint32_t>(bin) << level_shift(0);
+      compact(ws, s.all, V, prefix);
+      for (int level = 1; level < kLevels; ++level) {
+        std::memset(h, 0, sizeof(uint64_t) * level_bins(level));
+        for (uint32_t i : ws.cand) {
+          const uint32_t kk = ws.key[i];
+          if (level_match(kk, prefix, level)) h[level_bin(kk, level)] += mass_of(e[i]);
+        }
+        bin = crossing_mass(h, level_bins(level), above, limit, &before);
+        above += before;
+        prefix |= static_cast<uint32_t>(bin) << level_shift(level);
+      }
+      tp = prefix;
+      compact(ws, false, V, tp);
+    }
+    s.threshold = std::max(s.threshold, tp);
+    s.all = false;
+  }
+  return s;
+}
+
+template <typename scalar_t>
+void sample_rows(const Params& p, const at::Tensor& logits, int64_t* tokens, float* logprobs) {
+  const int64_t B = p.B, V = p.V;
+  const scalar_t* x = logits.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Workspace ws;
+    ws.v.resize(V);
+    ws.e.resize(V);
+    ws.key.resize(V);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* v = ws.v.data();
+      load_row(x + b * V, V, v);
+      if (p.penalties_on(b)) apply_penalties(p, b, v, ws);
+      const RowKnobs k = p.knobs(b);
+      if (k.greedy()) {
+        int64_t best = -1;
+        float bv = neg_inf();
+        for (int64_t i = 0; i < V; ++i) {
+          if (v[i] > bv) {
+            bv = v[i];
+            best = i;
+          }
+        }
+        tokens[b] = best;
+        logprobs[b] = best < 0 ? neg_inf() : 0.0f;
+        continue;
+      }
+      const Selection s = select_row(k, k.temperature, V, ws);
+      if (s.mode == kEmpty) {
+        tokens[b] = -1;
+        logprobs[b] = neg_inf();
+        continue;
+      }
+      uint64_t z = 0;
+      for_each(s, ws, V, [&](uint32_t i) {
+        if (s.kept(ws, i)) z += mass_of(ws.e[i]);
+      });
+      const uint64_t target = draw_target(z, p.words(b, kSampleOffset));
+      int64_t token = -1;
+      uint64_t cum = 0;
+      if (s.all) {
+        for (int64_t i = 0; i < V; ++i) {
+          if (!s.kept(ws, static_cast<uint32_t>(i))) continue;
+          cum += mass_of(ws.e[i]);
+          if (cum > target) {
+            token = i;
+            break;
+          }
+        }
+      } else {
+        for (uint32_t i : ws.cand) {
+          if (!s.kept(ws, i)) continue;
+          cum += mass_of(ws.e[i]);
+          if (cum > target) {
+            token = i;
+            break;
+          }
+        }
+      }
+      tokens[b] = token;
+      logprobs[b] = token < 0 ? neg_inf() : logprob_of(v[token], s.max_value, z);
+    }
+  });
+}
+
+template <typename scalar_t>
+void filter_rows(const Params& p, const at::Tensor& logits, at::Tensor& out) {
+  const int64_t B = p.B, V = p.V;
+  const scalar_t* x = logits.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const scalar_t minus_inf = static_cast<scalar_t>(neg_inf());
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Workspace ws;
+    ws.v.resize(V);
+    ws.e.resize(V);
+    ws.key.resize(V);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* xr = x + b * V;
+      scalar_t* orow = o + b * V;
+      load_row(xr, V, ws.v.data());
+      const Selection s = select_row(p.knobs(b), 1.0f, V, ws);
+      if (s.mode == kEmpty) {
+        std::fill(orow, orow + V, minus_inf);
+        continue;
+      }
+      if (s.all) {
+        for (int64_t i = 0; i < V; ++i) orow[i] = s.kept(ws, static_cast<uint32_t>(i)) ? xr[i] : minus_inf;
+      } else {
+        std::fill(orow, orow + V, minus_inf);
+        for (uint32_t i : ws.cand) {
+          if (s.kept(ws, i)) orow[i] = xr[i];
+        }
+      }
+    }
+  });
+}
+
+void check_prev_range(const Params& p) {
+  for (int64_t i = 0; i < p.B * p.T; ++i) {
+    TORCH_CHECK(p.prev[i] >= -1 && p.prev[i] < p.V, "prev_tokens: expected ids in [0, ", p.V,
+                ") or -1 (none), found ", p.prev[i], " at row ", i / p.T, ", position ", i % p.T);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
+                                              const at::Tensor& seed, const c10::optional<at::Tensor>& temperature_rows,
+                                              const c10::optional<at::Tensor>& top_k_rows,
+                                              const c10::optional<at::Tensor>& top_p_rows,
+                                              const c10::optional<at::Tensor>& min_p_rows,
+                                              const c10::optional<at::Tensor>& repetition_rows,
+                                              const c10::optional<at::Tensor>& presence_rows,
+                                              const c10::optional<at::Tensor>& frequency_rows, double temperature,
+                                              int64_t top_k, double top_p, double min_p, double repetition,
+                                              double presence, double frequency) {
+  Inputs in = check_sample_inputs(logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
+                                  repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p,
+                                  repetition, presence, frequency);
+  check_knob_rows(in);
+  if (in.prev.defined()) check_prev_range(in.p);
+  const int64_t B = in.p.B;
+  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
+  if (B == 0) return {tokens, logprobs};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sample_cpu", [&] {
+    sample_rows<scalar_t>(in.p, in.logits, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+  });
+  return {tokens, logprobs};
+}
+
+at::Tensor top_k_top_p_filter_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& top_k_rows,
+                                  const c10::optional<at::Tensor>& top_p_rows,
+                                  const c10::optional<at::Tensor>& min_p_rows, int64_t top_k, double top_p,
+                                  double min_p) {
+  Inputs in = check_filter_inputs(logits, top_k_rows, top_p_rows, min_p_rows, top_k, top_p, min_p);
+  check_knob_rows(in);
+  auto out = at::empty_like(in.logits);
+  if (in.logits.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "top_k_top_p_filter_cpu",
+                                  [&] { filter_rows<scalar_t>(in.p, in.logits, out); });
+  return out;
+}
+
+template <typename scalar_t>
+void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
+  const int64_t n = s.n, V = s.V;
+  const scalar_t* draft = s.draft.data_ptr<scalar_t>();
+  const scalar_t* target = s.target.data_ptr<scalar_t>();
+  const int64_t* ids = s.ids.data_ptr<int64_t>();
+  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* dp = draft + b * n * V;
+      const scalar_t* tp = target + b * (n + 1) * V;
+      int64_t* orow = out + b * (n + 1);
+      int64_t j = 0;
+      for (; j < n; ++j) {
+        const int64_t d = ids[b * n + j];
+        const float u = uniform_float(s.p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j)).v[0]);
+        if (!accept_draft(u, static_cast<float>(dp[j * V + d]), static_cast<float>(tp[j * V + d]))) break;
+        orow[j] = d;
+      }
+      accepted[b] = j;
+      // Correction from max(0, target - draft) at the rejected position, or the bonus token
+      // from the target at position n; a residual of zero mass falls back to the target.
+      const scalar_t* t = tp + j * V;
+      const scalar_t* q = j < n ? dp + j * V : nullptr;
+      auto mass_at = [&](int64_t i, bool residual) {
+        return residual ? residual_mass(static_cast<float>(t[i]), static_cast<float>(q[i]))
+                        : prob_mass(static_cast<float>(t[i]));
+      };
+      bool residual = q != nullptr;
+      uint64_t z = 0;
+      for (int64_t i = 0; i < V; ++i) z += mass_at(i, residual);
+      if (z == 0 && residual) {
+        residual = false;
+        for (int64_t i = 0; i < V; ++i) z += mass_at(i, false);
+      }
+      int64_t token = -1;
+      if (z > 0) {
+        const Philox4x32 w = s.p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j));
+        const uint64_t goal = draw_target_words(z, w.v[2], w.v[3]);
+        uint64_t cum = 0;
+        for (int64_t i = 0; i < V; ++i) {
+          cum += mass_at(i, residual);
+          if (cum > goal) {
+            token = i;
+            break;
+          }
+        }
+      }
+      orow[j] = token;
+      for (int64_t r = j + 1; r <= n; ++r) orow[r] = -1;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> speculative_accept_cpu(const at::Tensor& draft_probs,
+                                                          const at::Tensor& draft_token_ids,
+                                                          const at::Tensor& target_probs, const at::Tensor& seed) {
+  SpecInputs s = check_spec_inputs(draft_probs, draft_token_ids, target_probs, seed);
+  const int64_t* ids = s.ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.B * s.n; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < s.V, "draft_token_ids: expected ids in [0, ", s.V, "), found ", ids[i],
+                " at row ", i / s.n, ", position ", i % s.n);
+  }
+  auto out = at::empty({s.B, s.n + 1}, draft_token_ids.options().dtype(at::kLong));
+  auto accepted = at::empty({s.B}, draft_token_ids.options().dtype(at::kLong));
+  if (s.B == 0) return {out, accepted};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.draft.scalar_type(), "speculative_accept_cpu", [&] {
+    speculative_rows<scalar_t>(s, out.data_ptr<int64_t>(), accepted.data_ptr<int64_t>());
+  });
+  return {out, accepted};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
+  m.impl("sample", &sample_cpu);
+  m.impl("top_k_top_p_filter", &top_k_top_p_filter_cpu);
+  m.impl("speculative_accept", &speculative_accept_cpu);
+}
+
+}  // namespace pk

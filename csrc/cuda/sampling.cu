@@ -1,0 +1,664 @@
+// CUDA kernels of the sampling family: sample, top_k_top_p_filter, speculative_accept.
+//
+// One block of 1024 threads per row, sort-free, no scratch memory, no host sync (CUDA-graph
+// capturable). Every value, weight, mass, bin choice and the draw come from the shared
+// functions of csrc/common/sampling.h, so the kernels reach the thresholds and tokens of
+// the CPU kernels bit for bit; only the organisation of the passes differs:
+//
+//   1. max pass: M = max of the values (greedy rows: argmax of the penalised logits,
+//      lowest index on ties) -> row mode (normal / +inf entries / nothing drawable);
+//   2. top-k: three radix levels (11, 11, 10 bits of the 32-bit key) into a shared 2048-bin
+//      count histogram (warp-aggregated atomics); the block finds the crossing bin with one
+//      BlockScan over the bins. A bin that holds exactly the missing count ends the descent
+//      early. After the first level, when at most 2048 keys lie at or above the chosen bin
+//      (the usual top-k case), they are gathered into shared memory and every later step
+//      (top-k levels, top-p, min-p, total, draw) works on that list; otherwise each level
+//      rescans the row (L2-resident after the first pass);
+//   3. top-p: the same three levels with fixed-point mass histograms, restricted to the
+//      top-k set; the first level's total is Z_k;
+//   4. draw (candidate list: each kept candidate's index-order mass prefix by a loop over the
+//      list); on the row: each warp owns a contiguous chunk of the row; the warps' kept masses give Z,
+//      one 64-bit uniform gives the target, and the one warp whose chunk holds it walks its
+//      chunk with warp prefix sums to the token (first index whose inclusive mass sum
+//      exceeds the target, as on the CPU).
+// Penalties go first into a float32 copy of the logits (one block per row applies each
+// distinct previous id once, with its count). Speculative acceptance: thread 0 walks the
+// draft, then the block draws the correction / bonus token with the same chunked draw.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/cub.cuh>
+#include <torch/library.h>
+
+#include "../common/sampling.h"
+#include "../common/sampling_checks.h"
+
+namespace pk {
+namespace {
+
+using namespace sampling;
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBinsPerThread = kMaxBins / kThreads;
+constexpr int kCand = kMaxBins;  // capacity of the shared candidate list
+using ull = unsigned long long;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return b > a ? b : a; }
+};
+struct ArgMax {
+  float v;
+  int64_t i;
+};
+struct ArgMaxOp {
+  __device__ __forceinline__ ArgMax operator()(const ArgMax& a, const ArgMax& b) const {
+    if (a.i < 0) return b;
+    if (b.i < 0) return a;
+    if (a.v > b.v) return a;
+    if (b.v > a.v) return b;
+    return a.i < b.i ? a : b;
+  }
+};
+
+struct Shared {
+  union {
+    typename cub::BlockScan<ull, kThreads>::TempStorage scan;
+    typename cub::BlockReduce<float, kThreads>::TempStorage reduce_f;
+    typename cub::BlockReduce<ArgMax, kThreads>::TempStorage reduce_am;
+    typename cub::BlockReduce<ull, kThreads>::TempStorage reduce_u;
+  } tmp;
+  ull hist[kMaxBins];  // histograms; the candidates' masses in the draw of the candidate path
+  uint32_t cand_idx[kCand];
+  uint32_t cand_key[kCand];
+  int ncand;
+  ull warp_sum[kWarps];
+  ull total;
+  ull before;
+  ull offset;
+  int bin;
+  int sel_warp;
+  int64_t token;
+  float max_value;
+};
+
+// Histogram increments of one warp step (all 32 lanes call it): lanes that share a bin add
+// once, with the number of lanes.
+__device__ __forceinline__ void hist_add_count(ull* hist, uint32_t bin, bool active) {
+  const unsigned mask = __ballot_sync(0xffffffffu, active);
+  if (active) {
+    const unsigned peers = __match_any_sync(mask, bin);
+    if ((threadIdx.x & 31) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], static_cast<ull>(__popc(peers)));
+  }
+}
+
+// The bin where the running sum over bins, top bin first, reaches the limit: for counts,
+// cum >= rem; for masses, mass_crossed(above, cum, limit) (limit = top_p * total of the bins
+// when topp_total). Same bin as crossing_count / crossing_mass. Sets s.bin (-1 if none), s.before,
+// and s.total (the sum of all bins).
+template <bool MASS>
+__device__ void block_crossing(Shared& s, int nb, ull rem, ull above, float top_p, bool topp_total) {
+  const int t = threadIdx.x;
+  ull vals[kBinsPerThread];
+  ull tsum = 0;
+#pragma unroll
+  for (int j = 0; j < kBinsPerThread; ++j) {
+    const int q = t * kBinsPerThread + j;
+    vals[j] = q < nb ? s.hist[nb - 1 - q] : 0ull;
+    tsum += vals[j];
+  }
+  if (t == 0) s.bin = -1;
+  ull excl, total;
+  cub::BlockScan<ull, kThreads>(s.tmp.scan).ExclusiveSum(tsum, excl, total);
+  double limit = 0.0;
+  if (MASS) limit = topp_total ? topp_limit(top_p, total) : 0.0;
+  ull cum = excl;
+#pragma unroll
+  for (int j = 0; j < kBinsPerThread; ++j) {
+    const int q = t * kBinsPerThread + j;
+    if (q < nb) {
+      bool crossed_before, crossed_after;
+      if (MASS) {
+        crossed_before = mass_crossed(above, cum, limit);
+        crossed_after = mass_crossed(above, cum + vals[j], limit);
+      } else {
+        crossed_before = cum >= rem;
+        crossed_after = cum + vals[j] >= rem;
+      }
+      if (!crossed_before && crossed_after) {
+        s.bin = nb - 1 - q;
+        s.before = cum;
+      }
+    }
+    cum += vals[j];
+  }
+  if (t == 0) s.total = total;
+  __syncthreads();
+}
+
+// Variant for the top-p levels below the first, where the limit is already known.
+__device__ void block_crossing_mass(Shared& s, int nb, ull above, double limit) {
+  const int t = threadIdx.x;
+  ull vals[kBinsPerThread];
+  ull tsum = 0;
+#pragma unroll
+  for (int j = 0; j < kBinsPerThread; ++j) {
+    const int q = t * kBinsPerThread + j;
+    vals[j] = q < nb ? s.hist[nb - 1 - q] : 0ull;
+    tsum += vals[j];
+  }
+  if (t == 0) s.bin = -1;
+  ull excl;
+  cub::BlockScan<ull, kThreads>(s.tmp.scan).ExclusiveSum(tsum, excl);
+  ull cum = excl;
+#pragma unroll
+  for (int j = 0; j < kBinsPerThread; ++j) {
+    const int q = t * kBinsPerThread + j;
+    if (q < nb && !mass_crossed(above, cum, limit) && mass_crossed(above, cum + vals[j], limit)) {
+      s.bin = nb - 1 - q;
+      s.before = cum;
+    }
+    cum += vals[j];
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ void clear_hist(Shared& s, int nb) {
+  for (int i = threadIdx.x; i < nb; i += kThreads) s.hist[i] = 0;
+  __syncthreads();
+}
+
+__device__ __forceinline__ ull warp_sum(ull x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// The chunk of the row owned by a warp in the draw.
+__device__ __forceinline__ void warp_chunk(int64_t V, int w, int64_t* lo, int64_t* hi) {
+  const int64_t chunk = ((V + kWarps - 1) / kWarps + 31) / 32 * 32;
+  *lo = w * chunk;
+  *hi = (w + 1) * chunk < V ? (w + 1) * chunk : V;
+  if (*lo > V) *lo = V;
+}
+
+// Sum of mass(i) over the row (every thread gets it).
+template <typename MassFn>
+__device__ ull block_total(Shared& s, int64_t V, MassFn mass) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int64_t lo, hi;
+  warp_chunk(V, w, &lo, &hi);
+  ull acc = 0;
+  for (int64_t i = lo + lane; i < hi; i += 32) acc += mass(i);
+  acc = warp_sum(acc);
+  if (lane == 0) s.warp_sum[w] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ull z = 0;
+    for (int k = 0; k < kWarps; ++k) z += s.warp_sum[k];
+    s.total = z;
+  }
+  __syncthreads();
+  return s.total;
+}
+
+// The first index whose inclusive mass prefix exceeds target (< total); needs the warp sums
+// of block_total with the same mass function. Every thread gets the index.
+template <typename MassFn>
+__device__ int64_t block_pick(Shared& s, int64_t V, ull target, MassFn mass) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    s.token = -1;
+    s.sel_warp = -1;
+    ull cum = 0;
+    for (int k = 0; k < kWarps; ++k) {
+      if (target < cum + s.warp_sum[k]) {
+        s.sel_warp = k;
+        s.offset = target - cum;
+        break;
+      }
+      cum += s.warp_sum[k];
+    }
+  }
+  __syncthreads();
+  if (w == s.sel_warp) {
+    int64_t lo, hi;
+    warp_chunk(V, w, &lo, &hi);
+    const ull off = s.offset;
+    ull carry = 0;
+    for (int64_t base = lo; base < hi; base += 32) {
+      const int64_t i = base + lane;
+      const ull m = i < hi ? mass(i) : 0ull;
+      ull incl = m;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const ull y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      const bool hit = carry + incl > off && carry + incl - m <= off;
+      const unsigned ballot = __ballot_sync(0xffffffffu, hit);
+      if (ballot != 0u) {
+        if (lane == __ffs(ballot) - 1) s.token = i;
+        break;
+      }
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+  }
+  __syncthreads();
+  return s.token;
+}
+
+// One row of sample (FILTER = false: token + logprob) or of top_k_top_p_filter (FILTER =
+// true: the filtered row in out).
+template <typename in_t, typename out_t, bool FILTER>
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(Params p, const in_t* __restrict__ logits, const out_t* __restrict__ original,
+                  int64_t* __restrict__ tokens, float* __restrict__ logprobs, out_t* __restrict__ out) {
+  __shared__ Shared s;
+  const int64_t b = blockIdx.x;
+  const int64_t V = p.V;
+  const int tid = threadIdx.x;
+  const in_t* row = logits + b * V;
+  const RowKnobs k = p.knobs(b);
+  const bool greedy = !FILTER && k.greedy();
+  const float temperature = FILTER ? 1.0f : k.temperature;
+
+  // 1. max (or argmax for greedy rows).
+  if (greedy) {
+    ArgMax best{neg_inf(), -1};
+    for (int64_t i = tid; i < V; i += kThreads) {
+      const float x = to_float(row[i]);
+      if (x > best.v) {
+        best.v = x;
+        best.i = i;
+      }
+    }
+    const ArgMax r = cub::BlockReduce<ArgMax, kThreads>(s.tmp.reduce_am).Reduce(best, ArgMaxOp());
+    if (tid == 0) {
+      tokens[b] = r.i;
+      logprobs[b] = r.i < 0 ? neg_inf() : 0.0f;
+    }
+    return;
+  }
+  float m = neg_inf();
+  for (int64_t i = tid; i < V; i += kThreads) {
+    const float y = scaled_value(to_float(row[i]), temperature);
+    m = y > m ? y : m;
+  }
+  m = cub::BlockReduce<float, kThreads>(s.tmp.reduce_f).Reduce(m, MaxOp());
+  if (tid == 0) s.max_value = m;
+  __syncthreads();
+  m = s.max_value;
+  const int mode = row_mode(m);
+  if (mode == kEmpty) {
+    if (FILTER) {
+      for (int64_t i = tid; i < V; i += kThreads) out[b * V + i] = static_cast<out_t>(neg_inf());
+    } else if (tid == 0) {
+      tokens[b] = -1;
+      logprobs[b] = neg_inf();
+    }
+    return;
+  }
+  if (mode == kInfinite) m = 0.0f;
+  auto value = [&](int64_t i) { return mode_value(scaled_value(to_float(row[i]), temperature), mode); };
+
+  // 2. top-k threshold. The first level runs over the row; when the keys at or above the
+  // chosen bin number at most kCand (the usual case for top-k: k plus one bin's worth),
+  // they are gathered into shared memory and everything after (the other top-k levels,
+  // top-p, min-p, the draw) runs on that list instead of rescanning the row.
+  uint32_t threshold = 0;
+  bool compact = false;
+  int n = 0;
+  if (k.topk_on(V)) {
+    ull rem = static_cast<ull>(k.top_k);
+    uint32_t prefix = 0;
+    clear_hist(s, level_bins(0));
+    for (int64_t base = 0; base < V; base += kThreads) {
+      const int64_t i = base + tid;
+      uint32_t key = 0;
+      if (i < V) key = float_key(value(i));
+      hist_add_count(s.hist, level_bin(key, 0), i < V);
+    }
+    __syncthreads();
+    block_crossing<false>(s, level_bins(0), rem, 0, 0.0f, false);
+    const int bin0 = s.bin;
+    if (bin0 >= 0) {  // always (k < V)
+      const ull at_or_above = s.before + s.hist[bin0];
+      rem -= s.before;
+      prefix = static_cast<uint32_t>(bin0) << level_shift(0);
+      bool exact = rem == s.hist[bin0];
+      compact = at_or_above <= static_cast<ull>(kCand);
+      if (tid == 0) s.ncand = 0;
+      __syncthreads();
+      if (compact) {
+        for (int64_t i = tid; i < V; i += kThreads) {
+          const uint32_t key = float_key(value(i));
+          if (key >= prefix) {
+            const int pos = atomicAdd(&s.ncand, 1);
+            if (pos < kCand) {  // always: exactly at_or_above <= kCand keys qualify
+              s.cand_idx[pos] = static_cast<uint32_t>(i);
+              s.cand_key[pos] = key;
+            }
+          }
+        }
+        __syncthreads();
+        n = s.ncand < kCand ? s.ncand : kCand;
+      }
+      for (int level = 1; level < kLevels && !exact; ++level) {
+        const int nb = level_bins(level);
+        clear_hist(s, nb);
+        if (compact) {
+          for (int c = tid; c < n; c += kThreads) {
+            const uint32_t key = s.cand_key[c];
+            if (level_match(key, prefix, level)) atomicAdd(&s.hist[level_bin(key, level)], 1ull);
+          }
+        } else {
+          for (int64_t base = 0; base < V; base += kThreads) {
+            const int64_t i = base + tid;
+            uint32_t key = 0;
+            bool active = false;
+            if (i < V) {
+              key = float_key(value(i));
+              active = level_match(key, prefix, level);
+            }
+            hist_add_count(s.hist, level_bin(key, level), active);
+          }
+        }
+        __syncthreads();
+        block_crossing<false>(s, nb, rem, 0, 0.0f, false);
+        const int bin = s.bin;
+        if (bin < 0) break;  // cannot happen; keep the bins found so far
+        rem -= s.before;
+        prefix |= static_cast<uint32_t>(bin) << level_shift(level);
+        exact = rem == s.hist[bin];
+        __syncthreads();
+      }
+      threshold = prefix;
+    }
+    __syncthreads();
+  }
+
+  // 3. top-p threshold within the top-k set.
+  auto weight = [&](float v) { return exp_nonpos(fsub(v, m)); };
+  if (k.topp_on()) {
+    uint32_t tp;
+    if (!(k.top_p > 0.0f)) {
+      tp = float_key(m);
+    } else {
+      uint32_t prefix = 0;
+      ull above = 0;
+      double limit = 0.0;
+      bool ok = true;
+      for (int level = 0; level < kLevels; ++level) {
+        const int nb = level_bins(level);
+        clear_hist(s, nb);
+        if (compact) {
+          for (int c = tid; c < n; c += kThreads) {
+            const uint32_t key = s.cand_key[c];
+            if (key < threshold || !level_match(key, prefix, level)) continue;
+            const ull w = mass_of(weight(key_float(key)));
+            if (w != 0) atomicAdd(&s.hist[level_bin(key, level)], w);
+          }
+        } else {
+          for (int64_t i = tid; i < V; i += kThreads) {
+            const float v = value(i);
+            const uint32_t key = float_key(v);
+            if (key < threshold || !level_match(key, prefix, level)) continue;
+            const ull w = mass_of(weight(v));
+            if (w != 0) atomicAdd(&s.hist[level_bin(key, level)], w);
+          }
+        }
+        __syncthreads();
+        if (level == 0) {
+          block_crossing<true>(s, nb, 0, 0, k.top_p, true);
+          limit = topp_limit(k.top_p, s.total);
+        } else {
+          block_crossing_mass(s, nb, above, limit);
+        }
+        const int bin = s.bin;
+        const ull before = s.before;
+        __syncthreads();
+        if (bin < 0) {  // cannot happen (the limit is below the total); keep the top-k set
+          ok = false;
+          break;
+        }
+        above += before;
+        prefix |= static_cast<uint32_t>(bin) << level_shift(level);
+      }
+      tp = ok ? prefix : threshold;
+    }
+    threshold = tp > threshold ? tp : threshold;
+  }
+
+  const bool minp = k.minp_on();
+  const float min_p = k.min_p;
+  auto kept_mass = [&](int64_t i) -> ull {
+    const float v = value(i);
+    if (float_key(v) < threshold) return 0ull;
+    const float e = weight(v);
+    if (minp && !(e >= min_p)) return 0ull;
+    return mass_of(e);
+  };
+
+  if (FILTER) {
+    const bool need_e = minp;
+    for (int64_t i = tid; i < V; i += kThreads) {
+      const float v = value(i);
+      bool keep = float_key(v) >= threshold;
+      if (keep && need_e) keep = weight(v) >= min_p;
+      out[b * V + i] = keep ? original[b * V + i] : static_cast<out_t>(neg_inf());
+    }
+    return;
+  }
+
+  // 4. the draw.
+  const Philox4x32 words = p.words(b, kSampleOffset);
+  if (compact) {
+    // Masses of the kept candidates (into the free histogram), their total, then each kept
+    // candidate's mass prefix in index order; the one whose interval holds the target wins.
+    ull local = 0;
+    for (int c = tid; c < n; c += kThreads) {
+      const uint32_t key = s.cand_key[c];
+      ull w = 0;
+      if (key >= threshold) {
+        const float e = weight(key_float(key));
+        if (!minp || e >= min_p) w = mass_of(e);
+      }
+      s.hist[c] = w;
+      local += w;
+    }
+    const ull zsum = cub::BlockReduce<ull, kThreads>(s.tmp.reduce_u).Sum(local);
+    if (tid == 0) {
+      s.total = zsum;
+      s.token = -1;
+    }
+    __syncthreads();
+    const ull z = s.total;
+    const ull target = draw_target(z, words);
+    for (int c = tid; c < n; c += kThreads) {
+      const ull w = s.hist[c];
+      if (w == 0) continue;
+      const uint32_t idx = s.cand_idx[c];
+      ull before = 0;
+      for (int j = 0; j < n; ++j) before += s.cand_idx[j] < idx ? s.hist[j] : 0ull;
+      if (before <= target && target < before + w) s.token = idx;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      const int64_t token = s.token;
+      tokens[b] = token;
+      logprobs[b] = token < 0 ? neg_inf() : logprob_of(value(token), m, z);
+    }
+    return;
+  }
+  const ull z = block_total(s, V, kept_mass);
+  const ull target = draw_target(z, words);
+  const int64_t token = block_pick(s, V, target, kept_mass);
+  if (tid == 0) {
+    tokens[b] = token;
+    logprobs[b] = token < 0 ? neg_inf() : logprob_of(value(token), m, z);
+  }
+}
+
+// Penalties into the float32 copy `work` of the logits: one block per row; each distinct id
+// of prev_tokens (ids outside [0, V) ignored) is handled by the thread of its first occurrence.
+__global__ void penalty_kernel(Params p, float* __restrict__ work) {
+  const int64_t b = blockIdx.x;
+  if (!p.penalties_on(b)) return;
+  const int64_t* prev = p.prev + b * p.T;
+  const float rep = p.repetition_of(b), pres = p.presence_of(b), freq = p.frequency_of(b);
+  for (int64_t j = threadIdx.x; j < p.T; j += blockDim.x) {
+    const int64_t id = prev[j];
+    if (id < 0 || id >= p.V) continue;
+    bool first = true;
+    int64_t count = 0;
+    for (int64_t q = 0; q < p.T; ++q) {
+      if (prev[q] == id) {
+        ++count;
+        if (q < j) first = false;
+      }
+    }
+    if (first) work[b * p.V + id] = penalize(work[b * p.V + id], count, rep, pres, freq);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
+                                               const at::Tensor& seed,
+                                               const c10::optional<at::Tensor>& temperature_rows,
+                                               const c10::optional<at::Tensor>& top_k_rows,
+                                               const c10::optional<at::Tensor>& top_p_rows,
+                                               const c10::optional<at::Tensor>& min_p_rows,
+                                               const c10::optional<at::Tensor>& repetition_rows,
+                                               const c10::optional<at::Tensor>& presence_rows,
+                                               const c10::optional<at::Tensor>& frequency_rows, double temperature,
+                                               int64_t top_k, double top_p, double min_p, double repetition,
+                                               double presence, double frequency) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  Inputs in = check_sample_inputs(logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
+                                  repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p,
+                                  repetition, presence, frequency);
+  const int64_t B = in.p.B;
+  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
+  if (B == 0) return {tokens, logprobs};
+  TORCH_CHECK(B <= 2147483647, "logits: too many rows");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool penalties = in.prev.defined() && in.p.T > 0 &&
+                         (in.repetition.defined() || in.presence.defined() || in.frequency.defined() ||
+                          repetition != 1.0 || presence != 0.0 || frequency != 0.0);
+  if (penalties) {
+    auto work = at::empty(in.logits.sizes(), in.logits.options().dtype(at::kFloat));
+    work.copy_(in.logits);
+    penalty_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(in.p, work.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sample_kernel<float, float, false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        in.p, work.data_ptr<float>(), nullptr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {tokens, logprobs};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sample_cuda", [&] {
+    sample_kernel<scalar_t, scalar_t, false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        in.p, in.logits.data_ptr<scalar_t>(), nullptr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+        nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {tokens, logprobs};
+}
+
+at::Tensor top_k_top_p_filter_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& top_k_rows,
+                                   const c10::optional<at::Tensor>& top_p_rows,
+                                   const c10::optional<at::Tensor>& min_p_rows, int64_t top_k, double top_p,
+                                   double min_p) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  Inputs in = check_filter_inputs(logits, top_k_rows, top_p_rows, min_p_rows, top_k, top_p, min_p);
+  auto out = at::empty_like(in.logits);
+  if (in.logits.numel() == 0) return out;
+  TORCH_CHECK(in.p.B <= 2147483647, "logits: too many rows");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "top_k_top_p_filter_cuda", [&] {
+    const scalar_t* x = in.logits.data_ptr<scalar_t>();
+    sample_kernel<scalar_t, scalar_t, true><<<static_cast<unsigned>(in.p.B), kThreads, 0, stream>>>(
+        in.p, x, x, nullptr, nullptr, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    speculative_kernel(Params p, int64_t n, const scalar_t* __restrict__ draft, const int64_t* __restrict__ ids,
+                       const scalar_t* __restrict__ target, int64_t* __restrict__ out, int64_t* __restrict__ accepted) {
+  __shared__ Shared s;
+  __shared__ int64_t s_j;
+  const int64_t b = blockIdx.x;
+  const int64_t V = p.V;
+  const scalar_t* dp = draft + b * n * V;
+  const scalar_t* tp = target + b * (n + 1) * V;
+  int64_t* orow = out + b * (n + 1);
+  if (threadIdx.x == 0) {
+    int64_t j = 0;
+    for (; j < n; ++j) {
+      int64_t d = ids[b * n + j];
+      if (d < 0 || d >= V) break;  // an id outside the vocabulary is rejected
+      const float u = uniform_float(p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j)).v[0]);
+      if (!accept_draft(u, to_float(dp[j * V + d]), to_float(tp[j * V + d]))) break;
+      orow[j] = d;
+    }
+    s_j = j;
+    accepted[b] = j;
+  }
+  __syncthreads();
+  const int64_t j = s_j;
+  const scalar_t* t = tp + j * V;
+  const scalar_t* q = j < n ? dp + j * V : nullptr;
+  auto residual = [&](int64_t i) { return residual_mass(to_float(t[i]), to_float(q[i])); };
+  auto direct = [&](int64_t i) { return prob_mass(to_float(t[i])); };
+  const Philox4x32 w = p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j));
+  int64_t token = -1;
+  ull z = q != nullptr ? block_total(s, V, residual) : 0ull;
+  if (z != 0) {
+    token = block_pick(s, V, draw_target_words(z, w.v[2], w.v[3]), residual);
+  } else {
+    z = block_total(s, V, direct);
+    if (z != 0) token = block_pick(s, V, draw_target_words(z, w.v[2], w.v[3]), direct);
+  }
+  if (threadIdx.x == 0) {
+    orow[j] = token;
+    for (int64_t r = j + 1; r <= n; ++r) orow[r] = -1;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& draft_probs,
+                                                           const at::Tensor& draft_token_ids,
+                                                           const at::Tensor& target_probs, const at::Tensor& seed) {
+  const c10::cuda::CUDAGuard guard(draft_probs.device());
+  SpecInputs s = check_spec_inputs(draft_probs, draft_token_ids, target_probs, seed);
+  auto out = at::empty({s.B, s.n + 1}, draft_token_ids.options().dtype(at::kLong));
+  auto accepted = at::empty({s.B}, draft_token_ids.options().dtype(at::kLong));
+  if (s.B == 0) return {out, accepted};
+  TORCH_CHECK(s.B <= 2147483647, "draft_probs: too many rows");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.draft.scalar_type(), "speculative_accept_cuda", [&] {
+    speculative_kernel<scalar_t><<<static_cast<unsigned>(s.B), kThreads, 0, stream>>>(
+        s.p, s.n, s.draft.data_ptr<scalar_t>(), s.ids.data_ptr<int64_t>(), s.target.data_ptr<scalar_t>(),
+        out.data_ptr<int64_t>(), accepted.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, accepted};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) {
+  m.impl("sample", &sample_cuda);
+  m.impl("top_k_top_p_filter", &top_k_top_p_filter_cuda);
+  m.impl("speculative_accept", &speculative_accept_cuda);
+}
+
+}  // namespace pk

@@ -1,0 +1,278 @@
+"""Sampling ops: pk.sample (penalties, temperature, top-k, top-p, min-p and the draw in one
+fused, sort-free pass per row), pk.top_k_top_p_filter (+ TopKTopPLogitsWarper for
+transformers' generate) and pk.speculative_accept (chain speculative sampling).
+
+Semantics, in order (every knob a Python number or a per-row tensor [B]):
+  1. penalties over prev_tokens [B, T] (-1 = none): repetition as transformers'
+     RepetitionPenaltyLogitsProcessor (each distinct id once: positive logits divided,
+     negative ones multiplied), then presence and frequency as vLLM (minus
+     frequency * count, minus presence when count > 0);
+  2. temperature; 0 means greedy (argmax, lowest index on ties; logprob 0);
+  3. top-k: a token is kept when fewer than k tokens are strictly greater (ties kept);
+  4. top-p: kept when the probability mass strictly above it, within the top-k set, is
+     below top_p;
+  5. min-p: kept when its probability is >= min_p * the largest probability;
+  6. one draw from the renormalised kept set.
+Computation is in float32; sums are exact integer sums of fixed-point masses
+(floor(2^36 * exp(v - max))), so results do not depend on thread counts or launch shapes and
+CPU and CUDA draw the same token for the same seed. Tokens less likely than ~1.5e-11 times the
+most likely token have mass 0 and are never drawn.
+
+Non-finite logits (defined behaviour, never a crash or a hang):
+  * NaN counts as -inf (never drawn, -inf in the filtered logits);
+  * if any value is +inf after penalties and temperature, the row's distribution is the limit
+    of softmax: uniform over its +inf entries;
+  * a row without any finite or +inf value gives token -1 and logprob -inf (the filter returns
+    a row of -inf).
+
+Seeds: row i draws with (seed, i), so a row's token does not depend on the other rows; with a
+per-row seed tensor [B], row i draws with (seed[i], 0), exactly like a one-row call with
+seed[i]. Without a seed, one is drawn from `generator` or torch's default generator.
+
+On CUDA, per-row knob values and prev_tokens ids are not checked (that would need a host
+sync): out-of-range prev_tokens ids are ignored, an out-of-range draft token id counts as
+rejected; top_k < 0 counts as off, NaN top_p as 1, temperature <= 0 or NaN as greedy. The CPU
+kernels raise errors for all of these.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ._common import check_same_device, is_compiling, resolve_seed
+
+__all__ = ["sample", "top_k_top_p_filter", "speculative_accept", "TopKTopPLogitsWarper"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_logits(logits, name="logits"):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: expected shape [batch, vocab], got {tuple(logits.shape)}")
+    if logits.shape[0] > 0 and logits.shape[1] == 0:
+        raise ValueError(f"{name}: the vocabulary dimension is empty (shape {tuple(logits.shape)})")
+
+
+def _number(name, value, *, integer=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "an int" if integer else "a float"
+        raise TypeError(f"{name}: expected {kind} or a per-row tensor, got {type(value).__name__}")
+    if integer:
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}: expected an int or a per-row integer tensor, got {type(value).__name__}")
+        return int(value)
+    return float(value)
+
+
+# name -> (predicate on a float, description): the valid values of each knob.
+_RANGES = {
+    "temperature": (lambda x: x >= 0, ">= 0 (0 means greedy)"),
+    "top_k": (lambda x: x >= 0, ">= 0 (0 means off)"),
+    "top_p": (lambda x: 0 < x <= 1, "a value in (0, 1]"),
+    "min_p": (lambda x: 0 <= x <= 1, "a value in [0, 1]"),
+    "repetition_penalty": (lambda x: x > 0 and math.isfinite(x), "a finite value > 0"),
+    "presence_penalty": (lambda x: math.isfinite(x), "a finite value"),
+    "frequency_penalty": (lambda x: math.isfinite(x), "a finite value"),
+}
+_NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0}
+_TENSOR_RANGES = {
+    "temperature": lambda t: t >= 0,
+    "top_k": lambda t: t >= 0,
+    "top_p": lambda t: (t > 0) & (t <= 1),
+    "min_p": lambda t: (t >= 0) & (t <= 1),
+    "repetition_penalty": lambda t: (t > 0) & torch.isfinite(t),
+    "presence_penalty": torch.isfinite,
+    "frequency_penalty": torch.isfinite,
+}
+
+
+def _knob(name, value, batch, device, *, integer=False):
+    """(scalar, per-row tensor or None) for one knob; with a tensor the scalar is neutral."""
+    if isinstance(value, torch.Tensor):
+        if integer:
+            if value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex():
+                raise TypeError(f"{name}: expected an integer per-row tensor, got {value.dtype}")
+        elif not value.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point per-row tensor, got {value.dtype}")
+        if value.dim() == 0:
+            value = value.expand(batch)
+        if tuple(value.shape) != (batch,):
+            raise ValueError(f"{name}: expected a number or a per-row tensor of shape [{batch}], got shape "
+                             f"{tuple(value.shape)}")
+        check_same_device(name, value, device)
+        if value.device.type == "cpu" and not is_compiling() and value.numel():
+            bad = ~_TENSOR_RANGES[name](value)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name}: expected {_RANGES[name][1]}, got {value[row].item()} in row {row}")
+        return _NEUTRAL[name], value
+    v = _number(name, value, integer=integer)
+    ok, desc = _RANGES[name]
+    if not ok(v):
+        raise ValueError(f"{name}: expected {desc}, got {value}")
+    return v, None
+
+
+def _seed_tensor(seed, generator, batch, device):
+    """A one-element seed (row i uses (seed, i)) or per-row seeds [batch] (row i uses (seed[i], 0))."""
+    if isinstance(seed, torch.Tensor) and seed.dim() == 1 and seed.numel() == batch and batch > 1:
+        if generator is not None:
+            raise ValueError("seed and generator: pass at most one of them")
+        if seed.dtype.is_floating_point or seed.dtype == torch.bool or seed.is_complex():
+            raise TypeError(f"seed: expected integer per-row seeds, got {seed.dtype}")
+        return seed.to(device=device, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor) and seed.numel() != 1:
+        raise ValueError(f"seed: expected one seed or one per row [{batch}], got shape {tuple(seed.shape)}")
+    return resolve_seed(seed, generator, device)
+
+
+def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+           presence_penalty=0.0, frequency_penalty=0.0, prev_tokens: torch.Tensor | None = None, seed=None,
+           generator: torch.Generator | None = None, return_logprobs: bool = False):
+    """Draw one token per row of logits [B, V] (float32/float16/bfloat16/float64).
+
+    Returns tokens [B] int64, or (tokens, logprobs [B] float32) with return_logprobs: the
+    log-probability of each token under the final (penalised, tempered, filtered,
+    renormalised) distribution. See the module docstring for the semantics.
+    """
+    _check_logits(logits)
+    B, device = logits.shape[0], logits.device
+    temperature, t_rows = _knob("temperature", temperature, B, device)
+    top_k, k_rows = _knob("top_k", top_k, B, device, integer=True)
+    top_p, p_rows = _knob("top_p", top_p, B, device)
+    min_p, m_rows = _knob("min_p", min_p, B, device)
+    repetition_penalty, r_rows = _knob("repetition_penalty", repetition_penalty, B, device)
+    presence_penalty, pr_rows = _knob("presence_penalty", presence_penalty, B, device)
+    frequency_penalty, f_rows = _knob("frequency_penalty", frequency_penalty, B, device)
+    if k_rows is None and top_k > 2**62:
+        top_k = 2**62
+    if prev_tokens is not None:
+        if not isinstance(prev_tokens, torch.Tensor):
+            raise TypeError(f"prev_tokens: expected a tensor [batch, n], got {type(prev_tokens).__name__}")
+        if prev_tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"prev_tokens: expected int32 or int64 ids, got {prev_tokens.dtype}")
+        if prev_tokens.dim() != 2 or prev_tokens.shape[0] != B:
+            raise ValueError(f"prev_tokens: expected shape [{B}, n], got {tuple(prev_tokens.shape)}")
+        check_same_device("prev_tokens", prev_tokens, device)
+        if device.type == "cpu" and not is_compiling() and prev_tokens.numel():
+            bad = (prev_tokens < -1) | (prev_tokens >= logits.shape[1])
+            if bool(bad.any()):
+                r, c = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"prev_tokens: expected ids in [0, {logits.shape[1]}) or -1 (none), got "
+                                 f"{int(prev_tokens[r, c])} at row {r}, position {c}")
+    seed_t = _seed_tensor(seed, generator, B, device)
+    tokens, logprobs = torch.ops.pretrain_kernels.sample(
+        logits, prev_tokens, seed_t, t_rows, k_rows, p_rows, m_rows, r_rows, pr_rows, f_rows, temperature, top_k,
+        top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def top_k_top_p_filter(logits: torch.Tensor, *, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """logits [B, V] with -inf outside the kept set of top-k, then top-p, then min-p (same
+    rules as pk.sample at temperature 1); same shape and dtype. Kept entries are copied
+    unchanged; NaN becomes -inf."""
+    _check_logits(logits)
+    B, device = logits.shape[0], logits.device
+    top_k, k_rows = _knob("top_k", top_k, B, device, integer=True)
+    top_p, p_rows = _knob("top_p", top_p, B, device)
+    min_p, m_rows = _knob("min_p", min_p, B, device)
+    if k_rows is None and top_k > 2**62:
+        top_k = 2**62
+    return torch.ops.pretrain_kernels.top_k_top_p_filter(logits, k_rows, p_rows, m_rows, top_k, top_p, min_p)
+
+
+def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor, *,
+                       seed=None, generator: torch.Generator | None = None):
+    """Chain speculative sampling (Leviathan et al. 2023, Chen et al. 2023; FlashInfer's
+    chain_speculative_sampling).
+
+    draft_probs [B, n, V]: the draft model's distributions at the n draft positions;
+    draft_token_ids [B, n]: the drafted tokens; target_probs [B, n+1, V]: the target model's
+    distributions at the same positions plus one. Draft token j is accepted with probability
+    min(1, target/draft) while all earlier ones were; at the first rejection a corrected
+    token is drawn from normalise(max(0, target - draft)), and when all n are accepted a
+    bonus token is drawn from the target at position n. The emitted tokens then follow the
+    target distribution exactly.
+
+    Returns (output_token_ids [B, n+1] int64: the accepted drafts, then the corrected or
+    bonus token, then -1; num_accepted [B] int64). A zero residual (target == draft) falls
+    back to the target distribution; a row whose target has no mass gives -1 there.
+    """
+    for name, t in (("draft_probs", draft_probs), ("target_probs", target_probs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {t.dtype}")
+    if draft_probs.dim() != 3:
+        raise ValueError(f"draft_probs: expected shape [batch, n, vocab], got {tuple(draft_probs.shape)}")
+    B, n, V = draft_probs.shape
+    if tuple(target_probs.shape) != (B, n + 1, V):
+        raise ValueError(f"target_probs: expected shape [{B}, {n + 1}, {V}] (one more position than draft_probs), "
+                         f"got {tuple(target_probs.shape)}")
+    if target_probs.dtype != draft_probs.dtype:
+        raise TypeError(f"target_probs: expected the dtype of draft_probs ({draft_probs.dtype}), got {target_probs.dtype}")
+    if not isinstance(draft_token_ids, torch.Tensor) or draft_token_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("draft_token_ids: expected an int32 or int64 tensor")
+    if tuple(draft_token_ids.shape) != (B, n):
+        raise ValueError(f"draft_token_ids: expected shape [{B}, {n}], got {tuple(draft_token_ids.shape)}")
+    device = draft_probs.device
+    check_same_device("target_probs", target_probs, device)
+    check_same_device("draft_token_ids", draft_token_ids, device)
+    if device.type == "cpu" and not is_compiling() and draft_token_ids.numel():
+        bad = (draft_token_ids < 0) | (draft_token_ids >= V)
+        if bool(bad.any()):
+            r, c = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"draft_token_ids: expected ids in [0, {V}), got {int(draft_token_ids[r, c])} at row "
+                             f"{r}, position {c}")
+    seed_t = _seed_tensor(seed, generator, B, device)
+    return torch.ops.pretrain_kernels.speculative_accept(draft_probs, draft_token_ids, target_probs, seed_t)
+
+
+class TopKTopPLogitsWarper:
+    """A transformers LogitsProcessor built on pk.top_k_top_p_filter: pass it to
+    model.generate(..., logits_processor=LogitsProcessorList([TopKTopPLogitsWarper(...)]))
+    with do_sample=True (and top_k=0, top_p=1.0 so the built-in warpers stay off). One call
+    replaces transformers' TopK, TopP and MinP warpers; scores are [batch, vocab]."""
+
+    def __init__(self, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+        _knob("top_k", top_k, 1, torch.device("cpu"), integer=True)
+        _knob("top_p", top_p, 1, torch.device("cpu"))
+        _knob("min_p", min_p, 1, torch.device("cpu"))
+        self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return top_k_top_p_filter(scores, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+
+    def __repr__(self) -> str:
+        return f"TopKTopPLogitsWarper(top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p})"
+
+
+def _fake_sample(logits, prev_tokens, seed, *rest):
+    torch._check(logits.dim() == 2, lambda: "logits: expected a 2-D tensor")
+    B = logits.shape[0]
+    return (torch.empty((B,), dtype=torch.int64, device=logits.device),
+            torch.empty((B,), dtype=torch.float32, device=logits.device))
+
+
+def _fake_filter(logits, *rest):
+    torch._check(logits.dim() == 2, lambda: "logits: expected a 2-D tensor")
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_speculative(draft_probs, draft_token_ids, target_probs, seed):
+    torch._check(draft_probs.dim() == 3, lambda: "draft_probs: expected a 3-D tensor")
+    B, n = draft_probs.shape[0], draft_probs.shape[1]
+    return (torch.empty((B, n + 1), dtype=torch.int64, device=draft_probs.device),
+            torch.empty((B,), dtype=torch.int64, device=draft_probs.device))
+
+
+torch.library.register_fake("pretrain_kernels::sample")(_fake_sample)
+torch.library.register_fake("pretrain_kernels::top_k_top_p_filter")(_fake_filter)
+torch.library.register_fake("pretrain_kernels::speculative_accept")(_fake_speculative)
