@@ -30,7 +30,7 @@ STAMP := build/.installed-$(notdir $(PY))
 # torch first (the extension builds against it), then the package without build isolation.
 $(STAMP): $(VENV_DEP) $(SOURCES)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q ninja
+	$(PY) -m pip install -q ninja "setuptools>=77" wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	@mkdir -p build && touch $@
 

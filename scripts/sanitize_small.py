@@ -54,7 +54,45 @@ def diffusion():
         pk.flow_match_step(eps, xt, sigma, sigma * 0.5, stochastic=True, seed=1)
 
 
-CHECKS = [masking, sampling, diffusion]
+def attention():
+    """Forward, backward (tensor-core and SIMT passes), varlen, split-KV decode with append,
+    and the SDPA drop-in with bool / float masks, on small odd shapes in every dtype."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype):
+        return torch.randn(*shape, generator=g).to("cuda", dtype)
+
+    cases = [  # (B, Sq, Sk, H, Hk, D, causal, window)
+        (1, 1, 1, 1, 1, 8, False, (-1, -1)),
+        (2, 17, 33, 4, 2, 64, True, (-1, -1)),
+        (1, 70, 70, 2, 1, 40, False, (16, 4)),
+        (1, 33, 20, 2, 2, 128, True, (-1, -1)),
+        (1, 20, 20, 1, 1, 256, False, (-1, -1)),
+        (1, 129, 65, 2, 1, 96, False, (-1, 0)),
+    ]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for B, sq, sk, H, Hk, D, causal, window in cases:
+            q = rnd(B, sq, H, D, dtype=dtype).requires_grad_()
+            k = rnd(B, sk, Hk, D, dtype=dtype).requires_grad_()
+            v = rnd(B, sk, Hk, D, dtype=dtype).requires_grad_()
+            out, lse = pk.flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
+            torch.autograd.grad((out, lse), (q, k, v), (torch.randn_like(out), torch.ones_like(lse)))
+        cu_q = torch.tensor([0, 5, 5, 38], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, 9, 12, 80], dtype=torch.int32, device="cuda")
+        q, k, v = (rnd(n, 4, 64, dtype=dtype).requires_grad_() for n in (38, 80, 80))
+        out = pk.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        out.float().sum().backward()
+        kc, vc = rnd(2, 600, 2, 64, dtype=dtype), rnd(2, 600, 2, 64, dtype=dtype)
+        lens = torch.tensor([3, 590], dtype=torch.int32, device="cuda")
+        pk.flash_attention_with_kvcache(rnd(2, 1, 8, 64, dtype=dtype), kc, vc, lens, k_new=rnd(2, 1, 2, 64, dtype=dtype),
+                                        v_new=rnd(2, 1, 2, 64, dtype=dtype))
+        pk.flash_attention_with_kvcache(rnd(2, 7, 8, 64, dtype=dtype), kc, vc, lens, causal=False)
+        q, k, v = (rnd(2, 3, 19, 40, dtype=dtype).requires_grad_() for _ in range(3))
+        for mask in (torch.rand(19, 19, generator=g).cuda() > 0.3, rnd(2, 1, 19, 19, dtype=torch.float32)):
+            pk.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum().backward()
+
+
+CHECKS = [masking, sampling, diffusion, attention]
 
 if __name__ == "__main__":
     for check in CHECKS:

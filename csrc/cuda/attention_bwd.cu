@@ -1,0 +1,482 @@
+// CUDA backward of flash attention (flash_attn_bwd). Semantics: csrc/cpu/attention_bwd.cpp.
+//
+// With P = softmax(S), S = Q K^T * scale (+ mask), O = P V and Di = rowsum(dO * O) - dlse:
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Di),  dQ = scale * dS K,  dK = scale * dS^T Q.
+// P is recomputed tile by tile from the saved lse (P = exp(S - lse)); nothing of size
+// Sq x Sk is ever stored.
+//
+// Passes:
+//   1. bwd_dot_kernel: Di per (token, head), laid out like lse.
+//   2. dK, dV: a block owns a block of keys of one kv head and walks over every query block
+//      (of every query head of the GQA group) that sees it, accumulating dK and dV in
+//      registers; each key row is written once by the block that owns it.
+//   3. dQ: a block owns a block of queries of one head and walks over the key blocks it
+//      sees, accumulating dQ in registers.
+// Splitting dQ from dK/dV recomputes S and P once more, but no two blocks ever add into the
+// same output and no atomics are used: the gradients are deterministic, bit for bit, for any
+// launch configuration.
+//
+// float16 / bfloat16 with head_dim <= 128 and no attn_mask use tensor cores (mma.sync
+// m16n8k16, fp32 accumulation, the same fragment scheme as the forward in
+// attention_fwd.cuh): every warp owns 16 rows (queries for dQ, keys for dK/dV), and the
+// score accumulators are reused as the A operand of the following product (P^T dO, dS K,
+// dS^T Q) after rounding to the input dtype, as FlashAttention does. Everything else (float32,
+// a caller's mask, head_dim > 128, GPUs before sm_80) runs the SIMT kernels of
+// attention_bwd_rows.cuh: a warp per query row (dQ) or per key row (dK, dV), a lane per
+// key or query.
+#include <torch/library.h>
+
+#include "attention_bwd_rows.cuh"
+
+namespace pk {
+namespace attention {
+namespace cuda {
+
+namespace {
+
+constexpr int kBwdWarps = 4;
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kBwdRows = 16 * kBwdWarps;  // rows (queries or keys) a block owns
+
+template <int kD>
+struct BwdTile {
+  static constexpr int kLd = kD + 8;
+  static constexpr int kBN = 64;                     // keys per tile in the dQ pass
+  static constexpr int kBQ = kD <= 64 ? 64 : 32;     // queries per tile in the dK/dV pass
+  static constexpr int kSmemDq = (2 * kBwdRows + 2 * kBN) * kLd * 2;
+  static constexpr int kSmemDkdv = (2 * kBwdRows + 2 * kBQ) * kLd * 2 + 2 * kBQ * 4;
+};
+
+// dQ for 64 query rows of one head per block.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p, const T* __restrict__ dout,
+                                                                 const float* __restrict__ lse,
+                                                                 const float* __restrict__ Di, T* __restrict__ dq) {
+  using Tile = BwdTile<kD>;
+  constexpr int kLd = Tile::kLd, kBN = Tile::kBN, kBM = kBwdRows;
+  constexpr int kNT = kBN / 8, kDT = kD / 8;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sQ = smem;
+  uint16_t* sdO = sQ + kBM * kLd;
+  uint16_t* sK = sdO + kBM * kLd;
+  uint16_t* sV = sK + kBN * kLd;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int G = p.H / p.Hk;
+  const bool do_vec = p.dout_vec;  // dout is contiguous (tokens, H, Dv)
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const Seq s = seq_info(p, b);
+    const Window w = seq_window(p, s);
+    for (int64_t hy = blockIdx.y; hy < p.H; hy += gridDim.y) {
+      const int h = static_cast<int>(hy), hk = h / G;
+      const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh;
+      const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
+      const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
+      const uint16_t* dog = reinterpret_cast<const uint16_t*>(dout) + (s.tok0 * p.H + h) * p.Dv;
+      for (int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM; i0 < s.lq; i0 += static_cast<int64_t>(gridDim.x) * kBM) {
+        const int64_t i1 = imin(i0 + kBM, s.lq);
+        const int64_t kb = key_lo(w, i0), ke = key_hi(w, i1 - 1, s.lk);
+        __syncthreads();
+        load_tile<kD, kBM, kBwdThreads>(sQ, qg + i0 * p.q_ss, p.q_ss, i1 - i0, p.D, p.q_vec);
+        load_tile<kD, kBM, kBwdThreads>(sdO, dog + i0 * p.H * p.Dv, int64_t(p.H) * p.Dv, i1 - i0, p.Dv, do_vec);
+        cp_async_commit();
+        const int64_t row0 = i0 + warp * 16 + g;
+        float L2[2], di[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int64_t i = row0 + 8 * rr;
+          if (i < s.lq) {
+            const int64_t li = lse_index(p, b, s, h, i);
+            L2[rr] = lse[li] * kLog2e;
+            di[rr] = Di[li];
+          } else {
+            L2[rr] = -INFINITY;
+            di[rr] = 0.f;
+          }
+        }
+        float acc[kDT][4];
+#pragma unroll
+        for (int dn = 0; dn < kDT; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+
+        for (int64_t j0 = kb; j0 < ke; j0 += kBN) {
+          const int nk = static_cast<int>(imin(kBN, ke - j0));
+          load_tile<kD, kBN, kBwdThreads>(sK, kg + j0 * p.k_ss, p.k_ss, nk, p.D, p.k_vec);
+          load_tile<kD, kBN, kBwdThreads>(sV, vg + j0 * p.v_ss, p.v_ss, nk, p.Dv, p.v_vec);
+          cp_async_commit();
+          cp_async_wait<0>();
+          __syncthreads();
+
+          float sc[kNT][4], dp[kNT][4];
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
+#pragma unroll
+          for (int kt = 0; kt < kD / 16; ++kt) {
+            const uint16_t* qa = sQ + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
+            const uint16_t* da = sdO + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
+            const uint32_t aq[4] = {ld_smem32(qa), ld_smem32(qa + 8 * kLd), ld_smem32(qa + 8), ld_smem32(qa + 8 * kLd + 8)};
+            const uint32_t ad[4] = {ld_smem32(da), ld_smem32(da + 8 * kLd), ld_smem32(da + 8), ld_smem32(da + 8 * kLd + 8)};
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+              const uint16_t* kp = sK + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
+              const uint16_t* vp = sV + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
+              mma16816<T>(sc[nt], aq, ld_smem32(kp), ld_smem32(kp + 8));   // S = Q K^T
+              mma16816<T>(dp[nt], ad, ld_smem32(vp), ld_smem32(vp + 8));   // dP = dO V^T
+            }
+          }
+          const bool need_mask = nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+              const int rr = x >> 1;
+              const int c = nt * 8 + 2 * t + (x & 1);
+              bool ok = L2[rr] != -INFINITY;
+              if (need_mask) ok = ok && c < nk && visible(w, row0 + 8 * rr, j0 + c);
+              const float pe = ok ? exp2f(sc[nt][x] * p.scale_log2 - L2[rr]) : 0.f;
+              sc[nt][x] = pe * (dp[nt][x] - di[rr]);  // dS
+            }
+          // dQ += dS K
+#pragma unroll
+          for (int kk = 0; kk < kBN / 16; ++kk) {
+            const uint32_t a[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                                   pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                   pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            const uint16_t* kb0 = sK + (kk * 16 + 2 * t) * kLd + g;
+#pragma unroll
+            for (int dn = 0; dn < kDT; ++dn) {
+              const uint16_t* k0 = kb0 + dn * 8;
+              const uint32_t b0 = uint32_t(k0[0]) | (uint32_t(k0[kLd]) << 16);
+              const uint32_t b1 = uint32_t(k0[8 * kLd]) | (uint32_t(k0[9 * kLd]) << 16);
+              mma16816<T>(acc[dn], a, b0, b1);
+            }
+          }
+          __syncthreads();  // done with sK, sV
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        // stage dQ (scaled) in this warp's rows of sQ, then write the rows out
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          uint16_t* srow = sQ + (warp * 16 + g + 8 * rr) * kLd;
+#pragma unroll
+          for (int dn = 0; dn < kDT; ++dn)
+            *reinterpret_cast<uint32_t*>(srow + dn * 8 + 2 * t) =
+                pack2<T>(acc[dn][2 * rr] * p.scale, acc[dn][2 * rr + 1] * p.scale);
+        }
+        __syncwarp();
+        uint16_t* dqp = reinterpret_cast<uint16_t*>(dq);
+        for (int r = 0; r < 16; ++r) {
+          const int64_t i = i0 + warp * 16 + r;
+          if (i >= s.lq) break;
+          uint16_t* dst = dqp + ((s.tok0 + i) * p.H + h) * p.D;
+          const uint16_t* src = sQ + (warp * 16 + r) * kLd;
+          for (int c = lane; c < p.D; c += 32) dst[c] = src[c];
+        }
+      }
+    }
+  }
+}
+
+// dK, dV for 64 keys of one kv head per block.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params p, const T* __restrict__ dout,
+                                                                   const float* __restrict__ lse,
+                                                                   const float* __restrict__ Di, T* __restrict__ dk,
+                                                                   T* __restrict__ dv) {
+  using Tile = BwdTile<kD>;
+  constexpr int kLd = Tile::kLd, kBQ = Tile::kBQ, kBN = kBwdRows;
+  constexpr int kNT = kBQ / 8, kDT = kD / 8;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sK = smem;
+  uint16_t* sV = sK + kBN * kLd;
+  uint16_t* sQ = sV + kBN * kLd;
+  uint16_t* sdO = sQ + kBQ * kLd;
+  float* sL2 = reinterpret_cast<float*>(sdO + kBQ * kLd);
+  float* sDi = sL2 + kBQ;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int G = p.H / p.Hk;
+  const bool do_vec = p.dout_vec;
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const Seq s = seq_info(p, b);
+    const Window w = seq_window(p, s);
+    for (int64_t hy = blockIdx.y; hy < p.Hk; hy += gridDim.y) {
+      const int hk = static_cast<int>(hy);
+      const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
+      const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
+      for (int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBN; j0 < s.lk; j0 += static_cast<int64_t>(gridDim.x) * kBN) {
+        const int64_t j1 = imin(j0 + kBN, s.lk);
+        const int64_t qlo = query_lo(w, j0, s.lq), qhi = query_hi(w, j1, s.lq);
+        __syncthreads();
+        load_tile<kD, kBN, kBwdThreads>(sK, kg + j0 * p.k_ss, p.k_ss, j1 - j0, p.D, p.k_vec);
+        load_tile<kD, kBN, kBwdThreads>(sV, vg + j0 * p.v_ss, p.v_ss, j1 - j0, p.Dv, p.v_vec);
+        cp_async_commit();
+        const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
+        float ak[kDT][4], av[kDT][4];
+#pragma unroll
+        for (int dn = 0; dn < kDT; ++dn)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) ak[dn][x] = av[dn][x] = 0.f;
+
+        for (int gi = 0; gi < G; ++gi) {
+          const int h = hk * G + gi;
+          const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh;
+          const uint16_t* dog = reinterpret_cast<const uint16_t*>(dout) + (s.tok0 * p.H + h) * p.Dv;
+          for (int64_t i0 = qlo; i0 < qhi; i0 += kBQ) {
+            const int nq = static_cast<int>(imin(kBQ, qhi - i0));
+            __syncthreads();  // done with sQ, sdO, sL2, sDi of the previous tile
+            load_tile<kD, kBQ, kBwdThreads>(sQ, qg + i0 * p.q_ss, p.q_ss, nq, p.D, p.q_vec);
+            load_tile<kD, kBQ, kBwdThreads>(sdO, dog + i0 * p.H * p.Dv, int64_t(p.H) * p.Dv, nq, p.Dv, do_vec);
+            cp_async_commit();
+            for (int r = threadIdx.x; r < kBQ; r += kBwdThreads) {
+              float l2 = -INFINITY, d = 0.f;
+              if (r < nq) {
+                const int64_t li = lse_index(p, b, s, h, i0 + r);
+                l2 = lse[li] * kLog2e;
+                d = Di[li];
+              }
+              sL2[r] = l2;
+              sDi[r] = d;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+
+            // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x kBQ queries.
+            float sc[kNT][4], dp[kNT][4];
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
+#pragma unroll
+            for (int kt = 0; kt < kD / 16; ++kt) {
+              const uint16_t* ka = sK + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
+              const uint16_t* va = sV + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
+              const uint32_t akf[4] = {ld_smem32(ka), ld_smem32(ka + 8 * kLd), ld_smem32(ka + 8),
+                                       ld_smem32(ka + 8 * kLd + 8)};
+              const uint32_t avf[4] = {ld_smem32(va), ld_smem32(va + 8 * kLd), ld_smem32(va + 8),
+                                       ld_smem32(va + 8 * kLd + 8)};
+#pragma unroll
+              for (int nt = 0; nt < kNT; ++nt) {
+                const uint16_t* qp = sQ + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
+                const uint16_t* dp0 = sdO + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
+                mma16816<T>(sc[nt], akf, ld_smem32(qp), ld_smem32(qp + 8));
+                mma16816<T>(dp[nt], avf, ld_smem32(dp0), ld_smem32(dp0 + 8));
+              }
+            }
+            const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);
+            float pt[kNT][4];
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int x = 0; x < 4; ++x) {
+                const int rr = x >> 1;
+                const int c = nt * 8 + 2 * t + (x & 1);
+                const float l2 = sL2[c];
+                bool ok = l2 != -INFINITY;
+                if (need_mask) {
+                  const int64_t key = key0 + 8 * rr;
+                  ok = ok && c < nq && key < j1 && visible(w, i0 + c, key);
+                }
+                const float pe = ok ? exp2f(sc[nt][x] * p.scale_log2 - l2) : 0.f;
+                pt[nt][x] = pe;
+                sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
+              }
+            // dV += P^T dO, dK += dS^T Q (k dimension: the kBQ queries)
+#pragma unroll
+            for (int kk = 0; kk < kBQ / 16; ++kk) {
+              const uint32_t ap[4] = {pack2<T>(pt[2 * kk][0], pt[2 * kk][1]), pack2<T>(pt[2 * kk][2], pt[2 * kk][3]),
+                                      pack2<T>(pt[2 * kk + 1][0], pt[2 * kk + 1][1]),
+                                      pack2<T>(pt[2 * kk + 1][2], pt[2 * kk + 1][3])};
+              const uint32_t as[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                                      pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                      pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+              const uint16_t* dob = sdO + (kk * 16 + 2 * t) * kLd + g;
+              const uint16_t* qb = sQ + (kk * 16 + 2 * t) * kLd + g;
+#pragma unroll
+              for (int dn = 0; dn < kDT; ++dn) {
+                const uint16_t* d0 = dob + dn * 8;
+                mma16816<T>(av[dn], ap, uint32_t(d0[0]) | (uint32_t(d0[kLd]) << 16),
+                            uint32_t(d0[8 * kLd]) | (uint32_t(d0[9 * kLd]) << 16));
+                const uint16_t* q0 = qb + dn * 8;
+                mma16816<T>(ak[dn], as, uint32_t(q0[0]) | (uint32_t(q0[kLd]) << 16),
+                            uint32_t(q0[8 * kLd]) | (uint32_t(q0[9 * kLd]) << 16));
+              }
+            }
+          }
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        // stage dK (scaled) and dV in this warp's rows of sK / sV, then write the rows out
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          uint16_t* krow = sK + (warp * 16 + g + 8 * rr) * kLd;
+          uint16_t* vrow = sV + (warp * 16 + g + 8 * rr) * kLd;
+#pragma unroll
+          for (int dn = 0; dn < kDT; ++dn) {
+            *reinterpret_cast<uint32_t*>(krow + dn * 8 + 2 * t) =
+                pack2<T>(ak[dn][2 * rr] * p.scale, ak[dn][2 * rr + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(vrow + dn * 8 + 2 * t) = pack2<T>(av[dn][2 * rr], av[dn][2 * rr + 1]);
+          }
+        }
+        __syncwarp();
+        uint16_t* dkp = reinterpret_cast<uint16_t*>(dk);
+        uint16_t* dvp = reinterpret_cast<uint16_t*>(dv);
+        for (int r = 0; r < 16; ++r) {
+          const int64_t j = j0 + warp * 16 + r;
+          if (j >= s.lk) break;
+          uint16_t* kd = dkp + ((s.ktok0 + j) * p.Hk + hk) * p.D;
+          uint16_t* vd = dvp + ((s.ktok0 + j) * p.Hk + hk) * p.Dv;
+          const uint16_t* ks = sK + (warp * 16 + r) * kLd;
+          const uint16_t* vs = sV + (warp * 16 + r) * kLd;
+          for (int c = lane; c < p.D; c += 32) kd[c] = ks[c];
+          for (int c = lane; c < p.Dv; c += 32) vd[c] = vs[c];
+        }
+      }
+    }
+  }
+}
+
+// ---- launchers ------------------------------------------------------------------------------
+
+template <typename T, int kD>
+void launch_bwd_mma(const Params& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
+                    int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
+  using Tile = BwdTile<kD>;
+  {
+    const auto kernel = bwd_dkdv_mma_kernel<T, kD>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemDkdv));
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound, kBwdRows)), 1 << 30)),
+                    static_cast<unsigned>(std::min<int64_t>(p.Hk, 65535)),
+                    static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+    kernel<<<grid, kBwdThreads, Tile::kSmemDkdv, stream>>>(p, dout, lse, Di, dk, dv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  {
+    const auto kernel = bwd_dq_mma_kernel<T, kD>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemDq));
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(q_bound, kBwdRows)), 1 << 30)),
+                    static_cast<unsigned>(std::min<int64_t>(p.H, 65535)),
+                    static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+    kernel<<<grid, kBwdThreads, Tile::kSmemDq, stream>>>(p, dout, lse, Di, dq);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int kDPL>
+void launch_bwd_rows(const Params& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
+                     int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
+  const dim3 gk(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound * p.Hk, 4)), 1 << 30)),
+                1, static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+  bwd_dkdv_rows_kernel<T, kDPL><<<gk, 128, 0, stream>>>(p, dout, lse, Di, dk, dv);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 gq(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(q_bound * p.H, 4)), 1 << 30)),
+                1, static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+  bwd_dq_rows_kernel<T, kDPL><<<gq, 128, 0, stream>>>(p, dout, lse, Di, dq);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void backward_typed(const Params& p, bool tensor_cores, const at::Tensor& dout, const at::Tensor& out,
+                    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, at::Tensor& Di, at::Tensor& dq,
+                    at::Tensor& dk, at::Tensor& dv, int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
+  const T* dout_p = static_cast<const T*>(dout.data_ptr());
+  const float* lse_p = lse.data_ptr<float>();
+  float* di_p = Di.data_ptr<float>();
+  {
+    const int64_t blocks = std::max<int64_t>(1, ceil_div(p.total_q * p.H, 4));
+    bwd_dot_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)), 128, 0, stream>>>(
+        p, dout_p, static_cast<const T*>(out.data_ptr()), dlse.has_value() ? dlse->data_ptr<float>() : nullptr, di_p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  T* dq_p = static_cast<T*>(dq.data_ptr());
+  T* dk_p = static_cast<T*>(dk.data_ptr());
+  T* dv_p = static_cast<T*>(dv.data_ptr());
+  const int d = std::max(p.D, p.Dv);
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tensor_cores && !p.has_mask() && d <= 128) {
+      if (d <= 32)
+        launch_bwd_mma<T, 32>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+      else if (d <= 64)
+        launch_bwd_mma<T, 64>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+      else if (d <= 96)
+        launch_bwd_mma<T, 96>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+      else
+        launch_bwd_mma<T, 128>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+      return;
+    }
+  }
+  if (d <= 32)
+    launch_bwd_rows<T, 1>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+  else if (d <= 64)
+    launch_bwd_rows<T, 2>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+  else if (d <= 128)
+    launch_bwd_rows<T, 4>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+  else
+    launch_bwd_rows<T, 8>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  TORCH_CHECK(q_in.is_cuda(), "q: expected a CUDA tensor, got one on ", q_in.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Device dev = q_in.device();
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
+  Params p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
+  std::vector<int64_t> o_shape(q_in.sizes().begin(), q_in.sizes().end());
+  o_shape.back() = p.Dv;
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(o_shape) && dout_in.sizes() == at::IntArrayRef(o_shape),
+              "out, dout: expected shape ", at::IntArrayRef(o_shape), ", got ", out_in.sizes(), " and ",
+              dout_in.sizes());
+  TORCH_CHECK(out_in.scalar_type() == q.scalar_type() && dout_in.scalar_type() == q.scalar_type(),
+              "out, dout: expected dtype ", q.scalar_type(), ", got ", out_in.scalar_type(), " and ",
+              dout_in.scalar_type());
+  TORCH_CHECK(out_in.device() == dev && dout_in.device() == dev && lse_in.device() == dev,
+              "out, dout, lse: expected tensors on ", dev);
+  const std::vector<int64_t> lse_shape =
+      cu_q.has_value() ? std::vector<int64_t>{p.H, p.total_q} : std::vector<int64_t>{p.batch, p.H, p.sq};
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == at::IntArrayRef(lse_shape),
+              "lse: expected float32 of shape ", at::IntArrayRef(lse_shape), ", got ", lse_in.scalar_type(),
+              " of shape ", lse_in.sizes());
+  std::optional<at::Tensor> dlse;
+  if (dlse_in.has_value()) {
+    TORCH_CHECK(dlse_in->scalar_type() == at::kFloat && dlse_in->sizes() == lse_in.sizes() &&
+                    dlse_in->device() == dev,
+                "dlse: expected float32 of shape ", lse_in.sizes(), " on ", dev, ", got ", dlse_in->scalar_type(),
+                " of shape ", dlse_in->sizes(), " on ", dlse_in->device());
+    dlse = dlse_in->contiguous();
+  }
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  // zeros: rows outside every sequence (malformed cu_seqlens only) and keys no query sees
+  at::Tensor dq = at::zeros(q_in.sizes(), q.options());
+  at::Tensor dk = at::zeros(k_in.sizes(), k.options());
+  at::Tensor dv = at::zeros(v_in.sizes(), v.options());
+  if (dq.numel() == 0 || dk.numel() == 0) return {dq, dk, dv};
+  at::Tensor Di = at::empty(lse_shape, lse.options());
+  p.dout_vec = dout.element_size() == 2 && p.Dv % 8 == 0 && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool sm80 = use_tensor_cores();
+  const int64_t q_bound = query_bound(p, max_seqlen_q), k_bound = key_bound(p, max_seqlen_k);
+  switch (q.scalar_type()) {
+    case at::kHalf:
+      backward_typed<__half>(p, sm80, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, stream);
+      break;
+    case at::kBFloat16:
+      backward_typed<__nv_bfloat16>(p, sm80, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, stream);
+      break;
+    default: backward_typed<float>(p, false, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, stream); break;
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) { m.impl("flash_attn_bwd", &flash_attn_bwd_cuda); }
+
+}  // namespace cuda
+}  // namespace attention
+}  // namespace pk

@@ -1,0 +1,394 @@
+// Shared pieces of the CUDA attention kernels (attention_fwd.cu, attention_bwd.cu,
+// attention_decode.cu): the problem description handed to every kernel, per-sequence
+// bookkeeping, the caller's mask, small warp helpers, and the host-side argument checks.
+//
+// The visibility rules (causal / sliding window / bottom-right alignment) and the tile
+// skipping come from csrc/common/attention.h, the same functions the CPU kernels call, so
+// both backends see exactly the same keys for every query.
+//
+// Robustness without host synchronisation: cu_seqlens and cache_seqlens live on the GPU and
+// are never read by the host. The kernels clamp every offset and length they read from them
+// into the tensors' bounds, so a malformed tensor cannot make a kernel touch memory outside
+// its inputs (the CPU ops validate these tensors and raise; the CUDA ops cannot without a
+// sync).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <optional>
+#include <vector>
+
+#include "../common/attention.h"
+
+namespace pk {
+namespace attention {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kMaxSplits = 64;
+
+// Everything a kernel needs to know about one call. Element strides are in elements.
+struct Params {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_sb = 0, q_ss = 0, q_sh = 0;  // sb unused for varlen (tokens start at cu[b])
+  int64_t k_sb = 0, k_ss = 0, k_sh = 0;
+  int64_t v_sb = 0, v_ss = 0, v_sh = 0;
+  bool q_vec = false, k_vec = false, v_vec = false;  // rows may be read in 16-byte chunks
+  bool dout_vec = false;  // backward: dout (contiguous) may be read in 16-byte chunks
+
+  void* out = nullptr;         // (tokens, H, Dv), contiguous, input dtype
+  float* lse = nullptr;        // (B, H, sq) dense, (H, total_q) varlen
+  float* out_part = nullptr;   // split-KV partial outputs [splits][total_q][H][Dv] (float), or null
+  float* lse_part = nullptr;   // split-KV partial lse [splits][total_q][H]
+
+  int batch = 0, H = 0, Hk = 0, D = 0, Dv = 0;
+  int64_t sq = 0, sk = 0;      // dense lengths (for a kv cache: sk is the cache length)
+  int64_t total_q = 0, total_k = 0;
+  const int32_t* cu_q = nullptr;       // varlen offsets [batch + 1] (device)
+  const int32_t* cu_k = nullptr;
+  const int32_t* seqlens_k = nullptr;  // kv cache: keys per row (device), plus seqlens_k_extra
+  int64_t seqlens_k_extra = 0;
+
+  const bool* mask_bool = nullptr;     // (b, h, i, j) through strides; true = attend
+  const float* mask_float = nullptr;   // added to the scores (natural-log units)
+  int64_t m_sb = 0, m_sh = 0, m_si = 0, m_sj = 0;
+
+  float scale = 1.f;        // softmax scale
+  float scale_log2 = 1.f;   // scale * log2(e): the kernels work in base 2
+  int64_t window_left = -1, window_right = -1;
+  bool bottom_right = true;
+
+  int n_splits = 1;         // split-KV: key range of a query cut into this many pieces
+  int64_t split_keys = 0;   // keys per piece (a multiple of the kernel's key block)
+
+  __host__ __device__ bool has_mask() const { return mask_bool != nullptr || mask_float != nullptr; }
+};
+
+// One sequence of the batch: where its rows live and how long it is.
+struct Seq {
+  int64_t tok0 = 0;          // first query token in out (tokens, H, Dv)
+  int64_t ktok0 = 0;         // first key token in dk / dv (tokens, Hk, D)
+  int64_t lq = 0, lk = 0;
+  int64_t q_off = 0, k_off = 0, v_off = 0;  // element offset of row 0 (head 0)
+};
+
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+__device__ __forceinline__ Seq seq_info(const Params& p, int64_t b) {
+  Seq s;
+  if (p.cu_q != nullptr) {
+    const int64_t q0 = clamp64(p.cu_q[b], 0, p.total_q), q1 = clamp64(p.cu_q[b + 1], q0, p.total_q);
+    const int64_t k0 = clamp64(p.cu_k[b], 0, p.total_k), k1 = clamp64(p.cu_k[b + 1], k0, p.total_k);
+    s.tok0 = q0;
+    s.ktok0 = k0;
+    s.lq = q1 - q0;
+    s.lk = k1 - k0;
+    s.q_off = q0 * p.q_ss;
+    s.k_off = k0 * p.k_ss;
+    s.v_off = k0 * p.v_ss;
+  } else {
+    s.tok0 = b * p.sq;
+    s.ktok0 = b * p.sk;
+    s.lq = p.sq;
+    s.lk = p.seqlens_k != nullptr ? clamp64(int64_t(p.seqlens_k[b]) + p.seqlens_k_extra, 0, p.sk) : p.sk;
+    s.q_off = b * p.q_sb;
+    s.k_off = b * p.k_sb;
+    s.v_off = b * p.v_sb;
+  }
+  return s;
+}
+
+__device__ __forceinline__ int64_t lse_index(const Params& p, int64_t b, const Seq& s, int h, int64_t i) {
+  return p.cu_q != nullptr ? h * p.total_q + s.tok0 + i : (b * p.H + h) * p.sq + i;
+}
+
+// lse index of (token, head) without the sequence (used by the per-token passes).
+__device__ __forceinline__ int64_t lse_index_tok(const Params& p, int64_t tok, int h) {
+  if (p.cu_q != nullptr) return h * p.total_q + tok;
+  const int64_t b = tok / p.sq, i = tok - b * p.sq;
+  return (b * p.H + h) * p.sq + i;
+}
+
+// Score adjustment from the caller's mask, in base-2 units: 0, -inf, or mask * log2(e).
+__device__ __forceinline__ float mask_log2(const Params& p, int64_t b, int h, int64_t i, int64_t j) {
+  const int64_t off = b * p.m_sb + h * p.m_sh + i * p.m_si + j * p.m_sj;
+  if (p.mask_bool != nullptr) return p.mask_bool[off] ? 0.f : -INFINITY;
+  if (p.mask_float != nullptr) return p.mask_float[off] * kLog2e;
+  return 0.f;
+}
+
+__device__ __forceinline__ Window seq_window(const Params& p, const Seq& s) {
+  return make_window(p.window_left, p.window_right, p.bottom_right, s.lq, s.lk);
+}
+
+// Keys [lo, hi) that split `split` of a query block's interval [kb, ke) covers.
+__device__ __forceinline__ void split_range(const Params& p, int split, int64_t kb, int64_t ke, int64_t& lo,
+                                            int64_t& hi) {
+  if (p.n_splits <= 1) {
+    lo = kb;
+    hi = ke;
+    return;
+  }
+  lo = imax(kb, split * p.split_keys);
+  // the last piece runs to the end, whatever bound the split size was computed from
+  hi = split == p.n_splits - 1 ? ke : imin(ke, (split + 1) * p.split_keys);
+}
+
+// ---- element conversions ------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// at::Half / at::BFloat16 -> the CUDA types the kernels use (same bits).
+template <typename T>
+struct CudaType {
+  using type = T;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// ---- warp helpers -------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool vec_ok(const at::Tensor& t, int64_t dim_len, bool varlen) {
+  // 16-byte chunks of 8 half-precision elements: base, every row stride and the head dim
+  // must be multiples of 8 elements.
+  if (t.element_size() != 2) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (dim_len % 8 != 0) return false;
+  const int nd = varlen ? 2 : 3;
+  for (int d = 0; d < nd; ++d)
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  return true;
+}
+
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+inline void check_cuda_float(const at::Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == dev, name, ": expected a tensor on ", dev, " (the device of q), got ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt != at::kDouble, name,
+              ": float64 attention runs on the CPU only (use float32, float16 or bfloat16 on CUDA)");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
+              ": expected float32, float16 or bfloat16, got ", dt);
+}
+
+inline void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch, const at::Device& dev) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, ": expected an int32 tensor, got ", cu.scalar_type());
+  TORCH_CHECK(cu.device() == dev, name, ": expected a tensor on ", dev, " (the device of q), got ", cu.device());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) == batch + 1, name, ": expected shape [", batch + 1, "], got ",
+              cu.sizes());
+}
+
+// Checks the arguments of a forward/backward call and fills Params (tensors, shapes,
+// strides, mask, window). q/k/v may be replaced by copies with a contiguous last dimension
+// and the cu_seqlens/mask by contiguous ones; the caller keeps them alive.
+inline Params make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
+                          std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
+                          int64_t window_left, int64_t window_right, bool bottom_right) {
+  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got one on ", q.device());
+  const at::Device dev = q.device();
+  check_cuda_float(q, "q", dev);
+  check_cuda_float(k, "k", dev);
+  check_cuda_float(v, "v", dev);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v: expected one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q, cu_seqlens_k: pass both or neither");
+  const bool varlen = cu_q.has_value();
+  const int64_t nd = varlen ? 3 : 4;
+  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  TORCH_CHECK(q.dim() == nd, "q: expected ", nd, " dims ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == nd, "k: expected ", nd, " dims ", layout, ", got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == nd, "v: expected ", nd, " dims ", layout, ", got shape ", v.sizes());
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window: expected values >= -1 (-1: unbounded), got (",
+              window_left, ", ", window_right, ")");
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  Params p;
+  const int64_t H = q.size(-2), Hk = k.size(-2), D = q.size(-1), Dv = v.size(-1);
+  TORCH_CHECK(v.size(-2) == Hk, "k, v: expected the same number of heads, got ", Hk, " and ", v.size(-2));
+  TORCH_CHECK(Hk >= 1 && H % Hk == 0, "heads: the query heads (", H, ") must be a multiple of the key/value heads (",
+              Hk, ")");
+  TORCH_CHECK(k.size(-1) == D, "head_dim: q and k must match, got ", D, " and ", k.size(-1));
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "head_dim: expected 1 to ", kMaxHeadDim, ", got ", D);
+  TORCH_CHECK(Dv >= 1 && Dv <= kMaxHeadDim, "head_dim of v: expected 1 to ", kMaxHeadDim, ", got ", Dv);
+  TORCH_CHECK(H <= (1 << 20), "heads: at most ", (1 << 20), " supported, got ", H);
+  p.H = static_cast<int>(H);
+  p.Hk = static_cast<int>(Hk);
+  p.D = static_cast<int>(D);
+  p.Dv = static_cast<int>(Dv);
+  if (varlen) {
+    TORCH_CHECK(!mask.has_value(), "attn_mask: not supported with cu_seqlens (varlen)");
+    const int64_t batch = cu_q->numel() - 1;
+    TORCH_CHECK(batch >= 0, "cu_seqlens_q: expected at least one element");
+    check_cu_seqlens(*cu_q, "cu_seqlens_q", batch, dev);
+    check_cu_seqlens(*cu_k, "cu_seqlens_k", batch, dev);
+    TORCH_CHECK(v.size(0) == k.size(0), "k, v: expected the same token count, got ", k.size(0), " and ", v.size(0));
+    TORCH_CHECK(batch < (int64_t(1) << 31), "cu_seqlens_q: too many sequences");
+    *cu_q = cu_q->contiguous();
+    *cu_k = cu_k->contiguous();
+    p.batch = static_cast<int>(batch);
+    p.cu_q = cu_q->data_ptr<int32_t>();
+    p.cu_k = cu_k->data_ptr<int32_t>();
+    p.total_q = q.size(0);
+    p.total_k = k.size(0);
+  } else {
+    const int64_t batch = q.size(0);
+    TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "batch: q, k, v must match, got ", batch, ", ", k.size(0),
+                ", ", v.size(0));
+    TORCH_CHECK(v.size(1) == k.size(1), "k, v: expected the same sequence length, got ", k.size(1), " and ",
+                v.size(1));
+    TORCH_CHECK(batch < (int64_t(1) << 31), "batch: too large");
+    p.batch = static_cast<int>(batch);
+    p.sq = q.size(1);
+    p.sk = k.size(1);
+    p.total_q = batch * p.sq;
+    p.total_k = batch * p.sk;
+  }
+  q = last_dim_contiguous(q);
+  k = last_dim_contiguous(k);
+  v = last_dim_contiguous(v);
+  const auto strides = [&](const at::Tensor& t, int64_t& sb, int64_t& ss, int64_t& sh) {
+    if (varlen) {
+      sb = 0;
+      ss = t.stride(0);
+      sh = t.stride(1);
+    } else {
+      sb = t.stride(0);
+      ss = t.stride(1);
+      sh = t.stride(2);
+    }
+  };
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  strides(q, p.q_sb, p.q_ss, p.q_sh);
+  strides(k, p.k_sb, p.k_ss, p.k_sh);
+  strides(v, p.v_sb, p.v_ss, p.v_sh);
+  p.q_vec = vec_ok(q, D, varlen);
+  p.k_vec = vec_ok(k, D, varlen);
+  p.v_vec = vec_ok(v, Dv, varlen);
+  if (mask.has_value()) {
+    const at::Tensor& mk = *mask;
+    TORCH_CHECK(mk.device() == dev, "attn_mask: expected a tensor on ", dev, ", got one on ", mk.device());
+    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
+                "attn_mask: expected bool or float32 (convert float masks first), got ", mk.scalar_type());
+    TORCH_CHECK(mk.dim() == 4 && mk.size(0) == p.batch && mk.size(1) == H && mk.size(2) == p.sq &&
+                    mk.size(3) == p.sk,
+                "attn_mask: expected shape [", p.batch, ", ", H, ", ", p.sq, ", ", p.sk, "] (expand it), got ",
+                mk.sizes());
+    if (mk.scalar_type() == at::kBool)
+      p.mask_bool = mk.data_ptr<bool>();
+    else
+      p.mask_float = mk.data_ptr<float>();
+    p.m_sb = mk.stride(0);
+    p.m_sh = mk.stride(1);
+    p.m_si = mk.stride(2);
+    p.m_sj = mk.stride(3);
+  }
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  return p;
+}
+
+// Upper bound of the query length of any sequence (the launch grid's extent): the dense
+// length, max_seqlen_q when the caller gives it, else the token count. Kernels loop over
+// query blocks with a grid stride, so a bound that is too small costs time, never results.
+inline int64_t query_bound(const Params& p, int64_t max_seqlen_q) {
+  if (p.cu_q == nullptr) return p.sq;
+  return max_seqlen_q > 0 ? std::min(max_seqlen_q, p.total_q) : p.total_q;
+}
+
+inline int64_t key_bound(const Params& p, int64_t max_seqlen_k) {
+  if (p.cu_k == nullptr) return p.sk;
+  return max_seqlen_k > 0 ? std::min(max_seqlen_k, p.total_k) : p.total_k;
+}
+
+// Launchers (attention_fwd.cu). run_forward: out and lse (or the split partials and then
+// the combine pass) for any dtype; q_bound / k_bound: upper bounds of the per-sequence
+// lengths (grid extent and split choice).
+void run_forward(Params& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like);
+
+// Whether float16 / bfloat16 may use the tensor-core kernels: sm_80 or newer, unless the
+// environment sets PK_ATTENTION_CUDA_PATH=simt (read on every call; a debugging aid that
+// runs every dtype through the SIMT kernels).
+inline bool use_tensor_cores() {
+  const char* e = std::getenv("PK_ATTENTION_CUDA_PATH");
+  if (e != nullptr && std::string(e) == "simt") return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Split-KV factor: cut each query's key range when the grid has too few blocks to fill the
+// GPU (decode, batch 1 with long keys). Keys per split are a multiple of `key_block`.
+inline void choose_splits(Params& p, int64_t blocks, int64_t max_keys, int64_t key_block) {
+  p.n_splits = 1;
+  p.split_keys = 0;
+  const int64_t target = 2 * static_cast<int64_t>(sm_count());
+  if (blocks >= target || max_keys <= 2 * key_block) return;
+  int64_t s = std::min<int64_t>(ceil_div(target, std::max<int64_t>(blocks, 1)), ceil_div(max_keys, 2 * key_block));
+  s = std::min<int64_t>(s, kMaxSplits);
+  if (s <= 1) return;
+  const int64_t per = ceil_div(ceil_div(max_keys, s), key_block) * key_block;
+  s = ceil_div(max_keys, per);
+  if (s <= 1) return;
+  p.n_splits = static_cast<int>(s);
+  p.split_keys = per;
+}
+
+}  // namespace cuda
+}  // namespace attention
+}  // namespace pk

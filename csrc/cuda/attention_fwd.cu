@@ -1,0 +1,195 @@
+// CUDA forward of flash attention (flash_attn_fwd) and the launcher the kv-cache op
+// (attention_decode.cu) shares. Semantics: csrc/ops.cpp and csrc/cpu/attention.cpp.
+//
+// The approach
+// ------------
+// float16 / bfloat16 run on tensor cores (fwd_mma_kernel in attention_fwd.cuh), the
+// FlashAttention-2 scheme written with mma.sync m16n8k16 (sm_80+):
+//   * a block of 4 warps owns 64 query rows of one (sequence, head); each warp owns 16 rows,
+//     so the online-softmax statistics of a row never leave the 4 threads that hold it;
+//   * Q (64 x d), one key tile K (kBN x d) and one value tile V (kBN x d) live in shared
+//     memory (rows padded by 8 elements so that the fragment loads hit 32 different banks);
+//     kBN = 64 keys for head_dim <= 128, 32 for 256, so the block fits in ~66 KB;
+//   * per key tile: S = Q K^T into registers (fp32), scale, mask, online softmax in base 2,
+//     then O += P V with P taken straight from the S registers (the accumulator layout of
+//     m16n8k16 is the A-operand layout of the next mma), O stays in registers;
+//   * loads go through cp.async: V(j) is in flight while S(j) is computed, K(j+1) while
+//     P V(j) is; rows outside the sequence and columns past the head dim are zero-filled;
+//   * head_dim is a template parameter padded up to 32, 64, 96, 128 or 256 (q/k and v head
+//     dims may differ: both pad to the larger one);
+//   * tiles that the causal/window mask hides are never visited (the key loop runs over the
+//     visible interval of the block, csrc/common/attention.h), and the per-element mask is
+//     only evaluated on tiles that are not fully visible, or when the caller passes a mask.
+// float32 inputs (and GPUs before sm_80) run fwd_rows_kernel: one warp per query row, a
+// lane per key for the scores and a lane per head-dim slot for the output, same online
+// softmax in float; exact to float32 rounding, slower.
+// PK_ATTENTION_CUDA_PATH=simt in the environment sends float16 / bfloat16 there too (forward
+// and backward), to tell a tensor-core problem from anything else on a new GPU.
+//
+// Split-KV: when the grid is too small to fill the GPU (decode, batch 1), the key range of
+// every query is cut into n_splits pieces that run as separate blocks and write float
+// partial outputs and lse; combine_kernel merges them. The same kernels serve
+// flash_attn_kvcache, with per-row key counts from cache_seqlens (read on the device).
+//
+// Work is indexed by a grid-stride loop over (query block, head x split, sequence), so the
+// grid extent only bounds the parallelism: varlen without max_seqlen_q uses the token count
+// as the bound, and no host ever reads cu_seqlens.
+#include <torch/library.h>
+
+#include "attention_fwd.cuh"
+
+namespace pk {
+namespace attention {
+namespace cuda {
+
+namespace {
+
+int padded_head_dim(int d) {
+  if (d <= 32) return 32;
+  if (d <= 64) return 64;
+  if (d <= 96) return 96;
+  if (d <= 128) return 128;
+  return 256;
+}
+
+template <typename T, int kD>
+void launch_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
+  using Tile = FwdTile<kD>;
+  const auto kernel = fwd_mma_kernel<T, kD>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const int64_t mb = std::max<int64_t>(1, ceil_div(q_bound, Tile::kBM));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(mb, 1 << 30)),
+                  static_cast<unsigned>(std::min<int64_t>(int64_t(p.H) * p.n_splits, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kDPL>
+void launch_rows(const Params& p, int64_t q_bound, cudaStream_t stream) {
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(q_bound * p.H, 4));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)),
+                  static_cast<unsigned>(std::min<int64_t>(p.n_splits, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+  fwd_rows_kernel<T, kDPL><<<grid, 128, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_rows_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
+  const int d = std::max(p.D, p.Dv);
+  if (d <= 32)
+    launch_rows<T, 1>(p, q_bound, stream);
+  else if (d <= 64)
+    launch_rows<T, 2>(p, q_bound, stream);
+  else if (d <= 128)
+    launch_rows<T, 4>(p, q_bound, stream);
+  else
+    launch_rows<T, 8>(p, q_bound, stream);
+}
+
+template <typename T>
+void launch_mma_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
+  switch (padded_head_dim(std::max(p.D, p.Dv))) {
+    case 32: launch_mma<T, 32>(p, q_bound, stream); break;
+    case 64: launch_mma<T, 64>(p, q_bound, stream); break;
+    case 96: launch_mma<T, 96>(p, q_bound, stream); break;
+    case 128: launch_mma<T, 128>(p, q_bound, stream); break;
+    default: launch_mma<T, 256>(p, q_bound, stream); break;
+  }
+}
+
+template <typename T>
+void launch_combine(const Params& p, cudaStream_t stream) {
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(p.total_q * p.H, 4));
+  combine_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)), 128, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_bound, const at::Tensor& like,
+                   cudaStream_t stream) {
+  int64_t blocks, key_block;
+  if (tensor_cores) {
+    const int kd = padded_head_dim(std::max(p.D, p.Dv));
+    blocks = ceil_div(q_bound, 64) * p.H * int64_t(p.batch);
+    key_block = kd <= 128 ? 64 : 32;
+  } else {
+    blocks = ceil_div(q_bound * p.H, 4) * int64_t(p.batch);
+    key_block = 32;
+  }
+  choose_splits(p, blocks, k_bound, key_block);
+  at::Tensor out_part, lse_part;
+  if (p.n_splits > 1) {
+    const auto fopt = like.options().dtype(at::kFloat);
+    out_part = at::empty({p.n_splits, p.total_q, p.H, p.Dv}, fopt);
+    lse_part = at::full({p.n_splits, p.total_q, p.H}, -std::numeric_limits<float>::infinity(), fopt);
+    p.out_part = out_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    launch_rows_any<T>(p, q_bound, stream);
+  } else {
+    if (tensor_cores)
+      launch_mma_any<T>(p, q_bound, stream);
+    else
+      launch_rows_any<T>(p, q_bound, stream);
+  }
+  if (p.n_splits > 1) launch_combine<T>(p, stream);
+}
+
+}  // namespace
+
+void run_forward(Params& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like) {
+  if (p.total_q == 0 || p.batch == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool sm80 = use_tensor_cores();
+  switch (dtype) {
+    case at::kHalf: forward_typed<__half>(p, sm80, q_bound, k_bound, like, stream); break;
+    case at::kBFloat16: forward_typed<__nv_bfloat16>(p, sm80, q_bound, k_bound, like, stream); break;
+    case at::kFloat: forward_typed<float>(p, false, q_bound, k_bound, like, stream); break;
+    default: TORCH_CHECK(false, "flash attention on CUDA: unsupported dtype ", dtype);
+  }
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in,
+                                                       const std::optional<at::Tensor>& cu_seqlens_q,
+                                                       const std::optional<at::Tensor>& cu_seqlens_k,
+                                                       const std::optional<at::Tensor>& attn_mask,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                                       int64_t window_left, int64_t window_right, bool bottom_right) {
+  TORCH_CHECK(q_in.is_cuda(), "q: expected a CUDA tensor, got one on ", q_in.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
+  Params p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
+  const bool varlen = cu_q.has_value();
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = p.Dv;
+  const auto lse_opt = q.options().dtype(at::kFloat);
+  const std::vector<int64_t> lse_shape =
+      varlen ? std::vector<int64_t>{p.H, p.total_q} : std::vector<int64_t>{p.batch, p.H, p.sq};
+  // varlen: tokens outside every sequence (only with malformed cu_seqlens) read as 0 / -inf
+  at::Tensor out = varlen ? at::zeros(out_shape, q.options()) : at::empty(out_shape, q.options());
+  at::Tensor lse = varlen ? at::full(lse_shape, -std::numeric_limits<float>::infinity(), lse_opt)
+                          : at::empty(lse_shape, lse_opt);
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  run_forward(p, q.scalar_type(), query_bound(p, max_seqlen_q), key_bound(p, max_seqlen_k), q);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) { m.impl("flash_attn_fwd", &flash_attn_fwd_cuda); }
+
+}  // namespace cuda
+}  // namespace attention
+}  // namespace pk

@@ -1,0 +1,461 @@
+// Forward kernels of the CUDA flash attention (see attention_fwd.cu for the essay):
+//   fwd_mma_kernel   float16 / bfloat16 on tensor cores (mma.sync m16n8k16, fp32 accumulation)
+//   fwd_rows_kernel  any dtype (float32 inputs, GPUs before sm_80), one warp per query row
+//   combine_kernel   merges the split-KV partial results
+// Both attention kernels write either the final output and lse, or (split-KV) a float
+// partial output and lse per key split that combine_kernel merges.
+#pragma once
+#include "attention_common.cuh"
+
+namespace pk {
+namespace attention {
+namespace cuda {
+
+// ---- PTX wrappers (sm_80+) ----------------------------------------------------------------
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#else
+  // No cp.async: plain copy (zero fill when src_bytes is 0).
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (src_bytes > 0) v = *reinterpret_cast<const uint4*>(gmem);
+  *reinterpret_cast<uint4*>(smem) = v;
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// D += A B for one m16n8k16 tile: A 16x16 row-major (4 registers of 2 halves), B 16x8
+// column-major (2 registers), D 16x8 float. Fragment layout (PTX ISA, "mma.m16n8k16"):
+// with g = lane / 4 and t = lane % 4,
+//   A: a[0] = (row g, cols 2t, 2t+1), a[1] = (row g+8, cols 2t, 2t+1),
+//      a[2] = (row g, cols 2t+8, 2t+9), a[3] = (row g+8, cols 2t+8, 2t+9)
+//   B: b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t+8, 2t+9, col g)
+//   D: d[0], d[1] = (row g, cols 2t, 2t+1), d[2], d[3] = (row g+8, cols 2t, 2t+1)
+// The lower 16 bits of a register hold the element with the lower index.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// Two floats as one register of two 16-bit values (x in the lower half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
+  const __half2 h = __floats2half2_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint32_t ld_smem32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// ---- tile geometry --------------------------------------------------------------------------
+
+template <int kD>
+struct FwdTile {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBM = 16 * kWarps;          // query rows per block (16 per warp)
+  static constexpr int kBN = kD <= 128 ? 64 : 32;  // keys per tile
+  static constexpr int kLd = kD + 8;               // smem row length in elements (bank spread)
+  static constexpr int kSmemBytes = (kBM + 2 * kBN) * kLd * 2;
+};
+
+// Copies rows [0, nrows) x columns [0, ncols) of a global tile (16-bit elements, row stride
+// `stride`) into shared memory rows of kD + 8 elements; everything else becomes zero.
+// vec: 16-byte cp.async (global rows and ncols multiples of 8 elements); else element copies.
+template <int kD, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* g, int64_t stride, int64_t nrows, int ncols,
+                                          bool vec) {
+  constexpr int kLd = kD + 8, kChunks = kD / 8;
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    uint16_t* dst = sm + r * kLd + c;
+    if (vec) {
+      const bool ok = r < nrows && c < ncols;
+      cp_async16(dst, ok ? g + r * stride + c : g, ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = (r < nrows && c + e < ncols) ? g[r * stride + c + e] : uint16_t(0);
+    }
+  }
+}
+
+// ---- tensor-core forward --------------------------------------------------------------------
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Params p) {
+  using Tile = FwdTile<kD>;
+  constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kLd = Tile::kLd, kThreads = Tile::kThreads;
+  constexpr int kNT = kBN / 8;  // score n-tiles per warp
+  constexpr int kDT = kD / 8;   // output n-tiles per warp
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sQ = smem;
+  uint16_t* sK = sQ + kBM * kLd;
+  uint16_t* sV = sK + kBN * kLd;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int G = p.H / p.Hk;
+  const int64_t hs_total = static_cast<int64_t>(p.H) * p.n_splits;
+
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const Seq s = seq_info(p, b);
+    const Window w = seq_window(p, s);
+    for (int64_t hy = blockIdx.y; hy < hs_total; hy += gridDim.y) {
+      const int h = static_cast<int>(hy % p.H), split = static_cast<int>(hy / p.H), hk = h / G;
+      const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh;
+      const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
+      const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
+      for (int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM; i0 < s.lq; i0 += static_cast<int64_t>(gridDim.x) * kBM) {
+        const int64_t i1 = imin(i0 + kBM, s.lq);
+        int64_t kb, ke;
+        split_range(p, split, key_lo(w, i0), key_hi(w, i1 - 1, s.lk), kb, ke);
+
+        __syncthreads();  // shared memory is free (the previous item's output staging is done)
+        load_tile<kD, kBM, kThreads>(sQ, qg + i0 * p.q_ss, p.q_ss, i1 - i0, p.D, p.q_vec);
+        cp_async_commit();
+        if (kb < ke) {
+          load_tile<kD, kBN, kThreads>(sK, kg + kb * p.k_ss, p.k_ss, imin(kBN, ke - kb), p.D, p.k_vec);
+          cp_async_commit();
+        }
+
+        float o[kDT][4];
+#pragma unroll
+        for (int dn = 0; dn < kDT; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+        float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+        const int64_t row0 = i0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+
+        for (int64_t j0 = kb; j0 < ke; j0 += kBN) {
+          const int nk = static_cast<int>(imin(kBN, ke - j0));
+          load_tile<kD, kBN, kThreads>(sV, vg + j0 * p.v_ss, p.v_ss, nk, p.Dv, p.v_vec);
+          cp_async_commit();
+          cp_async_wait<1>();  // Q and K(j0) have landed (groups complete in order)
+          __syncthreads();
+
+          // S = Q K^T for this warp's 16 rows x kBN keys.
+          float sc[kNT][4];
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+          for (int kt = 0; kt < kD / 16; ++kt) {
+            const uint16_t* qa = sQ + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
+            const uint32_t a[4] = {ld_smem32(qa), ld_smem32(qa + 8 * kLd), ld_smem32(qa + 8), ld_smem32(qa + 8 * kLd + 8)};
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+              const uint16_t* kp = sK + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
+              mma16816<T>(sc[nt], a, ld_smem32(kp), ld_smem32(kp + 8));
+            }
+          }
+
+          // Scale, mask, online softmax (base 2). Each row's 4 threads (same g) share it.
+          const bool need_mask = p.has_mask() || nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            const int64_t i = row0 + 8 * rr;
+            float mx = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float x = sc[nt][2 * rr + e] * p.scale_log2;
+                if (need_mask) {
+                  const int c = nt * 8 + 2 * t + e;
+                  const int64_t j = j0 + c;
+                  if (c >= nk || !visible(w, i, j))
+                    x = -INFINITY;
+                  else if (p.has_mask() && i < s.lq)
+                    x += mask_log2(p, b, h, i, j);
+                }
+                sc[nt][2 * rr + e] = x;
+                mx = fmaxf(mx, x);
+              }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[rr], mx);
+            const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+            const float alpha = exp2f(m_run[rr] - m_safe);
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float pe = exp2f(sc[nt][2 * rr + e] - m_safe);
+                sc[nt][2 * rr + e] = pe;
+                sum += pe;
+              }
+            l_run[rr] = l_run[rr] * alpha + sum;  // this thread's partial row sum
+            m_run[rr] = m_new;
+#pragma unroll
+            for (int dn = 0; dn < kDT; ++dn) {
+              o[dn][2 * rr] *= alpha;
+              o[dn][2 * rr + 1] *= alpha;
+            }
+          }
+
+          __syncthreads();  // every warp is done with sK
+          if (j0 + kBN < ke) {
+            load_tile<kD, kBN, kThreads>(sK, kg + (j0 + kBN) * p.k_ss, p.k_ss, imin(kBN, ke - j0 - kBN), p.D,
+                                         p.k_vec);
+            cp_async_commit();
+            cp_async_wait<1>();  // V(j0) has landed
+          } else {
+            cp_async_wait<0>();
+          }
+          __syncthreads();
+
+          // O += P V: the score accumulators are the A fragments of P, 16 keys at a time.
+#pragma unroll
+          for (int kk = 0; kk < kBN / 16; ++kk) {
+            const uint32_t a[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                                   pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                   pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            const uint16_t* vb = sV + (kk * 16 + 2 * t) * kLd + g;
+#pragma unroll
+            for (int dn = 0; dn < kDT; ++dn) {
+              const uint16_t* v0 = vb + dn * 8;
+              const uint32_t b0 = uint32_t(v0[0]) | (uint32_t(v0[kLd]) << 16);
+              const uint32_t b1 = uint32_t(v0[8 * kLd]) | (uint32_t(v0[9 * kLd]) << 16);
+              mma16816<T>(o[dn], a, b0, b1);
+            }
+          }
+          __syncthreads();  // every warp is done with sV
+        }
+        cp_async_wait<0>();  // the Q copy when there was no key tile
+        __syncthreads();
+
+        // Finish: full row sums, normalise, write.
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          float L = l_run[rr];
+          L += __shfl_xor_sync(0xffffffffu, L, 1);
+          L += __shfl_xor_sync(0xffffffffu, L, 2);
+          const float inv = L > 0.f ? 1.f / L : 0.f;
+          const float lse = L > 0.f ? (m_run[rr] + log2f(L)) * kLn2 : -INFINITY;
+          const int64_t i = row0 + 8 * rr;
+          if (p.n_splits > 1) {
+            if (i < s.lq) {
+              const int64_t pr = (split * p.total_q + s.tok0 + i) * p.H + h;
+              float* dst = p.out_part + pr * p.Dv;
+#pragma unroll
+              for (int dn = 0; dn < kDT; ++dn) {
+                const int d = dn * 8 + 2 * t;
+                if (d < p.Dv) dst[d] = o[dn][2 * rr] * inv;
+                if (d + 1 < p.Dv) dst[d + 1] = o[dn][2 * rr + 1] * inv;
+              }
+              if (t == 0) p.lse_part[pr] = lse;
+            }
+          } else {
+            // stage the row in this warp's own rows of sQ, copied out below
+            uint16_t* srow = sQ + (warp * 16 + g + 8 * rr) * kLd;
+#pragma unroll
+            for (int dn = 0; dn < kDT; ++dn) {
+              const uint32_t v2 = pack2<T>(o[dn][2 * rr] * inv, o[dn][2 * rr + 1] * inv);
+              *reinterpret_cast<uint32_t*>(srow + dn * 8 + 2 * t) = v2;
+            }
+            if (t == 0 && i < s.lq) p.lse[lse_index(p, b, s, h, i)] = lse;
+          }
+        }
+        if (p.n_splits <= 1) {
+          __syncwarp();
+          uint16_t* outp = static_cast<uint16_t*>(p.out);
+          const bool vec_out = (p.Dv % 8) == 0;
+          for (int r = 0; r < 16; ++r) {
+            const int64_t i = i0 + warp * 16 + r;
+            if (i >= s.lq) break;
+            uint16_t* dst = outp + ((s.tok0 + i) * p.H + h) * p.Dv;
+            const uint16_t* src = sQ + (warp * 16 + r) * kLd;
+            if (vec_out) {
+              for (int c = lane * 8; c < p.Dv; c += 256)
+                *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(src + c);
+            } else {
+              for (int c = lane; c < p.Dv; c += 32) dst[c] = src[c];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- SIMT forward (any dtype) ---------------------------------------------------------------
+
+// Dot product of a float row in shared memory with a row of K in global memory.
+template <typename T>
+__device__ __forceinline__ float dot_row(const float* qs, const T* kr, int D, bool vec) {
+  float acc = 0.f;
+  if constexpr (sizeof(T) == 2) {
+    if (vec) {
+      for (int d = 0; d < D; d += 8) {
+        const uint4 u = *reinterpret_cast<const uint4*>(kr + d);
+        const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc = fmaf(qs[d + x], to_float<T>(e[x]), acc);
+      }
+      return acc;
+    }
+  }
+  for (int d = 0; d < D; ++d) acc = fmaf(qs[d], to_float<T>(kr[d]), acc);
+  return acc;
+}
+
+// One warp per (query row, head, split); a lane per key for the scores, a lane per
+// head-dim slot for the output. kDPL: head-dim slots per lane (D, Dv <= 32 kDPL).
+template <typename T, int kDPL>
+__global__ void __launch_bounds__(128) fwd_rows_kernel(const Params p) {
+  __shared__ float q_sh[4][32 * kDPL];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* qs = q_sh[warp];
+  const int G = p.H / p.Hk;
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const Seq s = seq_info(p, b);
+    const Window w = seq_window(p, s);
+    const int64_t rows = s.lq * p.H;
+    for (int split = blockIdx.y; split < p.n_splits; split += gridDim.y) {
+      for (int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp; r < rows; r += static_cast<int64_t>(gridDim.x) * 4) {
+        const int64_t i = r / p.H;
+        const int h = static_cast<int>(r % p.H), hk = h / G;
+        int64_t kb, ke;
+        split_range(p, split, key_lo(w, i), key_hi(w, i, s.lk), kb, ke);
+        const T* qrow = static_cast<const T*>(p.q) + s.q_off + i * p.q_ss + h * p.q_sh;
+        const T* kbase = static_cast<const T*>(p.k) + s.k_off + hk * p.k_sh;
+        const T* vbase = static_cast<const T*>(p.v) + s.v_off + hk * p.v_sh;
+        __syncwarp();
+        for (int d = lane; d < 32 * kDPL; d += 32) qs[d] = d < p.D ? to_float<T>(qrow[d]) * p.scale_log2 : 0.f;
+        __syncwarp();
+        float o[kDPL];
+#pragma unroll
+        for (int x = 0; x < kDPL; ++x) o[x] = 0.f;
+        float m_run = -INFINITY, l_run = 0.f;
+        for (int64_t jc = kb; jc < ke; jc += 32) {
+          const int64_t j = jc + lane;
+          float x = -INFINITY;
+          if (j < ke) {  // [kb, ke) lies inside the window: only the caller's mask can hide a key
+            x = dot_row<T>(qs, kbase + j * p.k_ss, p.D, p.k_vec);
+            if (p.has_mask()) x += mask_log2(p, b, h, i, j);
+          }
+          const float m_new = fmaxf(m_run, warp_max(x));
+          const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = exp2f(m_run - m_safe);
+          const float pj = exp2f(x - m_safe);
+          l_run = l_run * alpha + warp_sum(pj);
+          m_run = m_new;
+#pragma unroll
+          for (int y = 0; y < kDPL; ++y) o[y] *= alpha;
+          const int n = static_cast<int>(imin(32, ke - jc));
+          for (int jj = 0; jj < n; ++jj) {
+            const float pv = __shfl_sync(0xffffffffu, pj, jj);
+            if (pv == 0.f) continue;  // the same for every lane
+            const T* vr = vbase + (jc + jj) * p.v_ss;
+#pragma unroll
+            for (int y = 0; y < kDPL; ++y) {
+              const int d = lane + 32 * y;
+              if (d < p.Dv) o[y] = fmaf(pv, to_float<T>(vr[d]), o[y]);
+            }
+          }
+        }
+        const float inv = l_run > 0.f ? 1.f / l_run : 0.f;
+        const float lse = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : -INFINITY;
+        if (p.n_splits > 1) {
+          const int64_t pr = (split * p.total_q + s.tok0 + i) * p.H + h;
+#pragma unroll
+          for (int y = 0; y < kDPL; ++y) {
+            const int d = lane + 32 * y;
+            if (d < p.Dv) p.out_part[pr * p.Dv + d] = o[y] * inv;
+          }
+          if (lane == 0) p.lse_part[pr] = lse;
+        } else {
+          T* dst = static_cast<T*>(p.out) + ((s.tok0 + i) * p.H + h) * p.Dv;
+#pragma unroll
+          for (int y = 0; y < kDPL; ++y) {
+            const int d = lane + 32 * y;
+            if (d < p.Dv) dst[d] = from_float<T>(o[y] * inv);
+          }
+          if (lane == 0) p.lse[lse_index(p, b, s, h, i)] = lse;
+        }
+      }
+    }
+  }
+}
+
+// ---- split-KV combine -----------------------------------------------------------------------
+
+// One warp per (token, head): out = sum_s e^(lse_s - lse) out_s, lse = log sum_s e^lse_s.
+// Splits that saw no key (lse_s = -inf) are skipped, so their partial rows are never read.
+template <typename T>
+__global__ void __launch_bounds__(128) combine_kernel(const Params p) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t rows = p.total_q * p.H;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp; r < rows; r += static_cast<int64_t>(gridDim.x) * 4) {
+    const int64_t tok = r / p.H;
+    const int h = static_cast<int>(r % p.H);
+    float mx = -INFINITY;
+    for (int sp = 0; sp < p.n_splits; ++sp) mx = fmaxf(mx, p.lse_part[sp * rows + r]);
+    T* dst = static_cast<T*>(p.out) + r * p.Dv;
+    if (mx == -INFINITY) {
+      for (int d = lane; d < p.Dv; d += 32) dst[d] = from_float<T>(0.f);
+      if (lane == 0) p.lse[lse_index_tok(p, tok, h)] = -INFINITY;
+      continue;
+    }
+    float sum = 0.f;
+    for (int sp = 0; sp < p.n_splits; ++sp) {
+      const float ls = p.lse_part[sp * rows + r];
+      if (ls != -INFINITY) sum += expf(ls - mx);
+    }
+    const float inv = 1.f / sum;
+    for (int d = lane; d < p.Dv; d += 32) {
+      float acc = 0.f;
+      for (int sp = 0; sp < p.n_splits; ++sp) {
+        const float ls = p.lse_part[sp * rows + r];
+        if (ls != -INFINITY) acc = fmaf(expf(ls - mx), p.out_part[(sp * rows + r) * p.Dv + d], acc);
+      }
+      dst[d] = from_float<T>(acc * inv);
+    }
+    if (lane == 0) p.lse[lse_index_tok(p, tok, h)] = mx + logf(sum);
+  }
+}
+
+}  // namespace cuda
+}  // namespace attention
+}  // namespace pk
