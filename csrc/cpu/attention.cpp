@@ -64,6 +64,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/attention_checks.h"
+
 #include "attention_impl.h"
 
 namespace pk {
@@ -387,18 +389,7 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
     TORCH_CHECK(t->device().is_cpu(), name, ": expected a CPU tensor, got one on ", t->device());
     check_float_dtype(*t, name);
   }
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k, v: expected one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q, cu_seqlens_k: pass both or neither");
-  const bool varlen = cu_q.has_value();
-  const int64_t nd = varlen ? 3 : 4;
-  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
-  TORCH_CHECK(q.dim() == nd, "q: expected ", nd, " dims ", layout, ", got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == nd, "k: expected ", nd, " dims ", layout, ", got shape ", k.sizes());
-  TORCH_CHECK(v.dim() == nd, "v: expected ", nd, " dims ", layout, ", got shape ", v.sizes());
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window: expected values >= -1 (-1: unbounded), got (",
-              window_left, ", ", window_right, ")");
-  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  const bool varlen = attention::check_qkv_layout(q, k, v, cu_q, cu_k, scale, window_left, window_right);
   Problem p;
   p.H = q.size(-2);
   p.Hk = k.size(-2);
@@ -526,26 +517,9 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q_in, at::Tensor& k_cache, a
               "], got ", cache_seqlens.sizes());
   const at::Tensor lens = cache_seqlens.contiguous();
   const int32_t* len = lens.data_ptr<int32_t>();
-  int64_t s_new = 0;
-  if (k_new.has_value()) {
-    TORCH_CHECK(k_new->dim() == 4 && v_new->dim() == 4,
-                "k_new, v_new: expected 4 dims (batch, seqlen_new, kv_heads, head_dim), got shapes ", k_new->sizes(),
-                " and ", v_new->sizes());
-    TORCH_CHECK(k_new->size(0) == B && v_new->size(0) == B && v_new->size(1) == k_new->size(1),
-                "k_new, v_new: expected batch ", B, " and one length, got shapes ", k_new->sizes(), " and ",
-                v_new->sizes());
-    TORCH_CHECK(k_new->size(2) == k_cache.size(2) && k_new->size(3) == k_cache.size(3),
-                "k_new: expected (heads, head_dim) of k_cache ", k_cache.sizes().slice(2), ", got ",
-                k_new->sizes().slice(2));
-    TORCH_CHECK(v_new->size(2) == v_cache.size(2) && v_new->size(3) == v_cache.size(3),
-                "v_new: expected (heads, head_dim) of v_cache ", v_cache.sizes().slice(2), ", got ",
-                v_new->sizes().slice(2));
-    TORCH_CHECK(k_new->scalar_type() == k_cache.scalar_type() && v_new->scalar_type() == v_cache.scalar_type(),
-                "k_new, v_new: expected the dtype of the cache ", k_cache.scalar_type(), ", got ",
-                k_new->scalar_type(), " and ", v_new->scalar_type());
+  const int64_t s_new = attention::check_kv_new(k_new, v_new, k_cache, v_cache, B);
+  if (k_new.has_value())
     TORCH_CHECK(k_new->device().is_cpu() && v_new->device().is_cpu(), "k_new, v_new: expected CPU tensors");
-    s_new = k_new->size(1);
-  }
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len[b] >= 0 && len[b] + s_new <= Smax, "cache_seqlens: row ", b, " holds ", len[b], " tokens",
                 s_new ? " plus " + std::to_string(s_new) + " new" : std::string(), ", past the cache of ", Smax,

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../common/attention.h"
+#include "../common/attention_checks.h"
 
 namespace pk {
 namespace attention {
@@ -241,18 +242,7 @@ inline Params make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::opti
   check_cuda_float(q, "q", dev);
   check_cuda_float(k, "k", dev);
   check_cuda_float(v, "v", dev);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k, v: expected one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q, cu_seqlens_k: pass both or neither");
-  const bool varlen = cu_q.has_value();
-  const int64_t nd = varlen ? 3 : 4;
-  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
-  TORCH_CHECK(q.dim() == nd, "q: expected ", nd, " dims ", layout, ", got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == nd, "k: expected ", nd, " dims ", layout, ", got shape ", k.sizes());
-  TORCH_CHECK(v.dim() == nd, "v: expected ", nd, " dims ", layout, ", got shape ", v.sizes());
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window: expected values >= -1 (-1: unbounded), got (",
-              window_left, ", ", window_right, ")");
-  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  const bool varlen = attention::check_qkv_layout(q, k, v, cu_q, cu_k, scale, window_left, window_right);
   Params p;
   const int64_t H = q.size(-2), Hk = k.size(-2), D = q.size(-1), Dv = v.size(-1);
   TORCH_CHECK(v.size(-2) == Hk, "k, v: expected the same number of heads, got ", Hk, " and ", v.size(-2));

@@ -80,26 +80,9 @@ at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, 
               cache_seqlens.device());
   TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens: expected shape [", B, "], got ",
               cache_seqlens.sizes());
-  int64_t s_new = 0;
-  if (k_new.has_value()) {
-    TORCH_CHECK(k_new->dim() == 4 && v_new->dim() == 4,
-                "k_new, v_new: expected 4 dims (batch, seqlen_new, kv_heads, head_dim), got shapes ", k_new->sizes(),
-                " and ", v_new->sizes());
-    TORCH_CHECK(k_new->size(0) == B && v_new->size(0) == B && v_new->size(1) == k_new->size(1),
-                "k_new, v_new: expected batch ", B, " and one length, got shapes ", k_new->sizes(), " and ",
-                v_new->sizes());
-    TORCH_CHECK(k_new->size(2) == k_cache.size(2) && k_new->size(3) == k_cache.size(3),
-                "k_new: expected (heads, head_dim) of k_cache ", k_cache.sizes().slice(2), ", got ",
-                k_new->sizes().slice(2));
-    TORCH_CHECK(v_new->size(2) == v_cache.size(2) && v_new->size(3) == v_cache.size(3),
-                "v_new: expected (heads, head_dim) of v_cache ", v_cache.sizes().slice(2), ", got ",
-                v_new->sizes().slice(2));
-    TORCH_CHECK(k_new->scalar_type() == k_cache.scalar_type() && v_new->scalar_type() == v_cache.scalar_type(),
-                "k_new, v_new: expected the dtype of the cache ", k_cache.scalar_type(), ", got ",
-                k_new->scalar_type(), " and ", v_new->scalar_type());
+  const int64_t s_new = attention::check_kv_new(k_new, v_new, k_cache, v_cache, B);
+  if (k_new.has_value())
     TORCH_CHECK(k_new->device() == dev && v_new->device() == dev, "k_new, v_new: expected tensors on ", dev);
-    s_new = k_new->size(1);
-  }
   TORCH_CHECK(s_new <= Smax, "k_new: ", s_new, " new tokens do not fit a cache of ", Smax);
   // Checks q against the caches (dtypes, heads, head dims) before anything is written.
   at::Tensor q = q_in, k = k_cache, v = v_cache;
