@@ -17,8 +17,9 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
                                   const c10::optional<at::Tensor>& special_ids,
                                   const c10::optional<at::Tensor>& word_starts,
                                   const c10::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
-                                  int64_t mask_token_id, int64_t vocab_size, double replace_prob,
+                                  int64_t mask_token_id, int64_t vocab_size, double mask_prob, double replace_prob,
                                   double random_prob) {
+  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
   TORCH_CHECK(input_ids.dim() == 2, "input_ids: expected a 2-D tensor [batch, seq_len], got ", input_ids.dim(),
               "-D");
   TORCH_CHECK(input_ids.scalar_type() == at::kLong || input_ids.scalar_type() == at::kInt,
@@ -79,6 +80,12 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
   }
   (void)L;
   return c;
+}
+
+inline void check_span_args(double geometric_p, int64_t max_span) {
+  TORCH_CHECK(geometric_p > 0.0 && geometric_p <= 1.0, "geometric_p: expected a probability in (0, 1], got ",
+              geometric_p);
+  TORCH_CHECK(max_span >= 1, "max_span: expected >= 1, got ", max_span);
 }
 
 }  // namespace masking

@@ -235,8 +235,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cuda(const at::Tensor& input_ids,
                                                  bool exact_count, int64_t max_predictions) {
   const c10::cuda::CUDAGuard guard(input_ids.device());
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
-                                 mask_token_id, vocab_size, replace_prob, random_prob);
-  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
+                                 mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
   auto out = at::empty_like(c.ids);
   auto labels = at::empty_like(c.ids);
   if (c.ids.numel() == 0) return {out, labels};
@@ -271,11 +270,8 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cuda(const at::Tensor& input_ids,
                                                   double geometric_p, int64_t max_span) {
   const c10::cuda::CUDAGuard guard(input_ids.device());
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
-                                 mask_token_id, vocab_size, replace_prob, random_prob);
-  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
-  TORCH_CHECK(geometric_p > 0.0 && geometric_p <= 1.0, "geometric_p: expected a probability in (0, 1], got ",
-              geometric_p);
-  TORCH_CHECK(max_span >= 1, "max_span: expected >= 1, got ", max_span);
+                                 mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
+  masking::check_span_args(geometric_p, max_span);
   auto out = c.ids.clone();
   auto labels = at::full_like(c.ids, -100);
   if (c.ids.numel() == 0) return {out, labels};
