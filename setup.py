@@ -92,6 +92,16 @@ def _use_ccache(cuda_home):
     return ccache
 
 
+def _openmp_flag():
+    """-fopenmp when torch's CPU backend is OpenMP (the Linux wheels); macOS wheels use a
+    native thread pool that at::parallel_for reaches without it."""
+    if os.environ.get("PK_OPENMP", "1") == "0":
+        return None
+    if "OpenMP" not in torch.__config__.parallel_info() or sys.platform == "darwin":
+        return None
+    return "-fopenmp"
+
+
 def build_extension():
     with_cuda, cuda_home = _want_cuda()
     ccache = _use_ccache(cuda_home if with_cuda else None)
@@ -100,6 +110,13 @@ def build_extension():
     torch_version = torch.__version__.split("+")[0]
     define_macros = [("PK_TORCH_VERSION", f'"{torch.__version__}"'), ("PK_CPU_ISA", '"x86-64 baseline; avx2/avx512f clones picked at load time"' if _is_x86() else '"generic"')]
     cxx_flags = ["-O0" if debug else "-O3", "-fvisibility=hidden"]
+    link_flags = []
+    if _openmp_flag():
+        # at::parallel_for is a header template: without OpenMP at compile time it runs the
+        # whole range on the calling thread. libgomp.so.1 is the soname torch itself loads,
+        # so the extension joins torch's thread pool and honours torch.set_num_threads.
+        cxx_flags.append(_openmp_flag())
+        link_flags.append(_openmp_flag())
     if debug:
         cxx_flags.append("-g")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -122,6 +139,7 @@ def build_extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
         py_limited_api=False,
     )
 

@@ -23,10 +23,12 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict:
-    """What this build contains: with_cuda, cuda_archs, cpu_isa, torch_version (built
-    against), compiler; plus the torch version running now."""
+    """What this build contains: with_cuda, cuda_archs, cpu_isa, cpu_parallel (how the CPU
+    kernels spread over threads), torch_version (built against), compiler; plus the torch
+    version running now and cpu_threads, the threads a CPU kernel runs on right now."""
     info = dict(_C.build_info())
     info["torch_runtime_version"] = torch.__version__
+    info["cpu_threads"] = _C.parallel_threads()
     return info
 
 
