@@ -84,6 +84,56 @@ def test_resume_equals_uninterrupted(kind, text_dir, tmp_path):
     assert steps[-1] == 6 and 3 in steps
 
 
+def test_ema_average_resume_and_loading(tmp_path):
+    from safetensors.torch import load_file
+
+    from pretrain_kernels.train.loop import EMA, build_task_from_dir
+
+    # the average follows the documented recurrence on the weights after each step
+    task = make_task("diffusion", None)
+    tr = Trainer(task, tiny_cfg(steps=3, ema=0.9), str(tmp_path / "a"))
+    snaps, avg = [], {n: t.double().clone() for n, t in task.model.state_dict().items()}
+    orig_update = tr.ema.update
+
+    def spy(model, step):
+        orig_update(model, step)
+        snaps.append((step, {n: t.double().clone() for n, t in model.state_dict().items()}))
+    tr.ema.update = spy
+    tr.train()
+    for step, w in snaps:
+        d = min(0.9, (1 + step) / (10 + step))
+        avg = {n: avg[n] + (1 - d) * (w[n] - avg[n]) for n in avg}
+    saved = load_file(str(tmp_path / "a" / "ema.safetensors"))
+    raw = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert set(saved) == set(raw)
+    diff = 0.0
+    for n, t in saved.items():
+        torch.testing.assert_close(t.double(), avg[n], rtol=1e-5, atol=1e-6)
+        diff = max(diff, float((t - raw[n]).abs().max()))
+    assert diff > 0       # the average is not the last weights
+    # evaluation swaps the average in and the training weights back out
+    before = {n: t.clone() for n, t in task.model.state_dict().items()}
+    with tr.ema.swapped_in(task.model):
+        torch.testing.assert_close(task.model.state_dict()["conv_in.weight"], saved["conv_in.weight"])
+    for n, t in task.model.state_dict().items():
+        assert torch.equal(t, before[n])
+    # run folders load the average by default, the raw weights on request
+    loaded, _ = build_task_from_dir(str(tmp_path / "a"), load_data=False)
+    assert torch.equal(loaded.model.state_dict()["conv_in.weight"], saved["conv_in.weight"])
+    loaded, _ = build_task_from_dir(str(tmp_path / "a"), load_data=False, use_ema=False)
+    assert torch.equal(loaded.model.state_dict()["conv_in.weight"], raw["conv_in.weight"])
+    # resume continues the average exactly
+    full = Trainer(make_task("diffusion", None), tiny_cfg(steps=6, ema=0.9), str(tmp_path / "b"))
+    full.train()
+    Trainer(make_task("diffusion", None), tiny_cfg(steps=3, ema=0.9), str(tmp_path / "c")).train()
+    Trainer(make_task("diffusion", None, seed=5), tiny_cfg(steps=6, ema=0.9), str(tmp_path / "c")).train(resume=True)
+    a, b = load_file(str(tmp_path / "b" / "ema.safetensors")), load_file(str(tmp_path / "c" / "ema.safetensors"))
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ema"):
+        EMA(task.model, 1.0)
+
+
 def test_grad_accum_equals_one_big_batch(text_dir):
     a = losses(Trainer(make_task("mlm", text_dir), tiny_cfg(steps=4)).train())
     b = losses(Trainer(make_task("mlm", text_dir), tiny_cfg(steps=4, grad_accum=4)).train())

@@ -22,11 +22,11 @@ TASKS = ("mlm", "gpt", "diffusion", "flow")
 DEFAULTS = {
     "gpt": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mlm": dict(steps=750, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
-    "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
-    "flow": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500),
+    "diffusion": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=1000, ema=0.999),
+    "flow": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=1000, ema=0.999),
 }
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
-              "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device")
+              "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device", "ema")
 
 
 def _positive(kind=int):
@@ -76,6 +76,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive(), help="torch CPU threads")
+    g.add_argument("--ema", type=_nonneg(float), help="decay of an exponential moving average of the weights, "
+                   "used for evaluation and sampling (0: off; default 0.999 for diffusion/flow, 0 for text)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=_nonneg())
     g.add_argument("--save-every", type=_nonneg())
@@ -98,6 +100,8 @@ def train_parser() -> argparse.ArgumentParser:
                    default="squaredcos_cap_v2", help="diffusion")
     g.add_argument("--eval-samples", type=_positive(), default=500)
     g.add_argument("--guidance", type=_positive(float), default=1.0, help="class-conditional eval guidance")
+    g.add_argument("--coupling", choices=("independent", "ot"), help="flow: how noise is paired with images "
+                   "(ot: mini-batch optimal transport, straighter paths for few-step sampling; the default)")
     return p
 
 
@@ -129,7 +133,8 @@ def _build_task(args, p):
         m["heads"] = args.heads
     return DenoisingTask(args.task, arch=args.arch, model_cfg=m, class_cond=not args.uncond, p_uncond=args.p_uncond,
                          prediction=args.prediction, schedule=args.schedule, data=args.data,
-                         eval_samples=args.eval_samples, guidance=args.guidance)
+                         eval_samples=args.eval_samples, guidance=args.guidance,
+                         coupling=args.coupling or ("ot" if args.task == "flow" else "independent"))
 
 
 def _init_distributed():

@@ -173,13 +173,18 @@ class DenoisingTask:
                  class_cond: bool = True, p_uncond: float = 0.2, prediction: str = "v_prediction",
                  schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 1000, data: str | None = None,
                  eval_samples: int = 500, guidance: float = 1.0, load_data: bool = True, image_shape=None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, coupling: str = "independent"):
         if objective not in ("diffusion", "flow"):
             raise ValueError(f"objective: expected 'diffusion' or 'flow', got {objective!r}")
         if arch not in ("unet", "dit"):
             raise ValueError(f"arch: expected 'unet' or 'dit', got {arch!r}")
         if prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction: expected 'epsilon' or 'v_prediction', got {prediction!r}")
+        if coupling not in ("independent", "ot"):
+            raise ValueError(f"coupling: expected 'independent' or 'ot', got {coupling!r}")
+        if coupling == "ot" and objective != "flow":
+            raise ValueError("coupling 'ot' pairs noise with images for flow matching; use objective='flow'")
+        self.coupling = coupling
         self.name = objective
         self.objective, self.arch, self.prediction, self.schedule = objective, arch, prediction, schedule
         self.num_train_timesteps, self.p_uncond, self.data_path = num_train_timesteps, p_uncond, data
@@ -212,7 +217,7 @@ class DenoisingTask:
                 "p_uncond": self.p_uncond, "prediction": self.prediction, "schedule": self.schedule,
                 "num_train_timesteps": self.num_train_timesteps, "data": self.data_path,
                 "eval_samples": self.eval_samples, "guidance": self.guidance, "image_shape": list(self.image_shape),
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "coupling": self.coupling}
 
     def _timesteps(self, n, gen):
         if self.objective == "diffusion":
@@ -234,6 +239,8 @@ class DenoisingTask:
             y = y.masked_fill(drop, self.num_classes)     # "no class": learns the unconditional model too
         else:
             y = torch.zeros(n, dtype=torch.long)
+        if self.coupling == "ot":
+            noise = ot_pair(x0, noise, y)
         return {"x0": x0, "noise": noise, "t": t, "y": y}
 
     split = staticmethod(_split_dict)
@@ -292,6 +299,27 @@ class DenoisingTask:
                 for k, v in judge.conditional(x, y).items():
                     out[f"{key}_cond_{k}"] = v
         return out
+
+
+def ot_pair(x0: torch.Tensor, noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mini-batch optimal-transport coupling for flow matching: reorders the noise so that the
+    pairs (noise_i, x0_i) minimise the summed squared distance, separately within each label
+    (so class-conditional and "no class" examples keep their own marginals). The batch's noise
+    is still a set of independent normal draws, only matched to nearby images: the straight
+    lines between pairs cross less, the learned velocity field bends less, and few-step Euler
+    sampling blurs less. The assignment is exact (scipy's Hungarian solver) and deterministic."""
+    from scipy.optimize import linear_sum_assignment
+
+    out = noise.clone()
+    a, b = x0.flatten(1).double(), noise.flatten(1).double()
+    for label in torch.unique(y).tolist():
+        idx = (y == label).nonzero().flatten()
+        if idx.numel() < 2:
+            continue
+        cost = torch.cdist(a[idx], b[idx]).pow(2).numpy()
+        rows, cols = linear_sum_assignment(cost)
+        out[idx[torch.from_numpy(rows)]] = noise[idx[torch.from_numpy(cols)]]
+    return out
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm", "flow")
@@ -388,5 +416,6 @@ def build_task(cfg: dict, *, load_data: bool = True):
                              p_uncond=cfg["p_uncond"], prediction=cfg["prediction"], schedule=cfg["schedule"],
                              num_train_timesteps=cfg["num_train_timesteps"], data=cfg.get("data"),
                              eval_samples=cfg.get("eval_samples", 500), guidance=cfg.get("guidance", 1.0),
-                             load_data=load_data, image_shape=cfg["image_shape"], num_classes=cfg["num_classes"])
+                             load_data=load_data, image_shape=cfg["image_shape"], num_classes=cfg["num_classes"],
+                             coupling=cfg.get("coupling", "independent"))
     raise ValueError(f"task kind: expected gpt, mlm, diffusion or flow, got {kind!r}")
