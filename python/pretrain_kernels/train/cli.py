@@ -179,7 +179,8 @@ def train_main(argv=None) -> dict:
                 p.error(f"--resume: {out!r} holds a {task.name} run, not {args.task}")
             if args.tokenizer or args.vocab_size:
                 tc = task.tokenizer_config()
-                if (args.tokenizer or tc["kind"], args.vocab_size or tc["vocab_size"]) != (tc["kind"], tc["vocab_size"]):
+                asked = (args.tokenizer or tc["kind"], args.vocab_size or tc["vocab_size"])
+                if asked != (tc["kind"], tc["vocab_size"]):
                     p.error(f"--resume: {out!r} was trained with the {tc['kind']} tokenizer of {tc['vocab_size']} ids; "
                             f"a resumed run keeps it")
         else:
