@@ -342,6 +342,22 @@ def test_cli_gpt_bpe_train_resume_generate(text_dir, tmp_path, monkeypatch):
         head = full[:len(full) - len(rest)]
         k = min((i for i in (rest.find(" "), rest.find("e")) if i >= 0), default=len(rest))
         assert cut == head + rest[:k]
+    # a stop character at the end of a longer token: the token's text before it is kept
+    raw = task.model.generate([tok.encode("def ")], 40, temperature=0.8, seed=3)[0]
+    seen = b""
+    for j, t in enumerate(raw):
+        tb = tok.token_bytes(t)
+        c = tb[-1:]
+        if len(tb) >= 2 and 33 <= tb[-1] < 127 and c not in seen + tb[:-1]:
+            break
+        seen += tb
+    else:
+        pytest.fail("no multi-byte token in the sample")
+    assert task.model.generate([tok.encode("def ")], 40, temperature=0.8, seed=3, stop_tokens=[t],
+                               keep_stop_token=True)[0] == raw[:j + 1]
+    cut = generate_main(["--checkpoint", out, "--prompt", "def ", "--max-new-tokens", "40", "--seed", "3",
+                         "--stop", c.decode()])
+    assert cut == ["def " + (seen + tb[:-1]).decode("utf-8", errors="replace")]
     # resume continues from the saved tokenizer and token cache
     train_main(["gpt", "--out", out, "--resume", "--steps", "6", "--no-progress"])
     with open(os.path.join(out, "config.json")) as f:
@@ -361,7 +377,7 @@ def test_cli_mlm_bpe(text_dir, tmp_path):
     task, _ = build_task_from_dir(out)
     assert task.model.cfg.vocab_size == task.tok.vocab_size == 300
     # masking: labels only on real, non-special tokens; no special drawn as a random replacement
-    b = task.batch(torch.Generator().manual_seed(0), 64)
+    b = task.batch(torch.Generator().manual_seed(0), 2048)
     sel = b["labels"] != -100
     specials = torch.tensor(task.tok.all_special_ids)
     assert sel.any() and not torch.isin(b["labels"][sel], specials).any()
