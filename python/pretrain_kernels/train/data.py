@@ -218,8 +218,8 @@ class BPETokenizer:
         if hit is None:
             import numpy as np
 
-            encs = self._tok.encode_batch_fast(list(_chunks(corpus.decode("utf-8", errors="replace"))),
-                                               add_special_tokens=False)
+            batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)   # no offsets: faster
+            encs = batch(list(_chunks(corpus.decode("utf-8", errors="replace"))), add_special_tokens=False)
             arr = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encs] or [np.zeros(0, np.int32)])
             hit = torch.from_numpy(arr)
             remember_encoding(key, hit)
