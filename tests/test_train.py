@@ -277,6 +277,10 @@ def test_bpe_tokenizer_round_trip(text_dir, tmp_path):
         assert tok.decode(ids) == text and tok.decode_bytes(ids) == text.encode("utf-8")
         assert int(tok.token_nbytes[ids].sum()) == len(text.encode("utf-8"))
     assert tok.decode(tok.encode("ab") + [tok.mask_token_id] + tok.encode("cd") + [tok.pad_token_id]) == "ab\u2588cd"
+    import pretrain_kernels as pk
+
+    batch = pk.MLMCollator(tok, mlm_probability=0.5)([tok.encode("x = 1"), tok.encode("def f(a, b): return a")])
+    assert batch["input_ids"].shape == batch["labels"].shape and int((batch["input_ids"] == 0).sum()) > 0
     # the corpus encoder: line-aligned batches give exactly the ids of the whole text, BPE compresses
     ids = tok.encode_corpus(val)
     assert ids.tolist() == tok.encode(val) and tok.encode_corpus(val) is ids   # cached

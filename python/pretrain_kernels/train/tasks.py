@@ -232,7 +232,7 @@ class MLMTask(_TextTask):
     def evaluate(self, model, device):
         correct = base = n = nbytes = 0
         tot = 0.0
-        nb = self.tok.token_nbytes.to(device)
+        nb = self.tok.token_nbytes.to(device) if self.bpe else None
         for mb in _split_dict(self.val, max(1, self.eval_windows // 32)):
             mb = {k: v.to(device) for k, v in mb.items()}
             ids, cu, pos, max_len, labels = pack(mb["input_ids"], mb["attention_mask"], mb["labels"])
@@ -241,7 +241,8 @@ class MLMTask(_TextTask):
             correct += int((logits.argmax(-1) == y).sum())
             base += int((y == self.most_frequent).sum())
             n += y.numel()
-            nbytes += int(nb[y].sum())
+            if self.bpe:
+                nbytes += int(nb[y].sum())
         if not self.bpe:
             return {"val_loss": tot / n, "masked_accuracy": correct / n, "baseline_accuracy": base / n,
                     "baseline_byte": self.most_frequent}
