@@ -36,10 +36,12 @@ def text_dir(tmp_path_factory):
 
 def make_task(kind, text_dir, seed=0):
     torch.manual_seed(seed)
-    if kind == "gpt":
-        return GPTTask(GPTConfig(**SIZES["gpt"]["tiny"]), seq_len=32, data=text_dir, eval_windows=16)
-    if kind == "mlm":
-        return MLMTask(BertConfig(**SIZES["mlm"]["tiny"]), seq_len=32, min_len=8, data=text_dir, eval_windows=16)
+    tok = dict(tokenizer="bpe", vocab_size=300) if kind.endswith("-bpe") else {}
+    if kind.startswith("gpt"):
+        return GPTTask(GPTConfig(**SIZES["gpt"]["tiny"]), seq_len=32, data=text_dir, eval_windows=16, **tok)
+    if kind.startswith("mlm"):
+        return MLMTask(BertConfig(**SIZES["mlm"]["tiny"]), seq_len=32, min_len=8, data=text_dir, eval_windows=16,
+                       **tok)
     return DenoisingTask(kind, arch="dit" if kind == "flow" else "unet", model_cfg=SIZES["dit" if kind == "flow"
                          else "unet"]["tiny"], eval_samples=20)
 
@@ -67,7 +69,7 @@ def test_lr_schedule():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
 
 
-@pytest.mark.parametrize("kind", ["gpt", "mlm", "diffusion"])
+@pytest.mark.parametrize("kind", ["gpt", "mlm", "diffusion", "gpt-bpe"])
 def test_resume_equals_uninterrupted(kind, text_dir, tmp_path):
     full = losses(Trainer(make_task(kind, text_dir), tiny_cfg(), str(tmp_path / "a")).train())
     Trainer(make_task(kind, text_dir), tiny_cfg(steps=6, save_every=3), str(tmp_path / "b")).train()
@@ -291,6 +293,165 @@ def test_cli_bad_checkpoints(tmp_path, capsys, text_dir):
     assert "holds a gpt run" in _error(capsys, train_main, ["mlm", "--resume", "--out", out])
     assert "--top-p" in _error(capsys, generate_main, ["--checkpoint", out, "--top-p", "1.5"])
     assert "exceeds block_size" in _error(capsys, generate_main, ["--checkpoint", out, "--max-new-tokens", "64"])
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+
+BPE = ["--tokenizer", "bpe", "--vocab-size", "300"]
+
+
+def test_byte_path_draws_the_byte_windows(text_dir):
+    """The byte tokenizer draws exactly what data.byte_windows draws (the original data path)."""
+    t = make_task("gpt", text_dir)
+    assert not t.bpe and t.model_cfg.vocab_size == 260 and t.tokenizer_config() == {"kind": "byte", "vocab_size": 260}
+    b = t.batch(torch.Generator().manual_seed(5), 8)
+    w = D.byte_windows(D.folder_corpus(text_dir, "train"), 8, 33, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(b["x"], w[:, :-1]) and torch.equal(b["y"], w[:, 1:])
+    val = D.byte_windows(D.folder_corpus(text_dir, "validation"), 16, 33, generator=torch.Generator().manual_seed(1234))
+    assert torch.equal(t.val, val)
+    with torch.no_grad():
+        assert set(t.evaluate(t.model, "cpu")) == {"val_loss", "val_bits_per_byte"}
+
+
+def test_bpe_tokenizer_round_trip(text_dir, tmp_path):
+    train, val = D.folder_corpus(text_dir, "train"), D.folder_corpus(text_dir, "validation")
+    tok = D.BPETokenizer.train(train, 300)
+    assert tok.vocab_size == 300 and len(tok) == 300
+    assert tok.sha1 == D.BPETokenizer.train(train, 300).sha1          # deterministic
+    assert tok.all_special_ids == [tok.pad_token_id, tok.mask_token_id, tok.bos_token_id, tok.eos_token_id]
+    assert sorted(tok.all_special_ids) == [0, 1, 2, 3]
+    # unseen text: the validation files, non-ASCII text, and special-token names as plain text
+    for text in (val.decode("utf-8")[:5000], "naïve café — ∑ 日本語\r\n\tx = '<mask>' + \"<pad>\"\n\n\n  "):
+        ids = tok.encode(text)
+        assert not set(ids) & set(tok.all_special_ids)
+        assert tok.decode(ids) == text and tok.decode_bytes(ids) == text.encode("utf-8")
+        assert int(tok.token_nbytes[ids].sum()) == len(text.encode("utf-8"))
+    assert tok.decode(tok.encode("ab") + [tok.mask_token_id] + tok.encode("cd") + [tok.pad_token_id]) == "ab\u2588cd"
+    import pretrain_kernels as pk
+
+    batch = pk.MLMCollator(tok, mlm_probability=0.5)([tok.encode("x = 1"), tok.encode("def f(a, b): return a")])
+    assert batch["input_ids"].shape == batch["labels"].shape and int((batch["input_ids"] == 0).sum()) > 0
+    # the corpus encoder: line-aligned batches give exactly the ids of the whole text, BPE compresses
+    ids = tok.encode_corpus(val)
+    assert ids.tolist() == tok.encode(val) and tok.encode_corpus(val) is ids   # cached
+    assert tok.decode_bytes(ids) == val and ids.numel() < 0.8 * len(val)
+    # saved and reloaded: same tokenizer, same ids; the token cache round trips
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = D.BPETokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert again.sha1 == tok.sha1 and again.encode(val.decode()) == ids.tolist()
+    D.save_token_cache(str(tmp_path / "tokens.pt"), tok, [val])
+    D._ENCODED.clear()
+    assert D.load_token_cache(str(tmp_path / "tokens.pt"), again)
+    assert torch.equal(again.encode_corpus(val), ids)
+    with pytest.raises(ValueError, match="vocab_size: expected an integer >= 260"):
+        D.BPETokenizer.train(train, 259)
+
+
+def test_bpe_gpt_eval_is_per_byte(text_dir):
+    t = make_task("gpt-bpe", text_dir)
+    assert t.bpe and t.model_cfg.vocab_size == 300 and t.model.lm_head.weight.shape[0] == 300
+    with torch.no_grad():
+        m = t.evaluate(t.model, "cpu")
+    nbytes = sum(len(t.tok.decode_bytes(w[1:])) for w in t.val)
+    assert m["val_bytes_per_token"] == pytest.approx(nbytes / t.val[:, 1:].numel())
+    assert m["val_bytes_per_token"] > 1.2
+    assert m["val_loss"] == pytest.approx(m["val_nats_per_token"] / m["val_bytes_per_token"])
+    assert m["val_bits_per_byte"] == pytest.approx(m["val_loss"] / np.log(2))
+    # an untrained model is about uniform over the 300 tokens
+    assert abs(m["val_nats_per_token"] - np.log(300)) < 0.3
+
+
+def test_cli_gpt_bpe_train_resume_generate(text_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "gpt")
+    metrics = train_main(["gpt", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32", *BPE])
+    assert metrics["val_bytes_per_token"] > 1.2 and metrics["val_loss"] < metrics["val_nats_per_token"]
+    for f in ("tokenizer.json", "tokens.pt", "config.json", "model.safetensors"):
+        assert os.path.isfile(os.path.join(out, f))
+    with open(os.path.join(out, "config.json")) as f:
+        task_cfg = json.load(f)["task"]
+    assert task_cfg["tokenizer"]["kind"] == "bpe" and task_cfg["tokenizer"]["vocab_size"] == 300
+    assert task_cfg["model"]["vocab_size"] == 300
+
+    # from here on, nothing may train a tokenizer or encode the corpus again
+    def boom(*a, **k):
+        raise AssertionError("retrained or re-encoded")
+    monkeypatch.setattr(D, "_chunks", boom)
+    D._ENCODED.clear()
+    from pretrain_kernels.train.loop import build_task_from_dir
+
+    task, _ = build_task_from_dir(out)
+    tok = task.tok
+    assert task.bpe and tok.sha1 == task_cfg["tokenizer"]["sha1"]
+    args = ["--checkpoint", out, "--prompt", "def ", "--prompt", "import os", "--max-new-tokens", "12", "--seed", "3"]
+    texts = generate_main(args)
+    raw = task.model.generate([tok.encode("def "), tok.encode("import os")], 12, temperature=0.8, seed=3)
+    assert texts == ["def " + tok.decode_bytes(raw[0]).decode("utf-8", errors="replace"),
+                     "import os" + tok.decode_bytes(raw[1]).decode("utf-8", errors="replace")]
+    assert generate_main(args + ["--no-cache"]) == texts
+    # --stop: the text up to the first stop character, also inside a multi-byte token
+    stopped = generate_main(args + ["--stop", " e"])
+    assert stopped != texts
+    for full, cut in zip(texts, stopped):
+        rest = full[len("def ") if full.startswith("def ") else len("import os"):]
+        head = full[:len(full) - len(rest)]
+        k = min((i for i in (rest.find(" "), rest.find("e")) if i >= 0), default=len(rest))
+        assert cut == head + rest[:k]
+    # a stop character at the end of a longer token: the token's text before it is kept
+    raw = task.model.generate([tok.encode("def ")], 40, temperature=0.8, seed=3)[0]
+    seen = b""
+    for j, t in enumerate(raw):
+        tb = tok.token_bytes(t)
+        c = tb[-1:]
+        if len(tb) >= 2 and 33 <= tb[-1] < 127 and c not in seen + tb[:-1]:
+            break
+        seen += tb
+    else:
+        pytest.fail("no multi-byte token in the sample")
+    assert task.model.generate([tok.encode("def ")], 40, temperature=0.8, seed=3, stop_tokens=[t],
+                               keep_stop_token=True)[0] == raw[:j + 1]
+    cut = generate_main(["--checkpoint", out, "--prompt", "def ", "--max-new-tokens", "40", "--seed", "3",
+                         "--stop", c.decode()])
+    assert cut == ["def " + (seen + tb[:-1]).decode("utf-8", errors="replace")]
+    # resume continues from the saved tokenizer and token cache
+    train_main(["gpt", "--out", out, "--resume", "--steps", "6", "--no-progress"])
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["step"] == 6 and cfg["task"]["tokenizer"] == task_cfg["tokenizer"]
+
+
+def test_cli_mlm_bpe(text_dir, tmp_path):
+    out = str(tmp_path / "mlm")
+    m = train_main(["mlm", "--out", out, "--data", text_dir, *TINY, *BPE])
+    for k in ("masked_token_accuracy", "most_frequent_token_accuracy"):
+        assert 0 <= m[k] <= 1
+    assert m["val_loss"] == pytest.approx(m["val_nats_per_token"] / m["masked_bytes_per_token"])
+    assert "masked_accuracy" not in m and isinstance(m["most_frequent_token"], str)
+    from pretrain_kernels.train.loop import build_task_from_dir
+
+    task, _ = build_task_from_dir(out)
+    assert task.model.cfg.vocab_size == task.tok.vocab_size == 300
+    # masking: labels only on real, non-special tokens; no special drawn as a random replacement
+    b = task.batch(torch.Generator().manual_seed(0), 2048)
+    sel = b["labels"] != -100
+    specials = torch.tensor(task.tok.all_special_ids)
+    assert sel.any() and not torch.isin(b["labels"][sel], specials).any()
+    masked = b["input_ids"][sel]
+    replaced = masked != task.tok.mask_token_id
+    assert replaced.any() and not torch.isin(masked[replaced], specials).any()
+    assert torch.equal(b["input_ids"][b["attention_mask"] == 0],
+                       torch.full_like(b["input_ids"][b["attention_mask"] == 0], task.tok.pad_token_id))
+
+
+def test_cli_bpe_errors(text_dir, tmp_path, capsys, monkeypatch):
+    assert "--vocab-size: expected at least 260" in _error(capsys, train_main, ["gpt", "--tokenizer", "bpe",
+                                                                                 "--vocab-size", "100"])
+    assert "only with --tokenizer bpe" in _error(capsys, train_main, ["gpt", "--vocab-size", "512"])
+    assert "only for the text tasks" in _error(capsys, train_main, ["flow", "--tokenizer", "bpe"])
+    out = str(tmp_path / "byte")
+    train_main(["gpt", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32"])
+    assert "a resumed run keeps it" in _error(capsys, train_main, ["gpt", "--out", out, "--resume", *BPE])
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)
+    assert "needs the 'tokenizers' package" in _error(capsys, train_main, ["gpt", "--data", text_dir, *BPE])
 
 
 # ---- data and judge --------------------------------------------------------------------------

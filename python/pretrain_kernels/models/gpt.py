@@ -179,12 +179,13 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=0,
-                 stop_tokens=(), use_cache: bool = True) -> list[list[int]]:
+                 stop_tokens=(), use_cache: bool = True, keep_stop_token: bool = False) -> list[list[int]]:
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to
         max_new_tokens tokens. Sampling knobs are those of pk.sample (numbers, or per-row
         tensors [B]); penalties count the prompt and the generated tokens. seed: an int (row i
         uses seed + i) or a list/tensor of per-row seeds; step s of row i draws with a seed
-        derived from (its seed, s). A row stops after emitting any of stop_tokens (not returned).
+        derived from (its seed, s). A row stops after emitting any of stop_tokens (not returned
+        unless keep_stop_token: a BPE token may carry text before its stop character).
         use_cache=False recomputes the whole prefix every step (same tokens, slower).
         Returns the new tokens of each row."""
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -232,7 +233,8 @@ class GPT(nn.Module):
                             frequency_penalty=frequency_penalty, prev_tokens=tokens[:, :int(cur.max())],
                             seed=step_seeds.to(device) if B > 1 else int(step_seeds[0]))
             hit_stop = torch.isin(nxt, stop) if stop.numel() else torch.zeros_like(done)
-            for i in torch.nonzero(~done & ~hit_stop).flatten().tolist():
+            take = ~done if keep_stop_token else ~done & ~hit_stop
+            for i in torch.nonzero(take).flatten().tolist():
                 out[i].append(int(nxt[i]))
             done |= hit_stop
             if bool(done.all()) or step == max_new_tokens - 1:

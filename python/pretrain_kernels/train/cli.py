@@ -6,6 +6,10 @@
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
 CPU, NCCL on GPU), each rank on its share of the same global batch.
+
+Text runs tokenize bytes by default; `--tokenizer bpe [--vocab-size N]` trains a byte-level
+BPE on the training text first (train/data.py, needs the `tokenizers` package) and saves it
+in the run folder, where --resume, evaluation and pk-generate find it.
 """
 from __future__ import annotations
 
@@ -53,6 +57,15 @@ def _nonneg(kind=int):
     return conv
 
 
+def _vocab_size(s):
+    from .data import MIN_BPE_VOCAB
+
+    v = _positive()(s)
+    if v < MIN_BPE_VOCAB:
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_BPE_VOCAB} (256 bytes + 4 special tokens), got {s!r}")
+    return v
+
+
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, diffusion or flow-matching model "
                                 "on the package's fused ops (embedded data unless --data is given).")
@@ -91,6 +104,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
     g.add_argument("--mask-prob", type=_positive(float), default=0.15, help="mlm")
+    g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
+                   "byte-level BPE trained on the training text (needs the tokenizers package)")
+    g.add_argument("--vocab-size", type=_vocab_size, help="bpe vocabulary size, specials included (default 2048)")
     g = p.add_argument_group("image models (diffusion, flow)")
     g.add_argument("--arch", choices=("unet", "dit"), default="unet")
     g.add_argument("--uncond", action="store_true", help="no class conditioning")
@@ -113,6 +129,7 @@ def _build_task(args, p):
     d = DEFAULTS[args.task]
     seq_len = args.seq_len or (64 if args.size == "tiny" else d.get("seq_len", 256))
     if args.task in ("gpt", "mlm"):
+        tok = dict(tokenizer=args.tokenizer or "byte", vocab_size=args.vocab_size)
         m = dict(SIZES[args.task][args.size])
         for key, val in (("n_layer", args.layers), ("n_embd", args.dim), ("n_head", args.heads)):
             if val is not None:
@@ -120,10 +137,10 @@ def _build_task(args, p):
         if args.task == "gpt":
             m["n_kv_head"] = args.kv_heads or (m["n_head"] if args.heads else m["n_kv_head"])
             m["block_size"] = max(m["block_size"], seq_len)
-            return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data)
+            return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data, **tok)
         m["max_len"] = max(m["max_len"], seq_len)
         return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
-                       data=args.data)
+                       data=args.data, **tok)
     m = dict(SIZES[args.arch][args.size])
     if args.dim is not None:
         m["base_channels" if args.arch == "unet" else "dim"] = args.dim
@@ -152,6 +169,10 @@ def train_main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.tokenizer or args.vocab_size) and args.task not in ("gpt", "mlm"):
+        p.error(f"--tokenizer/--vocab-size: only for the text tasks (gpt, mlm), not {args.task}")
+    if args.vocab_size and args.tokenizer != "bpe" and not args.resume:
+        p.error("--vocab-size: only with --tokenizer bpe (the byte tokenizer has 260 ids)")
     out = args.out or os.path.join("runs", args.task)
     saved = {}
     try:
@@ -161,10 +182,16 @@ def train_main(argv=None) -> dict:
             task, saved = build_task_from_dir(out)
             if task.name != args.task:
                 p.error(f"--resume: {out!r} holds a {task.name} run, not {args.task}")
+            if args.tokenizer or args.vocab_size:
+                tc = task.tokenizer_config()
+                asked = (args.tokenizer or tc["kind"], args.vocab_size or tc["vocab_size"])
+                if asked != (tc["kind"], tc["vocab_size"]):
+                    p.error(f"--resume: {out!r} was trained with the {tc['kind']} tokenizer of {tc['vocab_size']} ids; "
+                            f"a resumed run keeps it")
         else:
             torch.manual_seed(args.seed if args.seed is not None else 0)  # model initialisation
             task = _build_task(args, p)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
         p.error(str(e))
     tc = dict(DEFAULTS[args.task])
     tc.pop("seq_len", None)
@@ -201,8 +228,8 @@ def train_main(argv=None) -> dict:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT run folder (byte level), sampled "
-                                "by pk.sample with a KV cache.")
+    p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT run folder (byte or BPE tokens, "
+                                "as trained), sampled by pk.sample with a KV cache.")
     p.add_argument("--checkpoint", required=True, help="a pk-train gpt run folder")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: 'def ')")
     p.add_argument("--max-new-tokens", type=_positive(), default=200)
@@ -221,7 +248,6 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv=None) -> list[str]:
-    from .data import ByteTokenizer
     from .loop import build_task_from_dir
 
     p = generate_parser()
@@ -230,27 +256,33 @@ def generate_main(argv=None) -> list[str]:
         p.error(f"--top-p: expected a value in (0, 1], got {args.top_p}")
     try:
         task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         p.error(str(e))
     if task.name != "gpt":
         p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt run")
-    tok = ByteTokenizer()
+    tok = task.tok
     prompts = args.prompt or ["def "]
     if any(len(s) == 0 for s in prompts):
         p.error("--prompt: prompts must not be empty")
-    stop = tok.encode(args.stop) if args.stop else []
+    stop_bytes = args.stop.encode("utf-8") if args.stop else b""
+    if task.bpe:   # a BPE token may hold a stop character among others: stop on it, cut the text after
+        stop = [i for i in range(tok.vocab_size) if any(c in tok.token_bytes(i) for c in stop_bytes)]
+    else:
+        stop = tok.encode(args.stop) if args.stop else []
     model = task.model.eval()
     try:
         outs = model.generate([tok.encode(s) for s in prompts], args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                               frequency_penalty=args.frequency_penalty, seed=args.seed, stop_tokens=stop,
-                              use_cache=not args.no_cache)
+                              use_cache=not args.no_cache, keep_stop_token=task.bpe)
     except ValueError as e:
         p.error(str(e))
     texts = []
     for s, o in zip(prompts, outs):
-        text = s + bytes(t for t in o if t < 256).decode("utf-8", errors="replace")
+        new = tok.decode_bytes(o)
+        cut = min((k for k in (new.find(bytes([c])) for c in stop_bytes) if k >= 0), default=len(new))
+        text = s + new[:cut].decode("utf-8", errors="replace")
         texts.append(text)
         print(text)
         print("-" * 40)

@@ -22,6 +22,12 @@ Layout of a run folder (out_dir):
                        evaluation, pk-generate and pk-sample-images use
   trainer_state.pt     optimizer state, step, data-generator and torch RNG states
   metrics.jsonl        one line per logged step and per evaluation
+  tokenizer.json       text tasks with --tokenizer bpe: the trained tokenizer (the run's
+                       config records its kind, vocab size and fingerprint)
+  tokens.pt            with bpe: the encoded train/validation text (a cache; safe to delete)
+
+Files a task needs besides its config (the bpe tokenizer) are written by its save_files(out_dir)
+before config.json, and build_task_from_dir passes the folder to build_task to read them.
 
 FSDP2 (torch.distributed.fsdp.fully_shard) would slot in where DDP wraps the model: the loss
 normalisation and the data layout above do not depend on how parameters are sharded, and the
@@ -147,7 +153,7 @@ def build_task_from_dir(ckpt_dir: str, *, load_data: bool = True, device="cpu", 
     from .tasks import build_task
 
     cfg = read_config(ckpt_dir)
-    task = build_task(cfg["task"], load_data=load_data)
+    task = build_task(cfg["task"], load_data=load_data, run_dir=ckpt_dir)
     ema_file = os.path.join(ckpt_dir, "ema.safetensors")
     load_weights(task.model, ckpt_dir, device,
                  "ema.safetensors" if use_ema and os.path.isfile(ema_file) else "model.safetensors")
@@ -248,6 +254,8 @@ class Trainer:
 
     def save(self) -> None:
         if self.rank == 0 and self.out_dir:
+            if hasattr(self.task, "save_files"):
+                self.task.save_files(self.out_dir)
             save_checkpoint(self.out_dir, self.task.model, self.task.config(), self.cfg, self.optimizer, self.step,
                             self.gen, self.ema)
         if self.world > 1:
