@@ -463,6 +463,51 @@ def test_folder_corpus_split(text_dir):
     assert va not in tr
 
 
+def test_ot_coupling_is_an_optimal_permutation_within_labels():
+    import itertools
+
+    from pretrain_kernels.train.tasks import ot_pair
+
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(13, 1, 2, 2, generator=g), torch.randn(13, 1, 2, 2, generator=g)
+    y = torch.tensor([0, 1, 0, 1, 0, 2, 1, 0, 1, 0, 1, 1, 3])
+    out = ot_pair(x0, noise, y)
+    flat = lambda t: [tuple(r) for r in t.flatten(1).tolist()]
+    for label in y.unique().tolist():
+        idx = (y == label).nonzero().flatten()
+        # the same noise draws, only reordered inside the label group
+        assert sorted(flat(out[idx])) == sorted(flat(noise[idx]))
+        best = min(sum(float((x0[i] - noise[j]).pow(2).sum()) for i, j in zip(idx.tolist(), perm))
+                   for perm in itertools.permutations(idx.tolist()))
+        got = float((x0[idx] - out[idx]).pow(2).sum())
+        assert got == pytest.approx(best, rel=1e-6)
+    # and it beats the independent pairing on a whole batch
+    x0, noise = torch.randn(64, 1, 8, 8, generator=g), torch.randn(64, 1, 8, 8, generator=g)
+    zeros = torch.zeros(64, dtype=torch.long)
+    assert (x0 - ot_pair(x0, noise, zeros)).pow(2).sum() < 0.9 * (x0 - noise).pow(2).sum()
+    with pytest.raises(ValueError, match="coupling"):
+        DenoisingTask("diffusion", coupling="ot", load_data=False, image_shape=(1, 8, 8), num_classes=10)
+
+
+def test_ot_batches_keep_standard_normal_noise_and_shorten_paths():
+    task = DenoisingTask("flow", model_cfg=SIZES["unet"]["tiny"], eval_samples=20)
+    assert task.coupling == "ot"
+    indep = DenoisingTask("flow", model_cfg=SIZES["unet"]["tiny"], eval_samples=20, coupling="independent")
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    noise, cost_ot, cost_indep = [], 0.0, 0.0
+    for _ in range(12):
+        b, c = task.batch(g1, 64), indep.batch(g2, 64)
+        noise.append(b["noise"])
+        cost_ot += float((b["x0"] - b["noise"]).pow(2).sum())
+        cost_indep += float((c["x0"] - c["noise"]).pow(2).sum())
+    z = torch.cat(noise).flatten()          # 49152 draws
+    assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1) < 0.03
+    assert cost_ot < 0.9 * cost_indep
+    # deterministic under the generator
+    a, b = task.batch(torch.Generator().manual_seed(5), 64), task.batch(torch.Generator().manual_seed(5), 64)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_digits_split_and_judge():
     from pretrain_kernels.train.judge import Judge, frechet_distance
 

@@ -26,8 +26,8 @@ TASKS = ("mlm", "gpt", "diffusion", "flow")
 DEFAULTS = {
     "gpt": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mlm": dict(steps=750, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
-    "diffusion": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=1000, ema=0.999),
-    "flow": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=1000, ema=0.999),
+    "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
+    "flow": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
 }
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
               "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device", "ema")
@@ -110,7 +110,8 @@ def train_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("image models (diffusion, flow)")
     g.add_argument("--arch", choices=("unet", "dit"), default="unet")
     g.add_argument("--uncond", action="store_true", help="no class conditioning")
-    g.add_argument("--p-uncond", type=_nonneg(float), default=0.2, help="label dropout (classifier-free guidance)")
+    g.add_argument("--p-uncond", type=_nonneg(float), default=0.5, help="label dropout: the share of images trained "
+                   "as \"no class\" (the unconditional model, also used for classifier-free guidance)")
     g.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction", help="diffusion")
     g.add_argument("--schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
                    default="squaredcos_cap_v2", help="diffusion")
@@ -151,7 +152,7 @@ def _build_task(args, p):
     return DenoisingTask(args.task, arch=args.arch, model_cfg=m, class_cond=not args.uncond, p_uncond=args.p_uncond,
                          prediction=args.prediction, schedule=args.schedule, data=args.data,
                          eval_samples=args.eval_samples, guidance=args.guidance,
-                         coupling=args.coupling or ("ot" if args.task == "flow" else "independent"))
+                         coupling=args.coupling)
 
 
 def _init_distributed():

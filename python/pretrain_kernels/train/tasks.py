@@ -13,7 +13,8 @@ A task provides
   MLMTask        variable-length windows, masked by pk.mlm_mask, packed for varlen attention;
                  eval: masked-token accuracy beside the most-frequent-token baseline
   DenoisingTask  "diffusion": pk.add_noise (epsilon or v target) + pk.diffusion_loss with
-                 Min-SNR weighting; "flow": flow matching (pk.add_noise target="flow");
+                 Min-SNR weighting; "flow": flow matching (pk.add_noise target="flow") with
+                 noise paired to images by mini-batch optimal transport (coupling "ot");
                  eval: held-out loss, then samples judged by a digit classifier (judge.py)
 
 Text tasks take tokenizer="byte" (the default: bytes are tokens) or "bpe" (a byte-level BPE
@@ -257,18 +258,21 @@ class MLMTask(_TextTask):
 
 class DenoisingTask:
     unit = "images"
+    # images in the optimal-transport pools of coupling "ot": the unconditional rows, each class
+    OT_POOL_UNCOND, OT_POOL_CLASS = 256, 64
 
     def __init__(self, objective: str = "diffusion", *, arch: str = "unet", model_cfg: dict | None = None,
-                 class_cond: bool = True, p_uncond: float = 0.2, prediction: str = "v_prediction",
+                 class_cond: bool = True, p_uncond: float = 0.5, prediction: str = "v_prediction",
                  schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 1000, data: str | None = None,
                  eval_samples: int = 500, guidance: float = 1.0, load_data: bool = True, image_shape=None,
-                 num_classes: int | None = None, coupling: str = "independent"):
+                 num_classes: int | None = None, coupling: str | None = None):
         if objective not in ("diffusion", "flow"):
             raise ValueError(f"objective: expected 'diffusion' or 'flow', got {objective!r}")
         if arch not in ("unet", "dit"):
             raise ValueError(f"arch: expected 'unet' or 'dit', got {arch!r}")
         if prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction: expected 'epsilon' or 'v_prediction', got {prediction!r}")
+        coupling = coupling or ("ot" if objective == "flow" else "independent")
         if coupling not in ("independent", "ot"):
             raise ValueError(f"coupling: expected 'independent' or 'ot', got {coupling!r}")
         if coupling == "ot" and objective != "flow":
@@ -329,8 +333,33 @@ class DenoisingTask:
         else:
             y = torch.zeros(n, dtype=torch.long)
         if self.coupling == "ot":
-            noise = ot_pair(x0, noise, y)
+            noise = self._ot_noise(x0, y, gen)
         return {"x0": x0, "noise": noise, "t": t, "y": y}
+
+    def _ot_noise(self, x0, y, gen):
+        """Noise for the rows of each label, paired by ot_pair within a pool: the rows' own images
+        plus random training images of the same label (any image for "no class"), with fresh
+        noise for the whole pool. A batch holds only a few rows per label, and the OT plan of a
+        larger pool is closer to the full-data one (straighter paths). Every pool image, the
+        rows' included, is a uniform draw of its label's images and the pairing does not look at
+        which ones are the rows, so each row's noise is still marginally standard normal."""
+        n = x0.shape[0]
+        noise = torch.empty_like(x0)
+        train, labels = self.data.train, self.data.train_labels
+        if self.class_cond and not hasattr(self, "_class_rows"):
+            self._class_rows = [(labels == c).nonzero().flatten() for c in range(self.num_classes)]
+        for label in torch.unique(y).tolist():
+            rows = (y == label).nonzero().flatten()
+            uncond = not self.class_cond or label == self.num_classes
+            size = max(rows.numel(), self.OT_POOL_UNCOND if uncond else self.OT_POOL_CLASS)
+            src = None if uncond else self._class_rows[label]
+            k = size - rows.numel()
+            extra = (torch.randint(0, train.shape[0], (k,), generator=gen) if src is None
+                     else src[torch.randint(0, src.numel(), (k,), generator=gen)])
+            pool = torch.cat([x0[rows], train[extra]])
+            paired = ot_pair(pool, torch.randn(pool.shape, generator=gen), torch.zeros(size, dtype=torch.long))
+            noise[rows] = paired[:rows.numel()]
+        return noise
 
     split = staticmethod(_split_dict)
 
