@@ -21,10 +21,27 @@ def load(path):
     rows = []
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        rows.append(dict(group=b.get("group") or b["name"], name=b["name"], impl=info.get("impl", b["name"]),
+        rows.append(dict(group=b.get("group") or b["name"], name=b["name"], impl=info.get("impl", _impl(b["name"])),
                          baseline=bool(info.get("baseline")), median=b["stats"]["median"],
                          bytes=info.get("bytes"), flops=info.get("flops"), info=info))
+    # Suites that name the implementation only in the test name (test_<what>_<impl>[params]):
+    # the package's own row of a group is the baseline of its ratios.
+    by_group = defaultdict(list)
+    for r in rows:
+        by_group[r["group"]].append(r)
+    for rs in by_group.values():
+        if not any(r["baseline"] for r in rs):
+            for r in rs:
+                r["baseline"] = r["impl"] == "pk"
     return data.get("machine_info", {}), rows
+
+
+def _impl(name: str) -> str:
+    """test_filtered_pk[cpu-B1-V32000] -> pk; test_plain_softmax_multinomial[...] -> softmax_multinomial
+    (the words after the second underscore-separated part, without the parameters)."""
+    base = name.split("[", 1)[0]
+    parts = base.split("_")
+    return "_".join(parts[2:]) if len(parts) > 2 and parts[0] == "test" else base
 
 
 def table(rows) -> str:

@@ -136,6 +136,14 @@ def test_ema_average_resume_and_loading(tmp_path):
         EMA(task.model, 1.0)
 
 
+def test_compile_trains_like_eager(text_dir):
+    # --compile: the whole model (pk ops included, through their fake kernels) under
+    # torch.compile gives the eager losses up to float reassociation
+    eager = losses(Trainer(make_task("gpt", text_dir), tiny_cfg(steps=3)).train())
+    compiled = losses(Trainer(make_task("gpt", text_dir), tiny_cfg(steps=3, compile=True)).train())
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
 def test_grad_accum_equals_one_big_batch(text_dir):
     a = losses(Trainer(make_task("mlm", text_dir), tiny_cfg(steps=4)).train())
     b = losses(Trainer(make_task("mlm", text_dir), tiny_cfg(steps=4, grad_accum=4)).train())
