@@ -144,8 +144,7 @@ def masking_demo(args) -> None:
 
 # ---- part 2: training ------------------------------------------------------------------------
 
-# Steps per family (8.5 minutes on 2 idle CPU cores in all, evaluations included; 14.5 on one
-# thread of a shared machine).
+# Steps per family (8.0 minutes on 2 idle CPU cores in all, evaluations included).
 DEMO_STEPS = {"mlm": 300, "gpt": 300, "flow": 1200}
 
 
