@@ -222,32 +222,36 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
   const auto panel = [&](int64_t b, int64_t hk, int64_t width) {
     return (kofs[b] * Hk + hk * (kofs[b + 1] - kofs[b])) * width;
   };
-  std::vector<acc_t> Kt_all, Vf_all;
-  std::vector<uint16_t> Kp_all, Vp_all;
+  std::vector<acc_t> Kt_own, Vf_own;
+  std::vector<uint16_t> Kp_own, Vp_own;
+  acc_t *Kt_all = nullptr, *Vf_all = nullptr;
+  uint16_t *Kp_all = nullptr, *Vp_all = nullptr;
   if (pack_path == FwdPath::kPacked) {
-    Kt_all.resize(kofs[p.batch] * Hk * D);
-    Vf_all.resize(kofs[p.batch] * Hk * Dv);
+    Kt_all = scratch<acc_t>(0, kofs[p.batch] * Hk * D, Kt_own);
+    Vf_all = scratch<acc_t>(1, kofs[p.batch] * Hk * Dv, Vf_own);
     at::parallel_for(0, p.batch * Hk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
-        acc_t* kt = Kt_all.data() + panel(b, hk, D);
+        acc_t* kt = Kt_all + panel(b, hk, D);
         if (lk > 0) load_transposed(kt, skp, p.k_row<scalar_t>(b, 0, hk), p.k.ss, lk, D);
         for (int64_t d = 0; d < D; ++d) std::fill(kt + d * skp + lk, kt + (d + 1) * skp, acc_t(0));
         {  // values as acc_t rows, contiguous
-          acc_t* vf = Vf_all.data() + panel(b, hk, Dv);
+          acc_t* vf = Vf_all + panel(b, hk, Dv);
           for (int64_t j = 0; j < lk; ++j) load_row(vf + j * Dv, p.v_row<scalar_t>(b, j, hk), Dv);
           std::fill(vf + lk * Dv, vf + skp * Dv, acc_t(0));
         }
       }
     });
   } else if (pack_path == FwdPath::kPackedBf16) {
-    Kp_all.assign(kofs[p.batch] * Hk * Dp, 0);
-    Vp_all.assign(kofs[p.batch] * Hk * Dv, 0);
+    Kp_all = scratch<uint16_t>(0, kofs[p.batch] * Hk * Dp, Kp_own);
+    Vp_all = scratch<uint16_t>(1, kofs[p.batch] * Hk * Dv, Vp_own);
+    std::fill(Kp_all, Kp_all + kofs[p.batch] * Hk * Dp, uint16_t(0));  // padding keys and dims read as 0
+    std::fill(Vp_all, Vp_all + kofs[p.batch] * Hk * Dv, uint16_t(0));
     at::parallel_for(0, p.batch * Hk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
-        uint16_t* kp = Kp_all.data() + panel(b, hk, Dp);
-        uint16_t* vp = Vp_all.data() + panel(b, hk, Dv);
+        uint16_t* kp = Kp_all + panel(b, hk, Dp);
+        uint16_t* vp = Vp_all + panel(b, hk, Dv);
         for (int64_t j = 0; j < lk; ++j) {
           const uint16_t* kr = reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j, hk));
           for (int64_t d = 0; d < D; ++d) kp[(d >> 1) * skp * 2 + 2 * j + (d & 1)] = kr[d];
@@ -301,14 +305,14 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
         // S = Q K^T (scaled)
         if (path == FwdPath::kPacked) {
-          gemm<acc_t>(R, nk, D, Qf.data(), D, 1, Kt_all.data() + panel(b, hk, D) + j0, skp, S.data(), BK, false);
+          gemm<acc_t>(R, nk, D, Qf.data(), D, 1, Kt_all + panel(b, hk, D) + j0, skp, S.data(), BK, false);
         }
 #if PK_ATTN_X86
         if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
           if (path == FwdPath::kRows) {
             qk_rows_avx512<scalar_t>(R, nk, D, Qf.data(), p.k_row<scalar_t>(b, j0, hk), p.k.ss, S.data(), BK);
           } else if (path == FwdPath::kPackedBf16) {
-            gemm_bf16(R, nk, Dp / 2, Qb.data(), Dp, Kp_all.data() + panel(b, hk, Dp) + 2 * j0, 2 * skp, S.data(), BK,
+            gemm_bf16(R, nk, Dp / 2, Qb.data(), Dp, Kp_all + panel(b, hk, Dp) + 2 * j0, 2 * skp, S.data(), BK,
                       false);
             for (int64_t r = 0; r < R; ++r) scale_row_avx512(S.data() + r * BK, nk, scale);
           }
@@ -318,7 +322,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, i0, j0, full, m.data(), l.data(), O.data());
         // O += P V
         if (path == FwdPath::kPacked) {
-          const acc_t* Vp = Vf_all.data() + panel(b, hk, Dv) + j0 * Dv;
+          const acc_t* Vp = Vf_all + panel(b, hk, Dv) + j0 * Dv;
           const int64_t ldv = Dv;
           gemm<acc_t>(R, Dv, nk, S.data(), BK, 1, Vp, ldv, O.data(), Dv, true);
         }
@@ -329,7 +333,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
           } else if (path == FwdPath::kPackedBf16) {
             const int64_t nkp = round_up(nk, 2);
             for (int64_t r = 0; r < R; ++r) to_bf16_row(Pb.data() + r * BK, S.data() + r * BK, nk, nkp);
-            gemm_bf16(R, Dv, nkp / 2, Pb.data(), BK, Vp_all.data() + panel(b, hk, Dv) + j0 * Dv, 2 * Dv, O.data(),
+            gemm_bf16(R, Dv, nkp / 2, Pb.data(), BK, Vp_all + panel(b, hk, Dv) + j0 * Dv, 2 * Dv, O.data(),
                       Dv, true);
           }
         }

@@ -98,7 +98,9 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   // dQ accumulators, Q (times the scale) and dO as per-head panels [head][token][dim]:
   // converted once, read with unit row stride by every key block.
   const int64_t q_elems = p.total_q * H * D;
-  std::vector<acc_t> dq_acc(static_cast<size_t>(n_chunks * q_elems), acc_t(0));
+  std::vector<acc_t> dq_own;
+  acc_t* dq_acc = scratch<acc_t>(4, static_cast<size_t>(n_chunks * q_elems), dq_own);
+  std::fill(dq_acc, dq_acc + n_chunks * q_elems, acc_t(0));
   // bfloat16 inputs: S = Q K^T and dP = dO V^T straight from the bf16 values with vdpbf16ps
   // (exact products, float sums); the other three products need rounded P / dS and stay float.
   bool use_bf16 = false;
@@ -106,19 +108,24 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) use_bf16 = cpu_features().avx512bf16;
 #endif
   const int64_t Dp = (D + 1) / 2 * 2, Dvp = (Dv + 1) / 2 * 2, T = p.total_q;
-  std::vector<acc_t> Qs_all(static_cast<size_t>(H * T * D)), dO_all(static_cast<size_t>(H * T * Dv));
-  std::vector<uint16_t> Qb_all(use_bf16 ? H * T * Dp : 0), dOb_all(use_bf16 ? H * T * Dvp : 0);
+  // (every row of these panels is written below before it is read)
+  std::vector<acc_t> Qs_own, dO_own;
+  std::vector<uint16_t> Qb_own, dOb_own;
+  acc_t* Qs_all = scratch<acc_t>(2, static_cast<size_t>(H * T * D), Qs_own);
+  acc_t* dO_all = scratch<acc_t>(3, static_cast<size_t>(H * T * Dv), dO_own);
+  uint16_t* Qb_all = use_bf16 ? scratch<uint16_t>(2, static_cast<size_t>(H * T * Dp), Qb_own) : nullptr;
+  uint16_t* dOb_all = use_bf16 ? scratch<uint16_t>(3, static_cast<size_t>(H * T * Dvp), dOb_own) : nullptr;
   at::parallel_for(0, p.batch * H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, tok0 = p.tok_q(b);
       for (int64_t i = 0; i < p.len_q(b); ++i) {
         const scalar_t* qr = p.q_row<scalar_t>(b, i, h);
         const scalar_t* dor = dout + ((tok0 + i) * H + h) * Dv;
-        load_row(Qs_all.data() + (h * T + tok0 + i) * D, qr, D, scale);
-        load_row(dO_all.data() + (h * T + tok0 + i) * Dv, dor, Dv);
+        load_row(Qs_all + (h * T + tok0 + i) * D, qr, D, scale);
+        load_row(dO_all + (h * T + tok0 + i) * Dv, dor, Dv);
         if (use_bf16) {
-          copy_padded(Qb_all.data() + (h * T + tok0 + i) * Dp, qr, D, Dp);
-          copy_padded(dOb_all.data() + (h * T + tok0 + i) * Dvp, dor, Dv, Dvp);
+          copy_padded(Qb_all + (h * T + tok0 + i) * Dp, qr, D, Dp);
+          copy_padded(dOb_all + (h * T + tok0 + i) * Dvp, dor, Dv, Dvp);
         }
       }
     }
@@ -134,7 +141,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
       const int64_t nkb = num_blocks(lk, BK);
       const int64_t kb0 = c * nkb / n_chunks, kb1 = (c + 1) * nkb / n_chunks;
       const Window w = p.window(b);
-      acc_t* dq_c = dq_acc.data() + c * q_elems;
+      acc_t* dq_c = dq_acc + c * q_elems;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t j0 = kb * BK, nk = std::min(BK, lk - j0);
         for (int64_t j = 0; j < nk; ++j) load_row(Kf.data() + j * D, p.k_row<scalar_t>(b, j0 + j, hk), D);
@@ -155,11 +162,11 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             if (!tile_any(w, i0, i1, j0, j0 + nk, lk)) continue;
             const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
             const int64_t row0 = h * T + p.tok_q(b) + i0;  // panel row of query i0, head h
-            const acc_t* Qf = Qs_all.data() + row0 * D;
-            const acc_t* dOf = dO_all.data() + row0 * Dv;
+            const acc_t* Qf = Qs_all + row0 * D;
+            const acc_t* dOf = dO_all + row0 * Dv;
             // S, then P = exp(S - lse) in place.
             if (use_bf16)
-              qk_bf16(np, nk, Dp / 2, Qb_all.data() + row0 * Dp, Dp, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
+              qk_bf16(np, nk, Dp / 2, Qb_all + row0 * Dp, Dp, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
             else
               gemm<acc_t>(np, nk, D, Qf, D, 1, Kt.data(), BK, S.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
@@ -175,7 +182,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             gemm<acc_t>(nk, Dv, np, S.data(), 1, BK, dOf, Dv, dV.data(), Dv, true);
             // dP = dO V^T, then dS = P * (dP - Di) in place.
             if (use_bf16)
-              qk_bf16(np, nk, Dvp / 2, dOb_all.data() + row0 * Dvp, Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
+              qk_bf16(np, nk, Dvp / 2, dOb_all + row0 * Dvp, Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
             else
               gemm<acc_t>(np, nk, Dv, dOf, Dv, 1, Vt.data(), BK, dP.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
@@ -204,9 +211,9 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
     std::vector<acc_t> acc(D);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t tok = r / H, h = r % H, pr = h * T + tok;
-      std::copy(dq_acc.begin() + pr * D, dq_acc.begin() + (pr + 1) * D, acc.begin());
+      std::copy(dq_acc + pr * D, dq_acc + (pr + 1) * D, acc.begin());
       for (int64_t c = 1; c < n_chunks; ++c) {
-        const acc_t* src = dq_acc.data() + c * q_elems + pr * D;
+        const acc_t* src = dq_acc + c * q_elems + pr * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += src[d];
       }
       store_row(dq + r * D, acc.data(), D, scale);

@@ -15,6 +15,30 @@ namespace pk {
 namespace attention {
 namespace cpu {
 
+// Per-thread scratch for the large per-call buffers (packed key/value panels, float copies).
+// They are rewritten on every call; a fresh multi-megabyte std::vector instead costs a zeroing
+// pass plus a page fault per 4 KiB page on every call, about a fifth of a short forward pass
+// (sequence 256). The memory stays with the calling thread for the next call; buffers over
+// kScratchKeepBytes are allocated for the call alone. Contents are unspecified on return:
+// callers write (or zero) what they read. Each live buffer of one call uses its own slot.
+constexpr size_t kScratchKeepBytes = size_t(64) << 20;
+constexpr int kScratchSlots = 8;
+
+template <typename T>
+T* scratch(int slot, size_t n, std::vector<T>& owned) {
+  static thread_local std::vector<T> keep[kScratchSlots];
+  if (n * sizeof(T) > kScratchKeepBytes) {
+    owned.resize(n);
+    return owned.data();
+  }
+  std::vector<T>& v = keep[slot];
+  if (v.size() < n) {
+    std::vector<T>().swap(v);
+    v.resize(n);
+  }
+  return v.data();
+}
+
 // Strided view of one operand: element (b, s, h, d) at b * sb + s * ss + h * sh + d.
 // For packed (varlen) operands sb is unused: sequence b starts at token cu[b].
 struct Operand {
