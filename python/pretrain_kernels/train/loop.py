@@ -174,15 +174,16 @@ class EMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema: expected a decay in (0, 1), got {decay}")
         self.decay = decay
-        self.names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
         state = model.state_dict()
-        self.avg = [state[n].detach().float().clone() for n in self.names]
+        self.names = [n for n, t in state.items() if t.is_floating_point()]
+        # The model's tensors themselves (optimizer steps and checkpoint loads write them in place).
+        self.src = [state[n] for n in self.names]
+        self.avg = [t.detach().float().clone() for t in self.src]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        state = model.state_dict()
-        torch._foreach_lerp_(self.avg, [state[n].detach().float() for n in self.names], 1.0 - d)
+        torch._foreach_lerp_(self.avg, [t.float() for t in self.src], 1.0 - d)
 
     def state_dict(self) -> dict:
         return dict(zip(self.names, self.avg))

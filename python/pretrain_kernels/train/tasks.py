@@ -278,6 +278,7 @@ class DenoisingTask:
         if coupling == "ot" and objective != "flow":
             raise ValueError("coupling 'ot' pairs noise with images for flow matching; use objective='flow'")
         self.coupling = coupling
+        self._class_rows = None   # with coupling "ot": the training images of each class
         self.name = objective
         self.objective, self.arch, self.prediction, self.schedule = objective, arch, prediction, schedule
         self.num_train_timesteps, self.p_uncond, self.data_path = num_train_timesteps, p_uncond, data
@@ -286,6 +287,9 @@ class DenoisingTask:
         if load_data:
             self.data = D.digits() if data is None else D.load_images(data)
             image_shape, num_classes = self.data.shape, self.data.num_classes
+            if coupling == "ot" and class_cond and self.data.train_labels is not None:
+                labels = self.data.train_labels
+                self._class_rows = [(labels == c).nonzero().flatten() for c in range(self.data.num_classes)]
         self.image_shape = tuple(image_shape)
         self.class_cond = bool(class_cond and num_classes)
         self.num_classes = int(num_classes or 0)
@@ -345,9 +349,7 @@ class DenoisingTask:
         which ones are the rows, so each row's noise is still marginally standard normal."""
         n = x0.shape[0]
         noise = torch.empty_like(x0)
-        train, labels = self.data.train, self.data.train_labels
-        if self.class_cond and not hasattr(self, "_class_rows"):
-            self._class_rows = [(labels == c).nonzero().flatten() for c in range(self.num_classes)]
+        train = self.data.train
         for label in torch.unique(y).tolist():
             rows = (y == label).nonzero().flatten()
             uncond = not self.class_cond or label == self.num_classes
