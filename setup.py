@@ -111,12 +111,13 @@ def build_extension():
     define_macros = [("PK_TORCH_VERSION", f'"{torch.__version__}"'), ("PK_CPU_ISA", '"x86-64 baseline; avx2/avx512f clones picked at load time"' if _is_x86() else '"generic"')]
     cxx_flags = ["-O0" if debug else "-O3", "-fvisibility=hidden"]
     link_flags = []
-    if _openmp_flag():
+    openmp = _openmp_flag()
+    if openmp:
         # at::parallel_for is a header template: without OpenMP at compile time it runs the
         # whole range on the calling thread. libgomp.so.1 is the soname torch itself loads,
         # so the extension joins torch's thread pool and honours torch.set_num_threads.
-        cxx_flags.append(_openmp_flag())
-        link_flags.append(_openmp_flag())
+        cxx_flags.append(openmp)
+        link_flags.append(openmp)
     if debug:
         cxx_flags.append("-g")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
