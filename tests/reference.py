@@ -4,6 +4,7 @@ One section per op family; each function is written for clarity, not speed."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # ---- masking -------------------------------------------------------------------------------
 
@@ -266,3 +267,41 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw):
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+# ---- shared by the CPU and CUDA attention tests ----
+
+
+def rel_err(x, ref):
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
+    den = ref.norm()
+    return ((x - ref).norm() / den).item() if den > 0 else (x - ref).norm().item()
+
+
+def torch_sdpa(q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, scale=None):
+    """torch's SDPA on (B, S, H, D) inputs with the same visibility (explicit mask)."""
+    sq, sk = q.shape[1], k.shape[1]
+    vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=vis,
+                                         scale=scale, enable_gqa=True)
+    out = out.transpose(1, 2)
+    # torch returns NaN (math path) or 0 for rows without a visible key: compare as 0.
+    dead = ~vis.any(-1)
+    return torch.where(dead[None, :, None, None], torch.zeros_like(out), out)
+
+
+# (B, Sq, Sk, H, Hk, D, causal, window)
+ATTN_FWD_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1)),
+    (1, 1, 1, 1, 1, 1, False, (-1, -1)),
+    (2, 128, 128, 4, 1, 8, True, (-1, -1)),
+    (1, 1000, 1000, 2, 1, 64, True, (-1, -1)),
+    (1, 17, 1000, 4, 2, 40, True, (-1, -1)),
+    (1, 1000, 17, 2, 2, 96, True, (-1, -1)),
+    (1, 128, 129, 2, 2, 128, False, (32, 0)),
+    (1, 129, 128, 2, 1, 256, False, (16, 8)),
+    (2, 63, 63, 3, 1, 1, True, (5, -1)),
+    (1, 1, 1000, 2, 2, 128, True, (-1, -1)),
+    (1, 1000, 1000, 1, 1, 256, False, (100, 100)),
+    (3, 7, 129, 6, 3, 40, False, (-1, 3)),
+]

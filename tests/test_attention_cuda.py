@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrain_kernels as pk
-from reference import attention_ref, attention_varlen_ref, attention_visible
+from reference import ATTN_FWD_CASES, attention_ref, attention_varlen_ref, attention_visible, rel_err, torch_sdpa
 
 pytestmark = pytest.mark.cuda
 
@@ -22,40 +22,12 @@ FLOOR = {torch.float32: 2e-7, torch.bfloat16: 2e-3, torch.float16: 3e-4}
 LSE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 
 
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    den = ref.norm()
-    return ((x - ref).norm() / den).item() if den > 0 else (x - ref).norm().item()
-
-
 def rand(*shape, dtype=torch.float32, gen=None, device=DEV):
     return torch.randn(*shape, dtype=torch.float32, generator=gen).to(device=device, dtype=dtype)
 
 
-def torch_sdpa(q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, scale=None):
-    """torch's SDPA on (B, S, H, D) inputs with the same visibility, as an explicit mask."""
-    sq, sk = q.shape[1], k.shape[1]
-    vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=vis,
-                                         scale=scale, enable_gqa=True).transpose(1, 2)
-    dead = ~vis.any(-1)
-    return torch.where(dead[None, :, None, None], torch.zeros_like(out), out)
-
-
-# (B, Sq, Sk, H, Hk, D, causal, window)
-FWD_CASES = [
-    (2, 17, 17, 2, 2, 64, False, (-1, -1)),
-    (1, 1, 1, 1, 1, 1, False, (-1, -1)),
-    (2, 128, 128, 4, 1, 8, True, (-1, -1)),
-    (1, 1000, 1000, 2, 1, 64, True, (-1, -1)),
-    (1, 17, 1000, 4, 2, 40, True, (-1, -1)),
-    (1, 1000, 17, 2, 2, 96, True, (-1, -1)),
-    (1, 128, 129, 2, 2, 128, False, (32, 0)),
-    (1, 129, 128, 2, 1, 256, False, (16, 8)),
-    (2, 63, 63, 3, 1, 1, True, (5, -1)),
-    (1, 1, 1000, 2, 2, 128, True, (-1, -1)),
-    (1, 1000, 1000, 1, 1, 256, False, (100, 100)),
-    (3, 7, 129, 6, 3, 40, False, (-1, 3)),
+# (B, Sq, Sk, H, Hk, D, causal, window): the CPU cases, then lengths 4097 and more
+FWD_CASES = ATTN_FWD_CASES + [
     (1, 4097, 4097, 2, 1, 64, True, (-1, -1)),
     (1, 4097, 4097, 1, 1, 128, False, (-1, -1)),
     (2, 1000, 4097, 2, 2, 32, False, (-1, -1)),
