@@ -296,13 +296,20 @@ struct Ops {
     clip_range(clip_sample, clip_sample_range, &st.clip_lo, &st.clip_hi);
     StepIO io = step_io(model_output, sample, noise, seed, true, kDdpmOffset);
     std::vector<T> keep;
-    st.acp = table(alphas_cumprod, sample.device(), keep);
-    st.t = per_sample(timesteps, "timesteps", io.B, sample.device(), true, keep);
-    st.prev_t = per_sample(prev_timesteps, "prev_timesteps", io.B, sample.device(), true, keep);
-    check_timestep_range(timesteps, "timesteps", st.acp.n, false);
-    check_timestep_range(prev_timesteps, "prev_timesteps", st.acp.n, true);
+    set_schedule_timesteps(st, timesteps, prev_timesteps, alphas_cumprod, sample, io.B, keep);
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);
     return {io.out[0], io.out[1]};
+  }
+
+  // The schedule table and the (t, prev_t) pair of a DDPM-type step, checked against the table.
+  template <class Step>
+  static void set_schedule_timesteps(Step& st, const T& timesteps, const T& prev_timesteps, const T& alphas_cumprod,
+                                     const T& sample, int64_t B, std::vector<T>& keep) {
+    st.acp = table(alphas_cumprod, sample.device(), keep);
+    st.t = per_sample(timesteps, "timesteps", B, sample.device(), true, keep);
+    st.prev_t = per_sample(prev_timesteps, "prev_timesteps", B, sample.device(), true, keep);
+    check_timestep_range(timesteps, "timesteps", st.acp.n, false);
+    check_timestep_range(prev_timesteps, "prev_timesteps", st.acp.n, true);
   }
 
   static std::tuple<T, T> ddim_step(const T& model_output, const T& sample, const T& timesteps,
@@ -320,11 +327,7 @@ struct Ops {
     clip_range(clip_sample, clip_sample_range, &st.clip_lo, &st.clip_hi);
     StepIO io = step_io(model_output, sample, noise, seed, eta > 0.0, kDdimOffset);
     std::vector<T> keep;
-    st.acp = table(alphas_cumprod, sample.device(), keep);
-    st.t = per_sample(timesteps, "timesteps", io.B, sample.device(), true, keep);
-    st.prev_t = per_sample(prev_timesteps, "prev_timesteps", io.B, sample.device(), true, keep);
-    check_timestep_range(timesteps, "timesteps", st.acp.n, false);
-    check_timestep_range(prev_timesteps, "prev_timesteps", st.acp.n, true);
+    set_schedule_timesteps(st, timesteps, prev_timesteps, alphas_cumprod, sample, io.B, keep);
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);
     return {io.out[0], io.out[1]};
   }
