@@ -25,6 +25,16 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch thread for a whole module (the model and training tests: tiny shapes, where
+    a second thread only adds synchronisation)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     # Keep tests deterministic in cost on small machines; tests that vary threads set them.

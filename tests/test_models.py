@@ -8,12 +8,7 @@ from pretrain_kernels.models import (BertConfig, BertMLM, DiT, DiTConfig, GPT, G
                                      pack)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _overfit(model, loss_fn, steps=40, lr=3e-3):

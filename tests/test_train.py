@@ -16,12 +16,7 @@ from pretrain_kernels.train.loop import TrainConfig, Trainer, lr_at
 from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask, MLMTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
