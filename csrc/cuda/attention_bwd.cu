@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
   using Tile = BwdTile<kD>;
   constexpr int kLd = Tile::kLd, kBN = Tile::kBN, kBM = kBwdRows;
   constexpr int kNT = kBN / 8, kDT = kD / 8;
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sQ = smem;
   uint16_t* sdO = sQ + kBM * kLd;
   uint16_t* sK = sdO + kBM * kLd;
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
   using Tile = BwdTile<kD>;
   constexpr int kLd = Tile::kLd, kBQ = Tile::kBQ, kBN = kBwdRows;
   constexpr int kNT = kBQ / 8, kDT = kD / 8;
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sK = smem;
   uint16_t* sV = sK + kBN * kLd;
   uint16_t* sQ = sV + kBN * kLd;
@@ -348,7 +348,7 @@ void launch_bwd_mma(const Params& p, const T* dout, const float* lse, const floa
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound, kBwdRows)), 1 << 30)),
                     static_cast<unsigned>(std::min<int64_t>(p.Hk, 65535)),
                     static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-    kernel<<<grid, kBwdThreads, Tile::kSmemDkdv, stream>>>(p, dout, lse, Di, dk, dv);
+    PK_LAUNCH(grid, kBwdThreads, Tile::kSmemDkdv, stream, kernel)(p, dout, lse, Di, dk, dv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   {
@@ -357,7 +357,7 @@ void launch_bwd_mma(const Params& p, const T* dout, const float* lse, const floa
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(q_bound, kBwdRows)), 1 << 30)),
                     static_cast<unsigned>(std::min<int64_t>(p.H, 65535)),
                     static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-    kernel<<<grid, kBwdThreads, Tile::kSmemDq, stream>>>(p, dout, lse, Di, dq);
+    PK_LAUNCH(grid, kBwdThreads, Tile::kSmemDq, stream, kernel)(p, dout, lse, Di, dq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -367,11 +367,11 @@ void launch_bwd_rows(const Params& p, const T* dout, const float* lse, const flo
                      int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
   const dim3 gk(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound * p.Hk, 4)), 1 << 30)),
                 1, static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-  bwd_dkdv_rows_kernel<T, kDPL><<<gk, 128, 0, stream>>>(p, dout, lse, Di, dk, dv);
+  PK_LAUNCH(gk, 128, 0, stream, bwd_dkdv_rows_kernel<T, kDPL>)(p, dout, lse, Di, dk, dv);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 gq(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(q_bound * p.H, 4)), 1 << 30)),
                 1, static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-  bwd_dq_rows_kernel<T, kDPL><<<gq, 128, 0, stream>>>(p, dout, lse, Di, dq);
+  PK_LAUNCH(gq, 128, 0, stream, bwd_dq_rows_kernel<T, kDPL>)(p, dout, lse, Di, dq);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -384,7 +384,7 @@ void backward_typed(const Params& p, bool tensor_cores, const at::Tensor& dout, 
   float* di_p = Di.data_ptr<float>();
   {
     const int64_t blocks = std::max<int64_t>(1, ceil_div(p.total_q * p.H, 4));
-    bwd_dot_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)), 128, 0, stream>>>(
+    PK_LAUNCH(static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)), 128, 0, stream, bwd_dot_kernel<T>)(
         p, dout_p, static_cast<const T*>(out.data_ptr()), dlse.has_value() ? dlse->data_ptr<float>() : nullptr, di_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -421,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right) {
-  TORCH_CHECK(q_in.is_cuda(), "q: expected a CUDA tensor, got one on ", q_in.device());
+  TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Device dev = q_in.device();
   at::Tensor q = q_in, k = k_in, v = v_in;
@@ -475,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) { m.impl("flash_attn_bwd", &flash_attn_bwd_cuda); }
+PK_CUDA_LIBRARY_IMPL(m) { m.impl("flash_attn_bwd", &flash_attn_bwd_cuda); }
 
 }  // namespace cuda
 }  // namespace attention

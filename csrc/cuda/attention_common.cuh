@@ -13,10 +13,14 @@
 // sync).
 #pragma once
 #include <ATen/ATen.h>
+#ifdef PK_CUDA_EMULATION
+#include "../emu/cuda_emulation.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -29,9 +33,35 @@
 #include "../common/attention.h"
 #include "../common/attention_checks.h"
 
+// Seams for the CPU emulation of these kernels (csrc/emu/cuda_emulation.h, tests only): the
+// launch syntax, the dispatch key the ops register for, the device tensors must be on, and
+// the dynamic shared memory. In the real build they are plain CUDA.
+#ifdef PK_CUDA_EMULATION
+#define PK_LAUNCH(grid, block, smem, stream, ...) ::pk::emu::launch(grid, block, smem, __VA_ARGS__)
+#define PK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pretrain_kernels_emu, CPU, m)
+#else
+#define PK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define PK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m)
+#endif
+
 namespace pk {
 namespace attention {
 namespace cuda {
+
+#ifdef PK_CUDA_EMULATION
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+template <typename T>
+inline T* dynamic_smem() {
+  return ::pk::emu::dynamic_smem<T>();
+}
+#else
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char pk_dynamic_smem[];
+  return reinterpret_cast<T*>(pk_dynamic_smem);
+}
+#endif
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -215,7 +245,7 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
 }
 
 inline void check_cuda_float(const at::Tensor& t, const char* name, const at::Device& dev) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(on_kernel_device(t), name, ": expected a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == dev, name, ": expected a tensor on ", dev, " (the device of q), got ", t.device());
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt != at::kDouble, name,
@@ -237,7 +267,7 @@ inline void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t bat
 inline Params make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                           std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
                           int64_t window_left, int64_t window_right, bool bottom_right) {
-  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got one on ", q.device());
+  TORCH_CHECK(on_kernel_device(q), "q: expected a CUDA tensor, got one on ", q.device());
   const at::Device dev = q.device();
   check_cuda_float(q, "q", dev);
   check_cuda_float(k, "k", dev);

@@ -44,7 +44,7 @@ void append(at::Tensor& cache, const at::Tensor& src, const at::Tensor& lens, cu
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(n, threads), 1 << 20));
   const auto launch = [&](auto tag) {
     using E = decltype(tag);
-    append_kernel<E><<<blocks, threads, 0, stream>>>(
+    PK_LAUNCH(blocks, threads, 0, stream, append_kernel<E>)(
         static_cast<E*>(cache.data_ptr()), cache.stride(0), cache.stride(1), cache.stride(2),
         static_cast<const E*>(src.data_ptr()), src.stride(0), src.stride(1), src.stride(2), src.stride(3),
         lens.data_ptr<int32_t>(), B, S_new, Hk, Dd, Smax);
@@ -59,7 +59,7 @@ void append(at::Tensor& cache, const at::Tensor& src, const at::Tensor& lens, cu
 at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
                                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                    const std::optional<at::Tensor>& v_new, double scale, bool causal) {
-  TORCH_CHECK(q_in.is_cuda(), "q: expected a CUDA tensor, got one on ", q_in.device());
+  TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Device dev = q_in.device();
   TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new, v_new: pass both or neither");
@@ -111,7 +111,7 @@ at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) { m.impl("flash_attn_kvcache", &flash_attn_kvcache_cuda); }
+PK_CUDA_LIBRARY_IMPL(m) { m.impl("flash_attn_kvcache", &flash_attn_kvcache_cuda); }
 
 }  // namespace cuda
 }  // namespace attention

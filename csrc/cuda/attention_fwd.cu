@@ -61,7 +61,7 @@ void launch_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(mb, 1 << 30)),
                   static_cast<unsigned>(std::min<int64_t>(int64_t(p.H) * p.n_splits, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  PK_LAUNCH(grid, Tile::kThreads, Tile::kSmemBytes, stream, kernel)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -71,7 +71,7 @@ void launch_rows(const Params& p, int64_t q_bound, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)),
                   static_cast<unsigned>(std::min<int64_t>(p.n_splits, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-  fwd_rows_kernel<T, kDPL><<<grid, 128, 0, stream>>>(p);
+  PK_LAUNCH(grid, 128, 0, stream, fwd_rows_kernel<T, kDPL>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -102,7 +102,7 @@ void launch_mma_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
 template <typename T>
 void launch_combine(const Params& p, cudaStream_t stream) {
   const int64_t blocks = std::max<int64_t>(1, ceil_div(p.total_q * p.H, 4));
-  combine_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)), 128, 0, stream>>>(p);
+  PK_LAUNCH(static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)), 128, 0, stream, combine_kernel<T>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
                                                        const std::optional<at::Tensor>& attn_mask,
                                                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
                                                        int64_t window_left, int64_t window_right, bool bottom_right) {
-  TORCH_CHECK(q_in.is_cuda(), "q: expected a CUDA tensor, got one on ", q_in.device());
+  TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) { m.impl("flash_attn_fwd", &flash_attn_fwd_cuda); }
+PK_CUDA_LIBRARY_IMPL(m) { m.impl("flash_attn_fwd", &flash_attn_fwd_cuda); }
 
 }  // namespace cuda
 }  // namespace attention

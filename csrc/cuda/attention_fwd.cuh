@@ -17,6 +17,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#elif defined(PK_CUDA_EMULATION)
+  ::pk::emu::cp_async16(smem, gmem, src_bytes);
 #else
   // No cp.async: plain copy (zero fill when src_bytes is 0).
   uint4 v = make_uint4(0, 0, 0, 0);
@@ -28,6 +30,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(PK_CUDA_EMULATION)
+  ::pk::emu::cp_async_commit();
 #endif
 }
 
@@ -35,6 +39,8 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#elif defined(PK_CUDA_EMULATION)
+  ::pk::emu::cp_async_wait(N);
 #endif
 }
 
@@ -57,6 +63,8 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(PK_CUDA_EMULATION)
+  ::pk::emu::mma_m16n8k16<__half>(d, a, b0, b1);
 #else
   __trap();
 #endif
@@ -71,6 +79,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(PK_CUDA_EMULATION)
+  ::pk::emu::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
 #else
   __trap();
 #endif
@@ -132,7 +142,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
   constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kLd = Tile::kLd, kThreads = Tile::kThreads;
   constexpr int kNT = kBN / 8;  // score n-tiles per warp
   constexpr int kDT = kD / 8;   // output n-tiles per warp
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sQ = smem;
   uint16_t* sK = sQ + kBM * kLd;
   uint16_t* sV = sK + kBN * kLd;

@@ -1,0 +1,41 @@
+"""Builds and loads the CPU emulation of the CUDA attention kernels (csrc/emu/): the
+kernels and launchers of csrc/cuda/attention_*.cu compiled as C++ and run with one fiber
+per CUDA thread. The ops are torch.ops.pretrain_kernels_emu.* on CPU tensors, with the
+schemas of the pretrain_kernels ops. Built once per checkout into build/cuda_emulation."""
+import os
+import pathlib
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_module = None
+
+
+def load():
+    """The emulator's Python module (configure, stats); its ops live in torch.ops.pretrain_kernels_emu."""
+    global _module
+    if _module is None:
+        import pretrain_kernels  # noqa: F401  (the schemas are read from its ops)
+        from torch.utils import cpp_extension
+
+        build = ROOT / "build" / "cuda_emulation"
+        build.mkdir(parents=True, exist_ok=True)
+        emu = ROOT / "csrc" / "emu"
+        _module = cpp_extension.load(
+            name="pk_cuda_emulation",
+            sources=[str(emu / n) for n in ("module.cpp", "attention_fwd.cpp", "attention_bwd.cpp",
+                                            "attention_decode.cpp")],
+            # CUDA code type-puns registers and 16-byte chunks freely (nvcc allows it); GCC must not
+            # optimise on strict aliasing
+            extra_cflags=["-O2", "-fno-strict-aliasing", "-DPK_CUDA_EMULATION", "-fvisibility=hidden",
+                          "-Wno-unknown-pragmas"],
+            build_directory=str(build),
+            with_cuda=False,
+            verbose=os.environ.get("PK_EMU_VERBOSE") == "1",
+        )
+    return _module
+
+
+def ops():
+    load()
+    return torch.ops.pretrain_kernels_emu

@@ -1,0 +1,288 @@
+"""The CUDA attention kernels and launchers (csrc/cuda/attention_*.cu), compiled as C++ and run
+on the CPU by the emulator of csrc/emu/ (one fiber per CUDA thread, warp-collective mma.sync
+built from the PTX ISA's fragment layout, deferred cp.async, NaN-filled shared memory), against
+the float64 reference and the CPU op. This runs the tensor-core and SIMT forward, the split-KV
+combine, both backward paths and the kv-cache append on every change, without a GPU.
+
+It is no substitute for a GPU run: timing, register use, races the emulator's scheduling does not
+expose, and any difference between the PTX ISA's description and the hardware are out of its
+reach (tests/test_attention_cuda.py covers those on a GPU)."""
+import pytest
+import torch
+
+import emulated_cuda
+from reference import attention_ref, attention_varlen_ref, rel_err, torch_sdpa
+
+FLOOR = {torch.float32: 2e-7, torch.bfloat16: 2e-3, torch.float16: 3e-4}
+LSE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    mod = emulated_cuda.load()
+    mod.configure(major=9, sm_count=4)
+    yield emulated_cuda.ops()
+    mod.configure(major=9, sm_count=4)
+
+
+def rand(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _window(causal, window):
+    left, right = window
+    return left, 0 if causal else right
+
+
+def fwd(ops, q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, scale=None, mask=None, cu_q=None,
+        cu_k=None, max_q=-1, max_k=-1, op_ns=None):
+    left, right = _window(causal, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return (op_ns or ops).flash_attn_fwd(q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right)
+
+
+# (B, Sq, Sk, H, Hk, D, causal, window, bottom_right): padded head dims, GQA/MQA, unequal
+# lengths both ways, windows, rows that see no key, a decode-like row (split-KV), top-left.
+FWD_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1), True),
+    (1, 1, 1, 1, 1, 1, False, (-1, -1), True),
+    (2, 70, 70, 4, 1, 8, True, (-1, -1), True),
+    (1, 17, 150, 4, 2, 40, True, (-1, -1), True),
+    (1, 150, 17, 2, 2, 96, True, (-1, -1), True),
+    (1, 64, 129, 2, 2, 128, False, (32, 0), True),
+    (1, 129, 64, 2, 1, 256, False, (16, 8), True),
+    (2, 63, 63, 3, 1, 1, True, (5, -1), True),
+    (1, 1, 300, 2, 2, 128, True, (-1, -1), True),
+    (3, 7, 129, 6, 3, 40, False, (-1, 3), True),
+    (1, 100, 100, 1, 1, 256, False, (20, 20), True),
+    (1, 40, 90, 2, 1, 64, True, (-1, -1), False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_matches_reference_and_cpu_op(emu, case, dtype):
+    B, sq, sk, H, Hk, D, causal, window, br = case
+    g = torch.Generator().manual_seed(sq * 1000 + sk + D)
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    out, lse = fwd(emu, q, k, v, causal=causal, window=window, bottom_right=br)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, H, sq) and lse.dtype == torch.float32
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, window=window, bottom_right=br)
+    theirs = rel_err(torch_sdpa(q, k, v, causal=causal, window=window, bottom_right=br), ref)
+    ours = rel_err(out, ref)
+    assert ours <= 2 * max(theirs, FLOOR[dtype]), (ours, theirs)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=LSE_ATOL[dtype], rtol=0)
+    assert (out[~finite.transpose(1, 2)] == 0).all()
+    out_c, lse_c = fwd(emu, q, k, v, causal=causal, window=window, bottom_right=br,
+                       op_ns=torch.ops.pretrain_kernels)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), out_c.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_and_simt_paths_agree(emu, dtype, monkeypatch):
+    """The same inputs through fwd_mma_kernel and fwd_rows_kernel (PK_ATTENTION_CUDA_PATH=simt),
+    and through a pre-sm_80 device (SIMT too)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = rand(2, 77, 4, 64, dtype=dtype, gen=g), rand(2, 90, 2, 64, dtype=dtype, gen=g), rand(
+        2, 90, 2, 64, dtype=dtype, gen=g)
+    out_tc, lse_tc = fwd(emu, q, k, v, causal=True, window=(30, -1))
+    monkeypatch.setenv("PK_ATTENTION_CUDA_PATH", "simt")
+    out_s, lse_s = fwd(emu, q, k, v, causal=True, window=(30, -1))
+    monkeypatch.delenv("PK_ATTENTION_CUDA_PATH")
+    mod = emulated_cuda.load()
+    mod.configure(major=7, sm_count=4)
+    try:
+        out_7, _ = fwd(emu, q, k, v, causal=True, window=(30, -1))
+    finally:
+        mod.configure(major=9, sm_count=4)
+    torch.testing.assert_close(out_tc.float(), out_s.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse_tc, lse_s, atol=2e-3, rtol=0)
+    assert torch.equal(out_s, out_7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_kv_equals_unsplit(emu, dtype):
+    """A grid too small for the device makes the launcher cut the keys into pieces (flash
+    decoding) and merge them with combine_kernel; on a one-SM device the same grid fills it and
+    the keys stay whole. Both equal the reference."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = rand(1, 3, 2, 64, dtype=dtype, gen=g), rand(1, 700, 1, 64, dtype=dtype, gen=g), rand(
+        1, 700, 1, 64, dtype=dtype, gen=g)
+    mod = emulated_cuda.load()
+    res = []
+    try:
+        for sms in (64, 1):
+            mod.configure(major=9, sm_count=sms)
+            before = mod.stats()["launches"]
+            res.append(fwd(emu, q, k, v, causal=True))
+            res.append(mod.stats()["launches"] - before)
+    finally:
+        mod.configure(major=9, sm_count=4)
+    (out_split, lse_split), n_split, (out_whole, lse_whole), n_whole = res
+    assert n_split == 2 and n_whole == 1  # attention + combine, attention alone
+    ref, ref_lse = attention_ref(q, k, v, causal=True)
+    for out, lse in ((out_split, lse_split), (out_whole, lse_whole)):
+        assert rel_err(out, ref) <= 2 * max(rel_err(torch_sdpa(q, k, v, causal=True), ref), FLOOR[dtype])
+        torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masks_and_scale(emu, dtype):
+    g = torch.Generator().manual_seed(7)
+    B, sq, sk, H, D = 2, 33, 50, 2, 40
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, H, D, dtype=dtype, gen=g), rand(
+        B, sk, H, D, dtype=dtype, gen=g)
+    bool_mask = (torch.rand(B, 1, sq, sk, generator=g) > 0.3).expand(B, H, sq, sk).clone()
+    bool_mask[0, :, 3] = False  # a row that sees nothing
+    float_mask = torch.randn(B, H, sq, sk, generator=g)
+    for mask in (bool_mask, float_mask):
+        out, lse = fwd(emu, q, k, v, mask=mask, scale=0.3)
+        ref, ref_lse = attention_ref(q, k, v, attn_mask=mask, scale=0.3)
+        assert rel_err(out, ref) <= 2 * max(FLOOR[dtype], 2e-3 if dtype != torch.float32 else 0), rel_err(out, ref)
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), fin)
+        torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=LSE_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_varlen_forward_and_backward(emu, dtype):
+    g = torch.Generator().manual_seed(8)
+    lens_q, lens_k = [5, 0, 129, 1, 64], [7, 3, 129, 40, 1]
+    H, Hk, D = 4, 2, 64
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = rand(sum(lens_q), H, D, dtype=dtype, gen=g), rand(sum(lens_k), Hk, D, dtype=dtype, gen=g), rand(
+        sum(lens_k), Hk, D, dtype=dtype, gen=g)
+    dout = rand(sum(lens_q), H, D, dtype=dtype, gen=g)
+    for causal, window, maxlen in ((True, (-1, -1), True), (False, (8, 2), False)):
+        left, right = _window(causal, window)
+        mq, mk = (max(lens_q), max(lens_k)) if maxlen else (-1, -1)
+        out, lse = emu.flash_attn_fwd(q, k, v, cu_q, cu_k, None, mq, mk, D ** -0.5, left, right, True)
+        ref, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=causal, window=window)
+        assert lse.shape == (H, sum(lens_q))
+        assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), fin)
+        torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=LSE_ATOL[dtype], rtol=0)
+        dq, dk, dv = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu_q, cu_k, None, mq, mk, D ** -0.5, left,
+                                        right, True)
+        xs = [t.double().requires_grad_() for t in (q, k, v)]
+        ref_out, _ = attention_varlen_ref(*xs, cu_q, cu_k, causal=causal, window=window)
+        ref_g = torch.autograd.grad(ref_out, xs, dout.double())
+        for a, r in zip((dq, dk, dv), ref_g):
+            assert rel_err(a, r) < (1e-5 if dtype == torch.float32 else 2e-2), rel_err(a, r)
+
+
+# (B, Sq, Sk, H, Hk, D, causal, window): tensor-core backward (half types, D <= 128) and the
+# SIMT backward (float32, D = 256)
+BWD_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1)),
+    (1, 70, 130, 4, 1, 32, True, (-1, -1)),
+    (1, 130, 70, 2, 2, 96, True, (-1, -1)),
+    (1, 65, 65, 2, 1, 128, False, (20, 3)),
+    (1, 40, 40, 2, 2, 256, True, (-1, -1)),
+    (2, 1, 33, 2, 1, 48, False, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_backward_matches_reference(emu, case, dtype):
+    B, sq, sk, H, Hk, D, causal, window = case
+    g = torch.Generator().manual_seed(sq * 7 + sk + D)
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    dout, dlse = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, H, sq, gen=g)
+    left, right = _window(causal, window)
+    out, lse = fwd(emu, q, k, v, causal=causal, window=window)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*xs, causal=causal, window=window)
+    fin = torch.isfinite(ref_lse)
+    ys = [t.detach().requires_grad_() for t in (q, k, v)]
+    theirs = torch.autograd.grad(torch_sdpa(*ys, causal=causal, window=window), ys, dout)
+    # without the lse gradient: within twice torch's own error; with it: against the reference
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, D ** -0.5, left, right, True)
+    ref_g = torch.autograd.grad(ref_out, xs, dout.double(), retain_graph=True)
+    for name, a, r, t in zip("qkv", grads, ref_g, theirs):
+        assert a.dtype == dtype and a.shape == r.shape
+        assert rel_err(a, r) <= 2 * max(rel_err(t, r), FLOOR[dtype]), (name, rel_err(a, r), rel_err(t, r))
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, dlse, None, None, None, -1, -1, D ** -0.5, left, right, True)
+    ref_g = torch.autograd.grad((ref_out, ref_lse.masked_fill(~fin, 0)), xs, (dout.double(), dlse.double()))
+    for name, a, r in zip("qkv", grads, ref_g):
+        assert rel_err(a, r) < (1e-5 if dtype == torch.float32 else 2e-2), (name, rel_err(a, r))
+    gc = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, None, None, None, -1, -1,
+                                                   D ** -0.5, left, right, True)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, c in zip(grads, gc):
+        torch.testing.assert_close(a.float(), c.float(), atol=tol, rtol=tol)
+
+
+def test_backward_with_mask_uses_simt_and_is_deterministic(emu):
+    g = torch.Generator().manual_seed(9)
+    q, k, v = rand(1, 30, 2, 32, dtype=torch.bfloat16, gen=g), rand(1, 45, 2, 32, dtype=torch.bfloat16, gen=g), rand(
+        1, 45, 2, 32, dtype=torch.bfloat16, gen=g)
+    mask = torch.rand(1, 2, 30, 45, generator=g) > 0.2
+    dout = rand(1, 30, 2, 32, dtype=torch.bfloat16, gen=g)
+    out, lse = fwd(emu, q, k, v, mask=mask)
+    runs = [emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, mask, -1, -1, 32 ** -0.5, -1, -1, True)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_g = torch.autograd.grad(attention_ref(*xs, attn_mask=mask)[0], xs, dout.double())
+    for a, r in zip(runs[0], ref_g):
+        assert rel_err(a, r) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kvcache_append_and_decode(emu, dtype):
+    """Rows at different cache lengths; k_new / v_new written in place; each step equals causal
+    attention over the row's prefix; few SMs, so the decode steps run split-KV."""
+    g = torch.Generator().manual_seed(10)
+    B, H, Hk, D, smax = 3, 4, 2, 64, 260
+    k_cache, v_cache = rand(B, smax, Hk, D, dtype=dtype, gen=g), rand(B, smax, Hk, D, dtype=dtype, gen=g)
+    lens = torch.tensor([0, 17, 200], dtype=torch.int32)
+    for n in (1, 5, 1):
+        q = rand(B, n, H, D, dtype=dtype, gen=g)
+        kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+        k_before = k_cache.clone()
+        out = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True)
+        for b in range(B):
+            L = int(lens[b]) + n
+            assert torch.equal(k_cache[b, L - n:L], kn[b]) and torch.equal(v_cache[b, L - n:L], vn[b])
+            assert torch.equal(k_cache[b, :L - n], k_before[b, :L - n])
+            assert torch.equal(k_cache[b, L:], k_before[b, L:])
+            ref, _ = attention_ref(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], causal=True)
+            theirs = rel_err(torch_sdpa(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], causal=True), ref)
+            assert rel_err(out[b:b + 1], ref) <= 2 * max(theirs, FLOOR[dtype])
+        lens += n
+
+
+def test_noncontiguous_and_unaligned_inputs(emu):
+    """Strided head-major views and a q that starts one element off 16 bytes (the element
+    copies instead of 16-byte cp.async)."""
+    g = torch.Generator().manual_seed(11)
+    base = rand(1, 4, 50, 65, dtype=torch.float16, gen=g)
+    q = base[..., 1:].transpose(1, 2)  # (1, 50, 4, 64), unaligned, strided
+    k = rand(1, 2, 60, 64, dtype=torch.float16, gen=g).transpose(1, 2)
+    v = rand(1, 2, 60, 64, dtype=torch.float16, gen=g).transpose(1, 2)
+    out, lse = fwd(emu, q, k, v, causal=True)
+    out_c, lse_c = fwd(emu, q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    ref, _ = attention_ref(q, k, v, causal=True)
+    assert rel_err(out, ref) < 1e-3
+
+
+def test_bad_inputs_raise(emu):
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="float64"):
+        fwd(emu, q.double(), q.double(), q.double())
+    with pytest.raises(RuntimeError, match="head_dim"):
+        fwd(emu, torch.randn(1, 4, 2, 300), torch.randn(1, 4, 2, 300), torch.randn(1, 4, 2, 300))
+    with pytest.raises(RuntimeError, match="multiple"):
+        fwd(emu, torch.randn(1, 4, 3, 16), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16))
