@@ -16,8 +16,8 @@
 // same output and no atomics are used: the gradients are deterministic, bit for bit, for any
 // launch configuration.
 //
-// float16 / bfloat16 with head_dim <= 128 and no attn_mask use tensor cores (mma.sync
-// m16n8k16, fp32 accumulation, the same fragment scheme as the forward in
+// float16 / bfloat16 with head_dim <= 128 and no attn_mask use tensor cores (ldmatrix +
+// mma.sync m16n8k16, fp32 accumulation, the same fragment helpers as the forward in
 // attention_fwd.cuh): every warp owns 16 rows (queries for dQ, keys for dK/dV), and the
 // score accumulators are reused as the A operand of the following product (P^T dO, dS K,
 // dS^T Q) after rounding to the input dtype, as FlashAttention does. Everything else (float32,
@@ -112,16 +112,18 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
             for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
 #pragma unroll
           for (int kt = 0; kt < kD / 16; ++kt) {
-            const uint16_t* qa = sQ + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
-            const uint16_t* da = sdO + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
-            const uint32_t aq[4] = {ld_smem32(qa), ld_smem32(qa + 8 * kLd), ld_smem32(qa + 8), ld_smem32(qa + 8 * kLd + 8)};
-            const uint32_t ad[4] = {ld_smem32(da), ld_smem32(da + 8 * kLd), ld_smem32(da + 8), ld_smem32(da + 8 * kLd + 8)};
+            uint32_t aq[4], ad[4];
+            frag_a<kLd>(aq, sQ, warp * 16, kt * 16, lane);
+            frag_a<kLd>(ad, sdO, warp * 16, kt * 16, lane);
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-              const uint16_t* kp = sK + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
-              const uint16_t* vp = sV + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
-              mma16816<T>(sc[nt], aq, ld_smem32(kp), ld_smem32(kp + 8));   // S = Q K^T
-              mma16816<T>(dp[nt], ad, ld_smem32(vp), ld_smem32(vp + 8));   // dP = dO V^T
+            for (int nt = 0; nt < kNT; nt += 2) {
+              uint32_t bk[4], bv[4];
+              frag_b_nk<kLd>(bk, sK, nt * 8, kt * 16, lane);
+              frag_b_nk<kLd>(bv, sV, nt * 8, kt * 16, lane);
+              mma16816<T>(sc[nt], aq, bk[0], bk[1]);  // S = Q K^T
+              mma16816<T>(sc[nt + 1], aq, bk[2], bk[3]);
+              mma16816<T>(dp[nt], ad, bv[0], bv[1]);  // dP = dO V^T
+              mma16816<T>(dp[nt + 1], ad, bv[2], bv[3]);
             }
           }
           const bool need_mask = nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
@@ -139,16 +141,14 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
           // dQ += dS K
 #pragma unroll
           for (int kk = 0; kk < kBN / 16; ++kk) {
-            const uint32_t a[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
-                                   pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                   pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-            const uint16_t* kb0 = sK + (kk * 16 + 2 * t) * kLd + g;
+            uint32_t a[4];
+            frag_a_from_acc<T>(a, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
-            for (int dn = 0; dn < kDT; ++dn) {
-              const uint16_t* k0 = kb0 + dn * 8;
-              const uint32_t b0 = uint32_t(k0[0]) | (uint32_t(k0[kLd]) << 16);
-              const uint32_t b1 = uint32_t(k0[8 * kLd]) | (uint32_t(k0[9 * kLd]) << 16);
-              mma16816<T>(acc[dn], a, b0, b1);
+            for (int dn = 0; dn < kDT; dn += 2) {
+              uint32_t bk[4];
+              frag_b_kn<kLd>(bk, sK, kk * 16, dn * 8, lane);
+              mma16816<T>(acc[dn], a, bk[0], bk[1]);
+              mma16816<T>(acc[dn + 1], a, bk[2], bk[3]);
             }
           }
           __syncthreads();  // done with sK, sV
@@ -249,18 +249,18 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
               for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
 #pragma unroll
             for (int kt = 0; kt < kD / 16; ++kt) {
-              const uint16_t* ka = sK + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
-              const uint16_t* va = sV + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
-              const uint32_t akf[4] = {ld_smem32(ka), ld_smem32(ka + 8 * kLd), ld_smem32(ka + 8),
-                                       ld_smem32(ka + 8 * kLd + 8)};
-              const uint32_t avf[4] = {ld_smem32(va), ld_smem32(va + 8 * kLd), ld_smem32(va + 8),
-                                       ld_smem32(va + 8 * kLd + 8)};
+              uint32_t akf[4], avf[4];
+              frag_a<kLd>(akf, sK, warp * 16, kt * 16, lane);
+              frag_a<kLd>(avf, sV, warp * 16, kt * 16, lane);
 #pragma unroll
-              for (int nt = 0; nt < kNT; ++nt) {
-                const uint16_t* qp = sQ + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
-                const uint16_t* dp0 = sdO + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
-                mma16816<T>(sc[nt], akf, ld_smem32(qp), ld_smem32(qp + 8));
-                mma16816<T>(dp[nt], avf, ld_smem32(dp0), ld_smem32(dp0 + 8));
+              for (int nt = 0; nt < kNT; nt += 2) {
+                uint32_t bq[4], bd[4];
+                frag_b_nk<kLd>(bq, sQ, nt * 8, kt * 16, lane);
+                frag_b_nk<kLd>(bd, sdO, nt * 8, kt * 16, lane);
+                mma16816<T>(sc[nt], akf, bq[0], bq[1]);
+                mma16816<T>(sc[nt + 1], akf, bq[2], bq[3]);
+                mma16816<T>(dp[nt], avf, bd[0], bd[1]);
+                mma16816<T>(dp[nt + 1], avf, bd[2], bd[3]);
               }
             }
             const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);
@@ -284,22 +284,18 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
             // dV += P^T dO, dK += dS^T Q (k dimension: the kBQ queries)
 #pragma unroll
             for (int kk = 0; kk < kBQ / 16; ++kk) {
-              const uint32_t ap[4] = {pack2<T>(pt[2 * kk][0], pt[2 * kk][1]), pack2<T>(pt[2 * kk][2], pt[2 * kk][3]),
-                                      pack2<T>(pt[2 * kk + 1][0], pt[2 * kk + 1][1]),
-                                      pack2<T>(pt[2 * kk + 1][2], pt[2 * kk + 1][3])};
-              const uint32_t as[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
-                                      pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                      pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-              const uint16_t* dob = sdO + (kk * 16 + 2 * t) * kLd + g;
-              const uint16_t* qb = sQ + (kk * 16 + 2 * t) * kLd + g;
+              uint32_t ap[4], as[4];
+              frag_a_from_acc<T>(ap, pt[2 * kk], pt[2 * kk + 1]);
+              frag_a_from_acc<T>(as, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
-              for (int dn = 0; dn < kDT; ++dn) {
-                const uint16_t* d0 = dob + dn * 8;
-                mma16816<T>(av[dn], ap, uint32_t(d0[0]) | (uint32_t(d0[kLd]) << 16),
-                            uint32_t(d0[8 * kLd]) | (uint32_t(d0[9 * kLd]) << 16));
-                const uint16_t* q0 = qb + dn * 8;
-                mma16816<T>(ak[dn], as, uint32_t(q0[0]) | (uint32_t(q0[kLd]) << 16),
-                            uint32_t(q0[8 * kLd]) | (uint32_t(q0[9 * kLd]) << 16));
+              for (int dn = 0; dn < kDT; dn += 2) {
+                uint32_t bd[4], bq[4];
+                frag_b_kn<kLd>(bd, sdO, kk * 16, dn * 8, lane);
+                frag_b_kn<kLd>(bq, sQ, kk * 16, dn * 8, lane);
+                mma16816<T>(av[dn], ap, bd[0], bd[1]);
+                mma16816<T>(av[dn + 1], ap, bd[2], bd[3]);
+                mma16816<T>(ak[dn], as, bq[0], bq[1]);
+                mma16816<T>(ak[dn + 1], as, bq[2], bq[3]);
               }
             }
           }

@@ -1,5 +1,6 @@
 // Forward kernels of the CUDA flash attention (see attention_fwd.cu for the essay):
-//   fwd_mma_kernel   float16 / bfloat16 on tensor cores (mma.sync m16n8k16, fp32 accumulation)
+//   fwd_mma_kernel   float16 / bfloat16 on tensor cores (ldmatrix + mma.sync m16n8k16, fp32
+//                    accumulation)
 //   fwd_rows_kernel  any dtype (float32 inputs, GPUs before sm_80), one warp per query row
 //   combine_kernel   merges the split-KV partial results
 // Both attention kernels write either the final output and lse, or (split-KV) a float
@@ -100,7 +101,65 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-__device__ __forceinline__ uint32_t ld_smem32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix .x4, sm_80+): lane j
+// gives the address of row j % 8 of matrix j / 8 (16 contiguous, 16-byte aligned bytes);
+// register i receives matrix i in the mma fragment layout (row lane / 4, columns
+// 2 (lane % 4) and 2 (lane % 4) + 1), or its transpose with ldsm_x4_trans.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#elif defined(PK_CUDA_EMULATION)
+  ::pk::emu::ldmatrix_x4(r, row, false);
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#elif defined(PK_CUDA_EMULATION)
+  ::pk::emu::ldmatrix_x4(r, row, true);
+#else
+  __trap();
+#endif
+}
+
+// Operand fragments of m16n8k16 from row-major shared-memory tiles with row length kLd
+// (elements; kLd * 2 bytes a multiple of 16), one ldmatrix each:
+//   frag_a:      A = tile[r0 .. r0+16)[c0 .. c0+16)
+//   frag_b_nk:   B[k][n] = tile[n][k] (keys x head dim read as K^T), n in [n0, n0+16),
+//                k in [k0, k0+16): b[0], b[1] for n-tile n0, b[2], b[3] for n-tile n0 + 8
+//   frag_b_kn:   B[k][n] = tile[k][n] (V in P V), k in [k0, k0+16), n in [n0, n0+16): same
+//                register order
+template <int kLd>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const uint16_t* tile, int r0, int c0, int lane) {
+  ldsm_x4(a, tile + (r0 + (lane & 15)) * kLd + c0 + (lane >> 4) * 8);
+}
+template <int kLd>
+__device__ __forceinline__ void frag_b_nk(uint32_t (&b)[4], const uint16_t* tile, int n0, int k0, int lane) {
+  ldsm_x4(b, tile + (n0 + (lane >> 4) * 8 + (lane & 7)) * kLd + k0 + ((lane >> 3) & 1) * 8);
+}
+template <int kLd>
+__device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const uint16_t* tile, int k0, int n0, int lane) {
+  ldsm_x4_trans(b, tile + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kLd + n0 + (lane >> 4) * 8);
+}
+
+// A fragments of P (16 rows x 16 keys) from two score accumulators (n-tiles 2kk, 2kk + 1),
+// rounded to the input type: the accumulator layout of m16n8k16 is the A layout.
+template <typename T>
+__device__ __forceinline__ void frag_a_from_acc(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
 
 // ---- tile geometry --------------------------------------------------------------------------
 
@@ -190,12 +249,14 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
           for (int nt = 0; nt < kNT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
           for (int kt = 0; kt < kD / 16; ++kt) {
-            const uint16_t* qa = sQ + (warp * 16 + g) * kLd + kt * 16 + 2 * t;
-            const uint32_t a[4] = {ld_smem32(qa), ld_smem32(qa + 8 * kLd), ld_smem32(qa + 8), ld_smem32(qa + 8 * kLd + 8)};
+            uint32_t a[4];
+            frag_a<kLd>(a, sQ, warp * 16, kt * 16, lane);
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-              const uint16_t* kp = sK + (nt * 8 + g) * kLd + kt * 16 + 2 * t;
-              mma16816<T>(sc[nt], a, ld_smem32(kp), ld_smem32(kp + 8));
+            for (int nt = 0; nt < kNT; nt += 2) {
+              uint32_t bk[4];
+              frag_b_nk<kLd>(bk, sK, nt * 8, kt * 16, lane);
+              mma16816<T>(sc[nt], a, bk[0], bk[1]);
+              mma16816<T>(sc[nt + 1], a, bk[2], bk[3]);
             }
           }
 
@@ -258,16 +319,14 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
           // O += P V: the score accumulators are the A fragments of P, 16 keys at a time.
 #pragma unroll
           for (int kk = 0; kk < kBN / 16; ++kk) {
-            const uint32_t a[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
-                                   pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                   pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-            const uint16_t* vb = sV + (kk * 16 + 2 * t) * kLd + g;
+            uint32_t a[4];
+            frag_a_from_acc<T>(a, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
-            for (int dn = 0; dn < kDT; ++dn) {
-              const uint16_t* v0 = vb + dn * 8;
-              const uint32_t b0 = uint32_t(v0[0]) | (uint32_t(v0[kLd]) << 16);
-              const uint32_t b1 = uint32_t(v0[8 * kLd]) | (uint32_t(v0[9 * kLd]) << 16);
-              mma16816<T>(o[dn], a, b0, b1);
+            for (int dn = 0; dn < kDT; dn += 2) {
+              uint32_t bv[4];
+              frag_b_kn<kLd>(bv, sV, kk * 16, dn * 8, lane);
+              mma16816<T>(o[dn], a, bv[0], bv[1]);
+              mma16816<T>(o[dn + 1], a, bv[2], bv[3]);
             }
           }
           __syncthreads();  // every warp is done with sV
