@@ -4,6 +4,7 @@ per CUDA thread. The ops are torch.ops.pretrain_kernels_emu.* on CPU tensors, wi
 schemas of the pretrain_kernels ops. Built once per checkout into build/cuda_emulation."""
 import os
 import pathlib
+import sys
 
 import torch
 
@@ -18,6 +19,10 @@ def load():
         import pretrain_kernels  # noqa: F401  (the schemas are read from its ops)
         from torch.utils import cpp_extension
 
+        # the interpreter's own bin folder first: the virtualenv's ninja when PATH lacks one
+        bindir = os.path.dirname(sys.executable)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         build = ROOT / "build" / "cuda_emulation"
         build.mkdir(parents=True, exist_ok=True)
         emu = ROOT / "csrc" / "emu"
