@@ -127,7 +127,8 @@ def build_extension():
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
         archs = _arch_list()
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # csrc/cuda/instances: the tensor-core attention kernels, one file per (dtype, head dim)
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/instances/*.cu"))
         define_macros += [("PK_WITH_CUDA", None), ("PK_CUDA_ARCHS", f'"{archs}"')]
         include_dirs += _pip_cuda_includes()
         ext_cls = cpp_extension.CUDAExtension

@@ -24,12 +24,9 @@ def load():
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         build = ROOT / "build" / "cuda_emulation"
-        build.mkdir(parents=True, exist_ok=True)
-        emu = ROOT / "csrc" / "emu"
         _module = cpp_extension.load(
             name="pk_cuda_emulation",
-            sources=[str(emu / n) for n in ("module.cpp", "attention_fwd.cpp", "attention_bwd.cpp",
-                                            "attention_decode.cpp")],
+            sources=[str(ROOT / "csrc" / "emu" / "module.cpp")] + _wrapper_sources(build / "src"),
             # CUDA code type-puns registers and 16-byte chunks freely (nvcc allows it); GCC must not
             # optimise on strict aliasing
             extra_cflags=["-O2", "-fno-strict-aliasing", "-DPK_CUDA_EMULATION", "-fvisibility=hidden",
@@ -39,6 +36,25 @@ def load():
             verbose=os.environ.get("PK_EMU_VERBOSE") == "1",
         )
     return _module
+
+
+def _wrapper_sources(folder):
+    """C++ files that include the CUDA attention sources: one per file of csrc/cuda, one per
+    direction for the per-(dtype, head dim) instances of csrc/cuda/instances. Rewritten only
+    when their text changes, so the build stays incremental."""
+    cuda = ROOT / "csrc" / "cuda"
+    groups = {f.stem: [f] for f in sorted(cuda.glob("attention*.cu"))}
+    for f in sorted((cuda / "instances").glob("attention*.cu")):
+        groups.setdefault("instances_" + f.stem.split("_")[1], []).append(f)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, files in groups.items():
+        path = folder / f"{name}.cpp"
+        text = "".join(f'#include "{f}"\n' for f in files)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        paths.append(str(path))
+    return paths
 
 
 def ops():

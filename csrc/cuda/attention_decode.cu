@@ -12,6 +12,8 @@
 //     one with a long cache still reads the cache with the whole GPU.
 #include <torch/library.h>
 
+#include "attention_host.cuh"
+
 #include "attention_common.cuh"
 
 namespace pk {

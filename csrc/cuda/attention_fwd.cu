@@ -36,7 +36,10 @@
 // as the bound, and no host ever reads cu_seqlens.
 #include <torch/library.h>
 
+#include "attention_host.cuh"
+
 #include "attention_fwd.cuh"
+#include "attention_mma_instances.cuh"
 
 namespace pk {
 namespace attention {
@@ -50,19 +53,6 @@ int padded_head_dim(int d) {
   if (d <= 96) return 96;
   if (d <= 128) return 128;
   return 256;
-}
-
-template <typename T, int kD>
-void launch_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
-  using Tile = FwdTile<kD>;
-  const auto kernel = fwd_mma_kernel<T, kD>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-  const int64_t mb = std::max<int64_t>(1, ceil_div(q_bound, Tile::kBM));
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(mb, 1 << 30)),
-                  static_cast<unsigned>(std::min<int64_t>(int64_t(p.H) * p.n_splits, 65535)),
-                  static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-  PK_LAUNCH(grid, Tile::kThreads, Tile::kSmemBytes, stream, kernel)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int kDPL>
@@ -91,11 +81,11 @@ void launch_rows_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
 template <typename T>
 void launch_mma_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
   switch (padded_head_dim(std::max(p.D, p.Dv))) {
-    case 32: launch_mma<T, 32>(p, q_bound, stream); break;
-    case 64: launch_mma<T, 64>(p, q_bound, stream); break;
-    case 96: launch_mma<T, 96>(p, q_bound, stream); break;
-    case 128: launch_mma<T, 128>(p, q_bound, stream); break;
-    default: launch_mma<T, 256>(p, q_bound, stream); break;
+    case 32: launch_fwd_mma<T, 32>(p, q_bound, stream); break;
+    case 64: launch_fwd_mma<T, 64>(p, q_bound, stream); break;
+    case 96: launch_fwd_mma<T, 96>(p, q_bound, stream); break;
+    case 128: launch_fwd_mma<T, 128>(p, q_bound, stream); break;
+    default: launch_fwd_mma<T, 256>(p, q_bound, stream); break;
   }
 }
 

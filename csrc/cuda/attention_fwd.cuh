@@ -388,6 +388,21 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
   }
 }
 
+// Launches fwd_mma_kernel<T, kD>; instantiated once per (dtype, head dim) in
+// csrc/cuda/instances/ (see attention_mma_instances.cuh).
+template <typename T, int kD>
+void launch_fwd_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
+  using Tile = FwdTile<kD>;
+  const auto kernel = fwd_mma_kernel<T, kD>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const int64_t mb = std::max<int64_t>(1, ceil_div(q_bound, Tile::kBM));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(mb, 1 << 30)),
+                  static_cast<unsigned>(std::min<int64_t>(int64_t(p.H) * p.n_splits, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+  PK_LAUNCH(grid, Tile::kThreads, Tile::kSmemBytes, stream, kernel)(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ---- SIMT forward (any dtype) ---------------------------------------------------------------
 
 // Dot product of a float row in shared memory with a row of K in global memory.

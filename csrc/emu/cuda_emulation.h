@@ -19,7 +19,8 @@
 //     a collective with lanes missing (exited or diverged) is reported;
 //   * cp.async copies are deferred until the thread's cp.async.wait_group retires their
 //     group, so a tile read before its wait (or without the barrier that publishes other
-//     threads' copies) reads stale data;
+//     threads' copies) reads stale data; in the eager mode they land at once instead, so a
+//     prefetch into a buffer that other warps have not finished reading corrupts it;
 //   * dynamic shared memory is filled with 0xFF bytes (NaN in every float format) when a
 //     block starts, so reading shared memory nobody wrote shows up as NaN;
 //   * launch limits: block size, grid extents, and dynamic shared memory above 48 KB
@@ -103,6 +104,13 @@ namespace emu {
 struct DeviceProps {
   int major = 9, minor = 0;
   int multiProcessorCount = 4;  // few, so that split-KV engages on small test shapes
+  // cp.async timing: false lands a copy when wait_group retires it (exposes reads before the
+  // wait), true lands it at once (exposes a copy into a buffer other warps still read)
+  bool eager_copies = false;
+  // scheduling: false resumes the threads round-robin (warps move in near lockstep), true
+  // always resumes the lowest-numbered thread that can move, so warp 0 runs ahead to the next
+  // __syncthreads before warp 1 starts (exposes a missing barrier between warps)
+  bool run_ahead = false;
 };
 inline DeviceProps& device_props() {
   static DeviceProps p;
@@ -130,6 +138,8 @@ struct Fiber {
   dim3 tid;
   int linear = 0;
   bool done = false;
+  const unsigned* wait_gen = nullptr;  // blocked until *wait_gen != wait_val (a barrier's generation)
+  unsigned wait_val = 0;
   std::vector<PendingCopy> open;              // cp.async copies not yet committed
   std::deque<std::vector<PendingCopy>> groups;  // committed, not yet retired
 };
@@ -149,7 +159,6 @@ struct Block {
   int cur = -1;
   int live = 0, arrived = 0, bar_line = -1;
   unsigned gen = 0;
-  uint64_t progress = 0;
   unsigned char* smem = nullptr;
   std::string error;
   const std::function<void()>* body = nullptr;
@@ -164,6 +173,17 @@ inline Warp& my_warp() { return g_block->warps[self().linear >> 5]; }
 
 inline void yield() { swapcontext(&self().ctx, &g_block->sched); }
 
+// Blocks the calling thread until the barrier generation *gen moves past `seen`.
+inline void wait_for(const unsigned* gen, unsigned seen) {
+  Fiber& f = self();
+  while (*gen == seen) {
+    f.wait_gen = gen;
+    f.wait_val = seen;
+    yield();
+  }
+  f.wait_gen = nullptr;
+}
+
 // Records the first error and parks the fiber for good (the scheduler stops the block).
 [[noreturn]] inline void fail(const std::string& what) {
   Block& b = block();
@@ -171,7 +191,8 @@ inline void yield() { swapcontext(&self().ctx, &g_block->sched); }
     b.error = what + " (block " + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
               std::to_string(b.block_idx.z) + ", thread " + std::to_string(self().linear) + ")";
   }
-  for (;;) yield();
+  static const unsigned never = 0;
+  for (;;) wait_for(&never, 0);
 }
 
 inline void release_if_complete(Block& b) {
@@ -196,10 +217,9 @@ inline void sync_block(int line) {
          std::to_string(line) + "): divergent barrier");
   ++stats().block_barriers;
   const unsigned gen = b.gen;
-  ++b.progress;
   ++b.arrived;
   release_if_complete(b);
-  while (b.gen == gen) yield();
+  wait_for(&b.gen, gen);
 }
 
 // A barrier over the calling thread's warp. `full`: every lane of the warp must take part
@@ -208,10 +228,9 @@ inline void sync_warp(bool full) {
   Warp& w = my_warp();
   if (full && w.live != 32) fail("warp-collective operation with " + std::to_string(w.live) + " live lanes");
   const unsigned gen = w.gen;
-  ++block().progress;
   ++w.arrived;
   release_if_complete(w);
-  while (w.gen == gen) yield();
+  wait_for(&w.gen, gen);
 }
 
 inline void fiber_main() {
@@ -227,7 +246,6 @@ inline void fiber_main() {
   f.groups.clear();
   --b.live;
   --b.warps[f.linear >> 5].live;
-  ++b.progress;
   release_if_complete(b);
   release_if_complete(b.warps[f.linear >> 5]);
   // returning resumes the scheduler through uc_link
@@ -272,17 +290,23 @@ inline std::string run_block(const std::function<void()>& body, dim3 bidx, dim3 
   }
   Block* saved = g_block;
   g_block = &b;
+  // Only threads whose barrier has opened are resumed. Round-robin by default; run_ahead
+  // resumes the lowest-numbered movable thread after every step.
+  const bool run_ahead = device_props().run_ahead;
   for (;;) {
-    bool any = false;
-    const uint64_t before = b.progress;
+    bool alive = false, ran = false;
     for (int i = 0; i < n && b.error.empty(); ++i) {
-      if (b.fibers[i].done) continue;
-      any = true;
+      Fiber& f = b.fibers[i];
+      if (f.done) continue;
+      alive = true;
+      if (f.wait_gen != nullptr && *f.wait_gen == f.wait_val) continue;
+      ran = true;
       b.cur = i;
-      swapcontext(&b.sched, &b.fibers[i].ctx);
+      swapcontext(&b.sched, &f.ctx);
+      if (run_ahead) break;
     }
-    if (!any || !b.error.empty()) break;
-    if (b.progress == before) {
+    if (!alive || !b.error.empty()) break;
+    if (!ran) {
       b.error = "deadlock: every remaining thread waits at a barrier the others never reach (block " +
                 std::to_string(bidx.x) + "," + std::to_string(bidx.y) + "," + std::to_string(bidx.z) + ")";
       break;
@@ -366,7 +390,18 @@ T shuffle(unsigned mask, T v, int src_lane) {
 }
 
 // cp.async: queued per thread, performed when cp.async.wait_group retires the group.
-inline void cp_async16(void* dst, const void* src, int src_bytes) { self().open.push_back({dst, src, src_bytes}); }
+inline void copy16(const PendingCopy& c) {
+  if (c.src_bytes > 0)
+    std::memcpy(c.dst, c.src, 16);
+  else
+    std::memset(c.dst, 0, 16);
+}
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  if (device_props().eager_copies)
+    copy16({dst, src, src_bytes});
+  else
+    self().open.push_back({dst, src, src_bytes});
+}
 inline void cp_async_commit() {
   Fiber& f = self();
   f.groups.push_back(std::move(f.open));
@@ -375,12 +410,7 @@ inline void cp_async_commit() {
 inline void cp_async_wait(int keep) {
   Fiber& f = self();
   while (static_cast<int>(f.groups.size()) > keep) {
-    for (const PendingCopy& c : f.groups.front()) {
-      if (c.src_bytes > 0)
-        std::memcpy(c.dst, c.src, 16);
-      else
-        std::memset(c.dst, 0, 16);
-    }
+    for (const PendingCopy& c : f.groups.front()) copy16(c);
     f.groups.pop_front();
   }
 }

@@ -28,12 +28,17 @@ TORCH_LIBRARY(pretrain_kernels_emu, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "configure",
-      [](int major, int sm_count) {
+      [](int major, int sm_count, bool eager_copies, bool run_ahead) {
         pk::emu::device_props().major = major;
         pk::emu::device_props().multiProcessorCount = sm_count;
+        pk::emu::device_props().eager_copies = eager_copies;
+        pk::emu::device_props().run_ahead = run_ahead;
       },
-      "Compute capability major and SM count of the emulated device.", pybind11::arg("major") = 9,
-      pybind11::arg("sm_count") = 4);
+      "Compute capability major and SM count of the emulated device; eager_copies: cp.async lands at "
+      "once instead of at its wait_group; run_ahead: the lowest-numbered thread that can move runs "
+      "first, instead of round-robin.",
+      pybind11::arg("major") = 9, pybind11::arg("sm_count") = 4, pybind11::arg("eager_copies") = false,
+      pybind11::arg("run_ahead") = false);
   m.def("stats", []() {
     const auto& s = pk::emu::stats();
     return std::map<std::string, int64_t>{{"launches", s.launches},

@@ -1,0 +1,362 @@
+// Tensor-core backward kernels of the CUDA flash attention (float16 / bfloat16, head_dim <= 128,
+// no attn_mask) and their launcher; the scheme is described in attention_bwd.cu. The launcher
+// is instantiated once per (dtype, head dim) in csrc/cuda/instances/ so that the builds run in
+// parallel; attention_bwd.cu only declares the instances (attention_mma_instances.cuh).
+#pragma once
+#include "attention_fwd.cuh"
+
+namespace pk {
+namespace attention {
+namespace cuda {
+
+constexpr int kBwdWarps = 4;
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kBwdRows = 16 * kBwdWarps;  // rows (queries or keys) a block owns
+
+template <int kD>
+struct BwdTile {
+  static constexpr int kLd = kD + 8;
+  static constexpr int kBN = 64;                     // keys per tile in the dQ pass
+  static constexpr int kBQ = kD <= 64 ? 64 : 32;     // queries per tile in the dK/dV pass
+  // two stages of the tiles the loop walks over (K and V for dQ; Q, dO, lse and Di for dK/dV):
+  // the next tile's cp.async copies run while the current one is computed
+  static constexpr int kSmemDq = (2 * kBwdRows + 2 * 2 * kBN) * kLd * 2;
+  static constexpr int kSmemDkdv = (2 * kBwdRows + 2 * 2 * kBQ) * kLd * 2 + 2 * 2 * kBQ * 4;
+};
+
+// dQ for 64 query rows of one head per block.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p, const T* __restrict__ dout,
+                                                                 const float* __restrict__ lse,
+                                                                 const float* __restrict__ Di, T* __restrict__ dq) {
+  using Tile = BwdTile<kD>;
+  constexpr int kLd = Tile::kLd, kBN = Tile::kBN, kBM = kBwdRows;
+  constexpr int kNT = kBN / 8, kDT = kD / 8;
+  uint16_t* smem = dynamic_smem<uint16_t>();
+  uint16_t* sQ = smem;
+  uint16_t* sdO = sQ + kBM * kLd;
+  uint16_t* sKV = sdO + kBM * kLd;  // stage st: K tile at sKV + st * 2 kBN kLd, V tile after it
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int G = p.H / p.Hk;
+  const bool do_vec = p.dout_vec;  // dout is contiguous (tokens, H, Dv)
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const Seq s = seq_info(p, b);
+    const Window w = seq_window(p, s);
+    for (int64_t hy = blockIdx.y; hy < p.H; hy += gridDim.y) {
+      const int h = static_cast<int>(hy), hk = h / G;
+      const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh;
+      const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
+      const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
+      const uint16_t* dog = reinterpret_cast<const uint16_t*>(dout) + (s.tok0 * p.H + h) * p.Dv;
+      for (int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM; i0 < s.lq; i0 += static_cast<int64_t>(gridDim.x) * kBM) {
+        const int64_t i1 = imin(i0 + kBM, s.lq);
+        const int64_t kb = key_lo(w, i0), ke = key_hi(w, i1 - 1, s.lk);
+        __syncthreads();
+        load_tile<kD, kBM, kBwdThreads>(sQ, qg + i0 * p.q_ss, p.q_ss, i1 - i0, p.D, p.q_vec);
+        load_tile<kD, kBM, kBwdThreads>(sdO, dog + i0 * p.H * p.Dv, int64_t(p.H) * p.Dv, i1 - i0, p.Dv, do_vec);
+        cp_async_commit();
+        const int64_t row0 = i0 + warp * 16 + g;
+        float L2[2], di[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int64_t i = row0 + 8 * rr;
+          if (i < s.lq) {
+            const int64_t li = lse_index(p, b, s, h, i);
+            L2[rr] = lse[li] * kLog2e;
+            di[rr] = Di[li];
+          } else {
+            L2[rr] = -INFINITY;
+            di[rr] = 0.f;
+          }
+        }
+        float acc[kDT][4];
+#pragma unroll
+        for (int dn = 0; dn < kDT; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+
+        const auto load_kv = [&](int64_t j, int stage) {
+          const int n = static_cast<int>(imin(kBN, ke - j));
+          uint16_t* dst = sKV + stage * 2 * kBN * kLd;
+          load_tile<kD, kBN, kBwdThreads>(dst, kg + j * p.k_ss, p.k_ss, n, p.D, p.k_vec);
+          load_tile<kD, kBN, kBwdThreads>(dst + kBN * kLd, vg + j * p.v_ss, p.v_ss, n, p.Dv, p.v_vec);
+          cp_async_commit();
+        };
+        if (kb < ke) load_kv(kb, 0);
+        int st = 0;
+        for (int64_t j0 = kb; j0 < ke; j0 += kBN, st ^= 1) {
+          const int nk = static_cast<int>(imin(kBN, ke - j0));
+          cp_async_wait<0>();
+          __syncthreads();  // tile j0 (and Q, dO) landed for everyone; every warp is done with stage st ^ 1
+          if (j0 + kBN < ke) load_kv(j0 + kBN, st ^ 1);
+          const uint16_t* sK = sKV + st * 2 * kBN * kLd;
+          const uint16_t* sV = sK + kBN * kLd;
+
+          float sc[kNT][4], dp[kNT][4];
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
+#pragma unroll
+          for (int kt = 0; kt < kD / 16; ++kt) {
+            uint32_t aq[4], ad[4];
+            frag_a<kLd>(aq, sQ, warp * 16, kt * 16, lane);
+            frag_a<kLd>(ad, sdO, warp * 16, kt * 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < kNT; nt += 2) {
+              uint32_t bk[4], bv[4];
+              frag_b_nk<kLd>(bk, sK, nt * 8, kt * 16, lane);
+              frag_b_nk<kLd>(bv, sV, nt * 8, kt * 16, lane);
+              mma16816<T>(sc[nt], aq, bk[0], bk[1]);  // S = Q K^T
+              mma16816<T>(sc[nt + 1], aq, bk[2], bk[3]);
+              mma16816<T>(dp[nt], ad, bv[0], bv[1]);  // dP = dO V^T
+              mma16816<T>(dp[nt + 1], ad, bv[2], bv[3]);
+            }
+          }
+          const bool need_mask = nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+              const int rr = x >> 1;
+              const int c = nt * 8 + 2 * t + (x & 1);
+              bool ok = L2[rr] != -INFINITY;
+              if (need_mask) ok = ok && c < nk && visible(w, row0 + 8 * rr, j0 + c);
+              const float pe = ok ? exp2f(sc[nt][x] * p.scale_log2 - L2[rr]) : 0.f;
+              sc[nt][x] = pe * (dp[nt][x] - di[rr]);  // dS
+            }
+          // dQ += dS K
+#pragma unroll
+          for (int kk = 0; kk < kBN / 16; ++kk) {
+            uint32_t a[4];
+            frag_a_from_acc<T>(a, sc[2 * kk], sc[2 * kk + 1]);
+#pragma unroll
+            for (int dn = 0; dn < kDT; dn += 2) {
+              uint32_t bk[4];
+              frag_b_kn<kLd>(bk, sK, kk * 16, dn * 8, lane);
+              mma16816<T>(acc[dn], a, bk[0], bk[1]);
+              mma16816<T>(acc[dn + 1], a, bk[2], bk[3]);
+            }
+          }
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        // stage dQ (scaled) in this warp's rows of sQ, then write the rows out
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          uint16_t* srow = sQ + (warp * 16 + g + 8 * rr) * kLd;
+#pragma unroll
+          for (int dn = 0; dn < kDT; ++dn)
+            *reinterpret_cast<uint32_t*>(srow + dn * 8 + 2 * t) =
+                pack2<T>(acc[dn][2 * rr] * p.scale, acc[dn][2 * rr + 1] * p.scale);
+        }
+        __syncwarp();
+        uint16_t* dqp = reinterpret_cast<uint16_t*>(dq);
+        for (int r = 0; r < 16; ++r) {
+          const int64_t i = i0 + warp * 16 + r;
+          if (i >= s.lq) break;
+          uint16_t* dst = dqp + ((s.tok0 + i) * p.H + h) * p.D;
+          const uint16_t* src = sQ + (warp * 16 + r) * kLd;
+          for (int c = lane; c < p.D; c += 32) dst[c] = src[c];
+        }
+      }
+    }
+  }
+}
+
+// dK, dV for 64 keys of one kv head per block.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params p, const T* __restrict__ dout,
+                                                                   const float* __restrict__ lse,
+                                                                   const float* __restrict__ Di, T* __restrict__ dk,
+                                                                   T* __restrict__ dv) {
+  using Tile = BwdTile<kD>;
+  constexpr int kLd = Tile::kLd, kBQ = Tile::kBQ, kBN = kBwdRows;
+  constexpr int kNT = kBQ / 8, kDT = kD / 8;
+  uint16_t* smem = dynamic_smem<uint16_t>();
+  uint16_t* sK = smem;
+  uint16_t* sV = sK + kBN * kLd;
+  uint16_t* sQd = sV + kBN * kLd;  // stage st: Q tile at sQd + st * 2 kBQ kLd, dO tile after it
+  float* sLD = reinterpret_cast<float*>(sQd + 2 * 2 * kBQ * kLd);  // stage st: lse*log2e, then Di
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int G = p.H / p.Hk;
+  const bool do_vec = p.dout_vec;
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const Seq s = seq_info(p, b);
+    const Window w = seq_window(p, s);
+    for (int64_t hy = blockIdx.y; hy < p.Hk; hy += gridDim.y) {
+      const int hk = static_cast<int>(hy);
+      const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
+      const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
+      for (int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBN; j0 < s.lk; j0 += static_cast<int64_t>(gridDim.x) * kBN) {
+        const int64_t j1 = imin(j0 + kBN, s.lk);
+        const int64_t qlo = query_lo(w, j0, s.lq), qhi = query_hi(w, j1, s.lq);
+        __syncthreads();
+        load_tile<kD, kBN, kBwdThreads>(sK, kg + j0 * p.k_ss, p.k_ss, j1 - j0, p.D, p.k_vec);
+        load_tile<kD, kBN, kBwdThreads>(sV, vg + j0 * p.v_ss, p.v_ss, j1 - j0, p.Dv, p.v_vec);
+        cp_async_commit();
+        const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
+        float ak[kDT][4], av[kDT][4];
+#pragma unroll
+        for (int dn = 0; dn < kDT; ++dn)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) ak[dn][x] = av[dn][x] = 0.f;
+
+        // The query tiles of every head of the GQA group, as one sequence n = gi * n_qt + tile.
+        const int64_t n_qt = qhi > qlo ? (qhi - qlo + kBQ - 1) / kBQ : 0, n_tiles = G * n_qt;
+        const auto load_q = [&](int64_t n, int stage) {
+          const int h = hk * G + static_cast<int>(n / n_qt);
+          const int64_t i0 = qlo + (n % n_qt) * kBQ;
+          const int nq = static_cast<int>(imin(kBQ, qhi - i0));
+          uint16_t* dst = sQd + stage * 2 * kBQ * kLd;
+          load_tile<kD, kBQ, kBwdThreads>(dst, static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh + i0 * p.q_ss,
+                                          p.q_ss, nq, p.D, p.q_vec);
+          load_tile<kD, kBQ, kBwdThreads>(dst + kBQ * kLd,
+                                          reinterpret_cast<const uint16_t*>(dout) + ((s.tok0 + i0) * p.H + h) * p.Dv,
+                                          int64_t(p.H) * p.Dv, nq, p.Dv, do_vec);
+          cp_async_commit();
+          float* ld = sLD + stage * 2 * kBQ;
+          for (int r = threadIdx.x; r < kBQ; r += kBwdThreads) {
+            float l2 = -INFINITY, d = 0.f;
+            if (r < nq) {
+              const int64_t li = lse_index(p, b, s, h, i0 + r);
+              l2 = lse[li] * kLog2e;
+              d = Di[li];
+            }
+            ld[r] = l2;
+            ld[kBQ + r] = d;
+          }
+        };
+        if (n_tiles > 0) load_q(0, 0);
+        {
+          int st = 0;
+          for (int64_t n = 0; n < n_tiles; ++n, st ^= 1) {
+            const int64_t i0 = qlo + (n % n_qt) * kBQ;
+            const int nq = static_cast<int>(imin(kBQ, qhi - i0));
+            cp_async_wait<0>();
+            __syncthreads();  // tile n landed for everyone; every warp is done with stage st ^ 1
+            if (n + 1 < n_tiles) load_q(n + 1, st ^ 1);
+            const uint16_t* sQ = sQd + st * 2 * kBQ * kLd;
+            const uint16_t* sdO = sQ + kBQ * kLd;
+            const float* sL2 = sLD + st * 2 * kBQ;
+            const float* sDi = sL2 + kBQ;
+
+            // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x kBQ queries.
+            float sc[kNT][4], dp[kNT][4];
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
+#pragma unroll
+            for (int kt = 0; kt < kD / 16; ++kt) {
+              uint32_t akf[4], avf[4];
+              frag_a<kLd>(akf, sK, warp * 16, kt * 16, lane);
+              frag_a<kLd>(avf, sV, warp * 16, kt * 16, lane);
+#pragma unroll
+              for (int nt = 0; nt < kNT; nt += 2) {
+                uint32_t bq[4], bd[4];
+                frag_b_nk<kLd>(bq, sQ, nt * 8, kt * 16, lane);
+                frag_b_nk<kLd>(bd, sdO, nt * 8, kt * 16, lane);
+                mma16816<T>(sc[nt], akf, bq[0], bq[1]);
+                mma16816<T>(sc[nt + 1], akf, bq[2], bq[3]);
+                mma16816<T>(dp[nt], avf, bd[0], bd[1]);
+                mma16816<T>(dp[nt + 1], avf, bd[2], bd[3]);
+              }
+            }
+            const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);
+            float pt[kNT][4];
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int x = 0; x < 4; ++x) {
+                const int rr = x >> 1;
+                const int c = nt * 8 + 2 * t + (x & 1);
+                const float l2 = sL2[c];
+                bool ok = l2 != -INFINITY;
+                if (need_mask) {
+                  const int64_t key = key0 + 8 * rr;
+                  ok = ok && c < nq && key < j1 && visible(w, i0 + c, key);
+                }
+                const float pe = ok ? exp2f(sc[nt][x] * p.scale_log2 - l2) : 0.f;
+                pt[nt][x] = pe;
+                sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
+              }
+            // dV += P^T dO, dK += dS^T Q (k dimension: the kBQ queries)
+#pragma unroll
+            for (int kk = 0; kk < kBQ / 16; ++kk) {
+              uint32_t ap[4], as[4];
+              frag_a_from_acc<T>(ap, pt[2 * kk], pt[2 * kk + 1]);
+              frag_a_from_acc<T>(as, sc[2 * kk], sc[2 * kk + 1]);
+#pragma unroll
+              for (int dn = 0; dn < kDT; dn += 2) {
+                uint32_t bd[4], bq[4];
+                frag_b_kn<kLd>(bd, sdO, kk * 16, dn * 8, lane);
+                frag_b_kn<kLd>(bq, sQ, kk * 16, dn * 8, lane);
+                mma16816<T>(av[dn], ap, bd[0], bd[1]);
+                mma16816<T>(av[dn + 1], ap, bd[2], bd[3]);
+                mma16816<T>(ak[dn], as, bq[0], bq[1]);
+                mma16816<T>(ak[dn + 1], as, bq[2], bq[3]);
+              }
+            }
+          }
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        // stage dK (scaled) and dV in this warp's rows of sK / sV, then write the rows out
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          uint16_t* krow = sK + (warp * 16 + g + 8 * rr) * kLd;
+          uint16_t* vrow = sV + (warp * 16 + g + 8 * rr) * kLd;
+#pragma unroll
+          for (int dn = 0; dn < kDT; ++dn) {
+            *reinterpret_cast<uint32_t*>(krow + dn * 8 + 2 * t) =
+                pack2<T>(ak[dn][2 * rr] * p.scale, ak[dn][2 * rr + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(vrow + dn * 8 + 2 * t) = pack2<T>(av[dn][2 * rr], av[dn][2 * rr + 1]);
+          }
+        }
+        __syncwarp();
+        uint16_t* dkp = reinterpret_cast<uint16_t*>(dk);
+        uint16_t* dvp = reinterpret_cast<uint16_t*>(dv);
+        for (int r = 0; r < 16; ++r) {
+          const int64_t j = j0 + warp * 16 + r;
+          if (j >= s.lk) break;
+          uint16_t* kd = dkp + ((s.ktok0 + j) * p.Hk + hk) * p.D;
+          uint16_t* vd = dvp + ((s.ktok0 + j) * p.Hk + hk) * p.Dv;
+          const uint16_t* ks = sK + (warp * 16 + r) * kLd;
+          const uint16_t* vs = sV + (warp * 16 + r) * kLd;
+          for (int c = lane; c < p.D; c += 32) kd[c] = ks[c];
+          for (int c = lane; c < p.Dv; c += 32) vd[c] = vs[c];
+        }
+      }
+    }
+  }
+}
+
+// ---- launcher -------------------------------------------------------------------------------
+
+template <typename T, int kD>
+void launch_bwd_mma(const Params& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
+                    int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
+  using Tile = BwdTile<kD>;
+  {
+    const auto kernel = bwd_dkdv_mma_kernel<T, kD>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemDkdv));
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound, kBwdRows)), 1 << 30)),
+                    static_cast<unsigned>(std::min<int64_t>(p.Hk, 65535)),
+                    static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+    PK_LAUNCH(grid, kBwdThreads, Tile::kSmemDkdv, stream, kernel)(p, dout, lse, Di, dk, dv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  {
+    const auto kernel = bwd_dq_mma_kernel<T, kD>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemDq));
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(q_bound, kBwdRows)), 1 << 30)),
+                    static_cast<unsigned>(std::min<int64_t>(p.H, 65535)),
+                    static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
+    PK_LAUNCH(grid, kBwdThreads, Tile::kSmemDq, stream, kernel)(p, dout, lse, Di, dq);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace cuda
+}  // namespace attention
+}  // namespace pk
