@@ -95,22 +95,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
           for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
             for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
-#pragma unroll
-          for (int kt = 0; kt < kD / 16; ++kt) {
-            uint32_t aq[4], ad[4];
-            frag_a<kLd>(aq, sQ, warp * 16, kt * 16, lane);
-            frag_a<kLd>(ad, sdO, warp * 16, kt * 16, lane);
-#pragma unroll
-            for (int nt = 0; nt < kNT; nt += 2) {
-              uint32_t bk[4], bv[4];
-              frag_b_nk<kLd>(bk, sK, nt * 8, kt * 16, lane);
-              frag_b_nk<kLd>(bv, sV, nt * 8, kt * 16, lane);
-              mma16816<T>(sc[nt], aq, bk[0], bk[1]);  // S = Q K^T
-              mma16816<T>(sc[nt + 1], aq, bk[2], bk[3]);
-              mma16816<T>(dp[nt], ad, bv[0], bv[1]);  // dP = dO V^T
-              mma16816<T>(dp[nt + 1], ad, bv[2], bv[3]);
-            }
-          }
+          mma_rows_tile_t<T, kLd, kD, kNT>(sc, sQ, warp * 16, sK, lane);   // S = Q K^T
+          mma_rows_tile_t<T, kLd, kD, kNT>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
           const bool need_mask = nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
@@ -123,19 +109,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
               const float pe = ok ? exp2f(sc[nt][x] * p.scale_log2 - L2[rr]) : 0.f;
               sc[nt][x] = pe * (dp[nt][x] - di[rr]);  // dS
             }
-          // dQ += dS K
-#pragma unroll
-          for (int kk = 0; kk < kBN / 16; ++kk) {
-            uint32_t a[4];
-            frag_a_from_acc<T>(a, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-            for (int dn = 0; dn < kDT; dn += 2) {
-              uint32_t bk[4];
-              frag_b_kn<kLd>(bk, sK, kk * 16, dn * 8, lane);
-              mma16816<T>(acc[dn], a, bk[0], bk[1]);
-              mma16816<T>(acc[dn + 1], a, bk[2], bk[3]);
-            }
-          }
+          mma_acc_tile<T, kLd, kNT, kDT>(acc, sc, sK, lane);  // dQ += dS K
         }
         cp_async_wait<0>();
         __syncthreads();
@@ -246,22 +220,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
             for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
               for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
-#pragma unroll
-            for (int kt = 0; kt < kD / 16; ++kt) {
-              uint32_t akf[4], avf[4];
-              frag_a<kLd>(akf, sK, warp * 16, kt * 16, lane);
-              frag_a<kLd>(avf, sV, warp * 16, kt * 16, lane);
-#pragma unroll
-              for (int nt = 0; nt < kNT; nt += 2) {
-                uint32_t bq[4], bd[4];
-                frag_b_nk<kLd>(bq, sQ, nt * 8, kt * 16, lane);
-                frag_b_nk<kLd>(bd, sdO, nt * 8, kt * 16, lane);
-                mma16816<T>(sc[nt], akf, bq[0], bq[1]);
-                mma16816<T>(sc[nt + 1], akf, bq[2], bq[3]);
-                mma16816<T>(dp[nt], avf, bd[0], bd[1]);
-                mma16816<T>(dp[nt + 1], avf, bd[2], bd[3]);
-              }
-            }
+            mma_rows_tile_t<T, kLd, kD, kNT>(sc, sK, warp * 16, sQ, lane);
+            mma_rows_tile_t<T, kLd, kD, kNT>(dp, sV, warp * 16, sdO, lane);
             const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);
             float pt[kNT][4];
 #pragma unroll
@@ -281,22 +241,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
                 sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
               }
             // dV += P^T dO, dK += dS^T Q (k dimension: the kBQ queries)
-#pragma unroll
-            for (int kk = 0; kk < kBQ / 16; ++kk) {
-              uint32_t ap[4], as[4];
-              frag_a_from_acc<T>(ap, pt[2 * kk], pt[2 * kk + 1]);
-              frag_a_from_acc<T>(as, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-              for (int dn = 0; dn < kDT; dn += 2) {
-                uint32_t bd[4], bq[4];
-                frag_b_kn<kLd>(bd, sdO, kk * 16, dn * 8, lane);
-                frag_b_kn<kLd>(bq, sQ, kk * 16, dn * 8, lane);
-                mma16816<T>(av[dn], ap, bd[0], bd[1]);
-                mma16816<T>(av[dn + 1], ap, bd[2], bd[3]);
-                mma16816<T>(ak[dn], as, bq[0], bq[1]);
-                mma16816<T>(ak[dn + 1], as, bq[2], bq[3]);
-              }
-            }
+            mma_acc_tile<T, kLd, kNT, kDT>(av, pt, sdO, lane);
+            mma_acc_tile<T, kLd, kNT, kDT>(ak, sc, sQ, lane);
           }
         }
         cp_async_wait<0>();

@@ -161,6 +161,48 @@ __device__ __forceinline__ void frag_a_from_acc(uint32_t (&a)[4], const float (&
   a[3] = pack2<T>(hi[2], hi[3]);
 }
 
+// The two warp-level products of every attention kernel, for the calling warp's 16 rows:
+//   mma_rows_tile_t:  acc (16 x kN) += A B^T, A = rows [r0, r0 + 16) of tile `a`, B = rows
+//                     [0, kN) of tile `b`, both kK columns (S = Q K^T, dP = dO V^T, ...)
+//   mma_acc_tile:     acc (16 x kDn) += P C, P = 16 x (8 kNP) held in score accumulators
+//                     (rounded to T), C = rows [0, 8 kNP) x columns [0, kDn) of tile `c`
+//                     (O += P V, dQ += dS K, ...)
+template <typename T, int kLd, int kK, int kNT>
+__device__ __forceinline__ void mma_rows_tile_t(float (&acc)[kNT][4], const uint16_t* a, int r0, const uint16_t* b,
+                                                int lane) {
+  static_assert(kK % 16 == 0 && kNT % 2 == 0, "tile shape");
+#pragma unroll
+  for (int kt = 0; kt < kK / 16; ++kt) {
+    uint32_t fa[4];
+    frag_a<kLd>(fa, a, r0, kt * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < kNT; nt += 2) {
+      uint32_t fb[4];
+      frag_b_nk<kLd>(fb, b, nt * 8, kt * 16, lane);
+      mma16816<T>(acc[nt], fa, fb[0], fb[1]);
+      mma16816<T>(acc[nt + 1], fa, fb[2], fb[3]);
+    }
+  }
+}
+
+template <typename T, int kLd, int kNP, int kDT>
+__device__ __forceinline__ void mma_acc_tile(float (&acc)[kDT][4], const float (&p)[kNP][4], const uint16_t* c,
+                                             int lane) {
+  static_assert(kNP % 2 == 0 && kDT % 2 == 0, "tile shape");
+#pragma unroll
+  for (int kk = 0; kk < kNP / 2; ++kk) {
+    uint32_t fa[4];
+    frag_a_from_acc<T>(fa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int dn = 0; dn < kDT; dn += 2) {
+      uint32_t fb[4];
+      frag_b_kn<kLd>(fb, c, kk * 16, dn * 8, lane);
+      mma16816<T>(acc[dn], fa, fb[0], fb[1]);
+      mma16816<T>(acc[dn + 1], fa, fb[2], fb[3]);
+    }
+  }
+}
+
 // ---- tile geometry --------------------------------------------------------------------------
 
 template <int kD>
@@ -247,18 +289,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
           float sc[kNT][4];
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-#pragma unroll
-          for (int kt = 0; kt < kD / 16; ++kt) {
-            uint32_t a[4];
-            frag_a<kLd>(a, sQ, warp * 16, kt * 16, lane);
-#pragma unroll
-            for (int nt = 0; nt < kNT; nt += 2) {
-              uint32_t bk[4];
-              frag_b_nk<kLd>(bk, sK, nt * 8, kt * 16, lane);
-              mma16816<T>(sc[nt], a, bk[0], bk[1]);
-              mma16816<T>(sc[nt + 1], a, bk[2], bk[3]);
-            }
-          }
+          mma_rows_tile_t<T, kLd, kD, kNT>(sc, sQ, warp * 16, sK, lane);
 
           // Scale, mask, online softmax (base 2). Each row's 4 threads (same g) share it.
           const bool need_mask = p.has_mask() || nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
@@ -317,18 +348,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
           __syncthreads();
 
           // O += P V: the score accumulators are the A fragments of P, 16 keys at a time.
-#pragma unroll
-          for (int kk = 0; kk < kBN / 16; ++kk) {
-            uint32_t a[4];
-            frag_a_from_acc<T>(a, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-            for (int dn = 0; dn < kDT; dn += 2) {
-              uint32_t bv[4];
-              frag_b_kn<kLd>(bv, sV, kk * 16, dn * 8, lane);
-              mma16816<T>(o[dn], a, bv[0], bv[1]);
-              mma16816<T>(o[dn + 1], a, bv[2], bv[3]);
-            }
-          }
+          mma_acc_tile<T, kLd, kNT, kDT>(o, sc, sV, lane);
           __syncthreads();  // every warp is done with sV
         }
         cp_async_wait<0>();  // the Q copy when there was no key tile
