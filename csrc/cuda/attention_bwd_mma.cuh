@@ -48,7 +48,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
       const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
       const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
       const uint16_t* dog = reinterpret_cast<const uint16_t*>(dout) + (s.tok0 * p.H + h) * p.Dv;
-      for (int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM; i0 < s.lq; i0 += static_cast<int64_t>(gridDim.x) * kBM) {
+      // Query blocks last to first: under a causal mask the last rows see the most keys, and
+      // starting the longest blocks first shortens the tail of the grid.
+      const int64_t n_mb = (s.lq + kBM - 1) / kBM;
+      for (int64_t mb = blockIdx.x; mb < n_mb; mb += gridDim.x) {
+        const int64_t i0 = (n_mb - 1 - mb) * kBM;
         const int64_t i1 = imin(i0 + kBM, s.lq);
         const int64_t kb = key_lo(w, i0), ke = key_hi(w, i1 - 1, s.lk);
         __syncthreads();

@@ -259,7 +259,11 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
       const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh;
       const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
       const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
-      for (int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM; i0 < s.lq; i0 += static_cast<int64_t>(gridDim.x) * kBM) {
+      // Query blocks last to first: under a causal mask the last rows see the most keys, and
+      // starting the longest blocks first shortens the tail of the grid.
+      const int64_t n_mb = (s.lq + kBM - 1) / kBM;
+      for (int64_t mb = blockIdx.x; mb < n_mb; mb += gridDim.x) {
+        const int64_t i0 = (n_mb - 1 - mb) * kBM;
         const int64_t i1 = imin(i0 + kBM, s.lq);
         int64_t kb, ke;
         split_range(p, split, key_lo(w, i0), key_hi(w, i1 - 1, s.lk), kb, ke);
