@@ -6,6 +6,8 @@ Environment knobs:
   TORCH_CUDA_ARCH_LIST   CUDA targets (default: the local GPU, else "8.0;9.0")
   MAX_JOBS               parallel compile jobs (ninja)
   PK_DEBUG=1             -O0 -g
+  PK_PTXAS_VERBOSE=1     ptxas reports registers, spills and shared memory per kernel (read
+                         the build log with scripts/cuda_resources.py)
 ccache is used when it is on PATH.
 """
 import glob
@@ -121,6 +123,8 @@ def build_extension():
     if debug:
         cxx_flags.append("-g")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    if os.environ.get("PK_PTXAS_VERBOSE") == "1":
+        nvcc_flags.append("-Xptxas=-v")
     include_dirs = [os.path.join(ROOT, "csrc")]
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
