@@ -16,12 +16,14 @@
 // same output and no atomics are used: the gradients are deterministic, bit for bit, for any
 // launch configuration.
 //
-// float16 / bfloat16 with head_dim <= 128 and no attn_mask use tensor cores (ldmatrix +
+// float16 / bfloat16 without attn_mask use tensor cores (ldmatrix +
 // mma.sync m16n8k16, fp32 accumulation, the same fragment helpers as the forward in
 // attention_fwd.cuh): every warp owns 16 rows (queries for dQ, keys for dK/dV), and the
 // score accumulators are reused as the A operand of the following product (P^T dO, dS K,
-// dS^T Q) after rounding to the input dtype, as FlashAttention does. Everything else (float32,
-// a caller's mask, head_dim > 128, GPUs before sm_80) runs the SIMT kernels of
+// dS^T Q) after rounding to the input dtype, as FlashAttention does. At head_dim 256 the dK
+// and dV accumulators do not both fit in registers, so two dK/dV passes each recompute the
+// scores (attention_bwd_mma.cuh). Everything else (float32, a caller's mask, GPUs before
+// sm_80) runs the SIMT kernels of
 // attention_bwd_rows.cuh: a warp per query row (dQ) or per key row (dK, dV), a lane per
 // key or query.
 #include <torch/library.h>
@@ -70,15 +72,17 @@ void backward_typed(const Params& p, bool tensor_cores, const at::Tensor& dout, 
   T* dv_p = static_cast<T*>(dv.data_ptr());
   const int d = std::max(p.D, p.Dv);
   if constexpr (!std::is_same_v<T, float>) {
-    if (tensor_cores && !p.has_mask() && d <= 128) {
+    if (tensor_cores && !p.has_mask()) {
       if (d <= 32)
         launch_bwd_mma<T, 32>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
       else if (d <= 64)
         launch_bwd_mma<T, 64>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
       else if (d <= 96)
         launch_bwd_mma<T, 96>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
-      else
+      else if (d <= 128)
         launch_bwd_mma<T, 128>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+      else
+        launch_bwd_mma<T, 256>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
       return;
     }
   }

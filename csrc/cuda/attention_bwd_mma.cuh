@@ -13,11 +13,17 @@ constexpr int kBwdWarps = 4;
 constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int kBwdRows = 16 * kBwdWarps;  // rows (queries or keys) a block owns
 
+// Which gradients a dK/dV block accumulates. Up to head_dim 128 one pass keeps both in
+// registers; at 256 they do not fit beside the score tiles, so two passes each recompute the
+// scores and accumulate one of them (the dV pass skips dP = dO V^T).
+enum BwdPart { kDkAndDv = 0, kDkOnly = 1, kDvOnly = 2 };
+
 template <int kD>
 struct BwdTile {
   static constexpr int kLd = kD + 8;
-  static constexpr int kBN = 64;                     // keys per tile in the dQ pass
-  static constexpr int kBQ = kD <= 64 ? 64 : 32;     // queries per tile in the dK/dV pass
+  static constexpr int kBN = kD <= 128 ? 64 : 32;                 // keys per tile in the dQ pass
+  static constexpr int kBQ = kD <= 64 ? 64 : (kD <= 128 ? 32 : 16);  // queries per tile, dK/dV pass
+  static constexpr bool kSplitDkDv = kD > 128;
   // two stages of the tiles the loop walks over (K and V for dQ; Q, dO, lse and Di for dK/dV):
   // the next tile's cp.async copies run while the current one is computed
   static constexpr int kSmemDq = (2 * kBwdRows + 2 * 2 * kBN) * kLd * 2;
@@ -140,8 +146,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
   }
 }
 
-// dK, dV for 64 keys of one kv head per block.
-template <typename T, int kD>
+// dK and/or dV (kPart) for 64 keys of one kv head per block.
+template <typename T, int kD, int kPart>
 __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params p, const T* __restrict__ dout,
                                                                    const float* __restrict__ lse,
                                                                    const float* __restrict__ Di, T* __restrict__ dk,
@@ -149,6 +155,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
   using Tile = BwdTile<kD>;
   constexpr int kLd = Tile::kLd, kBQ = Tile::kBQ, kBN = kBwdRows;
   constexpr int kNT = kBQ / 8, kDT = kD / 8;
+  constexpr bool kDoK = kPart != kDvOnly, kDoV = kPart != kDkOnly;
+  constexpr int kDTK = kDoK ? kDT : 2, kDTV = kDoV ? kDT : 2;  // unused accumulators stay tiny
   uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sK = smem;
   uint16_t* sV = sK + kBN * kLd;
@@ -173,11 +181,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
         load_tile<kD, kBN, kBwdThreads>(sV, vg + j0 * p.v_ss, p.v_ss, j1 - j0, p.Dv, p.v_vec);
         cp_async_commit();
         const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
-        float ak[kDT][4], av[kDT][4];
+        float ak[kDTK][4], av[kDTV][4];
 #pragma unroll
-        for (int dn = 0; dn < kDT; ++dn)
+        for (int dn = 0; dn < kDTK; ++dn) ak[dn][0] = ak[dn][1] = ak[dn][2] = ak[dn][3] = 0.f;
 #pragma unroll
-          for (int x = 0; x < 4; ++x) ak[dn][x] = av[dn][x] = 0.f;
+        for (int dn = 0; dn < kDTV; ++dn) av[dn][0] = av[dn][1] = av[dn][2] = av[dn][3] = 0.f;
 
         // The query tiles of every head of the GQA group, as one sequence n = gi * n_qt + tile.
         const int64_t n_qt = qhi > qlo ? (qhi - qlo + kBQ - 1) / kBQ : 0, n_tiles = G * n_qt;
@@ -225,7 +233,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
 #pragma unroll
               for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
             mma_rows_tile_t<T, kLd, kD, kNT>(sc, sK, warp * 16, sQ, lane);
-            mma_rows_tile_t<T, kLd, kD, kNT>(dp, sV, warp * 16, sdO, lane);
+            if constexpr (kDoK) mma_rows_tile_t<T, kLd, kD, kNT>(dp, sV, warp * 16, sdO, lane);
             const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);
             float pt[kNT][4];
 #pragma unroll
@@ -245,8 +253,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
                 sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
               }
             // dV += P^T dO, dK += dS^T Q (k dimension: the kBQ queries)
-            mma_acc_tile<T, kLd, kNT, kDT>(av, pt, sdO, lane);
-            mma_acc_tile<T, kLd, kNT, kDT>(ak, sc, sQ, lane);
+            if constexpr (kDoV) mma_acc_tile<T, kLd, kNT, kDT>(av, pt, sdO, lane);
+            if constexpr (kDoK) mma_acc_tile<T, kLd, kNT, kDT>(ak, sc, sQ, lane);
           }
         }
         cp_async_wait<0>();
@@ -256,11 +264,16 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
         for (int rr = 0; rr < 2; ++rr) {
           uint16_t* krow = sK + (warp * 16 + g + 8 * rr) * kLd;
           uint16_t* vrow = sV + (warp * 16 + g + 8 * rr) * kLd;
+          if constexpr (kDoK) {
 #pragma unroll
-          for (int dn = 0; dn < kDT; ++dn) {
-            *reinterpret_cast<uint32_t*>(krow + dn * 8 + 2 * t) =
-                pack2<T>(ak[dn][2 * rr] * p.scale, ak[dn][2 * rr + 1] * p.scale);
-            *reinterpret_cast<uint32_t*>(vrow + dn * 8 + 2 * t) = pack2<T>(av[dn][2 * rr], av[dn][2 * rr + 1]);
+            for (int dn = 0; dn < kDT; ++dn)
+              *reinterpret_cast<uint32_t*>(krow + dn * 8 + 2 * t) =
+                  pack2<T>(ak[dn][2 * rr] * p.scale, ak[dn][2 * rr + 1] * p.scale);
+          }
+          if constexpr (kDoV) {
+#pragma unroll
+            for (int dn = 0; dn < kDT; ++dn)
+              *reinterpret_cast<uint32_t*>(vrow + dn * 8 + 2 * t) = pack2<T>(av[dn][2 * rr], av[dn][2 * rr + 1]);
           }
         }
         __syncwarp();
@@ -273,8 +286,10 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
           uint16_t* vd = dvp + ((s.ktok0 + j) * p.Hk + hk) * p.Dv;
           const uint16_t* ks = sK + (warp * 16 + r) * kLd;
           const uint16_t* vs = sV + (warp * 16 + r) * kLd;
-          for (int c = lane; c < p.D; c += 32) kd[c] = ks[c];
-          for (int c = lane; c < p.Dv; c += 32) vd[c] = vs[c];
+          if constexpr (kDoK)
+            for (int c = lane; c < p.D; c += 32) kd[c] = ks[c];
+          if constexpr (kDoV)
+            for (int c = lane; c < p.Dv; c += 32) vd[c] = vs[c];
         }
       }
     }
@@ -287,14 +302,19 @@ template <typename T, int kD>
 void launch_bwd_mma(const Params& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
                     int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
   using Tile = BwdTile<kD>;
-  {
-    const auto kernel = bwd_dkdv_mma_kernel<T, kD>;
+  const auto dkdv = [&](auto kernel) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemDkdv));
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound, kBwdRows)), 1 << 30)),
                     static_cast<unsigned>(std::min<int64_t>(p.Hk, 65535)),
                     static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
     PK_LAUNCH(grid, kBwdThreads, Tile::kSmemDkdv, stream, kernel)(p, dout, lse, Di, dk, dv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if constexpr (Tile::kSplitDkDv) {
+    dkdv(bwd_dkdv_mma_kernel<T, kD, kDvOnly>);
+    dkdv(bwd_dkdv_mma_kernel<T, kD, kDkOnly>);
+  } else {
+    dkdv(bwd_dkdv_mma_kernel<T, kD, kDkAndDv>);
   }
   {
     const auto kernel = bwd_dq_mma_kernel<T, kD>;

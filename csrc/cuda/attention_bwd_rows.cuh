@@ -1,6 +1,6 @@
 // SIMT backward kernels of the CUDA flash attention (any dtype, the caller's mask, any
-// head_dim up to 256): the path for float32, for attn_mask, and for head dims the
-// tensor-core backward does not cover. See attention_bwd.cu for the scheme.
+// head_dim up to 256): the path for float32, for attn_mask, and for GPUs before sm_80. See
+// attention_bwd.cu for the scheme.
 #pragma once
 #include "attention_fwd.cuh"
 
