@@ -15,12 +15,14 @@
 //   * warp shuffles, ldmatrix and mma.sync m16n8k16 are warp-collective: every lane deposits
 //     its registers (or row address), and the result is built from the layouts of the PTX
 //     ISA ("Matrix fragments for mma.m16n8k16", "ldmatrix"), not from the kernels' own index
-//     arithmetic;
-//     a collective with lanes missing (exited or diverged) is reported;
+//     arithmetic; a collective with lanes missing (exited or diverged) and an ldmatrix row
+//     that is not 16-byte aligned are reported;
 //   * cp.async copies are deferred until the thread's cp.async.wait_group retires their
 //     group, so a tile read before its wait (or without the barrier that publishes other
 //     threads' copies) reads stale data; in the eager mode they land at once instead, so a
 //     prefetch into a buffer that other warps have not finished reading corrupts it;
+//   * threads are resumed round-robin (warps move in near lockstep) or, in the run-ahead
+//     mode, lowest-numbered first (warp 0 reaches each __syncthreads before warp 1 starts);
 //   * dynamic shared memory is filled with 0xFF bytes (NaN in every float format) when a
 //     block starts, so reading shared memory nobody wrote shows up as NaN;
 //   * launch limits: block size, grid extents, and dynamic shared memory above 48 KB
