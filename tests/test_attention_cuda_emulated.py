@@ -111,8 +111,8 @@ def test_split_kv_equals_unsplit(emu, dtype):
     decoding) and merge them with combine_kernel; on a one-SM device the same grid fills it and
     the keys stay whole. Both equal the reference."""
     g = torch.Generator().manual_seed(6)
-    q, k, v = rand(1, 3, 2, 64, dtype=dtype, gen=g), rand(1, 700, 1, 64, dtype=dtype, gen=g), rand(
-        1, 700, 1, 64, dtype=dtype, gen=g)
+    q, k, v = rand(1, 3, 2, 64, dtype=dtype, gen=g), rand(1, 700, 2, 64, dtype=dtype, gen=g), rand(
+        1, 700, 2, 64, dtype=dtype, gen=g)
     mod = emulated_cuda.load()
     res = []
     try:
@@ -262,7 +262,8 @@ def test_backward_with_mask_uses_simt_and_is_deterministic(emu):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kvcache_append_and_decode(emu, dtype):
     """Rows at different cache lengths; k_new / v_new written in place; each step equals causal
-    attention over the row's prefix; few SMs, so the decode steps run split-KV."""
+    attention over the row's prefix; few SMs, so the decode steps run split-KV, and with two
+    query heads per kv head the half-precision steps pack them into one block (pack_gqa)."""
     g = torch.Generator().manual_seed(10)
     B, H, Hk, D, smax = 3, 4, 2, 64, 260
     k_cache, v_cache = rand(B, smax, Hk, D, dtype=dtype, gen=g), rand(B, smax, Hk, D, dtype=dtype, gen=g)

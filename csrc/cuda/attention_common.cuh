@@ -94,6 +94,7 @@ struct Params {
   int64_t window_left = -1, window_right = -1;
   bool bottom_right = true;
 
+  bool pack_gqa = false;    // tensor-core forward: the G query heads of a kv head share a block
   int n_splits = 1;         // split-KV: key range of a query cut into this many pieces
   int64_t split_keys = 0;   // keys per piece (a multiple of the kernel's key block)
 

@@ -102,7 +102,12 @@ void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_boun
   int64_t blocks, key_block;
   if (tensor_cores) {
     const int kd = padded_head_dim(std::max(p.D, p.Dv));
-    blocks = ceil_div(q_bound, 64) * p.H * int64_t(p.batch);
+    // Fewer queries than a block has rows (decode, short chunks): the query heads of a GQA
+    // group fill the block together and read their K/V tiles once.
+    const int G = p.H / p.Hk;
+    p.pack_gqa = G > 1 && q_bound < 64;
+    blocks = p.pack_gqa ? ceil_div(q_bound * G, 64) * p.Hk * int64_t(p.batch)
+                        : ceil_div(q_bound, 64) * p.H * int64_t(p.batch);
     key_block = kd <= 128 ? 64 : 32;
   } else {
     blocks = ceil_div(q_bound * p.H, 4) * int64_t(p.batch);

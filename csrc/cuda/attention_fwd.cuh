@@ -215,24 +215,31 @@ struct FwdTile {
   static constexpr int kSmemBytes = (kBM + 2 * kBN) * kLd * 2;
 };
 
-// Copies rows [0, nrows) x columns [0, ncols) of a global tile (16-bit elements, row stride
-// `stride`) into shared memory rows of kD + 8 elements; everything else becomes zero.
-// vec: 16-byte cp.async (global rows and ncols multiples of 8 elements); else element copies.
-template <int kD, int kRows, int kThreads>
-__device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* g, int64_t stride, int64_t nrows, int ncols,
-                                          bool vec) {
+// Copies rows [0, nrows) x columns [0, ncols) of a global tile (16-bit elements; row r starts
+// at row(r)) into shared memory rows of kD + 8 elements; everything else becomes zero.
+// vec: 16-byte cp.async (row starts and ncols multiples of 8 elements); else element copies.
+template <int kD, int kRows, int kThreads, typename RowPtr>
+__device__ __forceinline__ void load_tile_rows(uint16_t* sm, RowPtr row, int64_t nrows, int ncols, bool vec) {
   constexpr int kLd = kD + 8, kChunks = kD / 8;
   for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
     uint16_t* dst = sm + r * kLd + c;
     if (vec) {
       const bool ok = r < nrows && c < ncols;
-      cp_async16(dst, ok ? g + r * stride + c : g, ok ? 16 : 0);
+      cp_async16(dst, ok ? row(r) + c : row(0), ok ? 16 : 0);
     } else {
+      const uint16_t* src = r < nrows ? row(r) : nullptr;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = (r < nrows && c + e < ncols) ? g[r * stride + c + e] : uint16_t(0);
+      for (int e = 0; e < 8; ++e) dst[e] = (r < nrows && c + e < ncols) ? src[c + e] : uint16_t(0);
     }
   }
+}
+
+// The same for rows `stride` elements apart.
+template <int kD, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* g, int64_t stride, int64_t nrows, int ncols,
+                                          bool vec) {
+  load_tile_rows<kD, kRows, kThreads>(sm, [=](int64_t r) { return g + r * stride; }, nrows, ncols, vec);
 }
 
 // ---- tensor-core forward --------------------------------------------------------------------
@@ -249,27 +256,36 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
   uint16_t* sV = sK + kBN * kLd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int G = p.H / p.Hk;
-  const int64_t hs_total = static_cast<int64_t>(p.H) * p.n_splits;
+  // Rows of the block. Unpacked: row r is query r of one head. Packed (pack_gqa): row r is
+  // query r / G of head hk G + r % G, so the G heads that share a kv head share its K/V tiles
+  // (decode reads the cache once instead of G times).
+  const int P = p.pack_gqa ? G : 1;
+  const int n_groups = p.pack_gqa ? p.Hk : p.H;
+  const int64_t hs_total = static_cast<int64_t>(n_groups) * p.n_splits;
 
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
+    const int64_t rows = s.lq * P;
     for (int64_t hy = blockIdx.y; hy < hs_total; hy += gridDim.y) {
-      const int h = static_cast<int>(hy % p.H), split = static_cast<int>(hy / p.H), hk = h / G;
-      const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh;
+      const int grp = static_cast<int>(hy % n_groups), split = static_cast<int>(hy / n_groups);
+      const int h0 = p.pack_gqa ? grp * G : grp, hk = p.pack_gqa ? grp : grp / G;
+      const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_off + h0 * p.q_sh;
       const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
       const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
       // Query blocks last to first: under a causal mask the last rows see the most keys, and
       // starting the longest blocks first shortens the tail of the grid.
-      const int64_t n_mb = (s.lq + kBM - 1) / kBM;
+      const int64_t n_mb = (rows + kBM - 1) / kBM;
       for (int64_t mb = blockIdx.x; mb < n_mb; mb += gridDim.x) {
-        const int64_t i0 = (n_mb - 1 - mb) * kBM;
-        const int64_t i1 = imin(i0 + kBM, s.lq);
+        const int64_t r0 = (n_mb - 1 - mb) * kBM, r1 = imin(r0 + kBM, rows);
+        const int64_t i0 = r0 / P, i1 = (r1 - 1) / P + 1;  // the queries of the block's rows
         int64_t kb, ke;
         split_range(p, split, key_lo(w, i0), key_hi(w, i1 - 1, s.lk), kb, ke);
 
         __syncthreads();  // shared memory is free (the previous item's output staging is done)
-        load_tile<kD, kBM, kThreads>(sQ, qg + i0 * p.q_ss, p.q_ss, i1 - i0, p.D, p.q_vec);
+        load_tile_rows<kD, kBM, kThreads>(
+            sQ, [&](int64_t r) { return qg + ((r0 + r) / P) * p.q_ss + ((r0 + r) % P) * p.q_sh; }, r1 - r0, p.D,
+            p.q_vec);
         cp_async_commit();
         if (kb < ke) {
           load_tile<kD, kBN, kThreads>(sK, kg + kb * p.k_ss, p.k_ss, imin(kBN, ke - kb), p.D, p.k_vec);
@@ -280,7 +296,10 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
 #pragma unroll
         for (int dn = 0; dn < kDT; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
         float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-        const int64_t row0 = i0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+        // this thread's rows, row0 and row0 + 8: their queries and heads
+        const int64_t row0 = r0 + warp * 16 + g;
+        const int64_t qi[2] = {row0 / P, (row0 + 8) / P};
+        const int qh[2] = {h0 + static_cast<int>(row0 % P), h0 + static_cast<int>((row0 + 8) % P)};
 
         for (int64_t j0 = kb; j0 < ke; j0 += kBN) {
           const int nk = static_cast<int>(imin(kBN, ke - j0));
@@ -299,7 +318,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
           const bool need_mask = p.has_mask() || nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
 #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
-            const int64_t i = row0 + 8 * rr;
+            const int64_t i = qi[rr];
             float mx = -INFINITY;
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt)
@@ -312,7 +331,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
                   if (c >= nk || !visible(w, i, j))
                     x = -INFINITY;
                   else if (p.has_mask() && i < s.lq)
-                    x += mask_log2(p, b, h, i, j);
+                    x += mask_log2(p, b, qh[rr], i, j);
                 }
                 sc[nt][2 * rr + e] = x;
                 mx = fmaxf(mx, x);
@@ -366,9 +385,10 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
           L += __shfl_xor_sync(0xffffffffu, L, 2);
           const float inv = L > 0.f ? 1.f / L : 0.f;
           const float lse = L > 0.f ? (m_run[rr] + log2f(L)) * kLn2 : -INFINITY;
-          const int64_t i = row0 + 8 * rr;
+          const int64_t i = qi[rr];
+          const int h = qh[rr];
           if (p.n_splits > 1) {
-            if (i < s.lq) {
+            if (row0 + 8 * rr < rows) {
               const int64_t pr = (split * p.total_q + s.tok0 + i) * p.H + h;
               float* dst = p.out_part + pr * p.Dv;
 #pragma unroll
@@ -387,7 +407,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
               const uint32_t v2 = pack2<T>(o[dn][2 * rr] * inv, o[dn][2 * rr + 1] * inv);
               *reinterpret_cast<uint32_t*>(srow + dn * 8 + 2 * t) = v2;
             }
-            if (t == 0 && i < s.lq) p.lse[lse_index(p, b, s, h, i)] = lse;
+            if (t == 0 && row0 + 8 * rr < rows) p.lse[lse_index(p, b, s, h, i)] = lse;
           }
         }
         if (p.n_splits <= 1) {
@@ -395,8 +415,10 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
           uint16_t* outp = static_cast<uint16_t*>(p.out);
           const bool vec_out = (p.Dv % 8) == 0;
           for (int r = 0; r < 16; ++r) {
-            const int64_t i = i0 + warp * 16 + r;
-            if (i >= s.lq) break;
+            const int64_t row = r0 + warp * 16 + r;
+            if (row >= rows) break;
+            const int64_t i = row / P;
+            const int h = h0 + static_cast<int>(row % P);
             uint16_t* dst = outp + ((s.tok0 + i) * p.H + h) * p.Dv;
             const uint16_t* src = sQ + (warp * 16 + r) * kLd;
             if (vec_out) {
@@ -419,9 +441,10 @@ void launch_fwd_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
   using Tile = FwdTile<kD>;
   const auto kernel = fwd_mma_kernel<T, kD>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-  const int64_t mb = std::max<int64_t>(1, ceil_div(q_bound, Tile::kBM));
+  const int64_t rows = p.pack_gqa ? q_bound * (p.H / p.Hk) : q_bound;
+  const int64_t mb = std::max<int64_t>(1, ceil_div(rows, Tile::kBM));
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(mb, 1 << 30)),
-                  static_cast<unsigned>(std::min<int64_t>(int64_t(p.H) * p.n_splits, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(int64_t(p.pack_gqa ? p.Hk : p.H) * p.n_splits, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
   PK_LAUNCH(grid, Tile::kThreads, Tile::kSmemBytes, stream, kernel)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
