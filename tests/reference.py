@@ -290,6 +290,24 @@ def torch_sdpa(q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, sca
     return torch.where(dead[None, :, None, None], torch.zeros_like(out), out)
 
 
+# Relative-error floors per dtype (below them, twice torch's error is noise) and lse tolerances.
+ATTN_ERR_FLOOR = {torch.float32: 2e-7, torch.bfloat16: 2e-3, torch.float16: 3e-4, torch.float64: 1e-14}
+ATTN_LSE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3, torch.float64: 2e-3}
+
+
+def assert_attention_matches(out, lse, ref, ref_lse, sdpa_err, dtype):
+    """out within twice torch SDPA's own error (floored per dtype) of the float64 reference;
+    lse finite exactly where the reference's is (-inf where no key is visible) and close there;
+    rows that see no key give 0. (B, Sq, H, Dv) outputs, (B, H, Sq) lse, any devices."""
+    ours = rel_err(out, ref)
+    assert ours <= 2 * max(sdpa_err, ATTN_ERR_FLOOR[dtype]), (ours, sdpa_err)
+    out, lse, ref_lse = out.cpu(), lse.cpu(), ref_lse.cpu()
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=ATTN_LSE_ATOL[dtype], rtol=0)
+    assert (out[~finite.transpose(1, 2)] == 0).all()
+
+
 # (B, Sq, Sk, H, Hk, D, causal, window)
 ATTN_FWD_CASES = [
     (2, 17, 17, 2, 2, 64, False, (-1, -1)),

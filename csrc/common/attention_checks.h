@@ -51,5 +51,15 @@ inline int64_t check_kv_new(const std::optional<at::Tensor>& k_new, const std::o
   return k_new->size(1);
 }
 
+// attn_mask: bool (true = attend) or float32 (added), shaped (batch, heads, Sq, Sk) (broadcasts
+// arrive expanded, with zero strides). The device is checked at the call sites.
+inline void check_attn_mask(const at::Tensor& mk, int64_t batch, int64_t heads, int64_t sq, int64_t sk) {
+  TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
+              "attn_mask: expected bool or float32 (convert float masks first), got ", mk.scalar_type());
+  TORCH_CHECK(mk.dim() == 4 && mk.size(0) == batch && mk.size(1) == heads && mk.size(2) == sq && mk.size(3) == sk,
+              "attn_mask: expected shape [", batch, ", ", heads, ", ", sq, ", ", sk, "] (expand it), got ",
+              mk.sizes());
+}
+
 }  // namespace attention
 }  // namespace pk

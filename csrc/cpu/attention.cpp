@@ -440,12 +440,7 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
   if (mask.has_value()) {
     const at::Tensor& mk = *mask;
     TORCH_CHECK(mk.device().is_cpu(), "attn_mask: expected a CPU tensor, got one on ", mk.device());
-    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
-                "attn_mask: expected bool or float32 (convert float masks first), got ", mk.scalar_type());
-    TORCH_CHECK(mk.dim() == 4 && mk.size(0) == p.batch && mk.size(1) == p.H && mk.size(2) == p.sq &&
-                    mk.size(3) == p.sk,
-                "attn_mask: expected shape [", p.batch, ", ", p.H, ", ", p.sq, ", ", p.sk, "] (expand it), got ",
-                mk.sizes());
+    check_attn_mask(mk, p.batch, p.H, p.sq, p.sk);
     if (mk.scalar_type() == at::kBool)
       p.mask_bool = mk.data_ptr<bool>();
     else

@@ -80,8 +80,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
           }
         }
         float acc[kDT][4];
-#pragma unroll
-        for (int dn = 0; dn < kDT; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+        zero_acc(acc);
 
         const auto load_kv = [&](int64_t j, int stage) {
           const int n = static_cast<int>(imin(kBN, ke - j));
@@ -101,10 +100,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
           const uint16_t* sV = sK + kBN * kLd;
 
           float sc[kNT][4], dp[kNT][4];
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-            for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
+          zero_acc(sc);
+          zero_acc(dp);
           mma_rows_tile_t<T, kLd, kD, kNT>(sc, sQ, warp * 16, sK, lane);   // S = Q K^T
           mma_rows_tile_t<T, kLd, kD, kNT>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
           const bool need_mask = nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
@@ -182,10 +179,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
         cp_async_commit();
         const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
         float ak[kDTK][4], av[kDTV][4];
-#pragma unroll
-        for (int dn = 0; dn < kDTK; ++dn) ak[dn][0] = ak[dn][1] = ak[dn][2] = ak[dn][3] = 0.f;
-#pragma unroll
-        for (int dn = 0; dn < kDTV; ++dn) av[dn][0] = av[dn][1] = av[dn][2] = av[dn][3] = 0.f;
+        zero_acc(ak);
+        zero_acc(av);
 
         // The query tiles of every head of the GQA group, as one sequence n = gi * n_qt + tile.
         const int64_t n_qt = qhi > qlo ? (qhi - qlo + kBQ - 1) / kBQ : 0, n_tiles = G * n_qt;
@@ -228,10 +223,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
 
             // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x kBQ queries.
             float sc[kNT][4], dp[kNT][4];
-#pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-              for (int x = 0; x < 4; ++x) sc[nt][x] = dp[nt][x] = 0.f;
+            zero_acc(sc);
+            zero_acc(dp);
             mma_rows_tile_t<T, kLd, kD, kNT>(sc, sK, warp * 16, sQ, lane);
             if constexpr (kDoK) mma_rows_tile_t<T, kLd, kD, kNT>(dp, sV, warp * 16, sdO, lane);
             const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);

@@ -207,6 +207,14 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Tensor-core forward layout: the head groups a grid row walks (query heads, or kv heads
+// when pack_gqa puts a GQA group's heads in one block), and the block rows per group for
+// sequences of up to q_bound queries.
+PK_HD int fwd_row_groups(const Params& p) { return p.pack_gqa ? p.Hk : p.H; }
+PK_HD int64_t fwd_group_rows(const Params& p, int64_t q_bound) {
+  return p.pack_gqa ? q_bound * (p.H / p.Hk) : q_bound;
+}
+
 }  // namespace cuda
 }  // namespace attention
 }  // namespace pk

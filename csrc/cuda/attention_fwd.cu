@@ -106,8 +106,7 @@ void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_boun
     // group fill the block together and read their K/V tiles once.
     const int G = p.H / p.Hk;
     p.pack_gqa = G > 1 && q_bound < 64;
-    blocks = p.pack_gqa ? ceil_div(q_bound * G, 64) * p.Hk * int64_t(p.batch)
-                        : ceil_div(q_bound, 64) * p.H * int64_t(p.batch);
+    blocks = ceil_div(fwd_group_rows(p, q_bound), 64) * fwd_row_groups(p) * int64_t(p.batch);
     key_block = kd <= 128 ? 64 : 32;
   } else {
     blocks = ceil_div(q_bound * p.H, 4) * int64_t(p.batch);

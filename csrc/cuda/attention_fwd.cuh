@@ -104,28 +104,21 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
 // Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix .x4, sm_80+): lane j
 // gives the address of row j % 8 of matrix j / 8 (16 contiguous, 16-byte aligned bytes);
 // register i receives matrix i in the mma fragment layout (row lane / 4, columns
-// 2 (lane % 4) and 2 (lane % 4) + 1), or its transpose with ldsm_x4_trans.
+// 2 (lane % 4) and 2 (lane % 4) + 1), or its transpose when kTrans.
+template <bool kTrans>
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
 #elif defined(PK_CUDA_EMULATION)
-  ::pk::emu::ldmatrix_x4(r, row, false);
-#else
-  __trap();
-#endif
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#elif defined(PK_CUDA_EMULATION)
-  ::pk::emu::ldmatrix_x4(r, row, true);
+  ::pk::emu::ldmatrix_x4(r, row, kTrans);
 #else
   __trap();
 #endif
@@ -140,15 +133,22 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* 
 //                register order
 template <int kLd>
 __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const uint16_t* tile, int r0, int c0, int lane) {
-  ldsm_x4(a, tile + (r0 + (lane & 15)) * kLd + c0 + (lane >> 4) * 8);
+  ldsm_x4<false>(a, tile + (r0 + (lane & 15)) * kLd + c0 + (lane >> 4) * 8);
 }
 template <int kLd>
 __device__ __forceinline__ void frag_b_nk(uint32_t (&b)[4], const uint16_t* tile, int n0, int k0, int lane) {
-  ldsm_x4(b, tile + (n0 + (lane >> 4) * 8 + (lane & 7)) * kLd + k0 + ((lane >> 3) & 1) * 8);
+  ldsm_x4<false>(b, tile + (n0 + (lane >> 4) * 8 + (lane & 7)) * kLd + k0 + ((lane >> 3) & 1) * 8);
 }
 template <int kLd>
 __device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const uint16_t* tile, int k0, int n0, int lane) {
-  ldsm_x4_trans(b, tile + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kLd + n0 + (lane >> 4) * 8);
+  ldsm_x4<true>(b, tile + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kLd + n0 + (lane >> 4) * 8);
+}
+
+// Zeroes mma accumulators (n tiles of 4 floats per thread).
+template <int kN>
+__device__ __forceinline__ void zero_acc(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 }
 
 // A fragments of P (16 rows x 16 keys) from two score accumulators (n-tiles 2kk, 2kk + 1),
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
   // query r / G of head hk G + r % G, so the G heads that share a kv head share its K/V tiles
   // (decode reads the cache once instead of G times).
   const int P = p.pack_gqa ? G : 1;
-  const int n_groups = p.pack_gqa ? p.Hk : p.H;
+  const int n_groups = fwd_row_groups(p);
   const int64_t hs_total = static_cast<int64_t>(n_groups) * p.n_splits;
 
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
@@ -293,8 +293,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
         }
 
         float o[kDT][4];
-#pragma unroll
-        for (int dn = 0; dn < kDT; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+        zero_acc(o);
         float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
         // this thread's rows, row0 and row0 + 8: their queries and heads
         const int64_t row0 = r0 + warp * 16 + g;
@@ -310,8 +309,7 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
 
           // S = Q K^T for this warp's 16 rows x kBN keys.
           float sc[kNT][4];
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+          zero_acc(sc);
           mma_rows_tile_t<T, kLd, kD, kNT>(sc, sQ, warp * 16, sK, lane);
 
           // Scale, mask, online softmax (base 2). Each row's 4 threads (same g) share it.
@@ -441,10 +439,9 @@ void launch_fwd_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
   using Tile = FwdTile<kD>;
   const auto kernel = fwd_mma_kernel<T, kD>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-  const int64_t rows = p.pack_gqa ? q_bound * (p.H / p.Hk) : q_bound;
-  const int64_t mb = std::max<int64_t>(1, ceil_div(rows, Tile::kBM));
+  const int64_t mb = std::max<int64_t>(1, ceil_div(fwd_group_rows(p, q_bound), Tile::kBM));
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(mb, 1 << 30)),
-                  static_cast<unsigned>(std::min<int64_t>(int64_t(p.pack_gqa ? p.Hk : p.H) * p.n_splits, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(int64_t(fwd_row_groups(p)) * p.n_splits, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
   PK_LAUNCH(grid, Tile::kThreads, Tile::kSmemBytes, stream, kernel)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -158,12 +158,7 @@ inline Params make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::opti
   if (mask.has_value()) {
     const at::Tensor& mk = *mask;
     TORCH_CHECK(mk.device() == dev, "attn_mask: expected a tensor on ", dev, ", got one on ", mk.device());
-    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
-                "attn_mask: expected bool or float32 (convert float masks first), got ", mk.scalar_type());
-    TORCH_CHECK(mk.dim() == 4 && mk.size(0) == p.batch && mk.size(1) == H && mk.size(2) == p.sq &&
-                    mk.size(3) == p.sk,
-                "attn_mask: expected shape [", p.batch, ", ", H, ", ", p.sq, ", ", p.sk, "] (expand it), got ",
-                mk.sizes());
+    attention::check_attn_mask(mk, p.batch, H, p.sq, p.sk);
     if (mk.scalar_type() == at::kBool)
       p.mask_bool = mk.data_ptr<bool>();
     else
