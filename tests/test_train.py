@@ -92,9 +92,9 @@ def test_ema_average_resume_and_loading(tmp_path):
     snaps, avg = [], {n: t.double().clone() for n, t in task.model.state_dict().items()}
     orig_update = tr.ema.update
 
-    def spy(model, step):
-        orig_update(model, step)
-        snaps.append((step, {n: t.double().clone() for n, t in model.state_dict().items()}))
+    def spy(step):
+        orig_update(step)
+        snaps.append((step, {n: t.double().clone() for n, t in task.model.state_dict().items()}))
     tr.ema.update = spy
     tr.train()
     for step, w in snaps:

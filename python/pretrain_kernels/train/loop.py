@@ -181,7 +181,7 @@ class EMA:
         self.avg = [t.detach().float().clone() for t in self.src]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self.avg, [t.float() for t in self.src], 1.0 - d)
 
@@ -350,7 +350,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
-                self.ema.update(model, self.step)
+                self.ema.update(self.step)
             self.step += 1
             items_done += self.task.items(batch)
             loss = float(loss_sum) / max(total, 1.0)
