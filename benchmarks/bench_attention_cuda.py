@@ -77,11 +77,15 @@ def _info(benchmark, impl, mode, S, D, causal, B, H):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("S", SEQLENS, ids=lambda s: f"s{s}")
-@pytest.mark.parametrize("impl", IMPLS)
-def test_cuda_attention_forward(benchmark, impl, S, D, causal):
+@pytest.mark.parametrize("impl", IMPLS + ["pk_bm64"])
+def test_cuda_attention_forward(benchmark, impl, S, D, causal, monkeypatch):
+    """pk_bm64: the same kernels held to 64-row blocks (PK_ATTENTION_FWD_BLOCK_M=64), to weigh
+    the default 128-row blocks on this GPU."""
     _require_cuda()
     B, H, q, k, v, _ = _inputs(S, D)
-    fn = _attention(impl, causal)
+    if impl == "pk_bm64":
+        monkeypatch.setenv("PK_ATTENTION_FWD_BLOCK_M", "64")
+    fn = _attention("pk" if impl == "pk_bm64" else impl, causal)
     _info(benchmark, impl, "fwd", S, D, causal, B, H)
     with torch.no_grad():
         benchmark(cuda_sync_fn(lambda: fn(q, k, v), "cuda"))

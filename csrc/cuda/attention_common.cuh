@@ -95,6 +95,7 @@ struct Params {
   bool bottom_right = true;
 
   bool pack_gqa = false;    // tensor-core forward: the G query heads of a kv head share a block
+  bool fwd_tall = false;    // tensor-core forward: 128-row blocks (two m-tiles per warp), else 64
   int n_splits = 1;         // split-KV: key range of a query cut into this many pieces
   int64_t split_keys = 0;   // keys per piece (a multiple of the kernel's key block)
 
@@ -146,12 +147,18 @@ __device__ __forceinline__ int64_t lse_index_tok(const Params& p, int64_t tok, i
   return (b * p.H + h) * p.sq + i;
 }
 
-// Score adjustment from the caller's mask, in base-2 units: 0, -inf, or mask * log2(e).
-__device__ __forceinline__ float mask_log2(const Params& p, int64_t b, int h, int64_t i, int64_t j) {
-  const int64_t off = b * p.m_sb + h * p.m_sh + i * p.m_si + j * p.m_sj;
+// Score adjustment from the caller's mask, in base-2 units: 0, -inf, or mask * log2(e), for
+// the element at offset `off` (mask_row_offset + j * m_sj).
+__device__ __forceinline__ float mask_log2_at(const Params& p, int64_t off) {
   if (p.mask_bool != nullptr) return p.mask_bool[off] ? 0.f : -INFINITY;
   if (p.mask_float != nullptr) return p.mask_float[off] * kLog2e;
   return 0.f;
+}
+__device__ __forceinline__ int64_t mask_row_offset(const Params& p, int64_t b, int h, int64_t i) {
+  return b * p.m_sb + h * p.m_sh + i * p.m_si;
+}
+__device__ __forceinline__ float mask_log2(const Params& p, int64_t b, int h, int64_t i, int64_t j) {
+  return mask_log2_at(p, mask_row_offset(p, b, h, i) + j * p.m_sj);
 }
 
 __device__ __forceinline__ Window seq_window(const Params& p, const Seq& s) {

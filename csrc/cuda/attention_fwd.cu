@@ -5,16 +5,22 @@
 // ------------
 // float16 / bfloat16 run on tensor cores (fwd_mma_kernel in attention_fwd.cuh), the
 // FlashAttention-2 scheme written with mma.sync m16n8k16 (sm_80+):
-//   * a block of 4 warps owns 64 query rows of one (sequence, head); each warp owns 16 rows,
-//     so the online-softmax statistics of a row never leave the 4 threads that hold it;
-//   * Q (64 x d), one key tile K (kBN x d) and one value tile V (kBN x d) live in shared
-//     memory (rows padded by 8 elements so that the fragment loads hit 32 different banks);
-//     kBN = 64 keys for head_dim <= 128, 32 for 256, so the block fits in ~66 KB;
+//   * a block of 4 warps owns 128 query rows of one (sequence, head), two m-tiles of 16 rows
+//     per warp, so every K/V fragment read from shared memory feeds two mma; a row's
+//     online-softmax statistics never leave the 4 threads that hold it. Head dim 256 (whose
+//     accumulators would not fit in registers twice), decode and short chunks (at most 64
+//     rows) and calls with an attn_mask (its per-element reads need registers that two
+//     m-tiles hold) use 64-row blocks of one m-tile per warp (FwdTile in attention_fwd.cuh);
+//     PK_ATTENTION_FWD_BLOCK_M=64 in the environment forces those everywhere;
+//   * Q, one key tile K (kBN x d) and one value tile V (kBN x d) live in shared memory (rows
+//     padded by 8 elements so that the fragment loads hit 32 different banks); kBN = 64 keys,
+//     32 for head_dim 256, so a block needs 15-70 KB;
 //   * per key tile: S = Q K^T into registers (fp32), scale, mask, online softmax in base 2,
 //     then O += P V with P taken straight from the S registers (the accumulator layout of
 //     m16n8k16 is the A-operand layout of the next mma), O stays in registers;
-//   * loads go through cp.async: V(j) is in flight while S(j) is computed, K(j+1) while
-//     P V(j) is; rows outside the sequence and columns past the head dim are zero-filled;
+//   * loads go through cp.async, three barriers per key tile: V(j) is in flight while S(j)
+//     is computed, K(j+1) while the softmax and P V(j) are; rows outside the sequence and
+//     columns past the head dim are zero-filled;
 //   * head_dim is a template parameter padded up to 32, 64, 96, 128 or 256 (q/k and v head
 //     dims may differ: both pad to the larger one);
 //   * tiles that the causal/window mask hides are never visited (the key loop runs over the
@@ -106,8 +112,12 @@ void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_boun
     // group fill the block together and read their K/V tiles once.
     const int G = p.H / p.Hk;
     p.pack_gqa = G > 1 && q_bound < 64;
-    blocks = ceil_div(fwd_group_rows(p, q_bound), 64) * fwd_row_groups(p) * int64_t(p.batch);
-    key_block = kd <= 128 ? 64 : 32;
+    // Tall blocks once a (sequence, head group) has more rows than a short block holds, and
+    // no caller's mask (fwd_mma_kernel reads it in 64-row blocks only).
+    const int64_t rows = fwd_group_rows(p, q_bound);
+    p.fwd_tall = kd <= 128 && rows > 64 && !p.has_mask() && fwd_tall_blocks_allowed();
+    blocks = ceil_div(rows, p.fwd_tall ? 128 : 64) * fwd_row_groups(p) * int64_t(p.batch);
+    key_block = fwd_key_block(kd);
   } else {
     blocks = ceil_div(q_bound * p.H, 4) * int64_t(p.batch);
     key_block = 32;

@@ -150,6 +150,11 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kN][4]) {
 #pragma unroll
   for (int n = 0; n < kN; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 }
+template <int kM, int kN>
+__device__ __forceinline__ void zero_acc(float (&acc)[kM][kN][4]) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m) zero_acc(acc[m]);
+}
 
 // A fragments of P (16 rows x 16 keys) from two score accumulators (n-tiles 2kk, 2kk + 1),
 // rounded to the input type: the accumulator layout of m16n8k16 is the A layout.
@@ -161,57 +166,95 @@ __device__ __forceinline__ void frag_a_from_acc(uint32_t (&a)[4], const float (&
   a[3] = pack2<T>(hi[2], hi[3]);
 }
 
-// The two warp-level products of every attention kernel, for the calling warp's 16 rows:
-//   mma_rows_tile_t:  acc (16 x kN) += A B^T, A = rows [r0, r0 + 16) of tile `a`, B = rows
-//                     [0, kN) of tile `b`, both kK columns (S = Q K^T, dP = dO V^T, ...)
-//   mma_acc_tile:     acc (16 x kDn) += P C, P = 16 x (8 kNP) held in score accumulators
-//                     (rounded to T), C = rows [0, 8 kNP) x columns [0, kDn) of tile `c`
-//                     (O += P V, dQ += dS K, ...)
-template <typename T, int kLd, int kK, int kNT>
-__device__ __forceinline__ void mma_rows_tile_t(float (&acc)[kNT][4], const uint16_t* a, int r0, const uint16_t* b,
-                                                int lane) {
+// The two warp-level products of every attention kernel, for kMT m-tiles of 16 rows each
+// (rows r0 + 16 mt + [0, 16) of the calling warp):
+//   mma_rows_tiles_t:  acc[mt] (16 x 8 kNT) += A B^T, A = rows r0 + 16 mt + [0, 16) of tile
+//                      `a`, B = rows [0, 8 kNT) of tile `b`, both kK columns (S = Q K^T,
+//                      dP = dO V^T, ...)
+//   mma_acc_tiles:     acc[mt] (16 x 8 kDT) += P[mt] C, P[mt] = 16 x (8 kNP) held in score
+//                      accumulators (rounded to T), C = rows [0, 8 kNP) x columns [0, 8 kDT)
+//                      of tile `c` (O += P V, dQ += dS K, ...)
+// Every B fragment read from shared memory feeds kMT mma, so two m-tiles per warp halve the
+// shared-memory traffic per FLOP. mma_rows_tile_t / mma_acc_tile are the one-tile forms.
+template <typename T, int kLd, int kK, int kMT, int kNT>
+__device__ __forceinline__ void mma_rows_tiles_t(float (&acc)[kMT][kNT][4], const uint16_t* a, int r0,
+                                                 const uint16_t* b, int lane) {
   static_assert(kK % 16 == 0 && kNT % 2 == 0, "tile shape");
 #pragma unroll
   for (int kt = 0; kt < kK / 16; ++kt) {
-    uint32_t fa[4];
-    frag_a<kLd>(fa, a, r0, kt * 16, lane);
+    uint32_t fa[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) frag_a<kLd>(fa[mt], a, r0 + 16 * mt, kt * 16, lane);
 #pragma unroll
     for (int nt = 0; nt < kNT; nt += 2) {
       uint32_t fb[4];
       frag_b_nk<kLd>(fb, b, nt * 8, kt * 16, lane);
-      mma16816<T>(acc[nt], fa, fb[0], fb[1]);
-      mma16816<T>(acc[nt + 1], fa, fb[2], fb[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma16816<T>(acc[mt][nt], fa[mt], fb[0], fb[1]);
+        mma16816<T>(acc[mt][nt + 1], fa[mt], fb[2], fb[3]);
+      }
     }
   }
+}
+
+template <typename T, int kLd, int kMT, int kNP, int kDT>
+__device__ __forceinline__ void mma_acc_tiles(float (&acc)[kMT][kDT][4], const float (&p)[kMT][kNP][4],
+                                              const uint16_t* c, int lane) {
+  static_assert(kNP % 2 == 0 && kDT % 2 == 0, "tile shape");
+#pragma unroll
+  for (int kk = 0; kk < kNP / 2; ++kk) {
+    uint32_t fa[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) frag_a_from_acc<T>(fa[mt], p[mt][2 * kk], p[mt][2 * kk + 1]);
+#pragma unroll
+    for (int dn = 0; dn < kDT; dn += 2) {
+      uint32_t fb[4];
+      frag_b_kn<kLd>(fb, c, kk * 16, dn * 8, lane);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma16816<T>(acc[mt][dn], fa[mt], fb[0], fb[1]);
+        mma16816<T>(acc[mt][dn + 1], fa[mt], fb[2], fb[3]);
+      }
+    }
+  }
+}
+
+// One m-tile: the accumulators viewed as a single-tile array (same storage, constant
+// indices after unrolling, so they stay in registers).
+template <typename T, int kLd, int kK, int kNT>
+__device__ __forceinline__ void mma_rows_tile_t(float (&acc)[kNT][4], const uint16_t* a, int r0, const uint16_t* b,
+                                                int lane) {
+  mma_rows_tiles_t<T, kLd, kK, 1, kNT>(reinterpret_cast<float(&)[1][kNT][4]>(acc), a, r0, b, lane);
 }
 
 template <typename T, int kLd, int kNP, int kDT>
 __device__ __forceinline__ void mma_acc_tile(float (&acc)[kDT][4], const float (&p)[kNP][4], const uint16_t* c,
                                              int lane) {
-  static_assert(kNP % 2 == 0 && kDT % 2 == 0, "tile shape");
-#pragma unroll
-  for (int kk = 0; kk < kNP / 2; ++kk) {
-    uint32_t fa[4];
-    frag_a_from_acc<T>(fa, p[2 * kk], p[2 * kk + 1]);
-#pragma unroll
-    for (int dn = 0; dn < kDT; dn += 2) {
-      uint32_t fb[4];
-      frag_b_kn<kLd>(fb, c, kk * 16, dn * 8, lane);
-      mma16816<T>(acc[dn], fa, fb[0], fb[1]);
-      mma16816<T>(acc[dn + 1], fa, fb[2], fb[3]);
-    }
-  }
+  mma_acc_tiles<T, kLd, 1, kNP, kDT>(reinterpret_cast<float(&)[1][kDT][4]>(acc),
+                                     reinterpret_cast<const float(&)[1][kNP][4]>(p), c, lane);
 }
 
 // ---- tile geometry --------------------------------------------------------------------------
 
-template <int kD>
+// Keys per tile of the forward: 64, and 32 at head_dim 256. (128-key tiles at head_dim <= 64,
+// FlashAttention 2's choice, spilled 116 bytes per thread in 128-row blocks on sm_90.)
+constexpr int fwd_key_block(int kd) { return kd <= 128 ? 64 : 32; }
+
+// A block of 4 warps owns kBM query rows; each warp owns kMT m-tiles of 16 rows. Tall blocks
+// (kMT = 2, 128 rows) serve head_dim <= 128 when a (sequence, head) has more than 64 rows:
+// every K/V fragment read from shared memory then feeds two mma instead of one. Short blocks
+// (kMT = 1, 64 rows) serve head_dim 256 (the accumulators of two m-tiles do not fit in
+// registers), calls with an attn_mask, and decode / short chunks, where a tall block would be
+// mostly padding.
+template <int kD, int kMT>
 struct FwdTile {
+  static_assert(kMT == 1 || (kMT == 2 && kD <= 128), "tall blocks need head_dim <= 128");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBM = 16 * kWarps;          // query rows per block (16 per warp)
-  static constexpr int kBN = kD <= 128 ? 64 : 32;  // keys per tile
-  static constexpr int kLd = kD + 8;               // smem row length in elements (bank spread)
+  static constexpr int kBM = 16 * kMT * kWarps;                 // query rows per block
+  static constexpr int kBN = fwd_key_block(kD);                 // keys per tile
+  static constexpr int kLd = kD + 8;                            // smem row length (bank spread)
   static constexpr int kSmemBytes = (kBM + 2 * kBN) * kLd * 2;
 };
 
@@ -244,12 +287,14 @@ __device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* g, int64
 
 // ---- tensor-core forward --------------------------------------------------------------------
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Params p) {
-  using Tile = FwdTile<kD>;
+template <typename T, int kD, int kMT>
+__global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(const Params p) {
+  using Tile = FwdTile<kD, kMT>;
   constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kLd = Tile::kLd, kThreads = Tile::kThreads;
-  constexpr int kNT = kBN / 8;  // score n-tiles per warp
-  constexpr int kDT = kD / 8;   // output n-tiles per warp
+  constexpr int kWR = 16 * kMT;  // rows per warp
+  constexpr int kNT = kBN / 8;   // score n-tiles per m-tile
+  constexpr int kDT = kD / 8;    // output n-tiles per m-tile
+  constexpr int kR = 2 * kMT;    // rows per thread: m-tile mt holds rows g and g + 8 of its 16
   uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sQ = smem;
   uint16_t* sK = sQ + kBM * kLd;
@@ -260,6 +305,9 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
   // query r / G of head hk G + r % G, so the G heads that share a kv head share its K/V tiles
   // (decode reads the cache once instead of G times).
   const int P = p.pack_gqa ? G : 1;
+  // The caller's mask goes to 64-row blocks only (the launcher's choice): its per-element
+  // reads would cost the registers two m-tiles need.
+  const bool user_mask = kMT == 1 && p.has_mask();
   const int n_groups = fwd_row_groups(p);
   const int64_t hs_total = static_cast<int64_t>(n_groups) * p.n_splits;
 
@@ -282,143 +330,165 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
         int64_t kb, ke;
         split_range(p, split, key_lo(w, i0), key_hi(w, i1 - 1, s.lk), kb, ke);
 
+        // Pipeline: copy groups complete in order. Here Q + K(kb), then V(kb); in the loop
+        // K(j + 1) is issued once every warp is done with K(j) and runs under the softmax and
+        // P V(j), V(j + 1) once every warp is done with V(j) and runs under S(j + 1).
         __syncthreads();  // shared memory is free (the previous item's output staging is done)
         load_tile_rows<kD, kBM, kThreads>(
             sQ, [&](int64_t r) { return qg + ((r0 + r) / P) * p.q_ss + ((r0 + r) % P) * p.q_sh; }, r1 - r0, p.D,
             p.q_vec);
+        if (kb < ke) load_tile<kD, kBN, kThreads>(sK, kg + kb * p.k_ss, p.k_ss, imin(kBN, ke - kb), p.D, p.k_vec);
         cp_async_commit();
-        if (kb < ke) {
-          load_tile<kD, kBN, kThreads>(sK, kg + kb * p.k_ss, p.k_ss, imin(kBN, ke - kb), p.D, p.k_vec);
-          cp_async_commit();
-        }
+        if (kb < ke) load_tile<kD, kBN, kThreads>(sV, vg + kb * p.v_ss, p.v_ss, imin(kBN, ke - kb), p.Dv, p.v_vec);
+        cp_async_commit();
+        cp_async_wait<1>();  // Q and K(kb) have landed
+        __syncthreads();
 
-        float o[kDT][4];
+        float o[kMT][kDT][4];
         zero_acc(o);
-        float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-        // this thread's rows, row0 and row0 + 8: their queries and heads
-        const int64_t row0 = r0 + warp * 16 + g;
-        const int64_t qi[2] = {row0 / P, (row0 + 8) / P};
-        const int qh[2] = {h0 + static_cast<int>(row0 % P), h0 + static_cast<int>((row0 + 8) % P)};
+        // this thread's rows: row0 + 8 x for x = 2 mt + rr (rows g and g + 8 of m-tile mt);
+        // row r is query r / P of head h0 + r % P
+        const int64_t row0 = r0 + warp * kWR + g;
+        float m_run[kR], l_run[kR];
+#pragma unroll
+        for (int x = 0; x < kR; ++x) {
+          m_run[x] = -INFINITY;
+          l_run[x] = 0.f;
+        }
 
         for (int64_t j0 = kb; j0 < ke; j0 += kBN) {
           const int nk = static_cast<int>(imin(kBN, ke - j0));
-          load_tile<kD, kBN, kThreads>(sV, vg + j0 * p.v_ss, p.v_ss, nk, p.Dv, p.v_vec);
-          cp_async_commit();
-          cp_async_wait<1>();  // Q and K(j0) have landed (groups complete in order)
-          __syncthreads();
+          const bool more = j0 + kBN < ke;
 
-          // S = Q K^T for this warp's 16 rows x kBN keys.
-          float sc[kNT][4];
+          // S = Q K^T for this warp's rows x kBN keys.
+          float sc[kMT][kNT][4];
           zero_acc(sc);
-          mma_rows_tile_t<T, kLd, kD, kNT>(sc, sQ, warp * 16, sK, lane);
+          mma_rows_tiles_t<T, kLd, kD, kMT, kNT>(sc, sQ, warp * kWR, sK, lane);
+          __syncthreads();  // every warp is done with sK
+          if (more) {
+            load_tile<kD, kBN, kThreads>(sK, kg + (j0 + kBN) * p.k_ss, p.k_ss, imin(kBN, ke - j0 - kBN), p.D,
+                                         p.k_vec);
+            cp_async_commit();
+          }
 
           // Scale, mask, online softmax (base 2). Each row's 4 threads (same g) share it.
-          const bool need_mask = p.has_mask() || nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
+          const bool need_mask = user_mask || nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
 #pragma unroll
-          for (int rr = 0; rr < 2; ++rr) {
-            const int64_t i = qi[rr];
+          for (int x = 0; x < kR; ++x) {
+            const int mt = x >> 1, rr = x & 1;
+            // The row's visible keys as tile columns [c_lo, c_hi) (csrc/common/attention.h: an
+            // interval per query), and where its row of the caller's mask starts (-1: none).
+            int c_lo = 0, c_hi = kBN;
+            int64_t m_off = -1;
+            if (need_mask) {
+              const int64_t row = row0 + 8 * x, i = row / P;
+              c_lo = static_cast<int>(imin(kBN, imax(0, key_lo(w, i) - j0)));
+              c_hi = static_cast<int>(imax(0, imin(nk, key_hi(w, i, s.lk) - j0)));
+              if (user_mask && i < s.lq) m_off = mask_row_offset(p, b, h0 + static_cast<int>(row % P), i) + j0 * p.m_sj;
+            }
             float mx = -INFINITY;
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                float x = sc[nt][2 * rr + e] * p.scale_log2;
+                float v = sc[mt][nt][2 * rr + e] * p.scale_log2;
                 if (need_mask) {
                   const int c = nt * 8 + 2 * t + e;
-                  const int64_t j = j0 + c;
-                  if (c >= nk || !visible(w, i, j))
-                    x = -INFINITY;
-                  else if (p.has_mask() && i < s.lq)
-                    x += mask_log2(p, b, qh[rr], i, j);
+                  if (c < c_lo || c >= c_hi)
+                    v = -INFINITY;
+                  else if (m_off >= 0)
+                    v += mask_log2_at(p, m_off + c * p.m_sj);
                 }
-                sc[nt][2 * rr + e] = x;
-                mx = fmaxf(mx, x);
+                sc[mt][nt][2 * rr + e] = v;
+                mx = fmaxf(mx, v);
               }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[rr], mx);
+            const float m_new = fmaxf(m_run[x], mx);
             const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-            const float alpha = exp2f(m_run[rr] - m_safe);
+            const float alpha = exp2f(m_run[x] - m_safe);
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                const float pe = exp2f(sc[nt][2 * rr + e] - m_safe);
-                sc[nt][2 * rr + e] = pe;
+                const float pe = exp2f(sc[mt][nt][2 * rr + e] - m_safe);
+                sc[mt][nt][2 * rr + e] = pe;
                 sum += pe;
               }
-            l_run[rr] = l_run[rr] * alpha + sum;  // this thread's partial row sum
-            m_run[rr] = m_new;
+            l_run[x] = l_run[x] * alpha + sum;  // this thread's partial row sum
+            m_run[x] = m_new;
 #pragma unroll
             for (int dn = 0; dn < kDT; ++dn) {
-              o[dn][2 * rr] *= alpha;
-              o[dn][2 * rr + 1] *= alpha;
+              o[mt][dn][2 * rr] *= alpha;
+              o[mt][dn][2 * rr + 1] *= alpha;
             }
           }
 
-          __syncthreads();  // every warp is done with sK
-          if (j0 + kBN < ke) {
-            load_tile<kD, kBN, kThreads>(sK, kg + (j0 + kBN) * p.k_ss, p.k_ss, imin(kBN, ke - j0 - kBN), p.D,
-                                         p.k_vec);
-            cp_async_commit();
-            cp_async_wait<1>();  // V(j0) has landed
-          } else {
+          if (more)
+            cp_async_wait<1>();  // V(j0) has landed; K(j0 + kBN) may still be in flight
+          else
             cp_async_wait<0>();
-          }
           __syncthreads();
 
           // O += P V: the score accumulators are the A fragments of P, 16 keys at a time.
-          mma_acc_tile<T, kLd, kNT, kDT>(o, sc, sV, lane);
-          __syncthreads();  // every warp is done with sV
+          mma_acc_tiles<T, kLd, kMT, kNT, kDT>(o, sc, sV, lane);
+          if (more) cp_async_wait<0>();  // K(j0 + kBN) has landed
+          __syncthreads();               // every warp is done with sV; K(j0 + kBN) is visible
+          if (more) {
+            load_tile<kD, kBN, kThreads>(sV, vg + (j0 + kBN) * p.v_ss, p.v_ss, imin(kBN, ke - j0 - kBN), p.Dv,
+                                         p.v_vec);
+            cp_async_commit();
+          }
         }
-        cp_async_wait<0>();  // the Q copy when there was no key tile
+        cp_async_wait<0>();  // nothing in flight (the Q copy when there was no key tile)
         __syncthreads();
 
         // Finish: full row sums, normalise, write.
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          float L = l_run[rr];
+        for (int x = 0; x < kR; ++x) {
+          const int mt = x >> 1, rr = x & 1;
+          float L = l_run[x];
           L += __shfl_xor_sync(0xffffffffu, L, 1);
           L += __shfl_xor_sync(0xffffffffu, L, 2);
           const float inv = L > 0.f ? 1.f / L : 0.f;
-          const float lse = L > 0.f ? (m_run[rr] + log2f(L)) * kLn2 : -INFINITY;
-          const int64_t i = qi[rr];
-          const int h = qh[rr];
+          const float lse = L > 0.f ? (m_run[x] + log2f(L)) * kLn2 : -INFINITY;
+          const int64_t i = (row0 + 8 * x) / P;
+          const int h = h0 + static_cast<int>((row0 + 8 * x) % P);
           if (p.n_splits > 1) {
-            if (row0 + 8 * rr < rows) {
+            if (row0 + 8 * x < rows) {
               const int64_t pr = (split * p.total_q + s.tok0 + i) * p.H + h;
               float* dst = p.out_part + pr * p.Dv;
 #pragma unroll
               for (int dn = 0; dn < kDT; ++dn) {
                 const int d = dn * 8 + 2 * t;
-                if (d < p.Dv) dst[d] = o[dn][2 * rr] * inv;
-                if (d + 1 < p.Dv) dst[d + 1] = o[dn][2 * rr + 1] * inv;
+                if (d < p.Dv) dst[d] = o[mt][dn][2 * rr] * inv;
+                if (d + 1 < p.Dv) dst[d + 1] = o[mt][dn][2 * rr + 1] * inv;
               }
               if (t == 0) p.lse_part[pr] = lse;
             }
           } else {
             // stage the row in this warp's own rows of sQ, copied out below
-            uint16_t* srow = sQ + (warp * 16 + g + 8 * rr) * kLd;
+            uint16_t* srow = sQ + (warp * kWR + g + 8 * x) * kLd;
 #pragma unroll
             for (int dn = 0; dn < kDT; ++dn) {
-              const uint32_t v2 = pack2<T>(o[dn][2 * rr] * inv, o[dn][2 * rr + 1] * inv);
+              const uint32_t v2 = pack2<T>(o[mt][dn][2 * rr] * inv, o[mt][dn][2 * rr + 1] * inv);
               *reinterpret_cast<uint32_t*>(srow + dn * 8 + 2 * t) = v2;
             }
-            if (t == 0 && row0 + 8 * rr < rows) p.lse[lse_index(p, b, s, h, i)] = lse;
+            if (t == 0 && row0 + 8 * x < rows) p.lse[lse_index(p, b, s, h, i)] = lse;
           }
         }
         if (p.n_splits <= 1) {
           __syncwarp();
           uint16_t* outp = static_cast<uint16_t*>(p.out);
           const bool vec_out = (p.Dv % 8) == 0;
-          for (int r = 0; r < 16; ++r) {
-            const int64_t row = r0 + warp * 16 + r;
+          for (int r = 0; r < kWR; ++r) {
+            const int64_t row = r0 + warp * kWR + r;
             if (row >= rows) break;
             const int64_t i = row / P;
             const int h = h0 + static_cast<int>(row % P);
             uint16_t* dst = outp + ((s.tok0 + i) * p.H + h) * p.Dv;
-            const uint16_t* src = sQ + (warp * 16 + r) * kLd;
+            const uint16_t* src = sQ + (warp * kWR + r) * kLd;
             if (vec_out) {
               for (int c = lane * 8; c < p.Dv; c += 256)
                 *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(src + c);
@@ -432,12 +502,10 @@ __global__ void __launch_bounds__(FwdTile<kD>::kThreads) fwd_mma_kernel(const Pa
   }
 }
 
-// Launches fwd_mma_kernel<T, kD>; instantiated once per (dtype, head dim) in
-// csrc/cuda/instances/ (see attention_mma_instances.cuh).
-template <typename T, int kD>
-void launch_fwd_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
-  using Tile = FwdTile<kD>;
-  const auto kernel = fwd_mma_kernel<T, kD>;
+template <typename T, int kD, int kMT>
+void launch_fwd_mma_tiles(const Params& p, int64_t q_bound, cudaStream_t stream) {
+  using Tile = FwdTile<kD, kMT>;
+  const auto kernel = fwd_mma_kernel<T, kD, kMT>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
   const int64_t mb = std::max<int64_t>(1, ceil_div(fwd_group_rows(p, q_bound), Tile::kBM));
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(mb, 1 << 30)),
@@ -445,6 +513,17 @@ void launch_fwd_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
                   static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
   PK_LAUNCH(grid, Tile::kThreads, Tile::kSmemBytes, stream, kernel)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Launches fwd_mma_kernel<T, kD, *> in the block shape the host chose (p.fwd_tall);
+// instantiated once per (dtype, head dim) in csrc/cuda/instances/ (see
+// attention_mma_instances.cuh).
+template <typename T, int kD>
+void launch_fwd_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
+  if constexpr (kD <= 128) {
+    if (p.fwd_tall) return launch_fwd_mma_tiles<T, kD, 2>(p, q_bound, stream);
+  }
+  launch_fwd_mma_tiles<T, kD, 1>(p, q_bound, stream);
 }
 
 // ---- SIMT forward (any dtype) ---------------------------------------------------------------

@@ -203,6 +203,14 @@ inline bool use_tensor_cores() {
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
+// Whether the tensor-core forward may use its 128-row blocks (attention_fwd.cuh, FwdTile):
+// PK_ATTENTION_FWD_BLOCK_M=64 in the environment (read on every call) keeps every launch on
+// 64-row blocks, to compare the two shapes on a new GPU.
+inline bool fwd_tall_blocks_allowed() {
+  const char* e = std::getenv("PK_ATTENTION_FWD_BLOCK_M");
+  return !(e != nullptr && std::string(e) == "64");
+}
+
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // Split-KV factor: cut each query's key range when the grid has too few blocks to fill the
