@@ -296,12 +296,13 @@ def test_backward_with_mask_uses_simt_and_is_deterministic(emu):
 def test_kvcache_append_and_decode(emu, dtype):
     """Rows at different cache lengths; k_new / v_new written in place; each step equals causal
     attention over the row's prefix; few SMs, so the decode steps run split-KV, and with two
-    query heads per kv head the half-precision steps pack them into one block (pack_gqa)."""
+    query heads per kv head the half-precision steps pack them into one block (pack_gqa). A
+    70-token chunk (chunked prefill) runs the 128-row blocks."""
     g = torch.Generator().manual_seed(10)
-    B, H, Hk, D, smax = 3, 4, 2, 64, 260
+    B, H, Hk, D, smax = 3, 4, 2, 64, 300
     k_cache, v_cache = rand(B, smax, Hk, D, dtype=dtype, gen=g), rand(B, smax, Hk, D, dtype=dtype, gen=g)
     lens = torch.tensor([0, 17, 200], dtype=torch.int32)
-    for n in (1, 5, 1):
+    for n in (1, 5, 70, 1):
         q = rand(B, n, H, D, dtype=dtype, gen=g)
         kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
         k_before = k_cache.clone()
