@@ -356,6 +356,10 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
           l_run[x] = 0.f;
         }
 
+        // A warp whose rows all lie past the block's last row (decode: G packed rows in a
+        // 64-row block; the last block of a sequence) loads and waits with the others but
+        // skips the arithmetic.
+        const bool warp_rows = r0 + warp * kWR < r1;
         for (int64_t j0 = kb; j0 < ke; j0 += kBN) {
           const int nk = static_cast<int>(imin(kBN, ke - j0));
           const bool more = j0 + kBN < ke;
@@ -363,7 +367,7 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
           // S = Q K^T for this warp's rows x kBN keys.
           float sc[kMT][kNT][4];
           zero_acc(sc);
-          mma_rows_tiles_t<T, kLd, kD, kMT, kNT>(sc, sQ, warp * kWR, sK, lane);
+          if (warp_rows) mma_rows_tiles_t<T, kLd, kD, kMT, kNT>(sc, sQ, warp * kWR, sK, lane);
           __syncthreads();  // every warp is done with sK
           if (more) {
             load_tile<kD, kBN, kThreads>(sK, kg + (j0 + kBN) * p.k_ss, p.k_ss, imin(kBN, ke - j0 - kBN), p.D,
@@ -373,55 +377,57 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
 
           // Scale, mask, online softmax (base 2). Each row's 4 threads (same g) share it.
           const bool need_mask = user_mask || nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
+          if (warp_rows) {
 #pragma unroll
-          for (int x = 0; x < kR; ++x) {
-            const int mt = x >> 1, rr = x & 1;
-            // The row's visible keys as tile columns [c_lo, c_hi) (csrc/common/attention.h: an
-            // interval per query), and where its row of the caller's mask starts (-1: none).
-            int c_lo = 0, c_hi = kBN;
-            int64_t m_off = -1;
-            if (need_mask) {
-              const int64_t row = row0 + 8 * x, i = row / P;
-              c_lo = static_cast<int>(imin(kBN, imax(0, key_lo(w, i) - j0)));
-              c_hi = static_cast<int>(imax(0, imin(nk, key_hi(w, i, s.lk) - j0)));
-              if (user_mask && i < s.lq) m_off = mask_row_offset(p, b, h0 + static_cast<int>(row % P), i) + j0 * p.m_sj;
-            }
-            float mx = -INFINITY;
+            for (int x = 0; x < kR; ++x) {
+              const int mt = x >> 1, rr = x & 1;
+              // The row's visible keys as tile columns [c_lo, c_hi) (csrc/common/attention.h: an
+              // interval per query), and where its row of the caller's mask starts (-1: none).
+              int c_lo = 0, c_hi = kBN;
+              int64_t m_off = -1;
+              if (need_mask) {
+                const int64_t row = row0 + 8 * x, i = row / P;
+                c_lo = static_cast<int>(imin(kBN, imax(0, key_lo(w, i) - j0)));
+                c_hi = static_cast<int>(imax(0, imin(nk, key_hi(w, i, s.lk) - j0)));
+                if (user_mask && i < s.lq) m_off = mask_row_offset(p, b, h0 + static_cast<int>(row % P), i) + j0 * p.m_sj;
+              }
+              float mx = -INFINITY;
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
+              for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                float v = sc[mt][nt][2 * rr + e] * p.scale_log2;
-                if (need_mask) {
-                  const int c = nt * 8 + 2 * t + e;
-                  if (c < c_lo || c >= c_hi)
-                    v = -INFINITY;
-                  else if (m_off >= 0)
-                    v += mask_log2_at(p, m_off + c * p.m_sj);
+                for (int e = 0; e < 2; ++e) {
+                  float v = sc[mt][nt][2 * rr + e] * p.scale_log2;
+                  if (need_mask) {
+                    const int c = nt * 8 + 2 * t + e;
+                    if (c < c_lo || c >= c_hi)
+                      v = -INFINITY;
+                    else if (m_off >= 0)
+                      v += mask_log2_at(p, m_off + c * p.m_sj);
+                  }
+                  sc[mt][nt][2 * rr + e] = v;
+                  mx = fmaxf(mx, v);
                 }
-                sc[mt][nt][2 * rr + e] = v;
-                mx = fmaxf(mx, v);
+              mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+              mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+              const float m_new = fmaxf(m_run[x], mx);
+              const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+              const float alpha = exp2f(m_run[x] - m_safe);
+              float sum = 0.f;
+#pragma unroll
+              for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const float pe = exp2f(sc[mt][nt][2 * rr + e] - m_safe);
+                  sc[mt][nt][2 * rr + e] = pe;
+                  sum += pe;
+                }
+              l_run[x] = l_run[x] * alpha + sum;  // this thread's partial row sum
+              m_run[x] = m_new;
+#pragma unroll
+              for (int dn = 0; dn < kDT; ++dn) {
+                o[mt][dn][2 * rr] *= alpha;
+                o[mt][dn][2 * rr + 1] *= alpha;
               }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[x], mx);
-            const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-            const float alpha = exp2f(m_run[x] - m_safe);
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float pe = exp2f(sc[mt][nt][2 * rr + e] - m_safe);
-                sc[mt][nt][2 * rr + e] = pe;
-                sum += pe;
-              }
-            l_run[x] = l_run[x] * alpha + sum;  // this thread's partial row sum
-            m_run[x] = m_new;
-#pragma unroll
-            for (int dn = 0; dn < kDT; ++dn) {
-              o[mt][dn][2 * rr] *= alpha;
-              o[mt][dn][2 * rr + 1] *= alpha;
             }
           }
 
@@ -432,7 +438,7 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
           __syncthreads();
 
           // O += P V: the score accumulators are the A fragments of P, 16 keys at a time.
-          mma_acc_tiles<T, kLd, kMT, kNT, kDT>(o, sc, sV, lane);
+          if (warp_rows) mma_acc_tiles<T, kLd, kMT, kNT, kDT>(o, sc, sV, lane);
           if (more) cp_async_wait<0>();  // K(j0 + kBN) has landed
           __syncthreads();               // every warp is done with sV; K(j0 + kBN) is visible
           if (more) {
