@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -15,14 +16,49 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+class CudaKernels:
+    """Where the CUDA kernels of a CPU-versus-CUDA test run: a GPU (device "cuda"), or CPU
+    tensors with the ops routed to the emulated kernels while run() is active."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.device = torch.device("cuda" if kind == "cuda" else "cpu")
+
+    def run(self):
+        if self.kind == "cuda":
+            return contextlib.nullcontext()
+        import emulated_cuda
+        return emulated_cuda.routed()
 
 
-@pytest.fixture(params=_devices())
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda),
+                        pytest.param("emulated", marks=pytest.mark.emulated)])
+def cuda_kernels(request):
+    return CudaKernels(request.param)
+
+
+def pytest_generate_tests(metafunc):
+    # `device`: the CPU, CUDA where a GPU is present, and in modules that set
+    # EMULATE_CUDA = True the CUDA kernels run on the CPU by the emulator (tests/emulated_cuda.py).
+    if "device" in metafunc.fixturenames:
+        params = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+        if getattr(metafunc.module, "EMULATE_CUDA", False):
+            params.append(pytest.param("emulated", marks=pytest.mark.emulated))
+        metafunc.parametrize("device", params, indirect=True)
+
+
+@pytest.fixture
 def device(request):
-    """Runs a test on the CPU and, where a GPU is present, on CUDA."""
-    return torch.device(request.param)
+    """Runs a test on the CPU, on CUDA where a GPU is present, and (EMULATE_CUDA modules) on
+    CPU tensors with the pretrain_kernels ops routed to their emulated CUDA kernels."""
+    if request.param == "emulated":
+        if request.node.get_closest_marker("not_emulated") is not None:
+            pytest.skip(request.node.get_closest_marker("not_emulated").args[0])
+        import emulated_cuda
+        with emulated_cuda.routed():
+            yield torch.device("cpu")
+    else:
+        yield torch.device(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""Builds and loads the CPU emulation of the CUDA attention kernels (csrc/emu/): the
-kernels and launchers of csrc/cuda/attention_*.cu compiled as C++ and run with one fiber
-per CUDA thread. The ops are torch.ops.pretrain_kernels_emu.* on CPU tensors, with the
-schemas of the pretrain_kernels ops. Built once per checkout into build/cuda_emulation."""
+"""Builds and loads the CPU emulation of the CUDA kernels (csrc/emu/): the kernels and
+launchers of csrc/cuda/*.cu compiled as C++ and run with one fiber per CUDA thread. The ops
+are torch.ops.pretrain_kernels_emu.* on CPU tensors, with the schemas of the pretrain_kernels
+ops. Built once per checkout into build/cuda_emulation."""
+import contextlib
 import os
 import pathlib
 import sys
@@ -10,6 +11,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _module = None
+_routing = False
 
 
 def load():
@@ -43,7 +45,7 @@ def _wrapper_sources(folder):
     direction for the per-(dtype, head dim) instances of csrc/cuda/instances. Rewritten only
     when their text changes, so the build stays incremental."""
     cuda = ROOT / "csrc" / "cuda"
-    groups = {f.stem: [f] for f in sorted(cuda.glob("attention*.cu"))}
+    groups = {f.stem: [f] for f in sorted(cuda.glob("*.cu"))}
     for f in sorted((cuda / "instances").glob("attention*.cu")):
         groups.setdefault("instances_" + f.stem.split("_")[1], []).append(f)
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,3 +62,40 @@ def _wrapper_sources(folder):
 def ops():
     load()
     return torch.ops.pretrain_kernels_emu
+
+
+# The ops whose CUDA kernels run under the emulator besides attention (which has its own test
+# file, tests/test_attention_cuda_emulated.py).
+ROUTED_OPS = ("mlm_mask", "span_mask", "sample", "top_k_top_p_filter", "speculative_accept", "add_noise",
+              "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddim_step", "euler_step", "heun_step",
+              "dpmpp_2m_step", "flow_match_step")
+
+
+@contextlib.contextmanager
+def routed(names=ROUTED_OPS):
+    """Within the block, torch.ops.pretrain_kernels.<name> on CPU tensors runs the emulated CUDA
+    kernel instead of the CPU one (a CPU-key override; leaving the block removes it), so the
+    tests written for the public API exercise the CUDA code as they stand."""
+    global _routing
+    emu = ops()
+    lib = torch.library.Library("pretrain_kernels", "IMPL")
+    try:
+        for name in names:
+            lib.impl(name, _forward_to(getattr(emu, name).default), "CPU")
+        _routing = True
+        yield
+    finally:
+        _routing = False
+        lib._destroy()
+
+
+def active():
+    """Whether routed() is in force: tests draw fewer samples through the emulator, whose
+    blocks of up to 1024 fibers cost milliseconds each."""
+    return _routing
+
+
+def _forward_to(op):
+    def kernel(*args, **kwargs):
+        return op(*args, **kwargs)
+    return kernel

@@ -11,6 +11,9 @@ from pretrain_kernels.ops import diffusion as D
 
 import reference as ref
 
+# `device` also runs the CUDA kernels on the CPU through the emulator (conftest.py).
+EMULATE_CUDA = True
+
 diffusers = pytest.importorskip("diffusers")
 
 OPS = torch.ops.pretrain_kernels
@@ -436,8 +439,7 @@ def test_in_kernel_noise_is_box_muller_on_philox():
         assert abs(z[0, i].item() - want) < 2e-6 * max(1.0, abs(want)), i
 
 
-@pytest.mark.cuda
-def test_stochastic_steps_cpu_cuda_match():
+def test_stochastic_steps_cpu_cuda_match(cuda_kernels):
     acp = pk.noise_schedule("linear")
     x, mo = randn(3, 4, 33, 17, seed=38), randn(3, 4, 33, 17, seed=39)
     t = torch.tensor([900, 500, 20])
@@ -448,10 +450,12 @@ def test_stochastic_steps_cpu_cuda_match():
         lambda dev, s: pk.dpmpp_2m_step(mo.to(dev), x.to(dev), 3.0, 2.0, algorithm_type="sde-dpmsolver++", seed=s),
         lambda dev, s: pk.flow_match_step(mo.to(dev), x.to(dev), 0.7, 0.5, stochastic=True, seed=s),
     ]
+    dev = cuda_kernels.device
     for call in calls:
         a, _ = call("cpu", 77)
-        b, _ = call("cuda", 77)
-        c, _ = call("cuda", torch.tensor([77], device="cuda"))
+        with cuda_kernels.run():
+            b, _ = call(dev, 77)
+            c, _ = call(dev, torch.tensor([77], device=dev))
         assert torch.allclose(a, b.cpu(), rtol=1e-5, atol=1e-5)
         assert torch.equal(b, c)
 

@@ -9,6 +9,9 @@ from scipy import stats
 import pretrain_kernels as pk
 from reference import mlm_eligible, mlm_selection_reference, philox4x32_10
 
+# `device` also runs the CUDA kernels on the CPU through the emulator (conftest.py).
+EMULATE_CUDA = True
+
 V = 1000
 MASK = 4
 SPECIAL = [0, 1, 2, 3, 4]  # pad, cls, sep, unk, mask
@@ -275,8 +278,8 @@ def test_manual_seed_reproduces_and_generator():
                        pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, generator=g2)[1])
 
 
-@pytest.mark.cuda
-def test_cpu_and_cuda_agree_bit_for_bit():
+def test_cpu_and_cuda_agree_bit_for_bit(cuda_kernels):
+    dev = cuda_kernels.device
     B, L = 33, 517
     ids, attn = make_batch(B, L, "cpu")
     ws = torch.rand(B, L, generator=torch.Generator().manual_seed(1)) < 0.7
@@ -289,13 +292,15 @@ def test_cpu_and_cuda_agree_bit_for_bit():
                 continue
             cpu = fn(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=SPECIAL, attention_mask=attn, seed=77,
                      **kw)
-            kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-            gpu = fn(ids.cuda(), mask_token_id=MASK, vocab_size=V, special_token_ids=SPECIAL,
-                     attention_mask=attn.cuda(), seed=77, **kw_cuda)
+            kw_cuda = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            with cuda_kernels.run():
+                gpu = fn(ids.to(dev), mask_token_id=MASK, vocab_size=V, special_token_ids=SPECIAL,
+                         attention_mask=attn.to(dev), seed=77, **kw_cuda)
             assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu()), (fn.__name__, kw)
-    # A seed that lives on the GPU gives the same result as the same value on the CPU.
-    s = torch.tensor([77], device="cuda")
-    gpu = pk.mlm_mask(ids.cuda(), mask_token_id=MASK, vocab_size=V, seed=s)
+    # A seed that lives with the kernels gives the same result as the same value on the CPU.
+    s = torch.tensor([77], device=dev)
+    with cuda_kernels.run():
+        gpu = pk.mlm_mask(ids.to(dev), mask_token_id=MASK, vocab_size=V, seed=s)
     cpu = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=77)
     assert torch.equal(cpu[1], gpu[1].cpu())
 

@@ -7,8 +7,12 @@ import pytest
 import torch
 from scipy import stats
 
+import emulated_cuda
 import pretrain_kernels as pk
 import reference as ref
+
+# `device` also runs the CUDA kernels on the CPU through the emulator (conftest.py).
+EMULATE_CUDA = True
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -143,7 +147,7 @@ SAMPLE_KNOBS = [
 def test_sample_in_kept_set(device, dtype, knobs):
     x = _logits(64, 129, dtype=dtype, device=device, seed=1)
     probs = ref.sampling_probs(x.double().cpu(), **knobs)
-    for seed in range(8):
+    for seed in range(2 if emulated_cuda.active() else 8):
         tok, lp = pk.sample(x, seed=seed, return_logprobs=True, **knobs)
         assert tok.dtype == torch.int64 and lp.dtype == torch.float32
         tok, lp = tok.cpu(), lp.cpu()
@@ -156,6 +160,7 @@ def test_sample_in_kept_set(device, dtype, knobs):
     dict(), dict(temperature=0.5), dict(top_k=7), dict(top_p=0.7), dict(min_p=0.1),
     dict(top_k=12, top_p=0.85, min_p=0.02, temperature=1.3),
 ])
+@pytest.mark.not_emulated("tens of thousands of rows of 1024 emulated threads each")
 def test_sample_distribution_chi_square(device, knobs):
     # one distribution replicated over many rows: row i draws with (seed, i), independent draws
     x = _logits(1, 40, scale=1.5, seed=2)
@@ -272,7 +277,7 @@ def test_sample_nonfinite(device):
         assert abs(float(lp[1]) - math.log(0.5)) < 1e-6 and float(lp[2]) == -inf
     # temperature so small that finite logits overflow to +inf: uniform over the overflowing ones
     y = torch.tensor([[3e38, 3e38, 1.0, 2.0]], device=device)
-    toks = pk.sample(y.expand(2000, -1), temperature=1e-3, seed=0).cpu()
+    toks = pk.sample(y.expand(200 if emulated_cuda.active() else 2000, -1), temperature=1e-3, seed=0).cpu()
     assert set(toks.tolist()) == {0, 1}
     assert int(pk.sample(x[2:], temperature=0.0)[0]) == -1
 
@@ -318,6 +323,7 @@ def test_speculative_invariants(device):
     assert bool((acc == n).all()) and bool((out[:, :n].cpu() == ids).all()) and bool((out[:, n] >= 0).all())
 
 
+@pytest.mark.not_emulated("tens of thousands of rows of 1024 emulated threads each")
 def test_speculative_distribution_chi_square(device):
     # The emitted first token follows the target when the draft token is drawn from the draft.
     N, V = 30000, 20
@@ -340,27 +346,36 @@ def test_speculative_distribution_chi_square(device):
 # ---- CUDA agreement and graphs -----------------------------------------------------------------
 
 
-@pytest.mark.cuda
-def test_cuda_matches_cpu():
-    x = _logits(48, 50000, scale=3.0, seed=14)
+def test_cuda_matches_cpu(cuda_kernels):
+    dev, run = cuda_kernels.device, cuda_kernels.run
+    # fewer rows through the emulator (1024 fibers per row), same vocabulary
+    rows = 48 if cuda_kernels.kind == "cuda" else 6
+    x = _logits(rows, 50000, scale=3.0, seed=14)
     for dtype in DTYPES:
         xd = x.to(dtype)
         for knobs in SAMPLE_KNOBS + [dict(top_k=1000, top_p=0.95), dict(temperature=0.0)]:
             a, la = pk.sample(xd, seed=21, return_logprobs=True, **knobs)
-            b, lb = pk.sample(xd.cuda(), seed=21, return_logprobs=True, **knobs)
+            with run():
+                b, lb = pk.sample(xd.to(dev), seed=21, return_logprobs=True, **knobs)
             assert torch.equal(a, b.cpu()), (dtype, knobs)
             torch.testing.assert_close(la, lb.cpu(), atol=1e-5, rtol=1e-5)
         for knobs in FILTER_KNOBS:
-            assert torch.equal(pk.top_k_top_p_filter(xd, **knobs), pk.top_k_top_p_filter(xd.cuda(), **knobs).cpu())
-    prev = torch.randint(-1, 50000, (48, 64), generator=torch.Generator().manual_seed(0))
+            want = pk.top_k_top_p_filter(xd, **knobs)
+            with run():
+                got = pk.top_k_top_p_filter(xd.to(dev), **knobs)
+            assert torch.equal(want, got.cpu())
+    prev = torch.randint(-1, 50000, (rows, 64), generator=torch.Generator().manual_seed(0))
     pen = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, top_k=40)
-    assert torch.equal(pk.sample(x, prev_tokens=prev, seed=1, **pen),
-                       pk.sample(x.cuda(), prev_tokens=prev.cuda(), seed=1, **pen).cpu())
+    want = pk.sample(x, prev_tokens=prev, seed=1, **pen)
+    with run():
+        got = pk.sample(x.to(dev), prev_tokens=prev.to(dev), seed=1, **pen)
+    assert torch.equal(want, got.cpu())
     draft, target = _probs(32, 3, 1000, 0), _probs(32, 4, 1000, 1)
     ids = torch.randint(0, 1000, (32, 3), generator=torch.Generator().manual_seed(0))
-    for got, want in zip(pk.speculative_accept(draft.cuda(), ids.cuda(), target.cuda(), seed=2),
-                         pk.speculative_accept(draft, ids, target, seed=2)):
-        assert torch.equal(got.cpu(), want)
+    with run():
+        got = pk.speculative_accept(draft.to(dev), ids.to(dev), target.to(dev), seed=2)
+    for g, want in zip(got, pk.speculative_accept(draft, ids, target, seed=2)):
+        assert torch.equal(g.cpu(), want)
 
 
 @pytest.mark.cuda

@@ -14,14 +14,7 @@
 // its inputs (the CPU ops validate these tensors and raise; the CUDA ops cannot without a
 // sync).
 #pragma once
-#ifdef PK_CUDA_EMULATION
-#include "../emu/cuda_emulation.h"
-#else
-#include <c10/cuda/CUDAException.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#endif
+#include "cuda_seams.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -29,33 +22,9 @@
 
 #include "../common/attention.h"
 
-// Seams for the CPU emulation of these kernels (csrc/emu/cuda_emulation.h, tests only): the
-// launch syntax, the dispatch key the ops register for, the device tensors must be on, and
-// the dynamic shared memory. In the real build they are plain CUDA.
-#ifdef PK_CUDA_EMULATION
-#define PK_LAUNCH(grid, block, smem, stream, ...) ::pk::emu::launch(grid, block, smem, __VA_ARGS__)
-#define PK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pretrain_kernels_emu, CPU, m)
-#else
-#define PK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
-#define PK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m)
-#endif
-
 namespace pk {
 namespace attention {
 namespace cuda {
-
-#ifdef PK_CUDA_EMULATION
-template <typename T>
-inline T* dynamic_smem() {
-  return ::pk::emu::dynamic_smem<T>();
-}
-#else
-template <typename T>
-__device__ __forceinline__ T* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char pk_dynamic_smem[];
-  return reinterpret_cast<T*>(pk_dynamic_smem);
-}
-#endif
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

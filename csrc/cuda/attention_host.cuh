@@ -21,15 +21,6 @@ namespace pk {
 namespace attention {
 namespace cuda {
 
-// The device the ops' tensors must be on (CPU tensors under the emulator).
-inline bool on_kernel_device(const at::Tensor& t) {
-#ifdef PK_CUDA_EMULATION
-  return t.is_cpu();
-#else
-  return t.is_cuda();
-#endif
-}
-
 // at::Half / at::BFloat16 -> the CUDA types the kernels use (same bits).
 template <typename T>
 struct CudaType {

@@ -16,10 +16,14 @@
 //    result is deterministic; the backward is an elementwise step like the others.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+#ifndef PK_CUDA_EMULATION
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/cub.cuh>
-#include <torch/library.h>
+#endif
+
+#include "cuda_seams.cuh"
 
 #include <algorithm>
 
@@ -143,7 +147,7 @@ struct CudaBackend {
       p.noise = io.noise.defined() ? io.noise.data_ptr<scalar_t>() : nullptr;
       p.out0 = io.out[0].data_ptr<scalar_t>();
       p.out1 = io.out[1].defined() ? io.out[1].data_ptr<scalar_t>() : nullptr;
-      step_kernel<scalar_t, Step><<<grid, kThreads, 0, stream>>>(st, p, io.B, io.inner, io.draw_noise, io.seed,
+      PK_LAUNCH(grid, kThreads, 0, stream, step_kernel<scalar_t, Step>)(st, p, io.B, io.inner, io.draw_noise, io.seed,
                                                                    io.seed_dev, io.offset);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -158,17 +162,16 @@ struct CudaBackend {
         1, std::min<int64_t>((inner + kThreads * 8 - 1) / (kThreads * 8), std::max<int64_t>(1, 4096 / B)));
     at::Tensor partial = at::empty({B * nchunks}, pred.options().dtype(at::kDouble));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pk_diffusion_loss_cuda", [&] {
-      loss_partial_kernel_t<scalar_t><<<dim3(static_cast<unsigned>(nchunks), static_cast<unsigned>(B)), kThreads, 0,
-                                        stream>>>(pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), inner,
+      PK_LAUNCH(dim3(static_cast<unsigned>(nchunks), static_cast<unsigned>(B)), kThreads, 0, stream, loss_partial_kernel_t<scalar_t>)(pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), inner,
                                                   partial.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const unsigned blocks = static_cast<unsigned>((B + 127) / 128);
     if (out.scalar_type() == at::kDouble) {
-      loss_finish_kernel<double><<<blocks, 128, 0, stream>>>(w, partial.data_ptr<double>(), B, nchunks, inner,
+      PK_LAUNCH(blocks, 128, 0, stream, loss_finish_kernel<double>)(w, partial.data_ptr<double>(), B, nchunks, inner,
                                                              out.data_ptr<double>());
     } else {
-      loss_finish_kernel<float><<<blocks, 128, 0, stream>>>(w, partial.data_ptr<double>(), B, nchunks, inner,
+      PK_LAUNCH(blocks, 128, 0, stream, loss_finish_kernel<float>)(w, partial.data_ptr<double>(), B, nchunks, inner,
                                                             out.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -178,6 +181,6 @@ struct CudaBackend {
 }  // namespace
 }  // namespace diffusion
 
-TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) { PK_REGISTER_DIFFUSION_OPS(m, ::pk::diffusion::CudaBackend); }
+PK_CUDA_LIBRARY_IMPL(m) { PK_REGISTER_DIFFUSION_OPS(m, ::pk::diffusion::CudaBackend); }
 
 }  // namespace pk

@@ -12,10 +12,14 @@
 //  * span_mask: spans depend on the earlier spans of the row, so one thread walks one row
 //    (the same sequential code as on the CPU); rows run in parallel.
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef PK_CUDA_EMULATION
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/cub.cuh>
-#include <torch/library.h>
+#endif
+
+#include "cuda_seams.cuh"
 
 #include "../common/masking.h"
 #include "../common/masking_checks.h"
@@ -210,8 +214,8 @@ DeviceArgs make_args(const masking::CheckedInputs& c, const at::Tensor& seed, do
   a.p.vocab_size = vocab_size;
   a.p.replace_prob = static_cast<float>(replace_prob);
   a.p.random_prob = static_cast<float>(random_prob);
-  a.seed_dev = seed.is_cuda() ? seed.data_ptr<int64_t>() : nullptr;
-  a.p.seed = seed.is_cuda() ? 0 : static_cast<uint64_t>(seed.item<int64_t>());  // CPU scalar: no device sync
+  a.seed_dev = on_kernel_device(seed) ? seed.data_ptr<int64_t>() : nullptr;
+  a.p.seed = on_kernel_device(seed) ? 0 : static_cast<uint64_t>(seed.item<int64_t>());  // CPU scalar: no device sync
   a.p.special = c.special.defined() ? c.special.data_ptr<int64_t>() : nullptr;
   a.p.n_special = c.special.defined() ? c.special.numel() : 0;
   a.p.n_allowed = 0;  // computed on the device from the special list
@@ -248,11 +252,11 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cuda(const at::Tensor& input_ids,
       const int64_t n = c.ids.size(0) * ((c.ids.size(1) + 3) / 4);
       const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
       const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, max_blocks));
-      mlm_mask_flat_kernel<index_t><<<blocks, threads, 0, stream>>>(a, c.ids.data_ptr<index_t>(),
+      PK_LAUNCH(blocks, threads, 0, stream, mlm_mask_flat_kernel<index_t>)(a, c.ids.data_ptr<index_t>(),
                                                                     out.data_ptr<index_t>(), labels.data_ptr<index_t>());
     } else {
       TORCH_CHECK(c.ids.size(0) <= 2147483647, "input_ids: too many rows");
-      mlm_mask_row_kernel<index_t><<<static_cast<unsigned>(c.ids.size(0)), kRowThreads, 0, stream>>>(
+      PK_LAUNCH(static_cast<unsigned>(c.ids.size(0)), kRowThreads, 0, stream, mlm_mask_row_kernel<index_t>)(
           a, exact_count, c.ids.data_ptr<index_t>(), out.data_ptr<index_t>(), labels.data_ptr<index_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -280,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cuda(const at::Tensor& input_ids,
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "span_mask_cuda", [&] {
     const int threads = 64;
     const int blocks = static_cast<int>((c.ids.size(0) + threads - 1) / threads);
-    span_mask_kernel<index_t><<<blocks, threads, 0, stream>>>(a, static_cast<float>(geometric_p),
+    PK_LAUNCH(blocks, threads, 0, stream, span_mask_kernel<index_t>)(a, static_cast<float>(geometric_p),
                                                               static_cast<int>(max_span), c.ids.data_ptr<index_t>(),
                                                               out.data_ptr<index_t>(), labels.data_ptr<index_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -290,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cuda(const at::Tensor& input_ids,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("mlm_mask", &mlm_mask_cuda);
   m.impl("span_mask", &span_mask_cuda);
 }

@@ -26,10 +26,14 @@
 // draft, then the block draws the correction / bonus token with the same chunked draw.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
+#ifndef PK_CUDA_EMULATION
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/cub.cuh>
-#include <torch/library.h>
+#endif
+
+#include "cuda_seams.cuh"
 
 #include "../common/sampling.h"
 #include "../common/sampling_checks.h"
@@ -555,15 +559,15 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const c
   if (penalties) {
     auto work = at::empty(in.logits.sizes(), in.logits.options().dtype(at::kFloat));
     work.copy_(in.logits);
-    penalty_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(in.p, work.data_ptr<float>());
+    PK_LAUNCH(static_cast<unsigned>(B), 256, 0, stream, penalty_kernel)(in.p, work.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sample_kernel<float, float, false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+    PK_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, sample_kernel<float, float, false>)(
         in.p, work.data_ptr<float>(), nullptr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {tokens, logprobs};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sample_cuda", [&] {
-    sample_kernel<scalar_t, scalar_t, false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+    PK_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, sample_kernel<scalar_t, scalar_t, false>)(
         in.p, in.logits.data_ptr<scalar_t>(), nullptr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
         nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -583,7 +587,7 @@ at::Tensor top_k_top_p_filter_cuda(const at::Tensor& logits, const c10::optional
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "top_k_top_p_filter_cuda", [&] {
     const scalar_t* x = in.logits.data_ptr<scalar_t>();
-    sample_kernel<scalar_t, scalar_t, true><<<static_cast<unsigned>(in.p.B), kThreads, 0, stream>>>(
+    PK_LAUNCH(static_cast<unsigned>(in.p.B), kThreads, 0, stream, sample_kernel<scalar_t, scalar_t, true>)(
         in.p, x, x, nullptr, nullptr, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -645,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& dra
   TORCH_CHECK(s.B <= 2147483647, "draft_probs: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.draft.scalar_type(), "speculative_accept_cuda", [&] {
-    speculative_kernel<scalar_t><<<static_cast<unsigned>(s.B), kThreads, 0, stream>>>(
+    PK_LAUNCH(static_cast<unsigned>(s.B), kThreads, 0, stream, speculative_kernel<scalar_t>)(
         s.p, s.n, s.draft.data_ptr<scalar_t>(), s.ids.data_ptr<int64_t>(), s.target.data_ptr<scalar_t>(),
         out.data_ptr<int64_t>(), accepted.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -655,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& dra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pretrain_kernels, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("sample", &sample_cuda);
   m.impl("top_k_top_p_filter", &top_k_top_p_filter_cuda);
   m.impl("speculative_accept", &speculative_accept_cuda);

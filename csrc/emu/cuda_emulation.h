@@ -1,10 +1,11 @@
-// A CUDA emulator for running the attention kernels of csrc/cuda/ on the CPU, unchanged,
-// when no GPU is at hand (the test build only; the package never includes this file).
+// A CUDA emulator for running the kernels of csrc/cuda/ (attention, masking, sampling,
+// denoising) on the CPU, unchanged, when no GPU is at hand (the test build only; the package
+// never includes this file).
 //
 // The .cu sources are compiled as C++ with PK_CUDA_EMULATION defined. Their few CUDA-only
-// spellings go through small seams (PK_LAUNCH, PK_CUDA_LIBRARY_IMPL, dynamic_smem,
-// on_kernel_device, and an emulation branch in the PTX wrappers); everything else,
-// launchers and kernels alike, is the code that runs on the GPU.
+// spellings go through small seams (csrc/cuda/cuda_seams.cuh: PK_LAUNCH,
+// PK_CUDA_LIBRARY_IMPL, dynamic_smem, on_kernel_device; an emulation branch in the PTX
+// wrappers); everything else, launchers and kernels alike, is the code that runs on the GPU.
 //
 // How a launch runs: the blocks of the grid run one after the other; the threads of a
 // block run as cooperative fibers (ucontext) on the calling thread, each until it reaches a
@@ -26,7 +27,14 @@
 //   * dynamic shared memory is filled with 0xFF bytes (NaN in every float format) when a
 //     block starts, so reading shared memory nobody wrote shows up as NaN;
 //   * launch limits: block size, grid extents, and dynamic shared memory above 48 KB
-//     without cudaFuncSetAttribute (or above the 227 KB of sm_90).
+//     without cudaFuncSetAttribute (or above the 227 KB of sm_90);
+//   * votes and shuffles with a partial mask (__ballot_sync, __match_any_sync) wait for
+//     exactly the lanes of the mask; atomics are plain read-modify-writes (fibers switch only
+//     at barriers);
+//   * cub::BlockReduce / cub::BlockScan are re-implemented with CUB's contracts: a reduction's
+//     result only in thread 0 (0xFF bytes elsewhere), no barrier after the collective (a
+//     caller that reuses TempStorage without one races, as on the GPU); static __shared__
+//     variables are shared by the fibers of a block.
 // What it cannot show: timing, register pressure, memory-model races beyond the above,
 // bank conflicts, and any difference between the PTX ISA's description and the silicon.
 #pragma once
@@ -151,6 +159,8 @@ struct Warp {
   unsigned gen = 0;
   uint64_t slot[32];
   uint32_t a[32][4], b[32][2];
+  // a collective over a subset of the lanes (a partial mask): lanes arrived, the mask, generation
+  unsigned sub_arrived = 0, sub_mask = 0, sub_gen = 0;
 };
 
 struct Block {
@@ -391,6 +401,45 @@ T shuffle(unsigned mask, T v, int src_lane) {
   return r;
 }
 
+// A barrier over the lanes of `mask` (the calling lane among them), for the *_sync intrinsics
+// called with a partial mask: every lane of the mask must arrive, with the same mask.
+inline void sync_warp_mask(unsigned mask) {
+  Warp& w = my_warp();
+  const unsigned bit = 1u << lane();
+  if ((mask & bit) == 0u) fail("warp collective called by a lane outside its mask");
+  if (w.sub_arrived == 0u)
+    w.sub_mask = mask;
+  else if (w.sub_mask != mask)
+    fail("warp collectives with different masks in flight");
+  const unsigned gen = w.sub_gen;
+  w.sub_arrived |= bit;
+  if (w.sub_arrived == mask) {
+    w.sub_arrived = 0u;
+    ++w.sub_gen;
+  }
+  wait_for(&w.sub_gen, gen);
+}
+
+// Every lane of `mask` deposits v; f(slots) runs on each lane once all have (the slots of
+// lanes outside the mask are unspecified).
+template <typename T, typename F>
+auto warp_exchange(unsigned mask, T v, F f) {
+  static_assert(sizeof(T) <= 8, "warp exchange of a value wider than 8 bytes");
+  ++stats().warp_collectives;
+  Warp& w = my_warp();
+  std::memcpy(&w.slot[lane()], &v, sizeof(T));
+  if (mask == 0xffffffffu)
+    sync_warp(true);
+  else
+    sync_warp_mask(mask);
+  const auto r = f(w.slot);
+  if (mask == 0xffffffffu)
+    sync_warp(true);
+  else
+    sync_warp_mask(mask);
+  return r;
+}
+
 // cp.async: queued per thread, performed when cp.async.wait_group retires the group.
 inline void copy16(const PendingCopy& c) {
   if (c.src_bytes > 0)
@@ -509,6 +558,133 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   return ::pk::emu::shuffle(mask, v, ::pk::emu::lane() ^ lane_mask);
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::pk::emu::sync_warp(mask == 0xffffffffu); }
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  const int src = ::pk::emu::lane() - static_cast<int>(delta);
+  const T r = ::pk::emu::shuffle(mask, v, src < 0 ? ::pk::emu::lane() : src);  // every lane takes part
+  return src < 0 ? v : r;
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  return ::pk::emu::warp_exchange(mask, uint64_t(pred != 0), [&](const uint64_t* slot) {
+    unsigned r = 0u;
+    for (int l = 0; l < 32; ++l)
+      if (((mask >> l) & 1u) && slot[l] != 0) r |= 1u << l;
+    return r;
+  });
+}
+inline unsigned __match_any_sync(unsigned mask, unsigned value) {
+  return ::pk::emu::warp_exchange(mask, uint64_t(value), [&](const uint64_t* slot) {
+    unsigned r = 0u;
+    for (int l = 0; l < 32; ++l)
+      if (((mask >> l) & 1u) && slot[l] == value) r |= 1u << l;
+    return r;
+  });
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+// Fibers switch only at barriers, so a read-modify-write is atomic as it stands.
+template <typename T>
+inline T atomicAdd(T* addr, T v) {
+  const T old = *addr;
+  *addr = old + v;
+  return old;
+}
+
+// The CUB block primitives the kernels use (cub::BlockReduce, cub::BlockScan), with CUB's
+// contracts and nothing more: every thread of the block calls them from the same place; a
+// reduction's result is defined in thread 0 only (the others get 0xFF bytes: NaN, or all
+// bits set); TempStorage may be reused only after a __syncthreads the caller writes (the
+// primitives end without one, so a missing barrier lets a fast thread overwrite values a slow
+// one still reads). Values combine in thread order, so results do not depend on a tree shape.
+namespace cub {
+namespace detail {
+inline int block_threads() {
+  const dim3& d = ::pk::emu::block().block_dim;
+  return static_cast<int>(d.x * d.y * d.z);
+}
+inline int thread_rank() { return ::pk::emu::self().linear; }
+template <typename T>
+T poisoned() {
+  T r;
+  std::memset(static_cast<void*>(&r), 0xFF, sizeof(T));
+  return r;
+}
+struct Plus {
+  template <typename T>
+  T operator()(const T& a, const T& b) const {
+    return a + b;
+  }
+};
+// One value per thread of the block: deposit() stores the caller's and returns its rank once
+// every thread has stored one.
+template <typename T, int kThreads>
+struct BlockValues {
+  struct TempStorage {
+    T v[kThreads];
+  };
+  static int deposit(TempStorage& t, T x, int line, const char* what) {
+    TORCH_CHECK(block_threads() == kThreads, what, "<", kThreads, "> in a block of ", block_threads(), " threads");
+    const int r = thread_rank();
+    t.v[r] = x;
+    ::pk::emu::sync_block(line);
+    return r;
+  }
+};
+}  // namespace detail
+
+template <typename T, int kThreads>
+class BlockReduce {
+  using Values = detail::BlockValues<T, kThreads>;
+
+ public:
+  using TempStorage = typename Values::TempStorage;
+  explicit BlockReduce(TempStorage& t) : t_(t) {}
+  template <typename Op>
+  T Reduce(T x, Op op, int line = __builtin_LINE()) {
+    if (Values::deposit(t_, x, line, "cub::BlockReduce") != 0) return detail::poisoned<T>();
+    T acc = t_.v[0];
+    for (int i = 1; i < kThreads; ++i) acc = op(acc, t_.v[i]);
+    return acc;
+  }
+  T Sum(T x, int line = __builtin_LINE()) { return Reduce(x, detail::Plus(), line); }
+
+ private:
+  TempStorage& t_;
+};
+
+template <typename T, int kThreads>
+class BlockScan {
+  using Values = detail::BlockValues<T, kThreads>;
+
+ public:
+  using TempStorage = typename Values::TempStorage;
+  explicit BlockScan(TempStorage& t) : t_(t) {}
+  template <typename Op>
+  void InclusiveScan(T x, T& out, Op op, int line = __builtin_LINE()) {
+    const int r = Values::deposit(t_, x, line, "cub::BlockScan");
+    T acc = t_.v[0];
+    for (int i = 1; i <= r; ++i) acc = op(acc, t_.v[i]);
+    out = acc;
+  }
+  void ExclusiveSum(T x, T& out, T& aggregate, int line = __builtin_LINE()) {
+    const int r = Values::deposit(t_, x, line, "cub::BlockScan");
+    T acc = T(0), total = T(0);
+    for (int i = 0; i < kThreads; ++i) {
+      if (i == r) acc = total;
+      total = total + t_.v[i];
+    }
+    out = acc;
+    aggregate = total;
+  }
+  void ExclusiveSum(T x, T& out, int line = __builtin_LINE()) {
+    T aggregate;
+    ExclusiveSum(x, out, aggregate, line);
+  }
+
+ private:
+  TempStorage& t_;
+};
+}  // namespace cub
 
 template <typename K>
 inline cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int value) {

@@ -1,8 +1,8 @@
-// The emulated CUDA attention ops: the library pretrain_kernels_emu with the schemas of
-// pretrain_kernels' attention ops (read from the dispatcher, so they never drift) and the
-// CUDA implementations of csrc/cuda/attention_*.cu registered for CPU tensors
-// (csrc/emu/attention_*.cpp). Load pretrain_kernels first. Python helpers: configure the
-// emulated device, read the emulator's counters.
+// The emulated CUDA ops: the library pretrain_kernels_emu with the schemas of every
+// pretrain_kernels op that has a CUDA kernel (read from the dispatcher, so they never drift)
+// and the CUDA implementations of csrc/cuda/*.cu registered for CPU tensors (tests/
+// emulated_cuda.py compiles those files against cuda_emulation.h). Load pretrain_kernels
+// first. Python helpers: configure the emulated device, read the emulator's counters.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -14,7 +14,10 @@
 
 TORCH_LIBRARY(pretrain_kernels_emu, m) {
   const std::string prefix = "pretrain_kernels::";
-  for (const char* name : {"flash_attn_fwd", "flash_attn_bwd", "flash_attn_kvcache"}) {
+  for (const char* name : {"flash_attn_fwd", "flash_attn_bwd", "flash_attn_kvcache", "mlm_mask", "span_mask", "sample",
+                           "top_k_top_p_filter", "speculative_accept", "add_noise", "diffusion_loss",
+                           "diffusion_loss_backward", "ddpm_step", "ddim_step", "euler_step", "heun_step",
+                           "dpmpp_2m_step", "flow_match_step"}) {
     const auto op = c10::Dispatcher::singleton().findSchema({prefix + name, ""});
     TORCH_CHECK(op.has_value(), "pretrain_kernels::", name, " is not registered: import pretrain_kernels first");
     std::ostringstream schema;
