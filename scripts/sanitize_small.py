@@ -71,6 +71,7 @@ def attention():
         (1, 129, 65, 2, 1, 96, False, (-1, 0)),
         (1, 40, 200, 2, 1, 64, False, (-1, -1)),   # several key tiles: the double-buffered dQ pass
         (1, 150, 150, 2, 1, 256, True, (-1, -1)),  # the two dK/dV passes of head_dim 256, many tiles
+        (1, 200, 260, 2, 1, 128, True, (-1, -1)),  # 128-row forward blocks over five key tiles
     ]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for B, sq, sk, H, Hk, D, causal, window in cases:
