@@ -52,8 +52,9 @@ def device(request):
     """Runs a test on the CPU, on CUDA where a GPU is present, and (EMULATE_CUDA modules) on
     CPU tensors with the pretrain_kernels ops routed to their emulated CUDA kernels."""
     if request.param == "emulated":
-        if request.node.get_closest_marker("not_emulated") is not None:
-            pytest.skip(request.node.get_closest_marker("not_emulated").args[0])
+        skip = request.node.get_closest_marker("not_emulated")
+        if skip is not None:
+            pytest.skip(skip.args[0])
         import emulated_cuda
         with emulated_cuda.routed():
             yield torch.device("cpu")

@@ -61,5 +61,21 @@ inline void check_attn_mask(const at::Tensor& mk, int64_t batch, int64_t heads, 
               mk.sizes());
 }
 
+// Checks attn_mask (check_attn_mask) and points the kernel parameters at it: mask_bool or
+// mask_float, and its four strides m_sb, m_sh, m_si, m_sj (the CPU and CUDA Params share
+// these names).
+template <typename Params>
+void set_attn_mask(Params& p, const at::Tensor& mk, int64_t heads) {
+  check_attn_mask(mk, p.batch, heads, p.sq, p.sk);
+  if (mk.scalar_type() == at::kBool)
+    p.mask_bool = mk.data_ptr<bool>();
+  else
+    p.mask_float = mk.data_ptr<float>();
+  p.m_sb = mk.stride(0);
+  p.m_sh = mk.stride(1);
+  p.m_si = mk.stride(2);
+  p.m_sj = mk.stride(3);
+}
+
 }  // namespace attention
 }  // namespace pk

@@ -440,15 +440,7 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
   if (mask.has_value()) {
     const at::Tensor& mk = *mask;
     TORCH_CHECK(mk.device().is_cpu(), "attn_mask: expected a CPU tensor, got one on ", mk.device());
-    check_attn_mask(mk, p.batch, p.H, p.sq, p.sk);
-    if (mk.scalar_type() == at::kBool)
-      p.mask_bool = mk.data_ptr<bool>();
-    else
-      p.mask_float = mk.data_ptr<float>();
-    p.m_sb = mk.stride(0);
-    p.m_sh = mk.stride(1);
-    p.m_si = mk.stride(2);
-    p.m_sj = mk.stride(3);
+    set_attn_mask(p, mk, p.H);
   }
   p.scale = scale;
   p.window_left = window_left;

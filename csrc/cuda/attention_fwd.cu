@@ -116,7 +116,7 @@ void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_boun
     // no caller's mask (fwd_mma_kernel reads it in 64-row blocks only).
     const int64_t rows = fwd_group_rows(p, q_bound);
     p.fwd_tall = kd <= 128 && rows > 64 && !p.has_mask() && fwd_tall_blocks_allowed();
-    blocks = ceil_div(rows, p.fwd_tall ? 128 : 64) * fwd_row_groups(p) * int64_t(p.batch);
+    blocks = ceil_div(rows, fwd_block_rows(p.fwd_tall)) * fwd_row_groups(p) * int64_t(p.batch);
     key_block = fwd_key_block(kd);
   } else {
     blocks = ceil_div(q_bound * p.H, 4) * int64_t(p.batch);

@@ -176,6 +176,18 @@ __device__ __forceinline__ void frag_a_from_acc(uint32_t (&a)[4], const float (&
 //                      of tile `c` (O += P V, dQ += dS K, ...)
 // Every B fragment read from shared memory feeds kMT mma, so two m-tiles per warp halve the
 // shared-memory traffic per FLOP. mma_rows_tile_t / mma_acc_tile are the one-tile forms.
+// acc[mt][n], acc[mt][n + 1] += A[mt] B for every m-tile, B = two n-tiles in one x4 fragment
+// (b[0], b[1] for n-tile n, b[2], b[3] for n + 1): one B fragment feeds all kMT m-tiles.
+template <typename T, int kMT, int kN>
+__device__ __forceinline__ void mma_mtiles(float (&acc)[kMT][kN][4], int n, const uint32_t (&fa)[kMT][4],
+                                           const uint32_t (&fb)[4]) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    mma16816<T>(acc[mt][n], fa[mt], fb[0], fb[1]);
+    mma16816<T>(acc[mt][n + 1], fa[mt], fb[2], fb[3]);
+  }
+}
+
 template <typename T, int kLd, int kK, int kMT, int kNT>
 __device__ __forceinline__ void mma_rows_tiles_t(float (&acc)[kMT][kNT][4], const uint16_t* a, int r0,
                                                  const uint16_t* b, int lane) {
@@ -189,11 +201,7 @@ __device__ __forceinline__ void mma_rows_tiles_t(float (&acc)[kMT][kNT][4], cons
     for (int nt = 0; nt < kNT; nt += 2) {
       uint32_t fb[4];
       frag_b_nk<kLd>(fb, b, nt * 8, kt * 16, lane);
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma16816<T>(acc[mt][nt], fa[mt], fb[0], fb[1]);
-        mma16816<T>(acc[mt][nt + 1], fa[mt], fb[2], fb[3]);
-      }
+      mma_mtiles<T>(acc, nt, fa, fb);
     }
   }
 }
@@ -211,11 +219,7 @@ __device__ __forceinline__ void mma_acc_tiles(float (&acc)[kMT][kDT][4], const f
     for (int dn = 0; dn < kDT; dn += 2) {
       uint32_t fb[4];
       frag_b_kn<kLd>(fb, c, kk * 16, dn * 8, lane);
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma16816<T>(acc[mt][dn], fa[mt], fb[0], fb[1]);
-        mma16816<T>(acc[mt][dn + 1], fa[mt], fb[2], fb[3]);
-      }
+      mma_mtiles<T>(acc, dn, fa, fb);
     }
   }
 }
@@ -241,6 +245,9 @@ __device__ __forceinline__ void mma_acc_tile(float (&acc)[kDT][4], const float (
 // FlashAttention 2's choice, spilled 116 bytes per thread in 128-row blocks on sm_90.)
 constexpr int fwd_key_block(int kd) { return kd <= 128 ? 64 : 32; }
 
+// Query rows of a forward block: 4 warps of one (short) or two (tall) 16-row m-tiles.
+constexpr int fwd_block_rows(bool tall) { return 16 * (tall ? 2 : 1) * 4; }
+
 // A block of 4 warps owns kBM query rows; each warp owns kMT m-tiles of 16 rows. Tall blocks
 // (kMT = 2, 128 rows) serve head_dim <= 128 when a (sequence, head) has more than 64 rows:
 // every K/V fragment read from shared memory then feeds two mma instead of one. Short blocks
@@ -252,7 +259,8 @@ struct FwdTile {
   static_assert(kMT == 1 || (kMT == 2 && kD <= 128), "tall blocks need head_dim <= 128");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBM = 16 * kMT * kWarps;                 // query rows per block
+  static_assert(kWarps == 4, "fwd_block_rows counts 4 warps");
+  static constexpr int kBM = fwd_block_rows(kMT == 2);          // query rows per block
   static constexpr int kBN = fwd_key_block(kD);                 // keys per tile
   static constexpr int kLd = kD + 8;                            // smem row length (bank spread)
   static constexpr int kSmemBytes = (kBM + 2 * kBN) * kLd * 2;

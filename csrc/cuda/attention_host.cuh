@@ -149,15 +149,7 @@ inline Params make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::opti
   if (mask.has_value()) {
     const at::Tensor& mk = *mask;
     TORCH_CHECK(mk.device() == dev, "attn_mask: expected a tensor on ", dev, ", got one on ", mk.device());
-    attention::check_attn_mask(mk, p.batch, H, p.sq, p.sk);
-    if (mk.scalar_type() == at::kBool)
-      p.mask_bool = mk.data_ptr<bool>();
-    else
-      p.mask_float = mk.data_ptr<float>();
-    p.m_sb = mk.stride(0);
-    p.m_sh = mk.stride(1);
-    p.m_si = mk.stride(2);
-    p.m_sj = mk.stride(3);
+    attention::set_attn_mask(p, mk, H);
   }
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
