@@ -98,9 +98,16 @@ BWD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# dtype x dQ scheme of the tensor-core backward (PK_ATTENTION_BWD; float32 runs the SIMT kernels,
+# which have one scheme)
+BWD_MODES = [(torch.float16, "separate"), (torch.bfloat16, "separate"), (torch.float32, "separate"),
+             (torch.float16, "ordered"), (torch.bfloat16, "ordered"), (torch.bfloat16, "atomic")]
+
+
+@pytest.mark.parametrize("dtype, mode", BWD_MODES, ids=lambda x: str(x))
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_backward_matches_reference(case, dtype):
+def test_backward_matches_reference(case, dtype, mode, monkeypatch):
+    monkeypatch.setenv("PK_ATTENTION_BWD", mode)
     B, sq, sk, H, Hk, D, causal, window = case
     g = torch.Generator().manual_seed(sq * 7 + sk + D)
     draws = 3 if sq * sk < 10**6 else 1
@@ -318,19 +325,48 @@ def test_empty_inputs():
     assert pk.flash_attention(z, z, z, cu_seqlens_q=cu, cu_seqlens_k=cu).shape == (0, 2, 8)
 
 
-def test_deterministic():
+@pytest.mark.parametrize("mode", ["separate", "ordered"])
+def test_deterministic(mode, monkeypatch):
+    """Run to run, bit for bit: the default backward and the ordered fused dQ (with and without a
+    causal mask; 700 keys make 11 key blocks that take turns on every query tile)."""
+    monkeypatch.setenv("PK_ATTENTION_BWD", mode)
     g = torch.Generator().manual_seed(5)
     for dtype in DTYPES:
-        q = rand(1, 700, 4, 64, dtype=dtype, gen=g).requires_grad_()
-        k = rand(1, 700, 1, 64, dtype=dtype, gen=g).requires_grad_()
-        v = rand(1, 700, 1, 64, dtype=dtype, gen=g).requires_grad_()
-        dout = rand(1, 700, 4, 64, dtype=dtype, gen=g)
-        results = []
-        for _ in range(2):
-            out = pk.flash_attention(q, k, v, causal=True)
-            results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
-        for a, b in zip(*results):
-            assert torch.equal(a, b)
+        for causal in (True, False):
+            q = rand(1, 700, 4, 64, dtype=dtype, gen=g).requires_grad_()
+            k = rand(1, 700, 1, 64, dtype=dtype, gen=g).requires_grad_()
+            v = rand(1, 700, 1, 64, dtype=dtype, gen=g).requires_grad_()
+            dout = rand(1, 700, 4, 64, dtype=dtype, gen=g)
+            results = []
+            for _ in range(3):
+                out = pk.flash_attention(q, k, v, causal=causal)
+                results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+            for r in results[1:]:
+                for a, b in zip(results[0], r):
+                    assert torch.equal(a, b)
+
+
+def test_atomic_backward_turns_ordered_under_deterministic_algorithms(monkeypatch):
+    """PK_ATTENTION_BWD=atomic gives way to the ordered scheme while
+    torch.use_deterministic_algorithms(True) is in force."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (rand(1, 900, 2, 64, dtype=torch.bfloat16, gen=g).requires_grad_() for _ in range(3))
+    dout = rand(1, 900, 2, 64, dtype=torch.bfloat16, gen=g)
+
+    def dq(mode):
+        monkeypatch.setenv("PK_ATTENTION_BWD", mode)
+        return torch.autograd.grad(pk.flash_attention(q, k, v), q, dout)[0]
+
+    ordered = dq("ordered")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(dq("atomic"), ordered)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    monkeypatch.setenv("PK_ATTENTION_BWD", "bogus")
+    with pytest.raises(RuntimeError, match="PK_ATTENTION_BWD"):
+        torch.autograd.grad(pk.flash_attention(q, k, v), q, dout)
 
 
 def test_float64_is_cpu_only():

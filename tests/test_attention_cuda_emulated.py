@@ -256,6 +256,104 @@ def test_backward_matches_reference(emu, case, dtype):
         torch.testing.assert_close(a.float(), c.float(), atol=tol, rtol=tol)
 
 
+# (B, Sq, Sk, H, Hk, D, causal, window, bottom_right) for the fused dQ: every head dim, GQA,
+# windows whose first key blocks no query sees, top-left alignment with more queries than keys,
+# a single query, and enough key blocks (700 keys: 11) for long chains of turns.
+FUSED_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1), True),
+    (1, 70, 130, 4, 1, 32, True, (-1, -1), True),
+    (1, 130, 70, 2, 2, 96, True, (-1, -1), True),
+    (1, 65, 65, 2, 1, 128, False, (20, 3), True),
+    (1, 40, 40, 2, 2, 256, True, (-1, -1), True),
+    (1, 90, 75, 4, 2, 200, False, (30, -1), True),
+    (2, 1, 33, 2, 1, 48, False, (-1, -1), True),
+    (1, 100, 300, 2, 1, 64, True, (20, -1), True),
+    (1, 200, 130, 2, 2, 128, True, (-1, -1), False),
+    (1, 150, 700, 2, 1, 64, False, (-1, -1), True),
+]
+
+
+@pytest.mark.parametrize("mode", ["ordered", "atomic"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fused_dq_backward(emu, case, mode, monkeypatch):
+    """PK_ATTENTION_BWD=ordered / atomic: the dK/dV blocks add dS K into a float dQ instead of a
+    separate dQ pass (one launch fewer). All three gradients match the reference within twice
+    torch's error; without a mask dK and dV are the separate scheme's bits (the same products
+    over the same query tiles; with one, the fused modes align the tiles to multiples of their
+    height, which regroups the sums). Under the emulator every
+    ordered block checks the turn counter: its predecessor's post, or zero for the first block
+    on a query tile."""
+    B, sq, sk, H, Hk, D, causal, window, br = case
+    dtype = torch.bfloat16 if (sq + D) % 2 else torch.float16
+    g = torch.Generator().manual_seed(sq * 5 + sk + D)
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    dout = rand(B, sq, H, D, dtype=dtype, gen=g)
+    left, right = _window(causal, window)
+    out, lse = fwd(emu, q, k, v, causal=causal, window=window, bottom_right=br)
+    mod = emulated_cuda.load()
+    res, launches = {}, {}
+    for m in ("separate", mode):
+        monkeypatch.setenv("PK_ATTENTION_BWD", m)
+        before = mod.stats()["launches"]
+        res[m] = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, D ** -0.5, left, right,
+                                    br)
+        launches[m] = mod.stats()["launches"] - before
+    assert launches[mode] == launches["separate"] - 1
+    if not causal and window == (-1, -1):  # both walk the same query tiles from row 0
+        assert torch.equal(res[mode][1], res["separate"][1]) and torch.equal(res[mode][2], res["separate"][2])
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(attention_ref(*xs, causal=causal, window=window, bottom_right=br)[0], xs, dout.double())
+    ys = [t.detach().requires_grad_() for t in (q, k, v)]
+    theirs = torch.autograd.grad(torch_sdpa(*ys, causal=causal, window=window, bottom_right=br), ys, dout)
+    for name, a, r, t in zip("qkv", res[mode], ref, theirs):
+        assert a.dtype == dtype and a.shape == r.shape
+        assert rel_err(a, r) <= 2 * max(rel_err(t, r), FLOOR[dtype]), (name, rel_err(a, r), rel_err(t, r))
+
+
+def test_fused_dq_varlen_and_deterministic_algorithms(emu, monkeypatch):
+    """Ordered turns and atomics on packed sequences (counters indexed by token) match the
+    reference, and atomic gives way to ordered (no atomics, the same bits) under
+    torch.use_deterministic_algorithms."""
+    g = torch.Generator().manual_seed(15)
+    lens = [5, 0, 129, 1, 200]
+    H, Hk, D = 4, 2, 64
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (rand(sum(lens), n, D, dtype=torch.bfloat16, gen=g) for n in (H, Hk, Hk))
+    dout = rand(sum(lens), H, D, dtype=torch.bfloat16, gen=g)
+    out, lse = emu.flash_attn_fwd(q, k, v, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True)
+    monkeypatch.setenv("PK_ATTENTION_BWD", "ordered")
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = attention_varlen_ref(*xs, cu, cu, causal=True)
+    ref_g = torch.autograd.grad(ref_out, xs, dout.double())
+    for a, r in zip(grads, ref_g):
+        assert rel_err(a, r) < 2e-2, rel_err(a, r)
+
+    mod = emulated_cuda.load()
+
+    def dq(mode):
+        monkeypatch.setenv("PK_ATTENTION_BWD", mode)
+        before = mod.stats()["atomics"]
+        r = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True)[0]
+        return r, mod.stats()["atomics"] - before
+
+    ordered, n_ordered = dq("ordered")
+    atomic, n_atomic = dq("atomic")
+    assert n_ordered == 0 and n_atomic > 0
+    assert rel_err(atomic, ref_g[0]) < 2e-2
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        again, n_again = dq("atomic")
+        assert n_again == 0 and torch.equal(again, ordered)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    monkeypatch.setenv("PK_ATTENTION_BWD", "bogus")
+    with pytest.raises(RuntimeError, match="PK_ATTENTION_BWD"):
+        dq("bogus")
+
+
 def test_long_causal_sequence_forward_and_backward(emu):
     """1000 queries and keys: 16 query blocks, up to 16 key tiles each, many pipeline stages."""
     g = torch.Generator().manual_seed(14)

@@ -16,6 +16,18 @@
 // same output and no atomics are used: the gradients are deterministic, bit for bit, for any
 // launch configuration.
 //
+// The tensor-core path can instead fuse dQ into pass 2 (PK_ATTENTION_BWD in the environment,
+// read on every call; DqMode in attention_bwd_mma.cuh): each dK/dV block adds dS K for its 64
+// keys into a float copy of dQ, which is then scaled and rounded. That is 5 tile products per
+// (query tile, key tile) instead of 7, as FlashAttention 2 does, at the price of contention:
+//   atomic   float atomics, FlashAttention 2's choice; the sum order varies from run to run.
+//            While torch.use_deterministic_algorithms(True) is in force it runs as ordered.
+//   ordered  the key blocks that see a query tile take turns on it through a counter per tile,
+//            in a fixed order (highest key block first, launched first), FlashAttention 3's
+//            deterministic scheme. Under a causal mask the turns come in the order the blocks
+//            reach the tile anyway; without one a block may wait for its predecessor.
+//   separate pass 3 (the default until the fused modes have been measured on a GPU).
+//
 // float16 / bfloat16 without attn_mask use tensor cores (ldmatrix +
 // mma.sync m16n8k16, fp32 accumulation, the same fragment helpers as the forward in
 // attention_fwd.cuh): every warp owns 16 rows (queries for dQ, keys for dK/dV), and the
@@ -54,6 +66,16 @@ void launch_bwd_rows(const Params& p, const T* dout, const float* lse, const flo
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The dQ scheme of the tensor-core backward (see above).
+int bwd_dq_mode() {
+  const char* e = std::getenv("PK_ATTENTION_BWD");
+  const std::string v = e == nullptr ? "" : e;
+  if (v.empty() || v == "separate") return kDqSeparate;
+  if (v == "ordered") return kDqOrdered;
+  TORCH_CHECK(v == "atomic", "PK_ATTENTION_BWD: expected separate, ordered or atomic, got '", v, "'");
+  return at::globalContext().deterministicAlgorithms() ? kDqOrdered : kDqAtomic;
+}
+
 template <typename T>
 void backward_typed(const Params& p, bool tensor_cores, const at::Tensor& dout, const at::Tensor& out,
                     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, at::Tensor& Di, at::Tensor& dq,
@@ -73,16 +95,28 @@ void backward_typed(const Params& p, bool tensor_cores, const at::Tensor& dout, 
   const int d = std::max(p.D, p.Dv);
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores && !p.has_mask()) {
+      DqAccum dqa;
+      dqa.mode = bwd_dq_mode();
+      at::Tensor acc, turns;  // fused dQ: float dQ (unscaled), one turn counter per query tile
+      if (dqa.mode != kDqSeparate) {
+        acc = at::zeros(dq.sizes(), dq.options().dtype(at::kFloat));
+        dqa.acc = acc.data_ptr<float>();
+        if (dqa.mode == kDqOrdered) {
+          turns = at::zeros({p.H, p.total_q}, dq.options().dtype(at::kInt));
+          dqa.turn = turns.data_ptr<int>();
+        }
+      }
       if (d <= 32)
-        launch_bwd_mma<T, 32>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+        launch_bwd_mma<T, 32>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, dqa, stream);
       else if (d <= 64)
-        launch_bwd_mma<T, 64>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+        launch_bwd_mma<T, 64>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, dqa, stream);
       else if (d <= 96)
-        launch_bwd_mma<T, 96>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+        launch_bwd_mma<T, 96>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, dqa, stream);
       else if (d <= 128)
-        launch_bwd_mma<T, 128>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+        launch_bwd_mma<T, 128>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, dqa, stream);
       else
-        launch_bwd_mma<T, 256>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, stream);
+        launch_bwd_mma<T, 256>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, dqa, stream);
+      if (dqa.mode != kDqSeparate) dq.copy_(acc.mul_(p.scale));
       return;
     }
   }

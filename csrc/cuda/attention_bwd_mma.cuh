@@ -18,6 +18,21 @@ constexpr int kBwdRows = 16 * kBwdWarps;  // rows (queries or keys) a block owns
 // scores and accumulate one of them (the dV pass skips dP = dO V^T).
 enum BwdPart { kDkAndDv = 0, kDkOnly = 1, kDvOnly = 2 };
 
+// Where dQ comes from (attention_bwd.cu explains the choice):
+//   kDqSeparate  bwd_dq_mma_kernel, its own pass over the key tiles (recomputes S and dP)
+//   kDqAtomic    the dK/dV blocks add dS K into a float accumulator with atomics
+//   kDqOrdered   the same additions, in a fixed order: the key blocks that see a query tile
+//                take turns on it, highest key block first (bit for bit reproducible)
+enum DqMode { kDqSeparate = 0, kDqAtomic = 1, kDqOrdered = 2 };
+
+// The fused modes' float accumulator (tokens, H, D), and (ordered) one turn counter per query
+// tile, indexed by head and the tile's first token: h * total_q + token.
+struct DqAccum {
+  int mode = kDqSeparate;
+  float* acc = nullptr;
+  int* turn = nullptr;
+};
+
 template <int kD>
 struct BwdTile {
   static constexpr int kLd = kD + 8;
@@ -28,7 +43,62 @@ struct BwdTile {
   // the next tile's cp.async copies run while the current one is computed
   static constexpr int kSmemDq = (2 * kBwdRows + 2 * 2 * kBN) * kLd * 2;
   static constexpr int kSmemDkdv = (2 * kBwdRows + 2 * 2 * kBQ) * kLd * 2 + 2 * 2 * kBQ * 4;
+  // Fused dQ: dS^T of the block (keys x queries) staged for dQ = dS K, which the 4 warps split
+  // as kBQ / 16 row tiles times 64 / kBQ column groups of kDqCols columns each.
+  static constexpr int kLdS = kBQ + 8;
+  static constexpr int kSmemDs = kBwdRows * kLdS * 2;
+  static constexpr int kDqCols = kD * kBQ / 64;
+  static_assert(kDqCols % 16 == 0, "dQ columns per warp: whole x4 fragments");
 };
+
+// A fragment of A = M^T (16 x 16) from a tile stored as M (rows k, columns m): one ldmatrix
+// .trans; the register order is frag_a's.
+template <int kLd>
+__device__ __forceinline__ void frag_a_trans(uint32_t (&a)[4], const uint16_t* tile, int m0, int k0, int lane) {
+  ldsm_x4<true>(a, tile + (k0 + (lane >> 4) * 8 + (lane & 7)) * kLd + m0 + ((lane >> 3) & 1) * 8);
+}
+
+// Turn-taking between the blocks of the ordered dQ accumulation. A block that is not the
+// first on a tile waits until the counter shows its predecessor's post (acquire), adds, and
+// posts (release) after a fence. Predecessors always have a smaller block index, so they were
+// scheduled first and never wait on their successors; a wait longer than 10 s cannot be a
+// turn and traps instead of hanging (malformed cu_seqlens that make two sequences share a
+// query tile).
+__device__ __forceinline__ void turn_acquire(const int* turn, bool first, int value) {
+#if defined(PK_CUDA_EMULATION)
+  // Blocks run one after the other, so the predecessor has finished: the counter must hold
+  // its post exactly, and nothing yet for the first block on the tile.
+  if (*turn != (first ? 0 : value)) ::pk::emu::fail("ordered dQ: the turn counter does not match the block's place");
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  if (first) return;
+  uint64_t t0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  for (unsigned ns = 32;; ns = ns < 1024 ? 2 * ns : ns) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(turn) : "memory");
+    if (v == value) break;
+    uint64_t t1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
+    if (t1 - t0 > 10000000000ull) __trap();
+    __nanosleep(ns);
+  }
+#else
+  if (first) return;
+  while (*reinterpret_cast<const volatile int*>(turn) != value) {
+  }
+  __threadfence();
+#endif
+}
+__device__ __forceinline__ void turn_post(int* turn, int value) {
+#if defined(PK_CUDA_EMULATION)
+  *turn = value;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(turn), "r"(value) : "memory");
+#else
+  __threadfence();
+  *reinterpret_cast<volatile int*>(turn) = value;
+#endif
+}
 
 // dQ for 64 query rows of one head per block.
 template <typename T, int kD>
@@ -143,22 +213,26 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
   }
 }
 
-// dK and/or dV (kPart) for 64 keys of one kv head per block.
-template <typename T, int kD, int kPart>
+// dK and/or dV (kPart) for 64 keys of one kv head per block; with kDq != kDqSeparate the
+// pass that computes dS also adds its share of dQ = dS K into dqa.acc (see DqMode).
+template <typename T, int kD, int kPart, int kDq>
 __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params p, const T* __restrict__ dout,
                                                                    const float* __restrict__ lse,
                                                                    const float* __restrict__ Di, T* __restrict__ dk,
-                                                                   T* __restrict__ dv) {
+                                                                   T* __restrict__ dv, const DqAccum dqa) {
   using Tile = BwdTile<kD>;
   constexpr int kLd = Tile::kLd, kBQ = Tile::kBQ, kBN = kBwdRows;
   constexpr int kNT = kBQ / 8, kDT = kD / 8;
   constexpr bool kDoK = kPart != kDvOnly, kDoV = kPart != kDkOnly;
+  constexpr bool kFusedDq = kDq != kDqSeparate;
+  static_assert(!kFusedDq || kDoK, "dQ needs the dS of the dK pass");
   constexpr int kDTK = kDoK ? kDT : 2, kDTV = kDoV ? kDT : 2;  // unused accumulators stay tiny
   uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sK = smem;
   uint16_t* sV = sK + kBN * kLd;
   uint16_t* sQd = sV + kBN * kLd;  // stage st: Q tile at sQd + st * 2 kBQ kLd, dO tile after it
   float* sLD = reinterpret_cast<float*>(sQd + 2 * 2 * kBQ * kLd);  // stage st: lse*log2e, then Di
+  uint16_t* sdS = reinterpret_cast<uint16_t*>(sLD + 2 * 2 * kBQ);  // fused dQ: dS^T, [key][query]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int G = p.H / p.Hk;
@@ -166,13 +240,36 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
+    const int64_t n_kb = (s.lk + kBN - 1) / kBN;
+    // Query tiles [ta, tb) a key block walks (kBQ rows each). The fused modes align them to
+    // multiples of kBQ so that every key block adds into the same tiles of dQ; the queries
+    // that see keys [j0, j1) grow with j0, so the key blocks that see a tile are consecutive.
+    const auto query_tiles = [&](int64_t jb, int64_t& qlo, int64_t& qhi, int64_t& ta, int64_t& tb) {
+      const int64_t j0 = jb * kBN, j1 = imin(j0 + kBN, s.lk);
+      qlo = query_lo(w, j0, s.lq);
+      qhi = query_hi(w, j1, s.lq);
+      if (qhi <= qlo) {
+        ta = tb = 0;
+      } else if (kFusedDq) {
+        ta = qlo / kBQ;
+        tb = (qhi + kBQ - 1) / kBQ;
+      } else {
+        ta = 0;
+        tb = (qhi - qlo + kBQ - 1) / kBQ;
+      }
+    };
     for (int64_t hy = blockIdx.y; hy < p.Hk; hy += gridDim.y) {
       const int hk = static_cast<int>(hy);
       const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
       const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
-      for (int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBN; j0 < s.lk; j0 += static_cast<int64_t>(gridDim.x) * kBN) {
-        const int64_t j1 = imin(j0 + kBN, s.lk);
-        const int64_t qlo = query_lo(w, j0, s.lq), qhi = query_hi(w, j1, s.lq);
+      for (int64_t xb = blockIdx.x; xb < n_kb; xb += gridDim.x) {
+        // Ordered dQ: key blocks last to first, so that a block's predecessor on every query
+        // tile (the next key block) has a smaller block index.
+        const int64_t jb = kDq == kDqOrdered ? n_kb - 1 - xb : xb;
+        const int64_t j0 = jb * kBN, j1 = imin(j0 + kBN, s.lk);
+        int64_t qlo, qhi, ta, tb;
+        query_tiles(jb, qlo, qhi, ta, tb);
+        const int64_t qbase = kFusedDq ? 0 : qlo;  // row of tile 0
         __syncthreads();
         load_tile<kD, kBN, kBwdThreads>(sK, kg + j0 * p.k_ss, p.k_ss, j1 - j0, p.D, p.k_vec);
         load_tile<kD, kBN, kBwdThreads>(sV, vg + j0 * p.v_ss, p.v_ss, j1 - j0, p.Dv, p.v_vec);
@@ -181,12 +278,19 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
         float ak[kDTK][4], av[kDTV][4];
         zero_acc(ak);
         zero_acc(av);
+        // Ordered dQ: the query tiles whose previous turn (key block jb + 1) is also this call's.
+        int64_t na = 0, nb = 0;
+        if (kDq == kDqOrdered && jb + 1 < n_kb) {
+          int64_t l, h;
+          query_tiles(jb + 1, l, h, na, nb);
+        }
 
         // The query tiles of every head of the GQA group, as one sequence n = gi * n_qt + tile.
-        const int64_t n_qt = qhi > qlo ? (qhi - qlo + kBQ - 1) / kBQ : 0, n_tiles = G * n_qt;
+        const int64_t n_qt = tb - ta, n_tiles = G * n_qt;
+        const auto tile_row = [&](int64_t n) { return qbase + (ta + n % n_qt) * kBQ; };
         const auto load_q = [&](int64_t n, int stage) {
           const int h = hk * G + static_cast<int>(n / n_qt);
-          const int64_t i0 = qlo + (n % n_qt) * kBQ;
+          const int64_t i0 = tile_row(n);
           const int nq = static_cast<int>(imin(kBQ, qhi - i0));
           uint16_t* dst = sQd + stage * 2 * kBQ * kLd;
           load_tile<kD, kBQ, kBwdThreads>(dst, static_cast<const uint16_t*>(p.q) + s.q_off + h * p.q_sh + i0 * p.q_ss,
@@ -211,10 +315,10 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
         {
           int st = 0;
           for (int64_t n = 0; n < n_tiles; ++n, st ^= 1) {
-            const int64_t i0 = qlo + (n % n_qt) * kBQ;
+            const int64_t i0 = tile_row(n);
             const int nq = static_cast<int>(imin(kBQ, qhi - i0));
             cp_async_wait<0>();
-            __syncthreads();  // tile n landed for everyone; every warp is done with stage st ^ 1
+            __syncthreads();  // tile n landed for everyone; every warp is done with stage st ^ 1 (and sdS)
             if (n + 1 < n_tiles) load_q(n + 1, st ^ 1);
             const uint16_t* sQ = sQd + st * 2 * kBQ * kLd;
             const uint16_t* sdO = sQ + kBQ * kLd;
@@ -248,6 +352,64 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
             // dV += P^T dO, dK += dS^T Q (k dimension: the kBQ queries)
             if constexpr (kDoV) mma_acc_tile<T, kLd, kNT, kDT>(av, pt, sdO, lane);
             if constexpr (kDoK) mma_acc_tile<T, kLd, kNT, kDT>(ak, sc, sQ, lane);
+            if constexpr (kFusedDq) {
+              // dS^T, rounded to T as in the dK product, to shared memory: dQ needs all 64 keys
+#pragma unroll
+              for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+                  *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * rr) * Tile::kLdS + nt * 8 + 2 * t) =
+                      pack2<T>(sc[nt][2 * rr], sc[nt][2 * rr + 1]);
+              const int h = hk * G + static_cast<int>(n / n_qt);
+              const int64_t tm = ta + n % n_qt;  // the query tile's index
+              int* turn = kDq == kDqOrdered ? dqa.turn + int64_t(h) * p.total_q + s.tok0 + i0 : nullptr;
+              const bool first = !(na <= tm && tm < nb);  // key block jb + 1 does not see this tile
+              if (kDq == kDqOrdered && threadIdx.x == 0) turn_acquire(turn, first, static_cast<int>(jb) + 2);
+              __syncthreads();  // sdS complete (and, ordered, this block's turn)
+              // This warp's share of the tile's dQ: rows mr + [0, 16), columns mc + [0, kDqCols),
+              // in chunks of kCC columns so that few accumulators are live beside dK and dV.
+              constexpr int kCC = Tile::kDqCols % 32 == 0 ? 32 : 16, kCT = kCC / 8;
+              const int mr = (warp % (kBQ / 16)) * 16, mc = (warp / (kBQ / 16)) * Tile::kDqCols;
+              const int row_lo = static_cast<int>(imax(i0, qlo) - i0);  // rows below see no key here
+#pragma unroll 1
+              for (int cc = mc; cc < mc + Tile::kDqCols; cc += kCC) {
+                float aq[1][kCT][4];
+                zero_acc(aq);
+#pragma unroll
+                for (int kk = 0; kk < kBN / 16; ++kk) {
+                  uint32_t fa[1][4];
+                  frag_a_trans<Tile::kLdS>(fa[0], sdS, mr, kk * 16, lane);
+#pragma unroll
+                  for (int dn = 0; dn < kCT; dn += 2) {
+                    uint32_t fb[4];
+                    frag_b_kn<kLd>(fb, sK, kk * 16, cc + dn * 8, lane);
+                    mma_mtiles<T>(aq, dn, fa, fb);
+                  }
+                }
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                  const int r = mr + g + 8 * rr;
+                  if (r < row_lo || r >= nq) continue;
+                  float* dst = dqa.acc + ((s.tok0 + i0 + r) * p.H + h) * p.D;
+#pragma unroll
+                  for (int dn = 0; dn < kCT; ++dn)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                      const int c = cc + dn * 8 + 2 * t + e;
+                      if (c >= p.D) continue;
+                      if constexpr (kDq == kDqAtomic)
+                        atomicAdd(dst + c, aq[0][dn][2 * rr + e]);
+                      else
+                        dst[c] = __ldcg(dst + c) + aq[0][dn][2 * rr + e];
+                    }
+                }
+              }
+              if constexpr (kDq == kDqOrdered) {
+                __threadfence();
+                __syncthreads();  // every thread's additions are done (and fenced)
+                if (threadIdx.x == 0) turn_post(turn, static_cast<int>(jb) + 1);
+              }
+            }
           }
         }
         cp_async_wait<0>();
@@ -293,21 +455,24 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
 
 template <typename T, int kD>
 void launch_bwd_mma(const Params& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
-                    int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
+                    int64_t q_bound, int64_t k_bound, const DqAccum& dqa, cudaStream_t stream) {
   using Tile = BwdTile<kD>;
-  const auto dkdv = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemDkdv));
+  const auto dkdv = [&](auto kernel, int smem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound, kBwdRows)), 1 << 30)),
                     static_cast<unsigned>(std::min<int64_t>(p.Hk, 65535)),
                     static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
-    PK_LAUNCH(grid, kBwdThreads, Tile::kSmemDkdv, stream, kernel)(p, dout, lse, Di, dk, dv);
+    PK_LAUNCH(grid, kBwdThreads, smem, stream, kernel)(p, dout, lse, Di, dk, dv, dqa);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if constexpr (Tile::kSplitDkDv) {
-    dkdv(bwd_dkdv_mma_kernel<T, kD, kDvOnly>);
-    dkdv(bwd_dkdv_mma_kernel<T, kD, kDkOnly>);
-  } else {
-    dkdv(bwd_dkdv_mma_kernel<T, kD, kDkAndDv>);
+  // the pass that computes dS (dK) also yields dQ in the fused modes
+  constexpr int kDkPart = Tile::kSplitDkDv ? kDkOnly : kDkAndDv;
+  if constexpr (Tile::kSplitDkDv) dkdv(bwd_dkdv_mma_kernel<T, kD, kDvOnly, kDqSeparate>, Tile::kSmemDkdv);
+  const int fused_smem = Tile::kSmemDkdv + Tile::kSmemDs;
+  switch (dqa.mode) {
+    case kDqAtomic: dkdv(bwd_dkdv_mma_kernel<T, kD, kDkPart, kDqAtomic>, fused_smem); return;
+    case kDqOrdered: dkdv(bwd_dkdv_mma_kernel<T, kD, kDkPart, kDqOrdered>, fused_smem); return;
+    default: dkdv(bwd_dkdv_mma_kernel<T, kD, kDkPart, kDqSeparate>, Tile::kSmemDkdv); break;
   }
   {
     const auto kernel = bwd_dq_mma_kernel<T, kD>;

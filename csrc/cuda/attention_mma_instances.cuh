@@ -16,7 +16,7 @@
 #define PK_ATTN_FWD_MMA_SIGNATURE(T, D) void launch_fwd_mma<T, D>(const Params&, int64_t, cudaStream_t)
 #define PK_ATTN_BWD_MMA_SIGNATURE(T, D)                                                                        \
   void launch_bwd_mma<T, D>(const Params&, const T*, const float*, const float*, T*, T*, T*, int64_t, int64_t, \
-                            cudaStream_t)
+                            const DqAccum&, cudaStream_t)
 
 namespace pk {
 namespace attention {

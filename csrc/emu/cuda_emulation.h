@@ -128,7 +128,7 @@ inline DeviceProps& device_props() {
 }
 
 struct Stats {
-  int64_t launches = 0, blocks = 0, threads = 0, block_barriers = 0, warp_collectives = 0, mma = 0;
+  int64_t launches = 0, blocks = 0, threads = 0, block_barriers = 0, warp_collectives = 0, mma = 0, atomics = 0;
 };
 inline Stats& stats() {
   static Stats s;
@@ -585,9 +585,16 @@ inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 // Fibers switch only at barriers, so a read-modify-write is atomic as it stands.
 template <typename T>
 inline T atomicAdd(T* addr, T v) {
+  ++::pk::emu::stats().atomics;
   const T old = *addr;
   *addr = old + v;
   return old;
+}
+// Blocks run one after the other and fibers share one memory: fences and cache hints are moot.
+inline void __threadfence() {}
+template <typename T>
+inline T __ldcg(const T* addr) {
+  return *addr;
 }
 
 // The CUB block primitives the kernels use (cub::BlockReduce, cub::BlockScan), with CUB's

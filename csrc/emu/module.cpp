@@ -49,6 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                           {"threads", s.threads},
                                           {"block_barriers", s.block_barriers},
                                           {"warp_collectives", s.warp_collectives},
-                                          {"mma", s.mma}};
+                                          {"mma", s.mma},
+                                          {"atomics", s.atomics}};
   });
 }
