@@ -94,11 +94,15 @@ def test_cuda_attention_forward(benchmark, impl, S, D, causal, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("S", SEQLENS, ids=lambda s: f"s{s}")
-@pytest.mark.parametrize("impl", IMPLS)
-def test_cuda_attention_backward(benchmark, impl, S, D, causal):
+@pytest.mark.parametrize("impl", IMPLS + ["pk_ordered", "pk_atomic"])
+def test_cuda_attention_backward(benchmark, impl, S, D, causal, monkeypatch):
+    """pk_ordered / pk_atomic: dQ fused into the dK/dV pass (PK_ATTENTION_BWD), to weigh the
+    fused schemes against the default separate dQ pass on this GPU."""
     _require_cuda()
     B, H, q, k, v, dout = _inputs(S, D)
-    out = _attention(impl, causal)(q, k, v)
+    if impl in ("pk_ordered", "pk_atomic"):
+        monkeypatch.setenv("PK_ATTENTION_BWD", impl[3:])
+    out = _attention("pk" if impl.startswith("pk") else impl, causal)(q, k, v)
     _info(benchmark, impl, "bwd", S, D, causal, B, H)
     benchmark(cuda_sync_fn(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), "cuda"))
 
