@@ -241,35 +241,28 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
     const int64_t n_kb = (s.lk + kBN - 1) / kBN;
-    // Query tiles [ta, tb) a key block walks (kBQ rows each). The fused modes align them to
-    // multiples of kBQ so that every key block adds into the same tiles of dQ; the queries
-    // that see keys [j0, j1) grow with j0, so the key blocks that see a tile are consecutive.
-    const auto query_tiles = [&](int64_t jb, int64_t& qlo, int64_t& qhi, int64_t& ta, int64_t& tb) {
+    // Fused dQ: the query tiles [ta, tb) (kBQ rows each) of key block jb, aligned to multiples
+    // of kBQ so that every key block adds into the same tiles of dQ. The queries that see keys
+    // [j0, j1) grow with j0, so the key blocks that see a tile are consecutive.
+    const auto aligned_tiles = [&](int64_t jb, int64_t& ta, int64_t& tb) {
       const int64_t j0 = jb * kBN, j1 = imin(j0 + kBN, s.lk);
-      qlo = query_lo(w, j0, s.lq);
-      qhi = query_hi(w, j1, s.lq);
-      if (qhi <= qlo) {
-        ta = tb = 0;
-      } else if (kFusedDq) {
-        ta = qlo / kBQ;
-        tb = (qhi + kBQ - 1) / kBQ;
-      } else {
-        ta = 0;
-        tb = (qhi - qlo + kBQ - 1) / kBQ;
-      }
+      const int64_t lo = query_lo(w, j0, s.lq), hi = query_hi(w, j1, s.lq);
+      ta = hi > lo ? lo / kBQ : 0;
+      tb = hi > lo ? (hi + kBQ - 1) / kBQ : 0;
     };
     for (int64_t hy = blockIdx.y; hy < p.Hk; hy += gridDim.y) {
       const int hk = static_cast<int>(hy);
       const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_off + hk * p.k_sh;
       const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.v_off + hk * p.v_sh;
-      for (int64_t xb = blockIdx.x; xb < n_kb; xb += gridDim.x) {
-        // Ordered dQ: key blocks last to first, so that a block's predecessor on every query
-        // tile (the next key block) has a smaller block index.
-        const int64_t jb = kDq == kDqOrdered ? n_kb - 1 - xb : xb;
-        const int64_t j0 = jb * kBN, j1 = imin(j0 + kBN, s.lk);
-        int64_t qlo, qhi, ta, tb;
-        query_tiles(jb, qlo, qhi, ta, tb);
-        const int64_t qbase = kFusedDq ? 0 : qlo;  // row of tile 0
+      // Ordered dQ walks the key blocks last to first, so that a block's predecessor on every
+      // query tile (the next key block) has a smaller block index.
+      for (int64_t x0 = static_cast<int64_t>(blockIdx.x) * kBN; x0 < s.lk; x0 += static_cast<int64_t>(gridDim.x) * kBN) {
+        const int64_t j0 = kDq == kDqOrdered ? (n_kb - 1) * kBN - x0 : x0, j1 = imin(j0 + kBN, s.lk);
+        const int64_t jb = j0 / kBN;
+        const int64_t qlo = query_lo(w, j0, s.lq), qhi = query_hi(w, j1, s.lq);
+        // the query tiles: from qlo (separate dQ), or aligned (fused)
+        int64_t ta = 0, tb = qhi > qlo ? (qhi - qlo + kBQ - 1) / kBQ : 0;
+        if constexpr (kFusedDq) aligned_tiles(jb, ta, tb);
         __syncthreads();
         load_tile<kD, kBN, kBwdThreads>(sK, kg + j0 * p.k_ss, p.k_ss, j1 - j0, p.D, p.k_vec);
         load_tile<kD, kBN, kBwdThreads>(sV, vg + j0 * p.v_ss, p.v_ss, j1 - j0, p.Dv, p.v_vec);
@@ -280,14 +273,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
         zero_acc(av);
         // Ordered dQ: the query tiles whose previous turn (key block jb + 1) is also this call's.
         int64_t na = 0, nb = 0;
-        if (kDq == kDqOrdered && jb + 1 < n_kb) {
-          int64_t l, h;
-          query_tiles(jb + 1, l, h, na, nb);
-        }
+        if (kDq == kDqOrdered && jb + 1 < n_kb) aligned_tiles(jb + 1, na, nb);
 
         // The query tiles of every head of the GQA group, as one sequence n = gi * n_qt + tile.
         const int64_t n_qt = tb - ta, n_tiles = G * n_qt;
-        const auto tile_row = [&](int64_t n) { return qbase + (ta + n % n_qt) * kBQ; };
+        const auto tile_row = [&](int64_t n) { return kFusedDq ? (ta + n % n_qt) * kBQ : qlo + (n % n_qt) * kBQ; };
         const auto load_q = [&](int64_t n, int stage) {
           const int h = hk * G + static_cast<int>(n / n_qt);
           const int64_t i0 = tile_row(n);
