@@ -30,7 +30,10 @@
 //     without cudaFuncSetAttribute (or above the 227 KB of sm_90);
 //   * votes and shuffles with a partial mask (__ballot_sync, __match_any_sync) wait for
 //     exactly the lanes of the mask; atomics are plain read-modify-writes (fibers switch only
-//     at barriers);
+//     at barriers), counted in stats() so that tests can tell whether a kernel used them;
+//   * blocks run one after the other, so a block that waits for an earlier block's post (the
+//     ordered dQ turns of the attention backward) must find it already there: the kernels'
+//     emulation branch checks the exact value instead of spinning;
 //   * cub::BlockReduce / cub::BlockScan are re-implemented with CUB's contracts: a reduction's
 //     result only in thread 0 (0xFF bytes elsewhere), no barrier after the collective (a
 //     caller that reuses TempStorage without one races, as on the GPU); static __shared__
