@@ -116,7 +116,8 @@ void backward_typed(const Params& p, bool tensor_cores, const at::Tensor& dout, 
         launch_bwd_mma<T, 128>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, dqa, stream);
       else
         launch_bwd_mma<T, 256>(p, dout_p, lse_p, di_p, dq_p, dk_p, dv_p, q_bound, k_bound, dqa, stream);
-      if (dqa.mode != kDqSeparate) dq.copy_(acc.mul_(p.scale));
+      // scale and round in one pass (the product is formed in float, as in mul_ then copy_)
+      if (dqa.mode != kDqSeparate) at::mul_out(dq, acc, at::scalar_tensor(p.scale, acc.options().device(at::kCPU)));
       return;
     }
   }

@@ -241,12 +241,15 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
     const int64_t n_kb = (s.lk + kBN - 1) / kBN;
-    // Fused dQ: the query tiles [ta, tb) (kBQ rows each) of key block jb, aligned to multiples
-    // of kBQ so that every key block adds into the same tiles of dQ. The queries that see keys
-    // [j0, j1) grow with j0, so the key blocks that see a tile are consecutive.
-    const auto aligned_tiles = [&](int64_t jb, int64_t& ta, int64_t& tb) {
-      const int64_t j0 = jb * kBN, j1 = imin(j0 + kBN, s.lk);
-      const int64_t lo = query_lo(w, j0, s.lq), hi = query_hi(w, j1, s.lq);
+    // The queries [lo, hi) that see keys [j0, j0 + kBN); both ends grow with j0.
+    const auto block_queries = [&](int64_t j0, int64_t& lo, int64_t& hi) {
+      lo = query_lo(w, j0, s.lq);
+      hi = query_hi(w, imin(j0 + kBN, s.lk), s.lq);
+    };
+    // Fused dQ: the query tiles [ta, tb) (kBQ rows each) covering queries [lo, hi), aligned to
+    // multiples of kBQ so that every key block adds into the same tiles of dQ; the key blocks
+    // that see a tile are then consecutive.
+    const auto aligned_tiles = [](int64_t lo, int64_t hi, int64_t& ta, int64_t& tb) {
       ta = hi > lo ? lo / kBQ : 0;
       tb = hi > lo ? (hi + kBQ - 1) / kBQ : 0;
     };
@@ -259,10 +262,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
       for (int64_t x0 = static_cast<int64_t>(blockIdx.x) * kBN; x0 < s.lk; x0 += static_cast<int64_t>(gridDim.x) * kBN) {
         const int64_t j0 = kDq == kDqOrdered ? (n_kb - 1) * kBN - x0 : x0, j1 = imin(j0 + kBN, s.lk);
         const int64_t jb = j0 / kBN;
-        const int64_t qlo = query_lo(w, j0, s.lq), qhi = query_hi(w, j1, s.lq);
+        int64_t qlo, qhi;
+        block_queries(j0, qlo, qhi);
         // the query tiles: from qlo (separate dQ), or aligned (fused)
         int64_t ta = 0, tb = qhi > qlo ? (qhi - qlo + kBQ - 1) / kBQ : 0;
-        if constexpr (kFusedDq) aligned_tiles(jb, ta, tb);
+        if constexpr (kFusedDq) aligned_tiles(qlo, qhi, ta, tb);
         __syncthreads();
         load_tile<kD, kBN, kBwdThreads>(sK, kg + j0 * p.k_ss, p.k_ss, j1 - j0, p.D, p.k_vec);
         load_tile<kD, kBN, kBwdThreads>(sV, vg + j0 * p.v_ss, p.v_ss, j1 - j0, p.Dv, p.v_vec);
@@ -273,7 +277,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
         zero_acc(av);
         // Ordered dQ: the query tiles whose previous turn (key block jb + 1) is also this call's.
         int64_t na = 0, nb = 0;
-        if (kDq == kDqOrdered && jb + 1 < n_kb) aligned_tiles(jb + 1, na, nb);
+        if (kDq == kDqOrdered && jb + 1 < n_kb) {
+          int64_t lo, hi;
+          block_queries(j0 + kBN, lo, hi);
+          aligned_tiles(lo, hi, na, nb);
+        }
 
         // The query tiles of every head of the GQA group, as one sequence n = gi * n_qt + tile.
         const int64_t n_qt = tb - ta, n_tiles = G * n_qt;

@@ -625,59 +625,60 @@ struct Plus {
     return a + b;
   }
 };
-// One value per thread of the block: deposit() stores the caller's and returns its rank once
-// every thread has stored one.
+// The shared part of the block collectives: TempStorage with one value per thread of the
+// block, and deposit(), which stores the caller's value and returns its rank once every thread
+// has stored one.
 template <typename T, int kThreads>
-struct BlockValues {
+class BlockValues {
+ public:
   struct TempStorage {
     T v[kThreads];
   };
-  static int deposit(TempStorage& t, T x, int line, const char* what) {
+  explicit BlockValues(TempStorage& t) : t_(t) {}
+
+ protected:
+  int deposit(T x, int line, const char* what) {
     TORCH_CHECK(block_threads() == kThreads, what, "<", kThreads, "> in a block of ", block_threads(), " threads");
     const int r = thread_rank();
-    t.v[r] = x;
+    t_.v[r] = x;
     ::pk::emu::sync_block(line);
     return r;
   }
+  TempStorage& t_;
 };
 }  // namespace detail
 
 template <typename T, int kThreads>
-class BlockReduce {
-  using Values = detail::BlockValues<T, kThreads>;
+class BlockReduce : public detail::BlockValues<T, kThreads> {
+  using detail::BlockValues<T, kThreads>::t_;
 
  public:
-  using TempStorage = typename Values::TempStorage;
-  explicit BlockReduce(TempStorage& t) : t_(t) {}
+  using detail::BlockValues<T, kThreads>::BlockValues;
   template <typename Op>
   T Reduce(T x, Op op, int line = __builtin_LINE()) {
-    if (Values::deposit(t_, x, line, "cub::BlockReduce") != 0) return detail::poisoned<T>();
+    if (this->deposit(x, line, "cub::BlockReduce") != 0) return detail::poisoned<T>();
     T acc = t_.v[0];
     for (int i = 1; i < kThreads; ++i) acc = op(acc, t_.v[i]);
     return acc;
   }
   T Sum(T x, int line = __builtin_LINE()) { return Reduce(x, detail::Plus(), line); }
-
- private:
-  TempStorage& t_;
 };
 
 template <typename T, int kThreads>
-class BlockScan {
-  using Values = detail::BlockValues<T, kThreads>;
+class BlockScan : public detail::BlockValues<T, kThreads> {
+  using detail::BlockValues<T, kThreads>::t_;
 
  public:
-  using TempStorage = typename Values::TempStorage;
-  explicit BlockScan(TempStorage& t) : t_(t) {}
+  using detail::BlockValues<T, kThreads>::BlockValues;
   template <typename Op>
   void InclusiveScan(T x, T& out, Op op, int line = __builtin_LINE()) {
-    const int r = Values::deposit(t_, x, line, "cub::BlockScan");
+    const int r = this->deposit(x, line, "cub::BlockScan");
     T acc = t_.v[0];
     for (int i = 1; i <= r; ++i) acc = op(acc, t_.v[i]);
     out = acc;
   }
   void ExclusiveSum(T x, T& out, T& aggregate, int line = __builtin_LINE()) {
-    const int r = Values::deposit(t_, x, line, "cub::BlockScan");
+    const int r = this->deposit(x, line, "cub::BlockScan");
     T acc = T(0), total = T(0);
     for (int i = 0; i < kThreads; ++i) {
       if (i == r) acc = total;
@@ -690,9 +691,6 @@ class BlockScan {
     T aggregate;
     ExclusiveSum(x, out, aggregate, line);
   }
-
- private:
-  TempStorage& t_;
 };
 }  // namespace cub
 
