@@ -1,0 +1,75 @@
+// The one CPU instruction-set dispatch of the CPU kernels.
+//
+// The default build targets baseline x86-64 (no -march flag), so the wheel runs anywhere.
+// Kernels whose speed depends on wider vectors compile their hot loop a second (or third)
+// time with a per-function target attribute (PK_TARGET_AVX2, PK_TARGET_AVX512,
+// PK_TARGET_AVX512BF16) and pick the version at run time from cpu_isa(), detected once from
+// the CPU's features. PK_CPU_ISA (csrc/common/env_knobs.h) caps the choice to compare paths;
+// it is read once per process, at the first call (the kernels ask per tile).
+// pk.build_info()["cpu_isa"] reports what cpu_isa() picks.
+// -DPK_NO_X86 leaves the x86 code out of the build.
+#pragma once
+#include <cstring>
+
+#include "../common/env_knobs.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PK_NO_X86)
+#include <immintrin.h>
+#define PK_X86 1
+#define PK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PK_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")))
+#define PK_TARGET_AVX512BF16 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,avx512bf16")))
+#else
+#define PK_X86 0
+#endif
+
+namespace pk {
+namespace cpu {
+
+// Ordered levels: each implies the ones below it.
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+// What the hardware has (detected once).
+inline Isa detected_isa() {
+  static const Isa isa = [] {
+#if PK_X86
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    if (avx512 && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
+    if (avx512) return Isa::kAvx512;
+    if (avx2) return Isa::kAvx2;
+#endif
+    return Isa::kGeneric;
+  }();
+  return isa;
+}
+
+// What the kernels use: the detected level, capped by PK_CPU_ISA (read once).
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    const Isa hw = detected_isa();
+    const char* cap = knobs::cpu_isa_cap();
+    Isa limit = Isa::kAvx512Bf16;
+    if (std::strcmp(cap, "generic") == 0) limit = Isa::kGeneric;
+    if (std::strcmp(cap, "avx2") == 0) limit = Isa::kAvx2;
+    if (std::strcmp(cap, "avx512") == 0) limit = Isa::kAvx512;
+    return static_cast<int>(hw) < static_cast<int>(limit) ? hw : limit;
+  }();
+  return isa;
+}
+
+inline bool has_isa(Isa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512bf16";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+}  // namespace cpu
+}  // namespace pk
