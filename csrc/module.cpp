@@ -7,14 +7,13 @@
 #include <atomic>
 #include <string>
 
+#include "cpu/cpu_isa.h"
+
 #ifndef PK_CUDA_ARCHS
 #define PK_CUDA_ARCHS ""
 #endif
 #ifndef PK_TORCH_VERSION
 #define PK_TORCH_VERSION "unknown"
-#endif
-#ifndef PK_CPU_ISA
-#define PK_CPU_ISA "generic"
 #endif
 
 namespace {
@@ -31,7 +30,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   const char* cpu_parallel = "none (kernels run on the calling thread)";
 #endif
   return Py_BuildValue("{s:O,s:s,s:s,s:s,s:s,s:s}", "with_cuda", with_cuda ? Py_True : Py_False, "cuda_archs",
-                       PK_CUDA_ARCHS, "cpu_isa", PK_CPU_ISA, "cpu_parallel", cpu_parallel, "torch_version",
+                       PK_CUDA_ARCHS, "cpu_isa", pk::cpu::isa_name(pk::cpu::cpu_isa()), "cpu_parallel", cpu_parallel, "torch_version",
                        PK_TORCH_VERSION, "compiler",
 #if defined(__clang__)
                        "clang " __clang_version__

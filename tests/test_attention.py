@@ -451,11 +451,12 @@ def test_bad_inputs():
     # kv cache
     kc, vc = torch.zeros(2, 8, 2, 8), torch.zeros(2, 8, 2, 8)
     q1 = torch.randn(2, 1, 2, 8)
-    with pytest.raises(RuntimeError, match="cache_seqlens: row 1 holds 8 tokens plus 1 new, past the cache of 8"):
-        pk.flash_attention_with_kvcache(q1, kc, vc, torch.tensor([3, 8], dtype=torch.int32),
+    with pytest.raises(RuntimeError, match="no two elements may share memory"):  # expanded along the batch
+        pk.flash_attention_with_kvcache(q1, kc[:1].expand(2, -1, -1, -1), vc, torch.tensor([3, 4], dtype=torch.int32),
                                         k_new=torch.randn(2, 1, 2, 8), v_new=torch.randn(2, 1, 2, 8))
-    with pytest.raises(RuntimeError, match="past the cache"):
-        pk.flash_attention_with_kvcache(q1, kc, vc, torch.tensor([3, 9], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must not overlap each other"):
+        pk.flash_attention_with_kvcache(q1, kc, kc, torch.tensor([3, 4], dtype=torch.int32),
+                                        k_new=torch.randn(2, 1, 2, 8), v_new=torch.randn(2, 1, 2, 8))
     with pytest.raises(TypeError, match="cache_seqlens: expected an int32"):
         pk.flash_attention_with_kvcache(q1, kc, vc, torch.tensor([3, 4]))
     assert (kc == 0).all()  # nothing written by the failed calls
@@ -472,6 +473,39 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match="multiple of the key/value heads"):
         torch.ops.pretrain_kernels.flash_attn_fwd(q, k[:, :, :4], v[:, :, :4], None, None, None, -1, -1, 1.0, -1, -1,
                                                   True)
+
+
+def kvcache_rows_that_do_not_fit(op):
+    """Runs the kv-cache op `op` (raw schema) on a batch where rows 1 (7 + 2 tokens in a cache of
+    8) and 2 (negative length) do not fit; checks the rule and returns (out, k_cache, v_cache)."""
+    g = torch.Generator().manual_seed(5)
+    B, S, H, D = 4, 8, 2, 16
+    kc, vc = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, H, D, generator=g)
+    kn, vn = torch.randn(B, 2, H, D, generator=g), torch.randn(B, 2, H, D, generator=g)
+    q = torch.randn(B, 2, H, D, generator=g)
+    lens = torch.tensor([3, 7, -1, 6], dtype=torch.int32)
+    k0, v0 = kc.clone(), vc.clone()
+    out = op(q, kc, vc, lens, kn, vn, D ** -0.5, True)
+    assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
+    assert torch.equal(kc[1], k0[1]) and torch.equal(vc[1], v0[1]) and torch.equal(kc[2], k0[2])
+    for b, L in ((0, 3), (3, 6)):
+        assert not torch.isnan(out[b]).any()
+        assert torch.equal(kc[b, L:L + 2], kn[b]) and torch.equal(vc[b, L:L + 2], vn[b])
+        assert torch.equal(kc[b, :L], k0[b, :L]) and torch.equal(kc[b, L + 2:], k0[b, L + 2:])
+        ref, _ = attention_ref(q[b:b + 1], kc[b:b + 1, :L + 2], vc[b:b + 1, :L + 2], causal=True)
+        assert rel_err(out[b:b + 1], ref) < 1e-5
+    return out, kc, vc
+
+
+def test_kvcache_rows_that_do_not_fit():
+    """The one rule for a cache row whose tokens do not fit, the same on the CPU and on CUDA
+    (tests/test_attention_cuda_emulated.py runs the CUDA kernels through the same function):
+    nothing is written into that row, its output is NaN, and the other rows are unaffected."""
+    kvcache_rows_that_do_not_fit(torch.ops.pretrain_kernels.flash_attn_kvcache)
+    q, kc = torch.randn(1, 1, 2, 8), torch.zeros(1, 4, 2, 8)
+    out = pk.flash_attention_with_kvcache(q, kc, kc.clone(), torch.tensor([4], dtype=torch.int32),
+                                          k_new=torch.ones(1, 1, 2, 8), v_new=torch.ones(1, 1, 2, 8))
+    assert torch.isnan(out).all() and (kc == 0).all()
 
 
 def test_scale_and_window_semantics():
@@ -517,12 +551,12 @@ print("ok")
 @pytest.mark.parametrize("isa", ["generic", "avx512"])
 def test_other_instruction_sets(isa):
     """The portable loops (CPUs without AVX-512) and the AVX-512 path without the bf16
-    instructions, forced through PK_ATTENTION_ISA in a fresh process."""
+    instructions, forced through PK_CPU_ISA in a fresh process."""
     import os
     import subprocess
     import sys
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PK_ATTENTION_ISA=isa)
+    env = dict(os.environ, PK_CPU_ISA=isa)
     r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -417,6 +417,23 @@ def test_kvcache_append_and_decode(emu, dtype):
         lens += n
 
 
+def test_kvcache_rows_that_do_not_fit(emu):
+    """The CUDA kernels follow the CPU's rule for cache rows that do not fit (no write, NaN
+    output), on the split-KV path (few SMs) and on one that is not, with the same caches and
+    the same NaN rows as the CPU op."""
+    from test_attention import kvcache_rows_that_do_not_fit
+    mod = emulated_cuda.load()
+    cpu = kvcache_rows_that_do_not_fit(torch.ops.pretrain_kernels.flash_attn_kvcache)
+    try:
+        for sms in (4, 1024):
+            mod.configure(major=9, sm_count=sms)
+            got = kvcache_rows_that_do_not_fit(emu.flash_attn_kvcache)
+            assert torch.equal(got[1], cpu[1]) and torch.equal(got[2], cpu[2])
+            assert torch.equal(got[0].isnan(), cpu[0].isnan())
+    finally:
+        mod.configure(major=9, sm_count=4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_copy_timing_and_schedule_do_not_change_the_bits(emu, dtype):
     """cp.async copies landing at their wait_group with warps in near lockstep (the default),

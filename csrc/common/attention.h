@@ -80,6 +80,12 @@ PK_HD bool tile_any(const Window& w, int64_t i0, int64_t i1, int64_t j0, int64_t
   return key_lo(w, i0) < j1 && key_hi(w, i1 - 1, sk) > j0 && key_lo(w, i0) < key_hi(w, i1 - 1, sk);
 }
 
+// KV cache. Row b of a cache of `capacity` positions holds `len` = cache_seqlens[b] tokens
+// and takes `s_new` more. The rule when they do not fit (len < 0 or len + s_new > capacity),
+// the same on both backends because CUDA cannot raise without a host sync: nothing is written
+// into that row, it attends to no key, and its outputs are NaN.
+PK_HD bool cache_rows_fit(int64_t len, int64_t s_new, int64_t capacity) { return len >= 0 && len + s_new <= capacity; }
+
 // Number of blocks of size bs covering n.
 PK_HD int64_t num_blocks(int64_t n, int64_t bs) { return (n + bs - 1) / bs; }
 

@@ -1,41 +1,174 @@
-// Host-side argument checks shared by the CPU and CUDA entry points of the attention ops
-// (device placement and dtype support differ per backend and stay at the call sites).
+// Host-side argument checks shared by the CPU and CUDA entry points of the attention ops:
+// every check that does not depend on the backend lives here, once. The backends pass their
+// device and whether they have float64; what only one backend can check (the CPU reads
+// cu_seqlens and cache_seqlens on the host) stays with it, under one documented rule.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <optional>
+#include <vector>
+
+#include "attention.h"
 
 namespace pk {
 namespace attention {
 
-// q, k, v: one dtype, 4-D (batch, seqlen, heads, head_dim) or 3-D packed when varlen;
-// a valid window and a finite scale. Returns whether the call is varlen.
-inline bool check_qkv_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-                             double scale, int64_t window_left, int64_t window_right) {
+// attn_mask: bool (true = attend) or float32 (added), shaped (batch, heads, Sq, Sk) (broadcasts
+// arrive expanded, with zero strides). The device is checked at the call sites.
+inline void check_attn_mask(const at::Tensor& mk, int64_t batch, int64_t heads, int64_t sq, int64_t sk) {
+  TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
+              "attn_mask: expected bool or float32 (convert float masks first), got ", mk.scalar_type());
+  TORCH_CHECK(mk.dim() == 4 && mk.size(0) == batch && mk.size(1) == heads && mk.size(2) == sq && mk.size(3) == sk,
+              "attn_mask: expected shape [", batch, ", ", heads, ", ", sq, ", ", sk, "] (expand it), got ",
+              mk.sizes());
+}
+
+// Points the kernel parameters at attn_mask (checked by check_layout): mask_bool or
+// mask_float, and its four strides m_sb, m_sh, m_si, m_sj (the CPU and CUDA Params share
+// these names).
+template <typename Params>
+void set_attn_mask(Params& p, const at::Tensor& mk) {
+  if (mk.scalar_type() == at::kBool)
+    p.mask_bool = mk.data_ptr<bool>();
+  else
+    p.mask_float = mk.data_ptr<float>();
+  p.m_sb = mk.stride(0);
+  p.m_sh = mk.stride(1);
+  p.m_si = mk.stride(2);
+  p.m_sj = mk.stride(3);
+}
+
+// The shapes of a forward/backward call, as both backends' parameter structs need them.
+struct Layout {
+  bool varlen = false;
+  int64_t batch = 0;            // sequences (cu_seqlens_q.numel() - 1 when varlen)
+  int64_t H = 0, Hk = 0;        // query heads, key/value heads (H % Hk == 0)
+  int64_t D = 0, Dv = 0;        // head dims of q/k and of v/out
+  int64_t sq = 0, sk = 0;       // dense lengths (0 when varlen: the backends fill maxima if they can)
+  int64_t total_q = 0, total_k = 0;  // tokens on each side
+};
+
+// One float operand: on `dev`, a supported float dtype (float64 only where the backend has it).
+inline void check_float_operand(const at::Tensor& t, const char* name, const at::Device& dev, bool allow_float64) {
+  TORCH_CHECK(t.device() == dev, name, ": expected a tensor on ", dev, " (the device of q), got one on ", t.device());
+  const auto dt = t.scalar_type();
+  if (!allow_float64)
+    TORCH_CHECK(dt != at::kDouble, name,
+                ": float64 attention runs on the CPU only (use float32, float16 or bfloat16 on ", dev.type(), ")");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, name,
+              ": expected float32, float16, bfloat16", allow_float64 ? " or float64" : "", ", got ", dt);
+}
+
+// cu_seqlens: int32 [batch + 1] on `dev`. Its values are checked by the CPU backend only (the
+// CUDA kernels cannot read them without a host sync; they clamp every offset into the tensors'
+// bounds instead, see csrc/cuda/attention_common.cuh).
+inline void check_cu_seqlens_shape(const at::Tensor& cu, const char* name, int64_t batch, const at::Device& dev) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, ": expected an int32 tensor, got ", cu.scalar_type());
+  TORCH_CHECK(cu.device() == dev, name, ": expected a tensor on ", dev, " (the device of q), got one on ",
+              cu.device());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) == batch + 1, name, ": expected shape [", batch + 1, "], got ",
+              cu.sizes());
+}
+
+// Every check of a forward/backward call that does not depend on the backend: q, k, v of one
+// dtype on `dev`, 4-D (batch, seqlen, heads, head_dim) or 3-D packed when varlen; heads and
+// head dims that fit; a valid window and a finite scale; cu_seqlens and attn_mask shapes.
+inline Layout check_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+                           const std::optional<at::Tensor>& mask, double scale, int64_t window_left,
+                           int64_t window_right, const at::Device& dev, bool allow_float64) {
+  check_float_operand(q, "q", dev, allow_float64);
+  check_float_operand(k, "k", dev, allow_float64);
+  check_float_operand(v, "v", dev, allow_float64);
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q, k, v: expected one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q, cu_seqlens_k: pass both or neither");
-  const bool varlen = cu_q.has_value();
-  const int64_t nd = varlen ? 3 : 4;
-  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  Layout l;
+  l.varlen = cu_q.has_value();
+  const int64_t nd = l.varlen ? 3 : 4;
+  const char* layout = l.varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
   TORCH_CHECK(q.dim() == nd, "q: expected ", nd, " dims ", layout, ", got shape ", q.sizes());
   TORCH_CHECK(k.dim() == nd, "k: expected ", nd, " dims ", layout, ", got shape ", k.sizes());
   TORCH_CHECK(v.dim() == nd, "v: expected ", nd, " dims ", layout, ", got shape ", v.sizes());
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "window: expected values >= -1 (-1: unbounded), got (",
               window_left, ", ", window_right, ")");
   TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
-  return varlen;
+  l.H = q.size(-2);
+  l.Hk = k.size(-2);
+  l.D = q.size(-1);
+  l.Dv = v.size(-1);
+  TORCH_CHECK(v.size(-2) == l.Hk, "k, v: expected the same number of heads, got ", l.Hk, " and ", v.size(-2));
+  TORCH_CHECK(l.Hk >= 1 && l.H % l.Hk == 0, "heads: the query heads (", l.H,
+              ") must be a multiple of the key/value heads (", l.Hk, ")");
+  TORCH_CHECK(l.H <= (1 << 20), "heads: at most ", (1 << 20), " supported, got ", l.H);
+  TORCH_CHECK(k.size(-1) == l.D, "head_dim: q and k must match, got ", l.D, " and ", k.size(-1));
+  TORCH_CHECK(l.D >= 1 && l.D <= kMaxHeadDim, "head_dim: expected 1 to ", kMaxHeadDim, ", got ", l.D);
+  TORCH_CHECK(l.Dv >= 1 && l.Dv <= kMaxHeadDim, "head_dim of v: expected 1 to ", kMaxHeadDim, ", got ", l.Dv);
+  if (l.varlen) {
+    TORCH_CHECK(!mask.has_value(), "attn_mask: not supported with cu_seqlens (varlen)");
+    l.batch = cu_q->numel() - 1;
+    TORCH_CHECK(l.batch >= 0, "cu_seqlens_q: expected at least one element");
+    TORCH_CHECK(l.batch < (int64_t(1) << 31), "cu_seqlens_q: too many sequences");
+    check_cu_seqlens_shape(*cu_q, "cu_seqlens_q", l.batch, dev);
+    check_cu_seqlens_shape(*cu_k, "cu_seqlens_k", l.batch, dev);
+    TORCH_CHECK(v.size(0) == k.size(0), "k, v: expected the same token count, got ", k.size(0), " and ", v.size(0));
+    l.total_q = q.size(0);
+    l.total_k = k.size(0);
+  } else {
+    l.batch = q.size(0);
+    TORCH_CHECK(k.size(0) == l.batch && v.size(0) == l.batch, "batch: q, k, v must match, got ", l.batch, ", ",
+                k.size(0), ", ", v.size(0));
+    TORCH_CHECK(v.size(1) == k.size(1), "k, v: expected the same sequence length, got ", k.size(1), " and ",
+                v.size(1));
+    TORCH_CHECK(l.batch < (int64_t(1) << 31), "batch: too large");
+    l.sq = q.size(1);
+    l.sk = k.size(1);
+    l.total_q = l.batch * l.sq;
+    l.total_k = l.batch * l.sk;
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device() == dev, "attn_mask: expected a tensor on ", dev, ", got one on ", mask->device());
+    check_attn_mask(*mask, l.batch, l.H, l.sq, l.sk);
+  }
+  return l;
+}
+
+// The saved forward tensors handed to the backward: out and dout shaped like q with v's head
+// dim, in q's dtype; lse (and its gradient dlse) in lse_type, shaped (batch, heads, sq), or
+// (heads, total_q) when varlen; all on `dev`.
+inline void check_backward_inputs(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                                  const std::optional<at::Tensor>& dlse, const at::Tensor& q, const Layout& l,
+                                  at::ScalarType lse_type, const at::Device& dev) {
+  std::vector<int64_t> o_shape(q.sizes().begin(), q.sizes().end());
+  o_shape.back() = l.Dv;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(o_shape) && dout.sizes() == at::IntArrayRef(o_shape),
+              "out, dout: expected shape ", at::IntArrayRef(o_shape), ", got ", out.sizes(), " and ", dout.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(),
+              "out, dout: expected dtype ", q.scalar_type(), ", got ", out.scalar_type(), " and ", dout.scalar_type());
+  TORCH_CHECK(out.device() == dev && dout.device() == dev && lse.device() == dev, "out, dout, lse: expected tensors on ",
+              dev, ", got ", out.device(), ", ", dout.device(), ", ", lse.device());
+  const std::vector<int64_t> lse_shape =
+      l.varlen ? std::vector<int64_t>{l.H, l.total_q} : std::vector<int64_t>{l.batch, l.H, l.sq};
+  TORCH_CHECK(lse.scalar_type() == lse_type && lse.sizes() == at::IntArrayRef(lse_shape), "lse: expected ", lse_type,
+              " of shape ", at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(), " of shape ", lse.sizes());
+  if (dlse.has_value())
+    TORCH_CHECK(dlse->scalar_type() == lse_type && dlse->sizes() == lse.sizes() && dlse->device() == dev,
+                "dlse: expected ", lse_type, " of shape ", lse.sizes(), " on ", dev, ", got ", dlse->scalar_type(),
+                " of shape ", dlse->sizes(), " on ", dlse->device());
 }
 
 // k_new / v_new against the caches (shapes and dtypes). Returns the number of new tokens.
 inline int64_t check_kv_new(const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
-                            const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t B) {
+                            const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t B, const at::Device& dev) {
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new, v_new: pass both or neither");
   if (!k_new.has_value()) return 0;
   TORCH_CHECK(k_new->dim() == 4 && v_new->dim() == 4,
               "k_new, v_new: expected 4 dims (batch, seqlen_new, kv_heads, head_dim), got shapes ", k_new->sizes(),
               " and ", v_new->sizes());
+  TORCH_CHECK(k_new->device() == dev && v_new->device() == dev, "k_new, v_new: expected tensors on ", dev,
+              " (the device of q), got ", k_new->device(), " and ", v_new->device());
   TORCH_CHECK(k_new->size(0) == B && v_new->size(0) == B && v_new->size(1) == k_new->size(1),
               "k_new, v_new: expected batch ", B, " and one length, got shapes ", k_new->sizes(), " and ",
               v_new->sizes());
@@ -48,33 +181,53 @@ inline int64_t check_kv_new(const std::optional<at::Tensor>& k_new, const std::o
   TORCH_CHECK(k_new->scalar_type() == k_cache.scalar_type() && v_new->scalar_type() == v_cache.scalar_type(),
               "k_new, v_new: expected the dtype of the cache ", k_cache.scalar_type(), ", got ",
               k_new->scalar_type(), " and ", v_new->scalar_type());
+  TORCH_CHECK(k_new->size(1) <= k_cache.size(1), "k_new: ", k_new->size(1), " new tokens do not fit a cache of ",
+              k_cache.size(1));
   return k_new->size(1);
 }
 
-// attn_mask: bool (true = attend) or float32 (added), shaped (batch, heads, Sq, Sk) (broadcasts
-// arrive expanded, with zero strides). The device is checked at the call sites.
-inline void check_attn_mask(const at::Tensor& mk, int64_t batch, int64_t heads, int64_t sq, int64_t sk) {
-  TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
-              "attn_mask: expected bool or float32 (convert float masks first), got ", mk.scalar_type());
-  TORCH_CHECK(mk.dim() == 4 && mk.size(0) == batch && mk.size(1) == heads && mk.size(2) == sq && mk.size(3) == sk,
-              "attn_mask: expected shape [", batch, ", ", heads, ", ", sq, ", ", sk, "] (expand it), got ",
-              mk.sizes());
-}
-
-// Checks attn_mask (check_attn_mask) and points the kernel parameters at it: mask_bool or
-// mask_float, and its four strides m_sb, m_sh, m_si, m_sj (the CPU and CUDA Params share
-// these names).
-template <typename Params>
-void set_attn_mask(Params& p, const at::Tensor& mk, int64_t heads) {
-  check_attn_mask(mk, p.batch, heads, p.sq, p.sk);
-  if (mk.scalar_type() == at::kBool)
-    p.mask_bool = mk.data_ptr<bool>();
-  else
-    p.mask_float = mk.data_ptr<float>();
-  p.m_sb = mk.stride(0);
-  p.m_sh = mk.stride(1);
-  p.m_si = mk.stride(2);
-  p.m_sj = mk.stride(3);
+// The kv-cache call's own arguments (q against the caches is checked by check_layout after
+// this): caches (batch, max_seqlen, kv_heads, head_dim) that can be written in place, with no
+// two elements sharing memory (an expanded cache would let one row's keys land in another's)
+// and not overlapping each other; cache_seqlens int32 [batch] on `dev`. Returns the number of
+// new tokens.
+inline int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                             const std::optional<at::Tensor>& v_new, const at::Device& dev) {
+  TORCH_CHECK(q.dim() == 4, "q: expected 4 dims (batch, seqlen, heads, head_dim), got shape ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
+              "k_cache, v_cache: expected 4 dims (batch, max_seqlen, kv_heads, head_dim), got shapes ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = q.size(0), Smax = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, "k_cache, v_cache: expected batch ", B, ", got ",
+              k_cache.size(0), " and ", v_cache.size(0));
+  TORCH_CHECK(v_cache.size(1) == Smax, "v_cache: expected max_seqlen ", Smax, " (that of k_cache), got ",
+              v_cache.size(1));
+  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
+              "k_cache, v_cache: expected a contiguous last dimension (they are written in place)");
+  const int64_t s_new = check_kv_new(k_new, v_new, k_cache, v_cache, B, dev);
+  if (s_new > 0) {
+    TORCH_CHECK(at::has_internal_overlap(k_cache) != at::MemOverlap::Yes &&
+                    at::has_internal_overlap(v_cache) != at::MemOverlap::Yes,
+                "k_cache, v_cache: written in place, so no two elements may share memory (an expanded or "
+                "stride-0 view was given; pass a real tensor, e.g. .contiguous())");
+    const auto kv = at::get_overlap_status(k_cache, v_cache);
+    TORCH_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial,
+                "k_cache, v_cache: written in place, so they must not overlap each other");
+    for (const at::Tensor* c : {&k_cache, &v_cache})
+      for (const at::Tensor* n : {&*k_new, &*v_new}) {
+        const auto st = at::get_overlap_status(*c, *n);
+        TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial,
+                    "k_new, v_new: must not share memory with the caches they are written into");
+      }
+  }
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens: expected an int32 tensor, got ",
+              cache_seqlens.scalar_type());
+  TORCH_CHECK(cache_seqlens.device() == dev, "cache_seqlens: expected a tensor on ", dev, " (the device of q), got ",
+              cache_seqlens.device());
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens: expected shape [", B, "], got ",
+              cache_seqlens.sizes());
+  return s_new;
 }
 
 }  // namespace attention

@@ -48,7 +48,7 @@
 //    in place with dot products, 16 keys per transposed reduction; when every sequence is
 //    that short, decode_kernel walks the keys of all heads of a sequence together, in
 //    address order, with software prefetch.
-//  - portable loops for CPUs without AVX-512 (PK_ATTENTION_ISA=generic forces them) and
+//  - portable loops for CPUs without AVX-512 (PK_CPU_ISA=generic forces them) and
 //    for float64 (used by gradcheck), which accumulates in double.
 // Accumulation is float everywhere else; the softmax statistics and the lse are float.
 #include <ATen/ATen.h>
@@ -126,7 +126,7 @@ void finish_rows(const Problem& p, scalar_t* out, acc_t* lse, int64_t R, int64_t
   }
 }
 
-#if PK_ATTN_X86
+#if PK_X86
 constexpr int64_t kMinTasks = 8;       // decode work items to aim for (independent of threads)
 
 // Decode and short chunks: every sequence's queries fit in one block of at most
@@ -193,14 +193,13 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
   // whether it runs alone or packed with others (varlen).
   FwdPath packed_path = FwdPath::kPacked;
   bool rows_ok = false;
-#if PK_ATTN_X86
+#if PK_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    const auto& cpu = cpu_features();
-    rows_ok = cpu.avx512;
-    if (std::is_same_v<scalar_t, c10::BFloat16> && cpu.avx512bf16) packed_path = FwdPath::kPackedBf16;
+    rows_ok = isa_avx512();
+    if (std::is_same_v<scalar_t, c10::BFloat16> && isa_avx512bf16()) packed_path = FwdPath::kPackedBf16;
   }
 #endif
-#if PK_ATTN_X86
+#if PK_X86
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
     bool decode = rows_ok;
     for (int64_t b = 0; b < p.batch && decode; ++b) decode = p.len_q(b) <= BQ && p.len_q(b) * G <= kSmallRows;
@@ -307,7 +306,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         if (path == FwdPath::kPacked) {
           gemm<acc_t>(R, nk, D, Qf.data(), D, 1, Kt_all + panel(b, hk, D) + j0, skp, S.data(), BK, false);
         }
-#if PK_ATTN_X86
+#if PK_X86
         if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
           if (path == FwdPath::kRows) {
             qk_rows_avx512<scalar_t>(R, nk, D, Qf.data(), p.k_row<scalar_t>(b, j0, hk), p.k.ss, S.data(), BK);
@@ -326,7 +325,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
           const int64_t ldv = Dv;
           gemm<acc_t>(R, Dv, nk, S.data(), BK, 1, Vp, ldv, O.data(), Dv, true);
         }
-#if PK_ATTN_X86
+#if PK_X86
         if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
           if (path == FwdPath::kRows) {
             pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, O.data());
@@ -346,18 +345,11 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
 
 // ---- argument checks ------------------------------------------------------------------
 
-void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, name,
-              ": expected float32, float16, bfloat16 or float64, got ", dt);
-}
-
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
-void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch, int64_t total) {
-  TORCH_CHECK(cu.scalar_type() == at::kInt, name, ": expected an int32 tensor, got ", cu.scalar_type());
-  TORCH_CHECK(cu.device().is_cpu(), name, ": expected a CPU tensor, got one on ", cu.device());
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) == batch + 1, name, ": expected shape [", batch + 1, "], got ", cu.sizes());
+// The values of cu_seqlens (its shape is checked by check_layout): the CPU reads them on the
+// host, so malformed offsets raise here.
+void check_cu_seqlens_values(const at::Tensor& cu, const char* name, int64_t batch, int64_t total) {
   const at::Tensor c = cu.contiguous();
   const int32_t* x = c.data_ptr<int32_t>();
   TORCH_CHECK(x[0] == 0, name, ": expected to start at 0, got ", x[0]);
@@ -388,60 +380,38 @@ Operand operand(const at::Tensor& t, bool varlen) {
 // dimension is contiguous, cu_seqlens by contiguous ones (the caller keeps them alive).
 Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
-                     int64_t window_left, int64_t window_right, bool bottom_right) {
-  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    TORCH_CHECK(t->device().is_cpu(), name, ": expected a CPU tensor, got one on ", t->device());
-    check_float_dtype(*t, name);
-  }
-  const bool varlen = attention::check_qkv_layout(q, k, v, cu_q, cu_k, scale, window_left, window_right);
+                     int64_t window_left, int64_t window_right, bool bottom_right, Layout* layout) {
+  TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
+  const Layout l = check_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, q.device(), true);
+  if (layout != nullptr) *layout = l;
   Problem p;
-  p.H = q.size(-2);
-  p.Hk = k.size(-2);
-  p.D = q.size(-1);
-  p.Dv = v.size(-1);
-  TORCH_CHECK(v.size(-2) == p.Hk, "k, v: expected the same number of heads, got ", p.Hk, " and ", v.size(-2));
-  TORCH_CHECK(p.Hk >= 1 && p.H % p.Hk == 0, "heads: the query heads (", p.H,
-              ") must be a multiple of the key/value heads (", p.Hk, ")");
-  TORCH_CHECK(k.size(-1) == p.D, "head_dim: q and k must match, got ", p.D, " and ", k.size(-1));
-  TORCH_CHECK(p.D >= 1 && p.D <= kMaxHeadDim, "head_dim: expected 1 to ", kMaxHeadDim, ", got ", p.D);
-  TORCH_CHECK(p.Dv >= 1 && p.Dv <= kMaxHeadDim, "head_dim of v: expected 1 to ", kMaxHeadDim, ", got ", p.Dv);
-  if (varlen) {
-    TORCH_CHECK(!mask.has_value(), "attn_mask: not supported with cu_seqlens (varlen)");
-    p.batch = cu_q->numel() - 1;
-    TORCH_CHECK(p.batch >= 0, "cu_seqlens_q: expected at least one element");
-    check_cu_seqlens(*cu_q, "cu_seqlens_q", p.batch, q.size(0));
-    check_cu_seqlens(*cu_k, "cu_seqlens_k", p.batch, k.size(0));
-    TORCH_CHECK(v.size(0) == k.size(0), "k, v: expected the same token count, got ", k.size(0), " and ", v.size(0));
+  p.batch = l.batch;
+  p.H = l.H;
+  p.Hk = l.Hk;
+  p.D = l.D;
+  p.Dv = l.Dv;
+  p.sq = l.sq;
+  p.sk = l.sk;
+  p.total_q = l.total_q;
+  if (l.varlen) {
+    check_cu_seqlens_values(*cu_q, "cu_seqlens_q", p.batch, q.size(0));
+    check_cu_seqlens_values(*cu_k, "cu_seqlens_k", p.batch, k.size(0));
     *cu_q = cu_q->contiguous();
     *cu_k = cu_k->contiguous();
     p.cu_q = cu_q->data_ptr<int32_t>();
     p.cu_k = cu_k->data_ptr<int32_t>();
-    for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t b = 0; b < p.batch; ++b) {  // the longest sequences (tile counts)
       p.sq = std::max<int64_t>(p.sq, p.cu_q[b + 1] - p.cu_q[b]);
       p.sk = std::max<int64_t>(p.sk, p.cu_k[b + 1] - p.cu_k[b]);
     }
-    p.total_q = q.size(0);
-  } else {
-    p.batch = q.size(0);
-    TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch, "batch: q, k, v must match, got ", p.batch, ", ",
-                k.size(0), ", ", v.size(0));
-    TORCH_CHECK(v.size(1) == k.size(1), "k, v: expected the same sequence length, got ", k.size(1), " and ",
-                v.size(1));
-    p.sq = q.size(1);
-    p.sk = k.size(1);
-    p.total_q = p.batch * p.sq;
   }
   q = last_dim_contiguous(q);
   k = last_dim_contiguous(k);
   v = last_dim_contiguous(v);
-  p.q = operand(q, varlen);
-  p.k = operand(k, varlen);
-  p.v = operand(v, varlen);
-  if (mask.has_value()) {
-    const at::Tensor& mk = *mask;
-    TORCH_CHECK(mk.device().is_cpu(), "attn_mask: expected a CPU tensor, got one on ", mk.device());
-    set_attn_mask(p, mk, p.H);
-  }
+  p.q = operand(q, l.varlen);
+  p.k = operand(k, l.varlen);
+  p.v = operand(v, l.varlen);
+  if (mask.has_value()) set_attn_mask(p, *mask);
   p.scale = scale;
   p.window_left = window_left;
   p.window_right = window_right;
@@ -488,51 +458,36 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
 at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
                                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                   const std::optional<at::Tensor>& v_new, double scale, bool causal) {
-  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new, v_new: pass both or neither");
-  TORCH_CHECK(q_in.dim() == 4, "q: expected 4 dims (batch, seqlen, heads, head_dim), got shape ", q_in.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
-              "k_cache, v_cache: expected 4 dims (batch, max_seqlen, kv_heads, head_dim), got shapes ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  const int64_t B = q_in.size(0), Smax = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, "k_cache, v_cache: expected batch ", B, ", got ",
-              k_cache.size(0), " and ", v_cache.size(0));
-  TORCH_CHECK(v_cache.size(1) == Smax, "v_cache: expected max_seqlen ", Smax, " (that of k_cache), got ",
-              v_cache.size(1));
-  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
-              "k_cache, v_cache: expected a contiguous last dimension (they are written in place)");
-  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens: expected an int32 tensor, got ",
-              cache_seqlens.scalar_type());
-  TORCH_CHECK(cache_seqlens.device().is_cpu(), "cache_seqlens: expected a CPU tensor, got one on ",
-              cache_seqlens.device());
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens: expected shape [", B,
-              "], got ", cache_seqlens.sizes());
-  const at::Tensor lens = cache_seqlens.contiguous();
-  const int32_t* len = lens.data_ptr<int32_t>();
-  const int64_t s_new = attention::check_kv_new(k_new, v_new, k_cache, v_cache, B);
-  if (k_new.has_value())
-    TORCH_CHECK(k_new->device().is_cpu() && v_new->device().is_cpu(), "k_new, v_new: expected CPU tensors");
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(len[b] >= 0 && len[b] + s_new <= Smax, "cache_seqlens: row ", b, " holds ", len[b], " tokens",
-                s_new ? " plus " + std::to_string(s_new) + " new" : std::string(), ", past the cache of ", Smax,
-                " (or negative)");
-  // Checks q/k/v against each other (dtypes, heads, head dims) before anything is written.
+  TORCH_CHECK(q_in.device().is_cpu(), "q: expected a CPU tensor, got one on ", q_in.device());
+  const int64_t s_new = check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, q_in.device());
+  // Checks q against the caches (dtypes, heads, head dims) before anything is written.
   at::Tensor q = q_in, k = k_cache, v = v_cache;
   std::optional<at::Tensor> none_q, none_k, none_mask;
   Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true);
-  if (s_new > 0) {
-    for (int64_t b = 0; b < B; ++b) {
-      k_cache[b].narrow(0, len[b], s_new).copy_((*k_new)[b]);
-      v_cache[b].narrow(0, len[b], s_new).copy_((*v_new)[b]);
+  const int64_t B = q.size(0), Smax = k_cache.size(1);
+  // A row that does not fit (cache_rows_fit in csrc/common/attention.h) is neither written nor
+  // attended: its key count is 0 and its output NaN, as on CUDA.
+  const at::Tensor lens = cache_seqlens.contiguous();
+  std::vector<int32_t> keys(B);
+  std::vector<int64_t> overflow;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens.data_ptr<int32_t>()[b];
+    const bool fits = cache_rows_fit(len, s_new, Smax);
+    keys[b] = fits ? static_cast<int32_t>(len + s_new) : 0;
+    if (!fits) overflow.push_back(b);
+    if (fits && s_new > 0) {
+      k_cache[b].narrow(0, len, s_new).copy_((*k_new)[b]);
+      v_cache[b].narrow(0, len, s_new).copy_((*v_new)[b]);
     }
   }
-  p.seqlens_k = len;
-  p.seqlens_k_extra = s_new;
+  p.seqlens_k = keys.data();
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;
   at::Tensor out = at::empty(out_shape, q.options());
   if (out.numel() == 0) return out;
   at::Tensor lse = at::empty({p.batch, p.H, p.sq}, q.options().dtype(lse_dtype(q)));
   run_forward(p, q, out, lse);
+  for (int64_t b : overflow) out[b].fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
 }
 

@@ -55,7 +55,7 @@ void copy_padded(uint16_t* dst, const scalar_t* src, int64_t n, int64_t n_pad) {
 template <typename acc_t>
 void qk_bf16(int64_t M, int64_t N, int64_t KP, const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t ld,
              acc_t* C, int64_t ldc, float scale) {
-#if PK_ATTN_X86
+#if PK_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     gemm_bf16(M, N, KP, A, lda, Bp, 2 * ld, C, ldc, false);
     if (scale != 1.f)
@@ -104,8 +104,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   // bfloat16 inputs: S = Q K^T and dP = dO V^T straight from the bf16 values with vdpbf16ps
   // (exact products, float sums); the other three products need rounded P / dS and stay float.
   bool use_bf16 = false;
-#if PK_ATTN_X86
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) use_bf16 = cpu_features().avx512bf16;
+#if PK_X86
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) use_bf16 = isa_avx512bf16();
 #endif
   const int64_t Dp = (D + 1) / 2 * 2, Dvp = (Dv + 1) / 2 * 2, T = p.total_q;
   // (every row of these panels is written below before it is read)
@@ -233,23 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   (void)max_seqlen_k;
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
-  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
-  std::vector<int64_t> o_shape(q_in.sizes().begin(), q_in.sizes().end());
-  o_shape.back() = p.Dv;
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(o_shape) && dout_in.sizes() == at::IntArrayRef(o_shape),
-              "out, dout: expected shape ", at::IntArrayRef(o_shape), ", got ", out_in.sizes(), " and ",
-              dout_in.sizes());
-  TORCH_CHECK(out_in.scalar_type() == q.scalar_type() && dout_in.scalar_type() == q.scalar_type(),
-              "out, dout: expected dtype ", q.scalar_type(), ", got ", out_in.scalar_type(), " and ",
-              dout_in.scalar_type());
-  const auto lt = lse_dtype(q);
-  const std::vector<int64_t> lse_shape =
-      cu_q.has_value() ? std::vector<int64_t>{p.H, p.total_q} : std::vector<int64_t>{p.batch, p.H, p.sq};
-  TORCH_CHECK(lse_in.scalar_type() == lt && lse_in.sizes() == at::IntArrayRef(lse_shape), "lse: expected ", lt,
-              " of shape ", at::IntArrayRef(lse_shape), ", got ", lse_in.scalar_type(), " of shape ", lse_in.sizes());
-  if (dlse_in.has_value())
-    TORCH_CHECK(dlse_in->scalar_type() == lt && dlse_in->sizes() == lse_in.sizes(), "dlse: expected ", lt,
-                " of shape ", lse_in.sizes(), ", got ", dlse_in->scalar_type(), " of shape ", dlse_in->sizes());
+  Layout l;
+  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, &l);
+  check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, lse_dtype(q), q_in.device());
   const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor dlse = dlse_in.has_value() ? dlse_in->contiguous() : at::Tensor();
   at::Tensor dq = at::empty(q_in.sizes(), q.options());

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../common/attention.h"
+#include "../common/attention_checks.h"
 #include "attention_kernels.h"
 
 namespace pk {
@@ -53,8 +54,7 @@ struct Problem {
   int64_t sq = 0, sk = 0;       // dense lengths (also the maxima for varlen)
   const int32_t* cu_q = nullptr;  // varlen offsets [batch + 1], or null
   const int32_t* cu_k = nullptr;
-  const int32_t* seqlens_k = nullptr;  // per-sequence key count (kv cache), or null
-  int64_t seqlens_k_extra = 0;         // added to seqlens_k[b] (the new tokens of a cache step)
+  const int32_t* seqlens_k = nullptr;  // per-sequence key count (kv cache, new tokens included), or null
   Operand q, k, v;
   // Mask from the caller (SDPA): bool (true = attend) or float32 (added to the scores),
   // indexed (b, h, i, j) through strides (zero where broadcast).
@@ -70,7 +70,7 @@ struct Problem {
   int64_t group() const { return H / Hk; }
   int64_t len_q(int64_t b) const { return cu_q ? int64_t(cu_q[b + 1]) - cu_q[b] : sq; }
   int64_t len_k(int64_t b) const {
-    if (seqlens_k) return int64_t(seqlens_k[b]) + seqlens_k_extra;
+    if (seqlens_k) return seqlens_k[b];
     return cu_k ? int64_t(cu_k[b + 1]) - cu_k[b] : sk;
   }
   // First token of sequence b in a (tokens, heads, dim) view of q-side / k-side tensors.
@@ -119,10 +119,11 @@ struct Problem {
 
 // Checks every argument of a forward/backward call and describes it. q/k/v may be replaced
 // by copies with a contiguous last dimension and cu_seqlens by contiguous copies; the
-// caller keeps them alive while the Problem is used.
+// caller keeps them alive while the Problem is used. `layout`, when given, receives the checked
+// shapes (csrc/common/attention_checks.h).
 Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
-                     int64_t window_left, int64_t window_right, bool bottom_right);
+                     int64_t window_left, int64_t window_right, bool bottom_right, Layout* layout = nullptr);
 
 // float64 for float64 inputs, float32 otherwise.
 at::ScalarType lse_dtype(const at::Tensor& q);

@@ -1,9 +1,8 @@
 // Tile primitives of the CPU attention kernels (csrc/cpu/attention*.cpp): a small GEMM on
 // tiles held in cache, row max, exp-and-sum. Each has a portable version (plain loops, any
 // accumulation type) and, for float, an AVX-512 version compiled with per-function target
-// attributes and picked at run time from the CPU's features, so the default build needs no
-// -march flag. PK_ATTENTION_ISA=generic (environment) forces the portable loops at run time;
-// -DPK_ATTN_NO_X86 leaves the x86 code out of the build.
+// attributes and picked at run time by the CPU dispatch of csrc/cpu/cpu_isa.h, so the default
+// build needs no -march flag (PK_CPU_ISA=generic forces the portable loops).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -15,40 +14,15 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PK_ATTN_NO_X86)
-#include <immintrin.h>
-#define PK_ATTN_X86 1
-#define PK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
-#define PK_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,avx512bf16")))
-#else
-#define PK_ATTN_X86 0
-#endif
+#include "cpu_isa.h"
 
 namespace pk {
 namespace attention {
 namespace cpu {
 
-struct CpuFeatures {
-  bool avx512 = false;
-  bool avx512bf16 = false;
-};
-
-inline const CpuFeatures& cpu_features() {
-  static const CpuFeatures f = [] {
-    CpuFeatures r;
-#if PK_ATTN_X86
-    __builtin_cpu_init();
-    r.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-    r.avx512bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
-#endif
-    const char* env = std::getenv("PK_ATTENTION_ISA");  // "generic" forces the portable loops
-    if (env && std::strcmp(env, "generic") == 0) r = CpuFeatures{};
-    if (env && std::strcmp(env, "avx512") == 0) r.avx512bf16 = false;
-    return r;
-  }();
-  return f;
-}
+// The instruction sets the tile primitives use (csrc/cpu/cpu_isa.h, the one CPU dispatch).
+inline bool isa_avx512() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512); }
+inline bool isa_avx512bf16() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512Bf16); }
 
 // ---------------------------------------------------------------------------------------
 // Portable versions.
@@ -88,7 +62,7 @@ acc_t exp_sum_ref(acc_t* s, int64_t n, acc_t sub) {
   return sum;
 }
 
-#if PK_ATTN_X86
+#if PK_X86
 // ---------------------------------------------------------------------------------------
 // AVX-512 versions (float).
 
@@ -437,7 +411,7 @@ PK_TARGET_AVX512BF16 inline void to_bf16_row(uint16_t* dst, const float* src, in
   }
   for (j = n; j < n_pad; ++j) dst[j] = 0;
 }
-#endif  // PK_ATTN_X86
+#endif  // PK_X86
 
 // ---------------------------------------------------------------------------------------
 // Dispatch.
@@ -446,9 +420,9 @@ template <typename acc_t>
 inline void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_rs, int64_t a_ks, const acc_t* B,
                  int64_t ldb, acc_t* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
-#if PK_ATTN_X86
+#if PK_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_features().avx512) {
+    if (isa_avx512()) {
       if (K <= 0) {
         if (!accumulate)
           for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
@@ -464,9 +438,9 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_rs, 
 
 template <typename acc_t>
 inline acc_t row_max(const acc_t* s, int64_t n) {
-#if PK_ATTN_X86
+#if PK_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_features().avx512) return row_max_avx512(s, n);
+    if (isa_avx512()) return row_max_avx512(s, n);
   }
 #endif
   return row_max_ref(s, n);
@@ -474,9 +448,9 @@ inline acc_t row_max(const acc_t* s, int64_t n) {
 
 template <typename acc_t>
 inline acc_t exp_sum(acc_t* s, int64_t n, acc_t sub) {
-#if PK_ATTN_X86
+#if PK_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_features().avx512) return exp_sum_avx512(s, n, sub);
+    if (isa_avx512()) return exp_sum_avx512(s, n, sub);
   }
 #endif
   return exp_sum_ref(s, n, sub);

@@ -68,8 +68,7 @@ void launch_bwd_rows(const Params& p, const T* dout, const float* lse, const flo
 
 // The dQ scheme of the tensor-core backward (see above).
 int bwd_dq_mode() {
-  const char* e = std::getenv("PK_ATTENTION_BWD");
-  const std::string v = e == nullptr ? "" : e;
+  const std::string v = knobs::attention_bwd_scheme();
   if (v.empty() || v == "separate") return kDqSeparate;
   if (v == "ordered") return kDqOrdered;
   TORCH_CHECK(v == "atomic", "PK_ATTENTION_BWD: expected separate, ordered or atomic, got '", v, "'");
@@ -142,30 +141,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const at::Device dev = q_in.device();
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
-  Params p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
-  std::vector<int64_t> o_shape(q_in.sizes().begin(), q_in.sizes().end());
-  o_shape.back() = p.Dv;
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(o_shape) && dout_in.sizes() == at::IntArrayRef(o_shape),
-              "out, dout: expected shape ", at::IntArrayRef(o_shape), ", got ", out_in.sizes(), " and ",
-              dout_in.sizes());
-  TORCH_CHECK(out_in.scalar_type() == q.scalar_type() && dout_in.scalar_type() == q.scalar_type(),
-              "out, dout: expected dtype ", q.scalar_type(), ", got ", out_in.scalar_type(), " and ",
-              dout_in.scalar_type());
-  TORCH_CHECK(out_in.device() == dev && dout_in.device() == dev && lse_in.device() == dev,
-              "out, dout, lse: expected tensors on ", dev);
-  const std::vector<int64_t> lse_shape =
-      cu_q.has_value() ? std::vector<int64_t>{p.H, p.total_q} : std::vector<int64_t>{p.batch, p.H, p.sq};
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == at::IntArrayRef(lse_shape),
-              "lse: expected float32 of shape ", at::IntArrayRef(lse_shape), ", got ", lse_in.scalar_type(),
-              " of shape ", lse_in.sizes());
+  Layout l;
+  Params p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, &l);
+  check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, at::kFloat, dev);
+  const std::vector<int64_t> lse_shape(lse_in.sizes().begin(), lse_in.sizes().end());
   std::optional<at::Tensor> dlse;
-  if (dlse_in.has_value()) {
-    TORCH_CHECK(dlse_in->scalar_type() == at::kFloat && dlse_in->sizes() == lse_in.sizes() &&
-                    dlse_in->device() == dev,
-                "dlse: expected float32 of shape ", lse_in.sizes(), " on ", dev, ", got ", dlse_in->scalar_type(),
-                " of shape ", dlse_in->sizes(), " on ", dlse_in->device());
-    dlse = dlse_in->contiguous();
-  }
+  if (dlse_in.has_value()) dlse = dlse_in->contiguous();
   const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   // zeros: rows outside every sequence (malformed cu_seqlens only) and keys no query sees
   at::Tensor dq = at::zeros(q_in.sizes(), q.options());

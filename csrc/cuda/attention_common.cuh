@@ -9,10 +9,10 @@
 // both backends see exactly the same keys for every query.
 //
 // Robustness without host synchronisation: cu_seqlens and cache_seqlens live on the GPU and
-// are never read by the host. The kernels clamp every offset and length they read from them
-// into the tensors' bounds, so a malformed tensor cannot make a kernel touch memory outside
-// its inputs (the CPU ops validate these tensors and raise; the CUDA ops cannot without a
-// sync).
+// are never read by the host. The kernels clamp every offset they read from cu_seqlens into
+// the tensors' bounds, so a malformed tensor cannot make a kernel touch memory outside its
+// inputs (the CPU op validates cu_seqlens and raises; the CUDA op cannot without a sync). A
+// cache row whose tokens do not fit follows one rule on both backends (cache_rows_fit).
 #pragma once
 #include "cuda_seams.cuh"
 
@@ -77,6 +77,9 @@ struct Seq {
   int64_t ktok0 = 0;         // first key token in dk / dv (tokens, Hk, D)
   int64_t lq = 0, lk = 0;
   int64_t q_off = 0, k_off = 0, v_off = 0;  // element offset of row 0 (head 0)
+  // Output factor and lse of a row that sees no key: 0 and -inf, or NaN for a kv-cache row
+  // whose tokens do not fit (cache_rows_fit in csrc/common/attention.h).
+  float empty_scale = 0.f, empty_lse = -INFINITY;
 };
 
 __device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -97,7 +100,13 @@ __device__ __forceinline__ Seq seq_info(const Params& p, int64_t b) {
     s.tok0 = b * p.sq;
     s.ktok0 = b * p.sk;
     s.lq = p.sq;
-    s.lk = p.seqlens_k != nullptr ? clamp64(int64_t(p.seqlens_k[b]) + p.seqlens_k_extra, 0, p.sk) : p.sk;
+    s.lk = p.sk;
+    if (p.seqlens_k != nullptr) {
+      const int64_t len = p.seqlens_k[b];
+      const bool fits = cache_rows_fit(len, p.seqlens_k_extra, p.sk);
+      s.lk = fits ? len + p.seqlens_k_extra : 0;
+      if (!fits) s.empty_scale = s.empty_lse = NAN;
+    }
     s.q_off = b * p.q_sb;
     s.k_off = b * p.k_sb;
     s.v_off = b * p.v_sb;

@@ -2,10 +2,11 @@
 // (batch, max_seqlen, kv_heads, head_dim) with per-row lengths in an int32 device tensor.
 //
 //  1. append_kernel writes k_new / v_new into the caches in place at each row's
-//     cache_seqlens[b] (read on the device; a row whose position would run past the cache is
-//     left untouched, since the op cannot raise without a host sync);
+//     cache_seqlens[b] (read on the device);
 //  2. the forward launcher of attention_fwd.cu runs with per-row key counts
-//     cache_seqlens[b] + seqlen_new (clamped to the cache), causal aligned bottom-right.
+//     cache_seqlens[b] + seqlen_new, causal aligned bottom-right.
+//  A row whose tokens do not fit the cache follows the rule of cache_rows_fit
+//  (csrc/common/attention.h), as on the CPU: nothing is written, its outputs are NaN.
 //     When batch x heads x query blocks is too small to fill the GPU, which is the common
 //     decode case, it splits every row's keys into pieces processed by separate blocks
 //     (flash decoding) and merges the pieces with their lse (combine_kernel), so a batch of
@@ -33,7 +34,7 @@ __global__ void append_kernel(E* __restrict__ cache, int64_t c_sb, int64_t c_ss,
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = idx % Dd, hk = (idx / Dd) % Hk, t = (idx / (Dd * Hk)) % S_new, b = idx / (Dd * Hk * S_new);
     const int64_t pos = lens[b];
-    if (pos < 0 || pos + S_new > Smax) continue;
+    if (!cache_rows_fit(pos, S_new, Smax)) continue;  // the row takes nothing (csrc/common/attention.h)
     cache[b * c_sb + (pos + t) * c_ss + hk * c_sh + d] = src[b * s_sb + t * s_ss + hk * s_sh + d * s_sd];
   }
 }
@@ -63,29 +64,8 @@ at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, 
                                    const std::optional<at::Tensor>& v_new, double scale, bool causal) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Device dev = q_in.device();
-  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new, v_new: pass both or neither");
-  TORCH_CHECK(q_in.dim() == 4, "q: expected 4 dims (batch, seqlen, heads, head_dim), got shape ", q_in.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
-              "k_cache, v_cache: expected 4 dims (batch, max_seqlen, kv_heads, head_dim), got shapes ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  const int64_t B = q_in.size(0), Smax = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, "k_cache, v_cache: expected batch ", B, ", got ",
-              k_cache.size(0), " and ", v_cache.size(0));
-  TORCH_CHECK(v_cache.size(1) == Smax, "v_cache: expected max_seqlen ", Smax, " (that of k_cache), got ",
-              v_cache.size(1));
-  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
-              "k_cache, v_cache: expected a contiguous last dimension (they are written in place)");
-  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens: expected an int32 tensor, got ",
-              cache_seqlens.scalar_type());
-  TORCH_CHECK(cache_seqlens.device() == dev, "cache_seqlens: expected a tensor on ", dev, " (the device of q), got ",
-              cache_seqlens.device());
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens: expected shape [", B, "], got ",
-              cache_seqlens.sizes());
-  const int64_t s_new = attention::check_kv_new(k_new, v_new, k_cache, v_cache, B);
-  if (k_new.has_value())
-    TORCH_CHECK(k_new->device() == dev && v_new->device() == dev, "k_new, v_new: expected tensors on ", dev);
-  TORCH_CHECK(s_new <= Smax, "k_new: ", s_new, " new tokens do not fit a cache of ", Smax);
+  const int64_t s_new = check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, q_in.device());
+  const int64_t Smax = k_cache.size(1);
   // Checks q against the caches (dtypes, heads, head dims) before anything is written.
   at::Tensor q = q_in, k = k_cache, v = v_cache;
   std::optional<at::Tensor> none_q, none_k, none_mask;

@@ -465,8 +465,8 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
           float L = l_run[x];
           L += __shfl_xor_sync(0xffffffffu, L, 1);
           L += __shfl_xor_sync(0xffffffffu, L, 2);
-          const float inv = L > 0.f ? 1.f / L : 0.f;
-          const float lse = L > 0.f ? (m_run[x] + log2f(L)) * kLn2 : -INFINITY;
+          const float inv = L > 0.f ? 1.f / L : s.empty_scale;
+          const float lse = L > 0.f ? (m_run[x] + log2f(L)) * kLn2 : s.empty_lse;
           const int64_t i = (row0 + 8 * x) / P;
           const int h = h0 + static_cast<int>((row0 + 8 * x) % P);
           if (p.n_splits > 1) {
@@ -616,8 +616,8 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const Params p) {
             }
           }
         }
-        const float inv = l_run > 0.f ? 1.f / l_run : 0.f;
-        const float lse = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : -INFINITY;
+        const float inv = l_run > 0.f ? 1.f / l_run : s.empty_scale;
+        const float lse = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : s.empty_lse;
         if (p.n_splits > 1) {
           const int64_t pr = (split * p.total_q + s.tok0 + i) * p.H + h;
 #pragma unroll
@@ -652,8 +652,18 @@ __global__ void __launch_bounds__(128) combine_kernel(const Params p) {
     const int64_t tok = r / p.H;
     const int h = static_cast<int>(r % p.H);
     float mx = -INFINITY;
-    for (int sp = 0; sp < p.n_splits; ++sp) mx = fmaxf(mx, p.lse_part[sp * rows + r]);
+    bool nan = false;  // a kv-cache row that does not fit (its pieces are NaN)
+    for (int sp = 0; sp < p.n_splits; ++sp) {
+      const float ls = p.lse_part[sp * rows + r];
+      nan = nan || ls != ls;
+      mx = fmaxf(mx, ls);
+    }
     T* dst = static_cast<T*>(p.out) + r * p.Dv;
+    if (nan) {
+      for (int d = lane; d < p.Dv; d += 32) dst[d] = from_float<T>(NAN);
+      if (lane == 0) p.lse[lse_index_tok(p, tok, h)] = NAN;
+      continue;
+    }
     if (mx == -INFINITY) {
       for (int d = lane; d < p.Dv; d += 32) dst[d] = from_float<T>(0.f);
       if (lane == 0) p.lse[lse_index_tok(p, tok, h)] = -INFINITY;

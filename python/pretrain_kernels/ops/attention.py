@@ -171,6 +171,11 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     caches in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new (the caller
     advances cache_seqlens). q then attends to the first cache_seqlens[b] + seqlen_new keys,
     causally aligned bottom-right when causal. Returns (batch, seqlen_q, heads, head_dim).
+
+    A row whose tokens do not fit (cache_seqlens[b] < 0 or cache_seqlens[b] + seqlen_new >
+    max_seqlen) follows one rule on every device, since a GPU cannot raise without a host
+    sync: nothing is written into that row of the caches and its output is NaN. The caches are
+    written in place, so they must not be expanded (stride-0) views or overlap each other.
     """
     _check_same(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
