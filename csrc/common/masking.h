@@ -86,7 +86,8 @@ PK_HD int64_t nth_allowed_id(const Params& p, int64_t r) {
 }
 
 // A token may be selected when it is real (attention mask non-zero), inside the vocab
-// and not special.
+// and not special. Ids outside [0, vocab_size) are never selected and stay unchanged: the
+// rule on both backends (the GPU cannot raise without a host sync).
 PK_HD bool eligible(const Params& p, int64_t id, bool attended) {
   return attended && id >= 0 && id < p.vocab_size && !is_special(p, id);
 }
@@ -126,6 +127,26 @@ PK_HD int64_t exact_budget(double prob, int64_t n_eligible, int64_t max_predicti
   if (k > n_eligible) k = n_eligible;
   if (max_predictions > 0 && k > max_predictions) k = max_predictions;
   return k;
+}
+
+// A per-row masking rate as the kernels use it. Rates live on the device, where checking
+// them would need a host sync, so one rule holds on both backends: a rate is clamped into
+// [0, 1] and NaN counts as 0.
+PK_HD float row_rate(float r) { return r > 0.f ? (r < 1.f ? r : 1.f) : 0.f; }
+
+// The one write-out of a token of mlm_mask: a selected token gets its action (mask / random /
+// keep, drawn from (seed, row, pos)) and its label is the original id; any other token is
+// copied and labelled -100.
+template <typename id_t>
+PK_HD void write_token(const Params& p, bool selected, id_t raw, int64_t row, int64_t pos, id_t* out, id_t* label) {
+  if (selected) {
+    const int action = action_from_uniform(p, action_uniform(p.seed, row, pos));
+    *out = static_cast<id_t>(apply_action(p, action, static_cast<int64_t>(raw), row, pos));
+    *label = raw;
+  } else {
+    *out = raw;
+    *label = static_cast<id_t>(-100);
+  }
 }
 
 // SpanBERT span length: geometric(p) on {1, 2, ...}, clipped to max_span. Drawn as a run of

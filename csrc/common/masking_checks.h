@@ -82,6 +82,25 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
   return c;
 }
 
+// The kernel parameters both backends start from. The seed is the backend's business (a CPU
+// value, or read on the device); n_allowed needs the special ids, so it is counted here when
+// they are on the host and by the CUDA kernels otherwise.
+inline Params make_params(const CheckedInputs& c, int64_t mask_token_id, int64_t vocab_size, double replace_prob,
+                          double random_prob) {
+  Params p;
+  p.mask_token_id = mask_token_id;
+  p.vocab_size = vocab_size;
+  p.replace_prob = static_cast<float>(replace_prob);
+  p.random_prob = static_cast<float>(random_prob);
+  p.seed = 0;
+  p.special = c.special.defined() ? c.special.data_ptr<int64_t>() : nullptr;
+  p.n_special = c.special.defined() ? c.special.numel() : 0;
+  p.n_allowed = c.special.defined() && !c.special.is_cpu()
+                    ? 0
+                    : vocab_size - count_specials_in_vocab(p.special, p.n_special, vocab_size);
+  return p;
+}
+
 inline void check_span_args(double geometric_p, int64_t max_span) {
   TORCH_CHECK(geometric_p > 0.0 && geometric_p <= 1.0, "geometric_p: expected a probability in (0, 1], got ",
               geometric_p);

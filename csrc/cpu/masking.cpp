@@ -16,76 +16,23 @@
 
 #include "../common/masking.h"
 #include "../common/masking_checks.h"
+#include "cpu_isa.h"
 
 namespace pk {
 namespace {
 
 using masking::Params;
 
-Params make_params(const masking::CheckedInputs& c, int64_t mask_token_id, int64_t vocab_size, double replace_prob,
-                   double random_prob, uint64_t seed) {
-  Params p;
-  p.mask_token_id = mask_token_id;
-  p.vocab_size = vocab_size;
-  p.replace_prob = static_cast<float>(replace_prob);
-  p.random_prob = static_cast<float>(random_prob);
-  p.seed = seed;
-  p.special = c.special.defined() ? c.special.data_ptr<int64_t>() : nullptr;
-  p.n_special = c.special.defined() ? c.special.numel() : 0;
-  p.n_allowed = vocab_size - masking::count_specials_in_vocab(p.special, p.n_special, vocab_size);
-  return p;
-}
-
-void check_prob_rows(const masking::CheckedInputs& c) {
-  if (!c.prob_rows.defined()) return;
-  const float* r = c.prob_rows.data_ptr<float>();
-  for (int64_t i = 0; i < c.prob_rows.numel(); ++i) {
-    TORCH_CHECK(r[i] >= 0.0f && r[i] <= 1.0f, "mask_prob: expected per-row probabilities in [0, 1], got ", r[i],
-                " in row ", i);
-  }
-}
-
-template <typename id_t>
-void check_id_range(const at::Tensor& ids, int64_t vocab_size) {
-  const id_t* x = ids.data_ptr<id_t>();
-  const int64_t n = ids.numel();
-  // A min/max reduction (vectorised) first; the offending index only on failure.
-  const auto [lo, hi] = at::parallel_reduce(
-      0, n, 1 << 16, std::make_pair(std::numeric_limits<id_t>::max(), std::numeric_limits<id_t>::lowest()),
-      [&](int64_t a, int64_t b, std::pair<id_t, id_t> acc) {
-        id_t mn = acc.first, mx = acc.second;
-        for (int64_t i = a; i < b; ++i) {
-          mn = std::min(mn, x[i]);
-          mx = std::max(mx, x[i]);
-        }
-        return std::make_pair(mn, mx);
-      },
-      [](std::pair<id_t, id_t> a, std::pair<id_t, id_t> b) {
-        return std::make_pair(std::min(a.first, b.first), std::max(a.second, b.second));
-      });
-  if (lo >= 0 && static_cast<int64_t>(hi) < vocab_size) return;
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(x[i] >= 0 && static_cast<int64_t>(x[i]) < vocab_size, "input_ids: expected ids in [0, vocab_size=",
-                vocab_size, "), found ", static_cast<int64_t>(x[i]), " at flat index ", i);
-  }
-}
-
 // The common case (token units, Bernoulli selection) in blocks of 64 tokens: one
 // vectorised pass computes the 16 Philox blocks that hold their selection words, then
 // scalar work only for the ~15% selected tokens. Compiled for AVX-512, AVX2 and baseline
-// x86-64, picked at load time from the CPU's features.
+// x86-64, picked at run time by the CPU dispatch of csrc/cpu/cpu_isa.h.
 constexpr int kBlocks = 16;
 constexpr int kTokens = 4 * kBlocks;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PK_CPU_CLONES
-#endif
-
 template <typename id_t>
-PK_CPU_CLONES void bernoulli_row(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
-                                 int64_t L, int64_t b, float pr) {
+__attribute__((always_inline)) inline void bernoulli_row_body(const Params& p, const id_t* row, const bool* arow,
+                                                              id_t* orow, id_t* lrow, int64_t L, int64_t b, float pr) {
   const uint32_t key0 = static_cast<uint32_t>(p.seed), key1 = static_cast<uint32_t>(p.seed >> 32);
   // Selection on the raw word: uniform_float(w) < pr  <=>  (w >> 8) < ceil(pr * 2^24).
   const uint32_t thresh = pr >= 1.0f ? (1u << 24) : static_cast<uint32_t>(std::ceil(pr * 16777216.0f));
@@ -96,17 +43,34 @@ PK_CPU_CLONES void bernoulli_row(const Params& p, const id_t* row, const bool* a
                                  key0, key1, w);
     for (int i = 0; i < n; ++i) {
       const int64_t l = l0 + i;
-      const int64_t id = static_cast<int64_t>(row[l]);
-      if ((w[i & 3][i >> 2] >> 8) < thresh && masking::eligible(p, id, !arow || arow[l])) {
-        const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
-        orow[l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
-        lrow[l] = static_cast<id_t>(id);
-      } else {
-        orow[l] = row[l];
-        lrow[l] = static_cast<id_t>(-100);
-      }
+      const bool selected =
+          (w[i & 3][i >> 2] >> 8) < thresh && masking::eligible(p, static_cast<int64_t>(row[l]), !arow || arow[l]);
+      masking::write_token(p, selected, row[l], b, l, orow + l, lrow + l);
     }
   }
+}
+
+#if PK_X86
+template <typename id_t>
+PK_TARGET_AVX512 void bernoulli_row_avx512(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
+                                           int64_t L, int64_t b, float pr) {
+  bernoulli_row_body(p, row, arow, orow, lrow, L, b, pr);
+}
+template <typename id_t>
+PK_TARGET_AVX2 void bernoulli_row_avx2(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
+                                       int64_t L, int64_t b, float pr) {
+  bernoulli_row_body(p, row, arow, orow, lrow, L, b, pr);
+}
+#endif
+
+template <typename id_t>
+void bernoulli_row(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow, int64_t L, int64_t b,
+                   float pr) {
+#if PK_X86
+  if (cpu::has_isa(cpu::Isa::kAvx512)) return bernoulli_row_avx512(p, row, arow, orow, lrow, L, b, pr);
+  if (cpu::has_isa(cpu::Isa::kAvx2)) return bernoulli_row_avx2(p, row, arow, orow, lrow, L, b, pr);
+#endif
+  bernoulli_row_body(p, row, arow, orow, lrow, L, b, pr);
 }
 
 template <typename id_t>
@@ -129,7 +93,7 @@ void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, double prob
       const bool* wrow = ws ? ws + b * L : nullptr;
       id_t* orow = o + b * L;
       id_t* lrow = lab + b * L;
-      const double prd = prob_rows ? static_cast<double>(prob_rows[b]) : prob;
+      const double prd = prob_rows ? static_cast<double>(masking::row_rate(prob_rows[b])) : prob;
       const float pr = static_cast<float>(prd);
       if (!exact_count && !wrow) {
         bernoulli_row<id_t>(p, row, arow, orow, lrow, L, b, pr);
@@ -159,7 +123,6 @@ void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, double prob
         }
       }
       for (int64_t l = 0; l < L; ++l) {
-        const int64_t id = static_cast<int64_t>(row[l]);
         bool selected = false;
         if (elig(l)) {
           const int64_t u = unit_of[l];
@@ -168,14 +131,7 @@ void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, double prob
             selected = exact_count ? (any && masking::exact_key(wu, u) <= threshold) : (uniform_float(wu) < pr);
           }
         }
-        if (selected) {
-          const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
-          orow[l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
-          lrow[l] = static_cast<id_t>(id);
-        } else {
-          orow[l] = row[l];
-          lrow[l] = static_cast<id_t>(-100);
-        }
+        masking::write_token(p, selected, row[l], b, l, orow + l, lrow + l);
       }
     }
   });
@@ -191,14 +147,13 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids,
                                                 int64_t max_predictions) {
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
                                  mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
-  check_prob_rows(c);
   auto out = at::empty_like(c.ids);
   auto labels = at::empty_like(c.ids);
   if (c.ids.numel() == 0) return {out, labels};
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
-  const Params p = make_params(c, mask_token_id, vocab_size, replace_prob, random_prob, s);
+  Params p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
+  p.seed = s;
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "mlm_mask_cpu", [&] {
-    check_id_range<index_t>(c.ids, vocab_size);
     mlm_mask_rows<index_t>(p, c, mask_prob, exact_count, max_predictions, out, labels);
   });
   return {out, labels};
@@ -215,15 +170,14 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
                                  mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
   masking::check_span_args(geometric_p, max_span);
-  check_prob_rows(c);
   auto out = c.ids.clone();
   auto labels = at::full_like(c.ids, -100);
   if (c.ids.numel() == 0) return {out, labels};
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
-  const Params p = make_params(c, mask_token_id, vocab_size, replace_prob, random_prob, s);
+  Params p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
+  p.seed = s;
   const int64_t B = c.ids.size(0), L = c.ids.size(1);
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "span_mask_cpu", [&] {
-    check_id_range<index_t>(c.ids, vocab_size);
     const index_t* ids = c.ids.data_ptr<index_t>();
     const bool* attn = c.attn.defined() ? c.attn.data_ptr<bool>() : nullptr;
     const bool* ws = c.word_starts.defined() ? c.word_starts.data_ptr<bool>() : nullptr;
@@ -234,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
       for (int64_t b = b0; b < b1; ++b) {
         masking::span_mask_row<index_t, index_t, bool>(
             p, ids + b * L, attn ? attn + b * L : nullptr, ws ? ws + b * L : nullptr, o + b * L, lab + b * L, L, b,
-            prob_rows ? static_cast<double>(prob_rows[b]) : mask_prob, static_cast<float>(geometric_p),
+            prob_rows ? static_cast<double>(masking::row_rate(prob_rows[b])) : mask_prob, static_cast<float>(geometric_p),
             static_cast<int>(max_span));
       }
     });

@@ -58,7 +58,7 @@ __global__ void mlm_mask_flat_kernel(DeviceArgs a, const id_t* __restrict__ ids,
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n;
        g += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t b = g / groups_per_row, l0 = (g - b * groups_per_row) << 2;
-    const float pr = a.prob_rows ? a.prob_rows[b] : static_cast<float>(a.prob);
+    const float pr = a.prob_rows ? masking::row_rate(a.prob_rows[b]) : static_cast<float>(a.prob);
     const Philox4x32 w = philox_draw(p.seed, masking::token_index(b, l0 >> 2), masking::kMaskOffset);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -66,15 +66,9 @@ __global__ void mlm_mask_flat_kernel(DeviceArgs a, const id_t* __restrict__ ids,
       if (l >= a.L) break;
       const int64_t i = b * a.L + l;
       const id_t raw = ids[i];
-      const int64_t id = static_cast<int64_t>(raw);
-      if (uniform_float(w.v[k]) < pr && masking::eligible(p, id, a.attn == nullptr || a.attn[i])) {
-        const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
-        out[i] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
-        labels[i] = raw;
-      } else {
-        out[i] = raw;
-        labels[i] = static_cast<id_t>(-100);
-      }
+      const bool selected =
+          uniform_float(w.v[k]) < pr && masking::eligible(p, static_cast<int64_t>(raw), a.attn == nullptr || a.attn[i]);
+      masking::write_token(p, selected, raw, b, l, out + i, labels + i);
     }
   }
 }
@@ -106,7 +100,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const id_t* row = ids + b * L;
   const bool* arow = a.attn ? a.attn + b * L : nullptr;
   const bool* wrow = a.word_starts ? a.word_starts + b * L : nullptr;
-  const double prd = a.prob_rows ? static_cast<double>(a.prob_rows[b]) : a.prob;
+  const double prd = a.prob_rows ? static_cast<double>(masking::row_rate(a.prob_rows[b])) : a.prob;
   const float pr = static_cast<float>(prd);
   auto elig = [&](int64_t l) { return masking::eligible(p, static_cast<int64_t>(row[l]), !arow || arow[l]); };
   auto is_unit = [&](int64_t l) { return (!wrow || l == 0 || wrow[l]) && elig(l); };
@@ -173,7 +167,6 @@ __global__ void __launch_bounds__(kRowThreads)
       __syncthreads();
     }
     if (!in) continue;
-    const int64_t id = static_cast<int64_t>(row[l]);
     bool selected = false;
     if (elig(l) && (unit == l || elig(unit))) {
       if (exact_count) {
@@ -182,14 +175,7 @@ __global__ void __launch_bounds__(kRowThreads)
         selected = uniform_float(masking::selection_word(p.seed, b, unit)) < pr;
       }
     }
-    if (selected) {
-      const int action = masking::action_from_uniform(p, masking::action_uniform(p.seed, b, l));
-      out[b * L + l] = static_cast<id_t>(masking::apply_action(p, action, id, b, l));
-      labels[b * L + l] = static_cast<id_t>(id);
-    } else {
-      out[b * L + l] = row[l];
-      labels[b * L + l] = static_cast<id_t>(-100);
-    }
+    masking::write_token(p, selected, row[l], b, l, out + b * L + l, labels + b * L + l);
   }
 }
 
@@ -202,7 +188,8 @@ __global__ void span_mask_kernel(DeviceArgs a, float geometric_p, int max_span, 
   const int64_t L = a.L;
   masking::span_mask_row<id_t, id_t, bool>(p, ids + b * L, a.attn ? a.attn + b * L : nullptr,
                                            a.word_starts ? a.word_starts + b * L : nullptr, out + b * L,
-                                           labels + b * L, L, b, a.prob_rows ? static_cast<double>(a.prob_rows[b]) : a.prob,
+                                           labels + b * L, L, b,
+                                           a.prob_rows ? static_cast<double>(masking::row_rate(a.prob_rows[b])) : a.prob,
                                            geometric_p, max_span);
 }
 
@@ -210,15 +197,9 @@ DeviceArgs make_args(const masking::CheckedInputs& c, const at::Tensor& seed, do
                      int64_t mask_token_id, int64_t vocab_size, double replace_prob, double random_prob,
                      int64_t max_predictions) {
   DeviceArgs a;
-  a.p.mask_token_id = mask_token_id;
-  a.p.vocab_size = vocab_size;
-  a.p.replace_prob = static_cast<float>(replace_prob);
-  a.p.random_prob = static_cast<float>(random_prob);
+  a.p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
   a.seed_dev = on_kernel_device(seed) ? seed.data_ptr<int64_t>() : nullptr;
   a.p.seed = on_kernel_device(seed) ? 0 : static_cast<uint64_t>(seed.item<int64_t>());  // CPU scalar: no device sync
-  a.p.special = c.special.defined() ? c.special.data_ptr<int64_t>() : nullptr;
-  a.p.n_special = c.special.defined() ? c.special.numel() : 0;
-  a.p.n_allowed = 0;  // computed on the device from the special list
   a.prob_rows = c.prob_rows.defined() ? c.prob_rows.data_ptr<float>() : nullptr;
   a.prob = mask_prob;
   a.attn = c.attn.defined() ? c.attn.data_ptr<bool>() : nullptr;

@@ -113,9 +113,10 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, ma
     word_starts: bool [B, L], True where a word begins: whole words are selected together
     (the unit is a word, eligible when its first piece is); each piece then gets its own
     mask/random/keep draw, as transformers' whole-word collator does.
-    seed / generator: see pretrain_kernels.ops._common.resolve_seed. On CUDA, ids outside
-    [0, vocab_size) are left unchanged and unselected (checking would need a host sync); on
-    the CPU they raise an error.
+    seed / generator: see pretrain_kernels.ops._common.resolve_seed.
+    What a GPU cannot check without a host sync follows one rule on every device: ids outside
+    [0, vocab_size) are never selected and stay unchanged (label -100), and per-row rates are
+    clamped into [0, 1], NaN counting as 0.
     """
     (mask_token_id, vocab_size, mask_prob, prob_rows, replace_prob, random_prob,
      special) = _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob,
