@@ -69,8 +69,7 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   m.def(
       "flow_match_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? noise, "
       "Tensor? seed, bool stochastic, bool return_x0) -> (Tensor, Tensor)");
-  // ---- end diffusion ----
-  // ---- attention (csrc/cpu/attention*.cpp) ----
+  // ---- attention (csrc/{cpu,cuda}/attention*) ----
   // Layout (batch, seqlen, heads, head_dim), or packed (tokens, heads, head_dim) with int32
   // cu_seqlens_q/k (varlen). k/v may have fewer heads (GQA). Query i sees key j when
   // j - (i + offset) lies in [-window_left, window_right] (-1: unbounded; causal is
@@ -93,5 +92,4 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   m.def(
       "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
       "Tensor? v_new, float scale, bool causal) -> Tensor");
-  // ---- end attention ----
 }

@@ -305,6 +305,24 @@ def test_cpu_and_cuda_agree_bit_for_bit(cuda_kernels):
     assert torch.equal(cpu[1], gpu[1].cpu())
 
 
+def test_special_ids_tensor_cache_cannot_go_stale():
+    """The wrapper sorts a special-ids tensor once per tensor and version: an in-place change,
+    and a new tensor that may land at the freed address of an old one, both get their own ids."""
+    from pretrain_kernels.ops.masking import _special_tensor
+    dev = torch.device("cpu")
+    t = torch.tensor([9, 2, 5])
+    assert _special_tensor(t, dev).tolist() == [2, 5, 9]
+    assert _special_tensor(t, dev) is _special_tensor(t, dev)  # cached
+    t[0] = 1
+    assert _special_tensor(t, dev).tolist() == [1, 2, 5]
+    t[:2].fill_(7)  # through a view
+    assert _special_tensor(t, dev).tolist() == [5, 7, 7]
+    for i in range(50):  # fresh tensors, often at a just-freed address
+        u = torch.tensor([i + 3, i + 1, i + 2])
+        assert _special_tensor(u, dev).tolist() == [i + 1, i + 2, i + 3]
+        del u
+
+
 def test_out_of_range_ids_and_rates_follow_one_rule(cuda_kernels):
     """What a GPU cannot check without a host sync follows one rule on both backends, bit for
     bit: ids outside [0, vocab_size) are never selected and stay unchanged (label -100);

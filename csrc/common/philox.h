@@ -76,12 +76,6 @@ PK_HD float uniform_float_open0(uint32_t x) {
   return (static_cast<float>(x >> 8) + 1.0f) * 5.9604644775390625e-08f;
 }
 
-// Uniform double in [0, 1) with 53 random bits from two words.
-PK_HD double uniform_double(uint32_t a, uint32_t b) {
-  const uint64_t x = (static_cast<uint64_t>(a) << 21) ^ static_cast<uint64_t>(b >> 11);
-  return static_cast<double>(x & ((uint64_t(1) << 53) - 1)) * 1.1102230246251565e-16;
-}
-
 // A stream of words for one element: successive philox blocks with draw = 0, 1, 2, ...
 // Used where an element needs an unbounded number of words (rejection sampling).
 struct PhiloxStream {

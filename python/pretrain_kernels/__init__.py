@@ -5,19 +5,13 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
-from .collator import MLMCollator
-from .ops.masking import mlm_mask, span_mask
-# ---- sampling ----
-from .ops.sampling import TopKTopPLogitsWarper, sample, speculative_accept, top_k_top_p_filter
-
-# ---- diffusion ----
 from . import schedulers
+from .collator import MLMCollator
+from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
 from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
-# ---- end diffusion ----
-# ---- attention ----
-from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
-# ---- end attention ----
+from .ops.masking import mlm_mask, span_mask
+from .ops.sampling import TopKTopPLogitsWarper, sample, speculative_accept, top_k_top_p_filter
 
 __version__ = "0.1.0"
 
@@ -32,13 +26,15 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "mlm_mask", "span_mask", "MLMCollator"]
-# ---- sampling ----
-__all__ += ["sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept"]
-# ---- diffusion ----
-__all__ += ["noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step",
-            "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers"]
-# ---- end diffusion ----
-# ---- attention ----
-__all__ += ["flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention"]
-# ---- end attention ----
+__all__ = [
+    "build_info",
+    # masked modeling
+    "mlm_mask", "span_mask", "MLMCollator",
+    # attention
+    "flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention",
+    # sampling
+    "sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept",
+    # denoising
+    "noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step", "ddim_step",
+    "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers",
+]

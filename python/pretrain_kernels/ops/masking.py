@@ -18,7 +18,7 @@ import torch
 
 from ._common import check_int, check_prob, check_same_device, is_compiling, resolve_seed
 
-_special_cache: dict = {}
+_special_cache: dict = {}  # (sorted ids, device) -> tensor, for special ids given as a list
 
 
 def _special_tensor(special_token_ids, device: torch.device):
@@ -33,15 +33,19 @@ def _special_tensor(special_token_ids, device: torch.device):
         t = special_token_ids.reshape(-1)
         if is_compiling():
             return torch.sort(t.to(torch.int64)).values
-        # The ops want them sorted; sort once per tensor version, not once per call.
-        key = ("tensor", t.data_ptr(), t._version, t.numel(), t.dtype, device)
-        hit = _special_cache.get(key)
-        if hit is None:
-            if len(_special_cache) > 64:
-                _special_cache.clear()
-            hit = torch.sort(t.to(torch.int64)).values
-            _special_cache[key] = hit
-        return hit
+        # The ops want them sorted; sort once per tensor and version, not once per call. The
+        # sorted copy lives on the tensor itself, so it goes when the tensor goes and can never be
+        # mistaken for another tensor's (a new tensor at a freed address); an in-place change
+        # bumps _version (shared by every view of the storage) and forces a new sort.
+        hit = getattr(special_token_ids, "_pk_sorted_special", None)
+        if hit is not None and hit[0] == special_token_ids._version and hit[1] == device:
+            return hit[2]
+        ids = torch.sort(t.to(torch.int64)).values
+        try:
+            special_token_ids._pk_sorted_special = (special_token_ids._version, device, ids)
+        except (AttributeError, RuntimeError):  # tensor subclasses that refuse attributes
+            pass
+        return ids
     if not isinstance(special_token_ids, Iterable):
         raise TypeError(f"special_token_ids: expected a list of ints or a tensor, got {type(special_token_ids).__name__}")
     ids = tuple(sorted({check_int("special_token_ids", i) for i in special_token_ids}))
