@@ -25,3 +25,14 @@ def test_cpu_kernels_follow_torch_threads():
     assert _C.parallel_threads() == 2
     torch.set_num_threads(1)
     assert _C.parallel_threads() == 1
+
+
+def test_generated_attention_instances_are_current():
+    """The per-(dtype, head dim) instance files and lists match their generator script."""
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "generate_attention_instances.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

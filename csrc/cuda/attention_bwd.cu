@@ -30,7 +30,7 @@
 //
 // float16 / bfloat16 without attn_mask use tensor cores (ldmatrix +
 // mma.sync m16n8k16, fp32 accumulation, the same fragment helpers as the forward in
-// attention_fwd.cuh): every warp owns 16 rows (queries for dQ, keys for dK/dV), and the
+// attention_ptx.cuh): every warp owns 16 rows (queries for dQ, keys for dK/dV), and the
 // score accumulators are reused as the A operand of the following product (P^T dO, dS K,
 // dS^T Q) after rounding to the input dtype, as FlashAttention does. At head_dim 256 the dK
 // and dV accumulators do not both fit in registers, so two dK/dV passes each recompute the

@@ -3,7 +3,7 @@
 // is instantiated once per (dtype, head dim) in csrc/cuda/instances/ so that the builds run in
 // parallel; attention_bwd.cu only declares the instances (attention_mma_instances.cuh).
 #pragma once
-#include "attention_fwd.cuh"
+#include "attention_tiles.cuh"
 
 namespace pk {
 namespace attention {

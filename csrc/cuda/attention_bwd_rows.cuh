@@ -2,7 +2,7 @@
 // head_dim up to 256): the path for float32, for attn_mask, and for GPUs before sm_80. See
 // attention_bwd.cu for the scheme.
 #pragma once
-#include "attention_fwd.cuh"
+#include "attention_common.cuh"
 
 namespace pk {
 namespace attention {

@@ -1,4 +1,4 @@
-// Device-side pieces shared by the CUDA attention kernels (attention_fwd.cuh,
+// Device-side pieces shared by the CUDA attention kernels (attention_fwd_*.cuh,
 // attention_bwd_*.cuh, attention_decode.cu): the problem description handed to every kernel,
 // per-sequence bookkeeping, the caller's mask and small warp helpers. It stays free of ATen so
 // that the per-(dtype, head dim) kernel files of csrc/cuda/instances/ compile quickly; the
@@ -188,6 +188,25 @@ __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+
+// Dot product of a float row in shared memory with a row of K in global memory.
+template <typename T>
+__device__ __forceinline__ float dot_row(const float* qs, const T* kr, int D, bool vec) {
+  float acc = 0.f;
+  if constexpr (sizeof(T) == 2) {
+    if (vec) {
+      for (int d = 0; d < D; d += 8) {
+        const uint4 u = *reinterpret_cast<const uint4*>(kr + d);
+        const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc = fmaf(qs[d + x], to_float<T>(e[x]), acc);
+      }
+      return acc;
+    }
+  }
+  for (int d = 0; d < D; ++d) acc = fmaf(qs[d], to_float<T>(kr[d]), acc);
+  return acc;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

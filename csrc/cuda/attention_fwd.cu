@@ -3,14 +3,14 @@
 //
 // The approach
 // ------------
-// float16 / bfloat16 run on tensor cores (fwd_mma_kernel in attention_fwd.cuh), the
+// float16 / bfloat16 run on tensor cores (fwd_mma_kernel in attention_fwd_mma.cuh), the
 // FlashAttention-2 scheme written with mma.sync m16n8k16 (sm_80+):
 //   * a block of 4 warps owns 128 query rows of one (sequence, head), two m-tiles of 16 rows
 //     per warp, so every K/V fragment read from shared memory feeds two mma; a row's
 //     online-softmax statistics never leave the 4 threads that hold it. Head dim 256 (whose
 //     accumulators would not fit in registers twice), decode and short chunks (at most 64
 //     rows) and calls with an attn_mask (its per-element reads need registers that two
-//     m-tiles hold) use 64-row blocks of one m-tile per warp (FwdTile in attention_fwd.cuh);
+//     m-tiles hold) use 64-row blocks of one m-tile per warp (FwdTile in attention_tiles.cuh);
 //     PK_ATTENTION_FWD_BLOCK_M=64 in the environment forces those everywhere;
 //   * Q, one key tile K (kBN x d) and one value tile V (kBN x d) live in shared memory (rows
 //     padded by 8 elements so that the fragment loads hit 32 different banks); kBN = 64 keys,
@@ -44,7 +44,8 @@
 
 #include "attention_host.cuh"
 
-#include "attention_fwd.cuh"
+#include "attention_combine.cuh"
+#include "attention_fwd_rows.cuh"
 #include "attention_mma_instances.cuh"
 
 namespace pk {

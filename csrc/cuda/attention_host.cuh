@@ -130,7 +130,7 @@ inline bool use_tensor_cores() {
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
-// Whether the tensor-core forward may use its 128-row blocks (attention_fwd.cuh, FwdTile):
+// Whether the tensor-core forward may use its 128-row blocks (attention_fwd_mma.cuh, FwdTile):
 // PK_ATTENTION_FWD_BLOCK_M=64 (csrc/common/env_knobs.h) keeps every launch on 64-row blocks,
 // to compare the two shapes on a new GPU.
 inline bool fwd_tall_blocks_allowed() { return !knobs::attention_fwd_block_m_64(); }

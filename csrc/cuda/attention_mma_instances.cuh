@@ -5,13 +5,10 @@
 // a missing file is a link error, not a silent fallback.
 #pragma once
 #include "attention_bwd_mma.cuh"
+#include "attention_fwd_mma.cuh"
 
-#define PK_ATTN_FWD_MMA_INSTANCES(X) \
-  X(__half, 32) X(__half, 64) X(__half, 96) X(__half, 128) X(__half, 256) \
-  X(__nv_bfloat16, 32) X(__nv_bfloat16, 64) X(__nv_bfloat16, 96) X(__nv_bfloat16, 128) X(__nv_bfloat16, 256)
-#define PK_ATTN_BWD_MMA_INSTANCES(X) \
-  X(__half, 32) X(__half, 64) X(__half, 96) X(__half, 128) X(__half, 256) \
-  X(__nv_bfloat16, 32) X(__nv_bfloat16, 64) X(__nv_bfloat16, 96) X(__nv_bfloat16, 128) X(__nv_bfloat16, 256)
+#define PK_ATTN_FWD_MMA_INSTANCES(X) X(__half, 32) X(__half, 64) X(__half, 96) X(__half, 128) X(__half, 256) X(__nv_bfloat16, 32) X(__nv_bfloat16, 64) X(__nv_bfloat16, 96) X(__nv_bfloat16, 128) X(__nv_bfloat16, 256)
+#define PK_ATTN_BWD_MMA_INSTANCES(X) X(__half, 32) X(__half, 64) X(__half, 96) X(__half, 128) X(__half, 256) X(__nv_bfloat16, 32) X(__nv_bfloat16, 64) X(__nv_bfloat16, 96) X(__nv_bfloat16, 128) X(__nv_bfloat16, 256)
 
 #define PK_ATTN_FWD_MMA_SIGNATURE(T, D) void launch_fwd_mma<T, D>(const Params&, int64_t, cudaStream_t)
 #define PK_ATTN_BWD_MMA_SIGNATURE(T, D)                                                                        \
