@@ -18,13 +18,7 @@
 #pragma once
 #include <cstdint>
 
-#ifndef PK_HD
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define PK_HD __host__ __device__ __forceinline__
-#else
-#define PK_HD inline
-#endif
-#endif
+#include "host_device.h"
 
 namespace pk {
 namespace attention {

@@ -13,11 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define PK_HD __host__ __device__ __forceinline__
-#else
-#define PK_HD inline
-#endif
+#include "host_device.h"
 
 namespace pk {
 
