@@ -26,10 +26,10 @@ inline void check_attn_mask(const at::Tensor& mk, int64_t batch, int64_t heads, 
 }
 
 // Points the kernel parameters at attn_mask (checked by check_layout): mask_bool or
-// mask_float, and its four strides m_sb, m_sh, m_si, m_sj (the CPU and CUDA Params share
+// mask_float, and its four strides m_sb, m_sh, m_si, m_sj (the CPU Problem and the CUDA AttnParams share
 // these names).
-template <typename Params>
-void set_attn_mask(Params& p, const at::Tensor& mk) {
+template <typename KernelParams>
+void set_attn_mask(KernelParams& p, const at::Tensor& mk) {
   if (mk.scalar_type() == at::kBool)
     p.mask_bool = mk.data_ptr<bool>();
   else

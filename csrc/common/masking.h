@@ -26,7 +26,7 @@ constexpr uint32_t kActionOffset = 0x4d4c4d03u;
 
 enum Action : int { kMask = 0, kRandom = 1, kKeep = 2 };
 
-struct Params {
+struct MaskParams {
   int64_t mask_token_id;
   int64_t vocab_size;
   float replace_prob;
@@ -55,7 +55,7 @@ PK_HD float action_uniform(uint64_t seed, int64_t row, int64_t pos) {
   return uniform_float(philox_draw(seed, token_index(row, pos), kActionOffset).v[0]);
 }
 
-PK_HD bool is_special(const Params& p, int64_t id) {
+PK_HD bool is_special(const MaskParams& p, int64_t id) {
   int64_t lo = 0, hi = p.n_special;  // binary search in the sorted list
   while (lo < hi) {
     const int64_t mid = (lo + hi) >> 1;
@@ -76,7 +76,7 @@ PK_HD int64_t count_specials_in_vocab(const int64_t* special, int64_t n, int64_t
 }
 
 // The r-th (0-based) vocab id that is not special.
-PK_HD int64_t nth_allowed_id(const Params& p, int64_t r) {
+PK_HD int64_t nth_allowed_id(const MaskParams& p, int64_t r) {
   for (int64_t i = 0; i < p.n_special; ++i) {
     const int64_t s = p.special[i];
     if (s < 0 || s >= p.vocab_size || (i > 0 && p.special[i - 1] == s)) continue;
@@ -88,18 +88,18 @@ PK_HD int64_t nth_allowed_id(const Params& p, int64_t r) {
 // A token may be selected when it is real (attention mask non-zero), inside the vocab
 // and not special. Ids outside [0, vocab_size) are never selected and stay unchanged: the
 // rule on both backends (the GPU cannot raise without a host sync).
-PK_HD bool eligible(const Params& p, int64_t id, bool attended) {
+PK_HD bool eligible(const MaskParams& p, int64_t id, bool attended) {
   return attended && id >= 0 && id < p.vocab_size && !is_special(p, id);
 }
 
-PK_HD int action_from_uniform(const Params& p, float u) {
+PK_HD int action_from_uniform(const MaskParams& p, float u) {
   if (u < p.replace_prob) return kMask;
   if (u < p.replace_prob + p.random_prob) return kRandom;
   return kKeep;
 }
 
 // New id of a selected token under an action.
-PK_HD int64_t apply_action(const Params& p, int action, int64_t id, int64_t row, int64_t pos) {
+PK_HD int64_t apply_action(const MaskParams& p, int action, int64_t id, int64_t row, int64_t pos) {
   if (action == kMask) return p.mask_token_id;
   if (action == kRandom && p.n_allowed > 0) {
     PhiloxStream s(p.seed, token_index(row, pos), kRandomTokenOffset);
@@ -138,7 +138,7 @@ PK_HD float row_rate(float r) { return r > 0.f ? (r < 1.f ? r : 1.f) : 0.f; }
 // keep, drawn from (seed, row, pos)) and its label is the original id; any other token is
 // copied and labelled -100.
 template <typename id_t>
-PK_HD void write_token(const Params& p, bool selected, id_t raw, int64_t row, int64_t pos, id_t* out, id_t* label) {
+PK_HD void write_token(const MaskParams& p, bool selected, id_t raw, int64_t row, int64_t pos, id_t* out, id_t* label) {
   if (selected) {
     const int action = action_from_uniform(p, action_uniform(p.seed, row, pos));
     *out = static_cast<id_t>(apply_action(p, action, static_cast<int64_t>(raw), row, pos));
@@ -164,7 +164,7 @@ PK_HD int span_length(PhiloxStream& s, float geometric_p, int max_span) {
 // budget = round(prob * n_eligible) tokens are selected. Each span gets one action
 // (mask / random / keep), as in SpanBERT; random tokens are drawn per token.
 template <typename id_t, typename label_t, typename attn_t>
-PK_HD void span_mask_row(const Params& p, const id_t* ids, const attn_t* attn, const bool* word_starts,
+PK_HD void span_mask_row(const MaskParams& p, const id_t* ids, const attn_t* attn, const bool* word_starts,
                          id_t* out, label_t* labels, int64_t L, int64_t row, double prob, float geometric_p,
                          int max_span) {
   int64_t n_eligible = 0;

@@ -85,9 +85,9 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
 // The kernel parameters both backends start from. The seed is the backend's business (a CPU
 // value, or read on the device); n_allowed needs the special ids, so it is counted here when
 // they are on the host and by the CUDA kernels otherwise.
-inline Params make_params(const CheckedInputs& c, int64_t mask_token_id, int64_t vocab_size, double replace_prob,
+inline MaskParams make_params(const CheckedInputs& c, int64_t mask_token_id, int64_t vocab_size, double replace_prob,
                           double random_prob) {
-  Params p;
+  MaskParams p;
   p.mask_token_id = mask_token_id;
   p.vocab_size = vocab_size;
   p.replace_prob = static_cast<float>(replace_prob);

@@ -21,7 +21,7 @@
 namespace pk {
 namespace {
 
-using masking::Params;
+using masking::MaskParams;
 
 // The common case (token units, Bernoulli selection) in blocks of 64 tokens: one
 // vectorised pass computes the 16 Philox blocks that hold their selection words, then
@@ -31,7 +31,7 @@ constexpr int kBlocks = 16;
 constexpr int kTokens = 4 * kBlocks;
 
 template <typename id_t>
-__attribute__((always_inline)) inline void bernoulli_row_body(const Params& p, const id_t* row, const bool* arow,
+__attribute__((always_inline)) inline void bernoulli_row_body(const MaskParams& p, const id_t* row, const bool* arow,
                                                               id_t* orow, id_t* lrow, int64_t L, int64_t b, float pr) {
   const uint32_t key0 = static_cast<uint32_t>(p.seed), key1 = static_cast<uint32_t>(p.seed >> 32);
   // Selection on the raw word: uniform_float(w) < pr  <=>  (w >> 8) < ceil(pr * 2^24).
@@ -52,19 +52,19 @@ __attribute__((always_inline)) inline void bernoulli_row_body(const Params& p, c
 
 #if PK_X86
 template <typename id_t>
-PK_TARGET_AVX512 void bernoulli_row_avx512(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
+PK_TARGET_AVX512 void bernoulli_row_avx512(const MaskParams& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
                                            int64_t L, int64_t b, float pr) {
   bernoulli_row_body(p, row, arow, orow, lrow, L, b, pr);
 }
 template <typename id_t>
-PK_TARGET_AVX2 void bernoulli_row_avx2(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
+PK_TARGET_AVX2 void bernoulli_row_avx2(const MaskParams& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow,
                                        int64_t L, int64_t b, float pr) {
   bernoulli_row_body(p, row, arow, orow, lrow, L, b, pr);
 }
 #endif
 
 template <typename id_t>
-void bernoulli_row(const Params& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow, int64_t L, int64_t b,
+void bernoulli_row(const MaskParams& p, const id_t* row, const bool* arow, id_t* orow, id_t* lrow, int64_t L, int64_t b,
                    float pr) {
 #if PK_X86
   if (cpu::has_isa(cpu::Isa::kAvx512)) return bernoulli_row_avx512(p, row, arow, orow, lrow, L, b, pr);
@@ -74,7 +74,7 @@ void bernoulli_row(const Params& p, const id_t* row, const bool* arow, id_t* oro
 }
 
 template <typename id_t>
-void mlm_mask_rows(const Params& p, const masking::CheckedInputs& c, double prob, bool exact_count,
+void mlm_mask_rows(const MaskParams& p, const masking::CheckedInputs& c, double prob, bool exact_count,
                    int64_t max_predictions, at::Tensor& out, at::Tensor& labels) {
   const int64_t B = c.ids.size(0), L = c.ids.size(1);
   const id_t* ids = c.ids.data_ptr<id_t>();
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids,
   auto labels = at::empty_like(c.ids);
   if (c.ids.numel() == 0) return {out, labels};
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
-  Params p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
+  MaskParams p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
   p.seed = s;
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "mlm_mask_cpu", [&] {
     mlm_mask_rows<index_t>(p, c, mask_prob, exact_count, max_predictions, out, labels);
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
   auto labels = at::full_like(c.ids, -100);
   if (c.ids.numel() == 0) return {out, labels};
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
-  Params p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
+  MaskParams p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
   p.seed = s;
   const int64_t B = c.ids.size(0), L = c.ids.size(1);
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "span_mask_cpu", [&] {

@@ -54,7 +54,7 @@ namespace {
 // ---- launchers ------------------------------------------------------------------------------
 
 template <typename T, int kDPL>
-void launch_bwd_rows(const Params& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
+void launch_bwd_rows(const AttnParams& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
                      int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
   const dim3 gk(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, ceil_div(k_bound * p.Hk, 4)), 1 << 30)),
                 1, static_cast<unsigned>(std::min<int64_t>(p.batch, 65535)));
@@ -76,7 +76,7 @@ int bwd_dq_mode() {
 }
 
 template <typename T>
-void backward_typed(const Params& p, bool tensor_cores, const at::Tensor& dout, const at::Tensor& out,
+void backward_typed(const AttnParams& p, bool tensor_cores, const at::Tensor& dout, const at::Tensor& out,
                     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, at::Tensor& Di, at::Tensor& dq,
                     at::Tensor& dk, at::Tensor& dv, int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
   const T* dout_p = static_cast<const T*>(dout.data_ptr());
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
   Layout l;
-  Params p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, &l);
+  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, &l);
   check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, at::kFloat, dev);
   const std::vector<int64_t> lse_shape(lse_in.sizes().begin(), lse_in.sizes().end());
   std::optional<at::Tensor> dlse;

@@ -102,7 +102,7 @@ __device__ __forceinline__ void turn_post(int* turn, int value) {
 
 // dQ for 64 query rows of one head per block.
 template <typename T, int kD>
-__global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const AttnParams p, const T* __restrict__ dout,
                                                                  const float* __restrict__ lse,
                                                                  const float* __restrict__ Di, T* __restrict__ dq) {
   using Tile = BwdTile<kD>;
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const Params p,
 // dK and/or dV (kPart) for 64 keys of one kv head per block; with kDq != kDqSeparate the
 // pass that computes dS also adds its share of dQ = dS K into dqa.acc (see DqMode).
 template <typename T, int kD, int kPart, int kDq>
-__global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const AttnParams p, const T* __restrict__ dout,
                                                                    const float* __restrict__ lse,
                                                                    const float* __restrict__ Di, T* __restrict__ dk,
                                                                    T* __restrict__ dv, const DqAccum dqa) {
@@ -452,7 +452,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const Params 
 // ---- launcher -------------------------------------------------------------------------------
 
 template <typename T, int kD>
-void launch_bwd_mma(const Params& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
+void launch_bwd_mma(const AttnParams& p, const T* dout, const float* lse, const float* Di, T* dq, T* dk, T* dv,
                     int64_t q_bound, int64_t k_bound, const DqAccum& dqa, cudaStream_t stream) {
   using Tile = BwdTile<kD>;
   const auto dkdv = [&](auto kernel, int smem) {

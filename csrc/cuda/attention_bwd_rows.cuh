@@ -11,7 +11,7 @@ namespace cuda {
 // Di = rowsum(dO * O) - dlse, laid out like lse. One warp per (token, head); dout and out are
 // contiguous (tokens, H, Dv).
 template <typename T>
-__global__ void __launch_bounds__(128) bwd_dot_kernel(const Params p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(128) bwd_dot_kernel(const AttnParams p, const T* __restrict__ dout,
                                                       const T* __restrict__ out, const float* __restrict__ dlse,
                                                       float* __restrict__ Di) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(128) bwd_dot_kernel(const Params p, const T* _
 // dQ: one warp per (query row, head). Keys go by 32 at a time, a lane per key:
 //   p = exp(s - lse), dp = dO . v, ds = p (dp - Di); then dq += ds k over the lanes' keys.
 template <typename T, int kDPL>
-__global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const Params p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, const T* __restrict__ dout,
                                                           const float* __restrict__ lse, const float* __restrict__ Di,
                                                           T* __restrict__ dq) {
   __shared__ float q_sh[4][32 * kDPL];
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const Params p, const 
 // see the key go by 32 at a time, a lane per query:
 //   p = exp(s - lse), dp = dO . v, ds = p (dp - Di); dv += p dO, dk += ds q.
 template <typename T, int kDPL>
-__global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const Params p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const AttnParams p, const T* __restrict__ dout,
                                                             const float* __restrict__ lse,
                                                             const float* __restrict__ Di, T* __restrict__ dk,
                                                             T* __restrict__ dv) {

@@ -12,7 +12,7 @@ namespace cuda {
 // One warp per (token, head): out = sum_s e^(lse_s - lse) out_s, lse = log sum_s e^lse_s.
 // Splits that saw no key (lse_s = -inf) are skipped, so their partial rows are never read.
 template <typename T>
-__global__ void __launch_bounds__(128) combine_kernel(const Params p) {
+__global__ void __launch_bounds__(128) combine_kernel(const AttnParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t rows = p.total_q * p.H;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp; r < rows; r += static_cast<int64_t>(gridDim.x) * 4) {

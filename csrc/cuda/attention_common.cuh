@@ -31,7 +31,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxSplits = 64;
 
 // Everything a kernel needs to know about one call. Element strides are in elements.
-struct Params {
+struct AttnParams {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -84,7 +84,7 @@ struct Seq {
 
 __device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-__device__ __forceinline__ Seq seq_info(const Params& p, int64_t b) {
+__device__ __forceinline__ Seq seq_info(const AttnParams& p, int64_t b) {
   Seq s;
   if (p.cu_q != nullptr) {
     const int64_t q0 = clamp64(p.cu_q[b], 0, p.total_q), q1 = clamp64(p.cu_q[b + 1], q0, p.total_q);
@@ -114,12 +114,12 @@ __device__ __forceinline__ Seq seq_info(const Params& p, int64_t b) {
   return s;
 }
 
-__device__ __forceinline__ int64_t lse_index(const Params& p, int64_t b, const Seq& s, int h, int64_t i) {
+__device__ __forceinline__ int64_t lse_index(const AttnParams& p, int64_t b, const Seq& s, int h, int64_t i) {
   return p.cu_q != nullptr ? h * p.total_q + s.tok0 + i : (b * p.H + h) * p.sq + i;
 }
 
 // lse index of (token, head) without the sequence (used by the per-token passes).
-__device__ __forceinline__ int64_t lse_index_tok(const Params& p, int64_t tok, int h) {
+__device__ __forceinline__ int64_t lse_index_tok(const AttnParams& p, int64_t tok, int h) {
   if (p.cu_q != nullptr) return h * p.total_q + tok;
   const int64_t b = tok / p.sq, i = tok - b * p.sq;
   return (b * p.H + h) * p.sq + i;
@@ -127,24 +127,24 @@ __device__ __forceinline__ int64_t lse_index_tok(const Params& p, int64_t tok, i
 
 // Score adjustment from the caller's mask, in base-2 units: 0, -inf, or mask * log2(e), for
 // the element at offset `off` (mask_row_offset + j * m_sj).
-__device__ __forceinline__ float mask_log2_at(const Params& p, int64_t off) {
+__device__ __forceinline__ float mask_log2_at(const AttnParams& p, int64_t off) {
   if (p.mask_bool != nullptr) return p.mask_bool[off] ? 0.f : -INFINITY;
   if (p.mask_float != nullptr) return p.mask_float[off] * kLog2e;
   return 0.f;
 }
-__device__ __forceinline__ int64_t mask_row_offset(const Params& p, int64_t b, int h, int64_t i) {
+__device__ __forceinline__ int64_t mask_row_offset(const AttnParams& p, int64_t b, int h, int64_t i) {
   return b * p.m_sb + h * p.m_sh + i * p.m_si;
 }
-__device__ __forceinline__ float mask_log2(const Params& p, int64_t b, int h, int64_t i, int64_t j) {
+__device__ __forceinline__ float mask_log2(const AttnParams& p, int64_t b, int h, int64_t i, int64_t j) {
   return mask_log2_at(p, mask_row_offset(p, b, h, i) + j * p.m_sj);
 }
 
-__device__ __forceinline__ Window seq_window(const Params& p, const Seq& s) {
+__device__ __forceinline__ Window seq_window(const AttnParams& p, const Seq& s) {
   return make_window(p.window_left, p.window_right, p.bottom_right, s.lq, s.lk);
 }
 
 // Keys [lo, hi) that split `split` of a query block's interval [kb, ke) covers.
-__device__ __forceinline__ void split_range(const Params& p, int split, int64_t kb, int64_t ke, int64_t& lo,
+__device__ __forceinline__ void split_range(const AttnParams& p, int split, int64_t kb, int64_t ke, int64_t& lo,
                                             int64_t& hi) {
   if (p.n_splits <= 1) {
     lo = kb;
@@ -214,8 +214,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Tensor-core forward layout: the head groups a grid row walks (query heads, or kv heads
 // when pack_gqa puts a GQA group's heads in one block), and the block rows per group for
 // sequences of up to q_bound queries.
-PK_HD int fwd_row_groups(const Params& p) { return p.pack_gqa ? p.Hk : p.H; }
-PK_HD int64_t fwd_group_rows(const Params& p, int64_t q_bound) {
+PK_HD int fwd_row_groups(const AttnParams& p) { return p.pack_gqa ? p.Hk : p.H; }
+PK_HD int64_t fwd_group_rows(const AttnParams& p, int64_t q_bound) {
   return p.pack_gqa ? q_bound * (p.H / p.Hk) : q_bound;
 }
 

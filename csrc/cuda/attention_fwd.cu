@@ -63,7 +63,7 @@ int padded_head_dim(int d) {
 }
 
 template <typename T, int kDPL>
-void launch_rows(const Params& p, int64_t q_bound, cudaStream_t stream) {
+void launch_rows(const AttnParams& p, int64_t q_bound, cudaStream_t stream) {
   const int64_t blocks = std::max<int64_t>(1, ceil_div(q_bound * p.H, 4));
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)),
                   static_cast<unsigned>(std::min<int64_t>(p.n_splits, 65535)),
@@ -73,7 +73,7 @@ void launch_rows(const Params& p, int64_t q_bound, cudaStream_t stream) {
 }
 
 template <typename T>
-void launch_rows_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
+void launch_rows_any(const AttnParams& p, int64_t q_bound, cudaStream_t stream) {
   const int d = std::max(p.D, p.Dv);
   if (d <= 32)
     launch_rows<T, 1>(p, q_bound, stream);
@@ -86,7 +86,7 @@ void launch_rows_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
 }
 
 template <typename T>
-void launch_mma_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
+void launch_mma_any(const AttnParams& p, int64_t q_bound, cudaStream_t stream) {
   switch (padded_head_dim(std::max(p.D, p.Dv))) {
     case 32: launch_fwd_mma<T, 32>(p, q_bound, stream); break;
     case 64: launch_fwd_mma<T, 64>(p, q_bound, stream); break;
@@ -97,14 +97,14 @@ void launch_mma_any(const Params& p, int64_t q_bound, cudaStream_t stream) {
 }
 
 template <typename T>
-void launch_combine(const Params& p, cudaStream_t stream) {
+void launch_combine(const AttnParams& p, cudaStream_t stream) {
   const int64_t blocks = std::max<int64_t>(1, ceil_div(p.total_q * p.H, 4));
   PK_LAUNCH(static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)), 128, 0, stream, combine_kernel<T>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_bound, const at::Tensor& like,
+void forward_typed(AttnParams& p, bool tensor_cores, int64_t q_bound, int64_t k_bound, const at::Tensor& like,
                    cudaStream_t stream) {
   int64_t blocks, key_block;
   if (tensor_cores) {
@@ -145,7 +145,7 @@ void forward_typed(Params& p, bool tensor_cores, int64_t q_bound, int64_t k_boun
 
 }  // namespace
 
-void run_forward(Params& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like) {
+void run_forward(AttnParams& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like) {
   if (p.total_q == 0 || p.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool sm80 = use_tensor_cores();
@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
-  Params p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
+  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
   const bool varlen = cu_q.has_value();
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;

@@ -11,7 +11,7 @@ namespace cuda {
 // ---- tensor-core forward --------------------------------------------------------------------
 
 template <typename T, int kD, int kMT>
-__global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(const Params p) {
+__global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(const AttnParams p) {
   using Tile = FwdTile<kD, kMT>;
   constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kLd = Tile::kLd, kThreads = Tile::kThreads;
   constexpr int kWR = 16 * kMT;  // rows per warp
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
 }
 
 template <typename T, int kD, int kMT>
-void launch_fwd_mma_tiles(const Params& p, int64_t q_bound, cudaStream_t stream) {
+void launch_fwd_mma_tiles(const AttnParams& p, int64_t q_bound, cudaStream_t stream) {
   using Tile = FwdTile<kD, kMT>;
   const auto kernel = fwd_mma_kernel<T, kD, kMT>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
@@ -248,7 +248,7 @@ void launch_fwd_mma_tiles(const Params& p, int64_t q_bound, cudaStream_t stream)
 // instantiated once per (dtype, head dim) in csrc/cuda/instances/ (see
 // attention_mma_instances.cuh).
 template <typename T, int kD>
-void launch_fwd_mma(const Params& p, int64_t q_bound, cudaStream_t stream) {
+void launch_fwd_mma(const AttnParams& p, int64_t q_bound, cudaStream_t stream) {
   if constexpr (kD <= 128) {
     if (p.fwd_tall) return launch_fwd_mma_tiles<T, kD, 2>(p, q_bound, stream);
   }

@@ -13,7 +13,7 @@ namespace cuda {
 // One warp per (query row, head, split); a lane per key for the scores, a lane per
 // head-dim slot for the output. kDPL: head-dim slots per lane (D, Dv <= 32 kDPL).
 template <typename T, int kDPL>
-__global__ void __launch_bounds__(128) fwd_rows_kernel(const Params p) {
+__global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
   __shared__ float q_sh[4][32 * kDPL];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* qs = q_sh[warp];

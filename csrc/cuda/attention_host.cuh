@@ -1,5 +1,5 @@
 // Host side of the CUDA attention ops (attention_fwd.cu, attention_bwd.cu, attention_decode.cu):
-// argument checks that fill Params, the choice between tensor-core and SIMT kernels, and the
+// argument checks that fill AttnParams, the choice between tensor-core and SIMT kernels, and the
 // split-KV decision. Kernel-only files include attention_common.cuh instead.
 #pragma once
 #include <ATen/ATen.h>
@@ -54,16 +54,16 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
 }
 
 // Checks the arguments of a forward/backward call (check_layout, csrc/common/attention_checks.h)
-// and fills Params (tensors, shapes, strides, mask, window). q/k/v may be replaced by copies
+// and fills AttnParams (tensors, shapes, strides, mask, window). q/k/v may be replaced by copies
 // with a contiguous last dimension and the cu_seqlens by contiguous ones; the caller keeps them
 // alive. `layout`, when given, receives the checked shapes.
-inline Params make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
+inline AttnParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                           std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
                           int64_t window_left, int64_t window_right, bool bottom_right, Layout* layout = nullptr) {
   TORCH_CHECK(on_kernel_device(q), "q: expected a CUDA tensor, got one on ", q.device());
   const Layout l = check_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, q.device(), false);
   if (layout != nullptr) *layout = l;
-  Params p;
+  AttnParams p;
   p.batch = static_cast<int>(l.batch);
   p.H = static_cast<int>(l.H);
   p.Hk = static_cast<int>(l.Hk);
@@ -108,12 +108,12 @@ inline Params make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::opti
 // Upper bound of the query length of any sequence (the launch grid's extent): the dense
 // length, max_seqlen_q when the caller gives it, else the token count. Kernels loop over
 // query blocks with a grid stride, so a bound that is too small costs time, never results.
-inline int64_t query_bound(const Params& p, int64_t max_seqlen_q) {
+inline int64_t query_bound(const AttnParams& p, int64_t max_seqlen_q) {
   if (p.cu_q == nullptr) return p.sq;
   return max_seqlen_q > 0 ? std::min(max_seqlen_q, p.total_q) : p.total_q;
 }
 
-inline int64_t key_bound(const Params& p, int64_t max_seqlen_k) {
+inline int64_t key_bound(const AttnParams& p, int64_t max_seqlen_k) {
   if (p.cu_k == nullptr) return p.sk;
   return max_seqlen_k > 0 ? std::min(max_seqlen_k, p.total_k) : p.total_k;
 }
@@ -121,7 +121,7 @@ inline int64_t key_bound(const Params& p, int64_t max_seqlen_k) {
 // Launchers (attention_fwd.cu). run_forward: out and lse (or the split partials and then
 // the combine pass) for any dtype; q_bound / k_bound: upper bounds of the per-sequence
 // lengths (grid extent and split choice).
-void run_forward(Params& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like);
+void run_forward(AttnParams& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like);
 
 // Whether float16 / bfloat16 may use the tensor-core kernels: sm_80 or newer, unless
 // PK_ATTENTION_CUDA_PATH=simt (csrc/common/env_knobs.h) sends every dtype to the SIMT kernels.
@@ -139,7 +139,7 @@ inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProc
 
 // Split-KV factor: cut each query's key range when the grid has too few blocks to fill the
 // GPU (decode, batch 1 with long keys). Keys per split are a multiple of `key_block`.
-inline void choose_splits(Params& p, int64_t blocks, int64_t max_keys, int64_t key_block) {
+inline void choose_splits(AttnParams& p, int64_t blocks, int64_t max_keys, int64_t key_block) {
   p.n_splits = 1;
   p.split_keys = 0;
   const int64_t target = 2 * static_cast<int64_t>(sm_count());

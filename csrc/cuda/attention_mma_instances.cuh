@@ -10,9 +10,9 @@
 #define PK_ATTN_FWD_MMA_INSTANCES(X) X(__half, 32) X(__half, 64) X(__half, 96) X(__half, 128) X(__half, 256) X(__nv_bfloat16, 32) X(__nv_bfloat16, 64) X(__nv_bfloat16, 96) X(__nv_bfloat16, 128) X(__nv_bfloat16, 256)
 #define PK_ATTN_BWD_MMA_INSTANCES(X) X(__half, 32) X(__half, 64) X(__half, 96) X(__half, 128) X(__half, 256) X(__nv_bfloat16, 32) X(__nv_bfloat16, 64) X(__nv_bfloat16, 96) X(__nv_bfloat16, 128) X(__nv_bfloat16, 256)
 
-#define PK_ATTN_FWD_MMA_SIGNATURE(T, D) void launch_fwd_mma<T, D>(const Params&, int64_t, cudaStream_t)
+#define PK_ATTN_FWD_MMA_SIGNATURE(T, D) void launch_fwd_mma<T, D>(const AttnParams&, int64_t, cudaStream_t)
 #define PK_ATTN_BWD_MMA_SIGNATURE(T, D)                                                                        \
-  void launch_bwd_mma<T, D>(const Params&, const T*, const float*, const float*, T*, T*, T*, int64_t, int64_t, \
+  void launch_bwd_mma<T, D>(const AttnParams&, const T*, const float*, const float*, T*, T*, T*, int64_t, int64_t, \
                             const DqAccum&, cudaStream_t)
 
 namespace pk {

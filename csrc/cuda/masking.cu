@@ -27,10 +27,10 @@
 namespace pk {
 namespace {
 
-using masking::Params;
+using masking::MaskParams;
 
 struct DeviceArgs {
-  Params p;
+  MaskParams p;
   const int64_t* seed_dev;  // when the seed lives on the GPU (graph capture with fresh seeds)
   const float* prob_rows;
   double prob;  // the scalar rate in double: exact counts round prob * n like Python
@@ -40,8 +40,8 @@ struct DeviceArgs {
   int64_t max_predictions;
 };
 
-__device__ __forceinline__ Params resolve(const DeviceArgs& a) {
-  Params p = a.p;
+__device__ __forceinline__ MaskParams resolve(const DeviceArgs& a) {
+  MaskParams p = a.p;
   if (a.seed_dev != nullptr) p.seed = static_cast<uint64_t>(*a.seed_dev);
   p.n_allowed = p.vocab_size - masking::count_specials_in_vocab(p.special, p.n_special, p.vocab_size);
   return p;
@@ -52,7 +52,7 @@ __device__ __forceinline__ Params resolve(const DeviceArgs& a) {
 template <typename id_t>
 __global__ void mlm_mask_flat_kernel(DeviceArgs a, const id_t* __restrict__ ids, id_t* __restrict__ out,
                                      id_t* __restrict__ labels) {
-  const Params p = resolve(a);
+  const MaskParams p = resolve(a);
   const int64_t groups_per_row = (a.L + 3) >> 2;
   const int64_t n = a.B * groups_per_row;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kRowThreads)
   __shared__ int64_t s_remaining;
   __shared__ int s_carry;
 
-  const Params p = resolve(a);
+  const MaskParams p = resolve(a);
   const int64_t b = blockIdx.x;
   const int64_t L = a.L;
   const id_t* row = ids + b * L;
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename id_t>
 __global__ void span_mask_kernel(DeviceArgs a, float geometric_p, int max_span, const id_t* __restrict__ ids,
                                  id_t* __restrict__ out, id_t* __restrict__ labels) {
-  const Params p = resolve(a);
+  const MaskParams p = resolve(a);
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (b >= a.B) return;
   const int64_t L = a.L;
