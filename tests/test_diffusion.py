@@ -271,6 +271,84 @@ def test_ddim_step(device, prediction_type, eta, clip, use_clipped):
         assert rel(x0, out.pred_original_sample) < 1e-5
 
 
+def _assert_matches_with_infinities(got, want, tol):
+    """Finite exactly where `want` is, equal (signed infinities) where it is not, close elsewhere."""
+    got, want = got.cpu().double(), want.double()
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), fin)
+    assert torch.equal(got[~fin].nan_to_num(), want[~fin].nan_to_num())
+    assert rel(got[fin], want[fin]) < tol
+
+
+ZERO_SNR_DDIM = [(True, False, 0.0), (True, True, 0.7), (False, False, 0.0), (False, True, 0.0), (True, False, 1.0)]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip,use_clipped,eta", ZERO_SNR_DDIM)
+def test_ddim_step_zero_terminal_snr(device, prediction_type, clip, use_clipped, eta):
+    # alphas_cumprod[999] == 0: epsilon prediction divides by sqrt(0) for x0, which clipping
+    # brings back to [-1, 1] in diffusers; the kernel gets the same finite sample (it used to
+    # compute inf - inf), and the same infinities without clipping.
+    d = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                prediction_type=prediction_type, clip_sample=clip)
+    d.set_timesteps(10)
+    assert float(d.alphas_cumprod[999]) == 0.0 and int(d.timesteps[0]) == 999
+    acp = pk.noise_schedule("linear", rescale_zero_terminal_snr=True)
+    d.alphas_cumprod = acp.clone()  # diffusers in float64 (at eta = 1 its float32 sqrt(1 - a - std^2) is noise)
+    d.final_alpha_cumprod = d.final_alpha_cumprod.double()
+    seed = 60 + int(eta * 10)
+    x, mo, noise = randn(3, 4, 5, seed=seed), randn(3, 4, 5, seed=seed + 1) * 2, randn(3, 4, 5, seed=seed + 2)
+    for t in (999, int(d.timesteps[1])):
+        out = d.step(mo.double(), t, x.double(), eta=eta, use_clipped_model_output=use_clipped,
+                     variance_noise=noise.double() if eta else None)
+        got, x0 = pk.ddim_step(mo.to(device), x.to(device), t, t - 100, acp.to(device), eta=eta,
+                               prediction_type=prediction_type, clip_sample=clip,
+                               use_clipped_model_output=use_clipped, noise=noise.to(device) if eta else None)
+        if clip or prediction_type != "epsilon":
+            assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(x0).all())
+        _assert_matches_with_infinities(got, out.prev_sample, 1e-5)
+        _assert_matches_with_infinities(x0, out.pred_original_sample, 1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("variance_type,clip", [("fixed_small", True), ("fixed_large", True), ("fixed_small", False)])
+def test_ddpm_step_zero_terminal_snr(device, prediction_type, variance_type, clip):
+    d = diffusers.DDPMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip)
+    d.set_timesteps(10)
+    acp = pk.noise_schedule("linear", rescale_zero_terminal_snr=True)
+    x, mo = randn(3, 4, 5, seed=70), randn(3, 4, 5, seed=71) * 2
+    out = d.step(mo, 999, x, generator=gen(72))
+    noise = torch.randn(x.shape, generator=gen(72))
+    got, x0 = pk.ddpm_step(mo.to(device), x.to(device), 999, int(d.previous_timestep(999)), acp.to(device),
+                           prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip,
+                           noise=noise.to(device))
+    if clip or prediction_type != "epsilon":
+        assert bool(torch.isfinite(got).all())
+    _assert_matches_with_infinities(got, out.prev_sample, 1e-5)
+    _assert_matches_with_infinities(x0, out.pred_original_sample, 1e-5)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("DDIMScheduler", dict()), ("EulerDiscreteScheduler", dict(prediction_type="v_prediction")),
+    ("DPMSolverMultistepScheduler", dict()), ("DPMSolverMultistepScheduler", dict(prediction_type="v_prediction"))])
+def test_scheduler_first_steps_zero_terminal_snr(name, kwargs):
+    # The first steps of a trailing zero-SNR schedule (t = 999 first) through the scheduler
+    # classes: finite and equal to diffusers.
+    theirs = getattr(diffusers, name)(rescale_betas_zero_snr=True, timestep_spacing="trailing", **kwargs)
+    ours = getattr(pk.schedulers, name).from_config(theirs.config)
+    theirs.set_timesteps(10)
+    ours.set_timesteps(10)
+    a = randn(2, 3, 6, seed=73) * float(getattr(theirs, "init_noise_sigma", 1.0))
+    b = a.clone()
+    for t, t2 in list(zip(theirs.timesteps, ours.timesteps))[:3]:
+        ia = theirs.scale_model_input(a, t) if hasattr(theirs, "scale_model_input") else a
+        a = theirs.step(_fake_model(ia, t), t, a).prev_sample
+        b = ours.step(_fake_model(ours.scale_model_input(b, t2), t2), t2, b).prev_sample
+        assert bool(torch.isfinite(b).all())
+        assert rel(b, a) < 1e-5
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("churn", [0.0, 40.0])
 def test_euler_step(device, prediction_type, churn):
