@@ -767,6 +767,105 @@ def test_bad_inputs():
     assert pk.ddim_step(e, e, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), acp)[0].shape == (0, 3)
 
 
+_X, _MO = torch.randn(2, 3, generator=gen(80)), torch.randn(2, 3, generator=gen(81))
+_ACP = pk.noise_schedule("linear")
+_T = lambda v: torch.tensor(v)  # noqa: E731
+INF, NAN = math.inf, math.nan
+# (call, exception, message): each scalar knob, through the wrapper (ValueError) and the raw op
+# (RuntimeError, the check in csrc/common/diffusion_ops.h that both backends share).
+BAD_KNOBS = [
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, eta=INF), ValueError, "eta: expected a finite value >= 0, got inf"),
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, eta=NAN), ValueError, "eta: expected a finite value >= 0"),
+    (lambda: OPS.ddim_step(_MO, _X, _T(10), _T(0), _ACP, _X, None, 1.0, INF, "epsilon", True, 1.0, False),
+     RuntimeError, "eta: expected a finite value >= 0, got inf"),
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, final_alpha_cumprod=NAN), ValueError, "final_alpha_cumprod"),
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, clip_sample_range=INF), ValueError,
+     "clip_sample_range: expected a finite value > 0, got inf"),
+    (lambda: OPS.ddim_step(_MO, _X, _T(10), _T(0), _ACP, None, None, 1.0, 0.0, "epsilon", True, NAN, False),
+     RuntimeError, "clip_sample_range: expected a finite value > 0, got nan"),
+    (lambda: pk.ddpm_step(_MO, _X, 10, 0, _ACP, clip_sample_range=NAN), ValueError, "clip_sample_range"),
+    (lambda: OPS.ddpm_step(_MO, _X, _T(10), _T(0), _ACP, _X, None, "epsilon", "fixed_small", True, INF),
+     RuntimeError, "clip_sample_range: expected a finite value > 0, got inf"),
+    (lambda: pk.heun_step(_MO, _X, 2.0, 1.0, clip_sample=True, clip_sample_range=-INF), ValueError,
+     "clip_sample_range"),
+    (lambda: OPS.heun_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", True, INF), RuntimeError,
+     "clip_sample_range: expected a finite value > 0, got inf"),
+    (lambda: pk.diffusion_loss(_X, _MO, gamma=INF), ValueError, "gamma: expected a finite value > 0, got inf"),
+    (lambda: pk.diffusion_loss(_X, _MO, _T([3, 4]), _ACP, weighting="min_snr", gamma=0.0), ValueError, "gamma"),
+    (lambda: OPS.diffusion_loss(_X, _MO, _T([3, 4]), _ACP, "min_snr", INF, "epsilon"), RuntimeError,
+     "gamma: expected a finite value > 0, got inf"),
+    (lambda: OPS.diffusion_loss(_X, _MO, None, None, "none", NAN, "epsilon"), RuntimeError,
+     "gamma: expected a finite value > 0, got nan"),
+    (lambda: OPS.diffusion_loss_backward(_T([1.0, 1.0]), _X, _MO, None, None, "none", INF, "epsilon"), RuntimeError,
+     "gamma: expected a finite value > 0"),
+    (lambda: pk.euler_step(_MO, _X, 2.0, 1.0, s_noise=INF), ValueError, "s_noise: expected a finite value, got inf"),
+    (lambda: pk.euler_step(_MO, _X, 2.0, 1.0, s_tmin=NAN), ValueError, "s_tmin: expected a number"),
+    (lambda: pk.euler_step(_MO, _X, 2.0, 1.0, s_tmax=NAN), ValueError, "s_tmax: expected a number"),
+    (lambda: OPS.euler_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", 0.0, NAN, INF, 1.0), RuntimeError,
+     "s_tmin: expected a number"),
+    (lambda: OPS.euler_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", 0.0, 0.0, NAN, 1.0), RuntimeError,
+     "s_tmax: expected a number"),
+    (lambda: OPS.euler_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", 0.0, 0.0, INF, NAN), RuntimeError,
+     "s_noise: expected a finite value, got nan"),
+    (lambda: pk.dpmpp_2m_step(_MO, _X, 1.5, 0.5, flow_sigmas=True), ValueError,
+     r"sigma: expected values in \[0, 1\] with flow_sigmas=True, got 1.5"),
+    (lambda: pk.dpmpp_2m_step(_MO, _X, 0.5, _T([0.2, -0.1]), flow_sigmas=True), ValueError,
+     r"sigma_next: expected values in \[0, 1\] with flow_sigmas=True, got -0.1"),
+    (lambda: pk.dpmpp_2m_step(_MO, _X, 0.5, 0.2, prev_x0=_X, sigma_prev=NAN, flow_sigmas=True), ValueError,
+     "sigma_prev: expected values in"),
+    (lambda: OPS.dpmpp_2m_step(_MO, _X, None, None, _T([0.5, NAN]), _T(0.2), None, None, "flow_prediction",
+                               "dpmsolver++", "midpoint", 1, True), RuntimeError,
+     r"sigma: expected values in \[0, 1\] with flow_sigmas=True, got nan at sample 1"),
+    (lambda: OPS.dpmpp_2m_step(_MO, _X, _X, _T(1.01), _T(0.5), _T(0.2), None, None, "flow_prediction",
+                               "dpmsolver++", "midpoint", 2, True), RuntimeError, "sigma_prev: expected values in"),
+    (lambda: pk.sample_timesteps(4, kind="logit_normal", logit_mean=NAN), ValueError, "logit_mean"),
+    (lambda: pk.sample_timesteps(4, kind="logit_normal", logit_std=INF), ValueError, "logit_std"),
+    (lambda: pk.sample_timesteps(4, kind="mode", mode_scale=NAN), ValueError, "mode_scale"),
+    (lambda: pk.sample_timesteps(4, kind="mode", shift=INF), ValueError, "shift"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD_KNOBS, ids=[f"{i}-{b[2].split(':')[0]}" for i, b in
+                                                           enumerate(BAD_KNOBS)])
+def test_bad_knobs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_flow_sigmas_in_range_accepted():
+    # the ends of [0, 1] are valid flow sigmas (sigma_next = 0 is the last step)
+    x, mo = randn(2, 5, seed=82), randn(2, 5, seed=83)
+    out, x0 = pk.dpmpp_2m_step(mo, x, 1.0, 0.0, prediction_type="flow_prediction", flow_sigmas=True)
+    assert bool(torch.isfinite(out).all()) and torch.allclose(out, x0)
+    out, _ = pk.dpmpp_2m_step(mo, x, torch.tensor([0.5, 0.25]), 0.1, prev_x0=x0, sigma_prev=1.0,
+                              prediction_type="flow_prediction", flow_sigmas=True)
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("order", [1, 2])
+def test_flow_sigmas_out_of_range_on_device_give_nan(order):
+    # Device sigmas are not read on the host: the documented rule is NaN outputs for a sample
+    # whose sigma is outside [0, 1], the other samples as in a call without it.
+    x, mo, p = (randn(4, 6, seed=s, device="cuda") for s in (84, 85, 86))
+    good = torch.tensor([0.6, 0.5, 0.4, 0.3], device="cuda")
+    nxt = torch.tensor([0.5, 0.4, 0.3, 0.2], device="cuda")
+    bad = good.clone()
+    bad[1], bad[3] = 1.5, float("nan")
+    kw = dict(prediction_type="flow_prediction", flow_sigmas=True)
+    if order == 2:
+        kw.update(prev_x0=p, sigma_prev=torch.full((4,), 0.7, device="cuda"))
+    want, want_x0 = pk.dpmpp_2m_step(mo, x, good, nxt, **kw)
+    got, got_x0 = pk.dpmpp_2m_step(mo, x, bad, nxt, **kw)
+    for g, w in ((got, want), (got_x0, want_x0)):
+        assert bool(g[[1, 3]].isnan().all())
+        assert torch.equal(g[[0, 2]], w[[0, 2]])
+    if order == 2:
+        kw["sigma_prev"] = torch.tensor([0.7, -0.5, 0.7, 0.7], device="cuda")
+        got, _ = pk.dpmpp_2m_step(mo, x, good, nxt, **kw)
+        assert bool(got[1].isnan().all()) and torch.equal(got[[0, 2, 3]], want[[0, 2, 3]])
+
+
 # ---- CUDA only ------------------------------------------------------------------------------
 
 

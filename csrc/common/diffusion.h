@@ -83,6 +83,7 @@ struct Table {
 };
 
 PK_HD double inf_d() { return std::numeric_limits<double>::infinity(); }
+PK_HD double nan_d() { return std::numeric_limits<double>::quiet_NaN(); }
 
 template <typename T>
 PK_HD T clamp_(T x, T lo, T hi) {
@@ -327,6 +328,11 @@ struct Heun {
 // sigma = sqrt((1 - a) / a) (alpha_t = 1/sqrt(sigma^2 + 1), sigma_t = sigma alpha_t), or flow
 // sigmas (alpha_t = 1 - sigma, sigma_t = sigma). o0 = x_{t}, o1 = the data prediction x0 of
 // this step, to be passed as prev_x0 to the next one.
+//
+// Flow sigmas must lie in [0, 1]. The host checks the values it can read (Python numbers, CPU
+// tensors) and raises; sigmas in device memory cannot be checked without a sync, so both
+// kernels apply one rule: a sample whose sigma, sigma_next or (second order) sigma_prev is
+// outside [0, 1] or NaN gets NaN in both outputs; the other samples are unaffected.
 struct DpmSolver {
   PerSample sigma_prev, sigma, sigma_next;
   int pred;
@@ -341,7 +347,13 @@ struct DpmSolver {
       *st = s * *a;
     }
   }
+  PK_HD static bool in_unit(double s) { return s >= 0.0 && s <= 1.0; }
   PK_HD void coef(int64_t b, double* c) const {
+    if (flow_sigmas && !(in_unit(sigma.get(b)) && in_unit(sigma_next.get(b)) &&
+                         (order != 2 || in_unit(sigma_prev.get(b))))) {
+      for (int k = 0; k < kNumCoef; ++k) c[k] = nan_d();
+      return;
+    }
     double a_t, s_t, a_0, s_0;
     alpha_sigma(sigma_next.get(b), &a_t, &s_t);
     const double sg = sigma.get(b);

@@ -83,7 +83,8 @@ float scale_and_max(float* v, int64_t V, float t) {
   f8 mv = f8{} + neg_inf();
   for (; i + kLanes <= V; i += kLanes) {
     const f8 x = load8(v + i);
-    const f8 y = (x != x) ? f8{} + neg_inf() : x / t;
+    const f8 q = (x != x) ? f8{} + neg_inf() : x / t;
+    const f8 y = (q != q) ? x : q;  // inf / inf (t = +inf): the infinity itself, as scaled_value
     store8(v + i, y);
     mv = y > mv ? y : mv;
   }

@@ -29,10 +29,17 @@ Seeds: row i draws with (seed, i), so a row's token does not depend on the other
 per-row seed tensor [B], row i draws with (seed[i], 0), exactly like a one-row call with
 seed[i]. Without a seed, one is drawn from `generator` or torch's default generator.
 
-On CUDA, per-row knob values and prev_tokens ids are not checked (that would need a host
-sync): out-of-range prev_tokens ids are ignored, an out-of-range draft token id counts as
-rejected; top_k < 0 counts as off, NaN top_p as 1, temperature <= 0 or NaN as greedy. The CPU
-kernels raise errors for all of these.
+Knob checks: a Python-number knob that is NaN or out of range raises ValueError (the raw ops
+raise RuntimeError), and so do per-row tensors and prev_tokens on the CPU. temperature=+inf
+is valid: the limit of softmax(x / T), uniform over the +inf logits if any, else over the
+finite ones. Per-row tensors and prev_tokens in device memory are not checked (that would
+need a host sync); the kernels of both backends apply one rule to what reaches them:
+  * temperature < 0 or NaN: greedy (as 0);      top_k < 0: off (as 0);
+  * top_p NaN or > 1: off (as 1);               top_p <= 0: only the most likely value;
+  * min_p NaN or < 0: off (as 0);               min_p > 1: as 1 (the most likely values);
+  * repetition_penalty NaN, <= 0 or +inf: off (as 1);
+  * presence_penalty / frequency_penalty NaN or +-inf: off (as 0);
+  * prev_tokens ids outside [0, V) (other than -1): ignored.
 """
 from __future__ import annotations
 
