@@ -362,11 +362,42 @@ def test_euler_step(device, prediction_type, churn):
         gamma = min(churn / (len(d.sigmas) - 1), 2**0.5 - 1)
         noise = torch.randn(x.shape, generator=gen(28)) if gamma > 0 and 0.5 <= d.sigmas[i] <= 20 else None
         got, x0 = pk.euler_step(mo.to(device), x.to(device), d.sigmas[i], d.sigmas[i + 1],
-                                prediction_type=prediction_type, gamma=gamma, s_tmin=0.5, s_tmax=20.0,
-                                noise=None if noise is None else noise.to(device),
+                                prediction_type=prediction_type, s_churn=churn, num_inference_steps=len(d.sigmas) - 1,
+                                s_tmin=0.5, s_tmax=20.0, noise=None if noise is None else noise.to(device),
                                 seed=None if noise is not None or gamma == 0 else 0)
         assert rel(got, out.prev_sample) < 1e-5
         assert rel(x0, out.pred_original_sample) < 1e-5
+        if churn:  # `gamma`, the per-step churn, is the backward-compatible spelling
+            again, _ = pk.euler_step(mo.to(device), x.to(device), d.sigmas[i], d.sigmas[i + 1],
+                                     prediction_type=prediction_type, gamma=gamma, s_tmin=0.5, s_tmax=20.0,
+                                     noise=None if noise is None else noise.to(device),
+                                     seed=None if noise is not None else 0)
+            assert torch.equal(again, got)
+
+
+def test_euler_churn_arguments():
+    # Messages name the argument the caller passed: s_churn / gamma in the wrapper,
+    # churn_gamma in the raw op.
+    x, mo = randn(2, 3, seed=90), randn(2, 3, seed=91)
+    with pytest.raises(ValueError, match="s_churn: expected a finite value >= 0, got -1"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=-1.0, num_inference_steps=10)
+    with pytest.raises(ValueError, match="s_churn: expected a finite value >= 0, got inf"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=math.inf, num_inference_steps=10)
+    with pytest.raises(ValueError, match="gamma: expected a finite value >= 0, got nan"):
+        pk.euler_step(mo, x, 2.0, 1.0, gamma=math.nan)
+    with pytest.raises(ValueError, match="num_inference_steps: required with s_churn > 0"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=1.0)
+    with pytest.raises(ValueError, match="num_inference_steps: expected a positive int"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=1.0, num_inference_steps=0)
+    with pytest.raises(ValueError, match="gamma: .*not both"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=1.0, num_inference_steps=4, gamma=0.1)
+    with pytest.raises(RuntimeError, match="churn_gamma: expected a finite value >= 0, got -0.5"):
+        OPS.euler_step(mo, x, torch.tensor(2.0), torch.tensor(1.0), None, torch.tensor([1]), "epsilon", -0.5, 0.0,
+                       math.inf, 1.0)
+    # diffusers' clamp: the churn per step is at most sqrt(2) - 1
+    a, _ = pk.euler_step(mo, x, 2.0, 1.0, s_churn=100.0, num_inference_steps=10, seed=3)
+    b, _ = pk.euler_step(mo, x, 2.0, 1.0, gamma=2**0.5 - 1, seed=3)
+    assert torch.equal(a, b)
 
 
 def _fake_model(x, t):

@@ -362,8 +362,7 @@ struct Ops {
                                      double churn_gamma, double s_tmin, double s_tmax, double s_noise) {
     Euler st;
     st.pred = parse_prediction(prediction_type);
-    TORCH_CHECK(churn_gamma >= 0.0 && std::isfinite(churn_gamma), "s_churn: expected a finite value >= 0, got gamma ",
-                churn_gamma);
+    check_finite_nonneg(churn_gamma, "churn_gamma");
     check_not_nan(s_tmin, "s_tmin");
     check_not_nan(s_tmax, "s_tmax");
     check_finite(s_noise, "s_noise");

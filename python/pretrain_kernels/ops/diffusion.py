@@ -363,20 +363,41 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
                           bool(use_clipped_model_output))
 
 
-def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", gamma=0.0, s_tmin=0.0,
-               s_tmax=float("inf"), s_noise=1.0, noise=None, seed=None, generator=None):
-    """One Euler step on Karras sigmas (diffusers' EulerDiscreteScheduler.step). gamma is the
-    churn, min(s_churn / (len(sigmas) - 1), sqrt(2) - 1) in diffusers' terms, applied where
-    s_tmin <= sigma <= s_tmax (noise is drawn only when gamma > 0). Returns (prev, pred_x0)."""
+def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", s_churn=0.0,
+               num_inference_steps=None, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, noise=None, seed=None,
+               generator=None, gamma=None):
+    """One Euler step on Karras sigmas (diffusers' EulerDiscreteScheduler.step). Returns
+    (prev, pred_x0).
+
+    Churn as in diffusers: s_churn (>= 0) with num_inference_steps (the scheduler's
+    len(sigmas) - 1, required when s_churn > 0) gives the per-step churn
+    gamma = min(s_churn / num_inference_steps, sqrt(2) - 1), applied where
+    s_tmin <= sigma <= s_tmax with noise scaled by s_noise (noise is drawn only when
+    gamma > 0). `gamma` (the per-step churn itself, what earlier versions took) is accepted
+    instead of s_churn for backward compatibility; pass at most one of them."""
     _tensor("sample", sample)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    gamma = _check_real("gamma", gamma, low=0.0)
+    if gamma is not None:
+        if s_churn != 0.0 or num_inference_steps is not None:
+            raise ValueError("gamma: the per-step churn; pass either gamma or s_churn (with num_inference_steps), "
+                             "not both")
+        churn = _check_real("gamma", gamma, low=0.0)
+    else:
+        s_churn = _check_real("s_churn", s_churn, low=0.0)
+        if num_inference_steps is not None:
+            num_inference_steps = _check_pos_int("num_inference_steps", num_inference_steps)
+        churn = 0.0
+        if s_churn > 0:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps: required with s_churn > 0 (the churn per step is "
+                                 "min(s_churn / num_inference_steps, sqrt(2) - 1), as in diffusers)")
+            churn = min(s_churn / num_inference_steps, 2**0.5 - 1)
     s_tmin = _check_real("s_tmin", s_tmin, finite=False)
     s_tmax = _check_real("s_tmax", s_tmax, finite=False)
     s_noise = _check_real("s_noise", s_noise)
-    noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, gamma > 0)
+    noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, churn > 0)
     return _OPS.euler_step(model_output, sample, _per_sample("sigma", sigma), _per_sample("sigma_next", sigma_next),
-                           noise, seed_t, prediction_type, gamma, s_tmin, s_tmax, s_noise)
+                           noise, seed_t, prediction_type, churn, s_tmin, s_tmax, s_noise)
 
 
 def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, prev_sample=None,
