@@ -318,5 +318,25 @@ PK_HD uint64_t residual_mass(float pt, float pd) {
   return a > b ? a - b : 0;
 }
 
+// The acceptance walk of row b (both backends run this same code, so they accept the same
+// drafts): draft position j (ids[j], draft row dp + j V, target row tp + j V) is accepted
+// with accept_draft and the uniform of philox word 0 at draw j, while every earlier one was;
+// accepted ids go to orow[j]. Returns the number accepted: the first rejected position, or n.
+// A draft id outside [0, V) (negative, V or more) is rejected at its position, and the
+// caller draws the correction token there as for any rejection.
+template <typename scalar_t>
+PK_HD int64_t accept_walk(const Params& p, int64_t b, int64_t n, int64_t V, const int64_t* ids, const scalar_t* dp,
+                          const scalar_t* tp, int64_t* orow) {
+  int64_t j = 0;
+  for (; j < n; ++j) {
+    const int64_t d = ids[j];
+    if (d < 0 || d >= V) break;
+    const float u = uniform_float(p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j)).v[0]);
+    if (!accept_draft(u, static_cast<float>(dp[j * V + d]), static_cast<float>(tp[j * V + d]))) break;
+    orow[j] = d;
+  }
+  return j;
+}
+
 }  // namespace sampling
 }  // namespace pk

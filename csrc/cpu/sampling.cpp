@@ -419,13 +419,7 @@ void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
       const scalar_t* dp = draft + b * n * V;
       const scalar_t* tp = target + b * (n + 1) * V;
       int64_t* orow = out + b * (n + 1);
-      int64_t j = 0;
-      for (; j < n; ++j) {
-        const int64_t d = ids[b * n + j];
-        const float u = uniform_float(s.p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j)).v[0]);
-        if (!accept_draft(u, static_cast<float>(dp[j * V + d]), static_cast<float>(tp[j * V + d]))) break;
-        orow[j] = d;
-      }
+      const int64_t j = accept_walk<scalar_t>(s.p, b, n, V, ids + b * n, dp, tp, orow);
       accepted[b] = j;
       // Correction from max(0, target - draft) at the rejected position, or the bonus token
       // from the target at position n; a residual of zero mass falls back to the target.
@@ -464,12 +458,8 @@ void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
 std::tuple<at::Tensor, at::Tensor> speculative_accept_cpu(const at::Tensor& draft_probs,
                                                           const at::Tensor& draft_token_ids,
                                                           const at::Tensor& target_probs, const at::Tensor& seed) {
+  // Draft ids outside [0, V) are not an error: they are rejected (accept_walk, shared with CUDA).
   SpecInputs s = check_spec_inputs(draft_probs, draft_token_ids, target_probs, seed);
-  const int64_t* ids = s.ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < s.B * s.n; ++i) {
-    TORCH_CHECK(ids[i] >= 0 && ids[i] < s.V, "draft_token_ids: expected ids in [0, ", s.V, "), found ", ids[i],
-                " at row ", i / s.n, ", position ", i % s.n);
-  }
   auto out = at::empty({s.B, s.n + 1}, draft_token_ids.options().dtype(at::kLong));
   auto accepted = at::empty({s.B}, draft_token_ids.options().dtype(at::kLong));
   if (s.B == 0) return {out, accepted};

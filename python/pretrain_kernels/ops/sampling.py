@@ -40,6 +40,8 @@ need a host sync); the kernels of both backends apply one rule to what reaches t
   * repetition_penalty NaN, <= 0 or +inf: off (as 1);
   * presence_penalty / frequency_penalty NaN or +-inf: off (as 0);
   * prev_tokens ids outside [0, V) (other than -1): ignored.
+speculative_accept takes any draft id: one outside [0, V) is rejected at its position, on
+every backend (see its docstring).
 """
 from __future__ import annotations
 
@@ -211,6 +213,12 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     Returns (output_token_ids [B, n+1] int64: the accepted drafts, then the corrected or
     bonus token, then -1; num_accepted [B] int64). A zero residual (target == draft) falls
     back to the target distribution; a row whose target has no mass gives -1 there.
+
+    Out-of-vocabulary draft ids are not an error: a draft id outside [0, V) (negative, or V
+    and above) is rejected at its position, so num_accepted stops there and the correction
+    token is drawn at that position from normalise(max(0, target - draft)), as for any
+    rejection. One rule on every backend: CPU and CUDA return the same tokens for the same
+    seed (the acceptance walk is shared code, csrc/common/sampling.h).
     """
     for name, t in (("draft_probs", draft_probs), ("target_probs", target_probs)):
         if not isinstance(t, torch.Tensor):
@@ -232,12 +240,6 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     device = draft_probs.device
     check_same_device("target_probs", target_probs, device)
     check_same_device("draft_token_ids", draft_token_ids, device)
-    if device.type == "cpu" and not is_compiling() and draft_token_ids.numel():
-        bad = (draft_token_ids < 0) | (draft_token_ids >= V)
-        if bool(bad.any()):
-            r, c = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"draft_token_ids: expected ids in [0, {V}), got {int(draft_token_ids[r, c])} at row "
-                             f"{r}, position {c}")
     seed_t = _seed_tensor(seed, generator, B, device)
     return torch.ops.pretrain_kernels.speculative_accept(draft_probs, draft_token_ids, target_probs, seed_t)
 
