@@ -155,9 +155,10 @@ PK_HD double loss_weight(int weighting, int pred, double a, double gamma) {
   return m;  // sample (x0) prediction
 }
 
-// Weights of the per-sample loss, and its backward. loss_b = w_b * mean_j (pred - target)^2;
+// Per-sample loss weights, for the forward (weight(b), read by Backend::loss) and as the
+// elementwise step of the backward. loss_b = w_b * mean_j (pred - target)^2;
 // backward: d pred = 2 w_b g_b / n * (pred - target).
-struct LossBackward {
+struct LossWeights {
   PerSample grad;  // dL/dloss_b
   PerSample t;
   Table acp;

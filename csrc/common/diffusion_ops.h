@@ -256,10 +256,10 @@ struct Ops {
     return {io.out[0], io.out[1]};
   }
 
-  static LossBackward loss_weights(const OT& timesteps, const OT& alphas_cumprod, c10::string_view weighting,
+  static LossWeights loss_weights(const OT& timesteps, const OT& alphas_cumprod, c10::string_view weighting,
                                    double gamma, c10::string_view prediction_type, int64_t B, const at::Device& dev,
                                    std::vector<T>& keep) {
-    LossBackward w;
+    LossWeights w;
     w.weighting = parse_weighting(weighting);
     w.pred = parse_prediction(prediction_type);
     TORCH_CHECK(gamma > 0.0 && std::isfinite(gamma), "gamma: expected a finite value > 0, got ", gamma);
@@ -282,7 +282,7 @@ struct Ops {
     const T p = pred.contiguous(), y = like(target, pred, "target", "pred");
     const int64_t B = p.size(0), inner = B == 0 ? 0 : p.numel() / B;
     std::vector<T> keep;
-    LossBackward w = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, B, p.device(), keep);
+    LossWeights w = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, B, p.device(), keep);
     const auto out_type = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     T out = at::empty({B}, p.options().dtype(out_type));
     if (B == 0) return out;
@@ -302,7 +302,7 @@ struct Ops {
     io.inner = io.B == 0 ? 0 : pred.numel() / io.B;
     io.out[0] = at::empty_like(io.in[0]);
     std::vector<T> keep;
-    LossBackward st = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, io.B, pred.device(),
+    LossWeights st = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, io.B, pred.device(),
                                    keep);
     TORCH_CHECK(grad.dim() == 1 && grad.numel() == io.B, "grad: expected shape [", io.B, "], got ", grad.sizes());
     st.grad = per_sample(grad, "grad", io.B, pred.device(), false, keep);

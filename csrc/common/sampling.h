@@ -41,8 +41,7 @@ namespace sampling {
 constexpr uint32_t kSampleOffset = 0x534d5000u;       // "SMP\0"
 constexpr uint32_t kSpeculativeOffset = 0x534d5001u;
 
-constexpr int kMassShift = 36;                         // mass = floor(e * 2^36)
-constexpr float kMassScale = 68719476736.0f;           // 2^36
+constexpr float kMassScale = 68719476736.0f;           // 2^36: mass = floor(e * 2^36)
 constexpr int64_t kMaxVocab = int64_t(1) << 27;        // keeps every mass sum below 2^63
 // Probabilities (speculative decoding) use the same fixed point with 2^36 per unit.
 
