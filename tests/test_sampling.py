@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 import emulated_cuda
 import pretrain_kernels as pk
@@ -23,7 +22,9 @@ def _logits(B, V, *, scale=2.0, dtype=torch.float32, device="cpu", seed=0):
 
 
 def _chi2_pvalue(counts, probs, min_expected=5.0):
-    """Chi-square goodness of fit; cells with small expectations are pooled into one."""
+    """Chi-square goodness of fit; cells with small expectations are pooled into one. Needs
+    scipy: the calling test skips (alone) without it."""
+    stats = pytest.importorskip("scipy.stats")
     counts = counts.double().cpu()
     probs = probs.double().cpu()
     n = counts.sum()
@@ -96,6 +97,7 @@ def test_filter_nonfinite(device):
 
 
 def test_logits_warper_matches_transformers():
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import (MinPLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
     x = _logits(8, 5000, scale=3.0, seed=11)
@@ -112,6 +114,7 @@ def test_logits_warper_matches_transformers():
 
 
 def test_logits_warper_in_generate():
+    pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.generation.logits_process import LogitsProcessorList
     torch.manual_seed(0)
