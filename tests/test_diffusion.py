@@ -1,5 +1,7 @@
 """Denoising ops: schedules, add_noise, diffusion_loss, timestep samplers and the fused solver
-steps, against diffusers (test dependency) and the float64 references in tests/reference.py."""
+steps, against diffusers (test dependency) and the float64 references in tests/reference.py.
+Only the tests that compare with diffusers need it: they take the `diffusers` fixture and skip
+alone when it is missing; the references, opcheck, compile and bad-input tests always run."""
 import math
 
 import numpy as np
@@ -14,7 +16,15 @@ import reference as ref
 # `device` also runs the CUDA kernels on the CPU through the emulator (conftest.py).
 EMULATE_CUDA = True
 
-diffusers = pytest.importorskip("diffusers")
+
+@pytest.fixture(scope="module")
+def diffusers():
+    """The diffusers module; a test that takes this fixture skips (alone) without it."""
+    try:
+        import diffusers
+    except ImportError as e:  # missing, or not importable with this torch
+        pytest.skip(f"diffusers is not importable: {e}")
+    return diffusers
 
 OPS = torch.ops.pretrain_kernels
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -49,11 +59,19 @@ def test_noise_schedule(kind, rescale):
     want = ref.diffusion_alphas_cumprod(kind, 1000, bs, be, rescale)
     assert rel(acp, want) < 1e-12
     assert bool(((acp[1:] <= acp[:-1])).all())
+    if rescale:
+        assert acp[-1].item() == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_noise_schedule_matches_diffusers(diffusers, kind, rescale):
+    bs, be = (0.00085, 0.012) if kind == "scaled_linear" else (1e-4, 0.02)
+    acp = pk.noise_schedule(kind, 1000, bs, be, rescale_zero_terminal_snr=rescale)
     # diffusers builds the same table in float32
     d = diffusers.DDPMScheduler(beta_schedule=kind, beta_start=bs, beta_end=be, rescale_betas_zero_snr=rescale)
     assert rel(acp, d.alphas_cumprod) < 2e-6
     if rescale:
-        assert acp[-1].item() == pytest.approx(0.0, abs=1e-15)
         # diffusers' own rescale function, run in float64, agrees to 1e-12
         from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
         betas = rescale_zero_terminal_snr(D.schedule_betas(kind, 1000, bs, be))
@@ -90,11 +108,20 @@ def test_add_noise(device, target, dtype):
     want_xt, want_tgt = ref.diffusion_add_noise(x0.cpu(), noise.cpu(), t.cpu(), acp, target)
     assert rel(xt, want_xt) < TOL[dtype]
     assert rel(tgt, want_tgt) < TOL[dtype]
-    if dtype == torch.float32 and target in ("epsilon", "v_prediction"):
-        d = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-        assert rel(xt, d.add_noise(x0.cpu(), noise.cpu(), t.cpu())) < 1e-5
-        if target == "v_prediction":
-            assert rel(tgt, d.get_velocity(x0.cpu(), noise.cpu(), t.cpu())) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["epsilon", "v_prediction"])
+def test_add_noise_matches_diffusers(diffusers, device, target):
+    B = 7
+    x0, noise = randn(B, 3, 9, 5, seed=1, device=device), randn(B, 3, 9, 5, seed=2, device=device)
+    t = torch.randint(0, 1000, (B,), generator=gen(3))
+    t[0], t[1] = 0, 999
+    acp = pk.noise_schedule("scaled_linear", 1000, 0.00085, 0.012)
+    xt, tgt = pk.add_noise(x0, noise, t.to(device), acp.to(device), target=target)
+    d = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert rel(xt, d.add_noise(x0.cpu(), noise.cpu(), t)) < 1e-5
+    if target == "v_prediction":
+        assert rel(tgt, d.get_velocity(x0.cpu(), noise.cpu(), t)) < 1e-5
 
 
 def test_add_noise_half_keeps_small_noise_scales():
@@ -190,7 +217,7 @@ def test_sample_timesteps_uniform():
 
 
 @pytest.mark.parametrize("kind", ["logit_normal", "mode"])
-def test_sample_timesteps_sd3(kind):
+def test_sample_timesteps_sd3(diffusers, kind):
     from diffusers.training_utils import compute_density_for_timestep_sampling
     u = pk.sample_timesteps(64, kind=kind, logit_mean=0.3, logit_std=1.2, mode_scale=1.29, generator=gen(16))
     want = compute_density_for_timestep_sampling(kind, 64, logit_mean=0.3, logit_std=1.2, mode_scale=1.29,
@@ -217,7 +244,7 @@ def _acp64(sched, device):
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_ddpm_step(device, prediction_type, variance_type):
+def test_ddpm_step(diffusers, device, prediction_type, variance_type):
     d = diffusers.DDPMScheduler(prediction_type=prediction_type, variance_type=variance_type,
                                 beta_schedule="squaredcos_cap_v2", clip_sample=prediction_type == "sample")
     d.set_timesteps(20, device=None)
@@ -234,7 +261,7 @@ def test_ddpm_step(device, prediction_type, variance_type):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ddpm_step_per_sample_timesteps(device, dtype):
+def test_ddpm_step_per_sample_timesteps(diffusers, device, dtype):
     # Reference: diffusers' step on float64 tables and inputs (its float32 tables lose
     # sqrt(1 - abar) near t = 0, the error the op avoids).
     d = diffusers.DDPMScheduler(clip_sample=True)  # no set_timesteps: prev_t = t - 1
@@ -253,7 +280,7 @@ def test_ddpm_step_per_sample_timesteps(device, dtype):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("eta,clip,use_clipped", [(0.0, False, False), (0.0, True, True), (0.7, True, False)])
-def test_ddim_step(device, prediction_type, eta, clip, use_clipped):
+def test_ddim_step(diffusers, device, prediction_type, eta, clip, use_clipped):
     d = diffusers.DDIMScheduler(prediction_type=prediction_type, clip_sample=clip, set_alpha_to_one=False,
                                 beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     d.set_timesteps(25)
@@ -271,9 +298,87 @@ def test_ddim_step(device, prediction_type, eta, clip, use_clipped):
         assert rel(x0, out.pred_original_sample) < 1e-5
 
 
+def _assert_matches_with_infinities(got, want, tol):
+    """Finite exactly where `want` is, equal (signed infinities) where it is not, close elsewhere."""
+    got, want = got.cpu().double(), want.double()
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), fin)
+    assert torch.equal(got[~fin].nan_to_num(), want[~fin].nan_to_num())
+    assert rel(got[fin], want[fin]) < tol
+
+
+ZERO_SNR_DDIM = [(True, False, 0.0), (True, True, 0.7), (False, False, 0.0), (False, True, 0.0), (True, False, 1.0)]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip,use_clipped,eta", ZERO_SNR_DDIM)
+def test_ddim_step_zero_terminal_snr(diffusers, device, prediction_type, clip, use_clipped, eta):
+    # alphas_cumprod[999] == 0: epsilon prediction divides by sqrt(0) for x0, which clipping
+    # brings back to [-1, 1] in diffusers; the kernel gets the same finite sample (it used to
+    # compute inf - inf), and the same infinities without clipping.
+    d = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                prediction_type=prediction_type, clip_sample=clip)
+    d.set_timesteps(10)
+    assert float(d.alphas_cumprod[999]) == 0.0 and int(d.timesteps[0]) == 999
+    acp = pk.noise_schedule("linear", rescale_zero_terminal_snr=True)
+    d.alphas_cumprod = acp.clone()  # diffusers in float64 (at eta = 1 its float32 sqrt(1 - a - std^2) is noise)
+    d.final_alpha_cumprod = d.final_alpha_cumprod.double()
+    seed = 60 + int(eta * 10)
+    x, mo, noise = randn(3, 4, 5, seed=seed), randn(3, 4, 5, seed=seed + 1) * 2, randn(3, 4, 5, seed=seed + 2)
+    for t in (999, int(d.timesteps[1])):
+        out = d.step(mo.double(), t, x.double(), eta=eta, use_clipped_model_output=use_clipped,
+                     variance_noise=noise.double() if eta else None)
+        got, x0 = pk.ddim_step(mo.to(device), x.to(device), t, t - 100, acp.to(device), eta=eta,
+                               prediction_type=prediction_type, clip_sample=clip,
+                               use_clipped_model_output=use_clipped, noise=noise.to(device) if eta else None)
+        if clip or prediction_type != "epsilon":
+            assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(x0).all())
+        _assert_matches_with_infinities(got, out.prev_sample, 1e-5)
+        _assert_matches_with_infinities(x0, out.pred_original_sample, 1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("variance_type,clip", [("fixed_small", True), ("fixed_large", True), ("fixed_small", False)])
+def test_ddpm_step_zero_terminal_snr(diffusers, device, prediction_type, variance_type, clip):
+    d = diffusers.DDPMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip)
+    d.set_timesteps(10)
+    acp = pk.noise_schedule("linear", rescale_zero_terminal_snr=True)
+    x, mo = randn(3, 4, 5, seed=70), randn(3, 4, 5, seed=71) * 2
+    out = d.step(mo, 999, x, generator=gen(72))
+    noise = torch.randn(x.shape, generator=gen(72))
+    got, x0 = pk.ddpm_step(mo.to(device), x.to(device), 999, int(d.previous_timestep(999)), acp.to(device),
+                           prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip,
+                           noise=noise.to(device))
+    if clip or prediction_type != "epsilon":
+        assert bool(torch.isfinite(got).all())
+    _assert_matches_with_infinities(got, out.prev_sample, 1e-5)
+    _assert_matches_with_infinities(x0, out.pred_original_sample, 1e-5)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("DDIMScheduler", dict()), ("EulerDiscreteScheduler", dict(prediction_type="v_prediction")),
+    ("DPMSolverMultistepScheduler", dict()), ("DPMSolverMultistepScheduler", dict(prediction_type="v_prediction"))])
+def test_scheduler_first_steps_zero_terminal_snr(diffusers, name, kwargs):
+    # The first steps of a trailing zero-SNR schedule (t = 999 first) through the scheduler
+    # classes: finite and equal to diffusers.
+    theirs = getattr(diffusers, name)(rescale_betas_zero_snr=True, timestep_spacing="trailing", **kwargs)
+    ours = getattr(pk.schedulers, name).from_config(theirs.config)
+    theirs.set_timesteps(10)
+    ours.set_timesteps(10)
+    a = randn(2, 3, 6, seed=73) * float(getattr(theirs, "init_noise_sigma", 1.0))
+    b = a.clone()
+    for t, t2 in list(zip(theirs.timesteps, ours.timesteps))[:3]:
+        ia = theirs.scale_model_input(a, t) if hasattr(theirs, "scale_model_input") else a
+        a = theirs.step(_fake_model(ia, t), t, a).prev_sample
+        b = ours.step(_fake_model(ours.scale_model_input(b, t2), t2), t2, b).prev_sample
+        assert bool(torch.isfinite(b).all())
+        assert rel(b, a) < 1e-5
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("churn", [0.0, 40.0])
-def test_euler_step(device, prediction_type, churn):
+def test_euler_step(diffusers, device, prediction_type, churn):
     d = diffusers.EulerDiscreteScheduler(prediction_type=prediction_type, beta_schedule="scaled_linear",
                                          beta_start=0.00085, beta_end=0.012)
     d.set_timesteps(30)
@@ -284,11 +389,42 @@ def test_euler_step(device, prediction_type, churn):
         gamma = min(churn / (len(d.sigmas) - 1), 2**0.5 - 1)
         noise = torch.randn(x.shape, generator=gen(28)) if gamma > 0 and 0.5 <= d.sigmas[i] <= 20 else None
         got, x0 = pk.euler_step(mo.to(device), x.to(device), d.sigmas[i], d.sigmas[i + 1],
-                                prediction_type=prediction_type, gamma=gamma, s_tmin=0.5, s_tmax=20.0,
-                                noise=None if noise is None else noise.to(device),
+                                prediction_type=prediction_type, s_churn=churn, num_inference_steps=len(d.sigmas) - 1,
+                                s_tmin=0.5, s_tmax=20.0, noise=None if noise is None else noise.to(device),
                                 seed=None if noise is not None or gamma == 0 else 0)
         assert rel(got, out.prev_sample) < 1e-5
         assert rel(x0, out.pred_original_sample) < 1e-5
+        if churn:  # `gamma`, the per-step churn, is the backward-compatible spelling
+            again, _ = pk.euler_step(mo.to(device), x.to(device), d.sigmas[i], d.sigmas[i + 1],
+                                     prediction_type=prediction_type, gamma=gamma, s_tmin=0.5, s_tmax=20.0,
+                                     noise=None if noise is None else noise.to(device),
+                                     seed=None if noise is not None else 0)
+            assert torch.equal(again, got)
+
+
+def test_euler_churn_arguments():
+    # Messages name the argument the caller passed: s_churn / gamma in the wrapper,
+    # churn_gamma in the raw op.
+    x, mo = randn(2, 3, seed=90), randn(2, 3, seed=91)
+    with pytest.raises(ValueError, match="s_churn: expected a finite value >= 0, got -1"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=-1.0, num_inference_steps=10)
+    with pytest.raises(ValueError, match="s_churn: expected a finite value >= 0, got inf"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=math.inf, num_inference_steps=10)
+    with pytest.raises(ValueError, match="gamma: expected a finite value >= 0, got nan"):
+        pk.euler_step(mo, x, 2.0, 1.0, gamma=math.nan)
+    with pytest.raises(ValueError, match="num_inference_steps: required with s_churn > 0"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=1.0)
+    with pytest.raises(ValueError, match="num_inference_steps: expected a positive int"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=1.0, num_inference_steps=0)
+    with pytest.raises(ValueError, match="gamma: .*not both"):
+        pk.euler_step(mo, x, 2.0, 1.0, s_churn=1.0, num_inference_steps=4, gamma=0.1)
+    with pytest.raises(RuntimeError, match="churn_gamma: expected a finite value >= 0, got -0.5"):
+        OPS.euler_step(mo, x, torch.tensor(2.0), torch.tensor(1.0), None, torch.tensor([1]), "epsilon", -0.5, 0.0,
+                       math.inf, 1.0)
+    # diffusers' clamp: the churn per step is at most sqrt(2) - 1
+    a, _ = pk.euler_step(mo, x, 2.0, 1.0, s_churn=100.0, num_inference_steps=10, seed=3)
+    b, _ = pk.euler_step(mo, x, 2.0, 1.0, gamma=2**0.5 - 1, seed=3)
+    assert torch.equal(a, b)
 
 
 def _fake_model(x, t):
@@ -297,7 +433,7 @@ def _fake_model(x, t):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_heun_loop(device, prediction_type):
+def test_heun_loop(diffusers, device, prediction_type):
     d = diffusers.HeunDiscreteScheduler(prediction_type=prediction_type, beta_schedule="scaled_linear",
                                         beta_start=0.00085, beta_end=0.012)
     d.set_timesteps(10)
@@ -321,7 +457,7 @@ def test_heun_loop(device, prediction_type):
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_flow_match_step(device, stochastic):
+def test_flow_match_step(diffusers, device, stochastic):
     d = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=stochastic)
     d.set_timesteps(4)
     x, v = randn(3, 16, 5, seed=30), randn(3, 16, 5, seed=31)
@@ -343,7 +479,7 @@ def test_flow_match_step(device, stochastic):
     ("dpmsolver++", "midpoint", "epsilon"), ("dpmsolver++", "heun", "v_prediction"),
     ("dpmsolver++", "midpoint", "sample"), ("sde-dpmsolver++", "midpoint", "epsilon"),
     ("sde-dpmsolver++", "heun", "epsilon")])
-def test_dpmpp_steps(device, algorithm_type, solver_type, prediction_type):
+def test_dpmpp_steps(diffusers, device, algorithm_type, solver_type, prediction_type):
     d = diffusers.DPMSolverMultistepScheduler(algorithm_type=algorithm_type, solver_type=solver_type,
                                               prediction_type=prediction_type, use_karras_sigmas=True)
     d.set_timesteps(10)
@@ -384,7 +520,7 @@ def test_steps_per_sample_sigmas(device):
 
 
 def test_ddpm_noise_distribution():
-    from scipy import stats
+    stats = pytest.importorskip("scipy.stats")
     acp = pk.noise_schedule("linear")
     x, mo = randn(4, 64, 64, seed=36), randn(4, 64, 64, seed=37)
     t = torch.tensor([999, 600, 300, 55])
@@ -481,7 +617,7 @@ SCHED_CASES = [
 
 
 @pytest.mark.parametrize("name,kwargs,steps", SCHED_CASES)
-def test_scheduler_loop(device, name, kwargs, steps):
+def test_scheduler_loop(diffusers, device, name, kwargs, steps):
     theirs = getattr(diffusers, name)(**kwargs)
     ours = getattr(pk.schedulers, name).from_config(theirs.config)
     extra = dict(mu=0.8) if kwargs.get("use_dynamic_shifting") else {}
@@ -501,7 +637,7 @@ def test_scheduler_loop(device, name, kwargs, steps):
     assert rel(b, a) < 1e-4
 
 
-def test_ddpm_scheduler_class():
+def test_ddpm_scheduler_class(diffusers):
     theirs = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
     ours = pk.schedulers.DDPMScheduler.from_config(theirs.config)
     for n in (10, 37):
@@ -528,7 +664,7 @@ def test_ddpm_scheduler_class():
     assert rel(xt, theirs.add_noise(x, mo, torch.tensor([3, 500]))) < 1e-5
 
 
-def test_scheduler_set_timesteps_spacings():
+def test_scheduler_set_timesteps_spacings(diffusers):
     for name in ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
         for spacing in ("leading", "trailing", "linspace"):
             for n in (1, 7, 50, 999):
@@ -541,7 +677,7 @@ def test_scheduler_set_timesteps_spacings():
                     assert np.allclose(theirs.sigmas.numpy(), ours.sigmas.numpy(), rtol=2e-5, atol=1e-6)
 
 
-def test_scheduler_config_roundtrip():
+def test_scheduler_config_roundtrip(diffusers):
     ours = pk.schedulers.EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
     assert ours.config.prediction_type == "v_prediction" and ours.config["beta_schedule"] == "scaled_linear"
     theirs = diffusers.EulerDiscreteScheduler.from_config(ours.config)
@@ -572,7 +708,7 @@ def test_scheduler_bad_args():
         pk.schedulers.DDIMScheduler().step(torch.zeros(1, 2), 10, torch.zeros(1, 2))
 
 
-def test_scheduler_in_diffusers_pipeline():
+def test_scheduler_in_diffusers_pipeline(diffusers):
     from diffusers import DDIMPipeline, UNet2DModel
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
@@ -687,6 +823,105 @@ def test_bad_inputs():
         pk.dpmpp_2m_step(mo, x, 1.0, 0.5, prev_x0=x)
     e = torch.empty(0, 3)
     assert pk.ddim_step(e, e, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), acp)[0].shape == (0, 3)
+
+
+_X, _MO = torch.randn(2, 3, generator=gen(80)), torch.randn(2, 3, generator=gen(81))
+_ACP = pk.noise_schedule("linear")
+_T = lambda v: torch.tensor(v)  # noqa: E731
+INF, NAN = math.inf, math.nan
+# (call, exception, message): each scalar knob, through the wrapper (ValueError) and the raw op
+# (RuntimeError, the check in csrc/common/diffusion_ops.h that both backends share).
+BAD_KNOBS = [
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, eta=INF), ValueError, "eta: expected a finite value >= 0, got inf"),
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, eta=NAN), ValueError, "eta: expected a finite value >= 0"),
+    (lambda: OPS.ddim_step(_MO, _X, _T(10), _T(0), _ACP, _X, None, 1.0, INF, "epsilon", True, 1.0, False),
+     RuntimeError, "eta: expected a finite value >= 0, got inf"),
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, final_alpha_cumprod=NAN), ValueError, "final_alpha_cumprod"),
+    (lambda: pk.ddim_step(_MO, _X, 10, 0, _ACP, clip_sample_range=INF), ValueError,
+     "clip_sample_range: expected a finite value > 0, got inf"),
+    (lambda: OPS.ddim_step(_MO, _X, _T(10), _T(0), _ACP, None, None, 1.0, 0.0, "epsilon", True, NAN, False),
+     RuntimeError, "clip_sample_range: expected a finite value > 0, got nan"),
+    (lambda: pk.ddpm_step(_MO, _X, 10, 0, _ACP, clip_sample_range=NAN), ValueError, "clip_sample_range"),
+    (lambda: OPS.ddpm_step(_MO, _X, _T(10), _T(0), _ACP, _X, None, "epsilon", "fixed_small", True, INF),
+     RuntimeError, "clip_sample_range: expected a finite value > 0, got inf"),
+    (lambda: pk.heun_step(_MO, _X, 2.0, 1.0, clip_sample=True, clip_sample_range=-INF), ValueError,
+     "clip_sample_range"),
+    (lambda: OPS.heun_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", True, INF), RuntimeError,
+     "clip_sample_range: expected a finite value > 0, got inf"),
+    (lambda: pk.diffusion_loss(_X, _MO, gamma=INF), ValueError, "gamma: expected a finite value > 0, got inf"),
+    (lambda: pk.diffusion_loss(_X, _MO, _T([3, 4]), _ACP, weighting="min_snr", gamma=0.0), ValueError, "gamma"),
+    (lambda: OPS.diffusion_loss(_X, _MO, _T([3, 4]), _ACP, "min_snr", INF, "epsilon"), RuntimeError,
+     "gamma: expected a finite value > 0, got inf"),
+    (lambda: OPS.diffusion_loss(_X, _MO, None, None, "none", NAN, "epsilon"), RuntimeError,
+     "gamma: expected a finite value > 0, got nan"),
+    (lambda: OPS.diffusion_loss_backward(_T([1.0, 1.0]), _X, _MO, None, None, "none", INF, "epsilon"), RuntimeError,
+     "gamma: expected a finite value > 0"),
+    (lambda: pk.euler_step(_MO, _X, 2.0, 1.0, s_noise=INF), ValueError, "s_noise: expected a finite value, got inf"),
+    (lambda: pk.euler_step(_MO, _X, 2.0, 1.0, s_tmin=NAN), ValueError, "s_tmin: expected a number"),
+    (lambda: pk.euler_step(_MO, _X, 2.0, 1.0, s_tmax=NAN), ValueError, "s_tmax: expected a number"),
+    (lambda: OPS.euler_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", 0.0, NAN, INF, 1.0), RuntimeError,
+     "s_tmin: expected a number"),
+    (lambda: OPS.euler_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", 0.0, 0.0, NAN, 1.0), RuntimeError,
+     "s_tmax: expected a number"),
+    (lambda: OPS.euler_step(_MO, _X, _T(2.0), _T(1.0), None, None, "epsilon", 0.0, 0.0, INF, NAN), RuntimeError,
+     "s_noise: expected a finite value, got nan"),
+    (lambda: pk.dpmpp_2m_step(_MO, _X, 1.5, 0.5, flow_sigmas=True), ValueError,
+     r"sigma: expected values in \[0, 1\] with flow_sigmas=True, got 1.5"),
+    (lambda: pk.dpmpp_2m_step(_MO, _X, 0.5, _T([0.2, -0.1]), flow_sigmas=True), ValueError,
+     r"sigma_next: expected values in \[0, 1\] with flow_sigmas=True, got -0.1"),
+    (lambda: pk.dpmpp_2m_step(_MO, _X, 0.5, 0.2, prev_x0=_X, sigma_prev=NAN, flow_sigmas=True), ValueError,
+     "sigma_prev: expected values in"),
+    (lambda: OPS.dpmpp_2m_step(_MO, _X, None, None, _T([0.5, NAN]), _T(0.2), None, None, "flow_prediction",
+                               "dpmsolver++", "midpoint", 1, True), RuntimeError,
+     r"sigma: expected values in \[0, 1\] with flow_sigmas=True, got nan at sample 1"),
+    (lambda: OPS.dpmpp_2m_step(_MO, _X, _X, _T(1.01), _T(0.5), _T(0.2), None, None, "flow_prediction",
+                               "dpmsolver++", "midpoint", 2, True), RuntimeError, "sigma_prev: expected values in"),
+    (lambda: pk.sample_timesteps(4, kind="logit_normal", logit_mean=NAN), ValueError, "logit_mean"),
+    (lambda: pk.sample_timesteps(4, kind="logit_normal", logit_std=INF), ValueError, "logit_std"),
+    (lambda: pk.sample_timesteps(4, kind="mode", mode_scale=NAN), ValueError, "mode_scale"),
+    (lambda: pk.sample_timesteps(4, kind="mode", shift=INF), ValueError, "shift"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD_KNOBS, ids=[f"{i}-{b[2].split(':')[0]}" for i, b in
+                                                           enumerate(BAD_KNOBS)])
+def test_bad_knobs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_flow_sigmas_in_range_accepted():
+    # the ends of [0, 1] are valid flow sigmas (sigma_next = 0 is the last step)
+    x, mo = randn(2, 5, seed=82), randn(2, 5, seed=83)
+    out, x0 = pk.dpmpp_2m_step(mo, x, 1.0, 0.0, prediction_type="flow_prediction", flow_sigmas=True)
+    assert bool(torch.isfinite(out).all()) and torch.allclose(out, x0)
+    out, _ = pk.dpmpp_2m_step(mo, x, torch.tensor([0.5, 0.25]), 0.1, prev_x0=x0, sigma_prev=1.0,
+                              prediction_type="flow_prediction", flow_sigmas=True)
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("order", [1, 2])
+def test_flow_sigmas_out_of_range_on_device_give_nan(order):
+    # Device sigmas are not read on the host: the documented rule is NaN outputs for a sample
+    # whose sigma is outside [0, 1], the other samples as in a call without it.
+    x, mo, p = (randn(4, 6, seed=s, device="cuda") for s in (84, 85, 86))
+    good = torch.tensor([0.6, 0.5, 0.4, 0.3], device="cuda")
+    nxt = torch.tensor([0.5, 0.4, 0.3, 0.2], device="cuda")
+    bad = good.clone()
+    bad[1], bad[3] = 1.5, float("nan")
+    kw = dict(prediction_type="flow_prediction", flow_sigmas=True)
+    if order == 2:
+        kw.update(prev_x0=p, sigma_prev=torch.full((4,), 0.7, device="cuda"))
+    want, want_x0 = pk.dpmpp_2m_step(mo, x, good, nxt, **kw)
+    got, got_x0 = pk.dpmpp_2m_step(mo, x, bad, nxt, **kw)
+    for g, w in ((got, want), (got_x0, want_x0)):
+        assert bool(g[[1, 3]].isnan().all())
+        assert torch.equal(g[[0, 2]], w[[0, 2]])
+    if order == 2:
+        kw["sigma_prev"] = torch.tensor([0.7, -0.5, 0.7, 0.7], device="cuda")
+        got, _ = pk.dpmpp_2m_step(mo, x, good, nxt, **kw)
+        assert bool(got[1].isnan().all()) and torch.equal(got[[0, 2, 3]], want[[0, 2, 3]])
 
 
 # ---- CUDA only ------------------------------------------------------------------------------

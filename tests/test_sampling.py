@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 import emulated_cuda
 import pretrain_kernels as pk
@@ -23,7 +22,9 @@ def _logits(B, V, *, scale=2.0, dtype=torch.float32, device="cpu", seed=0):
 
 
 def _chi2_pvalue(counts, probs, min_expected=5.0):
-    """Chi-square goodness of fit; cells with small expectations are pooled into one."""
+    """Chi-square goodness of fit; cells with small expectations are pooled into one. Needs
+    scipy: the calling test skips (alone) without it."""
+    stats = pytest.importorskip("scipy.stats")
     counts = counts.double().cpu()
     probs = probs.double().cpu()
     n = counts.sum()
@@ -96,6 +97,7 @@ def test_filter_nonfinite(device):
 
 
 def test_logits_warper_matches_transformers():
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import (MinPLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
     x = _logits(8, 5000, scale=3.0, seed=11)
@@ -112,6 +114,7 @@ def test_logits_warper_matches_transformers():
 
 
 def test_logits_warper_in_generate():
+    pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.generation.logits_process import LogitsProcessorList
     torch.manual_seed(0)
@@ -282,6 +285,22 @@ def test_sample_nonfinite(device):
     assert int(pk.sample(x[2:], temperature=0.0)[0]) == -1
 
 
+def test_sample_infinite_temperature(device):
+    # temperature = +inf is the limit of softmax(x / T): uniform over the +inf logits if any
+    # (inf / inf must not become NaN), else over the finite ones; NaN and -inf never drawn
+    inf, nan = math.inf, math.nan
+    x = torch.tensor([[inf, 1.0, inf, nan, -inf], [1.0, 2.0, nan, -inf, 3.0]], device=device)
+    seen = [set(), set()]
+    for seed in range(40):
+        tok, lp = pk.sample(x, temperature=inf, seed=seed, return_logprobs=True)
+        for b in range(2):
+            seen[b].add(int(tok[b]))
+        assert abs(float(lp[0]) - math.log(1 / 2)) < 1e-6 and abs(float(lp[1]) - math.log(1 / 3)) < 1e-6
+    assert seen == [{0, 2}, {0, 1, 4}]
+    # with top-k the +inf entries are the top ones
+    assert int(pk.sample(x[:1], temperature=inf, top_k=1, seed=3)[0]) in (0, 2)
+
+
 def test_sample_large_vocab(device):
     # a real-size vocabulary: all filters, the kept-set invariant and the logprob
     x = _logits(3, 128256, scale=3.0, dtype=torch.bfloat16, device=device, seed=13)
@@ -378,6 +397,87 @@ def test_cuda_matches_cpu(cuda_kernels):
         assert torch.equal(g.cpu(), want)
 
 
+def test_per_row_knobs_out_of_range_on_device(cuda_kernels):
+    # Per-row tensors in device memory are not checked (no host sync): the kernels apply the
+    # documented rule (sampling.h, RowKnobs): each bad value acts as its stated substitute. The
+    # CPU rejects such tensors, so the CUDA kernels with the bad values are compared with the
+    # CPU kernels given the substitutes, through the raw ops (the wrappers check CPU tensors).
+    inf, nan = math.inf, math.nan
+    B, V = 12, 300
+    x = _logits(B, V, seed=18)
+    prev = torch.randint(0, V, (B, 9), generator=torch.Generator().manual_seed(19))
+    #             bad value -> substitute, per row
+    temp = [(nan, 0.0), (-1.0, 0.0)] + [(1.0, 1.0)] * 10
+    top_k = [(0, 0)] * 11 + [(-5, 0)]
+    top_p = [(1.0, 1.0)] * 2 + [(nan, 1.0), (1.5, 1.0), (-0.5, 1e-9)] + [(1.0, 1.0)] * 7
+    min_p = [(0.0, 0.0)] * 5 + [(nan, 0.0), (-0.2, 0.0), (3.0, 1.0)] + [(0.0, 0.0)] * 4
+    rep_ = [(1.3, 1.3)] * 8 + [(nan, 1.0), (-2.0, 1.0), (inf, 1.0), (0.0, 1.0)]
+    pres = [(0.2, 0.2)] * 8 + [(inf, 0.0), (nan, 0.0), (-inf, 0.0), (0.5, 0.5)]
+    freq = [(0.1, 0.1)] * 8 + [(-inf, 0.0), (nan, 0.0), (0.3, 0.3), (inf, 0.0)]
+    bad_prev, good_prev = prev.clone(), prev.clone()
+    bad_prev[8:, 0], bad_prev[8:, 1] = V, -7  # ids outside [0, V): ignored
+    good_prev[8:, :2] = -1
+
+    def rows(pairs, i, dtype=torch.float32):
+        return torch.tensor([p[i] for p in pairs], dtype=dtype)
+
+    def args(i, prev_tokens, dev):
+        t = [rows(temp, i), rows(top_k, i, torch.int64), rows(top_p, i), rows(min_p, i), rows(rep_, i),
+             rows(pres, i), rows(freq, i)]
+        return (x.to(dev), prev_tokens.to(dev), torch.tensor([5]).to(dev), *(r.to(dev) for r in t),
+                1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0)
+
+    op, filt = torch.ops.pretrain_kernels.sample, torch.ops.pretrain_kernels.top_k_top_p_filter
+    with pytest.raises(RuntimeError, match="temperature"):
+        op(*args(0, bad_prev, "cpu"))  # the CPU kernels check host tensors
+    want, want_lp = op(*args(1, good_prev, "cpu"))
+    fwant = filt(x, rows(top_k, 1, torch.int64), rows(top_p, 1), rows(min_p, 1), 0, 1.0, 0.0)
+    dev = cuda_kernels.device
+    with cuda_kernels.run():
+        got, got_lp = op(*args(0, bad_prev, dev))
+        fgot = filt(x.to(dev), rows(top_k, 0, torch.int64).to(dev), rows(top_p, 0).to(dev), rows(min_p, 0).to(dev),
+                    0, 1.0, 0.0)
+    assert torch.equal(got.cpu(), want)
+    torch.testing.assert_close(got_lp.cpu(), want_lp, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fgot.cpu(), fwant)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_speculative_out_of_vocabulary_drafts(cuda_kernels, id_dtype):
+    # One rule on both backends: a draft id outside [0, V) is rejected at its position and the
+    # correction token is drawn there as for any rejection. Same outputs, bit for bit, as with
+    # the id replaced by an in-vocabulary one that the target gives probability 0 (always
+    # rejected, same Philox words), and CPU == CUDA kernels.
+    B, n, V = 8, 4, 50
+    draft = _probs(B, n, V, 20)
+    target = _probs(B, n + 1, V, 21)
+    zero = 7
+    target[:, :, zero] = 0  # id 7: never accepted
+    target = target / target.sum(-1, keepdim=True)
+    ids = torch.multinomial(target[:, :n].reshape(-1, V), 1, generator=torch.Generator().manual_seed(22))
+    ids = ids.reshape(B, n)
+    huge = 2**31 - 1 if id_dtype == torch.int32 else 2**62
+    lowest = -(2**31) if id_dtype == torch.int32 else -(2**63)
+    bad = ids.clone()
+    bad[0, 0], bad[1, 1], bad[2, 2], bad[3, 3] = -1, V, huge, lowest
+    bad[4, 0], bad[4, 2] = V + 1, -5  # rejected at 0; the later bad id is never reached
+    bad[5, 1], bad[5, 3] = V, V       # rows 6, 7: all in the vocabulary
+    stand_in = torch.where((bad < 0) | (bad >= V), torch.full_like(bad, zero), bad)
+    bad, stand_in = bad.to(id_dtype), stand_in.to(id_dtype)
+    out, acc = pk.speculative_accept(draft, bad, target, seed=23)
+    want_out, want_acc = pk.speculative_accept(draft, stand_in, target, seed=23)
+    assert torch.equal(out, want_out) and torch.equal(acc, want_acc)
+    for b, first_bad in enumerate([0, 1, 2, 3, 0, 1]):
+        assert int(acc[b]) <= first_bad
+    assert int(acc[0]) == 0 and int(acc[4]) == 0
+    rows = torch.arange(B)
+    assert bool((out[rows, acc] >= 0).all()) and bool((out < V).all())  # a correction token at the stop
+    dev = cuda_kernels.device
+    with cuda_kernels.run():
+        got_out, got_acc = pk.speculative_accept(draft.to(dev), bad.to(dev), target.to(dev), seed=23)
+    assert torch.equal(got_out.cpu(), out) and torch.equal(got_acc.cpu(), acc)
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture():
     x = _logits(8, 32000, device="cuda", seed=15)
@@ -458,6 +558,17 @@ BAD = [
     (lambda: pk.sample(X, repetition_penalty=0.0), ValueError, "repetition_penalty"),
     (lambda: pk.sample(X, presence_penalty=math.inf), ValueError, "presence_penalty"),
     (lambda: pk.sample(X, frequency_penalty=math.nan), ValueError, "frequency_penalty"),
+    (lambda: pk.sample(X, temperature=math.nan), ValueError, "temperature"),
+    (lambda: pk.sample(X, top_p=math.nan), ValueError, "top_p"),
+    (lambda: pk.sample(X, min_p=math.nan), ValueError, "min_p"),
+    (lambda: pk.sample(X, repetition_penalty=math.nan), ValueError, "repetition_penalty"),
+    (lambda: pk.sample(X, repetition_penalty=math.inf), ValueError, "repetition_penalty"),
+    (lambda: pk.sample(X, presence_penalty=math.nan), ValueError, "presence_penalty"),
+    (lambda: pk.sample(X, temperature=torch.tensor([1.0, math.nan])), ValueError, "temperature"),
+    (lambda: pk.sample(X, min_p=torch.tensor([math.nan, 0.0])), ValueError, "min_p"),
+    (lambda: pk.sample(X, frequency_penalty=torch.tensor([0.0, -math.inf])), ValueError, "frequency_penalty"),
+    (lambda: pk.top_k_top_p_filter(X, top_p=math.nan), ValueError, "top_p"),
+    (lambda: pk.top_k_top_p_filter(X, min_p=torch.tensor([0.1, math.nan])), ValueError, "min_p"),
     (lambda: pk.sample(X, temperature=torch.tensor([1.0, -0.5])), ValueError, "temperature"),
     (lambda: pk.sample(X, top_k=torch.tensor([1, -2])), ValueError, "top_k"),
     (lambda: pk.sample(X, top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k"),
@@ -477,8 +588,6 @@ BAD = [
     (lambda: pk.speculative_accept(torch.ones(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, 5)),
      ValueError, "target_probs"),
     (lambda: pk.speculative_accept(torch.ones(2, 3, 5), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 4, 5)),
-     ValueError, "draft_token_ids"),
-    (lambda: pk.speculative_accept(torch.ones(2, 3, 5), torch.full((2, 3), 5), torch.ones(2, 4, 5)),
      ValueError, "draft_token_ids"),
     (lambda: pk.speculative_accept(torch.ones(2, 3, 5), torch.zeros(2, 3), torch.ones(2, 4, 5)),
      TypeError, "draft_token_ids"),
@@ -505,3 +614,18 @@ def test_bad_inputs_raw_op():
         op(X, None, seed, None, torch.tensor([-1, 0]), None, None, None, None, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="seed"):
         op(X, None, torch.tensor([1.0]), None, None, None, None, None, None, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0)
+    # NaN scalar knobs, each by name
+    nan = math.nan
+    scalars = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                   frequency_penalty=0.0)
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        knobs = dict(scalars, **{name: nan})
+        with pytest.raises(RuntimeError, match=f"{name}: expected"):
+            op(X, None, seed, None, None, None, None, None, None, None, *knobs.values())
+    filt = torch.ops.pretrain_kernels.top_k_top_p_filter
+    for top_p, min_p in ((nan, 0.0), (1.0, nan)):
+        with pytest.raises(RuntimeError, match="top_p" if top_p != top_p else "min_p"):
+            filt(X, None, None, None, 0, top_p, min_p)
+    with pytest.raises(RuntimeError, match="presence_penalty: expected a finite value, got nan in row 1"):
+        op(X, None, seed, None, None, None, None, None, torch.tensor([0.0, nan]), None, 1.0, 0, 1.0, 0.0, 1.0, 0.0,
+           0.0)

@@ -83,6 +83,7 @@ struct Table {
 };
 
 PK_HD double inf_d() { return std::numeric_limits<double>::infinity(); }
+PK_HD double nan_d() { return std::numeric_limits<double>::quiet_NaN(); }
 
 template <typename T>
 PK_HD T clamp_(T x, T lo, T hi) {
@@ -90,13 +91,18 @@ PK_HD T clamp_(T x, T lo, T hi) {
   return x > hi ? hi : x;
 }
 
-// Linear combination coefficients of x0 = px_s * sample + px_m * model_output for DDPM-type
-// schedules (alpha_bar = a).
-PK_HD void x0_coefs(int pred, double a, double* px_s, double* px_m) {
+// x0 = (px_s * sample + px_m * model_output) * scale for DDPM-type schedules (alpha_bar = a),
+// the arithmetic of diffusers: epsilon prediction divides (sample - sqrt(1 - a) model_output)
+// by sqrt(a) last. At zero terminal SNR (a = 0) scale is +inf and x0 is +-inf (NaN only
+// where the numerator is exactly 0, as in diffusers), which clipping brings back into
+// [-range, range]; folding 1/sqrt(a) into both coefficients instead gives inf - inf = NaN.
+PK_HD void x0_coefs(int pred, double a, double* px_s, double* px_m, double* scale) {
   const double sa = sqrt(a), sb = sqrt(1.0 - a);
+  *scale = 1.0;
   if (pred == kEpsilon) {
-    *px_s = 1.0 / sa;
-    *px_m = -sb / sa;
+    *px_s = 1.0;
+    *px_m = -sb;
+    *scale = 1.0 / sa;
   } else if (pred == kVPrediction) {
     *px_s = sa;
     *px_m = -sb;
@@ -149,9 +155,10 @@ PK_HD double loss_weight(int weighting, int pred, double a, double gamma) {
   return m;  // sample (x0) prediction
 }
 
-// Weights of the per-sample loss, and its backward. loss_b = w_b * mean_j (pred - target)^2;
+// Per-sample loss weights, for the forward (weight(b), read by Backend::loss) and as the
+// elementwise step of the backward. loss_b = w_b * mean_j (pred - target)^2;
 // backward: d pred = 2 w_b g_b / n * (pred - target).
-struct LossBackward {
+struct LossWeights {
   PerSample grad;  // dL/dloss_b
   PerSample t;
   Table acp;
@@ -179,7 +186,7 @@ struct Ddpm {
     const double a_t = acp.at(tb, 1.0), a_prev = acp.at(prev_t.get(b), 1.0);
     const double beta_t = 1.0 - a_t, beta_prev = 1.0 - a_prev;
     const double cur_alpha = a_t / a_prev, cur_beta = 1.0 - cur_alpha;
-    x0_coefs(pred, a_t, &c[0], &c[1]);
+    x0_coefs(pred, a_t, &c[0], &c[1], &c[7]);
     c[2] = clip_lo;
     c[3] = clip_hi;
     c[4] = sqrt(a_prev) * cur_beta / beta_t;  // x0 coefficient
@@ -198,7 +205,7 @@ struct Ddpm {
   }
   template <typename T>
   PK_HD static void apply(const T* c, T mo, T s, T, T, T z, T& o0, T& o1) {
-    const T x0 = clamp_(c[0] * s + c[1] * mo, c[2], c[3]);
+    const T x0 = clamp_((c[0] * s + c[1] * mo) * c[7], c[2], c[3]);
     o0 = c[4] * x0 + c[5] * s + c[6] * z;
     o1 = x0;
   }
@@ -214,10 +221,12 @@ struct Ddim {
   PK_HD void coef(int64_t b, double* c) const {
     const double a_t = acp.at(t.get(b), 1.0), a_prev = acp.at(prev_t.get(b), final_alpha);
     const double sa = sqrt(a_t), sb = sqrt(1.0 - a_t);
-    x0_coefs(pred, a_t, &c[0], &c[1]);
+    x0_coefs(pred, a_t, &c[0], &c[1], &c[10]);
     c[2] = clip_lo;
     c[3] = clip_hi;
-    // eps = e_s * sample + e_m * model_output + e_x * x0
+    // eps = e_s * sample + e_m * model_output (+ e_x * x0 with use_clipped_model_output only:
+    // x0 is +-inf at zero SNR without clipping, and 0 * inf must not turn the epsilon
+    // prediction's eps = model_output into NaN).
     if (use_clipped) {
       c[4] = 1.0 / sb; c[5] = 0.0; c[6] = -sa / sb;
     } else if (pred == kEpsilon) {
@@ -227,6 +236,7 @@ struct Ddim {
     } else {
       c[4] = 1.0 / sb; c[5] = -sa / sb; c[6] = 0.0;
     }
+    c[11] = use_clipped ? 1.0 : 0.0;
     const double variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev);
     const double std = eta * sqrt(variance);
     double dir = 1.0 - a_prev - std * std;
@@ -237,9 +247,10 @@ struct Ddim {
   }
   template <typename T>
   PK_HD static void apply(const T* c, T mo, T s, T, T, T z, T& o0, T& o1) {
-    const T raw = c[0] * s + c[1] * mo;
+    const T raw = (c[0] * s + c[1] * mo) * c[10];
     const T x0 = clamp_(raw, c[2], c[3]);
-    const T eps = c[4] * s + c[5] * mo + c[6] * x0;
+    const T ex = c[11] != T(0) ? c[6] * x0 : T(0);
+    const T eps = c[4] * s + c[5] * mo + ex;
     o0 = c[7] * x0 + c[8] * eps + c[9] * z;
     o1 = x0;
   }
@@ -318,6 +329,11 @@ struct Heun {
 // sigma = sqrt((1 - a) / a) (alpha_t = 1/sqrt(sigma^2 + 1), sigma_t = sigma alpha_t), or flow
 // sigmas (alpha_t = 1 - sigma, sigma_t = sigma). o0 = x_{t}, o1 = the data prediction x0 of
 // this step, to be passed as prev_x0 to the next one.
+//
+// Flow sigmas must lie in [0, 1]. The host checks the values it can read (Python numbers, CPU
+// tensors) and raises; sigmas in device memory cannot be checked without a sync, so both
+// kernels apply one rule: a sample whose sigma, sigma_next or (second order) sigma_prev is
+// outside [0, 1] or NaN gets NaN in both outputs; the other samples are unaffected.
 struct DpmSolver {
   PerSample sigma_prev, sigma, sigma_next;
   int pred;
@@ -332,7 +348,13 @@ struct DpmSolver {
       *st = s * *a;
     }
   }
+  PK_HD static bool in_unit(double s) { return s >= 0.0 && s <= 1.0; }
   PK_HD void coef(int64_t b, double* c) const {
+    if (flow_sigmas && !(in_unit(sigma.get(b)) && in_unit(sigma_next.get(b)) &&
+                         (order != 2 || in_unit(sigma_prev.get(b))))) {
+      for (int k = 0; k < kNumCoef; ++k) c[k] = nan_d();
+      return;
+    }
     double a_t, s_t, a_0, s_0;
     alpha_sigma(sigma_next.get(b), &a_t, &s_t);
     const double sg = sigma.get(b);

@@ -10,6 +10,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -194,8 +195,32 @@ inline StepIO step_io(const at::Tensor& model_output, const at::Tensor& sample,
   return io;
 }
 
+// Scalar knobs: every message names the argument of the op and says what was expected.
+inline void check_finite(double v, const char* name) {
+  TORCH_CHECK(std::isfinite(v), name, ": expected a finite value, got ", v);
+}
+inline void check_finite_nonneg(double v, const char* name) {
+  TORCH_CHECK(std::isfinite(v) && v >= 0.0, name, ": expected a finite value >= 0, got ", v);
+}
+inline void check_not_nan(double v, const char* name) {
+  TORCH_CHECK(!std::isnan(v), name, ": expected a number (+-inf allowed), got NaN");
+}
+
+// Host-readable values (a CPU tensor, or a Python number turned into one) of a per-sample
+// sigma of a flow-sigma DPM-Solver step: each in [0, 1]. Sigmas in device memory are not
+// read here (no host sync); see DpmSolver in diffusion.h for the rule the kernels apply.
+inline void check_flow_sigma_range(const at::Tensor& t, const char* name) {
+  if (!t.is_cpu()) return;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const double v = host_value(t, i);
+    TORCH_CHECK(v >= 0.0 && v <= 1.0, name, ": expected values in [0, 1] with flow_sigmas=True, got ", v,
+                t.numel() > 1 ? " at sample " : "", t.numel() > 1 ? std::to_string(i) : std::string());
+  }
+}
+
 inline void clip_range(bool clip, double range, double* lo, double* hi) {
-  TORCH_CHECK(!clip || range > 0.0, "clip_sample_range: expected a positive value, got ", range);
+  TORCH_CHECK(!clip || (range > 0.0 && std::isfinite(range)),
+              "clip_sample_range: expected a finite value > 0, got ", range);
   *lo = clip ? -range : -inf_d();
   *hi = clip ? range : inf_d();
 }
@@ -231,15 +256,15 @@ struct Ops {
     return {io.out[0], io.out[1]};
   }
 
-  static LossBackward loss_weights(const OT& timesteps, const OT& alphas_cumprod, c10::string_view weighting,
+  static LossWeights loss_weights(const OT& timesteps, const OT& alphas_cumprod, c10::string_view weighting,
                                    double gamma, c10::string_view prediction_type, int64_t B, const at::Device& dev,
                                    std::vector<T>& keep) {
-    LossBackward w;
+    LossWeights w;
     w.weighting = parse_weighting(weighting);
     w.pred = parse_prediction(prediction_type);
+    TORCH_CHECK(gamma > 0.0 && std::isfinite(gamma), "gamma: expected a finite value > 0, got ", gamma);
     w.gamma = gamma;
     if (w.weighting != kWeightNone) {
-      TORCH_CHECK(gamma > 0.0, "gamma: expected a positive value, got ", gamma);
       TORCH_CHECK(timesteps.has_value(), "timesteps: required for weighting '", std::string(weighting), "'");
       TORCH_CHECK(alphas_cumprod.has_value(), "alphas_cumprod: required for weighting '", std::string(weighting), "'");
       w.t = per_sample(*timesteps, "timesteps", B, dev, true, keep);
@@ -257,7 +282,7 @@ struct Ops {
     const T p = pred.contiguous(), y = like(target, pred, "target", "pred");
     const int64_t B = p.size(0), inner = B == 0 ? 0 : p.numel() / B;
     std::vector<T> keep;
-    LossBackward w = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, B, p.device(), keep);
+    LossWeights w = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, B, p.device(), keep);
     const auto out_type = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     T out = at::empty({B}, p.options().dtype(out_type));
     if (B == 0) return out;
@@ -277,7 +302,7 @@ struct Ops {
     io.inner = io.B == 0 ? 0 : pred.numel() / io.B;
     io.out[0] = at::empty_like(io.in[0]);
     std::vector<T> keep;
-    LossBackward st = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, io.B, pred.device(),
+    LossWeights st = loss_weights(timesteps, alphas_cumprod, weighting, gamma, prediction_type, io.B, pred.device(),
                                    keep);
     TORCH_CHECK(grad.dim() == 1 && grad.numel() == io.B, "grad: expected shape [", io.B, "], got ", grad.sizes());
     st.grad = per_sample(grad, "grad", io.B, pred.device(), false, keep);
@@ -318,7 +343,7 @@ struct Ops {
                                     bool clip_sample, double clip_sample_range, bool use_clipped_model_output) {
     Ddim st;
     st.pred = parse_prediction(prediction_type);
-    TORCH_CHECK(eta >= 0.0, "eta: expected a non-negative value, got ", eta);
+    check_finite_nonneg(eta, "eta");
     TORCH_CHECK(final_alpha_cumprod > 0.0 && final_alpha_cumprod <= 1.0,
                 "final_alpha_cumprod: expected a value in (0, 1], got ", final_alpha_cumprod);
     st.eta = eta;
@@ -337,7 +362,10 @@ struct Ops {
                                      double churn_gamma, double s_tmin, double s_tmax, double s_noise) {
     Euler st;
     st.pred = parse_prediction(prediction_type);
-    TORCH_CHECK(churn_gamma >= 0.0, "s_churn: expected a non-negative value, got gamma ", churn_gamma);
+    check_finite_nonneg(churn_gamma, "churn_gamma");
+    check_not_nan(s_tmin, "s_tmin");
+    check_not_nan(s_tmax, "s_tmax");
+    check_finite(s_noise, "s_noise");
     st.churn_gamma = churn_gamma;
     st.s_tmin = s_tmin;
     st.s_tmax = s_tmax;
@@ -394,9 +422,14 @@ struct Ops {
       TORCH_CHECK(sigma_prev.has_value(), "sigma_prev: required for a second order step");
       io.in[2] = like(*prev_x0, sample, "prev_x0", "sample");
       st.sigma_prev = per_sample(*sigma_prev, "sigma_prev", io.B, sample.device(), false, keep);
+      if (flow_sigmas) check_flow_sigma_range(*sigma_prev, "sigma_prev");
     }
     st.sigma = per_sample(sigma, "sigma", io.B, sample.device(), false, keep);
     st.sigma_next = per_sample(sigma_next, "sigma_next", io.B, sample.device(), false, keep);
+    if (flow_sigmas) {
+      check_flow_sigma_range(sigma, "sigma");
+      check_flow_sigma_range(sigma_next, "sigma_next");
+    }
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);
     return {io.out[0], io.out[1]};
   }

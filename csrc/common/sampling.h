@@ -41,8 +41,7 @@ namespace sampling {
 constexpr uint32_t kSampleOffset = 0x534d5000u;       // "SMP\0"
 constexpr uint32_t kSpeculativeOffset = 0x534d5001u;
 
-constexpr int kMassShift = 36;                         // mass = floor(e * 2^36)
-constexpr float kMassScale = 68719476736.0f;           // 2^36
+constexpr float kMassScale = 68719476736.0f;           // 2^36: mass = floor(e * 2^36)
 constexpr int64_t kMaxVocab = int64_t(1) << 27;        // keeps every mass sum below 2^63
 // Probabilities (speculative decoding) use the same fixed point with 2^36 per unit.
 
@@ -103,6 +102,7 @@ PK_HD float bits_float(uint32_t b) {
 PK_HD float pos_inf() { return bits_float(0x7f800000u); }
 PK_HD float neg_inf() { return bits_float(0xff800000u); }
 PK_HD bool is_nan(float x) { return x != x; }
+PK_HD bool is_finite(float x) { return x > neg_inf() && x < pos_inf(); }
 
 // exp(x) for x <= 0 with ~1 ulp accuracy; 0 below -87 (where expf would be subnormal).
 // Cephes-style: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial.
@@ -139,6 +139,16 @@ PK_HD float key_float(uint32_t k) {
 }
 
 // ---- per-row knobs ---------------------------------------------------------------------
+// Scalar knobs are checked on the host (NaN and out-of-range values raise), and so are
+// per-row knob tensors on the CPU. Per-row tensors in device memory cannot be checked without
+// a host sync, so the kernels of both backends read every per-row value through
+// Params::knobs / *_of below, which apply one rule to the values the CPU would reject:
+//   temperature < 0 or NaN -> greedy (as 0);   top_k < 0 -> off (as 0);
+//   top_p NaN or > 1 -> off (as 1);            top_p <= 0 -> only the most likely value;
+//   min_p NaN or < 0 -> off (as 0);            min_p > 1 -> as 1 (the most likely values);
+//   repetition_penalty NaN, <= 0 or +inf -> off (as 1);
+//   presence_penalty / frequency_penalty NaN or +-inf -> off (as 0).
+// (temperature = +inf is valid: see scaled_value.)
 struct RowKnobs {
   float temperature;  // <= 0 (or NaN): greedy
   int64_t top_k;      // <= 0 or >= V: off
@@ -159,10 +169,13 @@ PK_HD float penalize(float x, int64_t count, float repetition, float presence, f
   return fsub(y, presence);
 }
 
-// The value of a logit after temperature (NaN -> -inf). Temperature must be > 0.
+// The value of a logit after temperature (NaN -> -inf). Temperature must be > 0; +inf is the
+// limit of softmax(x / T): infinite logits stay infinite (inf / inf would be NaN), finite ones
+// become 0, so the draw is uniform over the +inf entries if any, else over the finite ones.
 PK_HD float scaled_value(float x, float temperature) {
   if (is_nan(x)) return neg_inf();
-  return fdiv(x, temperature);
+  const float y = fdiv(x, temperature);
+  return is_nan(y) ? x : y;
 }
 
 // Row mode after the max pass: normal, all +inf entries (uniform over them), or nothing
@@ -255,11 +268,21 @@ struct Params {
     k.top_p = top_p_rows ? top_p_rows[b] : top_p;
     k.min_p = min_p_rows ? min_p_rows[b] : min_p;
     if (is_nan(k.top_p)) k.top_p = 1.0f;
+    if (k.min_p > 1.0f) k.min_p = 1.0f;
     return k;
   }
-  PK_HD float repetition_of(int64_t b) const { return repetition_rows ? repetition_rows[b] : repetition; }
-  PK_HD float presence_of(int64_t b) const { return presence_rows ? presence_rows[b] : presence; }
-  PK_HD float frequency_of(int64_t b) const { return frequency_rows ? frequency_rows[b] : frequency; }
+  PK_HD float repetition_of(int64_t b) const {
+    const float r = repetition_rows ? repetition_rows[b] : repetition;
+    return (r > 0.0f && r < pos_inf()) ? r : 1.0f;
+  }
+  PK_HD float presence_of(int64_t b) const {
+    const float v = presence_rows ? presence_rows[b] : presence;
+    return is_finite(v) ? v : 0.0f;
+  }
+  PK_HD float frequency_of(int64_t b) const {
+    const float v = frequency_rows ? frequency_rows[b] : frequency;
+    return is_finite(v) ? v : 0.0f;
+  }
   PK_HD bool penalties_on(int64_t b) const {
     return T > 0 && (repetition_of(b) != 1.0f || presence_of(b) != 0.0f || frequency_of(b) != 0.0f);
   }
@@ -292,6 +315,26 @@ PK_HD bool accept_draft(float u, float pd, float pt) {
 PK_HD uint64_t residual_mass(float pt, float pd) {
   const uint64_t a = prob_mass(pt), b = prob_mass(pd);
   return a > b ? a - b : 0;
+}
+
+// The acceptance walk of row b (both backends run this same code, so they accept the same
+// drafts): draft position j (ids[j], draft row dp + j V, target row tp + j V) is accepted
+// with accept_draft and the uniform of philox word 0 at draw j, while every earlier one was;
+// accepted ids go to orow[j]. Returns the number accepted: the first rejected position, or n.
+// A draft id outside [0, V) (negative, V or more) is rejected at its position, and the
+// caller draws the correction token there as for any rejection.
+template <typename scalar_t>
+PK_HD int64_t accept_walk(const Params& p, int64_t b, int64_t n, int64_t V, const int64_t* ids, const scalar_t* dp,
+                          const scalar_t* tp, int64_t* orow) {
+  int64_t j = 0;
+  for (; j < n; ++j) {
+    const int64_t d = ids[j];
+    if (d < 0 || d >= V) break;
+    const float u = uniform_float(p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j)).v[0]);
+    if (!accept_draft(u, static_cast<float>(dp[j * V + d]), static_cast<float>(tp[j * V + d]))) break;
+    orow[j] = d;
+  }
+  return j;
 }
 
 }  // namespace sampling

@@ -205,14 +205,14 @@ struct CpuBackend {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
   }
 
-  static void loss(const LossBackward& w, const at::Tensor& pred, const at::Tensor& target, int64_t B, int64_t inner,
+  static void loss(const LossWeights& w, const at::Tensor& pred, const at::Tensor& target, int64_t B, int64_t inner,
                    at::Tensor& out) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pk_diffusion_loss_cpu",
                                     [&] { loss_typed<scalar_t>(w, pred, target, B, inner, out); });
   }
 
   template <typename scalar_t>
-  static void loss_typed(const LossBackward& w, const at::Tensor& pred, const at::Tensor& target, int64_t B,
+  static void loss_typed(const LossWeights& w, const at::Tensor& pred, const at::Tensor& target, int64_t B,
                          int64_t inner, at::Tensor& out) {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;

@@ -39,52 +39,53 @@ struct Workspace {
 // ---- vectorised passes (GCC/Clang vector extensions: SSE2 on the x86-64 baseline, NEON on
 // arm64). Each lane performs exactly the operations of the scalar functions in
 // common/sampling.h, so the results are bit-identical to them (and to the CUDA kernels).
-typedef float f8 __attribute__((vector_size(16)));
-typedef int32_t i8 __attribute__((vector_size(16)));
-typedef uint32_t u8 __attribute__((vector_size(16)));
+typedef float f4 __attribute__((vector_size(16)));
+typedef int32_t i4 __attribute__((vector_size(16)));
+typedef uint32_t u4 __attribute__((vector_size(16)));
 constexpr int kLanes = 4;
 
-inline f8 load8(const float* p) {
-  f8 x;
+inline f4 load4(const float* p) {
+  f4 x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-inline void store8(float* p, f8 x) { std::memcpy(p, &x, sizeof(x)); }
+inline void store4(float* p, f4 x) { std::memcpy(p, &x, sizeof(x)); }
 
-__attribute__((always_inline)) inline f8 exp_nonpos8(f8 x) {
-  const i8 tiny = ~(x >= -87.0f);
-  const f8 xc = tiny ? f8{} - 87.0f : x;
-  const f8 t = xc * 1.44269504088896341f + 12582912.0f;
-  const f8 n = t - 12582912.0f;
-  f8 r = xc - n * 0.693359375f;
+__attribute__((always_inline)) inline f4 exp_nonpos4(f4 x) {
+  const i4 tiny = ~(x >= -87.0f);
+  const f4 xc = tiny ? f4{} - 87.0f : x;
+  const f4 t = xc * 1.44269504088896341f + 12582912.0f;
+  const f4 n = t - 12582912.0f;
+  f4 r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  f8 p = f8{} + 1.9875691500e-4f;
+  f4 p = f4{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const f8 y = ((p * r) * r + r) + 1.0f;
-  const i8 e = __builtin_convertvector(n, i8) + 127;
-  const f8 out = y * (f8)(e << 23);  // vector casts reinterpret the bits
-  return tiny ? f8{} : out;
+  const f4 y = ((p * r) * r + r) + 1.0f;
+  const i4 e = __builtin_convertvector(n, i4) + 127;
+  const f4 out = y * (f4)(e << 23);  // vector casts reinterpret the bits
+  return tiny ? f4{} : out;
 }
 
 // e[i] = exp_nonpos(v[i] - m)
 void weights_all(const float* v, float* e, int64_t V, float m) {
   int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes) store8(e + i, exp_nonpos8(load8(v + i) - m));
+  for (; i + kLanes <= V; i += kLanes) store4(e + i, exp_nonpos4(load4(v + i) - m));
   for (; i < V; ++i) e[i] = exp_nonpos(fsub(v[i], m));
 }
 
 // v[i] = scaled_value(v[i], t); returns the max.
 float scale_and_max(float* v, int64_t V, float t) {
   int64_t i = 0;
-  f8 mv = f8{} + neg_inf();
+  f4 mv = f4{} + neg_inf();
   for (; i + kLanes <= V; i += kLanes) {
-    const f8 x = load8(v + i);
-    const f8 y = (x != x) ? f8{} + neg_inf() : x / t;
-    store8(v + i, y);
+    const f4 x = load4(v + i);
+    const f4 q = (x != x) ? f4{} + neg_inf() : x / t;
+    const f4 y = (q != q) ? x : q;  // inf / inf (t = +inf): the infinity itself, as scaled_value
+    store4(v + i, y);
     mv = y > mv ? y : mv;
   }
   float m = neg_inf();
@@ -100,9 +101,9 @@ float scale_and_max(float* v, int64_t V, float t) {
 void keys_all(const float* v, uint32_t* key, int64_t V) {
   int64_t i = 0;
   for (; i + kLanes <= V; i += kLanes) {
-    const f8 x = load8(v + i) + 0.0f;
-    const i8 b = (i8)x;
-    const u8 k = (u8)b ^ (u8)((b >> 31) | INT32_MIN);
+    const f4 x = load4(v + i) + 0.0f;
+    const i4 b = (i4)x;
+    const u4 k = (u4)b ^ (u4)((b >> 31) | INT32_MIN);
     std::memcpy(key + i, &k, sizeof(k));
   }
   for (; i < V; ++i) key[i] = float_key(v[i]);
@@ -418,13 +419,7 @@ void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
       const scalar_t* dp = draft + b * n * V;
       const scalar_t* tp = target + b * (n + 1) * V;
       int64_t* orow = out + b * (n + 1);
-      int64_t j = 0;
-      for (; j < n; ++j) {
-        const int64_t d = ids[b * n + j];
-        const float u = uniform_float(s.p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j)).v[0]);
-        if (!accept_draft(u, static_cast<float>(dp[j * V + d]), static_cast<float>(tp[j * V + d]))) break;
-        orow[j] = d;
-      }
+      const int64_t j = accept_walk<scalar_t>(s.p, b, n, V, ids + b * n, dp, tp, orow);
       accepted[b] = j;
       // Correction from max(0, target - draft) at the rejected position, or the bonus token
       // from the target at position n; a residual of zero mass falls back to the target.
@@ -463,12 +458,8 @@ void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
 std::tuple<at::Tensor, at::Tensor> speculative_accept_cpu(const at::Tensor& draft_probs,
                                                           const at::Tensor& draft_token_ids,
                                                           const at::Tensor& target_probs, const at::Tensor& seed) {
+  // Draft ids outside [0, V) are not an error: they are rejected (accept_walk, shared with CUDA).
   SpecInputs s = check_spec_inputs(draft_probs, draft_token_ids, target_probs, seed);
-  const int64_t* ids = s.ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < s.B * s.n; ++i) {
-    TORCH_CHECK(ids[i] >= 0 && ids[i] < s.V, "draft_token_ids: expected ids in [0, ", s.V, "), found ", ids[i],
-                " at row ", i / s.n, ", position ", i % s.n);
-  }
   auto out = at::empty({s.B, s.n + 1}, draft_token_ids.options().dtype(at::kLong));
   auto accepted = at::empty({s.B}, draft_token_ids.options().dtype(at::kLong));
   if (s.B == 0) return {out, accepted};

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename out_t>
-__global__ void loss_finish_kernel(LossBackward w, const double* __restrict__ partial, int64_t B, int64_t nchunks,
+__global__ void loss_finish_kernel(LossWeights w, const double* __restrict__ partial, int64_t B, int64_t nchunks,
                                    int64_t inner, out_t* __restrict__ out) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
@@ -153,7 +153,7 @@ struct CudaBackend {
     });
   }
 
-  static void loss(const LossBackward& w, const at::Tensor& pred, const at::Tensor& target, int64_t B, int64_t inner,
+  static void loss(const LossWeights& w, const at::Tensor& pred, const at::Tensor& target, int64_t B, int64_t inner,
                    at::Tensor& out) {
     const c10::cuda::CUDAGuard guard(pred.device());
     auto stream = at::cuda::getCurrentCUDAStream();

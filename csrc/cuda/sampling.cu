@@ -606,14 +606,8 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* tp = target + b * (n + 1) * V;
   int64_t* orow = out + b * (n + 1);
   if (threadIdx.x == 0) {
-    int64_t j = 0;
-    for (; j < n; ++j) {
-      int64_t d = ids[b * n + j];
-      if (d < 0 || d >= V) break;  // an id outside the vocabulary is rejected
-      const float u = uniform_float(p.words(b, kSpeculativeOffset, static_cast<uint32_t>(j)).v[0]);
-      if (!accept_draft(u, to_float(dp[j * V + d]), to_float(tp[j * V + d]))) break;
-      orow[j] = d;
-    }
+    // The walk of csrc/common/sampling.h, as on the CPU (an id outside [0, V) is rejected).
+    const int64_t j = accept_walk<scalar_t>(p, b, n, V, ids + b * n, dp, tp, orow);
     s_j = j;
     accepted[b] = j;
   }

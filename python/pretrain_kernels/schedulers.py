@@ -505,11 +505,10 @@ class EulerDiscreteScheduler(_SigmaScheduler, _AlphaBarScheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_churn > 0 else 0.0
         pred = "sample" if self.config.prediction_type == "original_sample" else self.config.prediction_type
         prev, x0 = _d.euler_step(model_output, sample, self._sig(i), self._sig(i + 1), prediction_type=pred,
-                                 gamma=gamma, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
-                                 generator=generator if gamma > 0 else None)
+                                 s_churn=s_churn, num_inference_steps=len(self.sigmas) - 1, s_tmin=s_tmin,
+                                 s_tmax=s_tmax, s_noise=s_noise, generator=generator if s_churn > 0 else None)
         self._step_index += 1
         if not return_dict:
             return prev, x0

@@ -48,12 +48,23 @@ def _check_pos_int(name, value):
     return int(value)
 
 
-def _check_real(name, value, *, low=None, low_open=False):
+def _check_real(name, value, *, low=None, low_open=False, high=None, finite=True):
+    """A Python number as a float: never NaN, finite unless finite=False, and >= low (> low
+    with low_open) / <= high where given. The messages match the ops' TORCH_CHECKs."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     v = float(value)
-    if low is not None and (v <= low if low_open else v < low):
-        raise ValueError(f"{name}: expected a value {'>' if low_open else '>='} {low}, got {value}")
+    if math.isnan(v) and not finite:
+        raise ValueError(f"{name}: expected a number (+-inf allowed), got NaN")
+    bad = math.isnan(v) or (finite and math.isinf(v))
+    bad = bad or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high)
+    if bad:
+        what = "a finite value" if finite else "a value"
+        if low is not None and high is not None:
+            what = f"a value in {'(' if low_open else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            what += f" {'>' if low_open else '>='} {low:g}"
+        raise ValueError(f"{name}: expected {what}, got {value}")
     return v
 
 
@@ -178,6 +189,30 @@ def _acp(alphas_cumprod, device):
     return alphas_cumprod
 
 
+def _clip_range(clip_sample, clip_sample_range):
+    """clip_sample_range as a float; checked (finite, > 0) where clipping is on, as the ops do."""
+    if not clip_sample:
+        return float(clip_sample_range)
+    return _check_real("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
+
+
+def _check_flow_sigma(name, value):
+    """Flow sigmas lie in [0, 1]: checked here for Python numbers and CPU tensors (the op checks
+    them again). Values in device memory reach the kernels, which give NaN for a sample whose
+    sigma is outside [0, 1] (see dpmpp_2m_step)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu" and not is_compiling() and value.numel():
+            bad = ~((value >= 0) & (value <= 1))
+            if bool(bad.any()):
+                i = int(bad.reshape(-1).nonzero()[0, 0])
+                where = f" at sample {i}" if value.numel() > 1 else ""
+                raise ValueError(f"{name}: expected values in [0, 1] with flow_sigmas=True, got "
+                                 f"{value.reshape(-1)[i].item()}{where}")
+        return
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}: expected values in [0, 1] with flow_sigmas=True, got {value}")
+
+
 def _noise_or_seed(noise, seed, generator, device, needed):
     if noise is not None:
         if seed is not None or generator is not None:
@@ -272,12 +307,13 @@ def sample_timesteps(batch_size: int, *, kind: str = "uniform", num_train_timest
         return out if device is None else out.to(device)
     shift = _check_real("shift", shift, low=0.0, low_open=True)
     if kind == "logit_normal":
+        logit_mean = _check_real("logit_mean", logit_mean)
         logit_std = _check_real("logit_std", logit_std, low=0.0)
-        u = torch.normal(mean=float(logit_mean), std=logit_std, size=(batch_size,), generator=generator, device=gdev)
+        u = torch.normal(mean=logit_mean, std=logit_std, size=(batch_size,), generator=generator, device=gdev)
         u = torch.sigmoid(u)
     else:
         u = torch.rand(batch_size, generator=generator, device=gdev)
-        u = 1 - u - float(mode_scale) * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        u = 1 - u - _check_real("mode_scale", mode_scale) * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     if shift != 1.0:
         u = shift_sigmas(u, shift)
     return u if device is None else u.to(device)
@@ -300,11 +336,12 @@ def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     _tensor("sample", sample)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("variance_type", variance_type, ("fixed_small", "fixed_small_log", "fixed_large"))
+    clip_sample_range = _clip_range(clip_sample, clip_sample_range)
     acp = _acp(alphas_cumprod, sample.device)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, True)
     return _OPS.ddpm_step(model_output, sample, _per_sample("timesteps", timesteps, integral=True),
                           _per_sample("prev_timesteps", prev_timesteps, integral=True), acp, noise, seed_t,
-                          prediction_type, variance_type, bool(clip_sample), float(clip_sample_range))
+                          prediction_type, variance_type, bool(clip_sample), clip_sample_range)
 
 
 def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *, eta=0.0, final_alpha_cumprod=1.0,
@@ -316,25 +353,51 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     _tensor("sample", sample)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     eta = _check_real("eta", eta, low=0.0)
+    final_alpha_cumprod = _check_real("final_alpha_cumprod", final_alpha_cumprod, low=0.0, low_open=True, high=1.0)
+    clip_sample_range = _clip_range(clip_sample, clip_sample_range)
     acp = _acp(alphas_cumprod, sample.device)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, eta > 0)
     return _OPS.ddim_step(model_output, sample, _per_sample("timesteps", timesteps, integral=True),
                           _per_sample("prev_timesteps", prev_timesteps, integral=True), acp, noise, seed_t,
-                          float(final_alpha_cumprod), eta, prediction_type, bool(clip_sample),
-                          float(clip_sample_range), bool(use_clipped_model_output))
+                          final_alpha_cumprod, eta, prediction_type, bool(clip_sample), clip_sample_range,
+                          bool(use_clipped_model_output))
 
 
-def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", gamma=0.0, s_tmin=0.0,
-               s_tmax=float("inf"), s_noise=1.0, noise=None, seed=None, generator=None):
-    """One Euler step on Karras sigmas (diffusers' EulerDiscreteScheduler.step). gamma is the
-    churn, min(s_churn / (len(sigmas) - 1), sqrt(2) - 1) in diffusers' terms, applied where
-    s_tmin <= sigma <= s_tmax (noise is drawn only when gamma > 0). Returns (prev, pred_x0)."""
+def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", s_churn=0.0,
+               num_inference_steps=None, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, noise=None, seed=None,
+               generator=None, gamma=None):
+    """One Euler step on Karras sigmas (diffusers' EulerDiscreteScheduler.step). Returns
+    (prev, pred_x0).
+
+    Churn as in diffusers: s_churn (>= 0) with num_inference_steps (the scheduler's
+    len(sigmas) - 1, required when s_churn > 0) gives the per-step churn
+    gamma = min(s_churn / num_inference_steps, sqrt(2) - 1), applied where
+    s_tmin <= sigma <= s_tmax with noise scaled by s_noise (noise is drawn only when
+    gamma > 0). `gamma` (the per-step churn itself, what earlier versions took) is accepted
+    instead of s_churn for backward compatibility; pass at most one of them."""
     _tensor("sample", sample)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    gamma = _check_real("gamma", gamma, low=0.0)
-    noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, gamma > 0)
+    if gamma is not None:
+        if s_churn != 0.0 or num_inference_steps is not None:
+            raise ValueError("gamma: the per-step churn; pass either gamma or s_churn (with num_inference_steps), "
+                             "not both")
+        churn = _check_real("gamma", gamma, low=0.0)
+    else:
+        s_churn = _check_real("s_churn", s_churn, low=0.0)
+        if num_inference_steps is not None:
+            num_inference_steps = _check_pos_int("num_inference_steps", num_inference_steps)
+        churn = 0.0
+        if s_churn > 0:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps: required with s_churn > 0 (the churn per step is "
+                                 "min(s_churn / num_inference_steps, sqrt(2) - 1), as in diffusers)")
+            churn = min(s_churn / num_inference_steps, 2**0.5 - 1)
+    s_tmin = _check_real("s_tmin", s_tmin, finite=False)
+    s_tmax = _check_real("s_tmax", s_tmax, finite=False)
+    s_noise = _check_real("s_noise", s_noise)
+    noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, churn > 0)
     return _OPS.euler_step(model_output, sample, _per_sample("sigma", sigma), _per_sample("sigma_next", sigma_next),
-                           noise, seed_t, prediction_type, gamma, float(s_tmin), float(s_tmax), float(s_noise))
+                           noise, seed_t, prediction_type, churn, s_tmin, s_tmax, s_noise)
 
 
 def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, prev_sample=None,
@@ -348,8 +411,9 @@ def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, 
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if (prev_derivative is None) != (prev_sample is None):
         raise ValueError("prev_derivative/prev_sample: pass both (second stage) or neither (first stage)")
+    clip_sample_range = _clip_range(clip_sample, clip_sample_range)
     return _OPS.heun_step(model_output, sample, _per_sample("sigma", sigma), _per_sample("sigma_next", sigma_next),
-                          prev_derivative, prev_sample, prediction_type, bool(clip_sample), float(clip_sample_range))
+                          prev_derivative, prev_sample, prediction_type, bool(clip_sample), clip_sample_range)
 
 
 def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigma_prev=None,
@@ -357,7 +421,14 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
                   flow_sigmas=False, noise=None, seed=None, generator=None):
     """One DPM-Solver++ multistep update (diffusers' DPMSolverMultistepScheduler). First
     order without prev_x0; second order (2M) with prev_x0 (the x0 returned by the previous
-    step) and sigma_prev. "sde-dpmsolver++" adds noise. Returns (prev_sample, x0)."""
+    step) and sigma_prev. "sde-dpmsolver++" adds noise. Returns (prev_sample, x0).
+
+    flow_sigmas=True (use_flow_sigmas in diffusers: alpha_t = 1 - sigma): sigma, sigma_next
+    and sigma_prev must lie in [0, 1]. Python numbers and CPU tensors are checked and raise
+    ValueError; sigmas in device memory cannot be checked without a host sync, so there the
+    rule is: a sample whose sigma, sigma_next or (second order) sigma_prev is outside [0, 1] or
+    NaN gets NaN in both outputs; the other samples are unaffected. Both kernels (CPU and
+    CUDA) apply that rule to every value that reaches them."""
     _tensor("sample", sample)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES + ("flow_prediction",))
     _check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
@@ -365,6 +436,9 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
     if (prev_x0 is None) != (sigma_prev is None):
         raise ValueError("prev_x0/sigma_prev: pass both (second order) or neither (first order)")
     order = 1 if prev_x0 is None else 2
+    if flow_sigmas:
+        for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sigma_prev)):
+            _check_flow_sigma(name, value)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, algorithm_type == "sde-dpmsolver++")
     sp = None if sigma_prev is None else _per_sample("sigma_prev", sigma_prev)
     return _OPS.dpmpp_2m_step(model_output, sample, prev_x0, sp, _per_sample("sigma", sigma),

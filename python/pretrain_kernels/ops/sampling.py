@@ -29,10 +29,19 @@ Seeds: row i draws with (seed, i), so a row's token does not depend on the other
 per-row seed tensor [B], row i draws with (seed[i], 0), exactly like a one-row call with
 seed[i]. Without a seed, one is drawn from `generator` or torch's default generator.
 
-On CUDA, per-row knob values and prev_tokens ids are not checked (that would need a host
-sync): out-of-range prev_tokens ids are ignored, an out-of-range draft token id counts as
-rejected; top_k < 0 counts as off, NaN top_p as 1, temperature <= 0 or NaN as greedy. The CPU
-kernels raise errors for all of these.
+Knob checks: a Python-number knob that is NaN or out of range raises ValueError (the raw ops
+raise RuntimeError), and so do per-row tensors and prev_tokens on the CPU. temperature=+inf
+is valid: the limit of softmax(x / T), uniform over the +inf logits if any, else over the
+finite ones. Per-row tensors and prev_tokens in device memory are not checked (that would
+need a host sync); the kernels of both backends apply one rule to what reaches them:
+  * temperature < 0 or NaN: greedy (as 0);      top_k < 0: off (as 0);
+  * top_p NaN or > 1: off (as 1);               top_p <= 0: only the most likely value;
+  * min_p NaN or < 0: off (as 0);               min_p > 1: as 1 (the most likely values);
+  * repetition_penalty NaN, <= 0 or +inf: off (as 1);
+  * presence_penalty / frequency_penalty NaN or +-inf: off (as 0);
+  * prev_tokens ids outside [0, V) (other than -1): ignored.
+speculative_accept takes any draft id: one outside [0, V) is rejected at its position, on
+every backend (see its docstring).
 """
 from __future__ import annotations
 
@@ -204,6 +213,12 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     Returns (output_token_ids [B, n+1] int64: the accepted drafts, then the corrected or
     bonus token, then -1; num_accepted [B] int64). A zero residual (target == draft) falls
     back to the target distribution; a row whose target has no mass gives -1 there.
+
+    Out-of-vocabulary draft ids are not an error: a draft id outside [0, V) (negative, or V
+    and above) is rejected at its position, so num_accepted stops there and the correction
+    token is drawn at that position from normalise(max(0, target - draft)), as for any
+    rejection. One rule on every backend: CPU and CUDA return the same tokens for the same
+    seed (the acceptance walk is shared code, csrc/common/sampling.h).
     """
     for name, t in (("draft_probs", draft_probs), ("target_probs", target_probs)):
         if not isinstance(t, torch.Tensor):
@@ -225,12 +240,6 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     device = draft_probs.device
     check_same_device("target_probs", target_probs, device)
     check_same_device("draft_token_ids", draft_token_ids, device)
-    if device.type == "cpu" and not is_compiling() and draft_token_ids.numel():
-        bad = (draft_token_ids < 0) | (draft_token_ids >= V)
-        if bool(bad.any()):
-            r, c = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"draft_token_ids: expected ids in [0, {V}), got {int(draft_token_ids[r, c])} at row "
-                             f"{r}, position {c}")
     seed_t = _seed_tensor(seed, generator, B, device)
     return torch.ops.pretrain_kernels.speculative_accept(draft_probs, draft_token_ids, target_probs, seed_t)
 
