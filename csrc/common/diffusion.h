@@ -257,6 +257,23 @@ struct Ddim {
 };
 
 // ---- Euler (Karras et al. 2022, Algorithm 2), as diffusers' EulerDiscreteScheduler.step ----
+// x0 = cs * sample + cm * model_output on the Karras sigma scale (x_t = x0 + sigma eps), as the
+// Euler and Heun steps of diffusers compute it: epsilon x0 = s - sigma_eps mo; v x0 =
+// s / (sigma_v^2 + 1) - sigma_v / sqrt(sigma_v^2 + 1) mo; sample x0 = mo. Euler's epsilon uses
+// sigma_hat (with churn) where its v uses sigma, hence two sigmas.
+PK_HD void karras_x0_coef(int pred, double sigma_eps, double sigma_v, double* cs, double* cm) {
+  if (pred == kEpsilon) {
+    *cs = 1.0;
+    *cm = -sigma_eps;
+  } else if (pred == kVPrediction) {
+    *cs = 1.0 / (sigma_v * sigma_v + 1.0);
+    *cm = -sigma_v / sqrt(sigma_v * sigma_v + 1.0);
+  } else {
+    *cs = 0.0;
+    *cm = 1.0;
+  }
+}
+
 struct Euler {
   PerSample sigma, sigma_next;
   int pred;
@@ -266,13 +283,7 @@ struct Euler {
     const double gamma = (s_tmin <= sg && sg <= s_tmax) ? churn_gamma : 0.0;
     const double sh = sg * (gamma + 1.0);
     c[0] = gamma > 0.0 ? s_noise * sqrt(sh * sh - sg * sg) : 0.0;  // churn noise scale
-    if (pred == kEpsilon) {
-      c[1] = 1.0; c[2] = -sh;
-    } else if (pred == kVPrediction) {
-      c[1] = 1.0 / (sg * sg + 1.0); c[2] = -sg / sqrt(sg * sg + 1.0);
-    } else {
-      c[1] = 0.0; c[2] = 1.0;
-    }
+    karras_x0_coef(pred, sh, sg, &c[1], &c[2]);
     c[3] = (sn - sh) / sh;  // dt / sigma_hat
   }
   template <typename T>
@@ -297,13 +308,7 @@ struct Heun {
   PK_HD void coef(int64_t b, double* c) const {
     const double sg = sigma.get(b), sn = sigma_next.get(b);
     const double si = second ? sn : sg;  // the sigma the model was evaluated at
-    if (pred == kEpsilon) {
-      c[0] = 1.0; c[1] = -si;
-    } else if (pred == kVPrediction) {
-      c[0] = 1.0 / (si * si + 1.0); c[1] = -si / sqrt(si * si + 1.0);
-    } else {
-      c[0] = 0.0; c[1] = 1.0;
-    }
+    karras_x0_coef(pred, si, si, &c[0], &c[1]);
     c[2] = clip_lo;
     c[3] = clip_hi;
     c[4] = 1.0 / si;
@@ -434,17 +439,7 @@ struct FlowMatch {
 // same float operations. One Philox block (4 words) gives 4 normals: element i uses block
 // i / 4, words (2p, 2p+1) with p = (i / 2) % 2, and the cosine (i even) or sine (i odd) half.
 
-PK_HD float bits_float(uint32_t b) {
-  float f;
-  memcpy(&f, &b, sizeof(f));
-  return f;
-}
 
-PK_HD uint32_t float_bits(float f) {
-  uint32_t b;
-  memcpy(&b, &f, sizeof(b));
-  return b;
-}
 
 // log(x) for normal positive floats: x = m 2^e with m in [0.75, 1.5), log m = 2 atanh(s),
 // s = (m - 1) / (m + 1) in [-1/7, 1/5], by its odd series up to s^11 (truncation < 1e-10).

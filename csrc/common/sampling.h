@@ -81,24 +81,6 @@ PK_HD uint64_t mulhi64(uint64_t a, uint64_t b) {
 }
 #endif
 
-PK_HD uint32_t float_bits(float v) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(v);
-#else
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  return b;
-#endif
-}
-PK_HD float bits_float(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float v;
-  std::memcpy(&v, &b, 4);
-  return v;
-#endif
-}
 PK_HD float pos_inf() { return bits_float(0x7f800000u); }
 PK_HD float neg_inf() { return bits_float(0xff800000u); }
 PK_HD bool is_nan(float x) { return x != x; }

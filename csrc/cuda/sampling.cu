@@ -102,12 +102,12 @@ __device__ __forceinline__ void hist_add_count(ull* hist, uint32_t bin, bool act
   }
 }
 
-// The bin where the running sum over bins, top bin first, reaches the limit: for counts,
-// cum >= rem; for masses, mass_crossed(above, cum, limit) (limit = top_p * total of the bins
-// when topp_total). Same bin as crossing_count / crossing_mass. Sets s.bin (-1 if none), s.before,
-// and s.total (the sum of all bins).
-template <bool MASS>
-__device__ void block_crossing(Shared& s, int nb, ull rem, ull above, float top_p, bool topp_total) {
+// The bin where the running sum over bins, top bin first, first satisfies crossed(cum, total):
+// for counts cum >= rem, for masses mass_crossed(above, cum, limit), the first top-p level's
+// limit coming from the total of its bins. Same bin as crossing_count / crossing_mass. Sets
+// s.bin (-1 if none), s.before and s.total (the sum of all bins).
+template <typename Crossed>
+__device__ void block_crossing(Shared& s, int nb, Crossed crossed) {
   const int t = threadIdx.x;
   ull vals[kBinsPerThread];
   ull tsum = 0;
@@ -120,56 +120,17 @@ __device__ void block_crossing(Shared& s, int nb, ull rem, ull above, float top_
   if (t == 0) s.bin = -1;
   ull excl, total;
   cub::BlockScan<ull, kThreads>(s.tmp.scan).ExclusiveSum(tsum, excl, total);
-  double limit = 0.0;
-  if (MASS) limit = topp_total ? topp_limit(top_p, total) : 0.0;
   ull cum = excl;
 #pragma unroll
   for (int j = 0; j < kBinsPerThread; ++j) {
     const int q = t * kBinsPerThread + j;
-    if (q < nb) {
-      bool crossed_before, crossed_after;
-      if (MASS) {
-        crossed_before = mass_crossed(above, cum, limit);
-        crossed_after = mass_crossed(above, cum + vals[j], limit);
-      } else {
-        crossed_before = cum >= rem;
-        crossed_after = cum + vals[j] >= rem;
-      }
-      if (!crossed_before && crossed_after) {
-        s.bin = nb - 1 - q;
-        s.before = cum;
-      }
-    }
-    cum += vals[j];
-  }
-  if (t == 0) s.total = total;
-  __syncthreads();
-}
-
-// Variant for the top-p levels below the first, where the limit is already known.
-__device__ void block_crossing_mass(Shared& s, int nb, ull above, double limit) {
-  const int t = threadIdx.x;
-  ull vals[kBinsPerThread];
-  ull tsum = 0;
-#pragma unroll
-  for (int j = 0; j < kBinsPerThread; ++j) {
-    const int q = t * kBinsPerThread + j;
-    vals[j] = q < nb ? s.hist[nb - 1 - q] : 0ull;
-    tsum += vals[j];
-  }
-  if (t == 0) s.bin = -1;
-  ull excl;
-  cub::BlockScan<ull, kThreads>(s.tmp.scan).ExclusiveSum(tsum, excl);
-  ull cum = excl;
-#pragma unroll
-  for (int j = 0; j < kBinsPerThread; ++j) {
-    const int q = t * kBinsPerThread + j;
-    if (q < nb && !mass_crossed(above, cum, limit) && mass_crossed(above, cum + vals[j], limit)) {
+    if (q < nb && !crossed(cum, total) && crossed(cum + vals[j], total)) {
       s.bin = nb - 1 - q;
       s.before = cum;
     }
     cum += vals[j];
   }
+  if (t == 0) s.total = total;
   __syncthreads();
 }
 
@@ -330,7 +291,7 @@ __global__ void __launch_bounds__(kThreads)
       hist_add_count(s.hist, level_bin(key, 0), i < V);
     }
     __syncthreads();
-    block_crossing<false>(s, level_bins(0), rem, 0, 0.0f, false);
+    block_crossing(s, level_bins(0), [rem](ull cum, ull) { return cum >= rem; });
     const int bin0 = s.bin;
     if (bin0 >= 0) {  // always (k < V)
       const ull at_or_above = s.before + s.hist[bin0];
@@ -375,7 +336,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
         __syncthreads();
-        block_crossing<false>(s, nb, rem, 0, 0.0f, false);
+        block_crossing(s, nb, [rem](ull cum, ull) { return cum >= rem; });
         const int bin = s.bin;
         if (bin < 0) break;  // cannot happen; keep the bins found so far
         rem -= s.before;
@@ -420,10 +381,11 @@ __global__ void __launch_bounds__(kThreads)
         }
         __syncthreads();
         if (level == 0) {
-          block_crossing<true>(s, nb, 0, 0, k.top_p, true);
+          const float top_p = k.top_p;
+          block_crossing(s, nb, [top_p](ull cum, ull total) { return mass_crossed(0, cum, topp_limit(top_p, total)); });
           limit = topp_limit(k.top_p, s.total);
         } else {
-          block_crossing_mass(s, nb, above, limit);
+          block_crossing(s, nb, [above, limit](ull cum, ull) { return mass_crossed(above, cum, limit); });
         }
         const int bin = s.bin;
         const ull before = s.before;
