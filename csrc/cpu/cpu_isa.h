@@ -7,6 +7,7 @@
 // the CPU's features. PK_CPU_ISA (csrc/common/env_knobs.h) caps the choice to compare paths;
 // it is read once per process, at the first call (the kernels ask per tile).
 // pk.build_info()["cpu_isa"] reports what cpu_isa() picks.
+// Kernels whose baseline loops are fast enough (the sampler's 4-lane vectors) do not dispatch.
 // -DPK_NO_X86 leaves the x86 code out of the build.
 #pragma once
 #include <cstring>

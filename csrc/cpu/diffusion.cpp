@@ -22,6 +22,7 @@
 
 #include "../common/diffusion.h"
 #include "../common/diffusion_ops.h"
+#include "cpu_isa.h"
 
 namespace pk {
 namespace diffusion {
@@ -46,29 +47,22 @@ inline __attribute__((always_inline)) void apply_loop(const acc_t* __restrict__ 
 }
 
 // The default build targets baseline x86-64 (SSE2). The float body is also compiled for
-// AVX2 + FMA and picked at run time when the CPU has them: the steps do 10-20 flops per
-// element, so the 8-wide FMA version is about twice as fast as the 4-wide one.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PK_DIFFUSION_AVX2 1
+// AVX2 + FMA and picked at run time by the CPU dispatch of csrc/cpu/cpu_isa.h: the steps do
+// 10-20 flops per element, so the 8-wide version is about twice as fast as the 4-wide one.
+#if PK_X86
 template <class Step>
-__attribute__((target("avx2,fma"))) void apply_loop_avx2(const float* c, const float* a0, const float* a1,
-                                                         const float* a2, const float* a3, const float* z, float* o0,
-                                                         float* o1, int64_t n) {
+PK_TARGET_AVX2 void apply_loop_avx2(const float* c, const float* a0, const float* a1, const float* a2, const float* a3,
+                                    const float* z, float* o0, float* o1, int64_t n) {
   apply_loop<float, Step>(c, a0, a1, a2, a3, z, o0, o1, n);
-}
-
-inline bool cpu_has_avx2_fma() {
-  static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return v;
 }
 #endif
 
 template <typename acc_t, class Step>
 void apply_chunk(const acc_t* c, const acc_t* a0, const acc_t* a1, const acc_t* a2, const acc_t* a3, const acc_t* z,
                  acc_t* o0, acc_t* o1, int64_t n) {
-#ifdef PK_DIFFUSION_AVX2
+#if PK_X86
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (cpu_has_avx2_fma()) {
+    if (cpu::has_isa(cpu::Isa::kAvx2)) {
       apply_loop_avx2<Step>(c, a0, a1, a2, a3, z, o0, o1, n);
       return;
     }
@@ -83,8 +77,8 @@ inline void fill_normals_generic(uint64_t seed, uint32_t offset, int64_t blk0, i
   for (int64_t k = 0; k < nblk; ++k) normal_block(seed, static_cast<uint64_t>(blk0 + k), offset, out + 4 * k);
 }
 
-#ifdef PK_DIFFUSION_AVX2
-__attribute__((target("avx2,fma"))) void fill_normals_avx2(uint64_t seed, uint32_t offset, int64_t blk0, int64_t nblk,
+#if PK_X86
+PK_TARGET_AVX2 void fill_normals_avx2(uint64_t seed, uint32_t offset, int64_t blk0, int64_t nblk,
                                                            float* __restrict__ out) {
   for (int64_t k = 0; k < nblk; ++k) normal_block(seed, static_cast<uint64_t>(blk0 + k), offset, out + 4 * k);
 }
@@ -92,8 +86,8 @@ __attribute__((target("avx2,fma"))) void fill_normals_avx2(uint64_t seed, uint32
 
 inline void fill_normals(uint64_t seed, uint32_t offset, int64_t base, int64_t n, float* out) {
   const int64_t blk0 = base >> 2, blk1 = (base + n + 3) >> 2;
-#ifdef PK_DIFFUSION_AVX2
-  if (cpu_has_avx2_fma()) {
+#if PK_X86
+  if (cpu::has_isa(cpu::Isa::kAvx2)) {
     fill_normals_avx2(seed, offset, blk0, blk1 - blk0, out);
     return;
   }
