@@ -61,8 +61,8 @@ PK_HD uint32_t level_bin(uint32_t key, int level) {
 }
 
 // ---- float arithmetic that rounds the same way on host and device ---------------------
-// (nvcc contracts a*b+c into an FMA unless told not to; the x86-64 baseline host build has
-// no FMA instructions, so plain operators already round each step there.)
+// (nvcc contracts a*b+c into an FMA unless told not to; the host build passes
+// -ffp-contract=off, so plain operators round each step there.)
 #if defined(__CUDA_ARCH__)
 PK_HD float fmul(float a, float b) { return __fmul_rn(a, b); }
 PK_HD float fadd(float a, float b) { return __fadd_rn(a, b); }
@@ -86,26 +86,51 @@ PK_HD float neg_inf() { return bits_float(0xff800000u); }
 PK_HD bool is_nan(float x) { return x != x; }
 PK_HD bool is_finite(float x) { return x > neg_inf() && x < pos_inf(); }
 
+// ---- lanes ---------------------------------------------------------------------------------
+// Functions written once for a scalar float (both backends) and, on the CPU, for a vector of
+// four floats (GCC/Clang vector extensions; SSE2 on the x86-64 baseline, NEON on arm64), so
+// that the CPU's vectorised passes perform exactly the scalar operations on every lane. Each
+// lane type supplies fadd/fmul/fsub, lane(x, c) (the constant c shaped like x), not_ge(x, c)
+// (a lane mask, true also for NaN), select(mask, a, b) and pow2_int(n) (2^n for integral n).
+PK_HD float lane(float, float c) { return c; }
+PK_HD bool not_ge(float x, float c) { return !(x >= c); }
+PK_HD float select(bool m, float a, float b) { return m ? a : b; }
+PK_HD float pow2_int(float n) { return bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23); }
+
+#if !defined(__CUDACC__)
+typedef float f4 __attribute__((vector_size(16)));
+typedef int32_t i4 __attribute__((vector_size(16)));
+typedef uint32_t u4 __attribute__((vector_size(16)));
+inline f4 fmul(f4 a, f4 b) { return a * b; }
+inline f4 fadd(f4 a, f4 b) { return a + b; }
+inline f4 fsub(f4 a, f4 b) { return a - b; }
+inline f4 lane(f4, float c) { return f4{} + c; }
+inline i4 not_ge(f4 x, float c) { return ~(x >= c); }
+inline f4 select(i4 m, f4 a, f4 b) { return m ? a : b; }
+inline f4 pow2_int(f4 n) { return (f4)((__builtin_convertvector(n, i4) + 127) << 23); }  // casts reinterpret bits
+#endif
+
 // exp(x) for x <= 0 with ~1 ulp accuracy; 0 below -87 (where expf would be subnormal).
 // Cephes-style: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial.
-PK_HD float exp_nonpos(float x) {
-  const bool tiny = !(x >= -87.0f);  // also -inf and NaN
-  const float xc = tiny ? -87.0f : x;
-  const float t = fadd(fmul(xc, 1.44269504088896341f), 12582912.0f);  // round to nearest via 1.5 * 2^23
-  const float n = fsub(t, 12582912.0f);
-  float r = fsub(xc, fmul(n, 0.693359375f));
-  r = fsub(r, fmul(n, -2.12194440e-4f));
-  float p = 1.9875691500e-4f;
-  p = fadd(fmul(p, r), 1.3981999507e-3f);
-  p = fadd(fmul(p, r), 8.3334519073e-3f);
-  p = fadd(fmul(p, r), 4.1665795894e-2f);
-  p = fadd(fmul(p, r), 1.6666665459e-1f);
-  p = fadd(fmul(p, r), 5.0000001201e-1f);
-  const float y = fadd(fadd(fmul(fmul(p, r), r), r), 1.0f);
-  const int32_t e = static_cast<int32_t>(n) + 127;  // n in [-126, 0]
-  const float out = fmul(y, bits_float(static_cast<uint32_t>(e) << 23));
-  return tiny ? 0.0f : out;
+template <typename F>
+PK_HD F exp_nonpos_lanes(F x) {
+  const auto tiny = not_ge(x, -87.0f);  // also -inf and NaN
+  const F xc = select(tiny, lane(x, -87.0f), x);
+  const F t = fadd(fmul(xc, lane(x, 1.44269504088896341f)), lane(x, 12582912.0f));  // round via 1.5 * 2^23
+  const F n = fsub(t, lane(x, 12582912.0f));
+  F r = fsub(xc, fmul(n, lane(x, 0.693359375f)));
+  r = fsub(r, fmul(n, lane(x, -2.12194440e-4f)));
+  F p = lane(x, 1.9875691500e-4f);
+  p = fadd(fmul(p, r), lane(x, 1.3981999507e-3f));
+  p = fadd(fmul(p, r), lane(x, 8.3334519073e-3f));
+  p = fadd(fmul(p, r), lane(x, 4.1665795894e-2f));
+  p = fadd(fmul(p, r), lane(x, 1.6666665459e-1f));
+  p = fadd(fmul(p, r), lane(x, 5.0000001201e-1f));
+  const F y = fadd(fadd(fmul(fmul(p, r), r), r), lane(x, 1.0f));
+  return select(tiny, lane(x, 0.0f), fmul(y, pow2_int(n)));  // n in [-126, 0]
 }
+
+PK_HD float exp_nonpos(float x) { return exp_nonpos_lanes(x); }
 
 PK_HD uint64_t mass_of(float e) { return static_cast<uint64_t>(static_cast<int64_t>(fmul(e, kMassScale))); }
 

@@ -39,9 +39,7 @@ struct Workspace {
 // ---- vectorised passes (GCC/Clang vector extensions: SSE2 on the x86-64 baseline, NEON on
 // arm64). Each lane performs exactly the operations of the scalar functions in
 // common/sampling.h, so the results are bit-identical to them (and to the CUDA kernels).
-typedef float f4 __attribute__((vector_size(16)));
-typedef int32_t i4 __attribute__((vector_size(16)));
-typedef uint32_t u4 __attribute__((vector_size(16)));
+// f4 / i4 / u4 and the lane helpers: csrc/common/sampling.h.
 constexpr int kLanes = 4;
 
 inline f4 load4(const float* p) {
@@ -51,29 +49,10 @@ inline f4 load4(const float* p) {
 }
 inline void store4(float* p, f4 x) { std::memcpy(p, &x, sizeof(x)); }
 
-__attribute__((always_inline)) inline f4 exp_nonpos4(f4 x) {
-  const i4 tiny = ~(x >= -87.0f);
-  const f4 xc = tiny ? f4{} - 87.0f : x;
-  const f4 t = xc * 1.44269504088896341f + 12582912.0f;
-  const f4 n = t - 12582912.0f;
-  f4 r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  f4 p = f4{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const f4 y = ((p * r) * r + r) + 1.0f;
-  const i4 e = __builtin_convertvector(n, i4) + 127;
-  const f4 out = y * (f4)(e << 23);  // vector casts reinterpret the bits
-  return tiny ? f4{} : out;
-}
-
 // e[i] = exp_nonpos(v[i] - m)
 void weights_all(const float* v, float* e, int64_t V, float m) {
   int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes) store4(e + i, exp_nonpos4(load4(v + i) - m));
+  for (; i + kLanes <= V; i += kLanes) store4(e + i, exp_nonpos_lanes(load4(v + i) - m));
   for (; i < V; ++i) e[i] = exp_nonpos(fsub(v[i], m));
 }
 
