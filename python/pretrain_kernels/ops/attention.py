@@ -119,6 +119,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     (float32 accumulation) and float64.
     Returns out shaped like q, and with return_lse=True also lse (float32; float64 for
     float64 inputs): (batch, heads, seqlen_q), or (heads, total_q) for varlen; differentiable.
+
+    Names: `scale` is torch SDPA's name (this function is also the engine of the SDPA drop-in)
+    where FlashAttention says softmax_scale, and `window` takes FlashAttention's window_size
+    tuple under a shorter name; code written against flash-attn's own signatures belongs with
+    its names, not with this function's.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     _check_same(q, k, v)

@@ -118,6 +118,9 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, ma
     (the unit is a word, eligible when its first piece is); each piece then gets its own
     mask/random/keep draw, as transformers' whole-word collator does.
     seed / generator: see pretrain_kernels.ops._common.resolve_seed.
+    Names: transformers' collator calls the three rates mlm_probability, mask_replace_prob and
+    random_replace_prob; pk.MLMCollator takes those names, this tensor op the shorter ones of
+    its schema.
     What a GPU cannot check without a host sync follows one rule on every device: ids outside
     [0, vocab_size) are never selected and stay unchanged (label -100), and per-row rates are
     clamped into [0, 1], NaN counting as 0.
