@@ -8,6 +8,9 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch>=2.5
 EXTRAS ?= test,train
 PYTEST_ARGS ?=
+# Skips the Python tests may make (tests/conftest.py's skip audit): any other skip, or a run in
+# which no test passed, fails test-py. Empty to switch the audit off (e.g. for a -k subset).
+PK_EXPECTED_SKIPS ?= tests/expected_skips.txt
 
 # Use the active virtualenv if there is one, else ./.venv (created on demand).
 ifdef VIRTUAL_ENV
@@ -42,7 +45,7 @@ demo: setup
 test: setup test-cpp test-py
 
 test-py: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	PK_EXPECTED_SKIPS=$(PK_EXPECTED_SKIPS) $(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Header-only C++ tests (RNG known answers) through CMake/ctest.
 test-cpp:
