@@ -51,6 +51,7 @@ def run(tmp_path, files, rules=RULES, enabled=True):
     (tmp_path / "expected.txt").write_text(textwrap.dedent(rules))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     env.pop("PK_EXPECTED_SKIPS", None)
+    env.pop("PK_SKIPS_REPORT", None)
     if enabled:
         env["PK_EXPECTED_SKIPS"] = str(tmp_path / "expected.txt")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
