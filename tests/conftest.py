@@ -2,11 +2,31 @@ import contextlib
 import fnmatch
 import os
 import pathlib
+import sys
+import types
 
 import pytest
 import torch
 
-import pretrain_kernels  # noqa: F401  (registers the ops)
+
+def _load_ops_library(path):
+    """PK_OPS_LIBRARY=<path to libpretrain_kernels_ops.so> (scripts/sanitize.sh): the ops come
+    from that library (the CMake build, e.g. with ASan/UBSan) instead of the extension
+    pretrain_kernels._C, which a stand-in module replaces (build information only) so that
+    the package imports without registering the ops twice."""
+    torch.ops.load_library(path)
+    stub = types.ModuleType("pretrain_kernels._C")
+    stub.build_info = lambda: {"with_cuda": False, "cuda_archs": "", "cpu_isa": "see the library",
+                               "cpu_parallel": "openmp", "torch_version": torch.__version__,
+                               "compiler": f"ops library {path} (PK_OPS_LIBRARY)"}
+    stub.parallel_threads = torch.get_num_threads
+    sys.modules["pretrain_kernels._C"] = stub
+
+
+if os.environ.get("PK_OPS_LIBRARY") and "pretrain_kernels._C" not in sys.modules:
+    _load_ops_library(os.environ["PK_OPS_LIBRARY"])
+
+import pretrain_kernels  # noqa: E402  (registers the ops)
 
 HAS_CUDA = torch.cuda.is_available() and pretrain_kernels.build_info()["with_cuda"]
 
