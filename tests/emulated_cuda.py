@@ -64,24 +64,52 @@ def ops():
     return torch.ops.pretrain_kernels_emu
 
 
-# The ops whose CUDA kernels run under the emulator besides attention (which has its own test
-# file, tests/test_attention_cuda_emulated.py).
-ROUTED_OPS = ("mlm_mask", "span_mask", "sample", "top_k_top_p_filter", "speculative_accept", "add_noise",
-              "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddim_step", "euler_step", "heun_step",
-              "dpmpp_2m_step", "flow_match_step")
+NAMESPACE = "pretrain_kernels"
+# Op-name prefixes that routed() leaves alone, each with its reason. The attention family runs
+# under the emulator in its own file (tests/test_attention_cuda_emulated.py), which calls
+# torch.ops.pretrain_kernels_emu.* directly with shapes sized for fibers.
+NOT_ROUTED_PREFIXES = {"flash_attn_": "attention: tests/test_attention_cuda_emulated.py calls the emulated ops directly"}
+
+
+def registered_ops(namespace=NAMESPACE):
+    """Names of every op (with a schema) of a namespace, sorted, read from the dispatcher: for
+    pretrain_kernels, the schemas of csrc/ops.cpp and anything registered later."""
+    import pretrain_kernels  # noqa: F401  (registers the ops)
+    prefix = namespace + "::"
+    names = set()
+    for full in torch._C._dispatch_get_all_op_names():
+        if not full.startswith(prefix):
+            continue
+        name, _, overload = full[len(prefix):].partition(".")
+        try:  # an implementation registered without a schema is not an op
+            torch._C._dispatch_find_schema_or_throw(prefix + name, overload)
+        except RuntimeError:
+            continue
+        names.add(name)
+    return sorted(names)
+
+
+def routed_ops():
+    """The ops whose CUDA kernels the `device` fixture's "emulated" runs route to: every op of
+    the namespace but those of NOT_ROUTED_PREFIXES, so a new op cannot escape emulation."""
+    return tuple(n for n in registered_ops() if not n.startswith(tuple(NOT_ROUTED_PREFIXES)))
 
 
 @contextlib.contextmanager
-def routed(names=ROUTED_OPS):
+def routed(names=None):
     """Within the block, torch.ops.pretrain_kernels.<name> on CPU tensors runs the emulated CUDA
     kernel instead of the CPU one (a CPU-key override; leaving the block removes it), so the
-    tests written for the public API exercise the CUDA code as they stand."""
+    tests written for the public API exercise the CUDA code as they stand. names: routed_ops()
+    unless given."""
     global _routing
     emu = ops()
-    lib = torch.library.Library("pretrain_kernels", "IMPL")
+    lib = torch.library.Library(NAMESPACE, "IMPL")
     try:
-        for name in names:
-            lib.impl(name, _forward_to(getattr(emu, name).default), "CPU")
+        for name in (routed_ops() if names is None else names):
+            packet = getattr(emu, name)
+            for overload in packet.overloads():
+                target = name if overload == "default" else f"{name}.{overload}"
+                lib.impl(target, _forward_to(getattr(packet, overload)), "CPU")
         _routing = True
         yield
     finally:

@@ -1,31 +1,53 @@
-// The emulated CUDA ops: the library pretrain_kernels_emu with the schemas of every
-// pretrain_kernels op that has a CUDA kernel (read from the dispatcher, so they never drift)
-// and the CUDA implementations of csrc/cuda/*.cu registered for CPU tensors (tests/
-// emulated_cuda.py compiles those files against cuda_emulation.h). Load pretrain_kernels
+// The emulated CUDA ops: the library pretrain_kernels_emu with the schemas of every op of the
+// pretrain_kernels namespace, taken from the dispatcher when this module loads (so a new op
+// in csrc/ops.cpp gets its emulated twin without a list to keep here), and the CUDA
+// implementations of csrc/cuda/*.cu registered for CPU tensors (tests/emulated_cuda.py
+// compiles those files against cuda_emulation.h). An op whose CUDA kernel is missing has the
+// schema here but no CPU kernel: tests/test_emulated_ops.py fails on it. Load pretrain_kernels
 // first. Python helpers: configure the emulated device, read the emulator's counters.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <tuple>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "cuda_emulation.h"
 
-TORCH_LIBRARY(pretrain_kernels_emu, m) {
+namespace {
+
+// Schemas (without the namespace) of every pretrain_kernels op, sorted by name.
+std::vector<std::string> pretrain_kernels_schemas() {
   const std::string prefix = "pretrain_kernels::";
-  for (const char* name : {"flash_attn_fwd", "flash_attn_bwd", "flash_attn_kvcache", "mlm_mask", "span_mask", "sample",
-                           "top_k_top_p_filter", "speculative_accept", "add_noise", "diffusion_loss",
-                           "diffusion_loss_backward", "ddpm_step", "ddim_step", "euler_step", "heun_step",
-                           "dpmpp_2m_step", "flow_match_step"}) {
-    const auto op = c10::Dispatcher::singleton().findSchema({prefix + name, ""});
-    TORCH_CHECK(op.has_value(), "pretrain_kernels::", name, " is not registered: import pretrain_kernels first");
+  auto& dispatcher = c10::Dispatcher::singleton();
+  std::vector<c10::OperatorName> names;
+  for (const auto& name : dispatcher.getAllOpNames()) {
+    if (name.name.rfind(prefix, 0) == 0) names.push_back(name);
+  }
+  std::sort(names.begin(), names.end(), [](const c10::OperatorName& a, const c10::OperatorName& b) {
+    return std::tie(a.name, a.overload_name) < std::tie(b.name, b.overload_name);
+  });
+  std::vector<std::string> schemas;
+  for (const auto& name : names) {
+    const auto op = dispatcher.findSchema(name);
+    if (!op.has_value()) continue;  // an implementation registered without a schema: not an op
     std::ostringstream schema;
     schema << op->schema();
-    std::string s = schema.str();
+    const std::string s = schema.str();
     TORCH_CHECK(s.rfind(prefix, 0) == 0, "unexpected schema ", s);
-    m.def(s.substr(prefix.size()).c_str());
+    schemas.push_back(s.substr(prefix.size()));
   }
+  TORCH_CHECK(!schemas.empty(), "no pretrain_kernels op is registered: import pretrain_kernels first");
+  return schemas;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pretrain_kernels_emu, m) {
+  for (const auto& schema : pretrain_kernels_schemas()) m.def(schema.c_str());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
