@@ -31,7 +31,7 @@ def load():
             sources=[str(ROOT / "csrc" / "emu" / "module.cpp")] + _wrapper_sources(build / "src"),
             # CUDA code type-puns registers and 16-byte chunks freely (nvcc allows it); GCC must not
             # optimise on strict aliasing
-            extra_cflags=["-O2", "-fno-strict-aliasing", "-DPK_CUDA_EMULATION", "-fvisibility=hidden",
+            extra_cflags=["-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-DPK_CUDA_EMULATION", "-fvisibility=hidden",
                           "-Wno-unknown-pragmas"],
             build_directory=str(build),
             with_cuda=False,
