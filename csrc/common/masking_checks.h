@@ -61,6 +61,8 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
     TORCH_CHECK(!at::isFloatingType(s.scalar_type()) && s.scalar_type() != at::kBool,
                 "special_ids: expected an integer tensor, got ", s.scalar_type());
     // Sorted ascending, as the wrappers pass it (sorting here would cost a device sort per call).
+    // Only ids on the host can be checked: on CUDA an unsorted tensor stays in bounds (binary
+    // search over n_special ids) but may miss special ids, as malformed cu_seqlens are clamped.
     c.special = s.to(at::kLong).contiguous();
     if (c.special.device().is_cpu()) {
       const int64_t* sp = c.special.data_ptr<int64_t>();
