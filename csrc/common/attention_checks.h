@@ -6,8 +6,10 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -48,7 +50,15 @@ struct Layout {
   int64_t D = 0, Dv = 0;        // head dims of q/k and of v/out
   int64_t sq = 0, sk = 0;       // dense lengths (0 when varlen: the backends fill maxima if they can)
   int64_t total_q = 0, total_k = 0;  // tokens on each side
+  // The window as the kernels use it: a side wider than any sequence of the call is unbounded
+  // (-1), so that the visibility arithmetic of csrc/common/attention.h (i + offset -/+ window)
+  // cannot overflow for huge values.
+  int64_t window_left = -1, window_right = -1;
 };
+
+// Largest |scale| for float32 / float16 / bfloat16 inputs: their scores are float32, and the
+// CUDA kernels work with scale * log2(e), which must stay finite.
+constexpr double kMaxFloatScale = 1e38;
 
 // One float operand: on `dev`, a supported float dtype (float64 only where the backend has it).
 inline void check_float_operand(const at::Tensor& t, const char* name, const at::Device& dev, bool allow_float64) {
@@ -95,6 +105,9 @@ inline Layout check_layout(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "window: expected values >= -1 (-1: unbounded), got (",
               window_left, ", ", window_right, ")");
   TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  if (q.scalar_type() != at::kDouble)
+    TORCH_CHECK(std::abs(scale) <= kMaxFloatScale, "scale: expected a magnitude of at most ", kMaxFloatScale,
+                " for ", q.scalar_type(), " inputs (their scores are float32), got ", scale);
   l.H = q.size(-2);
   l.Hk = k.size(-2);
   l.D = q.size(-1);
@@ -132,6 +145,11 @@ inline Layout check_layout(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK(mask->device() == dev, "attn_mask: expected a tensor on ", dev, ", got one on ", mask->device());
     check_attn_mask(*mask, l.batch, l.H, l.sq, l.sk);
   }
+  // Every sequence has at most sq + sk (dense) or total_q + total_k (varlen; the CUDA kernels
+  // clamp cu_seqlens into these bounds) queries and keys, and a query sees at most that far.
+  const int64_t reach = std::max(l.sq + l.sk, l.total_q + l.total_k);
+  l.window_left = window_left > reach ? -1 : window_left;
+  l.window_right = window_right > reach ? -1 : window_right;
   return l;
 }
 
@@ -186,6 +204,21 @@ inline int64_t check_kv_new(const std::optional<at::Tensor>& k_new, const std::o
   return k_new->size(1);
 }
 
+// Whether the memory spans of a and b (first to last element) intersect. Conservative: two
+// interleaved views that never share an element count as intersecting. at::get_overlap_status
+// gives up ("too hard") on any view that is not dense, such as k_cache[:, :1].
+inline bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;  // offset of the last element, in elements (strides are never negative)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* p = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(p, p + (last + 1) * t.element_size());
+  };
+  const auto sa = span(a), sb = span(b);
+  return sa.first < sb.second && sb.first < sa.second;
+}
+
 // The kv-cache call's own arguments (q against the caches is checked by check_layout after
 // this): caches (batch, max_seqlen, kv_heads, head_dim) that can be written in place, with no
 // two elements sharing memory (an expanded cache would let one row's keys land in another's)
@@ -214,12 +247,12 @@ inline int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, con
     const auto kv = at::get_overlap_status(k_cache, v_cache);
     TORCH_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial,
                 "k_cache, v_cache: written in place, so they must not overlap each other");
-    for (const at::Tensor* c : {&k_cache, &v_cache})
-      for (const at::Tensor* n : {&*k_new, &*v_new}) {
-        const auto st = at::get_overlap_status(*c, *n);
-        TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial,
-                    "k_new, v_new: must not share memory with the caches they are written into");
-      }
+    for (const at::Tensor* c : {&k_cache, &v_cache}) {
+      for (const at::Tensor* n : {&*k_new, &*v_new})
+        TORCH_CHECK(!spans_intersect(*c, *n), "k_new, v_new: must not share memory with the caches they are ",
+                    "written into");
+      TORCH_CHECK(!spans_intersect(*c, q), "q: must not share memory with the caches (they are written in place)");
+    }
   }
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens: expected an int32 tensor, got ",
               cache_seqlens.scalar_type());

@@ -9,8 +9,8 @@
 //   action word of a selected token: philox_draw(seed, index(b, l), kActionOffset).v[0]
 //       -> mask / random / keep.
 //   PhiloxStream(seed, index(b, l), kRandomTokenOffset): the random replacement token.
-// Span masking draws its spans from one stream per row: PhiloxStream(seed, b << 32,
-// kSpanOffset).
+// Span masking draws its spans (starts, actions, length trials) from one stream per row:
+// PhiloxStream(seed, b << 32, kSpanOffset).
 #pragma once
 #include <cstdint>
 
@@ -149,24 +149,23 @@ PK_HD void write_token(const MaskParams& p, bool selected, id_t raw, int64_t row
   }
 }
 
-// SpanBERT span length: geometric(p) on {1, 2, ...}, clipped to max_span. Drawn as a run of
-// Bernoulli(p) trials on exact float uniforms, so CPU and CUDA agree bit for bit.
-PK_HD int span_length(PhiloxStream& s, float geometric_p, int max_span) {
-  int len = 1;
-  while (len < max_span && !(uniform_float(s.next()) < geometric_p)) ++len;
-  return len;
-}
-
 // Span masking of one row, sequential by nature (each span must avoid the earlier ones).
-// out and labels must hold the row's ids and -100 on entry. Spans (in tokens, or in words
-// when word_starts is given) start at a uniformly drawn eligible position (word start),
-// stop at an ineligible or already selected token, and are clipped so that exactly
-// budget = round(prob * n_eligible) tokens are selected. Each span gets one action
-// (mask / random / keep), as in SpanBERT; random tokens are drawn per token.
+// out and labels must hold the row's ids and -100 on entry. An attempt draws a start, a
+// uniformly drawn position that must be an eligible, unselected token (and a word start when
+// word_starts is given), and one action for the whole span (mask / random / keep, as in
+// SpanBERT; random tokens are drawn per token). The span then grows one unit at a time (a
+// token, or a word when word_starts is given): before each further unit a Bernoulli
+// (geometric_p) trial on an exact float uniform ends it, so its length in units is
+// geometric(geometric_p) on {1, 2, ...}, clipped to max_span, and CPU and CUDA agree bit for
+// bit. It also stops at an ineligible or already selected token, and once exactly
+// budget = round(prob * n_eligible) tokens are selected. Drawing the length unit by unit,
+// only as far as the span really grows, bounds a row's work by O(L) draws whatever
+// geometric_p and max_span are (a length drawn up front costs up to max_span trials per
+// attempt, which with a tiny geometric_p and a huge max_span never ends).
 template <typename id_t, typename label_t, typename attn_t>
 PK_HD void span_mask_row(const MaskParams& p, const id_t* ids, const attn_t* attn, const bool* word_starts,
                          id_t* out, label_t* labels, int64_t L, int64_t row, double prob, float geometric_p,
-                         int max_span) {
+                         int64_t max_span) {
   int64_t n_eligible = 0;
   for (int64_t l = 0; l < L; ++l)
     n_eligible += eligible(p, static_cast<int64_t>(ids[l]), attn == nullptr || attn[l] != 0);
@@ -176,19 +175,16 @@ PK_HD void span_mask_row(const MaskParams& p, const id_t* ids, const attn_t* att
   int64_t selected = 0;
   const int64_t max_attempts = 8 * L + 64;  // bound the rejection loop on sparse rows
   for (int64_t attempt = 0; attempt < max_attempts && selected < budget; ++attempt) {
-    const int len = span_length(s, geometric_p, max_span);
     const int64_t start = static_cast<int64_t>(uniform_int(s, static_cast<uint32_t>(L)));
     const int action = action_from_uniform(p, uniform_float(s.next()));
     const bool start_ok = eligible(p, static_cast<int64_t>(ids[start]), attn == nullptr || attn[start] != 0) &&
                           labels[start] == -100 && (word_starts == nullptr || start == 0 || word_starts[start]);
     if (!start_ok) continue;
-    int words = 0;
+    int64_t units = 0;
     for (int64_t pos = start; pos < L && selected < budget; ++pos) {
-      if (word_starts != nullptr) {
-        if (pos == start || word_starts[pos]) ++words;
-        if (words > len) break;
-      } else if (pos - start >= len) {
-        break;
+      if (word_starts == nullptr || pos == start || word_starts[pos]) {  // a new unit begins here
+        if (units >= max_span || (units > 0 && uniform_float(s.next()) < geometric_p)) break;
+        ++units;
       }
       const int64_t id = static_cast<int64_t>(ids[pos]);
       if (!eligible(p, id, attn == nullptr || attn[pos] != 0) || labels[pos] != -100) break;

@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "masking.h"
 
 namespace pk {
@@ -26,13 +28,18 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
               "input_ids: expected int32 or int64, got ", input_ids.scalar_type());
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= (int64_t(1) << 32) - 1, "vocab_size: expected 1 <= vocab_size < 2^32, got ",
               vocab_size);
+  // int32 ids cannot hold the mask token or a random replacement at or above 2^31
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong || vocab_size <= (int64_t(1) << 31),
+              "vocab_size: int32 input_ids hold ids below 2^31, got vocab_size ", vocab_size,
+              " (pass int64 input_ids)");
   TORCH_CHECK(mask_token_id >= 0 && mask_token_id < vocab_size, "mask_token_id: expected an id in [0, ", vocab_size,
               "), got ", mask_token_id);
   TORCH_CHECK(replace_prob >= 0 && random_prob >= 0 && replace_prob + random_prob <= 1.0 + 1e-9,
               "replace_prob/random_prob: expected non-negative with replace_prob + random_prob <= 1, got ",
               replace_prob, " and ", random_prob);
   TORCH_CHECK(input_ids.size(1) < (int64_t(1) << 31), "input_ids: seq_len must be below 2^31");
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "seed: expected a one-element int64 tensor");
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "seed: expected a one-element int64 tensor, got ",
+              seed.scalar_type(), " of shape ", seed.sizes());
   TORCH_CHECK(seed.device().is_cpu() || seed.device() == input_ids.device(),
               "seed: expected a CPU tensor or one on ", input_ids.device(), ", got ", seed.device());
   const auto B = input_ids.size(0), L = input_ids.size(1);
@@ -54,6 +61,8 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
     TORCH_CHECK(!at::isFloatingType(s.scalar_type()) && s.scalar_type() != at::kBool,
                 "special_ids: expected an integer tensor, got ", s.scalar_type());
     // Sorted ascending, as the wrappers pass it (sorting here would cost a device sort per call).
+    // Only ids on the host can be checked: on CUDA an unsorted tensor stays in bounds (binary
+    // search over n_special ids) but may miss special ids, as malformed cu_seqlens are clamped.
     c.special = s.to(at::kLong).contiguous();
     if (c.special.device().is_cpu()) {
       const int64_t* sp = c.special.data_ptr<int64_t>();
@@ -76,6 +85,8 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
                 m.sizes());
     TORCH_CHECK(m.device() == input_ids.device(), "mask_prob: expected device ", input_ids.device(), ", got ",
                 m.device());
+    TORCH_CHECK(at::isFloatingType(m.scalar_type()), "mask_prob: expected a float tensor of per-row rates, got ",
+                m.scalar_type());
     c.prob_rows = m.to(at::kFloat).contiguous();
   }
   (void)L;
@@ -101,10 +112,13 @@ inline MaskParams make_params(const CheckedInputs& c, int64_t mask_token_id, int
   return p;
 }
 
-inline void check_span_args(double geometric_p, int64_t max_span) {
+// Returns max_span as the kernels use it: a span never covers more units than the row has
+// tokens, so any larger value means the same (and stays exact in every integer type).
+inline int64_t check_span_args(double geometric_p, int64_t max_span, int64_t seq_len) {
   TORCH_CHECK(geometric_p > 0.0 && geometric_p <= 1.0, "geometric_p: expected a probability in (0, 1], got ",
               geometric_p);
   TORCH_CHECK(max_span >= 1, "max_span: expected >= 1, got ", max_span);
+  return std::min<int64_t>(max_span, std::max<int64_t>(seq_len, 1));
 }
 
 }  // namespace masking

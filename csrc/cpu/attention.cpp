@@ -413,8 +413,8 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
   p.v = operand(v, l.varlen);
   if (mask.has_value()) set_attn_mask(p, *mask);
   p.scale = scale;
-  p.window_left = window_left;
-  p.window_right = window_right;
+  p.window_left = l.window_left;
+  p.window_right = l.window_right;
   p.bottom_right = bottom_right;
   return p;
 }

@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
                                                  double geometric_p, int64_t max_span) {
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
                                  mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
-  masking::check_span_args(geometric_p, max_span);
+  const int64_t span_cap = masking::check_span_args(geometric_p, max_span, c.ids.size(1));
   auto out = c.ids.clone();
   auto labels = at::full_like(c.ids, -100);
   if (c.ids.numel() == 0) return {out, labels};
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
         masking::span_mask_row<index_t, index_t, bool>(
             p, ids + b * L, attn ? attn + b * L : nullptr, ws ? ws + b * L : nullptr, o + b * L, lab + b * L, L, b,
             prob_rows ? static_cast<double>(masking::row_rate(prob_rows[b])) : mask_prob, static_cast<float>(geometric_p),
-            static_cast<int>(max_span));
+            span_cap);
       }
     });
   });

@@ -99,8 +99,8 @@ inline AttnParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::
   if (mask.has_value()) set_attn_mask(p, *mask);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.window_left = window_left;
-  p.window_right = window_right;
+  p.window_left = l.window_left;
+  p.window_right = l.window_right;
   p.bottom_right = bottom_right;
   return p;
 }

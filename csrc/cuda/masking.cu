@@ -180,8 +180,8 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 template <typename id_t>
-__global__ void span_mask_kernel(DeviceArgs a, float geometric_p, int max_span, const id_t* __restrict__ ids,
-                                 id_t* __restrict__ out, id_t* __restrict__ labels) {
+__global__ void span_mask_kernel(DeviceArgs a, float geometric_p, int64_t max_span,
+                                 const id_t* __restrict__ ids, id_t* __restrict__ out, id_t* __restrict__ labels) {
   const MaskParams p = resolve(a);
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (b >= a.B) return;
@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cuda(const at::Tensor& input_ids,
   const c10::cuda::CUDAGuard guard(input_ids.device());
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
                                  mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
-  masking::check_span_args(geometric_p, max_span);
+  const int64_t span_cap = masking::check_span_args(geometric_p, max_span, c.ids.size(1));
   auto out = c.ids.clone();
   auto labels = at::full_like(c.ids, -100);
   if (c.ids.numel() == 0) return {out, labels};
@@ -266,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cuda(const at::Tensor& input_ids,
     const int threads = 64;
     const int blocks = static_cast<int>((c.ids.size(0) + threads - 1) / threads);
     PK_LAUNCH(blocks, threads, 0, stream, span_mask_kernel<index_t>)(a, static_cast<float>(geometric_p),
-                                                              static_cast<int>(max_span), c.ids.data_ptr<index_t>(),
+                                                              span_cap, c.ids.data_ptr<index_t>(),
                                                               out.data_ptr<index_t>(), labels.data_ptr<index_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -12,8 +12,9 @@ def resolve_seed(seed, generator, device: torch.device) -> torch.Tensor:
     """The op's seed as a one-element int64 tensor.
 
     - an int: used as is (any value in [-2**63, 2**64));
-    - a tensor (one integer element, on the CPU or on the input's device): used as is, so a
-      seed that lives on the GPU can change between CUDA-graph replays;
+    - a tensor (one integer element, on the CPU or on the input's device): used as is (as
+      int64, so an unsigned 64-bit value keeps its bits), so a seed that lives on the GPU can
+      change between CUDA-graph replays;
     - None: drawn from `generator`, or from torch's default CPU generator, so that
       torch.manual_seed makes runs reproducible. A CUDA generator gives a seed on the GPU
       (no host sync).
@@ -23,10 +24,16 @@ def resolve_seed(seed, generator, device: torch.device) -> torch.Tensor:
     if seed is None:
         if generator is None:
             return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64)
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != "cpu" and generator.device != device:
+            raise ValueError(f"generator: expected a CPU generator or one on {device}, got one on {generator.device}")
         return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, generator=generator, device=generator.device)
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype == torch.bool or seed.is_complex():
-            raise ValueError(f"seed: expected one integer element, got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        if seed.dtype.is_floating_point or seed.dtype == torch.bool or seed.is_complex():
+            raise TypeError(f"seed: expected an integer tensor, got {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"seed: expected one element, got a tensor of shape {tuple(seed.shape)}")
         if seed.device.type != "cpu" and seed.device != device:
             raise ValueError(f"seed: expected a CPU tensor or one on {device}, got {seed.device}")
         return seed.reshape(1).to(torch.int64)

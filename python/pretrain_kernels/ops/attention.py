@@ -19,6 +19,8 @@ import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
+MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
+_INT64_MAX = 2**63 - 1
 
 
 # ---- argument checks -----------------------------------------------------------------------
@@ -52,7 +54,7 @@ def _check_head_dim(name: str, d: int) -> None:
         raise ValueError(f"{name}: expected a head_dim from 1 to {MAX_HEAD_DIM}, got {d}")
 
 
-def _resolve_scale(scale, head_dim: int) -> float:
+def _resolve_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -60,6 +62,9 @@ def _resolve_scale(scale, head_dim: int) -> float:
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale}")
+    if dtype != torch.float64 and abs(scale) > MAX_FLOAT_SCALE:
+        raise ValueError(f"scale: expected a magnitude of at most {MAX_FLOAT_SCALE:g} for {dtype} inputs (their "
+                         f"scores are float32), got {scale}")
     return scale
 
 
@@ -74,7 +79,7 @@ def _check_window(window) -> tuple[int, int]:
             raise TypeError(f"window: expected ints, got {type(w).__name__} for {name}")
         if w < -1:
             raise ValueError(f"window: expected values >= -1 (-1: unbounded), got {w} for {name}")
-        out.append(int(w))
+        out.append(min(int(w), _INT64_MAX))  # wider than any sequence: unbounded, whatever the value
     return out[0], out[1]
 
 
@@ -92,9 +97,11 @@ def _check_cu(name: str, cu, device) -> None:
 def _max_seqlen(name: str, value) -> int:
     if value is None:
         return -1
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a non-negative int or None, got {type(value).__name__}")
+    if value < 0:
         raise ValueError(f"{name}: expected a non-negative int or None, got {value!r}")
-    return int(value)
+    return min(int(value), _INT64_MAX)  # an upper bound of the lengths: a larger one bounds nothing more
 
 
 # ---- flash_attention -----------------------------------------------------------------------
@@ -114,9 +121,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     max_seqlen_* are optional (the CPU kernel reads the lengths).
     causal: aligned bottom-right when the lengths differ (the last query sees the last key).
     window=(left, right): query i sees keys j with i + Sk - Sq - left <= j <= i + Sk - Sq + right
-    (-1: unbounded); causal sets right = 0. Rows that see no key give 0 and lse -inf.
-    scale: default 1 / sqrt(head_dim). head_dim up to 256; float32, bfloat16, float16
-    (float32 accumulation) and float64.
+    (-1: unbounded; a side wider than the sequences is unbounded too, however large); causal sets
+    right = 0. Rows that see no key give 0 and lse -inf.
+    scale: default 1 / sqrt(head_dim), any finite value (|scale| <= 1e38 unless float64: the
+    scores are float32). head_dim up to 256; float32, bfloat16, float16 (float32 accumulation)
+    and float64.
     Returns out shaped like q, and with return_lse=True also lse (float32; float64 for
     float64 inputs): (batch, heads, seqlen_q), or (heads, total_q) for varlen; differentiable.
 
@@ -152,7 +161,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             raise ValueError(f"batch: q, k, v must match, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"k, v: expected the same sequence length, got {k.shape[1]} and {v.shape[1]}")
-    scale = _resolve_scale(scale, D)
+    scale = _resolve_scale(scale, D, q.dtype)
     left, right = _check_window(window)
     if causal:
         right = 0
@@ -180,7 +189,8 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     A row whose tokens do not fit (cache_seqlens[b] < 0 or cache_seqlens[b] + seqlen_new >
     max_seqlen) follows one rule on every device, since a GPU cannot raise without a host
     sync: nothing is written into that row of the caches and its output is NaN. The caches are
-    written in place, so they must not be expanded (stride-0) views or overlap each other.
+    written in place, so they must not be expanded (stride-0) views or overlap each other, and
+    q, k_new and v_new must not be views of them.
     """
     _check_same(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -210,7 +220,7 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     if k_cache.shape[-1] != D or v_cache.shape[-1] != D:
         raise ValueError(f"head_dim: q, k_cache, v_cache must match, got {D}, {k_cache.shape[-1]}, {v_cache.shape[-1]}")
     _check_head_dim("q", D)
-    scale = _resolve_scale(scale, D)
+    scale = _resolve_scale(scale, D, q.dtype)
     return torch.ops.pretrain_kernels.flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
                                                          bool(causal))
 
@@ -231,6 +241,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: only 0.0 is supported (no dropout kernel yet), got {dropout_p}")
     _check_same(query, key, value, ("query", "key", "value"))
@@ -261,7 +273,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         raise ValueError(f"head_dim: query and key must match, got {E} and {key.shape[-1]}")
     _check_head_dim("query", E)
     _check_head_dim("value", value.shape[-1])
-    scale = _resolve_scale(scale, E)
+    scale = _resolve_scale(scale, E, query.dtype)
     mask = None
     if attn_mask is not None:
         if is_causal:
@@ -299,25 +311,153 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The fake kernels check what csrc/common/attention_checks.h checks (check_layout,
+# check_backward_inputs, check_kvcache): a direct op call on meta tensors, or on meta tensors
+# mixed with CPU ones (the dispatcher then picks the fake kernel), must raise as the CPU and
+# CUDA kernels do, instead of returning tensors of a made-up shape (on the CPU: uninitialised
+# memory). torch._check raises RuntimeError, as TORCH_CHECK does.
+
+
+def _check_op_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right):
+    dev = q.device
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check(t.device == dev,
+                     lambda: f"{name}: expected a tensor on {dev} (the device of q), got one on {t.device}")
+        torch._check(t.dtype in _FLOAT_DTYPES,
+                     lambda: f"{name}: expected float32, float16, bfloat16 or float64, got {t.dtype}")
+    torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
+                 lambda: f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check((cu_q is None) == (cu_k is None), lambda: "cu_seqlens_q, cu_seqlens_k: pass both or neither")
+    varlen = cu_q is not None
+    nd, layout = (3, "(total_tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check(t.dim() == nd, lambda: f"{name}: expected {nd} dims {layout}, got shape {tuple(t.shape)}")
+    torch._check(window_left >= -1 and window_right >= -1,
+                 lambda: f"window: expected values >= -1 (-1: unbounded), got ({window_left}, {window_right})")
+    torch._check(math.isfinite(scale), lambda: f"scale: expected a finite number, got {scale}")
+    torch._check(q.dtype == torch.float64 or abs(scale) <= MAX_FLOAT_SCALE,
+                 lambda: f"scale: expected a magnitude of at most {MAX_FLOAT_SCALE:g} for {q.dtype} inputs, got "
+                         f"{scale}")
+    H, Hk, D, Dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    torch._check(v.shape[-2] == Hk, lambda: f"k, v: expected the same number of heads, got {Hk} and {v.shape[-2]}")
+    torch._check(Hk >= 1 and H % Hk == 0,
+                 lambda: f"heads: the query heads ({H}) must be a multiple of the key/value heads ({Hk})")
+    torch._check(k.shape[-1] == D, lambda: f"head_dim: q and k must match, got {D} and {k.shape[-1]}")
+    torch._check(1 <= D <= MAX_HEAD_DIM, lambda: f"head_dim: expected 1 to {MAX_HEAD_DIM}, got {D}")
+    torch._check(1 <= Dv <= MAX_HEAD_DIM, lambda: f"head_dim of v: expected 1 to {MAX_HEAD_DIM}, got {Dv}")
+    if varlen:
+        torch._check(mask is None, lambda: "attn_mask: not supported with cu_seqlens (varlen)")
+        torch._check(cu_q.numel() >= 1, lambda: "cu_seqlens_q: expected at least one element")
+        batch = cu_q.numel() - 1
+        for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+            torch._check(cu.dtype == torch.int32, lambda: f"{name}: expected an int32 tensor, got {cu.dtype}")
+            torch._check(cu.device == dev,
+                         lambda: f"{name}: expected a tensor on {dev} (the device of q), got one on {cu.device}")
+            torch._check(cu.dim() == 1 and cu.shape[0] == batch + 1,
+                         lambda: f"{name}: expected shape [{batch + 1}], got {tuple(cu.shape)}")
+        torch._check(v.shape[0] == k.shape[0],
+                     lambda: f"k, v: expected the same token count, got {k.shape[0]} and {v.shape[0]}")
+    else:
+        batch = q.shape[0]
+        torch._check(k.shape[0] == batch and v.shape[0] == batch,
+                     lambda: f"batch: q, k, v must match, got {batch}, {k.shape[0]}, {v.shape[0]}")
+        torch._check(v.shape[1] == k.shape[1],
+                     lambda: f"k, v: expected the same sequence length, got {k.shape[1]} and {v.shape[1]}")
+    if mask is not None:
+        torch._check(mask.device == dev, lambda: f"attn_mask: expected a tensor on {dev}, got one on {mask.device}")
+        torch._check(mask.dtype in (torch.bool, torch.float32),
+                     lambda: f"attn_mask: expected bool or float32 (convert float masks first), got {mask.dtype}")
+        want = (batch, H, q.shape[1], k.shape[1])
+        torch._check(tuple(mask.shape) == want,
+                     lambda: f"attn_mask: expected shape {list(want)} (expand it), got {list(mask.shape)}")
+    return varlen, batch, H, Dv
+
+
+def _lse_shape(q, varlen, batch, H):
+    return (H, q.shape[0]) if varlen else (batch, H, q.shape[1])
+
+
 @torch.library.register_fake("pretrain_kernels::flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q, max_seqlen_k, scale,
                          window_left, window_right, bottom_right):
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    if cu_seqlens_q is not None:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
-    else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q.dtype))
+    varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
+                                            window_right)
+    out = q.new_empty((*q.shape[:-1], Dv))
+    lse = q.new_empty(_lse_shape(q, varlen, batch, H), dtype=_lse_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
                          max_seqlen_k, scale, window_left, window_right, bottom_right):
+    varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
+                                            window_right)
+    o_shape = (*q.shape[:-1], Dv)
+    torch._check(tuple(out.shape) == o_shape and tuple(dout.shape) == o_shape,
+                 lambda: f"out, dout: expected shape {list(o_shape)}, got {list(out.shape)} and {list(dout.shape)}")
+    torch._check(out.dtype == q.dtype and dout.dtype == q.dtype,
+                 lambda: f"out, dout: expected dtype {q.dtype}, got {out.dtype} and {dout.dtype}")
+    dev = q.device
+    torch._check(out.device == dev and dout.device == dev and lse.device == dev,
+                 lambda: f"out, dout, lse: expected tensors on {dev}, got {out.device}, {dout.device}, {lse.device}")
+    lse_shape, lse_dtype = _lse_shape(q, varlen, batch, H), _lse_dtype(q.dtype)
+    torch._check(lse.dtype == lse_dtype and tuple(lse.shape) == lse_shape,
+                 lambda: f"lse: expected {lse_dtype} of shape {list(lse_shape)}, got {lse.dtype} of shape "
+                         f"{list(lse.shape)}")
+    if dlse is not None:
+        torch._check(dlse.dtype == lse_dtype and dlse.shape == lse.shape and dlse.device == dev,
+                     lambda: f"dlse: expected {lse_dtype} of shape {list(lse.shape)} on {dev}, got {dlse.dtype} of "
+                             f"shape {list(dlse.shape)} on {dlse.device}")
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+    torch._check(q.dim() == 4, lambda: f"q: expected 4 dims (batch, seqlen, heads, head_dim), got shape "
+                                       f"{tuple(q.shape)}")
+    torch._check(k_cache.dim() == 4 and v_cache.dim() == 4,
+                 lambda: "k_cache, v_cache: expected 4 dims (batch, max_seqlen, kv_heads, head_dim), got shapes "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    B, dev = q.shape[0], q.device
+    torch._check(k_cache.shape[0] == B and v_cache.shape[0] == B,
+                 lambda: f"k_cache, v_cache: expected batch {B}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
+    torch._check(v_cache.shape[1] == k_cache.shape[1],
+                 lambda: f"v_cache: expected max_seqlen {k_cache.shape[1]} (that of k_cache), got {v_cache.shape[1]}")
+    torch._check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1,
+                 lambda: "k_cache, v_cache: expected a contiguous last dimension (they are written in place)")
+    torch._check((k_new is None) == (v_new is None), lambda: "k_new, v_new: pass both or neither")
+    if k_new is not None:
+        torch._check(k_new.dim() == 4 and v_new.dim() == 4,
+                     lambda: "k_new, v_new: expected 4 dims (batch, seqlen_new, kv_heads, head_dim), got shapes "
+                             f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        torch._check(k_new.device == dev and v_new.device == dev,
+                     lambda: f"k_new, v_new: expected tensors on {dev} (the device of q), got {k_new.device} and "
+                             f"{v_new.device}")
+        torch._check(k_new.shape[0] == B and v_new.shape[0] == B and v_new.shape[1] == k_new.shape[1],
+                     lambda: f"k_new, v_new: expected batch {B} and one length, got shapes {tuple(k_new.shape)} and "
+                             f"{tuple(v_new.shape)}")
+        torch._check(k_new.shape[2:] == k_cache.shape[2:],
+                     lambda: f"k_new: expected (heads, head_dim) of k_cache {tuple(k_cache.shape[2:])}, got "
+                             f"{tuple(k_new.shape[2:])}")
+        torch._check(v_new.shape[2:] == v_cache.shape[2:],
+                     lambda: f"v_new: expected (heads, head_dim) of v_cache {tuple(v_cache.shape[2:])}, got "
+                             f"{tuple(v_new.shape[2:])}")
+        torch._check(k_new.dtype == k_cache.dtype and v_new.dtype == v_cache.dtype,
+                     lambda: f"k_new, v_new: expected the dtype of the cache {k_cache.dtype}, got {k_new.dtype} and "
+                             f"{v_new.dtype}")
+        torch._check(k_new.shape[1] <= k_cache.shape[1],
+                     lambda: f"k_new: {k_new.shape[1]} new tokens do not fit a cache of {k_cache.shape[1]}")
+    torch._check(cache_seqlens.dtype == torch.int32,
+                 lambda: f"cache_seqlens: expected an int32 tensor, got {cache_seqlens.dtype}")
+    torch._check(cache_seqlens.device == dev,
+                 lambda: f"cache_seqlens: expected a tensor on {dev} (the device of q), got {cache_seqlens.device}")
+    torch._check(cache_seqlens.dim() == 1 and cache_seqlens.shape[0] == B,
+                 lambda: f"cache_seqlens: expected shape [{B}], got {list(cache_seqlens.shape)}")
 
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_kvcache")
 def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+    _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    _check_op_layout(q, k_cache, v_cache, None, None, None, scale, -1, 0 if causal else -1)
     return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
 
 

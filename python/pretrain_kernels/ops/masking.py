@@ -18,12 +18,14 @@ import torch
 
 from ._common import check_int, check_prob, check_same_device, is_compiling, resolve_seed
 
+_INT64_MAX = 2**63 - 1
 _special_cache: dict = {}  # (sorted ids, device) -> tensor, for special ids given as a list
 
 
-def _special_tensor(special_token_ids, device: torch.device):
+def _special_tensor(special_token_ids, device: torch.device, vocab_size: int | None = None):
     """special_token_ids as a sorted int64 tensor on `device` (lists are cached per device,
-    so steady-state calls do no host-to-device copies)."""
+    so steady-state calls do no host-to-device copies). Ids of a list outside [0, vocab_size)
+    are dropped: they can never match an eligible token (nor fit an int64)."""
     if special_token_ids is None:
         return None
     if isinstance(special_token_ids, torch.Tensor):
@@ -48,7 +50,8 @@ def _special_tensor(special_token_ids, device: torch.device):
         return ids
     if not isinstance(special_token_ids, Iterable):
         raise TypeError(f"special_token_ids: expected a list of ints or a tensor, got {type(special_token_ids).__name__}")
-    ids = tuple(sorted({check_int("special_token_ids", i) for i in special_token_ids}))
+    ids = tuple(sorted({i for i in (check_int("special_token_ids", x) for x in special_token_ids)
+                        if vocab_size is None or 0 <= i < vocab_size}))
     if not ids:
         return None
     key = (ids, device)
@@ -70,6 +73,9 @@ def _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob,
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape [batch, seq_len], got {tuple(input_ids.shape)}")
     vocab_size = check_int("vocab_size", vocab_size, low=1, high=2**32)
+    if input_ids.dtype == torch.int32 and vocab_size > 2**31:
+        raise ValueError(f"vocab_size: int32 input_ids hold ids below 2**31, got vocab_size {vocab_size} "
+                         "(pass int64 input_ids)")
     mask_token_id = check_int("mask_token_id", mask_token_id, low=0)
     if mask_token_id >= vocab_size:
         raise ValueError(f"mask_token_id: expected an id in [0, vocab_size={vocab_size}), got {mask_token_id}")
@@ -99,7 +105,7 @@ def _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob,
         if t.shape != input_ids.shape:
             raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} (that of input_ids), got {tuple(t.shape)}")
         check_same_device(name, t, device)
-    special = _special_tensor(special_token_ids, device)
+    special = _special_tensor(special_token_ids, device, vocab_size)
     return mask_token_id, vocab_size, mask_prob, prob_rows, replace_prob, random_prob, special
 
 
@@ -110,8 +116,9 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, ma
              generator: torch.Generator | None = None):
     """Fused BERT masking. Returns (masked_ids, labels), both shaped and typed like input_ids.
 
-    input_ids: [B, L] int32/int64. mask_prob: a float, or a per-row float tensor [B] (e.g. a
-    masked-diffusion rate per sequence; changing it never recompiles or syncs).
+    input_ids: [B, L] int32/int64 (int32 needs vocab_size <= 2**31). mask_prob: a float, or a
+    per-row float tensor [B] (e.g. a masked-diffusion rate per sequence; changing it never
+    recompiles or syncs).
     exact_count: select exactly round(mask_prob * n_eligible) units per row (at least one
     when any is eligible, at most max_predictions), a uniformly random subset.
     word_starts: bool [B, L], True where a word begins: whole words are selected together
@@ -128,7 +135,9 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, ma
     (mask_token_id, vocab_size, mask_prob, prob_rows, replace_prob, random_prob,
      special) = _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob,
                               attention_mask, word_starts, special_token_ids)
-    max_predictions = 0 if max_predictions is None else check_int("max_predictions", max_predictions, low=1)
+    # a cap beyond int64 caps nothing (a row has fewer tokens)
+    max_predictions = 0 if max_predictions is None else min(check_int("max_predictions", max_predictions, low=1),
+                                                            _INT64_MAX)
     seed_t = resolve_seed(seed, generator, input_ids.device)
     return torch.ops.pretrain_kernels.mlm_mask(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
                                                mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
@@ -141,24 +150,86 @@ def span_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, m
               geometric_p: float = 0.2, max_span: int = 10, seed=None, generator: torch.Generator | None = None):
     """SpanBERT masking: spans of geometric(geometric_p) length clipped to max_span (in words
     when word_starts is given) until exactly round(mask_prob * n_eligible) tokens are
-    selected; one mask/random/keep action per span. Same outputs as mlm_mask."""
+    selected; one mask/random/keep action per span. Same outputs as mlm_mask. A span grows one
+    unit at a time, so any geometric_p in (0, 1] and any max_span >= 1 (a huge one: no cap)
+    cost O(seq_len) per row."""
     (mask_token_id, vocab_size, mask_prob, prob_rows, replace_prob, random_prob,
      special) = _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob,
                               attention_mask, word_starts, special_token_ids)
     geometric_p = check_prob("geometric_p", geometric_p, low_open=True)
-    max_span = check_int("max_span", max_span, low=1)
+    max_span = min(check_int("max_span", max_span, low=1), _INT64_MAX)  # longer than any row: the same
     seed_t = resolve_seed(seed, generator, input_ids.device)
     return torch.ops.pretrain_kernels.span_mask(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
                                                 mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
                                                 geometric_p, max_span)
 
 
-def _fake_mask(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob, mask_token_id,
-               vocab_size, replace_prob, random_prob, *rest):
-    torch._check(input_ids.dim() == 2, lambda: "input_ids: expected a 2-D tensor")
+# ---- fake kernels ----------------------------------------------------------------------------
+
+
+def _check_op_args(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
+                   mask_token_id, vocab_size, replace_prob, random_prob):
+    """check_inputs of csrc/common/masking_checks.h, for the fake (meta) kernels. A direct op call
+    on meta tensors, or on meta tensors mixed with CPU ones (the dispatcher then picks the fake
+    kernel), must raise as the CPU and CUDA kernels do instead of returning tensors that were
+    never computed (on the CPU: uninitialised memory)."""
+    dev = input_ids.device
+    torch._check(input_ids.dim() == 2,
+                 lambda: f"input_ids: expected a 2-D tensor [batch, seq_len], got {input_ids.dim()}-D")
+    torch._check(input_ids.dtype in (torch.int32, torch.int64),
+                 lambda: f"input_ids: expected int32 or int64, got {input_ids.dtype}")
+    torch._check(0.0 <= mask_prob <= 1.0, lambda: f"mask_prob: expected a probability in [0, 1], got {mask_prob}")
+    torch._check(1 <= vocab_size < 2**32, lambda: f"vocab_size: expected 1 <= vocab_size < 2^32, got {vocab_size}")
+    torch._check(input_ids.dtype == torch.int64 or vocab_size <= 2**31,
+                 lambda: f"vocab_size: int32 input_ids hold ids below 2^31, got vocab_size {vocab_size}")
+    torch._check(0 <= mask_token_id < vocab_size,
+                 lambda: f"mask_token_id: expected an id in [0, {vocab_size}), got {mask_token_id}")
+    torch._check(replace_prob >= 0 and random_prob >= 0 and replace_prob + random_prob <= 1.0 + 1e-9,
+                 lambda: "replace_prob/random_prob: expected non-negative with replace_prob + random_prob <= 1, "
+                         f"got {replace_prob} and {random_prob}")
+    torch._check(seed.numel() == 1 and seed.dtype == torch.int64,
+                 lambda: f"seed: expected a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    torch._check(seed.device.type == "cpu" or seed.device == dev,
+                 lambda: f"seed: expected a CPU tensor or one on {dev}, got {seed.device}")
+    for name, t in (("attention_mask", attention_mask), ("word_starts", word_starts)):
+        if t is not None:
+            torch._check(t.shape == input_ids.shape,
+                         lambda: f"{name}: expected shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+            torch._check(t.device == dev, lambda: f"{name}: expected device {dev}, got {t.device}")
+    if special_ids is not None:
+        torch._check(special_ids.dim() == 1, lambda: f"special_ids: expected a 1-D tensor, got {special_ids.dim()}-D")
+        torch._check(special_ids.device == dev, lambda: f"special_ids: expected device {dev}, got {special_ids.device}")
+        torch._check(not special_ids.dtype.is_floating_point and not special_ids.is_complex()
+                     and special_ids.dtype != torch.bool,
+                     lambda: f"special_ids: expected an integer tensor, got {special_ids.dtype}")
+    if mask_prob_rows is not None:
+        torch._check(mask_prob_rows.dim() == 1 and mask_prob_rows.shape[0] == input_ids.shape[0],
+                     lambda: f"mask_prob: expected a per-row tensor of shape [{input_ids.shape[0]}], got "
+                             f"{tuple(mask_prob_rows.shape)}")
+        torch._check(mask_prob_rows.device == dev,
+                     lambda: f"mask_prob: expected device {dev}, got {mask_prob_rows.device}")
+        torch._check(mask_prob_rows.dtype.is_floating_point,
+                     lambda: f"mask_prob: expected a float tensor of per-row rates, got {mask_prob_rows.dtype}")
+
+
+def _fake_outputs(input_ids):
     out = torch.empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     return out, torch.empty_like(out)
 
 
-torch.library.register_fake("pretrain_kernels::mlm_mask")(_fake_mask)
-torch.library.register_fake("pretrain_kernels::span_mask")(_fake_mask)
+@torch.library.register_fake("pretrain_kernels::mlm_mask")
+def _fake_mlm_mask(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
+                   mask_token_id, vocab_size, replace_prob, random_prob, exact_count, max_predictions):
+    _check_op_args(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
+                   mask_token_id, vocab_size, replace_prob, random_prob)
+    return _fake_outputs(input_ids)
+
+
+@torch.library.register_fake("pretrain_kernels::span_mask")
+def _fake_span_mask(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
+                    mask_token_id, vocab_size, replace_prob, random_prob, geometric_p, max_span):
+    _check_op_args(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
+                   mask_token_id, vocab_size, replace_prob, random_prob)
+    torch._check(0.0 < geometric_p <= 1.0, lambda: f"geometric_p: expected a probability in (0, 1], got {geometric_p}")
+    torch._check(max_span >= 1, lambda: f"max_span: expected >= 1, got {max_span}")
+    return _fake_outputs(input_ids)
