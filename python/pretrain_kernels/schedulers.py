@@ -186,8 +186,8 @@ class _Scheduler:
             n = timesteps.reshape(-1).shape[0]
             return (torch.full((n,), idx, device=device, dtype=torch.long),
                     torch.ones((n,), device=device, dtype=torch.bool))
-        if timesteps.device.type == "cpu":
-            _check_in_schedule(timesteps, self.timesteps.cpu())
+        if timesteps.device.type == "cpu":  # against the host copy of the schedule (no device copy)
+            _check_in_schedule(timesteps, torch.from_numpy(np.asarray(self._timesteps_host)))
         sched = self.timesteps.to(device)
         t = timesteps.to(device).reshape(-1)
         hit = sched[None, :] == t[:, None]
