@@ -75,10 +75,10 @@ struct Table {
   int64_t n = 0;
   PK_HD double at(double t, double final_value) const {
     if (t < 0.0) return final_value;
-    int64_t i = static_cast<int64_t>(t);
-    PK_DEVICE_CHECK(i < n && "timesteps: index outside alphas_cumprod");
-    if (i >= n) i = n - 1;  // unreachable on the CPU (checked before the launch)
-    return ptr[i];
+    // compared as a double before the conversion: a value at or above 2^63 has no int64
+    PK_DEVICE_CHECK(t < static_cast<double>(n) && "timesteps: index outside alphas_cumprod");
+    if (!(t < static_cast<double>(n))) return ptr[n - 1];  // unreachable on the CPU (checked before the launch)
+    return ptr[static_cast<int64_t>(t)];
   }
 };
 

@@ -10,6 +10,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -71,13 +72,16 @@ inline bool is_float_dtype(at::ScalarType t) {
 }
 
 // Checks a sample-shaped tensor against the reference one (same shape, dtype, device).
-inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " (that of ", ref_name, "), got ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (that of ",
               ref_name, "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), " (that of ", ref_name, "), got ",
               t.device());
+}
+inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  check_like(t, ref, name, ref_name);
   return t.contiguous();
 }
 
@@ -132,15 +136,58 @@ inline PerSample per_sample(const at::Tensor& t, const char* name, int64_t B, co
   return p;
 }
 
-// Checks the values of a host-readable timestep tensor: 0 <= t < n (or t < n and any
-// negative value when allow_negative, meaning "past the last step").
+// Element i of a CPU tensor of int32/int64 (storage order, as host_value), exactly.
+inline int64_t host_int(const at::Tensor& t, int64_t i) {
+  const int64_t off = i * (t.dim() == 0 ? 0 : t.stride(0));
+  if (t.scalar_type() == at::kInt) return t.data_ptr<int32_t>()[off];
+  return t.data_ptr<int64_t>()[off];
+}
+
+// Checks the values of a host-readable timestep tensor (int32/int64, see per_sample):
+// 0 <= t < n (or t < n and any negative value when allow_negative, meaning "past the last
+// step"). Device tensors are not read (no host sync): there an index at or above n is a
+// device-side assert (Table::at).
 inline void check_timestep_range(const at::Tensor& t, const char* name, int64_t n, bool allow_negative) {
   if (!t.is_cpu()) return;
   for (int64_t i = 0; i < t.numel(); ++i) {
+    const int64_t v = host_int(t, i);
+    TORCH_CHECK(v < n, name, ": expected values below ", n, " (the length of alphas_cumprod), got ", v,
+                t.numel() > 1 ? " at sample " : "", t.numel() > 1 ? std::to_string(i) : std::string());
+    TORCH_CHECK(allow_negative || v >= 0, name, ": expected non-negative values, got ", v,
+                t.numel() > 1 ? " at sample " : "", t.numel() > 1 ? std::to_string(i) : std::string());
+  }
+}
+
+// Checks the values of a host-readable per-sample float parameter (a CPU tensor, or a Python
+// number turned into one): ok(v) for each, else "<name>: expected <expect>, got v [at sample i]".
+// Values in device memory are not read (no host sync); the kernels compute with them as given.
+template <class Ok>
+inline void check_host_values(const at::Tensor& t, const char* name, const char* expect, Ok ok) {
+  if (!t.is_cpu()) return;
+  for (int64_t i = 0; i < t.numel(); ++i) {
     const double v = host_value(t, i);
-    TORCH_CHECK(v < static_cast<double>(n), name, ": expected values below ", n,
-                " (the length of alphas_cumprod), got ", static_cast<int64_t>(v));
-    TORCH_CHECK(allow_negative || v >= 0.0, name, ": expected non-negative values, got ", static_cast<int64_t>(v));
+    TORCH_CHECK(ok(v), name, ": expected ", expect, ", got ", v, t.numel() > 1 ? " at sample " : "",
+                t.numel() > 1 ? std::to_string(i) : std::string());
+  }
+}
+inline void check_sigma_positive(const at::Tensor& t, const char* name) {
+  check_host_values(t, name, "finite values > 0", [](double v) { return std::isfinite(v) && v > 0.0; });
+}
+inline void check_sigma_nonneg(const at::Tensor& t, const char* name) {
+  check_host_values(t, name, "finite values >= 0", [](double v) { return std::isfinite(v) && v >= 0.0; });
+}
+inline void check_sigma_unit(const at::Tensor& t, const char* name) {  // flow matching: s in [0, 1]
+  check_host_values(t, name, "values in [0, 1]", [](double v) { return v >= 0.0 && v <= 1.0; });
+}
+
+// Host-readable per-sample values a and b (one value or one per sample each) differ sample by sample.
+inline void check_distinct(const at::Tensor& a, const at::Tensor& b, const char* name_a, const char* name_b) {
+  if (!a.is_cpu() || !b.is_cpu()) return;
+  const int64_t n = std::max(a.numel(), b.numel());
+  for (int64_t i = 0; i < n; ++i) {
+    const double va = host_value(a, a.numel() == 1 ? 0 : i), vb = host_value(b, b.numel() == 1 ? 0 : i);
+    TORCH_CHECK(va != vb, name_a, ": expected a value other than ", name_b, " (", vb, ")",
+                n > 1 ? " at sample " : "", n > 1 ? std::to_string(i) : std::string());
   }
 }
 
@@ -152,6 +199,13 @@ inline Table table(const at::Tensor& acp, const at::Device& dev, std::vector<at:
   TORCH_CHECK(acp.device() == dev, "alphas_cumprod: expected a tensor on ", dev, ", got ", acp.device());
   at::Tensor c = acp.to(at::kDouble).contiguous();
   keep.push_back(c);
+  if (c.is_cpu()) {  // host memory: checked here; a table in device memory is used as given
+    const double* v = c.data_ptr<double>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK(v[i] >= 0.0 && v[i] <= 1.0, "alphas_cumprod: expected values in [0, 1], got ", v[i],
+                  " at index ", i);
+    }
+  }
   Table tb;
   tb.ptr = c.data_ptr<double>();
   tb.n = c.numel();
@@ -183,14 +237,14 @@ inline StepIO step_io(const at::Tensor& model_output, const at::Tensor& sample,
   io.inner = io.B == 0 ? 0 : sample.numel() / io.B;
   io.out[0] = at::empty_like(io.in[1]);
   io.out[1] = at::empty_like(io.in[1]);
-  if (needs_noise) {
-    if (noise.has_value()) {
-      io.noise = like(*noise, sample, "noise", "sample");
-    } else {
-      io.draw_noise = true;
-      io.offset = offset;
-      set_seed(io, seed, sample.device());
-    }
+  // A noise tensor is checked whenever it is given, also where this step does not use it.
+  if (noise.has_value()) {
+    check_like(*noise, sample, "noise", "sample");
+    if (needs_noise) io.noise = noise->contiguous();
+  } else if (needs_noise) {
+    io.draw_noise = true;
+    io.offset = offset;
+    set_seed(io, seed, sample.device());
   }
   return io;
 }
@@ -246,6 +300,7 @@ struct Ops {
     st.target = tgt;
     if (tgt == kTargetFlow) {
       st.t = per_sample(timesteps, "timesteps", io.B, x0.device(), false, keep);
+      check_sigma_unit(timesteps, "timesteps");
     } else {
       TORCH_CHECK(alphas_cumprod.has_value(), "alphas_cumprod: required for target '", std::string(target), "'");
       st.t = per_sample(timesteps, "timesteps", io.B, x0.device(), true, keep);
@@ -374,6 +429,8 @@ struct Ops {
     std::vector<T> keep;
     st.sigma = per_sample(sigma, "sigma", io.B, sample.device(), false, keep);
     st.sigma_next = per_sample(sigma_next, "sigma_next", io.B, sample.device(), false, keep);
+    check_sigma_positive(sigma, "sigma");  // divides by sigma
+    check_sigma_nonneg(sigma_next, "sigma_next");
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);
     return {io.out[0], io.out[1]};
   }
@@ -395,6 +452,14 @@ struct Ops {
     std::vector<T> keep;
     st.sigma = per_sample(sigma, "sigma", io.B, sample.device(), false, keep);
     st.sigma_next = per_sample(sigma_next, "sigma_next", io.B, sample.device(), false, keep);
+    // each stage divides by the sigma its model output was evaluated at
+    if (st.second) {
+      check_sigma_nonneg(sigma, "sigma");
+      check_sigma_positive(sigma_next, "sigma_next");
+    } else {
+      check_sigma_positive(sigma, "sigma");
+      check_sigma_nonneg(sigma_next, "sigma_next");
+    }
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);
     return {io.out[0], io.out[1]};
   }
@@ -429,7 +494,12 @@ struct Ops {
     if (flow_sigmas) {
       check_flow_sigma_range(sigma, "sigma");
       check_flow_sigma_range(sigma_next, "sigma_next");
+    } else {  // Karras sigmas: log(sigma) and a division by sigma_t
+      check_sigma_positive(sigma, "sigma");
+      check_sigma_nonneg(sigma_next, "sigma_next");
+      if (order == 2) check_sigma_positive(*sigma_prev, "sigma_prev");
     }
+    if (order == 2) check_distinct(*sigma_prev, sigma, "sigma_prev", "sigma");  // r0 = 0: a division by zero
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);
     return {io.out[0], io.out[1]};
   }
@@ -444,6 +514,8 @@ struct Ops {
     std::vector<T> keep;
     st.sigma = per_sample(sigma, "sigma", io.B, sample.device(), false, keep);
     st.sigma_next = per_sample(sigma_next, "sigma_next", io.B, sample.device(), false, keep);
+    check_sigma_unit(sigma, "sigma");
+    check_sigma_unit(sigma_next, "sigma_next");
     const T x0 = io.out[1];
     if (!return_x0) io.out[1] = T();  // the kernels skip an undefined second output
     if (io.B > 0 && io.inner > 0) Backend::run(st, io);

@@ -3,9 +3,10 @@
 //
 // The approach, sort-free on both backends:
 //
-//  * Every logit becomes a float32 value v (penalties, then division by the temperature;
-//    NaN counts as -inf). M = max v. When some v is +inf, the row's distribution is the
-//    limit of softmax: uniform over the +inf entries, so v := (v == +inf) ? 0 : -inf.
+//  * Every logit becomes a float32 value v = (x - mx) / T: penalties, then the shift by the
+//    row's largest logit mx and the division by the temperature (NaN counts as -inf), so
+//    M = max v = 0 and nothing overflows. When some logit is +inf, the row's distribution is
+//    the limit of softmax: uniform over the +inf entries, so v := (x == +inf) ? 0 : -inf.
 //  * A value's weight is e = exp(v - M) in (0, 1], from exp_nonpos below (a polynomial
 //    written with non-contracting float ops, so host and device give the same bits). The
 //    weight is turned into a fixed-point integer mass = floor(e * 2^36). All sums are
@@ -176,27 +177,32 @@ PK_HD float penalize(float x, int64_t count, float repetition, float presence, f
   return fsub(y, presence);
 }
 
-// The value of a logit after temperature (NaN -> -inf). Temperature must be > 0; +inf is the
-// limit of softmax(x / T): infinite logits stay infinite (inf / inf would be NaN), finite ones
-// become 0, so the draw is uniform over the +inf entries if any, else over the finite ones.
-PK_HD float scaled_value(float x, float temperature) {
-  if (is_nan(x)) return neg_inf();
-  const float y = fdiv(x, temperature);
-  return is_nan(y) ? x : y;
-}
-
-// Row mode after the max pass: normal, all +inf entries (uniform over them), or nothing
-// drawable (every value -inf or NaN).
+// Row mode from the largest (penalised) logit mx of the row, NaN ignored: normal (mx
+// finite), +inf entries (uniform over them), or nothing drawable (every logit -inf or NaN).
 enum RowMode : int { kNormal = 0, kInfinite = 1, kEmpty = 2 };
-PK_HD int row_mode(float max_value) {
-  if (max_value == pos_inf()) return kInfinite;
-  if (max_value == neg_inf()) return kEmpty;
+PK_HD int row_mode(float mx) {
+  if (mx == pos_inf()) return kInfinite;
+  if (mx == neg_inf()) return kEmpty;
   return kNormal;
 }
-// The value used by every later pass.
-PK_HD float mode_value(float v, int mode) {
-  if (mode == kInfinite) return v == pos_inf() ? 0.0f : neg_inf();
-  return v;
+
+// The value of logit x in a normal row: (x - mx) / temperature, NaN -> -inf. Shifting by the
+// row's largest logit before dividing keeps every value in [-inf, 0] with the largest exactly
+// 0, so no temperature is too small and no logit too large: x / T would overflow to +inf for
+// T = 1e-40 or x = 3e38 at T = 0.5, and the row would turn into "uniform over the +inf
+// entries" (or, all logits negative, into "nothing drawable"). Temperature must be > 0; +inf
+// is the limit of softmax(x / T): every finite logit becomes -0 (uniform over them) and -inf
+// stays -inf (-inf / inf is NaN, read as -inf).
+PK_HD float scaled_value(float x, float mx, float temperature) {
+  if (is_nan(x)) return neg_inf();
+  const float y = fdiv(fsub(x, mx), temperature);
+  return is_nan(y) ? neg_inf() : y;
+}
+// The value used by every pass after the max pass; the row's largest value is 0 in both
+// drawable modes (+inf entries: 0 for them, -inf for the rest).
+PK_HD float row_value(float x, float mx, float temperature, int mode) {
+  if (mode == kInfinite) return x == pos_inf() ? 0.0f : neg_inf();
+  return scaled_value(x, mx, temperature);
 }
 
 // ---- selection: the bin where a running sum over bins, top bin first, reaches a limit --

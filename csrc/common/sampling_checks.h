@@ -5,6 +5,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
 #include "sampling.h"
 
 namespace pk {
@@ -28,6 +31,30 @@ inline void check_logits(const at::Tensor& logits, const char* name = "logits") 
   TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, name, ": the vocabulary dimension is empty");
 }
 
+// A checked float knob as float32 without a change of meaning: finite values beyond the
+// float32 range saturate to +-FLT_MAX and non-zero values below its smallest subnormal go to
+// +-that subnormal (a plain cast makes 1e300 +inf and 1e-300 0, which the kernels read as
+// "off" for the penalties, "greedy" for a temperature, "invalid" for top_p). +-inf and NaN
+// stay. The same rule for Python-number knobs and float64 per-row tensors.
+constexpr double kFloatMax = static_cast<double>(std::numeric_limits<float>::max());
+constexpr double kFloatTiny = static_cast<double>(std::numeric_limits<float>::denorm_min());
+inline float knob_float(double v) {
+  if (std::isfinite(v)) {
+    if (v > kFloatMax) return std::numeric_limits<float>::max();
+    if (v < -kFloatMax) return -std::numeric_limits<float>::max();
+    if (v != 0.0 && std::fabs(v) < kFloatTiny) v = std::copysign(kFloatTiny, v);
+  }
+  return static_cast<float>(v);
+}
+inline at::Tensor knob_float_tensor(const at::Tensor& x) {
+  if (x.scalar_type() != at::kDouble) return x.to(at::kFloat);
+  // knob_float elementwise, with tensor ops (no host sync)
+  at::Tensor c = at::where(x.isfinite(), x.clamp(-kFloatMax, kFloatMax), x);
+  const at::Tensor tiny = (c != 0) & (c.abs() < kFloatTiny);
+  c = at::where(tiny, c.sign() * kFloatTiny, c);
+  return c.to(at::kFloat);
+}
+
 inline at::Tensor row_tensor(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& logits,
                              bool integer) {
   if (!t.has_value()) return at::Tensor();
@@ -43,15 +70,15 @@ inline at::Tensor row_tensor(const c10::optional<at::Tensor>& t, const char* nam
   }
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a floating-point tensor, got ",
               x.scalar_type());
-  return x.to(at::kFloat).contiguous();
+  return knob_float_tensor(x).contiguous();
 }
 
 // Seeds: one int64 element, or one per row ([B], B > 1) on the logits' device. A single seed
 // on the CPU is read on the host (no device sync); one on the device is read by the kernel.
 inline void set_seed(Params& p, at::Tensor& keep, const at::Tensor& seed, const at::Tensor& like, int64_t B) {
   TORCH_CHECK(seed.scalar_type() == at::kLong, "seed: expected an int64 tensor, got ", seed.scalar_type());
-  TORCH_CHECK(seed.dim() <= 1 && (seed.numel() == 1 || seed.numel() == B), "seed: expected one element or one per row [",
-              B, "], got shape ", seed.sizes());
+  TORCH_CHECK(seed.dim() <= 1 && (seed.numel() == 1 || (B > 1 && seed.numel() == B)),
+              "seed: expected one element or one per row [", B, "], got shape ", seed.sizes());
   p.per_row_seed = seed.numel() > 1;
   if (!p.per_row_seed && seed.device().is_cpu()) {
     p.seed = static_cast<uint64_t>(seed.item<int64_t>());
@@ -134,13 +161,13 @@ inline Inputs check_sample_inputs(const at::Tensor& logits, const c10::optional<
   p.repetition_rows = in.repetition.defined() ? in.repetition.data_ptr<float>() : nullptr;
   p.presence_rows = in.presence.defined() ? in.presence.data_ptr<float>() : nullptr;
   p.frequency_rows = in.frequency.defined() ? in.frequency.data_ptr<float>() : nullptr;
-  p.temperature = static_cast<float>(temperature);
+  p.temperature = knob_float(temperature);
   p.top_k = top_k;
-  p.top_p = static_cast<float>(top_p);
-  p.min_p = static_cast<float>(min_p);
-  p.repetition = static_cast<float>(repetition);
-  p.presence = static_cast<float>(presence);
-  p.frequency = static_cast<float>(frequency);
+  p.top_p = knob_float(top_p);
+  p.min_p = knob_float(min_p);
+  p.repetition = knob_float(repetition);
+  p.presence = knob_float(presence);
+  p.frequency = knob_float(frequency);
   if (prev_tokens.has_value()) {
     const auto& t = *prev_tokens;
     TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "prev_tokens: expected shape [", B, ", n] (batch of logits), got ",
@@ -176,8 +203,8 @@ inline Inputs check_filter_inputs(const at::Tensor& logits, const c10::optional<
   p.min_p_rows = in.min_p.defined() ? in.min_p.data_ptr<float>() : nullptr;
   p.temperature = 1.0f;
   p.top_k = top_k;
-  p.top_p = static_cast<float>(top_p);
-  p.min_p = static_cast<float>(min_p);
+  p.top_p = knob_float(top_p);
+  p.min_p = knob_float(min_p);
   return in;
 }
 

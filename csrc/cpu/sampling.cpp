@@ -56,25 +56,28 @@ void weights_all(const float* v, float* e, int64_t V, float m) {
   for (; i < V; ++i) e[i] = exp_nonpos(fsub(v[i], m));
 }
 
-// v[i] = scaled_value(v[i], t); returns the max.
-float scale_and_max(float* v, int64_t V, float t) {
+// The largest value of v, NaN ignored (-inf when there is none).
+float max_of(const float* v, int64_t V) {
   int64_t i = 0;
   f4 mv = f4{} + neg_inf();
   for (; i + kLanes <= V; i += kLanes) {
     const f4 x = load4(v + i);
-    const f4 q = (x != x) ? f4{} + neg_inf() : x / t;
-    const f4 y = (q != q) ? x : q;  // inf / inf (t = +inf): the infinity itself, as scaled_value
-    store4(v + i, y);
-    mv = y > mv ? y : mv;
+    mv = x > mv ? x : mv;
   }
   float m = neg_inf();
   for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
-  for (; i < V; ++i) {
-    const float y = scaled_value(v[i], t);
-    v[i] = y;
-    m = y > m ? y : m;
-  }
+  for (; i < V; ++i) m = v[i] > m ? v[i] : m;
   return m;
+}
+
+// v[i] = scaled_value(v[i], mx, t) (a normal row: mx finite).
+void scale_all(float* v, int64_t V, float mx, float t) {
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    const f4 q = (load4(v + i) - mx) / t;
+    store4(v + i, (q != q) ? f4{} + neg_inf() : q);  // NaN logit, or -inf / +inf
+  }
+  for (; i < V; ++i) v[i] = scaled_value(v[i], mx, t);
 }
 
 void keys_all(const float* v, uint32_t* key, int64_t V) {
@@ -155,13 +158,15 @@ void compact(Workspace& ws, bool from_all, int64_t V, uint32_t lower) {
 Selection select_row(const RowKnobs& k, float temperature, int64_t V, Workspace& ws) {
   Selection s;
   float* v = ws.v.data();
-  float m = scale_and_max(v, V, temperature);
-  s.mode = row_mode(m);
+  const float mx = max_of(v, V);
+  s.mode = row_mode(mx);
   if (s.mode == kEmpty) return s;
   if (s.mode == kInfinite) {
-    for (int64_t i = 0; i < V; ++i) v[i] = mode_value(v[i], kInfinite);
-    m = 0.0f;
+    for (int64_t i = 0; i < V; ++i) v[i] = row_value(v[i], mx, temperature, kInfinite);
+  } else {
+    scale_all(v, V, mx, temperature);
   }
+  const float m = 0.0f;  // the largest value (row_value)
   s.max_value = m;
   s.minp = k.minp_on();
   s.min_p = k.min_p;

@@ -5,8 +5,8 @@
 // functions of csrc/common/sampling.h, so the kernels reach the thresholds and tokens of
 // the CPU kernels bit for bit; only the organisation of the passes differs:
 //
-//   1. max pass: M = max of the values (greedy rows: argmax of the penalised logits,
-//      lowest index on ties) -> row mode (normal / +inf entries / nothing drawable);
+//   1. max pass: mx = max of the penalised logits (greedy rows: their argmax, lowest index on
+//      ties) -> row mode (normal / +inf entries / nothing drawable); values (x - mx) / T;
 //   2. top-k: three radix levels (11, 11, 10 bits of the 32-bit key) into a shared 2048-bin
 //      count histogram (warp-aggregated atomics); the block finds the crossing bin with one
 //      BlockScan over the bins. A bin that holds exactly the missing count ends the descent
@@ -251,16 +251,16 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
-  float m = neg_inf();
+  float mx = neg_inf();  // the largest logit, NaN ignored
   for (int64_t i = tid; i < V; i += kThreads) {
-    const float y = scaled_value(to_float(row[i]), temperature);
-    m = y > m ? y : m;
+    const float x = to_float(row[i]);
+    mx = x > mx ? x : mx;
   }
-  m = cub::BlockReduce<float, kThreads>(s.tmp.reduce_f).Reduce(m, MaxOp());
-  if (tid == 0) s.max_value = m;
+  mx = cub::BlockReduce<float, kThreads>(s.tmp.reduce_f).Reduce(mx, MaxOp());
+  if (tid == 0) s.max_value = mx;
   __syncthreads();
-  m = s.max_value;
-  const int mode = row_mode(m);
+  mx = s.max_value;
+  const int mode = row_mode(mx);
   if (mode == kEmpty) {
     if (FILTER) {
       for (int64_t i = tid; i < V; i += kThreads) out[b * V + i] = static_cast<out_t>(neg_inf());
@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
-  if (mode == kInfinite) m = 0.0f;
-  auto value = [&](int64_t i) { return mode_value(scaled_value(to_float(row[i]), temperature), mode); };
+  const float m = 0.0f;  // the largest value (row_value)
+  auto value = [&](int64_t i) { return row_value(to_float(row[i]), mx, temperature, mode); };
 
   // 2. top-k threshold. The first level runs over the row; when the keys at or above the
   // chosen bin number at most kCand (the usual case for top-k: k plus one bin's worth),

@@ -21,6 +21,11 @@ Differences from diffusers, on purpose:
   * noise comes from Philox inside the kernel, seeded from `generator` (or torch's
     default generator): reproducible, but not the numbers torch.randn would give. Pass
     `variance_noise` where diffusers accepts it to supply your own.
+Bad arguments raise TypeError / ValueError naming them: schedules given to set_timesteps are
+checked (finite, in range, non-empty), stepping a sigma scheduler past its last step raises,
+and add_noise / scale_noise with CPU timesteps that are not in the schedule raise (timesteps
+on the GPU cannot be looked up without a sync: a sample whose timestep is not in the schedule
+gets NaN).
 Options that need more than an elementwise pass (dynamic thresholding, learned variances,
 third-order DPM-Solver, exponential / beta sigmas) are refused with a ValueError naming
 the option.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections import OrderedDict
 
 import numpy as np
@@ -141,6 +147,7 @@ class _Scheduler:
 
     def _lookup(self, timestep):
         """Index of `timestep` in the schedule, from the host copy; None for GPU tensors."""
+        timestep = _check_timestep(timestep)
         if isinstance(timestep, torch.Tensor):
             if timestep.device.type != "cpu":
                 return None
@@ -150,6 +157,17 @@ class _Scheduler:
             raise ValueError(f"timestep: {timestep} is not in the schedule set by set_timesteps")
         return int(hits[1] if len(hits) > 1 else hits[0])
 
+    def _current_step(self, timestep):
+        """The step index for this call of step() (sigma schedulers), checked against the end."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        n = len(self._sig_views) - 1
+        if not 0 <= i < n:
+            raise ValueError(f"step: step index {i} is past the {n} steps of the schedule; call set_timesteps "
+                             f"(or set_begin_index) again")
+        return i
+
     def _init_step_index(self, timestep):
         if self._begin_index is not None:
             self._step_index = self._begin_index
@@ -158,16 +176,33 @@ class _Scheduler:
             self._step_index = 0 if idx is None else idx
 
     def _indices_on_device(self, timesteps, device):
-        """Schedule indices of per-sample timesteps without a host sync (add_noise)."""
+        """Schedule indices of per-sample timesteps without a host sync (add_noise), and whether
+        each was found: CPU timesteps outside the schedule raise; device ones cannot be checked
+        without a sync, and the callers give NaN for them."""
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.tensor([float(_check_timestep(timesteps))])
         if self._begin_index is not None:
             idx = self._step_index if self._step_index is not None else self._begin_index
-            return torch.full((timesteps.reshape(-1).shape[0],), idx, device=device, dtype=torch.long)
+            n = timesteps.reshape(-1).shape[0]
+            return (torch.full((n,), idx, device=device, dtype=torch.long),
+                    torch.ones((n,), device=device, dtype=torch.bool))
+        if timesteps.device.type == "cpu":  # against the host copy of the schedule (no device copy)
+            _check_in_schedule(timesteps, torch.from_numpy(np.asarray(self._timesteps_host)))
         sched = self.timesteps.to(device)
         t = timesteps.to(device).reshape(-1)
-        return (sched[None, :] == t[:, None]).to(torch.int8).argmax(dim=1)
+        hit = sched[None, :] == t[:, None]
+        return hit.to(torch.int8).argmax(dim=1), hit.any(dim=1)
 
 
 def _spaced(spacing, num_train, n, steps_offset, dtype=np.int64):
+    ts = _spaced_values(spacing, num_train, n, steps_offset, dtype)
+    if ts.size and (ts.max() >= num_train or ts.min() < 0):
+        raise ValueError(f"steps_offset: {steps_offset} puts timesteps outside [0, {num_train}) "
+                         f"(num_train_timesteps), e.g. {ts.max() if ts.max() >= num_train else ts.min()}")
+    return ts
+
+
+def _spaced_values(spacing, num_train, n, steps_offset, dtype):
     if spacing == "linspace":
         return np.linspace(0, num_train - 1, n).round()[::-1].copy().astype(dtype)
     if spacing == "leading":
@@ -184,6 +219,66 @@ def _check_steps(n, num_train):
         raise ValueError(f"num_inference_steps: expected a positive int, got {n!r}")
     if n > num_train:
         raise ValueError(f"num_inference_steps: {n} is larger than num_train_timesteps ({num_train})")
+
+
+_MAX_MU = 700.0  # dynamic shifting: exp(mu) must stay a finite float64
+
+
+def _check_timestep(timestep):
+    """The `timestep` of step(): a number (not NaN) or a tensor with at least one element."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0:
+            raise ValueError("timestep: expected a number or a non-empty tensor, got an empty tensor")
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise TypeError(f"timestep: expected a number or a numeric tensor, got {timestep.dtype}")
+        return timestep
+    if isinstance(timestep, bool) or not isinstance(timestep, (numbers.Real, np.number)):
+        raise TypeError(f"timestep: expected a number or a tensor, got {type(timestep).__name__}")
+    if math.isnan(float(timestep)):
+        raise ValueError("timestep: expected a number, got nan")
+    return timestep
+
+
+def _int_timestep(timestep):
+    """A single timestep (a number or a one-element CPU tensor) as an int, with a clear error."""
+    v = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"timestep: expected an integer timestep of the schedule, got {v}")
+    return int(v)
+
+
+def _schedule_values(name, values, *, low=None, high=None, integral=False, min_len=1):
+    """A user-given schedule (timesteps / sigmas) as a 1-D float64 array: finite values in
+    [low, high], at least min_len of them."""
+    try:
+        a = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__}") from None
+    if a.ndim != 1 or a.size < min_len:
+        raise ValueError(f"{name}: expected a 1-D sequence of at least {min_len} value(s), got shape {a.shape}")
+    bad = ~np.isfinite(a)
+    if low is not None:
+        bad |= a < low
+    if high is not None:
+        bad |= a > high
+    if integral:
+        bad |= a != np.round(a)
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        rng = f" in [{low:g}, {high:g}]" if low is not None and high is not None else (
+            f" >= {low:g}" if low is not None else "")
+        kind = "integers" if integral else "finite values"
+        raise ValueError(f"{name}: expected {kind}{rng}, got {a[i]} at index {i}")
+    return a
+
+
+def _check_in_schedule(timesteps, schedule):
+    """CPU timesteps must be values of the schedule (add_noise of the sigma schedulers)."""
+    t = timesteps.reshape(-1).double()
+    found = (schedule.double()[None, :] == t[:, None]).any(dim=1)
+    if not bool(found.all()):
+        i = int((~found).nonzero()[0, 0])
+        raise ValueError(f"timesteps: {t[i].item()} is not in the schedule set by set_timesteps")
 
 
 def _sigma_to_t(sigma, log_sigmas):
@@ -281,7 +376,7 @@ class DDPMScheduler(_AlphaBarScheduler):
             raise ValueError("num_inference_steps/timesteps: pass only one of them")
         T = self.config.num_train_timesteps
         if timesteps is not None:
-            ts = np.array(timesteps, dtype=np.int64)
+            ts = _schedule_values("timesteps", timesteps, low=0, high=T - 1, integral=True).astype(np.int64)
             if np.any(ts[1:] >= ts[:-1]):
                 raise ValueError("timesteps: custom timesteps must be in descending order")
             if ts[0] >= T or ts[-1] < 0:
@@ -296,7 +391,7 @@ class DDPMScheduler(_AlphaBarScheduler):
         self._set(ts, device)
 
     def previous_timestep(self, timestep):
-        t = int(timestep)
+        t = _int_timestep(_check_timestep(timestep))
         if t not in self._prev_of:
             raise ValueError(f"timestep: {t} is not in the schedule set by set_timesteps")
         return self._prev_of[t]
@@ -312,11 +407,12 @@ class DDPMScheduler(_AlphaBarScheduler):
             t = timestep.to(torch.int64)
             prev = torch.tensor([self.previous_timestep(v) for v in t.tolist()], dtype=torch.int64)
             return t, prev
-        t = int(timestep)
+        t = _int_timestep(timestep)
         return t, self.previous_timestep(t)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
-        t, prev = self._t_prev(timestep)
+        _d._tensor("sample", sample)
+        t, prev = self._t_prev(_check_timestep(timestep))
         if isinstance(t, int):
             self._counter = int(np.nonzero(self._timesteps_host == t)[0][0]) + 1
         else:
@@ -366,6 +462,8 @@ class DDIMScheduler(_AlphaBarScheduler):
              generator=None, variance_noise=None, return_dict: bool = True):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps: call set_timesteps before step")
+        _d._tensor("sample", sample)
+        timestep = _check_timestep(timestep)
         if variance_noise is not None and generator is not None:
             raise ValueError("variance_noise/generator: pass at most one of them")
         ratio = self.config.num_train_timesteps // self.num_inference_steps
@@ -373,7 +471,8 @@ class DDIMScheduler(_AlphaBarScheduler):
             t = self._per_sample_timesteps(timestep, sample.device)
             prev = t - ratio  # on the timestep's device, no sync
         else:
-            t, prev = int(timestep), int(timestep) - ratio
+            t = _int_timestep(timestep)
+            prev = t - ratio
         c = self.config
         prev_sample, x0 = _d.ddim_step(model_output, sample, t, prev, self._acp_on(sample.device), eta=eta,
                                        final_alpha_cumprod=self.final_alpha_cumprod,
@@ -421,6 +520,9 @@ class EulerDiscreteScheduler(_SigmaScheduler, _AlphaBarScheduler):
         _d._check_choice("prediction_type", prediction_type, _d.PREDICTION_TYPES + ("original_sample",))
         _d._check_choice("interpolation_type", interpolation_type, ("linear", "log_linear"))
         _d._check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            if v is not None:
+                _d._check_real(name, v, low=0.0, low_open=True)
         self._init_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                           rescale_betas_zero_snr)
         if rescale_betas_zero_snr:
@@ -462,12 +564,12 @@ class EulerDiscreteScheduler(_SigmaScheduler, _AlphaBarScheduler):
         base = ((1 - acp) / acp) ** 0.5
         log_sigmas = np.log(base)
         if sigmas is not None:
-            sig = np.array(sigmas).astype(np.float32)
+            sig = _schedule_values("sigmas", sigmas, low=0.0, min_len=2).astype(np.float32)
             ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig[:-1]])
             self.num_inference_steps = len(sig) - 1
         else:
             if timesteps is not None:
-                ts = np.array(timesteps).astype(np.float32)
+                ts = _schedule_values("timesteps", timesteps, low=0, high=T - 1).astype(np.float32)
                 n = len(ts)
             else:
                 _check_steps(num_inference_steps, T)
@@ -492,9 +594,7 @@ class EulerDiscreteScheduler(_SigmaScheduler, _AlphaBarScheduler):
         self.timesteps = self._timesteps_tensor(self.sigmas, ts, device)
 
     def scale_model_input(self, sample, timestep):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        s = float(self.sigmas[self._step_index])
+        s = float(self.sigmas[self._current_step(timestep)])
         self.is_scale_input_called = True
         return sample / ((s * s + 1) ** 0.5)
 
@@ -502,9 +602,7 @@ class EulerDiscreteScheduler(_SigmaScheduler, _AlphaBarScheduler):
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
             raise ValueError("timestep: pass one of scheduler.timesteps, not an integer index")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_step(timestep)
         pred = "sample" if self.config.prediction_type == "original_sample" else self.config.prediction_type
         prev, x0 = _d.euler_step(model_output, sample, self._sig(i), self._sig(i + 1), prediction_type=pred,
                                  s_churn=s_churn, num_inference_steps=len(self.sigmas) - 1, s_tmin=s_tmin,
@@ -515,8 +613,10 @@ class EulerDiscreteScheduler(_SigmaScheduler, _AlphaBarScheduler):
         return SchedulerOutput(prev, x0)
 
     def add_noise(self, original_samples, noise, timesteps):
-        idx = self._indices_on_device(timesteps, original_samples.device)
+        _d._tensor("original_samples", original_samples)
+        idx, found = self._indices_on_device(timesteps, original_samples.device)
         sigma = self.sigmas.to(original_samples.device, original_samples.dtype)[idx]
+        sigma = torch.where(found, sigma, torch.nan)  # a device timestep outside the schedule
         sigma = sigma.reshape(-1, *([1] * (original_samples.dim() - 1)))
         return original_samples + noise * sigma
 
@@ -539,6 +639,12 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
             if self.config[name]:
                 _unsupported(type(self), name, True)
         _d._check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        num_train_timesteps = _d._check_pos_int("num_train_timesteps", num_train_timesteps)
+        shift = _d._check_real("shift", shift, low=0.0, low_open=True)
+        if shift_terminal:  # None or 0: off
+            _d._check_real("shift_terminal", shift_terminal, low=0.0, high=1.0)
+            if shift_terminal >= 1.0:
+                raise ValueError(f"shift_terminal: expected a value in (0, 1), got {shift_terminal}")
         ts = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy()
         sig = ts / num_train_timesteps
         if not use_dynamic_shifting:
@@ -561,7 +667,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
         return self._shift
 
     def set_shift(self, shift: float):
-        self._shift = shift
+        self._shift = _d._check_real("shift", shift, low=0.0, low_open=True)
 
     def time_shift(self, mu: float, sigma: float, t):
         if self.config.time_shift_type == "exponential":
@@ -578,6 +684,12 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
         c = self.config
         if c.use_dynamic_shifting and mu is None:
             raise ValueError("mu: required when use_dynamic_shifting is True")
+        if mu is not None:
+            mu = _d._check_real("mu", mu, low=-_MAX_MU, high=_MAX_MU)  # exp(mu) stays finite
+        if sigmas is not None:
+            sigmas = _schedule_values("sigmas", sigmas, low=0.0, high=1.0)
+        if timesteps is not None:
+            timesteps = _schedule_values("timesteps", timesteps, low=0.0, high=float(c.num_train_timesteps))
         if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
             raise ValueError("sigmas/timesteps: expected the same length")
         if num_inference_steps is None:
@@ -631,8 +743,8 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
     def scale_noise(self, sample, timestep, noise=None):
         """x_t = sigma noise + (1 - sigma) sample, sigma looked up per timestep."""
         if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
-            idx = self._indices_on_device(timestep, sample.device)
-            sigma = self.sigmas.to(sample.device)[idx]
+            idx, found = self._indices_on_device(timestep, sample.device)
+            sigma = torch.where(found, self.sigmas.to(sample.device)[idx], torch.nan)
         else:
             ts = timestep.reshape(-1).tolist() if isinstance(timestep, torch.Tensor) else [timestep]
             if self._begin_index is not None:
@@ -654,9 +766,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaScheduler):
             raise ValueError("timestep: pass one of scheduler.timesteps, not an integer index")
         if per_token_timesteps is not None:
             _unsupported(type(self), "per_token_timesteps", "a tensor")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_step(timestep)
         stochastic = bool(self.config.stochastic_sampling)
         prev, _ = _d.flow_match_step(model_output, sample, self._sig(i), self._sig(i + 1), stochastic=stochastic,
                                      generator=generator if stochastic else None, return_x0=False)
@@ -697,6 +807,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _AlphaBarScheduler):
             _unsupported(type(self), "variance_type", variance_type)
         _d._check_choice("prediction_type", prediction_type, _d.PREDICTION_TYPES + ("flow_prediction",))
         _d._check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        _d._check_real("flow_shift", flow_shift, low=0.0, low_open=True)
         self._init_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                           rescale_betas_zero_snr)
         if rescale_betas_zero_snr:
@@ -717,6 +828,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _AlphaBarScheduler):
         if mu is not None:
             if not (c.use_dynamic_shifting and c.time_shift_type == "exponential"):
                 raise ValueError("mu: only with use_dynamic_shifting and time_shift_type 'exponential'")
+            mu = _d._check_real("mu", mu, low=-_MAX_MU, high=_MAX_MU)
             self.register_to_config(flow_shift=float(np.exp(mu)))
             c = self.config
         if (num_inference_steps is None) == (timesteps is None):
@@ -725,7 +837,7 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _AlphaBarScheduler):
             raise ValueError("timesteps: not allowed with use_karras_sigmas")
         T = c.num_train_timesteps
         if timesteps is not None:
-            ts = np.array(timesteps).astype(np.int64)
+            ts = _schedule_values("timesteps", timesteps, low=0, high=T - 1, integral=True).astype(np.int64)
             n = len(ts)
         else:
             _check_steps(num_inference_steps, T)
@@ -772,10 +884,8 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _AlphaBarScheduler):
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps: call set_timesteps before step")
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        i = self._current_step(timestep)
         c = self.config
-        i = self._step_index
         n = len(self.timesteps)
         lower_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
                                       or c.final_sigmas_type == "zero")
@@ -798,8 +908,10 @@ class DPMSolverMultistepScheduler(_SigmaScheduler, _AlphaBarScheduler):
         return SchedulerOutput(prev)
 
     def add_noise(self, original_samples, noise, timesteps):
-        idx = self._indices_on_device(timesteps, original_samples.device)
+        _d._tensor("original_samples", original_samples)
+        idx, found = self._indices_on_device(timesteps, original_samples.device)
         sigma = self.sigmas.to(original_samples.device, original_samples.dtype)[idx]
+        sigma = torch.where(found, sigma, torch.nan)  # a device timestep outside the schedule
         sigma = sigma.reshape(-1, *([1] * (original_samples.dim() - 1)))
         if self.config.use_flow_sigmas:
             alpha_t, sigma_t = 1 - sigma, sigma

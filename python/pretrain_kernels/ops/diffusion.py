@@ -16,11 +16,25 @@ dpmsolver++ / sde-dpmsolver++, FlowMatchEulerDiscreteScheduler.step). Where a st
 noise and no `noise` tensor is given, the noise is drawn in the kernel from Philox keyed by
 `seed` (see pretrain_kernels.ops._common.resolve_seed), identically on CPU and CUDA (up to
 an ulp of libm), but of course not equal to the torch.randn draws diffusers makes.
+
+Argument checks (the wrappers raise TypeError / ValueError, the raw ops RuntimeError, each
+naming the argument): tensors that go with the sample (model_output, noise, prev_x0, ...) have
+its shape, dtype and device; per-sample parameters are one value or one per sample, on the
+sample's device or a one-element CPU tensor. Values are checked where they are on the host
+(Python numbers, CPU tensors): integer timesteps index alphas_cumprod (0 <= t < its length;
+prev_timesteps may be negative, "past the last step"), alphas_cumprod lies in [0, 1], Karras
+sigmas are finite with sigma > 0 where a step divides by it (sigma_next >= 0), flow-matching
+sigmas lie in [0, 1]. Values in device memory are not read (that would be a host sync): a
+timestep outside the table is a device-side assert, other values are used as given (NaN or inf
+in the outputs of that sample), except the flow sigmas of dpmpp_2m_step (NaN, see there).
+Shape and range errors that the ops used to raise reach callers as exceptions that are also
+RuntimeErrors, so except clauses written for either kind keep working.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -31,6 +45,7 @@ _OPS = torch.ops.pretrain_kernels
 SCHEDULE_KINDS = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TARGETS = ("epsilon", "v_prediction", "sample", "flow")
+MAX_TRAIN_TIMESTEPS = 2**20  # the tables are built on the host (the cosine one by a Python loop)
 
 
 # ---- schedules ------------------------------------------------------------------------------
@@ -46,6 +61,14 @@ def _check_pos_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return int(value)
+
+
+def _check_flag(name, value):
+    """A bool option (Python or NumPy bool, or the ints 0 and 1)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or (isinstance(value, numbers.Integral)
+                                                                      and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r}")
 
 
 def _check_real(name, value, *, low=None, low_open=False, high=None, finite=True):
@@ -99,6 +122,8 @@ def schedule_betas(kind: str = "linear", num_train_timesteps: int = 1000, beta_s
     else:
         _check_choice("kind", kind, SCHEDULE_KINDS)
         n = _check_pos_int("num_train_timesteps", num_train_timesteps)
+        if n > MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"num_train_timesteps: expected at most {MAX_TRAIN_TIMESTEPS}, got {n}")
         beta_start = _check_real("beta_start", beta_start, low=0.0)
         beta_end = _check_real("beta_end", beta_end, low=0.0)
         if kind == "linear":
@@ -111,9 +136,12 @@ def schedule_betas(kind: str = "linear", num_train_timesteps: int = 1000, beta_s
             betas = torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
         if not bool((betas < 1).all()):
             raise ValueError(f"beta_start/beta_end: betas must stay below 1, got up to {float(betas.max())}")
-    if rescale_zero_terminal_snr:
+    if _check_flag("rescale_zero_terminal_snr", rescale_zero_terminal_snr):
         if betas.numel() < 2:
             raise ValueError("rescale_zero_terminal_snr: needs at least 2 timesteps")
+        if not bool((betas[1:] > 0).any()):
+            raise ValueError("rescale_zero_terminal_snr: every beta after the first is 0 (alphas_cumprod does not "
+                             "fall), so there is no signal-to-noise ratio to rescale to zero")
         betas = globals()["rescale_zero_terminal_snr"](betas)
     return betas
 
@@ -161,20 +189,101 @@ def _scalar_tensor(value, dtype):
     return t
 
 
-def _per_sample(name, value, *, integral=False):
-    """A per-sample parameter as a tensor: tensors pass (one value or one per sample),
-    Python numbers become one-element CPU tensors (read by the op without a device copy)."""
+class _ArgValueError(ValueError, RuntimeError):
+    """A ValueError that is also a RuntimeError: raised by the wrappers for checks that reached
+    callers as the op's RuntimeError before the wrappers made them (shapes, timestep ranges),
+    so that except clauses written for either keep working."""
+
+
+class _ArgTypeError(TypeError, RuntimeError):
+    """A TypeError that is also a RuntimeError (see _ArgValueError)."""
+
+
+_INT64 = (-(2**63), 2**63)
+_PER_SAMPLE_FLOAT = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+def _like(name, t, ref, ref_name="sample"):
+    """A tensor shaped like `ref` (same shape, dtype and device), as the ops require."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise _ArgTypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {t.dtype}")
+    if t.shape != ref.shape:
+        raise _ArgValueError(f"{name}: expected shape {list(ref.shape)} (that of {ref_name}), got {list(t.shape)}")
+    if t.device != ref.device:
+        raise _ArgValueError(f"{name}: expected a tensor on {ref.device} (that of {ref_name}), got {t.device}")
+    return t
+
+
+def _per_sample(name, value, ref=None, *, integral=False):
+    """A per-sample parameter as a tensor: tensors pass (one value, or one per sample along
+    dim 0 of `ref`), Python numbers become one-element CPU tensors (read by the op without a
+    device copy)."""
     if isinstance(value, torch.Tensor):
-        if integral and (value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex()):
-            raise TypeError(f"{name}: expected an integer tensor, got {value.dtype}")
+        if integral:
+            if value.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name}: expected an integer tensor (int32 or int64), got {value.dtype}")
+        elif value.dtype not in _PER_SAMPLE_FLOAT:
+            raise TypeError(f"{name}: expected a float32, float64 or integer tensor, got {value.dtype}")
+        if ref is not None:
+            B = ref.shape[0]
+            if value.dim() > 1 or value.numel() not in (1, B):
+                raise _ArgValueError(f"{name}: expected one value or one per sample ({B}), got shape "
+                                     f"{list(value.shape)}")
+            if value.device != ref.device and not (value.device.type == "cpu" and value.numel() == 1):
+                raise ValueError(f"{name}: expected a tensor on {ref.device} (that of the sample) or a one-element "
+                                 f"CPU tensor, got {value.device}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a tensor or a number, got {type(value).__name__}")
     if integral:
-        if not isinstance(value, numbers.Integral) and not float(value).is_integer():
+        if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
             raise ValueError(f"{name}: expected an integer timestep, got {value}")
+        if not _INT64[0] <= int(value) < _INT64[1]:
+            raise ValueError(f"{name}: expected an int64 value, got {int(value)}")
         return _scalar_tensor(int(value), torch.int64)
     return _scalar_tensor(float(value), torch.float64)
+
+
+def _check_values(name, t, ok, expect, *, cls=ValueError):
+    """ok(values) for a per-sample tensor made by _per_sample (a Python number became a one-element
+    CPU tensor), where its values are on the host: CPU tensors, outside torch.compile. Values in
+    device memory are not read (a host sync); the ops check the same on the host."""
+    if t.device.type != "cpu" or is_compiling() or t.numel() == 0:
+        return
+    if t.numel() == 1:
+        v = t.item()
+        if not ok(torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)):
+            raise cls(f"{name}: expected {expect}, got {v}")
+        return
+    bad = ~ok(t.reshape(-1))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise cls(f"{name}: expected {expect}, got {t.reshape(-1)[i].item()} at sample {i}")
+
+
+def _check_timesteps(name, t, n, *, allow_negative=False):
+    """Integer timesteps index alphas_cumprod (n entries): 0 <= t < n, or any negative value
+    meaning "past the last step" where allow_negative."""
+    _check_values(name, t, lambda v: v < n, f"values below {n} (the length of alphas_cumprod)", cls=_ArgValueError)
+    if not allow_negative:
+        _check_values(name, t, lambda v: v >= 0, "non-negative values", cls=_ArgValueError)
+
+
+def _sigma_positive(name, t):
+    _check_values(name, t, lambda v: torch.isfinite(v) & (v > 0), "finite values > 0")
+
+
+def _sigma_nonneg(name, t):
+    _check_values(name, t, lambda v: torch.isfinite(v) & (v >= 0), "finite values >= 0")
+
+
+def _sigma_unit(name, t):  # flow matching: x_t = (1 - s) x0 + s noise, s in [0, 1]
+    _check_values(name, t, lambda v: (v >= 0) & (v <= 1), "values in [0, 1]")
+
+
+_acp_checked: dict = {}  # id -> (weakref to the table, its _version) of CPU tables whose values passed
 
 
 def _acp(alphas_cumprod, device):
@@ -186,31 +295,72 @@ def _acp(alphas_cumprod, device):
         raise TypeError(f"alphas_cumprod: expected float64 (or float32), got {alphas_cumprod.dtype}")
     if alphas_cumprod.device != device:
         raise ValueError(f"alphas_cumprod: expected a tensor on {device} (the sample's device), got {alphas_cumprod.device}")
+    if alphas_cumprod.device.type == "cpu" and not is_compiling():
+        # the values of a CPU table, once per table and version (the op checks them every call)
+        key = id(alphas_cumprod)
+        seen = _acp_checked.get(key)
+        if seen is None or seen[0]() is not alphas_cumprod or seen[1] != alphas_cumprod._version:
+            bad = ~((alphas_cumprod >= 0) & (alphas_cumprod <= 1))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"alphas_cumprod: expected values in [0, 1], got {alphas_cumprod[i].item()} "
+                                 f"at index {i}")
+            if len(_acp_checked) > 256:
+                _acp_checked.clear()
+            _acp_checked[key] = (weakref.ref(alphas_cumprod), alphas_cumprod._version)
     return alphas_cumprod
 
 
 def _clip_range(clip_sample, clip_sample_range):
     """clip_sample_range as a float; checked (finite, > 0) where clipping is on, as the ops do."""
+    if isinstance(clip_sample_range, bool) or not isinstance(clip_sample_range, numbers.Real):
+        raise TypeError(f"clip_sample_range: expected a float, got {type(clip_sample_range).__name__}")
     if not clip_sample:
-        return float(clip_sample_range)
+        return float(clip_sample_range)  # unused
     return _check_real("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
 
 
-def _check_flow_sigma(name, value):
+def _check_flow_sigma(name, t):
     """Flow sigmas lie in [0, 1]: checked here for Python numbers and CPU tensors (the op checks
     them again). Values in device memory reach the kernels, which give NaN for a sample whose
     sigma is outside [0, 1] (see dpmpp_2m_step)."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type == "cpu" and not is_compiling() and value.numel():
-            bad = ~((value >= 0) & (value <= 1))
-            if bool(bad.any()):
-                i = int(bad.reshape(-1).nonzero()[0, 0])
-                where = f" at sample {i}" if value.numel() > 1 else ""
-                raise ValueError(f"{name}: expected values in [0, 1] with flow_sigmas=True, got "
-                                 f"{value.reshape(-1)[i].item()}{where}")
+    _check_values(name, t, lambda v: (v >= 0) & (v <= 1), "values in [0, 1] with flow_sigmas=True")
+
+
+def _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise):
+    """(alphas_cumprod, timesteps, prev_timesteps) of a DDPM-type step, checked: timesteps in
+    [0, len(alphas_cumprod)), prev_timesteps below len(alphas_cumprod) (negative: the last step)."""
+    _like("model_output", model_output, sample)
+    if noise is not None:
+        _like("noise", noise, sample)
+    acp = _acp(alphas_cumprod, sample.device)
+    t = _per_sample("timesteps", timesteps, sample, integral=True)
+    prev = _per_sample("prev_timesteps", prev_timesteps, sample, integral=True)
+    _check_timesteps("timesteps", t, acp.numel())
+    _check_timesteps("prev_timesteps", prev, acp.numel(), allow_negative=True)
+    return acp, t, prev
+
+
+def _check_distinct(sigma_prev, sigma):
+    """sigma_prev != sigma sample by sample, where both are on the host: the ratio r0 of the
+    second order update divides by their log-SNR difference."""
+    if sigma_prev.device.type != "cpu" or sigma.device.type != "cpu" or is_compiling():
         return
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name}: expected values in [0, 1] with flow_sigmas=True, got {value}")
+    a, b = torch.broadcast_tensors(sigma_prev.reshape(-1).double(), sigma.reshape(-1).double())
+    same = a == b
+    if bool(same.any()):
+        i = int(same.nonzero()[0, 0])
+        raise ValueError(f"sigma_prev: expected a value other than sigma ({b[i].item()})"
+                         + (f" at sample {i}" if same.numel() > 1 else ""))
+
+
+def _sigmas(model_output, sample, sigma, sigma_next, noise):
+    """(sigma, sigma_next) of a sigma-parametrised step as per-sample tensors; model_output and
+    noise checked against the sample."""
+    _like("model_output", model_output, sample)
+    if noise is not None:
+        _like("noise", noise, sample)
+    return _per_sample("sigma", sigma, sample), _per_sample("sigma_next", sigma_next, sample)
 
 
 def _noise_or_seed(noise, seed, generator, device, needed):
@@ -241,16 +391,17 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps, alphas_cumprod: 
     """
     x0 = _tensor("x0", x0)
     _check_choice("target", target, TARGETS)
-    if not isinstance(noise, torch.Tensor):
-        raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
+    _like("noise", noise, x0, "x0")
     if target == "flow":
-        t = _per_sample("timesteps", timesteps)
+        t = _per_sample("timesteps", timesteps, x0)
+        _sigma_unit("timesteps", t)
         acp = None if alphas_cumprod is None else _acp(alphas_cumprod, x0.device)
     else:
         if alphas_cumprod is None:
             raise ValueError(f"alphas_cumprod: required for target {target!r} (see pk.noise_schedule)")
-        t = _per_sample("timesteps", timesteps, integral=True)
+        t = _per_sample("timesteps", timesteps, x0, integral=True)
         acp = _acp(alphas_cumprod, x0.device)
+        _check_timesteps("timesteps", t, acp.numel())
     return _OPS.add_noise(x0, noise, t, acp, target)
 
 
@@ -267,8 +418,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     Differentiable in pred and target; the backward is one fused pass.
     """
     pred = _tensor("pred", pred)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    _like("target", target, pred, "pred")
     _check_choice("weighting", weighting, ("none", "min_snr"))
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("reduction", reduction, ("mean", "none"))
@@ -277,8 +427,9 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     if weighting != "none":
         if timesteps is None or alphas_cumprod is None:
             raise ValueError(f"timesteps/alphas_cumprod: required for weighting {weighting!r}")
-        t = _per_sample("timesteps", timesteps, integral=True)
+        t = _per_sample("timesteps", timesteps, pred, integral=True)
         acp = _acp(alphas_cumprod, pred.device)
+        _check_timesteps("timesteps", t, acp.numel())
     per_sample = _OPS.diffusion_loss(pred, target, t, acp, weighting, gamma, prediction_type)
     return per_sample.mean() if reduction == "mean" else per_sample
 
@@ -313,14 +464,34 @@ def sample_timesteps(batch_size: int, *, kind: str = "uniform", num_train_timest
         u = torch.sigmoid(u)
     else:
         u = torch.rand(batch_size, generator=generator, device=gdev)
-        u = 1 - u - _check_real("mode_scale", mode_scale) * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        # SD3's mode sampler stays a monotone map of [0, 1] onto itself for -1 <= s <= 2 / (pi - 2)
+        s = _check_real("mode_scale", mode_scale, low=-1.0, high=2 / (math.pi - 2))
+        u = 1 - u - s * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     if shift != 1.0:
-        u = shift_sigmas(u, shift)
+        u = _shift(u, shift)
     return u if device is None else u.to(device)
 
 
 def shift_sigmas(sigmas, shift: float):
-    """The SD3 timestep shift s -> shift s / (1 + (shift - 1) s) (tensor or number)."""
+    """The SD3 timestep shift s -> shift s / (1 + (shift - 1) s) (tensor or number), for sigmas
+    in [0, 1] (checked for numbers and CPU tensors) and a finite shift > 0."""
+    shift = _check_real("shift", shift, low=0.0, low_open=True)
+    if isinstance(sigmas, torch.Tensor):
+        if not (sigmas.dtype.is_floating_point or sigmas.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"sigmas: expected a floating-point tensor, got {sigmas.dtype}")
+        if sigmas.device.type == "cpu" and not is_compiling() and sigmas.numel():
+            bad = ~((sigmas >= 0) & (sigmas <= 1))
+            if bool(bad.any()):
+                i = int(bad.reshape(-1).nonzero()[0, 0])
+                raise ValueError(f"sigmas: expected values in [0, 1], got {sigmas.reshape(-1)[i].item()} at index {i}")
+    else:
+        v = _check_real("sigmas", sigmas)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"sigmas: expected values in [0, 1], got {sigmas}")
+    return _shift(sigmas, shift)
+
+
+def _shift(sigmas, shift):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
@@ -337,10 +508,9 @@ def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("variance_type", variance_type, ("fixed_small", "fixed_small_log", "fixed_large"))
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    acp = _acp(alphas_cumprod, sample.device)
+    acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, True)
-    return _OPS.ddpm_step(model_output, sample, _per_sample("timesteps", timesteps, integral=True),
-                          _per_sample("prev_timesteps", prev_timesteps, integral=True), acp, noise, seed_t,
+    return _OPS.ddpm_step(model_output, sample, t, prev, acp, noise, seed_t,
                           prediction_type, variance_type, bool(clip_sample), clip_sample_range)
 
 
@@ -355,10 +525,9 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     eta = _check_real("eta", eta, low=0.0)
     final_alpha_cumprod = _check_real("final_alpha_cumprod", final_alpha_cumprod, low=0.0, low_open=True, high=1.0)
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    acp = _acp(alphas_cumprod, sample.device)
+    acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, eta > 0)
-    return _OPS.ddim_step(model_output, sample, _per_sample("timesteps", timesteps, integral=True),
-                          _per_sample("prev_timesteps", prev_timesteps, integral=True), acp, noise, seed_t,
+    return _OPS.ddim_step(model_output, sample, t, prev, acp, noise, seed_t,
                           final_alpha_cumprod, eta, prediction_type, bool(clip_sample), clip_sample_range,
                           bool(use_clipped_model_output))
 
@@ -395,9 +564,12 @@ def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsi
     s_tmin = _check_real("s_tmin", s_tmin, finite=False)
     s_tmax = _check_real("s_tmax", s_tmax, finite=False)
     s_noise = _check_real("s_noise", s_noise)
+    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
+    _sigma_positive("sigma", sigma)  # x0 and the derivative divide by it
+    _sigma_nonneg("sigma_next", sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, churn > 0)
-    return _OPS.euler_step(model_output, sample, _per_sample("sigma", sigma), _per_sample("sigma_next", sigma_next),
-                           noise, seed_t, prediction_type, churn, s_tmin, s_tmax, s_noise)
+    return _OPS.euler_step(model_output, sample, sigma, sigma_next, noise, seed_t, prediction_type, churn, s_tmin,
+                           s_tmax, s_noise)
 
 
 def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, prev_sample=None,
@@ -412,8 +584,17 @@ def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, 
     if (prev_derivative is None) != (prev_sample is None):
         raise ValueError("prev_derivative/prev_sample: pass both (second stage) or neither (first stage)")
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    return _OPS.heun_step(model_output, sample, _per_sample("sigma", sigma), _per_sample("sigma_next", sigma_next),
-                          prev_derivative, prev_sample, prediction_type, bool(clip_sample), clip_sample_range)
+    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, None)
+    if prev_derivative is not None:
+        _like("prev_derivative", prev_derivative, sample)
+        _like("prev_sample", prev_sample, sample)
+        _sigma_nonneg("sigma", sigma)
+        _sigma_positive("sigma_next", sigma_next)  # the second stage divides by sigma_next
+    else:
+        _sigma_positive("sigma", sigma)  # the first stage divides by sigma
+        _sigma_nonneg("sigma_next", sigma_next)
+    return _OPS.heun_step(model_output, sample, sigma, sigma_next, prev_derivative, prev_sample, prediction_type,
+                          bool(clip_sample), clip_sample_range)
 
 
 def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigma_prev=None,
@@ -436,14 +617,25 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
     if (prev_x0 is None) != (sigma_prev is None):
         raise ValueError("prev_x0/sigma_prev: pass both (second order) or neither (first order)")
     order = 1 if prev_x0 is None else 2
+    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
+    sp = None
+    if order == 2:
+        _like("prev_x0", prev_x0, sample)
+        sp = _per_sample("sigma_prev", sigma_prev, sample)
     if flow_sigmas:
-        for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sigma_prev)):
-            _check_flow_sigma(name, value)
+        for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sp)):
+            if value is not None:
+                _check_flow_sigma(name, value)
+    else:  # Karras sigmas: log(sigma) and divisions by sigma
+        _sigma_positive("sigma", sigma)
+        _sigma_nonneg("sigma_next", sigma_next)
+        if sp is not None:
+            _sigma_positive("sigma_prev", sp)
+    if sp is not None:
+        _check_distinct(sp, sigma)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, algorithm_type == "sde-dpmsolver++")
-    sp = None if sigma_prev is None else _per_sample("sigma_prev", sigma_prev)
-    return _OPS.dpmpp_2m_step(model_output, sample, prev_x0, sp, _per_sample("sigma", sigma),
-                              _per_sample("sigma_next", sigma_next), noise, seed_t, prediction_type, algorithm_type,
-                              solver_type, order, bool(flow_sigmas))
+    return _OPS.dpmpp_2m_step(model_output, sample, prev_x0, sp, sigma, sigma_next, noise, seed_t, prediction_type,
+                              algorithm_type, solver_type, order, bool(flow_sigmas))
 
 
 def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False, noise=None, seed=None,
@@ -453,43 +645,55 @@ def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False
     prev = (1 - sigma_next) x0 + sigma_next z, x0 = sample - sigma v. Returns (prev, x0);
     with return_x0=False x0 is not written (an empty tensor comes back), saving a pass."""
     _tensor("sample", sample)
+    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
+    _sigma_unit("sigma", sigma)
+    _sigma_unit("sigma_next", sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, bool(stochastic))
-    return _OPS.flow_match_step(model_output, sample, _per_sample("sigma", sigma),
-                                _per_sample("sigma_next", sigma_next), noise, seed_t, bool(stochastic),
+    return _OPS.flow_match_step(model_output, sample, sigma, sigma_next, noise, seed_t, bool(stochastic),
                                 bool(return_x0))
 
 
 # ---- fake kernels and autograd --------------------------------------------------------------
 
 
-def _fake_pair(model_output, sample, *args):
-    return torch.empty_like(sample), torch.empty_like(sample)
+# Arguments that may be a one-element CPU tensor whatever the device of the data.
+_HOST_SCALARS = ("timesteps", "prev_timesteps", "sigma", "sigma_next", "sigma_prev", "seed", "grad")
 
 
-def _fake_add_noise(x0, noise, timesteps, alphas_cumprod, target):
-    return torch.empty_like(x0), torch.empty_like(x0)
+def _fake(op_name, ref_name, outputs):
+    """The fake (meta) kernel of an op: device checks as the real kernels make them, then the
+    outputs. It also runs whenever one argument is on the meta device beside real tensors, so
+    such a call raises instead of returning uninitialised memory."""
+    names = [a.name for a in getattr(torch.ops.pretrain_kernels, op_name).default._schema.arguments]
+
+    def kernel(*args, **kwargs):
+        bound = dict(zip(names, args), **kwargs)
+        ref = bound[ref_name]
+        for name, t in bound.items():
+            if not isinstance(t, torch.Tensor) or t is ref:
+                continue
+            host_ok = name in _HOST_SCALARS and t.device.type == "cpu" and t.numel() == 1
+            torch._check(t.device == ref.device or host_ok,
+                         lambda: f"{name}: expected a tensor on {ref.device} (that of {ref_name})"
+                                 f"{' or a one-element CPU tensor' if name in _HOST_SCALARS else ''}, got {t.device}")
+        torch._check(ref.dim() >= 1, lambda: f"{ref_name}: expected a batch dimension")
+        return outputs(ref, bound)
+
+    torch.library.register_fake(f"pretrain_kernels::{op_name}")(kernel)
 
 
-def _fake_loss(pred, target, timesteps, alphas_cumprod, weighting, gamma, prediction_type):
-    torch._check(pred.dim() >= 1, lambda: "pred: expected a batch dimension")
-    dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    return pred.new_empty((pred.shape[0],), dtype=dtype)
-
-
-def _fake_loss_backward(grad, pred, target, timesteps, alphas_cumprod, weighting, gamma, prediction_type):
-    return torch.empty_like(pred)
-
-
-def _fake_flow(model_output, sample, sigma, sigma_next, noise, seed, stochastic, return_x0):
-    return torch.empty_like(sample), (torch.empty_like(sample) if return_x0 else sample.new_empty((0,)))
+def _like_out(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 for _name in ("ddpm_step", "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step"):
-    torch.library.register_fake(f"pretrain_kernels::{_name}")(_fake_pair)
-torch.library.register_fake("pretrain_kernels::flow_match_step")(_fake_flow)
-torch.library.register_fake("pretrain_kernels::add_noise")(_fake_add_noise)
-torch.library.register_fake("pretrain_kernels::diffusion_loss")(_fake_loss)
-torch.library.register_fake("pretrain_kernels::diffusion_loss_backward")(_fake_loss_backward)
+    _fake(_name, "sample", lambda sample, a: (_like_out(sample), _like_out(sample)))
+_fake("flow_match_step", "sample",
+      lambda sample, a: (_like_out(sample), _like_out(sample) if a["return_x0"] else sample.new_empty((0,))))
+_fake("add_noise", "x0", lambda x0, a: (_like_out(x0), _like_out(x0)))
+_fake("diffusion_loss", "pred", lambda pred, a: pred.new_empty(
+    (pred.shape[0],), dtype=torch.float64 if pred.dtype == torch.float64 else torch.float32))
+_fake("diffusion_loss_backward", "pred", lambda pred, a: _like_out(pred))
 
 
 def _loss_setup_context(ctx, inputs, output):

@@ -13,8 +13,9 @@ Semantics, in order (every knob a Python number or a per-row tensor [B]):
      below top_p;
   5. min-p: kept when its probability is >= min_p * the largest probability;
   6. one draw from the renormalised kept set.
-Computation is in float32; sums are exact integer sums of fixed-point masses
-(floor(2^36 * exp(v - max))), so results do not depend on thread counts or launch shapes and
+Computation is in float32, on the values v = (x - max x) / temperature, so no temperature is
+too small and no logit too large (T -> 0 tends to the argmax, uniform over exact ties); sums
+are exact integer sums of fixed-point masses (floor(2^36 * exp(v))), so results do not depend on thread counts or launch shapes and
 CPU and CUDA draw the same token for the same seed. Tokens less likely than ~1.5e-11 times the
 most likely token have mass 0 and are never drawn.
 
@@ -40,6 +41,10 @@ need a host sync); the kernels of both backends apply one rule to what reaches t
   * repetition_penalty NaN, <= 0 or +inf: off (as 1);
   * presence_penalty / frequency_penalty NaN or +-inf: off (as 0);
   * prev_tokens ids outside [0, V) (other than -1): ignored.
+Float knobs are used in float32: finite values beyond its range saturate to +-3.4e38 and
+non-zero values below its smallest subnormal become +-1.4e-45 (numbers and float64 tensors
+alike), so a valid 1e300 stays huge and 1e-300 stays non-zero instead of turning into a value
+that the rule above reads as "off".
 speculative_accept takes any draft id: one outside [0, V) is rejected at its position, on
 every backend (see its docstring).
 """
@@ -50,11 +55,26 @@ import numbers
 
 import torch
 
-from ._common import check_same_device, is_compiling, resolve_seed
+from ._common import is_compiling, resolve_seed
 
 __all__ = ["sample", "top_k_top_p_filter", "speculative_accept", "TopKTopPLogitsWarper"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+_MAX_VOCAB = 2**27  # kMaxVocab of csrc/common/sampling.h: keeps every fixed-point mass sum below 2^63
+
+
+def _check_device(name, t, device, ref="logits"):
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of {ref}), got {t.device}")
+
+
+def _check_vocab(name, shape):
+    if shape[0] > 0 and shape[-1] == 0:
+        raise ValueError(f"{name}: the vocabulary dimension is empty (shape {tuple(shape)})")
+    if shape[-1] > _MAX_VOCAB:
+        raise ValueError(f"{name}: vocabularies up to 2^27 entries are supported, got {shape[-1]}")
 
 
 def _check_logits(logits, name="logits"):
@@ -64,8 +84,7 @@ def _check_logits(logits, name="logits"):
         raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {logits.dtype}")
     if logits.dim() != 2:
         raise ValueError(f"{name}: expected shape [batch, vocab], got {tuple(logits.shape)}")
-    if logits.shape[0] > 0 and logits.shape[1] == 0:
-        raise ValueError(f"{name}: the vocabulary dimension is empty (shape {tuple(logits.shape)})")
+    _check_vocab(name, logits.shape)
 
 
 def _number(name, value, *, integer=False):
@@ -115,7 +134,7 @@ def _knob(name, value, batch, device, *, integer=False):
         if tuple(value.shape) != (batch,):
             raise ValueError(f"{name}: expected a number or a per-row tensor of shape [{batch}], got shape "
                              f"{tuple(value.shape)}")
-        check_same_device(name, value, device)
+        _check_device(name, value, device)
         if value.device.type == "cpu" and not is_compiling() and value.numel():
             bad = ~_TENSOR_RANGES[name](value)
             if bool(bad.any()):
@@ -169,7 +188,7 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
             raise TypeError(f"prev_tokens: expected int32 or int64 ids, got {prev_tokens.dtype}")
         if prev_tokens.dim() != 2 or prev_tokens.shape[0] != B:
             raise ValueError(f"prev_tokens: expected shape [{B}, n], got {tuple(prev_tokens.shape)}")
-        check_same_device("prev_tokens", prev_tokens, device)
+        _check_device("prev_tokens", prev_tokens, device)
         if device.type == "cpu" and not is_compiling() and prev_tokens.numel():
             bad = (prev_tokens < -1) | (prev_tokens >= logits.shape[1])
             if bool(bad.any()):
@@ -227,6 +246,7 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
             raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {t.dtype}")
     if draft_probs.dim() != 3:
         raise ValueError(f"draft_probs: expected shape [batch, n, vocab], got {tuple(draft_probs.shape)}")
+    _check_vocab("draft_probs", draft_probs.shape)
     B, n, V = draft_probs.shape
     if tuple(target_probs.shape) != (B, n + 1, V):
         raise ValueError(f"target_probs: expected shape [{B}, {n + 1}, {V}] (one more position than draft_probs), "
@@ -238,8 +258,8 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     if tuple(draft_token_ids.shape) != (B, n):
         raise ValueError(f"draft_token_ids: expected shape [{B}, {n}], got {tuple(draft_token_ids.shape)}")
     device = draft_probs.device
-    check_same_device("target_probs", target_probs, device)
-    check_same_device("draft_token_ids", draft_token_ids, device)
+    _check_device("target_probs", target_probs, device, "draft_probs")
+    _check_device("draft_token_ids", draft_token_ids, device, "draft_probs")
     seed_t = _seed_tensor(seed, generator, B, device)
     return torch.ops.pretrain_kernels.speculative_accept(draft_probs, draft_token_ids, target_probs, seed_t)
 
@@ -263,21 +283,47 @@ class TopKTopPLogitsWarper:
         return f"TopKTopPLogitsWarper(top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p})"
 
 
+# The fake (meta) kernels run whenever one argument is on the meta device, even when the others
+# are real tensors: they check the devices as the real kernels do, so such a call raises instead
+# of returning uninitialised memory on the other device.
+def _fake_device(name, t, ref_name, ref, *, cpu_ok=False):
+    if t is None:
+        return
+    where = f"a CPU tensor or one on {ref.device}" if cpu_ok else f"a tensor on {ref.device}"
+    torch._check(t.device == ref.device or (cpu_ok and t.device.type == "cpu"),
+                 lambda: f"{name}: expected {where} (the device of {ref_name}), got {t.device}")
+
+
+def _fake_seed(seed, ref_name, ref):
+    # one seed may live on the CPU; per-row seeds live on the device of the data
+    _fake_device("seed", seed, ref_name, ref, cpu_ok=seed.numel() == 1)
+
+
 def _fake_sample(logits, prev_tokens, seed, *rest):
     torch._check(logits.dim() == 2, lambda: "logits: expected a 2-D tensor")
     B = logits.shape[0]
+    _fake_device("prev_tokens", prev_tokens, "logits", logits)
+    for name, t in zip(("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                        "frequency_penalty"), rest[:7]):
+        _fake_device(name, t, "logits", logits)
+    _fake_seed(seed, "logits", logits)
     return (torch.empty((B,), dtype=torch.int64, device=logits.device),
             torch.empty((B,), dtype=torch.float32, device=logits.device))
 
 
 def _fake_filter(logits, *rest):
     torch._check(logits.dim() == 2, lambda: "logits: expected a 2-D tensor")
+    for name, t in zip(("top_k", "top_p", "min_p"), rest[:3]):
+        _fake_device(name, t, "logits", logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _fake_speculative(draft_probs, draft_token_ids, target_probs, seed):
     torch._check(draft_probs.dim() == 3, lambda: "draft_probs: expected a 3-D tensor")
     B, n = draft_probs.shape[0], draft_probs.shape[1]
+    _fake_device("target_probs", target_probs, "draft_probs", draft_probs)
+    _fake_device("draft_token_ids", draft_token_ids, "draft_probs", draft_probs)
+    _fake_seed(seed, "draft_probs", draft_probs)
     return (torch.empty((B, n + 1), dtype=torch.int64, device=draft_probs.device),
             torch.empty((B,), dtype=torch.int64, device=draft_probs.device))
 
