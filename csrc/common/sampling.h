@@ -205,6 +205,11 @@ PK_HD float row_value(float x, float mx, float temperature, int mode) {
   return scaled_value(x, mx, temperature);
 }
 
+// Whether top_k_top_p_filter may pass logit x through unchanged, before any knob: the entries
+// the non-finite rules read as -inf (NaN; every finite entry of a row holding +inf) come out
+// -inf even when no knob filters (top_k 0, top_p 1, min_p 0), as they would after a knob.
+PK_HD bool filter_passes(float x, int mode) { return mode == kInfinite ? x == pos_inf() : x == x; }
+
 // ---- selection: the bin where a running sum over bins, top bin first, reaches a limit --
 // Count (top-k): hist[d] = number of keys in bin d; want the bin holding the rem-th largest.
 // Returns the bin and sets *before = the count in the bins above it.

@@ -336,11 +336,14 @@ void filter_rows(const Params& p, const at::Tensor& logits, at::Tensor& out) {
         continue;
       }
       if (s.all) {
-        for (int64_t i = 0; i < V; ++i) orow[i] = s.kept(ws, static_cast<uint32_t>(i)) ? xr[i] : minus_inf;
+        for (int64_t i = 0; i < V; ++i) {
+          const bool keep = s.kept(ws, static_cast<uint32_t>(i)) && filter_passes(static_cast<float>(xr[i]), s.mode);
+          orow[i] = keep ? xr[i] : minus_inf;
+        }
       } else {
         std::fill(orow, orow + V, minus_inf);
         for (uint32_t i : ws.cand) {
-          if (s.kept(ws, i)) orow[i] = xr[i];
+          if (s.kept(ws, i) && filter_passes(static_cast<float>(xr[i]), s.mode)) orow[i] = xr[i];
         }
       }
     }

@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool need_e = minp;
     for (int64_t i = tid; i < V; i += kThreads) {
       const float v = value(i);
-      bool keep = float_key(v) >= threshold;
+      bool keep = float_key(v) >= threshold && filter_passes(to_float(row[i]), mode);
       if (keep && need_e) keep = weight(v) >= min_p;
       out[b * V + i] = keep ? original[b * V + i] : static_cast<out_t>(neg_inf());
     }
