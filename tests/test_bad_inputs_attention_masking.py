@@ -354,7 +354,7 @@ PY_ERRORS = [
     ("coll-seed-huge", lambda: coll(seed=BIG), ValueError, "seed"),
     ("coll-seed-float", lambda: coll(seed=0.5), TypeError, "seed"),
     ("coll-special-str", lambda: coll(special_token_ids=["a"]), TypeError, "special_token_ids"),
-    ("coll-return-np", lambda: coll(return_tensors="np"), ValueError, "return_tensors"),
+    ("coll-return-tf", lambda: coll(return_tensors="tf"), ValueError, "return_tensors"),
     ("coll-padding-side", lambda: coll(padding_side="up"), ValueError, "padding_side"),
     ("coll-no-examples", lambda: coll()([]), ValueError, "examples"),
     ("coll-examples-int", lambda: coll()(5), TypeError, "examples"),

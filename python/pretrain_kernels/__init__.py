@@ -6,12 +6,13 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from . import schedulers
-from .collator import MLMCollator
 from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
 from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
 from .ops.masking import mlm_mask, span_mask
-from .ops.sampling import TopKTopPLogitsWarper, sample, speculative_accept, top_k_top_p_filter
+from .ops.sampling import sample, speculative_accept, top_k_top_p_filter
+from .integrations.collator import MLMCollator
+from .integrations.logits import TopKTopPLogitsWarper
 
 __version__ = "0.1.0"
 

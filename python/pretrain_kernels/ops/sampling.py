@@ -1,6 +1,7 @@
 """Sampling ops: pk.sample (penalties, temperature, top-k, top-p, min-p and the draw in one
-fused, sort-free pass per row), pk.top_k_top_p_filter (+ TopKTopPLogitsWarper for
-transformers' generate) and pk.speculative_accept (chain speculative sampling).
+fused, sort-free pass per row), pk.top_k_top_p_filter and pk.speculative_accept (chain
+speculative sampling). The LogitsProcessor for transformers' generate built on the filter,
+TopKTopPLogitsWarper, lives in pretrain_kernels.integrations.logits.
 
 Semantics, in order (every knob a Python number or a per-row tensor [B]):
   1. penalties over prev_tokens [B, T] (-1 = none): repetition as transformers'
@@ -57,7 +58,7 @@ import torch
 
 from ._common import is_compiling, resolve_seed
 
-__all__ = ["sample", "top_k_top_p_filter", "speculative_accept", "TopKTopPLogitsWarper"]
+__all__ = ["sample", "top_k_top_p_filter", "speculative_accept"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -262,25 +263,6 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     _check_device("draft_token_ids", draft_token_ids, device, "draft_probs")
     seed_t = _seed_tensor(seed, generator, B, device)
     return torch.ops.pretrain_kernels.speculative_accept(draft_probs, draft_token_ids, target_probs, seed_t)
-
-
-class TopKTopPLogitsWarper:
-    """A transformers LogitsProcessor built on pk.top_k_top_p_filter: pass it to
-    model.generate(..., logits_processor=LogitsProcessorList([TopKTopPLogitsWarper(...)]))
-    with do_sample=True (and top_k=0, top_p=1.0 so the built-in warpers stay off). One call
-    replaces transformers' TopK, TopP and MinP warpers; scores are [batch, vocab]."""
-
-    def __init__(self, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
-        _knob("top_k", top_k, 1, torch.device("cpu"), integer=True)
-        _knob("top_p", top_p, 1, torch.device("cpu"))
-        _knob("min_p", min_p, 1, torch.device("cpu"))
-        self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return top_k_top_p_filter(scores, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
-
-    def __repr__(self) -> str:
-        return f"TopKTopPLogitsWarper(top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p})"
 
 
 # The fake (meta) kernels run whenever one argument is on the meta device, even when the others
