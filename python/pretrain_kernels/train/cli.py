@@ -5,7 +5,13 @@
   pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
-CPU, NCCL on GPU), each rank on its share of the same global batch.
+CPU, NCCL on GPU), each rank on its share of the same global batch. It refuses an --out that
+already holds a run unless --resume (continue it) or --force (start again: the run's files are
+removed first). Options of another task (an image option for a text task, and so on) are
+usage errors, as are --device values the build or the machine cannot serve (exit status 2).
+A --warmup longer than --steps is clipped to --steps, with a notice.
+
+pk-sample-images writes its PNG with the standard library (zlib), no plotting package needed.
 
 Text runs tokenize bytes by default; `--tokenizer bpe [--vocab-size N]` trains a byte-level
 BPE on the training text first (train/data.py, needs the `tokenizers` package) and saves it
@@ -14,9 +20,10 @@ in the run folder, where --resume, evaluation and pk-generate find it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import struct
 import sys
+import zlib
 
 import torch
 
@@ -29,6 +36,29 @@ DEFAULTS = {
     "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
     "flow": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
 }
+# Options that belong to some tasks only: dest -> (tasks, how the message names them). Their
+# parser default is None, so that an option given to another task is seen; TASK_OPTION_DEFAULTS
+# fills in the rest after the check.
+TASK_OPTIONS = {
+    "seq_len": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
+    "kv_heads": (("gpt",), "gpt"),
+    "mask_prob": (("mlm",), "mlm"),
+    "tokenizer": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
+    "vocab_size": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
+    "arch": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
+    "uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
+    "p_uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
+    "prediction": (("diffusion",), "diffusion"),
+    "schedule": (("diffusion",), "diffusion"),
+    "eval_samples": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
+    "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
+    "coupling": (("flow",), "flow"),
+}
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, arch="unet", uncond=False, p_uncond=0.5, prediction="v_prediction",
+                            schedule="squaredcos_cap_v2", eval_samples=500, guidance=1.0)
+# The files of a run folder (train/loop.py); --force removes them before a new run.
+RUN_FILES = ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl",
+             "tokenizer.json", "tokens.pt")
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
               "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device", "ema")
 
@@ -66,12 +96,41 @@ def _vocab_size(s):
     return v
 
 
+def _device_arg(auto: bool = False):
+    """--device: cpu, cuda or cuda:N (and auto for pk-train), checked against the build and the
+    machine, so that a device they cannot serve is a usage error rather than a traceback."""
+    def conv(s):
+        if auto and s == "auto":
+            return s
+        try:
+            dev = torch.device(s)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise argparse.ArgumentTypeError(f"expected {'auto, ' if auto else ''}cpu, cuda or cuda:N, got {s!r}")
+        if dev.type == "cuda":
+            import pretrain_kernels
+
+            if not pretrain_kernels.build_info().get("with_cuda"):
+                raise argparse.ArgumentTypeError(f"{s!r}: this build of pretrain_kernels has no CUDA kernels "
+                                                 "(built CPU-only); use cpu")
+            if not torch.cuda.is_available():
+                raise argparse.ArgumentTypeError(f"{s!r}: no CUDA device is available on this machine; use cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise argparse.ArgumentTypeError(f"{s!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                                 "device(s)")
+        return s
+    return conv
+
+
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, diffusion or flow-matching model "
                                 "on the package's fused ops (embedded data unless --data is given).")
     p.add_argument("task", choices=TASKS, help="objective")
     p.add_argument("--out", help="run folder (default runs/<task>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--force", action="store_true", help="start a new run in an --out that holds one (its run "
+                   "files are removed first)")
     p.add_argument("--data", help="text: a folder of text files; images: a folder of images (sub-folders = "
                    "classes) or an .npy array (default: the stdlib source / sklearn digits)")
     p.add_argument("--size", choices=("tiny", "small"), default="small", help="model preset")
@@ -87,7 +146,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16: autocast")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", type=_device_arg(auto=True), help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive(), help="torch CPU threads")
     g.add_argument("--ema", type=_nonneg(float), help="decay of an exponential moving average of the weights, "
                    "used for evaluation and sampling (0: off; default 0.999 for diffusion/flow, 0 for text)")
@@ -103,20 +162,20 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=_positive(), help="model width")
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
-    g.add_argument("--mask-prob", type=_positive(float), default=0.15, help="mlm")
+    g.add_argument("--mask-prob", type=_positive(float), help="mlm (default 0.15)")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
                    "byte-level BPE trained on the training text (needs the tokenizers package)")
     g.add_argument("--vocab-size", type=_vocab_size, help="bpe vocabulary size, specials included (default 2048)")
     g = p.add_argument_group("image models (diffusion, flow)")
-    g.add_argument("--arch", choices=("unet", "dit"), default="unet")
-    g.add_argument("--uncond", action="store_true", help="no class conditioning")
-    g.add_argument("--p-uncond", type=_nonneg(float), default=0.5, help="label dropout: the share of images trained "
-                   "as \"no class\" (the unconditional model, also used for classifier-free guidance)")
-    g.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction", help="diffusion")
+    g.add_argument("--arch", choices=("unet", "dit"), help="default unet")
+    g.add_argument("--uncond", action="store_true", default=None, help="no class conditioning")
+    g.add_argument("--p-uncond", type=_nonneg(float), help="label dropout: the share of images trained "
+                   "as \"no class\" (the unconditional model, also used for classifier-free guidance; default 0.5)")
+    g.add_argument("--prediction", choices=("epsilon", "v_prediction"), help="diffusion (default v_prediction)")
     g.add_argument("--schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
-                   default="squaredcos_cap_v2", help="diffusion")
-    g.add_argument("--eval-samples", type=_positive(), default=500)
-    g.add_argument("--guidance", type=_positive(float), default=1.0, help="class-conditional eval guidance")
+                   help="diffusion (default squaredcos_cap_v2)")
+    g.add_argument("--eval-samples", type=_positive(), help="default 500")
+    g.add_argument("--guidance", type=_positive(float), help="class-conditional eval guidance (default 1.0)")
     g.add_argument("--coupling", choices=("independent", "ot"), help="flow: how noise is paired with images "
                    "(ot: mini-batch optimal transport, straighter paths for few-step sampling; the default)")
     return p
@@ -155,6 +214,20 @@ def _build_task(args, p):
                          coupling=args.coupling)
 
 
+def _describe_run(out: str) -> str:
+    """'a finished flow run, step 4 of 4', from its config.json (what is readable of it)."""
+    import json
+
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            cfg = json.load(f)
+        step, steps = int(cfg.get("step", 0)), int(cfg["train"]["steps"])
+        kind = cfg["task"]["kind"]
+        return f"{'a finished' if step >= steps else 'an unfinished'} {kind} run, step {step} of {steps}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a config.json"
+
+
 def _init_distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -170,11 +243,25 @@ def train_main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (args.tokenizer or args.vocab_size) and args.task not in ("gpt", "mlm"):
-        p.error(f"--tokenizer/--vocab-size: only for the text tasks (gpt, mlm), not {args.task}")
+    for dest, (tasks, who) in TASK_OPTIONS.items():
+        if getattr(args, dest) is not None and args.task not in tasks:
+            p.error(f"--{dest.replace('_', '-')}: only for {who}, not {args.task}")
+    for dest, value in TASK_OPTION_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    if args.resume and args.force:
+        p.error("--force: starts a new run; it cannot go with --resume")
     if args.vocab_size and args.tokenizer != "bpe" and not args.resume:
         p.error("--vocab-size: only with --tokenizer bpe (the byte tokenizer has 260 ids)")
     out = args.out or os.path.join("runs", args.task)
+    if not args.resume and os.path.isfile(os.path.join(out, "config.json")):
+        if not args.force:
+            p.error(f"--out: {out!r} already holds a run ({_describe_run(out)}); pass --resume to continue it or "
+                    "--force to start a new run there")
+        if int(os.environ.get("RANK", "0")) == 0:
+            for f in RUN_FILES:
+                if os.path.isfile(os.path.join(out, f)):
+                    os.remove(os.path.join(out, f))
     saved = {}
     try:
         if args.resume:
@@ -206,6 +293,10 @@ def train_main(argv=None) -> dict:
     tc["progress"] = not args.no_progress
     tc["final_eval"] = not args.no_final_eval
     tc = {k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__}
+    if tc.get("warmup", 0) > tc.get("steps", TrainConfig.steps):
+        print(f"pk-train: warmup of {tc['warmup']} steps is longer than the run ({tc['steps']} steps); "
+              f"clipped to {tc['steps']}", file=sys.stderr, flush=True)
+        tc["warmup"] = tc["steps"]
     cfg = TrainConfig(**tc)
     _init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -244,7 +335,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
     p.add_argument("--stop", default=None, help="stop a row at any of these characters (e.g. $'\\n')")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device_arg(), default="cpu")
     return p
 
 
@@ -307,16 +398,32 @@ def sample_images_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=_positive(float), default=1.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=_positive(), default=4, help="pixel upscaling in the PNG")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", choices=("raw", "ema"), help="ema: the run's moving average of the weights (the "
+                   "default when the run kept one), raw: the training weights")
+    p.add_argument("--device", type=_device_arg(), default="cpu")
     return p
+
+
+def png_bytes(rgb) -> bytes:
+    """An 8-bit RGB PNG of a uint8 array [H, W, 3], written with zlib (no imaging package)."""
+    import numpy as np
+
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb: expected a [H, W, 3] array, got shape {rgb.shape}")
+    H, W, _ = rgb.shape
+    raw = np.concatenate([np.zeros((H, 1), np.uint8), rgb.reshape(H, W * 3)], axis=1)  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0)    # 8 bits, truecolour, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 9))
+            + chunk(b"IEND", b""))
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int = 10, scale: int = 4) -> None:
     """Images [N, C, H, W] in [-1, 1] -> one PNG (nearest-neighbour upscaled, 1 px gaps)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     x = ((x.clamp(-1, 1) + 1) / 2).float()
@@ -331,7 +438,9 @@ def save_grid(x: torch.Tensor, path: str, nrow: int = 10, scale: int = 4) -> Non
         img = np.repeat(img, 3, axis=2) if C == 1 else img[..., :3]
         grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    plt.imsave(path, grid)
+    data = png_bytes(np.rint(grid * 255).astype(np.uint8))
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def sample_images_main(argv=None) -> str:
@@ -342,12 +451,19 @@ def sample_images_main(argv=None) -> str:
     args = p.parse_args(argv)
     if not args.out.lower().endswith(".png"):
         p.error(f"--out: expected a .png path, got {args.out!r}")
+    if args.weights == "ema" and os.path.isfile(os.path.join(args.checkpoint, "model.safetensors")) \
+            and not os.path.isfile(os.path.join(args.checkpoint, "ema.safetensors")):
+        p.error(f"--weights ema: {args.checkpoint!r} kept no moving average (trained with --ema 0); "
+                "use --weights raw")
     try:
-        task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
+        task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device,
+                                      use_ema=args.weights != "raw")
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     if task.name not in ("diffusion", "flow"):
         p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-sample-images needs diffusion/flow")
+    weights = "raw" if args.weights == "raw" or not os.path.isfile(os.path.join(args.checkpoint,
+                                                                               "ema.safetensors")) else "ema"
     sampler = args.sampler or ("flow" if task.name == "flow" else "ddim")
     steps = args.steps or {"flow": 4, "ddim": 50, "ddpm": 1000, "dpm": 10}[sampler]
     labels = None
@@ -359,8 +475,8 @@ def sample_images_main(argv=None) -> str:
     except ValueError as e:
         p.error(str(e))
     save_grid(x, args.out, nrow=args.nrow, scale=args.scale)
-    print(f"wrote {args.n} samples ({sampler}, {steps} steps{', class rows' if labels is not None else ''}) "
-          f"to {args.out}")
+    print(f"wrote {args.n} samples ({sampler}, {steps} steps, {weights} weights"
+          f"{', class rows' if labels is not None else ''}) to {args.out}")
     return args.out
 
 
