@@ -224,6 +224,7 @@ class MLMCollator:
 
     def _pad(self, rows: Sequence[torch.Tensor], value, length: int, dtype=torch.int64) -> torch.Tensor:
         """Rows [n_i, *rest] -> [len(rows), length, *rest], padded on the padding side."""
+        rows = [r if isinstance(r, torch.Tensor) else torch.as_tensor(r, dtype=dtype) for r in rows]
         rest = next((tuple(r.shape[1:]) for r in rows if r.numel()), ())
         out = torch.full((len(rows), length, *rest), value, dtype=dtype)
         for i, r in enumerate(rows):
