@@ -186,7 +186,7 @@ class SchedulerMixin:
         d = {k: v for k, v in self.config.items() if not k.startswith("_")}
         d["_class_name"] = type(self).__name__
         d["_diffusers_version"] = DIFFUSERS_VERSION
-        d = {k: (v.tolist() if isinstance(v, np.ndarray) else list(v) if isinstance(v, tuple) else v)
+        d = {k: (v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else list(v) if isinstance(v, tuple) else v)
              for k, v in d.items()}
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
