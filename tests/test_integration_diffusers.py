@@ -435,6 +435,10 @@ def test_scheduler_save_load_bad_input(tmp_path):
         pk.DDIMScheduler.from_pretrained(tmp_path / "bad")
     with pytest.raises(TypeError, match="pretrained_model_name_or_path"):
         pk.DDIMScheduler.from_pretrained(3)
+    # not a path: a Hub repository id, not in the local cache (nothing is downloaded)
+    with pytest.raises(OSError, match="pretrained_model_name_or_path"):
+        pk.DDIMScheduler.from_pretrained("no-such-owner/no-such-repo", subfolder="scheduler",
+                                         cache_dir=str(tmp_path / "hub"), local_files_only=True)
     with pytest.raises(TypeError, match="config"):
         pk.DDIMScheduler.from_config([("num_train_timesteps", 10)])
 
