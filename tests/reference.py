@@ -272,6 +272,54 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw):
 # ---- shared by the CPU and CUDA attention tests ----
 
 
+def diffusers_attention_ref(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    """diffusers' `Attention` forward (the steps of its AttnProcessor2_0) in float64, on a float64
+    copy of the module, with attention_ref for the attention itself: key/value heads fewer than
+    the query heads are grouped-query attention, and the softmax scale is attn.scale.
+    Returns float64, shaped like hidden_states."""
+    import copy
+
+    attn = copy.deepcopy(attn).double()
+    h = hidden_states.double()
+    enc = None if encoder_hidden_states is None else encoder_hidden_states.double()
+    residual = h
+    if attn.spatial_norm is not None:
+        h = attn.spatial_norm(h, temb.double())
+    four_d = h.ndim == 4
+    if four_d:
+        B, C, Hh, W = h.shape
+        h = h.reshape(B, C, Hh * W).transpose(1, 2)
+    B, S = (h if enc is None else enc).shape[:2]
+    mask = None
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask.double() if attention_mask.is_floating_point()
+                                           else attention_mask, S, B)
+        mask = mask.reshape(B, attn.heads, -1, mask.shape[-1])
+    if attn.group_norm is not None:
+        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+    q = attn.to_q(h)
+    if enc is None:
+        enc = h
+    elif attn.norm_cross:
+        enc = attn.norm_encoder_hidden_states(enc)
+    k, v = attn.to_k(enc), attn.to_v(enc)
+    D = q.shape[-1] // attn.heads
+    q = q.reshape(B, -1, attn.heads, D)
+    k = k.reshape(B, -1, k.shape[-1] // D, D)
+    v = v.reshape(B, -1, v.shape[-1] // D, D)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    out, _ = attention_ref(q, k, v, scale=attn.scale, attn_mask=mask)
+    out = attn.to_out[1](attn.to_out[0](out.reshape(B, -1, attn.heads * D)))
+    if four_d:
+        out = out.transpose(-1, -2).reshape(B, C, Hh, W)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 def rel_err(x, ref):
     x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
     den = ref.norm()

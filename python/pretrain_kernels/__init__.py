@@ -6,6 +6,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from . import schedulers
+# The schedulers also at the top level: diffusers' pipelines record a component as
+# [<top-level package>, <class name>] in model_index.json and load it from there.
+from .integrations.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                                      FlowMatchEulerDiscreteScheduler, SchedulerMixin)
 from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
 from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
@@ -38,4 +42,6 @@ __all__ = [
     # denoising
     "noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step", "ddim_step",
     "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers",
+    "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "SchedulerMixin",
 ]

@@ -1,4 +1,10 @@
-"""Adapters from pretrain_kernels' ops to other libraries (transformers, diffusers).
+"""Adapters from pretrain_kernels' ops to other libraries (the kernels never import from here);
+each module imports its library only when used:
 
-Each adapter lives in its own module and imports its library only when used; the ops and
-kernels never import from here."""
+  collator     MLMCollator, a drop-in for transformers' DataCollatorForLanguageModeling
+  logits       TopKTopPLogitsWarper for transformers' generate
+  diffusers    AttnProcessor (model.set_attn_processor), set_attn_processor(model) for models
+               without that method
+  schedulers   the diffusers-compatible schedulers (pk.schedulers), saved and loaded in
+               diffusers' layout
+"""
