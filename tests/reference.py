@@ -289,16 +289,22 @@ def rel_err(x, ref):
     return ((x - ref).norm() / den).item() if den > 0 else (x - ref).norm().item()
 
 
-def torch_sdpa(q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, scale=None):
-    """torch's SDPA on (B, S, H, D) inputs with the same visibility (explicit mask)."""
+def torch_sdpa(q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, scale=None, prefix_lens=None):
+    """torch's SDPA on (B, S, H, D) inputs with the same visibility (explicit mask; prefix_lens
+    as in attention_ref)."""
     sq, sk = q.shape[1], k.shape[1]
-    vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=vis,
-                                         scale=scale, enable_gqa=True)
+    kw = dict(causal=causal, window=window, bottom_right=bottom_right, device=q.device)
+    if prefix_lens is None:
+        vis = attention_visible(sq, sk, **kw)[None]
+    else:
+        pl = prefix_lens.tolist() if isinstance(prefix_lens, torch.Tensor) else list(prefix_lens)
+        vis = torch.stack([attention_visible(sq, sk, prefix=n, **kw) for n in pl])
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=vis[:, None], scale=scale, enable_gqa=True)
     out = out.transpose(1, 2)
     # torch returns NaN (math path) or 0 for rows without a visible key: compare as 0.
     dead = ~vis.any(-1)
-    return torch.where(dead[None, :, None, None], torch.zeros_like(out), out)
+    return torch.where(dead[:, :, None, None], torch.zeros_like(out), out)
 
 
 # Relative-error floors per dtype (below them, twice torch's error is noise) and lse tolerances.
