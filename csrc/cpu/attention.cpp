@@ -17,8 +17,8 @@
 // backward pass keeps besides the inputs and the output: extra memory O(B * H * Sq), plus
 // a packed copy of K and V (the size of the inputs), never O(Sq * Sk).
 // Tiles that the causal/window mask hides entirely are never visited: the visible keys
-// of a query block form one interval (csrc/common/attention.h), so the key loop runs over
-// exactly that interval.
+// of a query block form one interval (csrc/common/attention.h; a prefix-LM prefix only
+// widens its right end), so the key loop runs over exactly that interval.
 //
 // The row block holds all query heads that share a key/value head (GQA/MQA) for a run of
 // positions, so one packed key tile serves the whole group. Parallel work items are
