@@ -4,7 +4,9 @@ on the same inputs: torch's SDPA (its fused CPU flash kernel) and eager attentio
 
 Shapes: B=2, H=8, head_dim 64 and 128, S in {512, 1024, 2048, 4096}, causal and not,
 float32 and bfloat16; forward, forward+backward; decode (batch 8, cache 4096, one new
-token). The default run takes a subset (S=1024, and decode); PK_BENCH_ALL=1 runs them all.
+token); prefix-LM forward+backward (S=2048, causal after a prefix of S/4) against the plain
+causal kernel. The default run takes a subset (S=1024, decode, prefix-LM); PK_BENCH_ALL=1 runs
+them all.
 extra_info.flops: 4*B*H*Sq*Sk*D for the forward (halved when causal), x3.5 for
 forward+backward. test_peak_memory records the peak resident memory of forward+backward at
 S=4096 for each implementation (a fresh process each).
@@ -95,6 +97,42 @@ def test_forward_backward(benchmark, case, impl):
     benchmark.extra_info.update(family="attention", op="flash_attention fwd+bwd", impl=impl, device="cpu",
                                 shape=f"{B}x{S}x{H}x{D}", baseline=(impl == "pk"), flops=flops)
     fwd = run_fn(impl, q, k, v, causal)
+
+    def step():
+        torch.autograd.grad(fwd(), (q, k, v), dout)
+
+    benchmark.pedantic(step, rounds=_rounds(S), iterations=1, warmup_rounds=1)
+
+
+PREFIX_LM = dict(S=2048, D=64)
+PREFIX_IMPLS = ["pk prefix-lm", "pk causal", "torch sdpa"]
+
+
+@pytest.mark.parametrize("impl", PREFIX_IMPLS)
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_prefix_lm_forward_backward(benchmark, dt, impl):
+    """Prefix-LM (causal after a bidirectional prefix of S/4 keys, prefix_lens) forward+backward
+    at B=2, H=8, D=64, S=2048, next to the plain causal kernel in the same run (the price of the
+    prefix: the keys below S/4 are visible to every query, 1/16 more of the S x S scores than
+    causal) and torch's SDPA with the same mask given explicitly."""
+    S, D = PREFIX_LM["S"], PREFIX_LM["D"]
+    P = S // 4
+    q, k, v = make_inputs(S, D, DTYPES[dt], "torch sdpa" if impl == "torch sdpa" else "pk", grad=True)
+    dout = torch.randn_like(q)
+    prefix = torch.full((B,), P, dtype=torch.int32)
+    pairs = sum(max(i + 1, P) for i in range(S)) if impl != "pk causal" else S * (S + 1) // 2
+    benchmark.group = f"attention prefix-lm fwd+bwd B{B} H{H} S{S} D{D} prefix{P} {dt}"
+    benchmark.extra_info.update(family="attention", op="flash_attention prefix-lm fwd+bwd", impl=impl, device="cpu",
+                                shape=f"{B}x{S}x{H}x{D} prefix {P}", baseline=(impl == "pk prefix-lm"),
+                                flops=3.5 * 4 * B * H * pairs * D)
+    if impl == "pk prefix-lm":
+        fwd = lambda: pk.flash_attention(q, k, v, causal=True, prefix_lens=prefix)  # noqa: E731
+    elif impl == "pk causal":
+        fwd = lambda: pk.flash_attention(q, k, v, causal=True)  # noqa: E731
+    else:
+        i, j = torch.arange(S)[:, None], torch.arange(S)[None]
+        mask = (j <= i) | (j < P)
+        fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
 
     def step():
         torch.autograd.grad(fwd(), (q, k, v), dout)

@@ -214,8 +214,9 @@ def diffusion_loss(pred, target, t=None, acp=None, weighting="none", gamma=5.0, 
 # ---- attention -----------------------------------------------------------------------------
 
 
-def attention_visible(sq, sk, *, causal=False, window=(-1, -1), bottom_right=True, device=None):
-    """Bool (sq, sk): query i sees key j (FlashAttention's causal/window semantics)."""
+def attention_visible(sq, sk, *, causal=False, window=(-1, -1), bottom_right=True, prefix=0, device=None):
+    """Bool (sq, sk): query i sees key j (FlashAttention's causal/window semantics). prefix
+    (prefix-LM): every query also sees the keys j < prefix that its left window allows."""
     left, right = window
     if causal:
         right = 0
@@ -226,14 +227,16 @@ def attention_visible(sq, sk, *, causal=False, window=(-1, -1), bottom_right=Tru
     if left >= 0:
         vis &= j >= i - left
     if right >= 0:
-        vis &= j <= i + right
+        vis &= (j <= i + right) | (j < prefix)
     return vis
 
 
-def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_right=True, attn_mask=None):
+def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_right=True, attn_mask=None,
+                  prefix_lens=None):
     """Plain attention in float64, layout (batch, seqlen, heads, head_dim); k/v may have fewer
     heads (GQA). attn_mask: bool (True = attend) or float (added), broadcastable to
-    (batch, heads, sq, sk). Returns (out (B, Sq, H, Dv), lse (B, H, Sq)), float64; rows that see
+    (batch, heads, sq, sk). prefix_lens: per-sequence prefix-LM lengths (a tensor or a list,
+    used as given: no clamping). Returns (out (B, Sq, H, Dv), lse (B, H, Sq)), float64; rows that see
     no key give 0 and lse -inf."""
     q, k, v = (t.detach().to(torch.float64) if not t.requires_grad else t.to(torch.float64) for t in (q, k, v))
     B, sq, H, D = q.shape
@@ -243,7 +246,13 @@ def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_
     kh = k.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
     s = qh @ kh.transpose(-1, -2) * scale
-    vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
+    if prefix_lens is None:
+        vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
+    else:
+        pl = prefix_lens.tolist() if isinstance(prefix_lens, torch.Tensor) else list(prefix_lens)
+        assert len(pl) == B
+        vis = torch.stack([attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right,
+                                             prefix=n, device=q.device) for n in pl])[:, None]
     s = s.masked_fill(~vis, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -257,13 +266,15 @@ def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_
     return (p @ vh).transpose(1, 2), lse
 
 
-def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw):
+def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens=None, **kw):
     """attention_ref per sequence of packed (tokens, heads, head_dim) inputs; returns
-    (out (total_q, H, Dv), lse (H, total_q))."""
+    (out (total_q, H, Dv), lse (H, total_q)). prefix_lens[b]: the prefix of sequence b."""
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
-        o, l = attention_ref(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None], **kw)
+        pl = None if prefix_lens is None else [int(prefix_lens[b])]
+        o, l = attention_ref(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
+                             prefix_lens=pl, **kw)
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
@@ -326,16 +337,22 @@ def rel_err(x, ref):
     return ((x - ref).norm() / den).item() if den > 0 else (x - ref).norm().item()
 
 
-def torch_sdpa(q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, scale=None):
-    """torch's SDPA on (B, S, H, D) inputs with the same visibility (explicit mask)."""
+def torch_sdpa(q, k, v, *, causal=False, window=(-1, -1), bottom_right=True, scale=None, prefix_lens=None):
+    """torch's SDPA on (B, S, H, D) inputs with the same visibility (explicit mask; prefix_lens
+    as in attention_ref)."""
     sq, sk = q.shape[1], k.shape[1]
-    vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=vis,
-                                         scale=scale, enable_gqa=True)
+    kw = dict(causal=causal, window=window, bottom_right=bottom_right, device=q.device)
+    if prefix_lens is None:
+        vis = attention_visible(sq, sk, **kw)[None]
+    else:
+        pl = prefix_lens.tolist() if isinstance(prefix_lens, torch.Tensor) else list(prefix_lens)
+        vis = torch.stack([attention_visible(sq, sk, prefix=n, **kw) for n in pl])
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=vis[:, None], scale=scale, enable_gqa=True)
     out = out.transpose(1, 2)
     # torch returns NaN (math path) or 0 for rows without a visible key: compare as 0.
     dead = ~vis.any(-1)
-    return torch.where(dead[None, :, None, None], torch.zeros_like(out), out)
+    return torch.where(dead[:, :, None, None], torch.zeros_like(out), out)
 
 
 # Relative-error floors per dtype (below them, twice torch's error is noise) and lse tolerances.

@@ -560,3 +560,262 @@ def test_other_instruction_sets(isa):
     r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+# ---- prefix-LM (prefix_lens) ------------------------------------------------------------------
+# In sequence b every query also sees the keys j < prefix_lens[b] (a bidirectional prefix, causal
+# order after it); a left window still bounds what a query sees. The reference builds that mask
+# explicitly (reference.attention_visible(prefix=...)).
+
+# (B, Sq, Sk, H, Hk, D, causal, window, prefix per sequence): prefixes 0, 1, a middle value and
+# Sk; more queries than keys (early rows see only the prefix), fewer, a left window, a right
+# window without causal, no causal and no right window (the prefix changes nothing), GQA.
+PREFIX_CASES = [
+    (4, 70, 70, 4, 2, 32, True, (-1, -1), [0, 1, 35, 70]),
+    (2, 40, 130, 2, 1, 64, True, (-1, -1), [1, 100]),
+    (2, 150, 60, 2, 2, 24, True, (-1, -1), [30, 60]),
+    (2, 129, 129, 3, 1, 40, True, (16, -1), [0, 100]),
+    (2, 65, 65, 2, 2, 8, False, (20, 3), [1, 50]),
+    (2, 33, 33, 2, 2, 16, False, (-1, -1), [5, 33]),
+    (1, 200, 200, 2, 1, 128, True, (-1, -1), [77]),
+]
+
+
+def _prefix_inputs(case, dtype, seed):
+    B, sq, sk, H, Hk, D, causal, window, pl = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    dout = rand(B, sq, H, D, dtype=dtype, gen=g)
+    return q, k, v, dout, torch.tensor(pl, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_prefix_lm_matches_reference(case, dtype, adevice):
+    """Forward (out, lse) and the three gradients against the float64 reference, within twice
+    torch SDPA's error on the same mask (given explicitly)."""
+    B, sq, sk, H, Hk, D, causal, window, pl = case
+    q, k, v, dout, prefix = _prefix_inputs(case, dtype, sq * 31 + sk + D)
+    kw = dict(causal=causal, window=window)
+    ref, ref_lse = attention_ref(q, k, v, prefix_lens=pl, **kw)
+
+    def grads(fn, dt, dev="cpu"):
+        xs = [t.detach().to(dev, dt).requires_grad_() for t in (q, k, v)]
+        out = fn(*xs)
+        return out, [g.cpu() for g in torch.autograd.grad(out, xs, dout.to(dev, dt))]
+
+    xs = [t.detach().to(adevice) for t in (q, k, v)]
+    out, lse = pk.flash_attention(*xs, prefix_lens=prefix.to(adevice), return_lse=True, **kw)
+    theirs = rel_err(torch_sdpa(q, k, v, prefix_lens=pl, **kw), ref)
+    assert_attention_matches(out.cpu(), lse.cpu(), ref, ref_lse, theirs, dtype)
+    _, rg = grads(lambda a, b, c: attention_ref(a, b, c, prefix_lens=pl, **kw)[0], torch.float64)
+    _, og = grads(lambda a, b, c: pk.flash_attention(a, b, c, prefix_lens=prefix.to(adevice), **kw), dtype, adevice)
+    _, tg = grads(lambda a, b, c: torch_sdpa(a, b, c, prefix_lens=pl, **kw), dtype)
+    for name, o, t, r in zip("qkv", og, tg, rg):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert rel_err(o, r) <= 2 * max(rel_err(t, r), FLOOR[dtype]), (name, rel_err(o, r), rel_err(t, r))
+    # the prefix changed what the queries see exactly where the mask says it should
+    plain = attention_ref(q, k, v, **kw)[0]
+    changed = [not torch.equal(attention_visible(sq, sk, prefix=n, **kw), attention_visible(sq, sk, **kw)) for n in pl]
+    assert any(changed) == (causal or window[1] >= 0)
+    for b in range(B):
+        assert torch.equal(ref[b], plain[b]) != changed[b]
+
+
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (7, 2)), (True, (12, -1))])
+def test_prefix_lm_varlen_gqa(causal, window, adevice):
+    """Varlen: a different prefix per sequence (0, the sequence's key count, 1, a middle value,
+    an empty sequence), GQA, forward and backward in float64 (CPU) / float32 against the
+    per-sequence reference; and each sequence equals a dense call with its own prefix."""
+    g = torch.Generator().manual_seed(21)
+    lens_q, lens_k = [23, 9, 1, 70, 0], [30, 9, 17, 131, 4]
+    prefix = [0, 9, 1, 64, 2]
+    H, Hk, D = 6, 2, 24
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    dt = torch.float64 if adevice.type == "cpu" else torch.float32
+    q = torch.randn(sum(lens_q), H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(sum(lens_k), Hk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(sum(lens_k), Hk, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(sum(lens_q), H, D, generator=g, dtype=torch.float64)
+    xs = [t.to(adevice, dt).requires_grad_() for t in (q, k, v)]
+    pl = torch.tensor(prefix, dtype=torch.int32, device=adevice)
+    out, lse = pk.flash_attention(*xs, causal=causal, window=window, cu_seqlens_q=cu_q.to(adevice),
+                                  cu_seqlens_k=cu_k.to(adevice), prefix_lens=pl, return_lse=True)
+    grads = torch.autograd.grad(out, xs, dout.to(adevice, dt))
+    rs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_varlen_ref(*rs, cu_q, cu_k, prefix_lens=prefix, causal=causal, window=window)
+    rgrads = torch.autograd.grad(ref, rs, dout)
+    tol = 1e-12 if dt == torch.float64 else 1e-5
+    assert rel_err(out, ref) < tol
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), fin)
+    torch.testing.assert_close(lse.cpu().double()[fin], ref_lse[fin], atol=tol, rtol=0)
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 10 * tol
+    for b in range(len(lens_q)):
+        if lens_q[b] == 0:
+            continue
+        sq_, sk_ = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        ob = pk.flash_attention(xs[0][sq_][None], xs[1][sk_][None], xs[2][sk_][None], causal=causal, window=window,
+                                prefix_lens=pl[b:b + 1])
+        torch.testing.assert_close(ob[0], out[sq_], atol=tol, rtol=0)
+
+
+def test_prefix_lm_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    for shape, causal, window, pl in (((2, 6, 6, 2, 1, 3), True, (-1, -1), [2, 6]),
+                                      ((2, 7, 5, 2, 2, 4), True, (2, -1), [3, 0]),
+                                      ((1, 5, 8, 2, 1, 3), False, (1, 1), [4])):
+        B, sq, sk, H, Hk, D = shape
+        q = torch.randn(B, sq, H, D, dtype=torch.float64, generator=g, requires_grad=True)
+        k = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        v = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        prefix = torch.tensor(pl, dtype=torch.int32)
+        # rows that see no key have lse -inf (numerical differentiation cannot handle it): out only
+        lse = bool(torch.isfinite(attention_ref(q, k, v, causal=causal, window=window, prefix_lens=pl)[1]).all())
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: pk.flash_attention(a, b, c, causal=causal, window=window, prefix_lens=prefix,
+                                               return_lse=lse), (q, k, v))
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+    q = torch.randn(8, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(11, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(11, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    prefix = torch.tensor([2, 1, 5], dtype=torch.int32)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: pk.flash_attention(a, b, c, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                           prefix_lens=prefix, return_lse=True), (q, k, v))
+
+
+def test_prefix_lm_random_shapes_against_reference():
+    """Many random shapes, lengths, windows, alignments and prefixes (float64): the tile logic
+    (which key blocks a query block visits, which query blocks a key block visits in the
+    backward, which tiles need an element mask) must agree with the plain mask everywhere.
+    Lengths straddle the CPU kernels' blocks (64 / 128 rows and keys)."""
+    g = torch.Generator().manual_seed(2024)
+    ops = torch.ops.pretrain_kernels
+    for it in range(80):
+        ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+        B, sq, sk = ri(1, 3), ri(1, 300), ri(1, 300)
+        Hk = ri(1, 2)
+        H, D = Hk * ri(1, 3), ri(1, 20)
+        left = [-1, -1, ri(0, 150)][ri(0, 2)]
+        right = [0, 0, -1, ri(0, 40)][ri(0, 3)]
+        br = bool(ri(0, 1))
+        pl = [ri(0, sk) if ri(0, 3) else [0, sk, 1][ri(0, 2)] for _ in range(B)]
+        q = torch.randn(B, sq, H, D, dtype=torch.float64, generator=g, requires_grad=True)
+        k = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        v = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        prefix = torch.tensor(pl, dtype=torch.int32)
+        out, lse = ops.flash_attn_fwd(q, k, v, None, None, None, -1, -1, D ** -0.5, left, right, br, prefix)
+        ref, ref_lse = attention_ref(q, k, v, window=(left, right), bottom_right=br, prefix_lens=pl)
+        what = (B, sq, sk, H, Hk, D, left, right, br, pl)
+        assert rel_err(out, ref) < 1e-12, what
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), fin), what
+        dout = torch.randn(out.shape, dtype=torch.float64, generator=g)
+        grads = ops.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, D ** -0.5, left, right,
+                                   br, prefix)
+        rgrads = torch.autograd.grad(ref, (q, k, v), dout)
+        for a, r in zip(grads, rgrads):
+            assert rel_err(a, r) < 1e-11, what
+
+
+def test_prefix_lm_opcheck_and_compile():
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 9, 4, 16, generator=g)
+    k = torch.randn(2, 11, 2, 16, generator=g)
+    v = torch.randn(2, 11, 2, 16, generator=g)
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 11], dtype=torch.int32)
+    strided = torch.tensor([5, 0, 2, 0], dtype=torch.int32)[::2]  # a non-contiguous [batch] view
+    samples = [
+        (q, k, v, None, None, None, -1, -1, 0.25, -1, 0, True, torch.tensor([4, 11], dtype=torch.int32)),
+        (q[0], k[0], v[0], cu_q, cu_k, None, 5, 6, 0.25, 3, 0, True, strided),
+        (q, k, v, None, None, None, -1, -1, 0.3, -1, 2, False, torch.tensor([0, 7], dtype=torch.int32)),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, args)
+        qq, kk, vv = (t.clone().requires_grad_() for t in args[:3])
+        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, (qq, kk, vv, *args[3:]))
+        out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(*args)
+        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
+                              (torch.randn_like(out), *args[:3], out, lse, torch.randn_like(lse), *args[3:]))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    prefix = torch.tensor([3, 8], dtype=torch.int32)
+
+    def f(q, k, v, prefix):
+        out, lse = pk.flash_attention(q, k, v, causal=True, window=(6, -1), prefix_lens=prefix, return_lse=True)
+        return out.sum() + lse.sum()
+
+    eager = f(qg, kg, vg, prefix)
+    ge = torch.autograd.grad(eager, (qg, kg, vg))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(qg, kg, vg, prefix)
+    gc = torch.autograd.grad(compiled, (qg, kg, vg))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(eager, f(qg, kg, vg, torch.zeros(2, dtype=torch.int32)))
+
+
+def test_prefix_lm_bad_inputs():
+    q, k = torch.randn(2, 5, 2, 8), torch.randn(2, 7, 1, 8)
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    fa = pk.flash_attention
+    with pytest.raises(TypeError, match="prefix_lens: expected an int32 tensor"):
+        fa(q, k, k, causal=True, prefix_lens=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="prefix_lens: expected an int32 tensor"):
+        fa(q, k, k, causal=True, prefix_lens=[1, 2])
+    with pytest.raises(ValueError, match=r"prefix_lens: expected shape \(2,\)"):
+        fa(q, k, k, causal=True, prefix_lens=i32(1, 2, 3))
+    with pytest.raises(ValueError, match=r"prefix_lens: expected shape \(2,\)"):
+        fa(q, k, k, causal=True, prefix_lens=i32(1, 2)[None])
+    with pytest.raises(ValueError, match="prefix_lens: expected a tensor on cpu"):
+        fa(q, k, k, causal=True, prefix_lens=torch.zeros(2, dtype=torch.int32, device="meta"))
+    with pytest.raises(ValueError, match=r"prefix_lens: expected values in \[0, 7\] \(the keys of sequence 1\), "
+                                          r"got 8 at row 1"):
+        fa(q, k, k, causal=True, prefix_lens=i32(7, 8))
+    with pytest.raises(ValueError, match=r"got -1 at row 0"):
+        fa(q, k, k, causal=True, prefix_lens=i32(-1, 0))
+    # varlen: the bound is each sequence's own key count
+    qv, kv_ = torch.randn(9, 2, 8), torch.randn(10, 2, 8)
+    cu_q, cu_k = i32(0, 4, 9), i32(0, 3, 10)
+    fa(qv, kv_, kv_, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, prefix_lens=i32(3, 7))
+    with pytest.raises(ValueError, match=r"expected values in \[0, 3\] \(the keys of sequence 0\), got 4 at row 0"):
+        fa(qv, kv_, kv_, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, prefix_lens=i32(4, 7))
+    with pytest.raises(ValueError, match=r"prefix_lens: expected shape \(2,\)"):
+        fa(qv, kv_, kv_, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, prefix_lens=i32(3))
+    # the raw op (CPU): the same checks in attention_checks.h, and the values on the host
+    ops = torch.ops.pretrain_kernels
+
+    def raw(prefix, qq=q, kk=k):
+        return ops.flash_attn_fwd(qq, kk, kk, None, None, None, -1, -1, 0.3, -1, 0, True, prefix)
+
+    with pytest.raises(RuntimeError, match="prefix_lens: expected an int32 tensor, got Long"):
+        raw(torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[2\]"):
+        raw(i32(1))
+    with pytest.raises(RuntimeError, match=r"prefix_lens: expected values in \[0, keys of the sequence\], got 9 at "
+                                           r"row 1 \(7 keys\)"):
+        raw(i32(0, 9))
+    with pytest.raises(RuntimeError, match="got -3 at row 0"):
+        raw(i32(-3, 0))
+    with pytest.raises(RuntimeError, match=r"got 4 at row 0 \(3 keys\)"):
+        ops.flash_attn_fwd(qv, kv_, kv_, cu_q, cu_k, None, -1, -1, 0.3, -1, 0, True, i32(4, 7))
+    out, lse = raw(i32(2, 7))
+    with pytest.raises(RuntimeError, match="got 8 at row 1"):
+        ops.flash_attn_bwd(out, q, k, k, out, lse, None, None, None, None, -1, -1, 0.3, -1, 0, True, i32(2, 8))
+    with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[2\]"):
+        ops.flash_attn_bwd(out, q, k, k, out, lse, None, None, None, None, -1, -1, 0.3, -1, 0, True, i32(2, 3, 4))
+    # the fake kernels check as the C++ does (meta tensors)
+    m = lambda t: t.to("meta")  # noqa: E731
+    with pytest.raises(RuntimeError, match="prefix_lens: expected an int32 tensor"):
+        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, m(torch.tensor([1, 2])))
+    with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[2\]"):
+        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, m(i32(1)))
+    with pytest.raises(RuntimeError, match="prefix_lens: expected a tensor on meta"):
+        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, i32(1, 2))
+    out_m, _ = ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, m(i32(1, 2)))
+    assert out_m.shape == q.shape and out_m.device.type == "meta"

@@ -487,3 +487,187 @@ def test_bad_inputs_raise(emu):
         fwd(emu, torch.randn(1, 4, 2, 300), torch.randn(1, 4, 2, 300), torch.randn(1, 4, 2, 300))
     with pytest.raises(RuntimeError, match="multiple"):
         fwd(emu, torch.randn(1, 4, 3, 16), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16))
+
+
+# ---- prefix-LM (prefix_lens) ------------------------------------------------------------------
+
+# (B, Sq, Sk, H, Hk, D, causal, window, prefix per sequence): prefixes 0, 1, a middle value and
+# Sk; more queries than keys, a left window, a right window without causal, head dim 256 (64-row
+# forward blocks, two dK/dV passes), GQA.
+PREFIX_CASES = [
+    (4, 70, 70, 4, 2, 32, True, (-1, -1), [0, 1, 35, 70]),
+    (1, 40, 130, 2, 1, 64, True, (-1, -1), [100]),
+    (1, 150, 60, 2, 2, 96, True, (-1, -1), [30]),
+    (1, 129, 129, 2, 1, 128, True, (16, -1), [100]),
+    (1, 65, 65, 2, 2, 40, False, (20, 3), [50]),
+    (1, 40, 40, 2, 2, 256, True, (-1, -1), [17]),
+]
+
+
+def _prefix_fwd(ops, q, k, v, prefix, causal=False, window=(-1, -1), bottom_right=True, cu_q=None, cu_k=None):
+    left, right = _window(causal, window)
+    return ops.flash_attn_fwd(q, k, v, cu_q, cu_k, None, -1, -1, q.shape[-1] ** -0.5, left, right, bottom_right,
+                              prefix)
+
+
+def _prefix_bwd(ops, dout, q, k, v, out, lse, prefix, causal=False, window=(-1, -1), cu_q=None, cu_k=None):
+    left, right = _window(causal, window)
+    return ops.flash_attn_bwd(dout, q, k, v, out, lse, None, cu_q, cu_k, None, -1, -1, q.shape[-1] ** -0.5, left,
+                              right, True, prefix)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_prefix_lm_forward_and_backward(emu, case, dtype):
+    """Tensor-core (half types) and SIMT (float32) forward and backward with prefix_lens against the
+    float64 reference (within twice torch's error on the same explicit mask) and the CPU op."""
+    B, sq, sk, H, Hk, D, causal, window, pl = case
+    g = torch.Generator().manual_seed(sq * 13 + sk + D)
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    dout = rand(B, sq, H, D, dtype=dtype, gen=g)
+    prefix = torch.tensor(pl, dtype=torch.int32)
+    kw = dict(causal=causal, window=window)
+    out, lse = _prefix_fwd(emu, q, k, v, prefix, **kw)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_ref(*xs, prefix_lens=pl, **kw)
+    ys = [t.detach().requires_grad_() for t in (q, k, v)]
+    sdpa = torch_sdpa(*ys, prefix_lens=pl, **kw)
+    assert_attention_matches(out, lse, ref.detach(), ref_lse.detach(), rel_err(sdpa, ref), dtype)
+    out_c, _ = _prefix_fwd(torch.ops.pretrain_kernels, q, k, v, prefix, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), out_c.float(), atol=tol, rtol=tol)
+    grads = _prefix_bwd(emu, dout, q, k, v, out, lse, prefix, **kw)
+    ref_g = torch.autograd.grad(ref, xs, dout.double())
+    theirs = torch.autograd.grad(sdpa, ys, dout)
+    for name, a, r, t in zip("qkv", grads, ref_g, theirs):
+        assert rel_err(a, r) <= 2 * max(rel_err(t, r), FLOOR[dtype]), (name, rel_err(a, r), rel_err(t, r))
+
+
+@pytest.mark.parametrize("case", [PREFIX_CASES[0], PREFIX_CASES[3], PREFIX_CASES[5]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_prefix_lm_fused_dq(emu, case, monkeypatch):
+    """PK_ATTENTION_BWD=ordered with a prefix: the key blocks that see a query tile stay
+    consecutive (query_lo and query_hi grow with the key block), so the turns hold (the emulator
+    checks every turn counter) and the gradients equal the separate scheme's."""
+    B, sq, sk, H, Hk, D, causal, window, pl = case
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(sq + sk)
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    dout = rand(B, sq, H, D, dtype=dtype, gen=g)
+    prefix = torch.tensor(pl, dtype=torch.int32)
+    out, lse = _prefix_fwd(emu, q, k, v, prefix, causal=causal, window=window)
+    res = {}
+    for m in ("separate", "ordered"):
+        monkeypatch.setenv("PK_ATTENTION_BWD", m)
+        res[m] = _prefix_bwd(emu, dout, q, k, v, out, lse, prefix, causal=causal, window=window)
+    assert torch.equal(res["ordered"][1], res["separate"][1]) and torch.equal(res["ordered"][2], res["separate"][2])
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_g = torch.autograd.grad(attention_ref(*xs, causal=causal, window=window, prefix_lens=pl)[0], xs,
+                                dout.double())
+    for a, r in zip(res["ordered"], ref_g):
+        assert rel_err(a, r) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_lm_varlen_and_split_kv(emu, dtype):
+    """Varlen with a different prefix per sequence (forward and backward), and a decode-like call
+    whose keys the launcher splits (flash decoding): every split and the combine see the same
+    widened intervals."""
+    g = torch.Generator().manual_seed(31)
+    lens_q, lens_k, pl = [5, 0, 129, 1, 64], [7, 3, 129, 40, 70], [7, 2, 60, 1, 0]
+    H, Hk, D = 4, 2, 64
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = rand(sum(lens_q), H, D, dtype=dtype, gen=g), rand(sum(lens_k), Hk, D, dtype=dtype, gen=g), rand(
+        sum(lens_k), Hk, D, dtype=dtype, gen=g)
+    dout = rand(sum(lens_q), H, D, dtype=dtype, gen=g)
+    prefix = torch.tensor(pl, dtype=torch.int32)
+    out, lse = _prefix_fwd(emu, q, k, v, prefix, causal=True, cu_q=cu_q, cu_k=cu_k)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_varlen_ref(*xs, cu_q, cu_k, prefix_lens=pl, causal=True)
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin].detach(), atol=LSE_ATOL[dtype], rtol=0)
+    grads = _prefix_bwd(emu, dout, q, k, v, out, lse, prefix, causal=True, cu_q=cu_q, cu_k=cu_k)
+    for a, r in zip(grads, torch.autograd.grad(ref, xs, dout.double())):
+        assert rel_err(a, r) < (1e-5 if dtype == torch.float32 else 2e-2), rel_err(a, r)
+
+    q, k, v = rand(1, 3, 2, 64, dtype=dtype, gen=g), rand(1, 700, 2, 64, dtype=dtype, gen=g), rand(
+        1, 700, 2, 64, dtype=dtype, gen=g)
+    mod = emulated_cuda.load()
+    res = []
+    try:
+        for sms in (64, 1):
+            mod.configure(major=9, sm_count=sms)
+            for p in (0, 698, 700):
+                before = mod.stats()["launches"]
+                res.append((p, _prefix_fwd(emu, q, k, v, torch.tensor([p], dtype=torch.int32), causal=True,
+                                           window=(400, -1)), mod.stats()["launches"] - before, sms))
+    finally:
+        mod.configure(major=9, sm_count=4)
+    for p, (out, lse), launches, sms in res:
+        assert launches == (2 if sms == 64 else 1)  # split + combine, or whole
+        ref, ref_lse = attention_ref(q, k, v, causal=True, window=(400, -1), prefix_lens=[p])
+        sdpa = torch_sdpa(q, k, v, causal=True, window=(400, -1), prefix_lens=[p])
+        assert_attention_matches(out, lse, ref, ref_lse, rel_err(sdpa, ref), dtype)
+
+
+def test_prefix_lm_tiles_still_skipped(emu):
+    """The emulator counts mma.sync instructions, a measure of the tiles the tensor-core kernels
+    visit. Causal with a prefix visits more tiles than plain causal and fewer than no mask; a
+    prefix of 0 or 1 (query 0 sees key 0 anyway) visits exactly the causal tiles, a prefix of
+    every key exactly the unmasked ones (forward and backward)."""
+    g = torch.Generator().manual_seed(40)
+    B, S, H, D = 1, 200, 2, 64
+    q, k, v, dout = (rand(B, S, H, D, dtype=torch.float16, gen=g) for _ in range(4))
+    mod = emulated_cuda.load()
+
+    def mma(prefix, causal=True):
+        p = None if prefix is None else torch.tensor([prefix], dtype=torch.int32)
+        before = mod.stats()["mma"]
+        out, lse = _prefix_fwd(emu, q, k, v, p, causal=causal)
+        mid = mod.stats()["mma"]
+        _prefix_bwd(emu, dout, q, k, v, out, lse, p, causal=causal)
+        return mid - before, mod.stats()["mma"] - mid
+
+    causal, full = mma(None), mma(None, causal=False)
+    assert causal[0] < full[0] and causal[1] < full[1]
+    assert mma(0) == causal and mma(1) == causal
+    assert mma(S) == full
+    mid = mma(150)  # past the causal reach of the first query blocks: they visit more key tiles
+    assert causal[0] < mid[0] < full[0] and causal[1] < mid[1] < full[1]
+
+
+def test_prefix_lm_out_of_range_values_are_clamped(emu):
+    """The CUDA kernels cannot read prefix_lens on the host: values outside [0, keys of the
+    sequence] are clamped into it (make_window). The emulated kernels give exactly the bits of the
+    clamped values, and the CPU op (which raises on such values) agrees with the clamped call."""
+    g = torch.Generator().manual_seed(41)
+    B, sq, sk, H, D = 4, 33, 50, 2, 32
+    q, k, v, = rand(B, sq, H, D, dtype=torch.bfloat16, gen=g), rand(B, sk, H, D, dtype=torch.bfloat16, gen=g), rand(
+        B, sk, H, D, dtype=torch.bfloat16, gen=g)
+    dout = rand(B, sq, H, D, dtype=torch.bfloat16, gen=g)
+    wild = torch.tensor([-5, sk + 10, 2**31 - 1, -2**31], dtype=torch.int32)
+    clamped = torch.tensor([0, sk, sk, 0], dtype=torch.int32)
+    o_w, l_w = _prefix_fwd(emu, q, k, v, wild, causal=True)
+    o_c, l_c = _prefix_fwd(emu, q, k, v, clamped, causal=True)
+    assert torch.equal(o_w, o_c) and torch.equal(l_w, l_c)
+    for a, b in zip(_prefix_bwd(emu, dout, q, k, v, o_w, l_w, wild, causal=True),
+                    _prefix_bwd(emu, dout, q, k, v, o_c, l_c, clamped, causal=True)):
+        assert torch.equal(a, b)
+    o_cpu, l_cpu = _prefix_fwd(torch.ops.pretrain_kernels, q, k, v, clamped, causal=True)
+    torch.testing.assert_close(o_w.float(), o_cpu.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(l_w, l_cpu, atol=1e-4, rtol=0)
+    with pytest.raises(RuntimeError, match="prefix_lens: expected values in"):
+        _prefix_fwd(torch.ops.pretrain_kernels, q, k, v, wild, causal=True)
+    # the shared checks of attention_checks.h raise on both backends
+    for ops in (emu, torch.ops.pretrain_kernels):
+        with pytest.raises(RuntimeError, match="prefix_lens: expected an int32 tensor"):
+            _prefix_fwd(ops, q, k, v, clamped.long(), causal=True)
+        with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[4\]"):
+            _prefix_fwd(ops, q, k, v, clamped[:3], causal=True)
+        with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[4\]"):
+            _prefix_bwd(ops, dout, q, k, v, o_c, l_c, clamped[None], causal=True)

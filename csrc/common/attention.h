@@ -3,15 +3,29 @@
 // same visibility decisions and skip exactly the same tiles.
 //
 // Visibility. Query i of a sequence with sq queries and sk keys sees key j when
-//     0 <= j < sk,
-//     window_left  < 0  or  j >= i + offset - window_left,
-//     window_right < 0  or  j <= i + offset + window_right,
+//     0 <= j < sk, and
+//     window_left  < 0  or  j >= i + offset - window_left,          and
+//     window_right < 0  or  j <= i + offset + window_right  or  j < prefix,
 // where offset = sk - sq when the mask is aligned bottom-right (FlashAttention >= 2.1:
 // the last query sees the last key) and 0 when aligned top-left (torch SDPA's
-// is_causal). Causal attention is window_right = 0. The visible keys of a query form one
-// interval [key_lo(i), key_hi(i)), and both ends grow with i, so a block of queries
-// [i0, i1) sees keys [key_lo(i0), key_hi(i1 - 1)) and a block of keys [j0, j1) is seen by
-// queries [query_lo(j0), query_hi(j1)).
+// is_causal). Causal attention is window_right = 0.
+//
+// Prefix-LM (prefix_lens, one value per sequence: the bidirectional prefix of prefix-LM,
+// UL2, GLM): every query also sees the keys j < prefix, so the prefix attends both ways
+// and causal order holds after it. The prefix only widens the right end of a query's keys;
+// the left end (a left window) still applies to prefix keys. Without a right window
+// (window_right < 0, no causal) it changes nothing. The value reaching the kernels is
+// clamped into [0, sk] (make_window): the CUDA kernels cannot raise on a device tensor
+// without a host sync, so this is the one rule of both backends (the CPU op checks the
+// values and raises before they get here).
+//
+// The visible keys of a query form one interval [key_lo(i), key_hi(i)):
+//     key_lo(i) = max(0, i + offset - window_left)                  (0 without a left window)
+//     key_hi(i) = max(min(sk, i + offset + window_right + 1), min(prefix, sk))   (sk without
+//                 a right window)
+// and both ends are non-decreasing in i, so a block of queries [i0, i1) sees keys
+// [key_lo(i0), key_hi(i1 - 1)) and a block of keys [j0, j1) is seen by queries
+// [query_lo(j0), query_hi(j1)) (a key j0 < prefix is seen from query 0 on).
 //
 // A tile (query block x key block) is skipped when no query of it sees any of its keys
 // and needs no per-element mask when every query of it sees every key of it.
@@ -29,16 +43,20 @@ struct Window {
   int64_t left;    // < 0: unbounded
   int64_t right;   // < 0: unbounded; 0 for causal
   int64_t offset;  // key index aligned with query 0
+  int64_t prefix;  // keys [0, prefix) are visible to every query the left window allows; in [0, sk]
 };
 
 PK_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 PK_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-PK_HD Window make_window(int64_t left, int64_t right, bool bottom_right, int64_t sq, int64_t sk) {
+// prefix: the sequence's prefix_lens value (0: none), clamped into [0, sk] here, the rule for
+// values outside that range on both backends.
+PK_HD Window make_window(int64_t left, int64_t right, bool bottom_right, int64_t sq, int64_t sk, int64_t prefix = 0) {
   Window w;
   w.left = left;
   w.right = right;
   w.offset = bottom_right ? sk - sq : 0;
+  w.prefix = prefix < 0 ? 0 : (prefix > sk ? sk : prefix);
   return w;
 }
 
@@ -46,20 +64,23 @@ PK_HD Window make_window(int64_t left, int64_t right, bool bottom_right, int64_t
 PK_HD int64_t key_lo(const Window& w, int64_t i) { return w.left < 0 ? 0 : imax(0, i + w.offset - w.left); }
 
 // One past the last visible key of query i, for a sequence of sk keys.
+// The prefix widens it to at least min(prefix, sk).
 PK_HD int64_t key_hi(const Window& w, int64_t i, int64_t sk) {
-  return w.right < 0 ? sk : imax(0, imin(sk, i + w.offset + w.right + 1));
+  return w.right < 0 ? sk : imax(imin(w.prefix, sk), imax(0, imin(sk, i + w.offset + w.right + 1)));
 }
 
+// Whether query i sees key j, for 0 <= j < sk: key_lo(i) <= j < key_hi(i).
 PK_HD bool visible(const Window& w, int64_t i, int64_t j) {
-  return (w.left < 0 || j >= i + w.offset - w.left) && (w.right < 0 || j <= i + w.offset + w.right);
+  return (w.left < 0 || j >= i + w.offset - w.left) && (w.right < 0 || j <= i + w.offset + w.right || j < w.prefix);
 }
 
-// First query that sees any key >= j0 (queries of a sequence with sq queries).
+// First query that sees any key >= j0 (queries of a sequence with sq queries); a lower bound
+// (it ignores the left window). A key j0 < prefix is seen from query 0 on.
 PK_HD int64_t query_lo(const Window& w, int64_t j0, int64_t sq) {
-  return w.right < 0 ? 0 : imin(sq, imax(0, j0 - w.offset - w.right));
+  return w.right < 0 || j0 < w.prefix ? 0 : imin(sq, imax(0, j0 - w.offset - w.right));
 }
 
-// One past the last query that sees any key < j1.
+// One past the last query that sees any key < j1 (the prefix does not move the left ends).
 PK_HD int64_t query_hi(const Window& w, int64_t j1, int64_t sq) {
   return w.left < 0 ? sq : imax(0, imin(sq, j1 - w.offset + w.left));
 }

@@ -153,6 +153,33 @@ inline Layout check_layout(const at::Tensor& q, const at::Tensor& k, const at::T
   return l;
 }
 
+// prefix_lens (prefix-LM, csrc/common/attention.h): int32 [batch] on `dev`, one bidirectional
+// prefix length per sequence, in keys of that sequence. A strided tensor is replaced by a
+// contiguous copy (the caller keeps it alive). Its values are checked by the CPU backend only
+// (check_prefix_lens_values); what reaches the kernels is clamped into [0, sk_b] (make_window),
+// the rule of both backends. Points the kernel parameters' prefix_lens at the values (the CPU
+// Problem and the CUDA AttnParams share the name).
+template <typename KernelParams>
+void set_prefix_lens(KernelParams& p, std::optional<at::Tensor>& prefix_lens, int64_t batch, const at::Device& dev) {
+  if (!prefix_lens.has_value()) return;
+  const at::Tensor& pl = *prefix_lens;
+  TORCH_CHECK(pl.scalar_type() == at::kInt, "prefix_lens: expected an int32 tensor, got ", pl.scalar_type());
+  TORCH_CHECK(pl.device() == dev, "prefix_lens: expected a tensor on ", dev, " (the device of q), got one on ",
+              pl.device());
+  TORCH_CHECK(pl.dim() == 1 && pl.size(0) == batch, "prefix_lens: expected shape [", batch,
+              "] (one length per sequence), got ", pl.sizes());
+  *prefix_lens = pl.contiguous();
+  p.prefix_lens = prefix_lens->data_ptr<int32_t>();
+}
+
+// The values of prefix_lens on the host (CPU backend): row b within [0, len_k(b)].
+template <typename LenK>
+void check_prefix_lens_values(const int32_t* pl, int64_t batch, LenK len_k) {
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(pl[b] >= 0 && pl[b] <= len_k(b), "prefix_lens: expected values in [0, keys of the sequence], got ",
+                pl[b], " at row ", b, " (", len_k(b), " keys)");
+}
+
 // The saved forward tensors handed to the backward: out and dout shaped like q with v's head
 // dim, in q's dtype; lse (and its gradient dlse) in lse_type, shaped (batch, heads, sq), or
 // (heads, total_q) when varlen; all on `dev`.

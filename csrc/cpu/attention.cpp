@@ -17,8 +17,8 @@
 // backward pass keeps besides the inputs and the output: extra memory O(B * H * Sq), plus
 // a packed copy of K and V (the size of the inputs), never O(Sq * Sk).
 // Tiles that the causal/window mask hides entirely are never visited: the visible keys
-// of a query block form one interval (csrc/common/attention.h), so the key loop runs over
-// exactly that interval.
+// of a query block form one interval (csrc/common/attention.h; a prefix-LM prefix only
+// widens its right end), so the key loop runs over exactly that interval.
 //
 // The row block holds all query heads that share a key/value head (GQA/MQA) for a run of
 // positions, so one packed key tile serves the whole group. Parallel work items are
@@ -380,7 +380,8 @@ Operand operand(const at::Tensor& t, bool varlen) {
 // dimension is contiguous, cu_seqlens by contiguous ones (the caller keeps them alive).
 Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
-                     int64_t window_left, int64_t window_right, bool bottom_right, Layout* layout) {
+                     int64_t window_left, int64_t window_right, bool bottom_right,
+                     std::optional<at::Tensor>& prefix_lens, Layout* layout) {
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
   const Layout l = check_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, q.device(), true);
   if (layout != nullptr) *layout = l;
@@ -416,6 +417,9 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
   p.window_left = l.window_left;
   p.window_right = l.window_right;
   p.bottom_right = bottom_right;
+  set_prefix_lens(p, prefix_lens, l.batch, q.device());
+  // the CPU reads them on the host: a length outside the sequence's keys raises here
+  if (p.prefix_lens) check_prefix_lens_values(p.prefix_lens, p.batch, [&](int64_t b) { return p.len_k(b); });
   return p;
 }
 
@@ -436,12 +440,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                                       const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
                                                       int64_t max_seqlen_k, double scale, int64_t window_left,
-                                                      int64_t window_right, bool bottom_right) {
+                                                      int64_t window_right, bool bottom_right,
+                                                      const std::optional<at::Tensor>& prefix_lens) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;  // the CPU kernel reads the lengths from cu_seqlens
   at::Tensor q = q_in, k = k_in, v = v_in;
-  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
-  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
+  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
+  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, prefix);
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;
   at::Tensor out = at::empty(out_shape, q.options());
@@ -462,8 +467,8 @@ at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q_in, at::Tensor& k_cache, a
   const int64_t s_new = check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, q_in.device());
   // Checks q against the caches (dtypes, heads, head dims) before anything is written.
   at::Tensor q = q_in, k = k_cache, v = v_cache;
-  std::optional<at::Tensor> none_q, none_k, none_mask;
-  Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true);
+  std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
+  Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, none_prefix);
   const int64_t B = q.size(0), Smax = k_cache.size(1);
   // A row that does not fit (cache_rows_fit in csrc/common/attention.h) is neither written nor
   // attended: its key count is 0 and its output NaN, as on CUDA.

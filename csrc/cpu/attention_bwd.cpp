@@ -228,13 +228,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, const std::optional<at::Tensor>& prefix_lens) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   at::Tensor q = q_in, k = k_in, v = v_in;
-  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
+  std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   Layout l;
-  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, &l);
+  const Problem p =
+      make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, prefix, &l);
   check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, lse_dtype(q), q_in.device());
   const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor dlse = dlse_in.has_value() ? dlse_in->contiguous() : at::Tensor();

@@ -55,6 +55,7 @@ struct Problem {
   const int32_t* cu_q = nullptr;  // varlen offsets [batch + 1], or null
   const int32_t* cu_k = nullptr;
   const int32_t* seqlens_k = nullptr;  // per-sequence key count (kv cache, new tokens included), or null
+  const int32_t* prefix_lens = nullptr;  // prefix-LM: bidirectional prefix per sequence [batch], or null
   Operand q, k, v;
   // Mask from the caller (SDPA): bool (true = attend) or float32 (added to the scores),
   // indexed (b, h, i, j) through strides (zero where broadcast).
@@ -93,7 +94,9 @@ struct Problem {
   int64_t lse_index(int64_t b, int64_t h, int64_t i) const {
     return cu_q ? h * total_q + cu_q[b] + i : (b * H + h) * sq + i;
   }
-  Window window(int64_t b) const { return make_window(window_left, window_right, bottom_right, len_q(b), len_k(b)); }
+  Window window(int64_t b) const {
+    return make_window(window_left, window_right, bottom_right, len_q(b), len_k(b), prefix_lens ? prefix_lens[b] : 0);
+  }
   bool has_mask() const { return mask_bool || mask_float; }
 
   // Masks a row of scores s[0, n) of query i (head h) against keys j0 .. j0 + n: invisible
@@ -118,12 +121,13 @@ struct Problem {
 };
 
 // Checks every argument of a forward/backward call and describes it. q/k/v may be replaced
-// by copies with a contiguous last dimension and cu_seqlens by contiguous copies; the
-// caller keeps them alive while the Problem is used. `layout`, when given, receives the checked
+// by copies with a contiguous last dimension and cu_seqlens and prefix_lens by contiguous
+// copies; the caller keeps them alive while the Problem is used. `layout`, when given, receives the checked
 // shapes (csrc/common/attention_checks.h).
 Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
-                     int64_t window_left, int64_t window_right, bool bottom_right, Layout* layout = nullptr);
+                     int64_t window_left, int64_t window_right, bool bottom_right,
+                     std::optional<at::Tensor>& prefix_lens, Layout* layout = nullptr);
 
 // float64 for float64 inputs, float32 otherwise.
 at::ScalarType lse_dtype(const at::Tensor& q);
@@ -132,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right);
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    const std::optional<at::Tensor>& prefix_lens);
 
 }  // namespace cpu
 }  // namespace attention

@@ -4,7 +4,7 @@
 // that the per-(dtype, head dim) kernel files of csrc/cuda/instances/ compile quickly; the
 // host-side checks and launch decisions live in attention_host.cuh.
 //
-// The visibility rules (causal / sliding window / bottom-right alignment) and the tile
+// The visibility rules (causal / sliding window / bottom-right alignment / prefix-LM) and the tile
 // skipping come from csrc/common/attention.h, the same functions the CPU kernels call, so
 // both backends see exactly the same keys for every query.
 //
@@ -12,7 +12,9 @@
 // are never read by the host. The kernels clamp every offset they read from cu_seqlens into
 // the tensors' bounds, so a malformed tensor cannot make a kernel touch memory outside its
 // inputs (the CPU op validates cu_seqlens and raises; the CUDA op cannot without a sync). A
-// cache row whose tokens do not fit follows one rule on both backends (cache_rows_fit).
+// cache row whose tokens do not fit follows one rule on both backends (cache_rows_fit), and
+// prefix_lens values are clamped into [0, keys of the sequence] (make_window), as on the CPU
+// for the values it accepts.
 #pragma once
 #include "cuda_seams.cuh"
 
@@ -53,6 +55,7 @@ struct AttnParams {
   const int32_t* cu_k = nullptr;
   const int32_t* seqlens_k = nullptr;  // kv cache: keys per row (device), plus seqlens_k_extra
   int64_t seqlens_k_extra = 0;
+  const int32_t* prefix_lens = nullptr;  // prefix-LM: bidirectional prefix per sequence [batch] (device), or null
 
   const bool* mask_bool = nullptr;     // (b, h, i, j) through strides; true = attend
   const float* mask_float = nullptr;   // added to the scores (natural-log units)
@@ -76,6 +79,7 @@ struct Seq {
   int64_t tok0 = 0;          // first query token in out (tokens, H, Dv)
   int64_t ktok0 = 0;         // first key token in dk / dv (tokens, Hk, D)
   int64_t lq = 0, lk = 0;
+  int64_t prefix = 0;        // prefix_lens[b] as given (make_window clamps it into [0, lk])
   int64_t q_off = 0, k_off = 0, v_off = 0;  // element offset of row 0 (head 0)
   // Output factor and lse of a row that sees no key: 0 and -inf, or NaN for a kv-cache row
   // whose tokens do not fit (cache_rows_fit in csrc/common/attention.h).
@@ -111,6 +115,7 @@ __device__ __forceinline__ Seq seq_info(const AttnParams& p, int64_t b) {
     s.k_off = b * p.k_sb;
     s.v_off = b * p.v_sb;
   }
+  if (p.prefix_lens != nullptr) s.prefix = p.prefix_lens[b];
   return s;
 }
 
@@ -140,7 +145,7 @@ __device__ __forceinline__ float mask_log2(const AttnParams& p, int64_t b, int h
 }
 
 __device__ __forceinline__ Window seq_window(const AttnParams& p, const Seq& s) {
-  return make_window(p.window_left, p.window_right, p.bottom_right, s.lq, s.lk);
+  return make_window(p.window_left, p.window_right, p.bottom_right, s.lq, s.lk, s.prefix);
 }
 
 // Keys [lo, hi) that split `split` of a query block's interval [kb, ke) covers.

@@ -68,8 +68,8 @@ at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, 
   const int64_t Smax = k_cache.size(1);
   // Checks q against the caches (dtypes, heads, head dims) before anything is written.
   at::Tensor q = q_in, k = k_cache, v = v_cache;
-  std::optional<at::Tensor> none_q, none_k, none_mask;
-  AttnParams p = make_params(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true);
+  std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
+  AttnParams p = make_params(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, none_prefix);
   TORCH_CHECK(k.data_ptr() == k_cache.data_ptr() && v.data_ptr() == v_cache.data_ptr(),
               "k_cache, v_cache: expected to be used in place");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -94,6 +94,26 @@ def _check_cu(name: str, cu, device) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
 
 
+def _check_prefix_lens(prefix_lens, q, batch: int, key_lens) -> None:
+    """prefix_lens: int32 [batch] on the device of q. On the CPU the values are read and checked
+    (row b within [0, keys of sequence b]; key_lens() gives those counts); on other devices they
+    are not read (no host sync) and the kernels clamp them into that range."""
+    if not isinstance(prefix_lens, torch.Tensor):
+        raise TypeError(f"prefix_lens: expected an int32 tensor [batch] or None, got {type(prefix_lens).__name__}")
+    if prefix_lens.dtype != torch.int32:
+        raise TypeError(f"prefix_lens: expected an int32 tensor, got {prefix_lens.dtype}")
+    if prefix_lens.device != q.device:
+        raise ValueError(f"prefix_lens: expected a tensor on {q.device} (the device of q), got {prefix_lens.device}")
+    if tuple(prefix_lens.shape) != (batch,):
+        raise ValueError(f"prefix_lens: expected shape ({batch},) (one length per sequence), got "
+                         f"{tuple(prefix_lens.shape)}")
+    if prefix_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+        for b, (n, sk) in enumerate(zip(prefix_lens.tolist(), key_lens())):
+            if not 0 <= n <= sk:
+                raise ValueError(f"prefix_lens: expected values in [0, {sk}] (the keys of sequence {b}), got {n} at "
+                                 f"row {b}")
+
+
 def _max_seqlen(name: str, value) -> int:
     if value is None:
         return -1
@@ -110,7 +130,8 @@ def _max_seqlen(name: str, value) -> int:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale=None,
                     window=(-1, -1), cu_seqlens_q: torch.Tensor | None = None,
                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
-                    max_seqlen_k: int | None = None, return_lse: bool = False):
+                    max_seqlen_k: int | None = None, return_lse: bool = False,
+                    prefix_lens: torch.Tensor | None = None):
     """Exact attention softmax(q k^T * scale) v, computed tile by tile (memory linear in the
     sequence length), differentiable.
 
@@ -123,6 +144,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     window=(left, right): query i sees keys j with i + Sk - Sq - left <= j <= i + Sk - Sq + right
     (-1: unbounded; a side wider than the sequences is unbounded too, however large); causal sets
     right = 0. Rows that see no key give 0 and lse -inf.
+    prefix_lens: int32 tensor [batch] on the device of q (prefix-LM, UL2, GLM): in sequence b,
+    every query also sees the keys j < prefix_lens[b], so the prefix attends both ways and causal
+    order holds after it; a left window still bounds what a query sees (the prefix widens only
+    the right end of its keys). With varlen, prefix_lens[b] counts keys of sequence b. Without
+    causal or a right window it changes nothing. Values must lie in [0, keys of sequence b]: on
+    the CPU others raise a ValueError; on a GPU they are not read (no host sync) and are clamped
+    into that range.
     scale: default 1 / sqrt(head_dim), any finite value (|scale| <= 1e38 unless float64: the
     scores are float32). head_dim up to 256; float32, bfloat16, float16 (float32 accumulation)
     and float64.
@@ -165,9 +193,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     left, right = _check_window(window)
     if causal:
         right = 0
+    if prefix_lens is not None:
+        if varlen:
+            _check_prefix_lens(prefix_lens, q, cu_seqlens_k.numel() - 1, lambda: cu_seqlens_k.diff().tolist())
+        else:
+            _check_prefix_lens(prefix_lens, q, q.shape[0], lambda: [k.shape[1]] * q.shape[0])
     out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(
         q, k, v, cu_seqlens_q if varlen else None, cu_seqlens_k if varlen else None, None,
-        _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True)
+        _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True,
+        prefix_lens)
     return (out, lse) if return_lse else out
 
 
@@ -318,7 +352,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 # memory). torch._check raises RuntimeError, as TORCH_CHECK does.
 
 
-def _check_op_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right):
+def _check_op_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, prefix_lens=None):
     dev = q.device
     for name, t in (("q", q), ("k", k), ("v", v)):
         torch._check(t.device == dev,
@@ -370,6 +404,14 @@ def _check_op_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right
         want = (batch, H, q.shape[1], k.shape[1])
         torch._check(tuple(mask.shape) == want,
                      lambda: f"attn_mask: expected shape {list(want)} (expand it), got {list(mask.shape)}")
+    if prefix_lens is not None:  # set_prefix_lens
+        torch._check(prefix_lens.dtype == torch.int32,
+                     lambda: f"prefix_lens: expected an int32 tensor, got {prefix_lens.dtype}")
+        torch._check(prefix_lens.device == dev, lambda: f"prefix_lens: expected a tensor on {dev} (the device of q), "
+                                                        f"got one on {prefix_lens.device}")
+        torch._check(prefix_lens.dim() == 1 and prefix_lens.shape[0] == batch,
+                     lambda: f"prefix_lens: expected shape [{batch}] (one length per sequence), got "
+                             f"{list(prefix_lens.shape)}")
     return varlen, batch, H, Dv
 
 
@@ -379,9 +421,9 @@ def _lse_shape(q, varlen, batch, H):
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, bottom_right):
+                         window_left, window_right, bottom_right, prefix_lens=None):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
-                                            window_right)
+                                            window_right, prefix_lens)
     out = q.new_empty((*q.shape[:-1], Dv))
     lse = q.new_empty(_lse_shape(q, varlen, batch, H), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -389,9 +431,9 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seq
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
-                         max_seqlen_k, scale, window_left, window_right, bottom_right):
+                         max_seqlen_k, scale, window_left, window_right, bottom_right, prefix_lens=None):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
-                                            window_right)
+                                            window_right, prefix_lens)
     o_shape = (*q.shape[:-1], Dv)
     torch._check(tuple(out.shape) == o_shape and tuple(dout.shape) == o_shape,
                  lambda: f"out, dout: expected shape {list(o_shape)}, got {list(out.shape)} and {list(dout.shape)}")
@@ -462,19 +504,19 @@ def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, s
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right = inputs
+    q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, prefix_lens = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, prefix_lens)
     ctx.params = (max_q, max_k, scale, left, right, bottom_right)
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, mask = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, mask, prefix_lens = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, mask,
-                                                           *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                                           *ctx.params, prefix_lens)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("pretrain_kernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
