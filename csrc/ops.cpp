@@ -76,20 +76,24 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // window_right = 0), offset = Sk - Sq when bottom_right else 0. attn_mask: bool (true =
   // attend) or float32 (added), shaped (batch, heads, Sq, Sk), broadcast through strides.
   // max_seqlen_q/k: -1 when unknown. lse: float32 (float64 for float64 inputs), shaped
-  // (batch, heads, Sq), or (heads, total_q) for varlen.
+  // (batch, heads, Sq), or (heads, total_q) for varlen. softcap: the scaled scores become
+  // softcap * tanh(score / softcap) before any mask (0: off); alibi_slopes: float32 [heads] or
+  // [batch, heads], adds -slope * |i + offset - j| after the cap (no gradient). Both default to
+  // off (also in flash_attn_bwd and flash_attn_kvcache), so that calls without them still run.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
-      "bool bottom_right) -> (Tensor out, Tensor lse)");
+      "bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // Gradients of flash_attn_fwd from its saved output and lse; dlse: gradient of the lse.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, "
-      "float scale, int window_left, int window_right, bool bottom_right) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float scale, int window_left, int window_right, bool bottom_right, float softcap=0.0, "
+      "Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decode / chunked prefill against a cache (batch, max_seqlen, kv_heads, head_dim): k_new and
   // v_new are written into the caches at each row's cache_seqlens (int32) position, then q
   // attends to the first cache_seqlens + seqlen_new keys (causal: aligned bottom-right).
   m.def(
       "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
-      "Tensor? v_new, float scale, bool causal) -> Tensor");
+      "Tensor? v_new, float scale, bool causal, float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor");
 }

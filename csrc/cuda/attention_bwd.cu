@@ -135,14 +135,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Device dev = q_in.device();
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
   Layout l;
-  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, &l);
+  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
+                             alibi_slopes, &l);
   check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, at::kFloat, dev);
   const std::vector<int64_t> lse_shape(lse_in.sizes().begin(), lse_in.sizes().end());
   std::optional<at::Tensor> dlse;

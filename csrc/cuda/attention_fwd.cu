@@ -165,12 +165,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
                                                        const std::optional<at::Tensor>& cu_seqlens_k,
                                                        const std::optional<at::Tensor>& attn_mask,
                                                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                                       int64_t window_left, int64_t window_right, bool bottom_right) {
+                                                       int64_t window_left, int64_t window_right, bool bottom_right,
+                                                       double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask;
-  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right);
+  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
+                             alibi_slopes);
   const bool varlen = cu_q.has_value();
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;
