@@ -727,6 +727,24 @@ def test_score_mods_kvcache(dtype, adevice):
             assert rel_err(out[b:b + 1], ref) <= 2 * max(rel_err(eager, ref), FLOOR[dtype])
 
 
+@pytest.mark.parametrize("cap", [0.37, 30.0])
+def test_softcap_tanh_is_within_a_few_ulps(cap):
+    """With one key and head_dim 1 the lse of a query is its capped score, cap * tanh(s / cap),
+    and d lse / d q = scale * k * (1 - tanh^2): the CPU kernel's tanh (a vector version on
+    AVX-512) against float64, over scores from -20 cap to 20 cap."""
+    n = 200_000
+    s = torch.linspace(-20 * cap, 20 * cap, n, dtype=torch.float64)
+    q = s.float().view(1, n, 1, 1).requires_grad_()
+    k = torch.ones(1, 1, 1, 1)
+    out, lse = pk.flash_attention(q, k, k, scale=1.0, softcap=cap, return_lse=True)
+    t = torch.tanh(q.detach().double().view(-1) / cap)
+    ref = cap * t
+    ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((lse.double().view(-1) - ref).abs() <= 4 * ulp).all()
+    (dq,) = torch.autograd.grad(lse.sum(), q)
+    torch.testing.assert_close(dq.double().view(-1), 1 - t * t, atol=4e-7, rtol=0)
+
+
 def test_score_mods_opcheck():
     g = torch.Generator().manual_seed(24)
     q = torch.randn(2, 9, 4, 16, generator=g)

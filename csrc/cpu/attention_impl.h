@@ -104,12 +104,22 @@ struct Problem {
 
   // Applies the score modifiers to a row of scaled scores s[0, n) of query i (head h) against
   // keys j0 .. j0 + n, before mask_row: the soft-cap, then the ALiBi bias. dcap, when given,
-  // receives the cap's derivative 1 - tanh^2 per element (for the backward pass).
+  // receives the cap's derivative 1 - tanh^2 per element (for the backward pass). float rows
+  // on AVX-512 take score_mod_row_avx512 (a vector tanh within a few ulps of tanhf).
   template <typename acc_t>
   void modify_row(acc_t* s, acc_t* dcap, int64_t n, const Window& w, int64_t b, int64_t h, int64_t i,
                   int64_t j0) const {
     const acc_t cap = static_cast<acc_t>(softcap);
     const acc_t slope = alibi ? static_cast<acc_t>(alibi[b * alibi_sb + h * alibi_sh]) : acc_t(0);
+#if PK_X86
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const int64_t d0 = i + w.offset - j0, lim = int64_t(1) << 30;
+      if (isa_avx512() && d0 < lim && d0 > -lim && d0 - n > -lim) {
+        score_mod_row_avx512(s, dcap, n, cap, alibi != nullptr, slope, d0);
+        return;
+      }
+    }
+#endif
     if (alibi == nullptr && dcap == nullptr) {
       for (int64_t j = 0; j < n; ++j) s[j] = modify_score(s[j], cap, acc_t(0), static_cast<acc_t*>(nullptr));
     } else if (alibi == nullptr) {
