@@ -37,7 +37,8 @@
 // scores (attention_bwd_mma.cuh). Everything else (float32, a caller's mask, GPUs before
 // sm_80) runs the SIMT kernels of
 // attention_bwd_rows.cuh: a warp per query row (dQ) or per key row (dK, dV), a lane per
-// key or query.
+// key or query. With softcap / ALiBi every kernel recomputes the forward's modified scores
+// and multiplies dS by the soft-cap's derivative 1 - tanh^2 (modified_score_log2).
 #include <torch/library.h>
 
 #include "attention_host.cuh"

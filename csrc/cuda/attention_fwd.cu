@@ -25,7 +25,10 @@
 //     dims may differ: both pad to the larger one);
 //   * tiles that the causal/window mask hides are never visited (the key loop runs over the
 //     visible interval of the block, csrc/common/attention.h), and the per-element mask is
-//     only evaluated on tiles that are not fully visible, or when the caller passes a mask.
+//     only evaluated on tiles that are not fully visible, or when the caller passes a mask;
+//   * softcap / ALiBi (modified_score_log2, the CPU's formula from csrc/common/attention.h):
+//     the scores are scaled in natural-log units, modified, then taken to base 2; the kernel
+//     picks the modified or the plain loop once per key tile.
 // float32 inputs (and GPUs before sm_80) run fwd_rows_kernel: one warp per query row, a
 // lane per key for the scores and a lane per head-dim slot for the output, same online
 // softmax in float; exact to float32 rounding, slower.
