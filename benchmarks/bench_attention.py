@@ -5,8 +5,9 @@ on the same inputs: torch's SDPA (its fused CPU flash kernel) and eager attentio
 Shapes: B=2, H=8, head_dim 64 and 128, S in {512, 1024, 2048, 4096}, causal and not,
 float32 and bfloat16; forward, forward+backward; decode (batch 8, cache 4096, one new
 token); prefix-LM forward+backward (S=2048, causal after a prefix of S/4) against the plain
-causal kernel. The default run takes a subset (S=1024, decode, prefix-LM); PK_BENCH_ALL=1 runs
-them all.
+causal kernel; softcap / ALiBi against the plain kernel (S=2048, D=64, causal,
+forward+backward). The default run takes a subset (S=1024, decode, prefix-LM, the score
+modifiers); PK_BENCH_ALL=1 runs them all.
 extra_info.flops: 4*B*H*Sq*Sk*D for the forward (halved when causal), x3.5 for
 forward+backward. test_peak_memory records the peak resident memory of forward+backward at
 S=4096 for each implementation (a fresh process each).
@@ -175,6 +176,34 @@ def test_decode(benchmark, D, dt, impl):
 
     with torch.no_grad():
         benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=2)
+
+
+# Score modifiers: pk with softcap / ALiBi against the plain pk kernel, same inputs, same run
+# (B=2, H=8, D=64, S=2048, causal, forward+backward; the ratio to "plain" is the cost).
+MOD_VARIANTS = {
+    "plain": {},
+    "softcap": dict(softcap=30.0),
+    "alibi": dict(alibi_slopes=torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)])),
+    "softcap+alibi": dict(softcap=30.0, alibi_slopes=torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)])),
+}
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("variant", list(MOD_VARIANTS))
+def test_score_mods_forward_backward(benchmark, variant, dt):
+    S, D = 2048, 64
+    q, k, v = make_inputs(S, D, DTYPES[dt], "pk", grad=True)
+    dout = torch.randn_like(q)
+    kw = MOD_VARIANTS[variant]
+    benchmark.group = f"attention fwd+bwd score modifiers B{B} H{H} S{S} D{D} causal {dt}"
+    benchmark.extra_info.update(family="attention", op="flash_attention fwd+bwd", impl=f"pk {variant}",
+                                device="cpu", shape=f"{B}x{S}x{H}x{D}", baseline=(variant == "plain"),
+                                flops=3.5 * 4 * B * H * S * S * D / 2)
+
+    def step():
+        torch.autograd.grad(pk.flash_attention(q, k, v, causal=True, **kw), (q, k, v), dout)
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
 _MEM_SCRIPT = r"""

@@ -76,24 +76,28 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // window_right = 0), offset = Sk - Sq when bottom_right else 0. attn_mask: bool (true =
   // attend) or float32 (added), shaped (batch, heads, Sq, Sk), broadcast through strides.
   // max_seqlen_q/k: -1 when unknown. lse: float32 (float64 for float64 inputs), shaped
-  // (batch, heads, Sq), or (heads, total_q) for varlen. prefix_lens: int32 [batch] or None,
-  // prefix-LM: query i of sequence b also sees the keys j < prefix_lens[b] (bidirectional
-  // prefix; the left window still applies); the CPU raises on values outside [0, Sk_b], the
-  // kernels clamp them into it (csrc/common/attention.h).
+  // (batch, heads, Sq), or (heads, total_q) for varlen. softcap: the scaled scores become
+  // softcap * tanh(score / softcap) before any mask (0: off); alibi_slopes: float32 [heads] or
+  // [batch, heads], adds -slope * |i + offset - j| after the cap (no gradient). prefix_lens:
+  // int32 [batch], prefix-LM: query i of sequence b also sees the keys j < prefix_lens[b]
+  // (bidirectional prefix; the left window still applies); the CPU raises on values outside
+  // [0, Sk_b], the kernels clamp them into it (csrc/common/attention.h). All three default to
+  // off (also in flash_attn_bwd; softcap and alibi_slopes in flash_attn_kvcache).
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
-      "bool bottom_right, Tensor? prefix_lens=None) -> (Tensor out, Tensor lse)");
+      "bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? prefix_lens=None) -> (Tensor out, "
+      "Tensor lse)");
   // Gradients of flash_attn_fwd from its saved output and lse; dlse: gradient of the lse.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, "
-      "float scale, int window_left, int window_right, bool bottom_right, Tensor? prefix_lens=None) -> (Tensor dq, "
-      "Tensor dk, Tensor dv)");
+      "float scale, int window_left, int window_right, bool bottom_right, float softcap=0.0, "
+      "Tensor? alibi_slopes=None, Tensor? prefix_lens=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decode / chunked prefill against a cache (batch, max_seqlen, kv_heads, head_dim): k_new and
   // v_new are written into the caches at each row's cache_seqlens (int32) position, then q
   // attends to the first cache_seqlens + seqlen_new keys (causal: aligned bottom-right).
   m.def(
       "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
-      "Tensor? v_new, float scale, bool causal) -> Tensor");
+      "Tensor? v_new, float scale, bool causal, float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor");
 }

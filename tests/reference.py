@@ -231,14 +231,29 @@ def attention_visible(sq, sk, *, causal=False, window=(-1, -1), bottom_right=Tru
     return vis
 
 
+def alibi_bias(slopes, batch, heads, sq, sk, *, bottom_right=True, device=None):
+    """ALiBi in float64, (batch, heads, sq, sk): -slope[b, h] * |i + offset - j|, offset = sk - sq
+    when aligned bottom-right (FlashAttention's convention) else 0; slopes [heads] or [batch, heads]."""
+    slopes = slopes.detach().to(device=device, dtype=torch.float64)
+    if slopes.dim() == 1:
+        slopes = slopes[None].expand(batch, heads)
+    offset = sk - sq if bottom_right else 0
+    i = torch.arange(sq, device=device)[:, None] + offset
+    j = torch.arange(sk, device=device)[None, :]
+    return -slopes[:, :, None, None] * (i - j).abs().to(torch.float64)
+
+
 def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_right=True, attn_mask=None,
-                  prefix_lens=None):
+                  softcap=None, alibi_slopes=None, prefix_lens=None, compute_dtype=torch.float64):
     """Plain attention in float64, layout (batch, seqlen, heads, head_dim); k/v may have fewer
     heads (GQA). attn_mask: bool (True = attend) or float (added), broadcastable to
-    (batch, heads, sq, sk). prefix_lens: per-sequence prefix-LM lengths (a tensor or a list,
-    used as given: no clamping). Returns (out (B, Sq, H, Dv), lse (B, H, Sq)), float64; rows that see
-    no key give 0 and lse -inf."""
-    q, k, v = (t.detach().to(torch.float64) if not t.requires_grad else t.to(torch.float64) for t in (q, k, v))
+    (batch, heads, sq, sk). softcap: scores s become softcap * tanh(s / softcap) before any
+    mask; alibi_slopes ([heads] or [batch, heads]): alibi_bias added after the cap. prefix_lens:
+    per-sequence prefix-LM lengths (a tensor or a list, used as given: no clamping). Returns
+    (out (B, Sq, H, Dv), lse (B, H, Sq)), float64; rows that see no key give 0 and lse -inf.
+    compute_dtype: another dtype gives the eager composite a user would write in that dtype
+    (a yardstick of the rounding error, not a reference)."""
+    q, k, v = (t.detach().to(compute_dtype) if not t.requires_grad else t.to(compute_dtype) for t in (q, k, v))
     B, sq, H, D = q.shape
     sk, Hk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -246,6 +261,10 @@ def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_
     kh = k.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
     s = qh @ kh.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, B, H, sq, sk, bottom_right=bottom_right, device=q.device).to(s.dtype)
     if prefix_lens is None:
         vis = attention_visible(sq, sk, causal=causal, window=window, bottom_right=bottom_right, device=q.device)
     else:
@@ -258,7 +277,7 @@ def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
         else:
-            s = s + attn_mask.to(torch.float64)
+            s = s + attn_mask.to(s.dtype)
     dead = (s == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
     s = s.masked_fill(dead, 0.0)
     lse = torch.logsumexp(s, dim=-1).masked_fill(dead[..., 0], float("-inf"))
@@ -271,7 +290,10 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens=None, 
     (out (total_q, H, Dv), lse (H, total_q)). prefix_lens[b]: the prefix of sequence b."""
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    slopes = kw.pop("alibi_slopes", None)
     for b in range(len(cq) - 1):
+        if slopes is not None:  # [heads] or [batch, heads]: this sequence's
+            kw["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b]
         pl = None if prefix_lens is None else [int(prefix_lens[b])]
         o, l = attention_ref(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
                              prefix_lens=pl, **kw)

@@ -709,7 +709,7 @@ def test_prefix_lm_random_shapes_against_reference():
         k = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
         v = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
         prefix = torch.tensor(pl, dtype=torch.int32)
-        out, lse = ops.flash_attn_fwd(q, k, v, None, None, None, -1, -1, D ** -0.5, left, right, br, prefix)
+        out, lse = ops.flash_attn_fwd(q, k, v, None, None, None, -1, -1, D ** -0.5, left, right, br, 0.0, None, prefix)
         ref, ref_lse = attention_ref(q, k, v, window=(left, right), bottom_right=br, prefix_lens=pl)
         what = (B, sq, sk, H, Hk, D, left, right, br, pl)
         assert rel_err(out, ref) < 1e-12, what
@@ -717,7 +717,7 @@ def test_prefix_lm_random_shapes_against_reference():
         assert torch.equal(torch.isfinite(lse), fin), what
         dout = torch.randn(out.shape, dtype=torch.float64, generator=g)
         grads = ops.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, D ** -0.5, left, right,
-                                   br, prefix)
+                                   br, 0.0, None, prefix)
         rgrads = torch.autograd.grad(ref, (q, k, v), dout)
         for a, r in zip(grads, rgrads):
             assert rel_err(a, r) < 1e-11, what
@@ -732,9 +732,9 @@ def test_prefix_lm_opcheck_and_compile():
     cu_k = torch.tensor([0, 6, 11], dtype=torch.int32)
     strided = torch.tensor([5, 0, 2, 0], dtype=torch.int32)[::2]  # a non-contiguous [batch] view
     samples = [
-        (q, k, v, None, None, None, -1, -1, 0.25, -1, 0, True, torch.tensor([4, 11], dtype=torch.int32)),
-        (q[0], k[0], v[0], cu_q, cu_k, None, 5, 6, 0.25, 3, 0, True, strided),
-        (q, k, v, None, None, None, -1, -1, 0.3, -1, 2, False, torch.tensor([0, 7], dtype=torch.int32)),
+        (q, k, v, None, None, None, -1, -1, 0.25, -1, 0, True, 0.0, None, torch.tensor([4, 11], dtype=torch.int32)),
+        (q[0], k[0], v[0], cu_q, cu_k, None, 5, 6, 0.25, 3, 0, True, 0.0, None, strided),
+        (q, k, v, None, None, None, -1, -1, 0.3, -1, 2, False, 0.0, None, torch.tensor([0, 7], dtype=torch.int32)),
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, args)
@@ -791,7 +791,7 @@ def test_prefix_lm_bad_inputs():
     ops = torch.ops.pretrain_kernels
 
     def raw(prefix, qq=q, kk=k):
-        return ops.flash_attn_fwd(qq, kk, kk, None, None, None, -1, -1, 0.3, -1, 0, True, prefix)
+        return ops.flash_attn_fwd(qq, kk, kk, None, None, None, -1, -1, 0.3, -1, 0, True, 0.0, None, prefix)
 
     with pytest.raises(RuntimeError, match="prefix_lens: expected an int32 tensor, got Long"):
         raw(torch.tensor([1, 2]))
@@ -803,19 +803,310 @@ def test_prefix_lm_bad_inputs():
     with pytest.raises(RuntimeError, match="got -3 at row 0"):
         raw(i32(-3, 0))
     with pytest.raises(RuntimeError, match=r"got 4 at row 0 \(3 keys\)"):
-        ops.flash_attn_fwd(qv, kv_, kv_, cu_q, cu_k, None, -1, -1, 0.3, -1, 0, True, i32(4, 7))
+        ops.flash_attn_fwd(qv, kv_, kv_, cu_q, cu_k, None, -1, -1, 0.3, -1, 0, True, 0.0, None, i32(4, 7))
     out, lse = raw(i32(2, 7))
     with pytest.raises(RuntimeError, match="got 8 at row 1"):
-        ops.flash_attn_bwd(out, q, k, k, out, lse, None, None, None, None, -1, -1, 0.3, -1, 0, True, i32(2, 8))
+        ops.flash_attn_bwd(out, q, k, k, out, lse, None, None, None, None, -1, -1, 0.3, -1, 0, True, prefix_lens=i32(2, 8))
     with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[2\]"):
-        ops.flash_attn_bwd(out, q, k, k, out, lse, None, None, None, None, -1, -1, 0.3, -1, 0, True, i32(2, 3, 4))
+        ops.flash_attn_bwd(out, q, k, k, out, lse, None, None, None, None, -1, -1, 0.3, -1, 0, True, prefix_lens=i32(2, 3, 4))
     # the fake kernels check as the C++ does (meta tensors)
     m = lambda t: t.to("meta")  # noqa: E731
     with pytest.raises(RuntimeError, match="prefix_lens: expected an int32 tensor"):
-        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, m(torch.tensor([1, 2])))
+        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, prefix_lens=m(torch.tensor([1, 2])))
     with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[2\]"):
-        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, m(i32(1)))
+        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, 0.0, None, m(i32(1)))
     with pytest.raises(RuntimeError, match="prefix_lens: expected a tensor on meta"):
-        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, i32(1, 2))
-    out_m, _ = ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, m(i32(1, 2)))
+        ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, 0.0, None, i32(1, 2))
+    out_m, _ = ops.flash_attn_fwd(m(q), m(k), m(k), None, None, None, -1, -1, 0.3, -1, 0, True, 0.0, None, m(i32(1, 2)))
     assert out_m.shape == q.shape and out_m.device.type == "meta"
+
+
+# ---- score modifiers: soft-cap and ALiBi -----------------------------------------------------
+
+# (B, Sq, Sk, H, Hk, D, causal, window): odd sizes, GQA, unequal lengths both ways, windows,
+# decode-like rows, rows that see no key (window (2, 1) with Sq > Sk)
+MOD_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1)),
+    (1, 130, 130, 4, 2, 40, True, (-1, -1)),
+    (1, 33, 200, 2, 1, 96, True, (-1, -1)),
+    (1, 200, 33, 2, 2, 8, True, (-1, -1)),
+    (1, 129, 140, 2, 1, 24, False, (20, 3)),
+    (2, 1, 150, 4, 1, 64, True, (-1, -1)),
+    (1, 9, 5, 2, 1, 7, False, (2, 1)),
+]
+MODS = {
+    "softcap": lambda B, H, g: dict(softcap=2.5),
+    "alibi-h": lambda B, H, g: dict(alibi_slopes=torch.rand(H, generator=g) * 0.5),
+    "alibi-bh": lambda B, H, g: dict(alibi_slopes=torch.rand(B, H, generator=g) * 0.5),
+    "both": lambda B, H, g: dict(softcap=1.5, alibi_slopes=torch.rand(B, H, generator=g) * 0.3),
+}
+
+
+def _mods_to(mods, device):
+    return {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in mods.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mod", list(MODS), ids=str)
+@pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_score_mods_match_reference(case, mod, dtype, adevice):
+    """Forward and gradients with softcap / ALiBi against the float64 reference, within twice
+    the error of the eager composite in the same dtype (floored per dtype)."""
+    B, sq, sk, H, Hk, D, causal, window = case
+    g = torch.Generator().manual_seed(sq * 31 + sk + D + len(mod))
+    mods = MODS[mod](B, H, g)
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g) * 2, rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    dout = rand(B, sq, H, D, dtype=dtype, gen=g)
+    kw = dict(causal=causal, window=window)
+
+    def run(fn, dt, dev="cpu"):
+        xs = [t.detach().to(dev, dt).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*xs)
+        grads = torch.autograd.grad(out, xs, dout.to(dev, dt))
+        return out.detach().cpu(), lse.detach().cpu(), [x.cpu() for x in grads]
+
+    ref, ref_lse, rgrads = run(lambda a, b, c: attention_ref(a, b, c, **kw, **mods), torch.float64)
+    out, lse, grads = run(lambda a, b, c: pk.flash_attention(a, b, c, **kw, **_mods_to(mods, adevice),
+                                                             return_lse=True), dtype, adevice)
+    eager, _, egrads = run(lambda a, b, c: attention_ref(a, b, c, **kw, **mods, compute_dtype=dtype), dtype)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=20 * ATTN_ERR_FLOOR[dtype], rtol=0)
+    assert rel_err(out, ref) <= 2 * max(rel_err(eager, ref), FLOOR[dtype])
+    for name, o, e, r in zip("qkv", grads, egrads, rgrads):
+        assert rel_err(o, r) <= 2 * max(rel_err(e, r), 2 * FLOOR[dtype]), (name, rel_err(o, r), rel_err(e, r))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("window", [(-1, -1), (6, 2)], ids=["nowindow", "window"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mod", list(MODS), ids=str)
+def test_score_mods_every_combination(mod, causal, window, gqa, varlen, adevice):
+    """softcap / ALiBi with causal, windows, GQA, unequal lengths and varlen (per-sequence
+    alignment of the ALiBi distance), forward and backward in float32 against the reference."""
+    g = torch.Generator().manual_seed(13)
+    H, Hk, D = (6, 2, 24) if gqa else (3, 3, 24)
+    lens_q = [23, 1, 70] if varlen else [37, 37]
+    lens_k = [9, 17, 131] if varlen else [29, 29]
+    B, tq, tk = len(lens_q), sum(lens_q), sum(lens_k)
+    mods = MODS[mod](B, H, g)
+    q = torch.randn(tq, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(tk, Hk, D, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(tk, Hk, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(tq, H, D, generator=g, dtype=torch.float64)
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q32, k32, v32 = (t.to(adevice, torch.float32).requires_grad_() for t in (q, k, v))
+    dm = _mods_to(mods, adevice)
+    if varlen:
+        out = pk.flash_attention(q32, k32, v32, causal=causal, window=window, cu_seqlens_q=cu_q.to(adevice),
+                                 cu_seqlens_k=cu_k.to(adevice), **dm)
+    else:
+        out = pk.flash_attention(q32.view(B, -1, H, D), k32.view(B, -1, Hk, D), v32.view(B, -1, Hk, D),
+                                 causal=causal, window=window, **dm).reshape(tq, H, D)
+    grads = torch.autograd.grad(out, (q32, k32, v32), dout.to(adevice, torch.float32))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_varlen_ref(qr, kr, vr, cu_q, cu_k, causal=causal, window=window, **mods)
+    rgrads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    assert rel_err(out, ref) < 2e-6
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < 2e-5
+
+
+def test_score_mods_gradcheck_float64():
+    g = torch.Generator().manual_seed(21)
+    cases = [
+        dict(shape=(1, 5, 7, 2, 1, 4), causal=True, window=(-1, -1), softcap=0.7, alibi=None),
+        dict(shape=(2, 4, 6, 2, 2, 3), causal=False, window=(2, 1), softcap=None, alibi=(2,)),
+        dict(shape=(2, 4, 6, 4, 2, 5), causal=True, window=(-1, -1), softcap=1.3, alibi=(2, 4)),
+        dict(shape=(1, 6, 4, 2, 1, 3), causal=False, window=(2, 1), softcap=0.5, alibi=(2,), lse=False),
+    ]
+    for c in cases:
+        B, sq, sk, H, Hk, D = c["shape"]
+        q = torch.randn(B, sq, H, D, dtype=torch.float64, generator=g, requires_grad=True)
+        k = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        v = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        slopes = None if c["alibi"] is None else torch.rand(*c["alibi"][:-1], H, generator=g)
+        fn = lambda a, b, cc: pk.flash_attention(a, b, cc, causal=c["causal"], window=c["window"],  # noqa: E731
+                                                 softcap=c["softcap"], alibi_slopes=slopes,
+                                                 return_lse=c.get("lse", True))
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+    q = torch.randn(8, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(11, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(11, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    slopes = torch.rand(3, 2, generator=g)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: pk.flash_attention(a, b, c, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softcap=0.9,
+                                           alibi_slopes=slopes), (q, k, v))
+
+
+def test_score_mods_limits_and_no_slope_gradient():
+    """A huge cap changes nothing measurable; zero slopes are plain attention; slopes that
+    require grad get none (as FlashAttention)."""
+    g = torch.Generator().manual_seed(22)
+    q, k, v = (torch.randn(2, 19, 4, 16, generator=g) for _ in range(3))
+    plain = pk.flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(pk.flash_attention(q, k, v, causal=True, softcap=1e7), plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pk.flash_attention(q, k, v, causal=True, alibi_slopes=torch.zeros(4)), plain,
+                               atol=1e-6, rtol=0)
+    slopes = torch.rand(4, generator=g).requires_grad_()
+    qg = q.clone().requires_grad_()
+    pk.flash_attention(qg, k, v, alibi_slopes=slopes, softcap=3.0).sum().backward()
+    assert slopes.grad is None and qg.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_score_mods_kvcache(dtype, adevice):
+    """Decode and chunked prefill with softcap / ALiBi: the ALiBi distance is aligned to each
+    row's cache length (cache_seqlens + seqlen_new keys)."""
+    g = torch.Generator().manual_seed(23)
+    B, Smax, H, Hk, D = 3, 40, 4, 2, 32
+    lens = torch.tensor([5, 0, 30], dtype=torch.int32)
+    for s_new, sq in ((1, 1), (4, 4)):
+        kc, vc = rand(B, Smax, Hk, D, dtype=dtype, gen=g), rand(B, Smax, Hk, D, dtype=dtype, gen=g)
+        kn, vn = rand(B, s_new, Hk, D, dtype=dtype, gen=g), rand(B, s_new, Hk, D, dtype=dtype, gen=g)
+        q = rand(B, sq, H, D, dtype=dtype, gen=g)
+        slopes = torch.rand(B, H, generator=g)
+        out = pk.flash_attention_with_kvcache(q.to(adevice), kc.to(adevice), vc.to(adevice), lens.to(adevice),
+                                              k_new=kn.to(adevice), v_new=vn.to(adevice), softcap=2.0,
+                                              alibi_slopes=slopes.to(adevice)).cpu()
+        for b in range(B):
+            n = int(lens[b]) + s_new
+            keys = torch.cat([kc[b, :lens[b]], kn[b]])[None]
+            vals = torch.cat([vc[b, :lens[b]], vn[b]])[None]
+            ref, _ = attention_ref(q[b:b + 1], keys, vals, causal=True, softcap=2.0, alibi_slopes=slopes[b])
+            eager, _ = attention_ref(q[b:b + 1], keys, vals, causal=True, softcap=2.0, alibi_slopes=slopes[b],
+                                     compute_dtype=dtype)
+            assert keys.shape[1] == n
+            assert rel_err(out[b:b + 1], ref) <= 2 * max(rel_err(eager, ref), FLOOR[dtype])
+
+
+@pytest.mark.parametrize("cap", [0.37, 30.0])
+def test_softcap_tanh_is_within_a_few_ulps(cap):
+    """With one key and head_dim 1 the lse of a query is its capped score, cap * tanh(s / cap),
+    and d lse / d q = scale * k * (1 - tanh^2): the CPU kernel's tanh (a vector version on
+    AVX-512) against float64, over scores from -20 cap to 20 cap."""
+    n = 200_000
+    s = torch.linspace(-20 * cap, 20 * cap, n, dtype=torch.float64)
+    q = s.float().view(1, n, 1, 1).requires_grad_()
+    k = torch.ones(1, 1, 1, 1)
+    out, lse = pk.flash_attention(q, k, k, scale=1.0, softcap=cap, return_lse=True)
+    t = torch.tanh(q.detach().double().view(-1) / cap)
+    ref = cap * t
+    ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((lse.double().view(-1) - ref).abs() <= 4 * ulp).all()
+    (dq,) = torch.autograd.grad(lse.sum(), q)
+    torch.testing.assert_close(dq.double().view(-1), 1 - t * t, atol=4e-7, rtol=0)
+
+
+def test_score_mods_opcheck():
+    g = torch.Generator().manual_seed(24)
+    q = torch.randn(2, 9, 4, 16, generator=g)
+    k = torch.randn(2, 11, 2, 16, generator=g)
+    v = torch.randn(2, 11, 2, 16, generator=g)
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 11], dtype=torch.int32)
+    mask = (torch.rand(9, 11, generator=g) > 0.2).expand(2, 4, 9, 11)
+    sl_h, sl_bh = torch.rand(4, generator=g), torch.rand(2, 4, generator=g)
+    samples = [
+        (q, k, v, None, None, None, -1, -1, 0.25, -1, 0, True, 3.0, sl_h),
+        (q[0], k[0], v[0], cu_q, cu_k, None, 5, 6, 0.25, 3, -1, True, 0.0, sl_bh),
+        (q, k, v, None, None, mask, -1, -1, 0.3, -1, -1, False, 1.5, None),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, args)
+        qq, kk, vv = (t.clone().requires_grad_() for t in args[:3])
+        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, (qq, kk, vv, *args[3:]))
+        out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(*args)
+        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
+                              (torch.randn_like(out), *args[:3], out, lse, torch.randn_like(lse), *args[3:]))
+    q1 = torch.randn(2, 3, 4, 16, generator=g)
+    kc, vc = torch.randn(2, 10, 2, 16, generator=g), torch.randn(2, 10, 2, 16, generator=g)
+    kn, vn = torch.randn(2, 3, 2, 16, generator=g), torch.randn(2, 3, 2, 16, generator=g)
+    lens = torch.tensor([2, 7], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache,
+                          (q1, kc, vc, lens, kn, vn, 0.25, True, 2.0, sl_bh))
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache,
+                          (q1, kc, vc, lens, None, None, 0.25, False, 0.0, sl_h))
+
+
+def test_score_mods_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(25)
+    q = torch.randn(2, 20, 4, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 24, 2, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 24, 2, 16, generator=g, requires_grad=True)
+    slopes = torch.rand(2, 4, generator=g)
+
+    def f(q, k, v, slopes):
+        out, lse = pk.flash_attention(q, k, v, causal=True, softcap=4.0, alibi_slopes=slopes, return_lse=True)
+        return out.sum() + lse.sum()
+
+    eager = f(q, k, v, slopes)
+    ge = torch.autograd.grad(eager, (q, k, v))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, slopes)
+    gc = torch.autograd.grad(compiled, (q, k, v))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+SCORE_MOD_BAD = [
+    (dict(softcap=0.0), ValueError, "softcap: expected a finite number > 0"),
+    (dict(softcap=-1.0), ValueError, "softcap: expected a finite number > 0"),
+    (dict(softcap=float("nan")), ValueError, "softcap: expected a finite number > 0"),
+    (dict(softcap=float("inf")), ValueError, "softcap: expected a finite number > 0"),
+    (dict(softcap=1e-300), ValueError, "softcap: expected a value in"),
+    (dict(softcap=True), TypeError, "softcap: expected a float or None"),
+    (dict(softcap="1"), TypeError, "softcap: expected a float or None"),
+    (dict(alibi_slopes=[0.5] * 4), TypeError, "alibi_slopes: expected a float32 tensor"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), TypeError, "alibi_slopes: expected a float32 tensor"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float16)), TypeError, "alibi_slopes: expected a float32 tensor"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes: expected shape \[4\] or \[2, 4\]"),
+    (dict(alibi_slopes=torch.ones(4, 2)), ValueError, r"alibi_slopes: expected shape \[4\] or \[2, 4\]"),
+    (dict(alibi_slopes=torch.ones(1, 2, 4)), ValueError, r"alibi_slopes: expected shape \[4\] or \[2, 4\]"),
+    (dict(alibi_slopes=torch.ones(4, device="meta")), ValueError, "alibi_slopes: expected a tensor on cpu"),
+    (dict(alibi_slopes=torch.tensor([0.1, float("nan"), 0.2, 0.3])), ValueError, "alibi_slopes: expected finite"),
+    (dict(alibi_slopes=torch.tensor([0.1, 0.2, float("inf"), 0.3])), ValueError, "alibi_slopes: expected finite"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, msg", SCORE_MOD_BAD, ids=range(len(SCORE_MOD_BAD)))
+def test_score_mods_bad_inputs_python(kw, exc, msg):
+    q, k, v = torch.randn(2, 5, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    with pytest.raises(exc, match=msg):
+        pk.flash_attention(q, k, v, **kw)
+    kc, vc, lens = torch.zeros(2, 8, 2, 8), torch.zeros(2, 8, 2, 8), torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(exc, match=msg):
+        pk.flash_attention_with_kvcache(q[:, :1], kc, vc, lens, **kw)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(softcap=-1.0), "softcap: expected a finite number > 0"),
+    (dict(softcap=float("nan")), "softcap: expected a finite number > 0"),
+    (dict(softcap=float("inf")), "softcap: expected a finite number > 0"),
+    (dict(softcap=1e-300), "softcap: expected a value in"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), "alibi_slopes: expected a float32 tensor"),
+    (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes: expected shape \[4\] or \[2, 4\]"),
+    (dict(alibi_slopes=torch.ones(2, 3)), r"alibi_slopes: expected shape \[4\] or \[2, 4\]"),
+    (dict(alibi_slopes=torch.ones(4, device="meta")), "alibi_slopes: expected a tensor on cpu"),
+    (dict(alibi_slopes=torch.tensor([0.1, float("nan"), 0.2, 0.3])), "alibi_slopes: expected finite"),
+], ids=range(9))
+def test_score_mods_bad_inputs_raw_ops(kw, msg):
+    """The raw ops raise RuntimeError (TORCH_CHECK in csrc/common/attention_checks.h, or the
+    fake kernel when a meta tensor is involved) for each bad softcap / slopes."""
+    ops = torch.ops.pretrain_kernels
+    softcap, slopes = kw.get("softcap", 0.0), kw.get("alibi_slopes")
+    q, k, v = torch.randn(2, 5, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    with pytest.raises(RuntimeError, match=msg):
+        ops.flash_attn_fwd(q, k, v, None, None, None, -1, -1, 0.3, -1, -1, True, softcap, slopes)
+    out, lse = ops.flash_attn_fwd(q, k, v, None, None, None, -1, -1, 0.3, -1, -1, True)
+    with pytest.raises(RuntimeError, match=msg):
+        ops.flash_attn_bwd(out, q, k, v, out, lse, None, None, None, None, -1, -1, 0.3, -1, -1, True, softcap, slopes)
+    kc, vc, lens = torch.zeros(2, 8, 2, 8), torch.zeros(2, 8, 2, 8), torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=msg):
+        ops.flash_attn_kvcache(q[:, :1], kc, vc, lens, None, None, 0.3, True, softcap, slopes)

@@ -507,13 +507,13 @@ PREFIX_CASES = [
 def _prefix_fwd(ops, q, k, v, prefix, causal=False, window=(-1, -1), bottom_right=True, cu_q=None, cu_k=None):
     left, right = _window(causal, window)
     return ops.flash_attn_fwd(q, k, v, cu_q, cu_k, None, -1, -1, q.shape[-1] ** -0.5, left, right, bottom_right,
-                              prefix)
+                              prefix_lens=prefix)
 
 
 def _prefix_bwd(ops, dout, q, k, v, out, lse, prefix, causal=False, window=(-1, -1), cu_q=None, cu_k=None):
     left, right = _window(causal, window)
     return ops.flash_attn_bwd(dout, q, k, v, out, lse, None, cu_q, cu_k, None, -1, -1, q.shape[-1] ** -0.5, left,
-                              right, True, prefix)
+                              right, True, prefix_lens=prefix)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -671,3 +671,156 @@ def test_prefix_lm_out_of_range_values_are_clamped(emu):
             _prefix_fwd(ops, q, k, v, clamped[:3], causal=True)
         with pytest.raises(RuntimeError, match=r"prefix_lens: expected shape \[4\]"):
             _prefix_bwd(ops, dout, q, k, v, o_c, l_c, clamped[None], causal=True)
+
+
+# ---- score modifiers: soft-cap and ALiBi -----------------------------------------------------
+
+# (B, Sq, Sk, H, Hk, D, causal, window, bottom_right): 64-row and 128-row forward blocks,
+# packed GQA rows (fewer queries than a block), split-KV decode, top-left alignment, both
+# backward shapes (D = 256: separate dK and dV passes) and the SIMT kernels for float32
+MOD_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1), True),
+    (1, 130, 70, 2, 2, 96, True, (-1, -1), True),
+    (1, 70, 130, 4, 1, 32, True, (-1, -1), True),
+    (1, 65, 65, 2, 1, 128, False, (20, 3), True),
+    (1, 1, 300, 4, 2, 128, True, (-1, -1), True),
+    (1, 40, 90, 2, 1, 64, True, (-1, -1), False),
+    (1, 50, 45, 2, 2, 256, False, (30, -1), True),
+]
+MODS = {
+    "softcap": lambda B, H, g: (2.5, None),
+    "alibi-h": lambda B, H, g: (0.0, torch.rand(H, generator=g) * 0.5),
+    "both": lambda B, H, g: (1.5, torch.rand(B, H, generator=g) * 0.3),
+}
+
+
+def _mods_kw(softcap, slopes):
+    return dict(softcap=softcap if softcap > 0 else None, alibi_slopes=slopes)
+
+
+def _check_score_mods(emu, case, dtype, softcap, slopes, g):
+    B, sq, sk, H, Hk, D, causal, window, br = case
+    q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g) * 2, rand(
+        B, sk, Hk, D, dtype=dtype, gen=g)
+    dout = rand(B, sq, H, D, dtype=dtype, gen=g)
+    left, right = _window(causal, window)
+    scale = D ** -0.5
+    out, lse = emu.flash_attn_fwd(q, k, v, None, None, None, -1, -1, scale, left, right, br, softcap, slopes)
+    kw = dict(causal=causal, window=window, bottom_right=br, **_mods_kw(softcap, slopes))
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_ref(*xs, **kw)
+    ys = [t.detach().requires_grad_() for t in (q, k, v)]
+    eager, _ = attention_ref(*ys, **kw, compute_dtype=dtype)
+    assert rel_err(out, ref) <= 2 * max(rel_err(eager, ref), FLOOR[dtype]), (rel_err(out, ref), rel_err(eager, ref))
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=20 * FLOOR[dtype], rtol=0)
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, scale, left, right, br,
+                               softcap, slopes)
+    ref_g = torch.autograd.grad(ref, xs, dout.double())
+    theirs = torch.autograd.grad(eager, ys, dout)
+    for name, a, r, t in zip("qkv", grads, ref_g, theirs):
+        assert a.dtype == dtype and a.shape == r.shape
+        assert rel_err(a, r) <= 2 * max(rel_err(t, r), 2 * FLOOR[dtype]), (name, rel_err(a, r), rel_err(t, r))
+    # the CPU op on the same inputs
+    out_c, _ = torch.ops.pretrain_kernels.flash_attn_fwd(q, k, v, None, None, None, -1, -1, scale, left, right, br,
+                                                         softcap, slopes)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), out_c.float(), atol=tol, rtol=tol)
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_score_mods_match_reference(emu, case, dtype):
+    """softcap and ALiBi together through the CUDA forward and backward kernels."""
+    g = torch.Generator().manual_seed(case[1] * 13 + case[2] + case[5])
+    softcap, slopes = MODS["both"](case[0], case[3], g)
+    _check_score_mods(emu, case, dtype, softcap, slopes, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mod", ["softcap", "alibi-h"], ids=str)
+def test_score_mods_alone(emu, mod, dtype):
+    case = MOD_CASES[2]
+    g = torch.Generator().manual_seed(len(mod))
+    softcap, slopes = MODS[mod](case[0], case[3], g)
+    _check_score_mods(emu, case, dtype, softcap, slopes, g)
+
+
+@pytest.mark.parametrize("scheme", ["atomic", "ordered"])
+def test_score_mods_fused_dq(emu, scheme, monkeypatch):
+    """The fused dQ schemes of the tensor-core backward compute dS with the same modifiers."""
+    case = (1, 100, 120, 4, 2, 64, True, (-1, -1), True)
+    g = torch.Generator().manual_seed(3)
+    softcap, slopes = MODS["both"](1, 4, g)
+    g_sep = _check_score_mods(emu, case, torch.bfloat16, softcap, slopes, torch.Generator().manual_seed(4))
+    monkeypatch.setenv("PK_ATTENTION_BWD", scheme)
+    g_fused = _check_score_mods(emu, case, torch.bfloat16, softcap, slopes, torch.Generator().manual_seed(4))
+    for a, b in zip(g_sep, g_fused):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_score_mods_varlen(emu, dtype):
+    g = torch.Generator().manual_seed(14)
+    lens_q, lens_k = [5, 0, 129, 1, 64], [7, 3, 129, 40, 1]
+    H, Hk, D = 4, 2, 64
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = rand(sum(lens_q), H, D, dtype=dtype, gen=g), rand(sum(lens_k), Hk, D, dtype=dtype, gen=g), rand(
+        sum(lens_k), Hk, D, dtype=dtype, gen=g)
+    dout = rand(sum(lens_q), H, D, dtype=dtype, gen=g)
+    slopes = torch.rand(len(lens_q), H, generator=g) * 0.3
+    out, lse = emu.flash_attn_fwd(q, k, v, cu_q, cu_k, None, -1, -1, D ** -0.5, -1, 0, True, 2.0, slopes)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_varlen_ref(*xs, cu_q, cu_k, causal=True, softcap=2.0, alibi_slopes=slopes)
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=LSE_ATOL[dtype] * 10, rtol=0)
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu_q, cu_k, None, -1, -1, D ** -0.5, -1, 0, True, 2.0,
+                               slopes)
+    ref_g = torch.autograd.grad(ref, xs, dout.double())
+    for a, r in zip(grads, ref_g):
+        assert rel_err(a, r) < (1e-5 if dtype == torch.float32 else 2e-2), rel_err(a, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_score_mods_kvcache(emu, dtype):
+    """Decode (split-KV, packed GQA rows) and a chunk with softcap and ALiBi aligned to each
+    row's cache length."""
+    g = torch.Generator().manual_seed(15)
+    B, H, Hk, D, smax = 3, 4, 2, 64, 300
+    k_cache, v_cache = rand(B, smax, Hk, D, dtype=dtype, gen=g), rand(B, smax, Hk, D, dtype=dtype, gen=g)
+    lens = torch.tensor([0, 17, 200], dtype=torch.int32)
+    slopes = torch.rand(H, generator=g) * 0.2
+    for n in (1, 5):
+        q = rand(B, n, H, D, dtype=dtype, gen=g)
+        kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+        out = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True, 3.0, slopes)
+        for b in range(B):
+            L = int(lens[b]) + n
+            kw = dict(causal=True, softcap=3.0, alibi_slopes=slopes)
+            ref, _ = attention_ref(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], **kw)
+            eager, _ = attention_ref(q[b:b + 1], k_cache[b:b + 1, :L], v_cache[b:b + 1, :L], **kw,
+                                     compute_dtype=dtype)
+            assert rel_err(out[b:b + 1], ref) <= 2 * max(rel_err(eager, ref), FLOOR[dtype])
+        lens += n
+
+
+def test_score_mods_bad_inputs_raise(emu):
+    """The shared checks (csrc/common/attention_checks.h) on the CUDA entry points; slope values
+    are not checked there (no host sync)."""
+    q = torch.randn(2, 4, 2, 16)
+    for softcap, slopes, msg in ((-1.0, None, "softcap"), (float("nan"), None, "softcap"),
+                                 (1e-300, None, "softcap"), (0.0, torch.ones(3), "alibi_slopes: expected shape"),
+                                 (0.0, torch.ones(2, dtype=torch.float64), "alibi_slopes: expected a float32")):
+        with pytest.raises(RuntimeError, match=msg):
+            emu.flash_attn_fwd(q, q, q, None, None, None, -1, -1, 0.25, -1, -1, True, softcap, slopes)
+        with pytest.raises(RuntimeError, match=msg):
+            emu.flash_attn_bwd(q, q, q, q, q, torch.zeros(2, 2, 4), None, None, None, None, -1, -1, 0.25, -1, -1,
+                               True, softcap, slopes)
+    out, _ = emu.flash_attn_fwd(q, q, q, None, None, None, -1, -1, 0.25, -1, -1, True, 0.0,
+                                torch.tensor([0.5, float("nan")]))
+    assert out[:, :, 1].isnan().all() and not out[:, :, 0].isnan().any()

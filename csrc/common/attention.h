@@ -29,7 +29,16 @@
 //
 // A tile (query block x key block) is skipped when no query of it sees any of its keys
 // and needs no per-element mask when every query of it sees every key of it.
+//
+// Score modifiers. With a soft-cap c > 0 the scaled score s = scale * q.k becomes
+// c * tanh(s / c) (Gemma-2, FlashAttention's softcap), applied before any mask; ALiBi then adds
+// -slope * |i + offset - j| (FlashAttention's -slope * |i + Sk - Sq - j| for bottom-right
+// alignment; offset as above, so it is defined for either alignment). The backward pass
+// recomputes the same scores and multiplies dS by the derivative of the cap, 1 - tanh^2.
+// Both backends call the functions below, with tanhf / tanh from the C library (CUDA's tanhf
+// on the GPU), so their scores agree to a few ulps.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "host_device.h"
@@ -93,6 +102,30 @@ PK_HD bool tile_full(const Window& w, int64_t i0, int64_t i1, int64_t j0, int64_
 // Whether some query of [i0, i1) sees some key of [j0, j1).
 PK_HD bool tile_any(const Window& w, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t sk) {
   return key_lo(w, i0) < j1 && key_hi(w, i1 - 1, sk) > j0 && key_lo(w, i0) < key_hi(w, i1 - 1, sk);
+}
+
+PK_HD float pk_tanh(float x) { return tanhf(x); }
+PK_HD double pk_tanh(double x) { return tanh(x); }
+
+// The ALiBi bias of query i and key j for a head with slope `slope`: -slope * |i + offset - j|.
+template <typename T>
+PK_HD T alibi_bias(T slope, const Window& w, int64_t i, int64_t j) {
+  const int64_t d = i + w.offset - j;
+  return -slope * static_cast<T>(d < 0 ? -d : d);
+}
+
+// The modified score of a scaled score s: softcap * tanh(s / softcap) when softcap > 0 (else s),
+// plus `bias` (ALiBi). *dcap, when given, receives d(modified) / ds = 1 - tanh^2 (1 without cap).
+template <typename T>
+PK_HD T modify_score(T s, T softcap, T bias, T* dcap) {
+  if (softcap > T(0)) {
+    const T t = pk_tanh(s / softcap);
+    s = softcap * t;
+    if (dcap != nullptr) *dcap = T(1) - t * t;
+  } else if (dcap != nullptr) {
+    *dcap = T(1);
+  }
+  return s + bias;
 }
 
 // KV cache. Row b of a cache of `capacity` positions holds `len` = cache_seqlens[b] tokens

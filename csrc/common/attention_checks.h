@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -178,6 +179,40 @@ void check_prefix_lens_values(const int32_t* pl, int64_t batch, LenK len_k) {
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(pl[b] >= 0 && pl[b] <= len_k(b), "prefix_lens: expected values in [0, keys of the sequence], got ",
                 pl[b], " at row ", b, " (", len_k(b), " keys)");
+}
+
+// Score modifiers (csrc/common/attention.h): softcap 0 = off, else a finite number > 0 (for
+// float32 / float16 / bfloat16 inputs, a normal float32 of magnitude at most kMaxFloatScale,
+// as the kernels use it in float); alibi_slopes float32 [heads] or [batch, heads] on `dev`. The
+// slope values are checked (finite) where the backend reads them on the host (`host_values`:
+// the CPU); CUDA cannot without a sync, and a NaN or infinite slope gives NaN rows there.
+// Sets the kernel parameters softcap, alibi, alibi_sb, alibi_sh (the CPU Problem and the CUDA
+// AttnParams share these names; strides in elements, alibi_sb 0 for [heads] slopes).
+template <typename KernelParams>
+void set_score_mods(KernelParams& p, double softcap, const std::optional<at::Tensor>& slopes, at::ScalarType dtype,
+                    const at::Device& dev, bool host_values) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap: expected a finite number > 0 (0 = off), got ",
+              softcap);
+  if (softcap > 0 && dtype != at::kDouble)
+    TORCH_CHECK(softcap >= std::numeric_limits<float>::min() && softcap <= kMaxFloatScale,
+                "softcap: expected a value in [", std::numeric_limits<float>::min(), ", ", kMaxFloatScale, "] for ",
+                dtype, " inputs (their scores are float32), got ", softcap);
+  p.softcap = static_cast<decltype(p.softcap)>(softcap);
+  p.alibi = nullptr;
+  p.alibi_sb = p.alibi_sh = 0;
+  if (!slopes.has_value()) return;
+  const at::Tensor& a = *slopes;
+  const int64_t batch = p.batch, H = p.H;
+  TORCH_CHECK(a.scalar_type() == at::kFloat, "alibi_slopes: expected a float32 tensor, got ", a.scalar_type());
+  TORCH_CHECK(a.device() == dev, "alibi_slopes: expected a tensor on ", dev, " (the device of q), got one on ",
+              a.device());
+  TORCH_CHECK((a.dim() == 1 && a.size(0) == H) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == H),
+              "alibi_slopes: expected shape [", H, "] or [", batch, ", ", H, "], got ", a.sizes());
+  if (host_values && a.numel() > 0)
+    TORCH_CHECK(at::isfinite(a).all().item<bool>(), "alibi_slopes: expected finite values");
+  p.alibi = a.data_ptr<float>();
+  p.alibi_sb = a.dim() == 2 ? a.stride(0) : 0;
+  p.alibi_sh = a.stride(-1);
 }
 
 // The saved forward tensors handed to the backward: out and dout shaped like q with v's head

@@ -10,6 +10,7 @@
 // float, pre-multiplied by the scale) together with its output accumulator O, and the keys
 // go by in blocks of kBlockK. For each key block:
 //   S = Q_blk K_blk^T                (tile GEMM against a packed key panel, see below)
+//   soft-cap and ALiBi (csrc/common/attention.h) when asked, on every tile
 //   mask S (window / causal / caller's mask) where the tile is not wholly visible
 //   online softmax per row: m' = max(m, max S), P = exp(S - m'), l = l e^(m-m') + sum P,
 //                            O = O e^(m-m') + P V_blk
@@ -94,9 +95,11 @@ template <typename acc_t>
 void softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t R, int64_t np, int64_t nk, const Window& w,
                   int64_t b, int64_t h0, int64_t i0, int64_t j0, bool full, acc_t* m, acc_t* l, acc_t* O) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const bool mod = p.has_score_mod();
   for (int64_t r = 0; r < R; ++r) {
     const int64_t g = r / np, i = i0 + r % np;
     acc_t* s = S + r * lds;
+    if (mod) p.modify_row(s, static_cast<acc_t*>(nullptr), nk, w, b, h0 + g, i, j0);
     if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h0 + g, i, j0, full);
     const acc_t mnew = std::max(m[r], row_max(s, nk));
     if (mnew == ninf) {
@@ -380,8 +383,9 @@ Operand operand(const at::Tensor& t, bool varlen) {
 // dimension is contiguous, cu_seqlens by contiguous ones (the caller keeps them alive).
 Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
-                     int64_t window_left, int64_t window_right, bool bottom_right,
-                     std::optional<at::Tensor>& prefix_lens, Layout* layout) {
+                     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                     const std::optional<at::Tensor>& alibi_slopes, std::optional<at::Tensor>& prefix_lens,
+                     Layout* layout) {
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
   const Layout l = check_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, q.device(), true);
   if (layout != nullptr) *layout = l;
@@ -417,6 +421,7 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
   p.window_left = l.window_left;
   p.window_right = l.window_right;
   p.bottom_right = bottom_right;
+  set_score_mods(p, softcap, alibi_slopes, q.scalar_type(), q.device(), true);
   set_prefix_lens(p, prefix_lens, l.batch, q.device());
   // the CPU reads them on the host: a length outside the sequence's keys raises here
   if (p.prefix_lens) check_prefix_lens_values(p.prefix_lens, p.batch, [&](int64_t b) { return p.len_k(b); });
@@ -440,13 +445,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                                       const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
                                                       int64_t max_seqlen_k, double scale, int64_t window_left,
-                                                      int64_t window_right, bool bottom_right,
+                                                      int64_t window_right, bool bottom_right, double softcap,
+                                                      const std::optional<at::Tensor>& alibi_slopes,
                                                       const std::optional<at::Tensor>& prefix_lens) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;  // the CPU kernel reads the lengths from cu_seqlens
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
-  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, prefix);
+  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
+                                 alibi_slopes, prefix);
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;
   at::Tensor out = at::empty(out_shape, q.options());
@@ -462,13 +469,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
 
 at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
                                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                                  const std::optional<at::Tensor>& v_new, double scale, bool causal) {
+                                  const std::optional<at::Tensor>& v_new, double scale, bool causal, double softcap,
+                                  const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(q_in.device().is_cpu(), "q: expected a CPU tensor, got one on ", q_in.device());
   const int64_t s_new = check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, q_in.device());
   // Checks q against the caches (dtypes, heads, head dims) before anything is written.
   at::Tensor q = q_in, k = k_cache, v = v_cache;
   std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
-  Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, none_prefix);
+  Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, softcap, alibi_slopes,
+                           none_prefix);
   const int64_t B = q.size(0), Smax = k_cache.size(1);
   // A row that does not fit (cache_rows_fit in csrc/common/attention.h) is neither written nor
   // attended: its key count is 0 and its output NaN, as on CUDA.

@@ -2,6 +2,9 @@
 //
 // With P = softmax(S), S = Q K^T * scale (+ mask), O = P V and Di = rowsum(dO * O):
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Di),  dQ = scale * dS K,  dK = scale * dS^T Q.
+// With a soft-cap the recomputed scores go through the same modify_score as the forward's and
+// dS is multiplied by the cap's derivative 1 - tanh^2 (kept per tile element); the ALiBi bias
+// is a constant per element and needs nothing more.
 // P is recomputed per tile as exp(S - lse). Q is loaded pre-multiplied by the scale, which
 // makes dK = dS^T (scale Q) come out already scaled. When the caller also needs the
 // gradient of the lse (return_lse=True), d lse_i / d S_ij = P_ij folds into Di -= dlse_i.
@@ -74,6 +77,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   const int64_t BQ = kBlockQ, BK = kBlockKb;
   const acc_t scale = static_cast<acc_t>(p.scale);
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const bool mod = p.has_score_mod();
 
   // Di = rowsum(dO * O) - dlse, laid out like lse.
   std::vector<acc_t> Di(static_cast<size_t>(H * p.total_q));
@@ -133,7 +137,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
 
   at::parallel_for(0, p.batch * Hk * n_chunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> Kf(BK * D), Kt(use_bf16 ? 0 : D * BK), Vt(use_bf16 ? 0 : Dv * BK), dK(BK * D), dV(BK * Dv);
-    std::vector<acc_t> S(BQ * BK), dP(BQ * BK);
+    std::vector<acc_t> S(BQ * BK), dP(BQ * BK), dCap(p.softcap > 0 ? BQ * BK : 0);
     std::vector<uint16_t> Kp(use_bf16 ? Dp * BK : 0), Vp(use_bf16 ? Dvp * BK : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % n_chunks, hk = (t / n_chunks) % Hk, b = t / (n_chunks * Hk);
@@ -171,6 +175,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
               gemm<acc_t>(np, nk, D, Qf, D, 1, Kt.data(), BK, S.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
               acc_t* s = S.data() + r * BK;
+              if (mod) p.modify_row(s, dCap.empty() ? nullptr : dCap.data() + r * BK, nk, w, b, h, i0 + r, j0);
               if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h, i0 + r, j0, full);
               const acc_t L = lse[p.lse_index(b, h, i0 + r)];
               if (L == ninf)
@@ -190,6 +195,10 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
               const acc_t* pr = S.data() + r * BK;
               acc_t* ds = dP.data() + r * BK;
               for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - di);
+              if (!dCap.empty()) {  // through the soft-cap: dS_raw = dS (1 - tanh^2)
+                const acc_t* dc = dCap.data() + r * BK;
+                for (int64_t j = 0; j < nk; ++j) ds[j] *= dc[j];
+              }
             }
             // dK += dS^T (scale Q);  dQ += dS K (scaled at the end)
             gemm<acc_t>(nk, D, np, dP.data(), 1, BK, Qf, D, dK.data(), D, true);
@@ -228,14 +237,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, const std::optional<at::Tensor>& prefix_lens) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   Layout l;
-  const Problem p =
-      make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, prefix, &l);
+  const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
+                                 alibi_slopes, prefix, &l);
   check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, lse_dtype(q), q_in.device());
   const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor dlse = dlse_in.has_value() ? dlse_in->contiguous() : at::Tensor();

@@ -63,6 +63,11 @@ struct Problem {
   const float* mask_float = nullptr;
   int64_t m_sb = 0, m_sh = 0, m_si = 0, m_sj = 0;
   double scale = 1.0;
+  // Score modifiers (csrc/common/attention.h): soft-cap (0: off) and ALiBi slopes, float32
+  // indexed b * alibi_sb + h * alibi_sh (alibi_sb 0 for [heads] slopes), or null.
+  double softcap = 0.0;
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0, alibi_sh = 0;
   int64_t window_left = -1, window_right = -1;
   bool bottom_right = true;
 
@@ -98,6 +103,35 @@ struct Problem {
     return make_window(window_left, window_right, bottom_right, len_q(b), len_k(b), prefix_lens ? prefix_lens[b] : 0);
   }
   bool has_mask() const { return mask_bool || mask_float; }
+  bool has_score_mod() const { return softcap > 0 || alibi; }
+
+  // Applies the score modifiers to a row of scaled scores s[0, n) of query i (head h) against
+  // keys j0 .. j0 + n, before mask_row: the soft-cap, then the ALiBi bias. dcap, when given,
+  // receives the cap's derivative 1 - tanh^2 per element (for the backward pass). float rows
+  // on AVX-512 take score_mod_row_avx512 (a vector tanh within a few ulps of tanhf).
+  template <typename acc_t>
+  void modify_row(acc_t* s, acc_t* dcap, int64_t n, const Window& w, int64_t b, int64_t h, int64_t i,
+                  int64_t j0) const {
+    const acc_t cap = static_cast<acc_t>(softcap);
+    const acc_t slope = alibi ? static_cast<acc_t>(alibi[b * alibi_sb + h * alibi_sh]) : acc_t(0);
+#if PK_X86
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const int64_t d0 = i + w.offset - j0, lim = int64_t(1) << 30;
+      if (isa_avx512() && d0 < lim && d0 > -lim && d0 - n > -lim) {
+        score_mod_row_avx512(s, dcap, n, cap, alibi != nullptr, slope, d0);
+        return;
+      }
+    }
+#endif
+    if (alibi == nullptr && dcap == nullptr) {
+      for (int64_t j = 0; j < n; ++j) s[j] = modify_score(s[j], cap, acc_t(0), static_cast<acc_t*>(nullptr));
+    } else if (alibi == nullptr) {
+      for (int64_t j = 0; j < n; ++j) s[j] = modify_score(s[j], cap, acc_t(0), dcap + j);
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        s[j] = modify_score(s[j], cap, alibi_bias(slope, w, i, j0 + j), dcap != nullptr ? dcap + j : nullptr);
+    }
+  }
 
   // Masks a row of scores s[0, n) of query i (head h) against keys j0 .. j0 + n: invisible
   // keys get -inf, the caller's float mask is added. `full`: the window hides nothing here.
@@ -126,8 +160,9 @@ struct Problem {
 // shapes (csrc/common/attention_checks.h).
 Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
-                     int64_t window_left, int64_t window_right, bool bottom_right,
-                     std::optional<at::Tensor>& prefix_lens, Layout* layout = nullptr);
+                     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                     const std::optional<at::Tensor>& alibi_slopes, std::optional<at::Tensor>& prefix_lens,
+                     Layout* layout = nullptr);
 
 // float64 for float64 inputs, float32 otherwise.
 at::ScalarType lse_dtype(const at::Tensor& q);
@@ -136,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& prefix_lens);
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens);
 
 }  // namespace cpu
 }  // namespace attention

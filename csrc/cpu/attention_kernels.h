@@ -88,6 +88,26 @@ PK_TARGET_AVX512 inline __m512 exp512(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
+// tanh(x): x + x^3 P(x^2) below |x| = 0.625 (the polynomial of Cephes' tanhf), above it
+// (1 - e) / (1 + e) with e = exp(-2|x|) and the sign of x. Within a few ulps of std::tanh
+// (tests/test_attention.py measures it through the op).
+PK_TARGET_AVX512 inline __m512 tanh512(__m512 x) {
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.06390887954e-2f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.37397155531e-2f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036e-1f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422e-1f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 e = exp512(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
+  const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.f));
+  const __mmask16 is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(is_small, _mm512_or_ps(big, sign), small);
+}
+
 PK_TARGET_AVX512 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
 }
@@ -98,6 +118,30 @@ PK_TARGET_AVX512 inline float row_max_avx512(const float* s, int64_t n) {
   for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
   if (j < n) m = _mm512_mask_max_ps(m, tail_mask(n - j), m, _mm512_maskz_loadu_ps(tail_mask(n - j), s + j));
   return _mm512_reduce_max_ps(m);
+}
+
+// The score modifiers (modify_score, csrc/common/attention.h) on a row s[0, n): the soft-cap
+// when cap > 0 (dcap, when given, gets 1 - tanh^2), then, when `alibi`, the bias
+// -slope * |d0 - j| of column j. The same operations as the scalar formula but tanh512 for
+// tanhf. |d0| and |d0 - n| must be below 2^30 (the caller checks).
+PK_TARGET_AVX512 inline void score_mod_row_avx512(float* s, float* dcap, int64_t n, float cap, bool alibi,
+                                                  float slope, int64_t d0) {
+  const __m512 vcap = _mm512_set1_ps(cap), one = _mm512_set1_ps(1.f), nslope = _mm512_set1_ps(-slope);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail_mask(n - j);
+    __m512 x = _mm512_maskz_loadu_ps(t, s + j);
+    if (cap > 0.f) {
+      const __m512 th = tanh512(_mm512_div_ps(x, vcap));
+      x = _mm512_mul_ps(vcap, th);
+      if (dcap != nullptr) _mm512_mask_storeu_ps(dcap + j, t, _mm512_sub_ps(one, _mm512_mul_ps(th, th)));
+    }
+    if (alibi) {
+      const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(static_cast<int32_t>(d0 - j)), lane);
+      x = _mm512_add_ps(x, _mm512_mul_ps(nslope, _mm512_cvtepi32_ps(_mm512_abs_epi32(d))));
+    }
+    _mm512_mask_storeu_ps(s + j, t, x);
+  }
 }
 
 PK_TARGET_AVX512 inline float exp_sum_avx512(float* s, int64_t n, float sub) {

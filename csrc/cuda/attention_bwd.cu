@@ -37,7 +37,8 @@
 // scores (attention_bwd_mma.cuh). Everything else (float32, a caller's mask, GPUs before
 // sm_80) runs the SIMT kernels of
 // attention_bwd_rows.cuh: a warp per query row (dQ) or per key row (dK, dV), a lane per
-// key or query.
+// key or query. With softcap / ALiBi every kernel recomputes the forward's modified scores
+// and multiplies dS by the soft-cap's derivative 1 - tanh^2 (modified_score_log2).
 #include <torch/library.h>
 
 #include "attention_host.cuh"
@@ -135,15 +136,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, const std::optional<at::Tensor>& prefix_lens) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Device dev = q_in.device();
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   Layout l;
-  AttnParams p =
-      make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, prefix, &l);
+  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
+                             alibi_slopes, prefix, &l);
   check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, at::kFloat, dev);
   const std::vector<int64_t> lse_shape(lse_in.sizes().begin(), lse_in.sizes().end());
   std::optional<at::Tensor> dlse;

@@ -151,6 +151,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const AttnParam
         }
         float acc[kDT][4];
         zero_acc(acc);
+        const bool mod = p.has_score_mod();
+        const float slope = alibi_slope(p, b, h);
 
         const auto load_kv = [&](int64_t j, int stage) {
           const int n = static_cast<int>(imin(kBN, ke - j));
@@ -175,17 +177,31 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const AttnParam
           mma_rows_tile_t<T, kLd, kD, kNT>(sc, sQ, warp * 16, sK, lane);   // S = Q K^T
           mma_rows_tile_t<T, kLd, kD, kNT>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
           const bool need_mask = nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
+          // kMod: the forward's soft-cap / ALiBi, and dS times the cap's derivative; chosen per tile.
+          const auto ds_tile = [&](auto mod_tag) {
+            constexpr bool kMod = decltype(mod_tag)::value;
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
+            for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-            for (int x = 0; x < 4; ++x) {
-              const int rr = x >> 1;
-              const int c = nt * 8 + 2 * t + (x & 1);
-              bool ok = L2[rr] != -INFINITY;
-              if (need_mask) ok = ok && c < nk && visible(w, row0 + 8 * rr, j0 + c);
-              const float pe = ok ? exp2f(sc[nt][x] * p.scale_log2 - L2[rr]) : 0.f;
-              sc[nt][x] = pe * (dp[nt][x] - di[rr]);  // dS
-            }
+              for (int x = 0; x < 4; ++x) {
+                const int rr = x >> 1;
+                const int c = nt * 8 + 2 * t + (x & 1);
+                bool ok = L2[rr] != -INFINITY;
+                if (need_mask) ok = ok && c < nk && visible(w, row0 + 8 * rr, j0 + c);
+                float z, dcap = 1.f;
+                if constexpr (kMod)
+                  z = modified_score_log2(p, sc[nt][x] * p.scale, slope, w, row0 + 8 * rr, j0 + c, &dcap);
+                else
+                  z = sc[nt][x] * p.scale_log2;
+                const float pe = ok ? exp2f(z - L2[rr]) : 0.f;
+                sc[nt][x] = pe * (dp[nt][x] - di[rr]);  // dS
+                if constexpr (kMod) sc[nt][x] *= dcap;
+              }
+          };
+          if (mod)
+            ds_tile(std::true_type{});
+          else
+            ds_tile(std::false_type{});
           mma_acc_tile<T, kLd, kNT, kDT>(acc, sc, sK, lane);  // dQ += dS K
         }
         cp_async_wait<0>();
@@ -237,6 +253,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const AttnPar
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int G = p.H / p.Hk;
   const bool do_vec = p.dout_vec;
+  const bool mod = p.has_score_mod();
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -331,22 +348,36 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const AttnPar
             if constexpr (kDoK) mma_rows_tile_t<T, kLd, kD, kNT>(dp, sV, warp * 16, sdO, lane);
             const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);
             float pt[kNT][4];
+            // kMod: the forward's soft-cap / ALiBi, and dS times the cap's derivative; chosen per tile.
+            const auto ds_tile = [&](auto mod_tag) {
+              constexpr bool kMod = decltype(mod_tag)::value;
+              float slope = 0.f;
+              if constexpr (kMod) slope = alibi_slope(p, b, hk * G + static_cast<int>(n / n_qt));
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
+              for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-              for (int x = 0; x < 4; ++x) {
-                const int rr = x >> 1;
-                const int c = nt * 8 + 2 * t + (x & 1);
-                const float l2 = sL2[c];
-                bool ok = l2 != -INFINITY;
-                if (need_mask) {
+                for (int x = 0; x < 4; ++x) {
+                  const int rr = x >> 1;
+                  const int c = nt * 8 + 2 * t + (x & 1);
+                  const float l2 = sL2[c];
                   const int64_t key = key0 + 8 * rr;
-                  ok = ok && c < nq && key < j1 && visible(w, i0 + c, key);
+                  bool ok = l2 != -INFINITY;
+                  if (need_mask) ok = ok && c < nq && key < j1 && visible(w, i0 + c, key);
+                  float z, dcap = 1.f;
+                  if constexpr (kMod)
+                    z = modified_score_log2(p, sc[nt][x] * p.scale, slope, w, i0 + c, key, &dcap);
+                  else
+                    z = sc[nt][x] * p.scale_log2;
+                  const float pe = ok ? exp2f(z - l2) : 0.f;
+                  pt[nt][x] = pe;
+                  sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
+                  if constexpr (kMod) sc[nt][x] *= dcap;
                 }
-                const float pe = ok ? exp2f(sc[nt][x] * p.scale_log2 - l2) : 0.f;
-                pt[nt][x] = pe;
-                sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
-              }
+            };
+            if (mod)
+              ds_tile(std::true_type{});
+            else
+              ds_tile(std::false_type{});
             // dV += P^T dO, dK += dS^T Q (k dimension: the kBQ queries)
             if constexpr (kDoV) mma_acc_tile<T, kLd, kNT, kDT>(av, pt, sdO, lane);
             if constexpr (kDoK) mma_acc_tile<T, kLd, kNT, kDT>(ak, sc, sQ, lane);

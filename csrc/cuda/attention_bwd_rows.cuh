@@ -30,7 +30,8 @@ __global__ void __launch_bounds__(128) bwd_dot_kernel(const AttnParams p, const 
 }
 
 // dQ: one warp per (query row, head). Keys go by 32 at a time, a lane per key:
-//   p = exp(s - lse), dp = dO . v, ds = p (dp - Di); then dq += ds k over the lanes' keys.
+//   p = exp(s - lse), dp = dO . v, ds = p (dp - Di) (times 1 - tanh^2 under a soft-cap);
+// then dq += ds k over the lanes' keys.
 template <typename T, int kDPL>
 __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, const T* __restrict__ dout,
                                                           const float* __restrict__ lse, const float* __restrict__ Di,
@@ -55,9 +56,12 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, co
       const T* dorow = dout + ((s.tok0 + i) * p.H + h) * p.Dv;
       const T* kbase = static_cast<const T*>(p.k) + s.k_off + hk * p.k_sh;
       const T* vbase = static_cast<const T*>(p.v) + s.v_off + hk * p.v_sh;
+      // with score modifiers: natural-log scores, modified, then base 2 (as the forward)
+      const bool mod = p.has_score_mod();
+      const float slope = alibi_slope(p, b, h);
       __syncwarp();
       for (int d = lane; d < 32 * kDPL; d += 32) {
-        qs[d] = d < p.D ? to_float<T>(qrow[d]) * p.scale_log2 : 0.f;
+        qs[d] = d < p.D ? to_float<T>(qrow[d]) * (mod ? p.scale : p.scale_log2) : 0.f;
         dos[d] = d < p.Dv ? to_float<T>(dorow[d]) : 0.f;
       }
       __syncwarp();
@@ -69,11 +73,12 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, co
         const int64_t j = jc + lane;
         float ds = 0.f;
         if (j < ke) {
-          float x = dot_row<T>(qs, kbase + j * p.k_ss, p.D, p.k_vec);
+          float x = dot_row<T>(qs, kbase + j * p.k_ss, p.D, p.k_vec), dcap = 1.f;
+          if (mod) x = modified_score_log2(p, x, slope, w, i, j, &dcap);
           if (p.has_mask()) x += mask_log2(p, b, h, i, j);
           const float pj = exp2f(x - L2);
           const float dp = dot_row<T>(dos, vbase + j * p.v_ss, p.Dv, p.v_vec);
-          ds = pj * (dp - di);
+          ds = pj * (dp - di) * dcap;
         }
         const int n = static_cast<int>(imin(32, ke - jc));
         for (int jj = 0; jj < n; ++jj) {
@@ -120,9 +125,10 @@ __global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const AttnParams p, 
       const int hk = static_cast<int>(r % p.Hk);
       const T* krow = static_cast<const T*>(p.k) + s.k_off + j * p.k_ss + hk * p.k_sh;
       const T* vrow = static_cast<const T*>(p.v) + s.v_off + j * p.v_ss + hk * p.v_sh;
+      const bool mod = p.has_score_mod();
       __syncwarp();
       for (int d = lane; d < 32 * kDPL; d += 32) {
-        ks[d] = d < p.D ? to_float<T>(krow[d]) * p.scale_log2 : 0.f;
+        ks[d] = d < p.D ? to_float<T>(krow[d]) * (mod ? p.scale : p.scale_log2) : 0.f;
         vs[d] = d < p.Dv ? to_float<T>(vrow[d]) : 0.f;
       }
       __syncwarp();
@@ -132,6 +138,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const AttnParams p, 
       const int64_t qlo = query_lo(w, j, s.lq), qhi = query_hi(w, j + 1, s.lq);
       for (int g = 0; g < G; ++g) {
         const int h = hk * G + g;
+        const float slope = alibi_slope(p, b, h);
         const T* qbase = static_cast<const T*>(p.q) + s.q_off + h * p.q_sh;
         const T* dobase = dout + (s.tok0 * p.H + h) * p.Dv;
         for (int64_t ic = qlo; ic < qhi; ic += 32) {
@@ -141,11 +148,12 @@ __global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const AttnParams p, 
             const int64_t li = lse_index(p, b, s, h, i);
             const float L = lse[li];
             if (L != -INFINITY) {
-              float x = dot_row<T>(ks, qbase + i * p.q_ss, p.D, p.q_vec);
+              float x = dot_row<T>(ks, qbase + i * p.q_ss, p.D, p.q_vec), dcap = 1.f;
+              if (mod) x = modified_score_log2(p, x, slope, w, i, j, &dcap);
               if (p.has_mask()) x += mask_log2(p, b, h, i, j);
               pi = exp2f(x - L * kLog2e);
               const float dp = dot_row<T>(vs, dobase + i * p.H * p.Dv, p.Dv, false);
-              ds = pi * (dp - Di[li]);
+              ds = pi * (dp - Di[li]) * dcap;
             }
           }
           const int n = static_cast<int>(imin(32, qhi - ic));

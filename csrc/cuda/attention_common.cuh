@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/attention.h"
 
@@ -63,6 +64,11 @@ struct AttnParams {
 
   float scale = 1.f;        // softmax scale
   float scale_log2 = 1.f;   // scale * log2(e): the kernels work in base 2
+  // Score modifiers (csrc/common/attention.h): soft-cap (0: off) and ALiBi slopes (device,
+  // float32, b * alibi_sb + h * alibi_sh; alibi_sb 0 for [heads] slopes), or null.
+  float softcap = 0.f;
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0, alibi_sh = 0;
   int64_t window_left = -1, window_right = -1;
   bool bottom_right = true;
 
@@ -72,6 +78,7 @@ struct AttnParams {
   int64_t split_keys = 0;   // keys per piece (a multiple of the kernel's key block)
 
   __host__ __device__ bool has_mask() const { return mask_bool != nullptr || mask_float != nullptr; }
+  __host__ __device__ bool has_score_mod() const { return softcap > 0.f || alibi != nullptr; }
 };
 
 // One sequence of the batch: where its rows live and how long it is.
@@ -142,6 +149,19 @@ __device__ __forceinline__ int64_t mask_row_offset(const AttnParams& p, int64_t 
 }
 __device__ __forceinline__ float mask_log2(const AttnParams& p, int64_t b, int h, int64_t i, int64_t j) {
   return mask_log2_at(p, mask_row_offset(p, b, h, i) + j * p.m_sj);
+}
+
+// ALiBi slope of (sequence b, head h); 0 without slopes.
+__device__ __forceinline__ float alibi_slope(const AttnParams& p, int64_t b, int h) {
+  return p.alibi != nullptr ? p.alibi[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
+}
+
+// A score with the modifiers (modify_score, csrc/common/attention.h), in base-2 units: `s` is
+// the scaled score scale * q.k in natural-log units; *dcap (optional) gets 1 - tanh^2.
+__device__ __forceinline__ float modified_score_log2(const AttnParams& p, float s, float slope, const Window& w,
+                                                     int64_t i, int64_t j, float* dcap = nullptr) {
+  const float bias = p.alibi != nullptr ? alibi_bias(slope, w, i, j) : 0.f;
+  return modify_score(s, p.softcap, bias, dcap) * kLog2e;
 }
 
 __device__ __forceinline__ Window seq_window(const AttnParams& p, const Seq& s) {

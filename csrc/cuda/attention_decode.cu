@@ -61,7 +61,8 @@ void append(at::Tensor& cache, const at::Tensor& src, const at::Tensor& lens, cu
 
 at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
                                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                                   const std::optional<at::Tensor>& v_new, double scale, bool causal) {
+                                   const std::optional<at::Tensor>& v_new, double scale, bool causal, double softcap,
+                                   const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t s_new = check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, q_in.device());
@@ -69,7 +70,8 @@ at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, 
   // Checks q against the caches (dtypes, heads, head dims) before anything is written.
   at::Tensor q = q_in, k = k_cache, v = v_cache;
   std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
-  AttnParams p = make_params(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, none_prefix);
+  AttnParams p = make_params(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, softcap,
+                             alibi_slopes, none_prefix);
   TORCH_CHECK(k.data_ptr() == k_cache.data_ptr() && v.data_ptr() == v_cache.data_ptr(),
               "k_cache, v_cache: expected to be used in place");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

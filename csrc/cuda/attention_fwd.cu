@@ -25,7 +25,10 @@
 //     dims may differ: both pad to the larger one);
 //   * tiles that the causal/window mask hides are never visited (the key loop runs over the
 //     visible interval of the block, csrc/common/attention.h), and the per-element mask is
-//     only evaluated on tiles that are not fully visible, or when the caller passes a mask.
+//     only evaluated on tiles that are not fully visible, or when the caller passes a mask;
+//   * softcap / ALiBi (modified_score_log2, the CPU's formula from csrc/common/attention.h):
+//     the scores are scaled in natural-log units, modified, then taken to base 2; the kernel
+//     picks the modified or the plain loop once per key tile.
 // float32 inputs (and GPUs before sm_80) run fwd_rows_kernel: one warp per query row, a
 // lane per key for the scores and a lane per head-dim slot for the output, same online
 // softmax in float; exact to float32 rounding, slower.
@@ -166,12 +169,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
                                                        const std::optional<at::Tensor>& attn_mask,
                                                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
                                                        int64_t window_left, int64_t window_right, bool bottom_right,
+                                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                                        const std::optional<at::Tensor>& prefix_lens) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
-  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, prefix);
+  AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
+                             alibi_slopes, prefix);
   const bool varlen = cu_q.has_value();
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;

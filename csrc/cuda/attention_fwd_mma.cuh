@@ -31,6 +31,7 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
   // The caller's mask goes to 64-row blocks only (the launcher's choice): its per-element
   // reads would cost the registers two m-tiles need.
   const bool user_mask = kMT == 1 && p.has_mask();
+  const bool mod = p.has_score_mod();
   const int n_groups = fwd_row_groups(p);
   const int64_t hs_total = static_cast<int64_t>(n_groups) * p.n_splits;
 
@@ -100,7 +101,10 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
 
           // Scale, mask, online softmax (base 2). Each row's 4 threads (same g) share it.
           const bool need_mask = user_mask || nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
-          if (warp_rows) {
+          // kMod: the soft-cap / ALiBi (modified_score_log2) on every element; chosen per tile,
+          // so that calls without them run the plain loop.
+          const auto softmax_rows = [&](auto mod_tag) {
+            constexpr bool kMod = decltype(mod_tag)::value;
 #pragma unroll
             for (int x = 0; x < kR; ++x) {
               const int mt = x >> 1, rr = x & 1;
@@ -114,12 +118,23 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
                 c_hi = static_cast<int>(imax(0, imin(nk, key_hi(w, i, s.lk) - j0)));
                 if (user_mask && i < s.lq) m_off = mask_row_offset(p, b, h0 + static_cast<int>(row % P), i) + j0 * p.m_sj;
               }
+              float slope = 0.f;
+              int64_t mi = 0;  // the row's query (kMod)
+              if constexpr (kMod) {
+                const int64_t row = row0 + 8 * x;
+                mi = row / P;
+                slope = alibi_slope(p, b, h0 + static_cast<int>(row % P));
+              }
               float mx = -INFINITY;
 #pragma unroll
               for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                  float v = sc[mt][nt][2 * rr + e] * p.scale_log2;
+                  float v;
+                  if constexpr (kMod)
+                    v = modified_score_log2(p, sc[mt][nt][2 * rr + e] * p.scale, slope, w, mi, j0 + nt * 8 + 2 * t + e);
+                  else
+                    v = sc[mt][nt][2 * rr + e] * p.scale_log2;
                   if (need_mask) {
                     const int c = nt * 8 + 2 * t + e;
                     if (c < c_lo || c >= c_hi)
@@ -152,6 +167,12 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
                 o[mt][dn][2 * rr + 1] *= alpha;
               }
             }
+          };
+          if (warp_rows) {
+            if (mod)
+              softmax_rows(std::true_type{});
+            else
+              softmax_rows(std::false_type{});
           }
 
           if (more)

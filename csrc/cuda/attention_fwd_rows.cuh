@@ -31,8 +31,12 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
         const T* qrow = static_cast<const T*>(p.q) + s.q_off + i * p.q_ss + h * p.q_sh;
         const T* kbase = static_cast<const T*>(p.k) + s.k_off + hk * p.k_sh;
         const T* vbase = static_cast<const T*>(p.v) + s.v_off + hk * p.v_sh;
+        // With score modifiers the scores are formed in natural-log units (scale, not
+        // scale * log2 e), modified, then taken to base 2.
+        const bool mod = p.has_score_mod();
+        const float qscale = mod ? p.scale : p.scale_log2, slope = alibi_slope(p, b, h);
         __syncwarp();
-        for (int d = lane; d < 32 * kDPL; d += 32) qs[d] = d < p.D ? to_float<T>(qrow[d]) * p.scale_log2 : 0.f;
+        for (int d = lane; d < 32 * kDPL; d += 32) qs[d] = d < p.D ? to_float<T>(qrow[d]) * qscale : 0.f;
         __syncwarp();
         float o[kDPL];
 #pragma unroll
@@ -43,6 +47,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
           float x = -INFINITY;
           if (j < ke) {  // [kb, ke) lies inside the window: only the caller's mask can hide a key
             x = dot_row<T>(qs, kbase + j * p.k_ss, p.D, p.k_vec);
+            if (mod) x = modified_score_log2(p, x, slope, w, i, j);
             if (p.has_mask()) x += mask_log2(p, b, h, i, j);
           }
           const float m_new = fmaxf(m_run, warp_max(x));

@@ -53,14 +53,16 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-// Checks the arguments of a forward/backward call (check_layout, csrc/common/attention_checks.h)
-// and fills AttnParams (tensors, shapes, strides, mask, window, prefix_lens). q/k/v may be replaced
-// by copies with a contiguous last dimension and the cu_seqlens and prefix_lens by contiguous
-// ones; the caller keeps them alive. `layout`, when given, receives the checked shapes.
+// Checks the arguments of a forward/backward call (check_layout, set_score_mods and
+// set_prefix_lens, csrc/common/attention_checks.h) and fills AttnParams (tensors, shapes,
+// strides, mask, window, score modifiers, prefix_lens). q/k/v may be replaced by copies with a
+// contiguous last dimension and the cu_seqlens and prefix_lens by contiguous ones; the caller
+// keeps them alive. `layout`, when given, receives the checked shapes.
 inline AttnParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<at::Tensor>& cu_q,
                           std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
-                          int64_t window_left, int64_t window_right, bool bottom_right,
-                          std::optional<at::Tensor>& prefix_lens, Layout* layout = nullptr) {
+                          int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                          const std::optional<at::Tensor>& alibi_slopes, std::optional<at::Tensor>& prefix_lens,
+                          Layout* layout = nullptr) {
   TORCH_CHECK(on_kernel_device(q), "q: expected a CUDA tensor, got one on ", q.device());
   const Layout l = check_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, q.device(), false);
   if (layout != nullptr) *layout = l;
@@ -103,6 +105,7 @@ inline AttnParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::
   p.window_left = l.window_left;
   p.window_right = l.window_right;
   p.bottom_right = bottom_right;
+  set_score_mods(p, softcap, alibi_slopes, q.scalar_type(), q.device(), false);
   // values are not read on the host (no sync): the kernels clamp them (make_window)
   set_prefix_lens(p, prefix_lens, l.batch, q.device());
   return p;

@@ -83,6 +83,39 @@ def _check_window(window) -> tuple[int, int]:
     return out[0], out[1]
 
 
+_FLOAT32_MIN = 1.1754943508222875e-38  # smallest normal float32: softcap range for float32/16/bf16 inputs
+
+
+def _check_softcap(softcap, dtype: torch.dtype) -> float:
+    """softcap (None: off) as the op takes it (0.0: off)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap: expected a finite number > 0 (None: off), got {softcap}")
+    if dtype != torch.float64 and not _FLOAT32_MIN <= softcap <= MAX_FLOAT_SCALE:
+        raise ValueError(f"softcap: expected a value in [{_FLOAT32_MIN:g}, {MAX_FLOAT_SCALE:g}] for {dtype} inputs "
+                         f"(their scores are float32), got {softcap}")
+    return softcap
+
+
+def _check_alibi(slopes, device, batch: int, heads: int) -> None:
+    if slopes is None:
+        return
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes: expected a float32 tensor or None, got {type(slopes).__name__}")
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes: expected a float32 tensor, got {slopes.dtype}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes: expected a tensor on {device} (the device of q), got one on {slopes.device}")
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes: expected shape [{heads}] or [{batch}, {heads}], got {list(slopes.shape)}")
+    if slopes.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(slopes).all()):
+        raise ValueError("alibi_slopes: expected finite values")
+
+
 def _check_cu(name: str, cu, device) -> None:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name}: expected an int32 tensor, got {type(cu).__name__}")
@@ -130,8 +163,8 @@ def _max_seqlen(name: str, value) -> int:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale=None,
                     window=(-1, -1), cu_seqlens_q: torch.Tensor | None = None,
                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
-                    max_seqlen_k: int | None = None, return_lse: bool = False,
-                    prefix_lens: torch.Tensor | None = None):
+                    max_seqlen_k: int | None = None, return_lse: bool = False, softcap: float | None = None,
+                    alibi_slopes: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None):
     """Exact attention softmax(q k^T * scale) v, computed tile by tile (memory linear in the
     sequence length), differentiable.
 
@@ -154,6 +187,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scale: default 1 / sqrt(head_dim), any finite value (|scale| <= 1e38 unless float64: the
     scores are float32). head_dim up to 256; float32, bfloat16, float16 (float32 accumulation)
     and float64.
+    softcap: logit soft-capping (Gemma-2, FlashAttention's softcap): the scaled scores
+    s = scale * q.k become softcap * tanh(s / softcap) before the causal/window mask; None is
+    off, otherwise a finite number > 0. Differentiable.
+    alibi_slopes: ALiBi, float32 [heads] or [batch, heads] on the device of q: after the cap,
+    score(i, j) += -slope[b, h] * |i + Sk - Sq - j| (FlashAttention's convention, with the same
+    bottom-right alignment as causal; for varlen, Sq and Sk of each sequence). The slopes get
+    no gradient (as in FlashAttention). Slopes must be finite; on the CPU that is checked, on
+    CUDA (where it cannot be without a host sync) a NaN or infinite slope gives NaN rows.
     Returns out shaped like q, and with return_lse=True also lse (float32; float64 for
     float64 inputs): (batch, heads, seqlen_q), or (heads, total_q) for varlen; differentiable.
 
@@ -193,6 +234,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     left, right = _check_window(window)
     if causal:
         right = 0
+    softcap = _check_softcap(softcap, q.dtype)
+    _check_alibi(alibi_slopes, q.device, cu_seqlens_q.numel() - 1 if varlen else q.shape[0], q.shape[-2])
     if prefix_lens is not None:
         if varlen:
             _check_prefix_lens(prefix_lens, q, cu_seqlens_k.numel() - 1, lambda: cu_seqlens_k.diff().tolist())
@@ -201,7 +244,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(
         q, k, v, cu_seqlens_q if varlen else None, cu_seqlens_k if varlen else None, None,
         _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True,
-        prefix_lens)
+        softcap, alibi_slopes, prefix_lens)
     return (out, lse) if return_lse else out
 
 
@@ -210,7 +253,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  cache_seqlens: torch.Tensor, *, k_new: torch.Tensor | None = None,
-                                 v_new: torch.Tensor | None = None, causal: bool = True, scale=None) -> torch.Tensor:
+                                 v_new: torch.Tensor | None = None, causal: bool = True, scale=None,
+                                 softcap: float | None = None,
+                                 alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Decode / chunked prefill against a KV cache, forward only (as flash_attn_with_kvcache).
 
     q: (batch, seqlen_q, heads, head_dim); k_cache, v_cache: (batch, max_seqlen, kv_heads,
@@ -225,6 +270,9 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     sync: nothing is written into that row of the caches and its output is NaN. The caches are
     written in place, so they must not be expanded (stride-0) views or overlap each other, and
     q, k_new and v_new must not be views of them.
+
+    softcap and alibi_slopes ([heads] or [batch, heads]) as in flash_attention; the ALiBi
+    distance of query i to key j is |i + K - Sq - j| with K = cache_seqlens[b] + seqlen_new.
     """
     _check_same(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -255,8 +303,10 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         raise ValueError(f"head_dim: q, k_cache, v_cache must match, got {D}, {k_cache.shape[-1]}, {v_cache.shape[-1]}")
     _check_head_dim("q", D)
     scale = _resolve_scale(scale, D, q.dtype)
+    softcap = _check_softcap(softcap, q.dtype)
+    _check_alibi(alibi_slopes, q.device, q.shape[0], q.shape[2])
     return torch.ops.pretrain_kernels.flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                                                         bool(causal))
+                                                         bool(causal), softcap, alibi_slopes)
 
 
 # ---- SDPA drop-in --------------------------------------------------------------------------
@@ -415,15 +465,31 @@ def _check_op_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right
     return varlen, batch, H, Dv
 
 
+def _check_op_score_mods(softcap, slopes, dtype, dev, batch, H):
+    torch._check(math.isfinite(softcap) and softcap >= 0,
+                 lambda: f"softcap: expected a finite number > 0 (0 = off), got {softcap}")
+    torch._check(softcap == 0 or dtype == torch.float64 or _FLOAT32_MIN <= softcap <= MAX_FLOAT_SCALE,
+                 lambda: f"softcap: expected a value in [{_FLOAT32_MIN:g}, {MAX_FLOAT_SCALE:g}] for {dtype} inputs "
+                         f"(their scores are float32), got {softcap}")
+    if slopes is not None:
+        torch._check(slopes.dtype == torch.float32,
+                     lambda: f"alibi_slopes: expected a float32 tensor, got {slopes.dtype}")
+        torch._check(slopes.device == dev,
+                     lambda: f"alibi_slopes: expected a tensor on {dev} (the device of q), got one on {slopes.device}")
+        torch._check(tuple(slopes.shape) in ((H,), (batch, H)),
+                     lambda: f"alibi_slopes: expected shape [{H}] or [{batch}, {H}], got {list(slopes.shape)}")
+
+
 def _lse_shape(q, varlen, batch, H):
     return (H, q.shape[0]) if varlen else (batch, H, q.shape[1])
 
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, bottom_right, prefix_lens=None):
+                         window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None, prefix_lens=None):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
                                             window_right, prefix_lens)
+    _check_op_score_mods(softcap, alibi_slopes, q.dtype, q.device, batch, H)
     out = q.new_empty((*q.shape[:-1], Dv))
     lse = q.new_empty(_lse_shape(q, varlen, batch, H), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -431,9 +497,11 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seq
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
-                         max_seqlen_k, scale, window_left, window_right, bottom_right, prefix_lens=None):
+                         max_seqlen_k, scale, window_left, window_right, bottom_right, softcap=0.0,
+                         alibi_slopes=None, prefix_lens=None):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
                                             window_right, prefix_lens)
+    _check_op_score_mods(softcap, alibi_slopes, q.dtype, q.device, batch, H)
     o_shape = (*q.shape[:-1], Dv)
     torch._check(tuple(out.shape) == o_shape and tuple(dout.shape) == o_shape,
                  lambda: f"out, dout: expected shape {list(o_shape)}, got {list(out.shape)} and {list(dout.shape)}")
@@ -497,26 +565,29 @@ def _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
 
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_kvcache")
-def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, softcap=0.0,
+                             alibi_slopes=None):
     _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     _check_op_layout(q, k_cache, v_cache, None, None, None, scale, -1, 0 if causal else -1)
+    _check_op_score_mods(softcap, alibi_slopes, q.dtype, q.device, q.shape[0], q.shape[2])
     return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, prefix_lens = inputs
+    q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, softcap, alibi, prefix_lens = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, prefix_lens)
-    ctx.params = (max_q, max_k, scale, left, right, bottom_right)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, alibi, prefix_lens)
+    ctx.params = (max_q, max_k, scale, left, right, bottom_right, softcap)
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, mask, prefix_lens = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, mask, alibi, prefix_lens = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, mask,
-                                                           *ctx.params, prefix_lens)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                                                           *ctx.params, alibi, prefix_lens)
+    # no gradient for the mask, the scalars, the ALiBi slopes (as FlashAttention) or prefix_lens
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("pretrain_kernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
