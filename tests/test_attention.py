@@ -371,8 +371,8 @@ def test_opcheck_kvcache():
     kc, vc = torch.randn(2, 10, 2, 16, generator=g), torch.randn(2, 10, 2, 16, generator=g)
     kn, vn = torch.randn(2, 3, 2, 16, generator=g), torch.randn(2, 3, 2, 16, generator=g)
     lens = torch.tensor([2, 7], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True))
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False))
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True, -1, -1, None))
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False, -1, -1, None))
 
 
 def test_torch_compile_fullgraph():
@@ -485,7 +485,7 @@ def kvcache_rows_that_do_not_fit(op):
     q = torch.randn(B, 2, H, D, generator=g)
     lens = torch.tensor([3, 7, -1, 6], dtype=torch.int32)
     k0, v0 = kc.clone(), vc.clone()
-    out = op(q, kc, vc, lens, kn, vn, D ** -0.5, True)
+    out = op(q, kc, vc, lens, kn, vn, D ** -0.5, True, -1, -1, None)[0]
     assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
     assert torch.equal(kc[1], k0[1]) and torch.equal(vc[1], v0[1]) and torch.equal(kc[2], k0[2])
     for b, L in ((0, 3), (3, 6)):

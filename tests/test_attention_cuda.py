@@ -387,7 +387,8 @@ def test_bad_inputs_cuda():
     kc = torch.zeros(2, 8, 2, 8, device=DEV)
     with pytest.raises(RuntimeError, match="cache_seqlens: expected an int32"):
         torch.ops.pretrain_kernels.flash_attn_kvcache(torch.randn(2, 1, 2, 8, device=DEV), kc, kc,
-                                                      torch.tensor([3, 4], device=DEV), None, None, 1.0, True)
+                                                      torch.tensor([3, 4], device=DEV), None, None, 1.0, True,
+                                                      -1, -1, None)
 
 
 def _opcheck_samples():
@@ -421,8 +422,8 @@ def test_opcheck_kvcache():
     kc, vc = rand(2, 10, 2, 16, gen=g), rand(2, 10, 2, 16, gen=g)
     kn, vn = rand(2, 3, 2, 16, gen=g), rand(2, 3, 2, 16, gen=g)
     lens = torch.tensor([2, 7], dtype=torch.int32, device=DEV)
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True))
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False))
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True, -1, -1, None))
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False, -1, -1, None))
 
 
 def test_torch_compile_and_cuda_graph():

@@ -405,7 +405,7 @@ def test_kvcache_append_and_decode(emu, dtype):
         q = rand(B, n, H, D, dtype=dtype, gen=g)
         kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
         k_before = k_cache.clone()
-        out = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True)
+        out, _ = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True, -1, -1, None)
         for b in range(B):
             L = int(lens[b]) + n
             assert torch.equal(k_cache[b, L - n:L], kn[b]) and torch.equal(v_cache[b, L - n:L], vn[b])

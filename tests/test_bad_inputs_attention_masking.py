@@ -97,7 +97,7 @@ def kv_args(B=2, S=6, H=4, Hk=2, D=8, sq=1, s_new=1, lens=(2, 3), dtype=torch.fl
 def kvc(ops, scale=SCALE, causal=True, **mods):
     a = kv_args()
     a.update({n: (m(a) if callable(m) else m) for n, m in mods.items()})
-    return ops.flash_attn_kvcache(*a.values(), scale, causal)
+    return ops.flash_attn_kvcache(*a.values(), scale, causal, -1, -1, None)
 
 
 def kv_py(**mods):
@@ -510,7 +510,7 @@ RAW_ERRORS = [
     ("kv-scale-huge", lambda o: kvc(o, scale=1e39), "scale", True),
     ("kv-all-meta-int", lambda o: kvc(o, **{n: (lambda a, n=n: a[n].to(META) if n != "q" else a[n].int().to(META))
                                            for n in kv_args()}), "q: expected float32", False),
-    ("kv-float64-on-cuda", lambda o: o.flash_attn_kvcache(*kv_args(dtype=torch.float64).values(), SCALE, True),
+    ("kv-float64-on-cuda", lambda o: o.flash_attn_kvcache(*kv_args(dtype=torch.float64).values(), SCALE, True, -1, -1, None),
      "float64 attention runs on the CPU only", "cuda-only"),
     # mlm_mask
     ("mlm-ids-float", lambda o: mlm(o, ids=ids_().float()), "input_ids: expected int32 or int64", True),
@@ -636,7 +636,7 @@ def kv_expected(a, lens, s_new, causal=True):
 def kv_rule(ops, lens, s_new=2):
     a = kv_args(B=len(lens), S=6, H=2, Hk=1, sq=2, s_new=s_new, lens=lens)
     want, kc, vc = kv_expected(a, lens, s_new)
-    got = ops.flash_attn_kvcache(*a.values(), SCALE, True)
+    got = ops.flash_attn_kvcache(*a.values(), SCALE, True, -1, -1, None)[0]
     return (got, a["k_cache"], a["v_cache"]), (want, kc, vc)
 
 
@@ -649,7 +649,7 @@ def kv_views(view, ops=None):
         got = pk.flash_attention_with_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"],
                                               k_new=a["k_new"], v_new=a["v_new"], scale=SCALE)
     else:
-        got = ops.flash_attn_kvcache(*a.values(), SCALE, True)
+        got = ops.flash_attn_kvcache(*a.values(), SCALE, True, -1, -1, None)[0]
     return (got, a["k_cache"], a["v_cache"]), (want, kc, vc)
 
 
@@ -756,8 +756,10 @@ VALID = [
     # meta tensors: shapes only
     ("fa-all-meta", lambda: fwd(OPS, *meta(*qkv(sq=3, D=5)))[1].shape, lambda: (2, 4, 3), "equal"),
     ("fav-all-meta", lambda: fwd(OPS, *meta(qv3, kv3, vv3, cuq, cuk))[1].shape, lambda: (4, 7), "equal"),
-    ("kv-all-meta", lambda: kvc(OPS, **{n: (lambda a, n=n: a[n].to(META)) for n in kv_args()}).shape,
+    ("kv-all-meta", lambda: kvc(OPS, **{n: (lambda a, n=n: a[n].to(META)) for n in kv_args()})[0].shape,
      lambda: (2, 1, 4, 8), "equal"),
+    ("kv-all-meta-lse", lambda: kvc(OPS, **{n: (lambda a, n=n: a[n].to(META)) for n in kv_args()})[1].shape,
+     lambda: (2, 4, 1), "equal"),
     ("mlm-all-meta", lambda: mlm(OPS, ids=ids_().to(META))[1].shape, lambda: (3, 16), "equal"),
     ("fa-py-all-meta", lambda: pk.flash_attention(*meta(*qkv(sq=3)), return_lse=True)[1].shape, lambda: (2, 4, 3),
      "equal"),
@@ -1041,7 +1043,7 @@ def test_opcheck_after_the_new_checks(op):
         torch.library.opcheck(OPS.flash_attn_fwd.default, args)
     elif op == "kvcache":
         a = kv_args()
-        torch.library.opcheck(OPS.flash_attn_kvcache.default, (*a.values(), SCALE, True),
+        torch.library.opcheck(OPS.flash_attn_kvcache.default, (*a.values(), SCALE, True, -1, -1, None),
                               test_utils=("test_schema", "test_faketensor"))
     elif op == "mlm":
         torch.library.opcheck(OPS.mlm_mask.default, (g_ids.t().contiguous().t(), g_attn, torch.tensor([5, 7]), g_ws,
