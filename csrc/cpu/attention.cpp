@@ -34,7 +34,11 @@
 // than one only when batch x kv heads is small).
 //
 // Decode (flash_attn_kvcache) writes the new keys and values into the cache in place, then
-// runs the forward pass with per-sequence key lengths read from cache_seqlens.
+// runs the forward pass with per-sequence key lengths read from cache_seqlens. A paged cache
+// (block_table) changes only where a key lives (Problem::k_row): the rows kernels read keys
+// through a row accessor (StridedRows / PagedRows in attention_kernels.h) in the same order
+// and groups, and the panels are packed one page at a time, so the result is the contiguous
+// cache's bit for bit.
 //
 // Inner loops (attention_kernels.h), chosen per block at run time from the CPU's features:
 //  - packed path: before the tiles, the keys of each (sequence, kv head) are packed once

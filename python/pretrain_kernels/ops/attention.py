@@ -4,7 +4,8 @@ Public functions:
   flash_attention               FlashAttention-style API, layout (batch, seqlen, heads, head_dim)
                                 or packed varlen (total_tokens, heads, head_dim) + cu_seqlens;
                                 differentiable (the backward recomputes from the saved lse)
-  flash_attention_with_kvcache  decode / chunked prefill against a KV cache, written in place
+  flash_attention_with_kvcache  decode / chunked prefill against a KV cache (contiguous or paged),
+                                written in place; sliding windows; optional lse
   scaled_dot_product_attention  drop-in for torch.nn.functional.scaled_dot_product_attention
 
 They call the ops torch.ops.pretrain_kernels.flash_attn_fwd / flash_attn_bwd /
