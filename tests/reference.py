@@ -339,11 +339,13 @@ def paged_from_contiguous(k_cache, v_cache, page_size, *, extra_blocks=3, gen=No
     per_row = S // page_size
     nb = B * per_row + extra_blocks
     table = torch.randperm(nb, generator=gen)[:B * per_row].view(B, per_row).to(torch.int32)
-    k_pages = torch.randn(nb, page_size, *k_cache.shape[2:], generator=gen).to(k_cache.dtype)
-    v_pages = torch.randn(nb, page_size, *v_cache.shape[2:], generator=gen).to(v_cache.dtype)
+    dev = k_cache.device
+    k_pages = torch.randn(nb, page_size, *k_cache.shape[2:], generator=gen).to(device=dev, dtype=k_cache.dtype)
+    v_pages = torch.randn(nb, page_size, *v_cache.shape[2:], generator=gen).to(device=dev, dtype=v_cache.dtype)
+    table = table.to(dev)
     k_pages[table.flatten().long()] = k_cache.reshape(B * per_row, page_size, *k_cache.shape[2:])
     v_pages[table.flatten().long()] = v_cache.reshape(B * per_row, page_size, *v_cache.shape[2:])
-    return k_pages.to(k_cache.device), v_pages.to(v_cache.device), table.to(k_cache.device)
+    return k_pages, v_pages, table
 
 
 def contiguous_from_paged(pages, block_table):

@@ -220,6 +220,9 @@ inline bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
   return sa.first < sb.second && sb.first < sa.second;
 }
 
+// Positions per kv-cache row: key counts (cache_seqlens + seqlen_new) stay int32.
+constexpr int64_t kMaxCachePositions = (int64_t(1) << 31) - 1;
+
 // A kv-cache call as both backends see it (check_kvcache).
 struct KvCacheLayout {
   int64_t s_new = 0;       // new tokens per row (k_new.size(1), 0 without k_new)
@@ -268,8 +271,8 @@ inline KvCacheLayout check_kvcache(const at::Tensor& q, const at::Tensor& k_cach
                 ") of k_cache, got (", v_cache.size(0), ", ", v_cache.size(1), ")");
     TORCH_CHECK(c.num_blocks < (int64_t(1) << 31), "k_cache: at most 2^31 - 1 blocks (int32 block ids), got ",
                 c.num_blocks);
-    TORCH_CHECK(bt.size(1) <= (int64_t(1) << 40) / c.page_size, "block_table: ", bt.size(1), " blocks of ",
-                c.page_size, " positions per row is too large");
+    TORCH_CHECK(bt.size(1) <= kMaxCachePositions / c.page_size, "block_table: ", bt.size(1), " blocks of ",
+                c.page_size, " positions per row exceed ", kMaxCachePositions, " positions (int32 cache_seqlens)");
     c.capacity = bt.size(1) * c.page_size;
   } else {
     TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, "k_cache, v_cache: expected batch ", B, ", got ",
@@ -277,6 +280,8 @@ inline KvCacheLayout check_kvcache(const at::Tensor& q, const at::Tensor& k_cach
     TORCH_CHECK(v_cache.size(1) == k_cache.size(1), "v_cache: expected max_seqlen ", k_cache.size(1),
                 " (that of k_cache), got ", v_cache.size(1));
     c.capacity = k_cache.size(1);
+    TORCH_CHECK(c.capacity <= kMaxCachePositions, "k_cache: ", c.capacity, " positions per row exceed ",
+                kMaxCachePositions, " (int32 cache_seqlens)");
   }
   TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
               "k_cache, v_cache: expected a contiguous last dimension (they are written in place)");
