@@ -372,8 +372,9 @@ def test_opcheck_kvcache():
     kc, vc = torch.randn(2, 10, 2, 16, generator=g), torch.randn(2, 10, 2, 16, generator=g)
     kn, vn = torch.randn(2, 3, 2, 16, generator=g), torch.randn(2, 3, 2, 16, generator=g)
     lens = torch.tensor([2, 7], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True, -1, -1, None))
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False, -1, -1, None))
+    op = torch.ops.pretrain_kernels.flash_attn_kvcache
+    torch.library.opcheck(op, (q, kc, vc, lens, kn, vn, 0.25, True, -1, -1, None))
+    torch.library.opcheck(op, (q, kc, vc, lens, None, None, 0.25, False, -1, -1, None))
 
 
 def test_torch_compile_fullgraph():

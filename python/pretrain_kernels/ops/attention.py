@@ -22,6 +22,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
 _INT64_MAX = 2**63 - 1
+_MAX_CACHE_POSITIONS = 2**31 - 1  # positions per kv-cache row (kMaxCachePositions, csrc/common/attention_checks.h)
 
 
 # ---- argument checks -----------------------------------------------------------------------
@@ -483,6 +484,8 @@ def _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, window_l
                      lambda: f"v_cache: expected max_seqlen {k_cache.shape[1]} (that of k_cache), got "
                              f"{v_cache.shape[1]}")
         capacity = k_cache.shape[1]
+    torch._check(capacity <= _MAX_CACHE_POSITIONS,
+                 lambda: f"k_cache: {capacity} positions per row exceed {_MAX_CACHE_POSITIONS} (int32 cache_seqlens)")
     torch._check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1,
                  lambda: "k_cache, v_cache: expected a contiguous last dimension (they are written in place)")
     torch._check((k_new is None) == (v_new is None), lambda: "k_new, v_new: pass both or neither")
