@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -96,6 +97,24 @@ struct Problem {
   template <typename T>
   const T* v_row(int64_t b, int64_t j, int64_t hk) const { return kv_row<T>(v, b, j, hk); }
   bool paged() const { return block_table != nullptr; }
+  // Values [j0, j0 + n) of sequence b (kv head hk) for pv_rows: f(rows, off, len) over runs
+  // that pv_rows may take one after another (its sum runs over the keys in order, through the
+  // output rows in memory, so the runs give the bits of one call): one strided run, or, paged
+  // with pages of at least kMinRunPage slots, one run per page (the table looked up once per
+  // page, not once per value); smaller pages take one run through the table.
+  static constexpr int64_t kMinRunPage = 16;
+  template <typename T, typename F>
+  void with_value_runs(int64_t b, int64_t j0, int64_t n, int64_t hk, F&& f) const {
+    if (block_table == nullptr || page_size < kMinRunPage) {
+      with_rows<T>(v, b, j0, hk, [&](const auto& rows) { f(rows, int64_t(0), n); });
+      return;
+    }
+    for (int64_t off = 0; off < n;) {
+      const int64_t len = std::min(n - off, page_size - (j0 + off) % page_size);
+      f(StridedRows<T>{kv_row<T>(v, b, j0 + off, hk), v.ss}, off, len);
+      off += len;
+    }
+  }
   // Keys [j0, j0 + n) of sequence b (kv head hk) for the rows kernels: f(rows) with rows(j)
   // the address of key j0 + j, strided (one pointer and a row stride) unless paged.
   template <typename T, typename F>

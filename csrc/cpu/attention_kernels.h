@@ -52,6 +52,11 @@ struct PagedRows {
     if ((page_size & (page_size - 1)) == 0)
       while ((int64_t(1) << (shift + 1)) <= page_size) ++shift;
   }
+  // Whether keys j .. j + n - 1 lie in one page.
+  bool one_page(int64_t j, int64_t n) const {
+    const int64_t t = j0 + j;
+    return shift >= 0 ? (t >> shift) == ((t + n - 1) >> shift) : t / page_size == (t + n - 1) / page_size;
+  }
   const T* operator()(int64_t j) const {
     const int64_t t = j0 + j;
     if (shift >= 0)  // paged_offset (csrc/common/attention.h) with shifts
@@ -254,6 +259,31 @@ PK_TARGET_AVX512 inline __m512 reduce16(__m512* a) {
                        _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Sixteen keys kp(0) .. kp(15) against R query rows: S[r * lds + t], the sums transposed into
+// one vector per row.
+template <typename T>
+struct RowList16 {
+  const T* rows[16];
+  const T* operator()(int t) const { return rows[t]; }
+};
+
+template <typename scalar_t, typename Ptr>
+PK_TARGET_AVX512 inline void qk16_avx512(int64_t R, int64_t D, const float* Q, const Ptr& kp, float* S, int64_t lds) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* q = Q + r * D;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 m = tail_mask(D - d0);
+      const __m512 qv = _mm512_maskz_loadu_ps(m, q + d0);
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qv, load16(kp(t) + d0, m), acc[t]);
+    }
+    _mm512_storeu_ps(S + r * lds, reduce16(acc));
+  }
+}
+
 // Keys come through `K` (StridedRows or PagedRows: key j at K(j)).
 template <typename scalar_t, typename Rows>
 PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const float* Q, const Rows& K, float* S,
@@ -261,28 +291,20 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
   int64_t j = 0;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (; j + 16 <= nk; j += 16) {  // sixteen keys at a time, sums transposed into one vector
-    const scalar_t* kr[16];  // paged: the sixteen rows, looked up once
-    if constexpr (!Rows::kStrided)
-      for (int t = 0; t < 16; ++t) kr[t] = K(j + t);
     // Rows of one head are far apart (other heads in between), too far apart for the
     // hardware prefetchers: fetch the keys two steps ahead by hand.
     for (int t = 32; t < 48; ++t)
       if (Rows::kStrided || j + t < nk)
         for (int64_t off = 0; off < row_bytes; off += 64)
           _mm_prefetch(reinterpret_cast<const char*>(K(j + t)) + off, _MM_HINT_T0);
-    for (int64_t r = 0; r < R; ++r) {
-      const float* q = Q + r * D;
-      __m512 acc[16];
-#pragma GCC unroll 16
-      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        const __mmask16 m = tail_mask(D - d0);
-        const __m512 qv = _mm512_maskz_loadu_ps(m, q + d0);
-#pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t)
-          acc[t] = _mm512_fmadd_ps(qv, load16((Rows::kStrided ? K(j + t) : kr[t]) + d0, m), acc[t]);
-      }
-      _mm512_storeu_ps(S + r * lds + j, reduce16(acc));
+    if constexpr (Rows::kStrided) {
+      qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.ld}, S + j, lds);
+    } else if (K.one_page(j, 16)) {  // paged, the sixteen keys in one page: strided there
+      qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.s_slot}, S + j, lds);
+    } else {  // paged across a page boundary: each row looked up once
+      RowList16<scalar_t> kr;
+      for (int t = 0; t < 16; ++t) kr.rows[t] = K(j + t);
+      qk16_avx512<scalar_t>(R, D, Q, kr, S + j, lds);
     }
   }
   for (; j + 4 <= nk; j += 4) {
