@@ -6,8 +6,10 @@ Shapes: B=2, H=8, head_dim 64 and 128, S in {512, 1024, 2048, 4096}, causal and 
 float32 and bfloat16; forward, forward+backward; decode (batch 8, cache 4096, one new
 token); prefix-LM forward+backward (S=2048, causal after a prefix of S/4) against the plain
 causal kernel; softcap / ALiBi against the plain kernel (S=2048, D=64, causal,
-forward+backward). The default run takes a subset (S=1024, decode, prefix-LM, the score
-modifiers); PK_BENCH_ALL=1 runs them all.
+forward+backward); paged decode (the decode shape, D=64, page sizes 16 and 256 at a random
+permutation of blocks, against the contiguous cache in the same group). The default run takes
+a subset (S=1024, decode, prefix-LM, the score modifiers, paged decode); PK_BENCH_ALL=1 runs
+them all.
 extra_info.flops: 4*B*H*Sq*Sk*D for the forward (halved when causal), x3.5 for
 forward+backward. test_peak_memory records the peak resident memory of forward+backward at
 S=4096 for each implementation (a fresh process each).
@@ -204,6 +206,43 @@ def test_score_mods_forward_backward(benchmark, variant, dt):
         torch.autograd.grad(pk.flash_attention(q, k, v, causal=True, **kw), (q, k, v), dout)
 
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged256"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_decode_paged(benchmark, dt, layout):
+    """Decode against a paged cache (vLLM's layout: block_table, pages at a random permutation
+    of blocks) and against the contiguous cache holding the same values: one new token per row,
+    batch 8, cache 4096, H=8, D=64. The contiguous row is the baseline of the group."""
+    Bd, L, Hd, D = DECODE["batch"], DECODE["cache"], DECODE["heads"], 64
+    dtype = DTYPES[dt]
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
+    v_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
+    q = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    k_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    v_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    lens = torch.full((Bd,), L - 1, dtype=torch.int32)
+    table = None
+    if layout != "contiguous":
+        ps = int(layout[len("paged"):])
+        per_row = L // ps
+        table = torch.randperm(Bd * per_row, generator=g).view(Bd, per_row).to(torch.int32)
+        kp, vp = torch.empty(Bd * per_row, ps, Hd, D, dtype=dtype), torch.empty(Bd * per_row, ps, Hd, D, dtype=dtype)
+        kp[table.flatten().long()] = k_cache.reshape(-1, ps, Hd, D)
+        vp[table.flatten().long()] = v_cache.reshape(-1, ps, Hd, D)
+        k_cache, v_cache = kp, vp
+    benchmark.group = f"attention paged decode B{Bd} cache{L} H{Hd} D{D} {dt}"
+    benchmark.extra_info.update(family="attention", op="flash_attention_with_kvcache", impl=f"pk {layout}",
+                                device="cpu", shape=f"{Bd}x1x{Hd}x{D} cache {L}", baseline=(layout == "contiguous"),
+                                flops=4 * Bd * Hd * L * D, bytes=2 * k_cache.numel() * k_cache.element_size())
+
+    def fn():
+        return pk.flash_attention_with_kvcache(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new,
+                                               block_table=table)
+
+    with torch.no_grad():
+        benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=3)
 
 
 _MEM_SCRIPT = r"""

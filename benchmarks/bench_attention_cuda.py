@@ -108,7 +108,7 @@ def test_cuda_attention_backward(benchmark, impl, S, D, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(1, 16384), (8, 8192), (32, 2048)], ids=lambda s: f"b{s[0]}-cache{s[1]}")
-@pytest.mark.parametrize("impl", ["pk", "sdpa"])
+@pytest.mark.parametrize("impl", ["pk", "pk paged16", "pk paged256", "sdpa"])
 def test_cuda_attention_decode(benchmark, impl, shape):
     _require_cuda()
     B, L = shape
@@ -121,6 +121,15 @@ def test_cuda_attention_decode(benchmark, impl, shape):
     if impl == "pk":
         def fn():
             return pk.flash_attention_with_kvcache(q, kc, vc, lens, causal=True)
+    elif impl.startswith("pk paged"):  # the same values in pages at a random permutation of blocks
+        ps = int(impl[len("pk paged"):])
+        table = torch.randperm(B * L // ps, device="cuda", generator=g).view(B, L // ps).to(torch.int32)
+        kp, vp = (torch.empty(B * L // ps, ps, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        kp[table.flatten().long()] = kc.reshape(-1, ps, Hk, D)
+        vp[table.flatten().long()] = vc.reshape(-1, ps, Hk, D)
+
+        def fn():
+            return pk.flash_attention_with_kvcache(q, kp, vp, lens, causal=True, block_table=table)
     else:
         kt, vt = kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2)
 

@@ -94,10 +94,14 @@ TORCH_LIBRARY(pretrain_kernels, m) {
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, "
       "float scale, int window_left, int window_right, bool bottom_right, float softcap=0.0, "
       "Tensor? alibi_slopes=None, Tensor? prefix_lens=None) -> (Tensor dq, Tensor dk, Tensor dv)");
-  // Decode / chunked prefill against a cache (batch, max_seqlen, kv_heads, head_dim): k_new and
-  // v_new are written into the caches at each row's cache_seqlens (int32) position, then q
-  // attends to the first cache_seqlens + seqlen_new keys (causal: aligned bottom-right).
+  // Decode / chunked prefill against a cache (batch, max_seqlen, kv_heads, head_dim), or a paged
+  // cache (num_blocks, page_size, kv_heads, head_dim) with int32 block_table [batch, max_blocks]:
+  // k_new and v_new are written into the caches at each row's cache_seqlens (int32) position,
+  // then q attends to the first cache_seqlens + seqlen_new keys (causal and the window aligned
+  // bottom-right; causal sets window_right = 0). lse: (batch, heads, seqlen_q), float32 (float64
+  // for float64 inputs). softcap / alibi_slopes as in flash_attn_fwd.
   m.def(
       "flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
-      "Tensor? v_new, float scale, bool causal, float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor");
+      "Tensor? v_new, float scale, bool causal, int window_left, int window_right, Tensor? block_table, "
+      "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
 }

@@ -412,3 +412,69 @@ ATTN_FWD_CASES = [
     (1, 1000, 1000, 1, 1, 256, False, (100, 100)),
     (3, 7, 129, 6, 3, 40, False, (-1, 3)),
 ]
+
+
+# ---- kv cache (contiguous and paged) ----
+
+
+def paged_from_contiguous(k_cache, v_cache, page_size, *, extra_blocks=3, gen=None):
+    """The same data as a paged cache: (k_pages, v_pages, block_table). Row b of (B, S, Hk, D)
+    caches (S a multiple of page_size) becomes S / page_size blocks, placed at a random
+    permutation of num_blocks = B * S / page_size + extra_blocks blocks (the spare blocks hold noise)."""
+    B, S = k_cache.shape[:2]
+    assert S % page_size == 0
+    per_row = S // page_size
+    nb = B * per_row + extra_blocks
+    table = torch.randperm(nb, generator=gen)[:B * per_row].view(B, per_row).to(torch.int32)
+    dev = k_cache.device
+    k_pages = torch.randn(nb, page_size, *k_cache.shape[2:], generator=gen).to(device=dev, dtype=k_cache.dtype)
+    v_pages = torch.randn(nb, page_size, *v_cache.shape[2:], generator=gen).to(device=dev, dtype=v_cache.dtype)
+    table = table.to(dev)
+    k_pages[table.flatten().long()] = k_cache.reshape(B * per_row, page_size, *k_cache.shape[2:])
+    v_pages[table.flatten().long()] = v_cache.reshape(B * per_row, page_size, *v_cache.shape[2:])
+    return k_pages, v_pages, table
+
+
+def contiguous_from_paged(pages, block_table):
+    """The logical (B, max_blocks * page_size, Hk, D) rows of a paged cache (block ids must be valid)."""
+    B, nblk = block_table.shape
+    return pages[block_table.long().flatten()].reshape(B, nblk * pages.shape[1], *pages.shape[2:])
+
+
+def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, causal=True, scale=None,
+                window=(-1, -1), block_table=None):
+    """What flash_attn_kvcache computes, in float64: (out (B, Sq, H, D), lse (B, H, Sq), k_rows, v_rows)
+    with k_rows / v_rows the logical rows of the caches after the append (contiguous layout).
+    A row that does not fit, or (paged) uses a block id outside [0, num_blocks), is not written
+    and gives NaN out and lse."""
+    if block_table is not None:
+        nb, ps = k_cache.shape[:2]
+        safe = block_table.clamp(0, max(nb - 1, 0))
+        k_rows, v_rows = contiguous_from_paged(k_cache, safe).clone(), contiguous_from_paged(v_cache, safe).clone()
+    else:
+        k_rows, v_rows = k_cache.clone(), v_cache.clone()
+    B, sq, H, D = q.shape
+    cap = k_rows.shape[1]
+    s_new = 0 if k_new is None else k_new.shape[1]
+    left, right = window
+    if causal:
+        right = 0
+    outs, lses = [], []
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        fits = 0 <= n and n + s_new <= cap
+        if fits and block_table is not None:
+            used = -(-(n + s_new) // ps)
+            ids = block_table[b, :used]
+            fits = bool(((ids >= 0) & (ids < nb)).all())
+        if not fits:
+            outs.append(torch.full((1, sq, H, v_rows.shape[-1]), float("nan"), dtype=torch.float64))
+            lses.append(torch.full((1, H, sq), float("nan"), dtype=torch.float64))
+            continue
+        if s_new:
+            k_rows[b, n:n + s_new], v_rows[b, n:n + s_new] = k_new[b], v_new[b]
+        o, lse = attention_ref(q[b:b + 1], k_rows[b:b + 1, :n + s_new], v_rows[b:b + 1, :n + s_new], scale=scale,
+                               window=(left, right))
+        outs.append(o.cpu())
+        lses.append(lse.cpu())
+    return torch.cat(outs), torch.cat(lses), k_rows, v_rows

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import pretrain_kernels as pk
 from reference import (ATTN_ERR_FLOOR, ATTN_FWD_CASES, assert_attention_matches, attention_ref, attention_varlen_ref,
-                       attention_visible, rel_err, torch_sdpa)
+                       attention_visible, contiguous_from_paged, kvcache_ref, paged_from_contiguous, rel_err,
+                       torch_sdpa)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # An error floor per dtype (a small fraction of one rounding of the output), so that a
@@ -371,8 +372,9 @@ def test_opcheck_kvcache():
     kc, vc = torch.randn(2, 10, 2, 16, generator=g), torch.randn(2, 10, 2, 16, generator=g)
     kn, vn = torch.randn(2, 3, 2, 16, generator=g), torch.randn(2, 3, 2, 16, generator=g)
     lens = torch.tensor([2, 7], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True))
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False))
+    op = torch.ops.pretrain_kernels.flash_attn_kvcache
+    torch.library.opcheck(op, (q, kc, vc, lens, kn, vn, 0.25, True, -1, -1, None))
+    torch.library.opcheck(op, (q, kc, vc, lens, None, None, 0.25, False, -1, -1, None))
 
 
 def test_torch_compile_fullgraph():
@@ -485,7 +487,7 @@ def kvcache_rows_that_do_not_fit(op):
     q = torch.randn(B, 2, H, D, generator=g)
     lens = torch.tensor([3, 7, -1, 6], dtype=torch.int32)
     k0, v0 = kc.clone(), vc.clone()
-    out = op(q, kc, vc, lens, kn, vn, D ** -0.5, True)
+    out = op(q, kc, vc, lens, kn, vn, D ** -0.5, True, -1, -1, None)[0]
     assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
     assert torch.equal(kc[1], k0[1]) and torch.equal(vc[1], v0[1]) and torch.equal(kc[2], k0[2])
     for b, L in ((0, 3), (3, 6)):
@@ -506,6 +508,185 @@ def test_kvcache_rows_that_do_not_fit():
     out = pk.flash_attention_with_kvcache(q, kc, kc.clone(), torch.tensor([4], dtype=torch.int32),
                                           k_new=torch.ones(1, 1, 2, 8), v_new=torch.ones(1, 1, 2, 8))
     assert torch.isnan(out).all() and (kc == 0).all()
+
+
+# ---- kv cache: paged layout, window, lse ----
+
+KV_PAGE_SIZES = [1, 7, 16, 256]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("page_size", KV_PAGE_SIZES)
+def test_kvcache_paged_equals_contiguous(page_size, dtype):
+    """The same data in a contiguous cache and in pages at a random permutation of blocks: the
+    same output and lse bits on the CPU, and the same cache contents after appends that cross
+    page boundaries, over steps of 1, 5, 70 and 1 tokens (decode, the rows path, the packed
+    path), with GQA, windows, causal or not, and rows at different lengths; blocks that no
+    table names are never touched."""
+    g = torch.Generator().manual_seed(20 + page_size)
+    B, H, Hk, D = 3, 4, 2, 40
+    cap = -(-300 // page_size) * page_size
+    kc, vc = rand(B, cap, Hk, D, dtype=dtype, gen=g), rand(B, cap, Hk, D, dtype=dtype, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, page_size, gen=g)
+    spare = torch.ones(kp.shape[0], dtype=torch.bool)
+    spare[table.flatten().long()] = False
+    kp_spare, vp_spare = kp[spare].clone(), vp[spare].clone()
+    lens = torch.tensor([0, 17, 200], dtype=torch.int32)
+    for n, causal, window in ((1, True, (-1, -1)), (5, True, (8, -1)), (70, False, (-1, -1)), (1, False, (30, 2))):
+        q = rand(B, n, H, D, dtype=dtype, gen=g)
+        kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+        kw = dict(k_new=kn, v_new=vn, causal=causal, window=window, return_lse=True)
+        out_c, lse_c = pk.flash_attention_with_kvcache(q, kc, vc, lens, **kw)
+        out_p, lse_p = pk.flash_attention_with_kvcache(q, kp, vp, lens, block_table=table, **kw)
+        assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+        assert torch.equal(contiguous_from_paged(kp, table), kc) and torch.equal(contiguous_from_paged(vp, table), vc)
+        assert torch.equal(kp[spare], kp_spare) and torch.equal(vp[spare], vp_spare)
+        lens += n
+
+
+def _kv_sdpa_err(q, k_rows, v_rows, lens, s_new, causal, window, scale):
+    """torch SDPA's relative error (in q's dtype) on the rows a kv-cache call attends to."""
+    left, right = window
+    outs, refs = [], []
+    for b in range(q.shape[0]):
+        L = int(lens[b]) + s_new
+        kb, vb = k_rows[b:b + 1, :L].to(q.dtype), v_rows[b:b + 1, :L].to(q.dtype)
+        outs.append(torch_sdpa(q[b:b + 1], kb, vb, window=(left, 0 if causal else right), scale=scale))
+        refs.append(attention_ref(q[b:b + 1], kb, vb, window=(left, 0 if causal else right), scale=scale)[0])
+    return rel_err(torch.cat(outs), torch.cat(refs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (True, (6, -1)), (True, (0, 7)), (False, (6, 3)),
+                                            (False, (-1, 0)), (False, (0, -1)), (False, (2**62, 2**62))],
+                         ids=lambda c: str(c))
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_window_and_lse_match_reference(paged, causal, window, dtype):
+    """Sliding-window decode / chunked prefill (aligned bottom-right; causal sets right = 0)
+    and the returned lse against the float64 reference, contiguous and paged (page size 5),
+    with GQA, an empty row and a window wider than any row."""
+    g = torch.Generator().manual_seed(31)
+    B, H, Hk, D, cap, n = 3, 6, 2, 24, 65, 3
+    kc, vc = rand(B, cap, Hk, D, dtype=dtype, gen=g), rand(B, cap, Hk, D, dtype=dtype, gen=g)
+    table = None
+    if paged:
+        kc, vc, table = paged_from_contiguous(kc, vc, 5, gen=g)
+    lens = torch.tensor([0, 9, 40], dtype=torch.int32)
+    q = rand(B, n, H, D, dtype=dtype, gen=g)
+    kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+    ref, ref_lse, k_rows, v_rows = kvcache_ref(q, kc, vc, lens, k_new=kn, v_new=vn, causal=causal, scale=0.3,
+                                               window=window, block_table=table)
+    out, lse = pk.flash_attention_with_kvcache(q, kc, vc, lens, k_new=kn, v_new=vn, causal=causal, scale=0.3,
+                                               window=window, block_table=table, return_lse=True)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert lse.shape == (B, H, n)
+    rows = (kc, vc) if table is None else (contiguous_from_paged(kc, table), contiguous_from_paged(vc, table))
+    assert torch.equal(rows[0], k_rows.to(dtype)) and torch.equal(rows[1], v_rows.to(dtype))
+    sdpa_err = _kv_sdpa_err(q, k_rows, v_rows, lens, n, causal, window, 0.3)
+    assert_attention_matches(out, lse, ref, ref_lse, sdpa_err, dtype)
+
+
+def kvcache_paged_rows_that_do_not_fit(op):
+    """Runs the kv-cache op `op` (raw schema) on a paged cache (page size 3, 3 blocks per row)
+    where row 1 (7 + 3 tokens in 9) and row 2 (negative length) do not fit; row 3's table holds
+    -1 and 99 past the pages it uses (never read). Checks the rule against the reference and
+    returns (out, lse, k_pages, v_pages)."""
+    g = torch.Generator().manual_seed(41)
+    B, H, Hk, D, ps = 4, 4, 2, 16, 3
+    kc, vc = rand(B, 9, Hk, D, gen=g), rand(B, 9, Hk, D, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, ps, gen=g)
+    table[3, 2] = -1
+    table[3, 1] = 99
+    q = rand(B, 2, H, D, gen=g)
+    kn, vn = rand(B, 3, Hk, D, gen=g), rand(B, 3, Hk, D, gen=g)
+    lens = torch.tensor([4, 7, -1, 0], dtype=torch.int32)
+    ref, ref_lse, k_rows, v_rows = kvcache_ref(q, kp, vp, lens, k_new=kn, v_new=vn, scale=0.25, block_table=table)
+    k0, v0 = kp.clone(), vp.clone()
+    out, lse = op(q, kp, vp, lens, kn, vn, 0.25, True, -1, -1, table)
+    assert torch.isnan(out[1:3]).all() and torch.isnan(lse[1:3]).all()
+    assert not torch.isnan(out[0]).any() and not torch.isnan(out[3]).any()
+    for b in (0, 3):
+        assert rel_err(out[b], ref[b]) < 1e-5
+        torch.testing.assert_close(lse[b].double(), ref_lse[b], atol=1e-5, rtol=0)
+    k_want, v_want = k0.clone(), v0.clone()  # only the new tokens of rows 0 and 3 are written
+    for b in (0, 3):
+        for t in range(int(lens[b]), int(lens[b]) + 3):
+            k_want[table[b, t // ps], t % ps], v_want[table[b, t // ps], t % ps] = kn[b, t - lens[b]], vn[b, t - lens[b]]
+    assert torch.equal(kp, k_want) and torch.equal(vp, v_want)
+    return out, lse, kp, vp
+
+
+def test_kvcache_paged_rows_that_do_not_fit():
+    """A paged row that does not fit follows the rule of the contiguous cache (no write, NaN
+    out and lse); table entries past the pages a row uses are never read."""
+    kvcache_paged_rows_that_do_not_fit(torch.ops.pretrain_kernels.flash_attn_kvcache)
+
+
+def test_kvcache_paged_block_ids_out_of_range_raise_on_cpu():
+    """On the CPU a block id outside [0, num_blocks) among the pages a row uses raises, naming
+    the row, before anything is written (CUDA, which cannot raise without a host sync, treats
+    the row as one that does not fit: tests/test_attention_cuda_emulated.py)."""
+    g = torch.Generator().manual_seed(42)
+    kc, vc = rand(3, 8, 1, 8, gen=g), rand(3, 8, 1, 8, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, 4, gen=g)
+    q, kn, vn = rand(3, 1, 2, 8, gen=g), rand(3, 1, 1, 8, gen=g), rand(3, 1, 1, 8, gen=g)
+    lens = torch.tensor([2, 4, 1], dtype=torch.int32)
+    k0, v0 = kp.clone(), vp.clone()
+    for bad in (kp.shape[0], -1, 2**31 - 1):
+        t = table.clone()
+        t[1, 1] = bad  # row 1 writes its new token at position 4: page 1
+        with pytest.raises(RuntimeError, match=f"block_table: row 1 uses block id {bad} at index 1"):
+            pk.flash_attention_with_kvcache(q, kp, vp, lens, k_new=kn, v_new=vn, block_table=t)
+        assert torch.equal(kp, k0) and torch.equal(vp, v0)
+    t = table.clone()
+    t[0, 1] = -7  # row 0 uses page 0 only: never read
+    out = pk.flash_attention_with_kvcache(q, kp, vp, lens, k_new=kn, v_new=vn, block_table=t)
+    assert torch.isfinite(out).all()
+
+
+def test_kvcache_paged_rows_sharing_a_block_do_not_crash():
+    """Two rows whose tables name the same block share its memory (the caller's business): the
+    call runs, and a row that only reads the shared block sees what the other wrote."""
+    g = torch.Generator().manual_seed(43)
+    kp, vp = rand(4, 4, 1, 8, gen=g), rand(4, 4, 1, 8, gen=g)
+    table = torch.tensor([[0, 1], [0, 2]], dtype=torch.int32)
+    q, kn, vn = rand(2, 1, 2, 8, gen=g), rand(2, 1, 1, 8, gen=g), rand(2, 1, 1, 8, gen=g)
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    out, lse = pk.flash_attention_with_kvcache(q, kp, vp, lens, k_new=kn, v_new=vn, block_table=table,
+                                               return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert torch.equal(kp[1, 1], kn[0, 0]) and torch.equal(kp[0, 3], kn[1, 0])
+
+
+def test_opcheck_kvcache_paged_and_window():
+    g = torch.Generator().manual_seed(44)
+    kc, vc = rand(2, 12, 2, 16, gen=g), rand(2, 12, 2, 16, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, 4, gen=g)
+    q, kn, vn = rand(2, 3, 4, 16, gen=g), rand(2, 3, 2, 16, gen=g), rand(2, 3, 2, 16, gen=g)
+    lens = torch.tensor([2, 7], dtype=torch.int32)
+    op = torch.ops.pretrain_kernels.flash_attn_kvcache
+    torch.library.opcheck(op, (q, kp, vp, lens, kn, vn, 0.25, True, 4, -1, table))
+    torch.library.opcheck(op, (q, kp, vp, lens, None, None, 0.25, False, 2, 1, table))
+    torch.library.opcheck(op, (q, kc, vc, lens, kn, vn, 0.25, False, 3, 0, None))
+
+
+def test_kvcache_paged_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(45)
+    kc, vc = rand(2, 16, 2, 16, gen=g), rand(2, 16, 2, 16, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, 4, gen=g)
+    q, kn, vn = rand(2, 1, 4, 16, gen=g), rand(2, 1, 2, 16, gen=g), rand(2, 1, 2, 16, gen=g)
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+
+    def f(q, kp, vp, lens, kn, vn, table):
+        out, lse = pk.flash_attention_with_kvcache(q, kp, vp, lens, k_new=kn, v_new=vn, window=(4, -1),
+                                                   block_table=table, return_lse=True)
+        return out * 2, lse
+
+    kp2, vp2 = kp.clone(), vp.clone()
+    want = f(q, kp2, vp2, lens, kn, vn, table)
+    got = torch.compile(f, fullgraph=True)(q, kp, vp, lens, kn, vn, table)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(kp, kp2) and torch.equal(vp, vp2)
 
 
 def test_scale_and_window_semantics():
@@ -1030,9 +1211,9 @@ def test_score_mods_opcheck():
     kn, vn = torch.randn(2, 3, 2, 16, generator=g), torch.randn(2, 3, 2, 16, generator=g)
     lens = torch.tensor([2, 7], dtype=torch.int32)
     torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache,
-                          (q1, kc, vc, lens, kn, vn, 0.25, True, 2.0, sl_bh))
+                          (q1, kc, vc, lens, kn, vn, 0.25, True, -1, -1, None, 2.0, sl_bh))
     torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache,
-                          (q1, kc, vc, lens, None, None, 0.25, False, 0.0, sl_h))
+                          (q1, kc, vc, lens, None, None, 0.25, False, -1, -1, None, 0.0, sl_h))
 
 
 def test_score_mods_torch_compile_fullgraph():
@@ -1109,4 +1290,4 @@ def test_score_mods_bad_inputs_raw_ops(kw, msg):
         ops.flash_attn_bwd(out, q, k, v, out, lse, None, None, None, None, -1, -1, 0.3, -1, -1, True, softcap, slopes)
     kc, vc, lens = torch.zeros(2, 8, 2, 8), torch.zeros(2, 8, 2, 8), torch.tensor([1, 2], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=msg):
-        ops.flash_attn_kvcache(q[:, :1], kc, vc, lens, None, None, 0.3, True, softcap, slopes)
+        ops.flash_attn_kvcache(q[:, :1], kc, vc, lens, None, None, 0.3, True, -1, -1, None, softcap, slopes)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import pretrain_kernels as pk
 from reference import (ATTN_ERR_FLOOR, ATTN_FWD_CASES, ATTN_LSE_ATOL, assert_attention_matches, attention_ref,
-                       attention_varlen_ref, attention_visible, rel_err, torch_sdpa)
+                       attention_varlen_ref, attention_visible, contiguous_from_paged, kvcache_ref,
+                       paged_from_contiguous, rel_err, torch_sdpa)
 
 pytestmark = pytest.mark.cuda
 
@@ -217,6 +218,40 @@ def test_decode_split_kv_and_append(dtype):
             assert rel_err(out[b:b + 1], ref) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("page_size", [1, 7, 16, 256])
+def test_decode_paged_equals_contiguous(page_size, dtype):
+    """Paged and contiguous caches holding the same data: the same output and lse bits and the
+    same cache contents, over appends that cross pages (split-KV decode, chunks), with GQA and
+    windows; against the reference; a block id out of range gives the row NaN, nothing written."""
+    g = torch.Generator().manual_seed(60 + page_size)
+    B, H, Hk, D = 3, 8, 2, 128
+    cap = -(-1100 // page_size) * page_size
+    kc, vc = rand(B, cap, Hk, D, dtype=dtype, gen=g), rand(B, cap, Hk, D, dtype=dtype, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, page_size, gen=g)
+    lens = torch.tensor([0, 17, 1000], dtype=torch.int32, device=DEV)
+    for n, causal, window in ((1, True, (-1, -1)), (17, True, (64, -1)), (1, False, (100, 3))):
+        q = rand(B, n, H, D, dtype=dtype, gen=g)
+        kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+        ref, ref_lse, _, _ = kvcache_ref(q.cpu(), kc.cpu(), vc.cpu(), lens.cpu(), k_new=kn.cpu(), v_new=vn.cpu(),
+                                         causal=causal, window=window)
+        kw = dict(k_new=kn, v_new=vn, causal=causal, window=window, return_lse=True)
+        out_c, lse_c = pk.flash_attention_with_kvcache(q, kc, vc, lens, **kw)
+        out_p, lse_p = pk.flash_attention_with_kvcache(q, kp, vp, lens, block_table=table, **kw)
+        assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+        assert torch.equal(contiguous_from_paged(kp, table), kc) and torch.equal(contiguous_from_paged(vp, table), vc)
+        assert rel_err(out_p, ref) <= {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
+        torch.testing.assert_close(lse_p.cpu().double(), ref_lse, atol=LSE_ATOL[dtype], rtol=0)
+        lens += n
+    bad = table.clone()
+    bad[1, 0] = kp.shape[0]
+    k0 = kp.clone()
+    out, lse = pk.flash_attention_with_kvcache(q, kp, vp, lens, k_new=kn, v_new=vn, block_table=bad, return_lse=True)
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all() and not torch.isnan(out[[0, 2]]).any()
+    changed = (kp != k0).flatten(1).any(1).nonzero().flatten().tolist()
+    assert set(changed) <= {int(x) for x in table[[0, 2]].flatten()}
+
+
 def test_decode_matches_cpu_op():
     g = torch.Generator().manual_seed(13)
     q = rand(2, 3, 4, 16, gen=g, device="cpu")
@@ -387,7 +422,8 @@ def test_bad_inputs_cuda():
     kc = torch.zeros(2, 8, 2, 8, device=DEV)
     with pytest.raises(RuntimeError, match="cache_seqlens: expected an int32"):
         torch.ops.pretrain_kernels.flash_attn_kvcache(torch.randn(2, 1, 2, 8, device=DEV), kc, kc,
-                                                      torch.tensor([3, 4], device=DEV), None, None, 1.0, True)
+                                                      torch.tensor([3, 4], device=DEV), None, None, 1.0, True,
+                                                      -1, -1, None)
 
 
 def _opcheck_samples():
@@ -421,8 +457,8 @@ def test_opcheck_kvcache():
     kc, vc = rand(2, 10, 2, 16, gen=g), rand(2, 10, 2, 16, gen=g)
     kn, vn = rand(2, 3, 2, 16, gen=g), rand(2, 3, 2, 16, gen=g)
     lens = torch.tensor([2, 7], dtype=torch.int32, device=DEV)
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True))
-    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False))
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, kn, vn, 0.25, True, -1, -1, None))
+    torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_kvcache, (q, kc, vc, lens, None, None, 0.25, False, -1, -1, None))
 
 
 def test_torch_compile_and_cuda_graph():

@@ -12,7 +12,7 @@ import torch
 
 import emulated_cuda
 from reference import (ATTN_ERR_FLOOR, ATTN_LSE_ATOL, assert_attention_matches, attention_ref, attention_varlen_ref,
-                       rel_err, torch_sdpa)
+                       contiguous_from_paged, kvcache_ref, paged_from_contiguous, rel_err, torch_sdpa)
 
 FLOOR, LSE_ATOL = ATTN_ERR_FLOOR, ATTN_LSE_ATOL
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -405,7 +405,7 @@ def test_kvcache_append_and_decode(emu, dtype):
         q = rand(B, n, H, D, dtype=dtype, gen=g)
         kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
         k_before = k_cache.clone()
-        out = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True)
+        out, _ = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True, -1, -1, None)
         for b in range(B):
             L = int(lens[b]) + n
             assert torch.equal(k_cache[b, L - n:L], kn[b]) and torch.equal(v_cache[b, L - n:L], vn[b])
@@ -432,6 +432,112 @@ def test_kvcache_rows_that_do_not_fit(emu):
             assert torch.equal(got[0].isnan(), cpu[0].isnan())
     finally:
         mod.configure(major=9, sm_count=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("page_size", [1, 7, 16, 256])
+def test_kvcache_paged_equals_contiguous(emu, page_size, dtype):
+    """The CUDA kernels on the same data in a contiguous cache and in pages at a random
+    permutation of blocks: the same output and lse bits and the same cache contents, over
+    appends that cross page boundaries and steps of 1, 5, 70 and 1 tokens (split-KV decode with
+    few SMs, pack_gqa, 128-row blocks), GQA and windows; the result matches the reference."""
+    g = torch.Generator().manual_seed(50 + page_size)
+    B, H, Hk, D = 3, 4, 2, 64
+    cap = -(-300 // page_size) * page_size
+    kc, vc = rand(B, cap, Hk, D, dtype=dtype, gen=g), rand(B, cap, Hk, D, dtype=dtype, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, page_size, gen=g)
+    spare = torch.ones(kp.shape[0], dtype=torch.bool)
+    spare[table.flatten().long()] = False
+    kp_spare = kp[spare].clone()
+    lens = torch.tensor([0, 17, 200], dtype=torch.int32)
+    for n, causal, window in ((1, True, (-1, -1)), (5, True, (8, -1)), (70, False, (-1, -1)), (1, False, (30, 2))):
+        q = rand(B, n, H, D, dtype=dtype, gen=g)
+        kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+        left, right = window
+        ref, ref_lse, _, _ = kvcache_ref(q, kc, vc, lens, k_new=kn, v_new=vn, causal=causal, window=window)
+        out_c, lse_c = emu.flash_attn_kvcache(q, kc, vc, lens, kn, vn, D ** -0.5, causal, left, right, None)
+        out_p, lse_p = emu.flash_attn_kvcache(q, kp, vp, lens, kn, vn, D ** -0.5, causal, left, right, table)
+        assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+        assert torch.equal(contiguous_from_paged(kp, table), kc) and torch.equal(contiguous_from_paged(vp, table), vc)
+        assert torch.equal(kp[spare], kp_spare)
+        assert rel_err(out_p, ref) <= {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
+        torch.testing.assert_close(lse_p.double(), ref_lse, atol=LSE_ATOL[dtype], rtol=0)
+        lens += n
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal, window", [(True, (6, -1)), (False, (6, 3)), (False, (0, -1)), (True, (0, 7))],
+                         ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_window_and_lse_match_reference(emu, paged, causal, window, dtype):
+    """Sliding-window kv-cache attention and its lse against the float64 reference, within twice
+    torch SDPA's error, contiguous and paged (page size 5), with an empty row."""
+    g = torch.Generator().manual_seed(51)
+    B, H, Hk, D, cap, n = 3, 6, 2, 32, 65, 3
+    kc, vc = rand(B, cap, Hk, D, dtype=dtype, gen=g), rand(B, cap, Hk, D, dtype=dtype, gen=g)
+    table = None
+    if paged:
+        kc, vc, table = paged_from_contiguous(kc, vc, 5, gen=g)
+    lens = torch.tensor([0, 9, 40], dtype=torch.int32)
+    q = rand(B, n, H, D, dtype=dtype, gen=g)
+    kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+    ref, ref_lse, k_rows, v_rows = kvcache_ref(q, kc, vc, lens, k_new=kn, v_new=vn, causal=causal, scale=0.3,
+                                               window=window, block_table=table)
+    out, lse = emu.flash_attn_kvcache(q, kc, vc, lens, kn, vn, 0.3, causal, *window, table)
+    from test_attention import _kv_sdpa_err
+    sdpa_err = _kv_sdpa_err(q, k_rows, v_rows, lens, n, causal, window, 0.3)
+    assert_attention_matches(out, lse, ref, ref_lse, sdpa_err, dtype)
+
+
+def test_kvcache_paged_rows_that_do_not_fit(emu):
+    """Paged rows that do not fit: the same rule, caches and NaN rows as the CPU op, on the
+    split-KV path (few SMs) and on one that is not."""
+    from test_attention import kvcache_paged_rows_that_do_not_fit
+    mod = emulated_cuda.load()
+    cpu = kvcache_paged_rows_that_do_not_fit(torch.ops.pretrain_kernels.flash_attn_kvcache)
+    try:
+        for sms in (4, 1024):
+            mod.configure(major=9, sm_count=sms)
+            got = kvcache_paged_rows_that_do_not_fit(emu.flash_attn_kvcache)
+            assert torch.equal(got[2], cpu[2]) and torch.equal(got[3], cpu[3])
+            assert torch.equal(got[0].isnan(), cpu[0].isnan()) and torch.equal(got[1].isnan(), cpu[1].isnan())
+    finally:
+        mod.configure(major=9, sm_count=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_kvcache_block_ids_out_of_range_follow_the_rule(emu, dtype):
+    """A block id outside [0, num_blocks) among the pages a row uses: the CPU op raises (it reads
+    the table on the host); the CUDA kernels cannot, and give the row the rule of a row that does
+    not fit. Run through both: the CUDA result equals the CPU kernel's on the same call with
+    those rows made not to fit (nothing written, NaN out and lse, the other rows alike)."""
+    g = torch.Generator().manual_seed(52)
+    B, H, Hk, D, ps = 4, 4, 2, 32, 4
+    kc, vc = rand(B, 16, Hk, D, dtype=dtype, gen=g), rand(B, 16, Hk, D, dtype=dtype, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, ps, gen=g)
+    nb = kp.shape[0]
+    lens = torch.tensor([5, 9, 2, 6], dtype=torch.int32)
+    table[1, 2] = nb          # row 1 appends at positions 9, 10: page 2
+    table[2, 0] = -3          # row 2 reads page 0
+    table[3, 3] = 2**31 - 1   # row 3 uses pages 0, 1 only: never read
+    q = rand(B, 2, H, D, dtype=dtype, gen=g)
+    kn, vn = rand(B, 2, Hk, D, dtype=dtype, gen=g), rand(B, 2, Hk, D, dtype=dtype, gen=g)
+    with pytest.raises(RuntimeError, match="block_table: row 1 uses block id"):
+        torch.ops.pretrain_kernels.flash_attn_kvcache(q, kp.clone(), vp.clone(), lens, kn, vn, 0.2, True, -1, -1,
+                                                      table)
+    kp_e, vp_e = kp.clone(), vp.clone()
+    out, lse = emu.flash_attn_kvcache(q, kp_e, vp_e, lens, kn, vn, 0.2, True, -1, -1, table)
+    no_fit = lens.clone()
+    no_fit[1] = no_fit[2] = -1
+    kp_c, vp_c = kp.clone(), vp.clone()
+    want, want_lse = torch.ops.pretrain_kernels.flash_attn_kvcache(q, kp_c, vp_c, no_fit, kn, vn, 0.2, True, -1, -1,
+                                                                   table)
+    assert torch.equal(kp_e, kp_c) and torch.equal(vp_e, vp_c)
+    assert torch.isnan(out[1:3]).all() and torch.isnan(lse[1:3]).all()
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(lse.isnan(), want_lse.isnan())
+    for b in (0, 3):
+        assert rel_err(out[b], want[b]) <= (3e-3 if dtype == torch.float16 else 1e-6)
+        torch.testing.assert_close(lse[b], want_lse[b], atol=LSE_ATOL[dtype], rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -798,7 +904,7 @@ def test_score_mods_kvcache(emu, dtype):
     for n in (1, 5):
         q = rand(B, n, H, D, dtype=dtype, gen=g)
         kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
-        out = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True, 3.0, slopes)
+        out, _ = emu.flash_attn_kvcache(q, k_cache, v_cache, lens, kn, vn, D ** -0.5, True, -1, -1, None, 3.0, slopes)
         for b in range(B):
             L = int(lens[b]) + n
             kw = dict(causal=True, softcap=3.0, alibi_slopes=slopes)

@@ -94,15 +94,38 @@ def kv_args(B=2, S=6, H=4, Hk=2, D=8, sq=1, s_new=1, lens=(2, 3), dtype=torch.fl
                 k_new=randn(B, s_new, Hk, D, seed=11, dtype=dtype), v_new=randn(B, s_new, Hk, D, seed=12, dtype=dtype))
 
 
-def kvc(ops, scale=SCALE, causal=True, **mods):
+def kvc(ops, scale=SCALE, causal=True, window=(-1, -1), **mods):
     a = kv_args()
     a.update({n: (m(a) if callable(m) else m) for n, m in mods.items()})
-    return ops.flash_attn_kvcache(*a.values(), scale, causal)
+    return ops.flash_attn_kvcache(*a.values(), scale, causal, *window, None)
+
+
+def kvp_args(lens=(2, 3)):
+    """kv_args with a paged cache: 5 blocks of 4 positions, two per row."""
+    a = kv_args(lens=lens)
+    a["k_cache"], a["v_cache"] = randn(5, 4, 2, 8, seed=9), randn(5, 4, 2, 8, seed=10)
+    a["block_table"] = torch.tensor([[3, 1], [0, 4]], dtype=I32)
+    return a
+
+
+def kvp(ops, scale=SCALE, causal=True, window=(-1, -1), **mods):
+    a = kvp_args()
+    a.update({n: (m(a) if callable(m) else m) for n, m in mods.items()})
+    table = a.pop("block_table")
+    return ops.flash_attn_kvcache(*a.values(), scale, causal, *window, table)
+
+
+def kvp_py(**mods):
+    a = kvp_args()
+    kw = {"scale": SCALE, **{n: mods.pop(n) for n in ("causal", "scale", "window") if n in mods}}
+    a.update({n: (m(a) if callable(m) else m) for n, m in mods.items()})
+    return pk.flash_attention_with_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], k_new=a["k_new"],
+                                           v_new=a["v_new"], block_table=a["block_table"], **kw)
 
 
 def kv_py(**mods):
     a = kv_args()
-    kw = {"scale": SCALE, **{n: mods.pop(n) for n in ("causal", "scale") if n in mods}}
+    kw = {"scale": SCALE, **{n: mods.pop(n) for n in ("causal", "scale", "window") if n in mods}}
     a.update({n: (m(a) if callable(m) else m) for n, m in mods.items()})
     return pk.flash_attention_with_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], k_new=a["k_new"],
                                            v_new=a["v_new"], **kw)
@@ -220,6 +243,30 @@ PY_ERRORS = [
      TypeError, "one dtype"),
     ("kv-new-too-long", lambda: kv_py(k_new=randn(2, 7, 2, 8), v_new=randn(2, 7, 2, 8)), RuntimeError,
      "do not fit"),
+    ("kv-window-below-minus-1", lambda: kv_py(window=(-2, -1)), ValueError, "window: expected values >= -1"),
+    ("kv-window-float", lambda: kv_py(window=(2.0, -1)), TypeError, "window: expected ints"),
+    ("kv-window-scalar", lambda: kv_py(window=3), ValueError, "window: expected a pair"),
+    ("kvp-table-int64", lambda: kvp_py(block_table=lambda a: a["block_table"].long()), TypeError,
+     "block_table: expected an int32"),
+    ("kvp-table-list", lambda: kvp_py(block_table=[[3, 1], [0, 4]]), TypeError, "block_table: expected an int32"),
+    ("kvp-table-1d", lambda: kvp_py(block_table=lambda a: a["block_table"][0]), ValueError,
+     "block_table: expected shape"),
+    ("kvp-table-batch", lambda: kvp_py(block_table=lambda a: a["block_table"][:1]), ValueError,
+     "block_table: expected shape"),
+    ("kvp-table-meta", lambda: kvp_py(block_table=lambda a: a["block_table"].to(META)), ValueError,
+     "block_table: expected a tensor on cpu"),
+    ("kvp-page-size-0", lambda: kvp_py(k_cache=randn(5, 0, 2, 8), v_cache=randn(5, 0, 2, 8)), ValueError,
+     "page size"),
+    ("kvp-page-layouts-differ", lambda: kvp_py(v_cache=lambda a: a["v_cache"][:4]), ValueError,
+     "v_cache: expected the page layout"),
+    ("kvp-cache-rank3", lambda: kvp_py(k_cache=lambda a: a["k_cache"][0]), ValueError,
+     "k_cache: expected 4 dims \\(num_blocks, page_size"),
+    ("kvp-new-too-long", lambda: kvp_py(k_new=randn(2, 9, 2, 8), v_new=randn(2, 9, 2, 8)), RuntimeError,
+     "9 new tokens do not fit a cache of 8"),
+    ("kvp-block-id-out-of-range", lambda: kvp_py(block_table=torch.tensor([[3, 1], [5, 4]], dtype=I32)),
+     RuntimeError, "block_table: row 1 uses block id 5 at index 0"),
+    ("kvp-block-id-negative", lambda: kvp_py(block_table=torch.tensor([[-1, 1], [0, 4]], dtype=I32)),
+     RuntimeError, "block_table: row 0 uses block id -1 at index 0"),
     ("kv-cache-expanded", lambda: kv_py(k_cache=lambda a: a["k_cache"][:1].expand(2, -1, -1, -1)), RuntimeError,
      "no two elements may share memory"),
     ("kv-caches-alias", lambda: kv_py(v_cache=lambda a: a["k_cache"]), RuntimeError, "must not overlap each other"),
@@ -496,6 +543,34 @@ RAW_ERRORS = [
      "k_new, v_new: expected the dtype of the cache", True),
     ("kv-new-too-long", lambda o: kvc(o, k_new=randn(2, 7, 2, 8), v_new=randn(2, 7, 2, 8)), "do not fit a cache",
      True),
+    ("kv-window-below-minus-1", lambda o: kvc(o, window=(-1, -2)), "window: expected values >= -1", True),
+    ("kvp-table-int64", lambda o: kvp(o, block_table=lambda a: a["block_table"].long()),
+     "block_table: expected an int32", True),
+    ("kvp-table-1d", lambda o: kvp(o, block_table=lambda a: a["block_table"][0]), "block_table: expected shape",
+     True),
+    ("kvp-table-batch", lambda o: kvp(o, block_table=lambda a: a["block_table"][:1]), "block_table: expected shape",
+     True),
+    ("kvp-table-meta", lambda o: kvp(o, block_table=lambda a: a["block_table"].to(META)),
+     "block_table: expected a tensor on", False),
+    ("kvp-page-size-0", lambda o: kvp(o, k_cache=randn(5, 0, 2, 8), v_cache=randn(5, 0, 2, 8)), "page size", True),
+    ("kvp-page-layouts-differ", lambda o: kvp(o, v_cache=lambda a: a["v_cache"][:, :3]),
+     "v_cache: expected the page layout", True),
+    ("kvp-cache-rank3", lambda o: kvp(o, k_cache=lambda a: a["k_cache"][0]),
+     "k_cache, v_cache: expected 4 dims \\(num_blocks", True),
+    ("kvp-heads-not-multiple", lambda o: kvp(o, q=randn(2, 1, 3, 8)), "multiple of the key/value heads", True),
+    ("kvp-cache-dtype", lambda o: kvp(o, q=lambda a: a["q"].half()), "q, k, v: expected one dtype", True),
+    ("kvp-new-too-long", lambda o: kvp(o, k_new=randn(2, 9, 2, 8), v_new=randn(2, 9, 2, 8)),
+     "9 new tokens do not fit a cache of 8", True),
+    ("kvp-table-aliases-cache", lambda o: kvp(o, block_table=lambda a: a["k_cache"].view(I32)[:2, 0, 0, :2]),
+     "block_table: must not share memory", True),
+    ("kvp-block-id-out-of-range", lambda o: kvp(o, block_table=torch.tensor([[3, 1], [5, 4]], dtype=I32)),
+     "block_table: row 1 uses block id 5 at index 0", False),
+    ("kvp-cache-expanded", lambda o: kvp(o, k_cache=lambda a: a["k_cache"][:1].expand(5, -1, -1, -1)),
+     "no two elements may share memory", True),
+    ("kvp-rows-too-long", lambda o: kvp(o, k_cache=torch.zeros(1, 1, 2, 8).expand(1, 2**20, 2, 8),
+                                        v_cache=torch.zeros(1, 1, 2, 8).expand(1, 2**20, 2, 8),
+                                        block_table=torch.zeros(2, 2048, dtype=I32)),
+     "positions per row exceed 2147483647", True),
     ("kv-new-meta", lambda o: kvc(o, k_new=lambda a: a["k_new"].to(META), v_new=lambda a: a["v_new"].to(META)),
      "k_new, v_new: expected tensors on cpu", False),
     ("kv-cache-expanded", lambda o: kvc(o, k_cache=lambda a: a["k_cache"][:1].expand(2, -1, -1, -1)),
@@ -510,7 +585,7 @@ RAW_ERRORS = [
     ("kv-scale-huge", lambda o: kvc(o, scale=1e39), "scale", True),
     ("kv-all-meta-int", lambda o: kvc(o, **{n: (lambda a, n=n: a[n].to(META) if n != "q" else a[n].int().to(META))
                                            for n in kv_args()}), "q: expected float32", False),
-    ("kv-float64-on-cuda", lambda o: o.flash_attn_kvcache(*kv_args(dtype=torch.float64).values(), SCALE, True),
+    ("kv-float64-on-cuda", lambda o: o.flash_attn_kvcache(*kv_args(dtype=torch.float64).values(), SCALE, True, -1, -1, None),
      "float64 attention runs on the CPU only", "cuda-only"),
     # mlm_mask
     ("mlm-ids-float", lambda o: mlm(o, ids=ids_().float()), "input_ids: expected int32 or int64", True),
@@ -636,7 +711,7 @@ def kv_expected(a, lens, s_new, causal=True):
 def kv_rule(ops, lens, s_new=2):
     a = kv_args(B=len(lens), S=6, H=2, Hk=1, sq=2, s_new=s_new, lens=lens)
     want, kc, vc = kv_expected(a, lens, s_new)
-    got = ops.flash_attn_kvcache(*a.values(), SCALE, True)
+    got = ops.flash_attn_kvcache(*a.values(), SCALE, True, -1, -1, None)[0]
     return (got, a["k_cache"], a["v_cache"]), (want, kc, vc)
 
 
@@ -649,7 +724,7 @@ def kv_views(view, ops=None):
         got = pk.flash_attention_with_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"],
                                               k_new=a["k_new"], v_new=a["v_new"], scale=SCALE)
     else:
-        got = ops.flash_attn_kvcache(*a.values(), SCALE, True)
+        got = ops.flash_attn_kvcache(*a.values(), SCALE, True, -1, -1, None)[0]
     return (got, a["k_cache"], a["v_cache"]), (want, kc, vc)
 
 
@@ -756,8 +831,12 @@ VALID = [
     # meta tensors: shapes only
     ("fa-all-meta", lambda: fwd(OPS, *meta(*qkv(sq=3, D=5)))[1].shape, lambda: (2, 4, 3), "equal"),
     ("fav-all-meta", lambda: fwd(OPS, *meta(qv3, kv3, vv3, cuq, cuk))[1].shape, lambda: (4, 7), "equal"),
-    ("kv-all-meta", lambda: kvc(OPS, **{n: (lambda a, n=n: a[n].to(META)) for n in kv_args()}).shape,
+    ("kv-all-meta", lambda: kvc(OPS, **{n: (lambda a, n=n: a[n].to(META)) for n in kv_args()})[0].shape,
      lambda: (2, 1, 4, 8), "equal"),
+    ("kvp-all-meta", lambda: kvp(OPS, **{n: (lambda a, n=n: a[n].to(META)) for n in kvp_args()})[1].shape,
+     lambda: (2, 4, 1), "equal"),
+    ("kv-all-meta-lse", lambda: kvc(OPS, **{n: (lambda a, n=n: a[n].to(META)) for n in kv_args()})[1].shape,
+     lambda: (2, 4, 1), "equal"),
     ("mlm-all-meta", lambda: mlm(OPS, ids=ids_().to(META))[1].shape, lambda: (3, 16), "equal"),
     ("fa-py-all-meta", lambda: pk.flash_attention(*meta(*qkv(sq=3)), return_lse=True)[1].shape, lambda: (2, 4, 3),
      "equal"),
@@ -1041,7 +1120,7 @@ def test_opcheck_after_the_new_checks(op):
         torch.library.opcheck(OPS.flash_attn_fwd.default, args)
     elif op == "kvcache":
         a = kv_args()
-        torch.library.opcheck(OPS.flash_attn_kvcache.default, (*a.values(), SCALE, True),
+        torch.library.opcheck(OPS.flash_attn_kvcache.default, (*a.values(), SCALE, True, -1, -1, None),
                               test_utils=("test_schema", "test_faketensor"))
     elif op == "mlm":
         torch.library.opcheck(OPS.mlm_mask.default, (g_ids.t().contiguous().t(), g_attn, torch.tensor([5, 7]), g_ws,

@@ -134,6 +134,39 @@ PK_HD T modify_score(T s, T softcap, T bias, T* dcap) {
 // into that row, it attends to no key, and its outputs are NaN.
 PK_HD bool cache_rows_fit(int64_t len, int64_t s_new, int64_t capacity) { return len >= 0 && len + s_new <= capacity; }
 
+// Paged KV cache (vLLM, FlashAttention): the caches are [num_blocks, page_size, kv_heads,
+// head_dim] and int32 block_table [batch, max_blocks] maps the pages of a row to blocks:
+// logical position t of row b lives in block block_table[b, t / page_size], slot
+// t % page_size, so a row holds up to max_blocks * page_size tokens. `pages` is the row
+// block_table[b]; s_page and s_slot are the cache's strides (in elements) of its first two
+// dimensions. Returns the element offset of position t (head 0, dim 0).
+PK_HD int64_t paged_offset(const int32_t* pages, int64_t page_size, int64_t t, int64_t s_page, int64_t s_slot) {
+  return static_cast<int64_t>(pages[t / page_size]) * s_page + (t % page_size) * s_slot;
+}
+
+// The first of the pages a row reads or writes (those covering positions [0, n)) whose block
+// id lies outside [0, num_blocks), or -1 when all are valid. A row that uses such a page
+// follows the rule of cache_rows_fit on both backends (the CUDA kernels cannot raise without
+// a host sync; the CPU op raises before its kernels run): nothing is written into it, it
+// attends to no key and its outputs (and lse) are NaN. Entries past the pages a row uses are
+// never read, so they may hold anything (padding such as -1).
+PK_HD int64_t first_bad_page(const int32_t* pages, int64_t n, int64_t page_size, int64_t num_blocks) {
+  const int64_t used = (n + page_size - 1) / page_size;
+  for (int64_t i = 0; i < used; ++i)
+    if (pages[i] < 0 || pages[i] >= num_blocks) return i;
+  return -1;
+}
+
+// Keys a kv-cache row attends to (its new tokens included), or -1 for a row that follows the
+// rule of cache_rows_fit: it does not fit, or (paged, `pages` not null) it uses a block id
+// outside [0, num_blocks).
+PK_HD int64_t cache_row_keys(int64_t len, int64_t s_new, int64_t capacity, const int32_t* pages, int64_t page_size,
+                             int64_t num_blocks) {
+  if (!cache_rows_fit(len, s_new, capacity)) return -1;
+  if (pages != nullptr && first_bad_page(pages, len + s_new, page_size, num_blocks) >= 0) return -1;
+  return len + s_new;
+}
+
 // Number of blocks of size bs covering n.
 PK_HD int64_t num_blocks(int64_t n, int64_t bs) { return (n + bs - 1) / bs; }
 

@@ -239,9 +239,11 @@ inline void check_backward_inputs(const at::Tensor& dout, const at::Tensor& out,
                 " of shape ", dlse->sizes(), " on ", dlse->device());
 }
 
-// k_new / v_new against the caches (shapes and dtypes). Returns the number of new tokens.
+// k_new / v_new against the caches (shapes and dtypes) of `capacity` positions per row.
+// Returns the number of new tokens.
 inline int64_t check_kv_new(const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
-                            const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t B, const at::Device& dev) {
+                            const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t B, int64_t capacity,
+                            const at::Device& dev) {
   TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new, v_new: pass both or neither");
   if (!k_new.has_value()) return 0;
   TORCH_CHECK(k_new->dim() == 4 && v_new->dim() == 4,
@@ -261,8 +263,7 @@ inline int64_t check_kv_new(const std::optional<at::Tensor>& k_new, const std::o
   TORCH_CHECK(k_new->scalar_type() == k_cache.scalar_type() && v_new->scalar_type() == v_cache.scalar_type(),
               "k_new, v_new: expected the dtype of the cache ", k_cache.scalar_type(), ", got ",
               k_new->scalar_type(), " and ", v_new->scalar_type());
-  TORCH_CHECK(k_new->size(1) <= k_cache.size(1), "k_new: ", k_new->size(1), " new tokens do not fit a cache of ",
-              k_cache.size(1));
+  TORCH_CHECK(k_new->size(1) <= capacity, "k_new: ", k_new->size(1), " new tokens do not fit a cache of ", capacity);
   return k_new->size(1);
 }
 
@@ -281,27 +282,73 @@ inline bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
   return sa.first < sb.second && sb.first < sa.second;
 }
 
+// Positions per kv-cache row: key counts (cache_seqlens + seqlen_new) stay int32.
+constexpr int64_t kMaxCachePositions = (int64_t(1) << 31) - 1;
+
+// A kv-cache call as both backends see it (check_kvcache).
+struct KvCacheLayout {
+  int64_t s_new = 0;       // new tokens per row (k_new.size(1), 0 without k_new)
+  int64_t capacity = 0;    // positions per row: max_seqlen, or max_blocks * page_size when paged
+  bool paged = false;
+  int64_t page_size = 0;   // paged: k_cache.size(1)
+  int64_t num_blocks = 0;  // paged: k_cache.size(0)
+  // The window as the kernels use it (causal: right = 0), a side wider than any row
+  // unbounded (-1), as check_layout does for the forward.
+  int64_t window_left = -1, window_right = -1;
+};
+
 // The kv-cache call's own arguments (q against the caches is checked by check_layout after
-// this): caches (batch, max_seqlen, kv_heads, head_dim) that can be written in place, with no
+// this, with kvcache_layout_view standing in for a paged cache): caches (batch, max_seqlen,
+// kv_heads, head_dim), or (num_blocks, page_size, kv_heads, head_dim) of one page layout with
+// block_table int32 [batch, max_blocks] on `dev`; caches that can be written in place, with no
 // two elements sharing memory (an expanded cache would let one row's keys land in another's)
-// and not overlapping each other; cache_seqlens int32 [batch] on `dev`. Returns the number of
-// new tokens.
-inline int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                             const std::optional<at::Tensor>& v_new, const at::Device& dev) {
+// and not overlapping each other; cache_seqlens int32 [batch] on `dev`; a window of values
+// >= -1. The block ids themselves are read by the CPU op only (first_bad_page in
+// csrc/common/attention.h holds the rule on both backends).
+inline KvCacheLayout check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                   const std::optional<at::Tensor>& v_new, bool causal, int64_t window_left,
+                                   int64_t window_right, const std::optional<at::Tensor>& block_table,
+                                   const at::Device& dev) {
   TORCH_CHECK(q.dim() == 4, "q: expected 4 dims (batch, seqlen, heads, head_dim), got shape ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
-              "k_cache, v_cache: expected 4 dims (batch, max_seqlen, kv_heads, head_dim), got shapes ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  const int64_t B = q.size(0), Smax = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, "k_cache, v_cache: expected batch ", B, ", got ",
-              k_cache.size(0), " and ", v_cache.size(0));
-  TORCH_CHECK(v_cache.size(1) == Smax, "v_cache: expected max_seqlen ", Smax, " (that of k_cache), got ",
-              v_cache.size(1));
+  KvCacheLayout c;
+  c.paged = block_table.has_value();
+  const char* layout = c.paged ? "(num_blocks, page_size, kv_heads, head_dim)" : "(batch, max_seqlen, kv_heads, head_dim)";
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "k_cache, v_cache: expected 4 dims ", layout,
+              ", got shapes ", k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = q.size(0);
+  if (c.paged) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK(bt.scalar_type() == at::kInt, "block_table: expected an int32 tensor, got ", bt.scalar_type());
+    TORCH_CHECK(bt.device() == dev, "block_table: expected a tensor on ", dev, " (the device of q), got one on ",
+                bt.device());
+    TORCH_CHECK(bt.dim() == 2 && bt.size(0) == B, "block_table: expected shape [", B, ", max_blocks], got ",
+                bt.sizes());
+    c.page_size = k_cache.size(1);
+    c.num_blocks = k_cache.size(0);
+    TORCH_CHECK(c.page_size > 0, "k_cache: expected a page size (dim 1) > 0 with block_table, got shape ",
+                k_cache.sizes());
+    TORCH_CHECK(v_cache.size(0) == c.num_blocks && v_cache.size(1) == c.page_size,
+                "v_cache: expected the page layout (num_blocks, page_size) = (", c.num_blocks, ", ", c.page_size,
+                ") of k_cache, got (", v_cache.size(0), ", ", v_cache.size(1), ")");
+    TORCH_CHECK(c.num_blocks < (int64_t(1) << 31), "k_cache: at most 2^31 - 1 blocks (int32 block ids), got ",
+                c.num_blocks);
+    TORCH_CHECK(bt.size(1) <= kMaxCachePositions / c.page_size, "block_table: ", bt.size(1), " blocks of ",
+                c.page_size, " positions per row exceed ", kMaxCachePositions, " positions (int32 cache_seqlens)");
+    c.capacity = bt.size(1) * c.page_size;
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, "k_cache, v_cache: expected batch ", B, ", got ",
+                k_cache.size(0), " and ", v_cache.size(0));
+    TORCH_CHECK(v_cache.size(1) == k_cache.size(1), "v_cache: expected max_seqlen ", k_cache.size(1),
+                " (that of k_cache), got ", v_cache.size(1));
+    c.capacity = k_cache.size(1);
+    TORCH_CHECK(c.capacity <= kMaxCachePositions, "k_cache: ", c.capacity, " positions per row exceed ",
+                kMaxCachePositions, " (int32 cache_seqlens)");
+  }
   TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
               "k_cache, v_cache: expected a contiguous last dimension (they are written in place)");
-  const int64_t s_new = check_kv_new(k_new, v_new, k_cache, v_cache, B, dev);
-  if (s_new > 0) {
+  c.s_new = check_kv_new(k_new, v_new, k_cache, v_cache, B, c.capacity, dev);
+  if (c.s_new > 0) {
     TORCH_CHECK(at::has_internal_overlap(k_cache) != at::MemOverlap::Yes &&
                     at::has_internal_overlap(v_cache) != at::MemOverlap::Yes,
                 "k_cache, v_cache: written in place, so no two elements may share memory (an expanded or "
@@ -309,11 +356,14 @@ inline int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, con
     const auto kv = at::get_overlap_status(k_cache, v_cache);
     TORCH_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial,
                 "k_cache, v_cache: written in place, so they must not overlap each other");
-    for (const at::Tensor* c : {&k_cache, &v_cache}) {
+    for (const at::Tensor* cache : {&k_cache, &v_cache}) {
       for (const at::Tensor* n : {&*k_new, &*v_new})
-        TORCH_CHECK(!spans_intersect(*c, *n), "k_new, v_new: must not share memory with the caches they are ",
+        TORCH_CHECK(!spans_intersect(*cache, *n), "k_new, v_new: must not share memory with the caches they are ",
                     "written into");
-      TORCH_CHECK(!spans_intersect(*c, q), "q: must not share memory with the caches (they are written in place)");
+      TORCH_CHECK(!spans_intersect(*cache, q), "q: must not share memory with the caches (they are written in place)");
+      if (c.paged)
+        TORCH_CHECK(!spans_intersect(*cache, *block_table),
+                    "block_table: must not share memory with the caches (they are written in place)");
     }
   }
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens: expected an int32 tensor, got ",
@@ -322,7 +372,21 @@ inline int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, con
               cache_seqlens.device());
   TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens: expected shape [", B, "], got ",
               cache_seqlens.sizes());
-  return s_new;
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window: expected values >= -1 (-1: unbounded), got (",
+              window_left, ", ", window_right, ")");
+  if (causal) window_right = 0;
+  const int64_t reach = q.size(1) + c.capacity;  // a query sees at most this far
+  c.window_left = window_left > reach ? -1 : window_left;
+  c.window_right = window_right > reach ? -1 : window_right;
+  return c;
+}
+
+// What check_layout checks q against for a kv-cache call: the caches themselves, or for a paged
+// cache an empty (batch, 0, kv_heads, head_dim) tensor of its dtype and device (the backends
+// then point their parameters at the pages).
+inline at::Tensor kvcache_layout_view(const at::Tensor& cache, int64_t batch, bool paged) {
+  if (!paged) return cache;
+  return at::empty({batch, 0, cache.size(2), cache.size(3)}, cache.options());
 }
 
 }  // namespace attention

@@ -35,7 +35,11 @@
 // than one only when batch x kv heads is small).
 //
 // Decode (flash_attn_kvcache) writes the new keys and values into the cache in place, then
-// runs the forward pass with per-sequence key lengths read from cache_seqlens.
+// runs the forward pass with per-sequence key lengths read from cache_seqlens. A paged cache
+// (block_table) changes only where a key lives (Problem::k_row): the rows kernels read keys
+// through a row accessor (StridedRows / PagedRows in attention_kernels.h) in the same order
+// and groups, and the panels are packed one page at a time, so the result is the contiguous
+// cache's bit for bit.
 //
 // Inner loops (attention_kernels.h), chosen per block at run time from the CPU's features:
 //  - packed path: before the tiles, the keys of each (sequence, kv head) are packed once
@@ -166,12 +170,14 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
         const bool full = tile_full(w, 0, lq, j0, j0 + nk, lk);
         for (int64_t hh = 0; hh < nh; ++hh) {
           const int64_t hk = hk0 + hh;
-          qk_rows_avx512<scalar_t>(R, nk, D, Qf.data() + hh * R * D, p.k_row<scalar_t>(b, j0, hk), p.k.ss, S.data(),
-                                   BK);
+          p.with_rows<scalar_t>(p.k, b, j0, hk, [&](const auto& rows) {
+            qk_rows_avx512<scalar_t>(R, nk, D, Qf.data() + hh * R * D, rows, S.data(), BK);
+          });
           softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, 0, j0, full, m.data() + hh * R, l.data() + hh * R,
                        O.data() + hh * R * Dv);
-          pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss,
-                                   O.data() + hh * R * Dv);
+          p.with_value_runs<scalar_t>(b, j0, nk, hk, [&](const auto& rows, int64_t off, int64_t len) {
+            pv_rows_avx512<scalar_t>(R, len, Dv, S.data() + off, BK, rows, O.data() + hh * R * Dv);
+          });
         }
       }
       for (int64_t hh = 0; hh < nh; ++hh)
@@ -235,7 +241,10 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
         acc_t* kt = Kt_all + panel(b, hk, D);
-        if (lk > 0) load_transposed(kt, skp, p.k_row<scalar_t>(b, 0, hk), p.k.ss, lk, D);
+        // keys [j0, j0 + n) in place one after another: all of them, or one page at a time
+        const int64_t run = p.paged() ? p.page_size : std::max<int64_t>(lk, 1);
+        for (int64_t j0 = 0; j0 < lk; j0 += run)
+          load_transposed(kt + j0, skp, p.k_row<scalar_t>(b, j0, hk), p.k.ss, std::min(run, lk - j0), D);
         for (int64_t d = 0; d < D; ++d) std::fill(kt + d * skp + lk, kt + (d + 1) * skp, acc_t(0));
         {  // values as acc_t rows, contiguous
           acc_t* vf = Vf_all + panel(b, hk, Dv);
@@ -312,7 +321,9 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
 #if PK_X86
         if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
           if (path == FwdPath::kRows) {
-            qk_rows_avx512<scalar_t>(R, nk, D, Qf.data(), p.k_row<scalar_t>(b, j0, hk), p.k.ss, S.data(), BK);
+            p.with_rows<scalar_t>(p.k, b, j0, hk, [&](const auto& rows) {
+              qk_rows_avx512<scalar_t>(R, nk, D, Qf.data(), rows, S.data(), BK);
+            });
           } else if (path == FwdPath::kPackedBf16) {
             gemm_bf16(R, nk, Dp / 2, Qb.data(), Dp, Kp_all + panel(b, hk, Dp) + 2 * j0, 2 * skp, S.data(), BK,
                       false);
@@ -331,7 +342,9 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
 #if PK_X86
         if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
           if (path == FwdPath::kRows) {
-            pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, O.data());
+            p.with_value_runs<scalar_t>(b, j0, nk, hk, [&](const auto& rows, int64_t off, int64_t len) {
+              pv_rows_avx512<scalar_t>(R, len, Dv, S.data() + off, BK, rows, O.data());
+            });
           } else if (path == FwdPath::kPackedBf16) {
             const int64_t nkp = round_up(nk, 2);
             for (int64_t r = 0; r < R; ++r) to_bf16_row(Pb.data() + r * BK, S.data() + r * BK, nk, nkp);
@@ -467,42 +480,94 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
   return {out, lse};
 }
 
-at::Tensor flash_attn_kvcache_cpu(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                                  const std::optional<at::Tensor>& v_new, double scale, bool causal, double softcap,
-                                  const std::optional<at::Tensor>& alibi_slopes) {
+// Writes rows [pos, pos + n) of src (a (seqlen_new, kv_heads, head_dim) slice) into row b of
+// a cache: one copy, or one per page when paged.
+void append_rows(at::Tensor& cache, const at::Tensor& src, int64_t b, int64_t pos, const int32_t* pages,
+                 int64_t page_size) {
+  const int64_t n = src.size(0);
+  if (pages == nullptr) {
+    cache[b].narrow(0, pos, n).copy_(src);
+    return;
+  }
+  for (int64_t t = 0; t < n;) {
+    const int64_t slot = (pos + t) % page_size, take = std::min(n - t, page_size - slot);
+    cache[pages[(pos + t) / page_size]].narrow(0, slot, take).copy_(src.narrow(0, t, take));
+    t += take;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache_cpu(const at::Tensor& q_in, at::Tensor& k_cache,
+                                                          at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                          const std::optional<at::Tensor>& k_new,
+                                                          const std::optional<at::Tensor>& v_new, double scale,
+                                                          bool causal, int64_t window_left, int64_t window_right,
+                                                          const std::optional<at::Tensor>& block_table, double softcap,
+                                                          const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(q_in.device().is_cpu(), "q: expected a CPU tensor, got one on ", q_in.device());
-  const int64_t s_new = check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, q_in.device());
+  const KvCacheLayout c = check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, window_left,
+                                        window_right, block_table, q_in.device());
+  const int64_t B = q_in.size(0), s_new = c.s_new;
   // Checks q against the caches (dtypes, heads, head dims) before anything is written.
-  at::Tensor q = q_in, k = k_cache, v = v_cache;
+  at::Tensor q = q_in, k = kvcache_layout_view(k_cache, B, c.paged), v = kvcache_layout_view(v_cache, B, c.paged);
   std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
-  Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, softcap, alibi_slopes,
-                           none_prefix);
-  const int64_t B = q.size(0), Smax = k_cache.size(1);
+  Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, c.window_left, c.window_right, true, softcap,
+                           alibi_slopes, none_prefix);
+  p.window_left = c.window_left;  // check_layout clamps against the view's length; the rows hold c.capacity
+  p.window_right = c.window_right;
+  p.sk = c.capacity;
+  const at::Tensor table = c.paged ? block_table->contiguous() : at::Tensor();
+  if (c.paged) {
+    p.k = operand(k_cache, false);
+    p.v = operand(v_cache, false);
+    p.block_table = table.data_ptr<int32_t>();
+    p.bt_sb = table.size(1);
+    p.page_size = c.page_size;
+  }
   // A row that does not fit (cache_rows_fit in csrc/common/attention.h) is neither written nor
-  // attended: its key count is 0 and its output NaN, as on CUDA.
+  // attended: its key count is 0 and its outputs NaN, as on CUDA. A row that uses a block id
+  // outside [0, num_blocks) raises here (the CUDA kernels, which cannot, give it the same rule
+  // as a row that does not fit: first_bad_page).
   const at::Tensor lens = cache_seqlens.contiguous();
   std::vector<int32_t> keys(B);
   std::vector<int64_t> overflow;
+  std::vector<char> fit(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = lens.data_ptr<int32_t>()[b];
-    const bool fits = cache_rows_fit(len, s_new, Smax);
+    const bool fits = cache_rows_fit(len, s_new, c.capacity);
+    fit[b] = fits;
+    if (fits && c.paged) {
+      const int32_t* pages = p.block_table + b * p.bt_sb;
+      const int64_t bad = first_bad_page(pages, len + s_new, c.page_size, c.num_blocks);
+      TORCH_CHECK(bad < 0, "block_table: row ", b, " uses block id ", bad < 0 ? 0 : pages[bad], " at index ", bad,
+                  " (positions ", bad * c.page_size, " to ", (bad + 1) * c.page_size - 1,
+                  "), outside [0, num_blocks = ", c.num_blocks, ")");
+    }
     keys[b] = fits ? static_cast<int32_t>(len + s_new) : 0;
     if (!fits) overflow.push_back(b);
-    if (fits && s_new > 0) {
-      k_cache[b].narrow(0, len, s_new).copy_((*k_new)[b]);
-      v_cache[b].narrow(0, len, s_new).copy_((*v_new)[b]);
-    }
   }
+  if (s_new > 0)  // after every check: a call that raises writes nothing
+    for (int64_t b = 0; b < B; ++b) {
+      if (!fit[b]) continue;
+      const int64_t pos = keys[b] - s_new;
+      const int32_t* pages = c.paged ? p.block_table + b * p.bt_sb : nullptr;
+      append_rows(k_cache, (*k_new)[b], b, pos, pages, c.page_size);
+      append_rows(v_cache, (*v_new)[b], b, pos, pages, c.page_size);
+    }
   p.seqlens_k = keys.data();
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;
   at::Tensor out = at::empty(out_shape, q.options());
-  if (out.numel() == 0) return out;
   at::Tensor lse = at::empty({p.batch, p.H, p.sq}, q.options().dtype(lse_dtype(q)));
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
   run_forward(p, q, out, lse);
-  for (int64_t b : overflow) out[b].fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
+  for (int64_t b : overflow) {
+    out[b].fill_(std::numeric_limits<double>::quiet_NaN());
+    lse[b].fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return {out, lse};
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -56,6 +57,11 @@ struct Problem {
   const int32_t* cu_k = nullptr;
   const int32_t* seqlens_k = nullptr;  // per-sequence key count (kv cache, new tokens included), or null
   const int32_t* prefix_lens = nullptr;  // prefix-LM: bidirectional prefix per sequence [batch], or null
+  // Paged kv cache: key j of sequence b lives in block block_table[b * bt_sb + j / page_size],
+  // slot j % page_size (paged_offset in csrc/common/attention.h); k.sb / v.sb are then the
+  // caches' block strides and k.ss / v.ss their slot strides.
+  const int32_t* block_table = nullptr;
+  int64_t bt_sb = 0, page_size = 0;
   Operand q, k, v;
   // Mask from the caller (SDPA): bool (true = attend) or float32 (added to the scores),
   // indexed (b, h, i, j) through strides (zero where broadcast).
@@ -87,12 +93,44 @@ struct Problem {
     return static_cast<const T*>(q.ptr) + (cu_q ? (cu_q[b] + i) * q.ss : b * q.sb + i * q.ss) + h * q.sh;
   }
   template <typename T>
-  const T* k_row(int64_t b, int64_t j, int64_t hk) const {
-    return static_cast<const T*>(k.ptr) + (cu_k ? (cu_k[b] + j) * k.ss : b * k.sb + j * k.ss) + hk * k.sh;
+  const T* kv_row(const Operand& o, int64_t b, int64_t j, int64_t hk) const {
+    const int64_t row = block_table ? paged_offset(block_table + b * bt_sb, page_size, j, o.sb, o.ss)
+                                    : (cu_k ? (cu_k[b] + j) * o.ss : b * o.sb + j * o.ss);
+    return static_cast<const T*>(o.ptr) + row + hk * o.sh;
   }
   template <typename T>
-  const T* v_row(int64_t b, int64_t j, int64_t hk) const {
-    return static_cast<const T*>(v.ptr) + (cu_k ? (cu_k[b] + j) * v.ss : b * v.sb + j * v.ss) + hk * v.sh;
+  const T* k_row(int64_t b, int64_t j, int64_t hk) const { return kv_row<T>(k, b, j, hk); }
+  template <typename T>
+  const T* v_row(int64_t b, int64_t j, int64_t hk) const { return kv_row<T>(v, b, j, hk); }
+  bool paged() const { return block_table != nullptr; }
+  // Values [j0, j0 + n) of sequence b (kv head hk) for pv_rows: f(rows, off, len) over runs
+  // that pv_rows may take one after another (its sum runs over the keys in order, through the
+  // output rows in memory, so the runs give the bits of one call): one strided run, or, paged
+  // with pages of at least kMinRunPage slots, one run per page (the table looked up once per
+  // page, not once per value); smaller pages take one run through the table. A run's
+  // prefetches run on past its page into whatever memory follows it (prefetches never fault;
+  // following the table there measured slower than the wasted fetches).
+  static constexpr int64_t kMinRunPage = 16;
+  template <typename T, typename F>
+  void with_value_runs(int64_t b, int64_t j0, int64_t n, int64_t hk, F&& f) const {
+    if (block_table == nullptr || page_size < kMinRunPage) {
+      with_rows<T>(v, b, j0, hk, [&](const auto& rows) { f(rows, int64_t(0), n); });
+      return;
+    }
+    for (int64_t off = 0; off < n;) {
+      const int64_t len = std::min(n - off, page_size - (j0 + off) % page_size);
+      f(StridedRows<T>{kv_row<T>(v, b, j0 + off, hk), v.ss}, off, len);
+      off += len;
+    }
+  }
+  // Keys [j0, j0 + n) of sequence b (kv head hk) for the rows kernels: f(rows) with rows(j)
+  // the address of key j0 + j, strided (one pointer and a row stride) unless paged.
+  template <typename T, typename F>
+  void with_rows(const Operand& o, int64_t b, int64_t j0, int64_t hk, F&& f) const {
+    if (block_table)
+      f(PagedRows<T>{static_cast<const T*>(o.ptr) + hk * o.sh, block_table + b * bt_sb, page_size, o.sb, o.ss, j0});
+    else
+      f(StridedRows<T>{kv_row<T>(o, b, j0, hk), o.ss});
   }
   // Outputs and the logsumexp are contiguous: out (tokens, H, Dv), lse (B, H, sq) dense or
   // (H, total_q) varlen, as FlashAttention lays them out.

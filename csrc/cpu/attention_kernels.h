@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 
+#include "../common/attention.h"
 #include "cpu_isa.h"
 
 namespace pk {
@@ -23,6 +24,46 @@ namespace cpu {
 // The instruction sets the tile primitives use (csrc/cpu/cpu_isa.h, the one CPU dispatch).
 inline bool isa_avx512() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512); }
 inline bool isa_avx512bf16() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512Bf16); }
+
+// Rows of K or V as the rows kernels read them, key j of a block at rows(j): one pointer and a
+// row stride, or through the page table of a paged kv cache (paged_offset in
+// csrc/common/attention.h). Both give the kernels the same keys in the same order, so a paged
+// cache gives the bits of the contiguous one. kStrided: rows past the block may be addressed
+// (for prefetching); a paged block's rows past its end may not (their table entries may lie
+// outside the table).
+template <typename T>
+struct StridedRows {
+  static constexpr bool kStrided = true;
+  const T* base;
+  int64_t ld;
+  const T* operator()(int64_t j) const { return base + j * ld; }
+};
+
+template <typename T>
+struct PagedRows {
+  static constexpr bool kStrided = false;
+  const T* base;          // block 0, slot 0 of the kv head
+  const int32_t* pages;   // the row's block_table entries
+  int64_t page_size, s_page, s_slot;
+  int64_t j0;             // logical position of key 0 of the block
+  int shift = -1;         // log2(page_size) when a power of two: shifts instead of divisions
+  PagedRows(const T* base_, const int32_t* pages_, int64_t page_size_, int64_t s_page_, int64_t s_slot_, int64_t j0_)
+      : base(base_), pages(pages_), page_size(page_size_), s_page(s_page_), s_slot(s_slot_), j0(j0_) {
+    if ((page_size & (page_size - 1)) == 0)
+      while ((int64_t(1) << (shift + 1)) <= page_size) ++shift;
+  }
+  // Whether keys j .. j + n - 1 lie in one page.
+  bool one_page(int64_t j, int64_t n) const {
+    const int64_t t = j0 + j;
+    return shift >= 0 ? (t >> shift) == ((t + n - 1) >> shift) : t / page_size == (t + n - 1) / page_size;
+  }
+  const T* operator()(int64_t j) const {
+    const int64_t t = j0 + j;
+    if (shift >= 0)  // paged_offset (csrc/common/attention.h) with shifts
+      return base + static_cast<int64_t>(pages[t >> shift]) * s_page + (t & (page_size - 1)) * s_slot;
+    return base + paged_offset(pages, page_size, t, s_page, s_slot);
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Portable versions.
@@ -262,34 +303,56 @@ PK_TARGET_AVX512 inline __m512 reduce16(__m512* a) {
                        _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-template <typename scalar_t>
-PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const float* Q, const scalar_t* K, int64_t ldk,
-                                     float* S, int64_t lds) {
+// Sixteen keys kp(0) .. kp(15) against R query rows: S[r * lds + t], the sums transposed into
+// one vector per row.
+template <typename T>
+struct RowList16 {
+  const T* rows[16];
+  const T* operator()(int t) const { return rows[t]; }
+};
+
+template <typename scalar_t, typename Ptr>
+PK_TARGET_AVX512 inline void qk16_avx512(int64_t R, int64_t D, const float* Q, const Ptr& kp, float* S, int64_t lds) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* q = Q + r * D;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 m = tail_mask(D - d0);
+      const __m512 qv = _mm512_maskz_loadu_ps(m, q + d0);
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qv, load16(kp(t) + d0, m), acc[t]);
+    }
+    _mm512_storeu_ps(S + r * lds, reduce16(acc));
+  }
+}
+
+// Keys come through `K` (StridedRows or PagedRows: key j at K(j)).
+template <typename scalar_t, typename Rows>
+PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const float* Q, const Rows& K, float* S,
+                                     int64_t lds) {
   int64_t j = 0;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (; j + 16 <= nk; j += 16) {  // sixteen keys at a time, sums transposed into one vector
-    const scalar_t* k0 = K + j * ldk;
-    // Rows of one head are ldk apart (other heads in between), too far apart for the
+    // Rows of one head are far apart (other heads in between), too far apart for the
     // hardware prefetchers: fetch the keys two steps ahead by hand.
     for (int t = 32; t < 48; ++t)
-      for (int64_t off = 0; off < row_bytes; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(k0 + t * ldk) + off, _MM_HINT_T0);
-    for (int64_t r = 0; r < R; ++r) {
-      const float* q = Q + r * D;
-      __m512 acc[16];
-#pragma GCC unroll 16
-      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        const __mmask16 m = tail_mask(D - d0);
-        const __m512 qv = _mm512_maskz_loadu_ps(m, q + d0);
-#pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qv, load16(k0 + t * ldk + d0, m), acc[t]);
-      }
-      _mm512_storeu_ps(S + r * lds + j, reduce16(acc));
+      if (Rows::kStrided || j + t < nk)
+        for (int64_t off = 0; off < row_bytes; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(K(j + t)) + off, _MM_HINT_T0);
+    if constexpr (Rows::kStrided) {
+      qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.ld}, S + j, lds);
+    } else if (K.one_page(j, 16)) {  // paged, the sixteen keys in one page: strided there
+      qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.s_slot}, S + j, lds);
+    } else {  // paged across a page boundary: each row looked up once
+      RowList16<scalar_t> kr;
+      for (int t = 0; t < 16; ++t) kr.rows[t] = K(j + t);
+      qk16_avx512<scalar_t>(R, D, Q, kr, S + j, lds);
     }
   }
   for (; j + 4 <= nk; j += 4) {
-    const scalar_t* k0 = K + j * ldk;
+    const scalar_t *k0 = K(j), *k1 = K(j + 1), *k2 = K(j + 2), *k3 = K(j + 3);
     for (int64_t r = 0; r < R; ++r) {
       const float* q = Q + r * D;
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -297,9 +360,9 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
         const __mmask16 m = tail_mask(D - d0);
         const __m512 qv = _mm512_maskz_loadu_ps(m, q + d0);
         a0 = _mm512_fmadd_ps(qv, load16(k0 + d0, m), a0);
-        a1 = _mm512_fmadd_ps(qv, load16(k0 + ldk + d0, m), a1);
-        a2 = _mm512_fmadd_ps(qv, load16(k0 + 2 * ldk + d0, m), a2);
-        a3 = _mm512_fmadd_ps(qv, load16(k0 + 3 * ldk + d0, m), a3);
+        a1 = _mm512_fmadd_ps(qv, load16(k1 + d0, m), a1);
+        a2 = _mm512_fmadd_ps(qv, load16(k2 + d0, m), a2);
+        a3 = _mm512_fmadd_ps(qv, load16(k3 + d0, m), a3);
       }
       float* s = S + r * lds + j;
       s[0] = _mm512_reduce_add_ps(a0);
@@ -309,7 +372,7 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
     }
   }
   for (; j < nk; ++j) {
-    const scalar_t* kj = K + j * ldk;
+    const scalar_t* kj = K(j);
     for (int64_t r = 0; r < R; ++r) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t d0 = 0; d0 < D; d0 += 16) {
@@ -323,9 +386,10 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
 
 // O[r * Dv + d] += sum_j P[r * ldp + j] * V[j * ldv + d]; up to 128 columns (eight
 // independent accumulators) per pass.
-template <typename scalar_t>
-PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const float* P, int64_t ldp, const scalar_t* V,
-                                     int64_t ldv, float* O) {
+// Values come through `V` (StridedRows or PagedRows: value j at V(j)).
+template <typename scalar_t, typename Rows>
+PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const float* P, int64_t ldp, const Rows& V,
+                                     float* O) {
   for (int64_t d0 = 0; d0 < Dv; d0 += 128) {
     const int64_t nd = std::min<int64_t>(128, Dv - d0);
     const int nv = static_cast<int>((nd + 15) / 16);
@@ -340,20 +404,20 @@ PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const fl
       if (nv == 8) {
         for (int64_t j = 0; j < nk; ++j) {
           const __m512 pj = _mm512_set1_ps(pr[j]);
-          const scalar_t* vj = V + j * ldv + d0;
-          if (r == 0)
+          const scalar_t* vj = V(j) + d0;
+          if (r == 0 && (Rows::kStrided || j + 32 < nk))
             for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(vj + 32 * ldv) + off, _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(V(j + 32) + d0) + off, _MM_HINT_T0);
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, 0xffff), acc[v]);
         }
       } else {
         for (int64_t j = 0; j < nk; ++j) {
           const __m512 pj = _mm512_set1_ps(pr[j]);
-          const scalar_t* vj = V + j * ldv + d0;
-          if (r == 0)
+          const scalar_t* vj = V(j) + d0;
+          if (r == 0 && (Rows::kStrided || j + 32 < nk))
             for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(vj + 32 * ldv) + off, _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(V(j + 32) + d0) + off, _MM_HINT_T0);
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v)
             if (v < nv) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, m[v]), acc[v]);

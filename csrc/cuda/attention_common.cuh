@@ -57,6 +57,11 @@ struct AttnParams {
   const int32_t* seqlens_k = nullptr;  // kv cache: keys per row (device), plus seqlens_k_extra
   int64_t seqlens_k_extra = 0;
   const int32_t* prefix_lens = nullptr;  // prefix-LM: bidirectional prefix per sequence [batch] (device), or null
+  // Paged kv cache: key j of row b lives in block block_table[b * bt_sb + j / page_size], slot
+  // j % page_size (paged_offset, csrc/common/attention.h); k_sb / v_sb are then the caches'
+  // block strides and k_ss / v_ss their slot strides.
+  const int32_t* block_table = nullptr;
+  int64_t bt_sb = 0, page_size = 0;
 
   const bool* mask_bool = nullptr;     // (b, h, i, j) through strides; true = attend
   const float* mask_float = nullptr;   // added to the scores (natural-log units)
@@ -88,6 +93,7 @@ struct Seq {
   int64_t lq = 0, lk = 0;
   int64_t prefix = 0;        // prefix_lens[b] as given (make_window clamps it into [0, lk])
   int64_t q_off = 0, k_off = 0, v_off = 0;  // element offset of row 0 (head 0)
+  const int32_t* pages = nullptr;           // paged kv cache: the row's block_table entries
   // Output factor and lse of a row that sees no key: 0 and -inf, or NaN for a kv-cache row
   // whose tokens do not fit (cache_rows_fit in csrc/common/attention.h).
   float empty_scale = 0.f, empty_lse = -INFINITY;
@@ -119,11 +125,22 @@ __device__ __forceinline__ Seq seq_info(const AttnParams& p, int64_t b) {
       if (!fits) s.empty_scale = s.empty_lse = NAN;
     }
     s.q_off = b * p.q_sb;
-    s.k_off = b * p.k_sb;
-    s.v_off = b * p.v_sb;
+    if (p.block_table != nullptr) {
+      s.pages = p.block_table + b * p.bt_sb;
+    } else {
+      s.k_off = b * p.k_sb;
+      s.v_off = b * p.v_sb;
+    }
   }
   if (p.prefix_lens != nullptr) s.prefix = p.prefix_lens[b];
   return s;
+}
+
+// Element offset of key (or value) row j of a sequence from its row 0 (head 0): j rows of
+// stride ss, or through the page table (sb: the cache's block stride).
+__device__ __forceinline__ int64_t kv_row_offset(const AttnParams& p, const Seq& s, int64_t j, int64_t sb,
+                                                 int64_t ss) {
+  return s.pages != nullptr ? paged_offset(s.pages, p.page_size, j, sb, ss) : j * ss;
 }
 
 __device__ __forceinline__ int64_t lse_index(const AttnParams& p, int64_t b, const Seq& s, int h, int64_t i) {

@@ -61,9 +61,11 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
         load_tile_rows<kD, kBM, kThreads>(
             sQ, [&](int64_t r) { return qg + ((r0 + r) / P) * p.q_ss + ((r0 + r) % P) * p.q_sh; }, r1 - r0, p.D,
             p.q_vec);
-        if (kb < ke) load_tile<kD, kBN, kThreads>(sK, kg + kb * p.k_ss, p.k_ss, imin(kBN, ke - kb), p.D, p.k_vec);
+        if (kb < ke)
+          load_kv_tile<kD, kBN, kThreads>(sK, p, s, kg, kb, p.k_sb, p.k_ss, imin(kBN, ke - kb), p.D, p.k_vec);
         cp_async_commit();
-        if (kb < ke) load_tile<kD, kBN, kThreads>(sV, vg + kb * p.v_ss, p.v_ss, imin(kBN, ke - kb), p.Dv, p.v_vec);
+        if (kb < ke)
+          load_kv_tile<kD, kBN, kThreads>(sV, p, s, vg, kb, p.v_sb, p.v_ss, imin(kBN, ke - kb), p.Dv, p.v_vec);
         cp_async_commit();
         cp_async_wait<1>();  // Q and K(kb) have landed
         __syncthreads();
@@ -94,8 +96,8 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
           if (warp_rows) mma_rows_tiles_t<T, kLd, kD, kMT, kNT>(sc, sQ, warp * kWR, sK, lane);
           __syncthreads();  // every warp is done with sK
           if (more) {
-            load_tile<kD, kBN, kThreads>(sK, kg + (j0 + kBN) * p.k_ss, p.k_ss, imin(kBN, ke - j0 - kBN), p.D,
-                                         p.k_vec);
+            load_kv_tile<kD, kBN, kThreads>(sK, p, s, kg, j0 + kBN, p.k_sb, p.k_ss, imin(kBN, ke - j0 - kBN), p.D,
+                                            p.k_vec);
             cp_async_commit();
           }
 
@@ -186,8 +188,8 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
           if (more) cp_async_wait<0>();  // K(j0 + kBN) has landed
           __syncthreads();               // every warp is done with sV; K(j0 + kBN) is visible
           if (more) {
-            load_tile<kD, kBN, kThreads>(sV, vg + (j0 + kBN) * p.v_ss, p.v_ss, imin(kBN, ke - j0 - kBN), p.Dv,
-                                         p.v_vec);
+            load_kv_tile<kD, kBN, kThreads>(sV, p, s, vg, j0 + kBN, p.v_sb, p.v_ss, imin(kBN, ke - j0 - kBN), p.Dv,
+                                            p.v_vec);
             cp_async_commit();
           }
         }

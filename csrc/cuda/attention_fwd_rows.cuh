@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
           const int64_t j = jc + lane;
           float x = -INFINITY;
           if (j < ke) {  // [kb, ke) lies inside the window: only the caller's mask can hide a key
-            x = dot_row<T>(qs, kbase + j * p.k_ss, p.D, p.k_vec);
+            x = dot_row<T>(qs, kbase + kv_row_offset(p, s, j, p.k_sb, p.k_ss), p.D, p.k_vec);
             if (mod) x = modified_score_log2(p, x, slope, w, i, j);
             if (p.has_mask()) x += mask_log2(p, b, h, i, j);
           }
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
           for (int jj = 0; jj < n; ++jj) {
             const float pv = __shfl_sync(0xffffffffu, pj, jj);
             if (pv == 0.f) continue;  // the same for every lane
-            const T* vr = vbase + (jc + jj) * p.v_ss;
+            const T* vr = vbase + kv_row_offset(p, s, jc + jj, p.v_sb, p.v_ss);
 #pragma unroll
             for (int y = 0; y < kDPL; ++y) {
               const int d = lane + 32 * y;

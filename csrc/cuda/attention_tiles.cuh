@@ -61,6 +61,21 @@ __device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* g, int64
   load_tile_rows<kD, kRows, kThreads>(sm, [=](int64_t r) { return g + r * stride; }, nrows, ncols, vec);
 }
 
+// Rows [j0, j0 + nrows) of K or V (g: row 0 of the sequence's kv head) into shared memory,
+// strided or through the page table of a paged kv cache (kv_row_offset).
+template <int kD, int kRows, int kThreads>
+__device__ __forceinline__ void load_kv_tile(uint16_t* sm, const AttnParams& p, const Seq& s, const uint16_t* g,
+                                             int64_t j0, int64_t sb, int64_t ss, int64_t nrows, int ncols, bool vec) {
+  if (s.pages == nullptr) {
+    load_tile<kD, kRows, kThreads>(sm, g + j0 * ss, ss, nrows, ncols, vec);
+    return;
+  }
+  const int32_t* pages = s.pages;
+  const int64_t page_size = p.page_size;
+  load_tile_rows<kD, kRows, kThreads>(
+      sm, [=](int64_t r) { return g + paged_offset(pages, page_size, j0 + r, sb, ss); }, nrows, ncols, vec);
+}
+
 }  // namespace cuda
 }  // namespace attention
 }  // namespace pk

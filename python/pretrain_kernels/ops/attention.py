@@ -4,7 +4,8 @@ Public functions:
   flash_attention               FlashAttention-style API, layout (batch, seqlen, heads, head_dim)
                                 or packed varlen (total_tokens, heads, head_dim) + cu_seqlens;
                                 differentiable (the backward recomputes from the saved lse)
-  flash_attention_with_kvcache  decode / chunked prefill against a KV cache, written in place
+  flash_attention_with_kvcache  decode / chunked prefill against a KV cache (contiguous or paged),
+                                written in place; sliding windows; optional lse
   scaled_dot_product_attention  drop-in for torch.nn.functional.scaled_dot_product_attention
 
 They call the ops torch.ops.pretrain_kernels.flash_attn_fwd / flash_attn_bwd /
@@ -21,6 +22,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
 _INT64_MAX = 2**63 - 1
+_MAX_CACHE_POSITIONS = 2**31 - 1  # positions per kv-cache row (kMaxCachePositions, csrc/common/attention_checks.h)
 
 
 # ---- argument checks -----------------------------------------------------------------------
@@ -254,8 +256,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  cache_seqlens: torch.Tensor, *, k_new: torch.Tensor | None = None,
                                  v_new: torch.Tensor | None = None, causal: bool = True, scale=None,
-                                 softcap: float | None = None,
-                                 alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                                 window=(-1, -1), block_table: torch.Tensor | None = None, return_lse: bool = False,
+                                 softcap: float | None = None, alibi_slopes: torch.Tensor | None = None):
     """Decode / chunked prefill against a KV cache, forward only (as flash_attn_with_kvcache).
 
     q: (batch, seqlen_q, heads, head_dim); k_cache, v_cache: (batch, max_seqlen, kv_heads,
@@ -263,50 +265,89 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     k_new, v_new (batch, seqlen_new, kv_heads, head_dim), when given, are written into the
     caches in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new (the caller
     advances cache_seqlens). q then attends to the first cache_seqlens[b] + seqlen_new keys,
-    causally aligned bottom-right when causal. Returns (batch, seqlen_q, heads, head_dim).
+    causally aligned bottom-right when causal. Returns (batch, seqlen_q, heads, head_dim), and
+    with return_lse=True also the logsumexp of the scores, (batch, heads, seqlen_q) float32
+    (float64 for float64 inputs), as flash_attention.
+
+    window=(left, right): sliding-window attention (Mistral) as in flash_attention, aligned
+    bottom-right: query i of row b sees cache positions t with
+    i + n_b - seqlen_q - left <= t <= i + n_b - seqlen_q + right, n_b = cache_seqlens[b] +
+    seqlen_new (-1: unbounded); causal sets right = 0. A row that sees no key gives 0 (lse -inf).
+
+    Paged cache (vLLM, FlashAttention): with block_table int32 [batch, max_blocks], the caches
+    are (num_blocks, page_size, kv_heads, head_dim) and position t of row b lives in block
+    block_table[b, t // page_size], slot t % page_size; a row holds max_blocks * page_size
+    tokens. Any page size >= 1 works. Only the entries covering a row's first cache_seqlens[b] +
+    seqlen_new positions are read (the rest may hold padding such as -1). Results equal those of
+    the same data in a contiguous cache, bit for bit on the CPU. Two rows whose tables name the
+    same block share its memory: the caller's business (rows that append into a shared block
+    race on CUDA); nothing crashes.
 
     A row whose tokens do not fit (cache_seqlens[b] < 0 or cache_seqlens[b] + seqlen_new >
-    max_seqlen) follows one rule on every device, since a GPU cannot raise without a host
-    sync: nothing is written into that row of the caches and its output is NaN. The caches are
+    capacity), or, paged, whose table names a block id outside [0, num_blocks) among the pages
+    it uses, follows one rule on every device, since a GPU cannot raise without a host sync:
+    nothing is written into that row of the caches and its output (and lse) is NaN. (The CPU
+    checks the block ids on the host and raises instead, naming the row.) The caches are
     written in place, so they must not be expanded (stride-0) views or overlap each other, and
-    q, k_new and v_new must not be views of them.
+    q, k_new, v_new and block_table must not be views of them.
 
     softcap and alibi_slopes ([heads] or [batch, heads]) as in flash_attention; the ALiBi
     distance of query i to key j is |i + K - Sq - j| with K = cache_seqlens[b] + seqlen_new.
     """
     _check_same(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    paged = block_table is not None
+    cache_layout = "(num_blocks, page_size, kv_heads, head_dim)" if paged else "(batch, max_seqlen, kv_heads, head_dim)"
+    for name, t, layout in (("q", q, "(batch, seqlen, heads, head_dim)"), ("k_cache", k_cache, cache_layout),
+                            ("v_cache", v_cache, cache_layout)):
         if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected 4 dims {layout}, got shape {tuple(t.shape)}")
+    B = q.shape[0]
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+            got = block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+            raise TypeError(f"block_table: expected an int32 tensor [batch, max_blocks], got {got}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table: expected shape ({B}, max_blocks), got {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table: expected a tensor on {q.device}, got {block_table.device}")
+        if k_cache.shape[1] < 1:
+            raise ValueError(f"k_cache: expected a page size (dim 1) >= 1 with block_table, got shape "
+                             f"{tuple(k_cache.shape)}")
+        if v_cache.shape[:2] != k_cache.shape[:2]:
+            raise ValueError(f"v_cache: expected the page layout (num_blocks, page_size) = {tuple(k_cache.shape[:2])} "
+                             f"of k_cache, got {tuple(v_cache.shape[:2])}")
+    elif k_cache.shape[0] != B or v_cache.shape[0] != B:
+        raise ValueError(f"k_cache, v_cache: expected batch {B}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new, v_new: pass both or neither")
     if k_new is not None:
         _check_same(q, k_new, v_new, ("q", "k_new", "v_new"))
         for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
-            if t.dim() != 4 or t.shape[0] != cache.shape[0] or t.shape[2:] != cache.shape[2:]:
-                raise ValueError(f"{name}: expected shape (batch={cache.shape[0]}, seqlen_new, "
+            if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != cache.shape[2:]:
+                raise ValueError(f"{name}: expected shape (batch={B}, seqlen_new, "
                                  f"{cache.shape[2]}, {cache.shape[3]}), got {tuple(t.shape)}")
         if k_new.shape[1] != v_new.shape[1]:
             raise ValueError(f"k_new, v_new: expected one length, got {k_new.shape[1]} and {v_new.shape[1]}")
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
         got = cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
         raise TypeError(f"cache_seqlens: expected an int32 tensor [batch], got {got}")
-    if cache_seqlens.shape != (q.shape[0],):
-        raise ValueError(f"cache_seqlens: expected shape ({q.shape[0]},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.shape != (B,):
+        raise ValueError(f"cache_seqlens: expected shape ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: expected a tensor on {q.device}, got {cache_seqlens.device}")
-    if k_cache.shape[0] != q.shape[0] or v_cache.shape[0] != q.shape[0]:
-        raise ValueError(f"k_cache, v_cache: expected batch {q.shape[0]}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
     _check_heads(q.shape[2], k_cache.shape[2], v_cache.shape[2], ("q", "k_cache", "v_cache"))
     D = q.shape[-1]
     if k_cache.shape[-1] != D or v_cache.shape[-1] != D:
         raise ValueError(f"head_dim: q, k_cache, v_cache must match, got {D}, {k_cache.shape[-1]}, {v_cache.shape[-1]}")
     _check_head_dim("q", D)
     scale = _resolve_scale(scale, D, q.dtype)
+    left, right = _check_window(window)
     softcap = _check_softcap(softcap, q.dtype)
     _check_alibi(alibi_slopes, q.device, q.shape[0], q.shape[2])
-    return torch.ops.pretrain_kernels.flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                                                         bool(causal), softcap, alibi_slopes)
+    out, lse = torch.ops.pretrain_kernels.flash_attn_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
+                                                             bool(causal), left, right, block_table, softcap,
+                                                             alibi_slopes)
+    return (out, lse) if return_lse else out
 
 
 # ---- SDPA drop-in --------------------------------------------------------------------------
@@ -521,17 +562,40 @@ def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+def _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, window_left, window_right, block_table):
     torch._check(q.dim() == 4, lambda: f"q: expected 4 dims (batch, seqlen, heads, head_dim), got shape "
                                        f"{tuple(q.shape)}")
+    paged = block_table is not None
+    layout = "(num_blocks, page_size, kv_heads, head_dim)" if paged else "(batch, max_seqlen, kv_heads, head_dim)"
     torch._check(k_cache.dim() == 4 and v_cache.dim() == 4,
-                 lambda: "k_cache, v_cache: expected 4 dims (batch, max_seqlen, kv_heads, head_dim), got shapes "
+                 lambda: f"k_cache, v_cache: expected 4 dims {layout}, got shapes "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     B, dev = q.shape[0], q.device
-    torch._check(k_cache.shape[0] == B and v_cache.shape[0] == B,
-                 lambda: f"k_cache, v_cache: expected batch {B}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
-    torch._check(v_cache.shape[1] == k_cache.shape[1],
-                 lambda: f"v_cache: expected max_seqlen {k_cache.shape[1]} (that of k_cache), got {v_cache.shape[1]}")
+    if paged:
+        torch._check(block_table.dtype == torch.int32,
+                     lambda: f"block_table: expected an int32 tensor, got {block_table.dtype}")
+        torch._check(block_table.device == dev,
+                     lambda: f"block_table: expected a tensor on {dev} (the device of q), got one on "
+                             f"{block_table.device}")
+        torch._check(block_table.dim() == 2 and block_table.shape[0] == B,
+                     lambda: f"block_table: expected shape [{B}, max_blocks], got {list(block_table.shape)}")
+        torch._check(k_cache.shape[1] > 0,
+                     lambda: f"k_cache: expected a page size (dim 1) > 0 with block_table, got shape "
+                             f"{list(k_cache.shape)}")
+        torch._check(v_cache.shape[0] == k_cache.shape[0] and v_cache.shape[1] == k_cache.shape[1],
+                     lambda: f"v_cache: expected the page layout (num_blocks, page_size) = "
+                             f"({k_cache.shape[0]}, {k_cache.shape[1]}) of k_cache, got "
+                             f"({v_cache.shape[0]}, {v_cache.shape[1]})")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        torch._check(k_cache.shape[0] == B and v_cache.shape[0] == B,
+                     lambda: f"k_cache, v_cache: expected batch {B}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
+        torch._check(v_cache.shape[1] == k_cache.shape[1],
+                     lambda: f"v_cache: expected max_seqlen {k_cache.shape[1]} (that of k_cache), got "
+                             f"{v_cache.shape[1]}")
+        capacity = k_cache.shape[1]
+    torch._check(capacity <= _MAX_CACHE_POSITIONS,
+                 lambda: f"k_cache: {capacity} positions per row exceed {_MAX_CACHE_POSITIONS} (int32 cache_seqlens)")
     torch._check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1,
                  lambda: "k_cache, v_cache: expected a contiguous last dimension (they are written in place)")
     torch._check((k_new is None) == (v_new is None), lambda: "k_new, v_new: pass both or neither")
@@ -554,23 +618,30 @@ def _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
         torch._check(k_new.dtype == k_cache.dtype and v_new.dtype == v_cache.dtype,
                      lambda: f"k_new, v_new: expected the dtype of the cache {k_cache.dtype}, got {k_new.dtype} and "
                              f"{v_new.dtype}")
-        torch._check(k_new.shape[1] <= k_cache.shape[1],
-                     lambda: f"k_new: {k_new.shape[1]} new tokens do not fit a cache of {k_cache.shape[1]}")
+        torch._check(k_new.shape[1] <= capacity,
+                     lambda: f"k_new: {k_new.shape[1]} new tokens do not fit a cache of {capacity}")
     torch._check(cache_seqlens.dtype == torch.int32,
                  lambda: f"cache_seqlens: expected an int32 tensor, got {cache_seqlens.dtype}")
     torch._check(cache_seqlens.device == dev,
                  lambda: f"cache_seqlens: expected a tensor on {dev} (the device of q), got {cache_seqlens.device}")
     torch._check(cache_seqlens.dim() == 1 and cache_seqlens.shape[0] == B,
                  lambda: f"cache_seqlens: expected shape [{B}], got {list(cache_seqlens.shape)}")
+    torch._check(window_left >= -1 and window_right >= -1,
+                 lambda: f"window: expected values >= -1 (-1: unbounded), got ({window_left}, {window_right})")
 
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_kvcache")
-def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, softcap=0.0,
-                             alibi_slopes=None):
-    _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, window_left,
+                             window_right, block_table, softcap=0.0, alibi_slopes=None):
+    _check_op_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, window_left, window_right, block_table)
+    if block_table is not None:  # q against the caches' dtype, heads and head dims (kvcache_layout_view)
+        k_cache = k_cache.new_empty((q.shape[0], 0, *k_cache.shape[2:]))
+        v_cache = v_cache.new_empty((q.shape[0], 0, *v_cache.shape[2:]))
     _check_op_layout(q, k_cache, v_cache, None, None, None, scale, -1, 0 if causal else -1)
     _check_op_score_mods(softcap, alibi_slopes, q.dtype, q.device, q.shape[0], q.shape[2])
-    return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+    out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q.dtype))
+    return out, lse
 
 
 def _fwd_setup_context(ctx, inputs, output):
