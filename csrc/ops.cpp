@@ -82,10 +82,13 @@ TORCH_LIBRARY(pretrain_kernels, m) {
       "Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
       "bool bottom_right) -> (Tensor out, Tensor lse)");
   // Gradients of flash_attn_fwd from its saved output and lse; dlse: gradient of the lse.
+  // deterministic: bit-for-bit reproducible gradients (CUDA: no float atomics in dQ; the CPU
+  // backward is deterministic either way). torch.use_deterministic_algorithms(True) implies it.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, "
-      "float scale, int window_left, int window_right, bool bottom_right) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float scale, int window_left, int window_right, bool bottom_right, bool deterministic) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   // Decode / chunked prefill against a cache (batch, max_seqlen, kv_heads, head_dim): k_new and
   // v_new are written into the caches at each row's cache_seqlens (int32) position, then q
   // attends to the first cache_seqlens + seqlen_new keys (causal: aligned bottom-right).

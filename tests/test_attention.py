@@ -361,8 +361,9 @@ def test_opcheck_forward_and_backward():
         torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, (q, k, v, *args[3:]))
         out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(*args)
         dout = torch.randn_like(out)
-        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
-                              (dout, *args[:3], out, lse, torch.randn_like(lse), *args[3:]))
+        for deterministic in (True, False):
+            torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
+                                  (dout, *args[:3], out, lse, torch.randn_like(lse), *args[3:], deterministic))
 
 
 def test_opcheck_kvcache():

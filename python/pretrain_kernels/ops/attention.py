@@ -17,6 +17,8 @@ import numbers
 
 import torch
 
+from ._common import apply_function, needs_autograd, not_differentiable, register_autograd_function
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
@@ -104,13 +106,19 @@ def _max_seqlen(name: str, value) -> int:
     return min(int(value), _INT64_MAX)  # an upper bound of the lengths: a larger one bounds nothing more
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
 # ---- flash_attention -----------------------------------------------------------------------
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale=None,
                     window=(-1, -1), cu_seqlens_q: torch.Tensor | None = None,
                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
-                    max_seqlen_k: int | None = None, return_lse: bool = False):
+                    max_seqlen_k: int | None = None, return_lse: bool = False, deterministic: bool = False):
     """Exact attention softmax(q k^T * scale) v, computed tile by tile (memory linear in the
     sequence length), differentiable.
 
@@ -128,6 +136,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     and float64.
     Returns out shaped like q, and with return_lse=True also lse (float32; float64 for
     float64 inputs): (batch, heads, seqlen_q), or (heads, total_q) for varlen; differentiable.
+    deterministic: the backward only. True: gradients reproducible bit for bit on CUDA (dQ in
+    a pass of its own, no atomics). False (default, as FlashAttention): the CUDA tensor-core
+    backward may add dQ with float atomics (fewer tile products; the order of the additions,
+    hence the last bits, varies from run to run); torch.use_deterministic_algorithms(True)
+    overrides it. The CPU backward is deterministic either way.
+    Reverse mode only (backward, torch.func.grad / vjp / jacrev, and vmap over them); double
+    backward and forward mode (torch.func.jvp, forward_ad) raise NotImplementedError.
 
     Names: `scale` is torch SDPA's name (this function is also the engine of the SDPA drop-in)
     where FlashAttention says softmax_scale, and `window` takes FlashAttention's window_size
@@ -165,9 +180,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     left, right = _check_window(window)
     if causal:
         right = 0
-    out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(
+    out, lse = _attention_fwd(
         q, k, v, cu_seqlens_q if varlen else None, cu_seqlens_k if varlen else None, None,
-        _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True)
+        _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True,
+        deterministic=_check_bool("deterministic", deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -230,15 +246,19 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale=None, enable_gqa: bool = False) -> torch.Tensor:
+                                 is_causal: bool = False, scale=None, enable_gqa: bool = False, *,
+                                 deterministic: bool = False) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: same signature, layout
     (..., heads, L, E) and results, computed by the flash kernel (no L x S matrix).
 
     attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
     (..., heads, L, S); applied inside the kernel tile by tile. is_causal: top-left aligned
     lower triangle, as torch. Rows that see no key give 0, as torch's fused CPU kernels.
-    Differences: dropout_p must be 0 (no dropout kernel yet); the mask gets no gradient.
+    Differences: dropout_p must be 0 (no dropout kernel yet); the mask gets no gradient; no
+    double backward or forward mode (NotImplementedError). Extra, keyword-only: deterministic,
+    as in flash_attention (False: the CUDA backward may add dQ with atomics).
     """
+    deterministic = _check_bool("deterministic", deterministic)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -295,9 +315,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"attn_mask: expected a shape broadcastable to {target}, got "
                              f"{tuple(attn_mask.shape)}") from None
         mask = mask.unsqueeze(1) if lead is None else mask.reshape(B, H, L, S)
-    out, _ = torch.ops.pretrain_kernels.flash_attn_fwd(
+    out, _ = _attention_fwd(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, mask, -1, -1, scale,
-        -1, 0 if is_causal else -1, False)
+        -1, 0 if is_causal else -1, False, deterministic=deterministic)
     out = out.transpose(1, 2)  # (B, H, L, Ev)
     if lead is None:
         return out.squeeze(1)
@@ -389,7 +409,7 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seq
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
-                         max_seqlen_k, scale, window_left, window_right, bottom_right):
+                         max_seqlen_k, scale, window_left, window_right, bottom_right, deterministic):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
                                             window_right)
     o_shape = (*q.shape[:-1], Dv)
@@ -461,20 +481,45 @@ def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, s
     return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask)
-    ctx.params = (max_q, max_k, scale, left, right, bottom_right)
+# Autograd (see ops/_common.py): flash_attn_fwd differentiates through flash_attn_bwd, which
+# itself has no derivative. The public functions pass `deterministic` (an argument of the
+# backward op only) to the Function; a direct call of flash_attn_fwd gets the default, False.
+
+_PUBLIC = "pk.flash_attention / pk.scaled_dot_product_attention"
 
 
-def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, mask = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, mask,
-                                                           *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+class _FlashAttention(torch.autograd.Function):
+    generate_vmap_rule = True
+    forward_mode_name = f"{_PUBLIC} (pretrain_kernels::flash_attn_fwd)"
+
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, deterministic):
+        return torch.ops.pretrain_kernels.flash_attn_fwd(q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right,
+                                                         bottom_right)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, deterministic = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask)
+        ctx.params = (max_q, max_k, scale, left, right, bottom_right, deterministic)
+        ctx.set_materialize_grads(False)  # dlse stays None when the lse is not used
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, mask = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, mask, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("pretrain_kernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+def _attention_fwd(*args, deterministic: bool):
+    """flash_attn_fwd(*args), differentiable when it has to be."""
+    if needs_autograd(*args):
+        return apply_function(_FlashAttention, *args, deterministic)
+    return torch.ops.pretrain_kernels.flash_attn_fwd(*args)
+
+
+register_autograd_function("pretrain_kernels::flash_attn_fwd", _FlashAttention, extra_args=(False,), public=_PUBLIC)
+_attention_bwd = not_differentiable("pretrain_kernels::flash_attn_bwd", _PUBLIC)
