@@ -3,7 +3,8 @@ differentiable public function (pk.flash_attention dense / varlen / return_lse,
 pk.scaled_dot_product_attention, pk.diffusion_loss):
 
 - reverse mode composes: torch.func.grad, vjp, jacrev and vmap over grad give the gradients of
-  the float64 reference (and of a loop over the batch, for vmap);
+  the float64 reference (and of a loop over the batch, for vmap; the attention ops have vmap
+  rules, pk.diffusion_loss runs through torch's per-sample fallback);
 - what is not implemented raises NotImplementedError naming the function instead of returning
   zeros: double backward (torch.autograd.grad of a gradient, torch.func.grad of torch.func.grad,
   gradgradcheck) and forward mode (torch.func.jvp, jacfwd, torch.autograd.forward_ad), through
@@ -116,28 +117,36 @@ def test_func_grad_and_vjp_match_reference(name):
         torch.testing.assert_close(a, w, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["flash_attention", "scaled_dot_product_attention"])
-def test_vmap_over_grad_matches_a_loop(name):
-    """vmap over a batch of queries (the op has no batching rule: torch's per-sample fallback)."""
-    _, fn, _, (q, k, v) = _case(name)
-    qs = torch.stack([q, rand(*q.shape, seed=20), rand(*q.shape, seed=21)])
+@pytest.mark.filterwarnings("error:There is a performance drop")  # the ops' own vmap rules, not torch's fallback
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["q", "k", "v"])
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_vmap_over_grad_matches_a_loop(name, which):
+    """vmap over a batch of one input: dense calls fold the vmapped dim into the batch (one op
+    call), varlen calls run per sample; either way the gradients are those of a Python loop."""
+    _, fn, _, xs = _case(name)
+    batch = torch.stack([xs[which], rand(*xs[which].shape, seed=20), rand(*xs[which].shape, seed=21)])
 
     def loss(a):
-        return (fn(a, k, v) ** 2).sum()
+        args = list(xs)
+        args[which] = a
+        return (fn(*args) ** 2).sum()
 
-    with pytest.warns(UserWarning, match="batching rule"):
-        got = torch.func.vmap(torch.func.grad(loss))(qs)
-    want = torch.stack([torch.func.grad(loss)(a) for a in qs])
+    got = torch.func.vmap(torch.func.grad(loss))(batch)
+    want = torch.stack([torch.func.grad(loss)(a) for a in batch])
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     assert got.abs().sum() > 0
+    # the forward alone, vmapped over a dim that is not the first
+    qs = torch.stack([xs[0], rand(*xs[0].shape, seed=22)], dim=1)
+    got = torch.func.vmap(lambda a: fn(a, *xs[1:]), in_dims=1)(qs)
+    torch.testing.assert_close(got, torch.stack([fn(qs.select(1, j), *xs[1:]) for j in range(2)]), atol=1e-12,
+                               rtol=1e-10)
 
 
 def test_jacrev_matches_reference():
     _, fn, ref, (q, k, v) = _case("flash_attention")
     q = q[:1, :3]
     k, v = k[:1], v[:1]
-    with pytest.warns(UserWarning, match="batching rule"):
-        got = torch.func.jacrev(lambda a: fn(a, k, v))(q)
+    got = torch.func.jacrev(lambda a: fn(a, k, v))(q)
     want = torch.autograd.functional.jacobian(lambda a: ref(a, k, v), q)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 

@@ -521,5 +521,42 @@ def _attention_fwd(*args, deterministic: bool):
     return torch.ops.pretrain_kernels.flash_attn_fwd(*args)
 
 
+# vmap (torch.func.vmap, and vmap over grad / vjp / jacrev): dense calls fold the vmapped dim into
+# the batch dim (every dense tensor argument leads with the batch), so one op call serves all
+# samples; varlen calls, whose tokens are packed along dim 0 and located by cu_seqlens, run once
+# per sample.
+
+
+def _vmap_rule(op, n_tensors, folded_outputs):
+    """A vmap rule for op: its first n_tensors arguments are the tensors that may be vmapped."""
+
+    cu_q = 3 if op is _OPS_FWD else 7
+
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        if args[cu_q] is None:
+            folded = list(args)
+            for i in range(n_tensors):
+                x, d = args[i], in_dims[i]
+                if x is None:
+                    continue
+                x = x.movedim(d, 0) if d is not None else x.expand(n, *x.shape)
+                folded[i] = x.reshape(n * x.shape[1], *x.shape[2:])
+            outs = op(*folded)
+            outs = tuple(o.reshape(n, o.shape[0] // n, *o.shape[1:]) for o in outs)
+        else:
+            per_sample = [op(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
+                          for j in range(n)]
+            outs = tuple(torch.stack(o) for o in zip(*per_sample))
+        return outs, (0,) * folded_outputs
+
+    return rule
+
+
+_OPS_FWD = torch.ops.pretrain_kernels.flash_attn_fwd.default
+torch.library.register_vmap(_OPS_FWD, _vmap_rule(_OPS_FWD, 6, 2))  # q, k, v, cu_q, cu_k, mask
+torch.library.register_vmap(torch.ops.pretrain_kernels.flash_attn_bwd.default,  # dout .. dlse, cu_q, cu_k, mask
+                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_bwd.default, 10, 3))
+
 register_autograd_function("pretrain_kernels::flash_attn_fwd", _FlashAttention, extra_args=(False,), public=_PUBLIC)
 _attention_bwd = not_differentiable("pretrain_kernels::flash_attn_bwd", _PUBLIC)
