@@ -289,7 +289,11 @@ def _bwd_flags(fn, *xs):
     ys = [x.detach().requires_grad_() for x in xs]
     out = torch.compile(fn, fullgraph=True, backend=backend)(*ys)
     grads = torch.autograd.grad(out, ys, torch.ones_like(out))
-    flags = [n.args[-1] for gm in backend.bw_graphs for n in gm.graph.nodes
+    schema = OPS.flash_attn_bwd.default._schema
+    at = [a.name for a in schema.arguments].index("deterministic")
+    default = schema.arguments[at].default_value  # a graph omits an argument equal to its default
+    flags = [n.args[at] if len(n.args) > at else n.kwargs.get("deterministic", default)
+             for gm in backend.bw_graphs for n in gm.graph.nodes
              if n.op == "call_function" and n.target is OPS.flash_attn_bwd.default]
     return flags, grads
 

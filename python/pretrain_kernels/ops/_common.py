@@ -134,6 +134,7 @@ def register_autograd_function(qualname: str, function, extra_args=(), public: s
     that require grad while it traces the public wrapper's Function)."""
     op = _op(qualname)
     n_args = len(op._schema.arguments)
+    defaults = [a.default_value for a in op._schema.arguments]
 
     def below_autograd(*args):
         with torch._C._AutoDispatchBelowAutograd():
@@ -142,6 +143,7 @@ def register_autograd_function(qualname: str, function, extra_args=(), public: s
     function = type(function.__name__ + "Op", (function,), {"forward": staticmethod(below_autograd)})
 
     def kernel(keyset, *args):
+        args = (*args, *defaults[len(args):])  # trailing arguments left at their defaults may be dropped
         if _needs_autograd(args):
             if torch._C._are_functorch_transforms_active():
                 raise NotImplementedError(f"{qualname}: differentiating the op itself under torch.func transforms is "

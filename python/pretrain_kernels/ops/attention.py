@@ -409,7 +409,7 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seq
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
-                         max_seqlen_k, scale, window_left, window_right, bottom_right, deterministic):
+                         max_seqlen_k, scale, window_left, window_right, bottom_right, deterministic=False):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
                                             window_right)
     o_shape = (*q.shape[:-1], Dv)
@@ -489,29 +489,36 @@ _PUBLIC = "pk.flash_attention / pk.scaled_dot_product_attention"
 
 
 class _FlashAttention(torch.autograd.Function):
+    """flash_attn_fwd and its gradients. apply takes flash_attn_fwd's arguments, then
+    `deterministic`; the backward calls flash_attn_bwd(dout, q, k, v, out, lse, dlse, <the rest
+    of flash_attn_fwd's arguments>, deterministic)."""
     generate_vmap_rule = True
     forward_mode_name = f"{_PUBLIC} (pretrain_kernels::flash_attn_fwd)"
 
     @staticmethod
-    def forward(q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, deterministic):
-        return torch.ops.pretrain_kernels.flash_attn_fwd(q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right,
-                                                         bottom_right)
+    def forward(*args):
+        return torch.ops.pretrain_kernels.flash_attn_fwd(*args[:-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, deterministic = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask)
-        ctx.params = (max_q, max_k, scale, left, right, bottom_right, deterministic)
+        *args, deterministic = inputs
+        ctx.tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*output, *(args[i] for i in ctx.tensor_at))
+        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)  # dlse stays None when the lse is not used
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_q, cu_k, mask = ctx.saved_tensors
+        out, lse, *saved = ctx.saved_tensors
+        args = list(ctx.args)
+        for i, t in zip(ctx.tensor_at, saved):
+            args[i] = t
+        q, k, v = args[:3]
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, mask, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, *args[3:], ctx.deterministic)
+        return (dq, dk, dv) + (None,) * (len(args) - 2)  # nothing for the other arguments and deterministic
 
 
 def _attention_fwd(*args, deterministic: bool):
@@ -522,41 +529,33 @@ def _attention_fwd(*args, deterministic: bool):
 
 
 # vmap (torch.func.vmap, and vmap over grad / vjp / jacrev): dense calls fold the vmapped dim into
-# the batch dim (every dense tensor argument leads with the batch), so one op call serves all
-# samples; varlen calls, whose tokens are packed along dim 0 and located by cu_seqlens, run once
-# per sample.
+# the batch dim (every tensor argument of a dense call leads with the batch), so one op call
+# serves all samples; varlen calls, whose tokens are packed along dim 0 and located by
+# cu_seqlens, run once per sample.
 
 
-def _vmap_rule(op, n_tensors, folded_outputs):
-    """A vmap rule for op: its first n_tensors arguments are the tensors that may be vmapped."""
-
-    cu_q = 3 if op is _OPS_FWD else 7
-
+def _vmap_rule(op, cu_seqlens_q_at):
     def rule(info, in_dims, *args):
         n = info.batch_size
-        if args[cu_q] is None:
+        if args[cu_seqlens_q_at] is None:
             folded = list(args)
-            for i in range(n_tensors):
-                x, d = args[i], in_dims[i]
-                if x is None:
-                    continue
-                x = x.movedim(d, 0) if d is not None else x.expand(n, *x.shape)
-                folded[i] = x.reshape(n * x.shape[1], *x.shape[2:])
-            outs = op(*folded)
-            outs = tuple(o.reshape(n, o.shape[0] // n, *o.shape[1:]) for o in outs)
+            for i, (x, d) in enumerate(zip(args, in_dims)):
+                if isinstance(x, torch.Tensor):
+                    x = x.movedim(d, 0) if d is not None else x.expand(n, *x.shape)
+                    folded[i] = x.reshape(n * x.shape[1], *x.shape[2:])
+            outs = tuple(o.reshape(n, o.shape[0] // n, *o.shape[1:]) for o in op(*folded))
         else:
             per_sample = [op(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
                           for j in range(n)]
             outs = tuple(torch.stack(o) for o in zip(*per_sample))
-        return outs, (0,) * folded_outputs
+        return outs, (0,) * len(outs)
 
     return rule
 
 
-_OPS_FWD = torch.ops.pretrain_kernels.flash_attn_fwd.default
-torch.library.register_vmap(_OPS_FWD, _vmap_rule(_OPS_FWD, 6, 2))  # q, k, v, cu_q, cu_k, mask
-torch.library.register_vmap(torch.ops.pretrain_kernels.flash_attn_bwd.default,  # dout .. dlse, cu_q, cu_k, mask
-                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_bwd.default, 10, 3))
-
+torch.library.register_vmap("pretrain_kernels::flash_attn_fwd", _vmap_rule(torch.ops.pretrain_kernels.flash_attn_fwd,
+                                                                           3))
+torch.library.register_vmap("pretrain_kernels::flash_attn_bwd", _vmap_rule(torch.ops.pretrain_kernels.flash_attn_bwd,
+                                                                           7))
 register_autograd_function("pretrain_kernels::flash_attn_fwd", _FlashAttention, extra_args=(False,), public=_PUBLIC)
 _attention_bwd = not_differentiable("pretrain_kernels::flash_attn_bwd", _PUBLIC)
