@@ -53,9 +53,9 @@ def _inputs(S, D, dtype=torch.bfloat16):
     return B, H, q, k, v, dout
 
 
-def _attention(impl, causal):
+def _attention(impl, causal, deterministic=False):
     if impl == "pk":
-        return lambda q, k, v: pk.flash_attention(q, k, v, causal=causal)
+        return lambda q, k, v: pk.flash_attention(q, k, v, causal=causal, deterministic=deterministic)
 
     def sdpa(q, k, v):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -94,15 +94,17 @@ def test_cuda_attention_forward(benchmark, impl, S, D, causal, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("S", SEQLENS, ids=lambda s: f"s{s}")
-@pytest.mark.parametrize("impl", IMPLS + ["pk_ordered", "pk_atomic"])
+@pytest.mark.parametrize("impl", IMPLS + ["pk_separate", "pk_ordered"])
 def test_cuda_attention_backward(benchmark, impl, S, D, causal, monkeypatch):
-    """pk_ordered / pk_atomic: dQ fused into the dK/dV pass (PK_ATTENTION_BWD), to weigh the
-    fused schemes against the default separate dQ pass on this GPU."""
+    """pk: deterministic=False (the default: dQ added with float atomics in the dK/dV pass);
+    pk_separate / pk_ordered: deterministic=True with the separate dQ pass or the ordered fused
+    dQ (PK_ATTENTION_BWD), to weigh the schemes against each other on this GPU."""
     _require_cuda()
     B, H, q, k, v, dout = _inputs(S, D)
-    if impl in ("pk_ordered", "pk_atomic"):
+    if impl in ("pk_separate", "pk_ordered"):
         monkeypatch.setenv("PK_ATTENTION_BWD", impl[3:])
-    out = _attention("pk" if impl.startswith("pk") else impl, causal)(q, k, v)
+    out = _attention("pk" if impl.startswith("pk") else impl, causal,
+                     deterministic=impl in ("pk_separate", "pk_ordered"))(q, k, v)
     _info(benchmark, impl, "bwd", S, D, causal, B, H)
     benchmark(cuda_sync_fn(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), "cuda"))
 

@@ -89,11 +89,15 @@ TORCH_LIBRARY(pretrain_kernels, m) {
       "bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? prefix_lens=None) -> (Tensor out, "
       "Tensor lse)");
   // Gradients of flash_attn_fwd from its saved output and lse; dlse: gradient of the lse.
+  // deterministic: bit-for-bit reproducible gradients (CUDA: no float atomics in dQ; the CPU
+  // backward is deterministic either way). torch.use_deterministic_algorithms(True) implies it;
+  // the default, false, is that of pk.flash_attention and of a direct flash_attn_fwd backward.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, "
       "float scale, int window_left, int window_right, bool bottom_right, float softcap=0.0, "
-      "Tensor? alibi_slopes=None, Tensor? prefix_lens=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? alibi_slopes=None, Tensor? prefix_lens=None, bool deterministic=False) -> (Tensor dq, Tensor dk, "
+      "Tensor dv)");
   // Decode / chunked prefill against a cache (batch, max_seqlen, kv_heads, head_dim), or a paged
   // cache (num_blocks, page_size, kv_heads, head_dim) with int32 block_table [batch, max_blocks]:
   // k_new and v_new are written into the caches at each row's cache_seqlens (int32) position,

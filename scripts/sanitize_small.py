@@ -95,15 +95,16 @@ def attention():
         q, k, v = (rnd(2, 3, 19, 40, dtype=dtype).requires_grad_() for _ in range(3))
         for mask in (torch.rand(19, 19, generator=g).cuda() > 0.3, rnd(2, 1, 19, 19, dtype=torch.float32)):
             pk.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum().backward()
-    # the fused dQ schemes of the tensor-core backward: turns between key blocks (ordered) and
-    # float atomics, with and without a causal mask, over several key blocks and GQA heads
-    for mode in ("ordered", "atomic"):
-        os.environ["PK_ATTENTION_BWD"] = mode
+    # the dQ schemes of the tensor-core backward: the separate pass and turns between key blocks
+    # (ordered; deterministic=True, PK_ATTENTION_BWD picks), float atomics (deterministic=False),
+    # with and without a causal mask, over several key blocks and GQA heads
+    for scheme, deterministic in (("separate", True), ("ordered", True), ("separate", False)):
+        os.environ["PK_ATTENTION_BWD"] = scheme
         try:
             for causal, D in ((True, 64), (False, 128), (True, 256)):
                 q = rnd(1, 150, 4, D, dtype=torch.bfloat16).requires_grad_()
                 k, v = (rnd(1, 200, 2, D, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
-                out = pk.flash_attention(q, k, v, causal=causal)
+                out = pk.flash_attention(q, k, v, causal=causal, deterministic=deterministic)
                 torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         finally:
             del os.environ["PK_ATTENTION_BWD"]

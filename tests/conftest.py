@@ -164,6 +164,17 @@ def cuda_kernels(request):
     return CudaKernels(request.param)
 
 
+@pytest.fixture(scope="module")
+def emu():
+    """The emulated CUDA ops (torch.ops.pretrain_kernels_emu) on an emulated sm_90 with 4 SMs,
+    restored to that configuration after the module."""
+    import emulated_cuda
+    mod = emulated_cuda.load()
+    mod.configure(major=9, sm_count=4)
+    yield emulated_cuda.ops()
+    mod.configure(major=9, sm_count=4)
+
+
 def pytest_generate_tests(metafunc):
     # `device`: the CPU, CUDA where a GPU is present, and in modules that set
     # EMULATE_CUDA = True the CUDA kernels run on the CPU by the emulator (tests/emulated_cuda.py).

@@ -362,8 +362,10 @@ def test_opcheck_forward_and_backward():
         torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, (q, k, v, *args[3:]))
         out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(*args)
         dout = torch.randn_like(out)
-        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
-                              (dout, *args[:3], out, lse, torch.randn_like(lse), *args[3:]))
+        for deterministic in (True, False):
+            torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
+                                  (dout, *args[:3], out, lse, torch.randn_like(lse), *args[3:]),
+                                  kwargs={"deterministic": deterministic})
 
 
 def test_opcheck_kvcache():
@@ -1060,14 +1062,16 @@ def test_score_mods_match_reference(case, mod, dtype, adevice):
         assert rel_err(o, r) <= 2 * max(rel_err(e, r), 2 * FLOOR[dtype]), (name, rel_err(o, r), rel_err(e, r))
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["noprefix", "prefix"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("window", [(-1, -1), (6, 2)], ids=["nowindow", "window"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("mod", list(MODS), ids=str)
-def test_score_mods_every_combination(mod, causal, window, gqa, varlen, adevice):
-    """softcap / ALiBi with causal, windows, GQA, unequal lengths and varlen (per-sequence
-    alignment of the ALiBi distance), forward and backward in float32 against the reference."""
+def test_score_mods_every_combination(mod, causal, window, gqa, varlen, prefix, adevice):
+    """softcap / ALiBi with causal, windows, GQA, unequal lengths, varlen (per-sequence
+    alignment of the ALiBi distance) and the prefix-LM mask, forward and backward in float32
+    against the reference."""
     g = torch.Generator().manual_seed(13)
     H, Hk, D = (6, 2, 24) if gqa else (3, 3, 24)
     lens_q = [23, 1, 70] if varlen else [37, 37]
@@ -1082,6 +1086,9 @@ def test_score_mods_every_combination(mod, causal, window, gqa, varlen, adevice)
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
     q32, k32, v32 = (t.to(adevice, torch.float32).requires_grad_() for t in (q, k, v))
     dm = _mods_to(mods, adevice)
+    pl = [n // 2 for n in lens_k] if prefix else None
+    if prefix:
+        dm["prefix_lens"] = torch.tensor(pl, dtype=torch.int32, device=adevice)
     if varlen:
         out = pk.flash_attention(q32, k32, v32, causal=causal, window=window, cu_seqlens_q=cu_q.to(adevice),
                                  cu_seqlens_k=cu_k.to(adevice), **dm)
@@ -1090,7 +1097,7 @@ def test_score_mods_every_combination(mod, causal, window, gqa, varlen, adevice)
                                  causal=causal, window=window, **dm).reshape(tq, H, D)
     grads = torch.autograd.grad(out, (q32, k32, v32), dout.to(adevice, torch.float32))
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    ref, _ = attention_varlen_ref(qr, kr, vr, cu_q, cu_k, causal=causal, window=window, **mods)
+    ref, _ = attention_varlen_ref(qr, kr, vr, cu_q, cu_k, causal=causal, window=window, prefix_lens=pl, **mods)
     rgrads = torch.autograd.grad(ref, (qr, kr, vr), dout)
     assert rel_err(out, ref) < 2e-6
     for a, b in zip(grads, rgrads):

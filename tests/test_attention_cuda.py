@@ -99,16 +99,19 @@ BWD_CASES = [
 ]
 
 
-# dtype x dQ scheme of the tensor-core backward (PK_ATTENTION_BWD; float32 runs the SIMT kernels,
-# which have one scheme)
+# dtype x dQ scheme of the tensor-core backward: "separate" and "ordered" are the schemes of
+# deterministic=True (PK_ATTENTION_BWD picks one), "atomic" is deterministic=False; float32 runs
+# the SIMT kernels, which have one scheme
 BWD_MODES = [(torch.float16, "separate"), (torch.bfloat16, "separate"), (torch.float32, "separate"),
-             (torch.float16, "ordered"), (torch.bfloat16, "ordered"), (torch.bfloat16, "atomic")]
+             (torch.float16, "ordered"), (torch.bfloat16, "ordered"), (torch.bfloat16, "atomic"),
+             (torch.float16, "atomic")]
 
 
 @pytest.mark.parametrize("dtype, mode", BWD_MODES, ids=lambda x: str(x))
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_backward_matches_reference(case, dtype, mode, monkeypatch):
-    monkeypatch.setenv("PK_ATTENTION_BWD", mode)
+    monkeypatch.setenv("PK_ATTENTION_BWD", "ordered" if mode == "ordered" else "separate")
+    deterministic = mode != "atomic"
     B, sq, sk, H, Hk, D, causal, window = case
     g = torch.Generator().manual_seed(sq * 7 + sk + D)
     draws = 3 if sq * sk < 10**6 else 1
@@ -124,7 +127,8 @@ def test_backward_matches_reference(case, dtype, mode, monkeypatch):
             return [x.grad for x in xs]
 
         ref = grads(lambda a, b, c: attention_ref(a, b, c, causal=causal, window=window)[0], torch.float64)
-        ours = grads(lambda a, b, c: pk.flash_attention(a, b, c, causal=causal, window=window), dtype)
+        ours = grads(lambda a, b, c: pk.flash_attention(a, b, c, causal=causal, window=window,
+                                                        deterministic=deterministic), dtype)
         theirs = grads(lambda a, b, c: torch_sdpa(a, b, c, causal=causal, window=window), dtype)
         for i, (o, t, r) in enumerate(zip(ours, theirs, ref)):
             assert o.dtype == dtype and o.shape == r.shape and o.device.type == "cuda"
@@ -362,8 +366,9 @@ def test_empty_inputs():
 
 @pytest.mark.parametrize("mode", ["separate", "ordered"])
 def test_deterministic(mode, monkeypatch):
-    """Run to run, bit for bit: the default backward and the ordered fused dQ (with and without a
-    causal mask; 700 keys make 11 key blocks that take turns on every query tile)."""
+    """deterministic=True, run to run, bit for bit: the separate dQ pass and the ordered fused
+    dQ (with and without a causal mask; 700 keys make 11 key blocks that take turns on every
+    query tile), through pk.flash_attention and the SDPA drop-in."""
     monkeypatch.setenv("PK_ATTENTION_BWD", mode)
     g = torch.Generator().manual_seed(5)
     for dtype in DTYPES:
@@ -373,35 +378,42 @@ def test_deterministic(mode, monkeypatch):
             v = rand(1, 700, 1, 64, dtype=dtype, gen=g).requires_grad_()
             dout = rand(1, 700, 4, 64, dtype=dtype, gen=g)
             results = []
-            for _ in range(3):
-                out = pk.flash_attention(q, k, v, causal=causal)
+            for i in range(4):
+                if i % 2:
+                    out = pk.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                          is_causal=causal, enable_gqa=True,
+                                                          deterministic=True).transpose(1, 2)
+                else:
+                    out = pk.flash_attention(q, k, v, causal=causal, deterministic=True)
                 results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
-            for r in results[1:]:
-                for a, b in zip(results[0], r):
+            for first, again in ((results[0], results[2]), (results[1], results[3])):
+                for a, b in zip(first, again):
                     assert torch.equal(a, b)
 
 
-def test_atomic_backward_turns_ordered_under_deterministic_algorithms(monkeypatch):
-    """PK_ATTENTION_BWD=atomic gives way to the ordered scheme while
-    torch.use_deterministic_algorithms(True) is in force."""
+def test_atomic_backward_gives_way_under_deterministic_algorithms(monkeypatch):
+    """deterministic=False runs the deterministic scheme (the one PK_ATTENTION_BWD picks) while
+    torch.use_deterministic_algorithms(True) is in force; the knob takes separate or ordered
+    only."""
     g = torch.Generator().manual_seed(6)
     q, k, v = (rand(1, 900, 2, 64, dtype=torch.bfloat16, gen=g).requires_grad_() for _ in range(3))
     dout = rand(1, 900, 2, 64, dtype=torch.bfloat16, gen=g)
 
-    def dq(mode):
-        monkeypatch.setenv("PK_ATTENTION_BWD", mode)
-        return torch.autograd.grad(pk.flash_attention(q, k, v), q, dout)[0]
+    def dq(scheme, deterministic):
+        monkeypatch.setenv("PK_ATTENTION_BWD", scheme)
+        return torch.autograd.grad(pk.flash_attention(q, k, v, deterministic=deterministic), q, dout)[0]
 
-    ordered = dq("ordered")
+    want = {s: dq(s, True) for s in ("ordered", "separate")}
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert torch.equal(dq("atomic"), ordered)
+        for s in ("ordered", "separate"):
+            assert torch.equal(dq(s, False), want[s])
     finally:
         torch.use_deterministic_algorithms(was)
-    monkeypatch.setenv("PK_ATTENTION_BWD", "bogus")
-    with pytest.raises(RuntimeError, match="PK_ATTENTION_BWD"):
-        torch.autograd.grad(pk.flash_attention(q, k, v), q, dout)
+    for bad in ("bogus", "atomic"):
+        with pytest.raises(RuntimeError, match="PK_ATTENTION_BWD"):
+            dq(bad, True)
 
 
 def test_float64_is_cpu_only():
@@ -447,8 +459,10 @@ def test_opcheck_forward_and_backward():
         torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_fwd, args)
         out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(*args)
         dout = torch.randn_like(out)
-        torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
-                              (dout, *args[:3], out, lse, torch.randn_like(lse), *args[3:]))
+        for deterministic in (True, False):
+            torch.library.opcheck(torch.ops.pretrain_kernels.flash_attn_bwd,
+                                  (dout, *args[:3], out, lse, torch.randn_like(lse), *args[3:]),
+                                  kwargs={"deterministic": deterministic})
 
 
 def test_opcheck_kvcache():

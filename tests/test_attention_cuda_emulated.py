@@ -18,14 +18,6 @@ FLOOR, LSE_ATOL = ATTN_ERR_FLOOR, ATTN_LSE_ATOL
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
-@pytest.fixture(scope="module")
-def emu():
-    mod = emulated_cuda.load()
-    mod.configure(major=9, sm_count=4)
-    yield emulated_cuda.ops()
-    mod.configure(major=9, sm_count=4)
-
-
 def rand(*shape, dtype=torch.float32, gen=None):
     return torch.randn(*shape, generator=gen).to(dtype)
 
@@ -203,7 +195,7 @@ def test_varlen_forward_and_backward(emu, dtype):
         assert torch.equal(torch.isfinite(lse), fin)
         torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=LSE_ATOL[dtype], rtol=0)
         dq, dk, dv = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu_q, cu_k, None, mq, mk, D ** -0.5, left,
-                                        right, True)
+                                        right, True, deterministic=True)
         xs = [t.double().requires_grad_() for t in (q, k, v)]
         ref_out, _ = attention_varlen_ref(*xs, cu_q, cu_k, causal=causal, window=window)
         ref_g = torch.autograd.grad(ref_out, xs, dout.double())
@@ -240,17 +232,19 @@ def test_backward_matches_reference(emu, case, dtype):
     ys = [t.detach().requires_grad_() for t in (q, k, v)]
     theirs = torch.autograd.grad(torch_sdpa(*ys, causal=causal, window=window), ys, dout)
     # without the lse gradient: within twice torch's own error; with it: against the reference
-    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, D ** -0.5, left, right, True)
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, D ** -0.5, left, right, True,
+                               deterministic=True)
     ref_g = torch.autograd.grad(ref_out, xs, dout.double(), retain_graph=True)
     for name, a, r, t in zip("qkv", grads, ref_g, theirs):
         assert a.dtype == dtype and a.shape == r.shape
         assert rel_err(a, r) <= 2 * max(rel_err(t, r), FLOOR[dtype]), (name, rel_err(a, r), rel_err(t, r))
-    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, dlse, None, None, None, -1, -1, D ** -0.5, left, right, True)
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, dlse, None, None, None, -1, -1, D ** -0.5, left, right, True,
+                               deterministic=True)
     ref_g = torch.autograd.grad((ref_out, ref_lse.masked_fill(~fin, 0)), xs, (dout.double(), dlse.double()))
     for name, a, r in zip("qkv", grads, ref_g):
         assert rel_err(a, r) < (1e-5 if dtype == torch.float32 else 2e-2), (name, rel_err(a, r))
     gc = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, None, None, None, -1, -1,
-                                                   D ** -0.5, left, right, True)
+                                                   D ** -0.5, left, right, True, deterministic=True)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for a, c in zip(grads, gc):
         torch.testing.assert_close(a.float(), c.float(), atol=tol, rtol=tol)
@@ -277,13 +271,13 @@ FUSED_CASES = [
                          [(FUSED_CASES[i], "atomic") for i in (1, 3, 4, 8)],
                          ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
 def test_fused_dq_backward(emu, case, mode, monkeypatch):
-    """PK_ATTENTION_BWD=ordered / atomic: the dK/dV blocks add dS K into a float dQ instead of a
-    separate dQ pass (one launch fewer). All three gradients match the reference within twice
-    torch's error; without a mask dK and dV are the separate scheme's bits (the same products
-    over the same query tiles; with one, the fused modes align the tiles to multiples of their
-    height, which regroups the sums). Under the emulator every
-    ordered block checks the turn counter: its predecessor's post, or zero for the first block
-    on a query tile."""
+    """deterministic=True with PK_ATTENTION_BWD=ordered, and deterministic=False (atomic): the
+    dK/dV blocks add dS K into a float dQ instead of a separate dQ pass (one launch fewer). All
+    three gradients match the reference within twice torch's error; without a mask dK and dV
+    are the separate scheme's bits (the same products over the same query tiles; with one, the
+    fused modes align the tiles to multiples of their height, which regroups the sums). Under
+    the emulator every ordered block checks the turn counter: its predecessor's post, or zero
+    for the first block on a query tile."""
     B, sq, sk, H, Hk, D, causal, window, br = case
     dtype = torch.bfloat16 if (sq + D) % 2 else torch.float16
     g = torch.Generator().manual_seed(sq * 5 + sk + D)
@@ -295,10 +289,10 @@ def test_fused_dq_backward(emu, case, mode, monkeypatch):
     mod = emulated_cuda.load()
     res, launches = {}, {}
     for m in ("separate", mode):
-        monkeypatch.setenv("PK_ATTENTION_BWD", m)
+        monkeypatch.setenv("PK_ATTENTION_BWD", "ordered" if m == "ordered" else "separate")
         before = mod.stats()["launches"]
         res[m] = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, D ** -0.5, left, right,
-                                    br)
+                                    br, deterministic=(m != "atomic"))
         launches[m] = mod.stats()["launches"] - before
     assert launches[mode] == launches["separate"] - 1
     if not causal and window == (-1, -1):  # both walk the same query tiles from row 0
@@ -314,8 +308,9 @@ def test_fused_dq_backward(emu, case, mode, monkeypatch):
 
 def test_fused_dq_varlen_and_deterministic_algorithms(emu, monkeypatch):
     """Ordered turns and atomics on packed sequences (counters indexed by token) match the
-    reference, and atomic gives way to ordered (no atomics, the same bits) under
-    torch.use_deterministic_algorithms."""
+    reference; deterministic=True never adds with atomics, deterministic=False does, except
+    under torch.use_deterministic_algorithms, where it runs the scheme PK_ATTENTION_BWD picks
+    for deterministic=True (the same bits)."""
     g = torch.Generator().manual_seed(15)
     lens = [5, 0, 129, 1, 200]
     H, Hk, D = 4, 2, 64
@@ -324,7 +319,7 @@ def test_fused_dq_varlen_and_deterministic_algorithms(emu, monkeypatch):
     dout = rand(sum(lens), H, D, dtype=torch.bfloat16, gen=g)
     out, lse = emu.flash_attn_fwd(q, k, v, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True)
     monkeypatch.setenv("PK_ATTENTION_BWD", "ordered")
-    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True)
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True, deterministic=True)
     xs = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, _ = attention_varlen_ref(*xs, cu, cu, causal=True)
     ref_g = torch.autograd.grad(ref_out, xs, dout.double())
@@ -333,26 +328,80 @@ def test_fused_dq_varlen_and_deterministic_algorithms(emu, monkeypatch):
 
     mod = emulated_cuda.load()
 
-    def dq(mode):
-        monkeypatch.setenv("PK_ATTENTION_BWD", mode)
+    def dq(scheme, deterministic):
+        monkeypatch.setenv("PK_ATTENTION_BWD", scheme)
         before = mod.stats()["atomics"]
-        r = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True)[0]
+        r = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, cu, cu, None, -1, -1, D ** -0.5, -1, 0, True,
+                               deterministic=deterministic)[0]
         return r, mod.stats()["atomics"] - before
 
-    ordered, n_ordered = dq("ordered")
-    atomic, n_atomic = dq("atomic")
-    assert n_ordered == 0 and n_atomic > 0
+    ordered, n_ordered = dq("ordered", True)
+    separate, n_separate = dq("separate", True)
+    atomic, n_atomic = dq("ordered", False)
+    assert n_ordered == 0 and n_separate == 0 and n_atomic > 0
     assert rel_err(atomic, ref_g[0]) < 2e-2
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        again, n_again = dq("atomic")
-        assert n_again == 0 and torch.equal(again, ordered)
+        for scheme, want in (("ordered", ordered), ("separate", separate)):
+            again, n_again = dq(scheme, False)
+            assert n_again == 0 and torch.equal(again, want)
     finally:
         torch.use_deterministic_algorithms(was)
-    monkeypatch.setenv("PK_ATTENTION_BWD", "bogus")
-    with pytest.raises(RuntimeError, match="PK_ATTENTION_BWD"):
-        dq("bogus")
+    for deterministic in (True, False):  # "atomic" is deterministic=False now, not a knob value
+        for bad in ("bogus", "atomic"):
+            with pytest.raises(RuntimeError, match="PK_ATTENTION_BWD: expected separate or ordered"):
+                dq(bad, deterministic)
+
+
+@pytest.mark.parametrize("scheme", ["separate", "ordered"])
+def test_deterministic_backward_is_reproducible(emu, scheme, monkeypatch):
+    """deterministic=True: no atomics, and the same bits from run to run whatever the launch
+    schedule (warps in lockstep or one running ahead, 4 or 132 SMs) and whether or not
+    torch.use_deterministic_algorithms is on; with and without a causal mask, GQA, 300 keys (5
+    key blocks taking turns on each query tile under the ordered scheme). deterministic=False
+    on the same inputs takes the fused atomic scheme (atomics counted) and matches the reference."""
+    monkeypatch.setenv("PK_ATTENTION_BWD", scheme)
+    g = torch.Generator().manual_seed(16)
+    mod = emulated_cuda.load()
+    for causal, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        q, k, v = rand(1, 150, 4, 64, dtype=dtype, gen=g), rand(1, 300, 2, 64, dtype=dtype, gen=g), rand(
+            1, 300, 2, 64, dtype=dtype, gen=g)
+        dout = rand(1, 150, 4, 64, dtype=dtype, gen=g)
+        out, lse = fwd(emu, q, k, v, causal=causal)
+        right = 0 if causal else -1
+
+        def grads(deterministic):
+            before = mod.stats()["atomics"]
+            r = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, 0.125, -1, right, True,
+                                   deterministic=deterministic)
+            return r, mod.stats()["atomics"] - before
+
+        runs = []
+        try:
+            for sms, ahead in ((4, False), (132, True)):
+                mod.configure(major=9, sm_count=sms, eager_copies=ahead, run_ahead=ahead)
+                r, n = grads(True)
+                assert n == 0
+                runs.append(r)
+            mod.configure(major=9, sm_count=4)
+            was = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(not was)
+            try:
+                runs.append(grads(True)[0])
+            finally:
+                torch.use_deterministic_algorithms(was)
+        finally:
+            mod.configure(major=9, sm_count=4)
+        for r in runs[1:]:
+            for a, b in zip(runs[0], r):
+                assert torch.equal(a, b)
+        fast, n_atomics = grads(False)
+        assert n_atomics > 0
+        xs = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = torch.autograd.grad(attention_ref(*xs, causal=causal)[0], xs, dout.double())
+        for a, b, r in zip(fast, runs[0], ref):
+            assert rel_err(a, r) < 2e-2 and rel_err(b, r) < 2e-2
 
 
 def test_long_causal_sequence_forward_and_backward(emu):
@@ -361,7 +410,7 @@ def test_long_causal_sequence_forward_and_backward(emu):
     q, k, v = (rand(1, 1000, 1, 64, dtype=torch.bfloat16, gen=g) for _ in range(3))
     dout = rand(1, 1000, 1, 64, dtype=torch.bfloat16, gen=g)
     out, lse = fwd(emu, q, k, v, causal=True)
-    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, 0.125, -1, 0, True)
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, 0.125, -1, 0, True, deterministic=True)
     xs = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = attention_ref(*xs, causal=True)
     ref_g = torch.autograd.grad(ref_out, xs, dout.double())
@@ -381,7 +430,8 @@ def test_backward_with_mask_uses_simt_and_is_deterministic(emu):
     mask = torch.rand(1, 2, 30, 45, generator=g) > 0.2
     dout = rand(1, 30, 2, 32, dtype=torch.bfloat16, gen=g)
     out, lse = fwd(emu, q, k, v, mask=mask)
-    runs = [emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, mask, -1, -1, 32 ** -0.5, -1, -1, True)
+    runs = [emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, mask, -1, -1, 32 ** -0.5, -1, -1, True,
+                               deterministic=False)
             for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -558,7 +608,8 @@ def test_copy_timing_and_schedule_do_not_change_the_bits(emu, dtype):
         for eager in (False, True):
             mod.configure(major=9, sm_count=4, eager_copies=eager, run_ahead=eager)
             out, lse = fwd(emu, q, k, v)
-            grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, 0.125, -1, -1, True)
+            grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, 0.125, -1, -1, True,
+                                       deterministic=True)
             res.append([out, lse, *grads])
     finally:
         mod.configure(major=9, sm_count=4)
@@ -804,7 +855,7 @@ def _mods_kw(softcap, slopes):
     return dict(softcap=softcap if softcap > 0 else None, alibi_slopes=slopes)
 
 
-def _check_score_mods(emu, case, dtype, softcap, slopes, g):
+def _check_score_mods(emu, case, dtype, softcap, slopes, g, deterministic=True):
     B, sq, sk, H, Hk, D, causal, window, br = case
     q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g) * 2, rand(
         B, sk, Hk, D, dtype=dtype, gen=g)
@@ -822,7 +873,7 @@ def _check_score_mods(emu, case, dtype, softcap, slopes, g):
     assert torch.equal(torch.isfinite(lse), fin)
     torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=20 * FLOOR[dtype], rtol=0)
     grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, None, -1, -1, scale, left, right, br,
-                               softcap, slopes)
+                               softcap, slopes, deterministic=deterministic)
     ref_g = torch.autograd.grad(ref, xs, dout.double())
     theirs = torch.autograd.grad(eager, ys, dout)
     for name, a, r, t in zip("qkv", grads, ref_g, theirs):
@@ -861,8 +912,10 @@ def test_score_mods_fused_dq(emu, scheme, monkeypatch):
     g = torch.Generator().manual_seed(3)
     softcap, slopes = MODS["both"](1, 4, g)
     g_sep = _check_score_mods(emu, case, torch.bfloat16, softcap, slopes, torch.Generator().manual_seed(4))
-    monkeypatch.setenv("PK_ATTENTION_BWD", scheme)
-    g_fused = _check_score_mods(emu, case, torch.bfloat16, softcap, slopes, torch.Generator().manual_seed(4))
+    if scheme == "ordered":
+        monkeypatch.setenv("PK_ATTENTION_BWD", scheme)
+    g_fused = _check_score_mods(emu, case, torch.bfloat16, softcap, slopes, torch.Generator().manual_seed(4),
+                                deterministic=scheme != "atomic")
     for a, b in zip(g_sep, g_fused):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
@@ -890,6 +943,39 @@ def test_score_mods_varlen(emu, dtype):
     ref_g = torch.autograd.grad(ref, xs, dout.double())
     for a, r in zip(grads, ref_g):
         assert rel_err(a, r) < (1e-5 if dtype == torch.float32 else 2e-2), rel_err(a, r)
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (40, 0)], ids=["causal", "window"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_features_compose_varlen(emu, dtype, window):
+    """softcap, ALiBi [batch, heads] and the prefix-LM mask at once, with GQA, varlen (empty and
+    one-token sequences) and a sliding window: the tensor-core (half) and SIMT (float32) kernels,
+    forward and backward (deterministic and atomic dQ), against the float64 reference."""
+    g = torch.Generator().manual_seed(16)
+    lens_q, lens_k = [5, 0, 129, 1, 64], [7, 3, 129, 40, 64]
+    H, Hk, D = 4, 2, 64
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = rand(sum(lens_q), H, D, dtype=dtype, gen=g), rand(sum(lens_k), Hk, D, dtype=dtype, gen=g), rand(
+        sum(lens_k), Hk, D, dtype=dtype, gen=g)
+    dout = rand(sum(lens_q), H, D, dtype=dtype, gen=g)
+    slopes = torch.rand(len(lens_q), H, generator=g) * 0.3
+    prefix = torch.tensor([3, 2, 50, 0, 64], dtype=torch.int32)
+    left, right = window
+    args = (cu_q, cu_k, None, -1, -1, D ** -0.5, left, right, True, 2.0, slopes, prefix)
+    out, lse = emu.flash_attn_fwd(q, k, v, *args)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_varlen_ref(*xs, cu_q, cu_k, prefix_lens=prefix, causal=True, window=(left, -1),
+                                        softcap=2.0, alibi_slopes=slopes)
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=LSE_ATOL[dtype] * 10, rtol=0)
+    ref_g = torch.autograd.grad(ref, xs, dout.double())
+    for deterministic in (True, False):
+        grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, *args, deterministic=deterministic)
+        for a, r in zip(grads, ref_g):
+            assert rel_err(a, r) < (1e-5 if dtype == torch.float32 else 2e-2), (deterministic, rel_err(a, r))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -39,14 +39,6 @@ BIG = 2**70  # beyond int64
 SCALE = 0.35
 
 
-@pytest.fixture(scope="module")
-def emu():
-    mod = emulated_cuda.load()
-    mod.configure(major=9, sm_count=4)
-    yield emulated_cuda.ops()
-    mod.configure(major=9, sm_count=4)
-
-
 # ---- builders ------------------------------------------------------------------------------------
 
 
@@ -83,7 +75,7 @@ def bwd(ops, **mods):
     q, k, v = qkv()
     out, lse = OPS.flash_attn_fwd(q, k, v, None, None, None, -1, -1, SCALE, -1, -1, True)
     a = dict(dout=randn(*out.shape, seed=7), q=q, k=k, v=v, out=out, lse=lse, dlse=None, cu_q=None, cu_k=None,
-             mask=None, max_q=-1, max_k=-1, scale=SCALE, left=-1, right=-1, br=True)
+             mask=None, max_q=-1, max_k=-1, scale=SCALE, left=-1, right=-1, br=True, deterministic=True)
     a.update({n: (m(a) if callable(m) else m) for n, m in mods.items()})
     return ops.flash_attn_bwd(*a.values())
 
@@ -996,7 +988,7 @@ def test_malformed_cu_seqlens_raise_on_cpu(cq, ck):
         fwd(OPS, qv3, kv3, vv3, cu(*cq), cu(*ck))
     with pytest.raises(RuntimeError, match="cu_seqlens_"):
         OPS.flash_attn_bwd(qv3, qv3, kv3, vv3, qv3, torch.zeros(4, 7), None, cu(*cq), cu(*ck), None, -1, -1, SCALE,
-                           -1, -1, True)
+                           -1, -1, True, deterministic=True)
 
 
 @pytest.mark.emulated
@@ -1014,7 +1006,7 @@ def test_malformed_cu_seqlens_clamped_on_emulated_cuda(emu, cq, ck):
     torch.testing.assert_close(lse.double(), want_lse, atol=3e-5, rtol=3e-5)
     dout = randn(7, 4, 8, seed=17)
     for g_ in emu.flash_attn_bwd(dout, qv3, kv3, vv3, out, lse, None, cu(*cq), cu(*ck), None, -1, -1, SCALE, -1, -1,
-                                 True):
+                                 True, deterministic=True):
         assert torch.isfinite(g_).all()
 
 

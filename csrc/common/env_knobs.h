@@ -11,8 +11,9 @@
 //                                      of the tensor-core ones
 //   PK_ATTENTION_FWD_BLOCK_M=64        64-row forward blocks everywhere (default: 128 rows
 //                                      where the head dim allows)
-//   PK_ATTENTION_BWD=separate|ordered|atomic
-//                                      the dQ scheme of the tensor-core backward
+//   PK_ATTENTION_BWD=separate|ordered  the dQ scheme of the tensor-core backward when it must be
+//                                      reproducible (flash_attn_bwd's deterministic=true; both
+//                                      schemes are bit-for-bit reproducible; default separate)
 #pragma once
 #include <cstdlib>
 #include <cstring>

@@ -238,9 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, bool deterministic) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
+  (void)deterministic;  // always reproducible: the dQ chunk buffers are summed in a fixed order (attention.cpp)
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   Layout l;

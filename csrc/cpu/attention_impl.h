@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens);
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, bool deterministic);
 
 }  // namespace cpu
 }  // namespace attention

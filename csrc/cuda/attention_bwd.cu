@@ -16,17 +16,21 @@
 // same output and no atomics are used: the gradients are deterministic, bit for bit, for any
 // launch configuration.
 //
-// The tensor-core path can instead fuse dQ into pass 2 (PK_ATTENTION_BWD in the environment,
-// read on every call; DqMode in attention_bwd_mma.cuh): each dK/dV block adds dS K for its 64
-// keys into a float copy of dQ, which is then scaled and rounded. That is 5 tile products per
-// (query tile, key tile) instead of 7, as FlashAttention 2 does, at the price of contention:
+// The tensor-core path can instead fuse dQ into pass 2 (DqMode in attention_bwd_mma.cuh): each
+// dK/dV block adds dS K for its 64 keys into a float copy of dQ, which is then scaled and
+// rounded. That is 5 tile products per (query tile, key tile) instead of 7, as FlashAttention 2
+// does, at the price of contention:
 //   atomic   float atomics, FlashAttention 2's choice; the sum order varies from run to run.
-//            While torch.use_deterministic_algorithms(True) is in force it runs as ordered.
+//            Used when the op's `deterministic` is false and
+//            torch.use_deterministic_algorithms(True) is not in force.
 //   ordered  the key blocks that see a query tile take turns on it through a counter per tile,
 //            in a fixed order (highest key block first, launched first), FlashAttention 3's
 //            deterministic scheme. Under a causal mask the turns come in the order the blocks
 //            reach the tile anyway; without one a block may wait for its predecessor.
-//   separate pass 3 (the default until the fused modes have been measured on a GPU).
+//   separate pass 3.
+// deterministic=true runs separate, or ordered when PK_ATTENTION_BWD=ordered (a kernel-
+// development knob read on every call: both are reproducible bit for bit, and which of them is
+// faster has not been measured on a GPU yet). The SIMT kernels have one, deterministic, scheme.
 //
 // float16 / bfloat16 without attn_mask use tensor cores (ldmatrix +
 // mma.sync m16n8k16, fp32 accumulation, the same fragment helpers as the forward in
@@ -68,18 +72,19 @@ void launch_bwd_rows(const AttnParams& p, const T* dout, const float* lse, const
 }
 
 // The dQ scheme of the tensor-core backward (see above).
-int bwd_dq_mode() {
+int bwd_dq_mode(bool deterministic) {
   const std::string v = knobs::attention_bwd_scheme();
-  if (v.empty() || v == "separate") return kDqSeparate;
-  if (v == "ordered") return kDqOrdered;
-  TORCH_CHECK(v == "atomic", "PK_ATTENTION_BWD: expected separate, ordered or atomic, got '", v, "'");
-  return at::globalContext().deterministicAlgorithms() ? kDqOrdered : kDqAtomic;
+  TORCH_CHECK(v.empty() || v == "separate" || v == "ordered",
+              "PK_ATTENTION_BWD: expected separate or ordered (the scheme of deterministic=True), got '", v, "'");
+  if (!deterministic && !at::globalContext().deterministicAlgorithms()) return kDqAtomic;
+  return v == "ordered" ? kDqOrdered : kDqSeparate;
 }
 
 template <typename T>
 void backward_typed(const AttnParams& p, bool tensor_cores, const at::Tensor& dout, const at::Tensor& out,
                     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, at::Tensor& Di, at::Tensor& dq,
-                    at::Tensor& dk, at::Tensor& dv, int64_t q_bound, int64_t k_bound, cudaStream_t stream) {
+                    at::Tensor& dk, at::Tensor& dv, int64_t q_bound, int64_t k_bound, bool deterministic,
+                    cudaStream_t stream) {
   const T* dout_p = static_cast<const T*>(dout.data_ptr());
   const float* lse_p = lse.data_ptr<float>();
   float* di_p = Di.data_ptr<float>();
@@ -96,7 +101,7 @@ void backward_typed(const AttnParams& p, bool tensor_cores, const at::Tensor& do
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores && !p.has_mask()) {
       DqAccum dqa;
-      dqa.mode = bwd_dq_mode();
+      dqa.mode = bwd_dq_mode(deterministic);
       at::Tensor acc, turns;  // fused dQ: float dQ (unscaled), one turn counter per query tile
       if (dqa.mode != kDqSeparate) {
         acc = at::zeros(dq.sizes(), dq.options().dtype(at::kFloat));
@@ -137,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, bool deterministic) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Device dev = q_in.device();
@@ -163,12 +168,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const int64_t q_bound = query_bound(p, max_seqlen_q), k_bound = key_bound(p, max_seqlen_k);
   switch (q.scalar_type()) {
     case at::kHalf:
-      backward_typed<__half>(p, sm80, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, stream);
+      backward_typed<__half>(p, sm80, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, deterministic,
+                             stream);
       break;
     case at::kBFloat16:
-      backward_typed<__nv_bfloat16>(p, sm80, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, stream);
+      backward_typed<__nv_bfloat16>(p, sm80, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound,
+                                    deterministic, stream);
       break;
-    default: backward_typed<float>(p, false, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, stream); break;
+    default:
+      backward_typed<float>(p, false, dout, out, lse, dlse, Di, dq, dk, dv, q_bound, k_bound, deterministic, stream);
+      break;
   }
   return {dq, dk, dv};
 }

@@ -1,9 +1,10 @@
-"""Helpers shared by the op wrappers: seeds, argument checks."""
+"""Helpers shared by the op wrappers: seeds, argument checks, autograd registration."""
 from __future__ import annotations
 
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 
 _SEED_HIGH = 2**62
 
@@ -79,3 +80,131 @@ def is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - torch < 2.3
         return False
+
+
+# ---- autograd ------------------------------------------------------------------------------
+#
+# A differentiable op gets its derivative from a torch.autograd.Function written in the
+# functorch style (forward without ctx, then setup_context), so that torch.func.grad, vjp,
+# jacrev and vmap over them work; torch.library.register_autograd builds a Function that
+# functorch refuses. The public wrapper calls the Function itself when it has arguments the op
+# does not take (attention's `deterministic`); a direct op call reaches it through the Autograd
+# kernel that register_autograd_function installs. Such a Function must also:
+# - raise from jvp (forward mode, torch.func.jvp / torch.autograd.forward_ad, is not
+#   implemented): without a jvp the op would run below autograd and its outputs would carry no
+#   tangent, which forward mode reads as zeros. apply_function adds that jvp, naming the
+#   Function's forward_mode_name;
+# - call its backward op through not_differentiable, so that differentiating the gradients
+#   raises: an op without a derivative would give zeros under double backward.
+
+_AUTOGRAD_LIB = torch.library.Library("pretrain_kernels", "IMPL")
+
+
+def _op(qualname: str):
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name).default
+
+
+def _needs_autograd(args) -> bool:
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return True
+    return _fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled()
+
+
+def needs_autograd(*args) -> bool:
+    """Whether a public wrapper must call the op through its autograd.Function: grad mode on
+    with an input that requires grad, or a forward-mode level open (the Function then raises
+    if an input carries a tangent). Always while torch.compile traces: the Function is traced
+    then, and AOTAutograd decides."""
+    return is_compiling() or _needs_autograd(args)
+
+
+def register_autograd_function(qualname: str, function, extra_args=(), public: str = "") -> None:
+    """The Autograd kernel of the op `qualname`: calls that need a derivative go through the
+    autograd.Function `function` (its apply takes the op's arguments, then extra_args), the
+    others straight to the backend.
+
+    Under torch.func transforms this kernel cannot help: it runs inside the dispatcher, below
+    functorch's layers, where Function.apply's functorch path has no kernel. There a direct op
+    call that needs a derivative raises, sending the caller to the public function `public`,
+    whose wrapper applies the Function above the layers.
+
+    The kernel applies a subclass of `function` whose forward calls the op below autograd, so
+    that the forward never comes back to this kernel (torch.compile runs the op on fake tensors
+    that require grad while it traces the public wrapper's Function)."""
+    op = _op(qualname)
+    n_args = len(op._schema.arguments)
+    defaults = [a.default_value for a in op._schema.arguments]
+
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args[:n_args])
+
+    function = type(function.__name__ + "Op", (function,), {"forward": staticmethod(below_autograd)})
+
+    def kernel(keyset, *args):
+        args = (*args, *defaults[len(args):])  # trailing arguments left at their defaults may be dropped
+        if _needs_autograd(args):
+            if torch._C._are_functorch_transforms_active():
+                raise NotImplementedError(f"{qualname}: differentiating the op itself under torch.func transforms is "
+                                          f"not supported; call {public or 'its public function'}")
+            return apply_function(function, *args, *extra_args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _AUTOGRAD_LIB.impl(qualname.split("::")[1], kernel, "Autograd", with_keyset=True)
+
+
+def forward_mode_error(what: str) -> NotImplementedError:
+    return NotImplementedError(f"{what}: forward-mode AD (torch.func.jvp, torch.func.jacfwd, "
+                               f"torch.autograd.forward_ad) is not supported; use reverse mode (backward, "
+                               f"torch.func.grad, vjp, jacrev)")
+
+
+def apply_function(function, *args):
+    """function.apply(*args) for a Function of this module's kind: eagerly, its subclass whose
+    jvp raises; while torch.compile traces, the Function itself (Dynamo refuses a custom jvp,
+    and forward mode does not compose with torch.compile anyway)."""
+    if is_compiling():
+        return function.apply(*args)
+    eager = function.__dict__.get("_eager")
+    if eager is None:
+        what = function.forward_mode_name
+
+        def jvp(ctx, *tangents):
+            raise forward_mode_error(what)
+
+        eager = type(function.__name__ + "Eager", (function,), {"jvp": staticmethod(jvp)})
+        function._eager = eager
+    return eager.apply(*args)
+
+
+def not_differentiable(qualname: str, what: str):
+    """For a backward op `qualname`: returns call(*args), which runs it so that differentiating
+    its result raises, naming `what` (the public functions it serves): double backward, and
+    forward mode through it. The error comes only when such a derivative is asked for, so a
+    first derivative taken with create_graph=True (as torch.func.grad does) still works. The
+    op's Autograd kernel does the same for direct calls. Call `call` from the backward of the
+    forward op's Function (above functorch's layers)."""
+    op = _op(qualname)
+
+    def forward(*args):
+        return op(*args)
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"{what}: double backward is not supported ({qualname} has no derivative)")
+
+    name = "NotDifferentiable_" + qualname.replace("::", "_")
+    fn = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True, "forward_mode_name": f"{what} ({qualname})"})
+    register_autograd_function(qualname, fn, public=what)
+
+    def call(*args):
+        # torch.compile: AOTAutograd traces the backward once and refuses double backward itself
+        return apply_function(fn, *args) if _needs_autograd(args) and not is_compiling() else op(*args)
+
+    return call

@@ -18,6 +18,8 @@ import numbers
 
 import torch
 
+from ._common import apply_function, needs_autograd, not_differentiable, register_autograd_function
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
@@ -159,6 +161,12 @@ def _max_seqlen(name: str, value) -> int:
     return min(int(value), _INT64_MAX)  # an upper bound of the lengths: a larger one bounds nothing more
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
 # ---- flash_attention -----------------------------------------------------------------------
 
 
@@ -166,7 +174,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     window=(-1, -1), cu_seqlens_q: torch.Tensor | None = None,
                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
                     max_seqlen_k: int | None = None, return_lse: bool = False, softcap: float | None = None,
-                    alibi_slopes: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None):
+                    alibi_slopes: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None,
+                    deterministic: bool = False):
     """Exact attention softmax(q k^T * scale) v, computed tile by tile (memory linear in the
     sequence length), differentiable.
 
@@ -199,6 +208,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     CUDA (where it cannot be without a host sync) a NaN or infinite slope gives NaN rows.
     Returns out shaped like q, and with return_lse=True also lse (float32; float64 for
     float64 inputs): (batch, heads, seqlen_q), or (heads, total_q) for varlen; differentiable.
+    deterministic: the backward only. True: gradients reproducible bit for bit on CUDA (dQ in
+    a pass of its own, no atomics). False (default, as FlashAttention): the CUDA tensor-core
+    backward may add dQ with float atomics (fewer tile products; the order of the additions,
+    hence the last bits, varies from run to run); torch.use_deterministic_algorithms(True)
+    overrides it. The CPU backward is deterministic either way.
+    Reverse mode only (backward, torch.func.grad / vjp / jacrev, and vmap over them); double
+    backward and forward mode (torch.func.jvp, forward_ad) raise NotImplementedError.
 
     Names: `scale` is torch SDPA's name (this function is also the engine of the SDPA drop-in)
     where FlashAttention says softmax_scale, and `window` takes FlashAttention's window_size
@@ -243,10 +259,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             _check_prefix_lens(prefix_lens, q, cu_seqlens_k.numel() - 1, lambda: cu_seqlens_k.diff().tolist())
         else:
             _check_prefix_lens(prefix_lens, q, q.shape[0], lambda: [k.shape[1]] * q.shape[0])
-    out, lse = torch.ops.pretrain_kernels.flash_attn_fwd(
+    out, lse = _attention_fwd(
         q, k, v, cu_seqlens_q if varlen else None, cu_seqlens_k if varlen else None, None,
         _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True,
-        softcap, alibi_slopes, prefix_lens)
+        softcap, alibi_slopes, prefix_lens, deterministic=_check_bool("deterministic", deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -355,15 +371,19 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale=None, enable_gqa: bool = False) -> torch.Tensor:
+                                 is_causal: bool = False, scale=None, enable_gqa: bool = False, *,
+                                 deterministic: bool = False) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: same signature, layout
     (..., heads, L, E) and results, computed by the flash kernel (no L x S matrix).
 
     attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
     (..., heads, L, S); applied inside the kernel tile by tile. is_causal: top-left aligned
     lower triangle, as torch. Rows that see no key give 0, as torch's fused CPU kernels.
-    Differences: dropout_p must be 0 (no dropout kernel yet); the mask gets no gradient.
+    Differences: dropout_p must be 0 (no dropout kernel yet); the mask gets no gradient; no
+    double backward or forward mode (NotImplementedError). Extra, keyword-only: deterministic,
+    as in flash_attention (False: the CUDA backward may add dQ with atomics).
     """
+    deterministic = _check_bool("deterministic", deterministic)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -420,9 +440,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"attn_mask: expected a shape broadcastable to {target}, got "
                              f"{tuple(attn_mask.shape)}") from None
         mask = mask.unsqueeze(1) if lead is None else mask.reshape(B, H, L, S)
-    out, _ = torch.ops.pretrain_kernels.flash_attn_fwd(
+    out, _ = _attention_fwd(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, mask, -1, -1, scale,
-        -1, 0 if is_causal else -1, False)
+        -1, 0 if is_causal else -1, False, deterministic=deterministic)
     out = out.transpose(1, 2)  # (B, H, L, Ev)
     if lead is None:
         return out.squeeze(1)
@@ -539,7 +559,7 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seq
 @torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
                          max_seqlen_k, scale, window_left, window_right, bottom_right, softcap=0.0,
-                         alibi_slopes=None, prefix_lens=None):
+                         alibi_slopes=None, prefix_lens=None, deterministic=False):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
                                             window_right, prefix_lens)
     _check_op_score_mods(softcap, alibi_slopes, q.dtype, q.device, batch, H)
@@ -644,21 +664,91 @@ def _flash_attn_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, s
     return out, lse
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, mask, max_q, max_k, scale, left, right, bottom_right, softcap, alibi, prefix_lens = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, alibi, prefix_lens)
-    ctx.params = (max_q, max_k, scale, left, right, bottom_right, softcap)
+# Autograd (see ops/_common.py): flash_attn_fwd differentiates through flash_attn_bwd, which
+# itself has no derivative. The public functions pass `deterministic` (an argument of the
+# backward op only) to the Function; a direct call of flash_attn_fwd gets the default, False.
+
+_PUBLIC = "pk.flash_attention / pk.scaled_dot_product_attention"
 
 
-def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, mask, alibi, prefix_lens = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, mask,
-                                                           *ctx.params, alibi, prefix_lens)
-    # no gradient for the mask, the scalars, the ALiBi slopes (as FlashAttention) or prefix_lens
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+class _FlashAttention(torch.autograd.Function):
+    """flash_attn_fwd and its gradients. apply takes flash_attn_fwd's arguments, then
+    `deterministic`; the backward calls flash_attn_bwd(dout, q, k, v, out, lse, dlse, <the rest
+    of flash_attn_fwd's arguments>, deterministic)."""
+    generate_vmap_rule = True
+    forward_mode_name = f"{_PUBLIC} (pretrain_kernels::flash_attn_fwd)"
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.pretrain_kernels.flash_attn_fwd(*args[:-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *args, deterministic = inputs
+        ctx.tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*output, *(args[i] for i in ctx.tensor_at))
+        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.deterministic = deterministic
+        ctx.set_materialize_grads(False)  # dlse stays None when the lse is not used
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        out, lse, *saved = ctx.saved_tensors
+        args = list(ctx.args)
+        for i, t in zip(ctx.tensor_at, saved):
+            args[i] = t
+        q, k, v = args[:3]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, *args[3:], ctx.deterministic)
+        return (dq, dk, dv) + (None,) * (len(args) - 2)  # nothing for the other arguments and deterministic
 
 
-torch.library.register_autograd("pretrain_kernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+def _attention_fwd(*args, deterministic: bool):
+    """flash_attn_fwd(*args), differentiable when it has to be. Trailing arguments left out take
+    the op's defaults here, so that the backward receives every argument in its place."""
+    args = (*args, *_FWD_DEFAULTS[len(args):])
+    if needs_autograd(*args):
+        return apply_function(_FlashAttention, *args, deterministic)
+    return torch.ops.pretrain_kernels.flash_attn_fwd(*args)
+
+
+# vmap (torch.func.vmap, and vmap over grad / vjp / jacrev): dense calls fold the vmapped dim into
+# the batch dim (every tensor argument of a dense call leads with the batch), so one op call
+# serves all samples; varlen calls, whose tokens are packed along dim 0 and located by
+# cu_seqlens, run once per sample.
+
+
+_FWD_DEFAULTS = [a.default_value for a in torch.ops.pretrain_kernels.flash_attn_fwd.default._schema.arguments]
+
+
+def _vmap_rule(op, cu_seqlens_q_at, q_at, alibi_at):
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        if args[cu_seqlens_q_at] is None:
+            folded = list(args)
+            q, dq = args[q_at], in_dims[q_at]
+            batch = q.movedim(dq, 0).shape[1] if dq is not None else q.shape[0]
+            for i, (x, d) in enumerate(zip(args, in_dims)):
+                if isinstance(x, torch.Tensor):
+                    x = x.movedim(d, 0) if d is not None else x.expand(n, *x.shape)
+                    if i == alibi_at and x.dim() == 2:  # [heads] slopes: one row per sequence first
+                        x = x[:, None].expand(n, batch, x.shape[1])
+                    folded[i] = x.reshape(n * x.shape[1], *x.shape[2:])
+            outs = tuple(o.reshape(n, o.shape[0] // n, *o.shape[1:]) for o in op(*folded))
+        else:
+            per_sample = [op(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
+                          for j in range(n)]
+            outs = tuple(torch.stack(o) for o in zip(*per_sample))
+        return outs, (0,) * len(outs)
+
+    return rule
+
+
+# argument positions: cu_seqlens_q, q, alibi_slopes
+torch.library.register_vmap("pretrain_kernels::flash_attn_fwd",
+                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_fwd, 3, 0, 13))
+torch.library.register_vmap("pretrain_kernels::flash_attn_bwd",
+                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_bwd, 7, 1, 17))
+register_autograd_function("pretrain_kernels::flash_attn_fwd", _FlashAttention, extra_args=(False,), public=_PUBLIC)
+_attention_bwd = not_differentiable("pretrain_kernels::flash_attn_bwd", _PUBLIC)

@@ -38,7 +38,8 @@ import weakref
 
 import torch
 
-from ._common import is_compiling, resolve_seed
+from ._common import (apply_function, is_compiling, needs_autograd, not_differentiable, register_autograd_function,
+                      resolve_seed)
 
 _OPS = torch.ops.pretrain_kernels
 
@@ -415,7 +416,9 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     weighting "none": w = 1. "min_snr": Min-SNR-gamma (Hang et al. 2023) with
     snr = abar_t / (1 - abar_t): min(snr, gamma) / snr for epsilon prediction (1 where
     snr = 0), min(snr, gamma) / (snr + 1) for v_prediction, min(snr, gamma) for sample.
-    Differentiable in pred and target; the backward is one fused pass.
+    Differentiable in pred and target; the backward is one fused pass. Reverse mode only
+    (backward, torch.func.grad / vjp, vmap over them): double backward and forward mode
+    (torch.func.jvp, forward_ad) raise NotImplementedError.
     """
     pred = _tensor("pred", pred)
     _like("target", target, pred, "pred")
@@ -430,7 +433,8 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
         t = _per_sample("timesteps", timesteps, pred, integral=True)
         acp = _acp(alphas_cumprod, pred.device)
         _check_timesteps("timesteps", t, acp.numel())
-    per_sample = _OPS.diffusion_loss(pred, target, t, acp, weighting, gamma, prediction_type)
+    args = (pred, target, t, acp, weighting, gamma, prediction_type)
+    per_sample = apply_function(_DiffusionLoss, *args) if needs_autograd(pred, target) else _OPS.diffusion_loss(*args)
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
@@ -696,23 +700,34 @@ _fake("diffusion_loss", "pred", lambda pred, a: pred.new_empty(
 _fake("diffusion_loss_backward", "pred", lambda pred, a: _like_out(pred))
 
 
-def _loss_setup_context(ctx, inputs, output):
-    pred, target, timesteps, alphas_cumprod, weighting, gamma, prediction_type = inputs
-    ctx.save_for_backward(pred, target, timesteps, alphas_cumprod)
-    ctx.options = (weighting, gamma, prediction_type)
+# Autograd (see ops/_common.py): diffusion_loss differentiates through diffusion_loss_backward,
+# which itself has no derivative.
+class _DiffusionLoss(torch.autograd.Function):
+    generate_vmap_rule = True
+    forward_mode_name = "pk.diffusion_loss (pretrain_kernels::diffusion_loss)"
+
+    @staticmethod
+    def forward(pred, target, timesteps, alphas_cumprod, weighting, gamma, prediction_type):
+        return _OPS.diffusion_loss(pred, target, timesteps, alphas_cumprod, weighting, gamma, prediction_type)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target, timesteps, alphas_cumprod, weighting, gamma, prediction_type = inputs
+        ctx.save_for_backward(pred, target, timesteps, alphas_cumprod)
+        ctx.options = (weighting, gamma, prediction_type)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pred, target, timesteps, alphas_cumprod = ctx.saved_tensors
+        weighting, gamma, prediction_type = ctx.options
+        need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_pred = g_target = None
+        if need_pred or need_target:
+            g = _loss_bwd(grad, pred, target, timesteps, alphas_cumprod, weighting, gamma, prediction_type)
+            g_pred = g if need_pred else None
+            g_target = -g if need_target else None
+        return g_pred, g_target, None, None, None, None, None
 
 
-def _loss_backward(ctx, grad):
-    pred, target, timesteps, alphas_cumprod = ctx.saved_tensors
-    weighting, gamma, prediction_type = ctx.options
-    need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    g_pred = g_target = None
-    if need_pred or need_target:
-        g = _OPS.diffusion_loss_backward(grad, pred, target, timesteps, alphas_cumprod, weighting, gamma,
-                                         prediction_type)
-        g_pred = g if need_pred else None
-        g_target = -g if need_target else None
-    return g_pred, g_target, None, None, None, None, None
-
-
-torch.library.register_autograd("pretrain_kernels::diffusion_loss", _loss_backward, setup_context=_loss_setup_context)
+register_autograd_function("pretrain_kernels::diffusion_loss", _DiffusionLoss, public="pk.diffusion_loss")
+_loss_bwd = not_differentiable("pretrain_kernels::diffusion_loss_backward", "pk.diffusion_loss")
