@@ -71,7 +71,7 @@ at::Tensor flash_attn_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, 
   at::Tensor q = q_in, k = k_cache, v = v_cache;
   std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
   AttnParams p = make_params(q, k, v, none_q, none_k, none_mask, scale, -1, causal ? 0 : -1, true, softcap,
-                             alibi_slopes, none_prefix);
+                             alibi_slopes, none_prefix, 0.0, std::nullopt);
   TORCH_CHECK(k.data_ptr() == k_cache.data_ptr() && v.data_ptr() == v_cache.data_ptr(),
               "k_cache, v_cache: expected to be used in place");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
