@@ -461,8 +461,8 @@ def test_bad_inputs():
         pk.flash_attention_with_kvcache(q1, kc, vc, torch.tensor([3, 4]))
     assert (kc == 0).all()  # nothing written by the failed calls
     # SDPA
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        pk.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        pk.scaled_dot_product_attention(q, q, q, dropout_p=1.1)
     with pytest.raises(ValueError, match="enable_gqa"):
         pk.scaled_dot_product_attention(torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
     with pytest.raises(ValueError, match="at most one"):
