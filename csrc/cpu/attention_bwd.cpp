@@ -193,9 +193,13 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             }
             // dV += P^T dO (with dropout: (P M)^T dO)
             if (drop) {
-              for (int64_t r = 0; r < np; ++r) {
-                acc_t* mr = Dm.data() + r * BK;
-                dropout_mult_row(p.dropout, dropout_row_index(b, h, H, i0 + r), j0, nk, mr, bits);
+              int64_t r = 0;
+              for (; r + 1 < np; r += 2)  // two rows per Philox call (8 blocks each)
+                dropout_mult_rows2(p.dropout, dropout_row_index(b, h, H, i0 + r), dropout_row_index(b, h, H, i0 + r + 1),
+                                   j0, nk, Dm.data() + r * BK, Dm.data() + (r + 1) * BK, bits);
+              if (r < np) dropout_mult_row(p.dropout, dropout_row_index(b, h, H, i0 + r), j0, nk, Dm.data() + r * BK, bits);
+              for (r = 0; r < np; ++r) {
+                const acc_t* mr = Dm.data() + r * BK;
                 const acc_t* pr = S.data() + r * BK;
                 acc_t* pd = Pd.data() + r * BK;
                 for (int64_t j = 0; j < nk; ++j) pd[j] = pr[j] * mr[j];
