@@ -7,9 +7,10 @@ float32 and bfloat16; forward, forward+backward; decode (batch 8, cache 4096, on
 token); prefix-LM forward+backward (S=2048, causal after a prefix of S/4) against the plain
 causal kernel; softcap / ALiBi against the plain kernel (S=2048, D=64, causal,
 forward+backward); paged decode (the decode shape, D=64, page sizes 16 and 256 at a random
-permutation of blocks, against the contiguous cache in the same group). The default run takes
-a subset (S=1024, decode, prefix-LM, the score modifiers, paged decode); PK_BENCH_ALL=1 runs
-them all.
+permutation of blocks, against the contiguous cache in the same group); attention dropout p=0.1
+(S=2048, D=64, not causal, forward+backward) against the plain kernel and torch's SDPA with the
+same dropout_p. The default run takes a subset (S=1024, decode, prefix-LM, the score modifiers,
+paged decode, dropout); PK_BENCH_ALL=1 runs them all.
 extra_info.flops: 4*B*H*Sq*Sk*D for the forward (halved when causal), x3.5 for
 forward+backward. test_peak_memory records the peak resident memory of forward+backward at
 S=4096 for each implementation (a fresh process each).
@@ -243,6 +244,36 @@ def test_decode_paged(benchmark, dt, layout):
 
     with torch.no_grad():
         benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=3)
+
+
+# Attention dropout: pk with dropout_p=0.1 against the plain pk kernel and torch's SDPA with the
+# same dropout_p, same inputs, same run (B=2, H=8, D=64, S=2048, not causal, forward+backward;
+# the ratio "pk dropout" / "pk plain" is the price of the mask: Philox per 8 keys, regenerated in
+# the backward).
+DROPOUT_IMPLS = ["pk dropout", "pk plain", "torch sdpa dropout"]
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("impl", DROPOUT_IMPLS)
+def test_dropout_forward_backward(benchmark, impl, dt):
+    S, D, p = 2048, 64, 0.1
+    q, k, v = make_inputs(S, D, DTYPES[dt], "torch sdpa" if impl.startswith("torch") else "pk", grad=True)
+    dout = torch.randn_like(q)
+    benchmark.group = f"attention fwd+bwd dropout p{p} B{B} H{H} S{S} D{D} {dt}"
+    benchmark.extra_info.update(family="attention", op="flash_attention dropout fwd+bwd", impl=impl, device="cpu",
+                                shape=f"{B}x{S}x{H}x{D}", baseline=(impl == "pk dropout"),
+                                flops=3.5 * 4 * B * H * S * S * D)
+    if impl == "pk dropout":
+        fwd = lambda: pk.flash_attention(q, k, v, dropout_p=p)  # noqa: E731
+    elif impl == "pk plain":
+        fwd = lambda: pk.flash_attention(q, k, v)  # noqa: E731
+    else:
+        fwd = lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # noqa: E731
+
+    def step():
+        torch.autograd.grad(fwd(), (q, k, v), dout)
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
 _MEM_SCRIPT = r"""

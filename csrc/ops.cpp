@@ -83,11 +83,15 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // (bidirectional prefix; the left window still applies); the CPU raises on values outside
   // [0, Sk_b], the kernels clamp them into it (csrc/common/attention.h). All three default to
   // off (also in flash_attn_bwd; softcap and alibi_slopes in flash_attn_kvcache).
+  // dropout_p in [0, 1] with dropout_seed int64 [2] (seed, offset; CPU or q's device; required
+  // when dropout_p > 0): attention dropout, the keep mask a pure function of (seed, offset,
+  // sequence, head, query, key) (csrc/common/attention_dropout.h); the lse is the no-dropout one.
+  // flash_attn_bwd takes the same pair and regenerates the mask.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
-      "bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? prefix_lens=None) -> (Tensor out, "
-      "Tensor lse)");
+      "bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? prefix_lens=None, "
+      "float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor out, Tensor lse)");
   // Gradients of flash_attn_fwd from its saved output and lse; dlse: gradient of the lse.
   // deterministic: bit-for-bit reproducible gradients (CUDA: no float atomics in dQ; the CPU
   // backward is deterministic either way). torch.use_deterministic_algorithms(True) implies it;
@@ -96,8 +100,8 @@ TORCH_LIBRARY(pretrain_kernels, m) {
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? attn_mask, int max_seqlen_q, int max_seqlen_k, "
       "float scale, int window_left, int window_right, bool bottom_right, float softcap=0.0, "
-      "Tensor? alibi_slopes=None, Tensor? prefix_lens=None, bool deterministic=False) -> (Tensor dq, Tensor dk, "
-      "Tensor dv)");
+      "Tensor? alibi_slopes=None, Tensor? prefix_lens=None, float dropout_p=0.0, Tensor? dropout_seed=None, "
+      "bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decode / chunked prefill against a cache (batch, max_seqlen, kv_heads, head_dim), or a paged
   // cache (num_blocks, page_size, kv_heads, head_dim) with int32 block_table [batch, max_blocks]:
   // k_new and v_new are written into the caches at each row's cache_seqlens (int32) position,

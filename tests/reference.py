@@ -243,8 +243,61 @@ def alibi_bias(slopes, batch, heads, sq, sk, *, bottom_right=True, device=None):
     return -slopes[:, :, None, None] * (i - j).abs().to(torch.float64)
 
 
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(m, c):
+    """High and low 32 bits of m * c (m a Python constant < 2**32, c an int64 tensor of uint32
+    values), in int64 arithmetic (16-bit limbs of m, so nothing overflows)."""
+    t1 = (m & 0xFFFF) * c
+    t2 = (m >> 16) * c
+    u = t1 + ((t2 & 0xFFFF) << 16)
+    return (t2 >> 16) + (u >> 32), u & _U32
+
+
+def philox4x32_10_tensor(c0, c1, c2, c3, seed):
+    """Philox4x32-10 (philox4x32_10 above) on int64 tensors of uint32 counter words, broadcast
+    together; key = the 64-bit seed. Returns the four output words as int64 tensors."""
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _U32, seed >> 32
+    M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + W0) & _U32, (k1 + W1) & _U32
+        hi0, lo0 = _mulhilo32(M0, c0)
+        hi1, lo1 = _mulhilo32(M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p):
+    """round(p * 65536): keep an element when its 16-bit value is >= this (attention_dropout.h)."""
+    return min(int(p * 65536.0 + 0.5), 65536)
+
+
+def attention_dropout_mult(p, seed, offset, batch, heads, sq, sk, *, batch0=0, device=None):
+    """The attention dropout factor of csrc/common/attention_dropout.h, float64 [batch, heads, sq, sk]:
+    65536 / (65536 - t) where element (b, h, i, j) is kept, 0 where dropped (t = round(p * 65536);
+    everything dropped and factor 0 when t = 65536). Sequence b of the call is batch0 + b (varlen:
+    the sequence's index). Element (b, h, i, j) takes the 16-bit half j % 2 of word (j % 8) // 2 of
+    philox(seed; counter = (i, b * heads + h, offset, j // 8)) and is kept when it is >= t."""
+    b = torch.arange(batch0, batch0 + batch, dtype=torch.int64, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, dtype=torch.int64, device=device).view(1, -1, 1, 1)
+    i = torch.arange(sq, dtype=torch.int64, device=device).view(1, 1, -1, 1)
+    j = torch.arange(sk, dtype=torch.int64, device=device).view(1, 1, 1, -1)
+    words = philox4x32_10_tensor(i, b * heads + h, torch.tensor(offset & _U32, device=device), j >> 3, seed)
+    w = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [..., 4]
+    word = torch.gather(w, -1, ((j & 7) >> 1).expand(w.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    bits = torch.where((j & 1).bool(), word >> 16, word & 0xFFFF)
+    t = dropout_threshold(p)
+    rscale = 0.0 if t >= 65536 else 65536.0 / (65536 - t)
+    return (bits >= t).to(torch.float64) * rscale
+
+
 def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_right=True, attn_mask=None,
-                  softcap=None, alibi_slopes=None, prefix_lens=None, compute_dtype=torch.float64):
+                  softcap=None, alibi_slopes=None, prefix_lens=None, compute_dtype=torch.float64, dropout=None,
+                  dropout_batch0=0):
     """Plain attention in float64, layout (batch, seqlen, heads, head_dim); k/v may have fewer
     heads (GQA). attn_mask: bool (True = attend) or float (added), broadcastable to
     (batch, heads, sq, sk). softcap: scores s become softcap * tanh(s / softcap) before any
@@ -252,7 +305,9 @@ def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_
     per-sequence prefix-LM lengths (a tensor or a list, used as given: no clamping). Returns
     (out (B, Sq, H, Dv), lse (B, H, Sq)), float64; rows that see no key give 0 and lse -inf.
     compute_dtype: another dtype gives the eager composite a user would write in that dtype
-    (a yardstick of the rounding error, not a reference)."""
+    (a yardstick of the rounding error, not a reference).
+    dropout: (p, seed, offset): the output is (P * attention_dropout_mult) V, the lse without
+    dropout; dropout_batch0: the index of this call's first sequence in the mask."""
     q, k, v = (t.detach().to(compute_dtype) if not t.requires_grad else t.to(compute_dtype) for t in (q, k, v))
     B, sq, H, D = q.shape
     sk, Hk = k.shape[1], k.shape[2]
@@ -282,6 +337,9 @@ def attention_ref(q, k, v, *, causal=False, scale=None, window=(-1, -1), bottom_
     s = s.masked_fill(dead, 0.0)
     lse = torch.logsumexp(s, dim=-1).masked_fill(dead[..., 0], float("-inf"))
     p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
+    if dropout is not None and dropout[0] > 0:
+        p = p * attention_dropout_mult(dropout[0], dropout[1], dropout[2], B, H, sq, sk, batch0=dropout_batch0,
+                                       device=q.device).to(p.dtype)
     return (p @ vh).transpose(1, 2), lse
 
 
@@ -296,7 +354,7 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens=None, 
             kw["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b]
         pl = None if prefix_lens is None else [int(prefix_lens[b])]
         o, l = attention_ref(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
-                             prefix_lens=pl, **kw)
+                             prefix_lens=pl, dropout_batch0=b, **kw)
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import pretrain_kernels as pk
-from reference import (ATTN_ERR_FLOOR, ATTN_FWD_CASES, assert_attention_matches, attention_ref, attention_varlen_ref,
-                       attention_visible, contiguous_from_paged, kvcache_ref, paged_from_contiguous, rel_err,
-                       torch_sdpa)
+from reference import (ATTN_ERR_FLOOR, ATTN_FWD_CASES, assert_attention_matches, attention_dropout_mult, attention_ref,
+                       attention_varlen_ref, attention_visible, contiguous_from_paged, dropout_threshold, kvcache_ref,
+                       paged_from_contiguous, rel_err, torch_sdpa)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # An error floor per dtype (a small fraction of one rounding of the output), so that a
@@ -465,8 +465,8 @@ def test_bad_inputs():
         pk.flash_attention_with_kvcache(q1, kc, vc, torch.tensor([3, 4]))
     assert (kc == 0).all()  # nothing written by the failed calls
     # SDPA
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        pk.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        pk.scaled_dot_product_attention(q, q, q, dropout_p=1.1)
     with pytest.raises(ValueError, match="enable_gqa"):
         pk.scaled_dot_product_attention(torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
     with pytest.raises(ValueError, match="at most one"):
@@ -1298,3 +1298,327 @@ def test_score_mods_bad_inputs_raw_ops(kw, msg):
     kc, vc, lens = torch.zeros(2, 8, 2, 8), torch.zeros(2, 8, 2, 8), torch.tensor([1, 2], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=msg):
         ops.flash_attn_kvcache(q[:, :1], kc, vc, lens, None, None, 0.3, True, -1, -1, None, softcap, slopes)
+
+
+# ---- attention dropout ---------------------------------------------------------------------
+# The keep mask is a pure function of (seed, offset, sequence, head, query, key)
+# (csrc/common/attention_dropout.h); tests/reference.py computes the same mask from Philox's
+# definition, so the float64 reference sees exactly the kernel's mask.
+
+# (B, Sq, Sk, H, Hk, D, causal, window, varlen, extra keyword arguments)
+DROPOUT_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1), False, {}),
+    (1, 130, 130, 4, 2, 40, True, (-1, -1), False, {}),
+    (1, 33, 200, 2, 1, 96, True, (-1, -1), False, {}),
+    (1, 129, 140, 2, 1, 24, False, (20, 3), False, {}),
+    (2, 1, 150, 4, 1, 64, True, (-1, -1), False, {}),
+    (3, 45, 61, 4, 2, 32, True, (-1, -1), True, {}),
+    (2, 70, 70, 2, 1, 16, True, (9, -1), False, {"softcap": 2.0, "alibi": True, "prefix": True}),
+    (3, 50, 50, 2, 2, 8, True, (-1, -1), True, {"softcap": 1.5, "prefix": True}),
+]
+
+
+def _dropout_case(case, dtype, seed):
+    """Inputs of a DROPOUT_CASES entry: (q, k, v, keyword arguments of pk.flash_attention without
+    dropout, of attention_ref / attention_varlen_ref, varlen)."""
+    B, sq, sk, H, Hk, D, causal, window, varlen, extra = case
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(causal=causal, window=window)
+    if "softcap" in extra:
+        kw["softcap"] = extra["softcap"]
+    if extra.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(B, H, generator=g) * 0.3
+    if extra.get("prefix"):
+        kw["prefix_lens"] = torch.randint(0, min(sq, sk) + 1, (B,), generator=g, dtype=torch.int32)
+    if varlen:
+        lq = torch.randint(0, sq + 1, (B,), generator=g)
+        lq[0] = sq
+        lk = lq + (sk - sq)
+        cu_q = torch.cat([torch.zeros(1, dtype=torch.int32), lq.cumsum(0).to(torch.int32)])
+        cu_k = torch.cat([torch.zeros(1, dtype=torch.int32), lk.cumsum(0).to(torch.int32)])
+        if "prefix_lens" in kw:
+            kw["prefix_lens"] = torch.minimum(kw["prefix_lens"], lk.to(torch.int32))
+        q = rand(int(cu_q[-1]), H, D, dtype=dtype, gen=g)
+        k, v = rand(int(cu_k[-1]), Hk, D, dtype=dtype, gen=g), rand(int(cu_k[-1]), Hk, D, dtype=dtype, gen=g)
+        ours = dict(kw, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        ref = lambda a, b, c, **d: attention_varlen_ref(a, b, c, cu_q, cu_k, **d)  # noqa: E731
+    else:
+        q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+            B, sk, Hk, D, dtype=dtype, gen=g)
+        ours = dict(kw)
+        ref = attention_ref
+    refkw = dict(kw)
+    if "softcap" not in refkw:
+        refkw["softcap"] = None
+    return q, k, v, ours, ref, refkw
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "-".join(str(x) for x in c[:9]) + "".join(c[9]))
+def test_dropout_matches_reference(case, dtype, adevice):
+    """Forward and gradients with dropout against the float64 reference with the same keep mask,
+    within twice the error of the eager composite in the same dtype (floored per dtype)."""
+    if dtype == torch.float64 and adevice.type != "cpu":
+        pytest.skip("float64 runs on the CPU only")
+    p, seed, offset = 0.17, 1234567 + case[1], 3 + case[2]
+    q, k, v, ours, ref, refkw = _dropout_case(case, dtype, seed=case[1] * 31 + case[5])
+    dout = torch.randn(*q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    drop = (p, seed, offset)
+    seed_t = torch.tensor([seed, offset], dtype=torch.int64)
+
+    def run(fn, dt, dev="cpu"):
+        xs = [t.detach().to(dev, dt).requires_grad_() for t in (q, k, v)]
+        out = fn(*xs)
+        out.backward(dout.to(dev, dt))
+        return [out.detach().cpu()] + [x.grad.cpu() for x in xs]
+
+    r = run(lambda a, b, c: ref(a, b, c, dropout=drop, **refkw)[0], torch.float64)
+    o = run(lambda a, b, c: pk.flash_attention(a, b, c, dropout_p=p, seed=seed_t, **_mods_to(ours, adevice)), dtype,
+            adevice)
+    floor = ATTN_ERR_FLOOR[dtype]
+    if dtype == torch.float64:
+        for a, b in zip(o, r):
+            assert rel_err(a, b) <= 1e-12
+        return
+    y = run(lambda a, b, c: ref(a, b, c, dropout=drop, compute_dtype=dtype, **refkw)[0], dtype)
+    for name, a, b, c in zip(["out", "dq", "dk", "dv"], o, y, r):
+        assert a.dtype == dtype
+        assert rel_err(a, c) <= 2 * max(rel_err(b, c), 2 * floor), (name, rel_err(a, c), rel_err(b, c))
+    # the lse is the one without dropout
+    _, lse = pk.flash_attention(*(t.to(adevice) for t in (q, k, v)), dropout_p=p, seed=seed_t, return_lse=True,
+                                **_mods_to(ours, adevice))
+    _, lse0 = pk.flash_attention(*(t.to(adevice) for t in (q, k, v)), return_lse=True, **_mods_to(ours, adevice))
+    assert torch.equal(lse.cpu(), lse0.cpu())
+
+
+def test_dropout_gradcheck_float64():
+    g = torch.Generator().manual_seed(11)
+    seed = torch.tensor([987654321, 7], dtype=torch.int64)
+    cases = [
+        dict(shape=(1, 5, 7, 2, 1, 4), causal=True, window=(-1, -1)),
+        dict(shape=(2, 9, 9, 4, 2, 5), causal=False, window=(-1, -1), softcap=2.0),
+        dict(shape=(2, 6, 6, 2, 2, 3), causal=False, window=(2, 1)),
+    ]
+    for c in cases:
+        B, sq, sk, H, Hk, D = c.pop("shape")
+        q = torch.randn(B, sq, H, D, dtype=torch.float64, generator=g, requires_grad=True)
+        k = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        v = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g, requires_grad=True)
+        fn = lambda a, b, cc: pk.flash_attention(a, b, cc, dropout_p=0.3, seed=seed, return_lse=True, **c)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+    q = torch.randn(8, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(11, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(11, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: pk.flash_attention(a, b, c, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, dropout_p=0.5,
+                                           seed=seed), (q, k, v))
+    qs, ks, vs = (torch.randn(2, 2, 5, 3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: pk.scaled_dot_product_attention(a, b, c, dropout_p=0.25, is_causal=True, seed=5), (qs, ks, vs))
+
+
+def _read_keep_mask(B, sq, sk, H, p, seed, device="cpu", **kw):
+    """The keep mask of a call read back through its output: q = 0 makes every visible score
+    equal (P = 1 / sk without a window), and V = identity (head_dim = sk) puts key j's factor in
+    output column j, so out * sk / rscale is the 0/1 keep mask, exactly (float64 or float32)."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    q = torch.zeros(B, sq, H, sk, dtype=dtype, device=device)
+    k = torch.randn(B, sk, 1, sk, dtype=dtype, device=device)
+    v = torch.eye(sk, dtype=dtype, device=device).expand(B, 1, sk, sk).transpose(1, 2).contiguous()
+    out = pk.flash_attention(q, k, v, dropout_p=p, seed=seed, **kw)
+    t = dropout_threshold(p)
+    return out.cpu().double().permute(0, 2, 1, 3) * sk * (65536 - t) / 65536  # (B, H, sq, sk)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.93])
+def test_dropout_keep_mask_is_the_reference_and_binomial(p):
+    """The kernel's keep mask equals the reference's bit for bit, and its kept fraction passes a
+    binomial test (5 sigma) at a fixed seed."""
+    B, sq, sk, H = 2, 300, 256, 3
+    seed = torch.tensor([0x9234_5678_9ABC_DEF0 - 2**64, 2**32 - 5], dtype=torch.int64)
+    m = _read_keep_mask(B, sq, sk, H, p, seed)
+    ref = attention_dropout_mult(p, int(seed[0]), int(seed[1]), B, H, sq, sk) > 0
+    torch.testing.assert_close(m, ref.double(), rtol=0, atol=1e-9)
+    n, kept = ref.numel(), int(ref.sum())
+    keep = 1 - dropout_threshold(p) / 65536
+    assert abs(kept - n * keep) <= 5 * math.sqrt(n * keep * (1 - keep)), (kept, n * keep)
+
+
+def test_dropout_mean_converges_to_no_dropout():
+    """Averaged over many seeds, the output converges to the output without dropout: every
+    element within 6 standard errors (the variance of one draw is sum_j P_ij^2 V_jd^2 p / (1 - p)),
+    and the mean squared z-score near 1."""
+    g = torch.Generator().manual_seed(12)
+    B, sq, sk, H, Hk, D, p, n = 1, 9, 23, 2, 1, 5, 0.3, 600
+    q = torch.randn(B, sq, H, D, dtype=torch.float64, generator=g)
+    k = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g)
+    v = torch.randn(B, sk, Hk, D, dtype=torch.float64, generator=g)
+    base = pk.flash_attention(q, k, v, causal=True)
+    acc = torch.zeros_like(base)
+    for s in range(n):
+        acc += pk.flash_attention(q, k, v, causal=True, dropout_p=p, seed=1000 + s)
+    mean = acc / n
+    keep = 1 - dropout_threshold(p) / 65536
+    P = torch.softmax((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) * D ** -0.5 +
+                      torch.where(attention_visible(sq, sk, causal=True), 0.0, float("-inf")), dim=-1)  # (B, H, sq, sk)
+    var = (P ** 2) @ (v.transpose(1, 2) ** 2) * (1 - keep) / keep  # (B, H, sq, D)
+    z = (mean - base) / (var.transpose(1, 2) / n).sqrt()
+    assert z.abs().max() < 6, z.abs().max()
+    assert 0.5 < (z ** 2).mean() < 1.6, (z ** 2).mean()
+
+
+def test_dropout_reproducible_and_thread_count_independent():
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 300, 4, 64, generator=g, requires_grad=True)
+    k = torch.randn(2, 300, 2, 64, generator=g, requires_grad=True)
+    v = torch.randn(2, 300, 2, 64, generator=g, requires_grad=True)
+    dout = torch.randn(2, 300, 4, 64, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (2, 1, 2):
+            torch.set_num_threads(t)
+            out = pk.flash_attention(q, k, v, causal=True, dropout_p=0.1, seed=42)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+    # torch.manual_seed makes unseeded calls reproducible; a generator too; other seeds differ
+    torch.manual_seed(3)
+    a = pk.flash_attention(q, k, v, dropout_p=0.1)
+    torch.manual_seed(3)
+    b = pk.flash_attention(q, k, v, dropout_p=0.1)
+    c = pk.flash_attention(q, k, v, dropout_p=0.1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    ga, gb = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(pk.flash_attention(q, k, v, dropout_p=0.1, generator=ga),
+                       pk.flash_attention(q, k, v, dropout_p=0.1, generator=gb))
+    # an int seed is (seed, offset 0); a different offset gives another mask
+    s0 = pk.flash_attention(q, k, v, dropout_p=0.1, seed=42)
+    assert torch.equal(s0, pk.flash_attention(q, k, v, dropout_p=0.1, seed=torch.tensor([42, 0])))
+    assert not torch.equal(s0, pk.flash_attention(q, k, v, dropout_p=0.1, seed=torch.tensor([42, 1])))
+
+
+def test_dropout_varlen_equals_dense_sequences():
+    """A sequence's mask depends on its index and positions, not on the packing: varlen with equal
+    lengths equals the dense call bit for bit in float64."""
+    g = torch.Generator().manual_seed(14)
+    B, S, H, D = 3, 37, 2, 8
+    q, k, v = (torch.randn(B, S, H, D, dtype=torch.float64, generator=g) for _ in range(3))
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32)
+    dense = pk.flash_attention(q, k, v, causal=True, dropout_p=0.4, seed=77)
+    packed = pk.flash_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal=True, cu_seqlens_q=cu,
+                                cu_seqlens_k=cu, dropout_p=0.4, seed=77)
+    torch.testing.assert_close(packed, dense.flatten(0, 1), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_one_and_tiny(dtype):
+    """p = 1 drops everything: output 0 and zero gradients (torch's convention); the lse stays
+    the one without dropout. p below 2^-17 rounds to no dropout."""
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    out, lse = pk.flash_attention(q, k, v, dropout_p=1.0, seed=1, return_lse=True)
+    assert (out == 0).all() and torch.isfinite(lse).all()
+    out.backward(torch.randn_like(out))
+    assert all((t.grad == 0).all() for t in (q, k, v))
+    assert torch.equal(pk.flash_attention(q, k, v, dropout_p=1e-6, seed=1), pk.flash_attention(q, k, v))
+
+
+def test_dropout_sdpa_drop_in():
+    """SDPA's dropout_p: the same mask as flash_attention for the same seed (top-left causal)."""
+    g = torch.Generator().manual_seed(16)
+    q, k, v = (torch.randn(2, 3, 21, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    out = pk.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True, seed=9)
+    ref, _ = attention_ref(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, dropout=(0.2, 9, 0))
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    torch.manual_seed(0)
+    a = pk.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(0)
+    assert torch.equal(a, pk.scaled_dot_product_attention(q, k, v, dropout_p=0.2))
+
+
+def test_dropout_opcheck_and_compile():
+    ops = torch.ops.pretrain_kernels
+    seed = torch.tensor([5, 6], dtype=torch.int64)
+    for args in _opcheck_samples():
+        full = (*args, 0.0, None, None, 0.2, seed)
+        q, k, v = (t.clone().requires_grad_() for t in args[:3])
+        torch.library.opcheck(ops.flash_attn_fwd, full)
+        torch.library.opcheck(ops.flash_attn_fwd, (q, k, v, *full[3:]))
+        out, lse = ops.flash_attn_fwd(*full)
+        torch.library.opcheck(ops.flash_attn_bwd, (torch.randn_like(out), *args[:3], out, lse, torch.randn_like(lse),
+                                                   *args[3:], 0.0, None, None, 0.2, seed))
+    g = torch.Generator().manual_seed(17)
+    q = torch.randn(2, 20, 4, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 24, 2, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 24, 2, 16, generator=g, requires_grad=True)
+
+    def f(q, k, v, s):
+        return pk.flash_attention(q, k, v, causal=True, dropout_p=0.1, seed=s).sum()
+
+    s = torch.tensor([123, 4], dtype=torch.int64)
+    eager = f(q, k, v, s)
+    ge = torch.autograd.grad(eager, (q, k, v))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, s)
+    gc = torch.autograd.grad(compiled, (q, k, v))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+    def u(q, k, v):  # unseeded: the seed is drawn inside the graph
+        return pk.flash_attention(q, k, v, dropout_p=0.1)
+
+    torch.manual_seed(1)
+    a = torch.compile(u, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.manual_seed(1)
+    assert torch.equal(a, u(q, k, v))
+
+
+@pytest.mark.parametrize("kw, exc, msg", [
+    (dict(dropout_p=float("nan")), ValueError, r"dropout_p: expected a probability in \[0, 1\]"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p: expected a probability in \[0, 1\]"),
+    (dict(dropout_p=1.5), ValueError, r"dropout_p: expected a probability in \[0, 1\]"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p: expected a float"),
+    (dict(dropout_p=True), TypeError, "dropout_p: expected a float"),
+    (dict(dropout_p=0.1, seed=1.5), TypeError, "seed: expected an int"),
+    (dict(dropout_p=0.1, seed=torch.tensor([1, 2], dtype=torch.int32)), TypeError, "seed: expected an int64"),
+    (dict(dropout_p=0.1, seed=torch.tensor([1, 2**32])), ValueError, r"seed: expected an offset in \[0, 2\*\*32\)"),
+    (dict(dropout_p=0.1, seed=torch.tensor([1, 2, 3])), ValueError, "seed: expected one element"),
+    (dict(dropout_p=0.1, seed=1, generator=torch.Generator()), ValueError, "seed and generator"),
+], ids=range(10))
+def test_dropout_bad_inputs_python(kw, exc, msg):
+    q, k, v = torch.randn(2, 5, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    with pytest.raises(exc, match=msg):
+        pk.flash_attention(q, k, v, **kw)
+    if "seed" not in kw and "generator" not in kw:
+        with pytest.raises(exc, match=msg):
+            pk.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True,
+                                            **kw)
+
+
+@pytest.mark.parametrize("p, seed, msg", [
+    (float("nan"), torch.tensor([1, 2]), r"dropout_p: expected a probability in \[0, 1\]"),
+    (-0.5, torch.tensor([1, 2]), r"dropout_p: expected a probability in \[0, 1\]"),
+    (1.01, torch.tensor([1, 2]), r"dropout_p: expected a probability in \[0, 1\]"),
+    (0.1, None, "dropout_seed: required when dropout_p > 0"),
+    (0.1, torch.tensor([1]), r"dropout_seed: expected an int64 tensor of shape \[2\]"),
+    (0.1, torch.tensor([1.0, 2.0]), r"dropout_seed: expected an int64 tensor of shape \[2\]"),
+    (0.1, torch.tensor([1, -1]), r"dropout_seed: expected an offset in \[0, 2\^32\)"),
+    (0.1, torch.tensor([1, 2], device="meta"), "dropout_seed: expected a CPU tensor or one on cpu"),
+], ids=range(8))
+def test_dropout_bad_inputs_raw_ops(p, seed, msg):
+    """RuntimeError from the raw ops (set_dropout in csrc/common/attention_checks.h, or the fake
+    kernel when a meta tensor is involved), forward and backward."""
+    ops = torch.ops.pretrain_kernels
+    q, k, v = torch.randn(2, 5, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    with pytest.raises(RuntimeError, match=msg):
+        ops.flash_attn_fwd(q, k, v, None, None, None, -1, -1, 0.3, -1, -1, True, 0.0, None, None, p, seed)
+    out, lse = ops.flash_attn_fwd(q, k, v, None, None, None, -1, -1, 0.3, -1, -1, True)
+    with pytest.raises(RuntimeError, match=msg):
+        ops.flash_attn_bwd(out, q, k, v, out, lse, None, None, None, None, -1, -1, 0.3, -1, -1, True, 0.0, None, None,
+                           p, seed)

@@ -544,3 +544,42 @@ def test_simt_path_agrees_with_tensor_cores(dtype, monkeypatch):
                 assert rel_err(a, r) < 3e-2
         for a, b in zip(res[0], res[1]):
             torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("seed_on_gpu", [False, True], ids=["cpu-seed", "gpu-seed"])
+def test_dropout_equals_cpu_op_and_graph_replays(seed_on_gpu):
+    """Attention dropout on CUDA: forward and gradients equal the CPU op's with the same seed
+    (the keep mask bit for bit: out > 0 in the same places with q = 0 and V = identity), with the
+    seed tensor on the CPU or on the GPU (read by the kernels); a captured CUDA graph draws a new
+    mask when the GPU seed changes between replays."""
+    B, sq, sk, H = 2, 70, 128, 2
+    g = torch.Generator().manual_seed(3)
+    seed = torch.tensor([-987654321, 17], dtype=torch.int64)
+    s_dev = seed.to(DEV) if seed_on_gpu else seed
+    q = torch.zeros(B, sq, H, sk)
+    k = torch.randn(B, sk, 1, sk, generator=g)
+    v = torch.eye(sk).expand(B, 1, sk, sk).transpose(1, 2).contiguous()
+    out_c = pk.flash_attention(q, k, v, dropout_p=0.3, seed=seed)
+    out_g = pk.flash_attention(q.to(DEV), k.to(DEV), v.to(DEV), dropout_p=0.3, seed=s_dev).cpu()
+    assert torch.equal(out_c > 0, out_g > 0)
+    for dtype in DTYPES:
+        xs = [rand(B, sq, H, 64, dtype=dtype, gen=g, device="cpu") for _ in range(3)]
+        dout = rand(B, sq, H, 64, dtype=dtype, gen=g, device="cpu")
+        res = []
+        for dev, s in (("cpu", seed), (DEV, s_dev)):
+            a = [x.to(dev).requires_grad_() for x in xs]
+            o = pk.flash_attention(*a, causal=True, dropout_p=0.1, seed=s)
+            res.append([o.detach().cpu()] + [t.cpu() for t in torch.autograd.grad(o, a, dout.to(dev))])
+        for a, c in zip(*res):
+            assert rel_err(a, c) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    qd, kd, vd = q.to(DEV), k.to(DEV), v.to(DEV)
+    sd = seed.to(DEV)
+    pk.flash_attention(qd, kd, vd, dropout_p=0.3, seed=sd)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = pk.flash_attention(qd, kd, vd, dropout_p=0.3, seed=sd)
+    graph.replay()
+    first = static_out.clone()
+    sd.copy_(torch.tensor([5, 0]))
+    graph.replay()
+    assert torch.equal(first.cpu() > 0, out_c > 0) and not torch.equal(first, static_out)

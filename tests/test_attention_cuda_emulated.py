@@ -1016,3 +1016,102 @@ def test_score_mods_bad_inputs_raise(emu):
     out, _ = emu.flash_attn_fwd(q, q, q, None, None, None, -1, -1, 0.25, -1, -1, True, 0.0,
                                 torch.tensor([0.5, float("nan")]))
     assert out[:, :, 1].isnan().all() and not out[:, :, 0].isnan().any()
+
+
+# ---- attention dropout ---------------------------------------------------------------------
+# Dropout runs on the SIMT kernels (the launchers leave the tensor-core paths for it); the keep
+# mask is csrc/common/attention_dropout.h's, drawn per (query, key) by each lane, and must equal
+# the CPU kernel's (AVX-512 Philox) bit for bit.
+
+def _drop_args(p, seed, offset, softcap=0.0, slopes=None, prefix=None):
+    return (softcap, slopes, prefix, p, torch.tensor([seed, offset], dtype=torch.int64))
+
+
+@pytest.mark.parametrize("sms", [4, 64], ids=["split", "whole"])
+def test_dropout_keep_mask_equals_cpu(emu, sms):
+    """The keep mask read through the output (q = 0: equal scores; V = identity: key j's factor
+    in column j) is the CPU op's, bit for bit, with and without the split-KV combine."""
+    B, sq, sk, H, p = 2, 5, 96, 2, 0.3
+    q = torch.zeros(B, sq, H, sk)
+    k = torch.randn(B, sk, 1, sk, generator=torch.Generator().manual_seed(1))
+    v = torch.eye(sk).expand(B, 1, sk, sk).transpose(1, 2).contiguous()
+    args = (q, k, v, None, None, None, -1, -1, 0.5, -1, -1, True, *_drop_args(p, -12345678901234, 4000000000))
+    mod = emulated_cuda.load()
+    try:
+        mod.configure(major=9, sm_count=sms)
+        out, lse = emu.flash_attn_fwd(*args)
+    finally:
+        mod.configure(major=9, sm_count=4)
+    out_c, lse_c = torch.ops.pretrain_kernels.flash_attn_fwd(*args)
+    keep, keep_c = out > 0, out_c > 0
+    assert torch.equal(keep, keep_c)
+    assert 0.6 < keep.double().mean() < 0.8
+    torch.testing.assert_close(out, out_c, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse, lse_c, rtol=0, atol=1e-6)
+
+
+# (B, Sq, Sk, H, Hk, D, causal, window, varlen, softcap, alibi, prefix)
+DROPOUT_CASES = [
+    (2, 17, 17, 2, 2, 64, False, (-1, -1), False, 0.0, False, False),
+    (1, 40, 70, 4, 2, 32, True, (-1, -1), False, 0.0, False, False),
+    (1, 45, 45, 2, 1, 24, True, (9, -1), False, 2.0, True, True),
+    (3, 30, 30, 2, 1, 16, True, (-1, -1), True, 0.0, False, False),
+    (1, 1, 200, 2, 1, 64, True, (-1, -1), False, 0.0, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_dropout_forward_backward(emu, case, dtype):
+    """Forward and gradients with dropout against the float64 reference (same mask, within twice
+    the eager composite's error in the dtype) and against the CPU op."""
+    B, sq, sk, H, Hk, D, causal, window, varlen, softcap, alibi, prefix = case
+    g = torch.Generator().manual_seed(sq * 13 + sk + D)
+    p, seed, offset = 0.2, 555 + sq, 9
+    left, right = _window(causal, window)
+    slopes = torch.rand(B, H, generator=g) * 0.3 if alibi else None
+    pl = torch.randint(0, sq + 1, (B,), generator=g, dtype=torch.int32) if prefix else None
+    if varlen:
+        lens = [sq, 0, 7][:B]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        q, k, v = (rand(int(cu[-1]), h, D, dtype=dtype, gen=g) for h in (H, Hk, Hk))
+        cu_q = cu_k = cu
+    else:
+        q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
+            B, sk, Hk, D, dtype=dtype, gen=g)
+        cu_q = cu_k = None
+    dout = rand(*q.shape, dtype=dtype, gen=g)
+    extra = _drop_args(p, seed, offset, softcap, slopes, pl)
+    common = (cu_q, cu_k, None, -1, -1, D ** -0.5, left, right, True)
+    out, lse = emu.flash_attn_fwd(q, k, v, *common, *extra)
+    grads = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, *common, *extra)
+    out_c, lse_c = torch.ops.pretrain_kernels.flash_attn_fwd(q, k, v, *common, *extra)
+    grads_c = torch.ops.pretrain_kernels.flash_attn_bwd(dout, q, k, v, out_c, lse_c, None, *common, *extra)
+    refkw = dict(causal=causal, window=window, softcap=softcap or None, alibi_slopes=slopes, dropout=(p, seed, offset))
+    if pl is not None:
+        refkw["prefix_lens"] = pl
+
+    def ref(dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        if varlen:
+            o = attention_varlen_ref(*xs, cu_q, cu_k, compute_dtype=dt, **refkw)[0]
+        else:
+            o = attention_ref(*xs, compute_dtype=dt, **refkw)[0]
+        return [o.detach()] + list(torch.autograd.grad(o, xs, dout.to(dt)))
+
+    r, y = ref(torch.float64), ref(dtype)
+    for name, a, c, yy, rr in zip(["out", "dq", "dk", "dv"], [out, *grads], [out_c, *grads_c], y, r):
+        assert rel_err(a, rr) <= 2 * max(rel_err(yy, rr), 2 * FLOOR[dtype]), (name, rel_err(a, rr), rel_err(yy, rr))
+        assert rel_err(a, c) <= (1e-5 if dtype == torch.float32 else 2e-2), (name, rel_err(a, c))
+    torch.testing.assert_close(lse, lse_c, rtol=0, atol=LSE_ATOL[dtype] * 4)
+
+
+def test_dropout_bad_inputs_raise(emu):
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    base = (q, k, v, None, None, None, -1, -1, 0.3, -1, -1, True, 0.0, None, None)
+    with pytest.raises(RuntimeError, match=r"dropout_p: expected a probability in \[0, 1\]"):
+        emu.flash_attn_fwd(*base, float("nan"), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="dropout_seed: required when dropout_p > 0"):
+        emu.flash_attn_fwd(*base, 0.1, None)
+    with pytest.raises(RuntimeError, match=r"dropout_seed: expected an int64 tensor of shape \[2\]"):
+        emu.flash_attn_fwd(*base, 0.1, torch.tensor([1]))

@@ -329,3 +329,18 @@ def test_deterministic_must_be_a_bool():
             pk.scaled_dot_product_attention(q, q, q, deterministic=bad)
     with pytest.raises(TypeError):  # keyword-only in the SDPA drop-in: torch's positional signature stays
         pk.scaled_dot_product_attention(q, q, q, None, 0.0, False, None, False, True)
+
+
+def test_vmap_with_dropout_matches_a_loop():
+    """With dropout each vmapped sample runs alone, so it draws the keep mask of a plain call
+    with the same seed (a folded batch would key the mask by other sequence indices)."""
+    xs = [rand(3, 2, 9, 2, 8, dtype=torch.float32, seed=s) for s in (21, 22, 23)]
+    fn = lambda a, b, c: pk.flash_attention(a, b, c, causal=True, dropout_p=0.3, seed=7)  # noqa: E731
+    got = torch.func.vmap(fn)(*xs)
+    want = torch.stack([fn(*(x[i] for x in xs)) for i in range(3)])
+    assert torch.equal(got, want)
+    grads = torch.func.vmap(torch.func.grad(lambda a, b, c: fn(a, b, c).sum(), argnums=(0, 1, 2)))(*xs)
+    for n, g in enumerate(grads):
+        loop = torch.stack([torch.func.grad(lambda a, b, c: fn(a, b, c).sum(), argnums=n)(*(x[i] for x in xs))
+                            for i in range(3)])
+        torch.testing.assert_close(g, loop, rtol=1e-6, atol=1e-6)

@@ -297,8 +297,10 @@ PY_ERRORS = [
      "dropout_p"),
     ("sdpa-dropout-huge", lambda: pk.scaled_dot_product_attention(qs, ks, vs, dropout_p=1e9), ValueError,
      "dropout_p"),
-    ("sdpa-dropout-unsupported", lambda: pk.scaled_dot_product_attention(qs, ks, vs, dropout_p=0.1),
-     NotImplementedError, "dropout_p"),
+    ("sdpa-dropout-str", lambda: pk.scaled_dot_product_attention(qs, ks, vs, dropout_p="0.1"), TypeError,
+     "dropout_p"),
+    ("sdpa-dropout-offset", lambda: pk.scaled_dot_product_attention(qs, ks, vs, dropout_p=0.1,
+                                                                    seed=torch.tensor([1, -1])), ValueError, "seed"),
     ("sdpa-scale-inf", lambda: pk.scaled_dot_product_attention(qs, ks, vs, scale=math.inf), ValueError, "scale"),
     # mlm_mask / span_mask
     ("mlm-ids-list", lambda: pk.mlm_mask([[5, 6]], **MKW), TypeError, "input_ids"),

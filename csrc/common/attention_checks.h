@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "attention_dropout.h"
 
 namespace pk {
 namespace attention {
@@ -213,6 +214,39 @@ void set_score_mods(KernelParams& p, double softcap, const std::optional<at::Ten
   p.alibi = a.data_ptr<float>();
   p.alibi_sb = a.dim() == 2 ? a.stride(0) : 0;
   p.alibi_sh = a.stride(-1);
+}
+
+// Attention dropout (csrc/common/attention_dropout.h): dropout_p in [0, 1]; dropout_seed an int64
+// tensor [2] (seed, offset with offset in [0, 2^32)) on the CPU or on `dev`, required when
+// dropout_p > 0 (ignored otherwise). `host_values`: the backend reads a seed on `dev` on the host
+// (the CPU); otherwise (CUDA) a seed on the GPU is read by the kernels through seed_dev, and its
+// offset is taken modulo 2^32 there. Sets the kernel parameters' `dropout`.
+template <typename KernelParams>
+void set_dropout(KernelParams& p, double dropout_p, const std::optional<at::Tensor>& seed, const at::Device& dev,
+                 bool host_values) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
+              "dropout_p: expected a probability in [0, 1], got ", dropout_p);
+  p.dropout = Dropout();
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK(seed.has_value(), "dropout_seed: required when dropout_p > 0 (int64 [2]: seed, offset)");
+  const at::Tensor& s = *seed;
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 1 && s.size(0) == 2,
+              "dropout_seed: expected an int64 tensor of shape [2] (seed, offset), got ", s.scalar_type(),
+              " of shape ", s.sizes());
+  TORCH_CHECK(s.device().is_cpu() || s.device() == dev, "dropout_seed: expected a CPU tensor or one on ", dev,
+              ", got one on ", s.device());
+  p.dropout.threshold = dropout_threshold(dropout_p);
+  p.dropout.rscale = static_cast<float>(dropout_rscale(p.dropout.threshold));
+  // p < 2^-17 rounds to threshold 0: every element kept, the call runs as without dropout
+  if (s.device().is_cpu() || host_values) {
+    const at::Tensor c = s.cpu();
+    const int64_t* v = c.data_ptr<int64_t>();
+    TORCH_CHECK(v[1] >= 0 && v[1] <= int64_t(0xFFFFFFFF), "dropout_seed: expected an offset in [0, 2^32), got ", v[1]);
+    p.dropout.seed = static_cast<uint64_t>(v[0]);
+    p.dropout.offset = static_cast<uint32_t>(v[1]);
+  } else {
+    p.dropout.seed_dev = s.data_ptr<int64_t>();
+  }
 }
 
 // The saved forward tensors handed to the backward: out and dout shaped like q with v's head

@@ -127,7 +127,7 @@ void finish_rows(const Problem& p, scalar_t* out, acc_t* lse, int64_t R, int64_t
                  const acc_t* m, const acc_t* l, const acc_t* O) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t g = r / np, i = i0 + r % np, h = h0 + g;
-    const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+    const acc_t inv = l[r] > 0 ? p.dropout_scale<acc_t>() / l[r] : acc_t(0);
     store_row(out + ((p.tok_q(b) + i) * p.H + h) * p.Dv, O + r * p.Dv, p.Dv, inv);
     lse[p.lse_index(b, h, i)] = l[r] > 0 ? m[r] + std::log(l[r]) : -std::numeric_limits<acc_t>::infinity();
   }
@@ -149,6 +149,7 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
   const float scale = static_cast<float>(p.scale);
   at::parallel_for(0, p.batch * n_split, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> Qf, O, m, l, S;
+    std::vector<uint32_t> bits;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / n_split, sp = t % n_split;
       const int64_t hk0 = sp * Hk / n_split, hk1 = (sp + 1) * Hk / n_split, nh = hk1 - hk0;
@@ -175,6 +176,7 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
           });
           softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, 0, j0, full, m.data() + hh * R, l.data() + hh * R,
                        O.data() + hh * R * Dv);
+          if (p.has_dropout()) p.dropout_rows(S.data(), BK, R, np, nk, b, hk * G, 0, j0, bits);
           p.with_value_runs<scalar_t>(b, j0, nk, hk, [&](const auto& rows, int64_t off, int64_t len) {
             pv_rows_avx512<scalar_t>(R, len, Dv, S.data() + off, BK, rows, O.data() + hh * R * Dv);
           });
@@ -288,6 +290,7 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
     std::vector<acc_t> Qf(R_max * D), O(R_max * Dv), S(R_max * BK);
     std::vector<uint16_t> Qb(pack_path == FwdPath::kPackedBf16 ? R_max * Dp : 0), Pb(Qb.empty() ? 0 : R_max * BK);
     std::vector<acc_t> m(R_max), l(R_max);
+    std::vector<uint32_t> bits;
     for (int64_t t = t0; t < t1; ++t) {
       const auto [b, hk, i0] = tasks[t];
       const int64_t lq = p.len_q(b), lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
@@ -333,6 +336,8 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
 #endif
         // online softmax
         softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, i0, j0, full, m.data(), l.data(), O.data());
+        // dropout: P V with the dropped entries of P zeroed (the statistics m, l stay without it)
+        if (p.has_dropout()) p.dropout_rows(S.data(), BK, R, np, nk, b, hk * G, i0, j0, bits);
         // O += P V
         if (path == FwdPath::kPacked) {
           const acc_t* Vp = Vf_all + panel(b, hk, Dv) + j0 * Dv;
@@ -398,7 +403,7 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
                      int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                      const std::optional<at::Tensor>& alibi_slopes, std::optional<at::Tensor>& prefix_lens,
-                     Layout* layout) {
+                     double dropout_p, const std::optional<at::Tensor>& dropout_seed, Layout* layout) {
   TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
   const Layout l = check_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, q.device(), true);
   if (layout != nullptr) *layout = l;
@@ -438,6 +443,7 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
   set_prefix_lens(p, prefix_lens, l.batch, q.device());
   // the CPU reads them on the host: a length outside the sequence's keys raises here
   if (p.prefix_lens) check_prefix_lens_values(p.prefix_lens, p.batch, [&](int64_t b) { return p.len_k(b); });
+  set_dropout(p, dropout_p, dropout_seed, q.device(), true);
   return p;
 }
 
@@ -460,13 +466,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q_in, co
                                                       int64_t max_seqlen_k, double scale, int64_t window_left,
                                                       int64_t window_right, bool bottom_right, double softcap,
                                                       const std::optional<at::Tensor>& alibi_slopes,
-                                                      const std::optional<at::Tensor>& prefix_lens) {
+                                                      const std::optional<at::Tensor>& prefix_lens, double dropout_p,
+                                                      const std::optional<at::Tensor>& dropout_seed) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;  // the CPU kernel reads the lengths from cu_seqlens
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
-                                 alibi_slopes, prefix);
+                                 alibi_slopes, prefix, dropout_p, dropout_seed);
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;
   at::Tensor out = at::empty(out_shape, q.options());
@@ -511,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache_cpu(const at::Tensor& q_in
   at::Tensor q = q_in, k = kvcache_layout_view(k_cache, B, c.paged), v = kvcache_layout_view(v_cache, B, c.paged);
   std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
   Problem p = make_problem(q, k, v, none_q, none_k, none_mask, scale, c.window_left, c.window_right, true, softcap,
-                           alibi_slopes, none_prefix);
+                           alibi_slopes, none_prefix, 0.0, std::nullopt);
   p.window_left = c.window_left;  // check_layout clamps against the view's length; the rows hold c.capacity
   p.window_right = c.window_right;
   p.sk = c.capacity;

@@ -9,6 +9,11 @@
 // makes dK = dS^T (scale Q) come out already scaled. When the caller also needs the
 // gradient of the lse (return_lse=True), d lse_i / d S_ij = P_ij folds into Di -= dlse_i.
 //
+// With attention dropout (csrc/common/attention_dropout.h) the keep mask of each tile row is
+// regenerated (never stored) as a factor M = keep * 65536 / (65536 - threshold):
+//   dV = (P M)^T dO,  dS = P * (dP M - Di),
+// Di still rowsum(dO * O): the saved output already contains the dropout.
+//
 // Work items are (sequence, kv head, chunk of key blocks). An item keeps the float dK, dV
 // of one key block (and the key block itself, plain and transposed) while the query
 // blocks that see it go by, for every query head of the group, and adds its dS K into a
@@ -139,6 +144,9 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
     std::vector<acc_t> Kf(BK * D), Kt(use_bf16 ? 0 : D * BK), Vt(use_bf16 ? 0 : Dv * BK), dK(BK * D), dV(BK * Dv);
     std::vector<acc_t> S(BQ * BK), dP(BQ * BK), dCap(p.softcap > 0 ? BQ * BK : 0);
     std::vector<uint16_t> Kp(use_bf16 ? Dp * BK : 0), Vp(use_bf16 ? Dvp * BK : 0);
+    const bool drop = p.has_dropout();
+    std::vector<acc_t> Dm(drop ? BQ * BK : 0), Pd(drop ? BQ * BK : 0);  // dropout factors, P M
+    std::vector<uint32_t> bits;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % n_chunks, hk = (t / n_chunks) % Hk, b = t / (n_chunks * Hk);
       const int64_t lq = p.len_q(b), lk = p.len_k(b);
@@ -183,8 +191,21 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
               else
                 exp_sum(s, nk, L);
             }
-            // dV += P^T dO
-            gemm<acc_t>(nk, Dv, np, S.data(), 1, BK, dOf, Dv, dV.data(), Dv, true);
+            // dV += P^T dO (with dropout: (P M)^T dO)
+            if (drop) {
+              int64_t r = 0;
+              for (; r + 1 < np; r += 2)  // two rows per Philox call (8 blocks each)
+                dropout_mult_rows2(p.dropout, dropout_row_index(b, h, H, i0 + r), dropout_row_index(b, h, H, i0 + r + 1),
+                                   j0, nk, Dm.data() + r * BK, Dm.data() + (r + 1) * BK, bits);
+              if (r < np) dropout_mult_row(p.dropout, dropout_row_index(b, h, H, i0 + r), j0, nk, Dm.data() + r * BK, bits);
+              for (r = 0; r < np; ++r) {
+                const acc_t* mr = Dm.data() + r * BK;
+                const acc_t* pr = S.data() + r * BK;
+                acc_t* pd = Pd.data() + r * BK;
+                for (int64_t j = 0; j < nk; ++j) pd[j] = pr[j] * mr[j];
+              }
+            }
+            gemm<acc_t>(nk, Dv, np, drop ? Pd.data() : S.data(), 1, BK, dOf, Dv, dV.data(), Dv, true);
             // dP = dO V^T, then dS = P * (dP - Di) in place.
             if (use_bf16)
               qk_bf16(np, nk, Dvp / 2, dOb_all + row0 * Dvp, Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
@@ -194,7 +215,12 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
               const acc_t di = Di[p.lse_index(b, h, i0 + r)];
               const acc_t* pr = S.data() + r * BK;
               acc_t* ds = dP.data() + r * BK;
-              for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - di);
+              if (drop) {
+                const acc_t* mr = Dm.data() + r * BK;
+                for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] * mr[j] - di);
+              } else {
+                for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - di);
+              }
               if (!dCap.empty()) {  // through the soft-cap: dS_raw = dS (1 - tanh^2)
                 const acc_t* dc = dCap.data() + r * BK;
                 for (int64_t j = 0; j < nk; ++j) ds[j] *= dc[j];
@@ -238,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, bool deterministic) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool deterministic) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   (void)deterministic;  // always reproducible: the dQ chunk buffers are summed in a fixed order (attention.cpp)
@@ -246,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   Layout l;
   const Problem p = make_problem(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
-                                 alibi_slopes, prefix, &l);
+                                 alibi_slopes, prefix, dropout_p, dropout_seed, &l);
   check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, lse_dtype(q), q_in.device());
   const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor dlse = dlse_in.has_value() ? dlse_in->contiguous() : at::Tensor();

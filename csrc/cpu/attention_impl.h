@@ -11,6 +11,7 @@
 
 #include "../common/attention.h"
 #include "../common/attention_checks.h"
+#include "attention_dropout.h"
 #include "attention_kernels.h"
 
 namespace pk {
@@ -76,6 +77,8 @@ struct Problem {
   int64_t alibi_sb = 0, alibi_sh = 0;
   int64_t window_left = -1, window_right = -1;
   bool bottom_right = true;
+  // Attention dropout (csrc/common/attention_dropout.h); off unless dropout.on().
+  Dropout dropout;
 
   int64_t total_q = 0;          // tokens on the query side (B * sq dense, cu_q[B] varlen)
 
@@ -141,6 +144,22 @@ struct Problem {
     return make_window(window_left, window_right, bottom_right, len_q(b), len_k(b), prefix_lens ? prefix_lens[b] : 0);
   }
   bool has_mask() const { return mask_bool || mask_float; }
+  bool has_dropout() const { return dropout.on(); }
+  // The factor of the output rows: 65536 / (65536 - threshold) with dropout (0 when every
+  // element is dropped), else 1.
+  template <typename acc_t>
+  acc_t dropout_scale() const {
+    return has_dropout() ? static_cast<acc_t>(dropout_rscale(dropout.threshold)) : acc_t(1);
+  }
+
+  // Forward: zeroes the dropped entries of rows of P (row stride lds; rows g * np + r for query
+  // i0 + r of head h0 + g), keys j0 .. j0 + nk of sequence b.
+  template <typename acc_t>
+  void dropout_rows(acc_t* S, int64_t lds, int64_t R, int64_t np, int64_t nk, int64_t b, int64_t h0, int64_t i0,
+                    int64_t j0, std::vector<uint32_t>& buf) const {
+    for (int64_t r = 0; r < R; ++r)
+      dropout_zero_row(dropout, dropout_row_index(b, h0 + r / np, H, i0 + r % np), j0, nk, S + r * lds, buf);
+  }
   bool has_score_mod() const { return softcap > 0 || alibi; }
 
   // Applies the score modifiers to a row of scaled scores s[0, n) of query i (head h) against
@@ -200,7 +219,7 @@ Problem make_problem(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::optional<
                      std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
                      int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                      const std::optional<at::Tensor>& alibi_slopes, std::optional<at::Tensor>& prefix_lens,
-                     Layout* layout = nullptr);
+                     double dropout_p, const std::optional<at::Tensor>& dropout_seed, Layout* layout = nullptr);
 
 // float64 for float64 inputs, float32 otherwise.
 at::ScalarType lse_dtype(const at::Tensor& q);
@@ -210,7 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, bool deterministic);
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool deterministic);
 
 }  // namespace cpu
 }  // namespace attention

@@ -43,6 +43,9 @@
 // attention_bwd_rows.cuh: a warp per query row (dQ) or per key row (dK, dV), a lane per
 // key or query. With softcap / ALiBi every kernel recomputes the forward's modified scores
 // and multiplies dS by the soft-cap's derivative 1 - tanh^2 (modified_score_log2).
+// Attention dropout (csrc/common/attention_dropout.h) runs on the SIMT kernels, forward and
+// backward, for every dtype: each lane regenerates the keep factor M of its (query, key) from
+// Philox, dV = (P M)^T dO and dS = P (dP M - Di); the tensor-core kernels do not draw the mask.
 #include <torch/library.h>
 
 #include "attention_host.cuh"
@@ -142,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& attn_mask, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, bool deterministic) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& prefix_lens, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool deterministic) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Device dev = q_in.device();
@@ -150,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   Layout l;
   AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
-                             alibi_slopes, prefix, &l);
+                             alibi_slopes, prefix, dropout_p, dropout_seed, &l);
   check_backward_inputs(dout_in, out_in, lse_in, dlse_in, q_in, l, at::kFloat, dev);
   const std::vector<int64_t> lse_shape(lse_in.sizes().begin(), lse_in.sizes().end());
   std::optional<at::Tensor> dlse;
@@ -164,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor Di = at::empty(lse_shape, lse.options());
   p.dout_vec = dout.element_size() == 2 && p.Dv % 8 == 0 && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm80 = use_tensor_cores();
+  const bool sm80 = use_tensor_cores() && !p.dropout.on();  // dropout: SIMT kernels only
   const int64_t q_bound = query_bound(p, max_seqlen_q), k_bound = key_bound(p, max_seqlen_k);
   switch (q.scalar_type()) {
     case at::kHalf:

@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, co
   float* qs = q_sh[warp];
   float* dos = do_sh[warp];
   const int G = p.H / p.Hk;
+  const Dropout drop = resolve_dropout(p);
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, co
           if (p.has_mask()) x += mask_log2(p, b, h, i, j);
           const float pj = exp2f(x - L2);
           const float dp = dot_row<T>(dos, vbase + j * p.v_ss, p.Dv, p.v_vec);
-          ds = pj * (dp - di) * dcap;
+          ds = pj * (dp * dropout_factor(drop, b, h, p.H, i, j) - di) * dcap;
         }
         const int n = static_cast<int>(imin(32, ke - jc));
         for (int jj = 0; jj < n; ++jj) {
@@ -104,7 +105,8 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, co
 
 // dK, dV: one warp per (key, kv head). For every query head of the group, the queries that
 // see the key go by 32 at a time, a lane per query:
-//   p = exp(s - lse), dp = dO . v, ds = p (dp - Di); dv += p dO, dk += ds q.
+//   p = exp(s - lse), dp = dO . v, ds = p (dp - Di); dv += p dO, dk += ds q
+// (with dropout, M the keep factor: ds = p (dp M - Di), dv += p M dO).
 template <typename T, int kDPL>
 __global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const AttnParams p, const T* __restrict__ dout,
                                                             const float* __restrict__ lse,
@@ -116,6 +118,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const AttnParams p, 
   float* ks = k_sh[warp];
   float* vs = v_sh[warp];
   const int G = p.H / p.Hk;
+  const Dropout drop = resolve_dropout(p);
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -153,7 +156,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_rows_kernel(const AttnParams p, 
               if (p.has_mask()) x += mask_log2(p, b, h, i, j);
               pi = exp2f(x - L * kLog2e);
               const float dp = dot_row<T>(vs, dobase + i * p.H * p.Dv, p.Dv, false);
-              ds = pi * (dp - Di[li]) * dcap;
+              const float mf = dropout_factor(drop, b, h, p.H, i, j);
+              ds = pi * (dp * mf - Di[li]) * dcap;
+              pi *= mf;  // dV takes P M
             }
           }
           const int n = static_cast<int>(imin(32, qhi - ic));

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "../common/attention.h"
+#include "../common/attention_dropout.h"
 
 namespace pk {
 namespace attention {
@@ -76,6 +77,9 @@ struct AttnParams {
   int64_t alibi_sb = 0, alibi_sh = 0;
   int64_t window_left = -1, window_right = -1;
   bool bottom_right = true;
+  // Attention dropout (csrc/common/attention_dropout.h); the SIMT kernels only (the launchers
+  // send dropout calls there). seed / offset from the host, or read from dropout.seed_dev.
+  Dropout dropout;
 
   bool pack_gqa = false;    // tensor-core forward: the G query heads of a kv head share a block
   bool fwd_tall = false;    // tensor-core forward: 128-row blocks (two m-tiles per warp), else 64
@@ -85,6 +89,23 @@ struct AttnParams {
   __host__ __device__ bool has_mask() const { return mask_bool != nullptr || mask_float != nullptr; }
   __host__ __device__ bool has_score_mod() const { return softcap > 0.f || alibi != nullptr; }
 };
+
+// The dropout parameters with the seed and offset resolved: from the seed tensor on the GPU
+// when it lives there (no host sync; the offset taken modulo 2^32).
+__device__ __forceinline__ Dropout resolve_dropout(const AttnParams& p) {
+  Dropout d = p.dropout;
+  if (d.on() && d.seed_dev != nullptr) {
+    d.seed = static_cast<uint64_t>(d.seed_dev[0]);
+    d.offset = static_cast<uint32_t>(d.seed_dev[1]);
+  }
+  return d;
+}
+
+// The factor of element (b, h, i, j) under dropout: rscale when kept, 0 when dropped; 1 without.
+__device__ __forceinline__ float dropout_factor(const Dropout& d, int64_t b, int h, int H, int64_t i, int64_t j) {
+  if (!d.on()) return 1.f;
+  return dropout_keep(d, dropout_row_index(b, h, H, i), j) ? d.rscale : 0.f;
+}
 
 // One sequence of the batch: where its rows live and how long it is.
 struct Seq {

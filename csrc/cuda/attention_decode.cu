@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache_cuda(const at::Tensor& q_i
   at::Tensor q = q_in, k = kvcache_layout_view(k_cache, B, c.paged), v = kvcache_layout_view(v_cache, B, c.paged);
   std::optional<at::Tensor> none_q, none_k, none_mask, none_prefix;
   AttnParams p = make_params(q, k, v, none_q, none_k, none_mask, scale, c.window_left, c.window_right, true, softcap,
-                             alibi_slopes, none_prefix);
+                             alibi_slopes, none_prefix, 0.0, std::nullopt);
   p.window_left = c.window_left;  // check_layout clamps against the view's length; the rows hold c.capacity
   p.window_right = c.window_right;
   p.sk = c.capacity;

@@ -151,7 +151,8 @@ void forward_typed(AttnParams& p, bool tensor_cores, int64_t q_bound, int64_t k_
 void run_forward(AttnParams& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like) {
   if (p.total_q == 0 || p.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm80 = use_tensor_cores();
+  // dropout runs on the SIMT kernels (the tensor-core kernels do not draw the mask)
+  const bool sm80 = use_tensor_cores() && !p.dropout.on();
   switch (dtype) {
     case at::kHalf: forward_typed<__half>(p, sm80, q_bound, k_bound, like, stream); break;
     case at::kBFloat16: forward_typed<__nv_bfloat16>(p, sm80, q_bound, k_bound, like, stream); break;
@@ -170,13 +171,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
                                                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
                                                        int64_t window_left, int64_t window_right, bool bottom_right,
                                                        double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                                       const std::optional<at::Tensor>& prefix_lens) {
+                                                       const std::optional<at::Tensor>& prefix_lens, double dropout_p,
+                                                       const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(on_kernel_device(q_in), "q: expected a CUDA tensor, got one on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in, k = k_in, v = v_in;
   std::optional<at::Tensor> cu_q = cu_seqlens_q, cu_k = cu_seqlens_k, mask = attn_mask, prefix = prefix_lens;
   AttnParams p = make_params(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, bottom_right, softcap,
-                             alibi_slopes, prefix);
+                             alibi_slopes, prefix, dropout_p, dropout_seed);
   const bool varlen = cu_q.has_value();
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.Dv;

@@ -18,6 +18,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* qs = q_sh[warp];
   const int G = p.H / p.Hk;
+  const Dropout drop = resolve_dropout(p);
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -53,8 +54,9 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
           const float m_new = fmaxf(m_run, warp_max(x));
           const float m_safe = m_new == -INFINITY ? 0.f : m_new;
           const float alpha = exp2f(m_run - m_safe);
-          const float pj = exp2f(x - m_safe);
-          l_run = l_run * alpha + warp_sum(pj);
+          float pj = exp2f(x - m_safe);
+          l_run = l_run * alpha + warp_sum(pj);  // the statistics stay without dropout
+          if (drop.on() && j < ke && !dropout_keep(drop, dropout_row_index(b, h, p.H, i), j)) pj = 0.f;
           m_run = m_new;
 #pragma unroll
           for (int y = 0; y < kDPL; ++y) o[y] *= alpha;
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
             }
           }
         }
-        const float inv = l_run > 0.f ? 1.f / l_run : s.empty_scale;
+        const float inv = l_run > 0.f ? (drop.on() ? drop.rscale : 1.f) / l_run : s.empty_scale;
         const float lse = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : s.empty_lse;
         if (p.n_splits > 1) {
           const int64_t pr = (split * p.total_q + s.tok0 + i) * p.H + h;

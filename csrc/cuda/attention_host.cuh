@@ -53,8 +53,8 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-// Checks the arguments of a forward/backward call (check_layout, set_score_mods and
-// set_prefix_lens, csrc/common/attention_checks.h) and fills AttnParams (tensors, shapes,
+// Checks the arguments of a forward/backward call (check_layout, set_score_mods,
+// set_prefix_lens and set_dropout, csrc/common/attention_checks.h) and fills AttnParams (tensors, shapes,
 // strides, mask, window, score modifiers, prefix_lens). q/k/v may be replaced by copies with a
 // contiguous last dimension and the cu_seqlens and prefix_lens by contiguous ones; the caller
 // keeps them alive. `layout`, when given, receives the checked shapes.
@@ -62,7 +62,7 @@ inline AttnParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::
                           std::optional<at::Tensor>& cu_k, std::optional<at::Tensor>& mask, double scale,
                           int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                           const std::optional<at::Tensor>& alibi_slopes, std::optional<at::Tensor>& prefix_lens,
-                          Layout* layout = nullptr) {
+                          double dropout_p, const std::optional<at::Tensor>& dropout_seed, Layout* layout = nullptr) {
   TORCH_CHECK(on_kernel_device(q), "q: expected a CUDA tensor, got one on ", q.device());
   const Layout l = check_layout(q, k, v, cu_q, cu_k, mask, scale, window_left, window_right, q.device(), false);
   if (layout != nullptr) *layout = l;
@@ -108,6 +108,8 @@ inline AttnParams make_params(at::Tensor& q, at::Tensor& k, at::Tensor& v, std::
   set_score_mods(p, softcap, alibi_slopes, q.scalar_type(), q.device(), false);
   // values are not read on the host (no sync): the kernels clamp them (make_window)
   set_prefix_lens(p, prefix_lens, l.batch, q.device());
+  // a seed on the GPU is read by the kernels (resolve_dropout), one on the CPU here
+  set_dropout(p, dropout_p, dropout_seed, q.device(), false);
   return p;
 }
 

@@ -18,7 +18,7 @@ import numbers
 
 import torch
 
-from ._common import apply_function, needs_autograd, not_differentiable, register_autograd_function
+from ._common import apply_function, needs_autograd, not_differentiable, register_autograd_function, resolve_seed
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
@@ -151,6 +151,43 @@ def _check_prefix_lens(prefix_lens, q, batch: int, key_lens) -> None:
                                  f"row {b}")
 
 
+def _check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p}")
+    return p
+
+
+def _dropout_seed(dropout_p: float, seed, generator, device: torch.device):
+    """The dropout_seed tensor of the raw ops: int64 [2] = (seed, offset), or None without dropout.
+
+    seed: an int or a one-element integer tensor (offset 0), or an int64 tensor [2] (seed,
+    offset with offset in [0, 2**32)), on the CPU or on the device of q; None draws the seed from
+    `generator` or torch's default generator (resolve_seed), so torch.manual_seed makes runs
+    reproducible.
+    """
+    if dropout_p == 0.0:
+        if seed is not None and generator is not None:
+            raise ValueError("seed and generator: pass at most one of them")
+        return None
+    if isinstance(seed, torch.Tensor) and seed.numel() == 2:
+        if generator is not None:
+            raise ValueError("seed and generator: pass at most one of them")
+        if seed.dtype != torch.int64:
+            raise TypeError(f"seed: expected an int64 tensor (seed, offset), got {seed.dtype}")
+        if seed.device.type != "cpu" and seed.device != device:
+            raise ValueError(f"seed: expected a CPU tensor or one on {device}, got {seed.device}")
+        if seed.device.type == "cpu" and not torch.compiler.is_compiling():
+            off = int(seed.reshape(2)[1])
+            if not 0 <= off < 2**32:
+                raise ValueError(f"seed: expected an offset in [0, 2**32), got {off}")
+        return seed.reshape(2)
+    s = resolve_seed(seed, generator, device)
+    return torch.cat([s, torch.zeros(1, dtype=torch.int64, device=s.device)])
+
+
 def _max_seqlen(name: str, value) -> int:
     if value is None:
         return -1
@@ -175,7 +212,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
                     max_seqlen_k: int | None = None, return_lse: bool = False, softcap: float | None = None,
                     alibi_slopes: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None,
-                    deterministic: bool = False):
+                    deterministic: bool = False, dropout_p: float = 0.0, seed=None,
+                    generator: torch.Generator | None = None):
     """Exact attention softmax(q k^T * scale) v, computed tile by tile (memory linear in the
     sequence length), differentiable.
 
@@ -206,6 +244,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     bottom-right alignment as causal; for varlen, Sq and Sk of each sequence). The slopes get
     no gradient (as in FlashAttention). Slopes must be finite; on the CPU that is checked, on
     CUDA (where it cannot be without a host sync) a NaN or infinite slope gives NaN rows.
+    dropout_p: attention dropout (BERT / GPT-2 pretraining), in [0, 1]: each entry of the
+    attention matrix is dropped with probability dropout_p and the kept ones are scaled by
+    1 / (1 - dropout_p) (torch's semantics; p is quantised to 1/65536, dropout_p = 1 gives 0).
+    The softmax statistics and the returned lse are those without dropout. The keep mask is a
+    pure function of (seed, offset, sequence, head, query, key) (csrc/common/attention_dropout.h):
+    the same seed gives the same result on every device, thread count and tile shape, and the
+    backward regenerates it. seed: an int, a one-element integer tensor, or an int64 tensor [2]
+    (seed, offset); None draws one from `generator` or torch's default generator (so
+    torch.manual_seed makes runs reproducible). Apply dropout only while training.
     Returns out shaped like q, and with return_lse=True also lse (float32; float64 for
     float64 inputs): (batch, heads, seqlen_q), or (heads, total_q) for varlen; differentiable.
     deterministic: the backward only. True: gradients reproducible bit for bit on CUDA (dQ in
@@ -259,10 +306,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             _check_prefix_lens(prefix_lens, q, cu_seqlens_k.numel() - 1, lambda: cu_seqlens_k.diff().tolist())
         else:
             _check_prefix_lens(prefix_lens, q, q.shape[0], lambda: [k.shape[1]] * q.shape[0])
+    dropout_p = _check_dropout_p(dropout_p)
+    dropout_seed = _dropout_seed(dropout_p, seed, generator, q.device)
     out, lse = _attention_fwd(
         q, k, v, cu_seqlens_q if varlen else None, cu_seqlens_k if varlen else None, None,
         _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k), scale, left, right, True,
-        softcap, alibi_slopes, prefix_lens, deterministic=_check_bool("deterministic", deterministic))
+        softcap, alibi_slopes, prefix_lens, dropout_p, dropout_seed,
+        deterministic=_check_bool("deterministic", deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -372,24 +422,23 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale=None, enable_gqa: bool = False, *,
-                                 deterministic: bool = False) -> torch.Tensor:
+                                 deterministic: bool = False, seed=None,
+                                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: same signature, layout
     (..., heads, L, E) and results, computed by the flash kernel (no L x S matrix).
 
     attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
     (..., heads, L, S); applied inside the kernel tile by tile. is_causal: top-left aligned
     lower triangle, as torch. Rows that see no key give 0, as torch's fused CPU kernels.
-    Differences: dropout_p must be 0 (no dropout kernel yet); the mask gets no gradient; no
-    double backward or forward mode (NotImplementedError). Extra, keyword-only: deterministic,
-    as in flash_attention (False: the CUDA backward may add dQ with atomics).
+    dropout_p: attention dropout as torch's (applied whenever > 0; pass 0 outside training),
+    with the RNG contract of flash_attention: keyword-only seed / generator (not in torch's
+    signature), else a seed from torch's default generator. The keep mask differs from torch's
+    (another RNG). Differences: the mask gets no gradient; no double backward or forward mode
+    (NotImplementedError). Extra, keyword-only: deterministic, as in flash_attention (False: the
+    CUDA backward may add dQ with atomics), seed and generator.
     """
     deterministic = _check_bool("deterministic", deterministic)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: only 0.0 is supported (no dropout kernel yet), got {dropout_p}")
+    dropout_p = _check_dropout_p(dropout_p)
     _check_same(query, key, value, ("query", "key", "value"))
     if query.dim() < 3:
         raise ValueError(f"query: expected at least 3 dims (..., L, E), got shape {tuple(query.shape)}")
@@ -440,9 +489,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"attn_mask: expected a shape broadcastable to {target}, got "
                              f"{tuple(attn_mask.shape)}") from None
         mask = mask.unsqueeze(1) if lead is None else mask.reshape(B, H, L, S)
+    dropout_seed = _dropout_seed(dropout_p, seed, generator, query.device)
     out, _ = _attention_fwd(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, mask, -1, -1, scale,
-        -1, 0 if is_causal else -1, False, deterministic=deterministic)
+        -1, 0 if is_causal else -1, False, 0.0, None, None, dropout_p, dropout_seed, deterministic=deterministic)
     out = out.transpose(1, 2)  # (B, H, L, Ev)
     if lead is None:
         return out.squeeze(1)
@@ -541,16 +591,30 @@ def _check_op_score_mods(softcap, slopes, dtype, dev, batch, H):
                      lambda: f"alibi_slopes: expected shape [{H}] or [{batch}, {H}], got {list(slopes.shape)}")
 
 
+def _check_op_dropout(dropout_p, seed, dev):  # set_dropout
+    torch._check(math.isfinite(dropout_p) and 0.0 <= dropout_p <= 1.0,
+                 lambda: f"dropout_p: expected a probability in [0, 1], got {dropout_p}")
+    if dropout_p > 0:
+        torch._check(seed is not None, lambda: "dropout_seed: required when dropout_p > 0 (int64 [2]: seed, offset)")
+        torch._check(seed.dtype == torch.int64 and seed.dim() == 1 and seed.shape[0] == 2,
+                     lambda: f"dropout_seed: expected an int64 tensor of shape [2] (seed, offset), got {seed.dtype} "
+                             f"of shape {list(seed.shape)}")
+        torch._check(seed.device.type == "cpu" or seed.device == dev,
+                     lambda: f"dropout_seed: expected a CPU tensor or one on {dev}, got one on {seed.device}")
+
+
 def _lse_shape(q, varlen, batch, H):
     return (H, q.shape[0]) if varlen else (batch, H, q.shape[1])
 
 
 @torch.library.register_fake("pretrain_kernels::flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None, prefix_lens=None):
+                         window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None, prefix_lens=None,
+                         dropout_p=0.0, dropout_seed=None):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
                                             window_right, prefix_lens)
     _check_op_score_mods(softcap, alibi_slopes, q.dtype, q.device, batch, H)
+    _check_op_dropout(dropout_p, dropout_seed, q.device)
     out = q.new_empty((*q.shape[:-1], Dv))
     lse = q.new_empty(_lse_shape(q, varlen, batch, H), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -559,10 +623,11 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seq
 @torch.library.register_fake("pretrain_kernels::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, attn_mask, max_seqlen_q,
                          max_seqlen_k, scale, window_left, window_right, bottom_right, softcap=0.0,
-                         alibi_slopes=None, prefix_lens=None, deterministic=False):
+                         alibi_slopes=None, prefix_lens=None, dropout_p=0.0, dropout_seed=None, deterministic=False):
     varlen, batch, H, Dv = _check_op_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, scale, window_left,
                                             window_right, prefix_lens)
     _check_op_score_mods(softcap, alibi_slopes, q.dtype, q.device, batch, H)
+    _check_op_dropout(dropout_p, dropout_seed, q.device)
     o_shape = (*q.shape[:-1], Dv)
     torch._check(tuple(out.shape) == o_shape and tuple(dout.shape) == o_shape,
                  lambda: f"out, dout: expected shape {list(o_shape)}, got {list(out.shape)} and {list(dout.shape)}")
@@ -722,10 +787,13 @@ def _attention_fwd(*args, deterministic: bool):
 _FWD_DEFAULTS = [a.default_value for a in torch.ops.pretrain_kernels.flash_attn_fwd.default._schema.arguments]
 
 
-def _vmap_rule(op, cu_seqlens_q_at, q_at, alibi_at):
+def _vmap_rule(op, cu_seqlens_q_at, q_at, alibi_at, dropout_p_at):
     def rule(info, in_dims, *args):
         n = info.batch_size
-        if args[cu_seqlens_q_at] is None:
+        # with dropout each sample runs alone: the keep mask is keyed by the sequence index, so a
+        # folded batch would draw other masks than the per-sample calls vmap stands for
+        dropout = len(args) > dropout_p_at and args[dropout_p_at] > 0  # trailing defaults may be left out
+        if args[cu_seqlens_q_at] is None and not dropout:
             folded = list(args)
             q, dq = args[q_at], in_dims[q_at]
             batch = q.movedim(dq, 0).shape[1] if dq is not None else q.shape[0]
@@ -745,10 +813,10 @@ def _vmap_rule(op, cu_seqlens_q_at, q_at, alibi_at):
     return rule
 
 
-# argument positions: cu_seqlens_q, q, alibi_slopes
+# argument positions: cu_seqlens_q, q, alibi_slopes, dropout_p
 torch.library.register_vmap("pretrain_kernels::flash_attn_fwd",
-                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_fwd, 3, 0, 13))
+                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_fwd, 3, 0, 13, 15))
 torch.library.register_vmap("pretrain_kernels::flash_attn_bwd",
-                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_bwd, 7, 1, 17))
+                            _vmap_rule(torch.ops.pretrain_kernels.flash_attn_bwd, 7, 1, 17, 19))
 register_autograd_function("pretrain_kernels::flash_attn_fwd", _FlashAttention, extra_args=(False,), public=_PUBLIC)
 _attention_bwd = not_differentiable("pretrain_kernels::flash_attn_bwd", _PUBLIC)
