@@ -16,7 +16,9 @@ The mask function (`attention_mask`) returns, like FlashAttention 2's:
   * the 2-D bool padding mask (batch, kv_length), True = real token, when the pattern is plain
     and some tokens are padding: the attention removes the padding (cu_seqlens from the mask,
     as flash_attn_varlen_func), runs the varlen kernel and scatters the rows back (padded query
-    rows give 0);
+    rows give 0); with one query per row (decoding with the cache), where gathering the cached
+    keys would cost more than the attention, the padding is applied as a (batch, 1, 1, keys)
+    mask inside the kernel (pk.scaled_dot_product_attention) instead;
   * otherwise (packed sequences found from position_ids, or/and mask functions, chunked
     attention, a static cache whose queries are not the last keys, a window over padding
     holes) transformers' own dense 4-D bool mask, which the attention applies through
@@ -209,21 +211,28 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is None:
         return flash_attention(q, k, v, causal=causal, scale=scaling, window=window, **extra), None
 
-    # padding: unpad, varlen kernel, pad back (the queries are the last L positions of the keys)
     if attention_mask.dim() != 2 or attention_mask.shape != (B, S):
         raise ValueError(f"attention_mask: expected a 2-D padding mask of shape {(B, S)} or a 4-D mask, got "
                          f"{tuple(attention_mask.shape)}")
     pad_k = attention_mask.to(torch.bool)
+    if L == 1 and softcap is None and dropout == 0:
+        # one query per row (decoding): the padding as a (B, 1, 1, S) mask, applied inside the kernel,
+        # costs less than gathering the cache's real keys on every step; the query is the last
+        # key's position, so causality holds already and only a left window remains
+        vis = pad_k[:, None, None, :]
+        if window[0] >= 0:
+            vis = vis & (torch.arange(S, device=pad_k.device) >= S - 1 - window[0])
+        out = scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling,
+                                           enable_gqa=key.shape[1] != H)
+        return out.transpose(1, 2), None
+
+    # padding: unpad, varlen kernel, pad back (the queries are the last L positions of the keys)
     pad_q = pad_k[:, S - L:]
-    idx_k = pad_k.reshape(-1).nonzero().squeeze(1)
-    idx_q = pad_q.reshape(-1).nonzero().squeeze(1)
+    bk, sk = pad_k.nonzero(as_tuple=True)
+    bq, sq = pad_q.nonzero(as_tuple=True)
     cu_k = F.pad(pad_k.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
     cu_q = F.pad(pad_q.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-    Hk = k.shape[2]
-    out = flash_attention(q.reshape(B * L, H, D).index_select(0, idx_q),
-                          k.reshape(B * S, Hk, D).index_select(0, idx_k),
-                          v.reshape(B * S, Hk, v.shape[-1]).index_select(0, idx_k), causal=causal, scale=scaling,
-                          window=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=L, max_seqlen_k=S,
-                          **extra)
-    full = out.new_zeros(B * L, H, out.shape[-1]).index_copy(0, idx_q, out)
-    return full.view(B, L, H, out.shape[-1]), None
+    out = flash_attention(q[bq, sq], k[bk, sk], v[bk, sk], causal=causal, scale=scaling, window=window,
+                          cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=L, max_seqlen_k=S, **extra)
+    full = out.new_zeros(B, L, H, out.shape[-1]).index_put((bq, sq), out)
+    return full, None
