@@ -43,16 +43,11 @@ FA2_SIGNATURES = {
 }
 
 
-@pytest.fixture(params=["cpu", "emulated"])
-def backend(request):
-    """The CPU kernels, or the CUDA kernels run by the emulator on the CPU."""
-    if request.param == "cpu":
-        yield "cpu"
-        return
-    import emulated_cuda
-    emulated_cuda.load().configure(major=9, sm_count=4)
-    with emulated_cuda.routed():
-        yield "emulated"
+EMULATE_CUDA = True  # the `device` fixture: cpu, cuda (with a GPU), and the emulated CUDA kernels
+
+
+def on(device, *ts):
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in ts)
 
 
 def rand(*shape, dtype=torch.float32, gen=None, requires_grad=False):
@@ -80,12 +75,13 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_flash_attn_func_matches_reference(backend, case, dtype):
+def test_flash_attn_func_matches_reference(device, case, dtype):
     B, Sq, Sk, H, Hk, D, causal, window, softcap, alibi = case
     g = torch.Generator().manual_seed(hash((case, str(dtype))) % 2**31)
     q, k, v = rand(B, Sq, H, D, dtype=dtype, gen=g), rand(B, Sk, Hk, D, dtype=dtype, gen=g), \
         rand(B, Sk, Hk, D, dtype=dtype, gen=g)
     slopes = torch.rand(B, H, generator=g) if alibi else None
+    q, k, v, slopes = on(device, q, k, v, slopes)
     scale = 0.7 / math.sqrt(D)
     out, lse, probs = fai.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=window,
                                           softcap=softcap, alibi_slopes=slopes, return_attn_probs=True)
@@ -141,7 +137,7 @@ def _cu(lens):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_varlen_matches_reference(backend, dtype):
+def test_varlen_matches_reference(device, dtype):
     g = torch.Generator().manual_seed(11)
     lq, lk = [5, 1, 17, 9], [8, 3, 17, 30]
     cu_q, cu_k = _cu(lq), _cu(lk)
@@ -149,6 +145,7 @@ def test_varlen_matches_reference(backend, dtype):
     q, k, v = rand(sum(lq), H, D, dtype=dtype, gen=g), rand(sum(lk), Hk, D, dtype=dtype, gen=g), \
         rand(sum(lk), Hk, D, dtype=dtype, gen=g)
     slopes = torch.rand(H, generator=g)
+    q, k, v, slopes, cu_q, cu_k = on(device, q, k, v, slopes, cu_q, cu_k)
     out, lse, _ = fai.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True,
                                              window_size=(6, -1), alibi_slopes=slopes, return_attn_probs=True)
     ref, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True, window=(6, -1), alibi_slopes=slopes)
@@ -182,7 +179,7 @@ def _cache_ref(q, k_cache, v_cache, lens, k_new, v_new, causal, scale=None):
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kvcache_append_with_rotary(backend, dtype, causal, interleaved):
+def test_kvcache_append_with_rotary(device, dtype, causal, interleaved):
     g = torch.Generator().manual_seed(int(causal) * 2 + int(interleaved))
     B, Sq, S_new, H, Hk, D, Smax, rd = 3, 2, 2, 4, 2, 32, 24, 16
     q = rand(B, Sq, H, D, dtype=dtype, gen=g)
@@ -192,8 +189,10 @@ def test_kvcache_append_with_rotary(backend, dtype, causal, interleaved):
     theta = torch.rand(Smax + 4, rd // 2, generator=g) * 3
     cos, sin = theta.cos(), theta.sin()
     kc0, vc0 = k_cache.clone(), v_cache.clone()
+    q, k_cache, v_cache, k, v, cos, sin, lens = on(device, q, k_cache, v_cache, k, v, cos, sin, lens)
     out = fai.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens,
                                       causal=causal, rotary_interleaved=interleaved)
+    q, k_cache, v_cache, k, v, lens = on("cpu", q, k_cache, v_cache, k, v, lens)
     # reference: rotate in float64 with the complex-number form, append, attend
     pos_k = lens.long()[:, None] + torch.arange(S_new)[None]
     pos_q = lens.long()[:, None] + (torch.arange(Sq)[None] if causal else torch.zeros(1, Sq, dtype=torch.long))
@@ -211,11 +210,11 @@ def test_kvcache_append_with_rotary(backend, dtype, causal, interleaved):
         assert torch.equal(k_cache[b, keep], kc0[b, keep]) and torch.equal(v_cache[b, keep], vc0[b, keep])
 
 
-def test_kvcache_int_seqlens_none_and_batch_idx(backend):
+def test_kvcache_int_seqlens_none_and_batch_idx(device):
     g = torch.Generator().manual_seed(5)
     B, H, D, Smax = 2, 2, 16, 10
-    q = rand(B, 1, H, D, gen=g)
-    k_cache, v_cache = rand(5, Smax, H, D, gen=g), rand(5, Smax, H, D, gen=g)
+    q = rand(B, 1, H, D, gen=g).to(device)
+    k_cache, v_cache = rand(5, Smax, H, D, gen=g).to(device), rand(5, Smax, H, D, gen=g).to(device)
     # cache_seqlens=None: the whole cache (rows 0 and 1)
     out = fai.flash_attn_with_kvcache(q, k_cache[:B], v_cache[:B])
     ref = _cache_ref(q, k_cache.double(), v_cache.double(), [Smax] * B, None, None, False)
@@ -225,16 +224,16 @@ def test_kvcache_int_seqlens_none_and_batch_idx(backend):
     ref = _cache_ref(q, k_cache.double(), v_cache.double(), [4] * B, None, None, True)
     assert rel_err(out, ref) < 1e-5
     # cache_batch_idx: batch element b uses cache row idx[b]; the appended token lands there
-    idx = torch.tensor([4, 1], dtype=torch.int32)
-    k, v = rand(B, 1, H, D, gen=g), rand(B, 1, H, D, gen=g)
+    idx = torch.tensor([4, 1], dtype=torch.int32, device=device)
+    k, v = rand(B, 1, H, D, gen=g).to(device), rand(B, 1, H, D, gen=g).to(device)
     kc0, vc0 = k_cache.clone(), v_cache.clone()
-    lens = torch.tensor([3, 6], dtype=torch.int32)
+    lens = torch.tensor([3, 6], dtype=torch.int32, device=device)
     out = fai.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, cache_batch_idx=idx,
                                       causal=True)
     ref = _cache_ref(q, kc0[idx.long()].double(), vc0[idx.long()].double(), lens, k.double(), v.double(), True)
     assert rel_err(out, ref) < 1e-5
     for b, row in enumerate(idx.tolist()):
-        assert torch.equal(k_cache[row, lens[b]], k[b, 0]) and torch.equal(v_cache[row, lens[b]], v[b, 0])
+        assert torch.equal(k_cache[row, int(lens[b])], k[b, 0]) and torch.equal(v_cache[row, lens[b]], v[b, 0])
     for row in (0, 2, 3):
         assert torch.equal(k_cache[row], kc0[row]) and torch.equal(v_cache[row], vc0[row])
 
