@@ -312,3 +312,31 @@ def test_unsupported_arguments_raise(transformers):
         pkt.attention_forward(module, q, q, q, None, s_aux=torch.zeros(2))
     with pytest.raises(ValueError, match="attention_mask"):
         pkt.attention_forward(module, q, q, q, torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_padding_hole_without_window_matches_sdpa(transformers):
+    """Padding in the middle of a row (no window): the real tokens are gathered (not one block)."""
+    ref, ours = pair(transformers, "llama")
+    ids, mask = batch(3, 14, "left", seed=12)
+    mask[2, 4:6] = 0
+    with torch.no_grad():
+        a, b = _logits(ref, ids, mask), _logits(ours, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(b[real], a[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_chunk_after_cache_matches_sdpa(transformers, kind):
+    """Several new tokens against a cache of a left-padded prompt (queries fewer than keys, more
+    than one): the gather path, with the Mistral window reaching back into the cache."""
+    ref, ours = pair(transformers, kind)
+    ids, mask = batch(3, 10, "left", seed=13)
+    more = torch.randint(3, VOCAB, (3, 4), generator=torch.Generator().manual_seed(14))
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], 1)
+    outs = []
+    with torch.no_grad():
+        for model in (ref, ours):
+            first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            outs.append(model(input_ids=more, attention_mask=full_mask, past_key_values=first.past_key_values,
+                              use_cache=True).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

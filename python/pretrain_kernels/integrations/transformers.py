@@ -14,9 +14,12 @@ The mask function (`attention_mask`) returns, like FlashAttention 2's:
     bidirectional sliding window) and no token is padding: the attention then runs
     pk.flash_attention on the whole batch with causal / window from the module;
   * the 2-D bool padding mask (batch, kv_length), True = real token, when the pattern is plain
-    and some tokens are padding: the attention removes the padding (cu_seqlens from the mask,
-    as flash_attn_varlen_func), runs the varlen kernel and scatters the rows back (padded query
-    rows give 0); with one query per row (decoding with the cache), where gathering the cached
+    and some tokens are padding: the attention runs the varlen kernel (cu_seqlens from the mask,
+    as flash_attn_varlen_func). Where each row's real tokens are one block (left or right
+    padding) and the queries are the keys, the padded batch itself is the varlen input, cut
+    where the padding starts and stops (padding rows attend only among themselves, no real
+    token sees them); otherwise the real tokens are gathered and scattered back. Padded query
+    rows give 0 either way. With one query per row (decoding with the cache), where gathering the cached
     keys would cost more than the attention, the padding is applied as a (batch, 1, 1, keys)
     mask inside the kernel (pk.scaled_dot_product_attention) instead;
   * otherwise (packed sequences found from position_ids, or/and mask functions, chunked
@@ -226,7 +229,24 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                            enable_gqa=key.shape[1] != H)
         return out.transpose(1, 2), None
 
-    # padding: unpad, varlen kernel, pad back (the queries are the last L positions of the keys)
+    if L == S:
+        # each row's real tokens one block (left or right padding): the padded batch itself is
+        # the varlen input, cut into segments where the padding starts and stops, so nothing is
+        # gathered or scattered; padding segments attend among themselves, no real token sees
+        # them, and their rows are set to 0 afterwards
+        starts = pad_k & ~F.pad(pad_k, (1, 0))[:, :-1]
+        if bool((starts.sum(1) <= 1).all()):
+            change = torch.ones_like(pad_k)
+            change[:, 1:] = pad_k[:, 1:] != pad_k[:, :-1]
+            cu = F.pad(change.reshape(-1).nonzero().squeeze(1).to(torch.int32), (0, 1), value=B * S)
+            out = flash_attention(q.reshape(B * S, H, D), k.reshape(B * S, k.shape[2], D),
+                                  v.reshape(B * S, v.shape[2], v.shape[3]), causal=causal, scale=scaling,
+                                  window=window, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=S, max_seqlen_k=S,
+                                  **extra)
+            return out.view(B, S, H, out.shape[-1]).masked_fill(~pad_k[:, :, None, None], 0.0), None
+
+    # padding anywhere: gather the real tokens, varlen kernel, scatter back (padded query rows
+    # give 0); the queries are the last L positions of the keys
     pad_q = pad_k[:, S - L:]
     bk, sk = pad_k.nonzero(as_tuple=True)
     bq, sq = pad_q.nonzero(as_tuple=True)
