@@ -194,3 +194,19 @@ def test_llama_trains_under_bf16_autocast(transformers):
     assert losses[1][-1] < losses[1][0] - 0.1, losses[1]
     for a, b in zip(losses[0], losses[1]):
         assert abs(a - b) < 0.05 * abs(a), (losses[0], losses[1])
+
+
+def test_compiles_under_autocast():
+    """The autocast-aware functions trace with torch.compile(fullgraph=True) inside autocast."""
+    q, k = rand(2, 9, 4, 16, device=torch.device("cpu"), seed=1), rand(2, 9, 2, 16, device=torch.device("cpu"), seed=2)
+    v = rand(2, 9, 2, 16, device=torch.device("cpu"), dtype=torch.bfloat16, seed=3)
+    attn = torch.compile(lambda q, k, v: pk.flash_attention(q, k, v, causal=True), fullgraph=True,
+                         backend="aot_eager")
+    pred = rand(2, 3, 4, 4, device=torch.device("cpu"), dtype=torch.bfloat16, seed=4)
+    x0 = rand(2, 3, 4, 4, device=torch.device("cpu"), seed=5)
+    loss = torch.compile(lambda p, x: pk.diffusion_loss(p, x), fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, value = attn(q, k, v), loss(pred, x0)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, pk.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True))
+    assert value.dtype == torch.float32 and torch.equal(value, pk.diffusion_loss(pred.float(), x0))
