@@ -309,3 +309,28 @@ def test_paged_cache_equals_contiguous():
     out = fai.flash_attn_with_kvcache(q, k_paged, v_paged, cache_seqlens=lens, block_table=block_table, causal=True)
     ref = fai.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True)
     torch.testing.assert_close(out, ref)
+
+
+def test_bad_kvcache_arguments_name_themselves():
+    q = torch.randn(2, 1, 2, 8)
+    kc, vc = torch.randn(3, 6, 2, 8), torch.randn(3, 6, 2, 8)
+    cos = torch.randn(8, 2)
+    lens = torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="rotary_cos, rotary_sin"):
+        fai.flash_attn_with_kvcache(q, kc[:2], vc[:2], cache_seqlens=lens, rotary_cos=cos, rotary_sin=cos[:, :1])
+    with pytest.raises(ValueError, match="rotary_cos, rotary_sin: pass both"):
+        fai.flash_attn_with_kvcache(q, kc[:2], vc[:2], cache_seqlens=lens, rotary_cos=cos)
+    with pytest.raises(ValueError, match="rotary_cos"):
+        fai.flash_attn_with_kvcache(q, kc[:2], vc[:2], cache_seqlens=lens, rotary_cos=torch.randn(8, 5),
+                                    rotary_sin=torch.randn(8, 5))
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        fai.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=torch.tensor([0, 3],
+                                                                                                 dtype=torch.int32))
+    with pytest.raises(TypeError, match="cache_batch_idx"):
+        fai.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        fai.flash_attn_with_kvcache(q, kc[:2], vc[:2], cache_seqlens=2.5)
+    with pytest.raises(ValueError, match="k, v"):
+        fai.flash_attn_with_kvcache(q, kc[:2], vc[:2], k=torch.randn(2, 1, 2, 8), cache_seqlens=lens)
+    with pytest.raises(TypeError, match="softcap"):
+        fai.flash_attn_func(q, q, q, softcap="big")
