@@ -197,16 +197,22 @@ def test_llama_trains_under_bf16_autocast(transformers):
 
 
 def test_compiles_under_autocast():
-    """The autocast-aware functions trace with torch.compile(fullgraph=True) inside autocast."""
-    q, k = rand(2, 9, 4, 16, device=torch.device("cpu"), seed=1), rand(2, 9, 2, 16, device=torch.device("cpu"), seed=2)
-    v = rand(2, 9, 2, 16, device=torch.device("cpu"), dtype=torch.bfloat16, seed=3)
+    """The autocast-aware functions trace with torch.compile(fullgraph=True) inside autocast, and
+    the compiled attention differentiates back to the float32 inputs."""
+    cpu = torch.device("cpu")
+    q = rand(2, 9, 4, 16, device=cpu, seed=1).requires_grad_()
+    k = rand(2, 9, 2, 16, device=cpu, seed=2).requires_grad_()
+    v = rand(2, 9, 2, 16, device=cpu, dtype=torch.bfloat16, seed=3).requires_grad_()
     attn = torch.compile(lambda q, k, v: pk.flash_attention(q, k, v, causal=True), fullgraph=True,
                          backend="aot_eager")
-    pred = rand(2, 3, 4, 4, device=torch.device("cpu"), dtype=torch.bfloat16, seed=4)
-    x0 = rand(2, 3, 4, 4, device=torch.device("cpu"), seed=5)
+    pred = rand(2, 3, 4, 4, device=cpu, dtype=torch.bfloat16, seed=4)
+    x0 = rand(2, 3, 4, 4, device=cpu, seed=5)
     loss = torch.compile(lambda p, x: pk.diffusion_loss(p, x), fullgraph=True, backend="aot_eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, value = attn(q, k, v), loss(pred, x0)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, pk.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True))
+    want = pk.flash_attention(q.detach().bfloat16(), k.detach().bfloat16(), v.detach().bfloat16(), causal=True)
+    assert torch.equal(out.detach(), want)
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
     assert value.dtype == torch.float32 and torch.equal(value, pk.diffusion_loss(pred.float(), x0))
