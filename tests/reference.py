@@ -363,6 +363,24 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens=None, 
 # ---- shared by the CPU and CUDA attention tests ----
 
 
+def rotary_ref(x, theta, positions, interleaved):
+    """Rotary embedding in float64 as a complex product: x (B, S, H, D); theta (seqlen_ro,
+    rotary_dim / 2) angles, so cos/sin = theta.cos()/theta.sin(); positions (B, S) rows of theta.
+    Feature pairs (2i, 2i+1) when interleaved (GPT-J), (i, i + rotary_dim / 2) otherwise
+    (GPT-NeoX); the features past rotary_dim are unchanged."""
+    x = x.detach().to(torch.float64)
+    half = theta.shape[-1]
+    rd = 2 * half
+    rot = torch.polar(torch.ones(1, dtype=torch.float64), theta.to(torch.float64)[positions])[:, :, None, :]
+    if interleaved:
+        z = torch.view_as_complex(x[..., :rd].reshape(*x.shape[:-1], half, 2).contiguous()) * rot
+        y = torch.view_as_real(z).flatten(-2)
+    else:
+        z = torch.complex(x[..., :half], x[..., half:rd]) * rot
+        y = torch.cat([z.real, z.imag], dim=-1)
+    return torch.cat([y, x[..., rd:]], dim=-1)
+
+
 def diffusers_attention_ref(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
     """diffusers' `Attention` forward (the steps of its AttnProcessor2_0) in float64, on a float64
     copy of the module, with attention_ref for the attention itself: key/value heads fewer than

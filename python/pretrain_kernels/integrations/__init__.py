@@ -1,6 +1,7 @@
 """Adapters from pretrain_kernels' ops to other libraries (the kernels never import from here);
 each module imports its library only when used:
 
+  transformers register(): the flash kernels as attn_implementation="pretrain_kernels"
   collator     MLMCollator, a drop-in for transformers' DataCollatorForLanguageModeling
   logits       TopKTopPLogitsWarper for transformers' generate
   diffusers    AttnProcessor (model.set_attn_processor), set_attn_processor(model) for models

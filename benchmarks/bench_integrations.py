@@ -1,0 +1,139 @@
+"""transformers integration: a small Llama (4 layers, width 256, 4 heads of 64, batch 8, lengths
+128-512 padded to 512) with attn_implementation="pretrain_kernels" against the same weights on
+transformers' "sdpa" (torch's scaled_dot_product_attention with the padding mask). Timed:
+forward + backward of the padded batch (right padding, labels on the real tokens), and greedy
+generate of 64 new tokens with the KV cache from the left-padded batch. extra_info records impl,
+baseline (True for the package's) and tokens, so benchmarks/report.py shows the speedup.
+
+Run: pytest benchmarks/bench_integrations.py --benchmark-json=build/bench_integrations.json
+Or:  python benchmarks/bench_integrations.py [--rounds 5]   (prints a table of times and ratios)
+"""
+import argparse
+import time
+
+import pytest
+import torch
+
+B, MIN_LEN, MAX_LEN, NEW_TOKENS, VOCAB = 8, 128, 512, 64, 1024
+IMPLS = ("pretrain_kernels", "sdpa")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        pytest.skip(f"transformers is not importable: {e}")
+    from pretrain_kernels.integrations import transformers as pkt
+    pkt.register()
+    return transformers
+
+
+def make_model(impl: str, device="cpu"):
+    tf = _transformers()
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM._from_config(cfg, attn_implementation=impl).to(device)
+
+
+def make_batch(padding: str, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(MIN_LEN, MAX_LEN + 1, (B,), generator=g)
+    lens[0] = MAX_LEN
+    ids = torch.randint(1, VOCAB, (B, MAX_LEN), generator=g)
+    pos = torch.arange(MAX_LEN)[None]
+    mask = (pos < lens[:, None]) if padding == "right" else (pos >= MAX_LEN - lens[:, None])
+    ids = ids.masked_fill(~mask, 0)
+    return ids.to(device), mask.long().to(device), int(lens.sum())
+
+
+def fwd_bwd_fn(impl, device="cpu"):
+    model = make_model(impl, device).train()
+    ids, mask, tokens = make_batch("right", device)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    return step, tokens
+
+
+def generate_fn(impl, device="cpu"):
+    model = make_model(impl, device).eval()
+    ids, mask, _ = make_batch("left", device)
+
+    def step():
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return step, B * NEW_TOKENS
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_llama_padded_fwd_bwd(benchmark, bench_device, impl):
+    step, tokens = fwd_bwd_fn(impl, bench_device)
+    step()
+    benchmark.group = f"transformers llama fwd+bwd B{B} len{MIN_LEN}-{MAX_LEN} {bench_device}"
+    benchmark.extra_info.update(family="integrations", op="llama fwd+bwd", impl=impl, device=bench_device,
+                                baseline=(impl == "pretrain_kernels"), tokens=tokens)
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_llama_generate(benchmark, bench_device, impl):
+    step, tokens = generate_fn(impl, bench_device)
+    benchmark.group = f"transformers llama generate B{B} +{NEW_TOKENS} {bench_device}"
+    benchmark.extra_info.update(family="integrations", op="llama generate", impl=impl, device=bench_device,
+                                baseline=(impl == "pretrain_kernels"), tokens=tokens)
+    benchmark.pedantic(step, rounds=2, iterations=1, warmup_rounds=1)
+
+
+def test_same_generation():
+    """Both implementations generate the same tokens (greedy) from the benchmark's batch, shortened."""
+    outs = []
+    for impl in IMPLS:
+        model = make_model(impl).eval()
+        ids, mask, _ = make_batch("left")
+        with torch.no_grad():
+            outs.append(model.generate(ids[:2, -150:], attention_mask=mask[:2, -150:], max_new_tokens=8,
+                                       do_sample=False, pad_token_id=0))
+    assert torch.equal(outs[0], outs[1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    rows = []
+    for what, make in (("fwd+bwd", fwd_bwd_fn), ("generate", generate_fn)):
+        fns = {impl: make(impl, args.device)[0] for impl in IMPLS}
+        for fn in fns.values():
+            fn()  # warm up
+        times = {impl: [] for impl in IMPLS}
+        for _ in range(args.rounds):  # interleaved, so both see the same machine load
+            for impl, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[impl].append(time.perf_counter() - t)
+        med = {impl: sorted(ts)[len(ts) // 2] for impl, ts in times.items()}
+        rows.append((what, med["pretrain_kernels"], med["sdpa"]))
+    print(f"small Llama (4 x 256, batch {B}, lengths {MIN_LEN}-{MAX_LEN}), {args.device}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds}")
+    print(f"| {'':9s} | {'pretrain_kernels':>16s} | {'sdpa':>9s} | {'sdpa / pk':>9s} |")
+    print(f"|{'-' * 11}|{'-' * 18}|{'-' * 11}|{'-' * 11}|")
+    for what, pk_t, sdpa_t in rows:
+        print(f"| {what:9s} | {pk_t * 1e3:13.0f} ms | {sdpa_t * 1e3:6.0f} ms | {sdpa_t / pk_t:8.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
