@@ -4,7 +4,6 @@ transformers' "sdpa"; padding honoured (each padded row equals the row run alone
 backward, generate with the cache, dropout, bf16, and the dense-mask fallback.
 
 Every test that needs transformers takes the `transformers` fixture and skips alone without it."""
-import inspect
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ import pretrain_kernels as pk
 from pretrain_kernels.integrations import transformers as pkt
 
 VOCAB = 97
-HAS_KERNEL_DROPOUT = "dropout_p" in inspect.signature(pk.flash_attention).parameters
 
 
 @pytest.fixture(scope="module")
@@ -247,12 +245,11 @@ def test_dropout_from_config_in_training(transformers, kind):
         torch.testing.assert_close(_logits(ours, ids, mask)[real], _logits(ref, ids, mask)[real], rtol=1e-4,
                                    atol=1e-4)
         ours.train()
-        with pytest.warns(UserWarning) if not HAS_KERNEL_DROPOUT else _nullcontext():
-            torch.manual_seed(11)
-            a = _logits(ours, ids, mask)
-            torch.manual_seed(11)
-            b = _logits(ours, ids, mask)
-            c = _logits(ours, ids, mask)
+        torch.manual_seed(11)
+        a = _logits(ours, ids, mask)
+        torch.manual_seed(11)
+        b = _logits(ours, ids, mask)
+        c = _logits(ours, ids, mask)
         ours.eval()
         e = _logits(ours, ids, mask)
     torch.testing.assert_close(a, b)
@@ -260,15 +257,6 @@ def test_dropout_from_config_in_training(transformers, kind):
     assert (a[real] - e[real]).abs().max() > 1e-3
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-@pytest.mark.skipif(not HAS_KERNEL_DROPOUT, reason="pk.flash_attention has no dropout_p in this build")
 def test_dropout_goes_to_the_kernel(transformers, monkeypatch):
     """With a kernel that has dropout, the module's dropout reaches pk.flash_attention (padded
     and unpadded paths) and no fallback runs."""

@@ -33,7 +33,6 @@ The backward is deterministic (recomputed from the saved lse), whatever `determi
 """
 from __future__ import annotations
 
-import inspect
 import numbers
 
 import torch
@@ -43,8 +42,6 @@ from .ops.attention import flash_attention, flash_attention_with_kvcache
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
 
-_FA_PARAMS = frozenset(inspect.signature(flash_attention).parameters)
-_KV_PARAMS = frozenset(inspect.signature(flash_attention_with_kvcache).parameters)
 
 
 def _softcap(softcap):
@@ -59,7 +56,7 @@ def _unsupported(name: str, why: str):
     raise NotImplementedError(f"{name}: {why}")
 
 
-def _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic, params, fn) -> dict:
+def _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic) -> dict:
     """The keyword arguments of the pk call for the score modifiers and dropout."""
     kw = {}
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
@@ -67,15 +64,9 @@ def _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic, params, fn) -
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
     if dropout_p > 0.0:
-        if "dropout_p" not in params:
-            _unsupported("dropout_p", f"attention dropout is not available in this build's {fn}")
         kw["dropout_p"] = float(dropout_p)
     if deterministic:
-        if "deterministic" in params:
-            kw["deterministic"] = True
-        elif "dropout_p" in kw:
-            _unsupported("deterministic", f"not available in this build's {fn}")
-        # otherwise: the backward is deterministic already (recomputed from the saved lse)
+        kw["deterministic"] = True
     cap = _softcap(softcap)
     if cap is not None:
         kw["softcap"] = cap
@@ -96,7 +87,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, kv_heads, head_dim) ->
     out (batch, seqlen_q, heads, head_dim) [, softmax_lse (batch, heads, seqlen_q), None]."""
-    kw = _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic, _FA_PARAMS, "pk.flash_attention")
+    kw = _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic)
     res = flash_attention(q, k, v, causal=causal, scale=softmax_scale, window=window_size, return_lse=True, **kw)
     return _finish(res, return_attn_probs)
 
@@ -137,7 +128,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         _unsupported("block_table", "a paged key/value cache is not supported by the varlen kernel "
                                     "(use flash_attn_with_kvcache)")
-    kw = _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic, _FA_PARAMS, "pk.flash_attention")
+    kw = _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic)
     res = flash_attention(q, k, v, causal=causal, scale=softmax_scale, window=window_size,
                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                           max_seqlen_k=max_seqlen_k, return_lse=True, **kw)
@@ -224,17 +215,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     B, Sq = q.shape[0], q.shape[1]
     kw = {}
     if block_table is not None:
-        if "block_table" not in _KV_PARAMS:
-            _unsupported("block_table", "a paged key/value cache is not available in this build's "
-                                        "pk.flash_attention_with_kvcache")
         if cache_batch_idx is not None:
             _unsupported("cache_batch_idx", "not supported together with block_table")
         kw["block_table"] = block_table
     window_size = tuple(window_size)
     if window_size != (-1, -1):
-        if "window" not in _KV_PARAMS:
-            _unsupported("window_size", "sliding windows are not available in this build's "
-                                        "pk.flash_attention_with_kvcache")
         kw["window"] = window_size
     cap = _softcap(softcap)
     if cap is not None:
@@ -242,9 +227,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if alibi_slopes is not None:
         kw["alibi_slopes"] = alibi_slopes
     if return_softmax_lse:
-        if "return_lse" not in _KV_PARAMS:
-            _unsupported("return_softmax_lse", "the lse is not available in this build's "
-                                               "pk.flash_attention_with_kvcache")
         kw["return_lse"] = True
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"num_splits: expected an int, got {type(num_splits).__name__}")

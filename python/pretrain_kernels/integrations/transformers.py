@@ -30,14 +30,12 @@ A 4-D mask the caller built is passed through as transformers does.
 
 The attention function takes transformers' arguments: scaling, dropout (the module passes its
 attention dropout when training), is_causal (default module.is_causal), sliding_window (query i
-sees the keys i - sliding_window + 1 .. i, transformers' convention), softcap. Dropout goes to
-the kernels when pk.flash_attention takes dropout_p; where it does not, a dropout > 0 runs on
-torch's scaled_dot_product_attention with the same mask, so training with the models' default
-dropout still works. Attention sinks (s_aux) and output_attentions are not supported.
+sees the keys i - sliding_window + 1 .. i, transformers' convention), softcap. Dropout runs in
+the kernels (dropout_p, seeded from torch's generator, so torch.manual_seed makes a run
+reproducible). Attention sinks (s_aux) and output_attentions are not supported.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
@@ -49,7 +47,6 @@ __all__ = ["NAME", "register", "attention_forward", "attention_mask"]
 
 NAME = "pretrain_kernels"
 
-_FLASH_PARAMS = frozenset(inspect.signature(flash_attention).parameters)
 
 
 def register() -> str:
@@ -132,45 +129,6 @@ def _window(sliding_window, causal: bool) -> tuple[int, int]:
     return (int(sliding_window), int(sliding_window))  # |q_idx - kv_idx| <= sliding_window
 
 
-def _dense_bool_mask(mask, B: int, L: int, S: int, causal: bool, window, device) -> torch.Tensor | None:
-    """The visibility as a (B, 1, L, S) bool mask for torch's SDPA (queries are the last L keys)."""
-    left, right = window
-    if causal:
-        right = 0
-    if mask is not None and mask.dim() == 4:
-        return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
-    vis = None
-    if left >= 0 or right >= 0:
-        i = torch.arange(L, device=device)[:, None] + (S - L)
-        j = torch.arange(S, device=device)[None, :]
-        vis = torch.ones(L, S, dtype=torch.bool, device=device)
-        if left >= 0:
-            vis &= j >= i - left
-        if right >= 0:
-            vis &= j <= i + right
-        vis = vis[None, None]
-    if mask is not None:  # 2-D padding mask
-        pad = mask[:, None, None, :]
-        vis = pad if vis is None else vis & pad
-    return vis
-
-
-def _torch_fallback(query, key, value, mask, scale, causal, window, dropout):
-    """Attention with dropout where the kernels have none: torch's SDPA on the same visibility."""
-    warnings.warn("pretrain_kernels: attention dropout runs on torch's scaled_dot_product_attention (this build of "
-                  "pk.flash_attention has no dropout_p)", stacklevel=3)
-    B, H, L, _ = query.shape
-    S = key.shape[2]
-    if key.shape[1] != H:
-        rep = H // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    vis = _dense_bool_mask(mask, B, L, S, causal, window, query.device)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=vis, dropout_p=dropout, scale=scale)
-    if vis is not None:  # rows that see no key: 0, as the kernels
-        out = out.masked_fill(~vis.any(-1, keepdim=True), 0.0)
-    return out.transpose(1, 2)
-
-
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, sliding_window: int | None = None,
@@ -191,8 +149,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     dropout = float(dropout or 0.0)
     if key.dtype != query.dtype:  # layers kept in float32 (PEFT) next to bf16 projections
         key, value = key.to(query.dtype), value.to(query.dtype)
-    if dropout > 0 and "dropout_p" not in _FLASH_PARAMS:
-        return _torch_fallback(query, key, value, attention_mask, scaling, causal, window, dropout), None
     extra = {}
     if dropout > 0:
         extra["dropout_p"] = dropout
@@ -203,10 +159,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # dense mask (already holds causality and windows): the SDPA drop-in applies it tile by tile
         if softcap is not None:
             raise NotImplementedError("softcap: not supported with a dense attention mask")
-        if dropout > 0:
-            return _torch_fallback(query, key, value, attention_mask, scaling, causal, window, dropout), None
         mask = attention_mask[..., :S]
-        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                            enable_gqa=key.shape[1] != H)
         return out.transpose(1, 2), None
 
