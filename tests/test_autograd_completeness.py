@@ -344,3 +344,16 @@ def test_vmap_with_dropout_matches_a_loop():
         loop = torch.stack([torch.func.grad(lambda a, b, c: fn(a, b, c).sum(), argnums=n)(*(x[i] for x in xs))
                             for i in range(3)])
         torch.testing.assert_close(g, loop, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_without_inputs_that_require_grad():
+    """torch.compile(fullgraph=True) traces the op directly when no input needs a gradient (and
+    the Function when one does), so inference under torch.compile works."""
+    q, k, v = (rand(1, 8, 2, 16, dtype=torch.float32, seed=s) for s in (31, 32, 33))
+    fn = torch.compile(lambda a, b, c: pk.flash_attention(a, b, c, causal=True), fullgraph=True)
+    assert torch.equal(fn(q, k, v), pk.flash_attention(q, k, v, causal=True))
+    qg = q.clone().requires_grad_()
+    with torch.no_grad():
+        assert torch.equal(fn(qg, k, v), pk.flash_attention(q, k, v, causal=True))
+    fn(qg, k, v).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()

@@ -114,9 +114,12 @@ def _needs_autograd(args) -> bool:
 def needs_autograd(*args) -> bool:
     """Whether a public wrapper must call the op through its autograd.Function: grad mode on
     with an input that requires grad, or a forward-mode level open (the Function then raises
-    if an input carries a tangent). Always while torch.compile traces: the Function is traced
-    then, and AOTAutograd decides."""
-    return is_compiling() or _needs_autograd(args)
+    if an input carries a tangent). While torch.compile traces, grad mode and requires_grad
+    decide alone (Dynamo traces the Function then, and cannot trace one whose inputs need no
+    gradient)."""
+    if is_compiling():
+        return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return _needs_autograd(args)
 
 
 def register_autograd_function(qualname: str, function, extra_args=(), public: str = "") -> None:
