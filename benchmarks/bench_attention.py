@@ -144,6 +144,20 @@ def test_prefix_lm_forward_backward(benchmark, dt, impl):
     benchmark.pedantic(step, rounds=_rounds(S), iterations=1, warmup_rounds=1)
 
 
+def decode_inputs(D, dtype):
+    """The decode shape's caches (full but for the last position), one new token per row, the
+    cache lengths, and the generator that drew them (seed 0)."""
+    Bd, L, Hd = DECODE["batch"], DECODE["cache"], DECODE["heads"]
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
+    v_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
+    q = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    k_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    v_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
+    lens = torch.full((Bd,), L - 1, dtype=torch.int32)
+    return k_cache, v_cache, q, k_new, v_new, lens, g
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("D", HEAD_DIMS)
@@ -152,13 +166,7 @@ def test_decode(benchmark, D, dt, impl):
     pk; the alternatives attend to the full cache slice)."""
     Bd, L, Hd = DECODE["batch"], DECODE["cache"], DECODE["heads"]
     dtype = DTYPES[dt]
-    g = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
-    v_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
-    q = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
-    k_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
-    v_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
-    lens = torch.full((Bd,), L - 1, dtype=torch.int32)
+    k_cache, v_cache, q, k_new, v_new, lens, g = decode_inputs(D, dtype)
     benchmark.group = f"attention decode B{Bd} cache{L} H{Hd} D{D} {dt}"
     benchmark.extra_info.update(family="attention", op="flash_attention_with_kvcache", impl=impl, device="cpu",
                                 shape=f"{Bd}x1x{Hd}x{D} cache {L}", baseline=(impl == "pk"),
@@ -217,13 +225,7 @@ def test_decode_paged(benchmark, dt, layout):
     batch 8, cache 4096, H=8, D=64. The contiguous row is the baseline of the group."""
     Bd, L, Hd, D = DECODE["batch"], DECODE["cache"], DECODE["heads"], 64
     dtype = DTYPES[dt]
-    g = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
-    v_cache = torch.randn(Bd, L, Hd, D, generator=g).to(dtype)
-    q = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
-    k_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
-    v_new = torch.randn(Bd, 1, Hd, D, generator=g).to(dtype)
-    lens = torch.full((Bd,), L - 1, dtype=torch.int32)
+    k_cache, v_cache, q, k_new, v_new, lens, g = decode_inputs(D, dtype)
     table = None
     if layout != "contiguous":
         ps = int(layout[len("paged"):])

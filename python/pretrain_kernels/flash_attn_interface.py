@@ -67,6 +67,13 @@ def _score_kwargs(dropout_p, softcap, alibi_slopes, deterministic) -> dict:
         kw["dropout_p"] = float(dropout_p)
     if deterministic:
         kw["deterministic"] = True
+    kw.update(_score_mod_kwargs(softcap, alibi_slopes))
+    return kw
+
+
+def _score_mod_kwargs(softcap, alibi_slopes) -> dict:
+    """softcap (0.0 or None: off) and alibi_slopes as keyword arguments of the pk call."""
+    kw = {}
     cap = _softcap(softcap)
     if cap is not None:
         kw["softcap"] = cap
@@ -221,11 +228,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window_size = tuple(window_size)
     if window_size != (-1, -1):
         kw["window"] = window_size
-    cap = _softcap(softcap)
-    if cap is not None:
-        kw["softcap"] = cap
-    if alibi_slopes is not None:
-        kw["alibi_slopes"] = alibi_slopes
+    kw.update(_score_mod_kwargs(softcap, alibi_slopes))
     if return_softmax_lse:
         kw["return_lse"] = True
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
