@@ -64,10 +64,16 @@ test-cpp:
 sanitize: $(VENV_DEP)
 	PYTHON=$(PY) bash scripts/sanitize.sh $(PYTEST_ARGS)
 
+# make bench: pk-bench (python/pretrain_kernels/bench) on this machine, every family, against every
+# alternative installed here; the table, plot and machine description go to build/bench/.
+# BENCH_ARGS passes options (e.g. BENCH_ARGS="masking sampling --quick"); BENCH_ALTERNATIVES are
+# installed first where they install (a failure only means pk-bench skips them and says so).
+BENCH_ARGS ?=
+BENCH_ALTERNATIVES ?= numba transformers diffusers
 bench: setup
-	$(PY) -m pip install -q pytest-benchmark matplotlib numba transformers
-	$(PY) -m pytest benchmarks -q --benchmark-json=build/bench.json -p no:cacheprovider
-	$(PY) benchmarks/report.py build/bench.json --out benchmarks/results/latest
+	$(PY) -m pip install -q "pytest-benchmark>=4" matplotlib
+	-$(PY) -m pip install -q $(BENCH_ALTERNATIVES)
+	$(PY) -m pretrain_kernels.bench --out build/bench $(BENCH_ARGS)
 
 device-check:
 	bash scripts/device_check.sh

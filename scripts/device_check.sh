@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU whose python3 already has torch, ninja,
 # pybind11 and nvcc (no network needed): builds the extension, runs every CUDA test, the GPU
-# benchmarks, compute-sanitizer (memcheck, racecheck) on small shapes, and prints a short
-# table last. Logs and JSON go to $OUT (or build/device_check).
+# benchmarks (pk-bench --device cuda; needs pytest-benchmark), compute-sanitizer (memcheck,
+# racecheck) on small shapes, and prints a short table last. Logs and JSON go to $OUT (or
+# build/device_check).
 # The whole run keeps to PK_CHECK_BUDGET seconds (default 540, under a 10-minute call): each
 # stage's timeout is cut to what is left after the stages that follow have their share, and
 # the summary is appended to $OUT/summary.txt as each stage ends, so a run cut short still
@@ -13,7 +14,7 @@ PY=${PYTHON:-python3}
 LOG=${OUT:-build/device_check}
 mkdir -p "$LOG"
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PK_BUILD_CUDA=1
-export PYTHONPATH="$PWD/python:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # Optional wheels for test-only packages missing on the machine (see README, "GPU check").
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -50,15 +51,14 @@ timeout $lim $PY -m pytest tests -m cuda -q -p no:cacheprovider -o addopts="" -r
   --junitxml="$LOG/cuda_tests.xml" 2>&1 | tee "$LOG/cuda_tests.log" | tail -60
 note "cuda tests: $(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed).*' "$LOG/cuda_tests.log" | tail -1) ($(( $(date +%s) - t0 ))s of ${lim}s)"
 
-echo "== GPU benchmarks"
+echo "== GPU benchmarks (pk-bench)"
 t0=$(date +%s)
 lim=$(stage_limit 150 100)
-timeout $lim $PY -m pytest benchmarks -q -p no:cacheprovider -o addopts="" -k cuda --benchmark-json="$LOG/bench_gpu.json" \
-  --benchmark-max-time=0.3 --benchmark-min-rounds=5 --benchmark-columns=median,ops >"$LOG/bench_gpu.log" 2>&1
-note "gpu benchmarks: $(tail -1 "$LOG/bench_gpu.log") ($(( $(date +%s) - t0 ))s of ${lim}s)"
-if [ -s "$LOG/bench_gpu.json" ]; then
-  $PY benchmarks/report.py "$LOG/bench_gpu.json" --out "$LOG/report_gpu" --title "GPU benchmarks ($(head -1 "$LOG/gpu.txt" | cut -d, -f1))" >/dev/null
-fi
+# every family's CUDA cases; table, plot, machine description and JSON in $LOG/bench_gpu/
+timeout $lim $PY -m pretrain_kernels.bench --device cuda --out "$LOG/bench_gpu" \
+  -- --benchmark-max-time=0.3 --benchmark-min-rounds=5 >"$LOG/bench_gpu.log" 2>&1
+note "gpu benchmarks: $(grep -E '^=* ?[0-9]+ (passed|failed|error)' "$LOG/bench_gpu.log" | tail -1) ($(( $(date +%s) - t0 ))s of ${lim}s)"
+while IFS= read -r line; do note "gpu benchmarks, $line"; done < <(grep -E '^(skipped:|pk-bench needs)' "$LOG/bench_gpu.log")
 
 echo "== compute-sanitizer on small shapes"
 if command -v compute-sanitizer >/dev/null; then
@@ -77,4 +77,4 @@ fi
 echo
 echo "================ device check summary ================"
 printf '%s\n' "${summary[@]}"
-[ -f "$LOG/report_gpu.md" ] && sed -n '/^| group/,$p' "$LOG/report_gpu.md"
+[ -f "$LOG/bench_gpu/report.md" ] && sed -n '/^| group/,$p' "$LOG/bench_gpu/report.md"

@@ -1,10 +1,11 @@
 """pk.mlm_mask against what a user would run instead, on the same batch:
 transformers' DataCollatorForLanguageModeling.torch_mask_tokens, a plain torch composite
-(bernoulli / where), a numba parallel kernel (CPU), and the torch composite on the GPU.
+(bernoulli / where), a numba parallel kernel (CPU), and the torch composite on the GPU and the
+same composite in CuPy (GPU).
 
-Run: pytest benchmarks/bench_masking.py --benchmark-json=build/bench.json; then
-python benchmarks/report.py build/bench.json. Each test records group, impl and the bytes
-the op must move (ids read, masked ids and labels written) in extra_info.
+Run: pk-bench masking [--device cpu|cuda] [--quick]. Each test records group, impl and the bytes
+the op must move (ids read, masked ids and labels written) in extra_info. Shapes 64x512 and
+256x2048 (64x512 only under --quick).
 """
 import numpy as np
 import pytest
@@ -12,12 +13,12 @@ import torch
 
 import pretrain_kernels as pk
 
-from conftest import cuda_sync_fn
+from pretrain_kernels.bench.common import cuda_sync_fn, quick, require
 
 VOCAB = 30522
 MASK_ID, PAD_ID, CLS_ID, SEP_ID, UNK_ID = 103, 0, 101, 102, 100
 SPECIAL = [PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID]
-SHAPES = [(64, 512), (256, 2048)]
+SHAPES = quick([(64, 512), (256, 2048)], [(64, 512)])
 
 
 def make_ids(B, L, device="cpu"):
@@ -40,8 +41,18 @@ def torch_composite(ids, special, p=0.15):
     return out, labels
 
 
+def cupy_composite(cp, ids, special, p=0.15):
+    """torch_composite in CuPy, on the same device array (DLPack, no copy)."""
+    sel = (cp.random.random(ids.shape, dtype=cp.float32) < p) & ~cp.isin(ids, special)
+    labels = cp.where(sel, ids, -100)
+    u = cp.random.random(ids.shape, dtype=cp.float32)
+    out = cp.where(sel & (u < 0.8), MASK_ID, ids)
+    out = cp.where(sel & (u >= 0.8) & (u < 0.9), cp.random.randint(0, VOCAB, ids.shape), out)
+    return out, labels
+
+
 def hf_collator():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {f"t{i}": i for i in range(VOCAB)}
     for name, i in (("[PAD]", PAD_ID), ("[UNK]", UNK_ID), ("[CLS]", CLS_ID), ("[SEP]", SEP_ID), ("[MASK]", MASK_ID)):
@@ -59,7 +70,7 @@ _numba_fn = None
 def numba_mask():
     global _numba_fn
     if _numba_fn is None:
-        numba = pytest.importorskip("numba")
+        numba = require("numba")
 
         @numba.njit(parallel=True, cache=False)
         def mask(ids, special, p, mask_id, vocab, seed):
@@ -132,3 +143,20 @@ def test_numba_parallel(benchmark, shape):
     fn(ids, special, 0.15, MASK_ID, VOCAB, 0)  # compile outside the timing
     _info(benchmark, "mlm_mask", "numba parallel", B, L, "cpu")
     benchmark(lambda: fn(ids, special, 0.15, MASK_ID, VOCAB, 0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cupy_composite(benchmark, shape):
+    cp = require("CuPy")
+    B, L = shape
+    ids = cp.from_dlpack(make_ids(B, L, "cuda"))
+    special = cp.asarray(SPECIAL, dtype=ids.dtype)
+    _info(benchmark, "mlm_mask", "cupy composite", B, L, "cuda")
+
+    def run():
+        out = cupy_composite(cp, ids, special)
+        cp.cuda.get_current_stream().synchronize()
+        return out
+
+    benchmark(run)

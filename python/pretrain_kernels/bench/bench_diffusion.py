@@ -1,10 +1,10 @@
 """Denoising benchmarks: the fused ops against diffusers' scheduler methods and the torch eager
 code a user would otherwise write, on the same inputs.
 
-    pytest benchmarks/bench_diffusion.py --benchmark-only            # CPU (+ CUDA if present)
-    python benchmarks/bench_diffusion.py                             # GPU: bandwidth table
+    pk-bench diffusion [--device cpu|cuda] [--quick]
+    python -m pretrain_kernels.bench.bench_diffusion                 # GPU: bandwidth table
 
-Sizes: "pixels" 64x3x32x32 and "latents" 8x4x128x128 (float32). Groups are named
+Sizes: "pixels" 64x3x32x32 and "latents" 8x4x128x128 (float32; "pixels" only under --quick). Groups are named
 "<op>-<device>-<size>"; each group holds the fused op ("pk"), diffusers ("diffusers") and the
 eager composite ("eager"). "ddim_loop50" is a whole 50-step DDIM loop, model call excluded
 (the model output is a fixed tensor). On CUDA each timed call runs the op 20 times and
@@ -18,13 +18,15 @@ import pytest
 import torch
 
 import pretrain_kernels as pk
+from pretrain_kernels.bench.common import gpu_usable, quick, require
 
-diffusers = pytest.importorskip("diffusers") if __name__ != "__main__" else __import__("diffusers")
+diffusers = require("diffusers", module_level=True) if __name__ != "__main__" else __import__("diffusers")
 
-SIZES = {"pixels": (64, 3, 32, 32), "latents": (8, 4, 128, 128)}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and pk.build_info()["with_cuda"] else [])
+SIZES = quick({"pixels": (64, 3, 32, 32), "latents": (8, 4, 128, 128)}, {"pixels": (64, 3, 32, 32)})
+DEVICES = ["cpu"] + (["cuda"] if gpu_usable() else [])
 REPEAT_CUDA = 20
-BENCH = pytest.mark.benchmark(max_time=0.25, min_rounds=5, warmup=True, warmup_iterations=3)
+BENCH = pytest.mark.benchmark(max_time=quick(0.25, 0.05), min_rounds=quick(5, 3), warmup=True,
+                              warmup_iterations=3)
 
 
 def _timed(fn, device):
@@ -207,7 +209,7 @@ def test_min_snr_loss_fwd_bwd(benchmark, device, size, impl):
     _run(benchmark, f"min_snr_loss-{device}-{size}", impl, fused if impl == "pk" else eager, device)
 
 
-@pytest.mark.benchmark(max_time=1.0, min_rounds=3, warmup=False)
+@pytest.mark.benchmark(max_time=quick(1.0, 0.2), min_rounds=3, warmup=False)
 @pytest.mark.parametrize("impl", ["pk", "diffusers"])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("device", DEVICES)
@@ -264,7 +266,7 @@ def _gpu_table():
     eagerly."""
     dev = "cuda"
     rows = []
-    for shape in (SIZES["latents"], (64, 16, 128, 128)):
+    for shape in ((8, 4, 128, 128), (64, 16, 128, 128)):
         g = torch.Generator().manual_seed(0)
         x, mo, prev, out = (torch.randn(shape, generator=g).to(dev) for _ in range(4))
         acp = pk.noise_schedule("linear").to(dev)
@@ -284,7 +286,7 @@ def _gpu_table():
     # whole loop in a CUDA graph
     sched = pk.schedulers.DDIMScheduler(clip_sample=False)
     sched.set_timesteps(50, device=dev)
-    x = torch.randn(SIZES["latents"], device=dev)
+    x = torch.randn(8, 4, 128, 128, device=dev)
     mo = torch.randn_like(x)
 
     def loop(lat):

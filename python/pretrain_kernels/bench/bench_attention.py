@@ -10,13 +10,13 @@ forward+backward); paged decode (the decode shape, D=64, page sizes 16 and 256 a
 permutation of blocks, against the contiguous cache in the same group); attention dropout p=0.1
 (S=2048, D=64, not causal, forward+backward) against the plain kernel and torch's SDPA with the
 same dropout_p. The default run takes a subset (S=1024, decode, prefix-LM, the score modifiers,
-paged decode, dropout); PK_BENCH_ALL=1 runs them all.
+paged decode, dropout); PK_BENCH_ALL=1 runs them all; --quick shrinks every case (S=512, D=64,
+float32, a cache of 1024, no peak memory).
 extra_info.flops: 4*B*H*Sq*Sk*D for the forward (halved when causal), x3.5 for
 forward+backward. test_peak_memory records the peak resident memory of forward+backward at
 S=4096 for each implementation (a fresh process each).
 
-Run: pytest benchmarks/bench_attention.py --benchmark-json=build/bench_attention.json; then
-python benchmarks/report.py build/bench_attention.json.
+Run: pk-bench attention --device cpu [--quick].
 """
 import os
 import subprocess
@@ -27,14 +27,16 @@ import torch
 import torch.nn.functional as F
 
 import pretrain_kernels as pk
+from pretrain_kernels.bench.common import QUICK, quick, rounds
 
 ALL = os.environ.get("PK_BENCH_ALL") == "1"
 B, H = 2, 8
-SEQLENS = [512, 1024, 2048, 4096] if ALL else [1024]
-HEAD_DIMS = [64, 128]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SEQLENS = [512, 1024, 2048, 4096] if ALL else quick([1024], [512])
+HEAD_DIMS = quick([64, 128], [64])
+DTYPES = quick({"fp32": torch.float32, "bf16": torch.bfloat16}, {"fp32": torch.float32})
 IMPLS = ["pk", "torch sdpa", "eager"]
-DECODE = dict(batch=8, cache=4096, heads=8)
+DECODE = dict(batch=8, cache=quick(4096, 1024), heads=8)
+LONG = quick(2048, 512)  # the sequence of the prefix-LM, score-modifier and dropout cases
 
 
 def eager_attention(q, k, v, causal):
@@ -65,7 +67,7 @@ def run_fn(impl, q, k, v, causal):
 
 
 def _rounds(S):
-    return 2 if S >= 2048 else 4
+    return rounds(2 if S >= 2048 else 4)
 
 
 CASES = [(S, D, c, dt) for S in SEQLENS for D in HEAD_DIMS for c in (False, True) for dt in DTYPES]
@@ -108,7 +110,7 @@ def test_forward_backward(benchmark, case, impl):
     benchmark.pedantic(step, rounds=_rounds(S), iterations=1, warmup_rounds=1)
 
 
-PREFIX_LM = dict(S=2048, D=64)
+PREFIX_LM = dict(S=LONG, D=64)
 PREFIX_IMPLS = ["pk prefix-lm", "pk causal", "torch sdpa"]
 
 
@@ -186,7 +188,7 @@ def test_decode(benchmark, D, dt, impl):
             return eager_attention(qt, kc, vc, False)
 
     with torch.no_grad():
-        benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(fn, rounds=quick(10, 5), iterations=1, warmup_rounds=quick(2, 1))
 
 
 # Score modifiers: pk with softcap / ALiBi against the plain pk kernel, same inputs, same run
@@ -202,7 +204,7 @@ MOD_VARIANTS = {
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("variant", list(MOD_VARIANTS))
 def test_score_mods_forward_backward(benchmark, variant, dt):
-    S, D = 2048, 64
+    S, D = LONG, 64
     q, k, v = make_inputs(S, D, DTYPES[dt], "pk", grad=True)
     dout = torch.randn_like(q)
     kw = MOD_VARIANTS[variant]
@@ -214,7 +216,7 @@ def test_score_mods_forward_backward(benchmark, variant, dt):
     def step():
         torch.autograd.grad(pk.flash_attention(q, k, v, causal=True, **kw), (q, k, v), dout)
 
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=rounds(3), iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged256"])
@@ -245,7 +247,7 @@ def test_decode_paged(benchmark, dt, layout):
                                                block_table=table)
 
     with torch.no_grad():
-        benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=3)
+        benchmark.pedantic(fn, rounds=quick(20, 5), iterations=1, warmup_rounds=quick(3, 1))
 
 
 # Attention dropout: pk with dropout_p=0.1 against the plain pk kernel and torch's SDPA with the
@@ -258,7 +260,7 @@ DROPOUT_IMPLS = ["pk dropout", "pk plain", "torch sdpa dropout"]
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("impl", DROPOUT_IMPLS)
 def test_dropout_forward_backward(benchmark, impl, dt):
-    S, D, p = 2048, 64, 0.1
+    S, D, p = LONG, 64, 0.1
     q, k, v = make_inputs(S, D, DTYPES[dt], "torch sdpa" if impl.startswith("torch") else "pk", grad=True)
     dout = torch.randn_like(q)
     benchmark.group = f"attention fwd+bwd dropout p{p} B{B} H{H} S{S} D{D} {dt}"
@@ -275,13 +277,13 @@ def test_dropout_forward_backward(benchmark, impl, dt):
     def step():
         torch.autograd.grad(fwd(), (q, k, v), dout)
 
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=rounds(3), iterations=1, warmup_rounds=1)
 
 
 _MEM_SCRIPT = r"""
 import sys, torch
-sys.path.insert(0, {here!r})
-import bench_attention as ba
+sys.path.insert(0, {root!r})
+import pretrain_kernels.bench.bench_attention as ba
 
 
 def status(key):
@@ -302,11 +304,14 @@ print((status("VmHWM") - before) / 1024.0)
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_peak_memory(benchmark, impl):
-    """Peak extra resident memory (MiB) of one forward+backward at S=4096, D=64, float32,
-    beyond the inputs: recorded in extra_info.peak_mib (the time is that of the subprocess)."""
+    """Peak extra resident memory (MiB) of one forward+backward at S=4096, D=64, float32, beyond
+    the inputs: recorded in extra_info.peak_mib (the time is that of the subprocess). Not under
+    --quick (a fresh process per implementation)."""
+    if QUICK:
+        pytest.skip("not under --quick")
     S, D = 4096, 64
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = _MEM_SCRIPT.format(here=here, impl=impl, S=S, D=D)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = _MEM_SCRIPT.format(root=root, impl=impl, S=S, D=D)
     result = {}
 
     def run():

@@ -2,10 +2,11 @@
 whose attention is torch's scaled_dot_product_attention (everything else the same eager
 modules, the same weights, the same batch). One timed call = one optimizer step: forward,
 backward, AdamW. extra_info records impl, baseline (True for the package's), tokens, so
-benchmarks/report.py shows the speedup; "tokens_per_s" is B * T / time.
+report.py shows the speedup; "tokens_per_s" is B * T / time. --quick: the small config in
+float32 only, batch 4, 2 rounds.
 
-Run: pytest benchmarks/bench_train.py --benchmark-json=build/bench_train.json
-Or:  python benchmarks/bench_train.py [--steps 20] [--dtype bfloat16]  (prints tokens/s and the ratio)
+Run: pk-bench train [--device cpu|cuda] [--quick]
+Or:  python -m pretrain_kernels.bench.bench_train [--steps 20] [--dtype bfloat16]  (tokens/s and the ratio)
 """
 import argparse
 import copy
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pretrain_kernels.bench.common import QUICK, quick, rounds
 from pretrain_kernels.models import GPT, GPTConfig
 from pretrain_kernels.models.gpt import CausalSelfAttention
 
@@ -42,6 +44,7 @@ def make(impl: str, cfg: GPTConfig, device="cpu"):
 
 def train_step_fn(impl, name, device="cpu", dtype="float32"):
     cfg, B, T = CONFIGS[name]
+    B = quick(B, 4)
     model, opt = make(impl, cfg, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (B, T + 1), generator=g).to(device)
@@ -63,8 +66,8 @@ def train_step_fn(impl, name, device="cpu", dtype="float32"):
     return step, B * T
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", quick(["float32", "bfloat16"], ["float32"]))
+@pytest.mark.parametrize("name", quick(list(CONFIGS), ["small"]))
 @pytest.mark.parametrize("impl", ["pk", "torch sdpa"])
 def test_gpt_train_step(benchmark, bench_device, impl, name, dtype):
     step, tokens = train_step_fn(impl, name, bench_device, dtype)
@@ -72,7 +75,7 @@ def test_gpt_train_step(benchmark, bench_device, impl, name, dtype):
     benchmark.group = f"gpt train step {name} {dtype} {bench_device}"
     benchmark.extra_info.update(family="train", op="gpt_train_step", impl=impl, device=bench_device, shape=name,
                                 dtype=dtype, baseline=(impl == "pk"), tokens=tokens)
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=rounds(5), iterations=1, warmup_rounds=0 if QUICK else 1)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.median
 

@@ -7,14 +7,17 @@ Contenders (same logits, same machine, one run):
   * torch_sort    the same pipeline written in plain torch (sort-based top-p)
   * numba         a numba (parallel over rows) version: partition for top-k, sort of the
                   survivors, softmax, cumsum, one uniform per row (CPU only)
+  * flashinfer    FlashInfer's top_k_top_p_sampling_from_logits on the logits / temperature
+                  (GPU only)
   * pk_plain / softmax_multinomial: no filters, pk.sample against softmax + torch.multinomial
 
 Knobs of the filtered cases: temperature 0.7, top_k 50, top_p 0.9.
 
-Run:  pytest benchmarks/bench_sampling.py --benchmark-only [-k cpu|cuda]
+Run:  pk-bench sampling [--device cpu|cuda] [--quick]
 The default grid is short (B in {1, 64}, V in {32000, 128256} on the CPU; B=128, V=128256 on a
-GPU); PK_BENCH_FULL=1 runs B in {1, 64, 256} x V in {32000, 128256, 256000}. Each case runs a
-few rounds only (PK_BENCH_ROUNDS, default 5).
+GPU); --quick takes V=32000 only on the CPU; PK_BENCH_FULL=1 runs B in {1, 64, 256} x V in
+{32000, 128256, 256000}. Each case runs a few rounds only (PK_BENCH_ROUNDS, default 5; 2 under
+--quick).
 """
 import os
 
@@ -23,20 +26,19 @@ import pytest
 import torch
 
 import pretrain_kernels as pk
+from pretrain_kernels.bench.common import quick, require, rounds
 
 TEMPERATURE, TOP_K, TOP_P = 0.7, 50, 0.9
-ROUNDS = int(os.environ.get("PK_BENCH_ROUNDS", "5"))
+ROUNDS = rounds(int(os.environ.get("PK_BENCH_ROUNDS", "5")))
 FULL = os.environ.get("PK_BENCH_FULL") == "1"
 CPU_SHAPES = [(b, v) for b in (1, 64, 256) for v in (32000, 128256, 256000)] if FULL else \
-    [(1, 32000), (1, 128256), (64, 32000), (64, 128256)]
+    quick([(1, 32000), (1, 128256), (64, 32000), (64, 128256)], [(1, 32000), (64, 32000)])
 CUDA_SHAPES = [(b, v) for b in (1, 64, 128, 256) for v in (32000, 128256, 256000)] if FULL else [(128, 128256)]
-HAS_CUDA = torch.cuda.is_available() and pk.build_info()["with_cuda"]
 
 
 def _cases():
     out = [pytest.param("cpu", b, v, id=f"cpu-B{b}-V{v}") for b, v in CPU_SHAPES]
-    out += [pytest.param("cuda", b, v, id=f"cuda-B{b}-V{v}",
-                         marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")) for b, v in CUDA_SHAPES]
+    out += [pytest.param("cuda", b, v, id=f"cuda-B{b}-V{v}", marks=pytest.mark.cuda) for b, v in CUDA_SHAPES]
     return out
 
 
@@ -134,7 +136,7 @@ def test_filtered_pk(benchmark, device, B, V):
 
 @pytest.mark.parametrize("device,B,V", _cases())
 def test_filtered_transformers(benchmark, device, B, V):
-    pytest.importorskip("transformers")
+    require("transformers")
     x = _logits(B, V, device)
     benchmark.group = f"filtered-{device}-B{B}-V{V}"
     _run(benchmark, transformers_pipeline(x), device)
@@ -149,13 +151,22 @@ def test_filtered_torch_sort(benchmark, device, B, V):
 
 @pytest.mark.parametrize("device,B,V", [c for c in _cases() if c.values[0] == "cpu"])
 def test_filtered_numba(benchmark, device, B, V):
-    pytest.importorskip("numba")
+    require("numba")
     x = _logits(B, V, device).numpy()
     u = np.random.default_rng(0).random(B)
     out = np.empty(B, dtype=np.int64)
     fn = numba_sampler()
     benchmark.group = f"filtered-{device}-B{B}-V{V}"
     _run(benchmark, lambda: fn(x, np.float32(TEMPERATURE), TOP_K, TOP_P, u, out), device)
+
+
+@pytest.mark.parametrize("device,B,V", [c for c in _cases() if c.values[0] == "cuda"])
+def test_filtered_flashinfer(benchmark, device, B, V):
+    flashinfer = require("FlashInfer")
+    x = _logits(B, V, device)
+    benchmark.group = f"filtered-{device}-B{B}-V{V}"
+    _run(benchmark, lambda: flashinfer.sampling.top_k_top_p_sampling_from_logits(x / TEMPERATURE, TOP_K, TOP_P),
+         device)
 
 
 @pytest.mark.parametrize("device,B,V", _cases())

@@ -1,6 +1,8 @@
 """Turn a pytest-benchmark JSON file into a markdown table of ratios and a PNG plot.
 
-    python benchmarks/report.py build/bench.json --out benchmarks/results/<name>
+    python -m pretrain_kernels.bench.report build/bench.json --out benchmarks/results/<name>
+
+(pk-bench calls write() with the machine description and the skipped alternatives.)
 
 Within each benchmark group (same op, shape and device) every implementation is compared
 with the package's own (extra_info.baseline = True): "speedup" = their median time / ours.
@@ -67,6 +69,8 @@ def table(rows) -> str:
 
 
 def plot(rows, png):
+    if not rows:
+        return False
     try:
         import matplotlib
 
@@ -98,6 +102,32 @@ def plot(rows, png):
     return True
 
 
+def render(rows, title, machine_md, notes=()) -> str:
+    """The report: a title, the machine description (Markdown lines), notes, the table."""
+    md = f"# {title}\n\n{machine_md}\n"
+    if notes:
+        md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return md + "\n" + table(rows) + "\n"
+
+
+def write(rows, prefix, md) -> str:
+    """<prefix>.md (with the plot linked when matplotlib drew <prefix>.png); returns the text."""
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    if plot(rows, prefix + ".png"):
+        md += f"\n![plot]({os.path.basename(prefix)}.png)\n"
+    with open(prefix + ".md", "w") as f:
+        f.write(md)
+    return md
+
+
+def _pytest_machine_md(machine, rows) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", platform.processor())
+    md = f"machine: {machine.get('node', '')} {cpu}, {machine.get('cpu', {}).get('count', '?')} logical CPUs, " \
+         f"python {machine.get('python_version', '')}"
+    gpu = next((r["info"].get("gpu") for r in rows if r["info"].get("gpu")), None)
+    return md + (f"\nGPU: {gpu}" if gpu else "")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json")
@@ -105,22 +135,10 @@ def main(argv=None):
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)
     machine, rows = load(args.json)
-    cpu = machine.get("cpu", {}).get("brand_raw", platform.processor())
-    head = f"# {args.title or 'Benchmark report'}\n\nmachine: {machine.get('node', '')} {cpu}, " \
-           f"{machine.get('cpu', {}).get('count', '?')} logical CPUs, python {machine.get('python_version', '')}\n"
-    gpu = next((r["info"].get("gpu") for r in rows if r["info"].get("gpu")), None)
-    if gpu:
-        head += f"GPU: {gpu}\n"
-    md = head + "\n" + table(rows) + "\n"
+    md = render(rows, args.title or "Benchmark report", _pytest_machine_md(machine, rows))
     print(md)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".md", "w") as f:
-            f.write(md)
-        if plot(rows, args.out + ".png"):
-            md += f"\n![plot]({os.path.basename(args.out)}.png)\n"
-            with open(args.out + ".md", "w") as f:
-                f.write(md)
+        write(rows, args.out, md)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 transformers' "sdpa" (torch's scaled_dot_product_attention with the padding mask). Timed:
 forward + backward of the padded batch (right padding, labels on the real tokens), and greedy
 generate of 64 new tokens with the KV cache from the left-padded batch. extra_info records impl,
-baseline (True for the package's) and tokens, so benchmarks/report.py shows the speedup.
+baseline (True for the package's) and tokens, so report.py shows the speedup. --quick: batch 4,
+lengths 64-128, 8 new tokens.
 
-Run: pytest benchmarks/bench_integrations.py --benchmark-json=build/bench_integrations.json
-Or:  python benchmarks/bench_integrations.py [--rounds 5]   (prints a table of times and ratios)
+Run: pk-bench integrations [--device cpu|cuda] [--quick]
+Or:  python -m pretrain_kernels.bench.bench_integrations [--rounds 5]   (a table of times and ratios)
 """
 import argparse
 import time
@@ -14,15 +15,14 @@ import time
 import pytest
 import torch
 
-B, MIN_LEN, MAX_LEN, NEW_TOKENS, VOCAB = 8, 128, 512, 64, 1024
+from pretrain_kernels.bench.common import quick, require, rounds
+
+B, MIN_LEN, MAX_LEN, NEW_TOKENS, VOCAB = quick((8, 128, 512, 64), (4, 64, 128, 8)) + (1024,)
 IMPLS = ("pretrain_kernels", "sdpa")
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        pytest.skip(f"transformers is not importable: {e}")
+    transformers = require("transformers")
     from pretrain_kernels.integrations import transformers as pkt
     pkt.register()
     return transformers
@@ -85,7 +85,7 @@ def test_llama_padded_fwd_bwd(benchmark, bench_device, impl):
     benchmark.group = f"transformers llama fwd+bwd B{B} len{MIN_LEN}-{MAX_LEN} {bench_device}"
     benchmark.extra_info.update(family="integrations", op="llama fwd+bwd", impl=impl, device=bench_device,
                                 baseline=(impl == "pretrain_kernels"), tokens=tokens)
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(step, rounds=rounds(3), iterations=1, warmup_rounds=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -104,7 +104,8 @@ def test_same_generation():
         model = make_model(impl).eval()
         ids, mask, _ = make_batch("left")
         with torch.no_grad():
-            outs.append(model.generate(ids[:2, -150:], attention_mask=mask[:2, -150:], max_new_tokens=8,
+            outs.append(model.generate(ids[:2, -min(150, MAX_LEN):], attention_mask=mask[:2, -min(150, MAX_LEN):],
+                                       max_new_tokens=8,
                                        do_sample=False, pad_token_id=0))
     assert torch.equal(outs[0], outs[1])
 
