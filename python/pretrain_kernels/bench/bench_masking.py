@@ -43,7 +43,7 @@ def torch_composite(ids, special, p=0.15):
 
 def cupy_composite(cp, ids, special, p=0.15):
     """torch_composite in CuPy, on the same device array (DLPack, no copy)."""
-    sel = (cp.random.random(ids.shape, dtype=cp.float32) < p) & ~cp.isin(ids, special)
+    sel = (cp.random.random(ids.shape, dtype=cp.float32) < p) & ~(ids[..., None] == special).any(-1)
     labels = cp.where(sel, ids, -100)
     u = cp.random.random(ids.shape, dtype=cp.float32)
     out = cp.where(sel & (u < 0.8), MASK_ID, ids)

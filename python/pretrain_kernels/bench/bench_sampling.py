@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import pretrain_kernels as pk
-from pretrain_kernels.bench.common import quick, require, rounds
+from pretrain_kernels.bench.common import quick, require, rounds, version
 
 TEMPERATURE, TOP_K, TOP_P = 0.7, 50, 0.9
 ROUNDS = rounds(int(os.environ.get("PK_BENCH_ROUNDS", "5")))
@@ -163,10 +163,12 @@ def test_filtered_numba(benchmark, device, B, V):
 @pytest.mark.parametrize("device,B,V", [c for c in _cases() if c.values[0] == "cuda"])
 def test_filtered_flashinfer(benchmark, device, B, V):
     flashinfer = require("FlashInfer")
+    fi_sample = getattr(flashinfer.sampling, "top_k_top_p_sampling_from_logits", None)
+    if fi_sample is None:
+        pytest.skip(f"FlashInfer {version('FlashInfer')} has no sampling.top_k_top_p_sampling_from_logits")
     x = _logits(B, V, device)
     benchmark.group = f"filtered-{device}-B{B}-V{V}"
-    _run(benchmark, lambda: flashinfer.sampling.top_k_top_p_sampling_from_logits(x / TEMPERATURE, TOP_K, TOP_P),
-         device)
+    _run(benchmark, lambda: fi_sample(x / TEMPERATURE, TOP_K, TOP_P), device)
 
 
 @pytest.mark.parametrize("device,B,V", _cases())
