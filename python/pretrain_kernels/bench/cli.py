@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     desc = machine.describe()
     (out / "machine.json").write_text(json.dumps(desc, indent=2) + "\n")
     skip_lines = set(skips.read_text().splitlines()) if skips.exists() else set()
+    skips.unlink(missing_ok=True)
     notes = skipped_alternatives(skip_lines)
     print()
     for line in notes:
