@@ -140,3 +140,27 @@ def test_pk_bench_quick_end_to_end(tmp_path):
         assert "![plot](report.png)" in md
     except ImportError:
         assert not (out / "report.png").exists()
+
+
+@pytest.mark.parametrize("want", ["cpu", "cuda"], ids=["cpu_cases", "cuda_cases"])
+def test_device_selection(tmp_path, want):
+    """PK_BENCH_DEVICE (pk-bench --device) keeps the cases of that device only: the `device` /
+    `bench_device` parameter, else the cuda marker."""
+    ini = tmp_path / "pytest.ini"
+    ini.write_text(cli.PYTEST_INI)
+    files = [str(HERE / "bench_masking.py"), str(HERE / "bench_attention_cuda.py"), str(HERE / "bench_sampling.py")]
+    r = subprocess.run([sys.executable, "-m", "pytest", *files, "-c", str(ini), "--rootdir", str(HERE), "--confcutdir",
+                        str(HERE), "-p", "no:cacheprovider", "--collect-only", "-q"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PK_BENCH_DEVICE=want))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ids = [line for line in r.stdout.splitlines() if "::" in line]
+    assert ids
+    cuda_ids = [i for i in ids if "cuda" in i or "cupy" in i]
+    if want == "cuda":
+        assert cuda_ids == ids
+        assert any("bench_attention_cuda.py::test_cuda_attention_decode" in i for i in ids)
+        assert any("test_cupy_composite" in i for i in ids)
+    else:
+        assert cuda_ids == []
+        assert any("test_transformers_collator" in i for i in ids)
+        assert any("test_filtered_numba[cpu-" in i for i in ids)
