@@ -187,23 +187,37 @@ def test_generate_matches_running_without_cache(transformers):
     torch.testing.assert_close(torch.stack(out.logits, 1), logits[:, 7:-1], rtol=1e-4, atol=1e-4)
 
 
-def test_packed_sequences_use_the_dense_mask(transformers):
-    """position_ids that restart (packed documents, no attention mask): transformers builds a
-    block-diagonal pattern, which runs through the dense-mask path; it equals sdpa's."""
-    ref, ours = pair(transformers, "llama")
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_packed_sequences_take_the_varlen_path(transformers, kind):
+    """position_ids that restart (packed documents, no attention mask, as DataCollatorWithFlattening
+    makes them): the mask interface hands the attention cu_seqlens, so each document is attended
+    alone; logits and gradients equal sdpa's dense block-diagonal mask and each document run alone
+    (Mistral: the sliding window counts inside each document)."""
+    from transformers import masking_utils as mu
+    ref, ours = pair(transformers, kind, window=4)
     ids, _ = batch(2, 16, "none", seed=6)
-    pos = torch.cat([torch.arange(7), torch.arange(9)])[None].expand(2, -1)
-    with torch.no_grad():
-        a = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
-        b = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
-        alone = ours(input_ids=ids[:, 7:], use_cache=False).logits
+    pos = torch.cat([torch.arange(7), torch.arange(5), torch.arange(4)])[None].expand(2, -1)
+    seq = mu.find_packed_sequence_indices(pos)
+    fn = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, pos),
+                      mu.packed_sequence_mask_function(seq))
+    cu = pkt.attention_mask(2, 16, 16, attention_mask=None, mask_function=fn)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 7, 12, 16, 23, 28, 32]
+    a = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
+    b = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(b[:, 7:], alone, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        alone = ours(input_ids=ids[:, 7:12], use_cache=False).logits
+    torch.testing.assert_close(b[:, 7:12], alone, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad((a * g).sum(), list(ref.parameters()))
+    gb = torch.autograd.grad((b * g).sum(), list(ours.parameters()))
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_mask_function_shapes(transformers):
     """The mask interface: None without padding, the 2-D padding mask with it, a 4-D bool mask for
-    anything else (here packed sequences)."""
+    anything else (here an overlay)."""
     from transformers import masking_utils as mu
     am = torch.ones(2, 6, dtype=torch.bool)
     assert pkt.attention_mask(2, 6, 6, attention_mask=am, mask_function=mu.causal_mask_function) is None

@@ -39,6 +39,13 @@ struct StridedRows {
   const T* operator()(int64_t j) const { return base + j * ld; }
 };
 
+// One page of a paged cache, strided inside it. The rows past its end lie on other pages, so
+// the kernels do not prefetch there; Problem::with_value_runs prefetches the next pages.
+template <typename T>
+struct PageRun : StridedRows<T> {
+  static constexpr bool kStrided = false;
+};
+
 template <typename T>
 struct PagedRows {
   static constexpr bool kStrided = false;
@@ -130,8 +137,11 @@ PK_TARGET_AVX512 inline __m512 exp512(__m512 x) {
 }
 
 // tanh(x): x + x^3 P(x^2) below |x| = 0.625 (the polynomial of Cephes' tanhf), above it
-// (1 - e) / (1 + e) with e = exp(-2|x|) and the sign of x. Within a few ulps of std::tanh
-// (tests/test_attention.py measures it through the op).
+// (1 - e) / (1 + e) with e = exp(-2|x|) and the sign of x, the division as a reciprocal
+// estimate and one Newton step. Within a few ulps of std::tanh (tests/test_attention.py
+// measures it through the op). Soft-capped attention scores mostly lie in the polynomial's
+// range (|s| < 0.625 cap: 31 for Gemma-2's cap of 50), so a vector whose lanes all do skips
+// the exponential: the cap then costs a few multiply-adds per score.
 PK_TARGET_AVX512 inline __m512 tanh512(__m512 x) {
   const __m512 ax = _mm512_abs_ps(x);
   const __m512 z = _mm512_mul_ps(x, x);
@@ -141,11 +151,15 @@ PK_TARGET_AVX512 inline __m512 tanh512(__m512 x) {
   p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036e-1f));
   p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422e-1f));
   const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+  const __mmask16 is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+  if (is_small == static_cast<__mmask16>(0xffff)) return small;
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 e = exp512(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
-  const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 d = _mm512_add_ps(one, e);  // in [1, 2]: the estimate is never 0 or inf
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  const __m512 big = _mm512_mul_ps(_mm512_sub_ps(one, e), r);
   const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.f));
-  const __mmask16 is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
   return _mm512_mask_blend_ps(is_small, _mm512_or_ps(big, sign), small);
 }
 
@@ -164,16 +178,18 @@ PK_TARGET_AVX512 inline float row_max_avx512(const float* s, int64_t n) {
 // The score modifiers (modify_score, csrc/common/attention.h) on a row s[0, n): the soft-cap
 // when cap > 0 (dcap, when given, gets 1 - tanh^2), then, when `alibi`, the bias
 // -slope * |d0 - j| of column j. The same operations as the scalar formula but tanh512 for
-// tanhf. |d0| and |d0 - n| must be below 2^30 (the caller checks).
+// tanhf and s * (1 / cap) for s / cap (one more rounding, within the few ulps tested).
+// |d0| and |d0 - n| must be below 2^30 (the caller checks).
 PK_TARGET_AVX512 inline void score_mod_row_avx512(float* s, float* dcap, int64_t n, float cap, bool alibi,
                                                   float slope, int64_t d0) {
-  const __m512 vcap = _mm512_set1_ps(cap), one = _mm512_set1_ps(1.f), nslope = _mm512_set1_ps(-slope);
+  const __m512 vcap = _mm512_set1_ps(cap), icap = _mm512_set1_ps(cap > 0.f ? 1.f / cap : 0.f);
+  const __m512 one = _mm512_set1_ps(1.f), nslope = _mm512_set1_ps(-slope);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail_mask(n - j);
     __m512 x = _mm512_maskz_loadu_ps(t, s + j);
     if (cap > 0.f) {
-      const __m512 th = tanh512(_mm512_div_ps(x, vcap));
+      const __m512 th = tanh512(_mm512_mul_ps(x, icap));
       x = _mm512_mul_ps(vcap, th);
       if (dcap != nullptr) _mm512_mask_storeu_ps(dcap + j, t, _mm512_sub_ps(one, _mm512_mul_ps(th, th)));
     }

@@ -1,10 +1,12 @@
 """transformers integration: a small Llama (4 layers, width 256, 4 heads of 64, batch 8, lengths
 128-512 padded to 512) with attn_implementation="pretrain_kernels" against the same weights on
 transformers' "sdpa" (torch's scaled_dot_product_attention with the padding mask). Timed:
-forward + backward of the padded batch (right padding, labels on the real tokens), and greedy
-generate of 64 new tokens with the KV cache from the left-padded batch. extra_info records impl,
-baseline (True for the package's) and tokens, so report.py shows the speedup. --quick: batch 4,
-lengths 64-128, 8 new tokens.
+forward + backward of the padded batch (right padding, labels on the real tokens), the same
+tokens padding-free (the sequences packed into one row with restarting position_ids, as
+transformers' DataCollatorWithFlattening makes them: the whole model then skips the padding),
+and greedy generate of 64 new tokens with the KV cache from the left-padded batch. extra_info
+records impl, baseline (True for the package's) and tokens, so report.py shows the speedup.
+--quick: batch 4, lengths 64-128, 8 new tokens.
 
 Run: pk-bench integrations [--device cpu|cuda] [--quick]
 Or:  python -m pretrain_kernels.bench.bench_integrations [--rounds 5]   (a table of times and ratios)
@@ -47,13 +49,31 @@ def make_batch(padding: str, device="cpu"):
     return ids.to(device), mask.long().to(device), int(lens.sum())
 
 
-def fwd_bwd_fn(impl, device="cpu"):
-    model = make_model(impl, device).train()
+def packed_batch(device="cpu"):
+    """The right-padded batch's real tokens packed into one row: input_ids [1, T], position_ids
+    restarting at each sequence, labels -100 at each sequence's first token (no prediction across
+    a boundary), as DataCollatorWithFlattening."""
     ids, mask, tokens = make_batch("right", device)
-    labels = ids.masked_fill(mask == 0, -100)
+    keep = mask.bool()
+    lens = keep.sum(1).tolist()
+    flat = ids[keep][None]
+    pos = torch.cat([torch.arange(n, device=ids.device) for n in lens])[None]
+    labels = flat.clone()
+    labels[pos == 0] = -100
+    return flat, pos, labels, tokens
+
+
+def fwd_bwd_fn(impl, device="cpu", packed=False):
+    model = make_model(impl, device).train()
+    if packed:
+        ids, pos, labels, tokens = packed_batch(device)
+        kw = dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)  # transformers finds packed sequences only without a cache
+    else:
+        ids, mask, tokens = make_batch("right", device)
+        kw = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
     def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**kw).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -89,12 +109,38 @@ def test_llama_padded_fwd_bwd(benchmark, bench_device, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_llama_padding_free_fwd_bwd(benchmark, bench_device, impl):
+    step, tokens = fwd_bwd_fn(impl, bench_device, packed=True)
+    step()
+    benchmark.group = f"transformers llama fwd+bwd padding-free B{B} len{MIN_LEN}-{MAX_LEN} {bench_device}"
+    benchmark.extra_info.update(family="integrations", op="llama fwd+bwd padding-free", impl=impl,
+                                device=bench_device, baseline=(impl == "pretrain_kernels"), tokens=tokens)
+    benchmark.pedantic(step, rounds=rounds(3), iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_llama_generate(benchmark, bench_device, impl):
     step, tokens = generate_fn(impl, bench_device)
     benchmark.group = f"transformers llama generate B{B} +{NEW_TOKENS} {bench_device}"
     benchmark.extra_info.update(family="integrations", op="llama generate", impl=impl, device=bench_device,
                                 baseline=(impl == "pretrain_kernels"), tokens=tokens)
     benchmark.pedantic(step, rounds=2, iterations=1, warmup_rounds=1)
+
+
+def test_padding_free_matches_padded():
+    """The padding-free batch gives the padded batch's loss (same tokens, same labels)."""
+    losses = []
+    for packed in (False, True):
+        model = make_model("pretrain_kernels").eval()
+        if packed:
+            ids, pos, labels, _ = packed_batch()
+            kw = dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)  # transformers finds packed sequences only without a cache
+        else:
+            ids, mask, _ = make_batch("right")
+            kw = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        with torch.no_grad():
+            losses.append(model(**kw).loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
 
 
 def test_same_generation():
@@ -116,7 +162,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     rows = []
-    for what, make in (("fwd+bwd", fwd_bwd_fn), ("generate", generate_fn)):
+    makers = (("fwd+bwd", fwd_bwd_fn), ("fwd+bwd padding-free", lambda impl, d: fwd_bwd_fn(impl, d, packed=True)),
+              ("generate", generate_fn))
+    for what, make in makers:
         fns = {impl: make(impl, args.device)[0] for impl in IMPLS}
         for fn in fns.values():
             fn()  # warm up
@@ -130,10 +178,13 @@ def main():
         rows.append((what, med["pretrain_kernels"], med["sdpa"]))
     print(f"small Llama (4 x 256, batch {B}, lengths {MIN_LEN}-{MAX_LEN}), {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds}")
-    print(f"| {'':9s} | {'pretrain_kernels':>16s} | {'sdpa':>9s} | {'sdpa / pk':>9s} |")
-    print(f"|{'-' * 11}|{'-' * 18}|{'-' * 11}|{'-' * 11}|")
+    print(f"| {'':20s} | {'pretrain_kernels':>16s} | {'sdpa':>9s} | {'sdpa / pk':>9s} |")
+    print(f"|{'-' * 22}|{'-' * 18}|{'-' * 11}|{'-' * 11}|")
     for what, pk_t, sdpa_t in rows:
-        print(f"| {what:9s} | {pk_t * 1e3:13.0f} ms | {sdpa_t * 1e3:6.0f} ms | {sdpa_t / pk_t:8.2f}x |")
+        print(f"| {what:20s} | {pk_t * 1e3:13.0f} ms | {sdpa_t * 1e3:6.0f} ms | {sdpa_t / pk_t:8.2f}x |")
+    padded_sdpa, free_pk = rows[0][2], rows[1][1]
+    print(f"\nthe padded batch on sdpa against the same tokens padding-free on pretrain_kernels: "
+          f"{padded_sdpa / free_pk:.2f}x")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,14 @@ The mask function (`attention_mask`) returns, like FlashAttention 2's:
     rows give 0 either way. With one query per row (decoding with the cache), where gathering the cached
     keys would cost more than the attention, the padding is applied as a (batch, 1, 1, keys)
     mask inside the kernel (pk.scaled_dot_product_attention) instead;
-  * otherwise (packed sequences found from position_ids, or/and mask functions, chunked
-    attention, a static cache whose queries are not the last keys, a window over padding
-    holes) transformers' own dense 4-D bool mask, which the attention applies through
-    pk.scaled_dot_product_attention.
+  * packed sequences (padding-free batches, as transformers' DataCollatorWithFlattening makes
+    them: several sequences in one row, found from position_ids restarting) under a plain
+    pattern: the sequence boundaries as int32 cu_seqlens over the flattened (batch * length)
+    tokens, a 1-D tensor; the attention then runs the varlen kernel on them, so the sequences
+    neither see each other nor cost a dense mask;
+  * otherwise (or/and mask functions, chunked attention, a static cache whose queries are not
+    the last keys, a window over padding holes) transformers' own dense 4-D bool mask, which
+    the attention applies through pk.scaled_dot_product_attention.
 A 4-D mask the caller built is passed through as transformers does.
 
 The attention function takes transformers' arguments: scaling, dropout (the module passes its
@@ -86,6 +90,30 @@ def _plain_pattern(mask_function) -> str | None:
     return None
 
 
+def _closure(fn) -> dict:
+    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())}
+
+
+def _packed_pattern(mask_function):
+    """(pattern, packed_sequence_mask) when mask_function is transformers' packed-sequence form of
+    a plain pattern: and_masks(remap_positions_for_packed_sequence(<plain>, position_ids),
+    packed_sequence_mask_function(<sequence index per token>)); else None."""
+    if not getattr(mask_function, "__qualname__", "").startswith("and_masks.") or not mask_function.__closure__:
+        return None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2:
+        return None
+    remap, packed = (getattr(f, "__qualname__", "") for f in parts)
+    if not (remap.startswith("remap_positions_for_packed_sequence.")
+            and packed.startswith("packed_sequence_mask_function.")):
+        return None
+    pattern = _plain_pattern(_closure(parts[0]).get("mask_function"))
+    seq = _closure(parts[1]).get("packed_sequence_mask")
+    if pattern is None or not isinstance(seq, torch.Tensor) or seq.dim() != 2:
+        return None
+    return pattern, seq
+
+
 def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
                    attention_mask: torch.Tensor | None = None, **kwargs):
     """transformers' mask interface for "pretrain_kernels": None, the 2-D padding mask or a 4-D
@@ -95,6 +123,14 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     if mask_function is None:
         mask_function = mu.causal_mask_function
     pattern = _plain_pattern(mask_function)
+    packed = _packed_pattern(mask_function) if pattern is None else None
+    if packed is not None and attention_mask is None and isinstance(q_offset, int) and q_offset == 0 \
+            and isinstance(kv_offset, int) and kv_offset == 0 and q_length == kv_length \
+            and tuple(packed[1].shape) == (batch_size, q_length):
+        seq = packed[1]
+        starts = torch.ones_like(seq, dtype=torch.bool)
+        starts[:, 1:] = seq[:, 1:] != seq[:, :-1]
+        return F.pad(starts.reshape(-1).nonzero().squeeze(1).to(torch.int32), (0, 1), value=seq.numel())
     offsets_are_ints = isinstance(q_offset, int) and isinstance(kv_offset, int)
     plain = pattern is not None and offsets_are_ints
     if plain and pattern.endswith("causal"):
@@ -167,6 +203,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L|S, heads, D)
     if attention_mask is None:
         return flash_attention(q, k, v, causal=causal, scale=scaling, window=window, **extra), None
+
+    if attention_mask.dim() == 1 and attention_mask.dtype == torch.int32 and L == S:
+        # packed sequences: cu_seqlens over the flattened tokens (attention_mask above)
+        cu = attention_mask
+        out = flash_attention(q.reshape(B * S, H, D), k.reshape(B * S, k.shape[2], D),
+                              v.reshape(B * S, v.shape[2], v.shape[3]), causal=causal, scale=scaling, window=window,
+                              cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=S, max_seqlen_k=S, **extra)
+        return out.view(B, S, H, out.shape[-1]), None
 
     if attention_mask.dim() != 2 or attention_mask.shape != (B, S):
         raise ValueError(f"attention_mask: expected a 2-D padding mask of shape {(B, S)} or a 4-D mask, got "
