@@ -235,6 +235,7 @@ class _Unshard(torch.autograd.Function):
         return grad.index_select(ctx.dim, ctx.index), None, None, None, None, None
 
 
+@torch.compiler.disable
 def unshard_sequence(x_local: torch.Tensor, group=None, dim: int = 1, *, cu_seqlens: torch.Tensor | None = None):
     """The full sequence from every rank's zigzag shard (the inverse of shard_sequence): an
     all_gather along `dim`, then the chunks put back in order. With cu_seqlens (the local
@@ -500,6 +501,7 @@ def _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqle
     return causal, scale, softcap, max_seqlen, lengths
 
 
+@torch.compiler.disable
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = True,
                                scale=None, softcap: float | None = None, cu_seqlens: torch.Tensor | None = None,
                                max_seqlen: int | None = None, return_lse: bool = False):
@@ -526,7 +528,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Collective: every rank of the group calls it with the same shapes, dtype and arguments;
     a rank's bad argument, or ranks that disagree, raise on every rank (one all_gather of a
     small descriptor checks this before the ring starts). The backward is collective too:
-    every rank must backpropagate through the result.
+    every rank must backpropagate through the result. torch.compile runs it eagerly (a graph
+    break: the descriptor check reads values on the host, and the ring is a sequence of
+    point-to-point transfers that the compiled graph would not overlap any better).
     """
     group, rank, world = _resolve_group(group)
     error, fields, checked = None, {}, None
