@@ -51,9 +51,9 @@ CASES_4 = {"causal_f64_gqa", "full_f64", "varlen_causal_f64_gqa", "causal_f32_gq
            "causal_f64_mqa_lse_scale"}
 BAD_CASES = ["odd_local_length", "shard_indivisible", "shape_disagrees", "dtype_disagrees", "one_rank_bad_softcap",
              "causal_disagrees", "requires_grad_disagrees", "varlen_disagrees", "unshard_shape_disagrees",
-             "bad_cu_seqlens", "in_sync_after_errors"]
+             "bad_cu_seqlens", "not_a_member", "in_sync_after_errors"]
 LAYOUT_CASES = ["shard_unshard_dense", "shard_unshard_varlen", "unshard_gradient", "compiled"]
-ONLY_2 = {c[0] for c in CASES} - CASES_4 | {"compiled"}  # cases the 4-process run leaves out (time)
+ONLY_2 = {c[0] for c in CASES} - CASES_4 | {"compiled", "not_a_member"}  # cases the 4-process run leaves out (time)
 
 
 def _seqlens(world):
@@ -183,6 +183,15 @@ def _check_bad(name, rank, world, group):
                                                                                            dtype=torch.int32)))
         _expect(TypeError, "cu_seqlens: expected an int32 tensor",
                 lambda: context_parallel_attention(x, x, x, group, cu_seqlens=torch.tensor([0, 8])))
+    elif name == "not_a_member":  # a group of rank 0 alone: one rank (no ring) there, an error elsewhere
+        solo = dist.new_group([0])
+        full = t(1, 6, 2, 8, dtype=torch.float64)
+        if rank == 0:
+            out = context_parallel_attention(full, full, full, solo)
+            torch.testing.assert_close(out, pk.flash_attention(full, full, full, causal=True), rtol=0, atol=0)
+        else:
+            _expect(ValueError, "not a member of the group", lambda: context_parallel_attention(full, full, full,
+                                                                                               solo))
     elif name == "in_sync_after_errors":  # the ring still works after every error above
         full = t(1, S, 2, 8)
         out = context_parallel_attention(shard_sequence(full, group), shard_sequence(full, group),

@@ -73,6 +73,8 @@ def _resolve_group(group):
                            "(or launch with torchrun) first")
     if group is None:
         group = dist.group.WORLD
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to the ranks it leaves out
+        raise ValueError("group: this process is not a member of the group")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
@@ -88,7 +90,7 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-_FIELDS = 24               # int64 fields of a descriptor
+_FIELDS = 32               # int64 fields of a descriptor
 _MESSAGE_BYTES = 320       # the error message, utf-8, truncated
 
 
@@ -345,12 +347,13 @@ def _rows(x, lse_to_tokens: bool):
 
 
 def _merge(acc_out, acc_lse, out, lse):
-    """The exact merge of two partial attentions over disjoint key sets (rows that see no key
-    at all keep lse -inf and output 0)."""
+    """The exact merge of two partial attentions over disjoint key sets, into acc_out (in place)
+    and the returned lse (rows that see no key at all keep lse -inf and output 0)."""
     new = torch.logaddexp(acc_lse, lse)
     base = new.masked_fill(torch.isneginf(new), 0)
-    wa, wb = torch.exp(acc_lse - base), torch.exp(lse - base)
-    return acc_out * _rows(wa, True) + out.to(acc_out.dtype) * _rows(wb, True), new
+    acc_out.mul_(_rows(torch.exp(acc_lse - base), True))
+    acc_out.addcmul_(out, _rows(torch.exp(lse - base), True))
+    return new
 
 
 def _ring_forward(plan, q, k, v):
@@ -374,16 +377,17 @@ def _ring_forward(plan, q, k, v):
             out, lse = fwd(q, kc, vc, cu_q, cu_k, None, mq, mk, plan.scale, -1, right, True, plan.softcap)
         if acc_out is None:
             acc_out, acc_lse = out.to(acc_dtype), lse
-        elif kind == "queries_second_half":
-            o, l = _merge(plan.half(acc_out, 1), plan.half(acc_lse, 1, lse=True), out, lse)
+        elif kind == "queries_second_half":  # a view of the rows (dense) or a copy put back (varlen)
+            rows = plan.half(acc_out, 1)
+            lse_rows = _merge(rows, plan.half(acc_lse, 1, lse=True), out, lse)
             if plan.varlen:
-                acc_out.index_copy_(0, plan.idx[1], o)
-                acc_lse.index_copy_(1, plan.idx[1], l)
+                acc_out.index_copy_(0, plan.idx[1], rows)
+                acc_lse.index_copy_(1, plan.idx[1], lse_rows)
             else:
-                plan.half(acc_out, 1).copy_(o)
-                plan.half(acc_lse, 1, lse=True).copy_(l)
+                plan.half(acc_lse, 1, lse=True).copy_(lse_rows)
         else:
-            acc_out, acc_lse = _merge(acc_out, acc_lse, out, lse)
+            acc_lse = _merge(acc_out, acc_lse, out, lse)
+        del out, lse
         _wait(reqs)
         if reqs:
             kc, vc = kn, vn
@@ -416,18 +420,18 @@ def _ring_backward(plan, q, k, v, out, lse, dout, dlse):
         else:
             dq.add_(dq_b)
         # this block's share of dK/dV, added to the accumulator that arrived with these keys
-        if step == 0:
-            dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
-            dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        if step == 0:  # the diagonal block covers every key
+            dk, dv = dk_b.to(acc_dtype), dv_b.to(acc_dtype)
         else:
             _wait(dkv_reqs)
             dk, dv = dk_in, dv_in
-        if kind == "keys_first_half":
-            plan.add_half(dk, 0, dk_b)
-            plan.add_half(dv, 0, dv_b)
-        else:
-            dk.add_(dk_b)
-            dv.add_(dv_b)
+            if kind == "keys_first_half":
+                plan.add_half(dk, 0, dk_b)
+                plan.add_half(dv, 0, dv_b)
+            else:
+                dk.add_(dk_b)
+                dv.add_(dv_b)
+        del dq_b, dk_b, dv_b, dk_in, dv_in
         _wait(kv_reqs)
         if kv_reqs:
             kc, vc = kn, vn
@@ -527,7 +531,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     Collective: every rank of the group calls it with the same shapes, dtype and arguments;
     a rank's bad argument, or ranks that disagree, raise on every rank (one all_gather of a
-    small descriptor checks this before the ring starts). The backward is collective too:
+    small descriptor checks this before the ring starts; its result is read on the host, so
+    on a GPU each call synchronises once, and varlen reads cu_seqlens on the host). The backward is collective too:
     every rank must backpropagate through the result. torch.compile runs it eagerly (a graph
     break: the descriptor check reads values on the host, and the ring is a sequence of
     point-to-point transfers that the compiled graph would not overlap any better).
