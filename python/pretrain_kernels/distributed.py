@@ -260,7 +260,7 @@ def unshard_sequence(x_local: torch.Tensor, group=None, dim: int = 1, *, cu_seql
         lengths = _sequence_lengths("x_local", x_local, dim, cu_seqlens, 2, "2 (two zigzag chunks per rank)")
         fields = {"dtype": _dtype_code(x_local), "dim": dim, **_shape_fields("x_local", x_local, 8),
                   "cu_seqlens": zlib.crc32(repr(lengths).encode())}
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # raised on every rank after the exchange, never on this one alone
         error = e
     _exchange(group, world, "unshard_sequence", fields, error)
     global_lengths = [n * world for n in lengths]
@@ -548,7 +548,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                   "causal": int(causal_), "scale": _float_bits(scale_), "softcap": _float_bits(softcap_),
                   "cu_seqlens": zlib.crc32(repr(lengths).encode()) if cu_seqlens is not None else -1,
                   "max_seqlen": max_seqlen_, "requires_grad": int(grad)}
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # raised on every rank after the exchange, never on this one alone
         error = e
     _exchange(group, world, "context_parallel_attention", fields, error)
     causal, scale, softcap, max_seqlen, _ = checked
