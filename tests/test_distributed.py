@@ -52,7 +52,7 @@ CASES_4 = {"causal_f64_gqa", "full_f64", "varlen_causal_f64_gqa", "causal_f32_gq
 BAD_CASES = ["odd_local_length", "shard_indivisible", "shape_disagrees", "dtype_disagrees", "one_rank_bad_softcap",
              "causal_disagrees", "requires_grad_disagrees", "varlen_disagrees", "unshard_shape_disagrees",
              "bad_cu_seqlens", "not_a_member", "in_sync_after_errors"]
-LAYOUT_CASES = ["shard_unshard_dense", "shard_unshard_varlen", "unshard_gradient", "compiled"]
+LAYOUT_CASES = ["shard_unshard_dense", "shard_unshard_varlen", "unshard_gradient", "compiled", "causal_work"]
 ONLY_2 = {c[0] for c in CASES} - CASES_4 | {"compiled", "not_a_member"}  # cases the 4-process run leaves out (time)
 
 
@@ -237,6 +237,32 @@ def _check_layout(name, rank, world, group):
             grads.append([loss.detach()] + [a.grad for a in args])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+    elif name == "causal_work":  # hidden chunks are skipped: each step is c x 2c pairs (the diagonal 2c x 2c causal)
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Calls(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.seen = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket).split(".")[-1]
+                if name in ("flash_attn_fwd", "flash_attn_bwd"):
+                    q, k = (args[0], args[1]) if name == "flash_attn_fwd" else (args[1], args[2])
+                    self.seen.append((name, q.shape[1], k.shape[1]))
+                return func(*args, **(kwargs or {}))
+
+        c = 3
+        q, k, v = (torch.randn(1, 2 * c, 2, 8, generator=g).requires_grad_() for _ in range(3))
+        with Calls() as mode:
+            context_parallel_attention(q, k, v, group).sum().backward()
+        for op in ("flash_attn_fwd", "flash_attn_bwd"):
+            shapes = [s[1:3] for s in mode.seen if s[0] == op]
+            assert shapes[0] == (2 * c, 2 * c), (op, shapes)
+            assert len(shapes) == world and all(sq * sk == 2 * c * c for sq, sk in shapes[1:]), (op, shapes)
+            # the steps whose keys come from an earlier rank use the first key chunk, the others
+            # the second query chunk
+            assert [sk == c for _, sk in shapes[1:]] == [(rank - s) % world < rank for s in range(1, world)], shapes
     else:
         raise KeyError(name)
 
