@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import socket
+import time
 import traceback
 import zlib
 
@@ -305,7 +306,6 @@ def _run(world, tmp_path_factory):
         out_dir = str(tmp_path_factory.mktemp(f"cp{world}"))
         ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
                                  start_method="spawn")
-        import time
         deadline = time.monotonic() + RUN_DEADLINE_S
         try:
             while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):

@@ -47,7 +47,6 @@ disagree, raise on every rank, instead of leaving the others waiting in the ring
 """
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 
@@ -186,8 +185,8 @@ def _sequence_lengths(name: str, x, dim: int, cu_seqlens, divisor: int, what: st
         lengths = [n]
     else:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens: expected an int32 tensor, got "
-                            f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}")
+            got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+            raise TypeError(f"cu_seqlens: expected an int32 tensor, got {got}")
         cu = cu_seqlens.tolist()
         if cu_seqlens.dim() != 1 or not cu or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {n} (the length of {name} along "
@@ -266,7 +265,8 @@ def unshard_sequence(x_local: torch.Tensor, group=None, dim: int = 1, *, cu_seql
     global_lengths = [n * world for n in lengths]
     index = torch.cat([_zigzag_index(global_lengths, r, world) for r in range(world)])
     inverse = torch.argsort(index).to(x_local.device)
-    return _Unshard.apply(x_local, group, world, dim, inverse, _zigzag_index(global_lengths, rank, world).to(x_local.device))
+    mine = _zigzag_index(global_lengths, rank, world).to(x_local.device)
+    return _Unshard.apply(x_local, group, world, dim, inverse, mine)
 
 
 # ---- ring attention ------------------------------------------------------------------------
