@@ -32,12 +32,13 @@ GROUP_TIMEOUT_S = 40
 # (name, dtype, causal, B, chunk, heads, kv_heads, head_dim, extra): the global sequence is
 # 2 * world * chunk long; extra: "varlen" (several packed sequences, one empty), "softcap",
 # "lse" (the loss uses the returned lse too), "scale", "kv_longer" (non-causal, keys longer
-# than queries)
+# than queries), "noncontig" (q, k, v are strided views, as from a packed qkv projection)
 CASES = [
     ("causal_f64_gqa", torch.float64, True, 2, 5, 4, 2, 16, ()),
     ("full_f64", torch.float64, False, 1, 3, 2, 2, 8, ()),
     ("causal_f64_mqa_lse_scale", torch.float64, True, 1, 4, 4, 1, 8, ("lse", "scale")),
     ("causal_f64_softcap", torch.float64, True, 1, 3, 2, 2, 12, ("softcap",)),
+    ("causal_f64_noncontig", torch.float64, True, 2, 3, 3, 3, 8, ("noncontig",)),
     ("full_f64_kv_longer", torch.float64, False, 2, 3, 2, 1, 8, ("kv_longer",)),
     ("varlen_causal_f64_gqa", torch.float64, True, 3, 0, 4, 2, 16, ("varlen",)),
     ("varlen_full_f64", torch.float64, False, 3, 0, 2, 2, 8, ("varlen",)),
@@ -105,7 +106,11 @@ def _check_case(case, rank, world, group):
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
     var = dict(cu_seqlens=(cu // world).to(torch.int32)) if varlen else {}
-    out, lse = context_parallel_attention(ql, kl, vl, group, return_lse=True, **kw, **var)
+    args = (ql, kl, vl)
+    if "noncontig" in extra:  # views into one (B, S, 3, H, D) tensor
+        args = torch.stack(args, 2).unbind(2)
+        assert not any(a.is_contiguous() for a in args)
+    out, lse = context_parallel_attention(*args, group, return_lse=True, **kw, **var)
     loss = (out.double() * shard(go)).sum() + ((lse.double() * shard(gl, dim + 1)).sum() if use_lse else 0)
     loss.backward()
     got = [out.detach(), lse.detach(), ql.grad, kl.grad, vl.grad]
