@@ -204,6 +204,11 @@ def _check_bad(name, rank, world, group):
                                                                                            dtype=torch.int32)))
         _expect(TypeError, "cu_seqlens: expected an int32 tensor",
                 lambda: context_parallel_attention(x, x, x, group, cu_seqlens=torch.tensor([0, 8])))
+        _expect(ValueError, "window: a sliding window is not offered with cu_seqlens",
+                lambda: context_parallel_attention(x, x, x, group, window=(2, 0),
+                                                   cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)))
+        _expect(ValueError, "must agree on window left",
+                lambda: context_parallel_attention(q, q, q, group, window=(rank + 1, 0)))
     elif name == "not_a_member":  # a group of rank 0 alone: one rank (no ring) there, an error elsewhere
         solo = dist.new_group([0])
         full = t(1, 6, 2, 8, dtype=torch.float64)

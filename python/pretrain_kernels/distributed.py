@@ -33,7 +33,9 @@ rank r (chunks j and 2W-1-j):
           key chunks in full: the second half of the queries against all keys, no mask.
 Every step is then c x 2c query-key pairs (c = the chunk length) on every rank. Without a
 causal mask the layout does not matter (every query sees every key), so the same shards
-serve causal and bidirectional layers.
+serve causal and bidirectional layers. A sliding window (dense inputs) is exact too: each
+visible pair of (query chunk, key chunk) is a kernel call of its own whose window is the
+global one shifted by the distance between the chunks (_Plan.pieces).
 
 Varlen: q, k, v packed (tokens, heads, head_dim) with the int32 cu_seqlens of the local
 shard, as flash_attention's varlen form; every sequence of the batch is sharded across the
