@@ -1,6 +1,6 @@
 """Context-parallel attention on CPU: one sequence split over 2 processes against one process.
 
-    python benchmarks/bench_distributed.py [--seq-len 8192] [--heads 8] [--head-dim 64] [--iters 3]
+    python -m pretrain_kernels.bench.distributed [--seq-len 8192] [--heads 8] [--head-dim 64] [--iters 3]
 
 Causal attention forward + backward, batch 1, float32 (the defaults: S = 8192, 8 heads,
 head_dim 64):
@@ -13,7 +13,8 @@ the other's have exited. Time: the median over --iters timed steps after one war
 resource.getrusage(RUSAGE_SELF).ru_maxrss after the timed steps minus its value after import
 and a small warm-up, before the inputs are made: the inputs, activations, gradients and
 ring buffers of one step (tracemalloc does not see torch's allocations). Prints a Markdown
-table and the ratios. Standalone (spawned processes do not fit a pytest-benchmark timer).
+table and the ratios. Standalone, not a pk-bench family (spawned processes do not fit a
+pytest-benchmark timer).
 """
 from __future__ import annotations
 
