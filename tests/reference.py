@@ -554,3 +554,15 @@ def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, c
         outs.append(o.cpu())
         lses.append(lse.cpu())
     return torch.cat(outs), torch.cat(lses), k_rows, v_rows
+
+
+def zigzag_shard_ref(x, rank, world, dim=1, lengths=None):
+    """Context parallelism's zigzag layout, written out: every sequence packed along dim (one
+    of the full length, or one per entry of lengths) cut into 2 * world equal chunks, of which
+    rank keeps chunk rank and chunk 2 * world - 1 - rank, in that order."""
+    lengths = [x.shape[dim]] if lengths is None else list(lengths)
+    parts = []
+    for seq in torch.split(x, lengths, dim):
+        chunks = torch.chunk(seq, 2 * world, dim) if seq.shape[dim] else [seq] * (2 * world)
+        parts += [chunks[rank], chunks[2 * world - 1 - rank]]
+    return torch.cat(parts, dim)
