@@ -6,6 +6,7 @@ blocking the suite."""
 import datetime
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def _fsdp_worker(rank, world, store, text_dir, root):
         out["2to1"] = losses(Trainer(gpt_task(text_dir), cfg(steps=3, **RESUME_KW), os.path.join(root, "a")).train())
         tr = Trainer(gpt_task(text_dir, seed=123), cfg(**RESUME_KW), os.path.join(root, "b"))
         out["1to2"] = losses(tr.train(resume=True))
+        out["bf16"] = losses(Trainer(gpt_task(text_dir), cfg(steps=3, parallel="fsdp", dtype="bfloat16")).train())
         # aot_eager: dynamo and AOT autograd over FSDP's hooks, the pk ops' fake kernels and the
         # checkpointed blocks, without inductor's C++ build (minutes on 2 shared cores)
         torch.compile = functools.partial(torch.compile, backend="aot_eager")
@@ -171,6 +173,15 @@ def test_fsdp_resume_on_another_world_size(text_dir, fsdp_runs, tmp_path):
             assert json.load(f)["step"] == 6
 
 
+def test_fsdp_bfloat16_parameters(text_dir, fsdp_runs):
+    """--dtype bfloat16 under FSDP (bf16 parameters in the forward and backward, float32 master
+    weights and reductions) follows the single-process autocast run to bf16 rounding."""
+    _, res = fsdp_runs
+    single = losses(Trainer(gpt_task(text_dir), cfg(steps=3, dtype="bfloat16")).train())
+    assert len(res["bf16"]) == 3 and all(map(math.isfinite, res["bf16"]))
+    assert res["bf16"] == pytest.approx(single, rel=2e-2)
+
+
 def test_fsdp_compile_and_checkpointing(fsdp_runs):
     """torch.compile over the sharded model with activation checkpointing trains like eager."""
     _, res = fsdp_runs
@@ -205,41 +216,55 @@ def test_checkpoint_activations_changes_nothing(kind, text_dir):
 def test_parallel_errors(text_dir, tmp_path):
     with pytest.raises(ValueError, match="parallel"):
         Trainer(gpt_task(text_dir), cfg(parallel="zero"))
+    with pytest.raises(ValueError, match="context_parallel: expected a divisor of the number of processes"):
+        Trainer(gpt_task(text_dir), cfg(context_parallel=2))
     from pretrain_kernels.train.cli import train_main
 
     with pytest.raises(SystemExit):
         train_main(["gpt", "--parallel", "zero", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        train_main(["mlm", "--context-parallel", "2", "--out", str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x")
 
 
 # ---- the command line under torchrun -----------------------------------------------------------
 
 
-def test_cli_torchrun_fsdp_then_resume_on_one_process(text_dir, tmp_path):
-    """pk-train gpt under torchrun with --parallel fsdp --checkpoint-activations (bf16, the gpt
-    default: bf16 parameters in FSDP's mixed precision), then --resume in one process from the
-    sharded checkpoint, then pk-generate on the run."""
+def _jsonl_losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_cli_fsdp_context_parallel_four_processes(text_dir, tmp_path):
+    """pk-train gpt --parallel fsdp --context-parallel 2 --checkpoint-activations under torchrun
+    with 4 processes (a 2 x 2 data x context mesh: each sequence split over 2 ranks, ring
+    attention) gives the losses and metrics of one process; the run then resumes on one
+    process from its sharded checkpoint, and pk-generate reads it."""
     from pretrain_kernels.train.cli import generate_main, train_main
 
-    out = str(tmp_path / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     args = ["gpt", "--size", "tiny", "--batch-size", "4", "--seq-len", "32", "--data", text_dir, "--no-progress",
-            "--threads", "1", "--no-final-eval", "--out", out]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pretrain_kernels.train.cli", *args, "--steps", "2", "--parallel", "fsdp",
+            "--threads", "1", "--no-final-eval", "--dtype", "float32", "--log-every", "1", "--steps", "3"]
+    out = str(tmp_path / "cp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "-m", "pretrain_kernels.train.cli", *args, "--out", out, "--parallel", "fsdp", "--context-parallel", "2",
            "--checkpoint-activations"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S * 2)
     assert r.returncode == 0, r.stderr[-3000:]
-    with open(os.path.join(out, "config.json")) as f:
-        saved = json.load(f)
-    assert saved["step"] == 2 and saved["train"]["parallel"] == "fsdp"
-    assert saved["train"]["checkpoint_activations"] and saved["train"]["dtype"] == "bfloat16"
-    assert os.path.isfile(os.path.join(out, "checkpoint", ".metadata"))
-    metrics = train_main(args + ["--steps", "3", "--resume"])
-    assert set(metrics) >= {"val_loss"}
-    with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["step"] == 3
+    single = train_main(args + ["--out", str(tmp_path / "one")])
+    got, want = _jsonl_losses(out), _jsonl_losses(str(tmp_path / "one"))
+    assert sorted(got) == [1, 2, 3]
+    assert [got[k] for k in sorted(got)] == pytest.approx([want[k] for k in sorted(want)], rel=1e-5)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps[-1] == 3 and 2 in steps
+        metrics = [r["eval"] for r in map(json.loads, f) if "eval" in r][-1]
+    assert metrics == pytest.approx(single, rel=1e-5)
+    with open(os.path.join(out, "config.json")) as f:
+        saved = json.load(f)["train"]
+    assert (saved["parallel"], saved["context_parallel"], saved["checkpoint_activations"]) == ("fsdp", 2, True)
+    assert os.path.isfile(os.path.join(out, "checkpoint", ".metadata"))
+    # 4 processes -> 1
+    resumed = [a if a != "3" else "4" for a in args]
+    train_main(resumed + ["--out", out, "--resume", "--context-parallel", "1"])
+    assert sorted(_jsonl_losses(out)) == [1, 2, 3, 4]
     texts = generate_main(["--checkpoint", out, "--prompt", "def ", "--max-new-tokens", "4"])
     assert len(texts) == 1 and texts[0].startswith("def ")

@@ -44,6 +44,7 @@ DEFAULTS = {
 TASK_OPTIONS = {
     "seq_len": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
     "kv_heads": (("gpt",), "gpt"),
+    "context_parallel": (("gpt",), "gpt"),
     "mask_prob": (("mlm",), "mlm"),
     "tokenizer": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
     "vocab_size": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
@@ -64,7 +65,7 @@ RUN_FILES = ("config.json", "model.safetensors", "ema.safetensors", "trainer_sta
 RUN_DIRS = ("checkpoint",)   # the sharded checkpoint of an FSDP run
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
               "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device", "ema", "parallel",
-              "checkpoint_activations")
+              "checkpoint_activations", "context_parallel")
 
 
 def _positive(kind=int):
@@ -157,6 +158,8 @@ def train_parser() -> argparse.ArgumentParser:
                    "sharded checkpoints that resume on any number of processes)")
     g.add_argument("--checkpoint-activations", action="store_true", default=None,
                    help="recompute each block in the backward pass instead of keeping its activations")
+    g.add_argument("--context-parallel", type=_positive(), help="gpt under torchrun: shard each sequence over "
+                   "this many ranks (ring attention; a data x context device mesh; default 1)")
     g.add_argument("--ema", type=_nonneg(float), help="decay of an exponential moving average of the weights, "
                    "used for evaluation and sampling (0: off; default 0.999 for diffusion/flow, 0 for text)")
     g = p.add_argument_group("evaluation and output")

@@ -79,6 +79,7 @@ class TrainConfig:
     parallel: str = "ddp"         # several processes: "ddp" (replicated) or "fsdp" (FSDP2, sharded
                                   # checkpoints; see train/parallel.py)
     checkpoint_activations: bool = False   # recompute each block in the backward pass
+    context_parallel: int = 1     # > 1 (GPT): each sequence sharded over this many ranks (ring attention)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,12 +238,28 @@ class Trainer:
         if cfg.parallel not in P.PARALLEL_MODES:
             raise ValueError(f"parallel: expected one of {', '.join(P.PARALLEL_MODES)}, got {cfg.parallel!r}")
         self.rank, self.world = _world()
-        if cfg.batch_size % (self.world * cfg.grad_accum):
+        cp = cfg.context_parallel
+        if cp < 1 or self.world % cp:
+            raise ValueError(f"context_parallel: expected a divisor of the number of processes ({self.world}), "
+                             f"got {cp}")
+        if cp > 1 and getattr(task, "seq_len", 0) % (2 * cp):
+            raise ValueError(f"context_parallel: the sequence length {getattr(task, 'seq_len', None)} must be "
+                             f"divisible by 2 x context_parallel = {2 * cp} (two chunks per rank)")
+        self.dp = self.world // cp           # ranks that draw different micro-batches
+        if cfg.batch_size % (self.dp * cfg.grad_accum):
             raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by world_size x grad_accum "
-                             f"= {self.world} x {cfg.grad_accum}")
+                             f"= {self.dp} x {cfg.grad_accum}" + (f" (world_size / context_parallel = "
+                                                                   f"{self.world} / {cp})" if cp > 1 else ""))
         self.task, self.cfg, self.out_dir = task, cfg, out_dir
         self.device = _device(cfg)
         self.model = task.model.to(self.device)
+        self.dp_rank, self.cp = self.rank, None
+        if cp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.dp, cp), mesh_dim_names=("data", "context"))
+            self.dp_rank = mesh.get_local_rank("data")
+            self.cp = P.ContextParallel(self.model, mesh.get_group("context"))
         if cfg.checkpoint_activations:
             P.checkpoint_activations(self.model)
         # FSDP shards the parameters in place; the optimizer and the EMA then hold the shards.
@@ -382,7 +399,7 @@ class Trainer:
             fwd = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             fwd = torch.compile(fwd)
-        n_parts = self.world * cfg.grad_accum
+        n_parts = self.dp * cfg.grad_accum
         unit = getattr(self.task, "unit", "items")
 
         from tqdm import tqdm
@@ -398,15 +415,17 @@ class Trainer:
             batch = self.task.batch(self.gen, cfg.batch_size)
             parts = self.task.split(batch, n_parts)
             total = float(sum(self.task.count(p) for p in parts))
-            mine = parts[self.rank * cfg.grad_accum:(self.rank + 1) * cfg.grad_accum]
+            mine = parts[self.dp_rank * cfg.grad_accum:(self.dp_rank + 1) * cfg.grad_accum]
             loss_sum = torch.zeros((), dtype=torch.float64)
             for i, mb in enumerate(mine):
                 mb = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+                if self.cp is not None:
+                    mb = self.cp.shard(mb)
                 sync = self.world == 1 or i == len(mine) - 1
                 if self.fsdp:
                     P.set_gradient_sync(model, sync)
                 ctx = contextlib.nullcontext() if sync or self.fsdp else fwd.no_sync()
-                with ctx:
+                with ctx, (self.cp.active() if self.cp is not None else contextlib.nullcontext()):
                     with self._autocast():
                         ls = self.task.loss(fwd, mb)
                     (ls * (self.world / max(total, 1.0))).backward()

@@ -21,6 +21,18 @@ parameter names (state dicts, safetensors files) do not change, and under FSDP t
 recomputation finds the block's parameters gathered by FSDP's pre-backward hook. Without
 gradients (evaluation, sampling) blocks run plainly.
 
+Context parallelism (`--context-parallel N`, GPT). The processes form a 2-D device mesh
+(data x context, init_device_mesh): the N ranks of a context group train on the same
+micro-batch, each on its shard of the sequence in the zigzag layout of
+pretrain_kernels.distributed.shard_sequence, with the rotary positions of its own tokens
+(global positions), and every causal attention layer calls context_parallel_attention on
+the context group (the keys and values travel round the ring). The data dimension draws the
+micro-batches as without context parallelism. Parameters are replicated (DDP) or sharded
+(FSDP) over all the ranks, data x context flattened, since each context rank holds its own
+share of every gradient: the gradient average over all ranks, with the loop's loss
+normalisation, is again the gradient of the global batch's mean loss. Evaluation runs the
+whole sequences with the plain kernel on every rank.
+
 Checkpoints of an FSDP run (`parallel="fsdp"`, whatever the world size) go through
 torch.distributed.checkpoint (DCP): model, optimizer (get_state_dict / set_state_dict of
 torch.distributed.checkpoint.state_dict) and the EMA, each rank writing its own shards into
@@ -212,3 +224,52 @@ def load_sharded(out_dir: str, model: nn.Module, optimizer, ema=None) -> None:
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=os.path.join(out_dir, CHECKPOINT_DIR))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+# ---- context parallelism ---------------------------------------------------------------------
+
+
+class ContextParallel:
+    """Runs a model's causal attention layers (modules with an `attend(q, k, v)` method, as
+    the GPT's) through context_parallel_attention on `group` inside active(), and cuts a
+    micro-batch's sequences into this rank's zigzag shard (shard())."""
+
+    def __init__(self, model: nn.Module, group):
+        from pretrain_kernels.distributed import context_parallel_attention
+
+        self.group, self.world = group, dist.get_world_size(group)
+        self.on = False
+        layers = [m for m in model.modules() if callable(getattr(type(m), "attend", None))]
+        if not layers:
+            raise ValueError(f"context_parallel: {type(model).__name__} has no attention layer that can run on a "
+                             "sharded sequence (only the GPT's causal attention can)")
+        for m in layers:
+            plain = m.attend
+
+            def attend(q, k, v, _plain=plain):
+                if self.on:
+                    return context_parallel_attention(q, k, v, self.group, causal=True)
+                return _plain(q, k, v)
+
+            m.attend = attend
+
+    @contextlib.contextmanager
+    def active(self):
+        """Forward and backward passes inside run on the sharded sequence (with activation
+        checkpointing the backward recomputes attention, so it belongs inside too)."""
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+    def shard(self, mb: dict) -> dict:
+        """This rank's part of a micro-batch of sequences {name: [B, T, ...]}: every tensor cut
+        along dim 1, plus "positions" [T / N], the global positions of the local tokens."""
+        from pretrain_kernels.distributed import shard_sequence
+
+        out = {k: shard_sequence(v, self.group, dim=1) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        T = next(v for v in mb.values() if isinstance(v, torch.Tensor)).shape[1]
+        device = next(v for v in mb.values() if isinstance(v, torch.Tensor)).device
+        out["positions"] = shard_sequence(torch.arange(T, device=device), self.group, dim=0)
+        return out
