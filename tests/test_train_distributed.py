@@ -88,6 +88,8 @@ def _fsdp_worker(rank, world, store, text_dir, root):
         out["2to1"] = losses(Trainer(gpt_task(text_dir), cfg(steps=3, **RESUME_KW), os.path.join(root, "a")).train())
         tr = Trainer(gpt_task(text_dir, seed=123), cfg(**RESUME_KW), os.path.join(root, "b"))
         out["1to2"] = losses(tr.train(resume=True))
+        tr = Trainer(gpt_task(text_dir, seed=123), cfg(**RESUME_KW), os.path.join(root, "c"))
+        out["unsharded_to_fsdp"] = losses(tr.train(resume=True))
         out["bf16"] = losses(Trainer(gpt_task(text_dir), cfg(steps=3, parallel="fsdp", dtype="bfloat16")).train())
         # aot_eager: dynamo and AOT autograd over FSDP's hooks, the pk ops' fake kernels and the
         # checkpointed blocks, without inductor's C++ build (minutes on 2 shared cores)
@@ -108,9 +110,12 @@ RESUME_KW = dict(ema=0.9, parallel="fsdp")
 
 @pytest.fixture(scope="module")
 def fsdp_runs(text_dir, tmp_path_factory):
-    """Runs folder and the 2-process results; one process starts run "b" before them."""
+    """Runs folder and the 2-process results; one process starts runs "b" (sharded) and "c"
+    (unsharded) before them."""
     root = tmp_path_factory.mktemp("fsdp")
     Trainer(gpt_task(text_dir), cfg(steps=3, **RESUME_KW), str(root / "b")).train()
+    Trainer(gpt_task(text_dir), cfg(steps=3, ema=0.9), str(root / "c")).train()    # unsharded (ddp)
+    assert not os.path.isdir(root / "c" / "checkpoint")
     assert os.path.isfile(root / "b" / "checkpoint" / ".metadata")
     run_workers(_fsdp_worker, 2, str(root / "store"), text_dir, str(root))
     return root, torch.load(root / "result.pt")
@@ -157,8 +162,9 @@ def test_fsdp_two_processes_equal_one(text_dir, fsdp_runs, tmp_path):
 
 
 def test_fsdp_resume_on_another_world_size(text_dir, fsdp_runs, tmp_path):
-    """A sharded checkpoint of 2 processes resumes on 1, one of 1 process resumes on 2; both
-    continue to the losses, weights and EMA of an uninterrupted single-process run."""
+    """A sharded checkpoint of 2 processes resumes on 1, one of 1 process resumes on 2, and an
+    unsharded (single-process, --parallel ddp) one on 2 FSDP processes; all continue to the
+    losses, weights and EMA of an uninterrupted single-process run."""
     root, res = fsdp_runs
     full = Trainer(gpt_task(text_dir), cfg(ema=0.9), str(tmp_path / "full"))
     full_losses = losses(full.train())
@@ -166,7 +172,9 @@ def test_fsdp_resume_on_another_world_size(text_dir, fsdp_runs, tmp_path):
     resumed = Trainer(gpt_task(text_dir, seed=123), cfg(**RESUME_KW), str(root / "a"))
     assert losses(resumed.train(resume=True)) == pytest.approx(full_losses[3:], rel=1e-5)
     assert res["1to2"] == pytest.approx(full_losses[3:], rel=1e-5)
-    for run in ("a", "b"):
+    # an unsharded single-process checkpoint continued by 2 FSDP processes
+    assert res["unsharded_to_fsdp"] == pytest.approx(full_losses[3:], rel=1e-5)
+    for run in ("a", "b", "c"):
         for f in ("model.safetensors", "ema.safetensors"):
             assert_same_weights(load(str(root / run / f)), load(str(tmp_path / "full" / f)))
         with open(root / run / "config.json") as f:

@@ -346,9 +346,6 @@ class Trainer:
                                         f"{P.CHECKPOINT_DIR}/ folder is missing or incomplete")
             P.load_sharded(self.out_dir, self.task.model, self.optimizer, self.ema)
         else:
-            if self.fsdp:
-                raise ValueError(f"resume: {self.out_dir!r} holds an unsharded (single-process or DDP) "
-                                 "checkpoint; resume it with --parallel ddp")
             self._load_unsharded(state)
         self.step = int(state["step"])
         self.gen.set_state(state["gen"])
@@ -357,14 +354,21 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def _load_unsharded(self, state: dict) -> None:
-        load_weights(self.task.model, self.out_dir, self.device)
-        if self.ema is not None:
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
+        ema_sd = None
+        if self.ema is not None:
             ema_path = os.path.join(self.out_dir, "ema.safetensors")
             if not os.path.isfile(ema_path):
                 raise FileNotFoundError(f"resume: the run keeps an EMA but {ema_path!r} is missing")
-            self.ema.load_state_dict(load_file(ema_path))
+            ema_sd = load_file(ema_path)
+        if self.fsdp:   # a single-process or DDP run continued with FSDP: each rank takes its shards
+            model_sd = load_file(os.path.join(self.out_dir, "model.safetensors"))
+            P.load_full_into_sharded(self.task.model, self.optimizer, self.ema, model_sd, state["optimizer"], ema_sd)
+            return
+        load_weights(self.task.model, self.out_dir, self.device)
+        if self.ema is not None:
+            self.ema.load_state_dict(ema_sd)
         self.optimizer.load_state_dict(state["optimizer"])
 
     def evaluate(self, final: bool = False) -> dict:

@@ -226,6 +226,43 @@ def load_sharded(out_dir: str, model: nn.Module, optimizer, ema=None) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def load_full_into_sharded(model: nn.Module, optimizer, ema, model_sd: dict, optim_sd: dict,
+                           ema_sd: dict | None) -> None:
+    """Load an unsharded checkpoint (model.safetensors, the optimizer.state_dict() of a single
+    process or DDP run, ema.safetensors) into a sharded model: each rank keeps its slices."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    tied = tied_names(model)
+
+    def untie(sd):
+        sd = dict(sd)
+        for dropped, kept in tied.items():
+            if dropped not in sd and kept in sd:
+                sd[dropped] = sd[kept]
+            elif kept not in sd and dropped in sd:
+                sd[kept] = sd[dropped]
+        return sd
+
+    # optimizer.state_dict() numbers the parameters in param-group order; DCP names them
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    osd = {"state": {fqns[i]: st for i, st in optim_sd["state"].items()},
+           "param_groups": [dict(g, params=[fqns[i] for i in g["params"]]) for g in optim_sd["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=untie(model_sd), optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True))
+    if ema is not None:
+        ema_sd = untie(ema_sd)
+        for n, a in zip(ema.names, ema.avg):
+            full = ema_sd[n].to(device=a.device, dtype=a.dtype)
+            if is_dtensor(a):
+                try:
+                    from torch.distributed.tensor import distribute_tensor
+                except ImportError:  # torch 2.5
+                    from torch.distributed._tensor import distribute_tensor
+                full = distribute_tensor(full, a.device_mesh, a.placements)
+            a.copy_(full)
+
+
 # ---- context parallelism ---------------------------------------------------------------------
 
 
