@@ -23,7 +23,7 @@ from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
-DEADLINE_S = 90
+DEADLINE_S = 300   # generous: the machine may be shared; the group timeout (60 s) catches a hang sooner
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_cli_fsdp_context_parallel_four_processes(text_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            "-m", "pretrain_kernels.train.cli", *args, "--out", out, "--parallel", "fsdp", "--context-parallel", "2",
            "--checkpoint-activations"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S * 2)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
     assert r.returncode == 0, r.stderr[-3000:]
     single = train_main(args + ["--out", str(tmp_path / "one")])
     got, want = _jsonl_losses(out), _jsonl_losses(str(tmp_path / "one"))

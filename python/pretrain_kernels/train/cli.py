@@ -240,6 +240,14 @@ def _describe_run(out: str) -> str:
         return "a config.json"
 
 
+def _describe_parallel(cfg) -> str:
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world == 1:
+        return ""
+    cp = f", context parallel {cfg.context_parallel}" if cfg.context_parallel > 1 else ""
+    return f", {world} processes ({cfg.parallel}{cp})"
+
+
 def _init_distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -318,8 +326,8 @@ def train_main(argv=None) -> dict:
     if rank == 0:
         n = sum(p_.numel() for p_ in task.model.parameters())
         print(f"pk-train {args.task}: {type(task.model).__name__} {n / 1e6:.2f}M parameters, {cfg.steps} steps of "
-              f"{cfg.batch_size}, lr {cfg.lr}, {cfg.dtype}, {torch.get_num_threads()} threads -> {out}",
-              flush=True)
+              f"{cfg.batch_size}, lr {cfg.lr}, {cfg.dtype}, {torch.get_num_threads()} threads{_describe_parallel(cfg)} "
+              f"-> {out}", flush=True)
     try:
         trainer = Trainer(task, cfg, out)
     except ValueError as e:

@@ -12,7 +12,8 @@ micro-batch's summed loss is divided by the item count of the whole global batch
 masked tokens or images, known before the forward pass) and multiplied by world_size, so
 after DDP averages the gradients every run optimises exactly the mean loss of the global
 batch: 1 process, 2 processes or 4 accumulation steps give the same updates up to float
-summation order. Resuming restores the weights, the optimizer, the step and the generator,
+summation order. With context parallelism (GPT) the micro-batches go to the data ranks only,
+and the context ranks of a data rank each sum the loss over their shard of its sequences. Resuming restores the weights, the optimizer, the step and the generator,
 so a resumed run continues to the same losses as an uninterrupted one.
 
 Layout of a run folder (out_dir):
