@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import socket
+import time
 import traceback
 import zlib
 
@@ -31,12 +32,25 @@ GROUP_TIMEOUT_S = 40
 # (name, dtype, causal, B, chunk, heads, kv_heads, head_dim, extra): the global sequence is
 # 2 * world * chunk long; extra: "varlen" (several packed sequences, one empty), "softcap",
 # "lse" (the loss uses the returned lse too), "scale", "kv_longer" (non-causal, keys longer
-# than queries)
+# than queries), "noncontig" (q, k, v are strided views, as from a packed qkv projection),
+# ("window", left, right) a sliding window (chunk 5: windows narrower than a chunk, between one
+# and two chunks, wider than the sequence, one-sided)
 CASES = [
     ("causal_f64_gqa", torch.float64, True, 2, 5, 4, 2, 16, ()),
     ("full_f64", torch.float64, False, 1, 3, 2, 2, 8, ()),
     ("causal_f64_mqa_lse_scale", torch.float64, True, 1, 4, 4, 1, 8, ("lse", "scale")),
     ("causal_f64_softcap", torch.float64, True, 1, 3, 2, 2, 12, ("softcap",)),
+    ("causal_f64_noncontig", torch.float64, True, 2, 3, 3, 3, 8, ("noncontig",)),
+    ("causal_f64_window0", torch.float64, True, 1, 5, 2, 1, 8, (("window", 0, -1),)),
+    ("causal_f64_window3", torch.float64, True, 2, 5, 2, 2, 8, (("window", 3, -1),)),
+    ("causal_f64_window7", torch.float64, True, 1, 5, 4, 2, 8, (("window", 7, -1), "lse")),
+    ("causal_f64_window13", torch.float64, True, 1, 5, 2, 2, 8, (("window", 13, -1),)),
+    ("causal_f64_window_wide", torch.float64, True, 1, 5, 2, 2, 8, (("window", 1000, 7),)),
+    ("full_f64_window3_6", torch.float64, False, 1, 5, 2, 1, 8, (("window", 3, 6),)),
+    ("full_f64_window0_12", torch.float64, False, 1, 5, 2, 2, 8, (("window", 0, 12),)),
+    ("full_f64_window_right4", torch.float64, False, 1, 5, 2, 2, 8, (("window", -1, 4),)),
+    ("full_f64_window_left6", torch.float64, False, 1, 5, 2, 2, 8, (("window", 6, -1), "softcap")),
+    ("causal_bf16_window9", torch.bfloat16, True, 1, 8, 4, 2, 32, (("window", 9, -1),)),
     ("full_f64_kv_longer", torch.float64, False, 2, 3, 2, 1, 8, ("kv_longer",)),
     ("varlen_causal_f64_gqa", torch.float64, True, 3, 0, 4, 2, 16, ("varlen",)),
     ("varlen_full_f64", torch.float64, False, 3, 0, 2, 2, 8, ("varlen",)),
@@ -48,7 +62,7 @@ CASES = [
     ("varlen_causal_bf16", torch.bfloat16, True, 3, 0, 2, 2, 16, ("varlen",)),
 ]
 CASES_4 = {"causal_f64_gqa", "full_f64", "varlen_causal_f64_gqa", "causal_f32_gqa", "causal_bf16_gqa",
-           "causal_f64_mqa_lse_scale"}
+           "causal_f64_mqa_lse_scale", "causal_f64_window3", "causal_f64_window13", "full_f64_window3_6"}
 BAD_CASES = ["odd_local_length", "shard_indivisible", "shape_disagrees", "dtype_disagrees", "one_rank_bad_softcap",
              "causal_disagrees", "requires_grad_disagrees", "varlen_disagrees", "unshard_shape_disagrees",
              "bad_cu_seqlens", "not_a_member", "in_sync_after_errors"]
@@ -78,6 +92,9 @@ def _case_inputs(case, world, seed):
     gl = torch.randn(H, shapes[0][0], generator=g, dtype=torch.float64) if "varlen" in extra else \
         torch.randn(B, H, shapes[0][1], generator=g, dtype=torch.float64)
     kw = dict(causal=causal, scale=0.37 if "scale" in extra else None, softcap=3.0 if "softcap" in extra else None)
+    for e in extra:
+        if isinstance(e, tuple) and e[0] == "window":
+            kw["window"] = e[1:]
     return (q, k, v, go, gl), lens, cu, kw
 
 
@@ -104,7 +121,11 @@ def _check_case(case, rank, world, group):
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
     var = dict(cu_seqlens=(cu // world).to(torch.int32)) if varlen else {}
-    out, lse = context_parallel_attention(ql, kl, vl, group, return_lse=True, **kw, **var)
+    args = (ql, kl, vl)
+    if "noncontig" in extra:  # views into one (B, S, 3, H, D) tensor
+        args = torch.stack(args, 2).unbind(2)
+        assert not any(a.is_contiguous() for a in args)
+    out, lse = context_parallel_attention(*args, group, return_lse=True, **kw, **var)
     loss = (out.double() * shard(go)).sum() + ((lse.double() * shard(gl, dim + 1)).sum() if use_lse else 0)
     loss.backward()
     got = [out.detach(), lse.detach(), ql.grad, kl.grad, vl.grad]
@@ -183,6 +204,11 @@ def _check_bad(name, rank, world, group):
                                                                                            dtype=torch.int32)))
         _expect(TypeError, "cu_seqlens: expected an int32 tensor",
                 lambda: context_parallel_attention(x, x, x, group, cu_seqlens=torch.tensor([0, 8])))
+        _expect(ValueError, "window: a sliding window is not offered with cu_seqlens",
+                lambda: context_parallel_attention(x, x, x, group, window=(2, 0),
+                                                   cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)))
+        _expect(ValueError, "must agree on window left",
+                lambda: context_parallel_attention(q, q, q, group, window=(rank + 1, 0)))
     elif name == "not_a_member":  # a group of rank 0 alone: one rank (no ring) there, an error elsewhere
         solo = dist.new_group([0])
         full = t(1, 6, 2, 8, dtype=torch.float64)
@@ -305,7 +331,6 @@ def _run(world, tmp_path_factory):
         out_dir = str(tmp_path_factory.mktemp(f"cp{world}"))
         ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
                                  start_method="spawn")
-        import time
         deadline = time.monotonic() + RUN_DEADLINE_S
         try:
             while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):

@@ -33,7 +33,9 @@ rank r (chunks j and 2W-1-j):
           key chunks in full: the second half of the queries against all keys, no mask.
 Every step is then c x 2c query-key pairs (c = the chunk length) on every rank. Without a
 causal mask the layout does not matter (every query sees every key), so the same shards
-serve causal and bidirectional layers.
+serve causal and bidirectional layers. A sliding window (dense inputs) is exact too: each
+visible pair of (query chunk, key chunk) is a kernel call of its own whose window is the
+global one shifted by the distance between the chunks (_Plan.pieces).
 
 Varlen: q, k, v packed (tokens, heads, head_dim) with the int32 cu_seqlens of the local
 shard, as flash_attention's varlen form; every sequence of the batch is sharded across the
@@ -55,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from .ops.attention import (_check_bool, _check_cu, _check_head_dim, _check_heads, _check_same, _check_softcap,
-                            _max_seqlen, _resolve_scale)
+                            _check_window, _max_seqlen, _resolve_scale)
 
 __all__ = ["context_parallel_attention", "shard_sequence", "unshard_sequence"]
 
@@ -186,8 +188,8 @@ def _sequence_lengths(name: str, x, dim: int, cu_seqlens, divisor: int, what: st
         lengths = [n]
     else:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens: expected an int32 tensor, got "
-                            f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}")
+            got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+            raise TypeError(f"cu_seqlens: expected an int32 tensor, got {got}")
         cu = cu_seqlens.tolist()
         if cu_seqlens.dim() != 1 or not cu or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {n} (the length of {name} along "
@@ -266,7 +268,8 @@ def unshard_sequence(x_local: torch.Tensor, group=None, dim: int = 1, *, cu_seql
     global_lengths = [n * world for n in lengths]
     index = torch.cat([_zigzag_index(global_lengths, r, world) for r in range(world)])
     inverse = torch.argsort(index).to(x_local.device)
-    return _Unshard.apply(x_local, group, world, dim, inverse, _zigzag_index(global_lengths, rank, world).to(x_local.device))
+    mine = _zigzag_index(global_lengths, rank, world).to(x_local.device)
+    return _Unshard.apply(x_local, group, world, dim, inverse, mine)
 
 
 # ---- ring attention ------------------------------------------------------------------------
@@ -276,14 +279,20 @@ class _Plan:
     """What every step of the ring computes on this rank: the group and neighbours, the kernel
     arguments, and how to take and put back the halves of the queries and keys."""
 
-    def __init__(self, group, rank, world, q, causal, scale, softcap, cu_seqlens, max_seqlen):
+    def __init__(self, group, rank, world, q, causal, scale, softcap, cu_seqlens, max_seqlen, window):
         self.group, self.rank, self.world = group, rank, world
         self.next = dist.get_global_rank(group, (rank + 1) % world)
         self.prev = dist.get_global_rank(group, (rank - 1) % world)
         self.causal, self.scale, self.softcap = causal, scale, softcap
         self.varlen = cu_seqlens is not None
         self.cu, self.max_seqlen = cu_seqlens, max_seqlen
-        if not causal:
+        left, right = window
+        if causal:
+            right = 0
+        # a sliding window (dense only): every pair of chunks is its own kernel call (pieces())
+        self.windowed = left >= 0 or (right >= 0 and not causal)
+        self.window = (None if left < 0 else left, None if right < 0 else right)
+        if not causal and not self.windowed:
             return
         if self.varlen:
             # tokens of the first / second half of every local sequence, in packed order
@@ -298,7 +307,37 @@ class _Plan:
         else:
             self.c = q.shape[1] // 2
 
+    def pieces(self, step: int):
+        """With a sliding window: (q_start, k_start, n, window_left, window_right) of each kernel
+        call of a step, one per pair of (query chunk, key chunk) that the window does not hide.
+        Query chunk a against key chunk b sees, in chunk coordinates (i, j), the keys
+        i + d - left <= j <= i + d + right with d = (a - b) * c: a window shifted by d, which
+        the kernel takes directly while both sides stay >= 0. When one side turns negative the
+        visible band starts beyond the diagonal, and slicing the queries (or keys) it skips
+        brings it back: for d > left, keys j >= m = d - left only and rows i < c - m only, and
+        then j' = j - m sees the keys j' >= i (the other bound, j <= i + d + right, holds for
+        every key of the chunk, since d >= c); d < -right likewise with the queries."""
+        W, r, c = self.world, self.rank, self.c
+        j = (r - step) % W
+        left, right = self.window
+        out = []
+        for qh, a in ((0, r), (1, 2 * W - 1 - r)):
+            for kh, b in ((0, j), (1, 2 * W - 1 - j)):
+                d = (a - b) * c
+                lo = None if left is None else left - d    # j >= i - lo
+                hi = None if right is None else right + d  # j <= i + hi
+                q0, k0, n = qh * c, kh * c, c
+                if lo is not None and lo < 0:  # the band starts -lo keys right of the diagonal
+                    k0, n, lo, hi = k0 - lo, c + lo, 0, None
+                elif hi is not None and hi < 0:  # it ends -hi keys left of it
+                    q0, n, lo, hi = q0 - hi, c + hi, None, 0
+                if n > 0:
+                    out.append((q0, k0, n, -1 if lo is None else lo, -1 if hi is None else hi))
+        return out
+
     def kind(self, step: int) -> str:
+        if self.windowed:
+            return "pieces"
         if step == 0:
             return "diagonal"
         if not self.causal:
@@ -360,12 +399,25 @@ def _ring_forward(plan, q, k, v):
     fwd = torch.ops.pretrain_kernels.flash_attn_fwd
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc_out = acc_lse = None
+    if plan.windowed:
+        acc_out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        acc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=acc_dtype, device=q.device)
     kc, vc = k, v
     for step in range(plan.world):
         reqs = []
         if step < plan.world - 1:
             (kn, vn), reqs = _send_recv(plan, (kc, vc), (_TAG_K, _TAG_V))
         kind = plan.kind(step)
+        if kind == "pieces":
+            for q0, k0, n, left, right in plan.pieces(step):
+                out, lse = fwd(q.narrow(1, q0, n), kc.narrow(1, k0, n), vc.narrow(1, k0, n), None, None, None, -1, -1,
+                               plan.scale, left, right, True, plan.softcap)
+                lse_rows = acc_lse.narrow(2, q0, n)
+                lse_rows.copy_(_merge(acc_out.narrow(1, q0, n), lse_rows, out, lse))
+            _wait(reqs)
+            if reqs:
+                kc, vc = kn, vn
+            continue
         cu_q, cu_k, mq, mk, right = plan.kernel_args(kind)
         if kind == "keys_first_half":
             out, lse = fwd(q, plan.half(kc, 0), plan.half(vc, 0), cu_q, cu_k, None, mq, mk, plan.scale, -1, right,
@@ -394,8 +446,62 @@ def _ring_forward(plan, q, k, v):
     return acc_out.to(q.dtype), acc_lse
 
 
-def _ring_backward(plan, q, k, v, out, lse, dout, dlse):
+def _block_backward(plan, kind, step, q, kc, vc, out, lse, dout, dlse, dq, dkv_reqs, dk_in, dv_in, acc_dtype):
+    """One step of the backward without a window: adds the block's dQ into dq and returns the
+    dK/dV accumulators with the block's share added (waiting for the incoming ones first)."""
     bwd = torch.ops.pretrain_kernels.flash_attn_bwd
+    cu_q, cu_k, mq, mk, right = plan.kernel_args(kind)
+    args = (cu_q, cu_k, None, mq, mk, plan.scale, -1, right, True, plan.softcap)
+    if kind == "keys_first_half":
+        dq_b, dk_b, dv_b = bwd(dout, q, plan.half(kc, 0), plan.half(vc, 0), out, lse, dlse, *args)
+    elif kind == "queries_second_half":
+        dlse_h = None if dlse is None else plan.half(dlse, 1, lse=True).contiguous()
+        dq_b, dk_b, dv_b = bwd(plan.half(dout, 1), plan.half(q, 1), kc, vc, plan.half(out, 1),
+                               plan.half(lse, 1, lse=True).contiguous(), dlse_h, *args)
+    else:
+        dq_b, dk_b, dv_b = bwd(dout, q, kc, vc, out, lse, dlse, *args)
+    if kind == "queries_second_half":
+        plan.add_half(dq, 1, dq_b)
+    else:
+        dq.add_(dq_b)
+    del dq_b
+    # this block's share of dK/dV, added to the accumulator that arrived with these keys
+    if step == 0:  # the diagonal block covers every key
+        return dk_b.to(acc_dtype), dv_b.to(acc_dtype)
+    _wait(dkv_reqs)
+    if kind == "keys_first_half":
+        plan.add_half(dk_in, 0, dk_b)
+        plan.add_half(dv_in, 0, dv_b)
+    else:
+        dk_in.add_(dk_b)
+        dv_in.add_(dv_b)
+    return dk_in, dv_in
+
+
+def _pieces_backward(plan, step, q, kc, vc, out, lse, dout, dlse, dq, dkv_reqs, dk_in, dv_in, acc_dtype):
+    """_block_backward with a sliding window: one kernel call per piece (plan.pieces)."""
+    bwd = torch.ops.pretrain_kernels.flash_attn_bwd
+    parts = []
+    for q0, k0, n, left, right in plan.pieces(step):
+        def rows(x, dim=1):
+            return x.narrow(dim, q0, n)
+        dq_b, dk_b, dv_b = bwd(rows(dout), rows(q), kc.narrow(1, k0, n), vc.narrow(1, k0, n), rows(out),
+                               rows(lse, 2).contiguous(), None if dlse is None else rows(dlse, 2).contiguous(),
+                               None, None, None, -1, -1, plan.scale, left, right, True, plan.softcap)
+        rows(dq).add_(dq_b)
+        parts.append((k0, n, dk_b, dv_b))
+    if step == 0:
+        dk_in = torch.zeros(kc.shape, dtype=acc_dtype, device=kc.device)
+        dv_in = torch.zeros(vc.shape, dtype=acc_dtype, device=vc.device)
+    else:
+        _wait(dkv_reqs)
+    for k0, n, dk_b, dv_b in parts:
+        dk_in.narrow(1, k0, n).add_(dk_b)
+        dv_in.narrow(1, k0, n).add_(dv_b)
+    return dk_in, dv_in
+
+
+def _ring_backward(plan, q, k, v, out, lse, dout, dlse):
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     kc, vc = k, v
@@ -405,33 +511,13 @@ def _ring_backward(plan, q, k, v, out, lse, dout, dlse):
         if step < plan.world - 1:
             (kn, vn), kv_reqs = _send_recv(plan, (kc, vc), (_TAG_K, _TAG_V))
         kind = plan.kind(step)
-        cu_q, cu_k, mq, mk, right = plan.kernel_args(kind)
-        args = (cu_q, cu_k, None, mq, mk, plan.scale, -1, right, True, plan.softcap)
-        if kind == "keys_first_half":
-            dq_b, dk_b, dv_b = bwd(dout, q, plan.half(kc, 0), plan.half(vc, 0), out, lse, dlse, *args)
-        elif kind == "queries_second_half":
-            dlse_h = None if dlse is None else plan.half(dlse, 1, lse=True).contiguous()
-            dq_b, dk_b, dv_b = bwd(plan.half(dout, 1), plan.half(q, 1), kc, vc, plan.half(out, 1),
-                                   plan.half(lse, 1, lse=True).contiguous(), dlse_h, *args)
+        if kind == "pieces":
+            dk, dv = _pieces_backward(plan, step, q, kc, vc, out, lse, dout, dlse, dq, dkv_reqs, dk_in, dv_in,
+                                      acc_dtype)
         else:
-            dq_b, dk_b, dv_b = bwd(dout, q, kc, vc, out, lse, dlse, *args)
-        if kind == "queries_second_half":
-            plan.add_half(dq, 1, dq_b)
-        else:
-            dq.add_(dq_b)
-        # this block's share of dK/dV, added to the accumulator that arrived with these keys
-        if step == 0:  # the diagonal block covers every key
-            dk, dv = dk_b.to(acc_dtype), dv_b.to(acc_dtype)
-        else:
-            _wait(dkv_reqs)
-            dk, dv = dk_in, dv_in
-            if kind == "keys_first_half":
-                plan.add_half(dk, 0, dk_b)
-                plan.add_half(dv, 0, dv_b)
-            else:
-                dk.add_(dk_b)
-                dv.add_(dv_b)
-        del dq_b, dk_b, dv_b, dk_in, dv_in
+            dk, dv = _block_backward(plan, kind, step, q, kc, vc, out, lse, dout, dlse, dq, dkv_reqs, dk_in, dv_in,
+                                     acc_dtype)
+        del dk_in, dv_in
         _wait(kv_reqs)
         if kv_reqs:
             kc, vc = kn, vn
@@ -439,6 +525,7 @@ def _ring_backward(plan, q, k, v, out, lse, dout, dlse):
             (dk_in, dv_in), dkv_reqs = _send_recv(plan, (dk, dv), (_TAG_DK, _TAG_DV))
         else:
             dk_in, dv_in = dk, dv
+        del dk, dv
     _wait(dkv_reqs)
     return dq.to(q.dtype), dk_in.to(k.dtype), dv_in.to(v.dtype)
 
@@ -462,10 +549,14 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqlen, return_lse):
-    """The local checks; returns (causal, scale, softcap, max_seqlen, cu_seqlens lengths)."""
+def _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqlen, return_lse, window):
+    """The local checks; returns (causal, scale, softcap, max_seqlen, window, cu_seqlens lengths)."""
     _check_same(q, k, v)
     causal = _check_bool("causal", causal)
+    left, right = _check_window(window)
+    if causal:
+        right = 0
+    windowed = left >= 0 or (right >= 0 and not causal)
     _check_bool("return_lse", return_lse)
     varlen = cu_seqlens is not None
     nd, layout = (3, "(tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
@@ -486,29 +577,32 @@ def _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqle
         lengths = _sequence_lengths("q", q, 0, cu_seqlens, 2 if causal else 1,
                                     "2: causal attention uses the zigzag layout of two chunks per rank "
                                     "(shard_sequence; each global length must divide by 2 * world_size)")
+        if windowed:
+            raise ValueError(f"window: a sliding window is not offered with cu_seqlens (varlen), got {window}")
     else:
         if not q.shape[0] == k.shape[0] == v.shape[0]:
             raise ValueError(f"batch: q, k, v must match, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"k, v: expected the same sequence length, got {k.shape[1]} and {v.shape[1]}")
-        if causal:
+        if causal or windowed:
+            what = "causal attention" if causal else "a sliding window"
             if k.shape[1] != q.shape[1]:
-                raise ValueError(f"q, k: causal context parallelism is self-attention: expected the same local "
-                                 f"sequence length, got {q.shape[1]} and {k.shape[1]}")
+                raise ValueError(f"q, k: {what} over context parallel shards is self-attention: expected the same "
+                                 f"local sequence length, got {q.shape[1]} and {k.shape[1]}")
             if q.shape[1] % 2:
-                raise ValueError(f"q: causal attention uses the zigzag layout of two chunks per rank "
-                                 f"(shard_sequence): the local sequence length must be even (the global one must "
-                                 f"divide by 2 * world_size), got {q.shape[1]}")
+                raise ValueError(f"q: {what} uses the zigzag layout of two chunks per rank (shard_sequence): the "
+                                 f"local sequence length must be even (the global one must divide by 2 * "
+                                 f"world_size), got {q.shape[1]}")
     scale = _resolve_scale(scale, D, q.dtype)
     softcap = _check_softcap(softcap, q.dtype)
     max_seqlen = _max_seqlen("max_seqlen", max_seqlen)
-    return causal, scale, softcap, max_seqlen, lengths
+    return causal, scale, softcap, max_seqlen, (left, right), lengths
 
 
 @torch.compiler.disable
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = True,
                                scale=None, softcap: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                               max_seqlen: int | None = None, return_lse: bool = False):
+                               max_seqlen: int | None = None, return_lse: bool = False, window=(-1, -1)):
     """Exact attention over a sequence sharded across the ranks of `group`, differentiable.
 
     q: (batch, seqlen_local, heads, head_dim), k, v: (batch, seqlen_local, kv_heads,
@@ -523,8 +617,12 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     causal, scale (default 1 / sqrt(head_dim)) and softcap (None: off) as in
     pk.flash_attention, applied to the whole sequence: the result is the local shard of
     pk.flash_attention(full q, full k, full v, ...), to rounding (the partial results merge in
-    float32, float64 for float64 inputs). Sliding windows, ALiBi, prefix_lens and dropout depend
-    on global positions or indices and are not offered.
+    float32, float64 for float64 inputs). window=(left, right): a sliding window over the global
+    positions as in pk.flash_attention (-1: unbounded; causal sets right = 0), dense inputs
+    only, in the zigzag layout; each pair of chunks is then its own kernel call, with the
+    window shifted by the distance between the chunks, and the pairs the window hides are
+    skipped. ALiBi, prefix_lens and dropout depend on global positions or indices and are not
+    offered.
     Returns out shaped like q, and with return_lse=True also the global lse of the local rows:
     (batch, heads, seqlen_local), or (heads, tokens_local) for varlen (float32; float64 for
     float64 inputs), differentiable.
@@ -532,27 +630,28 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Collective: every rank of the group calls it with the same shapes, dtype and arguments;
     a rank's bad argument, or ranks that disagree, raise on every rank (one all_gather of a
     small descriptor checks this before the ring starts; its result is read on the host, so
-    on a GPU each call synchronises once, and varlen reads cu_seqlens on the host). The backward is collective too:
-    every rank must backpropagate through the result. torch.compile runs it eagerly (a graph
+    on a GPU each call synchronises once, and varlen reads cu_seqlens on the host). The
+    backward is collective too: every rank must backpropagate through the result. torch.compile runs it eagerly (a graph
     break: the descriptor check reads values on the host, and the ring is a sequence of
     point-to-point transfers that the compiled graph would not overlap any better).
     """
     group, rank, world = _resolve_group(group)
     error, fields, checked = None, {}, None
     try:
-        checked = _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqlen, return_lse)
-        causal_, scale_, softcap_, max_seqlen_, lengths = checked
+        checked = _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqlen, return_lse, window)
+        causal_, scale_, softcap_, max_seqlen_, window_, lengths = checked
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         fields = {"dtype": _dtype_code(q), "device type": int(q.device.type == "cuda"),
                   **_shape_fields("q", q), **_shape_fields("k", k), **_shape_fields("v", v),
                   "causal": int(causal_), "scale": _float_bits(scale_), "softcap": _float_bits(softcap_),
                   "cu_seqlens": zlib.crc32(repr(lengths).encode()) if cu_seqlens is not None else -1,
-                  "max_seqlen": max_seqlen_, "requires_grad": int(grad)}
+                  "max_seqlen": max_seqlen_, "window left": window_[0], "window right": window_[1],
+                  "requires_grad": int(grad)}
     except Exception as e:  # raised on every rank after the exchange, never on this one alone
         error = e
     _exchange(group, world, "context_parallel_attention", fields, error)
-    causal, scale, softcap, max_seqlen, _ = checked
-    plan = _Plan(group, rank, world, q, causal, scale, softcap, cu_seqlens, max_seqlen)
+    causal, scale, softcap, max_seqlen, window, _ = checked
+    plan = _Plan(group, rank, world, q, causal, scale, softcap, cu_seqlens, max_seqlen, window)
     k, v = k.contiguous(), v.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out, lse = _RingAttention.apply(q, k, v, plan)
