@@ -181,6 +181,18 @@ def test_fsdp_resume_on_another_world_size(text_dir, fsdp_runs, tmp_path):
             assert json.load(f)["step"] == 6
 
 
+def test_sharded_run_continued_without_fsdp(text_dir, tmp_path):
+    """A sharded checkpoint resumed with --parallel ddp continues exactly and is then saved
+    unsharded (its checkpoint/ folder removed, so the run folder holds one checkpoint)."""
+    full = losses(Trainer(gpt_task(text_dir), cfg(ema=0.9), str(tmp_path / "full")).train())
+    Trainer(gpt_task(text_dir), cfg(steps=3, **RESUME_KW), str(tmp_path / "run")).train()
+    assert os.path.isdir(tmp_path / "run" / "checkpoint")
+    rest = losses(Trainer(gpt_task(text_dir, seed=123), cfg(ema=0.9), str(tmp_path / "run")).train(resume=True))
+    assert rest == pytest.approx(full[3:], rel=1e-5)
+    assert not os.path.exists(tmp_path / "run" / "checkpoint")
+    assert "optimizer" in torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)
+
+
 def test_fsdp_bfloat16_parameters(text_dir, fsdp_runs):
     """--dtype bfloat16 under FSDP (bf16 parameters in the forward and backward, float32 master
     weights and reductions) follows the single-process autocast run to bf16 rounding."""

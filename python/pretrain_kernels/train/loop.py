@@ -13,8 +13,9 @@ masked tokens or images, known before the forward pass) and multiplied by world_
 after DDP averages the gradients every run optimises exactly the mean loss of the global
 batch: 1 process, 2 processes or 4 accumulation steps give the same updates up to float
 summation order. With context parallelism (GPT) the micro-batches go to the data ranks only,
-and the context ranks of a data rank each sum the loss over their shard of its sequences. Resuming restores the weights, the optimizer, the step and the generator,
-so a resumed run continues to the same losses as an uninterrupted one.
+and the context ranks of a data rank each sum the loss over their shard of its sequences.
+Resuming restores the weights, the optimizer, the step and the generator, so a resumed run
+continues to the same losses as an uninterrupted one.
 
 Layout of a run folder (out_dir):
   config.json          task, model and training settings (enough to rebuild the model)
@@ -45,6 +46,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -248,9 +250,9 @@ class Trainer:
                              f"divisible by 2 x context_parallel = {2 * cp} (two chunks per rank)")
         self.dp = self.world // cp           # ranks that draw different micro-batches
         if cfg.batch_size % (self.dp * cfg.grad_accum):
-            raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by world_size x grad_accum "
-                             f"= {self.dp} x {cfg.grad_accum}" + (f" (world_size / context_parallel = "
-                                                                   f"{self.world} / {cp})" if cp > 1 else ""))
+            ranks = "world_size" if cp == 1 else "(world_size / context_parallel)"
+            raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by {ranks} x grad_accum "
+                             f"= {self.dp} x {cfg.grad_accum}")
         self.task, self.cfg, self.out_dir = task, cfg, out_dir
         self.device = _device(cfg)
         self.model = task.model.to(self.device)
@@ -297,6 +299,9 @@ class Trainer:
                 self.task.save_files(self.out_dir)
             save_checkpoint(self.out_dir, self.task.model, self.task.config(), self.cfg, self.optimizer, self.step,
                             self.gen, self.ema)
+            stale = os.path.join(self.out_dir, P.CHECKPOINT_DIR)   # of an FSDP run this one continued
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
         if self.world > 1:
             dist.barrier()
 
