@@ -250,6 +250,17 @@ def test_parallel_errors(text_dir, tmp_path):
 # ---- the command line under torchrun -----------------------------------------------------------
 
 
+def test_cli_force_removes_the_sharded_checkpoint(text_dir, tmp_path):
+    from pretrain_kernels.train.cli import train_main
+
+    args = ["gpt", "--size", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--data", text_dir,
+            "--no-progress", "--threads", "1", "--no-final-eval", "--out", str(tmp_path / "run")]
+    train_main(args + ["--parallel", "fsdp"])
+    assert os.path.isfile(tmp_path / "run" / "checkpoint" / ".metadata")
+    train_main(args + ["--force"])
+    assert not os.path.exists(tmp_path / "run" / "checkpoint")
+
+
 def _jsonl_losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}

@@ -1,5 +1,5 @@
-"""How the trainer spreads a model over processes: FSDP2, activation checkpointing, and the
-sharded checkpoints that go with them.
+"""How the trainer spreads a model over processes: FSDP2, activation checkpointing, context
+parallelism, and the sharded checkpoints that go with them.
 
 FSDP2 (`--parallel fsdp`). torch.distributed.fsdp.fully_shard is applied to every block of
 the model (the entries of model.blocks for the GPT, BERT and DiT; the residual and attention
@@ -10,8 +10,8 @@ forward and again before its backward, and its gradients are reduce-scattered (a
 over ranks) as soon as they are ready. With --dtype bfloat16 the mixed-precision policy
 gathers bf16 parameters (half the traffic, bf16 matmuls) while the sharded master weights,
 the optimizer and the gradient reduction stay in float32; the loop's bf16 autocast still
-runs around the forward, so ops outside the blocks see the same dtypes as in a single
-process. The loss normalisation of the loop (train/loop.py) does not change: FSDP divides
+runs around the forward, and the model's inputs are not cast (a diffusion timestep keeps
+its float32 precision). The loss normalisation of the loop (train/loop.py) does not change: FSDP divides
 the reduced gradients by the world size exactly as DDP does.
 
 Activation checkpointing (`--checkpoint-activations`). Each block's forward runs under
@@ -40,7 +40,9 @@ out_dir/checkpoint/. DCP records the global shape of every tensor, so a run save
 processes resumes on M processes (or on one, without a process group): each reader takes
 the slices its own shards cover. The full weights are still exported by rank 0 as
 model.safetensors (and ema.safetensors), gathered from the shards, so pk-generate,
-pk-sample-images and evaluation read an FSDP run like any other.
+pk-sample-images and evaluation read an FSDP run like any other. An unsharded checkpoint (a
+single-process or DDP run) continues under FSDP (each rank slices the full tensors), and a
+sharded one continues without FSDP (it is then saved unsharded).
 """
 from __future__ import annotations
 
