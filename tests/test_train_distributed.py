@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pretrain_kernels.models import GPTConfig
+from pretrain_kernels.models import BertConfig, GPTConfig
 from pretrain_kernels.train import data as D
 from pretrain_kernels.train.loop import TrainConfig, Trainer
-from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask
+from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask, MLMTask
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -90,6 +90,8 @@ def _fsdp_worker(rank, world, store, text_dir, root):
         out["1to2"] = losses(tr.train(resume=True))
         tr = Trainer(gpt_task(text_dir, seed=123), cfg(**RESUME_KW), os.path.join(root, "c"))
         out["unsharded_to_fsdp"] = losses(tr.train(resume=True))
+        for kind in OTHER_TASKS:
+            out[kind] = losses(Trainer(other_task(kind, text_dir), cfg(steps=2, parallel="fsdp", ema=0.9)).train())
         out["bf16"] = losses(Trainer(gpt_task(text_dir), cfg(steps=3, parallel="fsdp", dtype="bfloat16")).train())
         # aot_eager: dynamo and AOT autograd over FSDP's hooks, the pk ops' fake kernels and the
         # checkpointed blocks, without inductor's C++ build (minutes on 2 shared cores)
@@ -102,6 +104,18 @@ def _fsdp_worker(rank, world, store, text_dir, root):
             torch.save(out, os.path.join(root, "result.pt"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+OTHER_TASKS = ("mlm", "diffusion-unet", "flow-dit")
+
+
+def other_task(kind, text_dir):
+    torch.manual_seed(0)
+    if kind == "mlm":
+        return MLMTask(BertConfig(**SIZES["mlm"]["tiny"]), seq_len=32, min_len=8, data=text_dir, eval_windows=16)
+    objective, arch = kind.split("-")
+    return DenoisingTask(objective, arch=arch, model_cfg=SIZES[arch]["tiny"], eval_samples=20,
+                         coupling="independent")
 
 
 EQUAL_KW = dict(steps=4, grad_accum=2, ema=0.9, eval_every=2)
@@ -179,6 +193,17 @@ def test_fsdp_resume_on_another_world_size(text_dir, fsdp_runs, tmp_path):
             assert_same_weights(load(str(root / run / f)), load(str(tmp_path / "full" / f)))
         with open(root / run / "config.json") as f:
             assert json.load(f)["step"] == 6
+
+
+@pytest.mark.parametrize("kind", OTHER_TASKS)
+def test_fsdp_other_models_equal_one(kind, text_dir, fsdp_runs):
+    """The BERT (packed varlen batches, decoder tied to the embedding), the UNet (residual and
+    attention blocks sharded one by one) and the DiT under FSDP with an EMA: the losses of one
+    process."""
+    _, res = fsdp_runs
+    single = losses(Trainer(other_task(kind, text_dir), cfg(steps=2, ema=0.9)).train())
+    assert len(res[kind]) == 2
+    assert res[kind] == pytest.approx(single, rel=1e-5)
 
 
 def test_sharded_run_continued_without_fsdp(text_dir, tmp_path):

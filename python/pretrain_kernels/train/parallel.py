@@ -36,7 +36,7 @@ whole sequences with the plain kernel on every rank.
 Checkpoints of an FSDP run (`parallel="fsdp"`, whatever the world size) go through
 torch.distributed.checkpoint (DCP): model, optimizer (get_state_dict / set_state_dict of
 torch.distributed.checkpoint.state_dict) and the EMA, each rank writing its own shards into
-out_dir/checkpoint/. DCP records the global shape of every tensor, so a run saved by N
+out_dir/checkpoint/ (across nodes, out_dir must be a folder every node sees). DCP records the global shape of every tensor, so a run saved by N
 processes resumes on M processes (or on one, without a process group): each reader takes
 the slices its own shards cover. The full weights are still exported by rank 0 as
 model.safetensors (and ema.safetensors), gathered from the shards, so pk-generate,
