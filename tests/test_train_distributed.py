@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from pretrain_kernels.models import BertConfig, GPTConfig
 from pretrain_kernels.train import data as D
+from pretrain_kernels.train import parallel as P
 from pretrain_kernels.train.loop import TrainConfig, Trainer
 from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask, MLMTask
 
@@ -84,7 +85,10 @@ def _fsdp_worker(rank, world, store, text_dir, root):
         tr = Trainer(gpt_task(text_dir), cfg(parallel="fsdp", **EQUAL_KW), os.path.join(root, "fsdp"))
         assert tr.fsdp
         h = tr.train()
-        out["equal"] = {"losses": losses(h), "evals": evals(h)}
+        # parameters, AdamW moments and EMA are DTensors, each rank holding a dim-0 shard
+        sharded = list(tr.model.parameters()) + tr.ema.avg + [st["exp_avg"] for st in tr.optimizer.state.values()]
+        out["equal"] = {"losses": losses(h), "evals": evals(h),
+                        "sharded": [(P.is_dtensor(t), tuple(t.shape), tuple(P.local_shape(t))) for t in sharded]}
         out["2to1"] = losses(Trainer(gpt_task(text_dir), cfg(steps=3, **RESUME_KW), os.path.join(root, "a")).train())
         tr = Trainer(gpt_task(text_dir, seed=123), cfg(**RESUME_KW), os.path.join(root, "b"))
         out["1to2"] = losses(tr.train(resume=True))
@@ -157,6 +161,8 @@ def test_fsdp_two_processes_equal_one(text_dir, fsdp_runs, tmp_path):
     fsdp = res["equal"]
     h = Trainer(gpt_task(text_dir), cfg(**EQUAL_KW), str(tmp_path / "single")).train()
     assert len(fsdp["losses"]) == 4
+    assert all(is_d for is_d, _, _ in fsdp["sharded"])
+    assert all(local[0] == (full[0] + 1) // 2 and local[1:] == full[1:] for _, full, local in fsdp["sharded"])
     assert fsdp["losses"] == pytest.approx(losses(h), rel=1e-5)
     assert len(fsdp["evals"]) == 2
     for a, b in zip(fsdp["evals"], evals(h)):

@@ -80,6 +80,11 @@ def is_dtensor(t) -> bool:
     return isinstance(t, _dtensor_type())
 
 
+def local_shape(t: torch.Tensor) -> torch.Size:
+    """The shape of this rank's part of a DTensor (of t itself otherwise)."""
+    return t.to_local().shape if is_dtensor(t) else t.shape
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (a collective: every rank calls it); t itself otherwise."""
     return t.full_tensor() if is_dtensor(t) else t
