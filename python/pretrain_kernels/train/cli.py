@@ -5,7 +5,8 @@
   pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
-CPU, NCCL on GPU), each rank on its share of the same global batch. It refuses an --out that
+CPU, NCCL on GPU), or with FSDP2 given --parallel fsdp (train/parallel.py), each rank on its
+share of the same global batch. It refuses an --out that
 already holds a run unless --resume (continue it) or --force (start again: the run's files are
 removed first). Options of another task (an image option for a text task, and so on) are
 usage errors, as are --device values the build or the machine cannot serve (exit status 2).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import struct
 import sys
 import zlib
@@ -42,6 +44,7 @@ DEFAULTS = {
 TASK_OPTIONS = {
     "seq_len": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
     "kv_heads": (("gpt",), "gpt"),
+    "context_parallel": (("gpt",), "gpt"),
     "mask_prob": (("mlm",), "mlm"),
     "tokenizer": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
     "vocab_size": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
@@ -59,8 +62,10 @@ TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, arch="unet", uncond=False, p_uncond=
 # The files of a run folder (train/loop.py); --force removes them before a new run.
 RUN_FILES = ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl",
              "tokenizer.json", "tokens.pt")
+RUN_DIRS = ("checkpoint",)   # the sharded checkpoint of an FSDP run
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
-              "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device", "ema")
+              "eval_every", "save_every", "log_every", "seed", "dtype", "compile", "device", "ema", "parallel",
+              "checkpoint_activations", "context_parallel")
 
 
 def _positive(kind=int):
@@ -148,6 +153,13 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--device", type=_device_arg(auto=True), help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=_positive(), help="torch CPU threads")
+    g.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: ddp (default; the model "
+                   "replicated) or fsdp (FSDP2: parameters, gradients, optimizer state and EMA sharded; "
+                   "sharded checkpoints that resume on any number of processes)")
+    g.add_argument("--checkpoint-activations", action="store_true", default=None,
+                   help="recompute each block in the backward pass instead of keeping its activations")
+    g.add_argument("--context-parallel", type=_positive(), help="gpt under torchrun: shard each sequence over "
+                   "this many ranks (ring attention; a data x context device mesh; default 1)")
     g.add_argument("--ema", type=_nonneg(float), help="decay of an exponential moving average of the weights, "
                    "used for evaluation and sampling (0: off; default 0.999 for diffusion/flow, 0 for text)")
     g = p.add_argument_group("evaluation and output")
@@ -228,6 +240,14 @@ def _describe_run(out: str) -> str:
         return "a config.json"
 
 
+def _describe_parallel(cfg) -> str:
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world == 1:
+        return ""
+    cp = f", context parallel {cfg.context_parallel}" if cfg.context_parallel > 1 else ""
+    return f", {world} processes ({cfg.parallel}{cp})"
+
+
 def _init_distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -262,6 +282,9 @@ def train_main(argv=None) -> dict:
             for f in RUN_FILES:
                 if os.path.isfile(os.path.join(out, f)):
                     os.remove(os.path.join(out, f))
+            for d in RUN_DIRS:
+                if os.path.isdir(os.path.join(out, d)):
+                    shutil.rmtree(os.path.join(out, d))
     saved = {}
     try:
         if args.resume:
@@ -303,8 +326,8 @@ def train_main(argv=None) -> dict:
     if rank == 0:
         n = sum(p_.numel() for p_ in task.model.parameters())
         print(f"pk-train {args.task}: {type(task.model).__name__} {n / 1e6:.2f}M parameters, {cfg.steps} steps of "
-              f"{cfg.batch_size}, lr {cfg.lr}, {cfg.dtype}, {torch.get_num_threads()} threads -> {out}",
-              flush=True)
+              f"{cfg.batch_size}, lr {cfg.lr}, {cfg.dtype}, {torch.get_num_threads()} threads{_describe_parallel(cfg)} "
+              f"-> {out}", flush=True)
     try:
         trainer = Trainer(task, cfg, out)
     except ValueError as e:

@@ -2,8 +2,8 @@
 
 A task (train/tasks.py) owns the model, the data and the objective; the loop owns everything
 else: AdamW with warmup + cosine decay, gradient accumulation and clipping, bf16 autocast,
-optional torch.compile, evaluation every N steps, checkpoints, JSONL metrics, a progress bar,
-and DDP.
+optional torch.compile, activation checkpointing, evaluation every N steps, checkpoints, JSONL
+metrics, a progress bar, and DDP or FSDP2 (train/parallel.py).
 
 Determinism. Every step draws one *global* batch from the loop's data generator (a seeded
 torch.Generator whose state is checkpointed), identically on every rank, and cuts it into
@@ -12,15 +12,21 @@ micro-batch's summed loss is divided by the item count of the whole global batch
 masked tokens or images, known before the forward pass) and multiplied by world_size, so
 after DDP averages the gradients every run optimises exactly the mean loss of the global
 batch: 1 process, 2 processes or 4 accumulation steps give the same updates up to float
-summation order. Resuming restores the weights, the optimizer, the step and the generator,
-so a resumed run continues to the same losses as an uninterrupted one.
+summation order. With context parallelism (GPT) the micro-batches go to the data ranks only,
+and the context ranks of a data rank each sum the loss over their shard of its sequences.
+Resuming restores the weights, the optimizer, the step and the generator, so a resumed run
+continues to the same losses as an uninterrupted one.
 
 Layout of a run folder (out_dir):
   config.json          task, model and training settings (enough to rebuild the model)
   model.safetensors    weights
   ema.safetensors      the exponential moving average of the weights (with ema > 0): what
                        evaluation, pk-generate and pk-sample-images use
-  trainer_state.pt     optimizer state, step, data-generator and torch RNG states
+  trainer_state.pt     optimizer state, step, data-generator and torch RNG states (FSDP runs:
+                       step and RNG states only; the optimizer state is in checkpoint/)
+  checkpoint/          FSDP runs (parallel="fsdp"): the sharded model, optimizer and EMA,
+                       written by torch.distributed.checkpoint; a run saved by N processes
+                       resumes on any number (see train/parallel.py)
   metrics.jsonl        one line per logged step and per evaluation
   tokenizer.json       text tasks with --tokenizer bpe: the trained tokenizer (the run's
                        config records its kind, vocab size and fingerprint)
@@ -29,9 +35,10 @@ Layout of a run folder (out_dir):
 Files a task needs besides its config (the bpe tokenizer) are written by its save_files(out_dir)
 before config.json, and build_task_from_dir passes the folder to build_task to read them.
 
-FSDP2 (torch.distributed.fsdp.fully_shard) would slot in where DDP wraps the model: the loss
-normalisation and the data layout above do not depend on how parameters are sharded, and the
-checkpoint would then gather a full state dict on rank 0 before writing.
+Parallelism under torchrun: parallel="ddp" (the default) replicates the model and all-reduces
+gradients; parallel="fsdp" shards parameters, gradients, optimizer state and EMA with FSDP2
+(train/parallel.py). The loss normalisation and the data layout above do not depend on how the
+parameters are sharded, so both match one process with the same global batch.
 """
 from __future__ import annotations
 
@@ -39,11 +46,14 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from . import parallel as P
 
 
 @dataclass
@@ -69,6 +79,10 @@ class TrainConfig:
     final_eval: bool = True       # run the task's full (slow) evaluation at the end
     ema: float = 0.0              # > 0: keep an exponential moving average of the weights with this
                                   # decay (warmed up as min(ema, (1 + step) / (10 + step))) and evaluate it
+    parallel: str = "ddp"         # several processes: "ddp" (replicated) or "fsdp" (FSDP2, sharded
+                                  # checkpoints; see train/parallel.py)
+    checkpoint_activations: bool = False   # recompute each block in the backward pass
+    context_parallel: int = 1     # > 1 (GPT): each sequence sharded over this many ranks (ring attention)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,13 +238,37 @@ class Trainer:
             raise ValueError(f"grad_accum: expected >= 1, got {cfg.grad_accum}")
         if cfg.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {cfg.dtype!r}")
+        if cfg.parallel not in P.PARALLEL_MODES:
+            raise ValueError(f"parallel: expected one of {', '.join(P.PARALLEL_MODES)}, got {cfg.parallel!r}")
         self.rank, self.world = _world()
-        if cfg.batch_size % (self.world * cfg.grad_accum):
-            raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by world_size x grad_accum "
-                             f"= {self.world} x {cfg.grad_accum}")
+        cp = cfg.context_parallel
+        if cp < 1 or self.world % cp:
+            raise ValueError(f"context_parallel: expected a divisor of the number of processes ({self.world}), "
+                             f"got {cp}")
+        if cp > 1 and getattr(task, "seq_len", 0) % (2 * cp):
+            raise ValueError(f"context_parallel: the sequence length {getattr(task, 'seq_len', None)} must be "
+                             f"divisible by 2 x context_parallel = {2 * cp} (two chunks per rank)")
+        self.dp = self.world // cp           # ranks that draw different micro-batches
+        if cfg.batch_size % (self.dp * cfg.grad_accum):
+            ranks = "world_size" if cp == 1 else "(world_size / context_parallel)"
+            raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by {ranks} x grad_accum "
+                             f"= {self.dp} x {cfg.grad_accum}")
         self.task, self.cfg, self.out_dir = task, cfg, out_dir
         self.device = _device(cfg)
         self.model = task.model.to(self.device)
+        self.dp_rank, self.cp = self.rank, None
+        if cp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.dp, cp), mesh_dim_names=("data", "context"))
+            self.dp_rank = mesh.get_local_rank("data")
+            self.cp = P.ContextParallel(self.model, mesh.get_group("context"))
+        if cfg.checkpoint_activations:
+            P.checkpoint_activations(self.model)
+        # FSDP shards the parameters in place; the optimizer and the EMA then hold the shards.
+        self.fsdp = cfg.parallel == "fsdp" and self.world > 1
+        if self.fsdp:
+            P.shard_model(self.model, dtype=cfg.dtype)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -254,11 +292,49 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def save(self) -> None:
+        if self.cfg.parallel == "fsdp":
+            return self._save_sharded()
         if self.rank == 0 and self.out_dir:
             if hasattr(self.task, "save_files"):
                 self.task.save_files(self.out_dir)
             save_checkpoint(self.out_dir, self.task.model, self.task.config(), self.cfg, self.optimizer, self.step,
                             self.gen, self.ema)
+            stale = os.path.join(self.out_dir, P.CHECKPOINT_DIR)   # of an FSDP run this one continued
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+        if self.world > 1:
+            dist.barrier()
+
+    def _save_sharded(self) -> None:
+        """FSDP runs: the sharded model/optimizer/EMA through DCP, the full weights exported by
+        rank 0 as model.safetensors / ema.safetensors, and the step and RNG states."""
+        if not self.out_dir:
+            return
+        model = self.task.model
+        if self.rank == 0:
+            os.makedirs(self.out_dir, exist_ok=True)
+            if hasattr(self.task, "save_files"):
+                self.task.save_files(self.out_dir)
+        P.save_sharded(self.out_dir, model, self.optimizer, self.ema)
+        tied = P.tied_names(model)
+        full = P.full_model_state(model)
+        if self.rank == 0:
+            P.save_full_safetensors(full, os.path.join(self.out_dir, "model.safetensors"), tied)
+        if self.ema is not None:
+            with self.ema.swapped_in(model):   # (the full state may alias the model's own tensors)
+                full = P.full_model_state(model)
+                if self.rank == 0:
+                    P.save_full_safetensors(full, os.path.join(self.out_dir, "ema.safetensors"), tied)
+        if self.rank == 0:
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                json.dump({"task": self.task.config(), "train": self.cfg.to_dict(), "step": self.step}, f, indent=1)
+            state = {"step": self.step, "torch_rng": torch.get_rng_state(), "gen": self.gen.get_state(),
+                     "sharded": True}
+            if torch.cuda.is_available():
+                state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            tmp = os.path.join(self.out_dir, "trainer_state.pt.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, os.path.join(self.out_dir, "trainer_state.pt"))
         if self.world > 1:
             dist.barrier()
 
@@ -269,21 +345,37 @@ class Trainer:
         state_path = os.path.join(self.out_dir, "trainer_state.pt")
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"resume: {state_path!r} is missing")
-        load_weights(self.task.model, self.out_dir, self.device)
-        if self.ema is not None:
-            from safetensors.torch import load_file
-
-            ema_path = os.path.join(self.out_dir, "ema.safetensors")
-            if not os.path.isfile(ema_path):
-                raise FileNotFoundError(f"resume: the run keeps an EMA but {ema_path!r} is missing")
-            self.ema.load_state_dict(load_file(ema_path))
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):
+            if not P.has_sharded(self.out_dir):
+                raise FileNotFoundError(f"resume: {self.out_dir!r} was saved sharded but its "
+                                        f"{P.CHECKPOINT_DIR}/ folder is missing or incomplete")
+            P.load_sharded(self.out_dir, self.task.model, self.optimizer, self.ema)
+        else:
+            self._load_unsharded(state)
         self.step = int(state["step"])
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def _load_unsharded(self, state: dict) -> None:
+        from safetensors.torch import load_file
+
+        ema_sd = None
+        if self.ema is not None:
+            ema_path = os.path.join(self.out_dir, "ema.safetensors")
+            if not os.path.isfile(ema_path):
+                raise FileNotFoundError(f"resume: the run keeps an EMA but {ema_path!r} is missing")
+            ema_sd = load_file(ema_path)
+        if self.fsdp:   # a single-process or DDP run continued with FSDP: each rank takes its shards
+            model_sd = load_file(os.path.join(self.out_dir, "model.safetensors"))
+            P.load_full_into_sharded(self.task.model, self.optimizer, self.ema, model_sd, state["optimizer"], ema_sd)
+            return
+        load_weights(self.task.model, self.out_dir, self.device)
+        if self.ema is not None:
+            self.ema.load_state_dict(ema_sd)
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def evaluate(self, final: bool = False) -> dict:
         """The task's metrics, on the averaged weights when the run keeps an EMA."""
@@ -295,6 +387,8 @@ class Trainer:
             metrics = self.task.evaluate(model, self.device)
             if final and self.cfg.final_eval and hasattr(self.task, "final_evaluate"):
                 metrics.update(self.task.final_evaluate(model, self.device))
+            if self.fsdp:   # FSDP keeps the root's gathered weights after a forward: drop them
+                model.reshard()
         model.train(was)
         return metrics
 
@@ -310,12 +404,12 @@ class Trainer:
         model = self.task.model
         model.train()
         fwd = model
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             fwd = torch.compile(fwd)
-        n_parts = self.world * cfg.grad_accum
+        n_parts = self.dp * cfg.grad_accum
         unit = getattr(self.task, "unit", "items")
 
         from tqdm import tqdm
@@ -331,13 +425,17 @@ class Trainer:
             batch = self.task.batch(self.gen, cfg.batch_size)
             parts = self.task.split(batch, n_parts)
             total = float(sum(self.task.count(p) for p in parts))
-            mine = parts[self.rank * cfg.grad_accum:(self.rank + 1) * cfg.grad_accum]
+            mine = parts[self.dp_rank * cfg.grad_accum:(self.dp_rank + 1) * cfg.grad_accum]
             loss_sum = torch.zeros((), dtype=torch.float64)
             for i, mb in enumerate(mine):
                 mb = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+                if self.cp is not None:
+                    mb = self.cp.shard(mb)
                 sync = self.world == 1 or i == len(mine) - 1
-                ctx = contextlib.nullcontext() if sync else fwd.no_sync()
-                with ctx:
+                if self.fsdp:
+                    P.set_gradient_sync(model, sync)
+                ctx = contextlib.nullcontext() if sync or self.fsdp else fwd.no_sync()
+                with ctx, (self.cp.active() if self.cp is not None else contextlib.nullcontext()):
                     with self._autocast():
                         ls = self.task.loss(fwd, mb)
                     (ls * (self.world / max(total, 1.0))).backward()
@@ -346,7 +444,7 @@ class Trainer:
                 dist.all_reduce(loss_sum)
             gnorm = None
             if cfg.clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+                gnorm = float(P.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:

@@ -152,7 +152,8 @@ class GPTTask(_TextTask):
         return b["y"].numel()
 
     def loss(self, model, mb):
-        _, loss = model(mb["x"], mb["y"])
+        # positions: the global positions of a context-parallel shard's tokens (train/parallel.py)
+        _, loss = model(mb["x"], mb["y"], positions=mb.get("positions"))
         return loss * mb["y"].numel()
 
     def evaluate(self, model, device):
