@@ -15,7 +15,7 @@ import pretrain_kernels as pk
 import reference as ref
 
 # `device` also runs the CUDA kernels on the CPU through the emulator (conftest.py).
-EMULATE_CUDA = False
+EMULATE_CUDA = True
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OP = torch.ops.pretrain_kernels.unmask_step
