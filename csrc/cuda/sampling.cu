@@ -242,8 +242,6 @@ __device__ int64_t block_pick(Shared& s, int64_t V, ull target, MassFn mass) {
   return s.token;
 }
 
-// One row of sample (FILTER = false: token + logprob) or of top_k_top_p_filter (FILTER =
-// true: the filtered row in out).
 // One row of sample (FILTER = false: token + logprob; with map.confidence, unmask_step's
 // draw: token + confidence) or of top_k_top_p_filter (FILTER = true: the filtered row in out).
 template <typename in_t, typename out_t, bool FILTER>
