@@ -380,3 +380,28 @@ def test_cuda_matches_cpu(cuda_kernels):
                              seed=21, **dk)
                 for u, w in zip(a, b):
                     assert torch.equal(u, w.cpu()), (dtype, knobs, strategy)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    B, L, V, mask = 4, 128, 32000, 7
+    x = _logits(B, L, V, device="cuda", seed=20)
+    t = _tokens(B, L, V, mask, frac=0.8, seed=20, device="cuda")
+    seed = torch.tensor([5], device="cuda")
+    n = torch.tensor([1, 8, 16, 200], device="cuda")
+    temp = torch.full((B,), 0.8, device="cuda")
+
+    def step():
+        return pk.unmask_step(x, t, mask_token_id=mask, num_reveal=n, temperature=temp, top_k=50, seed=seed)
+
+    step()  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for s in (5, 6):
+        seed.fill_(s)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, pk.unmask_step(x, t, mask_token_id=mask, num_reveal=n, temperature=temp, top_k=50,
+                                               seed=s))
