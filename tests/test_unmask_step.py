@@ -335,6 +335,19 @@ def test_opcheck(device):
                                rows * 0.1, rows + 1, None, rows, 2, 0, "random", 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0))
 
 
+def test_not_differentiable(device):
+    x = _logits(2, 4, 30, device=device, seed=21).requires_grad_()
+    t = torch.full((2, 4), 3, device=device)
+    out = pk.unmask_step(x, t, mask_token_id=3, num_reveal=2, seed=1)
+    assert not out.requires_grad
+    assert torch.equal(out, pk.unmask_step(x.detach(), t, mask_token_id=3, num_reveal=2, seed=1))
+    _, _, conf = _raw(x, t, mask_token_id=3, num_reveal=2, seed=1)
+    with pytest.raises(NotImplementedError, match="pk.unmask_step: sampling is not differentiable"):
+        conf.sum().backward()
+    f = torch.compile(lambda x, t: pk.unmask_step(x, t, mask_token_id=3, num_reveal=2, seed=1), fullgraph=True)
+    assert torch.equal(f(x, t), out)
+
+
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     B, L, V, mask = 3, 9, 70, 69

@@ -56,7 +56,7 @@ import numbers
 
 import torch
 
-from ._common import is_compiling, resolve_seed
+from ._common import is_compiling, not_differentiable, resolve_seed
 
 __all__ = ["sample", "top_k_top_p_filter", "speculative_accept", "unmask_step"]
 
@@ -368,7 +368,7 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, *, mask_token_id: in
     """
     args = _unmask_args(logits, tokens, mask_token_id, num_reveal, strategy, temperature, top_k, top_p, min_p,
                         repetition_penalty, presence_penalty, frequency_penalty, prev_tokens, seed, generator)
-    return torch.ops.pretrain_kernels.unmask_step(*args)[0]
+    return _unmask_op(*args)[0]
 
 
 # The fake (meta) kernels run whenever one argument is on the meta device, even when the others
@@ -436,3 +436,6 @@ torch.library.register_fake("pretrain_kernels::sample")(_fake_sample)
 torch.library.register_fake("pretrain_kernels::top_k_top_p_filter")(_fake_filter)
 torch.library.register_fake("pretrain_kernels::speculative_accept")(_fake_speculative)
 torch.library.register_fake("pretrain_kernels::unmask_step")(_fake_unmask)
+# The confidences (a float output) have no derivative: differentiating them raises instead of
+# giving zeros.
+_unmask_op = not_differentiable("pretrain_kernels::unmask_step", "pk.unmask_step", "sampling is not differentiable")
