@@ -1,7 +1,7 @@
 """Bad and unusual inputs for the sampling and denoising families, table driven.
 
 Every public function (pk.sample, pk.top_k_top_p_filter, pk.TopKTopPLogitsWarper,
-pk.speculative_accept, pk.noise_schedule, pk.add_noise, pk.diffusion_loss, the solver steps,
+pk.speculative_accept, pk.unmask_step, pk.noise_schedule, pk.add_noise, pk.diffusion_loss, the solver steps,
 pk.sample_timesteps, pk.shift_sigmas, pk.schedulers.*) and every raw op meets the list: wrong
 dtypes, ranks and devices (the meta device stands in for a second device), empty dimensions,
 non-contiguous / expanded (stride 0) / flipped views, NaN / inf / negative / huge knobs,
@@ -82,6 +82,18 @@ def _filter(ops, logits=X, rows=None, top_k=0, top_p=1.0, min_p=0.0):
 
 def _spec(ops, draft=DRAFT, ids=IDS, target=TARGET, seed=SEED):
     return ops.speculative_accept(draft, ids, target, seed)
+
+
+UX = _randn(2, 3, 11, seed=8) * 2                 # unmask_step logits [B=2, L=3, V=11]
+UT = torch.tensor([[10, 4, 10], [10, 10, 1]])     # tokens, mask token 10
+
+
+def _unmask(ops, logits=UX, tokens=UT, n_rows=None, prev=None, seed=SEED, rows=None, mask=10, n=1,
+            strategy="confidence", **knobs):
+    rows = rows or {}
+    k = dict(_KNOB_DEFAULTS, **knobs)
+    return ops.unmask_step(logits, tokens, n_rows, prev, seed, *(rows.get(n) for n in _KNOB_NAMES), mask, n, strategy,
+                           *(k[n] for n in _KNOB_NAMES))
 
 
 def _add_noise(ops, x0=S, noise=N, t=T2, acp=ACP, target="epsilon"):
@@ -274,7 +286,38 @@ BAD_SAMPLING = [
      "draft_probs: the vocabulary dimension is empty"),
     ("spec-seed-float", lambda: _spec_w(seed=0.5), TypeError, "seed: expected an int"),
     ("spec-seed-length", lambda: _spec_w(seed=_T([1, 2, 3])), ValueError, r"seed: expected one seed or one per row \[2\]"),
+    # unmask_step
+    ("unmask-logits-2d", lambda: _unmask_w(logits=UX[0]), ValueError, r"logits: expected shape \[batch, length, vocab\]"),
+    ("unmask-logits-int", lambda: _unmask_w(logits=UX.long()), TypeError, "logits: expected float32"),
+    ("unmask-logits-list", lambda: _unmask_w(logits=UX.tolist()), TypeError, "logits: expected a torch.Tensor"),
+    ("unmask-empty-vocab", lambda: _unmask_w(logits=UX[..., :0]), ValueError, "logits: the vocabulary dimension is empty"),
+    ("unmask-tokens-float", lambda: _unmask_w(tokens=UT.float()), TypeError, "tokens: expected int32 or int64"),
+    ("unmask-tokens-list", lambda: _unmask_w(tokens=UT.tolist()), TypeError, "tokens: expected a torch.Tensor"),
+    ("unmask-tokens-shape", lambda: _unmask_w(tokens=UT[:, :2]), ValueError, r"tokens: expected shape \[2, 3\]"),
+    ("unmask-tokens-meta", lambda: _unmask_w(tokens=UT.to(META)), ValueError, "tokens: expected a tensor on cpu"),
+    ("unmask-mask-id-negative", lambda: _unmask_w(mask_token_id=-1), ValueError, r"mask_token_id: expected an id in \[0, 11\)"),
+    ("unmask-mask-id-vocab", lambda: _unmask_w(mask_token_id=11), ValueError, r"mask_token_id: expected an id in \[0, 11\)"),
+    ("unmask-mask-id-float", lambda: _unmask_w(mask_token_id=10.0), TypeError, "mask_token_id: expected an int"),
+    ("unmask-num-reveal-negative", lambda: _unmask_w(num_reveal=-1), ValueError, "num_reveal: expected >= 0"),
+    ("unmask-num-reveal-float", lambda: _unmask_w(num_reveal=1.5), TypeError, "num_reveal: expected an int"),
+    ("unmask-num-reveal-rows-negative", lambda: _unmask_w(num_reveal=_T([1, -2])), ValueError, "num_reveal: .*in row 1"),
+    ("unmask-num-reveal-rows-float", lambda: _unmask_w(num_reveal=_T([1.0, 2.0])), TypeError,
+     "num_reveal: expected an integer"),
+    ("unmask-num-reveal-rows-shape", lambda: _unmask_w(num_reveal=_T([1, 2, 3])), ValueError,
+     r"num_reveal: expected an int or a per-row tensor of shape \[2\]"),
+    ("unmask-strategy", lambda: _unmask_w(strategy="entropy"), ValueError, "strategy: expected 'confidence' or 'random'"),
+    ("unmask-strategy-type", lambda: _unmask_w(strategy=None), TypeError, "strategy: expected a str"),
+    ("unmask-temperature-negative", lambda: _unmask_w(temperature=-1.0), ValueError, "temperature: expected >= 0"),
+    ("unmask-top_p-rows", lambda: _unmask_w(top_p=_T([0.5, 1.5])), ValueError, "top_p: .*in row 1"),
+    ("unmask-prev-oov", lambda: _unmask_w(prev_tokens=_T([[1], [11]])), ValueError, r"prev_tokens: expected ids in \[0, 11\)"),
+    ("unmask-seed-length", lambda: _unmask_w(seed=_T([1, 2, 3])), ValueError, r"seed: expected one seed or one per row \[2\]"),
 ]
+
+
+def _unmask_w(**kw):
+    a = dict(logits=UX, tokens=UT, mask_token_id=10, num_reveal=1, seed=1)
+    a.update(kw)
+    return pk.unmask_step(a.pop("logits"), a.pop("tokens"), **a)
 
 
 @pytest.mark.parametrize("call,exc,match", [c[1:] for c in BAD_SAMPLING], ids=_ids(BAD_SAMPLING))
@@ -376,6 +419,27 @@ BAD_SAMPLING_RAW = [
     ("spec-ids-meta", lambda o: _spec(o, ids=IDS.to(META)), "draft_token_ids: expected a tensor on cpu", "cpu"),
     ("spec-target-meta", lambda o: _spec(o, target=TARGET.to(META)), "target_probs: expected a tensor on cpu", "cpu"),
     ("spec-seed-meta", lambda o: _spec(o, seed=SEED.to(META)), "seed: expected a CPU tensor or one on cpu", "cpu"),
+    ("unmask-logits-2d", lambda o: _unmask(o, UX[0]), "logits: expected a 3-D tensor", "both"),
+    ("unmask-logits-int", lambda o: _unmask(o, UX.long()), "logits: expected float32", "both"),
+    ("unmask-empty-vocab", lambda o: _unmask(o, UX[..., :0]), "logits: the vocabulary dimension is empty", "both"),
+    ("unmask-tokens-float", lambda o: _unmask(o, tokens=UT.float()), "tokens: expected int32 or int64", "both"),
+    ("unmask-tokens-shape", lambda o: _unmask(o, tokens=UT[:1]), r"tokens: expected shape \[2, 3\]", "both"),
+    ("unmask-mask-id", lambda o: _unmask(o, mask=11), r"mask_token_id: expected an id in \[0, 11\), got 11", "both"),
+    ("unmask-mask-id-negative", lambda o: _unmask(o, mask=-1), r"mask_token_id: expected an id in \[0, 11\)", "both"),
+    ("unmask-num-reveal-negative", lambda o: _unmask(o, n=-3), "num_reveal: expected >= 0, got -3", "both"),
+    ("unmask-num-reveal-rows-shape", lambda o: _unmask(o, n_rows=_T([1])), r"num_reveal: expected a per-row tensor of shape \[2\]",
+     "both"),
+    ("unmask-num-reveal-rows-float", lambda o: _unmask(o, n_rows=_T([1.0, 2.0])), "num_reveal: expected an integer tensor",
+     "both"),
+    ("unmask-num-reveal-rows-negative", lambda o: _unmask(o, n_rows=_T([1, -1])), "num_reveal: expected >= 0, got -1 in row 1",
+     "cpu"),
+    ("unmask-strategy", lambda o: _unmask(o, strategy="lowest"), "strategy: expected \"confidence\" or \"random\"", "both"),
+    ("unmask-top_k-negative", lambda o: _unmask(o, top_k=-1), "top_k: expected >= 0", "both"),
+    ("unmask-prev-shape", lambda o: _unmask(o, prev=_T([[1, 2]])), r"prev_tokens: expected shape \[2, n\]", "both"),
+    ("unmask-prev-oov", lambda o: _unmask(o, prev=_T([[1], [12]])), r"prev_tokens: expected ids in \[0, 11\)", "cpu"),
+    ("unmask-seed-length", lambda o: _unmask(o, seed=_T([3, 4, 5])), r"seed: expected one element or one per row \[2\]",
+     "both"),
+    ("unmask-tokens-meta", lambda o: _unmask(o, tokens=UT.to(META)), "tokens: expected a tensor on cpu", "cpu"),
 ]
 
 
@@ -1026,6 +1090,20 @@ VALID_SAMPLING = [
      lambda: pk.speculative_accept(DRAFT, IDS, TARGET, seed=9)),
     ("spec-no-drafts", lambda: pk.speculative_accept(DRAFT[:, :0], IDS[:, :0], TARGET[:, :1], seed=9)[1],
      lambda: torch.zeros(2, dtype=torch.long)),
+    ("unmask-strided-logits", lambda: pk.unmask_step(_strided(UX), UT, mask_token_id=10, num_reveal=1, seed=3, **_K),
+     lambda: pk.unmask_step(UX, UT, mask_token_id=10, num_reveal=1, seed=3, **_K)),
+    ("unmask-transposed-logits", lambda: pk.unmask_step(_transposed(UX), _transposed(UT), mask_token_id=10,
+                                                         num_reveal=2, strategy="random", seed=3),
+     lambda: pk.unmask_step(UX, UT, mask_token_id=10, num_reveal=2, strategy="random", seed=3)),
+    ("unmask-expanded-logits", lambda: pk.unmask_step(_expanded(UX), UT, mask_token_id=10, num_reveal=_T([1, 2]),
+                                                       seed=_T([4, 5])),
+     lambda: pk.unmask_step(UX[:1].repeat(2, 1, 1), UT, mask_token_id=10, num_reveal=_T([1, 2]), seed=_T([4, 5]))),
+    ("unmask-int32-tokens", lambda: pk.unmask_step(UX, UT.int(), mask_token_id=10, num_reveal=1, seed=3).long(),
+     lambda: pk.unmask_step(UX, UT, mask_token_id=10, num_reveal=1, seed=3)),
+    ("unmask-huge-num-reveal", lambda: pk.unmask_step(UX, UT, mask_token_id=10, num_reveal=2**70, seed=3),
+     lambda: pk.unmask_step(UX, UT, mask_token_id=10, num_reveal=3, seed=3)),
+    ("unmask-empty-length", lambda: pk.unmask_step(UX[:, :0], UT[:, :0], mask_token_id=10, num_reveal=1, seed=3),
+     lambda: torch.zeros(2, 0, dtype=torch.long)),
     ("spec-empty-batch", lambda: pk.speculative_accept(DRAFT[:0], IDS[:0], TARGET[:0], seed=9),
      lambda: (torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, dtype=torch.long))),
 ]

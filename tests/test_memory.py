@@ -101,6 +101,8 @@ def sampling_cases():
     target = torch.softmax(torch.randn(2, 4, 128, generator=g), -1)
     draft_ids = torch.randint(0, 128, (2, 3), generator=g)
     temps = torch.tensor([0.5, 1.0, 0.0, 2.0])
+    u_logits = torch.randn(2, 8, 64, generator=g)                     # 4 KiB
+    u_tokens = torch.where(torch.rand(2, 8, generator=g) < 0.7, 0, torch.randint(1, 64, (2, 8), generator=g))
     return {
         "sample": lambda: pk.sample(logits, temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
                                     presence_penalty=0.1, frequency_penalty=0.1, prev_tokens=prev,
@@ -108,6 +110,11 @@ def sampling_cases():
         "sample_per_row": lambda: pk.sample(logits, temperature=temps, top_p=0.5, seed=3),
         "top_k_top_p_filter": lambda: pk.top_k_top_p_filter(logits, top_k=10, top_p=0.8, min_p=0.02),
         "speculative_accept": lambda: pk.speculative_accept(draft, draft_ids, target, seed=4),
+        "unmask_step": lambda: pk.unmask_step(u_logits, u_tokens, mask_token_id=0, num_reveal=torch.tensor([2, 3]),
+                                              top_k=10, strategy="confidence", seed=5),
+        "unmask_step_random": lambda: pk.unmask_step(u_logits, u_tokens, mask_token_id=0, num_reveal=3,
+                                                     strategy="random", prev_tokens=prev[:2] % 64,
+                                                     repetition_penalty=1.2),
     }
 
 

@@ -1,4 +1,5 @@
-// CUDA kernels of the sampling family: sample, top_k_top_p_filter, speculative_accept.
+// CUDA kernels of the sampling family: sample, top_k_top_p_filter, speculative_accept,
+// unmask_step.
 //
 // One block of 1024 threads per row, sort-free, no scratch memory, no host sync (CUDA-graph
 // capturable). Every value, weight, mass, bin choice and the draw come from the shared
@@ -24,6 +25,14 @@
 // Penalties go first into a float32 copy of the logits (one block per row applies each
 // distinct previous id once, with its count). Speculative acceptance: thread 0 walks the
 // draft, then the block draws the correction / bonus token with the same chunked draw.
+//
+// unmask_step runs the sample kernel with one block per position (b, l) of the logits
+// [B, L, V] (RowMap below: row b's knobs and seed, draw counter l, the mask token read as
+// -inf, positions not holding the mask token return at once), which also writes each drawn
+// token's confidence; then one block per row ranks the masked positions by (key, position)
+// and reveals the num_reveal first: each thread counts, for its positions, the masked
+// positions ordered before them (O(L^2 / threads) per row, no sort, no scratch beyond the
+// keys).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -89,7 +98,21 @@ struct Shared {
   int bin;
   int sel_warp;
   int64_t token;
+  int64_t argmax;
   float max_value;
+};
+
+// Which row of logits a block of sample_kernel reads and where its results go. sample and
+// top_k_top_p_filter: block r is row r (L = 1). unmask_step: block r is position (b, l) =
+// (r / L, r % L) of logits [B, L, V] (element strides stride_b, stride_l), drawing with row
+// b's knobs and counter l; positions whose token is not mask_id write -1 and return.
+struct RowMap {
+  int64_t L = 1;
+  int64_t stride_b = 0, stride_l = 0;
+  const int64_t* tokens = nullptr;  // unmask_step: the tokens [B, L]
+  int64_t mask_id = -1;             // never drawn (read as -inf); -1: none
+  uint32_t offset = kSampleOffset;
+  float* confidence = nullptr;      // unmask_step: the drawn token's confidence [B, L]
 };
 
 // Histogram increments of one warp step (all 32 lanes call it): lanes that share a bin add
@@ -219,41 +242,58 @@ __device__ int64_t block_pick(Shared& s, int64_t V, ull target, MassFn mass) {
   return s.token;
 }
 
-// One row of sample (FILTER = false: token + logprob) or of top_k_top_p_filter (FILTER =
-// true: the filtered row in out).
+// One row of sample (FILTER = false: token + logprob; with map.confidence, unmask_step's
+// draw: token + confidence) or of top_k_top_p_filter (FILTER = true: the filtered row in out).
 template <typename in_t, typename out_t, bool FILTER>
 __global__ void __launch_bounds__(kThreads)
-    sample_kernel(Params p, const in_t* __restrict__ logits, const out_t* __restrict__ original,
+    sample_kernel(Params p, RowMap map, const in_t* __restrict__ logits, const out_t* __restrict__ original,
                   int64_t* __restrict__ tokens, float* __restrict__ logprobs, out_t* __restrict__ out) {
   __shared__ Shared s;
-  const int64_t b = blockIdx.x;
+  const int64_t r = blockIdx.x;  // the output index
+  const int64_t b = r / map.L, l = r % map.L;
   const int64_t V = p.V;
   const int tid = threadIdx.x;
-  const in_t* row = logits + b * V;
+  const bool unmask = map.confidence != nullptr;
+  auto emit = [&](int64_t token, float logprob, float confidence) {
+    tokens[r] = token;
+    if (unmask) {
+      map.confidence[r] = confidence;
+    } else {
+      logprobs[r] = logprob;
+    }
+  };
+  if (map.tokens != nullptr && map.tokens[r] != map.mask_id) {
+    if (tid == 0) emit(-1, neg_inf(), -1.0f);
+    return;
+  }
+  const in_t* row = logits + b * map.stride_b + l * map.stride_l;
+  auto load = [&](int64_t i) { return i == map.mask_id ? neg_inf() : to_float(row[i]); };
   const RowKnobs k = p.knobs(b);
   const bool greedy = !FILTER && k.greedy();
-  const float temperature = FILTER ? 1.0f : k.temperature;
+  // a greedy draw of unmask_step takes its confidence from the filtered row at temperature 1
+  const float temperature = FILTER || greedy ? 1.0f : k.temperature;
 
   // 1. max (or argmax for greedy rows).
   if (greedy) {
     ArgMax best{neg_inf(), -1};
     for (int64_t i = tid; i < V; i += kThreads) {
-      const float x = to_float(row[i]);
+      const float x = load(i);
       if (x > best.v) {
         best.v = x;
         best.i = i;
       }
     }
-    const ArgMax r = cub::BlockReduce<ArgMax, kThreads>(s.tmp.reduce_am).Reduce(best, ArgMaxOp());
-    if (tid == 0) {
-      tokens[b] = r.i;
-      logprobs[b] = r.i < 0 ? neg_inf() : 0.0f;
+    const ArgMax am = cub::BlockReduce<ArgMax, kThreads>(s.tmp.reduce_am).Reduce(best, ArgMaxOp());
+    if (tid == 0) s.argmax = am.i;
+    __syncthreads();
+    if (!unmask || s.argmax < 0) {
+      if (tid == 0) emit(s.argmax, s.argmax < 0 ? neg_inf() : 0.0f, -1.0f);
+      return;
     }
-    return;
   }
   float mx = neg_inf();  // the largest logit, NaN ignored
   for (int64_t i = tid; i < V; i += kThreads) {
-    const float x = to_float(row[i]);
+    const float x = load(i);
     mx = x > mx ? x : mx;
   }
   mx = cub::BlockReduce<float, kThreads>(s.tmp.reduce_f).Reduce(mx, MaxOp());
@@ -265,13 +305,12 @@ __global__ void __launch_bounds__(kThreads)
     if (FILTER) {
       for (int64_t i = tid; i < V; i += kThreads) out[b * V + i] = static_cast<out_t>(neg_inf());
     } else if (tid == 0) {
-      tokens[b] = -1;
-      logprobs[b] = neg_inf();
+      emit(-1, neg_inf(), -1.0f);
     }
     return;
   }
   const float m = 0.0f;  // the largest value (row_value)
-  auto value = [&](int64_t i) { return row_value(to_float(row[i]), mx, temperature, mode); };
+  auto value = [&](int64_t i) { return row_value(load(i), mx, temperature, mode); };
 
   // 2. top-k threshold. The first level runs over the row; when the keys at or above the
   // chosen bin number at most kCand (the usual case for top-k: k plus one bin's worth),
@@ -416,15 +455,21 @@ __global__ void __launch_bounds__(kThreads)
     const bool need_e = minp;
     for (int64_t i = tid; i < V; i += kThreads) {
       const float v = value(i);
-      bool keep = float_key(v) >= threshold && filter_passes(to_float(row[i]), mode);
+      bool keep = float_key(v) >= threshold && filter_passes(load(i), mode);
       if (keep && need_e) keep = weight(v) >= min_p;
       out[b * V + i] = keep ? original[b * V + i] : static_cast<out_t>(neg_inf());
     }
     return;
   }
 
-  // 4. the draw.
-  const Philox4x32 words = p.words(b, kSampleOffset);
+  // 4. the draw (a greedy row of unmask_step: only the total, for the argmax's confidence).
+  const Philox4x32 words = p.words(b, map.offset, static_cast<uint32_t>(l));
+  auto finish = [&](int64_t token, ull z) {  // thread 0
+    if (greedy) token = s.argmax;
+    const float lp = token < 0 ? neg_inf() : logprob_of(value(token), m, z);
+    const float conf = unmask && token >= 0 ? unmask_confidence(mass_of(weight(value(token))), z) : -1.0f;
+    emit(token, lp, conf);
+  };
   if (compact) {
     // Masses of the kept candidates (into the free histogram), their total, then each kept
     // candidate's mass prefix in index order; the one whose interval holds the target wins.
@@ -456,26 +501,21 @@ __global__ void __launch_bounds__(kThreads)
       if (before <= target && target < before + w) s.token = idx;
     }
     __syncthreads();
-    if (tid == 0) {
-      const int64_t token = s.token;
-      tokens[b] = token;
-      logprobs[b] = token < 0 ? neg_inf() : logprob_of(value(token), m, z);
-    }
+    if (tid == 0) finish(s.token, z);
     return;
   }
   const ull z = block_total(s, V, kept_mass);
   const ull target = draw_target(z, words);
-  const int64_t token = block_pick(s, V, target, kept_mass);
-  if (tid == 0) {
-    tokens[b] = token;
-    logprobs[b] = token < 0 ? neg_inf() : logprob_of(value(token), m, z);
-  }
+  const int64_t token = greedy ? s.argmax : block_pick(s, V, target, kept_mass);
+  if (tid == 0) finish(token, z);
 }
 
-// Penalties into the float32 copy `work` of the logits: one block per row; each distinct id
-// of prev_tokens (ids outside [0, V) ignored) is handled by the thread of its first occurrence.
-__global__ void penalty_kernel(Params p, float* __restrict__ work) {
-  const int64_t b = blockIdx.x;
+// Penalties into the float32 copy `work` of the logits: one block per row of work (L rows per
+// knob row b: unmask_step's positions); each distinct id of prev_tokens (ids outside [0, V)
+// ignored) is handled by the thread of its first occurrence.
+__global__ void penalty_kernel(Params p, int64_t L, float* __restrict__ work) {
+  const int64_t r = blockIdx.x;
+  const int64_t b = r / L;
   if (!p.penalties_on(b)) return;
   const int64_t* prev = p.prev + b * p.T;
   const float rep = p.repetition_of(b), pres = p.presence_of(b), freq = p.frequency_of(b);
@@ -490,8 +530,36 @@ __global__ void penalty_kernel(Params p, float* __restrict__ work) {
         if (q < j) first = false;
       }
     }
-    if (first) work[b * p.V + id] = penalize(work[b * p.V + id], count, rep, pres, freq);
+    if (first) work[r * p.V + id] = penalize(work[r * p.V + id], count, rep, pres, freq);
   }
+}
+
+// The draw of sample (rows = B) or of unmask_step (rows = B * L positions): with penalties
+// on, through a float32 copy of the logits [rows, V] that penalty_kernel adjusts.
+void launch_draws(const Inputs& in, RowMap map, int64_t rows, int64_t* tokens, float* logprobs) {
+  TORCH_CHECK(rows <= 2147483647, "logits: too many rows");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const Params& p = in.p;
+  const bool penalties = in.prev.defined() && p.T > 0 &&
+                         (in.repetition.defined() || in.presence.defined() || in.frequency.defined() ||
+                          p.repetition != 1.0f || p.presence != 0.0f || p.frequency != 0.0f);
+  if (penalties) {
+    auto work = at::empty({rows, p.V}, in.logits.options().dtype(at::kFloat));
+    work.view(in.logits.sizes()).copy_(in.logits);
+    PK_LAUNCH(static_cast<unsigned>(rows), 256, 0, stream, penalty_kernel)(p, map.L, work.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    map.stride_b = map.L * p.V;
+    map.stride_l = p.V;
+    PK_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, stream, sample_kernel<float, float, false>)(
+        p, map, work.data_ptr<float>(), nullptr, tokens, logprobs, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sample_cuda", [&] {
+    PK_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, stream, sample_kernel<scalar_t, scalar_t, false>)(
+        p, map, in.logits.data_ptr<scalar_t>(), nullptr, tokens, logprobs, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
@@ -514,26 +582,9 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const c
   auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprobs};
   TORCH_CHECK(B <= 2147483647, "logits: too many rows");
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const bool penalties = in.prev.defined() && in.p.T > 0 &&
-                         (in.repetition.defined() || in.presence.defined() || in.frequency.defined() ||
-                          repetition != 1.0 || presence != 0.0 || frequency != 0.0);
-  if (penalties) {
-    auto work = at::empty(in.logits.sizes(), in.logits.options().dtype(at::kFloat));
-    work.copy_(in.logits);
-    PK_LAUNCH(static_cast<unsigned>(B), 256, 0, stream, penalty_kernel)(in.p, work.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    PK_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, sample_kernel<float, float, false>)(
-        in.p, work.data_ptr<float>(), nullptr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {tokens, logprobs};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sample_cuda", [&] {
-    PK_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, sample_kernel<scalar_t, scalar_t, false>)(
-        in.p, in.logits.data_ptr<scalar_t>(), nullptr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
-        nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  RowMap map;
+  map.stride_b = in.p.V;
+  launch_draws(in, map, B, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
   return {tokens, logprobs};
 }
 
@@ -549,8 +600,10 @@ at::Tensor top_k_top_p_filter_cuda(const at::Tensor& logits, const c10::optional
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "top_k_top_p_filter_cuda", [&] {
     const scalar_t* x = in.logits.data_ptr<scalar_t>();
+    RowMap map;
+    map.stride_b = in.p.V;
     PK_LAUNCH(static_cast<unsigned>(in.p.B), kThreads, 0, stream, sample_kernel<scalar_t, scalar_t, true>)(
-        in.p, x, x, nullptr, nullptr, out.data_ptr<scalar_t>());
+        in.p, map, x, x, nullptr, nullptr, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -613,12 +666,95 @@ std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& dra
   return {out, accepted};
 }
 
+// unmask_step, stage 2: one block per row. Each masked position's ordering key goes to
+// keys[r]; then each thread ranks its positions against the row's masked positions, and a
+// position whose rank is below the row's reveal count takes its drawn token (if any).
+constexpr int kSelectThreads = 256;
+
+__global__ void __launch_bounds__(kSelectThreads)
+    unmask_select_kernel(Params p, int64_t L, int64_t mask_id, int strategy, const int64_t* __restrict__ num_reveal,
+                         int64_t num_reveal_value, const int64_t* __restrict__ tok, const int64_t* __restrict__ drawn,
+                         const float* __restrict__ confidence, uint64_t* __restrict__ keys,
+                         int64_t* __restrict__ out) {
+  __shared__ typename cub::BlockReduce<ull, kSelectThreads>::TempStorage reduce;
+  __shared__ ull s_masked;
+  const int64_t b = blockIdx.x;
+  const int64_t* trow = tok + b * L;
+  uint64_t* krow = keys + b * L;
+  ull local = 0;
+  for (int64_t l = threadIdx.x; l < L; l += kSelectThreads) {
+    if (trow[l] != mask_id) continue;
+    const int64_t r = b * L + l;
+    const Philox4x32 w = strategy == kRandom ? p.words(b, kRevealOffset, static_cast<uint32_t>(l)) : Philox4x32{};
+    krow[l] = reveal_key(strategy, drawn[r], confidence[r], w);
+    ++local;
+  }
+  const ull masked = cub::BlockReduce<ull, kSelectThreads>(reduce).Sum(local);
+  if (threadIdx.x == 0) s_masked = masked;
+  __syncthreads();  // also publishes the keys to the block
+  const int64_t n = reveal_count(num_reveal ? num_reveal[b] : num_reveal_value, static_cast<int64_t>(s_masked));
+  for (int64_t l = threadIdx.x; l < L; l += kSelectThreads) {
+    const int64_t r = b * L + l;
+    int64_t t = trow[l];
+    if (t == mask_id && n > 0) {
+      const uint64_t key = krow[l];
+      int64_t rank = 0;
+      for (int64_t j = 0; j < L && rank < n; ++j) {
+        if (trow[j] == mask_id && reveal_before(krow[j], j, key, l)) ++rank;
+      }
+      if (rank < n && drawn[r] >= 0) t = drawn[r];
+    }
+    out[r] = t;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unmask_step_cuda(
+    const at::Tensor& logits, const at::Tensor& tokens, const c10::optional<at::Tensor>& num_reveal_rows,
+    const c10::optional<at::Tensor>& prev_tokens, const at::Tensor& seed,
+    const c10::optional<at::Tensor>& temperature_rows, const c10::optional<at::Tensor>& top_k_rows,
+    const c10::optional<at::Tensor>& top_p_rows, const c10::optional<at::Tensor>& min_p_rows,
+    const c10::optional<at::Tensor>& repetition_rows, const c10::optional<at::Tensor>& presence_rows,
+    const c10::optional<at::Tensor>& frequency_rows, int64_t mask_token_id, int64_t num_reveal,
+    c10::string_view strategy, double temperature, int64_t top_k, double top_p, double min_p, double repetition,
+    double presence, double frequency) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  UnmaskInputs u = check_unmask_inputs(logits, tokens, num_reveal_rows, prev_tokens, seed, temperature_rows,
+                                       top_k_rows, top_p_rows, min_p_rows, repetition_rows, presence_rows,
+                                       frequency_rows, mask_token_id, num_reveal, strategy, temperature, top_k, top_p,
+                                       min_p, repetition, presence, frequency);
+  auto out = at::empty_like(u.tokens);
+  auto drawn = at::empty_like(u.tokens);
+  auto confidence = at::empty(u.tokens.sizes(), u.tokens.options().dtype(at::kFloat));
+  const int64_t B = u.in.p.B, rows = B * u.L;
+  if (rows > 0) {
+    TORCH_CHECK(B <= 2147483647, "logits: too many rows");
+    RowMap map;
+    map.L = u.L;
+    map.stride_b = u.stride_b;
+    map.stride_l = u.stride_l;
+    map.tokens = u.tokens.data_ptr<int64_t>();
+    map.mask_id = u.mask_id;
+    map.offset = kUnmaskOffset;
+    map.confidence = confidence.data_ptr<float>();
+    launch_draws(u.in, map, rows, drawn.data_ptr<int64_t>(), nullptr);
+    auto keys = at::empty({rows}, u.tokens.options());
+    auto stream = at::cuda::getCurrentCUDAStream();
+    PK_LAUNCH(static_cast<unsigned>(B), kSelectThreads, 0, stream, unmask_select_kernel)(
+        u.in.p, u.L, u.mask_id, u.strategy, u.num_reveal.defined() ? u.num_reveal.data_ptr<int64_t>() : nullptr,
+        u.num_reveal_value, u.tokens.data_ptr<int64_t>(), drawn.data_ptr<int64_t>(), confidence.data_ptr<float>(),
+        reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()), out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out.to(tokens.scalar_type()), drawn, confidence};
+}
+
 }  // namespace
 
 PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("sample", &sample_cuda);
   m.impl("top_k_top_p_filter", &top_k_top_p_filter_cuda);
   m.impl("speculative_accept", &speculative_accept_cuda);
+  m.impl("unmask_step", &unmask_step_cuda);
 }
 
 }  // namespace pk

@@ -10,6 +10,11 @@ Contenders (same logits, same machine, one run):
   * flashinfer    FlashInfer's top_k_top_p_sampling_from_logits on the logits / temperature
                   (GPU only)
   * pk_plain / softmax_multinomial: no filters, pk.sample against softmax + torch.multinomial
+  * unmask_pk / unmask_composite: one masked-diffusion step, pk.unmask_step (confidence
+    strategy, no filter, every position masked, 64 of 1024 revealed per row) against the torch
+    composite: softmax, multinomial, gather of the confidence, topk, scatter; 64 rows x 1024
+    positions x 4096 vocabulary (1 GiB of float32 logits) on the CPU, PK_BENCH_UNMASK_SHAPE=B,L,V
+    to change it
 
 Knobs of the filtered cases: temperature 0.7, top_k 50, top_p 0.9.
 
@@ -183,3 +188,48 @@ def test_plain_softmax_multinomial(benchmark, device, B, V):
     x = _logits(B, V, device)
     benchmark.group = f"plain-{device}-B{B}-V{V}"
     _run(benchmark, lambda: torch.multinomial(torch.softmax(x, dim=-1), 1), device)
+
+
+# ---- unmask_step ----------------------------------------------------------------------------------
+
+UNMASK_SHAPE = tuple(int(n) for n in os.environ.get("PK_BENCH_UNMASK_SHAPE", "64,1024,4096").split(","))
+UNMASK_REVEAL, MASK_ID = 64, 0
+
+
+def _unmask_cases():
+    B, L, V = UNMASK_SHAPE
+    return [pytest.param("cpu", id=f"cpu-B{B}-L{L}-V{V}"),
+            pytest.param("cuda", id=f"cuda-B{B}-L{L}-V{V}", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
+
+
+def _unmask_inputs(device):
+    B, L, V = UNMASK_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, V, generator=g).mul_(3.0).to(device)
+    return x, torch.full((B, L), MASK_ID, dtype=torch.int64, device=device)
+
+
+def unmask_composite(logits, tokens):
+    """The step in plain torch: draw everywhere, confidence of the drawn token, the most
+    confident masked positions revealed."""
+    B, L, V = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    drawn = torch.multinomial(probs.view(-1, V), 1).view(B, L)
+    conf = probs.gather(-1, drawn[..., None])[..., 0]
+    conf = conf.masked_fill(tokens != MASK_ID, -float("inf"))
+    idx = conf.topk(UNMASK_REVEAL, dim=-1).indices
+    return tokens.scatter(1, idx, drawn.gather(1, idx))
+
+
+@pytest.mark.parametrize("device", _unmask_cases())
+def test_unmask_pk(benchmark, device):
+    x, t = _unmask_inputs(device)
+    benchmark.group = f"unmask-{device}-B{UNMASK_SHAPE[0]}-L{UNMASK_SHAPE[1]}-V{UNMASK_SHAPE[2]}"
+    _run(benchmark, lambda: pk.unmask_step(x, t, mask_token_id=MASK_ID, num_reveal=UNMASK_REVEAL, seed=0), device)
+
+
+@pytest.mark.parametrize("device", _unmask_cases())
+def test_unmask_composite(benchmark, device):
+    x, t = _unmask_inputs(device)
+    benchmark.group = f"unmask-{device}-B{UNMASK_SHAPE[0]}-L{UNMASK_SHAPE[1]}-V{UNMASK_SHAPE[2]}"
+    _run(benchmark, lambda: unmask_composite(x, t), device)

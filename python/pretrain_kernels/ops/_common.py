@@ -182,13 +182,14 @@ def apply_function(function, *args):
     return eager.apply(*args)
 
 
-def not_differentiable(qualname: str, what: str):
+def not_differentiable(qualname: str, what: str, reason: str = "double backward is not supported"):
     """For a backward op `qualname`: returns call(*args), which runs it so that differentiating
     its result raises, naming `what` (the public functions it serves): double backward, and
     forward mode through it. The error comes only when such a derivative is asked for, so a
     first derivative taken with create_graph=True (as torch.func.grad does) still works. The
     op's Autograd kernel does the same for direct calls. Call `call` from the backward of the
-    forward op's Function (above functorch's layers)."""
+    forward op's Function (above functorch's layers). `reason` words the error for an op that
+    has no derivative at all (a sampling op whose float outputs are not differentiable)."""
     op = _op(qualname)
 
     def forward(*args):
@@ -198,7 +199,7 @@ def not_differentiable(qualname: str, what: str):
         pass
 
     def backward(ctx, *grads):
-        raise NotImplementedError(f"{what}: double backward is not supported ({qualname} has no derivative)")
+        raise NotImplementedError(f"{what}: {reason} ({qualname} has no derivative)")
 
     name = "NotDifferentiable_" + qualname.replace("::", "_")
     fn = type(name, (torch.autograd.Function,), {
