@@ -192,7 +192,7 @@ def test_plain_softmax_multinomial(benchmark, device, B, V):
 
 # ---- unmask_step ----------------------------------------------------------------------------------
 
-UNMASK_SHAPE = tuple(int(n) for n in os.environ.get("PK_BENCH_UNMASK_SHAPE", "64,1024,4096").split(","))
+UNMASK_SHAPE = tuple(int(n) for n in os.environ.get("PK_BENCH_UNMASK_SHAPE", quick("64,1024,4096", "8,256,4096")).split(","))
 UNMASK_REVEAL, MASK_ID = 64, 0
 
 
