@@ -199,7 +199,7 @@ UNMASK_REVEAL, MASK_ID = 64, 0
 def _unmask_cases():
     B, L, V = UNMASK_SHAPE
     return [pytest.param("cpu", id=f"cpu-B{B}-L{L}-V{V}"),
-            pytest.param("cuda", id=f"cuda-B{B}-L{L}-V{V}", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
+            pytest.param("cuda", id=f"cuda-B{B}-L{L}-V{V}", marks=pytest.mark.cuda)]
 
 
 def _unmask_inputs(device):
