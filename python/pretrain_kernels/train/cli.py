@@ -1,7 +1,9 @@
 """Command-line entry points.
 
   pk-train mlm|gpt|mdlm|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
-  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT run, every pk.sample knob
+  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT run (every pk.sample knob), or from
+                                               an mdlm run by iterative unmasking (pk.unmask_step):
+                                               unconditional, after a prompt, or infilling (--infill)
   pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
@@ -342,9 +344,11 @@ def train_main(argv=None) -> dict:
 
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT run folder (byte or BPE tokens, "
-                                "as trained), sampled by pk.sample with a KV cache.")
-    p.add_argument("--checkpoint", required=True, help="a pk-train gpt run folder")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: 'def ')")
+                                "as trained), sampled by pk.sample with a KV cache; or from an mdlm run folder, "
+                                "by iterative unmasking with pk.unmask_step.")
+    p.add_argument("--checkpoint", required=True, help="a pk-train gpt or mdlm run folder")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; gpt default: 'def '; "
+                   "mdlm: the prefix kept before --max-new-tokens masked tokens, none: unconditional)")
     p.add_argument("--max-new-tokens", type=_positive(), default=200)
     p.add_argument("--temperature", type=_nonneg(float), default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_nonneg(), default=0)
@@ -357,7 +361,112 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help="stop a row at any of these characters (e.g. $'\\n')")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step")
     p.add_argument("--device", type=_device_arg(), default="cpu")
+    g = p.add_argument_group("mdlm runs (iterative unmasking)")
+    g.add_argument("--infill", action="append", help="text whose ___ are filled: each ___ becomes --infill-length "
+                   "masked tokens, the rest is kept; \\n, \\t and \\\\ read as newline, tab, backslash "
+                   "(repeat for a batch)")
+    g.add_argument("--infill-length", type=_positive(), help="masked tokens per ___ (default 16)")
+    g.add_argument("--steps", type=_positive(), help="unmasking steps; each reveals a share of a row's masked "
+                   "tokens, linear in t (default: the largest masked count, one token per step)")
+    g.add_argument("--strategy", choices=("confidence", "random"), help="which drawn tokens a step reveals: "
+                   "the most probable (default) or a random subset")
+    g.add_argument("--num-samples", type=_positive(), help="samples per prompt / infill / unconditional row "
+                   "(default 1; sample j of row i uses seed + i * num_samples + j)")
     return p
+
+
+MDLM_GENERATE_OPTIONS = ("infill", "infill_length", "steps", "strategy", "num_samples")
+GPT_GENERATE_OPTIONS = ("stop", "no_cache")
+
+
+def read_escapes(text: str) -> str:
+    """\\n, \\t and \\\\ in text typed on a command line as newline, tab and backslash."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+INFILL_MARK = "___"
+
+
+def mdlm_rows(tok, *, prompts=None, infills=None, max_new_tokens=200, infill_length=16, num_samples=1):
+    """The rows an mdlm run fills: (token lists holding tok.mask_token_id where text is to be
+    drawn, the kind of each: "prompt", "infill" or "unconditional"). A prompt keeps its text and
+    is followed by max_new_tokens masks; an infill replaces each ___ with infill_length masks;
+    with neither, one row of max_new_tokens masks. Each row is repeated num_samples times."""
+    mask = tok.mask_token_id
+    rows, kinds = [], []
+    for text in prompts or []:
+        rows.append(tok.encode(text) + [mask] * max_new_tokens)
+        kinds.append("prompt")
+    for text in infills or []:
+        parts = text.split(INFILL_MARK)
+        if len(parts) < 2:
+            raise ValueError(f"--infill: expected at least one {INFILL_MARK} to fill in {text!r}")
+        row = []
+        for i, part in enumerate(parts):
+            if i:
+                row += [mask] * infill_length
+            row += tok.encode(part) if part else []
+        rows.append(row)
+        kinds.append("infill")
+    if not rows:
+        rows, kinds = [[mask] * max_new_tokens], ["unconditional"]
+    rows = [r for r in rows for _ in range(num_samples)]
+    kinds = [k for k in kinds for _ in range(num_samples)]
+    return rows, kinds
+
+
+def mdlm_generate(task, rows, *, steps=None, strategy="confidence", seed=0, **knobs):
+    """Fill the masks of rows (token lists, see mdlm_rows) with task.model.unmask; returns the
+    filled token lists. steps defaults to the largest masked count (one token per step)."""
+    tok = task.tok
+    B, L = len(rows), max(len(r) for r in rows)
+    if L > task.model.cfg.max_len:
+        raise ValueError(f"a row of {L} tokens exceeds the model's max_len {task.model.cfg.max_len}")
+    x = torch.full((B, L), tok.pad_token_id, dtype=torch.int64)
+    am = torch.zeros(B, L, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        x[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+        am[i, :len(r)] = 1
+    if steps is None:
+        steps = max(1, max(sum(1 for t in r if t == tok.mask_token_id) for r in rows))
+    out = task.model.unmask(x, mask_token_id=tok.mask_token_id, steps=steps, attention_mask=am, strategy=strategy,
+                            seed=seed, banned_ids=tok.all_special_ids, **knobs).cpu()
+    return [out[i, :len(r)].tolist() for i, r in enumerate(rows)]
+
+
+def _generate_mdlm(p, args, task) -> list[str]:
+    for dest in GPT_GENERATE_OPTIONS:
+        if getattr(args, dest):
+            p.error(f"--{dest.replace('_', '-')}: only for gpt runs; {args.checkpoint!r} holds an mdlm run")
+    tok = task.tok
+    if args.prompt and any(len(s) == 0 for s in args.prompt):
+        p.error("--prompt: prompts must not be empty (no --prompt: unconditional samples)")
+    try:
+        rows, kinds = mdlm_rows(tok, prompts=args.prompt, infills=[read_escapes(s) for s in args.infill or []],
+                                max_new_tokens=args.max_new_tokens, infill_length=args.infill_length or 16,
+                                num_samples=args.num_samples or 1)
+        task.model.eval()
+        outs = mdlm_generate(task, rows, steps=args.steps, strategy=args.strategy or "confidence", seed=args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    except ValueError as e:
+        p.error(str(e))
+    texts = []
+    for o in outs:
+        text = tok.decode_bytes(o).decode("utf-8", errors="replace")
+        texts.append(text)
+        print(text)
+        print("-" * 40)
+    return texts
 
 
 def generate_main(argv=None) -> list[str]:
@@ -371,8 +480,13 @@ def generate_main(argv=None) -> list[str]:
         task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as e:
         p.error(str(e))
+    if task.name == "mdlm":
+        return _generate_mdlm(p, args, task)
     if task.name != "gpt":
-        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt run")
+        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt or mdlm run")
+    for dest in MDLM_GENERATE_OPTIONS:
+        if getattr(args, dest) is not None:
+            p.error(f"--{dest.replace('_', '-')}: only for mdlm runs; {args.checkpoint!r} holds a gpt run")
     tok = task.tok
     prompts = args.prompt or ["def "]
     if any(len(s) == 0 for s in prompts):
