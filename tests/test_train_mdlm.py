@@ -351,7 +351,8 @@ def test_unmask_reveals_on_the_linear_schedule(mdlm_run, monkeypatch):
 
 
 def test_generate_mdlm_unconditional_prompted_infill(mdlm_run, capsys):
-    from pretrain_kernels.train.cli import generate_main, mdlm_generate, mdlm_rows
+    from pretrain_kernels.train.cli import generate_main
+    from pretrain_kernels.train.tasks import mdlm_generate, mdlm_rows
     from pretrain_kernels.train.loop import build_task_from_dir
 
     task, _ = build_task_from_dir(mdlm_run, load_data=False)
