@@ -382,7 +382,7 @@ def test_generate_mdlm_unconditional_prompted_infill(mdlm_run, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--infill", "no blanks here"], "--infill: expected at least one ___"),
+    (["--infill", "no blanks here"], "infill 'no blanks here': expected at least one ___"),
     (["--stop", "\n"], "--stop: only for gpt runs"),
     (["--no-cache"], "--no-cache: only for gpt runs"),
     (["--max-new-tokens", "65"], "exceeds the model's max_len 64"),

@@ -195,8 +195,6 @@ class MaskSchedule:
     start: float | None = None
     end: float | None = None
 
-    KINDS = ("constant", "linear", "cosine")
-
     @classmethod
     def parse(cls, spec: "str | MaskSchedule | None") -> "MaskSchedule":
         if spec is None:
@@ -453,7 +451,7 @@ class MDLMTask(_ScheduledTask, _TextTask):
         return b["input_ids"].numel()
 
     def _bound(self, model, mb):
-        """(summed (1/t)-weighted cross-entropy over the masked tokens, logits, labels there)."""
+        """(logits at the masked tokens, their labels, the summed 1/t-weighted cross-entropy there)."""
         B, L = mb["input_ids"].shape
         ids, cu, pos, max_len = dense_pack(mb["input_ids"])
         w = (1.0 / mb["t"].float())[:, None].expand(B, L).reshape(-1)
@@ -494,7 +492,7 @@ def mdlm_rows(tok, *, prompts=None, infills=None, max_new_tokens=200, infill_len
     for text in infills or []:
         parts = text.split(INFILL_MARK)
         if len(parts) < 2:
-            raise ValueError(f"--infill: expected at least one {INFILL_MARK} to fill in {text!r}")
+            raise ValueError(f"infill {text!r}: expected at least one {INFILL_MARK} to fill")
         row = []
         for i, part in enumerate(parts):
             if i:
