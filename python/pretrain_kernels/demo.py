@@ -154,12 +154,13 @@ DEMO_STEPS = {"mlm": 300, "gpt": 300, "mdlm": 300, "flow": 1200}
 # its logit) keeps it on Python.
 GPT_SAMPLE_TOKENS = 160
 GPT_SAMPLING = dict(temperature=0.7, top_p=0.9, frequency_penalty=0.03)
-# The MDLM: windows of MDLM_SEQ_LEN bytes, and a function to fill in (one token per step,
-# the most confident first, as LLaDA's low-confidence remasking).
+# The MDLM: windows of MDLM_SEQ_LEN bytes, and a function to fill in, one byte per step in a
+# random order (MDLM's own sampler; after a run this short, revealing the most confident first
+# fills the blanks with spaces, the surest byte), with a frequency penalty against runs.
 MDLM_SEQ_LEN = 128
 MDLM_INFILL = "    def __init__(self, ___):\n        self.___ = ___\n\n    def __repr__(self):\n        return ___\n"
 MDLM_INFILL_LENGTH = 8
-MDLM_SAMPLING = dict(strategy="confidence", temperature=0.5)
+MDLM_SAMPLING = dict(strategy="random", temperature=0.5, frequency_penalty=0.03)
 
 
 def _train(task, steps, batch, lr, out, args, dtype="float32"):
