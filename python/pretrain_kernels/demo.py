@@ -7,9 +7,12 @@ large batch, with timings.
 Part 2, the three model families trained briefly on the embedded data with the one training
 loop (about 10 minutes on 2 CPU cores in all): a BERT-style MLM (masked-byte accuracy beside
 the most-frequent-byte baseline, and a line with its masked bytes filled in), a GPT
-(validation nats per byte and a text sample through the KV cache and pk.sample), and a
-class-conditional flow-matching U-Net on the 8x8 digits (samples in 4 fused solver steps judged
-by a digit classifier, and a PNG grid with one row per class)."""
+(validation nats per byte and a text sample through the KV cache and pk.sample, with the
+sampling knobs it used), the same encoder as the MLM trained as a masked diffusion LM (its
+validation bound in nats per byte beside the GPT's, and a function body filled in by
+iterative unmasking with pk.unmask_step), and a class-conditional flow-matching U-Net on the
+8x8 digits (samples in 4 fused solver steps judged by a digit classifier, and a PNG grid with
+one row per class)."""
 from __future__ import annotations
 
 import argparse
@@ -145,7 +148,19 @@ def masking_demo(args) -> None:
 # ---- part 2: training ------------------------------------------------------------------------
 
 # Steps per family (8.0 minutes on 2 idle CPU cores in all, evaluations included).
-DEMO_STEPS = {"mlm": 300, "gpt": 300, "flow": 1200}
+DEMO_STEPS = {"mlm": 300, "gpt": 300, "mdlm": 300, "flow": 1200}
+# The GPT sample: a byte model this short-trained falls into loops (a line of "=====") at plain
+# temperature sampling; nucleus sampling plus a frequency penalty (each repeat of a byte lowers
+# its logit) keeps it on Python.
+GPT_SAMPLE_TOKENS = 160
+GPT_SAMPLING = dict(temperature=0.7, top_p=0.9, frequency_penalty=0.03)
+# The MDLM: windows of MDLM_SEQ_LEN bytes, and a function to fill in, one byte per step in a
+# random order (MDLM's own sampler; after a run this short, revealing the most confident first
+# fills the blanks with spaces, the surest byte), with a frequency penalty against runs.
+MDLM_SEQ_LEN = 128
+MDLM_INFILL = "    def __init__(self, ___):\n        self.___ = ___\n\n    def __repr__(self):\n        return ___\n"
+MDLM_INFILL_LENGTH = 8
+MDLM_SAMPLING = dict(strategy="random", temperature=0.5, frequency_penalty=0.03)
 
 
 def _train(task, steps, batch, lr, out, args, dtype="float32"):
@@ -165,11 +180,11 @@ def training_demo(args) -> None:
 
     from pretrain_kernels.models import BertConfig, GPTConfig, pack
     from pretrain_kernels.train.cli import save_grid
-    from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask, MLMTask, sample_images
+    from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask, MDLMTask, MLMTask, sample_images
 
     tok = ByteTokenizer()
     os.makedirs(args.out, exist_ok=True)
-    print(f"\n==== training the three families on {torch.get_num_threads()} CPU threads "
+    print(f"\n==== training the three families (and a masked diffusion LM) on {torch.get_num_threads()} CPU threads "
           f"(run folders in {args.out}/) ====")
 
     # -- MLM --
@@ -206,11 +221,36 @@ def training_demo(args) -> None:
     gpt.model.eval()
     prompt = "def __init__(self"
     t = time.perf_counter()
-    out = gpt.model.generate([tok.encode(prompt)], 160, temperature=0.7, top_k=40, top_p=0.95,
-                             repetition_penalty=1.05, seed=args.seed)[0]
+    out = gpt.model.generate([tok.encode(prompt)], GPT_SAMPLE_TOKENS, seed=args.seed, **GPT_SAMPLING)[0]
     dt = time.perf_counter() - t
-    print(f"sample (pk.sample: temperature 0.7, top-k 40, top-p 0.95; KV cache, {len(out) / dt:.0f} tokens/s):")
+    knobs = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in GPT_SAMPLING.items())
+    print(f"sample (pk.sample: {knobs}; KV cache, {len(out) / dt:.0f} tokens/s):")
     print("  | " + (prompt + bytes(x for x in out if x < 256).decode("utf-8", "replace")).replace("\n", "\n  | "))
+    gpt_nats, gpt_steps = m["val_loss"], steps
+
+    # -- masked diffusion LM --
+    torch.manual_seed(args.seed)
+    mdlm = MDLMTask(BertConfig(**SIZES["mdlm"]["small"]), seq_len=MDLM_SEQ_LEN, eval_windows=128)
+    print(f"\nMDLM: the MLM's encoder ({mdlm.model.num_params() / 1e6:.2f}M parameters) as a masked diffusion LM: "
+          f"per-row rates t through pk.mlm_mask, loss the 1/t-weighted bound")
+    m, secs, steps = _train(mdlm, DEMO_STEPS["mdlm"], 16, 2e-3, os.path.join(args.out, "mdlm"), args, "bfloat16")
+    print(f"MDLM after {steps} steps of 16 x {MDLM_SEQ_LEN} bytes ({secs:.0f}s): validation bound "
+          f"{m['val_loss']:.3f} nats/byte on the GPT's validation split (an upper bound on its exact "
+          f"nats/byte; the GPT above: {gpt_nats:.3f} exact, {gpt_steps} steps of 16 x 256)")
+    from pretrain_kernels.train.tasks import mdlm_generate, mdlm_rows
+
+    mdlm.model.eval()
+    rows, _ = mdlm_rows(tok, infills=[MDLM_INFILL], infill_length=MDLM_INFILL_LENGTH)
+    t = time.perf_counter()
+    filled = mdlm_generate(mdlm, rows, seed=args.seed, **MDLM_SAMPLING)[0]
+    dt = time.perf_counter() - t
+    n_masked = sum(r == tok.mask_token_id for r in rows[0])
+    knobs = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in MDLM_SAMPLING.items())
+    print(f"infilling: each ___ is {MDLM_INFILL_LENGTH} masked bytes, filled by pk.unmask_step in {n_masked} steps "
+          f"({knobs}; {dt:.1f}s):")
+    print("  template | " + MDLM_INFILL.replace("\n", "\n           | ").rstrip("| ").rstrip())
+    text = tok.decode_bytes(filled).decode("utf-8", "replace")
+    print("  filled   | " + text.replace("\n", "\n           | ").rstrip("| ").rstrip())
 
     # -- flow matching on digits --
     torch.manual_seed(args.seed)

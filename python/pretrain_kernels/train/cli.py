@@ -1,7 +1,9 @@
 """Command-line entry points.
 
-  pk-train mlm|gpt|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
-  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT run, every pk.sample knob
+  pk-train mlm|gpt|mdlm|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
+  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT run (every pk.sample knob), or from
+                                               an mdlm run by iterative unmasking (pk.unmask_step):
+                                               unconditional, after a prompt, or infilling (--infill)
   pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
@@ -29,12 +31,13 @@ import zlib
 
 import torch
 
-TASKS = ("mlm", "gpt", "diffusion", "flow")
+TASKS = ("mlm", "gpt", "mdlm", "diffusion", "flow")
 
 # Per-task defaults (the calibrated 2-core CPU runs; see README "Training").
 DEFAULTS = {
     "gpt": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mlm": dict(steps=750, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
+    "mdlm": dict(steps=750, batch_size=16, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
     "flow": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
 }
@@ -42,12 +45,14 @@ DEFAULTS = {
 # parser default is None, so that an option given to another task is seen; TASK_OPTION_DEFAULTS
 # fills in the rest after the check.
 TASK_OPTIONS = {
-    "seq_len": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
+    "seq_len": (("gpt", "mlm", "mdlm"), "the text tasks (gpt, mlm, mdlm)"),
     "kv_heads": (("gpt",), "gpt"),
     "context_parallel": (("gpt",), "gpt"),
     "mask_prob": (("mlm",), "mlm"),
-    "tokenizer": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
-    "vocab_size": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
+    "mask_schedule": (("mlm", "mdlm"), "mlm and mdlm"),
+    "eval_t": (("mdlm",), "mdlm"),
+    "tokenizer": (("gpt", "mlm", "mdlm"), "the text tasks (gpt, mlm, mdlm)"),
+    "vocab_size": (("gpt", "mlm", "mdlm"), "the text tasks (gpt, mlm, mdlm)"),
     "arch": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "p_uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
@@ -57,7 +62,7 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, arch="unet", uncond=False, p_uncond=0.5, prediction="v_prediction",
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, arch="unet", uncond=False, p_uncond=0.5, prediction="v_prediction",
                             schedule="squaredcos_cap_v2", eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
 RUN_FILES = ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl",
@@ -101,6 +106,15 @@ def _vocab_size(s):
     return v
 
 
+def _mask_schedule(s):
+    from .tasks import MaskSchedule
+
+    try:
+        return MaskSchedule.parse(s).spec()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("mask_schedule: ", ""))
+
+
 def _device_arg(auto: bool = False):
     """--device: cpu, cuda or cuda:N (and auto for pk-train), checked against the build and the
     machine, so that a device they cannot serve is a usage error rather than a traceback."""
@@ -129,7 +143,8 @@ def _device_arg(auto: bool = False):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, diffusion or flow-matching model "
+    p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, masked diffusion LM (mdlm), "
+                                "diffusion or flow-matching model "
                                 "on the package's fused ops (embedded data unless --data is given).")
     p.add_argument("task", choices=TASKS, help="objective")
     p.add_argument("--out", help="run folder (default runs/<task>)")
@@ -168,13 +183,18 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=_positive())
     g.add_argument("--no-final-eval", action="store_true", help="skip the sample-quality evaluation at the end")
     g.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("text models (mlm, gpt)")
+    g = p.add_argument_group("text models (mlm, gpt, mdlm)")
     g.add_argument("--seq-len", type=_positive())
     g.add_argument("--layers", type=_positive())
     g.add_argument("--dim", type=_positive(), help="model width")
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
     g.add_argument("--mask-prob", type=_positive(float), help="mlm (default 0.15)")
+    g.add_argument("--mask-schedule", type=_mask_schedule, help="mlm: the training masking rate, mdlm: the upper "
+                   "end of the range of t, over the run: constant (default: mlm --mask-prob, mdlm t in (0, 1]), "
+                   "constant:v, linear:a:b or cosine:a:b (a at the first step, b at the last; values in (0, 1])")
+    g.add_argument("--eval-t", type=_positive(), help="mdlm: stratified rates t per validation window for the "
+                   "bound (default 4)")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
                    "byte-level BPE trained on the training text (needs the tokenizers package)")
     g.add_argument("--vocab-size", type=_vocab_size, help="bpe vocabulary size, specials included (default 2048)")
@@ -196,11 +216,11 @@ def train_parser() -> argparse.ArgumentParser:
 def _build_task(args, p):
     from pretrain_kernels.models import BertConfig, GPTConfig
 
-    from .tasks import SIZES, DenoisingTask, GPTTask, MLMTask
+    from .tasks import SIZES, DenoisingTask, GPTTask, MDLMTask, MLMTask
 
     d = DEFAULTS[args.task]
     seq_len = args.seq_len or (64 if args.size == "tiny" else d.get("seq_len", 256))
-    if args.task in ("gpt", "mlm"):
+    if args.task in ("gpt", "mlm", "mdlm"):
         tok = dict(tokenizer=args.tokenizer or "byte", vocab_size=args.vocab_size)
         m = dict(SIZES[args.task][args.size])
         for key, val in (("n_layer", args.layers), ("n_embd", args.dim), ("n_head", args.heads)):
@@ -211,8 +231,11 @@ def _build_task(args, p):
             m["block_size"] = max(m["block_size"], seq_len)
             return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data, **tok)
         m["max_len"] = max(m["max_len"], seq_len)
+        if args.task == "mdlm":
+            return MDLMTask(BertConfig(**m), seq_len=seq_len, data=args.data, eval_t=args.eval_t,
+                            mask_schedule=args.mask_schedule, **tok)
         return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
-                       data=args.data, **tok)
+                       data=args.data, mask_schedule=args.mask_schedule, **tok)
     m = dict(SIZES[args.arch][args.size])
     if args.dim is not None:
         m["base_channels" if args.arch == "unet" else "dim"] = args.dim
@@ -344,9 +367,11 @@ def train_main(argv=None) -> dict:
 
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT run folder (byte or BPE tokens, "
-                                "as trained), sampled by pk.sample with a KV cache.")
-    p.add_argument("--checkpoint", required=True, help="a pk-train gpt run folder")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: 'def ')")
+                                "as trained), sampled by pk.sample with a KV cache; or from an mdlm run folder, "
+                                "by iterative unmasking with pk.unmask_step.")
+    p.add_argument("--checkpoint", required=True, help="a pk-train gpt or mdlm run folder")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; gpt default: 'def '; "
+                   "mdlm: the prefix kept before --max-new-tokens masked tokens, none: unconditional)")
     p.add_argument("--max-new-tokens", type=_positive(), default=200)
     p.add_argument("--temperature", type=_nonneg(float), default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_nonneg(), default=0)
@@ -359,7 +384,64 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help="stop a row at any of these characters (e.g. $'\\n')")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step")
     p.add_argument("--device", type=_device_arg(), default="cpu")
+    g = p.add_argument_group("mdlm runs (iterative unmasking)")
+    g.add_argument("--infill", action="append", help="text whose ___ are filled: each ___ becomes --infill-length "
+                   "masked tokens, the rest is kept; \\n, \\t and \\\\ read as newline, tab, backslash "
+                   "(repeat for a batch)")
+    g.add_argument("--infill-length", type=_positive(), help="masked tokens per ___ (default 16)")
+    g.add_argument("--steps", type=_positive(), help="unmasking steps; each reveals a share of a row's masked "
+                   "tokens, linear in t (default: the largest masked count, one token per step)")
+    g.add_argument("--strategy", choices=("confidence", "random"), help="which drawn tokens a step reveals: "
+                   "the most probable (default) or a random subset")
+    g.add_argument("--num-samples", type=_positive(), help="samples per prompt / infill / unconditional row "
+                   "(default 1; sample j of row i uses seed + i * num_samples + j)")
     return p
+
+
+MDLM_GENERATE_OPTIONS = ("infill", "infill_length", "steps", "strategy", "num_samples")
+GPT_GENERATE_OPTIONS = ("stop", "no_cache")
+
+
+def read_escapes(text: str) -> str:
+    """\\n, \\t and \\\\ in text typed on a command line as newline, tab and backslash."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _generate_mdlm(p, args, task) -> list[str]:
+    from .tasks import mdlm_generate, mdlm_rows
+
+    for dest in GPT_GENERATE_OPTIONS:
+        if getattr(args, dest):
+            p.error(f"--{dest.replace('_', '-')}: only for gpt runs; {args.checkpoint!r} holds an mdlm run")
+    tok = task.tok
+    if args.prompt and any(len(s) == 0 for s in args.prompt):
+        p.error("--prompt: prompts must not be empty (no --prompt: unconditional samples)")
+    try:
+        rows, kinds = mdlm_rows(tok, prompts=args.prompt, infills=[read_escapes(s) for s in args.infill or []],
+                                max_new_tokens=args.max_new_tokens, infill_length=args.infill_length or 16,
+                                num_samples=args.num_samples or 1)
+        task.model.eval()
+        outs = mdlm_generate(task, rows, steps=args.steps, strategy=args.strategy or "confidence", seed=args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    except ValueError as e:
+        p.error(str(e))
+    texts = []
+    for o in outs:
+        text = tok.decode_bytes(o).decode("utf-8", errors="replace")
+        texts.append(text)
+        print(text)
+        print("-" * 40)
+    return texts
 
 
 def generate_main(argv=None) -> list[str]:
@@ -373,8 +455,13 @@ def generate_main(argv=None) -> list[str]:
         task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as e:
         p.error(str(e))
+    if task.name == "mdlm":
+        return _generate_mdlm(p, args, task)
     if task.name != "gpt":
-        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt run")
+        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt or mdlm run")
+    for dest in MDLM_GENERATE_OPTIONS:
+        if getattr(args, dest) is not None:
+            p.error(f"--{dest.replace('_', '-')}: only for mdlm runs; {args.checkpoint!r} holds a gpt run")
     tok = task.tok
     prompts = args.prompt or ["def "]
     if any(len(s) == 0 for s in prompts):
