@@ -1,7 +1,9 @@
 """Command-line entry points.
 
   pk-train mlm|gpt|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
-  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT run, every pk.sample knob
+  pk-train hybrid [options]                   GPT decoder on next-token + span infilling (prefix-LM)
+  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT or hybrid run, every pk.sample knob
+  pk-generate --checkpoint DIR --infill "a ___ b"  fill the holes (hybrid runs)
   pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
@@ -27,11 +29,12 @@ import zlib
 
 import torch
 
-TASKS = ("mlm", "gpt", "diffusion", "flow")
+TASKS = ("mlm", "gpt", "hybrid", "diffusion", "flow")
 
 # Per-task defaults (the calibrated 2-core CPU runs; see README "Training").
 DEFAULTS = {
     "gpt": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
+    "hybrid": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mlm": dict(steps=750, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
     "flow": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
@@ -40,11 +43,13 @@ DEFAULTS = {
 # parser default is None, so that an option given to another task is seen; TASK_OPTION_DEFAULTS
 # fills in the rest after the check.
 TASK_OPTIONS = {
-    "seq_len": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
-    "kv_heads": (("gpt",), "gpt"),
-    "mask_prob": (("mlm",), "mlm"),
-    "tokenizer": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
-    "vocab_size": (("gpt", "mlm"), "the text tasks (gpt, mlm)"),
+    "seq_len": (("gpt", "mlm", "hybrid"), "the text tasks (gpt, mlm, hybrid)"),
+    "kv_heads": (("gpt", "hybrid"), "gpt, hybrid"),
+    "mask_prob": (("mlm", "hybrid"), "mlm, hybrid"),
+    "mix": (("hybrid",), "hybrid"),
+    "span_len": (("hybrid",), "hybrid"),
+    "tokenizer": (("gpt", "mlm", "hybrid"), "the text tasks (gpt, mlm, hybrid)"),
+    "vocab_size": (("gpt", "mlm", "hybrid"), "the text tasks (gpt, mlm, hybrid)"),
     "arch": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "p_uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
@@ -54,8 +59,8 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, arch="unet", uncond=False, p_uncond=0.5, prediction="v_prediction",
-                            schedule="squaredcos_cap_v2", eval_samples=500, guidance=1.0)
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mix=0.5, span_len=3.0, arch="unet", uncond=False, p_uncond=0.5,
+                            prediction="v_prediction", schedule="squaredcos_cap_v2", eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
 RUN_FILES = ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl",
              "tokenizer.json", "tokens.pt")
@@ -124,8 +129,8 @@ def _device_arg(auto: bool = False):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, diffusion or flow-matching model "
-                                "on the package's fused ops (embedded data unless --data is given).")
+    p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, hybrid, diffusion or flow-matching "
+                                "model on the package's fused ops (embedded data unless --data is given).")
     p.add_argument("task", choices=TASKS, help="objective")
     p.add_argument("--out", help="run folder (default runs/<task>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -156,13 +161,17 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=_positive())
     g.add_argument("--no-final-eval", action="store_true", help="skip the sample-quality evaluation at the end")
     g.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("text models (mlm, gpt)")
+    g = p.add_argument_group("text models (mlm, gpt, hybrid)")
     g.add_argument("--seq-len", type=_positive())
     g.add_argument("--layers", type=_positive())
     g.add_argument("--dim", type=_positive(), help="model width")
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
-    g.add_argument("--mask-prob", type=_positive(float), help="mlm (default 0.15)")
+    g.add_argument("--mask-prob", type=_positive(float), help="mlm, hybrid: the share of hidden tokens (default 0.15)")
+    g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
+                   "next-token prediction (default 0.5)")
+    g.add_argument("--span-len", type=_positive(float), help="hybrid: mean length of a hidden span in tokens "
+                   "(default 3)")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
                    "byte-level BPE trained on the training text (needs the tokenizers package)")
     g.add_argument("--vocab-size", type=_vocab_size, help="bpe vocabulary size, specials included (default 2048)")
@@ -184,19 +193,22 @@ def train_parser() -> argparse.ArgumentParser:
 def _build_task(args, p):
     from pretrain_kernels.models import BertConfig, GPTConfig
 
-    from .tasks import SIZES, DenoisingTask, GPTTask, MLMTask
+    from .tasks import SIZES, DenoisingTask, GPTTask, HybridTask, MLMTask
 
     d = DEFAULTS[args.task]
     seq_len = args.seq_len or (64 if args.size == "tiny" else d.get("seq_len", 256))
-    if args.task in ("gpt", "mlm"):
+    if args.task in ("gpt", "mlm", "hybrid"):
         tok = dict(tokenizer=args.tokenizer or "byte", vocab_size=args.vocab_size)
-        m = dict(SIZES[args.task][args.size])
+        m = dict(SIZES["gpt" if args.task == "hybrid" else args.task][args.size])
         for key, val in (("n_layer", args.layers), ("n_embd", args.dim), ("n_head", args.heads)):
             if val is not None:
                 m[key] = val
-        if args.task == "gpt":
+        if args.task in ("gpt", "hybrid"):
             m["n_kv_head"] = args.kv_heads or (m["n_head"] if args.heads else m["n_kv_head"])
             m["block_size"] = max(m["block_size"], seq_len)
+            if args.task == "hybrid":
+                return HybridTask(GPTConfig(**m), seq_len=seq_len, mix=args.mix, mask_prob=args.mask_prob,
+                                  span_len=args.span_len, data=args.data, **tok)
             return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data, **tok)
         m["max_len"] = max(m["max_len"], seq_len)
         return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
@@ -320,10 +332,12 @@ def train_main(argv=None) -> dict:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT run folder (byte or BPE tokens, "
-                                "as trained), sampled by pk.sample with a KV cache.")
-    p.add_argument("--checkpoint", required=True, help="a pk-train gpt run folder")
+    p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT or hybrid run folder (byte or BPE "
+                                "tokens, as trained), sampled by pk.sample with a KV cache.")
+    p.add_argument("--checkpoint", required=True, help="a pk-train gpt or hybrid run folder")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: 'def ')")
+    p.add_argument("--infill", action="append", help="text with holes marked ___ to fill (repeat for a batch; "
+                   "hybrid runs): the holes are decoded in order, each up to --max-new-tokens")
     p.add_argument("--max-new-tokens", type=_positive(), default=200)
     p.add_argument("--temperature", type=_nonneg(float), default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_nonneg(), default=0)
@@ -350,8 +364,14 @@ def generate_main(argv=None) -> list[str]:
         task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as e:
         p.error(str(e))
-    if task.name != "gpt":
-        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt run")
+    if task.name not in ("gpt", "hybrid"):
+        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt or hybrid run")
+    if args.infill:
+        if args.prompt:
+            p.error("--infill: give either --prompt (left to right) or --infill, not both")
+        if task.name != "hybrid":
+            p.error(f"--infill: needs a run trained to infill (hybrid); {args.checkpoint!r} holds a {task.name} run")
+        return _infill_main(args, p, task)
     tok = task.tok
     prompts = args.prompt or ["def "]
     if any(len(s) == 0 for s in prompts):
@@ -377,6 +397,44 @@ def generate_main(argv=None) -> list[str]:
         text = s + new[:cut].decode("utf-8", errors="replace")
         texts.append(text)
         print(text)
+        print("-" * 40)
+    return texts
+
+
+def _infill_main(args, p, task) -> list[str]:
+    """pk-generate --infill on a hybrid run: the text with each ___ hole replaced by the mask token,
+    then bos, is the prefix (attended both ways); the holes are decoded in order, each ending at
+    eos, every one after the prefix and the holes before it (as the task trains)."""
+    tok, model = task.tok, task.model.eval()
+    texts = []
+    for row, text in enumerate(args.infill):
+        pieces = text.split("___")
+        if len(pieces) < 2:
+            p.error(f"--infill: expected at least one ___ hole in {text!r}")
+        prefix = tok.encode(pieces[0])
+        for piece in pieces[1:]:
+            prefix += [tok.mask_token_id] + tok.encode(piece)
+        prefix.append(tok.bos_token_id)
+        stream, spans = list(prefix), []
+        for hole in range(len(pieces) - 1):
+            room = model.cfg.block_size - len(stream)
+            if room < 1:
+                p.error(f"--infill: {text!r} with its filled holes exceeds the model's block_size "
+                        f"{model.cfg.block_size}")
+            try:
+                out = model.generate([stream], min(args.max_new_tokens, room), temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                     repetition_penalty=args.repetition_penalty,
+                                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                     seed=args.seed + 1000 * row + hole, stop_tokens=[tok.eos_token_id],
+                                     use_cache=not args.no_cache, prefix_lens=[len(prefix)])[0]
+            except ValueError as e:
+                p.error(str(e))
+            spans.append(tok.decode_bytes(out).decode("utf-8", errors="replace"))
+            stream += out + [tok.eos_token_id]
+        filled = pieces[0] + "".join(s + piece for s, piece in zip(spans, pieces[1:]))
+        texts.append(filled)
+        print(filled)
         print("-" * 40)
     return texts
 
