@@ -227,3 +227,78 @@ def test_cli_infill_errors(text_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             generate_main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---- pk-compare ----------------------------------------------------------------------------------
+
+
+def test_compare_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
+    from pretrain_kernels.train.compare import DRIFT_LENGTHS, IMAGE_STEPS, compare_main
+
+    out = str(tmp_path / "cmp")
+    res = compare_main(["--out", out, "--budget", "0.01", "--size", "tiny", "--data", text_dir, "--no-progress",
+                        "--threads", "1"])
+    models = res["text"]["models"]
+    assert {"GPT", "hybrid", "MLM"} <= set(models)
+    # the same shape and token budget: GPT and the hybrid are one model, the MLM the same size
+    assert models["GPT"]["params"] == models["hybrid"]["params"]
+    assert abs(models["MLM"]["params"] / models["GPT"]["params"] - 1) < 0.1
+    for name, m in models.items():
+        for key in ("masked_accuracy", "infill_token_accuracy", "infill_exact"):
+            assert 0 <= m[key] <= 1, (name, key)
+        assert m["train_tokens_per_s"] > 0
+    assert models["GPT"]["val_nats_per_byte"] > 0 and models["MLM"]["val_nats_per_byte"] is None
+    rows = res["drift"]["rows"]
+    assert set(rows) == {"GPT", "hybrid", "real validation text"}
+    assert all(set(r) == {str(L) for L in DRIFT_LENGTHS} and all(v > 0 for v in r.values()) for r in rows.values())
+    for obj in ("flow", "diffusion"):
+        by = res["images"][obj]["by_steps"]
+        assert set(by) == {str(s) for s in IMAGE_STEPS}
+        assert all(v["fd"] >= 0 and 0 <= v["class_accuracy"] <= 1 for v in by.values())
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["text"]["steps"] == res["text"]["steps"]
+    with open(os.path.join(out, "comparison.md")) as f:
+        md = f.read()
+    for line in ("| GPT |", "| hybrid |", "| MLM |", "| real validation text |", "| 50 |", "drift.png"):
+        assert line in md
+    for png in ("drift.png", "images_fd.png", "images_accuracy.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as e:       # a finished comparison is not overwritten by accident
+        compare_main(["--out", out, "--size", "tiny"])
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_compare_pieces():
+    from pretrain_kernels.train.compare import token_nll
+
+    # sliding-window scoring equals the full forward pass where the sequence fits
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)).eval()
+    seqs = torch.randint(0, 30, (2, 16))
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(model(seqs[:, :-1]).transpose(1, 2), seqs[:, 1:], reduction="none")
+        nll = token_nll(model, seqs)
+    assert nll[:, 0].isnan().all()
+    torch.testing.assert_close(nll[:, 1:], full)
+    long = torch.randint(0, 30, (2, 53))
+    with torch.no_grad():
+        nll = token_nll(model, long)
+        # token 40 is scored with the context the windows give it: at least half a block
+        t = 40
+        ctx_ok = [torch.nn.functional.cross_entropy(model(long[:, c:t])[:, -1], long[:, t], reduction="none")
+                  for c in range(t - 16, t - 7)]
+    assert any(torch.allclose(nll[:, t], v) for v in ctx_ok)
+    assert not nll[:, 1:].isnan().any()
+
+
+def test_compare_plot_without_matplotlib(tmp_path):
+    from pretrain_kernels.train.compare import _plot_fallback
+
+    path = str(tmp_path / "p.png")
+    note = _plot_fallback(path, {"a": ([1, 2, 4], [1.0, 2.0, 1.5]), "b": ([1, 2, 4], [0.5, float("nan"), 3.0])}, True)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.shape[:2] == (300, 450) and "a: rgb" in note and "b: rgb" in note
+    assert (img[..., :3] < 0.99).any(axis=-1).sum() > 300      # lines were drawn
