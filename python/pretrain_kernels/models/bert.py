@@ -114,15 +114,18 @@ class BertMLM(nn.Module):
         h = self.head_ln(F.gelu(self.head_dense(h)))
         return F.linear(h, self.embed.weight, self.decoder_bias)
 
-    def forward(self, ids, cu_seqlens, positions, max_seqlen, labels=None):
+    def forward(self, ids, cu_seqlens, positions, max_seqlen, labels=None, weights=None):
         """Packed inputs (see pack()). Without labels: logits [N, vocab] at every token. With
         labels [N] (-100 = no label): (logits at the labelled tokens [M, vocab], labels [M],
-        summed cross-entropy over them)."""
+        summed cross-entropy over them), each token's term times weights [N] when given (the
+        1/t of a masked diffusion LM)."""
         h = self.encode(ids, cu_seqlens, positions, max_seqlen)
         if labels is None:
             return self.head(h)
         sel = labels != -100
         logits = self.head(h[sel])
         y = labels[sel]
-        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-        return logits, y, loss_sum
+        if weights is None:
+            return logits, y, F.cross_entropy(logits.float(), y, reduction="sum")
+        ce = F.cross_entropy(logits.float(), y, reduction="none")
+        return logits, y, (ce * weights[sel].float()).sum()

@@ -1,6 +1,6 @@
 """Command-line entry points.
 
-  pk-train mlm|gpt|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
+  pk-train mlm|gpt|mdlm|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
   pk-train hybrid [options]                   GPT decoder on next-token + span infilling (prefix-LM)
   pk-generate --checkpoint DIR --prompt TEXT   text from a GPT or hybrid run, every pk.sample knob
   pk-generate --checkpoint DIR --infill "a ___ b"  fill the holes (hybrid runs)
@@ -29,13 +29,14 @@ import zlib
 
 import torch
 
-TASKS = ("mlm", "gpt", "hybrid", "diffusion", "flow")
+TASKS = ("mlm", "gpt", "mdlm", "hybrid", "diffusion", "flow")
 
 # Per-task defaults (the calibrated 2-core CPU runs; see README "Training").
 DEFAULTS = {
     "gpt": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "hybrid": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mlm": dict(steps=750, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
+    "mdlm": dict(steps=750, batch_size=16, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
     "flow": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
 }
@@ -43,13 +44,15 @@ DEFAULTS = {
 # parser default is None, so that an option given to another task is seen; TASK_OPTION_DEFAULTS
 # fills in the rest after the check.
 TASK_OPTIONS = {
-    "seq_len": (("gpt", "mlm", "hybrid"), "the text tasks (gpt, mlm, hybrid)"),
+    "seq_len": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
     "kv_heads": (("gpt", "hybrid"), "gpt, hybrid"),
     "mask_prob": (("mlm", "hybrid"), "mlm, hybrid"),
+    "mask_schedule": (("mlm", "mdlm"), "mlm and mdlm"),
+    "eval_t": (("mdlm",), "mdlm"),
     "mix": (("hybrid",), "hybrid"),
     "span_len": (("hybrid",), "hybrid"),
-    "tokenizer": (("gpt", "mlm", "hybrid"), "the text tasks (gpt, mlm, hybrid)"),
-    "vocab_size": (("gpt", "mlm", "hybrid"), "the text tasks (gpt, mlm, hybrid)"),
+    "tokenizer": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
+    "vocab_size": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
     "arch": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "p_uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
@@ -59,8 +62,9 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mix=0.5, span_len=3.0, arch="unet", uncond=False, p_uncond=0.5,
-                            prediction="v_prediction", schedule="squaredcos_cap_v2", eval_samples=500, guidance=1.0)
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.5, span_len=3.0, arch="unet",
+                            uncond=False, p_uncond=0.5, prediction="v_prediction", schedule="squaredcos_cap_v2",
+                            eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
 RUN_FILES = ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl",
              "tokenizer.json", "tokens.pt")
@@ -101,6 +105,15 @@ def _vocab_size(s):
     return v
 
 
+def _mask_schedule(s):
+    from .tasks import MaskSchedule
+
+    try:
+        return MaskSchedule.parse(s).spec()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("mask_schedule: ", ""))
+
+
 def _device_arg(auto: bool = False):
     """--device: cpu, cuda or cuda:N (and auto for pk-train), checked against the build and the
     machine, so that a device they cannot serve is a usage error rather than a traceback."""
@@ -129,8 +142,9 @@ def _device_arg(auto: bool = False):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, hybrid, diffusion or flow-matching "
-                                "model on the package's fused ops (embedded data unless --data is given).")
+    p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, masked diffusion LM (mdlm), "
+                                "hybrid (next-token + infilling), diffusion or flow-matching model "
+                                "on the package's fused ops (embedded data unless --data is given).")
     p.add_argument("task", choices=TASKS, help="objective")
     p.add_argument("--out", help="run folder (default runs/<task>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -161,13 +175,18 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=_positive())
     g.add_argument("--no-final-eval", action="store_true", help="skip the sample-quality evaluation at the end")
     g.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("text models (mlm, gpt, hybrid)")
+    g = p.add_argument_group("text models (mlm, gpt, mdlm, hybrid)")
     g.add_argument("--seq-len", type=_positive())
     g.add_argument("--layers", type=_positive())
     g.add_argument("--dim", type=_positive(), help="model width")
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
     g.add_argument("--mask-prob", type=_positive(float), help="mlm, hybrid: the share of hidden tokens (default 0.15)")
+    g.add_argument("--mask-schedule", type=_mask_schedule, help="mlm: the training masking rate, mdlm: the upper "
+                   "end of the range of t, over the run: constant (default: mlm --mask-prob, mdlm t in (0, 1]), "
+                   "constant:v, linear:a:b or cosine:a:b (a at the first step, b at the last; values in (0, 1])")
+    g.add_argument("--eval-t", type=_positive(), help="mdlm: stratified rates t per validation window for the "
+                   "bound (default 4)")
     g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
                    "next-token prediction (default 0.5)")
     g.add_argument("--span-len", type=_positive(float), help="hybrid: mean length of a hidden span in tokens "
@@ -193,11 +212,11 @@ def train_parser() -> argparse.ArgumentParser:
 def _build_task(args, p):
     from pretrain_kernels.models import BertConfig, GPTConfig
 
-    from .tasks import SIZES, DenoisingTask, GPTTask, HybridTask, MLMTask
+    from .tasks import SIZES, DenoisingTask, GPTTask, HybridTask, MDLMTask, MLMTask
 
     d = DEFAULTS[args.task]
     seq_len = args.seq_len or (64 if args.size == "tiny" else d.get("seq_len", 256))
-    if args.task in ("gpt", "mlm", "hybrid"):
+    if args.task in ("gpt", "mlm", "mdlm", "hybrid"):
         tok = dict(tokenizer=args.tokenizer or "byte", vocab_size=args.vocab_size)
         m = dict(SIZES["gpt" if args.task == "hybrid" else args.task][args.size])
         for key, val in (("n_layer", args.layers), ("n_embd", args.dim), ("n_head", args.heads)):
@@ -211,8 +230,11 @@ def _build_task(args, p):
                                   span_len=args.span_len, data=args.data, **tok)
             return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data, **tok)
         m["max_len"] = max(m["max_len"], seq_len)
+        if args.task == "mdlm":
+            return MDLMTask(BertConfig(**m), seq_len=seq_len, data=args.data, eval_t=args.eval_t,
+                            mask_schedule=args.mask_schedule, **tok)
         return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
-                       data=args.data, **tok)
+                       data=args.data, mask_schedule=args.mask_schedule, **tok)
     m = dict(SIZES[args.arch][args.size])
     if args.dim is not None:
         m["base_channels" if args.arch == "unet" else "dim"] = args.dim

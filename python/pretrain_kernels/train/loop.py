@@ -328,6 +328,8 @@ class Trainer:
             lr = lr_at(self.step, cfg)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+            if hasattr(self.task, "set_step"):    # tasks whose data follow a schedule (masking rates)
+                self.task.set_step(self.step, cfg.steps)
             batch = self.task.batch(self.gen, cfg.batch_size)
             parts = self.task.split(batch, n_parts)
             total = float(sum(self.task.count(p) for p in parts))

@@ -14,6 +14,11 @@ A task provides
                  UL2, prefix-LM mask); eval: the GPT's nats per byte and masked-token accuracy
   MLMTask        variable-length windows, masked by pk.mlm_mask, packed for varlen attention;
                  eval: masked-token accuracy beside the most-frequent-token baseline
+  MDLMTask       masked diffusion LM on the same encoder: per-row rates t (low-discrepancy),
+                 every selected token masked, loss the 1/t-weighted MDLM bound; eval: the bound
+                 in nats per byte on the GPT's validation windows (fixed stratified t)
+  MaskSchedule   --mask-schedule of mlm / mdlm: constant, linear or cosine from a to b over the
+                 run, read through set_step(step, steps), which the loop calls before each batch
   DenoisingTask  "diffusion": pk.add_noise (epsilon or v target) + pk.diffusion_loss with
                  Min-SNR weighting; "flow": flow matching (pk.add_noise target="flow") with
                  noise paired to images by mini-batch optimal transport (coupling "ot");
@@ -174,21 +179,106 @@ class GPTTask(_TextTask):
                 "val_bytes_per_token": nbytes / n}
 
 
+# ---- masking schedules -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSchedule:
+    """A value that moves from `start` to `end` over training, written `constant`,
+    `constant:v`, `linear:a:b` or `cosine:a:b` (a, b, v in (0, 1]).
+
+    mlm: the masking rate (`constant`: the task's mask_prob). mdlm: the upper end of the
+    range t is drawn from, t in (0, t_max] (`constant`: t_max = 1, the full MDLM bound).
+    linear goes straight from a to b; cosine starts and ends slowly, a + (b - a)(1 - cos(pi p))/2,
+    with p = step / steps. The task turns the value into a per-row rate tensor for pk.mlm_mask,
+    so the rate changes every step without a recompile or a host sync."""
+
+    kind: str = "constant"
+    start: float | None = None
+    end: float | None = None
+
+    KINDS = ("constant", "linear", "cosine")
+
+    @classmethod
+    def parse(cls, spec: "str | MaskSchedule | None") -> "MaskSchedule":
+        if spec is None:
+            return cls()
+        if isinstance(spec, MaskSchedule):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"mask_schedule: expected a string such as 'linear:0.3:0.15', got {type(spec).__name__}")
+        parts = spec.strip().split(":")
+        kind, nums = parts[0], parts[1:]
+        want = {"constant": (0, 1), "linear": (2,), "cosine": (2,)}.get(kind)
+        if want is None or len(nums) not in want:
+            raise ValueError(f"mask_schedule: expected 'constant', 'constant:v', 'linear:a:b' or 'cosine:a:b', "
+                             f"got {spec!r}")
+        vals = []
+        for x in nums:
+            try:
+                v = float(x)
+            except ValueError:
+                raise ValueError(f"mask_schedule: {x!r} in {spec!r} is not a number") from None
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"mask_schedule: expected rates in (0, 1], got {x} in {spec!r}")
+            vals.append(v)
+        if kind == "constant":
+            return cls("constant", *(vals * 2)) if vals else cls()
+        return cls(kind, vals[0], vals[1])
+
+    def spec(self) -> str:
+        if self.start is None:
+            return self.kind
+        if self.kind == "constant":
+            return f"constant:{self.start:g}"
+        return f"{self.kind}:{self.start:g}:{self.end:g}"
+
+    def value(self, progress: float, default: float) -> float:
+        """The scheduled value at progress in [0, 1] (`default` for a bare `constant`)."""
+        if self.start is None:
+            return default
+        p = min(1.0, max(0.0, float(progress)))
+        if self.kind == "linear":
+            w = p
+        elif self.kind == "cosine":
+            w = 0.5 * (1.0 - math.cos(math.pi * p))
+        else:
+            w = 0.0
+        return self.start + (self.end - self.start) * w
+
+
+class _ScheduledTask:
+    """The training step a task's masking schedule reads: the loop calls set_step(step, steps)
+    before it draws each batch (a task built without it stays at progress 0)."""
+
+    _step, _steps = 0, 1
+
+    def set_step(self, step: int, steps: int) -> None:
+        self._step, self._steps = int(step), max(1, int(steps))
+
+    @property
+    def progress(self) -> float:
+        return self._step / self._steps
+
+
 # ---- MLM ---------------------------------------------------------------------------------------
 
 
-class MLMTask(_TextTask):
+class MLMTask(_ScheduledTask, _TextTask):
+    """mask_schedule (MaskSchedule or its string): the training masking rate over the run; the
+    validation set is always masked at mask_prob, so runs with different schedules compare."""
     name = "mlm"
     unit = "tokens"
 
     def __init__(self, model_cfg: BertConfig, *, seq_len: int = 256, min_len: int = 64, mask_prob: float = 0.15,
                  data: str | None = None, eval_windows: int = 256, load_data: bool = True, tokenizer="byte",
-                 vocab_size: int | None = None, run_dir: str | None = None):
+                 vocab_size: int | None = None, run_dir: str | None = None, mask_schedule=None):
         if seq_len > model_cfg.max_len:
             raise ValueError(f"seq_len {seq_len} exceeds the model's max_len {model_cfg.max_len}")
         if not 1 <= min_len <= seq_len:
             raise ValueError(f"min_len: expected 1 <= min_len <= seq_len ({seq_len}), got {min_len}")
         self.seq_len, self.min_len, self.mask_prob = seq_len, min_len, mask_prob
+        self.mask_schedule = MaskSchedule.parse(mask_schedule)
         self.eval_windows = eval_windows
         val = self._setup_text(tokenizer, vocab_size, data, load_data, run_dir)
         self.model_cfg = self._model_cfg(model_cfg)
@@ -202,22 +292,30 @@ class MLMTask(_TextTask):
     def config(self) -> dict:
         return {"kind": "mlm", "model": self.model_cfg.to_dict(), "seq_len": self.seq_len, "min_len": self.min_len,
                 "mask_prob": self.mask_prob, "data": self.data_path, "eval_windows": self.eval_windows,
-                "tokenizer": self.tokenizer_config()}
+                "tokenizer": self.tokenizer_config(), "mask_schedule": self.mask_schedule.spec()}
 
-    def _masked(self, corpus_ids: torch.Tensor, gen: torch.Generator, n: int) -> dict:
-        """n windows of random length in [min_len, seq_len], right padded, masked by pk.mlm_mask."""
+    def mask_rates(self, n: int) -> "float | torch.Tensor":
+        """The training masking rate at the current step: mask_prob itself for a bare `constant`,
+        else a per-row float32 tensor [n] holding the scheduled rate."""
+        if self.mask_schedule.start is None:
+            return self.mask_prob
+        return torch.full((n,), self.mask_schedule.value(self.progress, self.mask_prob), dtype=torch.float32)
+
+    def _masked(self, corpus_ids: torch.Tensor, gen: torch.Generator, n: int, mask_prob=None) -> dict:
+        """n windows of random length in [min_len, seq_len], right padded, masked by pk.mlm_mask
+        (at mask_prob, a float or per-row rates [n]; default: the task's mask_prob)."""
         ids = self._windows(corpus_ids, n, self.seq_len, gen)
         lens = torch.randint(self.min_len, self.seq_len + 1, (n,), generator=gen)
         am = (torch.arange(self.seq_len)[None, :] < lens[:, None]).long()
         ids = ids.masked_fill(am == 0, self.tok.pad_token_id)
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         masked, labels = pk.mlm_mask(ids, mask_token_id=self.tok.mask_token_id, vocab_size=self.tok.vocab_size,
-                                     mask_prob=self.mask_prob, special_token_ids=self.tok.all_special_ids,
-                                     attention_mask=am, seed=seed)
+                                     mask_prob=self.mask_prob if mask_prob is None else mask_prob,
+                                     special_token_ids=self.tok.all_special_ids, attention_mask=am, seed=seed)
         return {"input_ids": masked, "attention_mask": am, "labels": labels}
 
     def batch(self, gen, n):
-        return self._masked(self.train_ids, gen, n)
+        return self._masked(self.train_ids, gen, n, self.mask_rates(n))
 
     split = staticmethod(_split_dict)
 
@@ -399,6 +497,133 @@ class HybridTask(GPTTask):
             correct += int((logits.argmax(-1)[span] == mb["y"][span]).sum())
             n += int(span.sum())
         out.update(masked_accuracy=correct / max(n, 1), infill_loss=tot / max(n_loss, 1))
+        return out
+
+
+# ---- masked diffusion LM -----------------------------------------------------------------------
+
+
+def low_discrepancy_t(u: float, n: int, *, t_max: float = 1.0, eps: float = 1e-3) -> torch.Tensor:
+    """n rates for one batch, t_i = max(eps, t_max * ((u + i / n) mod 1)) for u in [0, 1):
+    one per stratum of (0, t_max], so a batch covers the whole range (float32 [n])."""
+    frac = torch.remainder(u + torch.arange(n, dtype=torch.float64) / n, 1.0)
+    return (frac * t_max).clamp_min(eps).float()
+
+
+def dense_pack(ids: torch.Tensor):
+    """Equal-length rows [B, L] -> the packed inputs of BertMLM (ids [B*L], cu_seqlens,
+    positions, max_seqlen), without pack()'s data-dependent lengths (no host sync)."""
+    B, L = ids.shape
+    cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=ids.device)
+    pos = torch.arange(L, device=ids.device).repeat(B)
+    return ids.reshape(-1), cu, pos, L
+
+
+class MDLMTask(_ScheduledTask, _TextTask):
+    """Masked diffusion language model (MDLM, Sahoo et al. 2024) on the BertMLM encoder.
+
+    Forward process: a sequence x of L tokens is masked at rate t, every token independently
+    replaced by the mask token with probability t (the linear schedule alpha_t = 1 - t). Each
+    sequence of a batch gets its own t, drawn low-discrepancy across the batch (one per
+    stratum, low_discrepancy_t), and pk.mlm_mask masks with these per-row rates
+    (replace_prob 1, random_prob 0). The model, which does not see t, predicts the masked
+    tokens; the loss is the continuous-time bound
+        -log p(x) <= E_t [ (1/t) sum over the masked tokens of -log p(x_l | x_t) ],
+    summed per sequence and normalised per token (so the training loss is the bound in nats
+    per token of a Monte-Carlo t).
+
+    Validation: the GPT task's windows (same split, same seed, seq_len + 1 tokens), scored on
+    the tokens the GPT predicts (w[:, 1:]), each at eval_t fixed stratified rates
+    t_k = max(eps, (k + u_k) / eval_t): an unbiased (up to eps) estimate of the bound, the
+    same draws every evaluation; val_loss is it in nats per byte, comparable with the GPT's.
+
+    mask_schedule: the upper end t_max of the training range (0, t_max] over the run
+    (`constant`: t_max = 1, the bound itself)."""
+
+    name = "mdlm"
+    unit = "tokens"
+    EPS = 1e-3
+
+    def __init__(self, model_cfg: BertConfig, *, seq_len: int = 256, data: str | None = None, eval_windows: int = 256,
+                 eval_t: int = 4, load_data: bool = True, tokenizer="byte", vocab_size: int | None = None,
+                 run_dir: str | None = None, mask_schedule=None):
+        if seq_len > model_cfg.max_len:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's max_len {model_cfg.max_len}")
+        if not isinstance(eval_t, int) or eval_t < 1:
+            raise ValueError(f"eval_t: expected an integer >= 1, got {eval_t!r}")
+        self.seq_len, self.eval_windows, self.eval_t = seq_len, eval_windows, eval_t
+        self.mask_schedule = MaskSchedule.parse(mask_schedule)
+        val = self._setup_text(tokenizer, vocab_size, data, load_data, run_dir)
+        self.model_cfg = self._model_cfg(model_cfg)
+        self.model = BertMLM(self.model_cfg)
+        if load_data:
+            g = torch.Generator().manual_seed(1234)
+            windows = self._windows(val, eval_windows, seq_len + 1, g)[:, 1:]   # the GPT's predicted tokens
+            strata = (torch.arange(eval_t, dtype=torch.float64)[None, :] + torch.rand(eval_windows, eval_t,
+                                                                                       generator=g,
+                                                                                       dtype=torch.float64)) / eval_t
+            t = strata.clamp_min(self.EPS).float().reshape(-1)                  # [eval_windows * eval_t]
+            ids = windows.repeat_interleave(eval_t, dim=0)
+            seed = int(torch.randint(0, 2**62, (1,), generator=g))
+            masked, labels = self._mask(ids, t, seed)
+            self.val = {"input_ids": masked, "labels": labels, "t": t}
+            self.val_nbytes = (int(self.tok.token_nbytes[windows].sum()) if self.bpe else windows.numel())
+
+    def config(self) -> dict:
+        return {"kind": "mdlm", "model": self.model_cfg.to_dict(), "seq_len": self.seq_len, "data": self.data_path,
+                "eval_windows": self.eval_windows, "eval_t": self.eval_t, "tokenizer": self.tokenizer_config(),
+                "mask_schedule": self.mask_schedule.spec()}
+
+    def _mask(self, ids, t, seed):
+        return pk.mlm_mask(ids, mask_token_id=self.tok.mask_token_id, vocab_size=self.tok.vocab_size, mask_prob=t,
+                           replace_prob=1.0, random_prob=0.0, special_token_ids=self.tok.all_special_ids, seed=seed)
+
+    def t_max(self) -> float:
+        return self.mask_schedule.value(self.progress, 1.0)
+
+    def draw_t(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        """The batch's rates: low-discrepancy in (0, t_max] from one uniform draw of gen."""
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        return low_discrepancy_t(u, n, t_max=self.t_max(), eps=self.EPS)
+
+    def batch(self, gen, n):
+        ids = self._windows(self.train_ids, n, self.seq_len, gen)
+        t = self.draw_t(gen, n)
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        masked, labels = self._mask(ids, t, seed)
+        return {"input_ids": masked, "labels": labels, "t": t}
+
+    split = staticmethod(_split_dict)
+
+    def count(self, mb):
+        return mb["input_ids"].numel()
+
+    def items(self, b):
+        return b["input_ids"].numel()
+
+    def _bound(self, model, mb):
+        """(summed (1/t)-weighted cross-entropy over the masked tokens, logits, labels there)."""
+        B, L = mb["input_ids"].shape
+        ids, cu, pos, max_len = dense_pack(mb["input_ids"])
+        w = (1.0 / mb["t"].float())[:, None].expand(B, L).reshape(-1)
+        return model(ids, cu, pos, max_len, mb["labels"].reshape(-1), weights=w)
+
+    def loss(self, model, mb):
+        return self._bound(model, mb)[2]
+
+    def evaluate(self, model, device):
+        tot, correct, n = 0.0, 0, 0
+        for mb in _split_dict(self.val, max(1, self.val["t"].shape[0] // 32)):
+            logits, y, loss_sum = self._bound(model, {k: v.to(device) for k, v in mb.items()})
+            tot += float(loss_sum)
+            correct += int((logits.argmax(-1) == y).sum())
+            n += y.numel()
+        tot /= self.eval_t                                 # the mean over the eval_t rates of each window
+        ntok = self.eval_windows * self.seq_len
+        out = {"val_loss": tot / self.val_nbytes, "val_bits_per_byte": tot / self.val_nbytes / math.log(2),
+               "masked_accuracy": correct / max(n, 1)}
+        if self.bpe:
+            out.update(val_nats_per_token=tot / ntok, val_bytes_per_token=self.val_nbytes / ntok)
         return out
 
 
@@ -657,6 +882,8 @@ SIZES = {
             "small": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=192, block_size=256)},
     "mlm": {"tiny": dict(n_layer=2, n_head=2, n_embd=32, max_len=64),
             "small": dict(n_layer=4, n_head=4, n_embd=192, max_len=256)},
+    "mdlm": {"tiny": dict(n_layer=2, n_head=2, n_embd=32, max_len=64),        # the MLM's encoder
+             "small": dict(n_layer=4, n_head=4, n_embd=192, max_len=256)},
     "unet": {"tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                           head_dim=16, groups=4),
              "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(4, 2),
@@ -701,7 +928,13 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
     if kind == "mlm":
         return MLMTask(BertConfig(**cfg["model"]), seq_len=cfg["seq_len"], min_len=cfg["min_len"],
                        mask_prob=cfg["mask_prob"], data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
-                       load_data=load_data, tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
+                       load_data=load_data, tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir,
+                       mask_schedule=cfg.get("mask_schedule"))
+    if kind == "mdlm":
+        return MDLMTask(BertConfig(**cfg["model"]), seq_len=cfg["seq_len"], data=cfg.get("data"),
+                        eval_windows=cfg.get("eval_windows", 256), eval_t=cfg.get("eval_t", 4), load_data=load_data,
+                        tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir,
+                        mask_schedule=cfg.get("mask_schedule"))
     if kind in ("diffusion", "flow"):
         model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("image_size", "in_channels", "num_classes")}
         for k in ("channel_mult", "attn_resolutions"):
@@ -713,4 +946,4 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
                              eval_samples=cfg.get("eval_samples", 500), guidance=cfg.get("guidance", 1.0),
                              load_data=load_data, image_shape=cfg["image_shape"], num_classes=cfg["num_classes"],
                              coupling=cfg.get("coupling", "independent"))
-    raise ValueError(f"task kind: expected gpt, hybrid, mlm, diffusion or flow, got {kind!r}")
+    raise ValueError(f"task kind: expected gpt, hybrid, mlm, mdlm, diffusion or flow, got {kind!r}")
