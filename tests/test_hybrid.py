@@ -239,15 +239,17 @@ def test_compare_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
     res = compare_main(["--out", out, "--budget", "0.01", "--size", "tiny", "--data", text_dir, "--no-progress",
                         "--threads", "1"])
     models = res["text"]["models"]
-    assert {"GPT", "hybrid", "MLM"} <= set(models)
+    assert set(models) == {"GPT", "hybrid", "MLM", "MDLM"}
     # the same shape and token budget: GPT and the hybrid are one model, the MLM the same size
     assert models["GPT"]["params"] == models["hybrid"]["params"]
     assert abs(models["MLM"]["params"] / models["GPT"]["params"] - 1) < 0.1
+    assert models["MDLM"]["params"] == models["MLM"]["params"]
     for name, m in models.items():
         for key in ("masked_accuracy", "infill_token_accuracy", "infill_exact"):
             assert 0 <= m[key] <= 1, (name, key)
         assert m["train_tokens_per_s"] > 0
     assert models["GPT"]["val_nats_per_byte"] > 0 and models["MLM"]["val_nats_per_byte"] is None
+    assert models["MDLM"]["val_nats_per_byte"] > 0
     rows = res["drift"]["rows"]
     assert set(rows) == {"GPT", "hybrid", "real validation text"}
     assert all(set(r) == {str(L) for L in DRIFT_LENGTHS} and all(v > 0 for v in r.values()) for r in rows.values())
@@ -259,7 +261,7 @@ def test_compare_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
         assert json.load(f)["text"]["steps"] == res["text"]["steps"]
     with open(os.path.join(out, "comparison.md")) as f:
         md = f.read()
-    for line in ("| GPT |", "| hybrid |", "| MLM |", "| real validation text |", "| 50 |", "drift.png"):
+    for line in ("| GPT |", "| hybrid |", "| MLM |", "| MDLM |", "| real validation text |", "| 50 |", "drift.png"):
         assert line in md
     for png in ("drift.png", "images_fd.png", "images_accuracy.png"):
         with open(os.path.join(out, png), "rb") as f:
@@ -302,3 +304,25 @@ def test_compare_plot_without_matplotlib(tmp_path):
     img = matplotlib.image.imread(path)
     assert img.shape[:2] == (300, 450) and "a: rgb" in note and "b: rgb" in note
     assert (img[..., :3] < 0.99).any(axis=-1).sum() > 300      # lines were drawn
+
+
+def test_mdlm_unmasking_helpers():
+    from pretrain_kernels.models import BertConfig, BertMLM
+    from pretrain_kernels.train.compare import _mlm_logits, mdlm_generate, mdlm_infill
+
+    torch.manual_seed(0)
+    tok = D.ByteTokenizer()
+    model = BertMLM(BertConfig(n_layer=1, n_head=2, n_embd=16, max_len=40)).eval()
+    w = torch.randint(0, 256, (3, 30))
+    start, span = torch.tensor([5, 9, 12]), torch.tensor([4, 7, 5])
+    guesses = mdlm_infill(model, tok, w, start, span)
+    assert [len(g) for g in guesses] == span.tolist()
+    # one row, one token: greedy unmasking is the argmax of one pass
+    one = mdlm_infill(model, tok, w[:1], torch.tensor([5]), torch.tensor([1]))
+    with torch.no_grad():
+        ref = _mlm_logits(model, w[:1].clone().index_fill_(1, torch.tensor([5]), tok.mask_token_id))[0, 5].argmax()
+    assert one == [[int(ref)]]
+    seqs = mdlm_generate(model, tok, w[:, :6], 10, steps=4, seed=1)
+    assert seqs.shape == (3, 16) and seqs[:, :6].equal(w[:, :6])
+    assert (seqs[:, 6:] < 256).all()              # every position revealed, no special token drawn
+    assert seqs.equal(mdlm_generate(model, tok, w[:, :6], 10, steps=4, seed=1))

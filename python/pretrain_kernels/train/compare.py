@@ -524,7 +524,12 @@ def compare_main(argv=None) -> dict:
                                  seed=args.seed)
             rows["MDLM"][str(L)] = drift(token_nll(judge, seqs), nbytes_of[seqs], PROMPT_LEN)[str(L)]
             made += n_drift * L
-        models["MDLM"]["gen_tokens_per_s"] = made / (time.perf_counter() - t0)
+        if made:
+            models["MDLM"]["gen_tokens_per_s"] = made / (time.perf_counter() - t0)
+        else:
+            del rows["MDLM"]
+            notes.append(f"MDLM: no length of the drift table fits in its sequence of {seq_len} after the "
+                         f"{PROMPT_LEN}-token prompt; not sampled.")
     rows["real validation text"] = drift(token_nll(judge, real), nbytes_of[real], PROMPT_LEN)
     res = {"budget": b, "size": args.size, "threads": torch.get_num_threads(),
            "text": {"corpus": "the stdlib source (bytes)" if args.data is None else f"{args.data} (bytes)",
