@@ -156,6 +156,13 @@ def test_gpt_generate_with_a_prefix_matches_the_full_forward():
     assert out != model.generate(prompts, 6, temperature=0)   # the prefix changes the continuation
     with pytest.raises(ValueError, match="prefix_lens"):
         model.generate(prompts, 2, prefix_lens=[7, 1])
+    # suppressed tokens are never drawn: greedy picks the best of the rest
+    banned = sorted({t for o in out for t in o})
+    other = model.generate(prompts, 6, temperature=0, prefix_lens=plen, suppress_tokens=banned)
+    assert not {t for o in other for t in o} & set(banned)
+    seq = list(prompts[0])
+    logits = model(torch.tensor([seq]), prefix_lens=torch.tensor([plen[0]], dtype=torch.int32))[0, -1]
+    assert other[0][0] == int(logits.index_fill(0, torch.tensor(banned), float("-inf")).argmax())
 
 
 # ---- training and evaluation --------------------------------------------------------------------

@@ -195,7 +195,7 @@ class GPT(nn.Module):
     def generate(self, prompts, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=0,
                  stop_tokens=(), use_cache: bool = True, keep_stop_token: bool = False,
-                 prefix_lens=None) -> list[list[int]]:
+                 prefix_lens=None, suppress_tokens=()) -> list[list[int]]:
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to
         max_new_tokens tokens. Sampling knobs are those of pk.sample (numbers, or per-row
         tensors [B]); penalties count the prompt and the generated tokens. seed: an int (row i
@@ -206,6 +206,8 @@ class GPT(nn.Module):
         prefix_lens: per-row ints (a list or tensor), the first prefix_lens[i] tokens of prompt i
         attend to each other both ways (the prefix-LM mask, as the hybrid task trains its
         infilling prefix); the rest of the prompt and the new tokens follow causally.
+        suppress_tokens: ids never drawn (their logits set to -inf; transformers' name), e.g. the
+        special tokens a model trained on infilling has learnt to emit.
         Returns the new tokens of each row."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token lists")
@@ -224,6 +226,7 @@ class GPT(nn.Module):
             if row_seeds.numel() != B:
                 raise ValueError(f"seed: expected an int or {B} per-row seeds, got {row_seeds.numel()}")
         stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)), dtype=torch.int64, device=device)
+        banned = torch.tensor(sorted(set(int(t) for t in suppress_tokens)), dtype=torch.int64, device=device)
         # tokens: prompt + generated, right padded with -1 (which pk.sample's penalties ignore)
         tokens = torch.full((B, total), -1, dtype=torch.int64, device=device)
         for i, p in enumerate(prompts):
@@ -254,7 +257,10 @@ class GPT(nn.Module):
                 last = logits[rows, cur - 1]
             # per-row, per-step seeds (a multiplicative hash keeps streams apart)
             step_seeds = (row_seeds * 1_000_003 + step * 7919 + 1) & 0x7FFFFFFFFFFFFFFF
-            nxt = pk.sample(last.float(), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            last = last.float()
+            if banned.numel():
+                last = last.index_fill(-1, banned, float("-inf"))
+            nxt = pk.sample(last, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, prev_tokens=tokens[:, :int(cur.max())],
                             seed=step_seeds.to(device) if B > 1 else int(step_seeds[0]))

@@ -409,7 +409,8 @@ def generate_main(argv=None) -> list[str]:
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                               frequency_penalty=args.frequency_penalty, seed=args.seed, stop_tokens=stop,
-                              use_cache=not args.no_cache, keep_stop_token=task.bpe)
+                              use_cache=not args.no_cache, keep_stop_token=task.bpe,
+                              suppress_tokens=tok.all_special_ids if task.name == "hybrid" else ())
     except ValueError as e:
         p.error(str(e))
     texts = []
@@ -449,7 +450,8 @@ def _infill_main(args, p, task) -> list[str]:
                                      repetition_penalty=args.repetition_penalty,
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                      seed=args.seed + 1000 * row + hole, stop_tokens=[tok.eos_token_id],
-                                     use_cache=not args.no_cache, prefix_lens=[len(prefix)])[0]
+                                     use_cache=not args.no_cache, prefix_lens=[len(prefix)],
+                                     suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])[0]
             except ValueError as e:
                 p.error(str(e))
             spans.append(tok.decode_bytes(out).decode("utf-8", errors="replace"))
