@@ -33,6 +33,18 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // Chain speculative sampling: draft_probs [B, n, V], draft_token_ids [B, n], target_probs [B, n+1, V]
   // -> (output_token_ids [B, n+1] int64, -1 after the last emitted token; num_accepted [B] int64).
   m.def("speculative_accept(Tensor draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor seed) -> (Tensor, Tensor)");
+  // Masked-diffusion sampling step: logits [B, L, V], tokens [B, L] int32/int64. Every position
+  // holding mask_token_id draws a token (never mask_token_id) with the knobs of sample (row b's knobs and seed,
+  // position l the draw counter); then num_reveal (or num_reveal_rows [B]) of them per row are
+  // revealed, strategy "confidence" (most confident first) or "random".
+  // -> (new tokens [B, L] (dtype of tokens), drawn [B, L] int64 (-1 where nothing was drawn),
+  //     confidence [B, L] float32 (-1 where nothing was drawn)).
+  m.def(
+      "unmask_step(Tensor logits, Tensor tokens, Tensor? num_reveal_rows, Tensor? prev_tokens, Tensor seed, "
+      "Tensor? temperature_rows, Tensor? top_k_rows, Tensor? top_p_rows, Tensor? min_p_rows, "
+      "Tensor? repetition_penalty_rows, Tensor? presence_penalty_rows, Tensor? frequency_penalty_rows, "
+      "int mask_token_id, int num_reveal, str strategy, float temperature, int top_k, float top_p, float min_p, "
+      "float repetition_penalty, float presence_penalty, float frequency_penalty) -> (Tensor, Tensor, Tensor)");
   // ---- diffusion (csrc/{cpu,cuda}/diffusion, math in csrc/common/diffusion.h) ----
   // Per-sample parameters (timesteps, sigmas): one value or one per sample (dim 0 of the
   // sample); a one-element CPU tensor may feed a CUDA op. alphas_cumprod: float64 table.

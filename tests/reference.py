@@ -138,6 +138,55 @@ def top_k_top_p_filter(logits, top_k=0, top_p=1.0, min_p=0.0):
     return torch.where(keep, logits, torch.full_like(logits, -torch.inf))
 
 
+def unmask_probs(logits, tokens, mask_token_id, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                 prev_tokens=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
+    """pk.unmask_step's distribution at every position (float64 [B, L, V]; rows of zeros at
+    unmasked positions and where nothing is drawable): pk.sample's for row b's knobs, with
+    mask_token_id never drawn; at temperature 0 the filtered distribution at temperature 1
+    (the one the confidence of the argmax comes from). Knobs: numbers or per-row tensors [B]."""
+    B, L, V = logits.shape
+    out = torch.zeros(B, L, V, dtype=torch.float64)
+
+    def row(k, b):
+        return k[b] if isinstance(k, torch.Tensor) and k.dim() == 1 else k
+
+    for b in range(B):
+        x = logits[b].double().cpu()
+        prev = None if prev_tokens is None else prev_tokens[b:b + 1].cpu().expand(L, -1)
+        x = penalized_logits(x, prev, row(repetition_penalty, b), row(presence_penalty, b),
+                             row(frequency_penalty, b))
+        x[:, mask_token_id] = -torch.inf
+        t = float(row(temperature, b))
+        v = sampling_values(x, t if t > 0 else 1.0)
+        keep = kept_mask(v, int(row(top_k, b)), float(row(top_p, b)), float(row(min_p, b)))
+        vmax = v.max(dim=1, keepdim=True).values
+        w = torch.where(keep, torch.exp(v - torch.where(torch.isfinite(vmax), vmax, torch.zeros_like(vmax))),
+                        torch.zeros_like(v))
+        z = w.sum(dim=1, keepdim=True)
+        p = torch.where(z > 0, w / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(w))
+        masked = tokens[b].cpu() == mask_token_id
+        out[b] = torch.where(masked[:, None], p, torch.zeros_like(p))
+    return out
+
+
+def unmask_reveal(tokens, mask_token_id, drawn, keys, num_reveal):
+    """The tokens after pk.unmask_step's selection, given the drawn tokens [B, L] (-1: none) and
+    ordering keys [B, L] (smaller first; ties by position): each row reveals its min(n, masked)
+    masked positions of smallest (key, position), with their drawn tokens (a position without
+    one stays masked). num_reveal: an int or [B]."""
+    B, L = tokens.shape
+    out = tokens.clone().cpu()
+    n_rows = torch.as_tensor(num_reveal).expand(B)
+    for b in range(B):
+        pos = [l for l in range(L) if int(tokens[b, l]) == mask_token_id]
+        pos.sort(key=lambda l: (keys[b][l], l))
+        n = max(0, min(int(n_rows[b]), len(pos)))
+        for l in pos[:n]:
+            if int(drawn[b, l]) >= 0:
+                out[b, l] = int(drawn[b, l])
+    return out
+
+
 def speculative_first_token_probs(draft_probs, draft_token_ids, target_probs):
     """Distribution of the first emitted token of chain speculative sampling for one row:
     accept d0 with min(1, q/p), else draw from normalise(max(0, q - p)). It equals q (the

@@ -228,7 +228,7 @@ def test_cli_infill_errors(text_dir, tmp_path, capsys):
     train_main(["gpt", "--out", gpt, "--data", text_dir, "--steps", "2", *TINY])
     hyb = str(tmp_path / "hyb")
     train_main(["hybrid", "--out", hyb, "--data", text_dir, "--steps", "2", *TINY])
-    for argv, message in ((["--checkpoint", gpt, "--infill", "a ___ b"], "needs a run trained to infill"),
+    for argv, message in ((["--checkpoint", gpt, "--infill", "a ___ b"], "--infill: only for mdlm runs and hybrid runs"),
                           (["--checkpoint", hyb, "--infill", "no hole"], "at least one ___ hole"),
                           (["--checkpoint", hyb, "--infill", "a ___", "--prompt", "x"], "not both")):
         with pytest.raises(SystemExit) as e:
@@ -323,12 +323,12 @@ def test_mdlm_unmasking_helpers():
     w = torch.randint(0, 256, (3, 30))
     start, span = torch.tensor([5, 9, 12]), torch.tensor([4, 7, 5])
     guesses = mdlm_infill(model, tok, w, start, span)
-    assert [len(g) for g in guesses] == span.tolist()
-    # one row, one token: greedy unmasking is the argmax of one pass
+    assert [len(g) for g in guesses] == span.tolist() and all(t < 256 for g in guesses for t in g)
+    # one row, one token: greedy unmasking is the argmax of one pass (special tokens excluded)
     one = mdlm_infill(model, tok, w[:1], torch.tensor([5]), torch.tensor([1]))
     with torch.no_grad():
-        ref = _mlm_logits(model, w[:1].clone().index_fill_(1, torch.tensor([5]), tok.mask_token_id))[0, 5].argmax()
-    assert one == [[int(ref)]]
+        logits = _mlm_logits(model, w[:1].clone().index_fill_(1, torch.tensor([5]), tok.mask_token_id))[0, 5]
+    assert one == [[int(logits[:256].argmax())]]
     seqs = mdlm_generate(model, tok, w[:, :6], 10, steps=4, seed=1)
     assert seqs.shape == (3, 16) and seqs[:, :6].equal(w[:, :6])
     assert (seqs[:, 6:] < 256).all()              # every position revealed, no special token drawn

@@ -285,3 +285,134 @@ def _error(capsys, argv):
 ])
 def test_cli_mdlm_bad_arguments(argv, message, capsys):
     assert message in _error(capsys, argv)
+
+
+# ---- generation: iterative unmasking --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mdlm_run(text_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "mdlm")
+    train_main(["mdlm", "--out", out, "--data", text_dir, *TINY, "--seq-len", "48"])
+    return out
+
+
+def test_unmask_reveals_on_the_linear_schedule(mdlm_run, monkeypatch):
+    import pretrain_kernels as pk
+    from pretrain_kernels.train.loop import build_task_from_dir
+
+    task, _ = build_task_from_dir(mdlm_run, load_data=False)
+    tok, model = task.tok, task.model.eval()
+    M = tok.mask_token_id
+    prompt = tok.encode("import os\n")
+    rows = [prompt + [M] * 13, [M] * 7 + tok.encode(" = 1\n") + [M] * 4, [M] * 23]
+    L = max(len(r) for r in rows)
+    x = torch.full((3, L), tok.pad_token_id)
+    am = torch.zeros(3, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, :len(r)], am[i, :len(r)] = torch.tensor(r), 1
+    seen = []
+    real = pk.unmask_step
+
+    def spy(logits, tokens, **kw):
+        out = real(logits, tokens, **kw)
+        seen.append(((tokens == M).sum(1).tolist(), kw["num_reveal"].tolist(), (out == M).sum(1).tolist()))
+        return out
+    monkeypatch.setattr(pk, "unmask_step", spy)
+    steps = 5
+    out = model.unmask(x, mask_token_id=M, steps=steps, attention_mask=am, seed=11, banned_ids=tok.all_special_ids)
+    assert len(seen) == steps
+    counts = [13, 11, 23]
+    for s, (before, n, after) in enumerate(seen):
+        want_after = [m * (steps - s - 1) // steps for m in counts]
+        assert before == [m * (steps - s) // steps for m in counts]
+        assert after == want_after and n == [b - a for b, a in zip(before, want_after)]
+    # every mask filled with a non-special token; the kept text and the padding unchanged
+    keep = x != M
+    assert torch.equal(out[keep], x[keep])
+    assert not torch.isin(out[am.bool()], torch.tensor(tok.all_special_ids)).any()
+    monkeypatch.setattr(pk, "unmask_step", real)
+    # deterministic, and row i with seed 11 is the row alone with seed 11 + i
+    again = model.unmask(x, mask_token_id=M, steps=steps, attention_mask=am, seed=11, banned_ids=tok.all_special_ids)
+    assert torch.equal(out, again)
+    alone = model.unmask(x[2:, :len(rows[2])], mask_token_id=M, steps=steps, seed=13, banned_ids=tok.all_special_ids)
+    assert torch.equal(alone[0], out[2, :len(rows[2])])
+    other = model.unmask(x, mask_token_id=M, steps=steps, attention_mask=am, seed=12, banned_ids=tok.all_special_ids)
+    assert not torch.equal(other, out)
+    # one step reveals everything at once; the random strategy fills every mask too
+    for kw in (dict(steps=1), dict(steps=3, strategy="random", temperature=0.0),
+               dict(steps=40, top_k=5, repetition_penalty=1.3)):
+        y = model.unmask(x, mask_token_id=M, attention_mask=am, seed=0, banned_ids=tok.all_special_ids, **kw)
+        assert not (y[am.bool()] == M).any() and torch.equal(y[keep], x[keep])
+    with pytest.raises(ValueError, match="steps"):
+        model.unmask(x, mask_token_id=M, steps=0)
+    with pytest.raises(ValueError, match="max_len"):
+        model.unmask(torch.full((1, 65), M), mask_token_id=M, steps=2)
+
+
+def test_generate_mdlm_unconditional_prompted_infill(mdlm_run, capsys):
+    from pretrain_kernels.train.cli import generate_main
+    from pretrain_kernels.train.tasks import mdlm_generate, mdlm_rows
+    from pretrain_kernels.train.loop import build_task_from_dir
+
+    task, _ = build_task_from_dir(mdlm_run, load_data=False)
+    tok = task.tok
+    # unconditional: --max-new-tokens bytes, --num-samples rows of different seeds
+    texts = generate_main(["--checkpoint", mdlm_run, "--max-new-tokens", "24", "--num-samples", "2", "--seed", "4"])
+    rows, kinds = mdlm_rows(tok, max_new_tokens=24, num_samples=2)
+    assert kinds == ["unconditional"] * 2
+    outs = mdlm_generate(task, rows, seed=4, temperature=0.8)        # pk-generate's default temperature
+    assert all(len(o) == 24 and all(0 <= t < 256 for t in o) for o in outs) and outs[0] != outs[1]
+    assert texts == [tok.decode_bytes(o).decode("utf-8", errors="replace") for o in outs]
+    # prompted: the prefix kept, then the drawn text
+    texts = generate_main(["--checkpoint", mdlm_run, "--prompt", "def f(x):", "--prompt", "import",
+                           "--max-new-tokens", "16", "--steps", "4", "--temperature", "0.7", "--top-p", "0.9"])
+    assert texts[0].startswith("def f(x):") and texts[1].startswith("import")
+    # infilling: escapes read, the text around each ___ kept, --infill-length masks per ___
+    texts = generate_main(["--checkpoint", mdlm_run, "--infill", "def f(x):\\n    ___\\n    return ___\\n",
+                           "--infill-length", "6", "--strategy", "random"])
+    rows, kinds = mdlm_rows(tok, infills=["def f(x):\n    ___\n    return ___\n"], infill_length=6)
+    assert kinds == ["infill"] and sum(t == tok.mask_token_id for t in rows[0]) == 12
+    out = mdlm_generate(task, rows, strategy="random", temperature=0.8)[0]
+    want = tok.encode("def f(x):\n    ") + [None] * 6 + tok.encode("\n    return ") + [None] * 6 + tok.encode("\n")
+    assert len(out) == len(want) and all(w is None or o == w for o, w in zip(out, want))
+    assert texts == [tok.decode_bytes(out).decode("utf-8", errors="replace")]
+    err = capsys.readouterr().err
+    assert not err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--infill", "no blanks here"], "--infill: expected at least one ___"),
+    (["--stop", "\n"], "--stop: only for gpt runs"),
+    (["--no-cache"], "--no-cache: only for gpt runs"),
+    (["--max-new-tokens", "65"], "exceeds the model's max_len 64"),
+    (["--prompt", ""], "--prompt: prompts must not be empty"),
+])
+def test_generate_mdlm_errors(mdlm_run, argv, message, capsys):
+    from pretrain_kernels.train.cli import generate_main
+
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", mdlm_run, *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_gpt_refuses_mdlm_options(text_dir, tmp_path, capsys):
+    from pretrain_kernels.train.cli import generate_main
+
+    out = str(tmp_path / "gpt")
+    train_main(["gpt", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32"])
+    for opt in (["--steps", "3"], ["--infill", "a___b"], ["--strategy", "random"], ["--num-samples", "2"]):
+        with pytest.raises(SystemExit):
+            generate_main(["--checkpoint", out, *opt])
+        assert f"{opt[0]}: only for mdlm runs" in capsys.readouterr().err
+
+
+def test_mdlm_bpe_train_and_infill(text_dir, tmp_path):
+    from pretrain_kernels.train.cli import generate_main
+
+    out = str(tmp_path / "bpe")
+    m = train_main(["mdlm", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32", "--tokenizer", "bpe",
+                    "--vocab-size", "300"])
+    assert m["val_bytes_per_token"] > 1.2 and m["val_loss"] < m["val_nats_per_token"]
+    texts = generate_main(["--checkpoint", out, "--infill", "x = ___\\nprint(x)\\n", "--infill-length", "4"])
+    assert texts[0].startswith("x = ") and texts[0].endswith("\nprint(x)\n")

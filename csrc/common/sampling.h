@@ -26,7 +26,9 @@
 //    the target: inverse-CDF sampling over the renormalised kept set.
 //
 // Random words: philox_draw(seed, index, kSampleOffset) with index = row (one shared seed)
-// or 0 (one seed per row); words 0 and 1 form r. Speculative acceptance uses
+// or 0 (one seed per row); words 0 and 1 form r. unmask_step draws position l of row b with
+// philox_draw(seed, index, kUnmaskOffset, l) (words 0 and 1) and, for the random strategy,
+// takes its 64-bit ordering key from philox_draw(seed, index, kRevealOffset, l). Speculative acceptance uses
 // philox_draw(seed, index, kSpeculativeOffset, j) for draft position j: word 0 is the
 // acceptance uniform, words 2 and 3 the 64-bit uniform of the correction / bonus draw.
 #pragma once
@@ -41,6 +43,8 @@ namespace sampling {
 
 constexpr uint32_t kSampleOffset = 0x534d5000u;       // "SMP\0"
 constexpr uint32_t kSpeculativeOffset = 0x534d5001u;
+constexpr uint32_t kUnmaskOffset = 0x534d5002u;
+constexpr uint32_t kRevealOffset = 0x534d5003u;
 
 constexpr float kMassScale = 68719476736.0f;           // 2^36: mass = floor(e * 2^36)
 constexpr int64_t kMaxVocab = int64_t(1) << 27;        // keeps every mass sum below 2^63
@@ -314,6 +318,40 @@ struct Params {
   }
 };
 
+
+// ---- unmask_step (masked-diffusion sampling step) -----------------------------------------
+// Every still-masked position (b, l) draws a token from its own logits with the knobs of row
+// b, as pk.sample does for one row, with the counter (seed or seed[b], index, l); the mask
+// token itself is never drawn (its logit counts as -inf, after the penalties). Its
+// confidence is the drawn token's probability under the final (penalised, tempered,
+// filtered, renormalised) distribution, mass / Z in float32; a greedy row (temperature 0)
+// draws the argmax and takes its confidence from the same filtered distribution at
+// temperature 1 (at temperature 0 every position would have confidence 1). Then each row
+// reveals the num_reveal masked positions with the smallest ordering keys (ties: lower
+// position first): confidence strategy, key = confidence, most confident first; random
+// strategy, a 64-bit Philox word per position. A position without a drawable token (every
+// logit -inf or NaN) has confidence -1 and the largest key, and stays masked even when chosen.
+enum UnmaskStrategy : int { kConfidence = 0, kRandom = 1 };
+
+PK_HD float unmask_confidence(uint64_t mass, uint64_t total) {
+  if (total == 0) return -1.0f;
+#if defined(__CUDA_ARCH__)
+  return static_cast<float>(__ddiv_rn(static_cast<double>(mass), static_cast<double>(total)));
+#else
+  return static_cast<float>(static_cast<double>(mass) / static_cast<double>(total));
+#endif
+}
+
+// The ordering key of a masked position (smaller is revealed first).
+PK_HD uint64_t reveal_key(int strategy, int64_t token, float confidence, const Philox4x32& reveal_words) {
+  if (token < 0) return ~static_cast<uint64_t>(0);
+  if (strategy == kRandom) return (static_cast<uint64_t>(reveal_words.v[0]) << 32) | reveal_words.v[1];
+  return static_cast<uint64_t>(~float_key(confidence));  // higher confidence, smaller key
+}
+// Strict order of (key, position): the k smallest are revealed.
+PK_HD bool reveal_before(uint64_t ka, int64_t la, uint64_t kb, int64_t lb) { return ka < kb || (ka == kb && la < lb); }
+// The number to reveal in a row with `masked` masked positions: clamp(n, 0, masked).
+PK_HD int64_t reveal_count(int64_t n, int64_t masked) { return n < 0 ? 0 : (n > masked ? masked : n); }
 
 // ---- speculative decoding --------------------------------------------------------------
 // Probabilities as fixed-point masses (same 2^36 scale; NaN and negatives count as 0).

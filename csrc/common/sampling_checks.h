@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "sampling.h"
 
@@ -129,21 +130,18 @@ inline void check_knob_rows(const Inputs& in) {
        [&](int64_t b) { return std::isfinite(p.frequency_rows[b]); });
 }
 
-inline Inputs check_sample_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
-                                  const at::Tensor& seed, const c10::optional<at::Tensor>& temperature_rows,
-                                  const c10::optional<at::Tensor>& top_k_rows,
-                                  const c10::optional<at::Tensor>& top_p_rows,
-                                  const c10::optional<at::Tensor>& min_p_rows,
-                                  const c10::optional<at::Tensor>& repetition_rows,
-                                  const c10::optional<at::Tensor>& presence_rows,
-                                  const c10::optional<at::Tensor>& frequency_rows, double temperature,
-                                  int64_t top_k, double top_p, double min_p, double repetition, double presence,
-                                  double frequency) {
-  check_logits(logits);
+// The knobs, prev_tokens and seed of pk.sample's draw for logits [B, ..., V] (sample and
+// unmask_step): checked and packed into in.p (B, V, per-row pointers, scalars, seed).
+inline void set_sample_knobs(Inputs& in, const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
+                             const at::Tensor& seed, const c10::optional<at::Tensor>& temperature_rows,
+                             const c10::optional<at::Tensor>& top_k_rows, const c10::optional<at::Tensor>& top_p_rows,
+                             const c10::optional<at::Tensor>& min_p_rows,
+                             const c10::optional<at::Tensor>& repetition_rows,
+                             const c10::optional<at::Tensor>& presence_rows,
+                             const c10::optional<at::Tensor>& frequency_rows, double temperature, int64_t top_k,
+                             double top_p, double min_p, double repetition, double presence, double frequency) {
   check_knob_scalars(temperature, top_k, top_p, min_p, repetition, presence, frequency);
-  Inputs in;
-  in.logits = logits.contiguous();
-  const int64_t B = logits.size(0), V = logits.size(1);
+  const int64_t B = logits.size(0), V = logits.size(-1);
   Params& p = in.p;
   p.B = B;
   p.V = V;
@@ -181,6 +179,24 @@ inline Inputs check_sample_inputs(const at::Tensor& logits, const c10::optional<
     p.T = t.size(1);
   }
   set_seed(p, in.seed, seed, logits, B);
+}
+
+inline Inputs check_sample_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
+                                  const at::Tensor& seed, const c10::optional<at::Tensor>& temperature_rows,
+                                  const c10::optional<at::Tensor>& top_k_rows,
+                                  const c10::optional<at::Tensor>& top_p_rows,
+                                  const c10::optional<at::Tensor>& min_p_rows,
+                                  const c10::optional<at::Tensor>& repetition_rows,
+                                  const c10::optional<at::Tensor>& presence_rows,
+                                  const c10::optional<at::Tensor>& frequency_rows, double temperature,
+                                  int64_t top_k, double top_p, double min_p, double repetition, double presence,
+                                  double frequency) {
+  check_logits(logits);
+  Inputs in;
+  in.logits = logits.contiguous();
+  set_sample_knobs(in, logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
+                   repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p, repetition,
+                   presence, frequency);
   return in;
 }
 
@@ -250,6 +266,79 @@ inline SpecInputs check_spec_inputs(const at::Tensor& draft_probs, const at::Ten
   s.p.V = V;
   set_seed(s.p, s.seed, seed, draft_probs, B);
   return s;
+}
+
+// unmask_step: logits [B, L, V] (unit stride over the vocabulary, else copied), tokens [B, L]
+// int32/int64, num_reveal (a number, or per-row [B] integers), the strategy by name, plus the
+// knobs of sample. The drawn tokens and the output are worked on as int64 [B, L].
+struct UnmaskInputs {
+  Inputs in;             // in.logits: the logits [B, L, V]; in.p: knobs and seed (B, V)
+  at::Tensor tokens;     // [B, L] int64 contiguous
+  at::Tensor num_reveal; // [B] int64, or undefined (then num_reveal_value)
+  int64_t num_reveal_value = 0;
+  int64_t L = 0, stride_b = 0, stride_l = 0;  // element strides of the logits rows
+  int64_t mask_id = 0;
+  int strategy = kConfidence;
+};
+
+inline UnmaskInputs check_unmask_inputs(
+    const at::Tensor& logits, const at::Tensor& tokens, const c10::optional<at::Tensor>& num_reveal_rows,
+    const c10::optional<at::Tensor>& prev_tokens, const at::Tensor& seed,
+    const c10::optional<at::Tensor>& temperature_rows, const c10::optional<at::Tensor>& top_k_rows,
+    const c10::optional<at::Tensor>& top_p_rows, const c10::optional<at::Tensor>& min_p_rows,
+    const c10::optional<at::Tensor>& repetition_rows, const c10::optional<at::Tensor>& presence_rows,
+    const c10::optional<at::Tensor>& frequency_rows, int64_t mask_token_id, int64_t num_reveal,
+    c10::string_view strategy, double temperature, int64_t top_k, double top_p, double min_p, double repetition,
+    double presence, double frequency) {
+  TORCH_CHECK(logits.dim() == 3, "logits: expected a 3-D tensor [batch, length, vocab], got ", logits.dim(), "-D");
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              "logits: expected float32, float16, bfloat16 or float64, got ", dt);
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  TORCH_CHECK(V <= kMaxVocab, "logits: vocabularies up to 2^27 entries are supported, got ", V);
+  TORCH_CHECK(B * L == 0 || V > 0, "logits: the vocabulary dimension is empty");
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == B && tokens.size(1) == L, "tokens: expected shape [", B, ", ",
+              L, "] (the batch and length of logits), got ", tokens.sizes());
+  TORCH_CHECK(tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt,
+              "tokens: expected int32 or int64 ids, got ", tokens.scalar_type());
+  TORCH_CHECK(tokens.device() == logits.device(), "tokens: expected device ", logits.device(), ", got ",
+              tokens.device());
+  TORCH_CHECK(mask_token_id >= 0 && mask_token_id < V, "mask_token_id: expected an id in [0, ", V, "), got ",
+              mask_token_id);
+  TORCH_CHECK(num_reveal >= 0, "num_reveal: expected >= 0, got ", num_reveal);
+  UnmaskInputs u;
+  if (strategy == "confidence") {
+    u.strategy = kConfidence;
+  } else if (strategy == "random") {
+    u.strategy = kRandom;
+  } else {
+    TORCH_CHECK(false, "strategy: expected \"confidence\" or \"random\", got \"", std::string(strategy), "\"");
+  }
+  u.in.logits = logits.stride(2) == 1 || V <= 1 ? logits : logits.contiguous();
+  u.L = L;
+  u.stride_b = u.in.logits.stride(0);
+  u.stride_l = u.in.logits.stride(1);
+  u.mask_id = mask_token_id;
+  u.num_reveal_value = num_reveal;
+  u.tokens = tokens.to(at::kLong).contiguous();
+  if (num_reveal_rows.has_value()) {
+    u.num_reveal = row_tensor(num_reveal_rows, "num_reveal", logits, true);
+  }
+  set_sample_knobs(u.in, logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
+                   repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p, repetition,
+                   presence, frequency);
+  return u;
+}
+
+// Value checks that read per-row tensors: only where that costs no device sync (CPU).
+inline void check_unmask_rows(const UnmaskInputs& u) {
+  check_knob_rows(u.in);
+  if (u.num_reveal.defined()) {
+    const int64_t* n = u.num_reveal.data_ptr<int64_t>();
+    for (int64_t b = 0; b < u.num_reveal.numel(); ++b) {
+      TORCH_CHECK(n[b] >= 0, "num_reveal: expected >= 0, got ", n[b], " in row ", b);
+    }
+  }
 }
 
 }  // namespace sampling

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../common/sampling.h"
@@ -250,67 +251,99 @@ Selection select_row(const RowKnobs& k, float temperature, int64_t V, Workspace&
   return s;
 }
 
+// One draw from one row of logits xr (the knobs, penalties and seed of row b; words: the
+// Philox words of the draw): the token (-1: nothing drawable), its log-probability, and its
+// confidence (unmask_step: its kept mass over the kept total; a greedy row's from the filtered
+// distribution at temperature 1, only when want_confidence). exclude: an id never drawn (its
+// logit read as -inf; unmask_step's mask token), or -1.
+struct RowDraw {
+  int64_t token = -1;
+  float logprob = 0.0f;
+  float confidence = -1.0f;
+};
+
+template <typename scalar_t>
+RowDraw draw_row(const Params& p, int64_t b, const scalar_t* xr, const Philox4x32& words, bool want_confidence,
+                 int64_t exclude, Workspace& ws) {
+  const int64_t V = p.V;
+  RowDraw d;
+  float* v = ws.v.data();
+  load_row(xr, V, v);
+  if (p.penalties_on(b)) apply_penalties(p, b, v, ws);
+  if (exclude >= 0) v[exclude] = neg_inf();
+  const RowKnobs k = p.knobs(b);
+  int64_t greedy_token = -1;
+  if (k.greedy()) {
+    float bv = neg_inf();
+    for (int64_t i = 0; i < V; ++i) {
+      if (v[i] > bv) {
+        bv = v[i];
+        greedy_token = i;
+      }
+    }
+    d.token = greedy_token;
+    d.logprob = greedy_token < 0 ? neg_inf() : 0.0f;
+    if (!want_confidence || greedy_token < 0) return d;
+  }
+  const Selection s = select_row(k, k.greedy() ? 1.0f : k.temperature, V, ws);
+  if (s.mode == kEmpty) {
+    d.token = -1;
+    d.logprob = neg_inf();
+    return d;
+  }
+  uint64_t z = 0;
+  for_each(s, ws, V, [&](uint32_t i) {
+    if (s.kept(ws, i)) z += mass_of(ws.e[i]);
+  });
+  if (greedy_token >= 0) {  // the argmax is always kept (its value is the largest, 0)
+    d.confidence = unmask_confidence(mass_of(ws.e[greedy_token]), z);
+    return d;
+  }
+  const uint64_t target = draw_target(z, words);
+  int64_t token = -1;
+  uint64_t cum = 0, mass = 0;
+  auto visit = [&](uint32_t i) {
+    if (!s.kept(ws, i)) return false;
+    mass = mass_of(ws.e[i]);
+    cum += mass;
+    if (cum > target) {
+      token = i;
+      return true;
+    }
+    return false;
+  };
+  if (s.all) {
+    for (int64_t i = 0; i < V; ++i) {
+      if (visit(static_cast<uint32_t>(i))) break;
+    }
+  } else {
+    for (uint32_t i : ws.cand) {
+      if (visit(i)) break;
+    }
+  }
+  d.token = token;
+  d.logprob = token < 0 ? neg_inf() : logprob_of(v[token], s.max_value, z);
+  if (want_confidence && token >= 0) d.confidence = unmask_confidence(mass, z);
+  return d;
+}
+
+void init_workspace(Workspace& ws, int64_t V) {
+  ws.v.resize(V);
+  ws.e.resize(V);
+  ws.key.resize(V);
+}
+
 template <typename scalar_t>
 void sample_rows(const Params& p, const at::Tensor& logits, int64_t* tokens, float* logprobs) {
   const int64_t B = p.B, V = p.V;
   const scalar_t* x = logits.data_ptr<scalar_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     Workspace ws;
-    ws.v.resize(V);
-    ws.e.resize(V);
-    ws.key.resize(V);
+    init_workspace(ws, V);
     for (int64_t b = b0; b < b1; ++b) {
-      float* v = ws.v.data();
-      load_row(x + b * V, V, v);
-      if (p.penalties_on(b)) apply_penalties(p, b, v, ws);
-      const RowKnobs k = p.knobs(b);
-      if (k.greedy()) {
-        int64_t best = -1;
-        float bv = neg_inf();
-        for (int64_t i = 0; i < V; ++i) {
-          if (v[i] > bv) {
-            bv = v[i];
-            best = i;
-          }
-        }
-        tokens[b] = best;
-        logprobs[b] = best < 0 ? neg_inf() : 0.0f;
-        continue;
-      }
-      const Selection s = select_row(k, k.temperature, V, ws);
-      if (s.mode == kEmpty) {
-        tokens[b] = -1;
-        logprobs[b] = neg_inf();
-        continue;
-      }
-      uint64_t z = 0;
-      for_each(s, ws, V, [&](uint32_t i) {
-        if (s.kept(ws, i)) z += mass_of(ws.e[i]);
-      });
-      const uint64_t target = draw_target(z, p.words(b, kSampleOffset));
-      int64_t token = -1;
-      uint64_t cum = 0;
-      if (s.all) {
-        for (int64_t i = 0; i < V; ++i) {
-          if (!s.kept(ws, static_cast<uint32_t>(i))) continue;
-          cum += mass_of(ws.e[i]);
-          if (cum > target) {
-            token = i;
-            break;
-          }
-        }
-      } else {
-        for (uint32_t i : ws.cand) {
-          if (!s.kept(ws, i)) continue;
-          cum += mass_of(ws.e[i]);
-          if (cum > target) {
-            token = i;
-            break;
-          }
-        }
-      }
-      tokens[b] = token;
-      logprobs[b] = token < 0 ? neg_inf() : logprob_of(v[token], s.max_value, z);
+      const RowDraw d = draw_row(p, b, x + b * V, p.words(b, kSampleOffset), false, -1, ws);
+      tokens[b] = d.token;
+      logprobs[b] = d.logprob;
     }
   });
 }
@@ -395,6 +428,95 @@ at::Tensor top_k_top_p_filter_cpu(const at::Tensor& logits, const c10::optional<
   return out;
 }
 
+// unmask_step, stage 1: a draw at every masked position (b, l), in parallel over positions.
+template <typename scalar_t>
+void unmask_draw_positions(const UnmaskInputs& u, const int64_t* tok, int64_t* drawn, float* confidence) {
+  const Params& p = u.in.p;
+  const int64_t L = u.L, V = p.V;
+  const scalar_t* x = u.in.logits.data_ptr<scalar_t>();
+  at::parallel_for(0, p.B * L, 1, [&](int64_t r0, int64_t r1) {
+    Workspace ws;
+    bool ready = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      drawn[r] = -1;
+      confidence[r] = -1.0f;
+      if (tok[r] != u.mask_id) continue;
+      if (!ready) {
+        init_workspace(ws, V);
+        ready = true;
+      }
+      const int64_t b = r / L, l = r % L;
+      const RowDraw d = draw_row(p, b, x + b * u.stride_b + l * u.stride_l,
+                                 p.words(b, kUnmaskOffset, static_cast<uint32_t>(l)), true, u.mask_id, ws);
+      drawn[r] = d.token;
+      confidence[r] = d.confidence;
+    }
+  });
+}
+
+// unmask_step, stage 2: per row, reveal the masked positions with the num_reveal smallest
+// (key, position) pairs (a partial sort, O(L log n)).
+void unmask_select_rows(const UnmaskInputs& u, const int64_t* tok, const int64_t* drawn, const float* confidence,
+                        int64_t* out) {
+  const Params& p = u.in.p;
+  const int64_t L = u.L;
+  const int64_t* nrows = u.num_reveal.defined() ? u.num_reveal.data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<std::pair<uint64_t, int64_t>> order;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* trow = tok + b * L;
+      int64_t* orow = out + b * L;
+      order.clear();
+      for (int64_t l = 0; l < L; ++l) {
+        orow[l] = trow[l];
+        if (trow[l] != u.mask_id) continue;
+        const int64_t r = b * L + l;
+        const Philox4x32 w = u.strategy == kRandom ? p.words(b, kRevealOffset, static_cast<uint32_t>(l)) : Philox4x32{};
+        order.emplace_back(reveal_key(u.strategy, drawn[r], confidence[r], w), l);
+      }
+      const int64_t n = reveal_count(nrows ? nrows[b] : u.num_reveal_value, static_cast<int64_t>(order.size()));
+      if (n == 0) continue;
+      auto before = [](const std::pair<uint64_t, int64_t>& a, const std::pair<uint64_t, int64_t>& c) {
+        return reveal_before(a.first, a.second, c.first, c.second);
+      };
+      std::partial_sort(order.begin(), order.begin() + n, order.end(), before);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t l = order[j].second;
+        const int64_t t = drawn[b * L + l];
+        if (t >= 0) orow[l] = t;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unmask_step_cpu(
+    const at::Tensor& logits, const at::Tensor& tokens, const c10::optional<at::Tensor>& num_reveal_rows,
+    const c10::optional<at::Tensor>& prev_tokens, const at::Tensor& seed,
+    const c10::optional<at::Tensor>& temperature_rows, const c10::optional<at::Tensor>& top_k_rows,
+    const c10::optional<at::Tensor>& top_p_rows, const c10::optional<at::Tensor>& min_p_rows,
+    const c10::optional<at::Tensor>& repetition_rows, const c10::optional<at::Tensor>& presence_rows,
+    const c10::optional<at::Tensor>& frequency_rows, int64_t mask_token_id, int64_t num_reveal,
+    c10::string_view strategy, double temperature, int64_t top_k, double top_p, double min_p, double repetition,
+    double presence, double frequency) {
+  UnmaskInputs u = check_unmask_inputs(logits, tokens, num_reveal_rows, prev_tokens, seed, temperature_rows,
+                                       top_k_rows, top_p_rows, min_p_rows, repetition_rows, presence_rows,
+                                       frequency_rows, mask_token_id, num_reveal, strategy, temperature, top_k, top_p,
+                                       min_p, repetition, presence, frequency);
+  check_unmask_rows(u);
+  if (u.in.prev.defined()) check_prev_range(u.in.p);
+  auto out = at::empty_like(u.tokens);
+  auto drawn = at::empty_like(u.tokens);
+  auto confidence = at::empty(u.tokens.sizes(), u.tokens.options().dtype(at::kFloat));
+  if (u.tokens.numel() > 0) {
+    const int64_t* tok = u.tokens.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.in.logits.scalar_type(), "unmask_step_cpu", [&] {
+      unmask_draw_positions<scalar_t>(u, tok, drawn.data_ptr<int64_t>(), confidence.data_ptr<float>());
+    });
+    unmask_select_rows(u, tok, drawn.data_ptr<int64_t>(), confidence.data_ptr<float>(), out.data_ptr<int64_t>());
+  }
+  return {out.to(tokens.scalar_type()), drawn, confidence};
+}
+
 template <typename scalar_t>
 void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
   const int64_t n = s.n, V = s.V;
@@ -462,6 +584,7 @@ TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
   m.impl("sample", &sample_cpu);
   m.impl("top_k_top_p_filter", &top_k_top_p_filter_cpu);
   m.impl("speculative_accept", &speculative_accept_cpu);
+  m.impl("unmask_step", &unmask_step_cpu);
 }
 
 }  // namespace pk

@@ -14,7 +14,7 @@ from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled
 from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
 from .ops.masking import mlm_mask, span_mask
-from .ops.sampling import sample, speculative_accept, top_k_top_p_filter
+from .ops.sampling import sample, speculative_accept, top_k_top_p_filter, unmask_step
 from .integrations.collator import MLMCollator
 from .integrations.logits import TopKTopPLogitsWarper
 
@@ -38,7 +38,7 @@ __all__ = [
     # attention
     "flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention",
     # sampling
-    "sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept",
+    "sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept", "unmask_step",
     # denoising
     "noise_schedule", "add_noise", "diffusion_loss", "sample_timesteps", "shift_sigmas", "ddpm_step", "ddim_step",
     "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers",

@@ -9,6 +9,10 @@ is evaluated only at the positions that carry a label, which is all the loss nee
 
 Masking happens outside the model, with pk.mlm_mask / pk.MLMCollator on the padded batch;
 pack() then drops the padding.
+
+The same encoder trained as a masked diffusion LM (pk-train mdlm) generates text by iterative
+unmasking (unmask()): start from mask tokens, run the encoder, let pk.unmask_step draw tokens
+at the masked positions and reveal a scheduled number of them, repeat.
 """
 from __future__ import annotations
 
@@ -129,3 +133,64 @@ class BertMLM(nn.Module):
             return logits, y, F.cross_entropy(logits.float(), y, reduction="sum")
         ce = F.cross_entropy(logits.float(), y, reduction="none")
         return logits, y, (ce * weights[sel].float()).sum()
+
+    @torch.no_grad()
+    def unmask(self, tokens: torch.Tensor, *, mask_token_id: int, steps: int, attention_mask=None,
+               strategy: str = "confidence", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+               presence_penalty=0.0, frequency_penalty=0.0, seed=0, banned_ids=()) -> torch.Tensor:
+        """Masked-diffusion sampling (MDLM; LLaDA's low-confidence remasking by default).
+
+        tokens [B, L]: the positions holding mask_token_id are filled, the others kept (a
+        prompt, the text around an infill); attention_mask [B, L] (1 = real token, real tokens
+        first) for rows of different lengths. Step s of `steps` goes from t = 1 - s/steps to
+        t = 1 - (s+1)/steps: the encoder reads the whole sequence and pk.unmask_step draws a
+        token at every masked position (the knobs of pk.sample, penalties counting the row's
+        tokens that are already there) and reveals, per row, as many as take its masked count
+        M from floor(M (steps - s) / steps) to floor(M (steps - s - 1) / steps): the count
+        falls linearly in t, as the forward process masks at rate t, and the last step reveals
+        the rest. strategy "confidence" reveals the most probable draws first, "random" a
+        uniformly random subset. seed: an int (row i uses seed + i) or per-row seeds; step s
+        of row i draws with a seed derived from (its seed, s), so a row does not depend on the
+        others. banned_ids: ids never drawn (the special tokens). Returns the filled tokens."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected a [batch, length] tensor, got shape {tuple(tokens.shape)}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+        device = self.embed.weight.device
+        B, L = tokens.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"tokens: length {L} exceeds max_len {self.cfg.max_len}")
+        x = tokens.to(device=device, dtype=torch.int64).clone()
+        if isinstance(seed, int):
+            row_seeds = torch.arange(B, dtype=torch.int64) + seed
+        else:
+            row_seeds = torch.as_tensor(seed, dtype=torch.int64).reshape(-1)
+            if row_seeds.numel() != B:
+                raise ValueError(f"seed: expected an int or {B} per-row seeds, got {row_seeds.numel()}")
+        row_seeds = row_seeds.to(device)
+        if attention_mask is None:
+            keep = torch.ones(B, L, dtype=torch.bool, device=device)
+        else:
+            keep = attention_mask.to(device).bool()
+        lens = keep.sum(1)
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(lens, 0)
+        positions = (torch.cumsum(keep.long(), 1) - 1)[keep]
+        max_len = int(lens.max()) if B else 0
+        banned = torch.as_tensor(list(banned_ids), dtype=torch.int64, device=device)
+        n_masked = ((x == mask_token_id) & keep).sum(1)                      # M per row
+        logits = torch.zeros(B, L, self.cfg.vocab_size, device=device)
+        for s in range(steps):
+            before = torch.div(n_masked * (steps - s), steps, rounding_mode="floor")
+            after = torch.div(n_masked * (steps - s - 1), steps, rounding_mode="floor")
+            logits[keep] = self(x[keep], cu, positions, max_len).float()
+            if banned.numel():
+                logits[..., banned] = float("-inf")
+            step_seeds = (row_seeds * 1_000_003 + s * 7919 + 1) & 0x7FFFFFFFFFFFFFFF
+            x = pk.unmask_step(logits, x, mask_token_id=mask_token_id, num_reveal=before - after, strategy=strategy,
+                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty,
+                               prev_tokens=x.masked_fill((x == mask_token_id) | ~keep, -1),
+                               seed=step_seeds if B > 1 else int(step_seeds[0]))
+        return x

@@ -1,6 +1,6 @@
 """Sampling ops: pk.sample (penalties, temperature, top-k, top-p, min-p and the draw in one
-fused, sort-free pass per row), pk.top_k_top_p_filter and pk.speculative_accept (chain
-speculative sampling). The LogitsProcessor for transformers' generate built on the filter,
+fused, sort-free pass per row), pk.top_k_top_p_filter, pk.speculative_accept (chain
+speculative sampling) and pk.unmask_step (one step of masked-diffusion sampling). The LogitsProcessor for transformers' generate built on the filter,
 TopKTopPLogitsWarper, lives in pretrain_kernels.integrations.logits.
 
 Semantics, in order (every knob a Python number or a per-row tensor [B]):
@@ -58,7 +58,7 @@ import torch
 
 from ._common import is_compiling, resolve_seed
 
-__all__ = ["sample", "top_k_top_p_filter", "speculative_accept"]
+__all__ = ["sample", "top_k_top_p_filter", "speculative_accept", "unmask_step"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -162,6 +162,40 @@ def _seed_tensor(seed, generator, batch, device):
     return resolve_seed(seed, generator, device)
 
 
+def _check_prev_tokens(prev_tokens, B, V, device):
+    if prev_tokens is None:
+        return
+    if not isinstance(prev_tokens, torch.Tensor):
+        raise TypeError(f"prev_tokens: expected a tensor [batch, n], got {type(prev_tokens).__name__}")
+    if prev_tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"prev_tokens: expected int32 or int64 ids, got {prev_tokens.dtype}")
+    if prev_tokens.dim() != 2 or prev_tokens.shape[0] != B:
+        raise ValueError(f"prev_tokens: expected shape [{B}, n], got {tuple(prev_tokens.shape)}")
+    _check_device("prev_tokens", prev_tokens, device)
+    if device.type == "cpu" and not is_compiling() and prev_tokens.numel():
+        bad = (prev_tokens < -1) | (prev_tokens >= V)
+        if bool(bad.any()):
+            r, c = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"prev_tokens: expected ids in [0, {V}) or -1 (none), got "
+                             f"{int(prev_tokens[r, c])} at row {r}, position {c}")
+
+
+def _sample_knobs(B, device, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                  frequency_penalty):
+    """(per-row tensors, scalars) of the knobs of pk.sample, in the order of the op schemas."""
+    temperature, t_rows = _knob("temperature", temperature, B, device)
+    top_k, k_rows = _knob("top_k", top_k, B, device, integer=True)
+    top_p, p_rows = _knob("top_p", top_p, B, device)
+    min_p, m_rows = _knob("min_p", min_p, B, device)
+    repetition_penalty, r_rows = _knob("repetition_penalty", repetition_penalty, B, device)
+    presence_penalty, pr_rows = _knob("presence_penalty", presence_penalty, B, device)
+    frequency_penalty, f_rows = _knob("frequency_penalty", frequency_penalty, B, device)
+    if k_rows is None and top_k > 2**62:
+        top_k = 2**62
+    return ((t_rows, k_rows, p_rows, m_rows, r_rows, pr_rows, f_rows),
+            (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty))
+
+
 def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
            presence_penalty=0.0, frequency_penalty=0.0, prev_tokens: torch.Tensor | None = None, seed=None,
            generator: torch.Generator | None = None, return_logprobs: bool = False):
@@ -173,33 +207,11 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     """
     _check_logits(logits)
     B, device = logits.shape[0], logits.device
-    temperature, t_rows = _knob("temperature", temperature, B, device)
-    top_k, k_rows = _knob("top_k", top_k, B, device, integer=True)
-    top_p, p_rows = _knob("top_p", top_p, B, device)
-    min_p, m_rows = _knob("min_p", min_p, B, device)
-    repetition_penalty, r_rows = _knob("repetition_penalty", repetition_penalty, B, device)
-    presence_penalty, pr_rows = _knob("presence_penalty", presence_penalty, B, device)
-    frequency_penalty, f_rows = _knob("frequency_penalty", frequency_penalty, B, device)
-    if k_rows is None and top_k > 2**62:
-        top_k = 2**62
-    if prev_tokens is not None:
-        if not isinstance(prev_tokens, torch.Tensor):
-            raise TypeError(f"prev_tokens: expected a tensor [batch, n], got {type(prev_tokens).__name__}")
-        if prev_tokens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"prev_tokens: expected int32 or int64 ids, got {prev_tokens.dtype}")
-        if prev_tokens.dim() != 2 or prev_tokens.shape[0] != B:
-            raise ValueError(f"prev_tokens: expected shape [{B}, n], got {tuple(prev_tokens.shape)}")
-        _check_device("prev_tokens", prev_tokens, device)
-        if device.type == "cpu" and not is_compiling() and prev_tokens.numel():
-            bad = (prev_tokens < -1) | (prev_tokens >= logits.shape[1])
-            if bool(bad.any()):
-                r, c = (int(i) for i in bad.nonzero()[0])
-                raise ValueError(f"prev_tokens: expected ids in [0, {logits.shape[1]}) or -1 (none), got "
-                                 f"{int(prev_tokens[r, c])} at row {r}, position {c}")
+    rows, scalars = _sample_knobs(B, device, temperature, top_k, top_p, min_p, repetition_penalty,
+                                  presence_penalty, frequency_penalty)
+    _check_prev_tokens(prev_tokens, B, logits.shape[1], device)
     seed_t = _seed_tensor(seed, generator, B, device)
-    tokens, logprobs = torch.ops.pretrain_kernels.sample(
-        logits, prev_tokens, seed_t, t_rows, k_rows, p_rows, m_rows, r_rows, pr_rows, f_rows, temperature, top_k,
-        top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
+    tokens, logprobs = torch.ops.pretrain_kernels.sample(logits, prev_tokens, seed_t, *rows, *scalars)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -265,6 +277,100 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     return torch.ops.pretrain_kernels.speculative_accept(draft_probs, draft_token_ids, target_probs, seed_t)
 
 
+_STRATEGIES = ("confidence", "random")
+
+
+def _unmask_args(logits, tokens, mask_token_id, num_reveal, strategy, temperature, top_k, top_p, min_p,
+                 repetition_penalty, presence_penalty, frequency_penalty, prev_tokens, seed, generator):
+    """The arguments of torch.ops.pretrain_kernels.unmask_step, checked."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits: expected float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected shape [batch, length, vocab], got {tuple(logits.shape)}")
+    B, L, V = logits.shape
+    if B * L > 0 and V == 0:
+        raise ValueError(f"logits: the vocabulary dimension is empty (shape {tuple(logits.shape)})")
+    if V > _MAX_VOCAB:
+        raise ValueError(f"logits: vocabularies up to 2^27 entries are supported, got {V}")
+    device = logits.device
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens: expected a torch.Tensor [batch, length], got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tokens: expected int32 or int64 ids, got {tokens.dtype}")
+    if tuple(tokens.shape) != (B, L):
+        raise ValueError(f"tokens: expected shape [{B}, {L}] (the batch and length of logits), got "
+                         f"{tuple(tokens.shape)}")
+    _check_device("tokens", tokens, device)
+    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, numbers.Integral):
+        raise TypeError(f"mask_token_id: expected an int, got {type(mask_token_id).__name__}")
+    mask_token_id = int(mask_token_id)
+    if not 0 <= mask_token_id < V:
+        raise ValueError(f"mask_token_id: expected an id in [0, {V}) (the vocabulary of logits), got {mask_token_id}")
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy: expected a str, got {type(strategy).__name__}")
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy: expected 'confidence' or 'random', got {strategy!r}")
+    if isinstance(num_reveal, torch.Tensor):
+        if num_reveal.dtype.is_floating_point or num_reveal.dtype == torch.bool or num_reveal.is_complex():
+            raise TypeError(f"num_reveal: expected an integer per-row tensor, got {num_reveal.dtype}")
+        if num_reveal.dim() == 0:
+            num_reveal = num_reveal.expand(B)
+        if tuple(num_reveal.shape) != (B,):
+            raise ValueError(f"num_reveal: expected an int or a per-row tensor of shape [{B}], got shape "
+                             f"{tuple(num_reveal.shape)}")
+        _check_device("num_reveal", num_reveal, device)
+        if num_reveal.device.type == "cpu" and not is_compiling() and num_reveal.numel():
+            bad = num_reveal < 0
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(f"num_reveal: expected >= 0, got {int(num_reveal[row])} in row {row}")
+        n_rows, n = num_reveal, 0
+    else:
+        n_rows, n = None, _number("num_reveal", num_reveal, integer=True)
+        if n < 0:
+            raise ValueError(f"num_reveal: expected >= 0, got {n}")
+        n = min(n, 2**62)
+    rows, scalars = _sample_knobs(B, device, temperature, top_k, top_p, min_p, repetition_penalty,
+                                  presence_penalty, frequency_penalty)
+    _check_prev_tokens(prev_tokens, B, V, device)
+    seed_t = _seed_tensor(seed, generator, B, device)
+    return (logits, tokens, n_rows, prev_tokens, seed_t, *rows, mask_token_id, n, strategy, *scalars)
+
+
+def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, *, mask_token_id: int, num_reveal,
+                strategy: str = "confidence", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                presence_penalty=0.0, frequency_penalty=0.0, prev_tokens: torch.Tensor | None = None, seed=None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step of masked-diffusion sampling (MDLM, LLaDA): reveal some masked positions.
+
+    logits [B, L, V] (float32/float16/bfloat16/float64; any strides, copied unless the vocabulary
+    dimension has unit stride), tokens [B, L] int32/int64; only the logits of positions holding
+    mask_token_id are read. Every masked position draws a token as pk.sample does (same knobs,
+    each a number or a per-row tensor [B]; prev_tokens [B, T] for the penalties), position l of
+    row b with the counter (b, l) under one seed, or (0, l) under seed[b] with per-row seeds,
+    so a row never depends on the others; mask_token_id itself is never drawn (its logit counts
+    as -inf). Then each row reveals
+    min(num_reveal, its masked count) of its masked positions (num_reveal an int or a per-row
+    integer tensor [B]):
+      * strategy "confidence" (LLaDA's low-confidence remasking): the most confident first, the
+        confidence being the drawn token's probability under the final (penalised, tempered,
+        filtered) distribution; at temperature 0 (greedy: the argmax is drawn) the confidence
+        comes from that filtered distribution at temperature 1; ties: lower position first;
+      * strategy "random": a uniformly random subset (the smallest of per-position random keys
+        from a separate Philox stream; ties by position).
+    The others keep mask_token_id; unmasked positions are unchanged. A position whose logits
+    hold nothing drawable (all -inf or NaN) ranks last and stays masked even when chosen.
+
+    Returns the new tokens (dtype and shape of tokens). No host sync and no data-dependent
+    shapes: capturable in a CUDA graph, traceable by torch.compile(fullgraph=True).
+    """
+    args = _unmask_args(logits, tokens, mask_token_id, num_reveal, strategy, temperature, top_k, top_p, min_p,
+                        repetition_penalty, presence_penalty, frequency_penalty, prev_tokens, seed, generator)
+    return torch.ops.pretrain_kernels.unmask_step(*args)[0]
+
+
 # The fake (meta) kernels run whenever one argument is on the meta device, even when the others
 # are real tensors: they check the devices as the real kernels do, so such a call raises instead
 # of returning uninitialised memory on the other device.
@@ -310,6 +416,23 @@ def _fake_speculative(draft_probs, draft_token_ids, target_probs, seed):
             torch.empty((B,), dtype=torch.int64, device=draft_probs.device))
 
 
+def _fake_unmask(logits, tokens, num_reveal_rows, prev_tokens, seed, *rest):
+    torch._check(logits.dim() == 3, lambda: "logits: expected a 3-D tensor")
+    torch._check(tokens.dim() == 2, lambda: "tokens: expected a 2-D tensor")
+    _fake_device("tokens", tokens, "logits", logits)
+    _fake_device("num_reveal", num_reveal_rows, "logits", logits)
+    _fake_device("prev_tokens", prev_tokens, "logits", logits)
+    for name, t in zip(("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                        "frequency_penalty"), rest[:7]):
+        _fake_device(name, t, "logits", logits)
+    _fake_seed(seed, "logits", logits)
+    shape = tokens.shape
+    return (torch.empty(shape, dtype=tokens.dtype, device=logits.device),
+            torch.empty(shape, dtype=torch.int64, device=logits.device),
+            torch.empty(shape, dtype=torch.float32, device=logits.device))
+
+
 torch.library.register_fake("pretrain_kernels::sample")(_fake_sample)
 torch.library.register_fake("pretrain_kernels::top_k_top_p_filter")(_fake_filter)
 torch.library.register_fake("pretrain_kernels::speculative_accept")(_fake_speculative)
+torch.library.register_fake("pretrain_kernels::unmask_step")(_fake_unmask)

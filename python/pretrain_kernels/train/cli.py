@@ -1,9 +1,11 @@
 """Command-line entry points.
 
   pk-train mlm|gpt|mdlm|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
-  pk-train hybrid [options]                   GPT decoder on next-token + span infilling (prefix-LM)
-  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT or hybrid run, every pk.sample knob
-  pk-generate --checkpoint DIR --infill "a ___ b"  fill the holes (hybrid runs)
+  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT or hybrid run (every pk.sample knob), or
+                                               from an mdlm run by iterative unmasking (pk.unmask_step):
+                                               unconditional, after a prompt, or infilling (--infill)
+  pk-generate --checkpoint DIR --infill "a ___ b"  a hybrid run fills the holes left to right after its
+                                               prefix-LM prefix
   pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
@@ -355,11 +357,11 @@ def train_main(argv=None) -> dict:
 
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT or hybrid run folder (byte or BPE "
-                                "tokens, as trained), sampled by pk.sample with a KV cache.")
-    p.add_argument("--checkpoint", required=True, help="a pk-train gpt or hybrid run folder")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: 'def ')")
-    p.add_argument("--infill", action="append", help="text with holes marked ___ to fill (repeat for a batch; "
-                   "hybrid runs): the holes are decoded in order, each up to --max-new-tokens")
+                                "tokens, as trained), sampled by pk.sample with a KV cache; or from an mdlm run "
+                                "folder, by iterative unmasking with pk.unmask_step.")
+    p.add_argument("--checkpoint", required=True, help="a pk-train gpt, hybrid or mdlm run folder")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; gpt default: 'def '; "
+                   "mdlm: the prefix kept before --max-new-tokens masked tokens, none: unconditional)")
     p.add_argument("--max-new-tokens", type=_positive(), default=200)
     p.add_argument("--temperature", type=_nonneg(float), default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_nonneg(), default=0)
@@ -372,7 +374,65 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help="stop a row at any of these characters (e.g. $'\\n')")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step")
     p.add_argument("--device", type=_device_arg(), default="cpu")
+    p.add_argument("--infill", action="append", help="text whose ___ are filled (mdlm and hybrid runs): mdlm: each "
+                   "___ becomes --infill-length masked tokens, the rest is kept; hybrid: the holes are decoded in "
+                   "order after the text (its prefix), each until eos or --max-new-tokens; \\n, \\t and \\\\ "
+                   "read as newline, tab, backslash (repeat for a batch)")
+    g = p.add_argument_group("mdlm runs (iterative unmasking)")
+    g.add_argument("--infill-length", type=_positive(), help="masked tokens per ___ (default 16)")
+    g.add_argument("--steps", type=_positive(), help="unmasking steps; each reveals a share of a row's masked "
+                   "tokens, linear in t (default: the largest masked count, one token per step)")
+    g.add_argument("--strategy", choices=("confidence", "random"), help="which drawn tokens a step reveals: "
+                   "the most probable (default) or a random subset")
+    g.add_argument("--num-samples", type=_positive(), help="samples per prompt / infill / unconditional row "
+                   "(default 1; sample j of row i uses seed + i * num_samples + j)")
     return p
+
+
+MDLM_GENERATE_OPTIONS = ("infill", "infill_length", "steps", "strategy", "num_samples")
+GPT_GENERATE_OPTIONS = ("stop", "no_cache")
+
+
+def read_escapes(text: str) -> str:
+    """\\n, \\t and \\\\ in text typed on a command line as newline, tab and backslash."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _generate_mdlm(p, args, task) -> list[str]:
+    from .tasks import mdlm_generate, mdlm_rows
+
+    for dest in GPT_GENERATE_OPTIONS:
+        if getattr(args, dest):
+            p.error(f"--{dest.replace('_', '-')}: only for gpt runs; {args.checkpoint!r} holds an mdlm run")
+    tok = task.tok
+    if args.prompt and any(len(s) == 0 for s in args.prompt):
+        p.error("--prompt: prompts must not be empty (no --prompt: unconditional samples)")
+    try:
+        rows, kinds = mdlm_rows(tok, prompts=args.prompt, infills=[read_escapes(s) for s in args.infill or []],
+                                max_new_tokens=args.max_new_tokens, infill_length=args.infill_length or 16,
+                                num_samples=args.num_samples or 1)
+        task.model.eval()
+        outs = mdlm_generate(task, rows, steps=args.steps, strategy=args.strategy or "confidence", seed=args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    except ValueError as e:
+        p.error(str(e))
+    texts = []
+    for o in outs:
+        text = tok.decode_bytes(o).decode("utf-8", errors="replace")
+        texts.append(text)
+        print(text)
+        print("-" * 40)
+    return texts
 
 
 def generate_main(argv=None) -> list[str]:
@@ -386,13 +446,20 @@ def generate_main(argv=None) -> list[str]:
         task, _ = build_task_from_dir(args.checkpoint, load_data=False, device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as e:
         p.error(str(e))
+    if task.name == "mdlm":
+        return _generate_mdlm(p, args, task)
     if task.name not in ("gpt", "hybrid"):
-        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt or hybrid run")
+        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt, hybrid or "
+                "mdlm run")
+    if args.infill and task.name != "hybrid":
+        p.error(f"--infill: only for mdlm runs and hybrid runs (trained to infill); {args.checkpoint!r} holds a "
+                f"{task.name} run")
+    for dest in MDLM_GENERATE_OPTIONS:
+        if dest != "infill" and getattr(args, dest) is not None:
+            p.error(f"--{dest.replace('_', '-')}: only for mdlm runs; {args.checkpoint!r} holds a {task.name} run")
     if args.infill:
         if args.prompt:
             p.error("--infill: give either --prompt (left to right) or --infill, not both")
-        if task.name != "hybrid":
-            p.error(f"--infill: needs a run trained to infill (hybrid); {args.checkpoint!r} holds a {task.name} run")
         return _infill_main(args, p, task)
     tok = task.tok
     prompts = args.prompt or ["def "]
@@ -430,7 +497,7 @@ def _infill_main(args, p, task) -> list[str]:
     eos, every one after the prefix and the holes before it (as the task trains)."""
     tok, model = task.tok, task.model.eval()
     texts = []
-    for row, text in enumerate(args.infill):
+    for row, text in enumerate(read_escapes(t) for t in args.infill):
         pieces = text.split("___")
         if len(pieces) < 2:
             p.error(f"--infill: expected at least one ___ hole in {text!r}")

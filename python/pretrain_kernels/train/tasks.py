@@ -627,6 +627,56 @@ class MDLMTask(_ScheduledTask, _TextTask):
         return out
 
 
+INFILL_MARK = "___"
+
+
+def mdlm_rows(tok, *, prompts=None, infills=None, max_new_tokens=200, infill_length=16, num_samples=1):
+    """The rows an mdlm run fills: (token lists holding tok.mask_token_id where text is to be
+    drawn, the kind of each: "prompt", "infill" or "unconditional"). A prompt keeps its text and
+    is followed by max_new_tokens masks; an infill replaces each ___ with infill_length masks;
+    with neither, one row of max_new_tokens masks. Each row is repeated num_samples times."""
+    mask = tok.mask_token_id
+    rows, kinds = [], []
+    for text in prompts or []:
+        rows.append(tok.encode(text) + [mask] * max_new_tokens)
+        kinds.append("prompt")
+    for text in infills or []:
+        parts = text.split(INFILL_MARK)
+        if len(parts) < 2:
+            raise ValueError(f"--infill: expected at least one {INFILL_MARK} to fill in {text!r}")
+        row = []
+        for i, part in enumerate(parts):
+            if i:
+                row += [mask] * infill_length
+            row += tok.encode(part) if part else []
+        rows.append(row)
+        kinds.append("infill")
+    if not rows:
+        rows, kinds = [[mask] * max_new_tokens], ["unconditional"]
+    rows = [r for r in rows for _ in range(num_samples)]
+    kinds = [k for k in kinds for _ in range(num_samples)]
+    return rows, kinds
+
+
+def mdlm_generate(task, rows, *, steps=None, strategy="confidence", seed=0, **knobs):
+    """Fill the masks of rows (token lists, see mdlm_rows) with task.model.unmask; returns the
+    filled token lists. steps defaults to the largest masked count (one token per step)."""
+    tok = task.tok
+    B, L = len(rows), max(len(r) for r in rows)
+    if L > task.model.cfg.max_len:
+        raise ValueError(f"a row of {L} tokens exceeds the model's max_len {task.model.cfg.max_len}")
+    x = torch.full((B, L), tok.pad_token_id, dtype=torch.int64)
+    am = torch.zeros(B, L, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        x[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+        am[i, :len(r)] = 1
+    if steps is None:
+        steps = max(1, max(sum(1 for t in r if t == tok.mask_token_id) for r in rows))
+    out = task.model.unmask(x, mask_token_id=tok.mask_token_id, steps=steps, attention_mask=am, strategy=strategy,
+                            seed=seed, banned_ids=tok.all_special_ids, **knobs).cpu()
+    return [out[i, :len(r)].tolist() for i, r in enumerate(rows)]
+
+
 # ---- denoising ---------------------------------------------------------------------------------
 
 
