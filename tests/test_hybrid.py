@@ -333,3 +333,15 @@ def test_mdlm_unmasking_helpers():
     assert seqs.shape == (3, 16) and seqs[:, :6].equal(w[:, :6])
     assert (seqs[:, 6:] < 256).all()              # every position revealed, no special token drawn
     assert seqs.equal(mdlm_generate(model, tok, w[:, :6], 10, steps=4, seed=1))
+
+
+def test_infill_prefix_is_the_layouts_prefix():
+    from pretrain_kernels.train.tasks import infill_prefix
+
+    tok = D.ByteTokenizer()
+    text = torch.tensor(list(b"abcdefghij"))
+    masked = torch.tensor([0, 1, 1, 0, 0, 0, 1, 0, 0, 1], dtype=torch.bool)
+    x, _, plen, _ = span_infill_example(text, masked, mask_id=tok.mask_token_id, bos_id=tok.bos_token_id,
+                                        eos_id=tok.eos_token_id)
+    pieces = [list(b"a"), list(b"def"), list(b"hi"), []]
+    assert infill_prefix(tok, pieces) == x[:plen].tolist()

@@ -495,16 +495,15 @@ def _infill_main(args, p, task) -> list[str]:
     """pk-generate --infill on a hybrid run: the text with each ___ hole replaced by the mask token,
     then bos, is the prefix (attended both ways); the holes are decoded in order, each ending at
     eos, every one after the prefix and the holes before it (as the task trains)."""
+    from .tasks import infill_prefix
+
     tok, model = task.tok, task.model.eval()
     texts = []
     for row, text in enumerate(read_escapes(t) for t in args.infill):
         pieces = text.split("___")
         if len(pieces) < 2:
             p.error(f"--infill: expected at least one ___ hole in {text!r}")
-        prefix = tok.encode(pieces[0])
-        for piece in pieces[1:]:
-            prefix += [tok.mask_token_id] + tok.encode(piece)
-        prefix.append(tok.bos_token_id)
+        prefix = infill_prefix(tok, [tok.encode(piece) for piece in pieces])
         stream, spans = list(prefix), []
         for hole in range(len(pieces) - 1):
             room = model.cfg.block_size - len(stream)

@@ -197,10 +197,12 @@ def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: to
             out += list(zip(rows, gen))
         return [g for _, g in sorted(out)]
     if kind == "hybrid":
+        from .tasks import infill_prefix
+
         prompts, plens = [], []
         for i in range(n):
             a, b = int(start[i]), int(start[i] + span[i])
-            p = w[i, :a].tolist() + [tok.mask_token_id] + w[i, b:].tolist() + [tok.bos_token_id]
+            p = infill_prefix(tok, [w[i, :a].tolist(), w[i, b:].tolist()])
             prompts.append(p)
             plens.append(len(p))
         room = model.cfg.block_size - max(plens)

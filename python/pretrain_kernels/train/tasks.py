@@ -392,6 +392,16 @@ def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: in
     return x, y, plen, span_target
 
 
+def infill_prefix(tok, pieces: list[list[int]]) -> list[int]:
+    """The prefix of span_infill_example's layout for text given as the token pieces around its
+    holes: the pieces joined by one mask token per hole, then bos (what a hybrid model reads
+    both ways before decoding the holes in order, each ending with eos)."""
+    out = list(pieces[0])
+    for piece in pieces[1:]:
+        out += [tok.mask_token_id] + list(piece)
+    return out + [tok.bos_token_id]
+
+
 def random_spans(n: int, n_masked: int, n_spans: int, gen: torch.Generator) -> torch.Tensor:
     """A bool mask [n] with n_masked positions in exactly n_spans runs (T5's random segmentation):
     the masked count is cut at random into n_spans runs of >= 1, the rest into n_spans + 1 gaps,
