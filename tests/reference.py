@@ -478,6 +478,30 @@ def diffusers_attention_ref(attn, hidden_states, encoder_hidden_states=None, att
     return out / attn.rescale_output_factor
 
 
+def span_infill_ref(text, masked, mask_id, bos_id, eos_id):
+    """GLM's infilling layout in plain Python: the text with each run of masked positions as one
+    mask_id, then bos_id, then each run's tokens followed by eos_id. Returns (stream, prefix_len
+    (bos included), the stream indices of the hidden tokens)."""
+    prefix, spans, hidden_at = [], [], []
+    i, n = 0, len(text)
+    while i < n:
+        if not masked[i]:
+            prefix.append(text[i])
+            i += 1
+            continue
+        prefix.append(mask_id)
+        run = []
+        while i < n and masked[i]:
+            run.append(text[i])
+            i += 1
+        spans.append(run)
+    stream = prefix + [bos_id]
+    for run in spans:
+        hidden_at += range(len(stream), len(stream) + len(run))
+        stream += run + [eos_id]
+    return stream, len(prefix) + 1, hidden_at
+
+
 def rel_err(x, ref):
     x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
     den = ref.norm()

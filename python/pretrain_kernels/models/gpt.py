@@ -15,6 +15,12 @@ padded and prefilled into the KV cache in one call (causal attention makes the p
 prompt invisible to it), each row's cache length is then set to its own prompt length, and
 every following step writes one key/value per row at that row's position. Tokens are drawn by
 pk.sample with per-row seeds, so a row's continuation does not depend on the other rows.
+
+Prefix-LM (UL2, GLM; the hybrid task): forward(..., prefix_lens=int32 [B]) lets every query of
+row b also see the keys below prefix_lens[b] (pk.flash_attention's prefix-LM mask), so that
+prefix attends both ways and causal order holds after it; generate(..., prefix_lens=[...])
+prefills each prompt that way (its keys and values go into the cache as computed) and then
+decodes causally after it. Without prefix_lens the model is the plain causal GPT.
 """
 from __future__ import annotations
 
@@ -90,14 +96,19 @@ class CausalSelfAttention(nn.Module):
         swaps in torch SDPA for its baseline)."""
         return pk.flash_attention(q, k, v, causal=True)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, prefix_lens=None):
         B, T, C = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hk * D, Hk * D], dim=-1)
         q = apply_rope(q.view(B, T, H, D), cos, sin)
         k = apply_rope(k.view(B, T, Hk, D), cos, sin)
         v = v.reshape(B, T, Hk, D)
-        if cache is None:
+        if prefix_lens is not None:  # prefix-LM; with a cache, the prefill of an empty cache
+            y = pk.flash_attention(q, k, v, causal=True, prefix_lens=prefix_lens)
+            if cache is not None:
+                cache.k[layer][:, :T] = k.to(cache.k[layer].dtype)
+                cache.v[layer][:, :T] = v.to(cache.v[layer].dtype)
+        elif cache is None:
             y = self.attend(q, k, v)
         else:  # writes k, v at cache.seqlens[b] and attends to everything before, causally
             kc, vc = cache.k[layer], cache.v[layer]
@@ -125,8 +136,8 @@ class Block(nn.Module):
         self.ln2 = nn.RMSNorm(cfg.n_embd)
         self.mlp = MLP(cfg.n_embd, cfg.mlp_ratio)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.ln1(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, prefix_lens=None):
+        x = x + self.attn(self.ln1(x), cos, sin, cache, layer, prefix_lens)
         return x + self.mlp(self.ln2(x))
 
 
@@ -156,9 +167,11 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions=None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, prefix_lens: torch.Tensor | None = None):
         """idx [B, T] -> logits [B, T, vocab]; with targets [B, T] (-100 = ignore) also the
-        mean cross-entropy. positions [B, T] or [T] default to 0..T-1."""
+        mean cross-entropy. positions [B, T] or [T] default to 0..T-1. prefix_lens: int32 [B],
+        the prefix-LM mask (row b's first prefix_lens[b] tokens attend to each other both ways);
+        with a cache only for the prefill of an empty one (cache.seqlens all 0)."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device)
@@ -166,8 +179,10 @@ class GPT(nn.Module):
             raise ValueError(f"idx: sequence length {T} exceeds block_size {self.cfg.block_size}")
         cos, sin = rope_tables(positions, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_base)
         x = self.wte(idx)
+        if prefix_lens is not None:
+            prefix_lens = prefix_lens.to(device=idx.device, dtype=torch.int32)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, prefix_lens)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
@@ -179,7 +194,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=0,
-                 stop_tokens=(), use_cache: bool = True, keep_stop_token: bool = False) -> list[list[int]]:
+                 stop_tokens=(), use_cache: bool = True, keep_stop_token: bool = False,
+                 prefix_lens=None, suppress_tokens=()) -> list[list[int]]:
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to
         max_new_tokens tokens. Sampling knobs are those of pk.sample (numbers, or per-row
         tensors [B]); penalties count the prompt and the generated tokens. seed: an int (row i
@@ -187,6 +203,11 @@ class GPT(nn.Module):
         derived from (its seed, s). A row stops after emitting any of stop_tokens (not returned
         unless keep_stop_token: a BPE token may carry text before its stop character).
         use_cache=False recomputes the whole prefix every step (same tokens, slower).
+        prefix_lens: per-row ints (a list or tensor), the first prefix_lens[i] tokens of prompt i
+        attend to each other both ways (the prefix-LM mask, as the hybrid task trains its
+        infilling prefix); the rest of the prompt and the new tokens follow causally.
+        suppress_tokens: ids never drawn (their logits set to -inf; transformers' name), e.g. the
+        special tokens a model trained on infilling has learnt to emit.
         Returns the new tokens of each row."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token lists")
@@ -205,6 +226,7 @@ class GPT(nn.Module):
             if row_seeds.numel() != B:
                 raise ValueError(f"seed: expected an int or {B} per-row seeds, got {row_seeds.numel()}")
         stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)), dtype=torch.int64, device=device)
+        banned = torch.tensor(sorted(set(int(t) for t in suppress_tokens)), dtype=torch.int64, device=device)
         # tokens: prompt + generated, right padded with -1 (which pk.sample's penalties ignore)
         tokens = torch.full((B, total), -1, dtype=torch.int64, device=device)
         for i, p in enumerate(prompts):
@@ -214,21 +236,31 @@ class GPT(nn.Module):
         out = [[] for _ in range(B)]
         rows = torch.arange(B, device=device)
 
+        plen = None
+        if prefix_lens is not None:
+            plen = torch.as_tensor(prefix_lens, dtype=torch.int64).reshape(-1)
+            if plen.numel() != B or bool((plen < 0).any()) or bool((plen > lens.cpu()).any()):
+                raise ValueError(f"prefix_lens: expected {B} per-row lengths within the prompts' lengths "
+                                 f"{lens.tolist()}, got {plen.tolist()}")
+            plen = plen.to(device=device, dtype=torch.int32)
         cache = None
         if use_cache:
             dtype = self.wte.weight.dtype
             cache = KVCache(self.cfg, B, total, device, dtype)
-            logits = self(tokens[:, :P].clamp_min(0), cache=cache)   # prefill (cache_seqlens = 0)
+            logits = self(tokens[:, :P].clamp_min(0), cache=cache, prefix_lens=plen)   # prefill (seqlens 0)
             last = logits[rows, cur - 1]
             cache.seqlens.copy_(lens.to(torch.int32))
         for step in range(max_new_tokens):
             if not use_cache:
                 T = int(cur.max())
-                logits = self(tokens[:, :T].clamp_min(0))
+                logits = self(tokens[:, :T].clamp_min(0), prefix_lens=plen)
                 last = logits[rows, cur - 1]
             # per-row, per-step seeds (a multiplicative hash keeps streams apart)
             step_seeds = (row_seeds * 1_000_003 + step * 7919 + 1) & 0x7FFFFFFFFFFFFFFF
-            nxt = pk.sample(last.float(), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            last = last.float()
+            if banned.numel():
+                last = last.index_fill(-1, banned, float("-inf"))
+            nxt = pk.sample(last, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, prev_tokens=tokens[:, :int(cur.max())],
                             seed=step_seeds.to(device) if B > 1 else int(step_seeds[0]))

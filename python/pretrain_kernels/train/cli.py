@@ -1,9 +1,11 @@
 """Command-line entry points.
 
   pk-train mlm|gpt|mdlm|diffusion|flow [options]   train (the defaults are the 10-minute CPU runs)
-  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT run (every pk.sample knob), or from
-                                               an mdlm run by iterative unmasking (pk.unmask_step):
+  pk-generate --checkpoint DIR --prompt TEXT   text from a GPT or hybrid run (every pk.sample knob), or
+                                               from an mdlm run by iterative unmasking (pk.unmask_step):
                                                unconditional, after a prompt, or infilling (--infill)
+  pk-generate --checkpoint DIR --infill "a ___ b"  a hybrid run fills the holes left to right after its
+                                               prefix-LM prefix
   pk-sample-images --checkpoint DIR --out PNG  an image grid from a diffusion / flow run
 
 pk-train writes a run folder (see train/loop.py); under torchrun it trains with DDP (gloo on
@@ -31,11 +33,12 @@ import zlib
 
 import torch
 
-TASKS = ("mlm", "gpt", "mdlm", "diffusion", "flow")
+TASKS = ("mlm", "gpt", "mdlm", "hybrid", "diffusion", "flow")
 
 # Per-task defaults (the calibrated 2-core CPU runs; see README "Training").
 DEFAULTS = {
     "gpt": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
+    "hybrid": dict(steps=750, batch_size=16, lr=2.5e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mlm": dict(steps=750, batch_size=24, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "mdlm": dict(steps=750, batch_size=16, lr=2e-3, warmup=100, seq_len=256, eval_every=250, dtype="bfloat16"),
     "diffusion": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=500, ema=0.999),
@@ -45,14 +48,16 @@ DEFAULTS = {
 # parser default is None, so that an option given to another task is seen; TASK_OPTION_DEFAULTS
 # fills in the rest after the check.
 TASK_OPTIONS = {
-    "seq_len": (("gpt", "mlm", "mdlm"), "the text tasks (gpt, mlm, mdlm)"),
-    "kv_heads": (("gpt",), "gpt"),
+    "seq_len": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
+    "kv_heads": (("gpt", "hybrid"), "gpt, hybrid"),
     "context_parallel": (("gpt",), "gpt"),
-    "mask_prob": (("mlm",), "mlm"),
+    "mask_prob": (("mlm", "hybrid"), "mlm, hybrid"),
     "mask_schedule": (("mlm", "mdlm"), "mlm and mdlm"),
     "eval_t": (("mdlm",), "mdlm"),
-    "tokenizer": (("gpt", "mlm", "mdlm"), "the text tasks (gpt, mlm, mdlm)"),
-    "vocab_size": (("gpt", "mlm", "mdlm"), "the text tasks (gpt, mlm, mdlm)"),
+    "mix": (("hybrid",), "hybrid"),
+    "span_len": (("hybrid",), "hybrid"),
+    "tokenizer": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
+    "vocab_size": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
     "arch": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "p_uncond": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
@@ -62,8 +67,9 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, arch="unet", uncond=False, p_uncond=0.5, prediction="v_prediction",
-                            schedule="squaredcos_cap_v2", eval_samples=500, guidance=1.0)
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.5, span_len=3.0, arch="unet",
+                            uncond=False, p_uncond=0.5, prediction="v_prediction", schedule="squaredcos_cap_v2",
+                            eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
 RUN_FILES = ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl",
              "tokenizer.json", "tokens.pt")
@@ -144,7 +150,7 @@ def _device_arg(auto: bool = False):
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pk-train", description="Train an MLM, GPT, masked diffusion LM (mdlm), "
-                                "diffusion or flow-matching model "
+                                "hybrid (next-token + infilling), diffusion or flow-matching model "
                                 "on the package's fused ops (embedded data unless --data is given).")
     p.add_argument("task", choices=TASKS, help="objective")
     p.add_argument("--out", help="run folder (default runs/<task>)")
@@ -183,18 +189,22 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=_positive())
     g.add_argument("--no-final-eval", action="store_true", help="skip the sample-quality evaluation at the end")
     g.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("text models (mlm, gpt, mdlm)")
+    g = p.add_argument_group("text models (mlm, gpt, mdlm, hybrid)")
     g.add_argument("--seq-len", type=_positive())
     g.add_argument("--layers", type=_positive())
     g.add_argument("--dim", type=_positive(), help="model width")
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
-    g.add_argument("--mask-prob", type=_positive(float), help="mlm (default 0.15)")
+    g.add_argument("--mask-prob", type=_positive(float), help="mlm, hybrid: the share of hidden tokens (default 0.15)")
     g.add_argument("--mask-schedule", type=_mask_schedule, help="mlm: the training masking rate, mdlm: the upper "
                    "end of the range of t, over the run: constant (default: mlm --mask-prob, mdlm t in (0, 1]), "
                    "constant:v, linear:a:b or cosine:a:b (a at the first step, b at the last; values in (0, 1])")
     g.add_argument("--eval-t", type=_positive(), help="mdlm: stratified rates t per validation window for the "
                    "bound (default 4)")
+    g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
+                   "next-token prediction (default 0.5)")
+    g.add_argument("--span-len", type=_positive(float), help="hybrid: mean length of a hidden span in tokens "
+                   "(default 3)")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
                    "byte-level BPE trained on the training text (needs the tokenizers package)")
     g.add_argument("--vocab-size", type=_vocab_size, help="bpe vocabulary size, specials included (default 2048)")
@@ -216,19 +226,22 @@ def train_parser() -> argparse.ArgumentParser:
 def _build_task(args, p):
     from pretrain_kernels.models import BertConfig, GPTConfig
 
-    from .tasks import SIZES, DenoisingTask, GPTTask, MDLMTask, MLMTask
+    from .tasks import SIZES, DenoisingTask, GPTTask, HybridTask, MDLMTask, MLMTask
 
     d = DEFAULTS[args.task]
     seq_len = args.seq_len or (64 if args.size == "tiny" else d.get("seq_len", 256))
-    if args.task in ("gpt", "mlm", "mdlm"):
+    if args.task in ("gpt", "mlm", "mdlm", "hybrid"):
         tok = dict(tokenizer=args.tokenizer or "byte", vocab_size=args.vocab_size)
-        m = dict(SIZES[args.task][args.size])
+        m = dict(SIZES["gpt" if args.task == "hybrid" else args.task][args.size])
         for key, val in (("n_layer", args.layers), ("n_embd", args.dim), ("n_head", args.heads)):
             if val is not None:
                 m[key] = val
-        if args.task == "gpt":
+        if args.task in ("gpt", "hybrid"):
             m["n_kv_head"] = args.kv_heads or (m["n_head"] if args.heads else m["n_kv_head"])
             m["block_size"] = max(m["block_size"], seq_len)
+            if args.task == "hybrid":
+                return HybridTask(GPTConfig(**m), seq_len=seq_len, mix=args.mix, mask_prob=args.mask_prob,
+                                  span_len=args.span_len, data=args.data, **tok)
             return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data, **tok)
         m["max_len"] = max(m["max_len"], seq_len)
         if args.task == "mdlm":
@@ -366,10 +379,10 @@ def train_main(argv=None) -> dict:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT run folder (byte or BPE tokens, "
-                                "as trained), sampled by pk.sample with a KV cache; or from an mdlm run folder, "
-                                "by iterative unmasking with pk.unmask_step.")
-    p.add_argument("--checkpoint", required=True, help="a pk-train gpt or mdlm run folder")
+    p = argparse.ArgumentParser(prog="pk-generate", description="Text from a GPT or hybrid run folder (byte or BPE "
+                                "tokens, as trained), sampled by pk.sample with a KV cache; or from an mdlm run "
+                                "folder, by iterative unmasking with pk.unmask_step.")
+    p.add_argument("--checkpoint", required=True, help="a pk-train gpt, hybrid or mdlm run folder")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; gpt default: 'def '; "
                    "mdlm: the prefix kept before --max-new-tokens masked tokens, none: unconditional)")
     p.add_argument("--max-new-tokens", type=_positive(), default=200)
@@ -384,10 +397,11 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help="stop a row at any of these characters (e.g. $'\\n')")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step")
     p.add_argument("--device", type=_device_arg(), default="cpu")
+    p.add_argument("--infill", action="append", help="text whose ___ are filled (mdlm and hybrid runs): mdlm: each "
+                   "___ becomes --infill-length masked tokens, the rest is kept; hybrid: the holes are decoded in "
+                   "order after the text (its prefix), each until eos or --max-new-tokens; \\n, \\t and \\\\ "
+                   "read as newline, tab, backslash (repeat for a batch)")
     g = p.add_argument_group("mdlm runs (iterative unmasking)")
-    g.add_argument("--infill", action="append", help="text whose ___ are filled: each ___ becomes --infill-length "
-                   "masked tokens, the rest is kept; \\n, \\t and \\\\ read as newline, tab, backslash "
-                   "(repeat for a batch)")
     g.add_argument("--infill-length", type=_positive(), help="masked tokens per ___ (default 16)")
     g.add_argument("--steps", type=_positive(), help="unmasking steps; each reveals a share of a row's masked "
                    "tokens, linear in t (default: the largest masked count, one token per step)")
@@ -457,11 +471,19 @@ def generate_main(argv=None) -> list[str]:
         p.error(str(e))
     if task.name == "mdlm":
         return _generate_mdlm(p, args, task)
-    if task.name != "gpt":
-        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt or mdlm run")
+    if task.name not in ("gpt", "hybrid"):
+        p.error(f"--checkpoint: {args.checkpoint!r} holds a {task.name} run; pk-generate needs a gpt, hybrid or "
+                "mdlm run")
+    if args.infill and task.name != "hybrid":
+        p.error(f"--infill: only for mdlm runs and hybrid runs (trained to infill); {args.checkpoint!r} holds a "
+                f"{task.name} run")
     for dest in MDLM_GENERATE_OPTIONS:
-        if getattr(args, dest) is not None:
-            p.error(f"--{dest.replace('_', '-')}: only for mdlm runs; {args.checkpoint!r} holds a gpt run")
+        if dest != "infill" and getattr(args, dest) is not None:
+            p.error(f"--{dest.replace('_', '-')}: only for mdlm runs; {args.checkpoint!r} holds a {task.name} run")
+    if args.infill:
+        if args.prompt:
+            p.error("--infill: give either --prompt (left to right) or --infill, not both")
+        return _infill_main(args, p, task)
     tok = task.tok
     prompts = args.prompt or ["def "]
     if any(len(s) == 0 for s in prompts):
@@ -477,7 +499,8 @@ def generate_main(argv=None) -> list[str]:
                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                               frequency_penalty=args.frequency_penalty, seed=args.seed, stop_tokens=stop,
-                              use_cache=not args.no_cache, keep_stop_token=task.bpe)
+                              use_cache=not args.no_cache, keep_stop_token=task.bpe,
+                              suppress_tokens=tok.all_special_ids if task.name == "hybrid" else ())
     except ValueError as e:
         p.error(str(e))
     texts = []
@@ -487,6 +510,44 @@ def generate_main(argv=None) -> list[str]:
         text = s + new[:cut].decode("utf-8", errors="replace")
         texts.append(text)
         print(text)
+        print("-" * 40)
+    return texts
+
+
+def _infill_main(args, p, task) -> list[str]:
+    """pk-generate --infill on a hybrid run: the text with each ___ hole replaced by the mask token,
+    then bos, is the prefix (attended both ways); the holes are decoded in order, each ending at
+    eos, every one after the prefix and the holes before it (as the task trains)."""
+    from .tasks import infill_prefix
+
+    tok, model = task.tok, task.model.eval()
+    texts = []
+    for row, text in enumerate(read_escapes(t) for t in args.infill):
+        pieces = text.split("___")
+        if len(pieces) < 2:
+            p.error(f"--infill: expected at least one ___ hole in {text!r}")
+        prefix = infill_prefix(tok, [tok.encode(piece) for piece in pieces])
+        stream, spans = list(prefix), []
+        for hole in range(len(pieces) - 1):
+            room = model.cfg.block_size - len(stream)
+            if room < 1:
+                p.error(f"--infill: {text!r} with its filled holes exceeds the model's block_size "
+                        f"{model.cfg.block_size}")
+            try:
+                out = model.generate([stream], min(args.max_new_tokens, room), temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                     repetition_penalty=args.repetition_penalty,
+                                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                     seed=args.seed + 1000 * row + hole, stop_tokens=[tok.eos_token_id],
+                                     use_cache=not args.no_cache, prefix_lens=[len(prefix)],
+                                     suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])[0]
+            except ValueError as e:
+                p.error(str(e))
+            spans.append(tok.decode_bytes(out).decode("utf-8", errors="replace"))
+            stream += out + [tok.eos_token_id]
+        filled = pieces[0] + "".join(s + piece for s, piece in zip(spans, pieces[1:]))
+        texts.append(filled)
+        print(filled)
         print("-" * 40)
     return texts
 

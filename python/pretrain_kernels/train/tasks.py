@@ -10,6 +10,8 @@ A task provides
   config()        a JSON-able dict from which build_task() rebuilds the task and model
 
   GPTTask        next-token prediction on random windows; eval: validation nats per byte
+  HybridTask     the GPT decoder on a mixture of next-token and span-infilling examples (GLM /
+                 UL2, prefix-LM mask); eval: the GPT's nats per byte and masked-token accuracy
   MLMTask        variable-length windows, masked by pk.mlm_mask, packed for varlen attention;
                  eval: masked-token accuracy beside the most-frequent-token baseline
   MDLMTask       masked diffusion LM on the same encoder: per-row rates t (low-discrepancy),
@@ -348,6 +350,163 @@ class MLMTask(_ScheduledTask, _TextTask):
                 "most_frequent_token_accuracy": base / n,
                 "most_frequent_token": repr(self.tok.token_bytes(self.most_frequent).decode("utf-8", errors="replace")),
                 "masked_bytes_per_token": nbytes / n}
+
+
+# ---- hybrid: next-token prediction and span infilling ---------------------------------------------
+
+
+def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: int, bos_id: int, eos_id: int,
+                        length: int | None = None):
+    """One infilling example (GLM's layout) from a token row text [n] and a bool mask [n] of the
+    positions to hide. The stream is
+        prefix = text with each run of masked positions replaced by one mask_id, then bos_id
+        spans  = the runs' tokens in order, each followed by eos_id
+    and the example is x = stream[:-1], y = stream[1:] with the prefix's own targets ignored
+    (-100): the token at bos predicts the first span's first token, and every span ends with an
+    eos (its length is not given away). The prefix (bos included) is attended both ways.
+    Returns (x [L], y [L], prefix_len, span_target bool [L]: the targets that are hidden tokens,
+    the eos ends excluded). L = n + 2 * runs (the stream less one); with `length`, x is padded
+    with eos_id and y with -100 up to it (a ValueError when the stream is longer)."""
+    masked = masked.bool()
+    prev = torch.cat([masked.new_zeros(1), masked[:-1]])
+    nxt = torch.cat([masked[1:], masked.new_zeros(1)])
+    starts, ends = masked & ~prev, masked & ~nxt
+    prefix = torch.where(starts, torch.full_like(text, mask_id), text)[~masked | starts]
+    hidden = text[masked]
+    spans = torch.stack([hidden, torch.full_like(hidden, eos_id)], 1).flatten()
+    spans = spans[torch.stack([torch.ones_like(ends[masked]), ends[masked]], 1).flatten()]
+    stream = torch.cat([prefix, text.new_full((1,), bos_id), spans])
+    plen = prefix.numel() + 1
+    x, y = stream[:-1].clone(), stream[1:].clone()
+    y[:plen - 1] = -100
+    span_target = torch.zeros_like(y, dtype=torch.bool)
+    span_target[plen - 1:] = y[plen - 1:] != eos_id
+    if length is not None:
+        if x.numel() > length:
+            raise ValueError(f"length: the infilling stream has {x.numel()} tokens, more than {length}")
+        pad = length - x.numel()
+        x = torch.cat([x, x.new_full((pad,), eos_id)])
+        y = torch.cat([y, y.new_full((pad,), -100)])
+        span_target = torch.cat([span_target, span_target.new_zeros(pad)])
+    return x, y, plen, span_target
+
+
+def infill_prefix(tok, pieces: list[list[int]]) -> list[int]:
+    """The prefix of span_infill_example's layout for text given as the token pieces around its
+    holes: the pieces joined by one mask token per hole, then bos (what a hybrid model reads
+    both ways before decoding the holes in order, each ending with eos)."""
+    out = list(pieces[0])
+    for piece in pieces[1:]:
+        out += [tok.mask_token_id] + list(piece)
+    return out + [tok.bos_token_id]
+
+
+def random_spans(n: int, n_masked: int, n_spans: int, gen: torch.Generator) -> torch.Tensor:
+    """A bool mask [n] with n_masked positions in exactly n_spans runs (T5's random segmentation):
+    the masked count is cut at random into n_spans runs of >= 1, the rest into n_spans + 1 gaps,
+    the inner ones >= 1 so that runs do not merge."""
+    if not 1 <= n_spans <= n_masked or n - n_masked < n_spans - 1:
+        raise ValueError(f"spans: cannot place {n_masked} hidden tokens in {n_spans} runs among {n}")
+    cuts = torch.randperm(n_masked - 1, generator=gen)[:n_spans - 1].sort().values + 1
+    runs = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([n_masked])]))
+    free = n - n_masked - (n_spans - 1)
+    g = torch.randint(0, free + 1, (n_spans,), generator=gen).sort().values
+    gaps = torch.diff(torch.cat([torch.tensor([0]), g, torch.tensor([free])]))
+    gaps[1:-1] += 1
+    lens = torch.stack([gaps[:-1], runs], 1).flatten()
+    vals = torch.tensor([False, True]).repeat(n_spans)
+    return torch.cat([vals.repeat_interleave(lens), torch.zeros(int(gaps[-1]), dtype=torch.bool)])
+
+
+class HybridTask(GPTTask):
+    """A GPT-family decoder trained on a mixture of next-token prediction and span infilling
+    (GLM / UL2). Every training window of seq_len + 1 tokens is, with probability `mix`, an
+    infilling example: the first seq_len - 2 * n_spans tokens are masked by random_spans (about
+    mask_prob of them, in n_spans = round(mask_prob * seq_len / span_len) runs) and laid out by
+    span_infill_example, the prefix attended both ways through pk.flash_attention's prefix-LM
+    mask (prefix_lens) and the hidden spans predicted left to right after it; otherwise it is
+    the GPT's plain next-token example (prefix_lens 0). Both kinds are exactly seq_len tokens, so
+    batches have a fixed shape and no padding. The loss is the mean over the predicted tokens.
+
+    Evaluation: val_loss is the next-token nats per byte on the GPT task's own validation
+    windows (the same windows, the same computation: exactly comparable with a GPT run); on
+    infilling examples built from those windows (a fixed mask draw), masked_accuracy is the
+    share of hidden tokens predicted by argmax with the earlier hidden tokens given (teacher
+    forcing), infill_loss their mean loss per token (the eos ends included)."""
+
+    name = "hybrid"
+
+    def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.5, mask_prob: float = 0.15,
+                 span_len: float = 3.0, **kw):
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix: expected a fraction in [0, 1], got {mix}")
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob: expected a value in (0, 1), got {mask_prob}")
+        if not span_len >= 1.0:
+            raise ValueError(f"span_len: expected a mean span length >= 1, got {span_len}")
+        self.mix, self.mask_prob, self.span_len = float(mix), float(mask_prob), float(span_len)
+        self.n_spans = max(1, round(mask_prob * seq_len / span_len))
+        self.n_text = seq_len - 2 * self.n_spans
+        self.n_masked = max(self.n_spans, round(mask_prob * self.n_text))
+        if self.n_text < 2 or self.n_text - self.n_masked < self.n_spans - 1:
+            raise ValueError(f"seq_len {seq_len} is too short for spans of mean length {span_len} at mask_prob "
+                             f"{mask_prob}")
+        super().__init__(model_cfg, seq_len=seq_len, **kw)
+        if hasattr(self, "val"):
+            self.val_infill = self._infill_batch(self.val, torch.Generator().manual_seed(4321),
+                                                 torch.ones(self.val.shape[0], dtype=torch.bool))
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(kind="hybrid", mix=self.mix, mask_prob=self.mask_prob, span_len=self.span_len)
+        return cfg
+
+    def infill_row(self, text: torch.Tensor, masked: torch.Tensor, length: int | None = None):
+        tok = self.tok
+        return span_infill_example(text, masked, mask_id=tok.mask_token_id, bos_id=tok.bos_token_id,
+                                   eos_id=tok.eos_token_id, length=length)
+
+    def _infill_batch(self, w: torch.Tensor, gen: torch.Generator, infill: torch.Tensor) -> dict:
+        """Windows w [B, seq_len + 1]: rows with infill[b] become infilling examples."""
+        x, y = w[:, :-1].clone(), w[:, 1:].clone()
+        plen = torch.zeros(w.shape[0], dtype=torch.int32)
+        span = torch.zeros_like(y, dtype=torch.bool)
+        for b in infill.nonzero().flatten().tolist():
+            masked = random_spans(self.n_text, self.n_masked, self.n_spans, gen)
+            x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :self.n_text], masked)
+        return {"x": x, "y": y, "prefix_lens": plen, "span": span}
+
+    def batch(self, gen, n):
+        w = self._windows(self.train_ids, n, self.seq_len + 1, gen)
+        infill = torch.rand(n, generator=gen) < self.mix
+        b = self._infill_batch(w, gen, infill)
+        del b["span"]
+        return b
+
+    def count(self, mb):
+        return int((mb["y"] != -100).sum())
+
+    def items(self, b):
+        return b["x"].numel()
+
+    def loss(self, model, mb):
+        _, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"])
+        return loss * (mb["y"] != -100).sum()
+
+    def evaluate(self, model, device):
+        out = super().evaluate(model, device)    # next-token, exactly as GPTTask
+        correct = n = 0
+        tot, n_loss = 0.0, 0
+        for mb in _split_dict(self.val_infill, max(1, self.val_infill["x"].shape[0] // 32)):
+            mb = {k: v.to(device) for k, v in mb.items()}
+            logits, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"])
+            k = int((mb["y"] != -100).sum())
+            tot, n_loss = tot + float(loss) * k, n_loss + k
+            span = mb["span"]
+            correct += int((logits.argmax(-1)[span] == mb["y"][span]).sum())
+            n += int(span.sum())
+        out.update(masked_accuracy=correct / max(n, 1), infill_loss=tot / max(n_loss, 1))
+        return out
 
 
 # ---- masked diffusion LM -----------------------------------------------------------------------
@@ -821,6 +980,10 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
         return GPTTask(GPTConfig(**cfg["model"]), seq_len=cfg["seq_len"], data=cfg.get("data"),
                        eval_windows=cfg.get("eval_windows", 256), load_data=load_data,
                        tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
+    if kind == "hybrid":
+        return HybridTask(GPTConfig(**cfg["model"]), seq_len=cfg["seq_len"], mix=cfg["mix"], mask_prob=cfg["mask_prob"],
+                          span_len=cfg["span_len"], data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
+                          load_data=load_data, tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
     if kind == "mlm":
         return MLMTask(BertConfig(**cfg["model"]), seq_len=cfg["seq_len"], min_len=cfg["min_len"],
                        mask_prob=cfg["mask_prob"], data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
@@ -842,4 +1005,4 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
                              eval_samples=cfg.get("eval_samples", 500), guidance=cfg.get("guidance", 1.0),
                              load_data=load_data, image_shape=cfg["image_shape"], num_classes=cfg["num_classes"],
                              coupling=cfg.get("coupling", "independent"))
-    raise ValueError(f"task kind: expected gpt, mlm, mdlm, diffusion or flow, got {kind!r}")
+    raise ValueError(f"task kind: expected gpt, hybrid, mlm, mdlm, diffusion or flow, got {kind!r}")
