@@ -138,10 +138,10 @@ def test_rerun_into_a_run_folder_needs_resume_or_force(flow_run, tmp_path, capsy
     (["flow", "--prediction", "epsilon"], "--prediction: only for diffusion, not flow"),
     (["flow", "--schedule", "linear"], "--schedule: only for diffusion, not flow"),
     (["diffusion", "--coupling", "ot"], "--coupling: only for flow, not diffusion"),
-    (["flow", "--seq-len", "32"], "--seq-len: only for the text tasks (gpt, mlm, mdlm), not flow"),
+    (["flow", "--seq-len", "32"], "--seq-len: only for the text tasks (gpt, mlm, mdlm, hybrid), not flow"),
     (["diffusion", "--tokenizer", "bpe"], "--tokenizer: only for the text tasks"),
-    (["gpt", "--mask-prob", "0.2"], "--mask-prob: only for mlm, not gpt"),
-    (["mlm", "--kv-heads", "2"], "--kv-heads: only for gpt, not mlm"),
+    (["gpt", "--mask-prob", "0.2"], "--mask-prob: only for mlm, hybrid, not gpt"),
+    (["mlm", "--kv-heads", "2"], "--kv-heads: only for gpt, hybrid, not mlm"),
     (["diffusion", "--p-uncond", "0.1"], None),          # valid: reaches the data loading (no such folder)
 ])
 def test_options_of_another_task_are_refused(argv, message, capsys):
