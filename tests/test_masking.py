@@ -380,6 +380,24 @@ def test_cpu_and_cuda_agree_bit_for_bit(cuda_kernels):
     assert torch.equal(cpu[1], gpu[1].cpu())
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cpu_and_cuda_agree_vector_loads(cuda_kernels, dtype):
+    """Rows of 4k tokens in aligned tensors take the CUDA kernel's vector loads and stores; a
+    view at an odd offset takes its scalar loop: both give the CPU's bits."""
+    dev = cuda_kernels.device
+    B, L = 6, 516
+    ids, attn = make_batch(B, L, "cpu", dtype)
+    shifted = torch.cat([torch.zeros(1, dtype=dtype), ids.flatten()])[1:].view(B, L)  # 4 or 8 bytes off
+    for x in (ids, shifted):
+        for mask in (None, attn):
+            kw = dict(mask_token_id=MASK, vocab_size=V, special_token_ids=SPECIAL, mask_prob=0.4, replace_prob=0.5,
+                      random_prob=0.3, seed=5)
+            cpu = pk.mlm_mask(x, attention_mask=mask, **kw)
+            with cuda_kernels.run():
+                gpu = pk.mlm_mask(x.to(dev), attention_mask=None if mask is None else mask.to(dev), **kw)
+            assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+
+
 def test_special_ids_tensor_cache_cannot_go_stale():
     """The wrapper sorts a special-ids tensor once per tensor and version: an in-place change,
     and a new tensor that may land at the freed address of an old one, both get their own ids."""
