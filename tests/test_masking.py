@@ -353,6 +353,23 @@ def test_manual_seed_reproduces_and_generator():
                        pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, generator=g2)[1])
 
 
+def test_int_seed_tensors_are_reused_but_never_stale():
+    """An int seed reuses its one-element tensor from call to call; one changed in place is
+    made again, so a seed always means its value."""
+    from pretrain_kernels.ops._common import resolve_seed
+    ids, _ = make_batch(2, 40, "cpu")
+    ref = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=2**64 - 3)
+    t = resolve_seed(2**64 - 3, None, torch.device("cpu"))
+    assert t.tolist() == [-3] and resolve_seed(2**64 - 3, None, torch.device("cpu")) is t
+    t.fill_(11)
+    again = resolve_seed(2**64 - 3, None, torch.device("cpu"))
+    assert again.tolist() == [-3]
+    got = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=2**64 - 3)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    other = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=11)
+    assert not torch.equal(other[1], ref[1])
+
+
 def test_cpu_and_cuda_agree_bit_for_bit(cuda_kernels):
     dev = cuda_kernels.device
     B, L = 33, 517
