@@ -81,6 +81,81 @@ def test_selection_matches_documented_philox_keys():
     assert torch.equal(labels != -100, ref)
 
 
+def _mask_of(attn, dtype):
+    """attn (0/1) in `dtype` with other non-zero values than 1."""
+    big = {torch.bool: True, torch.uint8: 7, torch.int32: -5, torch.int64: 2**40, torch.float32: 0.5}[dtype]
+    return torch.where(attn.bool(), torch.tensor(big, dtype=dtype), torch.tensor(0, dtype=dtype))
+
+
+@pytest.mark.parametrize("L", [1, 63, 1024, 1025, 2500])
+def test_attention_mask_dtypes_and_many_special_ids(L):
+    """The CPU's Bernoulli path reads bool, uint8, int32 and int64 attention masks as they are
+    (other dtypes become bool): any non-zero value attends, in every dtype. Few special ids are
+    compared lane by lane, more than 16 are binary-searched; both select what the documented
+    Philox keys say, across segment boundaries (1024 tokens) and ragged tails."""
+    ids, attn = make_batch(3, L, "cpu")
+    g = torch.Generator().manual_seed(L)
+    ids = torch.where(torch.rand(ids.shape, generator=g) < 0.2, torch.randint(0, 45, ids.shape, generator=g), ids)
+    for specials in (SPECIAL, list(range(0, 40, 2)) + [7, 7, -2, 5000]):
+        ref = mlm_selection_reference(ids, 99, 0.3, V, [s for s in specials if 0 <= s < V], attn)
+        first = None
+        for dtype in (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32):
+            got = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=specials, mask_prob=0.3,
+                              attention_mask=_mask_of(attn, dtype), replace_prob=0.5, random_prob=0.3, seed=99)
+            assert torch.equal(got[1] != -100, ref), (dtype, len(specials))
+            check_invariants(ids, attn, got[0], got[1], specials=[s for s in specials if 0 <= s < V])
+            if first is None:
+                first = got
+            assert torch.equal(got[0], first[0]) and torch.equal(got[1], first[1]), dtype
+
+
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import pretrain_kernels as pk
+from test_masking import isa_cases
+torch.save(isa_cases(), {out!r})
+"""
+
+
+def isa_cases():
+    """mlm_mask outputs over shapes, id dtypes, mask dtypes, special-id counts, per-row rates
+    and action mixes (the same list in every process)."""
+    outs = []
+    for i, (B, L) in enumerate([(1, 1), (3, 70), (2, 1024), (2, 1500), (1, 3001)]):
+        for dtype in (torch.int32, torch.int64):
+            ids, attn = make_batch(B, L, "cpu", dtype, seed=i)
+            for specials, mdt, rate, (rp, rnd) in [(SPECIAL, torch.int64, 0.15, (0.8, 0.1)),
+                                                   (list(range(0, 60, 3)), torch.bool, 0.5, (0.0, 1.0)),
+                                                   (None, None, torch.rand(B, generator=torch.Generator().manual_seed(i)),
+                                                    (0.5, 0.5)),
+                                                   ([2], torch.uint8, 1.0, (0.3, 0.3))]:
+                outs.append(pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=specials,
+                                        attention_mask=None if mdt is None else attn.to(mdt), mask_prob=rate,
+                                        replace_prob=rp, random_prob=rnd, seed=1000 + i))
+    return outs
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_instruction_sets_agree(isa, tmp_path):
+    """The portable and AVX2 loops (CPUs without AVX-512), forced through PK_CPU_ISA in a fresh
+    process, give exactly the outputs of this process's dispatch (AVX-512 where the CPU has it)."""
+    import os
+    import subprocess
+    import sys
+    out = str(tmp_path / "outs.pt")
+    env = dict(os.environ, PK_CPU_ISA=isa)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests, out=out)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = torch.load(out)
+    ours = isa_cases()
+    assert len(theirs) == len(ours)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), i
+
+
 def test_philox_known_answers_through_python_reference():
     # Published Random123 vectors: the Python reference used by the tests is right.
     assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
@@ -278,6 +353,23 @@ def test_manual_seed_reproduces_and_generator():
                        pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, generator=g2)[1])
 
 
+def test_int_seed_tensors_are_reused_but_never_stale():
+    """An int seed reuses its one-element tensor from call to call; one changed in place is
+    made again, so a seed always means its value."""
+    from pretrain_kernels.ops._common import resolve_seed
+    ids, _ = make_batch(2, 40, "cpu")
+    ref = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=2**64 - 3)
+    t = resolve_seed(2**64 - 3, None, torch.device("cpu"))
+    assert t.tolist() == [-3] and resolve_seed(2**64 - 3, None, torch.device("cpu")) is t
+    t.fill_(11)
+    again = resolve_seed(2**64 - 3, None, torch.device("cpu"))
+    assert again.tolist() == [-3]
+    got = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=2**64 - 3)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    other = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=11)
+    assert not torch.equal(other[1], ref[1])
+
+
 def test_cpu_and_cuda_agree_bit_for_bit(cuda_kernels):
     dev = cuda_kernels.device
     B, L = 33, 517
@@ -303,6 +395,24 @@ def test_cpu_and_cuda_agree_bit_for_bit(cuda_kernels):
         gpu = pk.mlm_mask(ids.to(dev), mask_token_id=MASK, vocab_size=V, seed=s)
     cpu = pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=77)
     assert torch.equal(cpu[1], gpu[1].cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cpu_and_cuda_agree_vector_loads(cuda_kernels, dtype):
+    """Rows of 4k tokens in aligned tensors take the CUDA kernel's vector loads and stores; a
+    view at an odd offset takes its scalar loop: both give the CPU's bits."""
+    dev = cuda_kernels.device
+    B, L = 6, 516
+    ids, attn = make_batch(B, L, "cpu", dtype)
+    shifted = torch.cat([torch.zeros(1, dtype=dtype), ids.flatten()])[1:].view(B, L)  # 4 or 8 bytes off
+    for x in (ids, shifted):
+        for mask in (None, attn):
+            kw = dict(mask_token_id=MASK, vocab_size=V, special_token_ids=SPECIAL, mask_prob=0.4, replace_prob=0.5,
+                      random_prob=0.3, seed=5)
+            cpu = pk.mlm_mask(x, attention_mask=mask, **kw)
+            with cuda_kernels.run():
+                gpu = pk.mlm_mask(x.to(dev), attention_mask=None if mask is None else mask.to(dev), **kw)
+            assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
 
 
 def test_special_ids_tensor_cache_cannot_go_stale():

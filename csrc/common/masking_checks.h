@@ -20,7 +20,7 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
                                   const c10::optional<at::Tensor>& word_starts,
                                   const c10::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
                                   int64_t mask_token_id, int64_t vocab_size, double mask_prob, double replace_prob,
-                                  double random_prob) {
+                                  double random_prob, bool native_attn = false) {
   TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0, "mask_prob: expected a probability in [0, 1], got ", mask_prob);
   TORCH_CHECK(input_ids.dim() == 2, "input_ids: expected a 2-D tensor [batch, seq_len], got ", input_ids.dim(),
               "-D");
@@ -51,7 +51,11 @@ inline CheckedInputs check_inputs(const at::Tensor& input_ids, const c10::option
                 a.sizes());
     TORCH_CHECK(a.device() == input_ids.device(), "attention_mask: expected device ", input_ids.device(), ", got ",
                 a.device());
-    c.attn = (a.scalar_type() == at::kBool ? a : a.ne(0)).contiguous();
+    // bool, or (native_attn: a kernel that reads them as they are) uint8 / int32 / int64; any
+    // other dtype becomes bool (!= 0)
+    const auto t = a.scalar_type();
+    const bool keep = t == at::kBool || (native_attn && (t == at::kByte || t == at::kInt || t == at::kLong));
+    c.attn = (keep ? a : a.ne(0)).contiguous();
   }
   if (special_ids.has_value()) {
     const auto& s = *special_ids;

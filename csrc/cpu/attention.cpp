@@ -135,6 +135,7 @@ void finish_rows(const Problem& p, scalar_t* out, acc_t* lse, int64_t R, int64_t
 
 #if PK_X86
 constexpr int64_t kMinTasks = 8;       // decode work items to aim for (independent of threads)
+constexpr int64_t kInlineDecodeWork = int64_t(1) << 17;  // multiply-adds below which decode stays on the caller's thread
 
 // Decode and short chunks: every sequence's queries fit in one block of at most
 // kSmallRows rows per kv head. A work item takes a sequence and a range of kv heads and
@@ -147,7 +148,7 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
   const int64_t G = p.group(), D = p.D, Dv = p.Dv, Hk = p.Hk, BK = kBlockK;
   const int64_t n_split = std::max<int64_t>(1, std::min(Hk, (kMinTasks + p.batch - 1) / std::max<int64_t>(1, p.batch)));
   const float scale = static_cast<float>(p.scale);
-  at::parallel_for(0, p.batch * n_split, 1, [&](int64_t t0, int64_t t1) {
+  const auto body = [&](int64_t t0, int64_t t1) {
     std::vector<float> Qf, O, m, l, S;
     std::vector<uint32_t> bits;
     for (int64_t t = t0; t < t1; ++t) {
@@ -186,7 +187,14 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
         finish_rows(p, out, lse, R, np, b, (hk0 + hh) * G, 0, m.data() + hh * R, l.data() + hh * R,
                     O.data() + hh * R * Dv);
     }
-  });
+  };
+  // A single decode token over a short cache is a few microseconds of work: run it here rather
+  // than wake the thread pool, which costs as much (same tasks, so the same bits either way).
+  if (p.batch * p.H * p.sq * p.sk * (D + Dv) <= kInlineDecodeWork) {
+    body(0, p.batch * n_split);
+  } else {
+    at::parallel_for(0, p.batch * n_split, 1, body);
+  }
 }
 #endif
 

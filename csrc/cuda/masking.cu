@@ -2,7 +2,11 @@
 // bit: both call the per-token functions of csrc/common/masking.h with the same Philox keys.
 //
 //  * mlm_mask, Bernoulli selection on tokens: one flat elementwise pass, one thread per
-//    four tokens (they share a Philox block of selection words), nothing shared.
+//    four tokens (they share a Philox block of selection words), nothing shared. When rows
+//    hold a multiple of four tokens and the tensors are 16-byte aligned (the host checks the
+//    pointers, nothing more), a thread reads its four ids with one (int32) or two (int64)
+//    16-byte loads, its four attention-mask bytes with one 4-byte load, and writes each output
+//    the same way.
 //  * mlm_mask with whole words and/or an exact count: one block per row. Whole words need
 //    each token's word start, a running max over the row (cub::BlockScan, carried across
 //    chunks of blockDim tokens). Exact counts need the k-th smallest unit key of the row:
@@ -30,6 +34,7 @@ namespace {
 using masking::MaskParams;
 
 struct DeviceArgs {
+  bool vec4;  // rows of 4k tokens and aligned tensors: four tokens per vector load and store
   MaskParams p;
   const int64_t* seed_dev;  // when the seed lives on the GPU (graph capture with fresh seeds)
   const float* prob_rows;
@@ -47,6 +52,38 @@ __device__ __forceinline__ MaskParams resolve(const DeviceArgs& a) {
   return p;
 }
 
+// Four consecutive ids from / to a 16-byte aligned address: one 16-byte access for int32, two
+// for int64 (little-endian halves).
+template <typename id_t>
+__device__ __forceinline__ void load4(const id_t* src, id_t (&v)[4]) {
+  const uint4* q = reinterpret_cast<const uint4*>(src);
+  if constexpr (sizeof(id_t) == 4) {
+    const uint4 x = q[0];
+    v[0] = static_cast<id_t>(x.x), v[1] = static_cast<id_t>(x.y), v[2] = static_cast<id_t>(x.z),
+    v[3] = static_cast<id_t>(x.w);
+  } else {
+    const uint4 x = q[0], y = q[1];
+    v[0] = static_cast<id_t>((static_cast<uint64_t>(x.y) << 32) | x.x);
+    v[1] = static_cast<id_t>((static_cast<uint64_t>(x.w) << 32) | x.z);
+    v[2] = static_cast<id_t>((static_cast<uint64_t>(y.y) << 32) | y.x);
+    v[3] = static_cast<id_t>((static_cast<uint64_t>(y.w) << 32) | y.z);
+  }
+}
+
+template <typename id_t>
+__device__ __forceinline__ void store4(id_t* dst, const id_t (&v)[4]) {
+  uint4* q = reinterpret_cast<uint4*>(dst);
+  if constexpr (sizeof(id_t) == 4) {
+    q[0] = make_uint4(static_cast<unsigned>(v[0]), static_cast<unsigned>(v[1]), static_cast<unsigned>(v[2]),
+                      static_cast<unsigned>(v[3]));
+  } else {
+    const auto lo = [](id_t x) { return static_cast<unsigned>(static_cast<uint64_t>(x)); };
+    const auto hi = [](id_t x) { return static_cast<unsigned>(static_cast<uint64_t>(x) >> 32); };
+    q[0] = make_uint4(lo(v[0]), hi(v[0]), lo(v[1]), hi(v[1]));
+    q[1] = make_uint4(lo(v[2]), hi(v[2]), lo(v[3]), hi(v[3]));
+  }
+}
+
 // One thread per group of four neighbouring tokens of a row: the four share one Philox
 // block of selection words.
 template <typename id_t>
@@ -60,6 +97,23 @@ __global__ void mlm_mask_flat_kernel(DeviceArgs a, const id_t* __restrict__ ids,
     const int64_t b = g / groups_per_row, l0 = (g - b * groups_per_row) << 2;
     const float pr = a.prob_rows ? masking::row_rate(a.prob_rows[b]) : static_cast<float>(a.prob);
     const Philox4x32 w = philox_draw(p.seed, masking::token_index(b, l0 >> 2), masking::kMaskOffset);
+    if (a.vec4) {  // l0 + 4 <= L, and every address below is aligned
+      const int64_t i0 = b * a.L + l0;
+      id_t raw[4], o[4], lab[4];
+      load4(ids + i0, raw);
+      unsigned att = 0x01010101u;
+      if (a.attn != nullptr) att = *reinterpret_cast<const unsigned*>(a.attn + i0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const bool attended = ((att >> (8 * k)) & 0xFFu) != 0;
+        const bool selected = uniform_float(masking::word_of(w, k)) < pr &&
+                              masking::eligible(p, static_cast<int64_t>(raw[k]), attended);
+        masking::write_token(p, selected, raw[k], b, l0 + k, &o[k], &lab[k]);
+      }
+      store4(out + i0, o);
+      store4(labels + i0, lab);
+      continue;
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t l = l0 + k;
@@ -197,6 +251,7 @@ DeviceArgs make_args(const masking::CheckedInputs& c, const at::Tensor& seed, do
                      int64_t mask_token_id, int64_t vocab_size, double replace_prob, double random_prob,
                      int64_t max_predictions) {
   DeviceArgs a;
+  a.vec4 = false;
   a.p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
   a.seed_dev = on_kernel_device(seed) ? seed.data_ptr<int64_t>() : nullptr;
   a.p.seed = on_kernel_device(seed) ? 0 : static_cast<uint64_t>(seed.item<int64_t>());  // CPU scalar: no device sync
@@ -224,8 +279,11 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cuda(const at::Tensor& input_ids,
   auto out = at::empty_like(c.ids);
   auto labels = at::empty_like(c.ids);
   if (c.ids.numel() == 0) return {out, labels};
-  const DeviceArgs a =
+  DeviceArgs a =
       make_args(c, seed, mask_prob, mask_token_id, vocab_size, replace_prob, random_prob, max_predictions);
+  const auto aligned = [](const void* ptr, uintptr_t n) { return reinterpret_cast<uintptr_t>(ptr) % n == 0; };
+  a.vec4 = c.ids.size(1) % 4 == 0 && aligned(c.ids.data_ptr(), 16) && aligned(out.data_ptr(), 16) &&
+           aligned(labels.data_ptr(), 16) && (a.attn == nullptr || aligned(a.attn, 4));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(c.ids.scalar_type(), "mlm_mask_cuda", [&] {
     if (!exact_count && !c.word_starts.defined()) {

@@ -99,21 +99,55 @@ def numba_mask():
     return _numba_fn
 
 
-def _info(benchmark, group, impl, B, L, device, elem=8):
-    benchmark.group = f"mlm_mask {B}x{L} {device}"
+def _info(benchmark, group, impl, B, L, device, elem=8, variant="special int64"):
+    benchmark.group = f"mlm_mask {B}x{L} {variant} {device}"
     benchmark.extra_info.update(family="masking", op="mlm_mask", impl=impl, device=device, shape=f"{B}x{L}",
                                 baseline=(impl == "pk"), bytes=B * L * elem * 3, tokens=B * L)
 
 
+# pk.mlm_mask by id dtype, with and without special ids and an attention mask (int64 like a
+# tokenizer's, padding in the last eighth of every row), against the memory floor below.
+VARIANTS = [(dt, sp, am) for dt in ("int64", "int32") for sp, am in ((False, False), (True, False), (True, True))]
+
+
+def _variant_name(v):
+    dt, sp, am = v
+    return " ".join(["special" if sp else "plain"] + (["attn"] if am else []) + [dt])
+
+
+def _variant_inputs(B, L, device, v):
+    dt, sp, am = v
+    ids = make_ids(B, L, device).to(getattr(torch, dt))
+    attn = None
+    if am:
+        attn = torch.ones(B, L, dtype=torch.int64, device=device)
+        attn[:, L - L // 8:] = 0
+    return ids, (torch.tensor(SPECIAL, device=device) if sp else None), attn
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_pk_mlm_mask(benchmark, bench_device, shape):
+def test_pk_mlm_mask(benchmark, bench_device, shape, variant):
     B, L = shape
-    ids = make_ids(B, L, bench_device)
-    special = torch.tensor(SPECIAL, device=bench_device)
-    _info(benchmark, "mlm_mask", "pk", B, L, bench_device)
+    ids, special, attn = _variant_inputs(B, L, bench_device, variant)
+    _info(benchmark, "mlm_mask", "pk", B, L, bench_device, ids.element_size(), _variant_name(variant))
     fn = cuda_sync_fn(lambda: pk.mlm_mask(ids, mask_token_id=MASK_ID, vocab_size=VOCAB, special_token_ids=special,
-                                          seed=1), bench_device)
+                                          attention_mask=attn, seed=1), bench_device)
     benchmark(fn)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_memory_floor(benchmark, bench_device, shape, variant):
+    """The memory floor of the op: an elementwise pass that reads two tensors of the ids' dtype
+    and writes two (torch.add(ids, other, out=a) then b.copy_(ids)): the bytes mlm_mask moves
+    with an attention mask of that dtype, and more than without one."""
+    B, L = shape
+    ids, _, _ = _variant_inputs(B, L, bench_device, variant)
+    other, a, b = ids.clone(), torch.empty_like(ids), torch.empty_like(ids)
+    _info(benchmark, "mlm_mask", "memory floor (add + copy)", B, L, bench_device, ids.element_size(),
+          _variant_name(variant))
+    benchmark(cuda_sync_fn(lambda: (torch.add(ids, other, out=a), b.copy_(ids)), bench_device))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

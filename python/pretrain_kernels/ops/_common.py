@@ -7,6 +7,7 @@ import torch
 import torch.autograd.forward_ad as _fwAD
 
 _SEED_HIGH = 2**62
+_SEED_TENSORS: dict = {}  # int seed -> (version, one-element int64 tensor), see resolve_seed
 
 
 def resolve_seed(seed, generator, device: torch.device) -> torch.Tensor:
@@ -38,18 +39,30 @@ def resolve_seed(seed, generator, device: torch.device) -> torch.Tensor:
         if seed.device.type != "cpu" and seed.device != device:
             raise ValueError(f"seed: expected a CPU tensor or one on {device}, got {seed.device}")
         return seed.reshape(1).to(torch.int64)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if seed.__class__ is not int and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed: expected an int, a one-element integer tensor or None, got {type(seed).__name__}")
     seed = int(seed)
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed: expected a value in [-2**63, 2**64), got {seed}")
     if seed >= 2**63:
         seed -= 2**64  # same 64 bits, as a signed int64
-    return torch.tensor([seed], dtype=torch.int64)
+    if is_compiling():
+        return torch.tensor([seed], dtype=torch.int64)
+    # A fixed seed passed call after call (evaluation, benchmarks, tests) reuses its tensor; the
+    # ops only read it, and one changed in place (its _version moved) is made again.
+    hit = _SEED_TENSORS.get(seed)
+    if hit is not None and hit[1]._version == hit[0]:
+        return hit[1]
+    if len(_SEED_TENSORS) >= 256:
+        _SEED_TENSORS.clear()
+    t = torch.tensor([seed], dtype=torch.int64)
+    _SEED_TENSORS[seed] = (t._version, t)
+    return t
 
 
 def check_prob(name: str, value, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # exact float first: isinstance against the numbers ABCs costs more than the rest of the check
+    if value.__class__ is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     v = float(value)
     ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)
@@ -60,7 +73,7 @@ def check_prob(name: str, value, *, low_open: bool = False) -> float:
 
 
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if value.__class__ is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     v = int(value)
     if low is not None and v < low:
@@ -106,8 +119,10 @@ def _op(qualname: str):
 
 
 def _needs_autograd(args) -> bool:
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return True
+    if torch.is_grad_enabled():
+        for a in args:  # a plain loop: any() over a generator costs a microsecond per call
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                return True
     return _fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled()
 
 
@@ -120,6 +135,18 @@ def needs_autograd(*args) -> bool:
     if is_compiling():
         return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     return _needs_autograd(args)
+
+
+def call_below_autograd(op, *args):
+    """op(*args) for a call that needs no derivative (needs_autograd said so): straight to the
+    backend kernel, past the op's Autograd kernel of register_autograd_function, a Python
+    function whose boxing and checks cost more than a small kernel. While torch.compile traces
+    or a torch.func transform is active the call takes the ordinary route (the transforms keep
+    their own dispatch state)."""
+    if is_compiling() or torch._C._are_functorch_transforms_active():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def register_autograd_function(qualname: str, function, extra_args=(), public: str = "") -> None:

@@ -18,7 +18,8 @@ import numbers
 
 import torch
 
-from ._common import apply_function, needs_autograd, not_differentiable, register_autograd_function, resolve_seed
+from ._common import (apply_function, call_below_autograd, needs_autograd, not_differentiable,
+                      register_autograd_function, resolve_seed)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
@@ -73,6 +74,8 @@ def _resolve_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
 
 
 def _check_window(window) -> tuple[int, int]:
+    if window.__class__ is tuple and window == (-1, -1):  # the default, without the checks below
+        return -1, -1
     try:
         left, right = window
     except (TypeError, ValueError):
@@ -773,9 +776,11 @@ def _attention_fwd(*args, deterministic: bool):
     """flash_attn_fwd(*args), differentiable when it has to be. Trailing arguments left out take
     the op's defaults here, so that the backward receives every argument in its place."""
     args = (*args, *_FWD_DEFAULTS[len(args):])
-    if needs_autograd(*args):
+    # q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask and alibi_slopes: the arguments that can
+    # require grad (the others are numbers or integer tensors)
+    if needs_autograd(*args[:6], args[13]):
         return apply_function(_FlashAttention, *args, deterministic)
-    return torch.ops.pretrain_kernels.flash_attn_fwd(*args)
+    return call_below_autograd(_FWD_OP, *args)
 
 
 # vmap (torch.func.vmap, and vmap over grad / vjp / jacrev): dense calls fold the vmapped dim into
@@ -784,7 +789,8 @@ def _attention_fwd(*args, deterministic: bool):
 # cu_seqlens, run once per sample.
 
 
-_FWD_DEFAULTS = [a.default_value for a in torch.ops.pretrain_kernels.flash_attn_fwd.default._schema.arguments]
+_FWD_OP = torch.ops.pretrain_kernels.flash_attn_fwd.default
+_FWD_DEFAULTS = [a.default_value for a in _FWD_OP._schema.arguments]
 
 
 def _vmap_rule(op, cu_seqlens_q_at, q_at, alibi_at, dropout_p_at):

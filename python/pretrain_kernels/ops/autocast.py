@@ -24,7 +24,7 @@ Two layers, so that both the raw ops and the Python API follow the policy:
     those checks: the functions of ops.attention and ops.diffusion are wrapped in place when
     this module is imported (by ops/__init__, before anything else imports them), and every
     importer (pk.*, integrations, models, schedulers) gets the wrapped function. Without
-    autocast the wrappers cost one torch.is_autocast_enabled call.
+    autocast the wrappers cost one call of torch._C._is_any_autocast_enabled.
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ _NS = "pretrain_kernels"
 _DEVICES = ("cpu", "cuda")
 _DISPATCH_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _HALF = (torch.float16, torch.bfloat16)
+# Whether autocast is on for any device: one call, where torch.is_autocast_enabled needs the
+# device (the common case, autocast off, then costs the public functions almost nothing).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _eligible(t) -> bool:
@@ -49,6 +52,8 @@ def _eligible(t) -> bool:
 
 def _autocast_device(tensors) -> str | None:
     """The device type of the first tensor when autocast is on for it, else None."""
+    if not _any_autocast():
+        return None
     for t in tensors:
         if isinstance(t, torch.Tensor):
             dev = t.device.type
@@ -114,6 +119,8 @@ def _lower_precision(fn, names, target=None):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not _any_autocast():
+            return fn(*args, **kwargs)
         first = arg(args, kwargs, *where[0])
         dev = _autocast_device((first,))
         if dev is None:
@@ -147,6 +154,8 @@ def _float32(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not _any_autocast():
+            return fn(*args, **kwargs)
         dev = _autocast_device(list(args) + list(kwargs.values()))
         if dev is None:
             return fn(*args, **kwargs)

@@ -75,7 +75,7 @@ def _check_flag(name, value):
 def _check_real(name, value, *, low=None, low_open=False, high=None, finite=True):
     """A Python number as a float: never NaN, finite unless finite=False, and >= low (> low
     with low_open) / <= high where given. The messages match the ops' TORCH_CHECKs."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if value.__class__ is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     v = float(value)
     if math.isnan(v) and not finite:
@@ -247,16 +247,24 @@ def _per_sample(name, value, ref=None, *, integral=False):
     return _scalar_tensor(float(value), torch.float64)
 
 
+_FEW_VALUES = 64
+
+
+def _finite(v):
+    """isfinite of a Python number (a value read by _check_values) or of a tensor."""
+    return math.isfinite(v) if isinstance(v, (int, float)) else torch.isfinite(v)
+
+
 def _check_values(name, t, ok, expect, *, cls=ValueError):
     """ok(values) for a per-sample tensor made by _per_sample (a Python number became a one-element
     CPU tensor), where its values are on the host: CPU tensors, outside torch.compile. Values in
     device memory are not read (a host sync); the ops check the same on the host."""
     if t.device.type != "cpu" or is_compiling() or t.numel() == 0:
         return
-    if t.numel() == 1:
-        v = t.item()
-        if not ok(torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)):
-            raise cls(f"{name}: expected {expect}, got {v}")
+    if t.numel() <= _FEW_VALUES:  # a few values: read once, checked in Python (each torch op costs more)
+        for i, v in enumerate(t.reshape(-1).tolist()):
+            if not ok(v):
+                raise cls(f"{name}: expected {expect}, got {v}" + (f" at sample {i}" if t.numel() > 1 else ""))
         return
     bad = ~ok(t.reshape(-1))
     if bool(bad.any()):
@@ -273,11 +281,11 @@ def _check_timesteps(name, t, n, *, allow_negative=False):
 
 
 def _sigma_positive(name, t):
-    _check_values(name, t, lambda v: torch.isfinite(v) & (v > 0), "finite values > 0")
+    _check_values(name, t, lambda v: _finite(v) & (v > 0), "finite values > 0")
 
 
 def _sigma_nonneg(name, t):
-    _check_values(name, t, lambda v: torch.isfinite(v) & (v >= 0), "finite values >= 0")
+    _check_values(name, t, lambda v: _finite(v) & (v >= 0), "finite values >= 0")
 
 
 def _sigma_unit(name, t):  # flow matching: x_t = (1 - s) x0 + s noise, s in [0, 1]

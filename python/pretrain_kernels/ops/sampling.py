@@ -89,6 +89,8 @@ def _check_logits(logits, name="logits"):
 
 
 def _number(name, value, *, integer=False):
+    if value.__class__ is int or (value.__class__ is float and not integer):  # the common case, cheaply
+        return value if integer else float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "an int" if integer else "a float"
         raise TypeError(f"{name}: expected {kind} or a per-row tensor, got {type(value).__name__}")
@@ -124,6 +126,11 @@ _TENSOR_RANGES = {
 
 def _knob(name, value, batch, device, *, integer=False):
     """(scalar, per-row tensor or None) for one knob; with a tensor the scalar is neutral."""
+    if value.__class__ is int or (value.__class__ is float and not integer):  # a plain number: the common case
+        v = value if integer else float(value)
+        if not _RANGES[name][0](v):
+            raise ValueError(f"{name}: expected {_RANGES[name][1]}, got {value}")
+        return v, None
     if isinstance(value, torch.Tensor):
         if integer:
             if value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex():
