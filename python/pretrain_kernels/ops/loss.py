@@ -68,7 +68,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ignore_index, label_smoothing, reduction: as torch.nn.functional.cross_entropy. softcap:
     None, or > 0 for Gemma-2's final-logit soft-capping, softcap * tanh(logits / softcap).
     chunk_size: rows of logits held at once (None: chosen from the sizes, auto_chunk_size);
-    it changes only the order in which grad_weight adds the chunks.
+    it changes results only by rounding (the matmul shapes, the order in which grad_weight
+    adds the chunks), and the peak memory.
 
     Returns the loss in float32 (float64 for float64 inputs): a 0-d tensor for "mean"/"sum",
     shaped like targets for "none". Differentiable in hidden, weight and bias (reverse mode;
@@ -171,8 +172,8 @@ def _fake_forward(hidden, weight, targets, bias, ignore_index, label_smoothing, 
     N, V = hidden.shape[0], weight.shape[0]
     loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=_loss_dtype(hidden))
     if compute_grad:
-        gh = hidden.new_empty(hidden.shape, memory_format=torch.contiguous_format)
-        gw = weight.new_empty(weight.shape, memory_format=torch.contiguous_format)
+        gh = hidden.new_empty(hidden.shape)
+        gw = weight.new_empty(weight.shape)
         gb = weight.new_empty((V,) if bias is not None else (0,))
     else:
         gh, gw, gb = hidden.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,))
@@ -186,8 +187,8 @@ def _fake_backward(grad_loss, hidden, weight, targets, bias, ignore_index, label
     torch._check(hidden.dim() == 2, lambda: "hidden: expected a 2-D tensor [tokens, hidden]")
     torch._check(weight.dim() == 2, lambda: "weight: expected a 2-D tensor [vocab, hidden]")
     V = weight.shape[0]
-    return (hidden.new_empty(hidden.shape, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape, memory_format=torch.contiguous_format),
+    return (hidden.new_empty(hidden.shape),
+            weight.new_empty(weight.shape),
             weight.new_empty((V,) if bias is not None else (0,)))
 
 
