@@ -371,3 +371,19 @@ def test_bad_grad_loss_raw_op():
         OPS.linear_cross_entropy_backward(torch.tensor(1.0), *args, "none", 0)
     with pytest.raises(RuntimeError, match="grad_loss"):
         OPS.linear_cross_entropy_backward(torch.ones(4, dtype=torch.int64), *args, "none", 0)
+
+
+def test_backward_twice_through_a_retained_graph():
+    """The first backward of "mean"/"sum" scales the forward's gradients in place; a second one
+    through the same graph recomputes them."""
+    hidden, weight, targets, b = inputs(9, 6, 23, torch.float32, seed=21, bias=True, ignore_frac=0.2)
+    hw = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    loss = pk.linear_cross_entropy(hw[0], hw[1], targets, bias=hw[2], reduction="sum")
+    first = torch.autograd.grad(loss * 2.0, hw, retain_graph=True)
+    second = torch.autograd.grad(loss * 3.0, hw)
+    for a, c in zip(first, second):
+        torch.testing.assert_close(a * 1.5, c)
+    rw = [t.clone().double().requires_grad_() for t in (hidden, weight, b)]
+    want = torch.autograd.grad(ref.linear_cross_entropy(rw[0], rw[1], targets, bias=rw[2], reduction="sum") * 3.0, rw)
+    for c, r in zip(second, want):
+        assert rel(c, r) < 2e-5

@@ -210,27 +210,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, targets, bias, ignore_index, label_smoothing, softcap, reduction, compute_grad, chunk = inputs
         _, gh, gw, gb = output
         ctx.mark_non_differentiable(gh, gw, gb)
-        ctx.fused = bool(compute_grad)
-        ctx.has_bias = bias is not None
-        if ctx.fused:
-            ctx.save_for_backward(gh, gw, gb if bias is not None else None)
-        else:
-            ctx.save_for_backward(hidden, weight, targets, bias)
         ctx.options = (ignore_index, label_smoothing, softcap, reduction, chunk)
+        ctx.save_for_backward(hidden, weight, targets, bias)
+        # With compute_grad the gradients for grad_output = 1 are already here. Eagerly the first
+        # backward scales them in place and hands them over (no second weight-sized buffer);
+        # a later backward through the same graph (retain_graph) recomputes from the inputs.
+        # While torch.compile / AOTAutograd trace (tensor subclasses: fake, functional), they are
+        # saved and scaled out of place.
+        ctx.grads = None
+        if compute_grad:
+            if is_compiling() or type(gw) is not torch.Tensor:
+                ctx.save_for_backward(hidden, weight, targets, bias, gh, gw, gb if bias is not None else None)
+            else:
+                ctx.grads = (gh, gw, gb if bias is not None else None)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        saved = ctx.saved_tensors
+        hidden, weight, targets, bias = saved[:4]
+        grads = saved[4:] if len(saved) > 4 else ctx.grads
+        ctx.grads = None
         if not (need_h or need_w or need_b):
             return (None,) * 10
-        if ctx.fused:
-            gh, gw, gb = ctx.saved_tensors
+        if grads is not None:
+            gh, gw, gb = grads
             g = grad_loss.to(gh.dtype)
-            gh = gh * g if need_h else None
-            gw = gw * g if need_w else None
-            gb = gb * g if (need_b and gb is not None) else None
+            scale = (lambda t: t * g) if len(saved) > 4 else (lambda t: t.mul_(g))
+            gh = scale(gh) if need_h else None
+            gw = scale(gw) if need_w else None
+            gb = scale(gb) if (need_b and gb is not None) else None
         else:
-            hidden, weight, targets, bias = ctx.saved_tensors
             ignore_index, label_smoothing, softcap, reduction, chunk = ctx.options
             gh, gw, gb = _backward(grad_loss, hidden, weight, targets, bias, ignore_index, label_smoothing, softcap,
                                    reduction, chunk)
