@@ -278,8 +278,8 @@ def test_double_backward_and_forward_mode_raise():
 
 
 def test_auto_chunk_size_matches_the_op():
-    assert L.auto_chunk_size(8192, 32768) == 512
-    assert L.auto_chunk_size(8192, 128256) == 256
+    assert L.auto_chunk_size(8192, 32768) == 1024
+    assert L.auto_chunk_size(8192, 128256) == 512
     assert L.auto_chunk_size(100, 50) == 100
     assert L.auto_chunk_size(100000, 50) == 4096
 

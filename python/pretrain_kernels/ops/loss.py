@@ -38,10 +38,10 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def auto_chunk_size(n_tokens: int, vocab: int) -> int:
-    """Rows per chunk the op picks when chunk_size is None (csrc/common/loss.h): about 2^24
-    logits (64 MB in float32), a power of two in [256, 4096], at most n_tokens."""
-    rows = 256
-    while rows < 4096 and rows * 2 * max(vocab, 1) <= 1 << 24:
+    """Rows per chunk the op picks when chunk_size is None (csrc/common/loss.h): about 2^25
+    logits (128 MB in float32), a power of two in [512, 4096], at most n_tokens."""
+    rows = 512
+    while rows < 4096 and rows * 2 * max(vocab, 1) <= 1 << 25:
         rows *= 2
     return min(rows, max(n_tokens, 1))
 
