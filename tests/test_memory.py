@@ -177,6 +177,29 @@ def diffusion_cases():
     }
 
 
+def loss_cases():
+    g = _g(5)
+    hidden = torch.randn(16, 32, generator=g)                         # 2 KiB
+    weight = torch.randn(64, 32, generator=g).requires_grad_()        # 8 KiB
+    bias = torch.randn(64, generator=g)
+    targets = torch.randint(0, 64, (16,), generator=g)
+    targets[3] = -100
+    h = hidden.clone().requires_grad_()
+
+    def fused_bwd(reduction):
+        def call():
+            loss = pk.linear_cross_entropy(h, weight, targets, bias=bias, softcap=5.0, reduction=reduction,
+                                           chunk_size=5)
+            torch.autograd.grad(loss.sum(), (h, weight))
+        return call
+
+    return {
+        "linear_cross_entropy": lambda: pk.linear_cross_entropy(hidden, weight.detach(), targets, label_smoothing=0.1),
+        "linear_cross_entropy_backward_mean": fused_bwd("mean"),
+        "linear_cross_entropy_backward_none": fused_bwd("none"),
+    }
+
+
 def error_cases():
     # The error paths: a kernel's TORCH_CHECK throws after its checks allocated nothing, or
     # after they did; either way the exception must not strand memory.
@@ -203,7 +226,7 @@ def error_cases():
 
 
 CASES = {}
-for _family in (masking_cases, sampling_cases, attention_cases, diffusion_cases, error_cases):
+for _family in (masking_cases, sampling_cases, attention_cases, diffusion_cases, loss_cases, error_cases):
     CASES.update({name: (_family, name) for name in _family()})
 
 

@@ -159,8 +159,9 @@ class GPTTask(_TextTask):
         return b["y"].numel()
 
     def loss(self, model, mb):
-        # positions: the global positions of a context-parallel shard's tokens (train/parallel.py)
-        _, loss = model(mb["x"], mb["y"], positions=mb.get("positions"))
+        # positions: the global positions of a context-parallel shard's tokens (train/parallel.py);
+        # return_logits=False: the fused LM head + cross-entropy
+        _, loss = model(mb["x"], mb["y"], positions=mb.get("positions"), return_logits=False)
         return loss * mb["y"].numel()
 
     def evaluate(self, model, device):
@@ -169,7 +170,7 @@ class GPTTask(_TextTask):
             if self.bpe:
                 nbytes += int(self.tok.token_nbytes[w[:, 1:]].sum())
             w = w.to(device)
-            _, loss = model(w[:, :-1], w[:, 1:])
+            _, loss = model(w[:, :-1], w[:, 1:], return_logits=False)
             tot += float(loss) * w[:, 1:].numel()
             n += w[:, 1:].numel()
         if not self.bpe:
@@ -326,7 +327,7 @@ class MLMTask(_ScheduledTask, _TextTask):
 
     def loss(self, model, mb):
         ids, cu, pos, max_len, labels = pack(mb["input_ids"], mb["attention_mask"], mb["labels"])
-        _, _, loss_sum = model(ids, cu, pos, max_len, labels)
+        _, _, loss_sum = model(ids, cu, pos, max_len, labels, return_logits=False)  # fused MLM head
         return loss_sum
 
     def evaluate(self, model, device):
@@ -610,15 +611,16 @@ class MDLMTask(_ScheduledTask, _TextTask):
     def items(self, b):
         return b["input_ids"].numel()
 
-    def _bound(self, model, mb):
-        """(logits at the masked tokens, their labels, the summed 1/t-weighted cross-entropy there)."""
+    def _bound(self, model, mb, return_logits=True):
+        """(logits at the masked tokens, their labels, the summed 1/t-weighted cross-entropy there);
+        return_logits=False: the fused head, no logits (None in their place)."""
         B, L = mb["input_ids"].shape
         ids, cu, pos, max_len = dense_pack(mb["input_ids"])
         w = (1.0 / mb["t"].float())[:, None].expand(B, L).reshape(-1)
-        return model(ids, cu, pos, max_len, mb["labels"].reshape(-1), weights=w)
+        return model(ids, cu, pos, max_len, mb["labels"].reshape(-1), weights=w, return_logits=return_logits)
 
     def loss(self, model, mb):
-        return self._bound(model, mb)[2]
+        return self._bound(model, mb, return_logits=False)[2]
 
     def evaluate(self, model, device):
         tot, correct, n = 0.0, 0, 0
