@@ -2,10 +2,10 @@
 Liger-Kernel's fused linear cross-entropy where it installs: it needs Triton on a GPU, so on the
 CPU it is skipped and named), forward + backward, on the same inputs.
 
-    python benchmarks/bench_loss.py [--device cpu|cuda] [--dtype float32|bfloat16]
-                                    [--tokens 8192] [--hidden 1024] [--vocab 32768 128256] [--rounds 2]
-    pytest benchmarks/bench_loss.py --benchmark-only        # time only, pytest-benchmark groups
-                                                            # (2048 tokens on the CPU, 8192 on a GPU)
+    python -m pretrain_kernels.bench.bench_loss [--device cpu|cuda] [--dtype float32|bfloat16]
+                       [--tokens 8192] [--hidden 1024] [--vocab 32768 128256] [--rounds 2]
+    pk-bench loss [--quick]       # time only, pytest-benchmark groups (2048 tokens on the CPU,
+                                  # 8192 on a GPU; --quick: 512 tokens, vocab 32768)
 
 The script prints one markdown row per (vocab, implementation): the peak memory a forward +
 backward adds above its inputs, and the median time of `rounds` timed forward + backward
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrain_kernels as pk
+from pretrain_kernels.bench.common import quick, require
 
 IMPLS = ("pk", "eager", "liger")
 
@@ -184,8 +185,8 @@ def main(argv=None):
 
 # The sizes on a GPU; on the CPU 2048 tokens (eager holds about 3 GB at a 128k vocabulary
 # there, and `make bench` runs every suite): the script above takes --tokens for the full size.
-TOKENS = {"cpu": 2048, "cuda": 8192}
-VOCABS = {"v32768": 32768, "v128256": 128256}
+TOKENS = {"cpu": quick(2048, 512), "cuda": 8192}
+VOCABS = quick({"v32768": 32768, "v128256": 128256}, {"v32768": 32768})
 
 
 @pytest.mark.benchmark(max_time=1.0, min_rounds=2, warmup=False)
@@ -193,12 +194,15 @@ VOCABS = {"v32768": 32768, "v128256": 128256}
 @pytest.mark.parametrize("size", list(VOCABS))
 def test_linear_cross_entropy(benchmark, bench_device, size, impl):
     n, hdim, v = TOKENS[bench_device], 1024, VOCABS[size]
+    if impl == "liger":
+        require("Liger-Kernel")
     h, w, t = make_inputs(n, hdim, v, torch.float32 if bench_device == "cpu" else torch.bfloat16, bench_device)
     run = step_fn(impl, h, w, t)
     if isinstance(run, str):
         pytest.skip(run)
     benchmark.group = f"linear_cross_entropy-{bench_device}-{size}"
-    benchmark.extra_info["impl"] = impl
+    benchmark.extra_info.update(family="loss", op="linear_cross_entropy", impl=impl, device=bench_device,
+                                baseline=(impl == "pk"), tokens=n)
 
     def timed():
         run()
