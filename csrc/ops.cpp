@@ -69,6 +69,23 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   m.def(
       "flow_match_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor? noise, "
       "Tensor? seed, bool stochastic, bool return_x0) -> (Tensor, Tensor)");
+  // ---- loss (csrc/{cpu,cuda}/loss, row math in csrc/common/loss.h, chunk loop in loss_ops.h) ----
+  // Fused LM head + cross-entropy: hidden [N, H], weight [V, H] (same float dtype), targets [N]
+  // int64/int32, bias [V] or None. Logits = hidden @ weight^T + bias, capped by
+  // softcap * tanh(logits / softcap) when softcap > 0, never materialised beyond one chunk of
+  // chunk_size rows (0: chosen from N and V, csrc/common/loss.h). reduction 'mean' | 'sum' |
+  // 'none'. loss: 0-d (or [N] for 'none'), float32 (float64 for float64 inputs).
+  // compute_grad ('mean'/'sum' only): also the gradients of the loss for grad_output = 1
+  // (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty); else they are empty.
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+      "float label_smoothing, float softcap, str reduction, bool compute_grad, int chunk_size) "
+      "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // The same gradients for an upstream grad_loss (0-d, or [N] for 'none'), recomputing the chunks.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+      "int ignore_index, float label_smoothing, float softcap, str reduction, int chunk_size) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // ---- attention (csrc/{cpu,cuda}/attention*) ----
   // Layout (batch, seqlen, heads, head_dim), or packed (tokens, heads, head_dim) with int32
   // cu_seqlens_q/k (varlen). k/v may have fewer heads (GQA). Query i sees key j when

@@ -211,6 +211,22 @@ def diffusion_loss(pred, target, t=None, acp=None, weighting="none", gamma=5.0, 
     return per.mean() if reduction == "mean" else per
 
 
+# ---- loss -----------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, label_smoothing=0.0,
+                         reduction="mean", softcap=None):
+    """F.linear then F.cross_entropy, in float64 (differentiable in hidden, weight and bias):
+    the [tokens, vocab] logits the fused op never holds."""
+    h = hidden.double().reshape(-1, hidden.shape[-1])
+    logits = F.linear(h, weight.double(), None if bias is None else bias.double())
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, targets.reshape(-1).long(), ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction=reduction)
+    return loss.reshape(targets.shape) if reduction == "none" else loss
+
+
 # ---- attention -----------------------------------------------------------------------------
 
 

@@ -44,6 +44,31 @@ def test_gpt_shapes_and_tied_head():
         m(torch.zeros(1, 49, dtype=torch.long))
 
 
+def _grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_gpt_fused_head_loss_equals_the_logits_path():
+    """return_logits=False (what training calls): pk.linear_cross_entropy on the final hidden
+    states, the same loss and gradients as F.cross_entropy of the logits."""
+    m = tiny_gpt()
+    x = torch.randint(0, 256, (3, 17))
+    y = x.roll(-1, 1)
+    y[0, :4] = -100
+    logits, ref = m(x, y)
+    ref.backward()
+    want = _grads(m)
+    m.zero_grad()
+    none, loss = m(x, y, return_logits=False)
+    loss.backward()
+    assert none is None
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    got = _grads(m)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_gpt_is_causal():
     m = tiny_gpt().eval()
     x = torch.randint(0, 256, (2, 20))
@@ -157,6 +182,30 @@ def test_bert_overfits_masked_batch():
 
     first, last = _overfit(m, loss, steps=60, lr=1e-2)
     assert last < 0.5 * first, (first, last)
+
+
+def test_bert_fused_head_loss_equals_the_logits_path():
+    m = tiny_bert()
+    ids = torch.randint(0, 256, (3, 24))
+    am = torch.ones_like(ids)
+    am[2, 10:] = 0
+    masked, labels = pk.mlm_mask(ids, mask_token_id=257, vocab_size=260, attention_mask=am, mask_prob=0.3, seed=1)
+    packed = pack(masked, am, labels)
+    _, y, ref = m(*packed)
+    ref.backward()
+    want = _grads(m)
+    m.zero_grad()
+    none, y2, loss = m(*packed, return_logits=False)
+    loss.backward()
+    assert none is None and torch.equal(y, y2)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    got = _grads(m)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    # the head's loss on encoder states, labels -100 where unlabelled (what a task calls)
+    h = m.encode(*packed[:4])
+    torch.testing.assert_close(m.loss(h, packed[4]), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bert_too_long():

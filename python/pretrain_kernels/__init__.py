@@ -13,6 +13,7 @@ from .integrations.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMul
 from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
 from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
+from .ops.loss import linear_cross_entropy
 from .ops.masking import mlm_mask, span_mask
 from .ops.sampling import sample, speculative_accept, top_k_top_p_filter
 from .integrations.collator import MLMCollator
@@ -44,4 +45,6 @@ __all__ = [
     "euler_step", "heun_step", "dpmpp_2m_step", "flow_match_step", "schedulers",
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
     "DPMSolverMultistepScheduler", "SchedulerMixin",
+    # losses
+    "linear_cross_entropy",
 ]

@@ -110,19 +110,34 @@ class BertMLM(nn.Module):
             x = block(x, cos, sin, cu_seqlens, max_seqlen)
         return self.ln_f(x)
 
-    def head(self, h):
-        h = self.head_ln(F.gelu(self.head_dense(h)))
-        return F.linear(h, self.embed.weight, self.decoder_bias)
+    def head_hidden(self, h):
+        """The MLM head's transform (dense, GELU, LayerNorm): the input of the tied decoder."""
+        return self.head_ln(F.gelu(self.head_dense(h)))
 
-    def forward(self, ids, cu_seqlens, positions, max_seqlen, labels=None):
+    def head(self, h):
+        """Hidden states [..., n_embd] -> logits [..., vocab]."""
+        return F.linear(self.head_hidden(h), self.embed.weight, self.decoder_bias)
+
+    def loss(self, h, labels, reduction: str = "sum"):
+        """Cross-entropy of the MLM head on encoder states h [..., n_embd] for labels [...]
+        (-100 = no label), by pk.linear_cross_entropy: the [tokens, vocab] logits are never
+        held. Pass only the labelled rows when most are unlabelled (the head's transform runs
+        on every row given)."""
+        return pk.linear_cross_entropy(self.head_hidden(h), self.embed.weight, labels, bias=self.decoder_bias,
+                                       ignore_index=-100, reduction=reduction)
+
+    def forward(self, ids, cu_seqlens, positions, max_seqlen, labels=None, return_logits: bool = True):
         """Packed inputs (see pack()). Without labels: logits [N, vocab] at every token. With
         labels [N] (-100 = no label): (logits at the labelled tokens [M, vocab], labels [M],
-        summed cross-entropy over them)."""
+        summed cross-entropy over them); return_logits=False (training): (None, labels [M],
+        the summed loss) from the fused head (self.loss), without the logits."""
         h = self.encode(ids, cu_seqlens, positions, max_seqlen)
         if labels is None:
             return self.head(h)
         sel = labels != -100
-        logits = self.head(h[sel])
         y = labels[sel]
+        if not return_logits:
+            return None, y, self.loss(h[sel], y, reduction="sum")
+        logits = self.head(h[sel])
         loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
         return logits, y, loss_sum

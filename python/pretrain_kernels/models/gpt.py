@@ -156,9 +156,11 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions=None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, return_logits: bool = True):
         """idx [B, T] -> logits [B, T, vocab]; with targets [B, T] (-100 = ignore) also the
-        mean cross-entropy. positions [B, T] or [T] default to 0..T-1."""
+        mean cross-entropy. positions [B, T] or [T] default to 0..T-1. return_logits=False
+        (training, with targets): (None, loss) from the fused LM head (self.loss), without the
+        [B, T, vocab] logits."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device)
@@ -168,11 +170,19 @@ class GPT(nn.Module):
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
-        logits = self.lm_head(self.ln_f(x))
+        h = self.ln_f(x)
+        if targets is not None and not return_logits:
+            return None, self.loss(h, targets)
+        logits = self.lm_head(h)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the LM head on final hidden states h [..., n_embd] (after ln_f) for
+        targets [...] (-100 = ignore), by pk.linear_cross_entropy: the logits are never held."""
+        return pk.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-100, reduction=reduction)
 
     # ---- generation ---------------------------------------------------------------------------
 

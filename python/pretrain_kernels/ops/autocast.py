@@ -10,6 +10,9 @@
               (model outputs, samples, noise) are cast to float32, so the solver steps, add_noise
               and the loss run in float32 and return float32; float64 (the alphas_cumprod tables)
               and integer tensors are untouched.
+  loss        lower-precision policy, as torch's F.linear (the matmuls of
+              pk.linear_cross_entropy): hidden, weight and bias are cast to the autocast dtype;
+              the row math is float32 inside the op whatever the dtype, and the loss float32.
   masking, sampling
               unaffected (integer ids; sampling takes the logits in the dtype they come in).
 
@@ -35,6 +38,7 @@ import torch
 
 from . import attention as _attention
 from . import diffusion as _diffusion
+from . import loss as _loss
 
 _NS = "pretrain_kernels"
 _DEVICES = ("cpu", "cuda")
@@ -85,12 +89,25 @@ def _kvcache_kernel(device):
     return kernel
 
 
+def _lce_kernel(device):
+    op = torch.ops.pretrain_kernels.linear_cross_entropy.default
+
+    def kernel(hidden, weight, targets, bias, *rest):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight, bias = (t.to(dtype) if _eligible(t) and t.device.type == device else t
+                                for t in (hidden, weight, bias))
+        with torch.autocast(device, enabled=False):
+            return op(hidden, weight, targets, bias, *rest)
+    return kernel
+
+
 _FP32_OPS = ("add_noise", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddim_step", "euler_step",
              "heun_step", "dpmpp_2m_step", "flow_match_step")
 
 for _dev in _DEVICES:
     _lib.impl("flash_attn_fwd", _attn_fwd_kernel(_dev), _DISPATCH_KEYS[_dev])
     _lib.impl("flash_attn_kvcache", _kvcache_kernel(_dev), _DISPATCH_KEYS[_dev])
+    _lib.impl("linear_cross_entropy", _lce_kernel(_dev), _DISPATCH_KEYS[_dev])
     for _name in _FP32_OPS:
         torch.library.register_autocast(f"{_NS}::{_name}", _dev, torch.float32, lib=_lib)
 
@@ -166,6 +183,7 @@ _wrap(_attention, "flash_attention", lambda f: _lower_precision(f, ("q", "k", "v
 _wrap(_attention, "scaled_dot_product_attention", lambda f: _lower_precision(f, ("query", "key", "value")))
 _wrap(_attention, "flash_attention_with_kvcache",
       lambda f: _lower_precision(f, ("q", "k_new", "v_new"), target="k_cache"))
+_wrap(_loss, "linear_cross_entropy", lambda f: _lower_precision(f, ("hidden", "weight", "bias")))
 for _name in ("add_noise", "diffusion_loss", "ddpm_step", "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step",
               "flow_match_step"):
     _wrap(_diffusion, _name, _float32)

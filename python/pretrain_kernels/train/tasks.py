@@ -152,7 +152,7 @@ class GPTTask(_TextTask):
         return b["y"].numel()
 
     def loss(self, model, mb):
-        _, loss = model(mb["x"], mb["y"])
+        _, loss = model(mb["x"], mb["y"], return_logits=False)  # fused LM head + cross-entropy
         return loss * mb["y"].numel()
 
     def evaluate(self, model, device):
@@ -161,7 +161,7 @@ class GPTTask(_TextTask):
             if self.bpe:
                 nbytes += int(self.tok.token_nbytes[w[:, 1:]].sum())
             w = w.to(device)
-            _, loss = model(w[:, :-1], w[:, 1:])
+            _, loss = model(w[:, :-1], w[:, 1:], return_logits=False)
             tot += float(loss) * w[:, 1:].numel()
             n += w[:, 1:].numel()
         if not self.bpe:
@@ -227,7 +227,7 @@ class MLMTask(_TextTask):
 
     def loss(self, model, mb):
         ids, cu, pos, max_len, labels = pack(mb["input_ids"], mb["attention_mask"], mb["labels"])
-        _, _, loss_sum = model(ids, cu, pos, max_len, labels)
+        _, _, loss_sum = model(ids, cu, pos, max_len, labels, return_logits=False)  # fused MLM head
         return loss_sum
 
     def evaluate(self, model, device):
