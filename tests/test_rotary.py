@@ -279,3 +279,19 @@ def test_bad_input_emulated_cuda(emu):
     out = emu.rotary_embedding(args["x"], args["cos"], args["sin"], True, False)
     assert rel(out, ref.rotary_embedding_ref(args["x"], args["cos"], args["sin"], True)) < 1e-6
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_apply_rope_keeps_the_eager_numerics(dtype):
+    # models/gpt.py rotates through the op; the result is the eager float32 rotation it replaced,
+    # bit for bit (products and differences rounded as the eager ops round them)
+    from pretrain_kernels.models.gpt import apply_rope, rope_tables
+
+    def eager(x, cos, sin):
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+    x = rand(2, 37, 6, 64, dtype=dtype, seed=32)
+    for positions in (torch.arange(37), torch.arange(37).expand(2, 37) + torch.tensor([[0], [5]])):
+        cos, sin = rope_tables(positions, 64, 10000.0)
+        assert torch.equal(apply_rope(x, cos, sin), eager(x, cos, sin))
