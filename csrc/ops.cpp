@@ -98,6 +98,14 @@ TORCH_LIBRARY(pretrain_kernels, m) {
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
       "int ignore_index, float label_smoothing, float softcap, str reduction, int chunk_size) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // ---- rotary position embedding (csrc/{cpu,cuda}/rotary, shared math and checks in
+  // csrc/common/rotary.h) ----
+  // x [B, T, H, D] or varlen [tokens, H, D] (any strides); cos/sin [T, rd/2], or per token
+  // [B, T, rd/2] ([tokens, rd/2] for varlen), any float dtype (read as float32, float64 for
+  // float64 x). The first rd features of each head rotate in pairs (x[2i], x[2i+1]) when
+  // interleaved, else (x[i], x[i + rd/2]); the rest are copied. conjugate: by -theta (the
+  // backward). Returns a new contiguous tensor like x.
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool interleaved, bool conjugate) -> Tensor");
   // ---- attention (csrc/{cpu,cuda}/attention*) ----
   // Layout (batch, seqlen, heads, head_dim), or packed (tokens, heads, head_dim) with int32
   // cu_seqlens_q/k (varlen). k/v may have fewer heads (GQA). Query i sees key j when

@@ -446,6 +446,27 @@ def rotary_ref(x, theta, positions, interleaved):
     return torch.cat([y, x[..., rd:]], dim=-1)
 
 
+
+def rotary_embedding_ref(x, cos, sin, interleaved, conjugate=False):
+    """pk.rotary_embedding in float64: x (B, T, H, D) with cos/sin (T, rd / 2) or per token
+    (B, T, rd / 2), or varlen x (N, H, D) with cos/sin (N, rd / 2). Pairs (2i, 2i+1) when
+    interleaved, (i, i + rd / 2) otherwise, rotated by theta (by -theta when conjugate); the
+    features past rd unchanged. Differentiable in x."""
+    xd = x.to(torch.float64)
+    c, s = cos.to(torch.float64), sin.to(torch.float64)
+    if conjugate:
+        s = -s
+    c, s = c.unsqueeze(-2), s.unsqueeze(-2)  # a heads axis
+    half = c.shape[-1]
+    rd = 2 * half
+    if interleaved:
+        a, b = xd[..., 0:rd:2], xd[..., 1:rd:2]
+        y = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+    else:
+        a, b = xd[..., :half], xd[..., half:rd]
+        y = torch.cat((a * c - b * s, a * s + b * c), dim=-1)
+    return torch.cat((y, xd[..., rd:]), dim=-1)
+
 def diffusers_attention_ref(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
     """diffusers' `Attention` forward (the steps of its AttnProcessor2_0) in float64, on a float64
     copy of the module, with attention_ref for the attention itself: key/value heads fewer than

@@ -15,6 +15,7 @@ from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpm
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
 from .ops.loss import linear_cross_entropy
 from .ops.masking import mlm_mask, span_mask
+from .ops.rotary import rotary_embedding
 from .ops.sampling import sample, speculative_accept, top_k_top_p_filter, unmask_step
 from .integrations.collator import MLMCollator
 from .integrations.logits import TopKTopPLogitsWarper
@@ -37,7 +38,7 @@ __all__ = [
     # masked modeling
     "mlm_mask", "span_mask", "MLMCollator",
     # attention
-    "flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention",
+    "flash_attention", "flash_attention_with_kvcache", "scaled_dot_product_attention", "rotary_embedding",
     # sampling
     "sample", "top_k_top_p_filter", "TopKTopPLogitsWarper", "speculative_accept", "unmask_step",
     # denoising

@@ -38,6 +38,7 @@ import numbers
 import torch
 
 from .ops.attention import flash_attention, flash_attention_with_kvcache
+from .ops.rotary import rotary_embedding
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
@@ -175,16 +176,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     rd = 2 * cos.shape[-1]
     if rd > x.shape[-1]:
         raise ValueError(f"rotary_cos: rotary_dim {rd} (2 * its last dim) exceeds head_dim {x.shape[-1]}")
-    c = cos.float()[positions][:, :, None, :]  # (batch, seqlen, 1, rd / 2)
-    s = sin.float()[positions][:, :, None, :]
-    xr = x[..., :rd].float()
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr.chunk(2, dim=-1)
-        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+    if rd == 0:
+        return x
+    # per-token tables (batch, seqlen, rd / 2) for the fused op
+    return rotary_embedding(x, cos.float()[positions], sin.float()[positions], interleaved=bool(interleaved))
 
 
 def _check_rotary(rotary_cos, rotary_sin, device):

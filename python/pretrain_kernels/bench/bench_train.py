@@ -1,6 +1,8 @@
-"""GPT training throughput: the package's model (pk.flash_attention) against an identical model
-whose attention is torch's scaled_dot_product_attention (everything else the same eager
-modules, the same weights, the same batch). One timed call = one optimizer step: forward,
+"""GPT training throughput: the package's model (pretrain_kernels.models.GPT: pk.flash_attention,
+pk.rotary_embedding, the pk.linear_cross_entropy head) against the same architecture written in
+plain eager torch (EagerGPT below: the eager rotary, torch's scaled_dot_product_attention, an
+F.linear + F.cross_entropy head), with the same parameter names and the same weights, on the
+same batch. One timed call = one optimizer step: forward,
 backward, AdamW. extra_info records impl, baseline (True for the package's), tokens, so
 report.py shows the speedup; "tokens_per_s" is B * T / time. --quick: the small config in
 float32 only, batch 4, 2 rounds.
@@ -17,27 +19,102 @@ import torch
 import torch.nn.functional as F
 
 from pretrain_kernels.bench.common import QUICK, quick, rounds
+from torch import nn
+
 from pretrain_kernels.models import GPT, GPTConfig
-from pretrain_kernels.models.gpt import CausalSelfAttention
+from pretrain_kernels.models.gpt import rope_tables
 
+# name: (config, batch, sequence length). "seq1024" is the issue's target: head_dim 64.
 CONFIGS = {"small": (GPTConfig(n_layer=4, n_head=4, n_kv_head=4, n_embd=192, block_size=256), 16, 256),
-           "gqa": (GPTConfig(n_layer=4, n_head=8, n_kv_head=2, n_embd=256, block_size=512), 8, 512)}
+           "gqa": (GPTConfig(n_layer=4, n_head=8, n_kv_head=2, n_embd=256, block_size=512), 8, 512),
+           "seq1024": (GPTConfig(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, block_size=1024), 4, 1024)}
 
 
-def sdpa_attend(q, k, v):
-    """The baseline: torch SDPA on the same (B, T, heads, head_dim) tensors."""
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.shape[2] != q.shape[2])
-    return y.transpose(1, 2)
+# ---- the baseline: the same GPT in plain eager torch ------------------------------------------
+
+
+def eager_rope(x, cos, sin):
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim] by cos/sin [T, 1, head_dim / 2]
+    in float32, as eager torch code does it."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+class EagerAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hk * D, Hk * D], dim=-1)
+        q = eager_rope(q.view(B, T, H, D), cos, sin).transpose(1, 2)
+        k = eager_rope(k.view(B, T, Hk, D), cos, sin).transpose(1, 2)
+        v = v.reshape(B, T, Hk, D).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hk != H)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EagerMLP(nn.Module):
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        self.fc = nn.Linear(dim, int(dim * ratio), bias=False)
+        self.out = nn.Linear(int(dim * ratio), dim, bias=False)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class EagerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.RMSNorm(cfg.n_embd)
+        self.attn = EagerAttention(cfg)
+        self.ln2 = nn.RMSNorm(cfg.n_embd)
+        self.mlp = EagerMLP(cfg.n_embd, cfg.mlp_ratio)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.ln1(x), cos, sin)
+        return x + self.mlp(self.ln2(x))
+
+
+class EagerGPT(nn.Module):
+    """pretrain_kernels.models.GPT's architecture and parameter names (so its state_dict loads),
+    in eager torch: the training forward only (idx, targets) -> (logits, loss)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(EagerBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+    def forward(self, idx, targets):
+        T = idx.shape[1]
+        cos, sin = rope_tables(torch.arange(T, device=idx.device), self.cfg.n_embd // self.cfg.n_head,
+                               self.cfg.rope_base)
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = F.linear(self.ln_f(x), self.lm_head.weight)
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def make(impl: str, cfg: GPTConfig, device="cpu"):
+    """(model, optimizer) for impl "pk" (the package's GPT) or "torch sdpa" (EagerGPT), with the
+    same initial weights."""
     torch.manual_seed(0)
-    model = GPT(cfg).to(device)
+    model = GPT(cfg)
     if impl == "torch sdpa":
-        for m in model.modules():
-            if isinstance(m, CausalSelfAttention):
-                m.attend = sdpa_attend
+        eager = EagerGPT(cfg)
+        eager.load_state_dict(model.state_dict())
+        model = eager
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     return model, opt
 
@@ -50,12 +127,15 @@ def train_step_fn(impl, name, device="cpu", dtype="float32"):
     x = torch.randint(0, 256, (B, T + 1), generator=g).to(device)
     ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == "bfloat16" else None
 
+    # the package's model trains through its fused LM head (no [B, T, vocab] logits)
+    kw = {"return_logits": False} if impl == "pk" else {}
+
     def step():
         if ctx:
             with ctx():
-                _, loss = model(x[:, :-1], x[:, 1:])
+                _, loss = model(x[:, :-1], x[:, 1:], **kw)
         else:
-            _, loss = model(x[:, :-1], x[:, 1:])
+            _, loss = model(x[:, :-1], x[:, 1:], **kw)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,23 +173,34 @@ def main():
     ap.add_argument("--config", choices=list(CONFIGS), default="small")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
-    rates = {}
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     steps = {impl: train_step_fn(impl, args.config, args.device, args.dtype) for impl in ("pk", "torch sdpa")}
     for impl in steps:
         steps[impl][0]()  # warm up
     times = {impl: [] for impl in steps}
+    cpu_times = {impl: [] for impl in steps}
     for _ in range(args.steps):  # interleaved, so both see the same machine load
         for impl, (fn, _) in steps.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             times[impl].append(time.perf_counter() - t)
+            cpu_times[impl].append(time.process_time() - c)
+
+    def median(v):
+        return sorted(v)[len(v) // 2]
+
+    rates, cpu_rates = {}, {}
     for impl, (_, tokens) in steps.items():
-        med = sorted(times[impl])[len(times[impl]) // 2]
-        rates[impl] = tokens / med
-        print(f"{impl:11s} {rates[impl]:10,.0f} tokens/s  (median step {med * 1e3:.1f} ms)")
-    print(f"pk / torch sdpa: {rates['pk'] / rates['torch sdpa']:.2f}x  ({args.config}, {args.dtype}, {args.device}, "
-          f"{torch.get_num_threads()} threads)")
+        med, cpu = median(times[impl]), median(cpu_times[impl])
+        rates[impl], cpu_rates[impl] = tokens / med, tokens / cpu
+        print(f"{impl:11s} {rates[impl]:10,.0f} tokens/s  (median step {med * 1e3:.1f} ms wall, "
+              f"{cpu * 1e3:.1f} ms process CPU time)")
+    where = f"({args.config}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads)"
+    print(f"pk / torch sdpa: {rates['pk'] / rates['torch sdpa']:.2f}x wall clock, "
+          f"{cpu_rates['pk'] / cpu_rates['torch sdpa']:.2f}x process CPU time  {where}")
 
 
 if __name__ == "__main__":

@@ -64,8 +64,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         N, C = x.shape  # packed tokens
-        q, k, v = self.qkv(x).view(N, 3, self.n_head, self.head_dim).unbind(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, D = self.n_head, self.head_dim
+        qkv = self.qkv(x).view(N, 3, H, D)
+        # query and key heads rotated in one call: [N, 2, H, D] viewed as [N, 2H, D]
+        q, k = apply_rope(qkv[:, :2].reshape(N, 2 * H, D), cos, sin).view(N, 2, H, D).unbind(1)
+        v = qkv[:, 2]
         y = pk.flash_attention(q, k, v.contiguous(), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
         return self.proj(y.reshape(N, C))

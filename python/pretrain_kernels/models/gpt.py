@@ -60,10 +60,13 @@ def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [..., heads, head_dim] by the angles in cos/sin."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, heads, head_dim] (or packed [N, heads, head_dim])
+    by the angles in cos/sin (rope_tables' [T | B, T | N, 1, head_dim / 2]): one fused
+    pk.rotary_embedding, in float32, the result in x's dtype."""
+    cos, sin = cos.squeeze(-2), sin.squeeze(-2)
+    if cos.dim() == 3 and cos.shape[0] == 1 and x.dim() == 4 and x.shape[0] != 1:  # positions [1, T]
+        cos, sin = cos[0], sin[0]
+    return pk.rotary_embedding(x, cos, sin, interleaved=True)
 
 
 # ---- layers ----------------------------------------------------------------------------------
@@ -92,17 +95,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def attend(self, q, k, v):
-        """Causal attention over (B, T, heads, head_dim); replaceable (the training benchmark
-        swaps in torch SDPA for its baseline)."""
+        """Causal attention over (B, T, heads, head_dim); a method, so a subclass or an instance can
+        replace it."""
         return pk.flash_attention(q, k, v, causal=True)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, prefix_lens=None):
         B, T, C = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hk * D, Hk * D], dim=-1)
-        q = apply_rope(q.view(B, T, H, D), cos, sin)
-        k = apply_rope(k.view(B, T, Hk, D), cos, sin)
-        v = v.reshape(B, T, Hk, D)
+        qk, v = self.qkv(x).view(B, T, H + 2 * Hk, D).split([H + Hk, Hk], dim=2)
+        q, k = apply_rope(qk, cos, sin).split([H, Hk], dim=2)  # query and key heads rotated in one call
         if prefix_lens is not None:  # prefix-LM; with a cache, the prefill of an empty cache
             y = pk.flash_attention(q, k, v, causal=True, prefix_lens=prefix_lens)
             if cache is not None:

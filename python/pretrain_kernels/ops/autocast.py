@@ -13,8 +13,9 @@
   loss        lower-precision policy, as torch's F.linear (the matmuls of
               pk.linear_cross_entropy): hidden, weight and bias are cast to the autocast dtype;
               the row math is float32 inside the op whatever the dtype, and the loss float32.
-  masking, sampling
-              unaffected (integer ids; sampling takes the logits in the dtype they come in).
+  masking, sampling, rotary
+              unaffected (integer ids; sampling takes the logits in the dtype they come in;
+              pk.rotary_embedding is elementwise, as torch's own mul/add: x keeps its dtype).
 
 Two layers, so that both the raw ops and the Python API follow the policy:
   * the raw ops (torch.ops.pretrain_kernels.*): autocast kernels registered with the
