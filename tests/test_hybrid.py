@@ -122,7 +122,8 @@ def test_gpt_prefix_lens_is_the_prefix_lm_mask(monkeypatch, kv_heads):
     got = model(idx, prefix_lens=plen)
     causal = model(idx)
     # the same model with the plain float64 reference attention (prefix-LM mask) in place of the kernel
-    fake_pk = type("pk", (), {"flash_attention": staticmethod(_reference_attention)})
+    fake_pk = type("pk", (), {"flash_attention": staticmethod(_reference_attention),
+                              "rotary_embedding": staticmethod(gpt_module.pk.rotary_embedding)})
     monkeypatch.setattr(gpt_module, "pk", fake_pk)
     monkeypatch.setattr(gpt_module.CausalSelfAttention, "attend",
                         lambda self, q, k, v: _reference_attention(q, k, v, causal=True))
