@@ -56,7 +56,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .ops.attention import (_check_bool, _check_cu, _check_head_dim, _check_heads, _check_same, _check_softcap,
+from .ops.attention import (_check_bool, _check_cu, _check_qkv_shapes, _check_same, _check_softcap,
                             _check_window, _max_seqlen, _resolve_scale)
 
 __all__ = ["context_parallel_attention", "shard_sequence", "unshard_sequence"]
@@ -559,15 +559,7 @@ def _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqle
     windowed = left >= 0 or (right >= 0 and not causal)
     _check_bool("return_lse", return_lse)
     varlen = cu_seqlens is not None
-    nd, layout = (3, "(tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != nd:
-            raise ValueError(f"{name}: expected {nd} dims {layout}, got shape {tuple(t.shape)}")
-    _check_heads(q.shape[-2], k.shape[-2], v.shape[-2])
-    D = q.shape[-1]
-    if k.shape[-1] != D or v.shape[-1] != D:
-        raise ValueError(f"head_dim: q, k, v must match, got {D}, {k.shape[-1]}, {v.shape[-1]}")
-    _check_head_dim("q", D)
+    D = _check_qkv_shapes(q, k, v, varlen, tokens="tokens")
     lengths = []
     if varlen:
         _check_cu("cu_seqlens", cu_seqlens, q.device)

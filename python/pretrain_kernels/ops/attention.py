@@ -59,6 +59,21 @@ def _check_head_dim(name: str, d: int) -> None:
         raise ValueError(f"{name}: expected a head_dim from 1 to {MAX_HEAD_DIM}, got {d}")
 
 
+def _check_qkv_shapes(q, k, v, varlen: bool, tokens: str = "total_tokens") -> int:
+    """Ranks, heads and head_dim of q, k, v in the (batch, seqlen, heads, head_dim) layout, or
+    (tokens, heads, head_dim) when varlen; returns head_dim."""
+    nd, layout = (3, f"({tokens}, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != nd:
+            raise ValueError(f"{name}: expected {nd} dims {layout}, got shape {tuple(t.shape)}")
+    _check_heads(q.shape[-2], k.shape[-2], v.shape[-2])
+    D = q.shape[-1]
+    if k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(f"head_dim: q, k, v must match, got {D}, {k.shape[-1]}, {v.shape[-1]}")
+    _check_head_dim("q", D)
+    return D
+
+
 def _resolve_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -281,15 +296,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected the same batch, got {cu_seqlens_q.numel() - 1} "
                              f"and {cu_seqlens_k.numel() - 1}")
-    nd, layout = (3, "(total_tokens, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != nd:
-            raise ValueError(f"{name}: expected {nd} dims {layout}, got shape {tuple(t.shape)}")
-    _check_heads(q.shape[-2], k.shape[-2], v.shape[-2])
-    D = q.shape[-1]
-    if k.shape[-1] != D or v.shape[-1] != D:
-        raise ValueError(f"head_dim: q, k, v must match, got {D}, {k.shape[-1]}, {v.shape[-1]}")
-    _check_head_dim("q", D)
+    D = _check_qkv_shapes(q, k, v, varlen)
     if varlen:
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k, v: expected the same token count, got {k.shape[0]} and {v.shape[0]}")
