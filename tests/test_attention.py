@@ -417,6 +417,34 @@ def test_torch_compile_fullgraph():
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_same_tensor_as_q_k_v(backend):
+    """Self-attention written f(x, x, x): one tensor in three places compiles (fullgraph) and its
+    gradient is the sum of the three, as in eager mode."""
+    g = torch.Generator().manual_seed(81)
+    x = torch.randn(2, 13, 2, 16, generator=g, requires_grad=True)
+
+    def f(x):
+        return pk.flash_attention(x, x, x, causal=True).square().sum()
+
+    def s(x):
+        xt = x.transpose(1, 2)
+        return pk.scaled_dot_product_attention(xt, xt, xt, is_causal=True).square().sum()
+
+    for fn in (f, s):
+        eager = fn(x)
+        (ge,) = torch.autograd.grad(eager, x)
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)(x)
+        (gc,) = torch.autograd.grad(compiled, x)
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(gc, ge)
+        # the gradient of x is the sum over its three roles (three distinct float64 copies)
+        x64 = x.detach().double().requires_grad_()
+        q, k, v = (x64.clone() for _ in range(3))
+        (gr,) = torch.autograd.grad(pk.flash_attention(q, k, v, causal=True).square().sum(), x64)
+        torch.testing.assert_close(gc.double(), gr, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_inputs():
     q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)
     with pytest.raises(ValueError, match="multiple of the key/value heads"):

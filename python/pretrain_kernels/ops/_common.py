@@ -196,6 +196,15 @@ def apply_function(function, *args):
     jvp raises; while torch.compile traces, the Function itself (Dynamo refuses a custom jvp,
     and forward mode does not compose with torch.compile anyway)."""
     if is_compiling():
+        # Dynamo refuses a Function whose inputs repeat one tensor (self-attention called as
+        # f(x, x, x)): later occurrences become views of it, and their gradients still sum into it.
+        seen = set()
+        args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if id(a) in seen:
+                    args[i] = a.view_as(a)
+                seen.add(id(a))
         return function.apply(*args)
     eager = function.__dict__.get("_eager")
     if eager is None:
