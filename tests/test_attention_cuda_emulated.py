@@ -1020,8 +1020,8 @@ def test_score_mods_bad_inputs_raise(emu):
 
 # ---- attention dropout ---------------------------------------------------------------------
 # Dropout runs on the SIMT kernels (the launchers leave the tensor-core paths for it); the keep
-# mask is csrc/common/attention_dropout.h's, drawn per (query, key) by each lane, and must equal
-# the CPU kernel's (AVX-512 Philox) bit for bit.
+# mask is csrc/common/attention_dropout.h's (each lane of a warp draws one Philox block, which
+# serves 8 keys) and must equal the CPU kernel's (AVX-512 Philox) bit for bit.
 
 def _drop_args(p, seed, offset, softcap=0.0, slopes=None, prefix=None):
     return (softcap, slopes, prefix, p, torch.tensor([seed, offset], dtype=torch.int64))
@@ -1057,6 +1057,9 @@ DROPOUT_CASES = [
     (1, 45, 45, 2, 1, 24, True, (9, -1), False, 2.0, True, True),
     (3, 30, 30, 2, 1, 16, True, (-1, -1), True, 0.0, False, False),
     (1, 1, 200, 2, 1, 64, True, (-1, -1), False, 0.0, False, False),
+    # a warp's keys start off the 8-key Philox blocks (the window) and run past 256 keys, where
+    # the lanes draw their blocks again
+    (1, 5, 700, 2, 1, 32, True, (333, -1), False, 0.0, False, False),
 ]
 
 

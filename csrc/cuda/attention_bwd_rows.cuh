@@ -70,8 +70,10 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, co
 #pragma unroll
       for (int y = 0; y < kDPL; ++y) acc[y] = 0.f;
       const int64_t kb = key_lo(w, i), ke = L == -INFINITY ? kb : key_hi(w, i, s.lk);
+      DropoutRow keep(dropout_row_index(b, h, p.H, i));
       for (int64_t jc = kb; jc < ke; jc += 32) {
         const int64_t j = jc + lane;
+        const float mf = keep.factor(drop, jc, lane);  // every lane, before the branch (it shuffles)
         float ds = 0.f;
         if (j < ke) {
           float x = dot_row<T>(qs, kbase + j * p.k_ss, p.D, p.k_vec), dcap = 1.f;
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(128) bwd_dq_rows_kernel(const AttnParams p, co
           if (p.has_mask()) x += mask_log2(p, b, h, i, j);
           const float pj = exp2f(x - L2);
           const float dp = dot_row<T>(dos, vbase + j * p.v_ss, p.Dv, p.v_vec);
-          ds = pj * (dp * dropout_factor(drop, b, h, p.H, i, j) - di) * dcap;
+          ds = pj * (dp * mf - di) * dcap;
         }
         const int n = static_cast<int>(imin(32, ke - jc));
         for (int jj = 0; jj < n; ++jj) {

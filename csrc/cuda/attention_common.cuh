@@ -107,6 +107,44 @@ __device__ __forceinline__ float dropout_factor(const Dropout& d, int64_t b, int
   return dropout_keep(d, dropout_row_index(b, h, H, i), j) ? d.rscale : 0.f;
 }
 
+// The keep mask of one row (sequence b, head h, query i) for a warp that walks the keys 32 at a
+// time, a lane per key. Each Philox block serves 8 neighbouring keys (attention_dropout.h), so
+// instead of every lane drawing its key's block (8 lanes drawing the same one), lane L draws
+// block c0 + L once and holds it for the next 256 keys; a lane reads its key's words from the
+// lane that holds them. Every lane of the warp must call bits() with the same jc (the warp's
+// first key), also lanes whose key lies past the range (their value is then unused).
+struct DropoutRow {
+  uint64_t index;
+  int64_t c0 = -1;  // the block lane 0 holds; -1: none drawn yet
+  uint32_t w[4];
+
+  __device__ __forceinline__ explicit DropoutRow(uint64_t row_index) : index(row_index) {}
+
+  // The 16-bit value of key j = jc + lane (attention_dropout.h's dropout_bits, bit for bit).
+  __device__ __forceinline__ uint32_t bits(const Dropout& d, int64_t jc, int lane) {
+    const int64_t lo = jc >> 3, hi = (jc + 31) >> 3;
+    if (c0 < 0 || lo < c0 || hi >= c0 + 32) {  // uniform across the warp
+      c0 = lo;
+      const Philox4x32 b = philox_draw(d.seed, index, d.offset, static_cast<uint32_t>(c0 + lane));
+#pragma unroll
+      for (int x = 0; x < 4; ++x) w[x] = b.v[x];
+    }
+    const int64_t j = jc + lane;
+    const int src = static_cast<int>((j >> 3) - c0);
+    uint32_t word[4];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) word[x] = __shfl_sync(0xffffffffu, w[x], src);
+    const uint32_t v = word[(j & 7) >> 1];
+    return (j & 1) ? (v >> 16) : (v & 0xFFFFu);
+  }
+
+  // rscale when key j = jc + lane is kept, 0 when dropped (1 without dropout).
+  __device__ __forceinline__ float factor(const Dropout& d, int64_t jc, int lane) {
+    if (!d.on()) return 1.f;
+    return bits(d, jc, lane) >= d.threshold ? d.rscale : 0.f;
+  }
+};
+
 // One sequence of the batch: where its rows live and how long it is.
 struct Seq {
   int64_t tok0 = 0;          // first query token in out (tokens, H, Dv)

@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
 #pragma unroll
         for (int x = 0; x < kDPL; ++x) o[x] = 0.f;
         float m_run = -INFINITY, l_run = 0.f;
+        DropoutRow keep(dropout_row_index(b, h, p.H, i));
         for (int64_t jc = kb; jc < ke; jc += 32) {
           const int64_t j = jc + lane;
           float x = -INFINITY;
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
           const float alpha = exp2f(m_run - m_safe);
           float pj = exp2f(x - m_safe);
           l_run = l_run * alpha + warp_sum(pj);  // the statistics stay without dropout
-          if (drop.on() && j < ke && !dropout_keep(drop, dropout_row_index(b, h, p.H, i), j)) pj = 0.f;
+          if (drop.on() && keep.bits(drop, jc, lane) < drop.threshold && j < ke) pj = 0.f;
           m_run = m_new;
 #pragma unroll
           for (int y = 0; y < kDPL; ++y) o[y] *= alpha;
