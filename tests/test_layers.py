@@ -346,7 +346,7 @@ def test_autocast_cpu_is_like_torch():
 @pytest.mark.cuda
 def test_autocast_cuda_is_like_torch():
     if not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
+        pytest.skip("needs an NVIDIA GPU and a CUDA build of the extension")
     x = rand(4, 16, dtype=torch.float32, seed=47).cuda()
     w = rand(16, dtype=torch.float32, seed=48).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
