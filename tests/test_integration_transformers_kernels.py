@@ -1,5 +1,5 @@
 """pretrain_kernels.integrations.transformers.apply_kernels: tiny random Llama, Mistral (sliding
-window), Qwen2 (sliding window on one layer) and Gemma models with their RMSNorms, SwiGLU MLPs,
+window), Qwen2 (sliding window on one layer), Qwen3 (norms on the heads) and Gemma models with their RMSNorms, SwiGLU MLPs,
 rotary embedding and causal-LM loss on the package's kernels, against the same weights
 unpatched: logits, loss and every parameter gradient (fp32, and under bf16 autocast), padded and
 unpadded batches, on both "sdpa" and "pretrain_kernels" attention; generate gives the same
@@ -44,6 +44,10 @@ def build(tf, kind, attn, *, seed=0, window=5):
         cfg = tf.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=window,
                              max_window_layers=1, layer_types=["full_attention", "sliding_attention"], **common)
         cls = tf.Qwen2ForCausalLM
+    elif kind == "qwen3":  # q_norm / k_norm on the heads, sliding window on the second layer
+        cfg = tf.Qwen3Config(num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=window,
+                             max_window_layers=1, layer_types=["full_attention", "sliding_attention"], **common)
+        cls = tf.Qwen3ForCausalLM
     elif kind == "gemma":
         cfg, cls = tf.GemmaConfig(num_key_value_heads=2, head_dim=16, **common), tf.GemmaForCausalLM
     else:
@@ -97,7 +101,7 @@ def run(model, ids, mask, *, autocast=False):
 
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 @pytest.mark.parametrize("attn", ["sdpa", "pretrain_kernels"])
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
 def test_patched_equals_unpatched_fp32(transformers, kind, attn, padding):
     ref, ours = pair(transformers, kind, attn)
     ids, mask = batch(3, 13, padding)
