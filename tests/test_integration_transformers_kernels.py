@@ -205,3 +205,23 @@ def test_loss_semantics(transformers):
         # positional arguments and tuples, as transformers takes them
         tup = ours(ids, mask, labels=labels, return_dict=False)
         torch.testing.assert_close(tup[0], want.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_signature_copy_and_pickle(transformers):
+    import inspect
+    import pickle
+
+    ref, ours = pair(transformers, "llama", "pretrain_kernels")
+    # generate reads forward's signature (attention_mask, position_ids, logits_to_keep)
+    params = inspect.signature(ours.forward).parameters
+    assert {"input_ids", "attention_mask", "position_ids", "labels", "logits_to_keep", "return_logits"} <= set(params)
+    norm = ours.model.norm
+    assert list(inspect.signature(norm.forward).parameters) == ["hidden_states"]
+    ids, mask = batch(2, 9, "left", seed=3)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, labels=ids).loss
+        for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+            assert clone.model.norm.forward.module is clone.model.norm
+            assert clone.forward.module is clone and clone._pk_kernel == "cross_entropy"
+            torch.testing.assert_close(clone(input_ids=ids, attention_mask=mask, labels=ids).loss, want,
+                                       rtol=1e-5, atol=1e-6)

@@ -261,8 +261,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 # apply_kernels(model) swaps, on the modules of one model instance (never on transformers'
 # classes, so other models in the process are untouched), the eager composites of a Llama-style
 # decoder for the package's fused ops, as Liger-Kernel's apply_liger_kernel_to_* do. Each patch
-# is an instance attribute `forward` (nn.Module.__call__ finds it before the class's), so
-# deleting it (or building the model again) restores transformers' code. A module is patched
+# is an instance attribute `forward` (nn.Module.__call__ finds it before the class's; a
+# _PatchedForward with the class forward's signature), so deleting it restores transformers'
+# code. A module is patched
 # only when its class is one of the known ones below; everything else is left alone.
 
 # RMSNorm classes and their rounding convention: Llama's rounds the normalised value to the
@@ -308,32 +309,56 @@ def apply_kernels(model: torch.nn.Module, *, rope: bool = True, rms_norm: bool =
     is harmless (patched modules are skipped; a later call can add what an earlier one left
     out). Returns the model.
     """
-    import types
-
     for module in model.modules():
         name = type(module).__name__
         if rms_norm and name in _RMS_NORM_LLAMA + _RMS_NORM_GEMMA and not hasattr(module, "_pk_kernel"):
             if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1:
-                module.forward = types.MethodType(_rms_norm_forward, module)
+                module.forward = _PatchedForward(module, _rms_norm_forward)
                 module._pk_kernel = "rms_norm"
         elif swiglu and name in _MLP and not hasattr(module, "_pk_kernel"):
             if _is_silu(module):
-                module.forward = types.MethodType(_swiglu_mlp_forward, module)
+                module.forward = _PatchedForward(module, _swiglu_mlp_forward)
                 module._pk_kernel = "swiglu"
         elif rope and name in _ATTENTION and not hasattr(module, "_pk_kernel"):
             if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
-                module.forward = types.MethodType(_rope_attention_forward, module)
+                module.forward = _PatchedForward(module, _rope_attention_forward)
                 module._pk_kernel = "rope"
     if cross_entropy and type(model).__name__ in _CAUSAL_LM and not hasattr(model, "_pk_kernel"):
         head = getattr(model, "lm_head", None)
         if isinstance(head, torch.nn.Linear) and hasattr(model, "model") and \
                 getattr(model.config, "final_logit_softcapping", None) is None:
-            import inspect
-            model._pk_forward_params = [p.name for p in inspect.signature(type(model).forward).parameters.values()
-                                        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
-            model.forward = types.MethodType(_causal_lm_forward, model)
+            model.forward = _PatchedForward(model, _causal_lm_forward, extra=("return_logits",))
             model._pk_kernel = "cross_entropy"
     return model
+
+
+class _PatchedForward:
+    """A module's patched forward: fn(module, *args, **kwargs), with the signature of the
+    module class's own forward (plus the keyword-only `extra` arguments), since transformers
+    reads it (generate asks whether forward takes attention_mask, position_ids,
+    logits_to_keep). A plain object, so that deepcopy binds the copy to the copied module and
+    the model still pickles."""
+
+    def __init__(self, module, fn, extra=()):
+        self.module, self.fn, self.extra = module, fn, tuple(extra)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        params = list(inspect.signature(type(self.module).forward).parameters.values())[1:]
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params[at:at] = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in self.extra]
+        return inspect.Signature(params)
+
+    def positional_names(self):
+        import inspect
+
+        return [p.name for p in list(inspect.signature(type(self.module).forward).parameters.values())[1:]
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _is_silu(mlp) -> bool:
@@ -437,12 +462,13 @@ def _causal_lm_forward(self, *args, **kwargs):
 
     original = type(self).forward
     return_logits = kwargs.pop("return_logits", None)
-    for name, value in zip(self._pk_forward_params, args):
+    names = self.forward.positional_names() if isinstance(self.forward, _PatchedForward) else []
+    if len(args) > len(names):
+        return original(self, *args, **kwargs)
+    for name, value in zip(names, args):
         if name in kwargs:
             raise TypeError(f"forward: got multiple values for argument '{name}'")
         kwargs[name] = value
-    if len(args) > len(self._pk_forward_params):
-        return original(self, *args, **kwargs)
     labels = kwargs.pop("labels", None)
     logits_to_keep = kwargs.pop("logits_to_keep", 0)
     if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
