@@ -1,9 +1,10 @@
 """pretrain_kernels.integrations.transformers.apply_kernels: tiny random Llama, Mistral (sliding
-window), Qwen2 (sliding window on one layer), Qwen3 (norms on the heads) and Gemma models with their RMSNorms, SwiGLU MLPs,
-rotary embedding and causal-LM loss on the package's kernels, against the same weights
-unpatched: logits, loss and every parameter gradient (fp32, and under bf16 autocast), padded and
-unpadded batches, on both "sdpa" and "pretrain_kernels" attention; generate gives the same
-tokens; the patches land where they should and nowhere else; a second call changes nothing.
+window), Qwen2 (sliding window on one layer), Qwen3 (norms on the heads) and Gemma models with
+their RMSNorms, SwiGLU MLPs, rotary embedding and causal-LM loss on the package's kernels,
+against the same weights unpatched: logits, loss and every parameter gradient (fp32, and under
+bf16 autocast), padded and unpadded batches, on both "sdpa" and "pretrain_kernels" attention;
+generate gives the same tokens; the patches land where they should and nowhere else; a second
+call changes nothing; the patched model deep-copies and pickles.
 
 Every test that needs transformers takes the `transformers` fixture and skips alone without it."""
 import copy

@@ -314,7 +314,8 @@ def test_compile_fullgraph():
     for ta, tb in zip(a, b):
         torch.testing.assert_close(ta.grad, tb.grad)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, gate, up), f(x, w, gate, up))
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, w, gate, up), f(x, w, gate, up))
 
 
 def test_func_transforms():

@@ -144,7 +144,8 @@ PK_TARGET_AVX512 void swiglu_fwd_avx512(const scalar_t* g, const scalar_t* u, sc
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
     const __m512 gv = V16<scalar_t>::load(g + i, m);
-    const __m512 a = V16<scalar_t>::round(_mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+    const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+    const __m512 a = V16<scalar_t>::round(_mm512_div_ps(gv, den));
     V16<scalar_t>::store(out + i, _mm512_mul_ps(a, V16<scalar_t>::load(u + i, m)), m);
   }
 }
@@ -188,7 +189,8 @@ acc_t norm_fwd_row(const scalar_t* x, scalar_t* y, const acc_t* scale, int64_t D
     s += v * v;
   }
   const acc_t rstd = rms_rstd<acc_t>(s, D, eps);
-  for (int64_t j = 0; j < D; ++j) y[j] = rms_out<scalar_t, acc_t>(static_cast<acc_t>(x[j]), rstd, scale[j], round_before);
+  for (int64_t j = 0; j < D; ++j)
+    y[j] = rms_out<scalar_t, acc_t>(static_cast<acc_t>(x[j]), rstd, scale[j], round_before);
   return rstd;
 }
 
