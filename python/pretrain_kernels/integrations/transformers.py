@@ -400,10 +400,11 @@ def _rope_tables(cos: torch.Tensor, batch: int):
     [T, D / 2] shared by the batch, or per token [B, T, D / 2]."""
     half = cos[..., : cos.shape[-1] // 2]
     if half.dim() == 3 and half.shape[0] == 1:
-        return half[0]
-    if half.dim() == 3 and half.shape[0] != batch:
-        return half.expand(batch, *half.shape[1:])
-    return half
+        half = half[0]
+    elif half.dim() == 3 and half.shape[0] != batch:
+        half = half.expand(batch, *half.shape[1:])
+    # once in the kernels' table dtype, for both the query and the key call
+    return half.to(torch.float64 if cos.dtype == torch.float64 else torch.float32).contiguous()
 
 
 def _rope_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,

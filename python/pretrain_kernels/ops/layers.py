@@ -26,9 +26,12 @@ import numbers
 
 import torch
 
-from ._common import apply_function, needs_autograd, not_differentiable, register_autograd_function
+from ._common import (apply_function, call_below_autograd, needs_autograd, not_differentiable,
+                      register_autograd_function)
 
 _OPS = torch.ops.pretrain_kernels
+_RMS_NORM_OP = _OPS.rms_norm.default
+_SWIGLU_OP = _OPS.swiglu.default
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -84,7 +87,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     eps, offset, rbw = _check_norm(x, weight, eps, offset, round_before_weight)
     if needs_autograd(x, weight):
         return apply_function(_RMSNorm, x, weight, eps, offset, rbw)[0]
-    return _OPS.rms_norm(x, weight, eps, offset, rbw)[0]
+    return call_below_autograd(_RMS_NORM_OP, x, weight, eps, offset, rbw)[0]
 
 
 def _check_swiglu(gate, up):
@@ -113,7 +116,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_swiglu(gate, up)
     if needs_autograd(gate, up):
         return apply_function(_SwiGLU, gate, up)
-    return _OPS.swiglu(gate, up)
+    return call_below_autograd(_SWIGLU_OP, gate, up)
 
 
 # ---- fake kernels --------------------------------------------------------------------------------
