@@ -226,3 +226,18 @@ def test_signature_copy_and_pickle(transformers):
             assert clone.forward.module is clone and clone._pk_kernel == "cross_entropy"
             torch.testing.assert_close(clone(input_ids=ids, attention_mask=mask, labels=ids).loss, want,
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_custom_loss_keeps_transformers_forward(transformers):
+    ref, ours = pair(transformers, "llama", "pretrain_kernels")
+    ids, mask = batch(2, 8, "none")
+
+    def doubled(logits, labels, vocab_size, **kw):
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        return 2 * ForCausalLMLoss(logits, labels, vocab_size, **kw)
+
+    ours.loss_function = doubled
+    with torch.no_grad():
+        out = ours(input_ids=ids, labels=ids)
+        assert out.logits is not None  # transformers' forward ran
+        torch.testing.assert_close(out.loss, 2 * ref(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)

@@ -304,7 +304,9 @@ def apply_kernels(model: torch.nn.Module, *, rope: bool = True, rms_norm: bool =
         same shift (labels padded with ignore_index and shifted left, or shift_labels),
         ignore_index (-100 unless passed) and num_items_in_batch (sum / num_items) as
         transformers' ForCausalLMLoss. Then logits are None unless the call passes
-        return_logits=True. Without labels (generate, evaluation) the forward is transformers'.
+        return_logits=True. Without labels (generate, evaluation), with logits_to_keep, or with
+        a loss other than ForCausalLMLoss (loss_type, loss_function) the forward is
+        transformers'.
     Modules of other classes (and the options passed as False) are left alone. Calling it again
     is harmless (patched modules are skipped; a later call can add what an earlier one left
     out). Returns the model.
@@ -454,6 +456,16 @@ def _rope_attention_forward(self, hidden_states: torch.Tensor, position_embeddin
     return self.o_proj(attn_output), attn_weights
 
 
+def _default_loss(model) -> bool:
+    """Whether the model's loss is transformers' ForCausalLMLoss (the one the fused loss
+    replaces); a custom loss_function or loss_type keeps transformers' forward."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # pragma: no cover - older transformers
+        return False
+    return getattr(model, "loss_function", None) is ForCausalLMLoss
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     """transformers' causal-LM forward; with labels, the loss through pk.linear_cross_entropy
     from the hidden states (no logits unless return_logits=True)."""
@@ -472,7 +484,7 @@ def _causal_lm_forward(self, *args, **kwargs):
         kwargs[name] = value
     labels = kwargs.pop("labels", None)
     logits_to_keep = kwargs.pop("logits_to_keep", 0)
-    if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+    if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0) or not _default_loss(self):
         return original(self, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     return_dict = kwargs.pop("return_dict", None)
     ignore_index = kwargs.pop("ignore_index", -100)
