@@ -106,6 +106,21 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // interleaved, else (x[i], x[i + rd/2]); the rest are copied. conjugate: by -theta (the
   // backward). Returns a new contiguous tensor like x.
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool interleaved, bool conjugate) -> Tensor");
+  // ---- decoder layers (csrc/{cpu,cuda}/layers, shared math and checks in csrc/common/layers.h) ----
+  // rms_norm over the last dim of x (any shape, float32/float16/bfloat16/float64); weight [D] in
+  // x's dtype or float32, or None. y = round(round(x * rstd) * (offset + w)) when
+  // round_before_weight (transformers' LlamaRMSNorm), else round(x * rstd * (offset + w))
+  // (GemmaRMSNorm); round = the cast to x's dtype. -> (y like x, rstd [x.shape[:-1]] float32,
+  // float64 for float64 x).
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps, float offset, bool round_before_weight) -> (Tensor, Tensor)");
+  // -> (grad_x like x, grad_weight like weight; empty without a weight or when not weight_grad).
+  m.def(
+      "rms_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor rstd, float offset, "
+      "bool round_before_weight, bool weight_grad) -> (Tensor, Tensor)");
+  // silu(gate) * up, gate and up of one shape and dtype (silu rounded to the dtype, then the product).
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  // -> (grad_gate, grad_up), silu recomputed from gate.
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   // ---- attention (csrc/{cpu,cuda}/attention*) ----
   // Layout (batch, seqlen, heads, head_dim), or packed (tokens, heads, head_dim) with int32
   // cu_seqlens_q/k (varlen). k/v may have fewer heads (GQA). Query i sees key j when

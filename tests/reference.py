@@ -676,3 +676,34 @@ def zigzag_shard_ref(x, rank, world, dim=1, lengths=None):
         chunks = torch.chunk(seq, 2 * world, dim) if seq.shape[dim] else [seq] * (2 * world)
         parts += [chunks[rank], chunks[2 * world - 1 - rank]]
     return torch.cat(parts, dim)
+
+
+def rms_norm_ref(x, weight=None, eps=1e-6, offset=0.0):
+    """pk.rms_norm in float64 (no intermediate rounding): x * rsqrt(mean(x^2, -1) + eps) * (offset
+    + weight), weight None meaning no scale. Differentiable in x and weight."""
+    xd = x.to(torch.float64)
+    y = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * (offset + weight.to(torch.float64))
+
+
+def llama_rms_norm_ref(x, weight, eps=1e-6):
+    """transformers' LlamaRMSNorm.forward, verbatim: float32 statistics, the normalised value cast
+    back to x's dtype, then times the weight."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def gemma_rms_norm_ref(x, weight, eps=1e-6):
+    """transformers' GemmaRMSNorm.forward, verbatim: float32 throughout, (1 + w), one cast at the end."""
+    h = x.float()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + weight.float())).type_as(x)
+
+
+def swiglu_ref(gate, up):
+    """pk.swiglu in float64: silu(gate) * up. Differentiable in both."""
+    g = gate.to(torch.float64)
+    return torch.nn.functional.silu(g) * up.to(torch.float64)

@@ -1,11 +1,15 @@
 """transformers integration: a small Llama (4 layers, width 256, 4 heads of 64, batch 8, lengths
-128-512 padded to 512) with attn_implementation="pretrain_kernels" against the same weights on
-transformers' "sdpa" (torch's scaled_dot_product_attention with the padding mask). Timed:
+128-512 padded to 512) with attn_implementation="pretrain_kernels" (the attention alone), the same
+plus apply_kernels (RMSNorm, SwiGLU, rotary embedding and the fused linear cross-entropy on the
+package's kernels: "pretrain_kernels+apply_kernels"), against the same weights on transformers'
+"sdpa" (torch's scaled_dot_product_attention with the padding mask). Timed:
 forward + backward of the padded batch (right padding, labels on the real tokens), the same
 tokens padding-free (the sequences packed into one row with restarting position_ids, as
 transformers' DataCollatorWithFlattening makes them: the whole model then skips the padding),
 and greedy generate of 64 new tokens with the KV cache from the left-padded batch. extra_info
-records impl, baseline (True for the package's) and tokens, so report.py shows the speedup.
+records impl, baseline (True for the package's all-kernels row) and tokens, so report.py shows
+the speedups. The table of main() gives wall times and the process CPU times (user + system of
+this process, less sensitive to other load on the machine) with their ratios against sdpa.
 --quick: batch 4, lengths 64-128, 8 new tokens.
 
 Run: pk-bench integrations [--device cpu|cuda] [--quick]
@@ -20,7 +24,9 @@ import torch
 from pretrain_kernels.bench.common import quick, require, rounds
 
 B, MIN_LEN, MAX_LEN, NEW_TOKENS, VOCAB = quick((8, 128, 512, 64), (4, 64, 128, 8)) + (1024,)
-IMPLS = ("pretrain_kernels", "sdpa")
+PK, PK_ALL, SDPA = "pretrain_kernels", "pretrain_kernels+apply_kernels", "sdpa"
+IMPLS = (PK, PK_ALL, SDPA)
+BASELINE = PK_ALL
 
 
 def _transformers():
@@ -32,10 +38,13 @@ def _transformers():
 
 def make_model(impl: str, device="cpu"):
     tf = _transformers()
+    from pretrain_kernels.integrations import transformers as pkt
     cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
     torch.manual_seed(0)
-    return tf.LlamaForCausalLM._from_config(cfg, attn_implementation=impl).to(device)
+    attn = PK if impl == PK_ALL else impl
+    model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation=attn).to(device)
+    return pkt.apply_kernels(model) if impl == PK_ALL else model
 
 
 def make_batch(padding: str, device="cpu"):
@@ -104,7 +113,7 @@ def test_llama_padded_fwd_bwd(benchmark, bench_device, impl):
     step()
     benchmark.group = f"transformers llama fwd+bwd B{B} len{MIN_LEN}-{MAX_LEN} {bench_device}"
     benchmark.extra_info.update(family="integrations", op="llama fwd+bwd", impl=impl, device=bench_device,
-                                baseline=(impl == "pretrain_kernels"), tokens=tokens)
+                                baseline=(impl == BASELINE), tokens=tokens)
     benchmark.pedantic(step, rounds=rounds(3), iterations=1, warmup_rounds=0)
 
 
@@ -114,7 +123,7 @@ def test_llama_padding_free_fwd_bwd(benchmark, bench_device, impl):
     step()
     benchmark.group = f"transformers llama fwd+bwd padding-free B{B} len{MIN_LEN}-{MAX_LEN} {bench_device}"
     benchmark.extra_info.update(family="integrations", op="llama fwd+bwd padding-free", impl=impl,
-                                device=bench_device, baseline=(impl == "pretrain_kernels"), tokens=tokens)
+                                device=bench_device, baseline=(impl == BASELINE), tokens=tokens)
     benchmark.pedantic(step, rounds=rounds(3), iterations=1, warmup_rounds=0)
 
 
@@ -123,15 +132,16 @@ def test_llama_generate(benchmark, bench_device, impl):
     step, tokens = generate_fn(impl, bench_device)
     benchmark.group = f"transformers llama generate B{B} +{NEW_TOKENS} {bench_device}"
     benchmark.extra_info.update(family="integrations", op="llama generate", impl=impl, device=bench_device,
-                                baseline=(impl == "pretrain_kernels"), tokens=tokens)
+                                baseline=(impl == BASELINE), tokens=tokens)
     benchmark.pedantic(step, rounds=2, iterations=1, warmup_rounds=1)
 
 
-def test_padding_free_matches_padded():
+@pytest.mark.parametrize("impl", (PK, PK_ALL))
+def test_padding_free_matches_padded(impl):
     """The padding-free batch gives the padded batch's loss (same tokens, same labels)."""
     losses = []
     for packed in (False, True):
-        model = make_model("pretrain_kernels").eval()
+        model = make_model(impl).eval()
         if packed:
             ids, pos, labels, _ = packed_batch()
             kw = dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)  # transformers finds packed sequences only without a cache
@@ -144,7 +154,7 @@ def test_padding_free_matches_padded():
 
 
 def test_same_generation():
-    """Both implementations generate the same tokens (greedy) from the benchmark's batch, shortened."""
+    """Every implementation generates the same tokens (greedy) from the benchmark's batch, shortened."""
     outs = []
     for impl in IMPLS:
         model = make_model(impl).eval()
@@ -153,7 +163,7 @@ def test_same_generation():
             outs.append(model.generate(ids[:2, -min(150, MAX_LEN):], attention_mask=mask[:2, -min(150, MAX_LEN):],
                                        max_new_tokens=8,
                                        do_sample=False, pad_token_id=0))
-    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 def main():
@@ -168,22 +178,27 @@ def main():
         fns = {impl: make(impl, args.device)[0] for impl in IMPLS}
         for fn in fns.values():
             fn()  # warm up
-        times = {impl: [] for impl in IMPLS}
-        for _ in range(args.rounds):  # interleaved, so both see the same machine load
+        wall = {impl: [] for impl in IMPLS}
+        cpu = {impl: [] for impl in IMPLS}
+        for _ in range(args.rounds):  # interleaved, so all see the same machine load
             for impl, fn in fns.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
-                times[impl].append(time.perf_counter() - t)
-        med = {impl: sorted(ts)[len(ts) // 2] for impl, ts in times.items()}
-        rows.append((what, med["pretrain_kernels"], med["sdpa"]))
+                wall[impl].append(time.perf_counter() - t)
+                cpu[impl].append(time.process_time() - c)
+        med = lambda ts: sorted(ts)[len(ts) // 2]  # noqa: E731
+        rows.append((what, {i: med(wall[i]) for i in IMPLS}, {i: med(cpu[i]) for i in IMPLS}))
     print(f"small Llama (4 x 256, batch {B}, lengths {MIN_LEN}-{MAX_LEN}), {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds}")
-    print(f"| {'':20s} | {'pretrain_kernels':>16s} | {'sdpa':>9s} | {'sdpa / pk':>9s} |")
-    print(f"|{'-' * 22}|{'-' * 18}|{'-' * 11}|{'-' * 11}|")
-    for what, pk_t, sdpa_t in rows:
-        print(f"| {what:20s} | {pk_t * 1e3:13.0f} ms | {sdpa_t * 1e3:6.0f} ms | {sdpa_t / pk_t:8.2f}x |")
-    padded_sdpa, free_pk = rows[0][2], rows[1][1]
-    print(f"\nthe padded batch on sdpa against the same tokens padding-free on pretrain_kernels: "
+          f"{torch.get_num_threads()} threads, median of {args.rounds}; wall time, and in brackets the "
+          f"process CPU time; ratios sdpa / pk")
+    print("| | pk attention | pk attention + apply_kernels | sdpa | sdpa / pk attention | sdpa / pk all |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for what, w, c in rows:
+        print(f"| {what} | {w[PK] * 1e3:.0f} ms ({c[PK] * 1e3:.0f}) | {w[PK_ALL] * 1e3:.0f} ms ({c[PK_ALL] * 1e3:.0f}) "
+              f"| {w[SDPA] * 1e3:.0f} ms ({c[SDPA] * 1e3:.0f}) | {w[SDPA] / w[PK]:.2f}x ({c[SDPA] / c[PK]:.2f}x) "
+              f"| {w[SDPA] / w[PK_ALL]:.2f}x ({c[SDPA] / c[PK_ALL]:.2f}x) |")
+    padded_sdpa, free_pk = rows[0][1][SDPA], rows[1][1][PK_ALL]
+    print(f"\nthe padded batch on sdpa against the same tokens padding-free on pretrain_kernels + apply_kernels: "
           f"{padded_sdpa / free_pk:.2f}x")
 
 

@@ -13,6 +13,9 @@
   loss        lower-precision policy, as torch's F.linear (the matmuls of
               pk.linear_cross_entropy): hidden, weight and bias are cast to the autocast dtype;
               the row math is float32 inside the op whatever the dtype, and the loss float32.
+  layers      pk.rms_norm as torch's rms_norm: float32 policy on CUDA (x and weight cast to
+              float32, output float32); on the CPU unaffected, as torch's CPU autocast leaves
+              rms_norm alone. pk.swiglu is elementwise, as silu and mul: unaffected.
   masking, sampling, rotary
               unaffected (integer ids; sampling takes the logits in the dtype they come in;
               pk.rotary_embedding is elementwise, as torch's own mul/add: x keeps its dtype).
@@ -39,6 +42,7 @@ import torch
 
 from . import attention as _attention
 from . import diffusion as _diffusion
+from . import layers as _layers
 from . import loss as _loss
 
 _NS = "pretrain_kernels"
@@ -116,6 +120,7 @@ for _dev in _DEVICES:
     _lib.impl("linear_cross_entropy", _lce_kernel(_dev), _DISPATCH_KEYS[_dev])
     for _name in _FP32_OPS:
         torch.library.register_autocast(f"{_NS}::{_name}", _dev, torch.float32, lib=_lib)
+torch.library.register_autocast(f"{_NS}::rms_norm", "cuda", torch.float32, lib=_lib)  # CPU: as torch, untouched
 
 
 # ---- Python API ----------------------------------------------------------------------------
@@ -164,8 +169,9 @@ def _lower_precision(fn, names, target=None):
     return wrapper
 
 
-def _float32(fn):
-    """Wrap fn so that, under autocast, its float16/bfloat16 tensor arguments become float32."""
+def _float32(fn, devices=_DEVICES):
+    """Wrap fn so that, under autocast (on one of `devices`), its float16/bfloat16 tensor
+    arguments become float32."""
 
     def up(t, dev):
         return t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF and t.device.type == dev else t
@@ -175,7 +181,7 @@ def _float32(fn):
         if not _any_autocast():
             return fn(*args, **kwargs)
         dev = _autocast_device(list(args) + list(kwargs.values()))
-        if dev is None:
+        if dev is None or dev not in devices:
             return fn(*args, **kwargs)
         return fn(*(up(a, dev) for a in args), **{k: up(v, dev) for k, v in kwargs.items()})
 
@@ -197,3 +203,4 @@ _wrap(_loss, "linear_cross_entropy", lambda f: _lower_precision(f, ("hidden", "w
 for _name in ("add_noise", "diffusion_loss", "ddpm_step", "ddim_step", "euler_step", "heun_step", "dpmpp_2m_step",
               "flow_match_step"):
     _wrap(_diffusion, _name, _float32)
+_wrap(_layers, "rms_norm", lambda f: _float32(f, devices=("cuda",)))

@@ -1,0 +1,439 @@
+"""pk.rms_norm and pk.swiglu against the float64 references of tests/reference.py and against
+transformers' own formulas (LlamaRMSNorm, GemmaRMSNorm, act_fn(gate) * up, written out in
+reference.py): every dtype, with and without a weight (x's dtype or float32), Gemma's offset,
+odd sizes, empty tensors, non-contiguous inputs, forward and backward, the CUDA kernels through
+the emulator, thread-count independence of the weight gradient, opcheck, gradcheck,
+torch.compile(fullgraph=True), autocast and bad input."""
+import pytest
+import torch
+
+import pretrain_kernels as pk
+
+import reference as ref
+
+# `device` also runs the CUDA kernels on the CPU through the emulator (conftest.py).
+EMULATE_CUDA = True
+
+OPS = torch.ops.pretrain_kernels
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative error against float64 (a rounding or two of the result to the dtype)
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert a.shape == b.shape, (tuple(a.shape), tuple(b.shape))
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def rand(*shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+# ---- rms_norm --------------------------------------------------------------------------------------
+
+NORM_SHAPES = [(1, 1), (3, 7), (2, 5, 63), (129, 16), (4, 1000), (2, 3, 1027)]
+
+
+@pytest.mark.parametrize("weight_kind", ["same", "float32", None])
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_reference(device, shape, dtype, weight_kind):
+    seed = hash((shape, str(dtype), weight_kind)) % 1000
+    x = rand(*shape, dtype=dtype, seed=seed, scale=3.0).to(device).requires_grad_()
+    w = None
+    if weight_kind is not None:
+        w = (1 + 0.5 * rand(shape[-1], dtype=torch.float64, seed=seed + 1))
+        w = w.to(dtype if weight_kind == "same" else torch.float32).to(device).requires_grad_()
+    out = pk.rms_norm(x, w, eps=1e-5)
+    xr = x.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_() if w is not None else None
+    want = ref.rms_norm_ref(xr, wr, eps=1e-5)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    assert rel(out, want) < TOL[dtype], rel(out, want)
+    g = rand(*shape, dtype=dtype, seed=seed + 2).to(device)
+    out.backward(g)
+    want.backward(g.double())
+    assert x.grad.dtype == dtype
+    # dx = rstd * (dn - n * mean(dn * n)) cancels (exactly so for D = 1): its error is measured
+    # against the size of the terms, rstd * |dn|
+    rstd = xr.detach().pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
+    terms = (g.double().cpu() * rstd * (wr.detach() if w is not None else 1.0)).norm().item()
+    err = (x.grad.double().cpu() - xr.grad).norm().item()
+    assert err < 2 * TOL[dtype] * max(xr.grad.norm().item(), terms), (err, terms)
+    if w is not None:
+        assert w.grad.dtype == w.dtype and w.grad.shape == w.shape
+        assert rel(w.grad, wr.grad) < 2 * TOL[dtype], rel(w.grad, wr.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_offset_gemma(device, dtype):
+    x = rand(5, 33, dtype=dtype, seed=3).to(device).requires_grad_()
+    w = rand(33, dtype=dtype, seed=4).mul(0.1).to(device).requires_grad_()
+    out = pk.rms_norm(x, w, eps=1e-6, offset=1.0)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = ref.rms_norm_ref(xr, wr, eps=1e-6, offset=1.0)
+    assert rel(out, want) < TOL[dtype]
+    g = rand(5, 33, dtype=dtype, seed=5).to(device)
+    out.backward(g)
+    want.backward(g.double())
+    assert rel(x.grad, xr.grad) < 2 * TOL[dtype] and rel(w.grad, wr.grad) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_transformers_formulas(device, dtype):
+    # LlamaRMSNorm rounds the normalised value before the weight, GemmaRMSNorm after; both agree
+    # with pk.rms_norm to the last bit or two (the sum of squares is added in another order).
+    # (transformers computes float64 inputs in float32; pk.rms_norm keeps float64 in float64.)
+    x = rand(64, 256, dtype=dtype, seed=6, scale=2.0).to(device)
+    w = (1 + 0.3 * rand(256, dtype=torch.float64, seed=7)).to(dtype).to(device)
+    ulp = ULP[dtype]
+    llama = pk.rms_norm(x, w, eps=1e-6)
+    want = ref.llama_rms_norm_ref(x, w, eps=1e-6)
+    assert llama.dtype == want.dtype == dtype
+    torch.testing.assert_close(llama, want, rtol=4 * ulp, atol=1e-30)
+    gemma = pk.rms_norm(x, w, eps=1e-6, offset=1.0)
+    torch.testing.assert_close(gemma, ref.gemma_rms_norm_ref(x, w, eps=1e-6), rtol=4 * ulp, atol=1e-30)
+    if dtype != torch.float32:
+        # the flag decides the rounding: Llama's rounding with Gemma's offset is another result
+        other = pk.rms_norm(x, w, offset=1.0, round_before_weight=True)
+        assert not torch.equal(other, gemma)
+        torch.testing.assert_close(other, gemma, rtol=4 * ulp, atol=1e-30)
+
+
+def test_rms_norm_non_contiguous(device):
+    base = rand(3, 40, 6, dtype=torch.float32, seed=8).to(device)
+    x = base.transpose(1, 2)  # [3, 6, 40], feature stride 6
+    w = rand(40, dtype=torch.float32, seed=9).to(device)
+    assert not x.is_contiguous()
+    out = pk.rms_norm(x, w)
+    assert rel(out, ref.rms_norm_ref(x, w)) < TOL[torch.float32]
+    xs = rand(4, 50, dtype=torch.float32, seed=10).to(device)[:, 5:45].requires_grad_()
+    xs.retain_grad()
+    pk.rms_norm(xs, w).sum().backward()
+    xr = xs.detach().double().requires_grad_()
+    ref.rms_norm_ref(xr, w).sum().backward()
+    assert rel(xs.grad, xr.grad) < 1e-5
+
+
+def test_rms_norm_empty(device):
+    for shape in [(0, 8), (2, 0, 8), (3, 0)]:
+        x = torch.empty(shape, device=device, requires_grad=True)
+        w = torch.ones(shape[-1], device=device, requires_grad=True)
+        out = pk.rms_norm(x, w)
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == w.shape and not w.grad.any()
+
+
+def test_rms_norm_rstd_and_raw_backward(device):
+    x = rand(6, 24, dtype=torch.bfloat16, seed=11).to(device)
+    w = rand(24, dtype=torch.float32, seed=12).to(device)
+    out, rstd = OPS.rms_norm(x, w, 1e-6, 0.0, True)
+    assert rstd.dtype == torch.float32 and rstd.shape == (6,)
+    want = torch.rsqrt(x.double().pow(2).mean(-1) + 1e-6)
+    torch.testing.assert_close(rstd.double(), want, rtol=1e-6, atol=0)
+    g = rand(6, 24, dtype=torch.bfloat16, seed=13).to(device)
+    dx, dw = OPS.rms_norm_backward(g, x, w, rstd, 0.0, True, False)
+    assert dx.shape == x.shape and dw.numel() == 0
+    dx2, dw2 = OPS.rms_norm_backward(g, x, w, rstd, 0.0, True, True)
+    assert torch.equal(dx, dx2) and dw2.dtype == torch.float32 and dw2.shape == (24,)
+
+
+def test_rms_norm_weight_grad_is_independent_of_threads():
+    x = rand(1000, 96, dtype=torch.float32, seed=14).requires_grad_()
+    w = rand(96, dtype=torch.float32, seed=15).requires_grad_()
+    g = rand(1000, 96, dtype=torch.float32, seed=16)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            w.grad = None
+            pk.rms_norm(x, w).backward(g)
+            grads.append(w.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.emulated
+def test_rms_norm_emulated_weight_grad_is_deterministic(emu):
+    # the CUDA backward sums the blocks' partial weight gradients in order: the same bits twice,
+    # and the CPU's result to float32 rounding
+    x = rand(300, 40, dtype=torch.float32, seed=17)
+    w = rand(40, dtype=torch.float32, seed=18)
+    g = rand(300, 40, dtype=torch.float32, seed=19)
+    _, rstd = emu.rms_norm(x, w, 1e-6, 0.0, True)
+    a = emu.rms_norm_backward(g, x, w, rstd, 0.0, True, True)
+    b = emu.rms_norm_backward(g, x, w, rstd, 0.0, True, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    cpu = OPS.rms_norm_backward(g, x, w, rstd, 0.0, True, True)
+    torch.testing.assert_close(a[0], cpu[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[1], cpu[1], rtol=1e-5, atol=1e-5)
+
+
+# ---- swiglu ----------------------------------------------------------------------------------------
+
+SWIGLU_SHAPES = [(1,), (7,), (3, 63), (2, 5, 129), (4, 1000), (17, 33)]
+
+
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_matches_reference(device, shape, dtype):
+    seed = hash((shape, str(dtype))) % 1000
+    gate = rand(*shape, dtype=dtype, seed=seed, scale=4.0).to(device).requires_grad_()
+    up = rand(*shape, dtype=dtype, seed=seed + 1).to(device).requires_grad_()
+    out = pk.swiglu(gate, up)
+    gr, ur = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    want = ref.swiglu_ref(gr, ur)
+    assert out.dtype == dtype and out.shape == gate.shape
+    assert rel(out, want) < TOL[dtype], rel(out, want)
+    g = rand(*shape, dtype=dtype, seed=seed + 2).to(device)
+    out.backward(g)
+    want.backward(g.double())
+    assert rel(gate.grad, gr.grad) < 2 * TOL[dtype], rel(gate.grad, gr.grad)
+    assert rel(up.grad, ur.grad) < 2 * TOL[dtype], rel(up.grad, ur.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_matches_eager(device, dtype):
+    # transformers' MLP: act_fn(gate) * up in the dtype (silu rounded, then the product)
+    gate = rand(8, 300, dtype=dtype, seed=20, scale=5.0).to(device)
+    up = rand(8, 300, dtype=dtype, seed=21).to(device)
+    eager = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(pk.swiglu(gate, up), eager, rtol=2 * ULP[dtype], atol=1e-7)
+
+
+def test_swiglu_extremes(device):
+    gate = torch.tensor([-200.0, -90.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 90.0, 200.0, float("inf")], device=device)
+    up = torch.ones_like(gate)
+    out = pk.swiglu(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate), rtol=1e-6, atol=1e-30)
+    assert torch.isnan(pk.swiglu(torch.tensor([float("nan")], device=device), torch.ones(1, device=device))).all()
+
+
+def test_swiglu_non_contiguous(device):
+    fused = rand(6, 2 * 40, dtype=torch.float32, seed=22).to(device).requires_grad_()
+    gate, up = fused.chunk(2, dim=-1)  # as a fused gate_up projection
+    assert not gate.is_contiguous()
+    out = pk.swiglu(gate, up)
+    assert rel(out, ref.swiglu_ref(gate.detach(), up.detach())) < TOL[torch.float32]
+    out.sum().backward()
+    fr = fused.detach().double().requires_grad_()
+    ref.swiglu_ref(*fr.chunk(2, dim=-1)).sum().backward()
+    assert rel(fused.grad, fr.grad) < 1e-5
+
+
+def test_swiglu_empty(device):
+    gate = torch.empty(3, 0, device=device, requires_grad=True)
+    up = torch.empty(3, 0, device=device, requires_grad=True)
+    out = pk.swiglu(gate, up)
+    out.sum().backward()
+    assert out.shape == (3, 0) and gate.grad.shape == (3, 0)
+
+
+def test_swiglu_thread_count_does_not_change_results():
+    gate, up = rand(64, 1000, dtype=torch.bfloat16, seed=23), rand(64, 1000, dtype=torch.bfloat16, seed=24)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pk.swiglu(gate, up)
+        torch.set_num_threads(max(2, threads))
+        many = pk.swiglu(gate, up)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+# ---- autograd, opcheck, compile, autocast ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset,with_weight", [(0.0, True), (1.0, True), (0.0, False)])
+def test_rms_norm_gradcheck(offset, with_weight):
+    x = rand(4, 9, dtype=torch.float64, seed=25).requires_grad_()
+    w = rand(9, dtype=torch.float64, seed=26).requires_grad_() if with_weight else None
+    inputs = (x, w) if with_weight else (x,)
+    assert torch.autograd.gradcheck(lambda *a: pk.rms_norm(a[0], a[1] if with_weight else None, 1e-3, offset=offset),
+                                    inputs)
+
+
+def test_swiglu_gradcheck():
+    gate = rand(3, 11, dtype=torch.float64, seed=27, scale=3.0).requires_grad_()
+    up = rand(3, 11, dtype=torch.float64, seed=28).requires_grad_()
+    assert torch.autograd.gradcheck(pk.swiglu, (gate, up))
+
+
+def test_double_backward_raises():
+    x = rand(3, 8, dtype=torch.float64, seed=29).requires_grad_()
+    w = rand(8, dtype=torch.float64, seed=30).requires_grad_()
+    for fn, args in ((lambda a, b: pk.rms_norm(a, b), (x, w)), (pk.swiglu, (x, x.detach().clone().requires_grad_()))):
+        (g,) = torch.autograd.grad(fn(*args).pow(2).sum(), args[0], create_graph=True)
+        with pytest.raises(NotImplementedError, match="double backward"):
+            g.sum().backward()
+
+
+def test_opcheck():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = rand(5, 24, dtype=dtype, seed=31).requires_grad_()
+        for w in (rand(24, dtype=dtype, seed=32).requires_grad_(), rand(24, dtype=torch.float32, seed=33), None):
+            for offset, rbw in ((0.0, True), (1.0, False)):
+                torch.library.opcheck(OPS.rms_norm.default, (x, w, 1e-6, offset, rbw))
+                _, rstd = OPS.rms_norm(x.detach(), w.detach() if w is not None else None, 1e-6, offset, rbw)
+                g = rand(5, 24, dtype=dtype, seed=34)
+                wd = w.detach() if w is not None else None
+                torch.library.opcheck(OPS.rms_norm_backward.default, (g, x.detach(), wd, rstd, offset, rbw, True))
+        gate = rand(4, 3, 10, dtype=dtype, seed=35).requires_grad_()
+        up = rand(4, 3, 10, dtype=dtype, seed=36).requires_grad_()
+        torch.library.opcheck(OPS.swiglu.default, (gate, up))
+        torch.library.opcheck(OPS.swiglu_backward.default, (rand(4, 3, 10, dtype=dtype, seed=37), gate.detach(),
+                                                            up.detach()))
+
+
+def test_compile_fullgraph():
+    x = rand(6, 32, dtype=torch.float32, seed=38)
+    w = rand(32, dtype=torch.float32, seed=39)
+    gate, up = rand(6, 48, dtype=torch.float32, seed=40), rand(6, 48, dtype=torch.float32, seed=41)
+    proj = rand(32, 48, dtype=torch.float32, seed=42)
+
+    def f(x, w, gate, up):
+        h = pk.rms_norm(x, w, 1e-5) @ proj
+        return (pk.swiglu(gate + h, up) ** 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = [t.clone().requires_grad_() for t in (x, w, gate, up)]
+    b = [t.clone().requires_grad_() for t in (x, w, gate, up)]
+    out, out2 = compiled(*a), f(*b)
+    out.backward()
+    out2.backward()
+    torch.testing.assert_close(out, out2)
+    for ta, tb in zip(a, b):
+        torch.testing.assert_close(ta.grad, tb.grad)
+    with torch.no_grad():
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, w, gate, up), f(x, w, gate, up))
+
+
+def test_func_transforms():
+    x = rand(3, 10, dtype=torch.float64, seed=43)
+    w = rand(10, dtype=torch.float64, seed=44)
+    g = torch.func.grad(lambda t: (pk.rms_norm(t, w) ** 2).sum())(x)
+    xr = x.clone().requires_grad_()
+    (ref.rms_norm_ref(xr, w) ** 2).sum().backward()
+    torch.testing.assert_close(g, xr.grad)
+    batched = torch.vmap(lambda t: pk.swiglu(t, t * 2))(x)
+    torch.testing.assert_close(batched, ref.swiglu_ref(x, x * 2))
+
+
+def test_autocast_cpu_is_like_torch():
+    # torch's CPU autocast leaves rms_norm, silu and mul alone: the dtypes stay
+    x = rand(4, 16, dtype=torch.float32, seed=45)
+    w = rand(16, dtype=torch.float32, seed=46)
+    xb = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.rms_norm(xb, (16,), w.bfloat16()).dtype == torch.bfloat16
+        out = pk.rms_norm(x, w)
+        outb = pk.rms_norm(xb, w)
+        s = pk.swiglu(x, x)
+    assert out.dtype == torch.float32 and torch.equal(out, pk.rms_norm(x, w))
+    assert outb.dtype == torch.bfloat16 and torch.equal(outb, pk.rms_norm(xb, w))
+    assert s.dtype == torch.float32
+
+
+@pytest.mark.cuda
+def test_autocast_cuda_is_like_torch():
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU and a CUDA build of the extension")
+    x = rand(4, 16, dtype=torch.float32, seed=47).cuda()
+    w = rand(16, dtype=torch.float32, seed=48).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = torch.nn.functional.rms_norm(x.bfloat16(), (16,), w.bfloat16())
+        out = pk.rms_norm(x.bfloat16(), w.bfloat16())
+        raw = OPS.rms_norm(x.bfloat16(), w.bfloat16(), 1e-6, 0.0, True)[0]
+        s = pk.swiglu(x.half(), x.half())
+    assert want.dtype == out.dtype == raw.dtype == torch.float32
+    assert s.dtype == torch.float16
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+
+def _good_norm():
+    return dict(x=rand(3, 8, dtype=torch.float32, seed=49), weight=rand(8, dtype=torch.float32, seed=50))
+
+
+NORM_BAD = [
+    ("x", lambda a: a.update(x=a["x"].long()), TypeError),
+    ("x", lambda a: a.update(x=torch.tensor(1.0)), ValueError),
+    ("weight", lambda a: a.update(weight=a["weight"][:5]), ValueError),
+    ("weight", lambda a: a.update(weight=a["weight"].expand(2, 8)), ValueError),
+    ("weight", lambda a: a.update(weight=a["weight"].double()), TypeError),
+    ("weight", lambda a: a.update(x=a["x"].bfloat16(), weight=a["weight"].half()), TypeError),
+    ("eps", lambda a: a.update(eps=-1.0), ValueError),
+    ("eps", lambda a: a.update(eps=float("nan")), ValueError),
+    ("offset", lambda a: a.update(offset=float("inf")), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,edit,exc", NORM_BAD)
+def test_rms_norm_bad_input(name, edit, exc):
+    args = dict(_good_norm(), eps=1e-6, offset=0.0)
+    edit(args)
+    with pytest.raises(exc, match=name):
+        pk.rms_norm(args["x"], args["weight"], args["eps"], offset=args["offset"])
+    if name != "x" or exc is ValueError:
+        with pytest.raises(RuntimeError, match=name):
+            OPS.rms_norm(args["x"], args["weight"], args["eps"], args["offset"], True)
+
+
+def test_rms_norm_bad_types_and_backward_args():
+    a = _good_norm()
+    with pytest.raises(TypeError, match="weight"):
+        pk.rms_norm(a["x"], [1.0] * 8)
+    with pytest.raises(TypeError, match="eps"):
+        pk.rms_norm(a["x"], a["weight"], "1e-6")
+    with pytest.raises(TypeError, match="round_before_weight"):
+        pk.rms_norm(a["x"], a["weight"], round_before_weight=1)
+    _, rstd = OPS.rms_norm(a["x"], a["weight"], 1e-6, 0.0, True)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        OPS.rms_norm_backward(a["x"][:2], a["x"], a["weight"], rstd, 0.0, True, True)
+    with pytest.raises(RuntimeError, match="rstd"):
+        OPS.rms_norm_backward(a["x"], a["x"], a["weight"], rstd[:2], 0.0, True, True)
+    with pytest.raises(RuntimeError, match="rstd"):
+        OPS.rms_norm_backward(a["x"], a["x"], a["weight"], rstd.double(), 0.0, True, True)
+
+
+SWIGLU_BAD = [
+    ("gate", lambda a: a.update(gate=a["gate"].long(), up=a["up"].long()), TypeError),
+    ("up", lambda a: a.update(up=a["up"].double()), TypeError),
+    ("up", lambda a: a.update(up=a["up"][:, :3]), ValueError),
+    ("up", lambda a: a.update(up=a["up"][:1]), ValueError),  # no broadcasting
+]
+
+
+@pytest.mark.parametrize("name,edit,exc", SWIGLU_BAD)
+def test_swiglu_bad_input(name, edit, exc):
+    args = dict(gate=rand(2, 5, dtype=torch.float32, seed=51), up=rand(2, 5, dtype=torch.float32, seed=52))
+    edit(args)
+    with pytest.raises(exc, match=name):
+        pk.swiglu(args["gate"], args["up"])
+    with pytest.raises(RuntimeError, match=name):
+        OPS.swiglu(args["gate"], args["up"])
+    with pytest.raises(TypeError, match="up"):
+        pk.swiglu(args["gate"], 1.0)
+
+
+@pytest.mark.emulated
+def test_bad_input_emulated_cuda(emu):
+    # the CUDA entry points run the same checks (csrc/common/layers.h)
+    a = _good_norm()
+    with pytest.raises(RuntimeError, match="weight"):
+        emu.rms_norm(a["x"], a["weight"][:5], 1e-6, 0.0, True)
+    with pytest.raises(RuntimeError, match="up"):
+        emu.swiglu(a["x"], a["x"][:2])
+    out, _ = emu.rms_norm(a["x"], a["weight"], 1e-6, 0.0, True)
+    assert rel(out, ref.rms_norm_ref(a["x"], a["weight"])) < 1e-6
