@@ -574,6 +574,33 @@ def test_kvcache_paged_equals_contiguous(page_size, dtype):
         lens += n
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("page_size", [16, 48, 64])
+@pytest.mark.parametrize("head_dim", [64, 160])
+def test_kvcache_paged_decode_long_rows_equal_contiguous(head_dim, page_size, dtype):
+    """Decode over caches of several key blocks (the CPU kernels read the keys and values a page
+    run at a time and fetch the next block's rows ahead): the bits of the contiguous cache, at
+    page sizes that are and are not powers of two, head dims that take one and two passes over
+    the value columns, GQA, and rows of different lengths (0, inside a page, on page ends).
+    Table entries past the pages a row uses hold invalid block ids and are never read."""
+    g = torch.Generator().manual_seed(7 * page_size + head_dim)
+    B, H, Hk = 5, 4, 2
+    cap = -(-700 // page_size) * page_size
+    kc, vc = rand(B, cap, Hk, head_dim, dtype=dtype, gen=g), rand(B, cap, Hk, head_dim, dtype=dtype, gen=g)
+    kp, vp, table = paged_from_contiguous(kc, vc, page_size, gen=g)
+    lens = torch.tensor([0, 5, 3 * page_size - 1, 383, cap - 1], dtype=torch.int32)
+    for b in range(B):  # past the pages of len + 1 keys
+        table[b, -(-(int(lens[b]) + 1) // page_size):] = [-7, 2 ** 30][b % 2]
+    q = rand(B, 1, H, head_dim, dtype=dtype, gen=g)
+    kn, vn = rand(B, 1, Hk, head_dim, dtype=dtype, gen=g), rand(B, 1, Hk, head_dim, dtype=dtype, gen=g)
+    kw = dict(k_new=kn, v_new=vn, return_lse=True)
+    out_c, lse_c = pk.flash_attention_with_kvcache(q, kc, vc, lens, **kw)
+    out_p, lse_p = pk.flash_attention_with_kvcache(q, kp, vp, lens, block_table=table, **kw)
+    assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+    ref, _, _, _ = kvcache_ref(q, kc, vc, lens, k_new=kn, v_new=vn)
+    assert rel_err(out_c, ref) < (2e-2 if dtype != torch.float32 else 1e-5)
+
+
 def _kv_sdpa_err(q, k_rows, v_rows, lens, s_new, causal, window, scale):
     """torch SDPA's relative error (in q's dtype) on the rows a kv-cache call attends to."""
     left, right = window

@@ -178,8 +178,8 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
           softmax_tile(p, S.data(), BK, R, np, nk, w, b, hk * G, 0, j0, full, m.data() + hh * R, l.data() + hh * R,
                        O.data() + hh * R * Dv);
           if (p.has_dropout()) p.dropout_rows(S.data(), BK, R, np, nk, b, hk * G, 0, j0, bits);
-          p.with_value_runs<scalar_t>(b, j0, nk, hk, [&](const auto& rows, int64_t off, int64_t len) {
-            pv_rows_avx512<scalar_t>(R, len, Dv, S.data() + off, BK, rows, O.data() + hh * R * Dv);
+          p.with_rows<scalar_t>(p.v, b, j0, hk, [&](const auto& rows) {
+            pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, rows, O.data() + hh * R * Dv);
           });
         }
       }
@@ -355,8 +355,8 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
 #if PK_X86
         if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
           if (path == FwdPath::kRows) {
-            p.with_value_runs<scalar_t>(b, j0, nk, hk, [&](const auto& rows, int64_t off, int64_t len) {
-              pv_rows_avx512<scalar_t>(R, len, Dv, S.data() + off, BK, rows, O.data());
+            p.with_rows<scalar_t>(p.v, b, j0, hk, [&](const auto& rows) {
+              pv_rows_avx512<scalar_t>(R, nk, Dv, S.data(), BK, rows, O.data());
             });
           } else if (path == FwdPath::kPackedBf16) {
             const int64_t nkp = round_up(nk, 2);

@@ -106,46 +106,14 @@ struct Problem {
   template <typename T>
   const T* v_row(int64_t b, int64_t j, int64_t hk) const { return kv_row<T>(v, b, j, hk); }
   bool paged() const { return block_table != nullptr; }
-  // Values [j0, j0 + n) of sequence b (kv head hk) for pv_rows: f(rows, off, len) over runs
-  // that pv_rows may take one after another (its sum runs over the keys in order, through the
-  // output rows in memory, so the runs give the bits of one call): one strided run, or, paged
-  // with pages of at least kMinRunPage slots, one run per page (the table looked up once per
-  // page, not once per value); smaller pages take one run through the table. pv_rows fetches
-  // the rows kPrefetchRows ahead of the one it reads; those of a paged run that lie on later
-  // pages are fetched here, one table lookup per page, before the run.
-  static constexpr int64_t kMinRunPage = 16, kPrefetchRows = 32;
-  template <typename T, typename F>
-  void with_value_runs(int64_t b, int64_t j0, int64_t n, int64_t hk, F&& f) const {
-    if (block_table == nullptr || page_size < kMinRunPage) {
-      with_rows<T>(v, b, j0, hk, [&](const auto& rows) { f(rows, int64_t(0), n); });
-      return;
-    }
-    for (int64_t off = 0; off < n;) {
-      const int64_t a = j0 + off, len = std::min(n - off, page_size - a % page_size);
-      prefetch_value_rows<T>(b, hk, std::max(a + len, a + kPrefetchRows), a + len + kPrefetchRows);
-      f(PageRun<T>{{kv_row<T>(v, b, a, hk), v.ss}}, off, len);
-      off += len;
-    }
-  }
-  // Prefetches the value rows [t0, t1) of sequence b, kv head hk, that exist (t < len_k).
-  template <typename T>
-  void prefetch_value_rows(int64_t b, int64_t hk, int64_t t0, int64_t t1) const {
-    t1 = std::min(t1, len_k(b));
-    const int64_t bytes = Dv * static_cast<int64_t>(sizeof(T));
-    while (t0 < t1) {
-      const int64_t n = std::min(t1 - t0, page_size - t0 % page_size);
-      const char* row = reinterpret_cast<const char*>(kv_row<T>(v, b, t0, hk));
-      for (int64_t r = 0; r < n; ++r, row += v.ss * static_cast<int64_t>(sizeof(T)))
-        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
-      t0 += n;
-    }
-  }
-  // Keys [j0, j0 + n) of sequence b (kv head hk) for the rows kernels: f(rows) with rows(j)
-  // the address of key j0 + j, strided (one pointer and a row stride) unless paged.
+  // Keys or values from j0 on of sequence b (kv head hk) for the rows kernels: f(rows) with
+  // rows(j) the address of key j0 + j, strided (one pointer and a row stride) unless paged
+  // (then rows j < len_k(b) - j0 may be addressed, past the block too, for prefetching).
   template <typename T, typename F>
   void with_rows(const Operand& o, int64_t b, int64_t j0, int64_t hk, F&& f) const {
     if (block_table)
-      f(PagedRows<T>{static_cast<const T*>(o.ptr) + hk * o.sh, block_table + b * bt_sb, page_size, o.sb, o.ss, j0});
+      f(PagedRows<T>{static_cast<const T*>(o.ptr) + hk * o.sh, block_table + b * bt_sb, page_size, o.sb, o.ss, j0,
+                         len_k(b) - j0});
     else
       f(StridedRows<T>{kv_row<T>(o, b, j0, hk), o.ss});
   }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "../common/attention.h"
 #include "cpu_isa.h"
@@ -28,22 +29,20 @@ inline bool isa_avx512bf16() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512
 // Rows of K or V as the rows kernels read them, key j of a block at rows(j): one pointer and a
 // row stride, or through the page table of a paged kv cache (paged_offset in
 // csrc/common/attention.h). Both give the kernels the same keys in the same order, so a paged
-// cache gives the bits of the contiguous one. kStrided: rows past the block may be addressed
-// (for prefetching); a paged block's rows past its end may not (their table entries may lie
-// outside the table).
+// cache gives the bits of the contiguous one. Rows j .. j + run(j) - 1 lie stride() apart (one
+// run: all of them when strided, the rest of the page when paged), so a walk over the rows
+// (RowWalk) computes one address per page. prefetchable(j): row j may be addressed for a
+// prefetch although it lies past the block (strided: any row, prefetches do not fault; paged:
+// the rows of the sequence, whose table entries are checked, not the entries past them).
 template <typename T>
 struct StridedRows {
   static constexpr bool kStrided = true;
   const T* base;
   int64_t ld;
   const T* operator()(int64_t j) const { return base + j * ld; }
-};
-
-// One page of a paged cache, strided inside it. The rows past its end lie on other pages, so
-// the kernels do not prefetch there; Problem::with_value_runs prefetches the next pages.
-template <typename T>
-struct PageRun : StridedRows<T> {
-  static constexpr bool kStrided = false;
+  int64_t run(int64_t) const { return std::numeric_limits<int64_t>::max(); }
+  int64_t stride() const { return ld; }
+  bool prefetchable(int64_t) const { return true; }
 };
 
 template <typename T>
@@ -53,22 +52,51 @@ struct PagedRows {
   const int32_t* pages;   // the row's block_table entries
   int64_t page_size, s_page, s_slot;
   int64_t j0;             // logical position of key 0 of the block
+  int64_t limit;          // rows j < limit exist (key j0 + j below the sequence's key count)
   int shift = -1;         // log2(page_size) when a power of two: shifts instead of divisions
-  PagedRows(const T* base_, const int32_t* pages_, int64_t page_size_, int64_t s_page_, int64_t s_slot_, int64_t j0_)
-      : base(base_), pages(pages_), page_size(page_size_), s_page(s_page_), s_slot(s_slot_), j0(j0_) {
+  PagedRows(const T* base_, const int32_t* pages_, int64_t page_size_, int64_t s_page_, int64_t s_slot_, int64_t j0_,
+            int64_t limit_)
+      : base(base_), pages(pages_), page_size(page_size_), s_page(s_page_), s_slot(s_slot_), j0(j0_), limit(limit_) {
     if ((page_size & (page_size - 1)) == 0)
       while ((int64_t(1) << (shift + 1)) <= page_size) ++shift;
   }
+  int64_t slot(int64_t t) const { return shift >= 0 ? (t & (page_size - 1)) : t % page_size; }
   // Whether keys j .. j + n - 1 lie in one page.
-  bool one_page(int64_t j, int64_t n) const {
-    const int64_t t = j0 + j;
-    return shift >= 0 ? (t >> shift) == ((t + n - 1) >> shift) : t / page_size == (t + n - 1) / page_size;
-  }
+  bool one_page(int64_t j, int64_t n) const { return slot(j0 + j) + n <= page_size; }
   const T* operator()(int64_t j) const {
     const int64_t t = j0 + j;
     if (shift >= 0)  // paged_offset (csrc/common/attention.h) with shifts
       return base + static_cast<int64_t>(pages[t >> shift]) * s_page + (t & (page_size - 1)) * s_slot;
     return base + paged_offset(pages, page_size, t, s_page, s_slot);
+  }
+  int64_t run(int64_t j) const { return page_size - slot(j0 + j); }
+  int64_t stride() const { return s_slot; }
+  bool prefetchable(int64_t j) const { return j < limit; }
+};
+
+// Addresses of rows j, j + 1, ... of `rows`, asked for in that order: one table lookup per
+// run, the rows of a run a stride apart. at(j) is row j; at_or_null(j) is row j or null when
+// it may not be addressed (then so are the rows after it).
+template <typename Rows>
+struct RowWalk {
+  using Ptr = decltype(std::declval<const Rows&>()(0));
+  const Rows& rows;
+  Ptr ptr = nullptr;
+  int64_t left = 0;  // rows after ptr in its run
+  explicit RowWalk(const Rows& r) : rows(r) {}
+  Ptr at(int64_t j) {
+    if (left > 0) {
+      ptr += rows.stride();
+      --left;
+    } else {
+      ptr = rows(j);
+      left = rows.run(j) - 1;
+    }
+    return ptr;
+  }
+  Ptr at_or_null(int64_t j) {
+    if (left == 0 && !rows.prefetchable(j)) return nullptr;
+    return at(j);
   }
 };
 
@@ -344,19 +372,24 @@ PK_TARGET_AVX512 inline void qk16_avx512(int64_t R, int64_t D, const float* Q, c
   }
 }
 
+// Rows the rows kernels fetch ahead of the one they read.
+constexpr int64_t kPrefetchRows = 32;
+
 // Keys come through `K` (StridedRows or PagedRows: key j at K(j)).
 template <typename scalar_t, typename Rows>
 PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const float* Q, const Rows& K, float* S,
                                      int64_t lds) {
   int64_t j = 0;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  RowWalk<Rows> ahead(K);  // the keys kPrefetchRows ahead, past the block where they exist
   for (; j + 16 <= nk; j += 16) {  // sixteen keys at a time, sums transposed into one vector
     // Rows of one head are far apart (other heads in between), too far apart for the
-    // hardware prefetchers: fetch the keys two steps ahead by hand.
-    for (int t = 32; t < 48; ++t)
-      if (Rows::kStrided || j + t < nk)
+    // hardware prefetchers: fetch the keys two steps ahead by hand. Past the block they are
+    // the next block's first keys (read after the other heads' blocks, still in L2).
+    for (int64_t t = j + kPrefetchRows; t < j + kPrefetchRows + 16; ++t)
+      if (const scalar_t* row = ahead.at_or_null(t))
         for (int64_t off = 0; off < row_bytes; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(K(j + t)) + off, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row) + off, _MM_HINT_T0);
     if constexpr (Rows::kStrided) {
       qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.ld}, S + j, lds);
     } else if (K.one_page(j, 16)) {  // paged, the sixteen keys in one page: strided there
@@ -402,7 +435,8 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
 
 // O[r * Dv + d] += sum_j P[r * ldp + j] * V[j * ldv + d]; up to 128 columns (eight
 // independent accumulators) per pass.
-// Values come through `V` (StridedRows or PagedRows: value j at V(j)).
+// Values come through `V` (StridedRows or PagedRows: value j at V(j)), walked one run (page)
+// at a time; the values kPrefetchRows ahead are fetched, past the block where they exist.
 template <typename scalar_t, typename Rows>
 PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const float* P, int64_t ldp, const Rows& V,
                                      float* O) {
@@ -417,23 +451,26 @@ PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const fl
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) acc[v] = _mm512_maskz_loadu_ps(m[v], o + 16 * v);
       const float* pr = P + r * ldp;
+      RowWalk<Rows> row(V), ahead(V);  // the values read and those kPrefetchRows ahead
       if (nv == 8) {
         for (int64_t j = 0; j < nk; ++j) {
           const __m512 pj = _mm512_set1_ps(pr[j]);
-          const scalar_t* vj = V(j) + d0;
-          if (r == 0 && (Rows::kStrided || j + 32 < nk))
-            for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(V(j + 32) + d0) + off, _MM_HINT_T0);
+          const scalar_t* vj = row.at(j) + d0;
+          if (r == 0)
+            if (const scalar_t* next = ahead.at_or_null(j + kPrefetchRows))
+              for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(next + d0) + off, _MM_HINT_T0);
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, 0xffff), acc[v]);
         }
       } else {
         for (int64_t j = 0; j < nk; ++j) {
           const __m512 pj = _mm512_set1_ps(pr[j]);
-          const scalar_t* vj = V(j) + d0;
-          if (r == 0 && (Rows::kStrided || j + 32 < nk))
-            for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(V(j + 32) + d0) + off, _MM_HINT_T0);
+          const scalar_t* vj = row.at(j) + d0;
+          if (r == 0)
+            if (const scalar_t* next = ahead.at_or_null(j + kPrefetchRows))
+              for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(next + d0) + off, _MM_HINT_T0);
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v)
             if (v < nv) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, m[v]), acc[v]);

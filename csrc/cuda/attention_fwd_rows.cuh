@@ -47,8 +47,10 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
         for (int64_t jc = kb; jc < ke; jc += 32) {
           const int64_t j = jc + lane;
           float x = -INFINITY;
+          int64_t v_off = 0;  // paged: value row j's offset, looked up here once for the warp
           if (j < ke) {  // [kb, ke) lies inside the window: only the caller's mask can hide a key
             x = dot_row<T>(qs, kbase + kv_row_offset(p, s, j, p.k_sb, p.k_ss), p.D, p.k_vec);
+            if (s.pages != nullptr) v_off = kv_row_offset(p, s, j, p.v_sb, p.v_ss);
             if (mod) x = modified_score_log2(p, x, slope, w, i, j);
             if (p.has_mask()) x += mask_log2(p, b, h, i, j);
           }
@@ -65,7 +67,7 @@ __global__ void __launch_bounds__(128) fwd_rows_kernel(const AttnParams p) {
           for (int jj = 0; jj < n; ++jj) {
             const float pv = __shfl_sync(0xffffffffu, pj, jj);
             if (pv == 0.f) continue;  // the same for every lane
-            const T* vr = vbase + kv_row_offset(p, s, jc + jj, p.v_sb, p.v_ss);
+            const T* vr = vbase + (s.pages != nullptr ? __shfl_sync(0xffffffffu, v_off, jj) : (jc + jj) * p.v_ss);
 #pragma unroll
             for (int y = 0; y < kDPL; ++y) {
               const int d = lane + 32 * y;

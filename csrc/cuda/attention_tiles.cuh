@@ -62,7 +62,11 @@ __device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* g, int64
 }
 
 // Rows [j0, j0 + nrows) of K or V (g: row 0 of the sequence's kv head) into shared memory,
-// strided or through the page table of a paged kv cache (kv_row_offset).
+// strided or through the page table of a paged kv cache (paged_offset, csrc/common/attention.h).
+// Paged, each thread follows the page and slot of its rows (they only grow) from one copy to the
+// next and reads the table once per page it enters: no division or table read per 16-byte
+// copy, and none at all for rows past nrows, whose entries may be invalid. The same copies
+// and shared memory contents as load_tile_rows.
 template <int kD, int kRows, int kThreads>
 __device__ __forceinline__ void load_kv_tile(uint16_t* sm, const AttnParams& p, const Seq& s, const uint16_t* g,
                                              int64_t j0, int64_t sb, int64_t ss, int64_t nrows, int ncols, bool vec) {
@@ -70,10 +74,36 @@ __device__ __forceinline__ void load_kv_tile(uint16_t* sm, const AttnParams& p, 
     load_tile<kD, kRows, kThreads>(sm, g + j0 * ss, ss, nrows, ncols, vec);
     return;
   }
-  const int32_t* pages = s.pages;
+  constexpr int kLd = kD + 8, kChunks = kD / 8;
   const int64_t page_size = p.page_size;
-  load_tile_rows<kD, kRows, kThreads>(
-      sm, [=](int64_t r) { return g + paged_offset(pages, page_size, j0 + r, sb, ss); }, nrows, ncols, vec);
+  int prev = static_cast<int>(threadIdx.x) / kChunks;  // the row of the last copy
+  int64_t page = (j0 + prev) / page_size, slot = (j0 + prev) - page * page_size;
+  int64_t looked_up = -1;  // the page whose block `base` points at
+  const uint16_t* base = g;
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    slot += r - prev;
+    prev = r;
+    if (slot >= page_size) {
+      const int64_t n = slot / page_size;
+      page += n;
+      slot -= n * page_size;
+    }
+    uint16_t* dst = sm + r * kLd + c;
+    const bool live = r < nrows;
+    if (live && page != looked_up) {
+      base = g + static_cast<int64_t>(s.pages[page]) * sb;
+      looked_up = page;
+    }
+    const uint16_t* src = base + slot * ss;
+    if (vec) {
+      const bool ok = live && c < ncols;
+      cp_async16(dst, ok ? src + c : g, ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = (live && c + e < ncols) ? src[c + e] : uint16_t(0);
+    }
+  }
 }
 
 }  // namespace cuda
