@@ -38,8 +38,8 @@ import weakref
 
 import torch
 
-from ._common import (apply_function, is_compiling, needs_autograd, not_differentiable, register_autograd_function,
-                      resolve_seed)
+from ._common import (apply_function, call_below_autograd, call_checked, is_compiling, needs_autograd, not_differentiable,
+                      register_autograd_function, resolve_seed)
 
 _OPS = torch.ops.pretrain_kernels
 
@@ -202,6 +202,7 @@ class _ArgTypeError(TypeError, RuntimeError):
 
 _INT64 = (-(2**63), 2**63)
 _PER_SAMPLE_FLOAT = (torch.float32, torch.float64, torch.int32, torch.int64)
+_INTEGER = (torch.int32, torch.int64)
 
 
 def _like(name, t, ref, ref_name="sample"):
@@ -221,6 +222,13 @@ def _per_sample(name, value, ref=None, *, integral=False):
     """A per-sample parameter as a tensor: tensors pass (one value, or one per sample along
     dim 0 of `ref`), Python numbers become one-element CPU tensors (read by the op without a
     device copy)."""
+    if value.__class__ is torch.Tensor and ref is not None and value.dim() <= 1:
+        # the common case in one test: a one-element CPU tensor, or one value per sample on the
+        # device of the sample
+        n = value.numel()
+        if ((value.dtype in _INTEGER if integral else value.dtype in _PER_SAMPLE_FLOAT)
+                and ((n == 1 and value.is_cpu) or (n == ref.shape[0] and value.device == ref.device))):
+            return value
     if isinstance(value, torch.Tensor):
         if integral:
             if value.dtype not in (torch.int32, torch.int64):
@@ -236,10 +244,11 @@ def _per_sample(name, value, ref=None, *, integral=False):
                 raise ValueError(f"{name}: expected a tensor on {ref.device} (that of the sample) or a one-element "
                                  f"CPU tensor, got {value.device}")
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    cls = value.__class__
+    if cls is not int and cls is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name}: expected a tensor or a number, got {type(value).__name__}")
     if integral:
-        if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
+        if cls is not int and not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
             raise ValueError(f"{name}: expected an integer timestep, got {value}")
         if not _INT64[0] <= int(value) < _INT64[1]:
             raise ValueError(f"{name}: expected an int64 value, got {int(value)}")
@@ -259,7 +268,7 @@ def _check_values(name, t, ok, expect, *, cls=ValueError):
     """ok(values) for a per-sample tensor made by _per_sample (a Python number became a one-element
     CPU tensor), where its values are on the host: CPU tensors, outside torch.compile. Values in
     device memory are not read (a host sync); the ops check the same on the host."""
-    if t.device.type != "cpu" or is_compiling() or t.numel() == 0:
+    if not t.is_cpu or is_compiling() or t.numel() == 0:
         return
     if t.numel() <= _FEW_VALUES:  # a few values: read once, checked in Python (each torch op costs more)
         for i, v in enumerate(t.reshape(-1).tolist()):
@@ -295,7 +304,9 @@ def _sigma_unit(name, t):  # flow matching: x_t = (1 - s) x0 + s noise, s in [0,
 _acp_checked: dict = {}  # id -> (weakref to the table, its _version) of CPU tables whose values passed
 
 
-def _acp(alphas_cumprod, device):
+def _acp(alphas_cumprod, device, values=True):
+    """alphas_cumprod checked; values=False leaves its values to the op (see call_checked), which
+    reads a CPU table on every call."""
     if not isinstance(alphas_cumprod, torch.Tensor):
         raise TypeError(f"alphas_cumprod: expected a tensor (see pk.noise_schedule), got {type(alphas_cumprod).__name__}")
     if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
@@ -304,7 +315,7 @@ def _acp(alphas_cumprod, device):
         raise TypeError(f"alphas_cumprod: expected float64 (or float32), got {alphas_cumprod.dtype}")
     if alphas_cumprod.device != device:
         raise ValueError(f"alphas_cumprod: expected a tensor on {device} (the sample's device), got {alphas_cumprod.device}")
-    if alphas_cumprod.device.type == "cpu" and not is_compiling():
+    if values and alphas_cumprod.is_cpu and not is_compiling():
         # the values of a CPU table, once per table and version (the op checks them every call)
         key = id(alphas_cumprod)
         seen = _acp_checked.get(key)
@@ -322,7 +333,8 @@ def _acp(alphas_cumprod, device):
 
 def _clip_range(clip_sample, clip_sample_range):
     """clip_sample_range as a float; checked (finite, > 0) where clipping is on, as the ops do."""
-    if isinstance(clip_sample_range, bool) or not isinstance(clip_sample_range, numbers.Real):
+    if clip_sample_range.__class__ is not float and (isinstance(clip_sample_range, bool)
+                                                    or not isinstance(clip_sample_range, numbers.Real)):
         raise TypeError(f"clip_sample_range: expected a float, got {type(clip_sample_range).__name__}")
     if not clip_sample:
         return float(clip_sample_range)  # unused
@@ -337,17 +349,23 @@ def _check_flow_sigma(name, t):
 
 
 def _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise):
-    """(alphas_cumprod, timesteps, prev_timesteps) of a DDPM-type step, checked: timesteps in
-    [0, len(alphas_cumprod)), prev_timesteps below len(alphas_cumprod) (negative: the last step)."""
+    """(alphas_cumprod, timesteps, prev_timesteps) of a DDPM-type step, checked but for their
+    values, which the op checks (_schedule_values, see call_checked)."""
     _like("model_output", model_output, sample)
     if noise is not None:
         _like("noise", noise, sample)
-    acp = _acp(alphas_cumprod, sample.device)
+    acp = _acp(alphas_cumprod, sample.device, values=False)
     t = _per_sample("timesteps", timesteps, sample, integral=True)
     prev = _per_sample("prev_timesteps", prev_timesteps, sample, integral=True)
+    return acp, t, prev
+
+
+def _schedule_values(acp, t, prev):
+    """The values of a DDPM-type step's schedule arguments: alphas_cumprod in [0, 1], timesteps in
+    [0, len(alphas_cumprod)), prev_timesteps below len(alphas_cumprod) (negative: the last step)."""
+    _acp(acp, acp.device)
     _check_timesteps("timesteps", t, acp.numel())
     _check_timesteps("prev_timesteps", prev, acp.numel(), allow_negative=True)
-    return acp, t, prev
 
 
 def _check_distinct(sigma_prev, sigma):
@@ -409,8 +427,9 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps, alphas_cumprod: 
         if alphas_cumprod is None:
             raise ValueError(f"alphas_cumprod: required for target {target!r} (see pk.noise_schedule)")
         t = _per_sample("timesteps", timesteps, x0, integral=True)
-        acp = _acp(alphas_cumprod, x0.device)
-        _check_timesteps("timesteps", t, acp.numel())
+        acp = _acp(alphas_cumprod, x0.device, values=False)
+        return call_checked(_OPS.add_noise, (x0, noise, t, acp, target),
+                            lambda: (_acp(acp, acp.device), _check_timesteps("timesteps", t, acp.numel())))
     return _OPS.add_noise(x0, noise, t, acp, target)
 
 
@@ -439,11 +458,20 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
         if timesteps is None or alphas_cumprod is None:
             raise ValueError(f"timesteps/alphas_cumprod: required for weighting {weighting!r}")
         t = _per_sample("timesteps", timesteps, pred, integral=True)
-        acp = _acp(alphas_cumprod, pred.device)
-        _check_timesteps("timesteps", t, acp.numel())
+        acp = _acp(alphas_cumprod, pred.device, values=False)
     args = (pred, target, t, acp, weighting, gamma, prediction_type)
-    per_sample = apply_function(_DiffusionLoss, *args) if needs_autograd(pred, target) else _OPS.diffusion_loss(*args)
+    if needs_autograd(pred, target):
+        per_sample = call_checked(apply_function, (_DiffusionLoss, *args), lambda: _loss_values(t, acp))
+    else:
+        per_sample = call_checked(call_below_autograd, (_OPS.diffusion_loss.default, *args),
+                                  lambda: _loss_values(t, acp))
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def _loss_values(t, acp):
+    if acp is not None:
+        _acp(acp, acp.device)
+        _check_timesteps("timesteps", t, acp.numel())
 
 
 def sample_timesteps(batch_size: int, *, kind: str = "uniform", num_train_timesteps: int = 1000,
@@ -522,8 +550,9 @@ def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
     acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, True)
-    return _OPS.ddpm_step(model_output, sample, t, prev, acp, noise, seed_t,
-                          prediction_type, variance_type, bool(clip_sample), clip_sample_range)
+    return call_checked(_OPS.ddpm_step, (model_output, sample, t, prev, acp, noise, seed_t, prediction_type,
+                                         variance_type, bool(clip_sample), clip_sample_range),
+                        lambda: _schedule_values(acp, t, prev))
 
 
 def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *, eta=0.0, final_alpha_cumprod=1.0,
@@ -539,9 +568,10 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
     acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, eta > 0)
-    return _OPS.ddim_step(model_output, sample, t, prev, acp, noise, seed_t,
-                          final_alpha_cumprod, eta, prediction_type, bool(clip_sample), clip_sample_range,
-                          bool(use_clipped_model_output))
+    return call_checked(_OPS.ddim_step, (model_output, sample, t, prev, acp, noise, seed_t, final_alpha_cumprod, eta,
+                                         prediction_type, bool(clip_sample), clip_sample_range,
+                                         bool(use_clipped_model_output)),
+                        lambda: _schedule_values(acp, t, prev))
 
 
 def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", s_churn=0.0,
@@ -577,11 +607,14 @@ def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsi
     s_tmax = _check_real("s_tmax", s_tmax, finite=False)
     s_noise = _check_real("s_noise", s_noise)
     sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
-    _sigma_positive("sigma", sigma)  # x0 and the derivative divide by it
-    _sigma_nonneg("sigma_next", sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, churn > 0)
-    return _OPS.euler_step(model_output, sample, sigma, sigma_next, noise, seed_t, prediction_type, churn, s_tmin,
-                           s_tmax, s_noise)
+
+    def values():
+        _sigma_positive("sigma", sigma)  # x0 and the derivative divide by it
+        _sigma_nonneg("sigma_next", sigma_next)
+
+    return call_checked(_OPS.euler_step, (model_output, sample, sigma, sigma_next, noise, seed_t, prediction_type,
+                                          churn, s_tmin, s_tmax, s_noise), values)
 
 
 def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, prev_sample=None,
@@ -600,13 +633,17 @@ def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, 
     if prev_derivative is not None:
         _like("prev_derivative", prev_derivative, sample)
         _like("prev_sample", prev_sample, sample)
-        _sigma_nonneg("sigma", sigma)
-        _sigma_positive("sigma_next", sigma_next)  # the second stage divides by sigma_next
-    else:
-        _sigma_positive("sigma", sigma)  # the first stage divides by sigma
-        _sigma_nonneg("sigma_next", sigma_next)
-    return _OPS.heun_step(model_output, sample, sigma, sigma_next, prev_derivative, prev_sample, prediction_type,
-                          bool(clip_sample), clip_sample_range)
+
+    def values():
+        if prev_derivative is not None:
+            _sigma_nonneg("sigma", sigma)
+            _sigma_positive("sigma_next", sigma_next)  # the second stage divides by sigma_next
+        else:
+            _sigma_positive("sigma", sigma)  # the first stage divides by sigma
+            _sigma_nonneg("sigma_next", sigma_next)
+
+    return call_checked(_OPS.heun_step, (model_output, sample, sigma, sigma_next, prev_derivative, prev_sample,
+                                         prediction_type, bool(clip_sample), clip_sample_range), values)
 
 
 def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigma_prev=None,
@@ -634,20 +671,24 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
     if order == 2:
         _like("prev_x0", prev_x0, sample)
         sp = _per_sample("sigma_prev", sigma_prev, sample)
-    if flow_sigmas:
-        for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sp)):
-            if value is not None:
-                _check_flow_sigma(name, value)
-    else:  # Karras sigmas: log(sigma) and divisions by sigma
-        _sigma_positive("sigma", sigma)
-        _sigma_nonneg("sigma_next", sigma_next)
+
+    def values():
+        if flow_sigmas:
+            for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sp)):
+                if value is not None:
+                    _check_flow_sigma(name, value)
+        else:  # Karras sigmas: log(sigma) and divisions by sigma
+            _sigma_positive("sigma", sigma)
+            _sigma_nonneg("sigma_next", sigma_next)
+            if sp is not None:
+                _sigma_positive("sigma_prev", sp)
         if sp is not None:
-            _sigma_positive("sigma_prev", sp)
-    if sp is not None:
-        _check_distinct(sp, sigma)
+            _check_distinct(sp, sigma)
+
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, algorithm_type == "sde-dpmsolver++")
-    return _OPS.dpmpp_2m_step(model_output, sample, prev_x0, sp, sigma, sigma_next, noise, seed_t, prediction_type,
-                              algorithm_type, solver_type, order, bool(flow_sigmas))
+    return call_checked(_OPS.dpmpp_2m_step, (model_output, sample, prev_x0, sp, sigma, sigma_next, noise, seed_t,
+                                             prediction_type, algorithm_type, solver_type, order, bool(flow_sigmas)),
+                        values)
 
 
 def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False, noise=None, seed=None,
@@ -658,11 +699,10 @@ def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False
     with return_x0=False x0 is not written (an empty tensor comes back), saving a pass."""
     _tensor("sample", sample)
     sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
-    _sigma_unit("sigma", sigma)
-    _sigma_unit("sigma_next", sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, bool(stochastic))
-    return _OPS.flow_match_step(model_output, sample, sigma, sigma_next, noise, seed_t, bool(stochastic),
-                                bool(return_x0))
+    return call_checked(_OPS.flow_match_step, (model_output, sample, sigma, sigma_next, noise, seed_t, bool(stochastic),
+                                               bool(return_x0)),
+                        lambda: (_sigma_unit("sigma", sigma), _sigma_unit("sigma_next", sigma_next)))
 
 
 # ---- fake kernels and autograd --------------------------------------------------------------
