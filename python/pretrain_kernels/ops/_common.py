@@ -92,19 +92,21 @@ def check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of input_ids), got {t.device}")
 
 
-def call_checked(op, args, check_values):
-    """op(*args) for a wrapper that leaves to the op the checks of values the op reads on the
-    host anyway (CPU tensors: timesteps, sigmas, tables), each of which the op makes with a
-    RuntimeError: reading them in Python as well would cost more than a small kernel. When the
-    op raises, check_values() runs the wrapper's own checks of those values, so a bad value
-    still raises the wrapper's error naming the argument (ValueError / TypeError); any other
-    error of the op propagates as it is."""
+def call_checked(op, args, checks):
+    """op(*args) for a wrapper that leaves to the op the checks the op makes anyway (tensor
+    shapes, dtypes and devices, and the values of host tensors: timesteps, sigmas, tables),
+    each with a RuntimeError (a TypeError for an argument it cannot take): making them in Python
+    as well would cost more than a small kernel. When the op raises, checks() runs the wrapper's
+    own checks, so bad input still raises the wrapper's error naming the argument (ValueError /
+    TypeError); an error they do not find propagates as the op raised it. While torch.compile
+    traces, checks() runs first (shapes are known then; values are not read)."""
     if is_compiling():
+        checks()
         return op(*args)
     try:
         return op(*args)
-    except RuntimeError:
-        check_values()
+    except (RuntimeError, TypeError):
+        checks()
         raise
 
 

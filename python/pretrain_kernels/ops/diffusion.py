@@ -304,9 +304,7 @@ def _sigma_unit(name, t):  # flow matching: x_t = (1 - s) x0 + s noise, s in [0,
 _acp_checked: dict = {}  # id -> (weakref to the table, its _version) of CPU tables whose values passed
 
 
-def _acp(alphas_cumprod, device, values=True):
-    """alphas_cumprod checked; values=False leaves its values to the op (see call_checked), which
-    reads a CPU table on every call."""
+def _acp(alphas_cumprod, device):
     if not isinstance(alphas_cumprod, torch.Tensor):
         raise TypeError(f"alphas_cumprod: expected a tensor (see pk.noise_schedule), got {type(alphas_cumprod).__name__}")
     if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
@@ -315,7 +313,7 @@ def _acp(alphas_cumprod, device, values=True):
         raise TypeError(f"alphas_cumprod: expected float64 (or float32), got {alphas_cumprod.dtype}")
     if alphas_cumprod.device != device:
         raise ValueError(f"alphas_cumprod: expected a tensor on {device} (the sample's device), got {alphas_cumprod.device}")
-    if values and alphas_cumprod.is_cpu and not is_compiling():
+    if alphas_cumprod.is_cpu and not is_compiling():
         # the values of a CPU table, once per table and version (the op checks them every call)
         key = id(alphas_cumprod)
         seen = _acp_checked.get(key)
@@ -348,22 +346,28 @@ def _check_flow_sigma(name, t):
     _check_values(name, t, lambda v: (v >= 0) & (v <= 1), "values in [0, 1] with flow_sigmas=True")
 
 
-def _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise):
-    """(alphas_cumprod, timesteps, prev_timesteps) of a DDPM-type step, checked but for their
-    values, which the op checks (_schedule_values, see call_checked)."""
+# The step wrappers convert what the op cannot take (Python numbers) and check the arguments that
+# the op would coerce (Python scalars, strings); the tensors' shapes, dtypes, devices and host
+# values, which the op checks as well, are checked by the *_checks functions only when the op
+# raises, or before the call while torch.compile traces (see call_checked).
+
+
+def _per_sample_arg(name, value, *, integral=False):
+    """A per-sample parameter for the op: a tensor as it is (checked by the op, and by _per_sample
+    in the *_checks functions), a Python number as a one-element CPU tensor (checked here)."""
+    return value if value.__class__ is torch.Tensor else _per_sample(name, value, integral=integral)
+
+
+def _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise):
+    """The checks of a DDPM-type step's tensors: model_output and noise like the sample,
+    alphas_cumprod a table of values in [0, 1], timesteps in [0, len(alphas_cumprod)),
+    prev_timesteps below len(alphas_cumprod) (negative: the last step)."""
     _like("model_output", model_output, sample)
     if noise is not None:
         _like("noise", noise, sample)
-    acp = _acp(alphas_cumprod, sample.device, values=False)
-    t = _per_sample("timesteps", timesteps, sample, integral=True)
-    prev = _per_sample("prev_timesteps", prev_timesteps, sample, integral=True)
-    return acp, t, prev
-
-
-def _schedule_values(acp, t, prev):
-    """The values of a DDPM-type step's schedule arguments: alphas_cumprod in [0, 1], timesteps in
-    [0, len(alphas_cumprod)), prev_timesteps below len(alphas_cumprod) (negative: the last step)."""
-    _acp(acp, acp.device)
+    acp = _acp(alphas_cumprod, sample.device)
+    _per_sample("timesteps", t, sample, integral=True)
+    _per_sample("prev_timesteps", prev, sample, integral=True)
     _check_timesteps("timesteps", t, acp.numel())
     _check_timesteps("prev_timesteps", prev, acp.numel(), allow_negative=True)
 
@@ -381,13 +385,19 @@ def _check_distinct(sigma_prev, sigma):
                          + (f" at sample {i}" if same.numel() > 1 else ""))
 
 
-def _sigmas(model_output, sample, sigma, sigma_next, noise):
-    """(sigma, sigma_next) of a sigma-parametrised step as per-sample tensors; model_output and
-    noise checked against the sample."""
+def _sigmas(sigma, sigma_next):
+    """(sigma, sigma_next) of a sigma-parametrised step as per-sample tensors (_sigma_checks checks
+    them)."""
+    return _per_sample_arg("sigma", sigma), _per_sample_arg("sigma_next", sigma_next)
+
+
+def _sigma_checks(model_output, sample, sigma, sigma_next, noise):
+    """model_output and noise like the sample, sigma and sigma_next one value or one per sample."""
     _like("model_output", model_output, sample)
     if noise is not None:
         _like("noise", noise, sample)
-    return _per_sample("sigma", sigma, sample), _per_sample("sigma_next", sigma_next, sample)
+    _per_sample("sigma", sigma, sample)
+    _per_sample("sigma_next", sigma_next, sample)
 
 
 def _noise_or_seed(noise, seed, generator, device, needed):
@@ -418,19 +428,23 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps, alphas_cumprod: 
     """
     x0 = _tensor("x0", x0)
     _check_choice("target", target, TARGETS)
-    _like("noise", noise, x0, "x0")
+    if target == "flow" or alphas_cumprod is None:
+        _like("noise", noise, x0, "x0")
     if target == "flow":
         t = _per_sample("timesteps", timesteps, x0)
         _sigma_unit("timesteps", t)
-        acp = None if alphas_cumprod is None else _acp(alphas_cumprod, x0.device)
-    else:
-        if alphas_cumprod is None:
-            raise ValueError(f"alphas_cumprod: required for target {target!r} (see pk.noise_schedule)")
-        t = _per_sample("timesteps", timesteps, x0, integral=True)
-        acp = _acp(alphas_cumprod, x0.device, values=False)
-        return call_checked(_OPS.add_noise, (x0, noise, t, acp, target),
-                            lambda: (_acp(acp, acp.device), _check_timesteps("timesteps", t, acp.numel())))
-    return _OPS.add_noise(x0, noise, t, acp, target)
+        acp = None if alphas_cumprod is None else _acp(alphas_cumprod, x0.device)  # the op does not read it
+        return _OPS.add_noise(x0, noise, t, acp, target)
+    if alphas_cumprod is None:
+        raise ValueError(f"alphas_cumprod: required for target {target!r} (see pk.noise_schedule)")
+    t = _per_sample_arg("timesteps", timesteps, integral=True)
+
+    def checks():
+        _like("noise", noise, x0, "x0")
+        _per_sample("timesteps", t, x0, integral=True)
+        _check_timesteps("timesteps", t, _acp(alphas_cumprod, x0.device).numel())
+
+    return call_checked(_OPS.add_noise, (x0, noise, t, alphas_cumprod, target), checks)
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alphas_cumprod=None, *,
@@ -448,7 +462,6 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     (torch.func.jvp, forward_ad) raise NotImplementedError.
     """
     pred = _tensor("pred", pred)
-    _like("target", target, pred, "pred")
     _check_choice("weighting", weighting, ("none", "min_snr"))
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("reduction", reduction, ("mean", "none"))
@@ -457,21 +470,21 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     if weighting != "none":
         if timesteps is None or alphas_cumprod is None:
             raise ValueError(f"timesteps/alphas_cumprod: required for weighting {weighting!r}")
-        t = _per_sample("timesteps", timesteps, pred, integral=True)
-        acp = _acp(alphas_cumprod, pred.device, values=False)
+        t = _per_sample_arg("timesteps", timesteps, integral=True)
+        acp = alphas_cumprod
+
+    def checks():
+        _like("target", target, pred, "pred")
+        if acp is not None:
+            _per_sample("timesteps", t, pred, integral=True)
+            _check_timesteps("timesteps", t, _acp(acp, pred.device).numel())
+
     args = (pred, target, t, acp, weighting, gamma, prediction_type)
     if needs_autograd(pred, target):
-        per_sample = call_checked(apply_function, (_DiffusionLoss, *args), lambda: _loss_values(t, acp))
+        per_sample = call_checked(apply_function, (_DiffusionLoss, *args), checks)
     else:
-        per_sample = call_checked(call_below_autograd, (_OPS.diffusion_loss.default, *args),
-                                  lambda: _loss_values(t, acp))
+        per_sample = call_checked(call_below_autograd, (_OPS.diffusion_loss.default, *args), checks)
     return per_sample.mean() if reduction == "mean" else per_sample
-
-
-def _loss_values(t, acp):
-    if acp is not None:
-        _acp(acp, acp.device)
-        _check_timesteps("timesteps", t, acp.numel())
 
 
 def sample_timesteps(batch_size: int, *, kind: str = "uniform", num_train_timesteps: int = 1000,
@@ -548,11 +561,12 @@ def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("variance_type", variance_type, ("fixed_small", "fixed_small_log", "fixed_large"))
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
+    t = _per_sample_arg("timesteps", timesteps, integral=True)
+    prev = _per_sample_arg("prev_timesteps", prev_timesteps, integral=True)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, True)
-    return call_checked(_OPS.ddpm_step, (model_output, sample, t, prev, acp, noise, seed_t, prediction_type,
-                                         variance_type, bool(clip_sample), clip_sample_range),
-                        lambda: _schedule_values(acp, t, prev))
+    return call_checked(_OPS.ddpm_step, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
+                                         prediction_type, variance_type, bool(clip_sample), clip_sample_range),
+                        lambda: _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise))
 
 
 def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *, eta=0.0, final_alpha_cumprod=1.0,
@@ -566,12 +580,13 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     eta = _check_real("eta", eta, low=0.0)
     final_alpha_cumprod = _check_real("final_alpha_cumprod", final_alpha_cumprod, low=0.0, low_open=True, high=1.0)
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
+    t = _per_sample_arg("timesteps", timesteps, integral=True)
+    prev = _per_sample_arg("prev_timesteps", prev_timesteps, integral=True)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, eta > 0)
-    return call_checked(_OPS.ddim_step, (model_output, sample, t, prev, acp, noise, seed_t, final_alpha_cumprod, eta,
-                                         prediction_type, bool(clip_sample), clip_sample_range,
-                                         bool(use_clipped_model_output)),
-                        lambda: _schedule_values(acp, t, prev))
+    return call_checked(_OPS.ddim_step, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
+                                         final_alpha_cumprod, eta, prediction_type, bool(clip_sample),
+                                         clip_sample_range, bool(use_clipped_model_output)),
+                        lambda: _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise))
 
 
 def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", s_churn=0.0,
@@ -606,10 +621,11 @@ def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsi
     s_tmin = _check_real("s_tmin", s_tmin, finite=False)
     s_tmax = _check_real("s_tmax", s_tmax, finite=False)
     s_noise = _check_real("s_noise", s_noise)
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, churn > 0)
 
     def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, noise)
         _sigma_positive("sigma", sigma)  # x0 and the derivative divide by it
         _sigma_nonneg("sigma_next", sigma_next)
 
@@ -629,13 +645,13 @@ def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, 
     if (prev_derivative is None) != (prev_sample is None):
         raise ValueError("prev_derivative/prev_sample: pass both (second stage) or neither (first stage)")
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, None)
-    if prev_derivative is not None:
-        _like("prev_derivative", prev_derivative, sample)
-        _like("prev_sample", prev_sample, sample)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
 
     def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, None)
         if prev_derivative is not None:
+            _like("prev_derivative", prev_derivative, sample)
+            _like("prev_sample", prev_sample, sample)
             _sigma_nonneg("sigma", sigma)
             _sigma_positive("sigma_next", sigma_next)  # the second stage divides by sigma_next
         else:
@@ -666,13 +682,14 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
     if (prev_x0 is None) != (sigma_prev is None):
         raise ValueError("prev_x0/sigma_prev: pass both (second order) or neither (first order)")
     order = 1 if prev_x0 is None else 2
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
-    sp = None
-    if order == 2:
-        _like("prev_x0", prev_x0, sample)
-        sp = _per_sample("sigma_prev", sigma_prev, sample)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
+    sp = None if order == 1 else _per_sample_arg("sigma_prev", sigma_prev)
 
     def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, noise)
+        if order == 2:
+            _like("prev_x0", prev_x0, sample)
+            _per_sample("sigma_prev", sp, sample)
         if flow_sigmas:
             for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sp)):
                 if value is not None:
@@ -698,11 +715,16 @@ def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False
     prev = (1 - sigma_next) x0 + sigma_next z, x0 = sample - sigma v. Returns (prev, x0);
     with return_x0=False x0 is not written (an empty tensor comes back), saving a pass."""
     _tensor("sample", sample)
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, bool(stochastic))
-    return call_checked(_OPS.flow_match_step, (model_output, sample, sigma, sigma_next, noise, seed_t, bool(stochastic),
-                                               bool(return_x0)),
-                        lambda: (_sigma_unit("sigma", sigma), _sigma_unit("sigma_next", sigma_next)))
+
+    def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, noise)
+        _sigma_unit("sigma", sigma)
+        _sigma_unit("sigma_next", sigma_next)
+
+    return call_checked(_OPS.flow_match_step, (model_output, sample, sigma, sigma_next, noise, seed_t,
+                                               bool(stochastic), bool(return_x0)), values)
 
 
 # ---- fake kernels and autograd --------------------------------------------------------------
