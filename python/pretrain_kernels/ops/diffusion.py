@@ -589,20 +589,8 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
                         lambda: _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise))
 
 
-def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", s_churn=0.0,
-               num_inference_steps=None, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, noise=None, seed=None,
-               generator=None, gamma=None):
-    """One Euler step on Karras sigmas (diffusers' EulerDiscreteScheduler.step). Returns
-    (prev, pred_x0).
-
-    Churn as in diffusers: s_churn (>= 0) with num_inference_steps (the scheduler's
-    len(sigmas) - 1, required when s_churn > 0) gives the per-step churn
-    gamma = min(s_churn / num_inference_steps, sqrt(2) - 1), applied where
-    s_tmin <= sigma <= s_tmax with noise scaled by s_noise (noise is drawn only when
-    gamma > 0). `gamma` (the per-step churn itself, what earlier versions took) is accepted
-    instead of s_churn for backward compatibility; pass at most one of them."""
-    _tensor("sample", sample)
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+def _euler_options(gamma, s_churn, num_inference_steps, s_tmin, s_tmax, s_noise):
+    """(churn per step, s_tmin, s_tmax, s_noise) of euler_step, checked."""
     if gamma is not None:
         if s_churn != 0.0 or num_inference_steps is not None:
             raise ValueError("gamma: the per-step churn; pass either gamma or s_churn (with num_inference_steps), "
@@ -618,9 +606,30 @@ def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsi
                 raise ValueError("num_inference_steps: required with s_churn > 0 (the churn per step is "
                                  "min(s_churn / num_inference_steps, sqrt(2) - 1), as in diffusers)")
             churn = min(s_churn / num_inference_steps, 2**0.5 - 1)
-    s_tmin = _check_real("s_tmin", s_tmin, finite=False)
-    s_tmax = _check_real("s_tmax", s_tmax, finite=False)
-    s_noise = _check_real("s_noise", s_noise)
+    return (churn, _check_real("s_tmin", s_tmin, finite=False), _check_real("s_tmax", s_tmax, finite=False),
+            _check_real("s_noise", s_noise))
+
+
+def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", s_churn=0.0,
+               num_inference_steps=None, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, noise=None, seed=None,
+               generator=None, gamma=None):
+    """One Euler step on Karras sigmas (diffusers' EulerDiscreteScheduler.step). Returns
+    (prev, pred_x0).
+
+    Churn as in diffusers: s_churn (>= 0) with num_inference_steps (the scheduler's
+    len(sigmas) - 1, required when s_churn > 0) gives the per-step churn
+    gamma = min(s_churn / num_inference_steps, sqrt(2) - 1), applied where
+    s_tmin <= sigma <= s_tmax with noise scaled by s_noise (noise is drawn only when
+    gamma > 0). `gamma` (the per-step churn itself, what earlier versions took) is accepted
+    instead of s_churn for backward compatibility; pass at most one of them."""
+    _tensor("sample", sample)
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if (gamma is None and num_inference_steps is None and s_churn.__class__ is float and s_tmin.__class__ is float
+            and s_tmax.__class__ is float and s_noise.__class__ is float and s_churn == 0.0
+            and s_tmin == s_tmin and s_tmax == s_tmax and math.isfinite(s_noise)):
+        churn = 0.0  # no churn, plain numbers (not NaN; s_noise finite): _euler_options in one test
+    else:
+        churn, s_tmin, s_tmax, s_noise = _euler_options(gamma, s_churn, num_inference_steps, s_tmin, s_tmax, s_noise)
     sigma, sigma_next = _sigmas(sigma, sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, churn > 0)
 
