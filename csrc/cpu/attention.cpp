@@ -146,11 +146,18 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
   // Same key steps as the forward's rows path, so that a sequence gets the same bits
   // either way (a short sequence inside a varlen batch takes the forward's rows path).
   const int64_t G = p.group(), D = p.D, Dv = p.Dv, Hk = p.Hk, BK = kBlockK;
-  const int64_t n_split = std::max<int64_t>(1, std::min(Hk, (kMinTasks + p.batch - 1) / std::max<int64_t>(1, p.batch)));
+  // A single decode token over a short cache is a few microseconds of work: run it here, in one
+  // work item per sequence, rather than wake the thread pool, which costs as much. The heads are
+  // independent, so any split gives the same bits.
+  const bool here = p.batch * p.H * p.sq * p.sk * (D + Dv) <= kInlineDecodeWork;
+  const int64_t n_split =
+      here ? 1 : std::max<int64_t>(1, std::min(Hk, (kMinTasks + p.batch - 1) / std::max<int64_t>(1, p.batch)));
   const float scale = static_cast<float>(p.scale);
   const auto body = [&](int64_t t0, int64_t t1) {
-    std::vector<float> Qf, O, m, l, S;
-    std::vector<uint32_t> bits;
+    // Scratch kept per thread across calls: a decode step is a few microseconds, of which
+    // six allocations and frees would be a good part.
+    thread_local std::vector<float> Qf, O, m, l, S;
+    thread_local std::vector<uint32_t> bits;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / n_split, sp = t % n_split;
       const int64_t hk0 = sp * Hk / n_split, hk1 = (sp + 1) * Hk / n_split, nh = hk1 - hk0;
@@ -188,9 +195,7 @@ void decode_kernel(const Problem& p, scalar_t* out, float* lse) {
                     O.data() + hh * R * Dv);
     }
   };
-  // A single decode token over a short cache is a few microseconds of work: run it here rather
-  // than wake the thread pool, which costs as much (same tasks, so the same bits either way).
-  if (p.batch * p.H * p.sq * p.sk * (D + Dv) <= kInlineDecodeWork) {
+  if (here) {
     body(0, p.batch * n_split);
   } else {
     at::parallel_for(0, p.batch * n_split, 1, body);

@@ -21,6 +21,10 @@ def resolve_seed(seed, generator, device: torch.device) -> torch.Tensor:
       torch.manual_seed makes runs reproducible. A CUDA generator gives a seed on the GPU
       (no host sync).
     """
+    if seed.__class__ is int and generator is None and 0 <= seed < 2**63 and not is_compiling():
+        hit = _SEED_TENSORS.get(seed)  # the common case: a fixed seed passed again (see below)
+        if hit is not None and hit[1]._version == hit[0]:
+            return hit[1]
     if seed is not None and generator is not None:
         raise ValueError("seed and generator: pass at most one of them")
     if seed is None:
@@ -88,6 +92,24 @@ def check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of input_ids), got {t.device}")
 
 
+def call_checked(op, args, checks):
+    """op(*args) for a wrapper that leaves to the op the checks the op makes anyway (tensor
+    shapes, dtypes and devices, and the values of host tensors: timesteps, sigmas, tables),
+    each with a RuntimeError (a TypeError for an argument it cannot take): making them in Python
+    as well would cost more than a small kernel. When the op raises, checks() runs the wrapper's
+    own checks, so bad input still raises the wrapper's error naming the argument (ValueError /
+    TypeError); an error they do not find propagates as the op raised it. While torch.compile
+    traces, checks() runs first (shapes are known then; values are not read)."""
+    if is_compiling():
+        checks()
+        return op(*args)
+    try:
+        return op(*args)
+    except (RuntimeError, TypeError):
+        checks()
+        raise
+
+
 def is_compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
@@ -135,6 +157,15 @@ def needs_autograd(*args) -> bool:
     if is_compiling():
         return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     return _needs_autograd(args)
+
+
+def plain_call(q, k, v) -> bool:
+    """Whether a call on the tensors q, k, v may go straight to the backend kernel: no
+    derivative to record (grad mode off or no input requiring grad, no forward-mode level
+    open), no torch.func transform active and no torch.compile tracing. The fast paths of the
+    public wrappers take it (exact torch.Tensor inputs only)."""
+    return (not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and _fwAD._current_level < 0 and not torch._C._are_functorch_transforms_active() and not is_compiling())
 
 
 def call_below_autograd(op, *args):

@@ -18,9 +18,10 @@ import numbers
 
 import torch
 
-from ._common import (apply_function, call_below_autograd, needs_autograd, not_differentiable,
-                      register_autograd_function, resolve_seed)
+from ._common import (apply_function, call_below_autograd, is_compiling, needs_autograd, not_differentiable,
+                      plain_call, register_autograd_function, resolve_seed)
 
+_Tensor = torch.Tensor
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
@@ -286,6 +287,24 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     tuple under a shorter name; code written against flash-attn's own signatures belongs with
     its names, not with this function's.
     """
+    if (q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor and scale is None
+            and cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None
+            and softcap is None and alibi_slopes is None and prefix_lens is None and seed is None
+            and generator is None and dropout_p.__class__ is float and dropout_p == 0.0
+            and (causal is False or causal is True) and (deterministic is False or deterministic is True)
+            and window.__class__ is tuple and window == (-1, -1) and plain_call(q, k, v)):
+        # The common call (decode steps, plain prefill): the op's own checks (csrc/common/
+        # attention_checks.h) are those below but for one, made here; when the op raises, the
+        # full path below runs and raises the error that names the argument.
+        try:
+            D = q.shape[-1]
+            if v.shape[-1] == D:
+                with torch._C._AutoDispatchBelowAutograd():
+                    out, lse = _FWD_OP_EAGER(q, k, v, None, None, None, -1, -1, 1.0 / math.sqrt(D), -1,
+                                             0 if causal else -1, True)
+                return (out, lse) if return_lse else out
+        except Exception:  # noqa: BLE001 - the full path below raises the precise error
+            pass
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     _check_same(q, k, v)
     if varlen:
@@ -370,6 +389,21 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     softcap and alibi_slopes ([heads] or [batch, heads]) as in flash_attention; the ALiBi
     distance of query i to key j is |i + K - Sq - j| with K = cache_seqlens[b] + seqlen_new.
     """
+    if (q.__class__ is _Tensor and k_cache.__class__ is _Tensor and v_cache.__class__ is _Tensor
+            and cache_seqlens.__class__ is _Tensor and k_new is None and v_new is None and block_table is None
+            and scale is None and softcap is None and alibi_slopes is None and (causal is False or causal is True)
+            and window.__class__ is tuple and window == (-1, -1) and not is_compiling()):
+        # The common decode call, nothing written in place: as in flash_attention, the op's checks
+        # are those below but for one (one head_dim), made here; when the op raises, the full path
+        # below runs and raises the error that names the argument.
+        try:
+            D = q.shape[-1]
+            if k_cache.shape[-1] == D and v_cache.shape[-1] == D:
+                out, lse = _KVCACHE_OP_EAGER(q, k_cache, v_cache, cache_seqlens, None, None, 1.0 / math.sqrt(D),
+                                             causal, -1, -1, None)
+                return (out, lse) if return_lse else out
+        except Exception:  # noqa: BLE001 - the full path below raises the precise error
+            pass
     _check_same(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     paged = block_table is not None
     cache_layout = "(num_blocks, page_size, kv_heads, head_dim)" if paged else "(batch, max_seqlen, kv_heads, head_dim)"
@@ -447,6 +481,22 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     (NotImplementedError). Extra, keyword-only: deterministic, as in flash_attention (False: the
     CUDA backward may add dQ with atomics), seed and generator.
     """
+    if (query.__class__ is _Tensor and key.__class__ is _Tensor and value.__class__ is _Tensor and attn_mask is None
+            and scale is None and seed is None and generator is None and dropout_p.__class__ is float
+            and dropout_p == 0.0 and (is_causal is False or is_causal is True)
+            and (deterministic is False or deterministic is True) and plain_call(query, key, value)):
+        # (batch, heads, L, E) without a mask: as in flash_attention, the op's checks are those
+        # below but for grouped-query heads without enable_gqa, made here; when the op raises, the
+        # full path below runs and raises the error that names the argument.
+        try:
+            if query.dim() == 4 and (enable_gqa is True or query.shape[1] == key.shape[1]):
+                with torch._C._AutoDispatchBelowAutograd():
+                    out, _ = _FWD_OP_EAGER(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None,
+                                           None, None, -1, -1, 1.0 / math.sqrt(query.shape[-1]), -1,
+                                           0 if is_causal else -1, False)
+                return out.transpose(1, 2)
+        except Exception:  # noqa: BLE001 - the full path below raises the precise error
+            pass
     deterministic = _check_bool("deterministic", deterministic)
     dropout_p = _check_dropout_p(dropout_p)
     _check_same(query, key, value, ("query", "key", "value"))
@@ -797,6 +847,11 @@ def _attention_fwd(*args, deterministic: bool):
 
 
 _FWD_OP = torch.ops.pretrain_kernels.flash_attn_fwd.default
+# the fast paths, never taken while torch.compile traces, call the overloads' builtins directly
+# (OpOverload.__call__ adds a Python frame to every call)
+_FWD_OP_EAGER = getattr(_FWD_OP, "_op", _FWD_OP)
+_KVCACHE_OP_EAGER = getattr(torch.ops.pretrain_kernels.flash_attn_kvcache.default, "_op",
+                            torch.ops.pretrain_kernels.flash_attn_kvcache.default)
 _FWD_DEFAULTS = [a.default_value for a in _FWD_OP._schema.arguments]
 
 

@@ -38,8 +38,8 @@ import weakref
 
 import torch
 
-from ._common import (apply_function, is_compiling, needs_autograd, not_differentiable, register_autograd_function,
-                      resolve_seed)
+from ._common import (apply_function, call_below_autograd, call_checked, is_compiling, needs_autograd, not_differentiable,
+                      register_autograd_function, resolve_seed)
 
 _OPS = torch.ops.pretrain_kernels
 
@@ -202,6 +202,7 @@ class _ArgTypeError(TypeError, RuntimeError):
 
 _INT64 = (-(2**63), 2**63)
 _PER_SAMPLE_FLOAT = (torch.float32, torch.float64, torch.int32, torch.int64)
+_INTEGER = (torch.int32, torch.int64)
 
 
 def _like(name, t, ref, ref_name="sample"):
@@ -221,6 +222,13 @@ def _per_sample(name, value, ref=None, *, integral=False):
     """A per-sample parameter as a tensor: tensors pass (one value, or one per sample along
     dim 0 of `ref`), Python numbers become one-element CPU tensors (read by the op without a
     device copy)."""
+    if value.__class__ is torch.Tensor and ref is not None and value.dim() <= 1:
+        # the common case in one test: a one-element CPU tensor, or one value per sample on the
+        # device of the sample
+        n = value.numel()
+        if ((value.dtype in _INTEGER if integral else value.dtype in _PER_SAMPLE_FLOAT)
+                and ((n == 1 and value.is_cpu) or (n == ref.shape[0] and value.device == ref.device))):
+            return value
     if isinstance(value, torch.Tensor):
         if integral:
             if value.dtype not in (torch.int32, torch.int64):
@@ -236,10 +244,11 @@ def _per_sample(name, value, ref=None, *, integral=False):
                 raise ValueError(f"{name}: expected a tensor on {ref.device} (that of the sample) or a one-element "
                                  f"CPU tensor, got {value.device}")
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    cls = value.__class__
+    if cls is not int and cls is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name}: expected a tensor or a number, got {type(value).__name__}")
     if integral:
-        if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
+        if cls is not int and not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
             raise ValueError(f"{name}: expected an integer timestep, got {value}")
         if not _INT64[0] <= int(value) < _INT64[1]:
             raise ValueError(f"{name}: expected an int64 value, got {int(value)}")
@@ -259,7 +268,7 @@ def _check_values(name, t, ok, expect, *, cls=ValueError):
     """ok(values) for a per-sample tensor made by _per_sample (a Python number became a one-element
     CPU tensor), where its values are on the host: CPU tensors, outside torch.compile. Values in
     device memory are not read (a host sync); the ops check the same on the host."""
-    if t.device.type != "cpu" or is_compiling() or t.numel() == 0:
+    if not t.is_cpu or is_compiling() or t.numel() == 0:
         return
     if t.numel() <= _FEW_VALUES:  # a few values: read once, checked in Python (each torch op costs more)
         for i, v in enumerate(t.reshape(-1).tolist()):
@@ -304,7 +313,7 @@ def _acp(alphas_cumprod, device):
         raise TypeError(f"alphas_cumprod: expected float64 (or float32), got {alphas_cumprod.dtype}")
     if alphas_cumprod.device != device:
         raise ValueError(f"alphas_cumprod: expected a tensor on {device} (the sample's device), got {alphas_cumprod.device}")
-    if alphas_cumprod.device.type == "cpu" and not is_compiling():
+    if alphas_cumprod.is_cpu and not is_compiling():
         # the values of a CPU table, once per table and version (the op checks them every call)
         key = id(alphas_cumprod)
         seen = _acp_checked.get(key)
@@ -322,7 +331,8 @@ def _acp(alphas_cumprod, device):
 
 def _clip_range(clip_sample, clip_sample_range):
     """clip_sample_range as a float; checked (finite, > 0) where clipping is on, as the ops do."""
-    if isinstance(clip_sample_range, bool) or not isinstance(clip_sample_range, numbers.Real):
+    if clip_sample_range.__class__ is not float and (isinstance(clip_sample_range, bool)
+                                                    or not isinstance(clip_sample_range, numbers.Real)):
         raise TypeError(f"clip_sample_range: expected a float, got {type(clip_sample_range).__name__}")
     if not clip_sample:
         return float(clip_sample_range)  # unused
@@ -336,18 +346,30 @@ def _check_flow_sigma(name, t):
     _check_values(name, t, lambda v: (v >= 0) & (v <= 1), "values in [0, 1] with flow_sigmas=True")
 
 
-def _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise):
-    """(alphas_cumprod, timesteps, prev_timesteps) of a DDPM-type step, checked: timesteps in
-    [0, len(alphas_cumprod)), prev_timesteps below len(alphas_cumprod) (negative: the last step)."""
+# The step wrappers convert what the op cannot take (Python numbers) and check the arguments that
+# the op would coerce (Python scalars, strings); the tensors' shapes, dtypes, devices and host
+# values, which the op checks as well, are checked by the *_checks functions only when the op
+# raises, or before the call while torch.compile traces (see call_checked).
+
+
+def _per_sample_arg(name, value, *, integral=False):
+    """A per-sample parameter for the op: a tensor as it is (checked by the op, and by _per_sample
+    in the *_checks functions), a Python number as a one-element CPU tensor (checked here)."""
+    return value if value.__class__ is torch.Tensor else _per_sample(name, value, integral=integral)
+
+
+def _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise):
+    """The checks of a DDPM-type step's tensors: model_output and noise like the sample,
+    alphas_cumprod a table of values in [0, 1], timesteps in [0, len(alphas_cumprod)),
+    prev_timesteps below len(alphas_cumprod) (negative: the last step)."""
     _like("model_output", model_output, sample)
     if noise is not None:
         _like("noise", noise, sample)
     acp = _acp(alphas_cumprod, sample.device)
-    t = _per_sample("timesteps", timesteps, sample, integral=True)
-    prev = _per_sample("prev_timesteps", prev_timesteps, sample, integral=True)
+    _per_sample("timesteps", t, sample, integral=True)
+    _per_sample("prev_timesteps", prev, sample, integral=True)
     _check_timesteps("timesteps", t, acp.numel())
     _check_timesteps("prev_timesteps", prev, acp.numel(), allow_negative=True)
-    return acp, t, prev
 
 
 def _check_distinct(sigma_prev, sigma):
@@ -363,13 +385,19 @@ def _check_distinct(sigma_prev, sigma):
                          + (f" at sample {i}" if same.numel() > 1 else ""))
 
 
-def _sigmas(model_output, sample, sigma, sigma_next, noise):
-    """(sigma, sigma_next) of a sigma-parametrised step as per-sample tensors; model_output and
-    noise checked against the sample."""
+def _sigmas(sigma, sigma_next):
+    """(sigma, sigma_next) of a sigma-parametrised step as per-sample tensors (_sigma_checks checks
+    them)."""
+    return _per_sample_arg("sigma", sigma), _per_sample_arg("sigma_next", sigma_next)
+
+
+def _sigma_checks(model_output, sample, sigma, sigma_next, noise):
+    """model_output and noise like the sample, sigma and sigma_next one value or one per sample."""
     _like("model_output", model_output, sample)
     if noise is not None:
         _like("noise", noise, sample)
-    return _per_sample("sigma", sigma, sample), _per_sample("sigma_next", sigma_next, sample)
+    _per_sample("sigma", sigma, sample)
+    _per_sample("sigma_next", sigma_next, sample)
 
 
 def _noise_or_seed(noise, seed, generator, device, needed):
@@ -400,18 +428,23 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps, alphas_cumprod: 
     """
     x0 = _tensor("x0", x0)
     _check_choice("target", target, TARGETS)
-    _like("noise", noise, x0, "x0")
+    if target == "flow" or alphas_cumprod is None:
+        _like("noise", noise, x0, "x0")
     if target == "flow":
         t = _per_sample("timesteps", timesteps, x0)
         _sigma_unit("timesteps", t)
-        acp = None if alphas_cumprod is None else _acp(alphas_cumprod, x0.device)
-    else:
-        if alphas_cumprod is None:
-            raise ValueError(f"alphas_cumprod: required for target {target!r} (see pk.noise_schedule)")
-        t = _per_sample("timesteps", timesteps, x0, integral=True)
-        acp = _acp(alphas_cumprod, x0.device)
-        _check_timesteps("timesteps", t, acp.numel())
-    return _OPS.add_noise(x0, noise, t, acp, target)
+        acp = None if alphas_cumprod is None else _acp(alphas_cumprod, x0.device)  # the op does not read it
+        return _OPS.add_noise(x0, noise, t, acp, target)
+    if alphas_cumprod is None:
+        raise ValueError(f"alphas_cumprod: required for target {target!r} (see pk.noise_schedule)")
+    t = _per_sample_arg("timesteps", timesteps, integral=True)
+
+    def checks():
+        _like("noise", noise, x0, "x0")
+        _per_sample("timesteps", t, x0, integral=True)
+        _check_timesteps("timesteps", t, _acp(alphas_cumprod, x0.device).numel())
+
+    return call_checked(_OPS.add_noise, (x0, noise, t, alphas_cumprod, target), checks)
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alphas_cumprod=None, *,
@@ -429,7 +462,6 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     (torch.func.jvp, forward_ad) raise NotImplementedError.
     """
     pred = _tensor("pred", pred)
-    _like("target", target, pred, "pred")
     _check_choice("weighting", weighting, ("none", "min_snr"))
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("reduction", reduction, ("mean", "none"))
@@ -438,11 +470,20 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     if weighting != "none":
         if timesteps is None or alphas_cumprod is None:
             raise ValueError(f"timesteps/alphas_cumprod: required for weighting {weighting!r}")
-        t = _per_sample("timesteps", timesteps, pred, integral=True)
-        acp = _acp(alphas_cumprod, pred.device)
-        _check_timesteps("timesteps", t, acp.numel())
+        t = _per_sample_arg("timesteps", timesteps, integral=True)
+        acp = alphas_cumprod
+
+    def checks():
+        _like("target", target, pred, "pred")
+        if acp is not None:
+            _per_sample("timesteps", t, pred, integral=True)
+            _check_timesteps("timesteps", t, _acp(acp, pred.device).numel())
+
     args = (pred, target, t, acp, weighting, gamma, prediction_type)
-    per_sample = apply_function(_DiffusionLoss, *args) if needs_autograd(pred, target) else _OPS.diffusion_loss(*args)
+    if needs_autograd(pred, target):
+        per_sample = call_checked(apply_function, (_DiffusionLoss, *args), checks)
+    else:
+        per_sample = call_checked(call_below_autograd, (_OPS.diffusion_loss.default, *args), checks)
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
@@ -520,10 +561,12 @@ def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check_choice("variance_type", variance_type, ("fixed_small", "fixed_small_log", "fixed_large"))
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
+    t = _per_sample_arg("timesteps", timesteps, integral=True)
+    prev = _per_sample_arg("prev_timesteps", prev_timesteps, integral=True)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, True)
-    return _OPS.ddpm_step(model_output, sample, t, prev, acp, noise, seed_t,
-                          prediction_type, variance_type, bool(clip_sample), clip_sample_range)
+    return call_checked(_OPS.ddpm_step, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
+                                         prediction_type, variance_type, bool(clip_sample), clip_sample_range),
+                        lambda: _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise))
 
 
 def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *, eta=0.0, final_alpha_cumprod=1.0,
@@ -537,11 +580,34 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     eta = _check_real("eta", eta, low=0.0)
     final_alpha_cumprod = _check_real("final_alpha_cumprod", final_alpha_cumprod, low=0.0, low_open=True, high=1.0)
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    acp, t, prev = _schedule_args(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise)
+    t = _per_sample_arg("timesteps", timesteps, integral=True)
+    prev = _per_sample_arg("prev_timesteps", prev_timesteps, integral=True)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, eta > 0)
-    return _OPS.ddim_step(model_output, sample, t, prev, acp, noise, seed_t,
-                          final_alpha_cumprod, eta, prediction_type, bool(clip_sample), clip_sample_range,
-                          bool(use_clipped_model_output))
+    return call_checked(_OPS.ddim_step, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
+                                         final_alpha_cumprod, eta, prediction_type, bool(clip_sample),
+                                         clip_sample_range, bool(use_clipped_model_output)),
+                        lambda: _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise))
+
+
+def _euler_options(gamma, s_churn, num_inference_steps, s_tmin, s_tmax, s_noise):
+    """(churn per step, s_tmin, s_tmax, s_noise) of euler_step, checked."""
+    if gamma is not None:
+        if s_churn != 0.0 or num_inference_steps is not None:
+            raise ValueError("gamma: the per-step churn; pass either gamma or s_churn (with num_inference_steps), "
+                             "not both")
+        churn = _check_real("gamma", gamma, low=0.0)
+    else:
+        s_churn = _check_real("s_churn", s_churn, low=0.0)
+        if num_inference_steps is not None:
+            num_inference_steps = _check_pos_int("num_inference_steps", num_inference_steps)
+        churn = 0.0
+        if s_churn > 0:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps: required with s_churn > 0 (the churn per step is "
+                                 "min(s_churn / num_inference_steps, sqrt(2) - 1), as in diffusers)")
+            churn = min(s_churn / num_inference_steps, 2**0.5 - 1)
+    return (churn, _check_real("s_tmin", s_tmin, finite=False), _check_real("s_tmax", s_tmax, finite=False),
+            _check_real("s_noise", s_noise))
 
 
 def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsilon", s_churn=0.0,
@@ -558,30 +624,22 @@ def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsi
     instead of s_churn for backward compatibility; pass at most one of them."""
     _tensor("sample", sample)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    if gamma is not None:
-        if s_churn != 0.0 or num_inference_steps is not None:
-            raise ValueError("gamma: the per-step churn; pass either gamma or s_churn (with num_inference_steps), "
-                             "not both")
-        churn = _check_real("gamma", gamma, low=0.0)
+    if (gamma is None and num_inference_steps is None and s_churn.__class__ is float and s_tmin.__class__ is float
+            and s_tmax.__class__ is float and s_noise.__class__ is float and s_churn == 0.0
+            and s_tmin == s_tmin and s_tmax == s_tmax and math.isfinite(s_noise)):
+        churn = 0.0  # no churn, plain numbers (not NaN; s_noise finite): _euler_options in one test
     else:
-        s_churn = _check_real("s_churn", s_churn, low=0.0)
-        if num_inference_steps is not None:
-            num_inference_steps = _check_pos_int("num_inference_steps", num_inference_steps)
-        churn = 0.0
-        if s_churn > 0:
-            if num_inference_steps is None:
-                raise ValueError("num_inference_steps: required with s_churn > 0 (the churn per step is "
-                                 "min(s_churn / num_inference_steps, sqrt(2) - 1), as in diffusers)")
-            churn = min(s_churn / num_inference_steps, 2**0.5 - 1)
-    s_tmin = _check_real("s_tmin", s_tmin, finite=False)
-    s_tmax = _check_real("s_tmax", s_tmax, finite=False)
-    s_noise = _check_real("s_noise", s_noise)
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
-    _sigma_positive("sigma", sigma)  # x0 and the derivative divide by it
-    _sigma_nonneg("sigma_next", sigma_next)
+        churn, s_tmin, s_tmax, s_noise = _euler_options(gamma, s_churn, num_inference_steps, s_tmin, s_tmax, s_noise)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, churn > 0)
-    return _OPS.euler_step(model_output, sample, sigma, sigma_next, noise, seed_t, prediction_type, churn, s_tmin,
-                           s_tmax, s_noise)
+
+    def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, noise)
+        _sigma_positive("sigma", sigma)  # x0 and the derivative divide by it
+        _sigma_nonneg("sigma_next", sigma_next)
+
+    return call_checked(_OPS.euler_step, (model_output, sample, sigma, sigma_next, noise, seed_t, prediction_type,
+                                          churn, s_tmin, s_tmax, s_noise), values)
 
 
 def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, prev_sample=None,
@@ -596,17 +654,21 @@ def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, 
     if (prev_derivative is None) != (prev_sample is None):
         raise ValueError("prev_derivative/prev_sample: pass both (second stage) or neither (first stage)")
     clip_sample_range = _clip_range(clip_sample, clip_sample_range)
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, None)
-    if prev_derivative is not None:
-        _like("prev_derivative", prev_derivative, sample)
-        _like("prev_sample", prev_sample, sample)
-        _sigma_nonneg("sigma", sigma)
-        _sigma_positive("sigma_next", sigma_next)  # the second stage divides by sigma_next
-    else:
-        _sigma_positive("sigma", sigma)  # the first stage divides by sigma
-        _sigma_nonneg("sigma_next", sigma_next)
-    return _OPS.heun_step(model_output, sample, sigma, sigma_next, prev_derivative, prev_sample, prediction_type,
-                          bool(clip_sample), clip_sample_range)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
+
+    def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, None)
+        if prev_derivative is not None:
+            _like("prev_derivative", prev_derivative, sample)
+            _like("prev_sample", prev_sample, sample)
+            _sigma_nonneg("sigma", sigma)
+            _sigma_positive("sigma_next", sigma_next)  # the second stage divides by sigma_next
+        else:
+            _sigma_positive("sigma", sigma)  # the first stage divides by sigma
+            _sigma_nonneg("sigma_next", sigma_next)
+
+    return call_checked(_OPS.heun_step, (model_output, sample, sigma, sigma_next, prev_derivative, prev_sample,
+                                         prediction_type, bool(clip_sample), clip_sample_range), values)
 
 
 def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigma_prev=None,
@@ -629,25 +691,30 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
     if (prev_x0 is None) != (sigma_prev is None):
         raise ValueError("prev_x0/sigma_prev: pass both (second order) or neither (first order)")
     order = 1 if prev_x0 is None else 2
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
-    sp = None
-    if order == 2:
-        _like("prev_x0", prev_x0, sample)
-        sp = _per_sample("sigma_prev", sigma_prev, sample)
-    if flow_sigmas:
-        for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sp)):
-            if value is not None:
-                _check_flow_sigma(name, value)
-    else:  # Karras sigmas: log(sigma) and divisions by sigma
-        _sigma_positive("sigma", sigma)
-        _sigma_nonneg("sigma_next", sigma_next)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
+    sp = None if order == 1 else _per_sample_arg("sigma_prev", sigma_prev)
+
+    def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, noise)
+        if order == 2:
+            _like("prev_x0", prev_x0, sample)
+            _per_sample("sigma_prev", sp, sample)
+        if flow_sigmas:
+            for name, value in (("sigma", sigma), ("sigma_next", sigma_next), ("sigma_prev", sp)):
+                if value is not None:
+                    _check_flow_sigma(name, value)
+        else:  # Karras sigmas: log(sigma) and divisions by sigma
+            _sigma_positive("sigma", sigma)
+            _sigma_nonneg("sigma_next", sigma_next)
+            if sp is not None:
+                _sigma_positive("sigma_prev", sp)
         if sp is not None:
-            _sigma_positive("sigma_prev", sp)
-    if sp is not None:
-        _check_distinct(sp, sigma)
+            _check_distinct(sp, sigma)
+
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, algorithm_type == "sde-dpmsolver++")
-    return _OPS.dpmpp_2m_step(model_output, sample, prev_x0, sp, sigma, sigma_next, noise, seed_t, prediction_type,
-                              algorithm_type, solver_type, order, bool(flow_sigmas))
+    return call_checked(_OPS.dpmpp_2m_step, (model_output, sample, prev_x0, sp, sigma, sigma_next, noise, seed_t,
+                                             prediction_type, algorithm_type, solver_type, order, bool(flow_sigmas)),
+                        values)
 
 
 def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False, noise=None, seed=None,
@@ -657,12 +724,16 @@ def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False
     prev = (1 - sigma_next) x0 + sigma_next z, x0 = sample - sigma v. Returns (prev, x0);
     with return_x0=False x0 is not written (an empty tensor comes back), saving a pass."""
     _tensor("sample", sample)
-    sigma, sigma_next = _sigmas(model_output, sample, sigma, sigma_next, noise)
-    _sigma_unit("sigma", sigma)
-    _sigma_unit("sigma_next", sigma_next)
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, bool(stochastic))
-    return _OPS.flow_match_step(model_output, sample, sigma, sigma_next, noise, seed_t, bool(stochastic),
-                                bool(return_x0))
+
+    def values():
+        _sigma_checks(model_output, sample, sigma, sigma_next, noise)
+        _sigma_unit("sigma", sigma)
+        _sigma_unit("sigma_next", sigma_next)
+
+    return call_checked(_OPS.flow_match_step, (model_output, sample, sigma, sigma_next, noise, seed_t,
+                                               bool(stochastic), bool(return_x0)), values)
 
 
 # ---- fake kernels and autograd --------------------------------------------------------------

@@ -19,7 +19,9 @@ import torch
 from ._common import check_int, check_prob, check_same_device, is_compiling, resolve_seed
 
 _INT64_MAX = 2**63 - 1
-_special_cache: dict = {}  # (sorted ids, device) -> tensor, for special ids given as a list
+_ID_DTYPES = (torch.int64, torch.int32)
+_special_cache: dict = {}  # special ids given as a list: (sorted ids, device) -> tensor, (the list, its types,
+# vocab_size, device) -> (that tensor or None,)
 
 
 def _special_tensor(special_token_ids, device: torch.device, vocab_size: int | None = None):
@@ -48,24 +50,52 @@ def _special_tensor(special_token_ids, device: torch.device, vocab_size: int | N
         except (AttributeError, RuntimeError):  # tensor subclasses that refuse attributes
             pass
         return ids
+    given = special_token_ids.__class__ is list or special_token_ids.__class__ is tuple
+    if given:
+        # the same list call after call (a collator's): one lookup. The key holds the types too,
+        # since True == 1 and 1.0 == 1 hash alike but are not valid ids.
+        given = tuple(special_token_ids)
+        given = (given, tuple(map(type, given)), vocab_size, device)
+        try:
+            hit = _special_cache.get(given)
+        except TypeError:  # unhashable items: the checks below name them
+            hit = given = None
+        if hit is not None:
+            return hit[0]
     if not isinstance(special_token_ids, Iterable):
         raise TypeError(f"special_token_ids: expected a list of ints or a tensor, got {type(special_token_ids).__name__}")
     ids = tuple(sorted({i for i in (check_int("special_token_ids", x) for x in special_token_ids)
                         if vocab_size is None or 0 <= i < vocab_size}))
-    if not ids:
-        return None
-    key = (ids, device)
-    t = _special_cache.get(key)
-    if t is None:
-        if len(_special_cache) > 64:
-            _special_cache.clear()
-        t = torch.tensor(ids, dtype=torch.int64, device=device)
-        _special_cache[key] = t
+    if len(_special_cache) > 128:
+        _special_cache.clear()
+    t = None
+    if ids:
+        key = (ids, device)
+        t = _special_cache.get(key)
+        if t is None:
+            t = torch.tensor(ids, dtype=torch.int64, device=device)
+            _special_cache[key] = t
+    if given:
+        _special_cache[given] = (t,)
     return t
 
 
 def _check_common(input_ids, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob, attention_mask,
                   word_starts, special_token_ids):
+    if (input_ids.__class__ is torch.Tensor and mask_token_id.__class__ is int and vocab_size.__class__ is int
+            and mask_prob.__class__ is float and replace_prob.__class__ is float and random_prob.__class__ is float
+            and 0 <= mask_token_id < vocab_size <= 2**31 and 0.0 <= mask_prob <= 1.0 and 0.0 <= replace_prob <= 1.0
+            and 0.0 <= random_prob <= 1.0 and replace_prob + random_prob <= 1.0 + 1e-9
+            and input_ids.dim() == 2 and input_ids.dtype in _ID_DTYPES):
+        # plain numbers in range, what the checks below make one by one: the common case in one test
+        device = input_ids.device
+        ok = True
+        for t in (attention_mask, word_starts):
+            if t is not None:
+                ok = ok and t.__class__ is torch.Tensor and t.shape == input_ids.shape and t.device == device
+        if ok:
+            return (mask_token_id, vocab_size, mask_prob, None, replace_prob, random_prob,
+                    _special_tensor(special_token_ids, device, vocab_size))
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int32, torch.int64):

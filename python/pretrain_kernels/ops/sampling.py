@@ -79,6 +79,9 @@ def _check_vocab(name, shape):
 
 
 def _check_logits(logits, name="logits"):
+    if logits.__class__ is torch.Tensor and logits.dtype in _FLOAT_DTYPES and logits.dim() == 2:
+        if 0 < logits.shape[1] <= _MAX_VOCAB:  # the common case, in one test
+            return
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -158,6 +161,8 @@ def _knob(name, value, batch, device, *, integer=False):
 
 def _seed_tensor(seed, generator, batch, device):
     """A one-element seed (row i uses (seed, i)) or per-row seeds [batch] (row i uses (seed[i], 0))."""
+    if seed.__class__ is not torch.Tensor and not isinstance(seed, torch.Tensor):  # an int or None
+        return resolve_seed(seed, generator, device)
     if isinstance(seed, torch.Tensor) and seed.dim() == 1 and seed.numel() == batch and batch > 1:
         if generator is not None:
             raise ValueError("seed and generator: pass at most one of them")
@@ -187,9 +192,20 @@ def _check_prev_tokens(prev_tokens, B, V, device):
                              f"{int(prev_tokens[r, c])} at row {r}, position {c}")
 
 
+_NO_ROWS = (None,) * 7
+
+
 def _sample_knobs(B, device, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                   frequency_penalty):
     """(per-row tensors, scalars) of the knobs of pk.sample, in the order of the op schemas."""
+    if (temperature.__class__ is float and top_k.__class__ is int and top_p.__class__ is float
+            and min_p.__class__ is float and repetition_penalty.__class__ is float
+            and presence_penalty.__class__ is float and frequency_penalty.__class__ is float
+            and temperature >= 0 and 0 <= top_k <= 2**62 and 0 < top_p <= 1 and 0 <= min_p <= 1
+            and 0 < repetition_penalty < math.inf and -math.inf < presence_penalty < math.inf
+            and -math.inf < frequency_penalty < math.inf):
+        # plain numbers in range (what _knob checks one by one): the common case in one test
+        return _NO_ROWS, (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
     temperature, t_rows = _knob("temperature", temperature, B, device)
     top_k, k_rows = _knob("top_k", top_k, B, device, integer=True)
     top_p, p_rows = _knob("top_p", top_p, B, device)

@@ -1,0 +1,98 @@
+"""The wrappers' fast paths (plain calls go to the op with the checks it makes left to it) give
+the results of the full path bit for bit, and bad input still raises the wrapper's error."""
+import math
+
+import pytest
+import torch
+
+import pretrain_kernels as pk
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim): decode, GQA, odd sizes, a prefill
+SHAPES = [(1, 1, 1, 8, 8, 64), (2, 1, 17, 8, 2, 32), (3, 5, 9, 4, 1, 7), (1, 33, 63, 2, 2, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_fast_path_matches_full_path(dtype, shape, causal):
+    g = torch.Generator().manual_seed(hash((shape, causal)) % 2**31)
+    B, Sq, Sk, H, Hk, D = shape
+    q = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    k = torch.randn(B, Sk, Hk, D, generator=g).to(dtype)
+    v = torch.randn(B, Sk, Hk, D, generator=g).to(dtype)
+    scale = 1 / math.sqrt(D)  # an explicit scale takes the full path
+    out, lse = pk.flash_attention(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = pk.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    # non-contiguous views (the SDPA layout transposed)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = pk.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True)
+    ref = pk.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True, scale=scale)
+    assert torch.equal(out, ref)
+    kc = torch.randn(B, Sk + 3, Hk, D, generator=g).to(dtype)
+    vc = torch.randn(B, Sk + 3, Hk, D, generator=g).to(dtype)
+    lens = torch.randint(0, Sk + 4, (B,), generator=g, dtype=torch.int32)
+    out, lse = pk.flash_attention_with_kvcache(q, kc, vc, lens, causal=causal, return_lse=True)
+    ref, ref_lse = pk.flash_attention_with_kvcache(q, kc, vc, lens, causal=causal, scale=scale, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+
+
+def test_attention_fast_path_errors():
+    q = torch.randn(1, 1, 8, 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        pk.flash_attention(q, q, q[..., :32])  # the op allows another head_dim for v; the API does not
+    with pytest.raises(ValueError, match="head_dim"):
+        pk.flash_attention(q, q[..., :32], q)
+    with pytest.raises(TypeError, match="one dtype"):
+        pk.flash_attention(q, q.double(), q)
+    with pytest.raises(TypeError, match="q: expected float32"):
+        pk.flash_attention(q.int(), q, q)
+    with pytest.raises(TypeError, match="q: expected a torch.Tensor"):
+        pk.flash_attention(q.numpy(), q, q)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        pk.scaled_dot_product_attention(torch.randn(1, 4, 1, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+    lens = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="head_dim"):
+        pk.flash_attention_with_kvcache(q, q, q[..., :32], lens)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        pk.flash_attention_with_kvcache(q, q, q, lens.long())
+
+
+def test_attention_fast_path_keeps_autograd():
+    q = torch.randn(1, 3, 4, 16, dtype=torch.float64, requires_grad=True)
+    pk.flash_attention(q, q, q).sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
+
+
+def test_denoising_checks_after_the_op():
+    x0, n = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    acp = pk.noise_schedule("linear")
+    t = torch.tensor([10, 500])
+    with pytest.raises(ValueError, match="model_output: expected shape"):
+        pk.ddpm_step(x0[:1], n, t, t, acp, seed=1)
+    with pytest.raises(ValueError, match="timesteps: expected values below 1000"):
+        pk.ddim_step(x0, n, t + 1000, t, acp)
+    with pytest.raises(TypeError, match="alphas_cumprod: expected a tensor"):
+        pk.add_noise(x0, n, t, acp.tolist())
+    with pytest.raises(ValueError, match="alphas_cumprod: expected values in"):
+        pk.ddpm_step(x0, n, t, t, acp * 2, seed=1)
+    with pytest.raises(ValueError, match="sigma: expected finite values > 0"):
+        pk.euler_step(x0, n, torch.tensor([1.0, -1.0]), 0.5)
+    with pytest.raises(TypeError, match="sigma: expected a float32"):
+        pk.flow_match_step(x0, n, torch.tensor([True, False]), 0.5)
+    with pytest.raises(ValueError, match="prev_x0: expected shape"):
+        pk.dpmpp_2m_step(x0, n, 2.0, 1.0, prev_x0=x0[:1], sigma_prev=3.0)
+    with pytest.raises(ValueError, match="target: expected shape"):
+        pk.diffusion_loss(x0, n[:1])
+
+
+def test_special_ids_cache_keeps_type_checks():
+    ids = torch.randint(5, 100, (2, 16))
+    a = pk.mlm_mask(ids, mask_token_id=3, vocab_size=100, special_token_ids=[1, 2], seed=0)
+    b = pk.mlm_mask(ids, mask_token_id=3, vocab_size=100, special_token_ids=(2, 1), seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(TypeError, match="special_token_ids"):
+        pk.mlm_mask(ids, mask_token_id=3, vocab_size=100, special_token_ids=[True, 2], seed=0)
+    with pytest.raises(TypeError, match="special_token_ids"):
+        pk.mlm_mask(ids, mask_token_id=3, vocab_size=100, special_token_ids=[[1], 2], seed=0)
