@@ -149,7 +149,9 @@ def test_memory_floor(benchmark, bench_device, shape, variant, preallocated):
     when glibc trims the heap (or unmaps them), and the next call faults every page in again. In
     a long benchmark process that happens on every call at 256x2048 int64 (two 4 MiB outputs:
     2048 page faults, about 2.5 ms on a 2-core VM, against 0.7 ms of work), and whether it
-    happens depends on the allocator's history, not on the op. The second row,
+    happens depends on the allocator's history, not on the op (it can hit the op's row and not
+    this one, or the reverse; MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=67108864
+    in the environment keep freed outputs mapped, and both rows steady). The second row,
     "outputs preallocated" (torch.add(..., out=a) and b.copy_(ids)), is the floor without
     any allocation: the gap between the two rows is the allocator's share."""
     B, L = shape
