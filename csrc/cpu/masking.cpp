@@ -245,9 +245,7 @@ PK_TARGET_AVX512_BMI2 void bernoulli_segment_avx512(const MaskParams& p, const i
     const Ids16<id_t> x = load_ids16(row + l, valid);
     __mmask16 m = static_cast<__mmask16>(drawn >> (16 * (g & 3))) & valid;
     m &= in_vocab16(x, p.vocab_size) & attended16(arow ? arow + l : nullptr, valid);
-    if (n_sp >= 0) {
-      for (int i = 0; i < n_sp; ++i) m &= static_cast<__mmask16>(~eq16(x, sp[i]));
-    } else {
+    if (n_sp < 0) {
       for (uint32_t bits = m; bits != 0; bits &= bits - 1) {
         const int k = __builtin_ctz(bits);
         if (masking::is_special(p, static_cast<int64_t>(row[l + k]))) m &= static_cast<__mmask16>(~(1u << k));
@@ -258,6 +256,30 @@ PK_TARGET_AVX512_BMI2 void bernoulli_segment_avx512(const MaskParams& p, const i
                         _mm512_maskz_compress_epi32(m, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(l)), iota)));
     compress_ids16(x, m, vals + nsel);
     nsel += _mm_popcnt_u32(m);
+  }
+
+  // A'. the few special ids: compared on the list of drawn tokens (about mask_prob of the tokens)
+  // rather than on every token; the specials leave the list (packed in place) and their bits sel.
+  if (n_sp > 0) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < nsel; i += 16) {
+      const int64_t rem = nsel - i;
+      const __mmask16 v = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+      const Ids16<id_t> x = load_ids16(vals + i, v);
+      const __m512i ps = _mm512_maskz_loadu_epi32(v, pos + i);
+      __mmask16 special = 0;
+      for (int k = 0; k < n_sp; ++k) special |= eq16(x, sp[k]);
+      special &= v;
+      const __mmask16 keep = static_cast<__mmask16>(v & ~special);
+      for (uint32_t bits = special; bits != 0; bits &= bits - 1) {  // before the stores below overwrite pos[i..]
+        const int64_t t = static_cast<int64_t>(pos[i + __builtin_ctz(bits)]) - l_begin;
+        sel[t >> 4] &= static_cast<__mmask16>(~(1u << (t & 15)));
+      }
+      _mm512_storeu_si512(pos + kept, _mm512_maskz_compress_epi32(keep, ps));  // kept <= i: reads stay ahead
+      compress_ids16(x, keep, vals + kept);
+      kept += _mm_popcnt_u32(keep);
+    }
+    nsel = kept;
   }
 
   // B. actions
