@@ -33,9 +33,11 @@ using masking::MaskParams;
 // sixteen at a time (philox_avx512.h) and no branch per token:
 //  A. per 64 tokens one Philox call (16 blocks) for the selection words, compared against the
 //     threshold word by word and interleaved into token order with pdep (the mask "drawn");
-//     per 16 tokens the masks "inside the vocab", "attended" and "not special" (compares against
-//     each special id, or a binary search of the few drawn tokens when there are many special
-//     ids); the selected positions and their ids are packed (vpcompress) into a list;
+//     per 16 tokens the masks "inside the vocab", "attended" and, when there are many special
+//     ids, "not special" (a binary search of the few drawn tokens); the selected positions and
+//     their ids are packed (vpcompress) into a list;
+//  A'. with a few special ids (up to kVecSpecials): the listed ids compared against each, 16 at a
+//     time; the specials leave the list and the selection masks;
 //  B. the action word of each listed token, 16 tokens per Philox call: "mask" stores the mask
 //     id into the list, "random" packs the token into a second list;
 //  C. the random replacements, 16 tokens per Philox call (the rare rejection of uniform_int,
