@@ -162,13 +162,17 @@ PK_HD void write_token(const MaskParams& p, bool selected, id_t raw, int64_t row
 // only as far as the span really grows, bounds a row's work by O(L) draws whatever
 // geometric_p and max_span are (a length drawn up front costs up to max_span trials per
 // attempt, which with a tiny geometric_p and a huge max_span never ends).
+// n_eligible: the row's eligible tokens when the caller has counted them (a vectorised count),
+// or -1 to count them here.
 template <typename id_t, typename label_t, typename attn_t>
 PK_HD void span_mask_row(const MaskParams& p, const id_t* ids, const attn_t* attn, const bool* word_starts,
                          id_t* out, label_t* labels, int64_t L, int64_t row, double prob, float geometric_p,
-                         int64_t max_span) {
-  int64_t n_eligible = 0;
-  for (int64_t l = 0; l < L; ++l)
-    n_eligible += eligible(p, static_cast<int64_t>(ids[l]), attn == nullptr || attn[l] != 0);
+                         int64_t max_span, int64_t n_eligible = -1) {
+  if (n_eligible < 0) {
+    n_eligible = 0;
+    for (int64_t l = 0; l < L; ++l)
+      n_eligible += eligible(p, static_cast<int64_t>(ids[l]), attn == nullptr || attn[l] != 0);
+  }
   if (n_eligible == 0 || !(prob > 0.0)) return;
   const int64_t budget = exact_budget(prob, n_eligible, 0);
   PhiloxStream s(p.seed, token_index(row, 0), kSpanOffset);

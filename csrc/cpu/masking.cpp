@@ -31,17 +31,25 @@ using masking::MaskParams;
 //
 // AVX-512: segments of up to kSegment tokens of one row, in four passes, every Philox block
 // sixteen at a time (philox_avx512.h) and no branch per token:
-//  A. per 16 tokens: the selection words, the masks "drawn", "inside the vocab", "attended" and
-//     "not special" (compares against each special id, or a binary search of the few drawn
-//     tokens when there are many special ids); the selected positions and their ids are packed
-//     (vpcompress) into a list;
+//  A. per 64 tokens one Philox call (16 blocks) for the selection words, compared against the
+//     threshold word by word and interleaved into token order with pdep (the mask "drawn");
+//     per 16 tokens the masks "inside the vocab", "attended" and, when there are many special
+//     ids, "not special" (a binary search of the few drawn tokens); the selected positions and
+//     their ids are packed (vpcompress) into a list;
+//  A'. with a few special ids (up to kVecSpecials): the listed ids compared against each, 16 at a
+//     time; the specials leave the list and the selection masks;
 //  B. the action word of each listed token, 16 tokens per Philox call: "mask" stores the mask
 //     id into the list, "random" packs the token into a second list;
 //  C. the random replacements, 16 tokens per Philox call (the rare rejection of uniform_int,
 //     and the mapping past the special ids, scalar);
 //  D. per 16 tokens, one store of each output: the list values expanded (vpexpand) into the
 //     selected lanes of the ids, and the ids blended into -100 for the labels.
-// The same Philox counters as the scalar path, so the results are bit-identical.
+// The same Philox counters as the scalar path, so the results are bit-identical. The round keys
+// are broadcast once per segment (cpu::Philox16Keys).
+//
+// Span masking stays sequential per row (masking::span_mask_row); on AVX-512 the row's eligible
+// tokens are counted 16 at a time, and each row's outputs are initialised inside the parallel
+// loop, just before its spans are drawn.
 constexpr int kBlocks = 16;
 constexpr int kTokens = 4 * kBlocks;
 constexpr int64_t kSegment = 1024;   // tokens per segment (multiple of 64); its lists stay in L1
@@ -77,6 +85,8 @@ PK_TARGET_AVX2 void bernoulli_row_avx2(const MaskParams& p, const id_t* row, con
                                        id_t* lrow, int64_t L, int64_t b, uint32_t thresh) {
   bernoulli_row_body(p, row, arow, orow, lrow, L, b, thresh);
 }
+
+#define PK_TARGET_AVX512_BMI2 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,bmi,bmi2")))
 
 // 16 ids from `src` (lanes outside `valid` read as 0): one vector for int32, two for int64.
 template <typename id_t>
@@ -185,14 +195,35 @@ PK_TARGET_AVX512 inline void write16(const Ids16<id_t>& x, __mmask16 m, __mmask1
   }
 }
 
+// Tokens [l, l + 64) of a row (l a multiple of 4): bit i set when token l + i is drawn, i.e.
+// when the top 24 bits of its selection word are below thresh. The 16 Philox blocks give word w
+// of block t to token 4t + w; the four compares give one 16-bit mask per word, which pdep
+// interleaves into token order.
+PK_TARGET_AVX512_BMI2 __attribute__((always_inline)) inline uint64_t drawn64(int64_t l, __m512i row_v,
+                                                                             const cpu::Philox16Keys& keys,
+                                                                             __m512i thresh_v) {
+  __m512i a = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(l >> 2)),
+                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i b = row_v, c = _mm512_set1_epi32(static_cast<int32_t>(masking::kMaskOffset)), d = _mm512_setzero_si512();
+  cpu::philox16_rounds(a, b, c, d, keys);
+  const uint64_t ma = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(a, 8), thresh_v);
+  const uint64_t mb = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(b, 8), thresh_v);
+  const uint64_t mc = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(c, 8), thresh_v);
+  const uint64_t md = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(d, 8), thresh_v);
+  return _pdep_u64(ma, 0x1111111111111111ull) | _pdep_u64(mb, 0x2222222222222222ull) |
+         _pdep_u64(mc, 0x4444444444444444ull) | _pdep_u64(md, 0x8888888888888888ull);
+}
+
 // Tokens [l_begin, l_begin + n) of row b (l_begin a multiple of 64, n <= kSegment). sp[0, n_sp):
 // the distinct special ids inside the vocab when there are at most kVecSpecials of them; n_sp < 0:
 // more, checked by the binary search of masking::is_special.
 template <typename id_t, typename attn_t>
-PK_TARGET_AVX512 void bernoulli_segment_avx512(const MaskParams& p, const int64_t* sp, int n_sp, const id_t* row,
+PK_TARGET_AVX512_BMI2 void bernoulli_segment_avx512(const MaskParams& p, const int64_t* sp, int n_sp, const id_t* row,
                                                const attn_t* arow, id_t* orow, id_t* lrow, int64_t l_begin, int64_t n,
                                                int64_t b, uint32_t thresh) {
-  alignas(64) uint32_t words[64];
+  cpu::Philox16Keys keys;
+  cpu::philox16_keys(p.seed, &keys);
+  uint64_t drawn = 0;                       // per 64 tokens: bit i set when token i's selection word is below thresh
   alignas(64) uint32_t pos[kSegment + 16];  // positions of the selected tokens
   alignas(64) id_t vals[kSegment + 16];     // their new ids (the ids until an action changes them)
   alignas(64) uint32_t rnd[kSegment + 16];  // indices into pos / vals of the random replacements
@@ -211,17 +242,12 @@ PK_TARGET_AVX512 void bernoulli_segment_avx512(const MaskParams& p, const int64_
   int64_t nsel = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t l = l_begin + 16 * g;
-    if ((g & 3) == 0)
-      cpu::philox16_avx512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(l >> 2)), iota), row_v,
-                           masking::kMaskOffset, zero, p.seed, words);
+    if ((g & 3) == 0) drawn = drawn64(l, row_v, keys, thresh_v);
     const __mmask16 valid = valid_of(g);
-    const __m512i w = _mm512_load_si512(words + 16 * (g & 3));
     const Ids16<id_t> x = load_ids16(row + l, valid);
-    __mmask16 m = _mm512_mask_cmplt_epu32_mask(valid, _mm512_srli_epi32(w, 8), thresh_v);
+    __mmask16 m = static_cast<__mmask16>(drawn >> (16 * (g & 3))) & valid;
     m &= in_vocab16(x, p.vocab_size) & attended16(arow ? arow + l : nullptr, valid);
-    if (n_sp >= 0) {
-      for (int i = 0; i < n_sp; ++i) m &= static_cast<__mmask16>(~eq16(x, sp[i]));
-    } else {
+    if (n_sp < 0) {
       for (uint32_t bits = m; bits != 0; bits &= bits - 1) {
         const int k = __builtin_ctz(bits);
         if (masking::is_special(p, static_cast<int64_t>(row[l + k]))) m &= static_cast<__mmask16>(~(1u << k));
@@ -234,6 +260,30 @@ PK_TARGET_AVX512 void bernoulli_segment_avx512(const MaskParams& p, const int64_
     nsel += _mm_popcnt_u32(m);
   }
 
+  // A'. the few special ids: compared on the list of drawn tokens (about mask_prob of the tokens)
+  // rather than on every token; the specials leave the list (packed in place) and their bits sel.
+  if (n_sp > 0) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < nsel; i += 16) {
+      const int64_t rem = nsel - i;
+      const __mmask16 v = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+      const Ids16<id_t> x = load_ids16(vals + i, v);
+      const __m512i ps = _mm512_maskz_loadu_epi32(v, pos + i);
+      __mmask16 special = 0;
+      for (int k = 0; k < n_sp; ++k) special |= eq16(x, sp[k]);
+      special &= v;
+      const __mmask16 keep = static_cast<__mmask16>(v & ~special);
+      for (uint32_t bits = special; bits != 0; bits &= bits - 1) {  // before the stores below overwrite pos[i..]
+        const int64_t t = static_cast<int64_t>(pos[i + __builtin_ctz(bits)]) - l_begin;
+        sel[t >> 4] &= static_cast<__mmask16>(~(1u << (t & 15)));
+      }
+      _mm512_storeu_si512(pos + kept, _mm512_maskz_compress_epi32(keep, ps));  // kept <= i: reads stay ahead
+      compress_ids16(x, keep, vals + kept);
+      kept += _mm_popcnt_u32(keep);
+    }
+    nsel = kept;
+  }
+
   // B. actions
   const __m512 replace = _mm512_set1_ps(p.replace_prob);
   const __m512 replace_or_random = _mm512_set1_ps(p.replace_prob + p.random_prob);
@@ -243,7 +293,7 @@ PK_TARGET_AVX512 void bernoulli_segment_avx512(const MaskParams& p, const int64_
     const int64_t rem = nsel - i;
     const __mmask16 v = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
     const __m512i w0 = cpu::philox16_word0(_mm512_maskz_loadu_epi32(v, pos + i), row_v, masking::kActionOffset, zero,
-                                           p.seed);
+                                           keys);
     const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w0, 8)), two_m24);
     const __mmask16 to_mask = _mm512_mask_cmp_ps_mask(v, u, replace, _CMP_LT_OQ);
     const __mmask16 to_random = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(v & ~to_mask), u, replace_or_random,
@@ -263,7 +313,7 @@ PK_TARGET_AVX512 void bernoulli_segment_avx512(const MaskParams& p, const int64_
       const __mmask16 v = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
       const __m512i idx = _mm512_maskz_loadu_epi32(v, rnd + j);
       const __m512i lp = _mm512_mask_i32gather_epi32(zero, v, idx, pos, 4);
-      _mm512_store_si512(w16, cpu::philox16_word0(lp, row_v, masking::kRandomTokenOffset, zero, p.seed));
+      _mm512_store_si512(w16, cpu::philox16_word0(lp, row_v, masking::kRandomTokenOffset, zero, keys));
       for (int k = 0; k < rem; ++k) {
         const uint32_t i = rnd[j + k];
         const uint64_t prod = static_cast<uint64_t>(w16[k]) * n_allowed;
@@ -284,6 +334,35 @@ PK_TARGET_AVX512 void bernoulli_segment_avx512(const MaskParams& p, const int64_
     write16(load_ids16(row + l, valid), sel[g], valid, next, orow + l, lrow + l);
   }
 }
+
+// The eligible tokens of a row (span masking's budget), 16 at a time.
+template <typename id_t>
+PK_TARGET_AVX512 int64_t count_eligible_avx512(const MaskParams& p, const int64_t* sp, int n_sp, const id_t* row,
+                                               const bool* arow, int64_t L) {
+  int64_t n = 0;
+  for (int64_t l = 0; l < L; l += 16) {
+    const int64_t rem = L - l;
+    const __mmask16 valid = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+    const Ids16<id_t> x = load_ids16(row + l, valid);
+    __mmask16 m = in_vocab16(x, p.vocab_size) & attended16(arow ? arow + l : nullptr, valid);
+    if (n_sp >= 0) {
+      for (int i = 0; i < n_sp; ++i) m &= static_cast<__mmask16>(~eq16(x, sp[i]));
+    } else {
+      for (uint32_t bits = m; bits != 0; bits &= bits - 1) {
+        const int k = __builtin_ctz(bits);
+        if (masking::is_special(p, static_cast<int64_t>(row[l + k]))) m &= static_cast<__mmask16>(~(1u << k));
+      }
+    }
+    n += _mm_popcnt_u32(m);
+  }
+  return n;
+}
+
+// The AVX-512 segments (which also use BMI2's pdep, present on every AVX-512 CPU).
+inline bool segmented_path() {
+  static const bool ok = cpu::has_isa(cpu::Isa::kAvx512) && __builtin_cpu_supports("bmi2");
+  return ok;
+}
 #endif
 
 // One row (or the segments [s0, s1) of it on AVX-512) of the Bernoulli path.
@@ -291,7 +370,7 @@ template <typename id_t, typename attn_t>
 void bernoulli_row(const MaskParams& p, const int64_t* sp, int n_sp, const id_t* row, const attn_t* arow, id_t* orow,
                    id_t* lrow, int64_t L, int64_t b, int64_t s0, int64_t s1, uint32_t thresh) {
 #if PK_X86
-  if (cpu::has_isa(cpu::Isa::kAvx512)) {
+  if (segmented_path()) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t l = s * kSegment;
       bernoulli_segment_avx512(p, sp, n_sp, row, arow, orow, lrow, l, std::min(kSegment, L - l), b, thresh);
@@ -310,20 +389,30 @@ inline uint32_t selection_threshold(float pr) {
   return pr >= 1.0f ? (1u << 24) : static_cast<uint32_t>(std::ceil(pr * 16777216.0f));
 }
 
+// The distinct special ids inside the vocab (the only ones an eligible id can equal), for the
+// vector compares when they are few: n_sp of them, or n_sp = -1 when there are more than
+// kVecSpecials (then the binary search of masking::is_special).
+struct VecSpecials {
+  std::vector<int64_t> ids;
+  int n_sp;
+  explicit VecSpecials(const MaskParams& p) {
+    for (int64_t i = 0; i < p.n_special; ++i) {
+      const int64_t s = p.special[i];
+      if (s >= 0 && s < p.vocab_size && (i == 0 || p.special[i - 1] != s)) ids.push_back(s);
+    }
+    n_sp = ids.size() <= static_cast<size_t>(kVecSpecials) ? static_cast<int>(ids.size()) : -1;
+  }
+};
+
 template <typename id_t, typename attn_t>
 void bernoulli_rows(const MaskParams& p, const id_t* ids, const attn_t* attn, const float* prob_rows, double prob,
                     id_t* out, id_t* labels, int64_t B, int64_t L) {
-  // The distinct special ids inside the vocab (the only ones an eligible id can equal), for
-  // the vector compares when they are few.
-  std::vector<int64_t> sp;
-  for (int64_t i = 0; i < p.n_special; ++i) {
-    const int64_t s = p.special[i];
-    if (s >= 0 && s < p.vocab_size && (i == 0 || p.special[i - 1] != s)) sp.push_back(s);
-  }
-  const int n_sp = sp.size() <= static_cast<size_t>(kVecSpecials) ? static_cast<int>(sp.size()) : -1;
+  const VecSpecials vs(p);
+  const std::vector<int64_t>& sp = vs.ids;
+  const int n_sp = vs.n_sp;
   bool segmented = false;
 #if PK_X86
-  segmented = cpu::has_isa(cpu::Isa::kAvx512);
+  segmented = segmented_path();
 #endif
   const int64_t nseg = segmented ? (L + kSegment - 1) / kSegment : 1;  // work units per row
   const int64_t unit = segmented ? std::min(L, kSegment) : L;
@@ -452,10 +541,10 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
                                  mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
   const int64_t span_cap = masking::check_span_args(geometric_p, max_span, c.ids.size(1));
-  auto out = c.ids.clone();
-  auto labels = at::full_like(c.ids, -100);
+  auto out = at::empty_like(c.ids);
+  auto labels = at::empty_like(c.ids);
   if (c.ids.numel() == 0) return {out, labels};
-  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t s = static_cast<uint64_t>(*seed.data_ptr<int64_t>());  // checked: one int64 on the CPU
   MaskParams p = masking::make_params(c, mask_token_id, vocab_size, replace_prob, random_prob);
   p.seed = s;
   const int64_t B = c.ids.size(0), L = c.ids.size(1);
@@ -466,12 +555,26 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
     const float* prob_rows = c.prob_rows.defined() ? c.prob_rows.data_ptr<float>() : nullptr;
     index_t* o = out.data_ptr<index_t>();
     index_t* lab = labels.data_ptr<index_t>();
+    const VecSpecials vs(p);
+    bool vec = false;
+#if PK_X86
+    vec = cpu::has_isa(cpu::Isa::kAvx512);
+#endif
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
+        // the row's outputs start as (ids, -100), written here so that the spans find them in cache
+        const index_t* row = ids + b * L;
+        const bool* arow = attn ? attn + b * L : nullptr;
+        std::copy(row, row + L, o + b * L);
+        std::fill(lab + b * L, lab + (b + 1) * L, static_cast<index_t>(-100));
+        int64_t n_eligible = -1;
+#if PK_X86
+        if (vec) n_eligible = count_eligible_avx512(p, vs.ids.data(), vs.n_sp, row, arow, L);
+#endif
         masking::span_mask_row<index_t, index_t, bool>(
-            p, ids + b * L, attn ? attn + b * L : nullptr, ws ? ws + b * L : nullptr, o + b * L, lab + b * L, L, b,
+            p, row, arow, ws ? ws + b * L : nullptr, o + b * L, lab + b * L, L, b,
             prob_rows ? static_cast<double>(masking::row_rate(prob_rows[b])) : mask_prob, static_cast<float>(geometric_p),
-            span_cap);
+            span_cap, n_eligible);
       }
     });
   });

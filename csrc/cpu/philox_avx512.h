@@ -11,39 +11,73 @@ namespace pk {
 namespace cpu {
 
 #if PK_X86
-// High and low 32 bits of x * m per 32-bit lane (m broadcast): two vpmuludq (even lanes, odd
-// lanes shifted down) and blends, no vpmulld.
-PK_TARGET_AVX512 inline void mulhilo16(__m512i x, __m512i m, __m512i* hi, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(x, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+// The keys of the ten rounds of a seed, broadcast: a kernel that draws many blocks with one seed
+// computes them once (in the rounds they are memory operands of vpternlogd).
+struct Philox16Keys {
+  __m512i k0[10], k1[10];
+};
+
+PK_TARGET_AVX512 inline void philox16_keys(uint64_t seed, Philox16Keys* keys) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    keys->k0[r] = _mm512_set1_epi32(static_cast<int>(k0));
+    keys->k1[r] = _mm512_set1_epi32(static_cast<int>(k1));
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
 }
 
 // The ten rounds on sixteen blocks in place: (a, b, c, d) hold the counters (c0, c1, c2, c3) of
 // each lane on entry and words 0..3 of its block on return.
-PK_TARGET_AVX512 inline void philox16_rounds(__m512i& a, __m512i& b, __m512i& c, __m512i& d, uint64_t seed) {
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m512i M0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512i M1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+//
+// Inside, the even and the odd lanes run as two sets of eight blocks, one block per 64-bit lane
+// with its word in the low half (the odd lanes shifted down once on entry). vpmuludq reads only
+// the low halves and leaves the whole 64-bit product, so a round is per set two vpmuludq, two
+// vpshufd (the high half of a product down to the low half) and two vpternlogd (the three-way
+// xor with the key); the high halves carry garbage that never reaches a low half. Twelve
+// vector instructions a round for sixteen blocks, and four independent chains to overlap.
+PK_TARGET_AVX512 inline void philox16_rounds(__m512i& a, __m512i& b, __m512i& c, __m512i& d,
+                                             const Philox16Keys& keys) {
+  const __m512i M0 = _mm512_set1_epi64(0xD2511F53u);
+  const __m512i M1 = _mm512_set1_epi64(0xCD9E8D57u);
+  __m512i a0 = a, b0 = b, c0 = c, d0 = d;  // even lanes
+  __m512i a1 = _mm512_srli_epi64(a, 32), b1 = _mm512_srli_epi64(b, 32);  // odd lanes
+  __m512i c1 = _mm512_srli_epi64(c, 32), d1 = _mm512_srli_epi64(d, 32);
+#pragma GCC unroll 10
   for (int r = 0; r < 10; ++r) {
-    if (r > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    __m512i hi0, lo0, hi1, lo1;
-    mulhilo16(a, M0, &hi0, &lo0);
-    mulhilo16(c, M1, &hi1, &lo1);
-    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, b), _mm512_set1_epi32(static_cast<int>(k0)));
-    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, d), _mm512_set1_epi32(static_cast<int>(k1)));
-    a = n0;
-    b = lo1;
-    c = n2;
-    d = lo0;
+    const __m512i K0 = keys.k0[r], K1 = keys.k1[r];
+    const __m512i p00 = _mm512_mul_epu32(a0, M0), p10 = _mm512_mul_epu32(c0, M1);
+    const __m512i p01 = _mm512_mul_epu32(a1, M0), p11 = _mm512_mul_epu32(c1, M1);
+    a0 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p10, _MM_PERM_CDAB), b0, K0, 0x96);
+    c0 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p00, _MM_PERM_CDAB), d0, K1, 0x96);
+    a1 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p11, _MM_PERM_CDAB), b1, K0, 0x96);
+    c1 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p01, _MM_PERM_CDAB), d1, K1, 0x96);
+    b0 = p10;
+    d0 = p00;
+    b1 = p11;
+    d1 = p01;
   }
+  // the odd lanes' low halves back up into the odd lanes
+  a = _mm512_mask_shuffle_epi32(a0, 0xAAAA, a1, _MM_PERM_CDAB);
+  b = _mm512_mask_shuffle_epi32(b0, 0xAAAA, b1, _MM_PERM_CDAB);
+  c = _mm512_mask_shuffle_epi32(c0, 0xAAAA, c1, _MM_PERM_CDAB);
+  d = _mm512_mask_shuffle_epi32(d0, 0xAAAA, d1, _MM_PERM_CDAB);
+}
+
+PK_TARGET_AVX512 inline void philox16_rounds(__m512i& a, __m512i& b, __m512i& c, __m512i& d, uint64_t seed) {
+  Philox16Keys keys;
+  philox16_keys(seed, &keys);
+  philox16_rounds(a, b, c, d, keys);
 }
 
 // Word 0 of sixteen blocks, counters (a, b, offset, d) per lane.
+PK_TARGET_AVX512 inline __m512i philox16_word0(__m512i a, __m512i b, uint32_t offset, __m512i d,
+                                               const Philox16Keys& keys) {
+  __m512i c = _mm512_set1_epi32(static_cast<int>(offset));
+  philox16_rounds(a, b, c, d, keys);
+  return a;
+}
+
 PK_TARGET_AVX512 inline __m512i philox16_word0(__m512i a, __m512i b, uint32_t offset, __m512i d, uint64_t seed) {
   __m512i c = _mm512_set1_epi32(static_cast<int>(offset));
   philox16_rounds(a, b, c, d, seed);

@@ -136,18 +136,35 @@ def test_pk_mlm_mask(benchmark, bench_device, shape, variant):
     benchmark(fn)
 
 
+@pytest.mark.parametrize("preallocated", [False, True], ids=["alloc", "out"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_memory_floor(benchmark, bench_device, shape, variant):
+def test_memory_floor(benchmark, bench_device, shape, variant, preallocated):
     """The memory floor of the op: an elementwise pass that reads two tensors of the ids' dtype
-    and writes two (torch.add(ids, other, out=a) then b.copy_(ids)): the bytes mlm_mask moves
-    with an attention mask of that dtype, and more than without one."""
+    and writes two, the bytes mlm_mask moves with an attention mask of that dtype (and more than
+    without one).
+
+    The floor allocates its two outputs as the op does (torch.add(ids, other) and ids.clone()),
+    because allocation is part of what the op costs: freed outputs of a few MiB go back to the OS
+    when glibc trims the heap (or unmaps them), and the next call faults every page in again. In
+    a long benchmark process that happens on every call at 256x2048 int64 (two 4 MiB outputs:
+    2048 page faults, about 2.5 ms on a 2-core VM, against 0.7 ms of work), and whether it
+    happens depends on the allocator's history, not on the op (it can hit the op's row and not
+    this one, or the reverse; MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=67108864
+    in the environment keep freed outputs mapped, and both rows steady). The second row,
+    "outputs preallocated" (torch.add(..., out=a) and b.copy_(ids)), is the floor without
+    any allocation: the gap between the two rows is the allocator's share."""
     B, L = shape
     ids, _, _ = _variant_inputs(B, L, bench_device, variant)
-    other, a, b = ids.clone(), torch.empty_like(ids), torch.empty_like(ids)
-    _info(benchmark, "mlm_mask", "memory floor (add + copy)", B, L, bench_device, ids.element_size(),
-          _variant_name(variant))
-    benchmark(cuda_sync_fn(lambda: (torch.add(ids, other, out=a), b.copy_(ids)), bench_device))
+    other = ids.clone()
+    impl = "memory floor, outputs preallocated (add + copy_)" if preallocated else "memory floor (add + clone)"
+    _info(benchmark, "mlm_mask", impl, B, L, bench_device, ids.element_size(), _variant_name(variant))
+    if preallocated:
+        a, b = torch.empty_like(ids), torch.empty_like(ids)
+        fn = lambda: (torch.add(ids, other, out=a), b.copy_(ids))  # noqa: E731
+    else:
+        fn = lambda: (torch.add(ids, other), ids.clone())  # noqa: E731
+    benchmark(cuda_sync_fn(fn, bench_device))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
