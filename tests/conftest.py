@@ -201,6 +201,19 @@ def device(request):
 
 
 @pytest.fixture(scope="module")
+def transformers():
+    """The transformers module with the package's attention registered (idempotent); a test
+    taking it skips alone where transformers cannot be imported."""
+    try:
+        import transformers
+    except ImportError as e:
+        pytest.skip(f"transformers is not importable: {e}")
+    from pretrain_kernels.integrations import transformers as pk_transformers
+    pk_transformers.register()
+    return transformers
+
+
+@pytest.fixture(scope="module")
 def one_thread_per_module():
     """One torch thread for a whole module (the model and training tests: tiny shapes, where
     a second thread only adds synchronisation)."""

@@ -154,15 +154,6 @@ def test_masking_and_sampling_unaffected(device):
             assert x.dtype == y.dtype and torch.equal(x, y)
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        pytest.skip(f"transformers is not importable: {e}")
-    return transformers
-
-
 def test_llama_trains_under_bf16_autocast(transformers):
     """A tiny float32 Llama on attn_implementation="pretrain_kernels" trains a few steps under CPU
     bfloat16 autocast (its RoPE runs in float32 next to bf16 projections: mixed q, k, v), on a

@@ -3,7 +3,8 @@ Mistral and Qwen2 (sliding windows), GPT-2 and BERT models, against the same wei
 transformers' "sdpa"; padding honoured (each padded row equals the row run alone), forward,
 backward, generate with the cache, dropout, bf16, and the dense-mask fallback.
 
-Every test that needs transformers takes the `transformers` fixture and skips alone without it."""
+Every test that needs transformers takes the `transformers` fixture (tests/conftest.py) and skips
+alone without it."""
 
 import pytest
 import torch
@@ -12,17 +13,6 @@ import pretrain_kernels as pk
 from pretrain_kernels.integrations import transformers as pkt
 
 VOCAB = 97
-
-
-@pytest.fixture(scope="module")
-def transformers():
-    """The transformers module with the attention registered; a test taking it skips alone without it."""
-    try:
-        import transformers
-    except ImportError as e:
-        pytest.skip(f"transformers is not importable: {e}")
-    pkt.register()
-    return transformers
 
 
 def build(tf, kind, attn, *, dropout=0.0, seed=0, window=5):

@@ -6,7 +6,8 @@ bf16 autocast), padded and unpadded batches, on both "sdpa" and "pretrain_kernel
 generate gives the same tokens; the patches land where they should and nowhere else; a second
 call changes nothing; the patched model deep-copies and pickles.
 
-Every test that needs transformers takes the `transformers` fixture and skips alone without it."""
+Every test that needs transformers takes the `transformers` fixture (tests/conftest.py) and skips
+alone without it."""
 import copy
 
 import pytest
@@ -15,16 +16,6 @@ import torch
 from pretrain_kernels.integrations import transformers as pkt
 
 VOCAB = 97
-
-
-@pytest.fixture(scope="module")
-def transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        pytest.skip(f"transformers is not importable: {e}")
-    pkt.register()
-    return transformers
 
 
 @pytest.fixture(autouse=True)
