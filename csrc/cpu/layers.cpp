@@ -1,5 +1,6 @@
 // CPU kernels of the decoder-layer ops pk.rms_norm and pk.swiglu (the math, the layouts and the
-// checks are csrc/common/layers.h, shared with csrc/cuda/layers.cu).
+// checks are csrc/common/layers.h, the host side csrc/common/layers_ops.h, both shared with
+// csrc/cuda/layers.cu).
 //
 // rms_norm: at::parallel_for over rows. A row is two passes over x, which stays in L1 between
 // them: the sum of squares, then the output. The backward is also two passes per row (the dot
@@ -21,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/layers.h"
+#include "../common/layers_ops.h"
 #include "cpu_isa.h"
 
 namespace pk {
@@ -208,14 +209,7 @@ void norm_bwd_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, acc_t* dw
   }
 }
 
-// ---- rms_norm ------------------------------------------------------------------------------------
-
-// offset + w (or 1 without a weight) as a float table of D values.
-at::Tensor scale_table(const c10::optional<at::Tensor>& weight, const at::Tensor& x, const NormParams& p) {
-  const at::Tensor w = weight_table(weight, x);
-  if (!w.defined()) return at::ones({p.D}, x.options().dtype(acc_dtype(x)));
-  return (w + p.offset).contiguous();
-}
+// ---- the CPU backend of csrc/common/layers_ops.h ------------------------------------------------
 
 template <typename scalar_t>
 void rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, at::Tensor& rstd,
@@ -247,14 +241,14 @@ void rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& scale, at::Tensor& 
 
 template <typename scalar_t>
 void rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& rstd,
-                      at::Tensor& dx, at::Tensor* partial, const NormParams& p, int64_t rows_per_block) {
+                      at::Tensor& dx, const at::Tensor& partial, const NormParams& p, int64_t rows_per_block) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* gp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const acc_t* sp = scale.data_ptr<acc_t>();
   const acc_t* rp = rstd.data_ptr<acc_t>();
-  acc_t* pw = partial != nullptr ? partial->data_ptr<acc_t>() : nullptr;
+  acc_t* pw = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
   const int64_t D = p.D;
   const bool avx = kVectorised<scalar_t> && use_avx512();
   const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
@@ -278,128 +272,118 @@ void rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   });
 }
 
-// The weight-gradient partial sums [blocks, D] summed over the blocks, in order.
-at::Tensor sum_blocks(const at::Tensor& partial) {
-  at::Tensor acc = at::zeros({partial.size(1)}, partial.options());
-  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "pk_rms_norm_sum_blocks", [&] {
-    const scalar_t* pp = partial.data_ptr<scalar_t>();
-    scalar_t* ap = acc.data_ptr<scalar_t>();
-    const int64_t blocks = partial.size(0), D = partial.size(1);
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t j = 0; j < D; ++j) ap[j] += pp[b * D + j];
-  });
-  return acc;
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
-                                                double eps, double offset, bool round_before_weight) {
-  TORCH_CHECK(x_in.device().is_cpu(), "x: expected a CPU tensor, got one on ", x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const NormParams p = check_norm(x, weight, eps, offset, round_before_weight);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_dtype(x)));
-  if (p.rows == 0) return {out, rstd};
-  if (p.D == 0) {
-    rstd.fill_(1.0 / std::sqrt(eps));
-    return {out, rstd};
-  }
-  const at::Tensor scale = scale_table(weight, x, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_cpu",
-                                  [&] { rms_norm_fwd_cpu<scalar_t>(x, scale, out, rstd, p); });
-  return {out, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                         const c10::optional<at::Tensor>& weight,
-                                                         const at::Tensor& rstd_in, double offset,
-                                                         bool round_before_weight, bool weight_grad) {
-  TORCH_CHECK(x_in.device().is_cpu(), "x: expected a CPU tensor, got one on ", x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const NormParams p = check_norm_backward(grad_in, x, weight, rstd_in, offset, round_before_weight);
-  const at::Tensor dy = grad_in.contiguous(), rstd = rstd_in.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  const bool want_dw = weight_grad && p.has_weight;
-  at::Tensor dw = want_dw ? at::zeros({p.D}, weight->options()) : at::empty({0}, x.options());
-  if (p.rows == 0 || p.D == 0) return {dx, dw};
-  const at::Tensor scale = scale_table(weight, x, p);
-  const int64_t per = wgrad_rows_per_block(p.rows, kMaxWgradBlocks);
-  const int64_t blocks = (p.rows + per - 1) / per;
-  at::Tensor partial = want_dw ? at::zeros({blocks, p.D}, x.options().dtype(acc_dtype(x))) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_backward_cpu", [&] {
-    rms_norm_bwd_cpu<scalar_t>(dy, x, scale, rstd, dx, want_dw ? &partial : nullptr, p, per);
-  });
-  if (want_dw) dw.copy_(sum_blocks(partial));
-  return {dx, dw};
-}
-
-// ---- swiglu --------------------------------------------------------------------------------------
-
 constexpr int64_t kSwigluGrain = 8192;
 
-at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
-  TORCH_CHECK(gate_in.device().is_cpu(), "gate: expected a CPU tensor, got one on ", gate_in.device());
-  check_swiglu(gate_in, up_in);
-  const at::Tensor g = gate_in.contiguous(), u = up_in.contiguous();
-  at::Tensor out = at::empty(g.sizes(), g.options());
-  const int64_t n = g.numel();
-  if (n == 0) return out;
-  const bool avx = use_avx512();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* up = u.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kSwigluGrain, [&](int64_t i0, int64_t i1) {
-#if PK_X86
-      if constexpr (kVectorised<scalar_t>) {
-        if (avx) {
-          swiglu_fwd_avx512<scalar_t>(gp + i0, up + i0, op + i0, i1 - i0);
-          return;
-        }
-      }
-#endif
-      for (int64_t i = i0; i < i1; ++i)
-        op[i] = swiglu_out<scalar_t, acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(up[i]));
+struct CpuBackend {
+  static constexpr int64_t kWgradBlocks = kMaxWgradBlocks;
+
+  static void norm_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, at::Tensor& rstd,
+                           const NormParams& p) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_cpu",
+                                    [&] { rms_norm_fwd_cpu<scalar_t>(x, scale, out, rstd, p); });
+  }
+
+  static void norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& rstd, at::Tensor& dx, const at::Tensor& partial, const NormParams& p,
+                            int64_t rows_per_block) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_backward_cpu", [&] {
+      rms_norm_bwd_cpu<scalar_t>(dy, x, scale, rstd, dx, partial, p, rows_per_block);
     });
-  });
-  return out;
+  }
+
+  // The partial sums [blocks, D] summed over the blocks in order, then cast into dw.
+  static void sum_blocks(const at::Tensor& partial, at::Tensor& dw) {
+    at::Tensor acc = at::zeros({partial.size(1)}, partial.options());
+    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "pk_rms_norm_sum_blocks", [&] {
+      const scalar_t* pp = partial.data_ptr<scalar_t>();
+      scalar_t* ap = acc.data_ptr<scalar_t>();
+      const int64_t blocks = partial.size(0), D = partial.size(1);
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t j = 0; j < D; ++j) ap[j] += pp[b * D + j];
+    });
+    dw.copy_(acc);
+  }
+
+  static void swiglu_forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
+    const int64_t n = g.numel();
+    const bool avx = use_avx512();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      const scalar_t* up = u.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, n, kSwigluGrain, [&](int64_t i0, int64_t i1) {
+#if PK_X86
+        if constexpr (kVectorised<scalar_t>) {
+          if (avx) {
+            swiglu_fwd_avx512<scalar_t>(gp + i0, up + i0, op + i0, i1 - i0);
+            return;
+          }
+        }
+#endif
+        for (int64_t i = i0; i < i1; ++i)
+          op[i] = swiglu_out<scalar_t, acc_t>(static_cast<acc_t>(gp[i]), static_cast<acc_t>(up[i]));
+      });
+    });
+  }
+
+  static void swiglu_backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& dg,
+                              at::Tensor& du) {
+    const int64_t n = g.numel();
+    const bool avx = use_avx512();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* dp = dy.data_ptr<scalar_t>();
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      const scalar_t* up = u.data_ptr<scalar_t>();
+      scalar_t* dgp = dg.data_ptr<scalar_t>();
+      scalar_t* dup = du.data_ptr<scalar_t>();
+      at::parallel_for(0, n, kSwigluGrain, [&](int64_t i0, int64_t i1) {
+#if PK_X86
+        if constexpr (kVectorised<scalar_t>) {
+          if (avx) {
+            swiglu_bwd_avx512<scalar_t>(dp + i0, gp + i0, up + i0, dgp + i0, dup + i0, i1 - i0);
+            return;
+          }
+        }
+#endif
+        for (int64_t i = i0; i < i1; ++i) {
+          acc_t a, b;
+          swiglu_grad<scalar_t, acc_t>(static_cast<acc_t>(dp[i]), static_cast<acc_t>(gp[i]),
+                                       static_cast<acc_t>(up[i]), a, b);
+          dgp[i] = static_cast<scalar_t>(a);
+          dup[i] = static_cast<scalar_t>(b);
+        }
+      });
+    });
+  }
+};
+
+// ---- entry points --------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                                double eps, double offset, bool round_before_weight) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  return rms_norm_host<CpuBackend>(x, weight, eps, offset, round_before_weight);
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& gate_in,
-                                                       const at::Tensor& up_in) {
-  TORCH_CHECK(gate_in.device().is_cpu(), "gate: expected a CPU tensor, got one on ", gate_in.device());
-  check_swiglu_backward(grad_in, gate_in, up_in);
-  const at::Tensor dy = grad_in.contiguous(), g = gate_in.contiguous(), u = up_in.contiguous();
-  at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
-  const int64_t n = g.numel();
-  if (n == 0) return {dg, du};
-  const bool avx = use_avx512();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* dp = dy.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* up = u.data_ptr<scalar_t>();
-    scalar_t* dgp = dg.data_ptr<scalar_t>();
-    scalar_t* dup = du.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kSwigluGrain, [&](int64_t i0, int64_t i1) {
-#if PK_X86
-      if constexpr (kVectorised<scalar_t>) {
-        if (avx) {
-          swiglu_bwd_avx512<scalar_t>(dp + i0, gp + i0, up + i0, dgp + i0, dup + i0, i1 - i0);
-          return;
-        }
-      }
-#endif
-      for (int64_t i = i0; i < i1; ++i) {
-        acc_t a, b;
-        swiglu_grad<scalar_t, acc_t>(static_cast<acc_t>(dp[i]), static_cast<acc_t>(gp[i]), static_cast<acc_t>(up[i]),
-                                     a, b);
-        dgp[i] = static_cast<scalar_t>(a);
-        dup[i] = static_cast<scalar_t>(b);
-      }
-    });
-  });
-  return {dg, du};
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                         const c10::optional<at::Tensor>& weight,
+                                                         const at::Tensor& rstd, double offset,
+                                                         bool round_before_weight, bool weight_grad) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  return rms_norm_backward_host<CpuBackend>(grad, x, weight, rstd, offset, round_before_weight, weight_grad);
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu(), "gate: expected a CPU tensor, got one on ", gate.device());
+  return swiglu_host<CpuBackend>(gate, up);
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
+                                                       const at::Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu(), "gate: expected a CPU tensor, got one on ", gate.device());
+  return swiglu_backward_host<CpuBackend>(grad, gate, up);
 }
 
 }  // namespace

@@ -24,7 +24,7 @@
 
 #include "cuda_seams.cuh"
 
-#include "../common/layers.h"
+#include "../common/layers_ops.h"
 
 namespace pk {
 namespace layers {
@@ -139,109 +139,99 @@ unsigned elem_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kElemThreads - 1) / kElemThreads, 65536)));
 }
 
-at::Tensor scale_table(const c10::optional<at::Tensor>& weight, const at::Tensor& x, const NormParams& p) {
-  const at::Tensor w = weight_table(weight, x);
-  if (!w.defined()) return at::ones({p.D}, x.options().dtype(acc_dtype(x)));
-  return (w + p.offset).contiguous();
-}
+// The CUDA backend of csrc/common/layers_ops.h (the entry points below hold the device guard).
+struct CudaBackend {
+  static constexpr int64_t kWgradBlocks = ::pk::layers::kWgradBlocks;
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
-                                                 double eps, double offset, bool round_before_weight) {
-  TORCH_CHECK(on_kernel_device(x_in), "x: expected a CUDA tensor, got one on ", x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const NormParams p = check_norm(x, weight, eps, offset, round_before_weight);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_dtype(x)));
-  if (p.rows == 0) return {out, rstd};
-  if (p.D == 0) {
-    rstd.fill_(1.0 / std::sqrt(eps));
-    return {out, rstd};
-  }
-  const at::Tensor scale = scale_table(weight, x, p);
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(p.rows, kMaxRowBlocks));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    PK_LAUNCH(blocks, kThreads, 0, stream, rms_norm_fwd_kernel<scalar_t>)(
-        x.data_ptr<scalar_t>(), scale.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {out, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                          const c10::optional<at::Tensor>& weight,
-                                                          const at::Tensor& rstd_in, double offset,
-                                                          bool round_before_weight, bool weight_grad) {
-  TORCH_CHECK(on_kernel_device(x_in), "x: expected a CUDA tensor, got one on ", x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const NormParams p = check_norm_backward(grad_in, x, weight, rstd_in, offset, round_before_weight);
-  const at::Tensor dy = grad_in.contiguous(), rstd = rstd_in.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  const bool want_dw = weight_grad && p.has_weight;
-  at::Tensor dw = want_dw ? at::zeros({p.D}, weight->options()) : at::empty({0}, x.options());
-  if (p.rows == 0 || p.D == 0) return {dx, dw};
-  const at::Tensor scale = scale_table(weight, x, p);
-  const int64_t per = wgrad_rows_per_block(p.rows, kWgradBlocks);
-  const int64_t blocks = (p.rows + per - 1) / per;
-  at::Tensor partial = want_dw ? at::zeros({blocks, p.D}, x.options().dtype(acc_dtype(x))) : at::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    PK_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, rms_norm_bwd_kernel<scalar_t>)(
-        dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-        dx.data_ptr<scalar_t>(), want_dw ? partial.data_ptr<acc_t>() : nullptr, per, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (want_dw) {
-      if (dw.scalar_type() == x.scalar_type()) {
-        PK_LAUNCH(elem_blocks(p.D), kElemThreads, 0, stream, sum_blocks_kernel<acc_t, scalar_t>)(
-            partial.data_ptr<acc_t>(), blocks, p.D, dw.data_ptr<scalar_t>());
-      } else {  // a float32 weight for a half / bfloat16 x
-        PK_LAUNCH(elem_blocks(p.D), kElemThreads, 0, stream, sum_blocks_kernel<acc_t, float>)(
-            partial.data_ptr<acc_t>(), blocks, p.D, dw.data_ptr<float>());
-      }
+  static void norm_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, at::Tensor& rstd,
+                           const NormParams& p) {
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(p.rows, kMaxRowBlocks));
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      PK_LAUNCH(blocks, kThreads, 0, stream, rms_norm_fwd_kernel<scalar_t>)(
+          x.data_ptr<scalar_t>(), scale.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return {dx, dw};
+    });
+  }
+
+  static void norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& rstd, at::Tensor& dx, const at::Tensor& partial, const NormParams& p,
+                            int64_t rows_per_block) {
+    const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_rms_norm_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      PK_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, rms_norm_bwd_kernel<scalar_t>)(
+          dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+          dx.data_ptr<scalar_t>(), partial.defined() ? partial.data_ptr<acc_t>() : nullptr, rows_per_block, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void sum_blocks(const at::Tensor& partial, at::Tensor& dw) {
+    const int64_t blocks = partial.size(0), D = partial.size(1);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "pk_rms_norm_sum_blocks_cuda", [&] {
+      using acc_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw.scalar_type(), "pk_rms_norm_dw_cuda", [&] {
+        PK_LAUNCH(elem_blocks(D), kElemThreads, 0, stream, sum_blocks_kernel<acc_t, scalar_t>)(
+            partial.data_ptr<acc_t>(), blocks, D, dw.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  static void swiglu_forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
+    const int64_t n = g.numel();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_cuda", [&] {
+      PK_LAUNCH(elem_blocks(n), kElemThreads, 0, stream, swiglu_fwd_kernel<scalar_t>)(
+          g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void swiglu_backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& dg,
+                              at::Tensor& du) {
+    const int64_t n = g.numel();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_backward_cuda", [&] {
+      PK_LAUNCH(elem_blocks(n), kElemThreads, 0, stream, swiglu_bwd_kernel<scalar_t>)(
+          dy.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(),
+          du.data_ptr<scalar_t>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                                 double eps, double offset, bool round_before_weight) {
+  TORCH_CHECK(on_kernel_device(x), "x: expected a CUDA tensor, got one on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return rms_norm_host<CudaBackend>(x, weight, eps, offset, round_before_weight);
 }
 
-at::Tensor swiglu_cuda(const at::Tensor& gate_in, const at::Tensor& up_in) {
-  TORCH_CHECK(on_kernel_device(gate_in), "gate: expected a CUDA tensor, got one on ", gate_in.device());
-  const c10::cuda::CUDAGuard guard(gate_in.device());
-  check_swiglu(gate_in, up_in);
-  const at::Tensor g = gate_in.contiguous(), u = up_in.contiguous();
-  at::Tensor out = at::empty(g.sizes(), g.options());
-  const int64_t n = g.numel();
-  if (n == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_cuda", [&] {
-    PK_LAUNCH(elem_blocks(n), kElemThreads, 0, stream, swiglu_fwd_kernel<scalar_t>)(
-        g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                          const c10::optional<at::Tensor>& weight,
+                                                          const at::Tensor& rstd, double offset,
+                                                          bool round_before_weight, bool weight_grad) {
+  TORCH_CHECK(on_kernel_device(x), "x: expected a CUDA tensor, got one on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return rms_norm_backward_host<CudaBackend>(grad, x, weight, rstd, offset, round_before_weight, weight_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& gate_in,
-                                                        const at::Tensor& up_in) {
-  TORCH_CHECK(on_kernel_device(gate_in), "gate: expected a CUDA tensor, got one on ", gate_in.device());
-  const c10::cuda::CUDAGuard guard(gate_in.device());
-  check_swiglu_backward(grad_in, gate_in, up_in);
-  const at::Tensor dy = grad_in.contiguous(), g = gate_in.contiguous(), u = up_in.contiguous();
-  at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
-  const int64_t n = g.numel();
-  if (n == 0) return {dg, du};
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pk_swiglu_backward_cuda", [&] {
-    PK_LAUNCH(elem_blocks(n), kElemThreads, 0, stream, swiglu_bwd_kernel<scalar_t>)(
-        dy.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(),
-        du.data_ptr<scalar_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {dg, du};
+at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(on_kernel_device(gate), "gate: expected a CUDA tensor, got one on ", gate.device());
+  const c10::cuda::CUDAGuard guard(gate.device());
+  return swiglu_host<CudaBackend>(gate, up);
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& gate,
+                                                        const at::Tensor& up) {
+  TORCH_CHECK(on_kernel_device(gate), "gate: expected a CUDA tensor, got one on ", gate.device());
+  const c10::cuda::CUDAGuard guard(gate.device());
+  return swiglu_backward_host<CudaBackend>(grad, gate, up);
 }
 
 }  // namespace
