@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../common/sampling.h"
-#include "../common/sampling_checks.h"
+#include "../common/sampling_ops.h"
 
 namespace pk {
 namespace {
@@ -383,50 +383,6 @@ void filter_rows(const Params& p, const at::Tensor& logits, at::Tensor& out) {
   });
 }
 
-void check_prev_range(const Params& p) {
-  for (int64_t i = 0; i < p.B * p.T; ++i) {
-    TORCH_CHECK(p.prev[i] >= -1 && p.prev[i] < p.V, "prev_tokens: expected ids in [0, ", p.V,
-                ") or -1 (none), found ", p.prev[i], " at row ", i / p.T, ", position ", i % p.T);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
-                                              const at::Tensor& seed, const c10::optional<at::Tensor>& temperature_rows,
-                                              const c10::optional<at::Tensor>& top_k_rows,
-                                              const c10::optional<at::Tensor>& top_p_rows,
-                                              const c10::optional<at::Tensor>& min_p_rows,
-                                              const c10::optional<at::Tensor>& repetition_rows,
-                                              const c10::optional<at::Tensor>& presence_rows,
-                                              const c10::optional<at::Tensor>& frequency_rows, double temperature,
-                                              int64_t top_k, double top_p, double min_p, double repetition,
-                                              double presence, double frequency) {
-  Inputs in = check_sample_inputs(logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
-                                  repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p,
-                                  repetition, presence, frequency);
-  check_knob_rows(in);
-  if (in.prev.defined()) check_prev_range(in.p);
-  const int64_t B = in.p.B;
-  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
-  auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
-  if (B == 0) return {tokens, logprobs};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sample_cpu", [&] {
-    sample_rows<scalar_t>(in.p, in.logits, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
-  });
-  return {tokens, logprobs};
-}
-
-at::Tensor top_k_top_p_filter_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& top_k_rows,
-                                  const c10::optional<at::Tensor>& top_p_rows,
-                                  const c10::optional<at::Tensor>& min_p_rows, int64_t top_k, double top_p,
-                                  double min_p) {
-  Inputs in = check_filter_inputs(logits, top_k_rows, top_p_rows, min_p_rows, top_k, top_p, min_p);
-  check_knob_rows(in);
-  auto out = at::empty_like(in.logits);
-  if (in.logits.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "top_k_top_p_filter_cpu",
-                                  [&] { filter_rows<scalar_t>(in.p, in.logits, out); });
-  return out;
-}
 
 // unmask_step, stage 1: a draw at every masked position (b, l), in parallel over positions.
 template <typename scalar_t>
@@ -489,33 +445,6 @@ void unmask_select_rows(const UnmaskInputs& u, const int64_t* tok, const int64_t
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unmask_step_cpu(
-    const at::Tensor& logits, const at::Tensor& tokens, const c10::optional<at::Tensor>& num_reveal_rows,
-    const c10::optional<at::Tensor>& prev_tokens, const at::Tensor& seed,
-    const c10::optional<at::Tensor>& temperature_rows, const c10::optional<at::Tensor>& top_k_rows,
-    const c10::optional<at::Tensor>& top_p_rows, const c10::optional<at::Tensor>& min_p_rows,
-    const c10::optional<at::Tensor>& repetition_rows, const c10::optional<at::Tensor>& presence_rows,
-    const c10::optional<at::Tensor>& frequency_rows, int64_t mask_token_id, int64_t num_reveal,
-    c10::string_view strategy, double temperature, int64_t top_k, double top_p, double min_p, double repetition,
-    double presence, double frequency) {
-  UnmaskInputs u = check_unmask_inputs(logits, tokens, num_reveal_rows, prev_tokens, seed, temperature_rows,
-                                       top_k_rows, top_p_rows, min_p_rows, repetition_rows, presence_rows,
-                                       frequency_rows, mask_token_id, num_reveal, strategy, temperature, top_k, top_p,
-                                       min_p, repetition, presence, frequency);
-  check_unmask_rows(u);
-  if (u.in.prev.defined()) check_prev_range(u.in.p);
-  auto out = at::empty_like(u.tokens);
-  auto drawn = at::empty_like(u.tokens);
-  auto confidence = at::empty(u.tokens.sizes(), u.tokens.options().dtype(at::kFloat));
-  if (u.tokens.numel() > 0) {
-    const int64_t* tok = u.tokens.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.in.logits.scalar_type(), "unmask_step_cpu", [&] {
-      unmask_draw_positions<scalar_t>(u, tok, drawn.data_ptr<int64_t>(), confidence.data_ptr<float>());
-    });
-    unmask_select_rows(u, tok, drawn.data_ptr<int64_t>(), confidence.data_ptr<float>(), out.data_ptr<int64_t>());
-  }
-  return {out.to(tokens.scalar_type()), drawn, confidence};
-}
 
 template <typename scalar_t>
 void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
@@ -564,27 +493,46 @@ void speculative_rows(const SpecInputs& s, int64_t* out, int64_t* accepted) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> speculative_accept_cpu(const at::Tensor& draft_probs,
-                                                          const at::Tensor& draft_token_ids,
-                                                          const at::Tensor& target_probs, const at::Tensor& seed) {
-  // Draft ids outside [0, V) are not an error: they are rejected (accept_walk, shared with CUDA).
-  SpecInputs s = check_spec_inputs(draft_probs, draft_token_ids, target_probs, seed);
-  auto out = at::empty({s.B, s.n + 1}, draft_token_ids.options().dtype(at::kLong));
-  auto accepted = at::empty({s.B}, draft_token_ids.options().dtype(at::kLong));
-  if (s.B == 0) return {out, accepted};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.draft.scalar_type(), "speculative_accept_cpu", [&] {
-    speculative_rows<scalar_t>(s, out.data_ptr<int64_t>(), accepted.data_ptr<int64_t>());
-  });
-  return {out, accepted};
-}
+struct CpuBackend {
+  struct Guard {
+    explicit Guard(const c10::Device&) {}
+  };
+  static constexpr bool kReadsHostValues = true;
+
+  static void sample(const Inputs& in, at::Tensor& tokens, at::Tensor& logprobs) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sample_cpu", [&] {
+      sample_rows<scalar_t>(in.p, in.logits, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+    });
+  }
+
+  static void filter(const Inputs& in, at::Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "top_k_top_p_filter_cpu",
+                                    [&] { filter_rows<scalar_t>(in.p, in.logits, out); });
+  }
+
+  static void speculative(const SpecInputs& s, at::Tensor& out, at::Tensor& accepted) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.draft.scalar_type(), "speculative_accept_cpu", [&] {
+      speculative_rows<scalar_t>(s, out.data_ptr<int64_t>(), accepted.data_ptr<int64_t>());
+    });
+  }
+
+  static void unmask(const UnmaskInputs& u, at::Tensor& out, at::Tensor& drawn, at::Tensor& confidence) {
+    const int64_t* tok = u.tokens.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.in.logits.scalar_type(), "unmask_step_cpu", [&] {
+      unmask_draw_positions<scalar_t>(u, tok, drawn.data_ptr<int64_t>(), confidence.data_ptr<float>());
+    });
+    unmask_select_rows(u, tok, drawn.data_ptr<int64_t>(), confidence.data_ptr<float>(), out.data_ptr<int64_t>());
+  }
+};
+
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
-  m.impl("sample", &sample_cpu);
-  m.impl("top_k_top_p_filter", &top_k_top_p_filter_cpu);
-  m.impl("speculative_accept", &speculative_accept_cpu);
-  m.impl("unmask_step", &unmask_step_cpu);
+  m.impl("sample", &sampling::sample_host<CpuBackend>);
+  m.impl("top_k_top_p_filter", &sampling::top_k_top_p_filter_host<CpuBackend>);
+  m.impl("speculative_accept", &sampling::speculative_accept_host<CpuBackend>);
+  m.impl("unmask_step", &sampling::unmask_step_host<CpuBackend>);
 }
 
 }  // namespace pk

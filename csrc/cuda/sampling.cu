@@ -45,7 +45,7 @@
 #include "cuda_seams.cuh"
 
 #include "../common/sampling.h"
-#include "../common/sampling_checks.h"
+#include "../common/sampling_ops.h"
 
 namespace pk {
 namespace {
@@ -562,40 +562,23 @@ void launch_draws(const Inputs& in, RowMap map, int64_t rows, int64_t* tokens, f
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
-                                               const at::Tensor& seed,
-                                               const c10::optional<at::Tensor>& temperature_rows,
-                                               const c10::optional<at::Tensor>& top_k_rows,
-                                               const c10::optional<at::Tensor>& top_p_rows,
-                                               const c10::optional<at::Tensor>& min_p_rows,
-                                               const c10::optional<at::Tensor>& repetition_rows,
-                                               const c10::optional<at::Tensor>& presence_rows,
-                                               const c10::optional<at::Tensor>& frequency_rows, double temperature,
-                                               int64_t top_k, double top_p, double min_p, double repetition,
-                                               double presence, double frequency) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  Inputs in = check_sample_inputs(logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
-                                  repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p,
-                                  repetition, presence, frequency);
-  const int64_t B = in.p.B;
-  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
-  auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
-  if (B == 0) return {tokens, logprobs};
-  TORCH_CHECK(B <= 2147483647, "logits: too many rows");
-  RowMap map;
-  map.stride_b = in.p.V;
-  launch_draws(in, map, B, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
-  return {tokens, logprobs};
-}
+// The CUDA backend of csrc/common/sampling_ops.h.
+struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
+  static constexpr bool kReadsHostValues = false;
 
-at::Tensor top_k_top_p_filter_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& top_k_rows,
-                                   const c10::optional<at::Tensor>& top_p_rows,
-                                   const c10::optional<at::Tensor>& min_p_rows, int64_t top_k, double top_p,
-                                   double min_p) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  Inputs in = check_filter_inputs(logits, top_k_rows, top_p_rows, min_p_rows, top_k, top_p, min_p);
-  auto out = at::empty_like(in.logits);
-  if (in.logits.numel() == 0) return out;
+  static void sample(const Inputs& in, at::Tensor& tokens, at::Tensor& logprobs) {
+    RowMap map;
+    map.stride_b = in.p.V;
+    launch_draws(in, map, in.p.B, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+  }
+
+  static void filter(const Inputs& in, at::Tensor& out);
+  static void speculative(const SpecInputs& s, at::Tensor& out, at::Tensor& accepted);
+  static void unmask(const UnmaskInputs& u, at::Tensor& out, at::Tensor& drawn, at::Tensor& confidence);
+};
+
+void CudaBackend::filter(const Inputs& in, at::Tensor& out) {
   TORCH_CHECK(in.p.B <= 2147483647, "logits: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "top_k_top_p_filter_cuda", [&] {
@@ -606,7 +589,6 @@ at::Tensor top_k_top_p_filter_cuda(const at::Tensor& logits, const c10::optional
         in.p, map, x, x, nullptr, nullptr, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
 template <typename scalar_t>
@@ -647,14 +629,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& draft_probs,
-                                                           const at::Tensor& draft_token_ids,
-                                                           const at::Tensor& target_probs, const at::Tensor& seed) {
-  const c10::cuda::CUDAGuard guard(draft_probs.device());
-  SpecInputs s = check_spec_inputs(draft_probs, draft_token_ids, target_probs, seed);
-  auto out = at::empty({s.B, s.n + 1}, draft_token_ids.options().dtype(at::kLong));
-  auto accepted = at::empty({s.B}, draft_token_ids.options().dtype(at::kLong));
-  if (s.B == 0) return {out, accepted};
+void CudaBackend::speculative(const SpecInputs& s, at::Tensor& out, at::Tensor& accepted) {
   TORCH_CHECK(s.B <= 2147483647, "draft_probs: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.draft.scalar_type(), "speculative_accept_cuda", [&] {
@@ -663,7 +638,6 @@ std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& dra
         out.data_ptr<int64_t>(), accepted.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, accepted};
 }
 
 // unmask_step, stage 2: one block per row. Each masked position's ordering key goes to
@@ -708,23 +682,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unmask_step_cuda(
-    const at::Tensor& logits, const at::Tensor& tokens, const c10::optional<at::Tensor>& num_reveal_rows,
-    const c10::optional<at::Tensor>& prev_tokens, const at::Tensor& seed,
-    const c10::optional<at::Tensor>& temperature_rows, const c10::optional<at::Tensor>& top_k_rows,
-    const c10::optional<at::Tensor>& top_p_rows, const c10::optional<at::Tensor>& min_p_rows,
-    const c10::optional<at::Tensor>& repetition_rows, const c10::optional<at::Tensor>& presence_rows,
-    const c10::optional<at::Tensor>& frequency_rows, int64_t mask_token_id, int64_t num_reveal,
-    c10::string_view strategy, double temperature, int64_t top_k, double top_p, double min_p, double repetition,
-    double presence, double frequency) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  UnmaskInputs u = check_unmask_inputs(logits, tokens, num_reveal_rows, prev_tokens, seed, temperature_rows,
-                                       top_k_rows, top_p_rows, min_p_rows, repetition_rows, presence_rows,
-                                       frequency_rows, mask_token_id, num_reveal, strategy, temperature, top_k, top_p,
-                                       min_p, repetition, presence, frequency);
-  auto out = at::empty_like(u.tokens);
-  auto drawn = at::empty_like(u.tokens);
-  auto confidence = at::empty(u.tokens.sizes(), u.tokens.options().dtype(at::kFloat));
+void CudaBackend::unmask(const UnmaskInputs& u, at::Tensor& out, at::Tensor& drawn, at::Tensor& confidence) {
   const int64_t B = u.in.p.B, rows = B * u.L;
   if (rows > 0) {
     TORCH_CHECK(B <= 2147483647, "logits: too many rows");
@@ -745,16 +703,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unmask_step_cuda(
         reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()), out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {out.to(tokens.scalar_type()), drawn, confidence};
 }
 
 }  // namespace
 
 PK_CUDA_LIBRARY_IMPL(m) {
-  m.impl("sample", &sample_cuda);
-  m.impl("top_k_top_p_filter", &top_k_top_p_filter_cuda);
-  m.impl("speculative_accept", &speculative_accept_cuda);
-  m.impl("unmask_step", &unmask_step_cuda);
+  m.impl("sample", &sampling::sample_host<CudaBackend>);
+  m.impl("top_k_top_p_filter", &sampling::top_k_top_p_filter_host<CudaBackend>);
+  m.impl("speculative_accept", &sampling::speculative_accept_host<CudaBackend>);
+  m.impl("unmask_step", &sampling::unmask_step_host<CudaBackend>);
 }
 
 }  // namespace pk
