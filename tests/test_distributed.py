@@ -12,19 +12,17 @@ The process group has a timeout, and the whole run a deadline, so a hang fails i
 import datetime
 import json
 import os
-import socket
-import time
 import traceback
 import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import pretrain_kernels as pk
 from pretrain_kernels.distributed import context_parallel_attention, shard_sequence, unshard_sequence
 from reference import ATTN_ERR_FLOOR, rel_err, zigzag_shard_ref
+from processes import free_port, run_ranks
 
 RUN_DEADLINE_S = 300  # generous: the machine may be shared; the group timeout catches a hang sooner
 GROUP_TIMEOUT_S = 40
@@ -316,12 +314,6 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RUNS = {}
 
 
@@ -329,17 +321,7 @@ def _run(world, tmp_path_factory):
     """Every case on `world` spawned processes, once per session: {case: [error or None per rank]}."""
     if world not in _RUNS:
         out_dir = str(tmp_path_factory.mktemp(f"cp{world}"))
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + RUN_DEADLINE_S
-        try:
-            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {world}-process run did not finish in {RUN_DEADLINE_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+        run_ranks(_worker, world, (world, free_port(), out_dir), deadline_s=RUN_DEADLINE_S)
         per_rank = []
         for r in range(world):
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:

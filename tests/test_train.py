@@ -7,13 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pretrain_kernels.models import BertConfig, GPTConfig
 from pretrain_kernels.train import data as D
 from pretrain_kernels.train.cli import generate_main, sample_images_main, train_main
 from pretrain_kernels.train.loop import TrainConfig, Trainer, lr_at
 from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask, MLMTask
+from processes import run_ranks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -168,7 +168,7 @@ def _ddp_worker(rank, world, store, text_dir, out):
 def test_ddp_two_processes_equal_one(text_dir, tmp_path):
     """2 CPU processes (gloo), each on half of the global batch == 1 process on all of it."""
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), text_dir, out), nprocs=2, join=True)
+    run_ranks(_ddp_worker, 2, (2, str(tmp_path / "store"), text_dir, out))
     ddp = torch.load(out)
     task = make_task("mlm", text_dir)
     single = losses(Trainer(task, tiny_cfg(steps=4)).train())

@@ -10,17 +10,16 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pretrain_kernels.models import BertConfig, GPTConfig
 from pretrain_kernels.train import data as D
 from pretrain_kernels.train import parallel as P
 from pretrain_kernels.train.loop import TrainConfig, Trainer
 from pretrain_kernels.train.tasks import SIZES, DenoisingTask, GPTTask, MLMTask
+from processes import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -58,14 +57,7 @@ def evals(history):
 
 def run_workers(fn, world, *args):
     """fn(rank, world, store, *args) in `world` spawned processes, failing on a hang."""
-    store = args[0]
-    ctx = mp.start_processes(fn, args=(world,) + args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} worker processes did not finish within {DEADLINE_S} s")
+    run_ranks(fn, world, (world,) + args, deadline_s=DEADLINE_S)
 
 
 def _init(rank, world, store):
