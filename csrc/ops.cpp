@@ -89,14 +89,15 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   // 'none'. loss: 0-d (or [N] for 'none'), float32 (float64 for float64 inputs).
   // compute_grad ('mean'/'sum' only): also the gradients of the loss for grad_output = 1
   // (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty); else they are empty.
+  // grads (both ops): the gradients wanted, bits 1 hidden, 2 weight, 4 bias; the others empty.
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
-      "float label_smoothing, float softcap, str reduction, bool compute_grad, int chunk_size) "
+      "float label_smoothing, float softcap, str reduction, bool compute_grad, int chunk_size, int grads=7) "
       "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // The same gradients for an upstream grad_loss (0-d, or [N] for 'none'), recomputing the chunks.
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
-      "int ignore_index, float label_smoothing, float softcap, str reduction, int chunk_size) "
+      "int ignore_index, float label_smoothing, float softcap, str reduction, int chunk_size, int grads=7) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // ---- rotary position embedding (csrc/{cpu,cuda}/rotary, shared math and checks in
   // csrc/common/rotary.h) ----

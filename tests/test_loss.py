@@ -171,6 +171,48 @@ def test_float64_and_frozen_weight(device):
     assert rel(h.grad, hr.grad) < 1e-10
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("trainable", ["h", "w", "b", "hb", "wb", "hw"])
+def test_gradients_of_the_trainable_inputs_only(device, reduction, trainable):
+    """Frozen inputs get no gradient and the others the reference's: the op computes only the
+    gradients asked for (a frozen LM head skips the weight-sized product)."""
+    hidden, weight, targets, b = inputs(23, 10, 67, torch.float32, seed=13, bias=True, ignore_frac=0.2, device=device)
+    leaves = [t.detach().clone().requires_grad_(k in trainable) for t, k in zip((hidden, weight, b), "hwb")]
+    refs = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    loss = pk.linear_cross_entropy(*leaves[:2], targets, bias=leaves[2], reduction=reduction, chunk_size=5)
+    rloss = ref.linear_cross_entropy(*refs[:2], targets, bias=refs[2], reduction=reduction)
+    gout = torch.rand(rloss.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.5
+    (loss * gout.float().to(loss.device)).sum().backward()
+    (rloss * gout).sum().backward()
+    for t, r, k in zip(leaves, refs, "hwb"):
+        if k in trainable:
+            assert rel(t.grad, r.grad) < TOL[torch.float32], k
+        else:
+            assert t.grad is None, k
+
+
+def test_raw_op_returns_only_the_gradients_asked_for(device):
+    hidden, weight, targets, b = inputs(12, 8, 29, torch.float32, seed=14, bias=True, device=device)
+    full = OPS.linear_cross_entropy(hidden, weight, targets, b, -100, 0.0, 0.0, "mean", True, 5)
+    full_bwd = OPS.linear_cross_entropy_backward(torch.ones(12, device=device), hidden, weight, targets, b, -100, 0.0,
+                                                 0.0, "none", 5)
+    for grads in range(8):
+        out = OPS.linear_cross_entropy(hidden, weight, targets, b, -100, 0.0, 0.0, "mean", True, 5, grads)
+        bwd = OPS.linear_cross_entropy_backward(torch.ones(12, device=device), hidden, weight, targets, b, -100, 0.0,
+                                                0.0, "none", 5, grads)
+        assert torch.equal(out[0], full[0])
+        for bit, got, want, got_b, want_b in zip((1, 2, 4), out[1:], full[1:], bwd, full_bwd):
+            if grads & bit:
+                assert torch.equal(got, want) and torch.equal(got_b, want_b), (grads, bit)
+            else:
+                assert got.numel() == 0 and got_b.numel() == 0, (grads, bit)
+    with pytest.raises(RuntimeError, match="grads"):
+        OPS.linear_cross_entropy(hidden, weight, targets, b, -100, 0.0, 0.0, "mean", True, 5, 8)
+    with pytest.raises(RuntimeError, match="grads"):
+        OPS.linear_cross_entropy_backward(torch.ones(12, device=device), hidden, weight, targets, b, -100, 0.0, 0.0,
+                                          "none", 5, -1)
+
+
 def test_emulated_cuda_equals_cpu():
     """The same call on the CPU kernel and on the CUDA kernel run by the emulator."""
     import emulated_cuda
@@ -227,12 +269,14 @@ def test_opcheck():
     for reduction in REDUCTIONS:
         for bias in (None, br):
             for compute_grad in ((False, True) if reduction != "none" else (False,)):
-                torch.library.opcheck(OPS.linear_cross_entropy.default,
-                                      (hr, wr, targets, bias, -100, 0.1, 2.0, reduction, compute_grad, 4))
+                for grads in (7, 5, 2):
+                    torch.library.opcheck(OPS.linear_cross_entropy.default,
+                                          (hr, wr, targets, bias, -100, 0.1, 2.0, reduction, compute_grad, 4, grads))
             grad = torch.ones(9) if reduction == "none" else torch.tensor(1.5)
-            torch.library.opcheck(OPS.linear_cross_entropy_backward.default,
-                                  (grad, hidden, weight, targets, None if bias is None else b, -100, 0.1, 2.0,
-                                   reduction, 4))
+            for grads in (7, 1):
+                torch.library.opcheck(OPS.linear_cross_entropy_backward.default,
+                                      (grad, hidden, weight, targets, None if bias is None else b, -100, 0.1, 2.0,
+                                       reduction, 4, grads))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

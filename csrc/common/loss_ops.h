@@ -17,7 +17,9 @@
 // also the gradients for grad_output = 1, which the autograd backward scales: Liger-Kernel's
 // approach, one pass over the vocabulary instead of two) and linear_cross_entropy_backward
 // (recomputes the chunks with a given grad_output: reduction "none", or a forward that ran
-// without gradients). Nothing reads device memory on the host: the "mean" count is a device
+// without gradients). Both take `grads`, the gradients wanted (bits 1 hidden, 2 weight, 4 bias):
+// a frozen LM head skips the weight-sized product dlogits^T @ hidden, a frozen trunk the
+// hidden-sized one. Nothing reads device memory on the host: the "mean" count is a device
 // tensor, and target values are checked only when they are CPU tensors of a backend that
 // reads host memory (see csrc/common/loss.h for the rule on device tensors).
 #pragma once
@@ -107,6 +109,14 @@ inline void check_target_values(const at::Tensor& targets, int64_t V, int64_t ig
   }
 }
 
+// Which gradients a call computes (bits of its `grads` argument); the others come back empty.
+enum GradBits : int64_t { kGradHidden = 1, kGradWeight = 2, kGradBias = 4 };
+
+inline void check_grads(int64_t grads) {
+  TORCH_CHECK(grads >= 0 && grads <= 7, "grads: expected a bit set in [0, 7] (1 hidden, 2 weight, 4 bias), got ",
+              grads);
+}
+
 inline int64_t chunk_rows(int64_t chunk_size, int64_t N, int64_t V) {
   if (chunk_size > 0) return std::max<int64_t>(1, std::min<int64_t>(chunk_size, N));
   return auto_chunk_rows(N, V);
@@ -124,7 +134,7 @@ struct Ops {
   // The chunk loop. grad: undefined (gradients for grad_output 1) or the upstream gradient.
   static Out run(const T& hidden, const T& weight, const T& targets_in, const OT& bias, const T& grad,
                  int64_t ignore_index, double label_smoothing, double softcap, int red, bool want_loss,
-                 bool want_grad, int64_t chunk_size) {
+                 bool want_grad, int64_t chunk_size, int64_t grads) {
     const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
     const auto dt = hidden.scalar_type();
     const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
@@ -135,6 +145,10 @@ struct Ops {
     T count;  // rows counted by "mean", on the device
     if (red == kMean) count = targets.ne(ignore_index).sum().to(acc);
     Out o;
+    // which gradients the caller asked for (a frozen LM head skips the weight-sized product)
+    const bool want_h = want_grad && (grads & kGradHidden);
+    const bool want_w = want_grad && (grads & kGradWeight);
+    const bool want_b = want_grad && (grads & kGradBias) && bias.has_value();
     T row_loss = want_loss ? at::empty({N}, acc_opts) : T();
     T scale;
     if (want_grad) {
@@ -144,14 +158,10 @@ struct Ops {
       } else {
         scale = red == kMean ? count.reciprocal().reshape({1}) : at::ones({1}, acc_opts);
       }
-      o.grad_hidden = at::empty({N, H}, hidden.options());
-      o.grad_weight = at::zeros({V, H}, weight.options().dtype(acc));
-      o.grad_bias = bias.has_value() ? at::zeros({V}, acc_opts) : at::empty({0}, weight.options());
-    } else {
-      o.grad_hidden = at::empty({0}, hidden.options());
-      o.grad_weight = at::empty({0}, weight.options());
-      o.grad_bias = at::empty({0}, weight.options());
     }
+    o.grad_hidden = want_h ? at::empty({N, H}, hidden.options()) : at::empty({0}, hidden.options());
+    o.grad_weight = want_w ? at::zeros({V, H}, weight.options().dtype(acc)) : at::empty({0}, weight.options());
+    o.grad_bias = want_b ? at::zeros({V}, acc_opts) : at::empty({0}, weight.options());
 
     if (N > 0) {
       const int64_t rows = chunk_rows(chunk_size, N, V);
@@ -182,21 +192,22 @@ struct Ops {
         io.label_smoothing = label_smoothing;
         io.ignore_index = ignore_index;
         Backend::rows(io);
-        if (!want_grad) continue;
-        T gh = o.grad_hidden.narrow(0, r0, m);
-        at::mm_out(gh, lc, weight);
-        if (o.grad_weight.scalar_type() == dt) {
-          o.grad_weight.addmm_(lc.t(), hc);
-        } else {
-          o.grad_weight.add_(at::mm(lc.t(), hc));  // fp16/bf16 product, float32 sum over chunks
+        if (want_h) {
+          T gh = o.grad_hidden.narrow(0, r0, m);
+          at::mm_out(gh, lc, weight);
         }
-        if (bias.has_value()) o.grad_bias.add_(at::sum(lc, at::IntArrayRef{0}, /*keepdim=*/false, acc));
+        if (want_w) {
+          if (o.grad_weight.scalar_type() == dt) {
+            o.grad_weight.addmm_(lc.t(), hc);
+          } else {
+            o.grad_weight.add_(at::mm(lc.t(), hc));  // fp16/bf16 product, float32 sum over chunks
+          }
+        }
+        if (want_b) o.grad_bias.add_(at::sum(lc, at::IntArrayRef{0}, /*keepdim=*/false, acc));
       }
     }
-    if (want_grad) {
-      o.grad_weight = o.grad_weight.to(weight.scalar_type());
-      if (bias.has_value()) o.grad_bias = o.grad_bias.to(weight.scalar_type());
-    }
+    if (want_w) o.grad_weight = o.grad_weight.to(weight.scalar_type());
+    if (want_b) o.grad_bias = o.grad_bias.to(weight.scalar_type());
     if (want_loss) {
       o.loss = red == kNone ? row_loss : red == kSum ? row_loss.sum() : row_loss.sum() / count;
     }
@@ -205,22 +216,25 @@ struct Ops {
 
   static std::tuple<T, T, T, T> forward(const T& hidden, const T& weight, const T& targets, const OT& bias,
                                         int64_t ignore_index, double label_smoothing, double softcap,
-                                        c10::string_view reduction, bool compute_grad, int64_t chunk_size) {
+                                        c10::string_view reduction, bool compute_grad, int64_t chunk_size,
+                                        int64_t grads) {
     const int red = parse_reduction(reduction);
     check_args(hidden, weight, targets, bias, label_smoothing, softcap, chunk_size);
+    check_grads(grads);
     TORCH_CHECK(!compute_grad || red != kNone,
                 "compute_grad: the gradients come with the loss for reduction 'mean' or 'sum' only; "
                 "reduction 'none' differentiates through linear_cross_entropy_backward");
     Out o = run(hidden, weight, targets, bias, T(), ignore_index, label_smoothing, softcap, red, true, compute_grad,
-                chunk_size);
+                chunk_size, grads);
     return {o.loss, o.grad_hidden, o.grad_weight, o.grad_bias};
   }
 
   static std::tuple<T, T, T> backward(const T& grad_loss, const T& hidden, const T& weight, const T& targets,
                                       const OT& bias, int64_t ignore_index, double label_smoothing, double softcap,
-                                      c10::string_view reduction, int64_t chunk_size) {
+                                      c10::string_view reduction, int64_t chunk_size, int64_t grads) {
     const int red = parse_reduction(reduction);
     check_args(hidden, weight, targets, bias, label_smoothing, softcap, chunk_size);
+    check_grads(grads);
     TORCH_CHECK(is_float_dtype(grad_loss.scalar_type()),
                 "grad_loss: expected a float32, float16, bfloat16 or float64 tensor, got ", grad_loss.scalar_type());
     if (red == kNone) {
@@ -233,7 +247,7 @@ struct Ops {
     TORCH_CHECK(grad_loss.device() == hidden.device(), "grad_loss: expected a tensor on ", hidden.device(),
                 " (that of hidden), got ", grad_loss.device());
     Out o = run(hidden, weight, targets, bias, grad_loss, ignore_index, label_smoothing, softcap, red, false, true,
-                chunk_size);
+                chunk_size, grads);
     return {o.grad_hidden, o.grad_weight, o.grad_bias};
   }
 };

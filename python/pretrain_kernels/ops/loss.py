@@ -140,8 +140,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     t1 = targets.reshape(-1)
     fused = reduction != "none"
     if needs_autograd(hidden, weight, bias):
+        # only the gradients autograd will ask for: a frozen LM head skips the weight-sized product
+        grads = (_GRAD_HIDDEN * hidden.requires_grad + _GRAD_WEIGHT * weight.requires_grad
+                 + _GRAD_BIAS * (bias is not None and bias.requires_grad))
         out = apply_function(_LinearCrossEntropy, h2, weight, t1, bias, ignore_index, label_smoothing, cap, reduction,
-                             fused, chunk)
+                             fused, chunk, grads)
     else:
         out = _OPS.linear_cross_entropy(h2, weight, t1, bias, ignore_index, label_smoothing, cap, reduction, False,
                                         chunk)
@@ -163,33 +166,38 @@ def _check_devices(hidden, **others):
                          lambda: f"{name}: expected a tensor on {hidden.device} (that of hidden), got {t.device}")
 
 
+# Bits of the ops' `grads` argument: the gradients computed (the others come back empty).
+_GRAD_HIDDEN, _GRAD_WEIGHT, _GRAD_BIAS = 1, 2, 4
+_GRAD_ALL = 7
+
+
+def _grad_shapes(hidden, weight, bias, grads):
+    V = weight.shape[0]
+    return (hidden.new_empty(hidden.shape if grads & _GRAD_HIDDEN else (0,)),
+            weight.new_empty(weight.shape if grads & _GRAD_WEIGHT else (0,)),
+            weight.new_empty((V,) if (grads & _GRAD_BIAS and bias is not None) else (0,)))
+
+
 @torch.library.register_fake("pretrain_kernels::linear_cross_entropy")
 def _fake_forward(hidden, weight, targets, bias, ignore_index, label_smoothing, softcap, reduction, compute_grad,
-                  chunk_size):
+                  chunk_size, grads=_GRAD_ALL):
     _check_devices(hidden, weight=weight, targets=targets, bias=bias)
     torch._check(hidden.dim() == 2, lambda: "hidden: expected a 2-D tensor [tokens, hidden]")
     torch._check(weight.dim() == 2, lambda: "weight: expected a 2-D tensor [vocab, hidden]")
     N, V = hidden.shape[0], weight.shape[0]
     loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=_loss_dtype(hidden))
-    if compute_grad:
-        gh = hidden.new_empty(hidden.shape)
-        gw = weight.new_empty(weight.shape)
-        gb = weight.new_empty((V,) if bias is not None else (0,))
-    else:
-        gh, gw, gb = hidden.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,))
-    return loss, gh, gw, gb
+    torch._check(0 <= grads <= 7, lambda: f"grads: expected a bit set in [0, 7], got {grads}")
+    return (loss,) + _grad_shapes(hidden, weight, bias, grads if compute_grad else 0)
 
 
 @torch.library.register_fake("pretrain_kernels::linear_cross_entropy_backward")
 def _fake_backward(grad_loss, hidden, weight, targets, bias, ignore_index, label_smoothing, softcap, reduction,
-                   chunk_size):
+                   chunk_size, grads=_GRAD_ALL):
     _check_devices(hidden, grad_loss=grad_loss, weight=weight, targets=targets, bias=bias)
     torch._check(hidden.dim() == 2, lambda: "hidden: expected a 2-D tensor [tokens, hidden]")
     torch._check(weight.dim() == 2, lambda: "weight: expected a 2-D tensor [vocab, hidden]")
-    V = weight.shape[0]
-    return (hidden.new_empty(hidden.shape),
-            weight.new_empty(weight.shape),
-            weight.new_empty((V,) if bias is not None else (0,)))
+    torch._check(0 <= grads <= 7, lambda: f"grads: expected a bit set in [0, 7], got {grads}")
+    return _grad_shapes(hidden, weight, bias, grads)
 
 
 # Autograd (see ops/_common.py). With compute_grad the forward already holds the gradients for
@@ -201,13 +209,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(hidden, weight, targets, bias, ignore_index, label_smoothing, softcap, reduction, compute_grad,
-                chunk_size):
+                chunk_size, grads):
         return _OPS.linear_cross_entropy(hidden, weight, targets, bias, ignore_index, label_smoothing, softcap,
-                                         reduction, compute_grad, chunk_size)
+                                         reduction, compute_grad, chunk_size, grads)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, targets, bias, ignore_index, label_smoothing, softcap, reduction, compute_grad, chunk = inputs
+        hidden, weight, targets, bias, ignore_index, label_smoothing, softcap, reduction, compute_grad, chunk, grads = inputs
         _, gh, gw, gb = output
         ctx.mark_non_differentiable(gh, gw, gb)
         ctx.options = (ignore_index, label_smoothing, softcap, reduction, chunk)
@@ -218,6 +226,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # While torch.compile / AOTAutograd trace (tensor subclasses: fake, functional), they are
         # saved and scaled out of place.
         ctx.grads = None
+        ctx.computed = grads if compute_grad else 0
         if compute_grad:
             if is_compiling() or type(gw) is not torch.Tensor:
                 ctx.save_for_backward(hidden, weight, targets, bias, gh, gw, gb if bias is not None else None)
@@ -232,7 +241,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = saved[4:] if len(saved) > 4 else ctx.grads
         ctx.grads = None
         if not (need_h or need_w or need_b):
-            return (None,) * 10
+            return (None,) * 11
+        wanted = _GRAD_HIDDEN * need_h + _GRAD_WEIGHT * need_w + _GRAD_BIAS * need_b
+        if grads is not None and wanted & ~ctx.computed:
+            grads = None  # asked for one the forward skipped: recompute
         if grads is not None:
             gh, gw, gb = grads
             g = grad_loss.to(gh.dtype)
@@ -243,11 +255,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             ignore_index, label_smoothing, softcap, reduction, chunk = ctx.options
             gh, gw, gb = _backward(grad_loss, hidden, weight, targets, bias, ignore_index, label_smoothing, softcap,
-                                   reduction, chunk)
+                                   reduction, chunk, wanted)
             gh = gh if need_h else None
             gw = gw if need_w else None
             gb = gb if (need_b and bias is not None) else None
-        return gh, gw, None, gb, None, None, None, None, None, None
+        return gh, gw, None, gb, None, None, None, None, None, None, None
 
 
 register_autograd_function("pretrain_kernels::linear_cross_entropy", _LinearCrossEntropy,
