@@ -58,10 +58,17 @@ def _run(benchmark, group, impl, fn, device):
 IMPLS = ["pk", "diffusers", "eager"]
 
 
-@BENCH
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+def cases(impls, bench=BENCH):
+    """The marks of one op's benchmark: every device x size x impl, timed with `bench`."""
+    def mark(fn):
+        fn = pytest.mark.parametrize("device", DEVICES)(fn)
+        fn = pytest.mark.parametrize("size", list(SIZES))(fn)
+        fn = pytest.mark.parametrize("impl", impls)(fn)
+        return bench(fn)
+    return mark
+
+
+@cases(IMPLS)
 def test_add_noise(benchmark, device, size, impl):
     x, _, noise = _inputs(size, device)
     sched = diffusers.DDPMScheduler()
@@ -78,10 +85,7 @@ def test_add_noise(benchmark, device, size, impl):
     _run(benchmark, f"add_noise-{device}-{size}", impl, fns[impl], device)
 
 
-@BENCH
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+@cases(IMPLS)
 def test_ddim_step(benchmark, device, size, impl):
     x, mo, _ = _inputs(size, device)
     sched = diffusers.DDIMScheduler(clip_sample=False)
@@ -101,10 +105,7 @@ def test_ddim_step(benchmark, device, size, impl):
     _run(benchmark, f"ddim_step-{device}-{size}", impl, fns[impl], device)
 
 
-@BENCH
-@pytest.mark.parametrize("impl", ["pk", "diffusers"])
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+@cases(["pk", "diffusers"])
 def test_ddpm_step(benchmark, device, size, impl):
     x, mo, _ = _inputs(size, device)
     sched = diffusers.DDPMScheduler()
@@ -118,10 +119,7 @@ def test_ddpm_step(benchmark, device, size, impl):
     _run(benchmark, f"ddpm_step-{device}-{size}", impl, fns[impl], device)
 
 
-@BENCH
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+@cases(IMPLS)
 def test_euler_step(benchmark, device, size, impl):
     x, mo, _ = _inputs(size, device)
     sched = diffusers.EulerDiscreteScheduler()
@@ -141,10 +139,7 @@ def test_euler_step(benchmark, device, size, impl):
     _run(benchmark, f"euler_step-{device}-{size}", impl, fns[impl], device)
 
 
-@BENCH
-@pytest.mark.parametrize("impl", ["pk", "diffusers"])
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+@cases(["pk", "diffusers"])
 def test_dpmpp_2m_step(benchmark, device, size, impl):
     x, mo, prev = _inputs(size, device)
     sched = diffusers.DPMSolverMultistepScheduler()
@@ -164,10 +159,7 @@ def test_dpmpp_2m_step(benchmark, device, size, impl):
     _run(benchmark, f"dpmpp_2m_step-{device}-{size}", impl, fns[impl], device)
 
 
-@BENCH
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+@cases(IMPLS)
 def test_flow_match_step(benchmark, device, size, impl):
     x, v, _ = _inputs(size, device)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -187,10 +179,7 @@ def test_flow_match_step(benchmark, device, size, impl):
     _run(benchmark, f"flow_match_step-{device}-{size}", impl, fns[impl], device)
 
 
-@BENCH
-@pytest.mark.parametrize("impl", ["pk", "eager"])
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+@cases(["pk", "eager"])
 def test_min_snr_loss_fwd_bwd(benchmark, device, size, impl):
     x, y, _ = _inputs(size, device)
     pred = x.clone().requires_grad_()
@@ -209,10 +198,7 @@ def test_min_snr_loss_fwd_bwd(benchmark, device, size, impl):
     _run(benchmark, f"min_snr_loss-{device}-{size}", impl, fused if impl == "pk" else eager, device)
 
 
-@pytest.mark.benchmark(max_time=quick(1.0, 0.2), min_rounds=3, warmup=False)
-@pytest.mark.parametrize("impl", ["pk", "diffusers"])
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("device", DEVICES)
+@cases(["pk", "diffusers"], bench=pytest.mark.benchmark(max_time=quick(1.0, 0.2), min_rounds=3, warmup=False))
 def test_ddim_loop50(benchmark, device, size, impl):
     x, mo, _ = _inputs(size, device)
     cls = pk.schedulers.DDIMScheduler if impl == "pk" else diffusers.DDIMScheduler
