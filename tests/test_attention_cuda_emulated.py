@@ -1177,6 +1177,8 @@ DROPOUT_CASES = [
     (1, 77, 150, 2, 2, 96, True, (50, -1), False, 0.0, False, True),
     (3, 70, 70, 4, 1, 64, True, (-1, -1), True, 0.0, False, True),
     (1, 90, 100, 2, 1, 128, False, (20, 30), False, 1.5, True, False),
+    # head dim 256: 32-key forward / dQ tiles, 16-query dK/dV tiles in two passes (dK, then dV)
+    (1, 40, 75, 2, 1, 256, True, (30, -1), False, 0.0, False, False),
 ]
 
 
