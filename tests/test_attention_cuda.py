@@ -549,7 +549,8 @@ def test_simt_path_agrees_with_tensor_cores(dtype, monkeypatch):
 @pytest.mark.parametrize("seed_on_gpu", [False, True], ids=["cpu-seed", "gpu-seed"])
 def test_dropout_equals_cpu_op_and_graph_replays(seed_on_gpu):
     """Attention dropout on CUDA: forward and gradients equal the CPU op's with the same seed
-    (the keep mask bit for bit: out > 0 in the same places with q = 0 and V = identity), with the
+    (the keep mask bit for bit: out > 0 in the same places with q = 0 and V = identity, on the
+    SIMT kernels for float32 and on the tensor-core kernels for float16 / bfloat16), with the
     seed tensor on the CPU or on the GPU (read by the kernels); a captured CUDA graph draws a new
     mask when the GPU seed changes between replays."""
     B, sq, sk, H = 2, 70, 128, 2
@@ -562,6 +563,9 @@ def test_dropout_equals_cpu_op_and_graph_replays(seed_on_gpu):
     out_c = pk.flash_attention(q, k, v, dropout_p=0.3, seed=seed)
     out_g = pk.flash_attention(q.to(DEV), k.to(DEV), v.to(DEV), dropout_p=0.3, seed=s_dev).cpu()
     assert torch.equal(out_c > 0, out_g > 0)
+    for dtype in (torch.float16, torch.bfloat16):  # the tensor-core kernels draw the same mask
+        xs = (t.to(DEV, dtype) for t in (q, k, v))
+        assert torch.equal(out_c > 0, pk.flash_attention(*xs, dropout_p=0.3, seed=s_dev).cpu() > 0)
     for dtype in DTYPES:
         xs = [rand(B, sq, H, 64, dtype=dtype, gen=g, device="cpu") for _ in range(3)]
         dout = rand(B, sq, H, 64, dtype=dtype, gen=g, device="cpu")

@@ -1019,9 +1019,11 @@ def test_score_mods_bad_inputs_raise(emu):
 
 
 # ---- attention dropout ---------------------------------------------------------------------
-# Dropout runs on the SIMT kernels (the launchers leave the tensor-core paths for it); the keep
-# mask is csrc/common/attention_dropout.h's (each lane of a warp draws one Philox block, which
-# serves 8 keys) and must equal the CPU kernel's (AVX-512 Philox) bit for bit.
+# Dropout runs in the kernels a call takes: float16 / bfloat16 on the tensor-core kernels (each
+# Philox block of a score fragment drawn once per warp, its keep bits exchanged by shuffles,
+# attention_common.cuh), float32 and PK_ATTENTION_CUDA_PATH=simt on the SIMT kernels (each lane of
+# a warp draws one Philox block, which serves 8 keys). The keep mask is
+# csrc/common/attention_dropout.h's and must equal the CPU kernel's (AVX-512 Philox) bit for bit.
 
 def _drop_args(p, seed, offset, softcap=0.0, slopes=None, prefix=None):
     return (softcap, slopes, prefix, p, torch.tensor([seed, offset], dtype=torch.int64))
@@ -1050,6 +1052,115 @@ def test_dropout_keep_mask_equals_cpu(emu, sms):
     torch.testing.assert_close(lse, lse_c, rtol=0, atol=1e-6)
 
 
+# (dtype, path): the tensor-core kernels and the SIMT kernels, which float32 always takes.
+DROPOUT_PATHS = [(torch.float16, "tensor-cores"), (torch.bfloat16, "tensor-cores"), (torch.float16, "simt"),
+                 (torch.float32, "simt")]
+
+
+def _dropout_path(path, monkeypatch):
+    if path == "simt":
+        monkeypatch.setenv("PK_ATTENTION_CUDA_PATH", "simt")
+    else:
+        monkeypatch.delenv("PK_ATTENTION_CUDA_PATH", raising=False)
+
+
+def _unit_rows(idx, d, dtype):
+    """Rows of unit vectors: row r is e_(idx[r] % d), shape idx.shape + (d,)."""
+    return torch.eye(d, dtype=torch.float64)[idx % d].to(dtype)
+
+
+def _assert_mma(path, mma):
+    if path == "tensor-cores":
+        assert mma > 0, "dropout should run on the tensor-core kernels"
+    else:
+        assert mma == 0
+
+
+# (B, Sq, Sk, H, Hk, causal, window): a GQA group over 128-row blocks, and decode-like rows whose
+# GQA heads share a block (pack_gqa); the windows start the key loops off the 8-key Philox blocks.
+DROPOUT_KEEP_CASES = [(1, 70, 300, 2, 1, False, (37, 5)), (2, 5, 300, 4, 2, True, (37, -1))]
+
+
+@pytest.mark.parametrize("sms", [1, 64], ids=["whole", "split"])
+@pytest.mark.parametrize("case", DROPOUT_KEEP_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype, path", DROPOUT_PATHS, ids=lambda x: x if isinstance(x, str) else str(x))
+def test_dropout_keep_bits_forward(emu, case, dtype, path, sms, monkeypatch):
+    """The forward's keep mask, bit for bit, on each path, with and without the split-KV combine:
+    q = 0 makes the scores equal, and V row j = e_(j % 64) puts key j's factor in column j % 64
+    (a row sees at most 43 keys, so no two of them share a column): out > 0 exactly where the
+    reference keeps a visible key, and the values are 1 / (1 - p) / (visible keys)."""
+    B, sq, sk, H, Hk, causal, window = case
+    D, p, seed, offset = 64, 0.5, 77 + sq, 3
+    left, right = _window(causal, window)
+    g = torch.Generator().manual_seed(sq + sk)
+    q = torch.zeros(B, sq, H, D, dtype=dtype)
+    k = rand(B, sk, Hk, D, dtype=dtype, gen=g)
+    v = _unit_rows(torch.arange(sk), D, dtype)[None, :, None].expand(B, sk, Hk, D).contiguous()
+    _dropout_path(path, monkeypatch)
+    mod = emulated_cuda.load()
+    before = mod.stats()["mma"]
+    try:
+        mod.configure(major=9, sm_count=sms)
+        out, lse = emu.flash_attn_fwd(q, k, v, None, None, None, -1, -1, D ** -0.5, left, right, True,
+                                      *_drop_args(p, seed, offset))
+    finally:
+        mod.configure(major=9, sm_count=4)
+    _assert_mma(path, mod.stats()["mma"] - before)
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, window=window, dropout=(p, seed, offset))
+    assert torch.equal(out > 0, ref > 0)
+    kept = (ref > 0).sum().item() / (ref_lse.isfinite().sum().item() * min(sk, 43))
+    assert 0.3 < kept < 0.6
+    torch.testing.assert_close(out.double(), ref, rtol=4e-3 if dtype == torch.bfloat16 else 1e-3, atol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-4)
+
+
+# (B, Sq, Sk, H, Hk, causal, window): a key sees at most 26 queries of each of the 2 heads of its
+# GQA group, so 52 distinct columns of 64 suffice (see the test).
+DROPOUT_KEEP_BWD_CASES = [(1, 70, 150, 2, 1, False, (20, 5)), (2, 33, 90, 4, 2, True, (20, -1))]
+
+
+@pytest.mark.parametrize("case", DROPOUT_KEEP_BWD_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype, path, scheme", [(d, pa, "separate") for d, pa in DROPOUT_PATHS] +
+                         [(torch.float16, "tensor-cores", "atomic"), (torch.bfloat16, "tensor-cores", "atomic")],
+                         ids=lambda x: x if isinstance(x, str) else str(x))
+def test_dropout_keep_bits_backward(emu, case, dtype, path, scheme, monkeypatch):
+    """The backward's keep mask, bit for bit, in the dK/dV pass (dV) and in the dQ pass or, with
+    the fused scheme, the dK/dV pass's dS (dQ). q = 0 makes P uniform over the visible keys.
+    dO row (i, h) = e_c with c = (i G + h % G) % 64: dV[j, c] = P_ij M_ij for the one (i, h) of c,
+    so dV > 0 exactly where the reference keeps. K row j = e_(j % 64) and V row j = e_(j % 64) + 1:
+    dQ[i, j % 64] = scale dS_ij = scale P_ij (dP_ij M_ij - Di) with dP_ij >= 1, where a flipped
+    keep bit moves the value by at least scale / (1 - p) / 26, eight times the absolute tolerance."""
+    B, sq, sk, H, Hk, causal, window = case
+    D, p, seed, offset = 64, 0.5, 91 + sq, 12
+    G, scale = H // Hk, D ** -0.5
+    left, right = _window(causal, window)
+    q = torch.zeros(B, sq, H, D, dtype=dtype)
+    k = _unit_rows(torch.arange(sk), D, dtype)[None, :, None].expand(B, sk, Hk, D).contiguous()
+    v = (k.double() + 1).to(dtype)
+    c = torch.arange(sq)[:, None] * G + torch.arange(H)[None, :] % G  # [sq, H]
+    dout = _unit_rows(c, D, dtype)[None].expand(B, sq, H, D).contiguous()
+    _dropout_path(path, monkeypatch)
+    monkeypatch.setenv("PK_ATTENTION_BWD", "separate")
+    drop = _drop_args(p, seed, offset)
+    common = (None, None, None, -1, -1, scale, left, right, True)
+    mod = emulated_cuda.load()
+    before = mod.stats()["mma"]
+    out, lse = emu.flash_attn_fwd(q, k, v, *common, *drop)
+    dq, dk, dv = emu.flash_attn_bwd(dout, q, k, v, out, lse, None, *common, *drop,
+                                    deterministic=(scheme == "separate"))
+    _assert_mma(path, mod.stats()["mma"] - before)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    o = attention_ref(*xs, causal=causal, window=window, dropout=(p, seed, offset))[0]
+    rq, rk, rv = torch.autograd.grad(o, xs, dout.double())
+    assert torch.equal(dv > 0, rv > 0) and (rv > 0).any()
+    tol = 8e-3 if dtype == torch.bfloat16 else 2e-3  # P M and dS are rounded to the dtype for the products
+    torch.testing.assert_close(dv.double(), rv, rtol=tol, atol=0)
+    flip = scale * (1 / (1 - p)) / 26
+    torch.testing.assert_close(dq.double(), rq, rtol=tol, atol=flip / 8)
+    assert rq.abs().max() > flip / 2  # the gradients carry the mask
+    assert not dk.any() and not rk.any()  # q = 0
+
+
 # (B, Sq, Sk, H, Hk, D, causal, window, varlen, softcap, alibi, prefix)
 DROPOUT_CASES = [
     (2, 17, 17, 2, 2, 64, False, (-1, -1), False, 0.0, False, False),
@@ -1060,6 +1171,14 @@ DROPOUT_CASES = [
     # a warp's keys start off the 8-key Philox blocks (the window) and run past 256 keys, where
     # the lanes draw their blocks again
     (1, 5, 700, 2, 1, 32, True, (333, -1), False, 0.0, False, False),
+    # the tensor-core kernels (float16 / bfloat16): two query blocks of a GQA group, head dims 96
+    # and 128, windows that start the key loops off the Philox blocks, prefix_lens with varlen
+    (2, 130, 130, 4, 2, 64, False, (-1, -1), False, 0.0, False, False),
+    (1, 77, 150, 2, 2, 96, True, (50, -1), False, 0.0, False, True),
+    (3, 70, 70, 4, 1, 64, True, (-1, -1), True, 0.0, False, True),
+    (1, 90, 100, 2, 1, 128, False, (20, 30), False, 1.5, True, False),
+    # head dim 256: 32-key forward / dQ tiles, 16-query dK/dV tiles in two passes (dK, then dV)
+    (1, 40, 75, 2, 1, 256, True, (30, -1), False, 0.0, False, False),
 ]
 
 
@@ -1079,6 +1198,8 @@ def test_dropout_forward_backward(emu, case, dtype):
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
         q, k, v = (rand(int(cu[-1]), h, D, dtype=dtype, gen=g) for h in (H, Hk, Hk))
         cu_q = cu_k = cu
+        if pl is not None:  # within each sequence's keys
+            pl = torch.minimum(pl, torch.tensor(lens, dtype=torch.int32))
     else:
         q, k, v = rand(B, sq, H, D, dtype=dtype, gen=g), rand(B, sk, Hk, D, dtype=dtype, gen=g), rand(
             B, sk, Hk, D, dtype=dtype, gen=g)

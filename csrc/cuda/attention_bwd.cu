@@ -43,9 +43,12 @@
 // attention_bwd_rows.cuh: a warp per query row (dQ) or per key row (dK, dV), a lane per
 // key or query. With softcap / ALiBi every kernel recomputes the forward's modified scores
 // and multiplies dS by the soft-cap's derivative 1 - tanh^2 (modified_score_log2).
-// Attention dropout (csrc/common/attention_dropout.h) runs on the SIMT kernels, forward and
-// backward, for every dtype: each lane regenerates the keep factor M of its (query, key) from
-// Philox, dV = (P M)^T dO and dS = P (dP M - Di); the tensor-core kernels do not draw the mask.
+// Attention dropout (csrc/common/attention_dropout.h) runs on both paths, forward and backward:
+// every kernel regenerates the keep factor M of its (query, key) elements from Philox,
+// dV = (P M)^T dO and dS = P (dP M - Di). The SIMT kernels draw a Philox block per lane and
+// shuffle it to the 8 lanes whose keys it serves (DropoutRow); the tensor-core kernels draw each
+// block of a score fragment once per warp and exchange keep bits (dropout_keep_query_row for the
+// dQ pass, whose rows are queries, dropout_keep_key_rows for the dK/dV pass, whose rows are keys).
 #include <torch/library.h>
 
 #include "attention_host.cuh"
@@ -168,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor Di = at::empty(lse_shape, lse.options());
   p.dout_vec = dout.element_size() == 2 && p.Dv % 8 == 0 && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm80 = use_tensor_cores() && !p.dropout.on();  // dropout: SIMT kernels only
+  const bool sm80 = use_tensor_cores();
   const int64_t q_bound = query_bound(p, max_seqlen_q), k_bound = key_bound(p, max_seqlen_k);
   switch (q.scalar_type()) {
     case at::kHalf:

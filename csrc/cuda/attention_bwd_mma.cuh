@@ -115,6 +115,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const AttnParam
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int G = p.H / p.Hk;
   const bool do_vec = p.dout_vec;  // dout is contiguous (tokens, H, Dv)
+  const Dropout drop = resolve_dropout(p);
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const AttnParam
       for (int64_t mb = blockIdx.x; mb < n_mb; mb += gridDim.x) {
         const int64_t i0 = (n_mb - 1 - mb) * kBM;
         const int64_t i1 = imin(i0 + kBM, s.lq);
-        const int64_t kb = key_lo(w, i0), ke = key_hi(w, i1 - 1, s.lk);
+        const int64_t ke = key_hi(w, i1 - 1, s.lk), kb = dropout_key_start(drop, key_lo(w, i0), ke);
         __syncthreads();
         load_tile<kD, kBM, kBwdThreads>(sQ, qg + i0 * p.q_ss, p.q_ss, i1 - i0, p.D, p.q_vec);
         load_tile<kD, kBM, kBwdThreads>(sdO, dog + i0 * p.H * p.Dv, int64_t(p.H) * p.Dv, i1 - i0, p.Dv, do_vec);
@@ -177,6 +178,13 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const AttnParam
           mma_rows_tile_t<T, kLd, kD, kNT>(sc, sQ, warp * 16, sK, lane);   // S = Q K^T
           mma_rows_tile_t<T, kLd, kD, kNT>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
           const bool need_mask = nk < kBN || !tile_full(w, i0, i1, j0, j0 + nk, s.lk);
+          // Dropout: the keep bits of the thread's two rows (bit 2 nt + e: column 8 nt + 2 t + e).
+          uint32_t keep[2] = {~0u, ~0u};
+          if (drop.on()) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+              keep[rr] = dropout_keep_query_row<kNT>(drop, dropout_row_index(b, h, p.H, row0 + 8 * rr), j0, t);
+          }
           // kMod: the forward's soft-cap / ALiBi, and dS times the cap's derivative; chosen per tile.
           const auto ds_tile = [&](auto mod_tag) {
             constexpr bool kMod = decltype(mod_tag)::value;
@@ -194,7 +202,13 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dq_mma_kernel(const AttnParam
                 else
                   z = sc[nt][x] * p.scale_log2;
                 const float pe = ok ? exp2f(z - L2[rr]) : 0.f;
-                sc[nt][x] = pe * (dp[nt][x] - di[rr]);  // dS
+                if (drop.on()) {
+                  // dropout: dS = P (dP M - Di), M = rscale where kept and 0 where dropped
+                  const float m = (keep[rr] >> (2 * nt + (x & 1))) & 1u ? drop.rscale : 0.f;
+                  sc[nt][x] = pe * (dp[nt][x] * m - di[rr]);  // dS
+                } else {
+                  sc[nt][x] = pe * (dp[nt][x] - di[rr]);  // dS
+                }
                 if constexpr (kMod) sc[nt][x] *= dcap;
               }
           };
@@ -254,6 +268,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const AttnPar
   const int G = p.H / p.Hk;
   const bool do_vec = p.dout_vec;
   const bool mod = p.has_score_mod();
+  const Dropout drop = resolve_dropout(p);
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const Seq s = seq_info(p, b);
     const Window w = seq_window(p, s);
@@ -347,6 +362,10 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const AttnPar
             mma_rows_tile_t<T, kLd, kD, kNT>(sc, sK, warp * 16, sQ, lane);
             if constexpr (kDoK) mma_rows_tile_t<T, kLd, kD, kNT>(dp, sV, warp * 16, sdO, lane);
             const bool need_mask = nq < kBQ || (j1 - j0) < kBN || !tile_full(w, i0, i0 + nq, j0, j1, s.lk);
+            // Dropout: the keep bits of the fragment (bit 4 nt + x: register x of n-tile nt).
+            const uint32_t keep = drop.on() ? dropout_keep_key_rows<kNT>(drop, b, hk * G + static_cast<int>(n / n_qt),
+                                                                          p.H, i0, j0 + warp * 16, g, t)
+                                            : ~0u;
             float pt[kNT][4];
             // kMod: the forward's soft-cap / ALiBi, and dS times the cap's derivative; chosen per tile.
             const auto ds_tile = [&](auto mod_tag) {
@@ -369,8 +388,15 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_dkdv_mma_kernel(const AttnPar
                   else
                     z = sc[nt][x] * p.scale_log2;
                   const float pe = ok ? exp2f(z - l2) : 0.f;
-                  pt[nt][x] = pe;
-                  sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
+                  if (drop.on()) {
+                    // dropout: dV takes P M, dS = P (dP M - Di), M = rscale where kept and 0 where dropped
+                    const float m = (keep >> (4 * nt + x)) & 1u ? drop.rscale : 0.f;
+                    pt[nt][x] = pe * m;
+                    sc[nt][x] = pe * (dp[nt][x] * m - sDi[c]);  // dS^T
+                  } else {
+                    pt[nt][x] = pe;
+                    sc[nt][x] = pe * (dp[nt][x] - sDi[c]);  // dS^T
+                  }
                   if constexpr (kMod) sc[nt][x] *= dcap;
                 }
             };

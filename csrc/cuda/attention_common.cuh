@@ -77,8 +77,8 @@ struct AttnParams {
   int64_t alibi_sb = 0, alibi_sh = 0;
   int64_t window_left = -1, window_right = -1;
   bool bottom_right = true;
-  // Attention dropout (csrc/common/attention_dropout.h); the SIMT kernels only (the launchers
-  // send dropout calls there). seed / offset from the host, or read from dropout.seed_dev.
+  // Attention dropout (csrc/common/attention_dropout.h), on the SIMT and the tensor-core kernels
+  // alike. seed / offset from the host, or read from dropout.seed_dev (resolve_dropout).
   Dropout dropout;
 
   bool pack_gqa = false;    // tensor-core forward: the G query heads of a kv head share a block
@@ -144,6 +144,87 @@ struct DropoutRow {
     return bits(d, jc, lane) >= d.threshold ? d.rscale : 0.f;
   }
 };
+
+// ---- dropout on mma.sync fragments ----------------------------------------------------------
+// The tensor-core kernels hold scores in m16n8k16 accumulator fragments: lane 4 g + t holds, of
+// each 16 x 8 tile, rows g and g + 8 and columns 2 t and 2 t + 1. A Philox block serves 8
+// neighbouring keys of one query row (attention_dropout.h), so when the rows are queries (the
+// forward, the dQ pass) the 8 keys of a block lie with the 4 lanes of a quad, and when the rows
+// are keys (the dK/dV pass) with the 8 lanes of equal t. Instead of every lane drawing the block
+// of each of its elements (4 or 8 lanes drawing the same one), each lane draws its share of the
+// blocks once, compares the block's 8 values with the threshold into 8 keep bits, and the lanes
+// exchange the bits by xor shuffles (3 or 7, one word each): no block is drawn twice in a warp.
+// Every lane of the warp must call these together (they shuffle).
+
+// The 8 keep bits of keys 8 c .. 8 c + 7 of row `index` (bit x: key 8 c + x).
+__device__ __forceinline__ uint32_t dropout_keep8(const Dropout& d, uint64_t index, uint32_t c) {
+  const Philox4x32 w = philox_draw(d.seed, index, d.offset, c);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    bits |= static_cast<uint32_t>((w.v[x] & 0xFFFFu) >= d.threshold) << (2 * x);
+    bits |= static_cast<uint32_t>((w.v[x] >> 16) >= d.threshold) << (2 * x + 1);
+  }
+  return bits;
+}
+
+// Keep bits of one query row (Philox index `index`) across kNT n-tiles of 8 keys from key j0,
+// a multiple of 8 (dropout_key_start): bit 2 nt + e is key j0 + 8 nt + 2 t + e, this lane's
+// column 2 t + e of n-tile nt. Lane t of a quad draws the blocks of n-tiles t, t + 4, ...
+template <int kNT>
+__device__ __forceinline__ uint32_t dropout_keep_query_row(const Dropout& d, uint64_t index, int64_t j0, int t) {
+  static_assert(kNT <= 16, "two keep bits per n-tile in one word");
+  constexpr int kG = (kNT + 3) / 4;
+  const uint32_t c0 = static_cast<uint32_t>(j0 >> 3);
+  uint32_t own = 0;  // byte k: the keep bits of n-tile 4 k + t
+#pragma unroll
+  for (int k = 0; k < kG; ++k)
+    if (4 * k + t < kNT) own |= dropout_keep8(d, index, c0 + static_cast<uint32_t>(4 * k + t)) << (8 * k);
+  uint32_t keep = 0;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const uint32_t v = r == 0 ? own : __shfl_xor_sync(0xffffffffu, own, r);
+    const int src = t ^ r;  // the quad lane that drew these blocks: n-tiles 4 k + src
+#pragma unroll
+    for (int k = 0; k < kG; ++k) keep |= ((v >> (8 * k + 2 * t)) & 3u) << (2 * (4 * k + src));
+  }
+  return keep;
+}
+
+// Keep bits of a fragment whose rows are keys: keys kr0 + g and kr0 + 8 + g (kr0 a multiple of
+// 8) by kNT n-tiles of 8 queries from query i0 of (sequence b, head h of H). Bit 4 nt + x is
+// register x of n-tile nt: key kr0 + g + 8 (x >> 1), query i0 + 8 nt + 2 t + (x & 1). Lane g
+// draws, for k < kNT / 2, the block of bit 8 k + g of every lane with its t.
+template <int kNT>
+__device__ __forceinline__ uint32_t dropout_keep_key_rows(const Dropout& d, int64_t b, int h, int H, int64_t i0,
+                                                          int64_t kr0, int g, int t) {
+  static_assert(kNT % 2 == 0 && kNT <= 8, "four keep bits per n-tile in one word");
+  constexpr int kG = kNT / 2;
+  const uint32_t c0 = static_cast<uint32_t>(kr0 >> 3);
+  uint32_t own = 0;  // byte k: the keep bits of the 8 keys of bit 8 k + g's block
+#pragma unroll
+  for (int k = 0; k < kG; ++k) {
+    const int nt = 2 * k + (g >> 2), rr = (g >> 1) & 1, e = g & 1;
+    own |= dropout_keep8(d, dropout_row_index(b, h, H, i0 + 8 * nt + 2 * t + e), c0 + static_cast<uint32_t>(rr))
+           << (8 * k);
+  }
+  uint32_t keep = 0;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const uint32_t v = r == 0 ? own : __shfl_xor_sync(0xffffffffu, own, 4 * r);
+    const int src = g ^ r;  // the lane (same t) that drew these blocks: bits 8 k + src
+#pragma unroll
+    for (int k = 0; k < kG; ++k) keep |= ((v >> (8 * k + g)) & 1u) << (8 * k + src);
+  }
+  return keep;
+}
+
+// The first key of a tensor-core key loop over [lo, hi): under dropout rounded down to a
+// multiple of 8, so that the loop's 8-key n-tiles are whole Philox blocks (the keys before lo are
+// masked like any hidden key).
+__device__ __forceinline__ int64_t dropout_key_start(const Dropout& d, int64_t lo, int64_t hi) {
+  return d.on() && lo < hi ? lo & ~int64_t(7) : lo;
+}
 
 // One sequence of the batch: where its rows live and how long it is.
 struct Seq {

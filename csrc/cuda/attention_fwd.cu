@@ -29,6 +29,12 @@
 //   * softcap / ALiBi (modified_score_log2, the CPU's formula from csrc/common/attention.h):
 //     the scores are scaled in natural-log units, modified, then taken to base 2; the kernel
 //     picks the modified or the plain loop once per key tile.
+//   * dropout (csrc/common/attention_dropout.h): after the online softmax of a key tile the
+//     dropped entries of P are zeroed before P V (the row sums and the lse stay without
+//     dropout) and the output is scaled by 1 / (1 - p) at the end. The keep bits of the score
+//     fragment come from Philox, each block drawn once per warp and shared by shuffles
+//     (dropout_keep_query_row, attention_common.cuh); under dropout the key loop starts at a
+//     multiple of 8 so that its 8-key n-tiles are whole Philox blocks.
 // float32 inputs (and GPUs before sm_80) run fwd_rows_kernel: one warp per query row, a
 // lane per key for the scores and a lane per head-dim slot for the output, same online
 // softmax in float; exact to float32 rounding, slower.
@@ -151,8 +157,7 @@ void forward_typed(AttnParams& p, bool tensor_cores, int64_t q_bound, int64_t k_
 void run_forward(AttnParams& p, at::ScalarType dtype, int64_t q_bound, int64_t k_bound, const at::Tensor& like) {
   if (p.total_q == 0 || p.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // dropout runs on the SIMT kernels (the tensor-core kernels do not draw the mask)
-  const bool sm80 = use_tensor_cores() && !p.dropout.on();
+  const bool sm80 = use_tensor_cores();
   switch (dtype) {
     case at::kHalf: forward_typed<__half>(p, sm80, q_bound, k_bound, like, stream); break;
     case at::kBFloat16: forward_typed<__nv_bfloat16>(p, sm80, q_bound, k_bound, like, stream); break;

@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
   // reads would cost the registers two m-tiles need.
   const bool user_mask = kMT == 1 && p.has_mask();
   const bool mod = p.has_score_mod();
+  const Dropout drop = resolve_dropout(p);
   const int n_groups = fwd_row_groups(p);
   const int64_t hs_total = static_cast<int64_t>(n_groups) * p.n_splits;
 
@@ -52,7 +53,8 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
         const int64_t r0 = (n_mb - 1 - mb) * kBM, r1 = imin(r0 + kBM, rows);
         const int64_t i0 = r0 / P, i1 = (r1 - 1) / P + 1;  // the queries of the block's rows
         int64_t kb, ke;
-        split_range(p, split, key_lo(w, i0), key_hi(w, i1 - 1, s.lk), kb, ke);
+        const int64_t k_lo = key_lo(w, i0), k_hi = key_hi(w, i1 - 1, s.lk);
+        split_range(p, split, dropout_key_start(drop, k_lo, k_hi), k_hi, kb, ke);
 
         // Pipeline: copy groups complete in order. Here Q + K(kb), then V(kb); in the loop
         // K(j + 1) is issued once every warp is done with K(j) and runs under the softmax and
@@ -175,6 +177,22 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
               softmax_rows(std::true_type{});
             else
               softmax_rows(std::false_type{});
+            // Dropout: zero the dropped entries of P for P V; the row sums above stay without
+            // it (attention_dropout.h), the kept entries' 1 / (1 - p) is applied at the end.
+            if (drop.on()) {
+#pragma unroll
+              for (int x = 0; x < kR; ++x) {
+                const int mt = x >> 1, rr = x & 1;
+                const int64_t row = row0 + 8 * x;
+                const uint32_t keep = dropout_keep_query_row<kNT>(
+                    drop, dropout_row_index(b, h0 + static_cast<int>(row % P), p.H, row / P), j0, t);
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                  for (int e = 0; e < 2; ++e)
+                    if (!((keep >> (2 * nt + e)) & 1u)) sc[mt][nt][2 * rr + e] = 0.f;
+              }
+            }
           }
 
           if (more)
@@ -203,7 +221,7 @@ __global__ void __launch_bounds__(FwdTile<kD, kMT>::kThreads) fwd_mma_kernel(con
           float L = l_run[x];
           L += __shfl_xor_sync(0xffffffffu, L, 1);
           L += __shfl_xor_sync(0xffffffffu, L, 2);
-          const float inv = L > 0.f ? 1.f / L : s.empty_scale;
+          const float inv = L > 0.f ? (drop.on() ? drop.rscale : 1.f) / L : s.empty_scale;
           const float lse = L > 0.f ? (m_run[x] + log2f(L)) * kLn2 : s.empty_lse;
           const int64_t i = (row0 + 8 * x) / P;
           const int h = h0 + static_cast<int>((row0 + 8 * x) % P);
