@@ -107,15 +107,15 @@ struct Problem {
   const T* v_row(int64_t b, int64_t j, int64_t hk) const { return kv_row<T>(v, b, j, hk); }
   bool paged() const { return block_table != nullptr; }
   // Keys or values from j0 on of sequence b (kv head hk) for the rows kernels: f(rows) with
-  // rows(j) the address of key j0 + j, strided (one pointer and a row stride) unless paged
-  // (then rows j < len_k(b) - j0 may be addressed, past the block too, for prefetching).
+  // rows(j) the address of key j0 + j, strided (one pointer and a row stride) or paged; rows
+  // j < len_k(b) - j0 are prefetched past the block, the others not.
   template <typename T, typename F>
   void with_rows(const Operand& o, int64_t b, int64_t j0, int64_t hk, F&& f) const {
     if (block_table)
       f(PagedRows<T>{static_cast<const T*>(o.ptr) + hk * o.sh, block_table + b * bt_sb, page_size, o.sb, o.ss, j0,
                          len_k(b) - j0});
     else
-      f(StridedRows<T>{kv_row<T>(o, b, j0, hk), o.ss});
+      f(StridedRows<T>{kv_row<T>(o, b, j0, hk), o.ss, len_k(b) - j0});
   }
   // Outputs and the logsumexp are contiguous: out (tokens, H, Dv), lse (B, H, sq) dense or
   // (H, total_q) varlen, as FlashAttention lays them out.

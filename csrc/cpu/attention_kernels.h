@@ -31,18 +31,20 @@ inline bool isa_avx512bf16() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512
 // csrc/common/attention.h). Both give the kernels the same keys in the same order, so a paged
 // cache gives the bits of the contiguous one. Rows j .. j + run(j) - 1 lie stride() apart (one
 // run: all of them when strided, the rest of the page when paged), so a walk over the rows
-// (RowWalk) computes one address per page. prefetchable(j): row j may be addressed for a
-// prefetch although it lies past the block (strided: any row, prefetches do not fault; paged:
-// the rows of the sequence, whose table entries are checked, not the entries past them).
+// (RowWalk) computes one address per page. prefetchable(j): row j is worth a prefetch although
+// it lies past the block: it belongs to the sequence (j < limit). Past the sequence a prefetch
+// would not fault (strided) but costs its instructions and, off the tensor, a page walk; paged,
+// only the table entries of the sequence's rows are checked, not the entries past them.
 template <typename T>
 struct StridedRows {
   static constexpr bool kStrided = true;
   const T* base;
   int64_t ld;
+  int64_t limit = std::numeric_limits<int64_t>::max();  // rows j < limit belong to the sequence
   const T* operator()(int64_t j) const { return base + j * ld; }
   int64_t run(int64_t) const { return std::numeric_limits<int64_t>::max(); }
   int64_t stride() const { return ld; }
-  bool prefetchable(int64_t) const { return true; }
+  bool prefetchable(int64_t j) const { return j < limit; }
 };
 
 template <typename T>
@@ -76,7 +78,7 @@ struct PagedRows {
 
 // Addresses of rows j, j + 1, ... of `rows`, asked for in that order: one table lookup per
 // run, the rows of a run a stride apart. at(j) is row j; at_or_null(j) is row j or null when
-// it may not be addressed (then so are the rows after it).
+// it is not to be prefetched (prefetchable; then neither are the rows after it).
 template <typename Rows>
 struct RowWalk {
   using Ptr = decltype(std::declval<const Rows&>()(0));
@@ -95,7 +97,7 @@ struct RowWalk {
     return ptr;
   }
   Ptr at_or_null(int64_t j) {
-    if (left == 0 && !rows.prefetchable(j)) return nullptr;
+    if (!rows.prefetchable(j)) return nullptr;
     return at(j);
   }
 };

@@ -17,11 +17,21 @@ import math
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 
 from ._common import (apply_function, call_below_autograd, is_compiling, needs_autograd, not_differentiable,
                       plain_call, register_autograd_function, resolve_seed)
 
 _Tensor = torch.Tensor
+# the defaults of window and dropout_p, compared by identity on the fast path of flash_attention
+_NO_WINDOW = (-1, -1)
+_NO_DROPOUT = 0.0
+# what the fast paths call, looked up once (each attribute lookup costs on a decode step)
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_grad_enabled = torch._C.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+_compiling = torch.compiler.is_compiling
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
@@ -227,11 +237,11 @@ def _check_bool(name: str, value) -> bool:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale=None,
-                    window=(-1, -1), cu_seqlens_q: torch.Tensor | None = None,
+                    window=_NO_WINDOW, cu_seqlens_q: torch.Tensor | None = None,
                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
                     max_seqlen_k: int | None = None, return_lse: bool = False, softcap: float | None = None,
                     alibi_slopes: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None,
-                    deterministic: bool = False, dropout_p: float = 0.0, seed=None,
+                    deterministic: bool = False, dropout_p: float = _NO_DROPOUT, seed=None,
                     generator: torch.Generator | None = None):
     """Exact attention softmax(q k^T * scale) v, computed tile by tile (memory linear in the
     sequence length), differentiable.
@@ -287,21 +297,27 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     tuple under a shorter name; code written against flash-attn's own signatures belongs with
     its names, not with this function's.
     """
-    if (q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor and scale is None
-            and cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None
-            and softcap is None and alibi_slopes is None and prefix_lens is None and seed is None
-            and generator is None and dropout_p.__class__ is float and dropout_p == 0.0
-            and (causal is False or causal is True) and (deterministic is False or deterministic is True)
-            and window.__class__ is tuple and window == (-1, -1) and plain_call(q, k, v)):
-        # The common call (decode steps, plain prefill): the op's own checks (csrc/common/
-        # attention_checks.h) are those below but for one, made here; when the op raises, the
-        # full path below runs and raises the error that names the argument.
+    if ((window is _NO_WINDOW or (window.__class__ is tuple and window == _NO_WINDOW))
+            and (dropout_p is _NO_DROPOUT or (dropout_p.__class__ is float and dropout_p == 0.0))
+            and scale is None and cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None
+            and max_seqlen_k is None and softcap is None and alibi_slopes is None and prefix_lens is None
+            and seed is None and generator is None and (causal is False or causal is True)
+            and (deterministic is False or deterministic is True)
+            and q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor
+            and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and _fwAD._current_level < 0 and not _functorch_active() and not _compiling()
+            and not _torch_function_mode()):
+        # The common call (decode steps, plain prefill) when no derivative is recorded (plain_call
+        # in ops/_common.py, written out: each function call here costs a tenth of a decode step):
+        # the op's own checks (csrc/common/attention_checks.h) are those below but for one, made
+        # here; when the op raises, the full path below runs and raises the error that names the
+        # argument. The op is called through the dispatcher below autograd (_call_boxed).
         try:
             D = q.shape[-1]
             if v.shape[-1] == D:
-                with torch._C._AutoDispatchBelowAutograd():
-                    out, lse = _FWD_OP_EAGER(q, k, v, None, None, None, -1, -1, 1.0 / math.sqrt(D), -1,
-                                             0 if causal else -1, True)
+                with _BelowAutograd():
+                    out, lse = _call_boxed(_FWD_HANDLE, q, k, v, None, None, None, -1, -1, 1.0 / math.sqrt(D), -1,
+                                           0 if causal else -1, True)
                 return (out, lse) if return_lse else out
         except Exception:  # noqa: BLE001 - the full path below raises the precise error
             pass
@@ -392,15 +408,16 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     if (q.__class__ is _Tensor and k_cache.__class__ is _Tensor and v_cache.__class__ is _Tensor
             and cache_seqlens.__class__ is _Tensor and k_new is None and v_new is None and block_table is None
             and scale is None and softcap is None and alibi_slopes is None and (causal is False or causal is True)
-            and window.__class__ is tuple and window == (-1, -1) and not is_compiling()):
+            and window.__class__ is tuple and window == (-1, -1) and not _compiling()
+            and not _torch_function_mode()):
         # The common decode call, nothing written in place: as in flash_attention, the op's checks
         # are those below but for one (one head_dim), made here; when the op raises, the full path
         # below runs and raises the error that names the argument.
         try:
             D = q.shape[-1]
             if k_cache.shape[-1] == D and v_cache.shape[-1] == D:
-                out, lse = _KVCACHE_OP_EAGER(q, k_cache, v_cache, cache_seqlens, None, None, 1.0 / math.sqrt(D),
-                                             causal, -1, -1, None)
+                out, lse = _call_boxed(_KVCACHE_HANDLE, q, k_cache, v_cache, cache_seqlens, None, None,
+                                       1.0 / math.sqrt(D), causal, -1, -1, None)
                 return (out, lse) if return_lse else out
         except Exception:  # noqa: BLE001 - the full path below raises the precise error
             pass
@@ -484,16 +501,17 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if (query.__class__ is _Tensor and key.__class__ is _Tensor and value.__class__ is _Tensor and attn_mask is None
             and scale is None and seed is None and generator is None and dropout_p.__class__ is float
             and dropout_p == 0.0 and (is_causal is False or is_causal is True)
-            and (deterministic is False or deterministic is True) and plain_call(query, key, value)):
+            and (deterministic is False or deterministic is True) and plain_call(query, key, value)
+            and not _torch_function_mode()):
         # (batch, heads, L, E) without a mask: as in flash_attention, the op's checks are those
         # below but for grouped-query heads without enable_gqa, made here; when the op raises, the
         # full path below runs and raises the error that names the argument.
         try:
             if query.dim() == 4 and (enable_gqa is True or query.shape[1] == key.shape[1]):
-                with torch._C._AutoDispatchBelowAutograd():
-                    out, _ = _FWD_OP_EAGER(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None,
-                                           None, None, -1, -1, 1.0 / math.sqrt(query.shape[-1]), -1,
-                                           0 if is_causal else -1, False)
+                with _BelowAutograd():
+                    out, _ = _call_boxed(_FWD_HANDLE, query.transpose(1, 2), key.transpose(1, 2),
+                                         value.transpose(1, 2), None, None, None, -1, -1,
+                                         1.0 / math.sqrt(query.shape[-1]), -1, 0 if is_causal else -1, False)
                 return out.transpose(1, 2)
         except Exception:  # noqa: BLE001 - the full path below raises the precise error
             pass
@@ -853,6 +871,18 @@ _FWD_OP_EAGER = getattr(_FWD_OP, "_op", _FWD_OP)
 _KVCACHE_OP_EAGER = getattr(torch.ops.pretrain_kernels.flash_attn_kvcache.default, "_op",
                             torch.ops.pretrain_kernels.flash_attn_kvcache.default)
 _FWD_DEFAULTS = [a.default_value for a in _FWD_OP._schema.arguments]
+# The fast paths' call: torch._C._dispatch_call_boxed runs the op through the dispatcher like
+# OpOverload's builtin, without its __torch_function__ handling (the fast paths take exact
+# torch.Tensor arguments and no torch function mode), about a microsecond less per call.
+if hasattr(torch._C, "_dispatch_call_boxed") and hasattr(torch._C, "_dispatch_find_schema_or_throw"):
+    _call_boxed = torch._C._dispatch_call_boxed
+    _FWD_HANDLE = torch._C._dispatch_find_schema_or_throw("pretrain_kernels::flash_attn_fwd", "")
+    _KVCACHE_HANDLE = torch._C._dispatch_find_schema_or_throw("pretrain_kernels::flash_attn_kvcache", "")
+else:  # pragma: no cover - older torch
+    def _call_boxed(op, *args):
+        return op(*args)
+
+    _FWD_HANDLE, _KVCACHE_HANDLE = _FWD_OP_EAGER, _KVCACHE_OP_EAGER
 
 
 def _vmap_rule(op, cu_seqlens_q_at, q_at, alibi_at, dropout_p_at):
