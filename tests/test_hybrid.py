@@ -269,8 +269,16 @@ def test_compare_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
         assert json.load(f)["text"]["steps"] == res["text"]["steps"]
     with open(os.path.join(out, "comparison.md")) as f:
         md = f.read()
-    for line in ("| GPT |", "| hybrid |", "| MLM |", "| MDLM |", "| real validation text |", "| 50 |", "drift.png"):
+    for line in ("| GPT |", "| hybrid |", "| MLM |", "| MDLM |", "| real validation text |", "| 50 |", "drift.png",
+                 "| phase | wall | CPU |", "| train hybrid |", "| images: sample diffusion and judge |"):
         assert line in md
+    # every phase timed once, wall and CPU seconds, inside the run's own totals
+    phases = res["phases"]
+    names = [r["phase"] for r in phases]
+    assert len(names) == len(set(names)) and {"train GPT", "train MDLM", "train the judge GPT",
+                                              "images: train flow"} <= set(names)
+    assert all(r["wall_s"] >= 0 and r["cpu_s"] >= 0 for r in phases)
+    assert sum(r["wall_s"] for r in phases) <= res["wall_s"] and res["cpu_s"] > 0
     for png in ("drift.png", "images_fd.png", "images_accuracy.png"):
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -491,7 +491,8 @@ class HybridTask(GPTTask):
         return b["x"].numel()
 
     def loss(self, model, mb):
-        _, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"])
+        # the fused LM head + cross-entropy, as the GPT task (the prefix's targets are -100)
+        _, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"], return_logits=False)
         return loss * (mb["y"] != -100).sum()
 
     def evaluate(self, model, device):
