@@ -97,8 +97,36 @@ def test_batches_mix_both_kinds(text_dir):
     assert make_task(text_dir, mix=1.0).batch(torch.Generator().manual_seed(5), 8)["prefix_lens"].all()
 
 
+def test_span_len_range_draws_a_layout_per_example(text_dir):
+    from pretrain_kernels.train.tasks import build_task
+
+    task = make_task(text_dir, mix=1.0, span_len="1:4")
+    assert task.config()["span_len"] == "1:4" and (task.span_lo, task.span_hi) == (1.0, 4.0)
+    b = task.batch(torch.Generator().manual_seed(11), 64)
+    tok, T = task.tok, task.seq_len
+    layouts = {task.layout(m) for m in torch.linspace(1, 4, 301).tolist()}
+    runs = []
+    for i in range(64):
+        x, y, n = b["x"][i], b["y"][i], int(b["prefix_lens"][i])
+        n_spans = int((x[:n] == tok.mask_token_id).sum())
+        n_masked = int((y[n - 1:] != tok.eos_token_id).sum())
+        # a layout of some mean in [1, 4]: the text, a mask and an eos per run fill the window
+        assert (n_spans, n - 1 - n_spans + n_masked, n_masked) in layouts
+        assert n - 1 - n_spans + n_masked + 2 * n_spans == T and int((y == tok.eos_token_id).sum()) == n_spans
+        runs.append(n_spans)
+    lo, hi = task.layout(4.0)[0], task.layout(1.0)[0]
+    assert min(runs) >= lo and max(runs) <= hi and len(set(runs)) >= 3 and max(runs) - min(runs) >= (hi - lo) // 2
+    again = build_task(task.config(), load_data=False)
+    assert again.span_len == "1:4" and (again.span_lo, again.span_hi) == (1.0, 4.0)
+    # a one-point range is the fixed length
+    assert make_task(text_dir, span_len="2:2").config()["span_len"] == 2.0
+
+
 @pytest.mark.parametrize("kw,match", [(dict(mix=1.5), "mix"), (dict(mask_prob=0.0), "mask_prob"),
-                                      (dict(span_len=0.5), "span_len"), (dict(mask_prob=0.9, span_len=1.0), "seq_len")])
+                                      (dict(span_len=0.5), "span_len"), (dict(mask_prob=0.9, span_len=1.0), "seq_len"),
+                                      (dict(span_len="3:2"), "span_len"), (dict(span_len="0.5:2"), "span_len"),
+                                      (dict(span_len="a:b"), "span_len"), (dict(span_len="1:2:3"), "span_len"),
+                                      (dict(mask_prob=0.9, span_len="1:3"), "seq_len")])
 def test_bad_task_arguments(text_dir, kw, match):
     with pytest.raises(ValueError, match=match):
         make_task(text_dir, **kw)
@@ -217,11 +245,24 @@ def test_cli_hybrid_train_resume_generate(text_dir, tmp_path, capsys):
     (["gpt", "--mix", "0.5"], "--mix: only for hybrid"),
     (["mlm", "--span-len", "3"], "--span-len: only for hybrid"),
     (["hybrid", "--mix", "1.5", "--size", "tiny"], "mix"),
+    (["hybrid", "--span-len", "4:2", "--size", "tiny"], "--span-len: expected a mean span length >= 1 or a range"),
 ])
 def test_cli_hybrid_bad_arguments(argv, message, text_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_main(argv + ["--out", str(tmp_path / "r"), "--data", text_dir])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_span_len_range(text_dir, tmp_path):
+    out = str(tmp_path / "hyb")
+    m = train_main(["hybrid", "--out", out, "--data", text_dir, "--steps", "2", "--span-len", "1:3.5", *TINY])
+    assert m["val_loss"] > 0
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["task"]["span_len"] == "1:3.5"
+    train_main(["hybrid", "--out", out, "--resume", "--steps", "3", "--no-progress"])
+    filled = generate_main(["--checkpoint", out, "--infill", "def f(x):\n    ___\n", "--max-new-tokens", "4",
+                            "--temperature", "0"])
+    assert filled[0].startswith("def f(x):\n    ")
 
 
 def test_cli_infill_errors(text_dir, tmp_path, capsys):

@@ -121,6 +121,16 @@ def _mask_schedule(s):
         raise argparse.ArgumentTypeError(str(e).replace("mask_schedule: ", ""))
 
 
+def _span_len(s):
+    from .tasks import parse_span_len
+
+    try:
+        lo, hi = parse_span_len(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("span_len: ", ""))
+    return lo if lo == hi else f"{lo:g}:{hi:g}"
+
+
 def _device_arg(auto: bool = False):
     """--device: cpu, cuda or cuda:N (and auto for pk-train), checked against the build and the
     machine, so that a device they cannot serve is a usage error rather than a traceback."""
@@ -203,8 +213,8 @@ def train_parser() -> argparse.ArgumentParser:
                    "bound (default 4)")
     g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
                    "next-token prediction (default 0.5)")
-    g.add_argument("--span-len", type=_positive(float), help="hybrid: mean length of a hidden span in tokens "
-                   "(default 3)")
+    g.add_argument("--span-len", type=_span_len, help="hybrid: mean length of a hidden span in tokens "
+                   "(default 3), or a range lo:hi from which each infilling example draws its own mean")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
                    "byte-level BPE trained on the training text (needs the tokenizers package)")
     g.add_argument("--vocab-size", type=_vocab_size, help="bpe vocabulary size, specials included (default 2048)")

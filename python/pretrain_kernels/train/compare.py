@@ -384,8 +384,10 @@ def _f(v, digits=3):
 def _hybrid_note(h: dict | None) -> str:
     if not h:
         return "see its config.json"
-    return (f"{h['mix']:.0%} of the windows infilling, {h['mask_prob']:.0%} hidden in runs of mean length "
-            f"{h['span_len']:g}")
+    span = h["span_len"]
+    span = (f"mean length {span:g}" if not isinstance(span, str)
+            else f"mean length drawn per example from [{span.replace(':', ', ')}]")
+    return f"{h['mix']:.0%} of the windows infilling, {h['mask_prob']:.0%} hidden in runs of {span}"
 
 
 def write_report(out: str, res: dict, plots: dict) -> str:

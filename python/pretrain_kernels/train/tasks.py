@@ -419,6 +419,28 @@ def random_spans(n: int, n_masked: int, n_spans: int, gen: torch.Generator) -> t
     return torch.cat([vals.repeat_interleave(lens), torch.zeros(int(gaps[-1]), dtype=torch.bool)])
 
 
+def parse_span_len(spec) -> tuple[float, float]:
+    """The hybrid's span_len: a mean span length (a number >= 1) or a range "lo:hi" (1 <= lo <= hi)
+    from which each infilling example draws its own mean uniformly; returns (lo, hi)."""
+    if isinstance(spec, str) and ":" in spec:
+        parts = spec.split(":")
+        try:
+            lo, hi = (float(x) for x in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            lo = hi = None
+        if lo is None or not 1.0 <= lo <= hi:
+            raise ValueError(f"span_len: expected a mean span length >= 1 or a range 'lo:hi' with 1 <= lo <= hi, "
+                             f"got {spec!r}")
+        return lo, hi
+    try:
+        v = float(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"span_len: expected a mean span length >= 1 or a range 'lo:hi', got {spec!r}") from None
+    if not v >= 1.0:
+        raise ValueError(f"span_len: expected a mean span length >= 1, got {spec}")
+    return v, v
+
+
 class HybridTask(GPTTask):
     """A GPT-family decoder trained on a mixture of next-token prediction and span infilling
     (GLM / UL2). Every training window of seq_len + 1 tokens is, with probability `mix`, an
@@ -429,6 +451,11 @@ class HybridTask(GPTTask):
     the GPT's plain next-token example (prefix_lens 0). Both kinds are exactly seq_len tokens, so
     batches have a fixed shape and no padding. The loss is the mean over the predicted tokens.
 
+    span_len: the mean span length, or a range "lo:hi" from which each infilling example draws
+    its own mean uniformly (a mix of short runs, as single masked tokens, and long ones, as
+    infilled lines). n_spans, n_text and n_masked hold the layout of a fixed span_len (with a
+    range, of its lower end: the most runs).
+
     Evaluation: val_loss is the next-token nats per byte on the GPT task's own validation
     windows (the same windows, the same computation: exactly comparable with a GPT run); on
     infilling examples built from those windows (a fixed mask draw), masked_accuracy is the
@@ -438,20 +465,21 @@ class HybridTask(GPTTask):
     name = "hybrid"
 
     def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.5, mask_prob: float = 0.15,
-                 span_len: float = 3.0, **kw):
+                 span_len: "float | str" = 3.0, **kw):
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix: expected a fraction in [0, 1], got {mix}")
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob: expected a value in (0, 1), got {mask_prob}")
-        if not span_len >= 1.0:
-            raise ValueError(f"span_len: expected a mean span length >= 1, got {span_len}")
-        self.mix, self.mask_prob, self.span_len = float(mix), float(mask_prob), float(span_len)
-        self.n_spans = max(1, round(mask_prob * seq_len / span_len))
-        self.n_text = seq_len - 2 * self.n_spans
-        self.n_masked = max(self.n_spans, round(mask_prob * self.n_text))
-        if self.n_text < 2 or self.n_text - self.n_masked < self.n_spans - 1:
-            raise ValueError(f"seq_len {seq_len} is too short for spans of mean length {span_len} at mask_prob "
-                             f"{mask_prob}")
+        self.span_lo, self.span_hi = parse_span_len(span_len)
+        self.mix, self.mask_prob = float(mix), float(mask_prob)
+        self.span_len = self.span_lo if self.span_lo == self.span_hi else f"{self.span_lo:g}:{self.span_hi:g}"
+        self._seq_len = seq_len
+        for mean in (self.span_lo, self.span_hi):
+            n_spans, n_text, n_masked = self.layout(mean)
+            if n_text < 2 or n_text - n_masked < n_spans - 1:
+                raise ValueError(f"seq_len {seq_len} is too short for spans of mean length {mean:g} at mask_prob "
+                                 f"{mask_prob}")
+        self.n_spans, self.n_text, self.n_masked = self.layout(self.span_lo)
         super().__init__(model_cfg, seq_len=seq_len, **kw)
         if hasattr(self, "val"):
             self.val_infill = self._infill_batch(self.val, torch.Generator().manual_seed(4321),
@@ -461,6 +489,13 @@ class HybridTask(GPTTask):
         cfg = super().config()
         cfg.update(kind="hybrid", mix=self.mix, mask_prob=self.mask_prob, span_len=self.span_len)
         return cfg
+
+    def layout(self, mean: float) -> tuple[int, int, int]:
+        """(runs, text tokens, hidden tokens) of an infilling example with spans of this mean length:
+        the text and two tokens per run (its mask in the prefix, its eos) fill seq_len."""
+        n_spans = max(1, round(self.mask_prob * self._seq_len / mean))
+        n_text = self._seq_len - 2 * n_spans
+        return n_spans, n_text, max(n_spans, round(self.mask_prob * n_text))
 
     def infill_row(self, text: torch.Tensor, masked: torch.Tensor, length: int | None = None):
         tok = self.tok
@@ -473,8 +508,12 @@ class HybridTask(GPTTask):
         plen = torch.zeros(w.shape[0], dtype=torch.int32)
         span = torch.zeros_like(y, dtype=torch.bool)
         for b in infill.nonzero().flatten().tolist():
-            masked = random_spans(self.n_text, self.n_masked, self.n_spans, gen)
-            x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :self.n_text], masked)
+            n_spans, n_text, n_masked = self.n_spans, self.n_text, self.n_masked
+            if self.span_hi > self.span_lo:      # this example's own mean span length
+                u = float(torch.rand((), generator=gen, dtype=torch.float64))
+                n_spans, n_text, n_masked = self.layout(self.span_lo + (self.span_hi - self.span_lo) * u)
+            masked = random_spans(n_text, n_masked, n_spans, gen)
+            x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :n_text], masked)
         return {"x": x, "y": y, "prefix_lens": plen, "span": span}
 
     def batch(self, gen, n):
