@@ -13,9 +13,10 @@ from pretrain_kernels.models import gpt as gpt_module
 from pretrain_kernels.train import data as D
 from pretrain_kernels.train.cli import generate_main, train_main
 from pretrain_kernels.train.loop import TrainConfig, Trainer
-from pretrain_kernels.train.tasks import SIZES, GPTTask, HybridTask, random_spans, span_infill_example
+from pretrain_kernels.train.tasks import (SIZES, GPTTask, HybridTask, infill_positions, random_spans,
+                                          span_infill_example)
 
-from reference import attention_ref, span_infill_ref
+from reference import attention_ref, infill_positions_ref, span_infill_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -62,6 +63,10 @@ def test_random_spans_and_layout_match_the_reference(n, n_masked, n_spans):
         assert y[span].tolist() == text[masked].tolist()
         xp, yp, _, sp = span_infill_example(text, masked, mask_id=257, bos_id=258, eos_id=259, length=x.numel() + 5)
         assert xp[:x.numel()].equal(x) and yp[x.numel():].eq(-100).all() and not sp[x.numel():].any()
+        # GLM's span positions, padding included
+        pos = infill_positions(xp, plen, mask_id=257, eos_id=259)
+        assert pos.tolist() == infill_positions_ref(stream, ref_plen, 257, 259, xp.numel())
+        assert int(pos[plen - 1]) == int((x[:plen - 1] == 257).nonzero()[0])     # bos sits at the first mask
 
 
 def test_random_spans_rejects_impossible_requests():
@@ -89,6 +94,14 @@ def test_batches_mix_both_kinds(text_dir):
         assert y[:n - 1].eq(-100).all() and int((y == tok.eos_token_id).sum()) == task.n_spans
         assert int((y[n - 1:] != tok.eos_token_id).sum()) == task.n_masked
     assert task.count(b) == int((b["y"] != -100).sum())
+    # positions: 0, 1, ... in next-token rows, the span positions in infilling rows
+    for i in range(64):
+        n = int(b["prefix_lens"][i])
+        want = (torch.arange(T) if n == 0 else
+                infill_positions(b["x"][i], n, mask_id=tok.mask_token_id, eos_id=tok.eos_token_id))
+        assert b["positions"][i].equal(want)
+    seq = make_task(text_dir, mix=1.0, span_positions="sequential").batch(torch.Generator().manual_seed(3), 4)
+    assert seq["positions"].equal(torch.arange(T).expand(4, T))
     # mix 0: exactly the GPT task's batches; mix 1: every row infills
     gpt = make_task(text_dir, cls=GPTTask)
     b0 = make_task(text_dir, mix=0.0).batch(torch.Generator().manual_seed(5), 8)
@@ -118,6 +131,9 @@ def test_span_len_range_draws_a_layout_per_example(text_dir):
     assert min(runs) >= lo and max(runs) <= hi and len(set(runs)) >= 3 and max(runs) - min(runs) >= (hi - lo) // 2
     again = build_task(task.config(), load_data=False)
     assert again.span_len == "1:4" and (again.span_lo, again.span_hi) == (1.0, 4.0)
+    assert again.span_positions == "glm"
+    old = {k: v for k, v in task.config().items() if k != "span_positions"}    # a run saved before the option
+    assert build_task(old, load_data=False).span_positions == "sequential"
     # a one-point range is the fixed length
     assert make_task(text_dir, span_len="2:2").config()["span_len"] == 2.0
 
@@ -126,7 +142,8 @@ def test_span_len_range_draws_a_layout_per_example(text_dir):
                                       (dict(span_len=0.5), "span_len"), (dict(mask_prob=0.9, span_len=1.0), "seq_len"),
                                       (dict(span_len="3:2"), "span_len"), (dict(span_len="0.5:2"), "span_len"),
                                       (dict(span_len="a:b"), "span_len"), (dict(span_len="1:2:3"), "span_len"),
-                                      (dict(mask_prob=0.9, span_len="1:3"), "seq_len")])
+                                      (dict(mask_prob=0.9, span_len="1:3"), "seq_len"),
+                                      (dict(span_positions="2d"), "span_positions")])
 def test_bad_task_arguments(text_dir, kw, match):
     with pytest.raises(ValueError, match=match):
         make_task(text_dir, **kw)
@@ -183,6 +200,21 @@ def test_gpt_generate_with_a_prefix_matches_the_full_forward():
             assert int(logits[0, -1].argmax()) == t
             seq.append(t)
     assert out != model.generate(prompts, 6, temperature=0)   # the prefix changes the continuation
+    # explicit positions: the prompts' own, the new tokens continuing from the last one
+    pos = [[0, 1, 2, 1, 2, 3], [0, 5, 0]]
+    outp = model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=pos)
+    assert outp == model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=pos, use_cache=False)
+    for p, n, q, o in zip(prompts, plen, pos, outp):
+        seq, sp = list(p), list(q)
+        for t in o:
+            logits = model(torch.tensor([seq]), positions=torch.tensor([sp]), prefix_lens=torch.tensor([n], dtype=torch.int32))
+            assert int(logits[0, -1].argmax()) == t
+            seq.append(t)
+            sp.append(sp[-1] + 1)
+    assert outp != out
+    assert model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=[list(range(6)), [0, 1, 2]]) == out
+    with pytest.raises(ValueError, match="positions"):
+        model.generate(prompts, 2, positions=[[0, 1], [0, 1, 2]])
     with pytest.raises(ValueError, match="prefix_lens"):
         model.generate(prompts, 2, prefix_lens=[7, 1])
     # suppressed tokens are never drawn: greedy picks the best of the rest

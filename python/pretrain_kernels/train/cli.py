@@ -527,7 +527,7 @@ def generate_main(argv=None) -> list[str]:
 def _infill_main(args, p, task) -> list[str]:
     """pk-generate --infill on a hybrid run: the text with each ___ hole replaced by the mask token,
     then bos, is the prefix (attended both ways); the holes are decoded in order, each ending at
-    eos, every one after the prefix and the holes before it (as the task trains)."""
+    eos, every one after the prefix and the holes before it, at the task's positions (as it trains)."""
     from .tasks import infill_prefix
 
     tok, model = task.tok, task.model.eval()
@@ -550,6 +550,7 @@ def _infill_main(args, p, task) -> list[str]:
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                      seed=args.seed + 1000 * row + hole, stop_tokens=[tok.eos_token_id],
                                      use_cache=not args.no_cache, prefix_lens=[len(prefix)],
+                                     positions=[task.positions(torch.tensor(stream), len(prefix)).tolist()],
                                      suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])[0]
             except ValueError as e:
                 p.error(str(e))

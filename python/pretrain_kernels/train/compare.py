@@ -176,14 +176,17 @@ def _mlm_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> float:
+def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, batch: int = 32, *,
+                    span_positions: str = "sequential") -> float:
+    """The share of the hidden tokens predicted by argmax (see the module notes); span_positions:
+    the hybrid's ("glm": each hole's tokens at its mask's positions, tasks.infill_positions)."""
     correct = total = 0
     for wb, mb in zip(w.split(batch), mask.split(batch)):
         if kind == "gpt":
             pred = model(wb[:, :-1]).argmax(-1)          # pred[:, j - 1] is the guess for token j
             correct += int((pred[:, :][mb[:, 1:]] == wb[:, 1:][mb[:, 1:]]).sum())
         elif kind == "hybrid":
-            from .tasks import span_infill_example
+            from .tasks import infill_positions, span_infill_example
 
             rows = [span_infill_example(x, m, mask_id=tok.mask_token_id, bos_id=tok.bos_token_id,
                                         eos_id=tok.eos_token_id) for x, m in zip(wb, mb)]
@@ -194,7 +197,11 @@ def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, 
             y = torch.stack([r[1] for r in rows])
             span = torch.stack([r[3] for r in rows])
             plen = torch.tensor([r[2] for r in rows], dtype=torch.int32)
-            pred = model(x, prefix_lens=plen).argmax(-1)
+            pos = None
+            if span_positions == "glm":
+                pos = torch.stack([infill_positions(xi, int(n), mask_id=tok.mask_token_id, eos_id=tok.eos_token_id)
+                                   for xi, n in zip(x, plen)])
+            pred = model(x, positions=pos, prefix_lens=plen).argmax(-1)
             correct += int((pred[span] == y[span]).sum())
         else:   # mlm (and the encoder-based masked diffusion model)
             ids = wb.masked_fill(mb, tok.mask_token_id)
@@ -205,8 +212,10 @@ def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: torch.Tensor) -> list[list[int]]:
-    """Each row's guess for its hidden run, decoded greedily (see the module notes)."""
+def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: torch.Tensor, *,
+           span_positions: str = "sequential") -> list[list[int]]:
+    """Each row's guess for its hidden run, decoded greedily (see the module notes); span_positions:
+    the hybrid's (as in masked_accuracy)."""
     n = w.shape[0]
     if kind == "gpt":
         out = []
@@ -217,17 +226,20 @@ def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: to
             out += list(zip(rows, gen))
         return [g for _, g in sorted(out)]
     if kind == "hybrid":
-        from .tasks import infill_prefix
+        from .tasks import infill_positions, infill_prefix
 
-        prompts, plens = [], []
+        prompts, plens, pos = [], [], None
         for i in range(n):
             a, b = int(start[i]), int(start[i] + span[i])
             p = infill_prefix(tok, [w[i, :a].tolist(), w[i, b:].tolist()])
             prompts.append(p)
             plens.append(len(p))
+        if span_positions == "glm":
+            pos = [infill_positions(torch.tensor(p), len(p), mask_id=tok.mask_token_id,
+                                    eos_id=tok.eos_token_id).tolist() for p in prompts]
         room = model.cfg.block_size - max(plens)
         return model.generate(prompts, max(1, min(int(span.max()) + 8, room)), temperature=0,
-                              stop_tokens=[tok.eos_token_id], prefix_lens=plens,
+                              stop_tokens=[tok.eos_token_id], prefix_lens=plens, positions=pos,
                               suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])
     hidden = torch.zeros_like(w, dtype=torch.bool)
     for i in range(n):
@@ -533,12 +545,13 @@ def compare_main(argv=None) -> dict:
         kind = {"GPT": "gpt", "hybrid": "hybrid"}.get(name, "mlm")
         _log(f"evaluating {name}: masked tokens and infilling")
         model = task.model.eval()
+        sp = dict(span_positions=task.span_positions) if name == "hybrid" else {}
         with phase(f"masked tokens and infilling: {name}"):
-            models[name]["masked_accuracy"] = masked_accuracy(kind, model, tok, mw, mm)
+            models[name]["masked_accuracy"] = masked_accuracy(kind, model, tok, mw, mm, **sp)
             if name == "MDLM":
                 guesses = mdlm_infill(model, tok, iw, istart, ispan)
             else:
-                guesses = infill(kind, model, tok, iw, istart, ispan)
+                guesses = infill(kind, model, tok, iw, istart, ispan, **sp)
             models[name].update(infill_scores(guesses, iw, istart, ispan))
 
     # -- drift with length, judged by a larger GPT trained longer --

@@ -392,6 +392,31 @@ def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: in
     return x, y, plen, span_target
 
 
+def infill_positions(x: torch.Tensor, prefix_len: int, *, mask_id: int, eos_id: int) -> torch.Tensor:
+    """GLM's span positions for a row x [L] of span_infill_example's layout (padding included):
+    the prefix's tokens keep their indices, and the k-th hole's block, the token that starts it
+    (bos for the first, the previous hole's eos after) and its tokens, takes the positions
+    m_k, m_k + 1, ... counted from the position m_k of the k-th mask token in the prefix. The
+    query that predicts a hole's first token then sits where its mask sits, next to the text
+    around it (rotary attention sees relative positions), instead of far to the right after
+    the prefix, where it would have to count masks to know which hole it fills. Padding after
+    the last hole keeps its indices. Returns int64 positions [L]."""
+    L = x.numel()
+    pos = torch.arange(L, dtype=torch.int64)
+    if prefix_len < 1 or prefix_len > L:
+        return pos
+    holes = (x[:prefix_len - 1] == mask_id).nonzero().flatten()
+    region = torch.arange(prefix_len - 1, L)
+    start = torch.zeros(region.numel(), dtype=torch.bool)
+    start[0] = True
+    start[1:] = x[prefix_len:] == eos_id
+    block = torch.cumsum(start.long(), 0) - 1                      # the hole each token belongs to
+    first = region[start][block]                                   # the index its block starts at
+    inside = block < holes.numel()
+    pos[region[inside]] = holes[block[inside]] + (region - first)[inside]
+    return pos
+
+
 def infill_prefix(tok, pieces: list[list[int]]) -> list[int]:
     """The prefix of span_infill_example's layout for text given as the token pieces around its
     holes: the pieces joined by one mask token per hole, then bos (what a hybrid model reads
@@ -456,6 +481,12 @@ class HybridTask(GPTTask):
     infilled lines). n_spans, n_text and n_masked hold the layout of a fixed span_len (with a
     range, of its lower end: the most runs).
 
+    span_positions: "glm" (the default) gives each hole's tokens the rotary positions of its mask
+    (infill_positions, GLM's span positions in one dimension); "sequential" numbers the stream
+    0, 1, ... as a plain GPT does (runs saved before the option existed). Batches carry the
+    positions [B, seq_len] (0, 1, ... in the next-token rows); generation and evaluation use the
+    same (self.positions).
+
     Evaluation: val_loss is the next-token nats per byte on the GPT task's own validation
     windows (the same windows, the same computation: exactly comparable with a GPT run); on
     infilling examples built from those windows (a fixed mask draw), masked_accuracy is the
@@ -465,7 +496,10 @@ class HybridTask(GPTTask):
     name = "hybrid"
 
     def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.5, mask_prob: float = 0.15,
-                 span_len: "float | str" = 3.0, **kw):
+                 span_len: "float | str" = 3.0, span_positions: str = "glm", **kw):
+        if span_positions not in ("glm", "sequential"):
+            raise ValueError(f"span_positions: expected 'glm' or 'sequential', got {span_positions!r}")
+        self.span_positions = span_positions
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix: expected a fraction in [0, 1], got {mix}")
         if not 0.0 < mask_prob < 1.0:
@@ -487,8 +521,15 @@ class HybridTask(GPTTask):
 
     def config(self) -> dict:
         cfg = super().config()
-        cfg.update(kind="hybrid", mix=self.mix, mask_prob=self.mask_prob, span_len=self.span_len)
+        cfg.update(kind="hybrid", mix=self.mix, mask_prob=self.mask_prob, span_len=self.span_len,
+                   span_positions=self.span_positions)
         return cfg
+
+    def positions(self, x: torch.Tensor, prefix_len: int) -> torch.Tensor:
+        """The rotary positions [L] of an infilling row x [L] (prefix_len 0: a next-token row)."""
+        if self.span_positions == "sequential" or prefix_len == 0:
+            return torch.arange(x.numel(), dtype=torch.int64)
+        return infill_positions(x, prefix_len, mask_id=self.tok.mask_token_id, eos_id=self.tok.eos_token_id)
 
     def layout(self, mean: float) -> tuple[int, int, int]:
         """(runs, text tokens, hidden tokens) of an infilling example with spans of this mean length:
@@ -507,6 +548,7 @@ class HybridTask(GPTTask):
         x, y = w[:, :-1].clone(), w[:, 1:].clone()
         plen = torch.zeros(w.shape[0], dtype=torch.int32)
         span = torch.zeros_like(y, dtype=torch.bool)
+        pos = torch.arange(x.shape[1], dtype=torch.int64).repeat(x.shape[0], 1)
         for b in infill.nonzero().flatten().tolist():
             n_spans, n_text, n_masked = self.n_spans, self.n_text, self.n_masked
             if self.span_hi > self.span_lo:      # this example's own mean span length
@@ -514,7 +556,8 @@ class HybridTask(GPTTask):
                 n_spans, n_text, n_masked = self.layout(self.span_lo + (self.span_hi - self.span_lo) * u)
             masked = random_spans(n_text, n_masked, n_spans, gen)
             x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :n_text], masked)
-        return {"x": x, "y": y, "prefix_lens": plen, "span": span}
+            pos[b] = self.positions(x[b], int(plen[b]))
+        return {"x": x, "y": y, "prefix_lens": plen, "positions": pos, "span": span}
 
     def batch(self, gen, n):
         w = self._windows(self.train_ids, n, self.seq_len + 1, gen)
@@ -531,7 +574,8 @@ class HybridTask(GPTTask):
 
     def loss(self, model, mb):
         # the fused LM head + cross-entropy, as the GPT task (the prefix's targets are -100)
-        _, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"], return_logits=False)
+        _, loss = model(mb["x"], mb["y"], positions=mb["positions"], prefix_lens=mb["prefix_lens"],
+                        return_logits=False)
         return loss * (mb["y"] != -100).sum()
 
     def evaluate(self, model, device):
@@ -540,7 +584,7 @@ class HybridTask(GPTTask):
         tot, n_loss = 0.0, 0
         for mb in _split_dict(self.val_infill, max(1, self.val_infill["x"].shape[0] // 32)):
             mb = {k: v.to(device) for k, v in mb.items()}
-            logits, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"])
+            logits, loss = model(mb["x"], mb["y"], positions=mb["positions"], prefix_lens=mb["prefix_lens"])
             k = int((mb["y"] != -100).sum())
             tot, n_loss = tot + float(loss) * k, n_loss + k
             span = mb["span"]
@@ -1024,7 +1068,8 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
                        tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
     if kind == "hybrid":
         return HybridTask(GPTConfig(**cfg["model"]), seq_len=cfg["seq_len"], mix=cfg["mix"], mask_prob=cfg["mask_prob"],
-                          span_len=cfg["span_len"], data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
+                          span_len=cfg["span_len"], span_positions=cfg.get("span_positions", "sequential"),
+                          data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
                           load_data=load_data, tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
     if kind == "mlm":
         return MLMTask(BertConfig(**cfg["model"]), seq_len=cfg["seq_len"], min_len=cfg["min_len"],
