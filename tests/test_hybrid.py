@@ -13,8 +13,8 @@ from pretrain_kernels.models import gpt as gpt_module
 from pretrain_kernels.train import data as D
 from pretrain_kernels.train.cli import generate_main, train_main
 from pretrain_kernels.train.loop import TrainConfig, Trainer
-from pretrain_kernels.train.tasks import (SIZES, GPTTask, HybridTask, infill_positions, random_spans,
-                                          span_infill_example)
+from pretrain_kernels.train.tasks import (SIZES, SPAN_STEP, GPTTask, HybridTask, infill_decode_positions,
+                                          infill_positions, random_spans, span_infill_example)
 
 from reference import attention_ref, infill_positions_ref, span_infill_ref
 
@@ -65,7 +65,11 @@ def test_random_spans_and_layout_match_the_reference(n, n_masked, n_spans):
         assert xp[:x.numel()].equal(x) and yp[x.numel():].eq(-100).all() and not sp[x.numel():].any()
         # GLM's span positions, padding included
         pos = infill_positions(xp, plen, mask_id=257, eos_id=259)
-        assert pos.tolist() == infill_positions_ref(stream, ref_plen, 257, 259, xp.numel())
+        assert pos.tolist() == infill_positions_ref(stream, ref_plen, 257, 259, xp.numel(), SPAN_STEP)
+        assert infill_positions(xp, plen, mask_id=257, eos_id=259, step=1.0).tolist() == \
+            infill_positions_ref(stream, ref_plen, 257, 259, xp.numel(), 1.0)
+        # a hole's tokens stay between its mask and the text after it
+        assert (pos[plen - 1:x.numel()] - pos[plen - 1:x.numel()].floor() < 1).all()
         assert int(pos[plen - 1]) == int((x[:plen - 1] == 257).nonzero()[0])     # bos sits at the first mask
 
 
@@ -97,17 +101,25 @@ def test_batches_mix_both_kinds(text_dir):
     # positions: 0, 1, ... in next-token rows, the span positions in infilling rows
     for i in range(64):
         n = int(b["prefix_lens"][i])
-        want = (torch.arange(T) if n == 0 else
+        want = (torch.arange(T, dtype=torch.float32) if n == 0 else
                 infill_positions(b["x"][i], n, mask_id=tok.mask_token_id, eos_id=tok.eos_token_id))
         assert b["positions"][i].equal(want)
     seq = make_task(text_dir, mix=1.0, span_positions="sequential").batch(torch.Generator().manual_seed(3), 4)
-    assert seq["positions"].equal(torch.arange(T).expand(4, T))
+    assert seq["positions"].equal(torch.arange(T, dtype=torch.float32).expand(4, T))
     # mix 0: exactly the GPT task's batches; mix 1: every row infills
     gpt = make_task(text_dir, cls=GPTTask)
     b0 = make_task(text_dir, mix=0.0).batch(torch.Generator().manual_seed(5), 8)
     bg = gpt.batch(torch.Generator().manual_seed(5), 8)
     assert b0["x"].equal(bg["x"]) and b0["y"].equal(bg["y"]) and not b0["prefix_lens"].any()
     assert make_task(text_dir, mix=1.0).batch(torch.Generator().manual_seed(5), 8)["prefix_lens"].all()
+
+
+def test_decode_positions_continue_the_hole():
+    stream = [5, 257, 6, 257, 7, 258, 1, 2, 259]          # two holes, the first filled, the second to decode
+    got = infill_decode_positions(stream, 6, 3, mask_id=257, eos_id=259)
+    assert got[:9] == infill_positions(torch.tensor(stream), 6, mask_id=257, eos_id=259).tolist()
+    assert got[5:7] == [1.0, 1.0 + SPAN_STEP] and got[8] == 3.0            # bos at the first mask, eos at the second
+    assert got[9:] == [3.0 + SPAN_STEP * j for j in (1, 2, 3)]
 
 
 def test_span_len_range_draws_a_layout_per_example(text_dir):
@@ -200,21 +212,21 @@ def test_gpt_generate_with_a_prefix_matches_the_full_forward():
             assert int(logits[0, -1].argmax()) == t
             seq.append(t)
     assert out != model.generate(prompts, 6, temperature=0)   # the prefix changes the continuation
-    # explicit positions: the prompts' own, the new tokens continuing from the last one
-    pos = [[0, 1, 2, 1, 2, 3], [0, 5, 0]]
+    # explicit positions for the prompt and the new tokens (fractional ones too)
+    pos = [[0, 1, 2, 1, 2, 3] + [3.25 + 0.25 * j for j in range(6)], [0, 5, 0] + [0.5 * j for j in range(1, 7)]]
     outp = model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=pos)
     assert outp == model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=pos, use_cache=False)
     for p, n, q, o in zip(prompts, plen, pos, outp):
-        seq, sp = list(p), list(q)
+        seq = list(p)
         for t in o:
-            logits = model(torch.tensor([seq]), positions=torch.tensor([sp]), prefix_lens=torch.tensor([n], dtype=torch.int32))
+            logits = model(torch.tensor([seq]), positions=torch.tensor([q[:len(seq)]]),
+                           prefix_lens=torch.tensor([n], dtype=torch.int32))
             assert int(logits[0, -1].argmax()) == t
             seq.append(t)
-            sp.append(sp[-1] + 1)
     assert outp != out
-    assert model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=[list(range(6)), [0, 1, 2]]) == out
+    assert model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=[list(range(12)), list(range(9))]) == out
     with pytest.raises(ValueError, match="positions"):
-        model.generate(prompts, 2, positions=[[0, 1], [0, 1, 2]])
+        model.generate(prompts, 2, positions=[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4]])
     with pytest.raises(ValueError, match="prefix_lens"):
         model.generate(prompts, 2, prefix_lens=[7, 1])
     # suppressed tokens are never drawn: greedy picks the best of the rest

@@ -21,9 +21,8 @@ row b also see the keys below prefix_lens[b] (pk.flash_attention's prefix-LM mas
 prefix attends both ways and causal order holds after it; generate(..., prefix_lens=[...])
 prefills each prompt that way (its keys and values go into the cache as computed) and then
 decodes causally after it. Without prefix_lens the model is the plain causal GPT.
-generate(..., positions=[...]) takes the prompts' rotary positions (the hybrid's span
-positions, GLM-style: a hole's tokens at its mask's position), the new tokens continuing
-from the last.
+generate(..., positions=[...]) takes the rotary positions of the prompts and of the tokens to
+come (the hybrid's span positions, GLM-style: a hole's tokens at its mask's position).
 """
 from __future__ import annotations
 
@@ -223,9 +222,9 @@ class GPT(nn.Module):
         infilling prefix); the rest of the prompt and the new tokens follow causally.
         suppress_tokens: ids never drawn (their logits set to -inf; transformers' name), e.g. the
         special tokens a model trained on infilling has learnt to emit.
-        positions: per-row lists of the prompts' rotary positions (each as long as its prompt; the
-        hybrid task's span positions), the new tokens continuing from each row's last prompt
-        position + 1 (default: 0, 1, 2, ...).
+        positions: per-row lists of rotary positions (numbers, e.g. the hybrid task's span
+        positions) for the prompt and the tokens to come, each len(prompt) + max_new_tokens long
+        (default: 0, 1, 2, ...).
         Returns the new tokens of each row."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token lists")
@@ -256,14 +255,15 @@ class GPT(nn.Module):
 
         pos_all = None                           # [B, total] rotary positions, when not 0, 1, ...
         if positions is not None:
-            if len(positions) != B or any(len(q) != len(p) for q, p in zip(positions, prompts)):
-                raise ValueError(f"positions: expected one list per prompt, as long as the prompt "
-                                 f"({[len(p) for p in prompts]}), got {[len(q) for q in positions]}")
-            pos_all = torch.empty((B, total), dtype=torch.int64)
+            want = [len(p) + max_new_tokens for p in prompts]
+            if len(positions) != B or [len(q) for q in positions] != want:
+                raise ValueError(f"positions: expected one list per prompt, len(prompt) + max_new_tokens long "
+                                 f"({want}), got {[len(q) for q in positions]}")
+            pos_all = torch.empty((B, total), dtype=torch.float32)
             for i, q in enumerate(positions):
-                q = torch.as_tensor(q, dtype=torch.int64)
+                q = torch.as_tensor(q, dtype=torch.float32)
                 pos_all[i, :q.numel()] = q
-                pos_all[i, q.numel():] = q[-1] + 1 + torch.arange(total - q.numel())
+                pos_all[i, q.numel():] = q[-1] + 1 + torch.arange(total - q.numel())   # never read
             pos_all = pos_all.to(device)
         plen = None
         if prefix_lens is not None:

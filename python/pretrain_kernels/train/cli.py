@@ -543,14 +543,16 @@ def _infill_main(args, p, task) -> list[str]:
             if room < 1:
                 p.error(f"--infill: {text!r} with its filled holes exceeds the model's block_size "
                         f"{model.cfg.block_size}")
+            n_new = min(args.max_new_tokens, room)
+            pos = task.decode_positions(stream, len(prefix), n_new)
             try:
-                out = model.generate([stream], min(args.max_new_tokens, room), temperature=args.temperature,
+                out = model.generate([stream], n_new, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                      repetition_penalty=args.repetition_penalty,
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                      seed=args.seed + 1000 * row + hole, stop_tokens=[tok.eos_token_id],
                                      use_cache=not args.no_cache, prefix_lens=[len(prefix)],
-                                     positions=[task.positions(torch.tensor(stream), len(prefix)).tolist()],
+                                     positions=None if pos is None else [pos],
                                      suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])[0]
             except ValueError as e:
                 p.error(str(e))

@@ -226,7 +226,7 @@ def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: to
             out += list(zip(rows, gen))
         return [g for _, g in sorted(out)]
     if kind == "hybrid":
-        from .tasks import infill_positions, infill_prefix
+        from .tasks import infill_decode_positions, infill_prefix
 
         prompts, plens, pos = [], [], None
         for i in range(n):
@@ -234,11 +234,12 @@ def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: to
             p = infill_prefix(tok, [w[i, :a].tolist(), w[i, b:].tolist()])
             prompts.append(p)
             plens.append(len(p))
-        if span_positions == "glm":
-            pos = [infill_positions(torch.tensor(p), len(p), mask_id=tok.mask_token_id,
-                                    eos_id=tok.eos_token_id).tolist() for p in prompts]
         room = model.cfg.block_size - max(plens)
-        return model.generate(prompts, max(1, min(int(span.max()) + 8, room)), temperature=0,
+        n_new = max(1, min(int(span.max()) + 8, room))
+        if span_positions == "glm":
+            pos = [infill_decode_positions(p, len(p), n_new, mask_id=tok.mask_token_id, eos_id=tok.eos_token_id)
+                   for p in prompts]
+        return model.generate(prompts, n_new, temperature=0,
                               stop_tokens=[tok.eos_token_id], prefix_lens=plens, positions=pos,
                               suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])
     hidden = torch.zeros_like(w, dtype=torch.bool)

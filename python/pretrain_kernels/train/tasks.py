@@ -392,17 +392,23 @@ def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: in
     return x, y, plen, span_target
 
 
-def infill_positions(x: torch.Tensor, prefix_len: int, *, mask_id: int, eos_id: int) -> torch.Tensor:
-    """GLM's span positions for a row x [L] of span_infill_example's layout (padding included):
-    the prefix's tokens keep their indices, and the k-th hole's block, the token that starts it
-    (bos for the first, the previous hole's eos after) and its tokens, takes the positions
-    m_k, m_k + 1, ... counted from the position m_k of the k-th mask token in the prefix. The
-    query that predicts a hole's first token then sits where its mask sits, next to the text
-    around it (rotary attention sees relative positions), instead of far to the right after
-    the prefix, where it would have to count masks to know which hole it fills. Padding after
-    the last hole keeps its indices. Returns int64 positions [L]."""
+SPAN_STEP = 1.0 / 16
+
+
+def infill_positions(x: torch.Tensor, prefix_len: int, *, mask_id: int, eos_id: int,
+                     step: float = SPAN_STEP) -> torch.Tensor:
+    """GLM's span positions, in one rotary dimension, for a row x [L] of span_infill_example's
+    layout (padding included): the prefix's tokens keep their indices, and the k-th hole's
+    block, the token that starts it (bos for the first, the previous hole's eos after) and its
+    tokens, takes the positions m_k, m_k + step, m_k + 2 step, ... from the position m_k of the
+    k-th mask token in the prefix. The query that predicts a hole's first token then sits where
+    its mask sits, next to the text around it (rotary attention sees relative positions),
+    instead of far to the right after the prefix, where it would have to count masks to know
+    which hole it fills; a fractional step keeps the hole's later tokens between its mask and
+    the text after it (GLM keeps them apart with a second position). Padding after the last
+    hole keeps its indices. Returns float32 positions [L]."""
     L = x.numel()
-    pos = torch.arange(L, dtype=torch.int64)
+    pos = torch.arange(L, dtype=torch.float32)
     if prefix_len < 1 or prefix_len > L:
         return pos
     holes = (x[:prefix_len - 1] == mask_id).nonzero().flatten()
@@ -413,8 +419,17 @@ def infill_positions(x: torch.Tensor, prefix_len: int, *, mask_id: int, eos_id: 
     block = torch.cumsum(start.long(), 0) - 1                      # the hole each token belongs to
     first = region[start][block]                                   # the index its block starts at
     inside = block < holes.numel()
-    pos[region[inside]] = holes[block[inside]] + (region - first)[inside]
+    pos[region[inside]] = holes[block[inside]].float() + (region - first)[inside].float() * step
     return pos
+
+
+def infill_decode_positions(stream: list[int], prefix_len: int, max_new_tokens: int, *, mask_id: int, eos_id: int,
+                            step: float = SPAN_STEP) -> list[float]:
+    """The positions GPT.generate needs to decode a hole after stream (the prefix, the holes
+    before, and the bos or eos that starts this hole): infill_positions of the stream, then
+    max_new_tokens more, step apart, inside the hole."""
+    pos = infill_positions(torch.tensor(stream), prefix_len, mask_id=mask_id, eos_id=eos_id, step=step)
+    return pos.tolist() + (float(pos[-1]) + step * torch.arange(1, max_new_tokens + 1, dtype=torch.float32)).tolist()
 
 
 def infill_prefix(tok, pieces: list[list[int]]) -> list[int]:
@@ -484,8 +499,8 @@ class HybridTask(GPTTask):
     span_positions: "glm" (the default) gives each hole's tokens the rotary positions of its mask
     (infill_positions, GLM's span positions in one dimension); "sequential" numbers the stream
     0, 1, ... as a plain GPT does (runs saved before the option existed). Batches carry the
-    positions [B, seq_len] (0, 1, ... in the next-token rows); generation and evaluation use the
-    same (self.positions).
+    positions [B, seq_len] (float32; 0, 1, ... in the next-token rows); generation and
+    evaluation use the same (self.positions, self.decode_positions).
 
     Evaluation: val_loss is the next-token nats per byte on the GPT task's own validation
     windows (the same windows, the same computation: exactly comparable with a GPT run); on
@@ -526,10 +541,17 @@ class HybridTask(GPTTask):
         return cfg
 
     def positions(self, x: torch.Tensor, prefix_len: int) -> torch.Tensor:
-        """The rotary positions [L] of an infilling row x [L] (prefix_len 0: a next-token row)."""
+        """The rotary positions [L] (float32) of an infilling row x [L] (prefix_len 0: a next-token row)."""
         if self.span_positions == "sequential" or prefix_len == 0:
-            return torch.arange(x.numel(), dtype=torch.int64)
+            return torch.arange(x.numel(), dtype=torch.float32)
         return infill_positions(x, prefix_len, mask_id=self.tok.mask_token_id, eos_id=self.tok.eos_token_id)
+
+    def decode_positions(self, stream: list[int], prefix_len: int, max_new_tokens: int) -> list[float] | None:
+        """GPT.generate's positions= for decoding the hole after stream (None: sequential)."""
+        if self.span_positions == "sequential":
+            return None
+        return infill_decode_positions(stream, prefix_len, max_new_tokens, mask_id=self.tok.mask_token_id,
+                                       eos_id=self.tok.eos_token_id)
 
     def layout(self, mean: float) -> tuple[int, int, int]:
         """(runs, text tokens, hidden tokens) of an infilling example with spans of this mean length:
@@ -548,7 +570,7 @@ class HybridTask(GPTTask):
         x, y = w[:, :-1].clone(), w[:, 1:].clone()
         plen = torch.zeros(w.shape[0], dtype=torch.int32)
         span = torch.zeros_like(y, dtype=torch.bool)
-        pos = torch.arange(x.shape[1], dtype=torch.int64).repeat(x.shape[0], 1)
+        pos = torch.arange(x.shape[1], dtype=torch.float32).repeat(x.shape[0], 1)
         for b in infill.nonzero().flatten().tolist():
             n_spans, n_text, n_masked = self.n_spans, self.n_text, self.n_masked
             if self.span_hi > self.span_lo:      # this example's own mean span length
