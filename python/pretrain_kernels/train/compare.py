@@ -12,8 +12,9 @@ Measured, into <out>/comparison.md, <out>/results.json and PNG plots:
   masked-token accuracy one shared masked validation set: windows whose first token is
                         always visible and 15% of the rest hidden (exact count, one seed).
                         MLM and MDLM: argmax at the hidden positions, all hidden at once; the
-                        hybrid: its infilling layout (runs of hidden tokens as spans), argmax
-                        with the earlier hidden tokens given (teacher forcing); GPT: next-token
+                        hybrid: its infilling layout (runs of hidden tokens as spans, at its span
+                        positions), argmax with the earlier hidden tokens given (teacher
+                        forcing); GPT: next-token
                         argmax with the true left context only
   infilling accuracy    one hidden run of 4-16 tokens in the middle of each window, decoded
                         greedily: the hybrid from its prefix until eos (length not given), MLM
@@ -37,7 +38,8 @@ Measured, into <out>/comparison.md, <out>/results.json and PNG plots:
                         CPU time is what a phase costs even when other jobs stretch the wall
 
 --budget scales the training steps (and, below 1, the evaluation sizes); the default fits in
-about 30 minutes on 2 CPU cores. --size tiny uses the tiny presets (the tests' end-to-end run).
+about 30 minutes on 2 idle CPU cores (its phases, timed at one thread, add up to about 20
+minutes of CPU time; other jobs on the cores stretch the wall time well past that). --size tiny uses the tiny presets (the tests' end-to-end run).
 """
 from __future__ import annotations
 
