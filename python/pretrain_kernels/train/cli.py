@@ -67,7 +67,7 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.5, span_len=3.0, arch="unet",
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.4, span_len=3.0, arch="unet",
                             uncond=False, p_uncond=0.5, prediction="v_prediction", schedule="squaredcos_cap_v2",
                             eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
@@ -212,7 +212,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-t", type=_positive(), help="mdlm: stratified rates t per validation window for the "
                    "bound (default 4)")
     g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
-                   "next-token prediction (default 0.5)")
+                   "next-token prediction (default 0.4)")
     g.add_argument("--span-len", type=_span_len, help="hybrid: mean length of a hidden span in tokens "
                    "(default 3), or a range lo:hi from which each infilling example draws its own mean")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "

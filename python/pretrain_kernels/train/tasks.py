@@ -510,7 +510,7 @@ class HybridTask(GPTTask):
 
     name = "hybrid"
 
-    def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.5, mask_prob: float = 0.15,
+    def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.4, mask_prob: float = 0.15,
                  span_len: "float | str" = 3.0, span_positions: str = "glm", **kw):
         if span_positions not in ("glm", "sequential"):
             raise ValueError(f"span_positions: expected 'glm' or 'sequential', got {span_positions!r}")
