@@ -539,6 +539,20 @@ def span_infill_ref(text, masked, mask_id, bos_id, eos_id):
     return stream, len(prefix) + 1, hidden_at
 
 
+def infill_positions_ref(stream, prefix_len, mask_id, eos_id, length, step):
+    """GLM's span positions of span_infill_ref's stream[:-1] padded to length: prefix indices, then
+    hole k's block (bos or the previous eos, then its tokens) from the index of the k-th mask,
+    step apart."""
+    holes = [i for i, t in enumerate(stream[:prefix_len - 1]) if t == mask_id]
+    pos, k, j = list(range(prefix_len - 1)), 0, 0
+    for i in range(prefix_len - 1, len(stream) - 1):
+        if i > prefix_len - 1 and stream[i] == eos_id:
+            k, j = k + 1, 0
+        pos.append(holes[k] + j * step)
+        j += 1
+    return pos + list(range(len(stream) - 1, length))
+
+
 def rel_err(x, ref):
     x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
     den = ref.norm()

@@ -13,9 +13,10 @@ from pretrain_kernels.models import gpt as gpt_module
 from pretrain_kernels.train import data as D
 from pretrain_kernels.train.cli import generate_main, train_main
 from pretrain_kernels.train.loop import TrainConfig, Trainer
-from pretrain_kernels.train.tasks import SIZES, GPTTask, HybridTask, random_spans, span_infill_example
+from pretrain_kernels.train.tasks import (SIZES, SPAN_STEP, GPTTask, HybridTask, infill_decode_positions,
+                                          infill_positions, random_spans, span_infill_example)
 
-from reference import attention_ref, span_infill_ref
+from reference import attention_ref, infill_positions_ref, span_infill_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -62,6 +63,14 @@ def test_random_spans_and_layout_match_the_reference(n, n_masked, n_spans):
         assert y[span].tolist() == text[masked].tolist()
         xp, yp, _, sp = span_infill_example(text, masked, mask_id=257, bos_id=258, eos_id=259, length=x.numel() + 5)
         assert xp[:x.numel()].equal(x) and yp[x.numel():].eq(-100).all() and not sp[x.numel():].any()
+        # GLM's span positions, padding included
+        pos = infill_positions(xp, plen, mask_id=257, eos_id=259)
+        assert pos.tolist() == infill_positions_ref(stream, ref_plen, 257, 259, xp.numel(), SPAN_STEP)
+        assert infill_positions(xp, plen, mask_id=257, eos_id=259, step=1.0).tolist() == \
+            infill_positions_ref(stream, ref_plen, 257, 259, xp.numel(), 1.0)
+        # a hole's tokens stay between its mask and the text after it
+        assert (pos[plen - 1:x.numel()] - pos[plen - 1:x.numel()].floor() < 1).all()
+        assert int(pos[plen - 1]) == int((x[:plen - 1] == 257).nonzero()[0])     # bos sits at the first mask
 
 
 def test_random_spans_rejects_impossible_requests():
@@ -89,6 +98,14 @@ def test_batches_mix_both_kinds(text_dir):
         assert y[:n - 1].eq(-100).all() and int((y == tok.eos_token_id).sum()) == task.n_spans
         assert int((y[n - 1:] != tok.eos_token_id).sum()) == task.n_masked
     assert task.count(b) == int((b["y"] != -100).sum())
+    # positions: 0, 1, ... in next-token rows, the span positions in infilling rows
+    for i in range(64):
+        n = int(b["prefix_lens"][i])
+        want = (torch.arange(T, dtype=torch.float32) if n == 0 else
+                infill_positions(b["x"][i], n, mask_id=tok.mask_token_id, eos_id=tok.eos_token_id))
+        assert b["positions"][i].equal(want)
+    seq = make_task(text_dir, mix=1.0, span_positions="sequential").batch(torch.Generator().manual_seed(3), 4)
+    assert seq["positions"].equal(torch.arange(T, dtype=torch.float32).expand(4, T))
     # mix 0: exactly the GPT task's batches; mix 1: every row infills
     gpt = make_task(text_dir, cls=GPTTask)
     b0 = make_task(text_dir, mix=0.0).batch(torch.Generator().manual_seed(5), 8)
@@ -97,8 +114,48 @@ def test_batches_mix_both_kinds(text_dir):
     assert make_task(text_dir, mix=1.0).batch(torch.Generator().manual_seed(5), 8)["prefix_lens"].all()
 
 
+def test_decode_positions_continue_the_hole():
+    stream = [5, 257, 6, 257, 7, 258, 1, 2, 259]          # two holes, the first filled, the second to decode
+    got = infill_decode_positions(stream, 6, 3, mask_id=257, eos_id=259)
+    assert got[:9] == infill_positions(torch.tensor(stream), 6, mask_id=257, eos_id=259).tolist()
+    assert got[5:7] == [1.0, 1.0 + SPAN_STEP] and got[8] == 3.0            # bos at the first mask, eos at the second
+    assert got[9:] == [3.0 + SPAN_STEP * j for j in (1, 2, 3)]
+
+
+def test_span_len_range_draws_a_layout_per_example(text_dir):
+    from pretrain_kernels.train.tasks import build_task
+
+    task = make_task(text_dir, mix=1.0, span_len="1:4")
+    assert task.config()["span_len"] == "1:4" and (task.span_lo, task.span_hi) == (1.0, 4.0)
+    b = task.batch(torch.Generator().manual_seed(11), 64)
+    tok, T = task.tok, task.seq_len
+    layouts = {task.layout(m) for m in torch.linspace(1, 4, 301).tolist()}
+    runs = []
+    for i in range(64):
+        x, y, n = b["x"][i], b["y"][i], int(b["prefix_lens"][i])
+        n_spans = int((x[:n] == tok.mask_token_id).sum())
+        n_masked = int((y[n - 1:] != tok.eos_token_id).sum())
+        # a layout of some mean in [1, 4]: the text, a mask and an eos per run fill the window
+        assert (n_spans, n - 1 - n_spans + n_masked, n_masked) in layouts
+        assert n - 1 - n_spans + n_masked + 2 * n_spans == T and int((y == tok.eos_token_id).sum()) == n_spans
+        runs.append(n_spans)
+    lo, hi = task.layout(4.0)[0], task.layout(1.0)[0]
+    assert min(runs) >= lo and max(runs) <= hi and len(set(runs)) >= 3 and max(runs) - min(runs) >= (hi - lo) // 2
+    again = build_task(task.config(), load_data=False)
+    assert again.span_len == "1:4" and (again.span_lo, again.span_hi) == (1.0, 4.0)
+    assert again.span_positions == "glm"
+    old = {k: v for k, v in task.config().items() if k != "span_positions"}    # a run saved before the option
+    assert build_task(old, load_data=False).span_positions == "sequential"
+    # a one-point range is the fixed length
+    assert make_task(text_dir, span_len="2:2").config()["span_len"] == 2.0
+
+
 @pytest.mark.parametrize("kw,match", [(dict(mix=1.5), "mix"), (dict(mask_prob=0.0), "mask_prob"),
-                                      (dict(span_len=0.5), "span_len"), (dict(mask_prob=0.9, span_len=1.0), "seq_len")])
+                                      (dict(span_len=0.5), "span_len"), (dict(mask_prob=0.9, span_len=1.0), "seq_len"),
+                                      (dict(span_len="3:2"), "span_len"), (dict(span_len="0.5:2"), "span_len"),
+                                      (dict(span_len="a:b"), "span_len"), (dict(span_len="1:2:3"), "span_len"),
+                                      (dict(mask_prob=0.9, span_len="1:3"), "seq_len"),
+                                      (dict(span_positions="2d"), "span_positions")])
 def test_bad_task_arguments(text_dir, kw, match):
     with pytest.raises(ValueError, match=match):
         make_task(text_dir, **kw)
@@ -155,6 +212,21 @@ def test_gpt_generate_with_a_prefix_matches_the_full_forward():
             assert int(logits[0, -1].argmax()) == t
             seq.append(t)
     assert out != model.generate(prompts, 6, temperature=0)   # the prefix changes the continuation
+    # explicit positions for the prompt and the new tokens (fractional ones too)
+    pos = [[0, 1, 2, 1, 2, 3] + [3.25 + 0.25 * j for j in range(6)], [0, 5, 0] + [0.5 * j for j in range(1, 7)]]
+    outp = model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=pos)
+    assert outp == model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=pos, use_cache=False)
+    for p, n, q, o in zip(prompts, plen, pos, outp):
+        seq = list(p)
+        for t in o:
+            logits = model(torch.tensor([seq]), positions=torch.tensor([q[:len(seq)]]),
+                           prefix_lens=torch.tensor([n], dtype=torch.int32))
+            assert int(logits[0, -1].argmax()) == t
+            seq.append(t)
+    assert outp != out
+    assert model.generate(prompts, 6, temperature=0, prefix_lens=plen, positions=[list(range(12)), list(range(9))]) == out
+    with pytest.raises(ValueError, match="positions"):
+        model.generate(prompts, 2, positions=[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4]])
     with pytest.raises(ValueError, match="prefix_lens"):
         model.generate(prompts, 2, prefix_lens=[7, 1])
     # suppressed tokens are never drawn: greedy picks the best of the rest
@@ -217,11 +289,24 @@ def test_cli_hybrid_train_resume_generate(text_dir, tmp_path, capsys):
     (["gpt", "--mix", "0.5"], "--mix: only for hybrid"),
     (["mlm", "--span-len", "3"], "--span-len: only for hybrid"),
     (["hybrid", "--mix", "1.5", "--size", "tiny"], "mix"),
+    (["hybrid", "--span-len", "4:2", "--size", "tiny"], "--span-len: expected a mean span length >= 1 or a range"),
 ])
 def test_cli_hybrid_bad_arguments(argv, message, text_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_main(argv + ["--out", str(tmp_path / "r"), "--data", text_dir])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_span_len_range(text_dir, tmp_path):
+    out = str(tmp_path / "hyb")
+    m = train_main(["hybrid", "--out", out, "--data", text_dir, "--steps", "2", "--span-len", "1:3.5", *TINY])
+    assert m["val_loss"] > 0
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["task"]["span_len"] == "1:3.5"
+    train_main(["hybrid", "--out", out, "--resume", "--steps", "3", "--no-progress"])
+    filled = generate_main(["--checkpoint", out, "--infill", "def f(x):\n    ___\n", "--max-new-tokens", "4",
+                            "--temperature", "0"])
+    assert filled[0].startswith("def f(x):\n    ")
 
 
 def test_cli_infill_errors(text_dir, tmp_path, capsys):
@@ -269,8 +354,16 @@ def test_compare_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
         assert json.load(f)["text"]["steps"] == res["text"]["steps"]
     with open(os.path.join(out, "comparison.md")) as f:
         md = f.read()
-    for line in ("| GPT |", "| hybrid |", "| MLM |", "| MDLM |", "| real validation text |", "| 50 |", "drift.png"):
+    for line in ("| GPT |", "| hybrid |", "| MLM |", "| MDLM |", "| real validation text |", "| 50 |", "drift.png",
+                 "| phase | wall | CPU |", "| train hybrid |", "| images: sample diffusion and judge |"):
         assert line in md
+    # every phase timed once, wall and CPU seconds, inside the run's own totals
+    phases = res["phases"]
+    names = [r["phase"] for r in phases]
+    assert len(names) == len(set(names)) and {"train GPT", "train MDLM", "train the judge GPT",
+                                              "images: train flow"} <= set(names)
+    assert all(r["wall_s"] >= 0 and r["cpu_s"] >= 0 for r in phases)
+    assert sum(r["wall_s"] for r in phases) <= res["wall_s"] and res["cpu_s"] > 0
     for png in ("drift.png", "images_fd.png", "images_accuracy.png"):
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -21,6 +21,8 @@ row b also see the keys below prefix_lens[b] (pk.flash_attention's prefix-LM mas
 prefix attends both ways and causal order holds after it; generate(..., prefix_lens=[...])
 prefills each prompt that way (its keys and values go into the cache as computed) and then
 decodes causally after it. Without prefix_lens the model is the plain causal GPT.
+generate(..., positions=[...]) takes the rotary positions of the prompts and of the tokens to
+come (the hybrid's span positions, GLM-style: a hole's tokens at its mask's position).
 """
 from __future__ import annotations
 
@@ -207,7 +209,7 @@ class GPT(nn.Module):
     def generate(self, prompts, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=0,
                  stop_tokens=(), use_cache: bool = True, keep_stop_token: bool = False,
-                 prefix_lens=None, suppress_tokens=()) -> list[list[int]]:
+                 prefix_lens=None, suppress_tokens=(), positions=None) -> list[list[int]]:
         """Continue each prompt (a list of token-id lists, lengths may differ) by up to
         max_new_tokens tokens. Sampling knobs are those of pk.sample (numbers, or per-row
         tensors [B]); penalties count the prompt and the generated tokens. seed: an int (row i
@@ -220,6 +222,9 @@ class GPT(nn.Module):
         infilling prefix); the rest of the prompt and the new tokens follow causally.
         suppress_tokens: ids never drawn (their logits set to -inf; transformers' name), e.g. the
         special tokens a model trained on infilling has learnt to emit.
+        positions: per-row lists of rotary positions (numbers, e.g. the hybrid task's span
+        positions) for the prompt and the tokens to come, each len(prompt) + max_new_tokens long
+        (default: 0, 1, 2, ...).
         Returns the new tokens of each row."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token lists")
@@ -248,6 +253,18 @@ class GPT(nn.Module):
         out = [[] for _ in range(B)]
         rows = torch.arange(B, device=device)
 
+        pos_all = None                           # [B, total] rotary positions, when not 0, 1, ...
+        if positions is not None:
+            want = [len(p) + max_new_tokens for p in prompts]
+            if len(positions) != B or [len(q) for q in positions] != want:
+                raise ValueError(f"positions: expected one list per prompt, len(prompt) + max_new_tokens long "
+                                 f"({want}), got {[len(q) for q in positions]}")
+            pos_all = torch.empty((B, total), dtype=torch.float32)
+            for i, q in enumerate(positions):
+                q = torch.as_tensor(q, dtype=torch.float32)
+                pos_all[i, :q.numel()] = q
+                pos_all[i, q.numel():] = q[-1] + 1 + torch.arange(total - q.numel())   # never read
+            pos_all = pos_all.to(device)
         plen = None
         if prefix_lens is not None:
             plen = torch.as_tensor(prefix_lens, dtype=torch.int64).reshape(-1)
@@ -259,13 +276,15 @@ class GPT(nn.Module):
         if use_cache:
             dtype = self.wte.weight.dtype
             cache = KVCache(self.cfg, B, total, device, dtype)
-            logits = self(tokens[:, :P].clamp_min(0), cache=cache, prefix_lens=plen)   # prefill (seqlens 0)
+            logits = self(tokens[:, :P].clamp_min(0), cache=cache, prefix_lens=plen,   # prefill (seqlens 0)
+                          positions=None if pos_all is None else pos_all[:, :P])
             last = logits[rows, cur - 1]
             cache.seqlens.copy_(lens.to(torch.int32))
         for step in range(max_new_tokens):
             if not use_cache:
                 T = int(cur.max())
-                logits = self(tokens[:, :T].clamp_min(0), prefix_lens=plen)
+                logits = self(tokens[:, :T].clamp_min(0), prefix_lens=plen,
+                              positions=None if pos_all is None else pos_all[:, :T])
                 last = logits[rows, cur - 1]
             # per-row, per-step seeds (a multiplicative hash keeps streams apart)
             step_seeds = (row_seeds * 1_000_003 + step * 7919 + 1) & 0x7FFFFFFFFFFFFFFF
@@ -285,7 +304,8 @@ class GPT(nn.Module):
                 break
             tokens[rows, cur] = nxt
             if use_cache:
-                logits = self(nxt[:, None], positions=cur[:, None], cache=cache)
+                logits = self(nxt[:, None], positions=(cur if pos_all is None else pos_all[rows, cur])[:, None],
+                              cache=cache)
                 cache.seqlens += 1
                 last = logits[:, 0]
             cur += 1

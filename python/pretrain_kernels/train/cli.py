@@ -67,7 +67,7 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.5, span_len=3.0, arch="unet",
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.4, span_len=3.0, arch="unet",
                             uncond=False, p_uncond=0.5, prediction="v_prediction", schedule="squaredcos_cap_v2",
                             eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
@@ -119,6 +119,16 @@ def _mask_schedule(s):
         return MaskSchedule.parse(s).spec()
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).replace("mask_schedule: ", ""))
+
+
+def _span_len(s):
+    from .tasks import parse_span_len
+
+    try:
+        lo, hi = parse_span_len(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("span_len: ", ""))
+    return lo if lo == hi else f"{lo:g}:{hi:g}"
 
 
 def _device_arg(auto: bool = False):
@@ -202,9 +212,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-t", type=_positive(), help="mdlm: stratified rates t per validation window for the "
                    "bound (default 4)")
     g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
-                   "next-token prediction (default 0.5)")
-    g.add_argument("--span-len", type=_positive(float), help="hybrid: mean length of a hidden span in tokens "
-                   "(default 3)")
+                   "next-token prediction (default 0.4)")
+    g.add_argument("--span-len", type=_span_len, help="hybrid: mean length of a hidden span in tokens "
+                   "(default 3), or a range lo:hi from which each infilling example draws its own mean")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
                    "byte-level BPE trained on the training text (needs the tokenizers package)")
     g.add_argument("--vocab-size", type=_vocab_size, help="bpe vocabulary size, specials included (default 2048)")
@@ -517,7 +527,7 @@ def generate_main(argv=None) -> list[str]:
 def _infill_main(args, p, task) -> list[str]:
     """pk-generate --infill on a hybrid run: the text with each ___ hole replaced by the mask token,
     then bos, is the prefix (attended both ways); the holes are decoded in order, each ending at
-    eos, every one after the prefix and the holes before it (as the task trains)."""
+    eos, every one after the prefix and the holes before it, at the task's positions (as it trains)."""
     from .tasks import infill_prefix
 
     tok, model = task.tok, task.model.eval()
@@ -533,13 +543,16 @@ def _infill_main(args, p, task) -> list[str]:
             if room < 1:
                 p.error(f"--infill: {text!r} with its filled holes exceeds the model's block_size "
                         f"{model.cfg.block_size}")
+            n_new = min(args.max_new_tokens, room)
+            pos = task.decode_positions(stream, len(prefix), n_new)
             try:
-                out = model.generate([stream], min(args.max_new_tokens, room), temperature=args.temperature,
+                out = model.generate([stream], n_new, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                      repetition_penalty=args.repetition_penalty,
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                      seed=args.seed + 1000 * row + hole, stop_tokens=[tok.eos_token_id],
                                      use_cache=not args.no_cache, prefix_lens=[len(prefix)],
+                                     positions=None if pos is None else [pos],
                                      suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])[0]
             except ValueError as e:
                 p.error(str(e))

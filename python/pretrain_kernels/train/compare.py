@@ -12,8 +12,9 @@ Measured, into <out>/comparison.md, <out>/results.json and PNG plots:
   masked-token accuracy one shared masked validation set: windows whose first token is
                         always visible and 15% of the rest hidden (exact count, one seed).
                         MLM and MDLM: argmax at the hidden positions, all hidden at once; the
-                        hybrid: its infilling layout (runs of hidden tokens as spans), argmax
-                        with the earlier hidden tokens given (teacher forcing); GPT: next-token
+                        hybrid: its infilling layout (runs of hidden tokens as spans, at its span
+                        positions), argmax with the earlier hidden tokens given (teacher
+                        forcing); GPT: next-token
                         argmax with the true left context only
   infilling accuracy    one hidden run of 4-16 tokens in the middle of each window, decoded
                         greedily: the hybrid from its prefix until eos (length not given), MLM
@@ -33,9 +34,12 @@ Measured, into <out>/comparison.md, <out>/results.json and PNG plots:
   images                FD (judge features, against the held-out digits, and as a ratio to the
                         real-vs-real distance) and classifier accuracy of class-conditional
                         samples against sampling steps (1, 2, 4, 8, 50): flow Euler and DDIM
+  time                  wall and process CPU seconds of every phase (Phases): with --threads 1 the
+                        CPU time is what a phase costs even when other jobs stretch the wall
 
 --budget scales the training steps (and, below 1, the evaluation sizes); the default fits in
-about 30 minutes on 2 CPU cores. --size tiny uses the tiny presets (the tests' end-to-end run).
+about 30 minutes on 2 idle CPU cores (its phases, timed at one thread, add up to about 20
+minutes of CPU time; other jobs on the cores stretch the wall time well past that). --size tiny uses the tiny presets (the tests' end-to-end run).
 """
 from __future__ import annotations
 
@@ -84,6 +88,24 @@ def _scaled(base: int, budget: float, floor: int) -> int:
 
 def _log(msg: str) -> None:
     print(f"pk-compare: {msg}", flush=True)
+
+
+class Phases:
+    """Wall and process CPU seconds of each phase of the run (results.json "phases", the report's
+    time table). With one thread the CPU time is the phase's own work however busy the machine
+    is, while the wall time grows with the load; with more threads the CPU time also counts
+    threads waiting for each other, which grows with the load too."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.rows.append({"phase": name, "wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0})
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -156,14 +178,17 @@ def _mlm_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> float:
+def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, batch: int = 32, *,
+                    span_positions: str = "sequential") -> float:
+    """The share of the hidden tokens predicted by argmax (see the module notes); span_positions:
+    the hybrid's ("glm": each hole's tokens at its mask's positions, tasks.infill_positions)."""
     correct = total = 0
     for wb, mb in zip(w.split(batch), mask.split(batch)):
         if kind == "gpt":
             pred = model(wb[:, :-1]).argmax(-1)          # pred[:, j - 1] is the guess for token j
             correct += int((pred[:, :][mb[:, 1:]] == wb[:, 1:][mb[:, 1:]]).sum())
         elif kind == "hybrid":
-            from .tasks import span_infill_example
+            from .tasks import infill_positions, span_infill_example
 
             rows = [span_infill_example(x, m, mask_id=tok.mask_token_id, bos_id=tok.bos_token_id,
                                         eos_id=tok.eos_token_id) for x, m in zip(wb, mb)]
@@ -174,7 +199,11 @@ def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, 
             y = torch.stack([r[1] for r in rows])
             span = torch.stack([r[3] for r in rows])
             plen = torch.tensor([r[2] for r in rows], dtype=torch.int32)
-            pred = model(x, prefix_lens=plen).argmax(-1)
+            pos = None
+            if span_positions == "glm":
+                pos = torch.stack([infill_positions(xi, int(n), mask_id=tok.mask_token_id, eos_id=tok.eos_token_id)
+                                   for xi, n in zip(x, plen)])
+            pred = model(x, positions=pos, prefix_lens=plen).argmax(-1)
             correct += int((pred[span] == y[span]).sum())
         else:   # mlm (and the encoder-based masked diffusion model)
             ids = wb.masked_fill(mb, tok.mask_token_id)
@@ -185,8 +214,10 @@ def masked_accuracy(kind: str, model, tok, w: torch.Tensor, mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: torch.Tensor) -> list[list[int]]:
-    """Each row's guess for its hidden run, decoded greedily (see the module notes)."""
+def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: torch.Tensor, *,
+           span_positions: str = "sequential") -> list[list[int]]:
+    """Each row's guess for its hidden run, decoded greedily (see the module notes); span_positions:
+    the hybrid's (as in masked_accuracy)."""
     n = w.shape[0]
     if kind == "gpt":
         out = []
@@ -197,17 +228,21 @@ def infill(kind: str, model, tok, w: torch.Tensor, start: torch.Tensor, span: to
             out += list(zip(rows, gen))
         return [g for _, g in sorted(out)]
     if kind == "hybrid":
-        from .tasks import infill_prefix
+        from .tasks import infill_decode_positions, infill_prefix
 
-        prompts, plens = [], []
+        prompts, plens, pos = [], [], None
         for i in range(n):
             a, b = int(start[i]), int(start[i] + span[i])
             p = infill_prefix(tok, [w[i, :a].tolist(), w[i, b:].tolist()])
             prompts.append(p)
             plens.append(len(p))
         room = model.cfg.block_size - max(plens)
-        return model.generate(prompts, max(1, min(int(span.max()) + 8, room)), temperature=0,
-                              stop_tokens=[tok.eos_token_id], prefix_lens=plens,
+        n_new = max(1, min(int(span.max()) + 8, room))
+        if span_positions == "glm":
+            pos = [infill_decode_positions(p, len(p), n_new, mask_id=tok.mask_token_id, eos_id=tok.eos_token_id)
+                   for p in prompts]
+        return model.generate(prompts, n_new, temperature=0,
+                              stop_tokens=[tok.eos_token_id], prefix_lens=plens, positions=pos,
                               suppress_tokens=[i for i in tok.all_special_ids if i != tok.eos_token_id])
     hidden = torch.zeros_like(w, dtype=torch.bool)
     for i in range(n):
@@ -361,13 +396,21 @@ def _f(v, digits=3):
     return str(v)
 
 
+def _hybrid_note(h: dict | None) -> str:
+    if not h:
+        return "see its config.json"
+    span = h["span_len"]
+    span = (f"mean length {span:g}" if not isinstance(span, str)
+            else f"mean length drawn per example from [{span.replace(':', ', ')}]")
+    return f"{h['mix']:.0%} of the windows infilling, {h['mask_prob']:.0%} hidden in runs of {span}"
+
+
 def write_report(out: str, res: dict, plots: dict) -> str:
     t = res["text"]
     lines = [f"# pk-compare (budget {res['budget']}, size {res['size']}, {res['threads']} threads, "
              f"{res['wall_s'] / 60:.1f} min)", ""]
     lines += [f"Text: {t['corpus']}; every model {t['shape']}, {t['steps']} steps x {t['batch']} x {t['seq_len']} "
-              f"= {t['tokens']:,} training tokens; the hybrid with its defaults (half the windows infilling, "
-              "15% hidden in runs of mean length 3).", ""]
+              f"= {t['tokens']:,} training tokens; the hybrid with its defaults ({_hybrid_note(t.get('hybrid'))}).", ""]
     lines += ["| model | params | train tokens/s | val nats/byte | masked-token acc | infill token acc | "
               "infill exact | gen tokens/s | train wall |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in t["models"].items():
@@ -409,6 +452,16 @@ def write_report(out: str, res: dict, plots: dict) -> str:
             lines.append(f"| {s} | {_f(a['fd'])} | {_f(b['fd'])} | {_f(a['fd_ratio'], 2)} | {_f(b['fd_ratio'], 2)} | "
                          f"{_f(a['class_accuracy'])} | {_f(b['class_accuracy'])} |")
         lines.append("")
+    if res.get("phases"):
+        lines += ["## Time", "",
+                  f"Wall and process CPU seconds of each phase ({res['threads']} threads). The CPU time counts "
+                  "every thread of the process: with one thread it is the phase's own work even when other jobs "
+                  "share the cores and stretch the wall; with more, it also counts threads waiting for each "
+                  "other.", "",
+                  "| phase | wall | CPU |", "|---|---|---|"]
+        lines += [f"| {r['phase']} | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s |" for r in res["phases"]]
+        lines += [f"| all (with setup, plots, report) | {res['wall_s']:.0f} s | {res.get('cpu_s', float('nan')):.0f} s |",
+                  ""]
     if res.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     for name, (f, note) in plots.items():
@@ -438,9 +491,10 @@ def compare_main(argv=None) -> dict:
     os.makedirs(out, exist_ok=True)
     b, small = args.budget, args.size == "small"
     ev = min(1.0, b)
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     progress = not args.no_progress
     notes = []
+    phase = Phases()
 
     # -- text: the shared shape, data and budget --
     gshape = dict(SIZES["gpt"][args.size])
@@ -468,8 +522,10 @@ def compare_main(argv=None) -> dict:
     models, trained = {}, {}
     for name, task in tasks.items():
         _log(f"training {name} ({_params(task.model) / 1e6:.2f}M parameters, {steps} steps of {batch} x {seq_len})")
-        trainer, metrics, rate, wall = _train(task, os.path.join(out, name.lower()), steps=steps, batch_size=batch,
-                                              lr=lr[name], seed=args.seed, dtype=dtype, progress=progress)
+        with phase(f"train {name}"):
+            trainer, metrics, rate, wall = _train(task, os.path.join(out, name.lower()), steps=steps,
+                                                  batch_size=batch, lr=lr[name], seed=args.seed, dtype=dtype,
+                                                  progress=progress)
         trained[name] = task
         models[name] = dict(params=_params(task.model), train_tokens_per_s=rate, train_wall_s=wall,
                             eval=metrics)
@@ -492,12 +548,14 @@ def compare_main(argv=None) -> dict:
         kind = {"GPT": "gpt", "hybrid": "hybrid"}.get(name, "mlm")
         _log(f"evaluating {name}: masked tokens and infilling")
         model = task.model.eval()
-        models[name]["masked_accuracy"] = masked_accuracy(kind, model, tok, mw, mm)
-        if name == "MDLM":
-            guesses = mdlm_infill(model, tok, iw, istart, ispan)
-        else:
-            guesses = infill(kind, model, tok, iw, istart, ispan)
-        models[name].update(infill_scores(guesses, iw, istart, ispan))
+        sp = dict(span_positions=task.span_positions) if name == "hybrid" else {}
+        with phase(f"masked tokens and infilling: {name}"):
+            models[name]["masked_accuracy"] = masked_accuracy(kind, model, tok, mw, mm, **sp)
+            if name == "MDLM":
+                guesses = mdlm_infill(model, tok, iw, istart, ispan)
+            else:
+                guesses = infill(kind, model, tok, iw, istart, ispan, **sp)
+            models[name].update(infill_scores(guesses, iw, istart, ispan))
 
     # -- drift with length, judged by a larger GPT trained longer --
     jshape = dict(gshape, n_layer=gshape["n_layer"] + 2)
@@ -505,8 +563,9 @@ def compare_main(argv=None) -> dict:
     judge_task = GPTTask(GPTConfig(**jshape), seq_len=seq_len, **text)
     jsteps = _scaled(PLAN["judge_steps"], b, 2)
     _log(f"training the judge GPT ({_params(judge_task.model) / 1e6:.2f}M parameters, {jsteps} steps)")
-    _, jm, _, jwall = _train(judge_task, os.path.join(out, "judge"), steps=jsteps, batch_size=batch, lr=2e-3,
-                             seed=args.seed + 1, dtype=dtype, progress=progress)
+    with phase("train the judge GPT"):
+        _, jm, _, jwall = _train(judge_task, os.path.join(out, "judge"), steps=jsteps, batch_size=batch, lr=2e-3,
+                                 seed=args.seed + 1, dtype=dtype, progress=progress)
     judge = judge_task.model.eval()
     n_drift = _scaled(PLAN["drift_samples"], ev, 2)
     n_new = max(DRIFT_LENGTHS)
@@ -516,43 +575,49 @@ def compare_main(argv=None) -> dict:
     rows = {}
     for name in ("GPT", "hybrid"):
         _log(f"{name}: sampling {n_drift} x {n_new} tokens")
-        t0 = time.perf_counter()
-        seqs = generate_long(trained[name].model.eval(), real[:, :PROMPT_LEN], n_new, seed=args.seed,
-                             suppress_tokens=tok.all_special_ids)
-        models[name]["gen_tokens_per_s"] = n_drift * n_new / (time.perf_counter() - t0)
-        rows[name] = drift(token_nll(judge, seqs), nbytes_of[seqs], PROMPT_LEN)
+        with phase(f"drift: {name} samples, judged"):
+            t0 = time.perf_counter()
+            seqs = generate_long(trained[name].model.eval(), real[:, :PROMPT_LEN], n_new, seed=args.seed,
+                                 suppress_tokens=tok.all_special_ids)
+            models[name]["gen_tokens_per_s"] = n_drift * n_new / (time.perf_counter() - t0)
+            rows[name] = drift(token_nll(judge, seqs), nbytes_of[seqs], PROMPT_LEN)
     if "MDLM" in trained:     # a fixed-length sampler: each length that fits in seq_len on its own
         _log(f"MDLM: sampling {n_drift} sequences of each length up to {seq_len - PROMPT_LEN} tokens")
         rows["MDLM"], made, t0 = {}, 0, time.perf_counter()
-        for L in DRIFT_LENGTHS:
-            if PROMPT_LEN + L > seq_len:
-                break
-            seqs = mdlm_generate(trained["MDLM"].model.eval(), tok, real[:, :PROMPT_LEN], L, steps=max(1, L // 2),
-                                 seed=args.seed)
-            rows["MDLM"][str(L)] = drift(token_nll(judge, seqs), nbytes_of[seqs], PROMPT_LEN)[str(L)]
-            made += n_drift * L
+        with phase("drift: MDLM samples, judged"):
+            for L in DRIFT_LENGTHS:
+                if PROMPT_LEN + L > seq_len:
+                    break
+                seqs = mdlm_generate(trained["MDLM"].model.eval(), tok, real[:, :PROMPT_LEN], L,
+                                     steps=max(1, L // 2), seed=args.seed)
+                rows["MDLM"][str(L)] = drift(token_nll(judge, seqs), nbytes_of[seqs], PROMPT_LEN)[str(L)]
+                made += n_drift * L
         if made:
             models["MDLM"]["gen_tokens_per_s"] = made / (time.perf_counter() - t0)
         else:
             del rows["MDLM"]
             notes.append(f"MDLM: no length of the drift table fits in its sequence of {seq_len} after the "
                          f"{PROMPT_LEN}-token prompt; not sampled.")
-    rows["real validation text"] = drift(token_nll(judge, real), nbytes_of[real], PROMPT_LEN)
+    with phase("drift: real text, judged"):
+        rows["real validation text"] = drift(token_nll(judge, real), nbytes_of[real], PROMPT_LEN)
     res = {"budget": b, "size": args.size, "threads": torch.get_num_threads(),
            "text": {"corpus": "the stdlib source (bytes)" if args.data is None else f"{args.data} (bytes)",
                     "shape": f"{gshape['n_layer']} layers x {gshape['n_embd']} wide, {gshape['n_head']} heads",
                     "steps": steps, "batch": batch, "seq_len": seq_len, "tokens": steps * batch * seq_len,
                     "masked_windows": n_mask, "masked_len": masked_len + 1, "infill_windows": n_inf,
-                    "infill_len": inf_len, "models": models},
+                    "infill_len": inf_len, "models": models,
+                    "hybrid": {k: tasks["hybrid"].config()[k] for k in ("mix", "mask_prob", "span_len")}},
            "drift": {"judge_params": _params(judge), "judge_steps": jsteps, "judge_wall_s": jwall,
                      "judge_val_nats_per_byte": jm.get("val_loss"), "samples": n_drift, "rows": rows},
            "notes": notes}
 
     # -- images --
     if not args.no_images:
-        res["images"] = _images(args, out, b, ev, progress)
+        res["images"] = _images(args, out, b, ev, progress, phase)
 
     res["wall_s"] = time.perf_counter() - t_all
+    res["cpu_s"] = time.process_time() - c_all
+    res["phases"] = phase.rows
     plots = {}
     f = "drift.png"
     plots["sample quality against length"] = (f, plot_lines(
@@ -573,30 +638,33 @@ def compare_main(argv=None) -> dict:
     return res
 
 
-def _images(args, out, b, ev, progress) -> dict:
+def _images(args, out, b, ev, progress, phase=None) -> dict:
     from .judge import Judge
     from .tasks import SIZES, DenoisingTask, sample_images
 
     steps = _scaled(PLAN["image_steps"], b, 2)
     n = _scaled(PLAN["image_samples"], ev, 20)
     res = {"steps": steps, "batch": PLAN["image_batch"], "samples": n}
+    phase = phase or Phases()
     judge = None
     for obj in ("flow", "diffusion"):
         torch.manual_seed(args.seed)
         task = DenoisingTask(obj, arch="unet", model_cfg=SIZES["unet"][args.size], eval_samples=n)
         if judge is None:
-            judge = Judge(task.data, epochs=max(2, min(20, round(40 * ev))))
+            with phase("images: train the judge CNN"):
+                judge = Judge(task.data, epochs=max(2, min(20, round(40 * ev))))
             res.update(judge_test_accuracy=judge.test_accuracy, reference_fd=judge.reference_fd)
         _log(f"training {obj} ({_params(task.model) / 1e6:.2f}M parameters, {steps} steps)")
-        trainer, metrics, rate, wall = _train(task, os.path.join(out, obj), steps=steps,
-                                              batch_size=PLAN["image_batch"], lr=1e-3, seed=args.seed, ema=0.999,
-                                              progress=progress)
+        with phase(f"images: train {obj}"):
+            trainer, metrics, rate, wall = _train(task, os.path.join(out, obj), steps=steps,
+                                                  batch_size=PLAN["image_batch"], lr=1e-3, seed=args.seed,
+                                                  ema=0.999, progress=progress)
         res["params"] = _params(task.model)
         sampler = "flow" if obj == "flow" else "ddim"
         by = {}
         y = torch.arange(n) % task.num_classes
         swap = trainer.ema.swapped_in(task.model) if trainer.ema is not None else contextlib.nullcontext()
-        with swap:
+        with swap, phase(f"images: sample {obj} and judge"):
             for s in IMAGE_STEPS:
                 x = sample_images(task, task.model.eval(), n, sampler=sampler, steps=s, labels=y, seed=2)
                 by[str(s)] = judge.conditional(x, y)

@@ -392,6 +392,46 @@ def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: in
     return x, y, plen, span_target
 
 
+SPAN_STEP = 1.0 / 16
+
+
+def infill_positions(x: torch.Tensor, prefix_len: int, *, mask_id: int, eos_id: int,
+                     step: float = SPAN_STEP) -> torch.Tensor:
+    """GLM's span positions, in one rotary dimension, for a row x [L] of span_infill_example's
+    layout (padding included): the prefix's tokens keep their indices, and the k-th hole's
+    block, the token that starts it (bos for the first, the previous hole's eos after) and its
+    tokens, takes the positions m_k, m_k + step, m_k + 2 step, ... from the position m_k of the
+    k-th mask token in the prefix. The query that predicts a hole's first token then sits where
+    its mask sits, next to the text around it (rotary attention sees relative positions),
+    instead of far to the right after the prefix, where it would have to count masks to know
+    which hole it fills; a fractional step keeps the hole's later tokens between its mask and
+    the text after it (GLM keeps them apart with a second position). Padding after the last
+    hole keeps its indices. Returns float32 positions [L]."""
+    L = x.numel()
+    pos = torch.arange(L, dtype=torch.float32)
+    if prefix_len < 1 or prefix_len > L:
+        return pos
+    holes = (x[:prefix_len - 1] == mask_id).nonzero().flatten()
+    region = torch.arange(prefix_len - 1, L)
+    start = torch.zeros(region.numel(), dtype=torch.bool)
+    start[0] = True
+    start[1:] = x[prefix_len:] == eos_id
+    block = torch.cumsum(start.long(), 0) - 1                      # the hole each token belongs to
+    first = region[start][block]                                   # the index its block starts at
+    inside = block < holes.numel()
+    pos[region[inside]] = holes[block[inside]].float() + (region - first)[inside].float() * step
+    return pos
+
+
+def infill_decode_positions(stream: list[int], prefix_len: int, max_new_tokens: int, *, mask_id: int, eos_id: int,
+                            step: float = SPAN_STEP) -> list[float]:
+    """The positions GPT.generate needs to decode a hole after stream (the prefix, the holes
+    before, and the bos or eos that starts this hole): infill_positions of the stream, then
+    max_new_tokens more, step apart, inside the hole."""
+    pos = infill_positions(torch.tensor(stream), prefix_len, mask_id=mask_id, eos_id=eos_id, step=step)
+    return pos.tolist() + (float(pos[-1]) + step * torch.arange(1, max_new_tokens + 1, dtype=torch.float32)).tolist()
+
+
 def infill_prefix(tok, pieces: list[list[int]]) -> list[int]:
     """The prefix of span_infill_example's layout for text given as the token pieces around its
     holes: the pieces joined by one mask token per hole, then bos (what a hybrid model reads
@@ -419,6 +459,28 @@ def random_spans(n: int, n_masked: int, n_spans: int, gen: torch.Generator) -> t
     return torch.cat([vals.repeat_interleave(lens), torch.zeros(int(gaps[-1]), dtype=torch.bool)])
 
 
+def parse_span_len(spec) -> tuple[float, float]:
+    """The hybrid's span_len: a mean span length (a number >= 1) or a range "lo:hi" (1 <= lo <= hi)
+    from which each infilling example draws its own mean uniformly; returns (lo, hi)."""
+    if isinstance(spec, str) and ":" in spec:
+        parts = spec.split(":")
+        try:
+            lo, hi = (float(x) for x in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            lo = hi = None
+        if lo is None or not 1.0 <= lo <= hi:
+            raise ValueError(f"span_len: expected a mean span length >= 1 or a range 'lo:hi' with 1 <= lo <= hi, "
+                             f"got {spec!r}")
+        return lo, hi
+    try:
+        v = float(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"span_len: expected a mean span length >= 1 or a range 'lo:hi', got {spec!r}") from None
+    if not v >= 1.0:
+        raise ValueError(f"span_len: expected a mean span length >= 1, got {spec}")
+    return v, v
+
+
 class HybridTask(GPTTask):
     """A GPT-family decoder trained on a mixture of next-token prediction and span infilling
     (GLM / UL2). Every training window of seq_len + 1 tokens is, with probability `mix`, an
@@ -429,6 +491,17 @@ class HybridTask(GPTTask):
     the GPT's plain next-token example (prefix_lens 0). Both kinds are exactly seq_len tokens, so
     batches have a fixed shape and no padding. The loss is the mean over the predicted tokens.
 
+    span_len: the mean span length, or a range "lo:hi" from which each infilling example draws
+    its own mean uniformly (a mix of short runs, as single masked tokens, and long ones, as
+    infilled lines). n_spans, n_text and n_masked hold the layout of a fixed span_len (with a
+    range, of its lower end: the most runs).
+
+    span_positions: "glm" (the default) gives each hole's tokens the rotary positions of its mask
+    (infill_positions, GLM's span positions in one dimension); "sequential" numbers the stream
+    0, 1, ... as a plain GPT does (runs saved before the option existed). Batches carry the
+    positions [B, seq_len] (float32; 0, 1, ... in the next-token rows); generation and
+    evaluation use the same (self.positions, self.decode_positions).
+
     Evaluation: val_loss is the next-token nats per byte on the GPT task's own validation
     windows (the same windows, the same computation: exactly comparable with a GPT run); on
     infilling examples built from those windows (a fixed mask draw), masked_accuracy is the
@@ -437,21 +510,25 @@ class HybridTask(GPTTask):
 
     name = "hybrid"
 
-    def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.5, mask_prob: float = 0.15,
-                 span_len: float = 3.0, **kw):
+    def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.4, mask_prob: float = 0.15,
+                 span_len: "float | str" = 3.0, span_positions: str = "glm", **kw):
+        if span_positions not in ("glm", "sequential"):
+            raise ValueError(f"span_positions: expected 'glm' or 'sequential', got {span_positions!r}")
+        self.span_positions = span_positions
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix: expected a fraction in [0, 1], got {mix}")
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob: expected a value in (0, 1), got {mask_prob}")
-        if not span_len >= 1.0:
-            raise ValueError(f"span_len: expected a mean span length >= 1, got {span_len}")
-        self.mix, self.mask_prob, self.span_len = float(mix), float(mask_prob), float(span_len)
-        self.n_spans = max(1, round(mask_prob * seq_len / span_len))
-        self.n_text = seq_len - 2 * self.n_spans
-        self.n_masked = max(self.n_spans, round(mask_prob * self.n_text))
-        if self.n_text < 2 or self.n_text - self.n_masked < self.n_spans - 1:
-            raise ValueError(f"seq_len {seq_len} is too short for spans of mean length {span_len} at mask_prob "
-                             f"{mask_prob}")
+        self.span_lo, self.span_hi = parse_span_len(span_len)
+        self.mix, self.mask_prob = float(mix), float(mask_prob)
+        self.span_len = self.span_lo if self.span_lo == self.span_hi else f"{self.span_lo:g}:{self.span_hi:g}"
+        self._seq_len = seq_len
+        for mean in (self.span_lo, self.span_hi):
+            n_spans, n_text, n_masked = self.layout(mean)
+            if n_text < 2 or n_text - n_masked < n_spans - 1:
+                raise ValueError(f"seq_len {seq_len} is too short for spans of mean length {mean:g} at mask_prob "
+                                 f"{mask_prob}")
+        self.n_spans, self.n_text, self.n_masked = self.layout(self.span_lo)
         super().__init__(model_cfg, seq_len=seq_len, **kw)
         if hasattr(self, "val"):
             self.val_infill = self._infill_batch(self.val, torch.Generator().manual_seed(4321),
@@ -459,8 +536,29 @@ class HybridTask(GPTTask):
 
     def config(self) -> dict:
         cfg = super().config()
-        cfg.update(kind="hybrid", mix=self.mix, mask_prob=self.mask_prob, span_len=self.span_len)
+        cfg.update(kind="hybrid", mix=self.mix, mask_prob=self.mask_prob, span_len=self.span_len,
+                   span_positions=self.span_positions)
         return cfg
+
+    def positions(self, x: torch.Tensor, prefix_len: int) -> torch.Tensor:
+        """The rotary positions [L] (float32) of an infilling row x [L] (prefix_len 0: a next-token row)."""
+        if self.span_positions == "sequential" or prefix_len == 0:
+            return torch.arange(x.numel(), dtype=torch.float32)
+        return infill_positions(x, prefix_len, mask_id=self.tok.mask_token_id, eos_id=self.tok.eos_token_id)
+
+    def decode_positions(self, stream: list[int], prefix_len: int, max_new_tokens: int) -> list[float] | None:
+        """GPT.generate's positions= for decoding the hole after stream (None: sequential)."""
+        if self.span_positions == "sequential":
+            return None
+        return infill_decode_positions(stream, prefix_len, max_new_tokens, mask_id=self.tok.mask_token_id,
+                                       eos_id=self.tok.eos_token_id)
+
+    def layout(self, mean: float) -> tuple[int, int, int]:
+        """(runs, text tokens, hidden tokens) of an infilling example with spans of this mean length:
+        the text and two tokens per run (its mask in the prefix, its eos) fill seq_len."""
+        n_spans = max(1, round(self.mask_prob * self._seq_len / mean))
+        n_text = self._seq_len - 2 * n_spans
+        return n_spans, n_text, max(n_spans, round(self.mask_prob * n_text))
 
     def infill_row(self, text: torch.Tensor, masked: torch.Tensor, length: int | None = None):
         tok = self.tok
@@ -472,10 +570,16 @@ class HybridTask(GPTTask):
         x, y = w[:, :-1].clone(), w[:, 1:].clone()
         plen = torch.zeros(w.shape[0], dtype=torch.int32)
         span = torch.zeros_like(y, dtype=torch.bool)
+        pos = torch.arange(x.shape[1], dtype=torch.float32).repeat(x.shape[0], 1)
         for b in infill.nonzero().flatten().tolist():
-            masked = random_spans(self.n_text, self.n_masked, self.n_spans, gen)
-            x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :self.n_text], masked)
-        return {"x": x, "y": y, "prefix_lens": plen, "span": span}
+            n_spans, n_text, n_masked = self.n_spans, self.n_text, self.n_masked
+            if self.span_hi > self.span_lo:      # this example's own mean span length
+                u = float(torch.rand((), generator=gen, dtype=torch.float64))
+                n_spans, n_text, n_masked = self.layout(self.span_lo + (self.span_hi - self.span_lo) * u)
+            masked = random_spans(n_text, n_masked, n_spans, gen)
+            x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :n_text], masked)
+            pos[b] = self.positions(x[b], int(plen[b]))
+        return {"x": x, "y": y, "prefix_lens": plen, "positions": pos, "span": span}
 
     def batch(self, gen, n):
         w = self._windows(self.train_ids, n, self.seq_len + 1, gen)
@@ -491,7 +595,9 @@ class HybridTask(GPTTask):
         return b["x"].numel()
 
     def loss(self, model, mb):
-        _, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"])
+        # the fused LM head + cross-entropy, as the GPT task (the prefix's targets are -100)
+        _, loss = model(mb["x"], mb["y"], positions=mb["positions"], prefix_lens=mb["prefix_lens"],
+                        return_logits=False)
         return loss * (mb["y"] != -100).sum()
 
     def evaluate(self, model, device):
@@ -500,7 +606,7 @@ class HybridTask(GPTTask):
         tot, n_loss = 0.0, 0
         for mb in _split_dict(self.val_infill, max(1, self.val_infill["x"].shape[0] // 32)):
             mb = {k: v.to(device) for k, v in mb.items()}
-            logits, loss = model(mb["x"], mb["y"], prefix_lens=mb["prefix_lens"])
+            logits, loss = model(mb["x"], mb["y"], positions=mb["positions"], prefix_lens=mb["prefix_lens"])
             k = int((mb["y"] != -100).sum())
             tot, n_loss = tot + float(loss) * k, n_loss + k
             span = mb["span"]
@@ -984,7 +1090,8 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
                        tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
     if kind == "hybrid":
         return HybridTask(GPTConfig(**cfg["model"]), seq_len=cfg["seq_len"], mix=cfg["mix"], mask_prob=cfg["mask_prob"],
-                          span_len=cfg["span_len"], data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
+                          span_len=cfg["span_len"], span_positions=cfg.get("span_positions", "sequential"),
+                          data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
                           load_data=load_data, tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
     if kind == "mlm":
         return MLMTask(BertConfig(**cfg["model"]), seq_len=cfg["seq_len"], min_len=cfg["min_len"],
