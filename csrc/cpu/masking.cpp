@@ -32,7 +32,8 @@ using masking::MaskParams;
 // AVX-512: segments of up to kSegment tokens of one row, in four passes, every Philox block
 // sixteen at a time (philox_avx512.h) and no branch per token:
 //  A. per 64 tokens one Philox call (16 blocks) for the selection words, compared against the
-//     threshold word by word and interleaved into token order with pdep (the mask "drawn");
+//     threshold word by word and interleaved into token order with pdep (the mask "drawn"), all
+//     of the segment's calls first, in a loop of their own so that they overlap;
 //     per 16 tokens the masks "inside the vocab", "attended" and, when there are many special
 //     ids, "not special" (a binary search of the few drawn tokens); the selected positions and
 //     their ids are packed (vpcompress) into a list;
@@ -223,7 +224,6 @@ PK_TARGET_AVX512_BMI2 void bernoulli_segment_avx512(const MaskParams& p, const i
                                                int64_t b, uint32_t thresh) {
   cpu::Philox16Keys keys;
   cpu::philox16_keys(p.seed, &keys);
-  uint64_t drawn = 0;                       // per 64 tokens: bit i set when token i's selection word is below thresh
   alignas(64) uint32_t pos[kSegment + 16];  // positions of the selected tokens
   alignas(64) id_t vals[kSegment + 16];     // their new ids (the ids until an action changes them)
   alignas(64) uint32_t rnd[kSegment + 16];  // indices into pos / vals of the random replacements
@@ -238,14 +238,17 @@ PK_TARGET_AVX512_BMI2 void bernoulli_segment_avx512(const MaskParams& p, const i
     return rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
   };
 
-  // A. selection
+  // A. selection: first the drawn bits of the whole segment, in a loop of nothing but Philox
+  // rounds (independent calls, so they overlap: twice the rate of one call per 64 tokens
+  // between the compares and packs below), then per 16 tokens the other conditions.
+  uint64_t drawn[kSegment / 64];
+  for (int64_t k = 0; 64 * k < n; ++k) drawn[k] = drawn64(l_begin + 64 * k, row_v, keys, thresh_v);
   int64_t nsel = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t l = l_begin + 16 * g;
-    if ((g & 3) == 0) drawn = drawn64(l, row_v, keys, thresh_v);
     const __mmask16 valid = valid_of(g);
     const Ids16<id_t> x = load_ids16(row + l, valid);
-    __mmask16 m = static_cast<__mmask16>(drawn >> (16 * (g & 3))) & valid;
+    __mmask16 m = static_cast<__mmask16>(drawn[g >> 2] >> (16 * (g & 3))) & valid;
     m &= in_vocab16(x, p.vocab_size) & attended16(arow ? arow + l : nullptr, valid);
     if (n_sp < 0) {
       for (uint32_t bits = m; bits != 0; bits &= bits - 1) {

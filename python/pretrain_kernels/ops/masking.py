@@ -31,22 +31,28 @@ def _special_tensor(special_token_ids, device: torch.device, vocab_size: int | N
     if special_token_ids is None:
         return None
     if isinstance(special_token_ids, torch.Tensor):
+        # The ops want them sorted; sort once per tensor and version, not once per call. The
+        # sorted copy lives on the tensor itself, so it goes when the tensor goes and can never be
+        # mistaken for another tensor's (a new tensor at a freed address); an in-place change
+        # bumps _version (shared by every view of the storage) and forces a new sort. A hit is
+        # looked up before anything else (it costs less than the checks below, which it passed
+        # when it was made); dtype and device are compared again, since `.data =` can change them
+        # without a new version.
+        compiling = is_compiling()
+        hit = None if compiling else getattr(special_token_ids, "_pk_sorted_special", None)
+        if (hit is not None and hit[0] == special_token_ids._version and hit[1] == device
+                and hit[3] is special_token_ids.dtype and special_token_ids.device == device):
+            return hit[2]
         if special_token_ids.dtype.is_floating_point or special_token_ids.dtype == torch.bool:
             raise TypeError(f"special_token_ids: expected integer ids, got {special_token_ids.dtype}")
         check_same_device("special_token_ids", special_token_ids, device)
         t = special_token_ids.reshape(-1)
-        if is_compiling():
+        if compiling:
             return torch.sort(t.to(torch.int64)).values
-        # The ops want them sorted; sort once per tensor and version, not once per call. The
-        # sorted copy lives on the tensor itself, so it goes when the tensor goes and can never be
-        # mistaken for another tensor's (a new tensor at a freed address); an in-place change
-        # bumps _version (shared by every view of the storage) and forces a new sort.
-        hit = getattr(special_token_ids, "_pk_sorted_special", None)
-        if hit is not None and hit[0] == special_token_ids._version and hit[1] == device:
-            return hit[2]
         ids = torch.sort(t.to(torch.int64)).values
         try:
-            special_token_ids._pk_sorted_special = (special_token_ids._version, device, ids)
+            special_token_ids._pk_sorted_special = (special_token_ids._version, device, ids,
+                                                    special_token_ids.dtype)
         except (AttributeError, RuntimeError):  # tensor subclasses that refuse attributes
             pass
         return ids
