@@ -168,7 +168,9 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   const int64_t Dp = (D + 1) / 2 * 2, Dvp = (Dv + 1) / 2 * 2, T = p.total_q;
   std::vector<int64_t> qofs(p.batch + 1, 0);
   for (int64_t b = 0; b < p.batch; ++b) qofs[b + 1] = qofs[b] + (p.len_q(b) + 1) / 2 * 2;
-  const int64_t Tp = qofs[p.batch];
+  // Panel rows are padded by 32 columns (64 bytes) so that their stride is never a multiple of
+  // 4 KiB: the 16 rows of a tile load would share L1 sets.
+  const int64_t Tp = qofs[p.batch] + ((qofs[p.batch] + 32) % 2048 == 0 ? 64 : 32);
   // (every row of these panels is written below before it is read)
   std::vector<acc_t> Qs_own, dO_own;
   std::vector<uint16_t> Qb_own, dOb_own, Qt_own, dOt_own;
