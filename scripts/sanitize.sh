@@ -53,9 +53,9 @@ if [ $# -gt 0 ]; then
 fi
 run -- "${SANITIZE_TESTS[@]}"
 # The CPU kernels have per-instruction-set paths picked at run time (csrc/cpu/cpu_isa.h); the
-# run above took this CPU's best. The portable loops and the AVX-512 path without bf16
-# instructions once more, on the attention tests.
-for isa in generic avx512; do
+# run above took this CPU's best. The portable loops, the AVX-512 path without bf16
+# instructions and the bf16 tiles without AMX once more, on the attention tests.
+for isa in generic avx512 avx512bf16; do
   echo "sanitize: attention with the instruction set capped at $isa"
   run PK_CPU_ISA=$isa -- tests/test_attention.py tests/test_properties.py \
     -m "not emulated and not cuda" -k "not other_instruction_sets and (test_attention.py or flash_attention)"

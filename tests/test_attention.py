@@ -768,9 +768,11 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 import pretrain_kernels as pk
 from reference import attention_ref
+print("isa", pk.build_info()["cpu_isa"], flush=True)
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.5e-2), (torch.float16, 3e-3)):
-    for (sq, sk, H, Hk, D, causal) in ((37, 129, 4, 2, 40, True), (130, 70, 2, 1, 96, False), (1, 300, 2, 2, 64, True)):
+    for (sq, sk, H, Hk, D, causal) in ((37, 129, 4, 2, 40, True), (130, 70, 2, 1, 96, False), (1, 300, 2, 2, 64, True),
+                                       (161, 161, 4, 1, 64, True)):
         q, k, v = torch.randn(1, sq, H, D), torch.randn(1, sk, Hk, D), torch.randn(1, sk, Hk, D)
         q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
         out = pk.flash_attention(q, k, v, causal=causal)
@@ -786,10 +788,15 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx512"])
+_ISA_LEVELS = ["generic", "avx2", "avx512", "avx512bf16", "amx"]  # csrc/cpu/cpu_isa.h, in order
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx512", "avx512bf16", "amx"])
 def test_other_instruction_sets(isa):
-    """The portable loops (CPUs without AVX-512) and the AVX-512 path without the bf16
-    instructions, forced through PK_CPU_ISA in a fresh process."""
+    """Each instruction-set level of the CPU kernels, forced through PK_CPU_ISA in a fresh
+    process: the portable loops (CPUs without AVX-512), the AVX-512 path without the bf16
+    instructions, the bf16 tiles on vdpbf16ps (AVX512-BF16) and on AMX; float32, bfloat16 and
+    float16 forward and backward against the float64 reference. A level the CPU lacks skips."""
     import os
     import subprocess
     import sys
@@ -797,6 +804,14 @@ def test_other_instruction_sets(isa):
     env = dict(os.environ, PK_CPU_ISA=isa)
     r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True,
                        text=True, timeout=300)
+    got = next((line.split()[1] for line in r.stdout.splitlines() if line.startswith("isa ")), None)
+    assert got in _ISA_LEVELS, (r.stdout[-500:], r.stderr[-2000:])
+    if _ISA_LEVELS.index(got) < _ISA_LEVELS.index(isa):
+        why = {"amx": "no AMX here (the CPU lacks amx-tile/amx-bf16, or Linux did not grant the process the "
+                      "tile state: arch_prctl(ARCH_REQ_XCOMP_PERM))",
+               "avx512bf16": "the CPU has no AVX512-BF16"}.get(isa, f"the CPU has no {isa}")
+        pytest.skip(f"PK_CPU_ISA={isa}: {why}; the kernels run {got}")
+    assert got == isa
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 

@@ -5,8 +5,10 @@
 // from the environment (torch.compile and CUDA graphs cannot see it); such choices are op
 // arguments. Each knob is read on every call, so a test or benchmark can flip it in-process.
 //
-//   PK_CPU_ISA=generic|avx2|avx512     caps the instruction set the CPU kernels dispatch to
-//                                      (default: the best the CPU has; csrc/cpu/cpu_isa.h)
+//   PK_CPU_ISA=generic|avx2|avx512|avx512bf16|amx
+//                                      caps the instruction set the CPU kernels dispatch to
+//                                      (default: the best the CPU has; csrc/cpu/cpu_isa.h;
+//                                      avx512bf16: the bf16 attention tiles without AMX)
 //   PK_ATTENTION_CUDA_PATH=simt        float16/bfloat16 attention on the SIMT kernels instead
 //                                      of the tensor-core ones
 //   PK_ATTENTION_FWD_BLOCK_M=64        64-row forward blocks everywhere (default: 128 rows

@@ -47,8 +47,10 @@
 //    GEMMs read unit-stride rows; panel rows are padded so their stride is never a multiple
 //    of 4 KiB. The tile GEMM is a register-blocked AVX-512 kernel (6 rows x 64 columns).
 //  - bf16 path (AVX512-BF16): the bf16 inputs stay bf16, keys and values are packed in
-//    pairs and both products use vdpbf16ps (exact products, float sums); P is rounded to
-//    bf16 for the P V product, as FlashAttention does on GPUs.
+//    pairs and both products go through gemm_bf16 (exact products, float sums): AMX tiles
+//    (tdpbf16ps) where the CPU and the OS allow them, vdpbf16ps otherwise; P is rounded to
+//    bf16 for the P V product, as FlashAttention does on GPUs. The backward does the same
+//    for its five products (P and dS rounded to bf16; attention_bwd.cpp).
 //  - rows path: blocks of at most kSmallRows query rows (decode, short chunks) read the keys
 //    in place with dot products, 16 keys per transposed reduction; when every sequence is
 //    that short, decode_kernel walks the keys of all heads of a sequence together, in

@@ -5,6 +5,9 @@
 // With a soft-cap the recomputed scores go through the same modify_score as the forward's and
 // dS is multiplied by the cap's derivative 1 - tanh^2 (kept per tile element); the ALiBi bias
 // is a constant per element and needs nothing more.
+// bfloat16 inputs (AVX512-BF16) run all five products on bf16 operands through gemm_bf16 (AMX
+// tiles where available), P and dS rounded to bf16 for dV, dK and dQ, with dV and dK kept
+// transposed (see use_bf16 below).
 // P is recomputed per tile as exp(S - lse). Q is loaded pre-multiplied by the scale, which
 // makes dK = dS^T (scale Q) come out already scaled. When the caller also needs the
 // gradient of the lse (return_lse=True), d lse_i / d S_ij = P_ij folds into Di -= dlse_i.
@@ -75,6 +78,45 @@ void qk_bf16(int64_t M, int64_t N, int64_t KP, const uint16_t* A, int64_t lda, c
   TORCH_CHECK(false, "flash_attn_bwd: the bf16 dot-product path needs float accumulation and AVX512-BF16");
 }
 
+// The bf16 products of the backward (float accumulation only; the callers take them when
+// use_bf16, which needs AVX512-BF16).
+template <typename acc_t>
+void bf16_gemm(int64_t M, int64_t N, int64_t KP, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+               acc_t* C, int64_t ldc, bool accumulate) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    gemm_bf16(M, N, KP, A, lda, B, ldb, C, ldc, accumulate);
+    return;
+  }
+#endif
+  (void)M, (void)N, (void)KP, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)accumulate;
+  TORCH_CHECK(false, "flash_attn_bwd: the bf16 path needs float accumulation and AVX512-BF16");
+}
+
+// dst = rows r < R of src (n floats each) in bf16, interleaved in pairs of rows (to_bf16_row_pairs).
+template <typename acc_t>
+void bf16_pv_dv(uint16_t* dst, int64_t ldd, const acc_t* src, int64_t lds, int64_t R, int64_t n) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    to_bf16_row_pairs(dst, ldd * 2, src, lds, R, n);
+    return;
+  }
+#endif
+  (void)dst, (void)ldd, (void)src, (void)lds, (void)R, (void)n;
+}
+
+// dst = rows r < R of src (n floats each) in bf16, each padded with a zero to even n.
+template <typename acc_t>
+void bf16_rows(uint16_t* dst, int64_t ldd, const acc_t* src, int64_t lds, int64_t R, int64_t n) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64_t r = 0; r < R; ++r) to_bf16_row(dst + r * ldd, src + r * lds, n, (n + 1) / 2 * 2);
+    return;
+  }
+#endif
+  (void)dst, (void)ldd, (void)src, (void)lds, (void)R, (void)n;
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out, const acc_t* lse, const acc_t* dlse,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv) {
@@ -110,40 +152,69 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   std::vector<acc_t> dq_own;
   acc_t* dq_acc = scratch<acc_t>(4, static_cast<size_t>(n_chunks * q_elems), dq_own);
   std::fill(dq_acc, dq_acc + n_chunks * q_elems, acc_t(0));
-  // bfloat16 inputs: S = Q K^T and dP = dO V^T straight from the bf16 values with vdpbf16ps
-  // (exact products, float sums); the other three products need rounded P / dS and stay float.
+  // bfloat16 inputs: all five products take the bf16 values with gemm_bf16 (AMX tiles or
+  // vdpbf16ps: exact products, float sums), S = Q K^T and dP = dO V^T straight from the inputs,
+  // the other three with P and dS rounded to bf16 as FlashAttention does on GPUs:
+  //   dV^T += dO^T (P),  dK^T += Q^T dS  (the pair index along the queries),  dQ += dS K.
+  // dV and dK are accumulated transposed ([dim][key]), so that the query blocks' P and dS
+  // serve as B operands (two rows interleaved per pair) and Q^T, dO^T come from panels built
+  // once: per head [dim][query pair] (Qt_all, dOt_all), each sequence starting at an even
+  // column (qofs), with a zero column after an odd length. Query blocks then start at an even
+  // query (a row before the first one that sees the key block sees none of it: P = 0).
   bool use_bf16 = false;
 #if PK_X86
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) use_bf16 = isa_avx512bf16();
 #endif
   const int64_t Dp = (D + 1) / 2 * 2, Dvp = (Dv + 1) / 2 * 2, T = p.total_q;
+  std::vector<int64_t> qofs(p.batch + 1, 0);
+  for (int64_t b = 0; b < p.batch; ++b) qofs[b + 1] = qofs[b] + (p.len_q(b) + 1) / 2 * 2;
+  // Panel rows are padded by 32 columns (64 bytes) so that their stride is never a multiple of
+  // 4 KiB: the 16 rows of a tile load would share L1 sets.
+  const int64_t Tp = qofs[p.batch] + ((qofs[p.batch] + 32) % 2048 == 0 ? 64 : 32);
   // (every row of these panels is written below before it is read)
   std::vector<acc_t> Qs_own, dO_own;
-  std::vector<uint16_t> Qb_own, dOb_own;
-  acc_t* Qs_all = scratch<acc_t>(2, static_cast<size_t>(H * T * D), Qs_own);
-  acc_t* dO_all = scratch<acc_t>(3, static_cast<size_t>(H * T * Dv), dO_own);
+  std::vector<uint16_t> Qb_own, dOb_own, Qt_own, dOt_own;
+  acc_t* Qs_all = use_bf16 ? nullptr : scratch<acc_t>(2, static_cast<size_t>(H * T * D), Qs_own);
+  acc_t* dO_all = use_bf16 ? nullptr : scratch<acc_t>(3, static_cast<size_t>(H * T * Dv), dO_own);
   uint16_t* Qb_all = use_bf16 ? scratch<uint16_t>(2, static_cast<size_t>(H * T * Dp), Qb_own) : nullptr;
   uint16_t* dOb_all = use_bf16 ? scratch<uint16_t>(3, static_cast<size_t>(H * T * Dvp), dOb_own) : nullptr;
+  uint16_t* Qt_all = use_bf16 ? scratch<uint16_t>(5, static_cast<size_t>(H * D * Tp), Qt_own) : nullptr;
+  uint16_t* dOt_all = use_bf16 ? scratch<uint16_t>(6, static_cast<size_t>(H * Dv * Tp), dOt_own) : nullptr;
   at::parallel_for(0, p.batch * H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, tok0 = p.tok_q(b);
       for (int64_t i = 0; i < p.len_q(b); ++i) {
         const scalar_t* qr = p.q_row<scalar_t>(b, i, h);
         const scalar_t* dor = dout + ((tok0 + i) * H + h) * Dv;
-        load_row(Qs_all + (h * T + tok0 + i) * D, qr, D, scale);
-        load_row(dO_all + (h * T + tok0 + i) * Dv, dor, Dv);
         if (use_bf16) {
           copy_padded(Qb_all + (h * T + tok0 + i) * Dp, qr, D, Dp);
           copy_padded(dOb_all + (h * T + tok0 + i) * Dvp, dor, Dv, Dvp);
+        } else {
+          load_row(Qs_all + (h * T + tok0 + i) * D, qr, D, scale);
+          load_row(dO_all + (h * T + tok0 + i) * Dv, dor, Dv);
         }
       }
+#if PK_X86
+      if constexpr (sizeof(scalar_t) == 2) {
+        if (use_bf16) {
+          transpose_pairs(Qt_all + h * D * Tp + qofs[b], Tp, p.q_row<scalar_t>(b, 0, h), p.q.ss, p.len_q(b), D);
+          transpose_pairs(dOt_all + h * Dv * Tp + qofs[b], Tp, dout + (tok0 * H + h) * Dv, H * Dv, p.len_q(b), Dv);
+        }
+      }
+#endif
     }
   });
 
   at::parallel_for(0, p.batch * Hk * n_chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> Kf(BK * D), Kt(use_bf16 ? 0 : D * BK), Vt(use_bf16 ? 0 : Dv * BK), dK(BK * D), dV(BK * Dv);
+    // dK, dV: [key][dim], or transposed [dim][key] (row stride BK) when bf16
+    std::vector<acc_t> Kf(use_bf16 ? 0 : BK * D), Kt(use_bf16 ? 0 : D * BK), Vt(use_bf16 ? 0 : Dv * BK),
+        dK(BK * D), dV(BK * Dv);
     std::vector<acc_t> S(BQ * BK), dP(BQ * BK), dCap(p.softcap > 0 ? BQ * BK : 0);
     std::vector<uint16_t> Kp(use_bf16 ? Dp * BK : 0), Vp(use_bf16 ? Dvp * BK : 0);
+    // bf16: keys in pairs of keys (dQ's B), P and dS in pairs of queries (B of dV^T, dK^T) and dS
+    // in pairs of keys (dQ's A)
+    std::vector<uint16_t> Kv(use_bf16 ? (BK + 1) * D : 0), Pv(use_bf16 ? (BQ + 1) * BK : 0),
+        dSv(use_bf16 ? (BQ + 1) * BK : 0), dSb(use_bf16 ? BQ * BK : 0);
     const bool drop = p.has_dropout();
     std::vector<acc_t> Dm(drop ? BQ * BK : 0), Pd(drop ? BQ * BK : 0);  // dropout factors, P M
     std::vector<uint32_t> bits;
@@ -156,17 +227,29 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
       acc_t* dq_c = dq_acc + c * q_elems;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t j0 = kb * BK, nk = std::min(BK, lk - j0);
-        for (int64_t j = 0; j < nk; ++j) load_row(Kf.data() + j * D, p.k_row<scalar_t>(b, j0 + j, hk), D);
+        const int64_t nkp = (nk + 1) / 2 * 2;
         if (use_bf16) {
           pack_pairs(Kp.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
           pack_pairs(Vp.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, nk, Dv);
+          for (int64_t j = 0; j < nkp; ++j) {  // Kv[(j / 2) * 2 D + 2 d + j % 2] = K[j][d], a zero key after odd nk
+            uint16_t* dst = Kv.data() + (j >> 1) * 2 * D + (j & 1);
+            if (j < nk) {
+              const uint16_t* kr = reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j0 + j, hk));
+              for (int64_t d = 0; d < D; ++d) dst[2 * d] = kr[d];
+            } else {
+              for (int64_t d = 0; d < D; ++d) dst[2 * d] = 0;
+            }
+          }
         } else {
+          for (int64_t j = 0; j < nk; ++j) load_row(Kf.data() + j * D, p.k_row<scalar_t>(b, j0 + j, hk), D);
           load_transposed(Kt.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
           load_transposed(Vt.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, nk, Dv);
         }
         std::fill(dK.begin(), dK.end(), acc_t(0));
         std::fill(dV.begin(), dV.end(), acc_t(0));
-        const int64_t qlo = query_lo(w, j0, lq), qhi = query_hi(w, j0 + nk, lq);
+        const int64_t qhi = query_hi(w, j0 + nk, lq);
+        int64_t qlo = query_lo(w, j0, lq);
+        if (use_bf16) qlo = qlo / 2 * 2;  // pairs of queries start at an even query (see above)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g;
           for (int64_t i0 = qlo; i0 < qhi; i0 += BQ) {
@@ -174,8 +257,9 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             if (!tile_any(w, i0, i1, j0, j0 + nk, lk)) continue;
             const bool full = tile_full(w, i0, i1, j0, j0 + nk, lk);
             const int64_t row0 = h * T + p.tok_q(b) + i0;  // panel row of query i0, head h
-            const acc_t* Qf = Qs_all + row0 * D;
-            const acc_t* dOf = dO_all + row0 * Dv;
+            const acc_t* Qf = use_bf16 ? nullptr : Qs_all + row0 * D;
+            const acc_t* dOf = use_bf16 ? nullptr : dO_all + row0 * Dv;
+            const int64_t col0 = qofs[b] + i0, npp = (np + 1) / 2;  // bf16: panel column of query i0, query pairs
             // S, then P = exp(S - lse) in place.
             if (use_bf16)
               qk_bf16(np, nk, Dp / 2, Qb_all + row0 * Dp, Dp, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
@@ -205,7 +289,12 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
                 for (int64_t j = 0; j < nk; ++j) pd[j] = pr[j] * mr[j];
               }
             }
-            gemm<acc_t>(nk, Dv, np, drop ? Pd.data() : S.data(), 1, BK, dOf, Dv, dV.data(), Dv, true);
+            if (use_bf16) {
+              bf16_pv_dv(Pv.data(), BK, drop ? Pd.data() : S.data(), BK, np, nk);
+              bf16_gemm(Dv, nk, npp, dOt_all + h * Dv * Tp + col0, Tp, Pv.data(), 2 * BK, dV.data(), BK, true);
+            } else {
+              gemm<acc_t>(nk, Dv, np, drop ? Pd.data() : S.data(), 1, BK, dOf, Dv, dV.data(), Dv, true);
+            }
             // dP = dO V^T, then dS = P * (dP - Di) in place.
             if (use_bf16)
               qk_bf16(np, nk, Dvp / 2, dOb_all + row0 * Dvp, Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
@@ -227,14 +316,28 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
               }
             }
             // dK += dS^T (scale Q);  dQ += dS K (scaled at the end)
-            gemm<acc_t>(nk, D, np, dP.data(), 1, BK, Qf, D, dK.data(), D, true);
-            gemm<acc_t>(np, D, nk, dP.data(), BK, 1, Kf.data(), D, dq_c + row0 * D, D, true);
+            if (use_bf16) {  // dK^T += Q^T dS (scaled at the end);  dQ += dS K
+              bf16_pv_dv(dSv.data(), BK, dP.data(), BK, np, nk);
+              bf16_gemm(D, nk, npp, Qt_all + h * D * Tp + col0, Tp, dSv.data(), 2 * BK, dK.data(), BK, true);
+              bf16_rows(dSb.data(), BK, dP.data(), BK, np, nk);
+              bf16_gemm(np, D, nkp / 2, dSb.data(), BK, Kv.data(), 2 * D, dq_c + row0 * D, D, true);
+            } else {
+              gemm<acc_t>(nk, D, np, dP.data(), 1, BK, Qf, D, dK.data(), D, true);
+              gemm<acc_t>(np, D, nk, dP.data(), BK, 1, Kf.data(), D, dq_c + row0 * D, D, true);
+            }
           }
         }
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t tok = p.tok_k(b) + j0 + j;
-          store_row(dk + (tok * Hk + hk) * D, dK.data() + j * D, D);
-          store_row(dv + (tok * Hk + hk) * Dv, dV.data() + j * Dv, Dv);
+          if (use_bf16) {  // dK^T, dV^T: [dim][key], row stride BK
+            scalar_t* dkr = dk + (tok * Hk + hk) * D;
+            scalar_t* dvr = dv + (tok * Hk + hk) * Dv;
+            for (int64_t d = 0; d < D; ++d) dkr[d] = static_cast<scalar_t>(dK[d * BK + j] * scale);
+            for (int64_t d = 0; d < Dv; ++d) dvr[d] = static_cast<scalar_t>(dV[d * BK + j]);
+          } else {
+            store_row(dk + (tok * Hk + hk) * D, dK.data() + j * D, D);
+            store_row(dv + (tok * Hk + hk) * Dv, dV.data() + j * Dv, Dv);
+          }
         }
       }
     }

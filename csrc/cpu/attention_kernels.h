@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "../common/attention.h"
 #include "cpu_isa.h"
@@ -25,6 +26,7 @@ namespace cpu {
 // The instruction sets the tile primitives use (csrc/cpu/cpu_isa.h, the one CPU dispatch).
 inline bool isa_avx512() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512); }
 inline bool isa_avx512bf16() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAvx512Bf16); }
+inline bool isa_amx() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAmx); }
 
 // Rows of K or V as the rows kernels read them, key j of a block at rows(j): one pointer and a
 // row stride, or through the page table of a paged kv cache (paged_offset in
@@ -493,6 +495,188 @@ PK_TARGET_AVX512 inline void scale_row_avx512(float* s, int64_t n, float scale) 
   }
 }
 
+// ---- bfloat16 tiles on AMX (tdpbf16ps) ----------------------------------------------------
+// The same product as gemm_bf16 with the same operand layout, which is AMX's own: an A tile is
+// 16 rows of 16 pairs (64 bytes), a B tile 16 pair rows of 16 columns, a C tile 16 x 16
+// floats. Blocks of 2 x 2 C tiles (tmm0-3) take per chunk of 16 pairs two A tiles (tmm4-5)
+// and two B tiles (tmm6-7). Every tile has the one configuration 16 rows x 64 bytes, so a
+// thread configures once (amx_configure); the edges are small zero-padded copies (the last
+// partial chunk of pairs, the last partial row tile and column tile), so no tile reads past
+// an operand. Products are exact and sums float, as with vdpbf16ps; the order of the sums
+// differs, so the two paths may differ in the last bits. An element's result depends only
+// on its row of A and column of B (the padding adds exact zeros), not on M, N or where it
+// lies in a tile.
+//
+// The tile macros of GCC's headers are asm statements that do not tell the compiler they
+// read memory: amx_fence() before a tile load orders the stores to the operands before it.
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline void amx_fence() { asm volatile("" ::: "memory"); }
+
+// Loads gemm_bf16_amx's tile configuration on this thread unless it holds it already. The
+// configuration is per thread and other code on the thread (oneDNN's AMX kernels, which
+// torch's bf16 matmuls use) may load its own or release the tiles between two calls, so
+// the current one is read back (sttilecfg, a few cycles) rather than remembered.
+PK_TARGET_AMX inline void amx_configure() {
+  static const AmxTileConfig want = [] {
+    AmxTileConfig c;
+    std::memset(&c, 0, sizeof(c));
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = 16;
+    }
+    return c;
+  }();
+  AmxTileConfig now;
+  amx_fence();
+  _tile_storeconfig(&now);
+  amx_fence();
+  if (std::memcmp(&now, &want, sizeof(want)) != 0) {
+    amx_fence();
+    _tile_loadconfig(&want);
+  }
+}
+
+// One operand tile per chunk of 16 pairs: chunk c at base + c * step, rows `stride` bytes
+// apart; the last partial chunk (when KP % 16) at `tail`, rows tail_stride apart.
+struct AmxOperand {
+  const char* base;
+  int64_t stride, step;
+  const char* tail;
+  int64_t tail_stride;
+};
+
+// TM x TN C tiles (1 or 2 each) at c[t] (rows ldc[t] bytes apart), C tile (r, s) in tmm 2r + s.
+template <int TM, int TN>
+PK_TARGET_AMX inline void amx_block(int64_t nfull, bool tail, const AmxOperand* a, const AmxOperand* b,
+                                    float* const* c, const int64_t* ldc, bool load) {
+  if (load) {
+    _tile_loadd(0, c[0], ldc[0]);
+    if constexpr (TN > 1) _tile_loadd(1, c[1], ldc[1]);
+    if constexpr (TM > 1) _tile_loadd(2, c[2], ldc[2]);
+    if constexpr (TM > 1 && TN > 1) _tile_loadd(3, c[3], ldc[3]);
+  } else {
+    _tile_zero(0);
+    if constexpr (TN > 1) _tile_zero(1);
+    if constexpr (TM > 1) _tile_zero(2);
+    if constexpr (TM > 1 && TN > 1) _tile_zero(3);
+  }
+  for (int64_t kc = 0; kc <= nfull; ++kc) {
+    if (kc == nfull && !tail) break;
+    const bool last = kc == nfull;
+    _tile_loadd(4, last ? a[0].tail : a[0].base + kc * a[0].step, last ? a[0].tail_stride : a[0].stride);
+    if constexpr (TM > 1) _tile_loadd(5, last ? a[1].tail : a[1].base + kc * a[1].step, last ? a[1].tail_stride : a[1].stride);
+    _tile_loadd(6, last ? b[0].tail : b[0].base + kc * b[0].step, last ? b[0].tail_stride : b[0].stride);
+    if constexpr (TN > 1) _tile_loadd(7, last ? b[1].tail : b[1].base + kc * b[1].step, last ? b[1].tail_stride : b[1].stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (TN > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (TM > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (TM > 1 && TN > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c[0], ldc[0]);
+  if constexpr (TN > 1) _tile_stored(1, c[1], ldc[1]);
+  if constexpr (TM > 1) _tile_stored(2, c[2], ldc[2]);
+  if constexpr (TM > 1 && TN > 1) _tile_stored(3, c[3], ldc[3]);
+}
+
+// gemm_bf16 on AMX (see above): C[m, n] (+)= sum_kp A2(m, kp) . B2(kp, n).
+PK_TARGET_AMX inline void gemm_bf16_amx(int64_t M, int64_t N, int64_t KP, const uint16_t* A, int64_t lda,
+                                        const uint16_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const int64_t nfull = KP / 16, kt = KP % 16, KP16 = (KP + 15) / 16 * 16;
+  const int64_t Mf = M / 16 * 16, Nf = N / 16 * 16;  // rows and columns in whole tiles
+  const int64_t mt = (M + 15) / 16, nt = (N + 15) / 16;
+  // Zero-padded copies of the edges, kept per thread.
+  thread_local std::vector<uint16_t> a_tail, a_part, b_tail, b_part;
+  thread_local float c_part[4][256];
+  if (kt && Mf > 0) {  // pairs [16 nfull, KP) of the rows of whole tiles, padded to 16 pairs
+    a_tail.resize(Mf * 32);
+    for (int64_t m = 0; m < Mf; ++m) {
+      uint16_t* d = a_tail.data() + m * 32;
+      std::memcpy(d, A + m * lda + 32 * nfull, 4 * kt);
+      std::memset(d + 2 * kt, 0, 64 - 4 * kt);
+    }
+  }
+  if (M > Mf) {  // the last rows (fewer than 16): every pair, padded to KP16 pairs and 16 rows
+    a_part.assign(16 * 2 * KP16, 0);
+    for (int64_t m = Mf; m < M; ++m) std::memcpy(a_part.data() + (m - Mf) * 2 * KP16, A + m * lda, 4 * KP);
+  }
+  if (kt && Nf > 0) {  // pair rows [16 nfull, KP) of the whole column tiles, padded to 16 rows
+    b_tail.assign(16 * 2 * Nf, 0);
+    for (int64_t r = 0; r < kt; ++r) std::memcpy(b_tail.data() + r * 2 * Nf, B + (16 * nfull + r) * ldb, 4 * Nf);
+  }
+  if (N > Nf) {  // the last columns (fewer than 16) of every pair row, padded to 16 columns and KP16 rows
+    b_part.assign(KP16 * 32, 0);
+    for (int64_t r = 0; r < KP; ++r) std::memcpy(b_part.data() + r * 32, B + r * ldb + 2 * Nf, 4 * (N - Nf));
+  }
+  const auto a_op = [&](int64_t i) -> AmxOperand {
+    if (16 * i < Mf) {
+      const char* base = reinterpret_cast<const char*>(A + 16 * i * lda);
+      return {base, 2 * lda, 64, reinterpret_cast<const char*>(a_tail.data() + 16 * i * 32), 64};
+    }
+    const char* base = reinterpret_cast<const char*>(a_part.data());
+    return {base, 4 * KP16, 64, base + 64 * nfull, 4 * KP16};
+  };
+  const auto b_op = [&](int64_t j) -> AmxOperand {
+    if (16 * j < Nf) {
+      const char* base = reinterpret_cast<const char*>(B + 32 * j);
+      return {base, 2 * ldb, 32 * ldb, reinterpret_cast<const char*>(b_tail.data() + 32 * j), 4 * Nf};
+    }
+    const char* base = reinterpret_cast<const char*>(b_part.data());
+    return {base, 64, 1024, base + 1024 * nfull, 64};
+  };
+  amx_configure();
+  for (int64_t i = 0; i < mt; i += 2) {
+    const int tm = mt - i >= 2 ? 2 : 1;
+    const AmxOperand a[2] = {a_op(i), a_op(i + tm - 1)};
+    for (int64_t j = 0; j < nt; j += 2) {
+      const int tn = nt - j >= 2 ? 2 : 1;
+      const AmxOperand b[2] = {b_op(j), b_op(j + tn - 1)};
+      float* c[4];
+      int64_t ldcb[4];
+      bool part[4];
+      for (int r = 0; r < tm; ++r)
+        for (int s = 0; s < tn; ++s) {
+          const int t = 2 * r + s;
+          const int64_t m0 = 16 * (i + r), n0 = 16 * (j + s);
+          part[t] = m0 + 16 > M || n0 + 16 > N;
+          if (!part[t]) {
+            c[t] = C + m0 * ldc + n0;
+            ldcb[t] = 4 * ldc;
+            continue;
+          }
+          c[t] = c_part[t];
+          ldcb[t] = 64;
+          if (accumulate) {
+            const int64_t rows = std::min<int64_t>(16, M - m0), cols = std::min<int64_t>(16, N - n0);
+            std::memset(c_part[t], 0, sizeof(c_part[t]));
+            for (int64_t m = 0; m < rows; ++m) std::memcpy(c_part[t] + 16 * m, C + (m0 + m) * ldc + n0, 4 * cols);
+          }
+        }
+      amx_fence();
+      if (tm == 2 && tn == 2) amx_block<2, 2>(nfull, kt > 0, a, b, c, ldcb, accumulate);
+      else if (tm == 2) amx_block<2, 1>(nfull, kt > 0, a, b, c, ldcb, accumulate);
+      else if (tn == 2) amx_block<1, 2>(nfull, kt > 0, a, b, c, ldcb, accumulate);
+      else amx_block<1, 1>(nfull, kt > 0, a, b, c, ldcb, accumulate);
+      for (int r = 0; r < tm; ++r)
+        for (int s = 0; s < tn; ++s) {
+          const int t = 2 * r + s;
+          if (!part[t]) continue;
+          const int64_t m0 = 16 * (i + r), n0 = 16 * (j + s);
+          const int64_t rows = std::min<int64_t>(16, M - m0), cols = std::min<int64_t>(16, N - n0);
+          for (int64_t m = 0; m < rows; ++m) std::memcpy(C + (m0 + m) * ldc + n0, c_part[t] + 16 * m, 4 * cols);
+        }
+    }
+  }
+}
+
 // ---- bfloat16 tiles with the AVX512-BF16 dot product (vdpbf16ps) ------------------------
 // C[m, n] (+)= sum_kp A2(m, kp) . B2(kp, n): A holds bf16 pairs along k (row stride lda in
 // bf16 elements), B holds for each pair index kp a row of N pairs (row stride ldb in bf16
@@ -550,6 +734,10 @@ PK_TARGET_AVX512BF16 inline void gemm_bf16_rows(int64_t M, int64_t KP, const uin
 PK_TARGET_AVX512BF16 inline void gemm_bf16(int64_t M, int64_t N, int64_t KP, const uint16_t* A, int64_t lda,
                                            const uint16_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
+  if (isa_amx()) {
+    gemm_bf16_amx(M, N, KP, A, lda, B, ldb, C, ldc, accumulate);
+    return;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t nn = std::min<int64_t>(64, N - n0);
     const int nv = static_cast<int>((nn + 15) / 16);
@@ -573,6 +761,47 @@ PK_TARGET_AVX512BF16 inline void to_bf16_row(uint16_t* dst, const float* src, in
     _mm256_mask_storeu_epi16(dst + j, m, (__m256i)h);
   }
   for (j = n; j < n_pad; ++j) dst[j] = 0;
+}
+
+// Rows r < R of src (row stride lds, n floats each) rounded to bf16 and interleaved in pairs of
+// rows, the B layout of gemm_bf16 with the pair index along the rows:
+// dst[(r / 2) * ldd + 2 * j + r % 2] = bf16(src[r * lds + j]); an odd R gets a zero row.
+PK_TARGET_AVX512BF16 inline void to_bf16_row_pairs(uint16_t* dst, int64_t ldd, const float* src, int64_t lds,
+                                                   int64_t R, int64_t n) {
+  for (int64_t r = 0; r < R; r += 2) {
+    const float* s0 = src + r * lds;
+    const float* s1 = r + 1 < R ? s0 + lds : nullptr;
+    uint16_t* d = dst + (r / 2) * ldd;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s0 + j)));
+      const __m512i hi = s1 ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s1 + j)))
+                            : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(d + 2 * j, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// The transpose of rows i < n of src (row stride rs, `cols` bf16 each) in pairs of rows, the A
+// layout of gemm_bf16 with the pair index along the rows of src:
+// dst[c * ld + i] = src[i * rs + c]; an odd n gets a zero at dst[c * ld + n].
+template <typename scalar_t>
+PK_TARGET_AVX512 inline void transpose_pairs(uint16_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t n,
+                                             int64_t cols) {
+  static_assert(sizeof(scalar_t) == 2, "16-bit elements");
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(ld / 2)));
+  for (int64_t i = 0; i < n; i += 2) {
+    const uint16_t* r0 = reinterpret_cast<const uint16_t*>(src + i * rs);
+    const uint16_t* r1 = i + 1 < n ? r0 + rs : nullptr;
+    int32_t* d = reinterpret_cast<int32_t*>(dst + i);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = tail_mask(cols - c);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + c));
+      const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + c)) : _mm512_setzero_si512();
+      _mm512_mask_i32scatter_epi32(d + c * (ld / 2), m, idx, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)), 4);
+    }
+  }
 }
 #endif  // PK_X86
 
