@@ -20,6 +20,10 @@ from ._common import check_int, check_prob, check_same_device, is_compiling, res
 
 _INT64_MAX = 2**63 - 1
 _ID_DTYPES = (torch.int64, torch.int32)
+# the overloads themselves: calling the packet (torch.ops.pretrain_kernels.mlm_mask) resolves
+# the overload on every call
+_MLM_MASK = torch.ops.pretrain_kernels.mlm_mask.default
+_SPAN_MASK = torch.ops.pretrain_kernels.span_mask.default
 _special_cache: dict = {}  # special ids given as a list: (sorted ids, device) -> tensor, (the list, its types,
 # vocab_size, device) -> (that tensor or None,)
 
@@ -175,7 +179,7 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, ma
     max_predictions = 0 if max_predictions is None else min(check_int("max_predictions", max_predictions, low=1),
                                                             _INT64_MAX)
     seed_t = resolve_seed(seed, generator, input_ids.device)
-    return torch.ops.pretrain_kernels.mlm_mask(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
+    return _MLM_MASK(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
                                                mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
                                                bool(exact_count), max_predictions)
 
@@ -195,7 +199,7 @@ def span_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, m
     geometric_p = check_prob("geometric_p", geometric_p, low_open=True)
     max_span = min(check_int("max_span", max_span, low=1), _INT64_MAX)  # longer than any row: the same
     seed_t = resolve_seed(seed, generator, input_ids.device)
-    return torch.ops.pretrain_kernels.span_mask(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
+    return _SPAN_MASK(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
                                                 mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
                                                 geometric_p, max_span)
 
