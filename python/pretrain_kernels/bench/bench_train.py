@@ -41,8 +41,9 @@ def eager_rope(x, cos, sin):
 
 
 class EagerAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, attention: bool = True):
         super().__init__()
+        self.attention = attention
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
@@ -54,6 +55,9 @@ class EagerAttention(nn.Module):
         q = eager_rope(q.view(B, T, H, D), cos, sin).transpose(1, 2)
         k = eager_rope(k.view(B, T, Hk, D), cos, sin).transpose(1, 2)
         v = v.reshape(B, T, Hk, D).transpose(1, 2)
+        if not self.attention:      # the bound of free attention: each query takes its own value row
+            y = (v.repeat_interleave(H // Hk, dim=1) if Hk != H else v) + 0 * (q.sum() + k.sum())
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hk != H)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -69,10 +73,10 @@ class EagerMLP(nn.Module):
 
 
 class EagerBlock(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, attention: bool = True):
         super().__init__()
         self.ln1 = nn.RMSNorm(cfg.n_embd)
-        self.attn = EagerAttention(cfg)
+        self.attn = EagerAttention(cfg, attention)
         self.ln2 = nn.RMSNorm(cfg.n_embd)
         self.mlp = EagerMLP(cfg.n_embd, cfg.mlp_ratio)
 
@@ -83,13 +87,15 @@ class EagerBlock(nn.Module):
 
 class EagerGPT(nn.Module):
     """pretrain_kernels.models.GPT's architecture and parameter names (so its state_dict loads),
-    in eager torch: the training forward only (idx, targets) -> (logits, loss)."""
+    in eager torch: the training forward only (idx, targets) -> (logits, loss). attention=False
+    replaces attention by the identity on the values (the rest unchanged, rotary included): the
+    step time if attention cost nothing, the bound on what a faster attention alone can give."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, attention: bool = True):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(EagerBlock(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(EagerBlock(cfg, attention) for _ in range(cfg.n_layer))
         self.ln_f = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
@@ -105,24 +111,28 @@ class EagerGPT(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def make(impl: str, cfg: GPTConfig, device="cpu"):
-    """(model, optimizer) for impl "pk" (the package's GPT) or "torch sdpa" (EagerGPT), with the
-    same initial weights."""
+# AdamW as torch picks it by default for CPU tensors (the single-tensor loop), or its fused kernel
+OPTIMIZERS = {"adamw": dict(foreach=False), "adamw-fused": dict(fused=True)}
+
+
+def make(impl: str, cfg: GPTConfig, device="cpu", optimizer="adamw"):
+    """(model, optimizer) for impl "pk" (the package's GPT), "torch sdpa" (EagerGPT) or "no attention"
+    (EagerGPT without attention, the bound), with the same initial weights and the same optimizer."""
     torch.manual_seed(0)
     model = GPT(cfg)
-    if impl == "torch sdpa":
-        eager = EagerGPT(cfg)
+    if impl in ("torch sdpa", "no attention"):
+        eager = EagerGPT(cfg, attention=impl == "torch sdpa")
         eager.load_state_dict(model.state_dict())
         model = eager
     model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **OPTIMIZERS[optimizer])
     return model, opt
 
 
-def train_step_fn(impl, name, device="cpu", dtype="float32"):
+def train_step_fn(impl, name, device="cpu", dtype="float32", optimizer="adamw"):
     cfg, B, T = CONFIGS[name]
     B = quick(B, 4)
-    model, opt = make(impl, cfg, device)
+    model, opt = make(impl, cfg, device, optimizer)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (B, T + 1), generator=g).to(device)
     ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == "bfloat16" else None
@@ -174,10 +184,16 @@ def main():
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
+                    help="adamw: torch's default for CPU tensors (the single-tensor loop); adamw-fused: fused=True "
+                         "(both models use the same)")
+    ap.add_argument("--bound", action="store_true", help="also time the eager model without attention (what "
+                    "free attention would give: the bound on the attention kernel's share of the speedup)")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    steps = {impl: train_step_fn(impl, args.config, args.device, args.dtype) for impl in ("pk", "torch sdpa")}
+    impls = ("pk", "torch sdpa") + (("no attention",) if args.bound else ())
+    steps = {impl: train_step_fn(impl, args.config, args.device, args.dtype, args.optimizer) for impl in impls}
     for impl in steps:
         steps[impl][0]()  # warm up
     times = {impl: [] for impl in steps}
@@ -198,9 +214,10 @@ def main():
         rates[impl], cpu_rates[impl] = tokens / med, tokens / cpu
         print(f"{impl:11s} {rates[impl]:10,.0f} tokens/s  (median step {med * 1e3:.1f} ms wall, "
               f"{cpu * 1e3:.1f} ms process CPU time)")
-    where = f"({args.config}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads)"
-    print(f"pk / torch sdpa: {rates['pk'] / rates['torch sdpa']:.2f}x wall clock, "
-          f"{cpu_rates['pk'] / cpu_rates['torch sdpa']:.2f}x process CPU time  {where}")
+    where = f"({args.config}, {args.dtype}, {args.device}, {args.optimizer}, {torch.get_num_threads()} threads)"
+    for impl in (i for i in impls if i != "torch sdpa"):
+        print(f"{impl} / torch sdpa: {rates[impl] / rates['torch sdpa']:.2f}x wall clock, "
+              f"{cpu_rates[impl] / cpu_rates['torch sdpa']:.2f}x process CPU time  {where}")
 
 
 if __name__ == "__main__":
