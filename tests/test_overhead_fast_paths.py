@@ -96,3 +96,34 @@ def test_special_ids_cache_keeps_type_checks():
         pk.mlm_mask(ids, mask_token_id=3, vocab_size=100, special_token_ids=[True, 2], seed=0)
     with pytest.raises(TypeError, match="special_token_ids"):
         pk.mlm_mask(ids, mask_token_id=3, vocab_size=100, special_token_ids=[[1], 2], seed=0)
+
+
+class _SeenOps(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_op_calls_keep_torch_function_modes():
+    """The wrappers' boxed op calls (ops/_common.py) step aside for a torch function mode: the
+    mode sees the op, and the result is the one without it."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 50, generator=g)
+    x = torch.randn(2, 7, 16, generator=g)
+    q = torch.randn(1, 1, 4, 16, generator=g)
+    calls = {
+        "pretrain_kernels.sample": lambda: pk.sample(logits, seed=1),
+        "pretrain_kernels.rms_norm": lambda: pk.rms_norm(x, torch.ones(16)),
+        "pretrain_kernels.add_noise": lambda: pk.add_noise(x, x, torch.tensor([3, 9]), pk.noise_schedule("linear"))[0],
+        "pretrain_kernels.flash_attn_fwd": lambda: pk.flash_attention(q, q, q),
+    }
+    for name, call in calls.items():
+        ref = call()
+        with _SeenOps() as mode:
+            out = call()
+        assert torch.equal(out, ref), name
+        assert any(s.startswith(name) for s in mode.seen), (name, mode.seen)

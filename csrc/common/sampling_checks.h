@@ -130,28 +130,39 @@ inline void check_knob_rows(const Inputs& in) {
        [&](int64_t b) { return std::isfinite(p.frequency_rows[b]); });
 }
 
+// The knobs of pk.sample as the ops take them (sample, unmask_step; csrc/ops.cpp): a per-row
+// tensor [B] or none, and the number used when there is none. The entry points of
+// sampling_ops.h fill it from their arguments; it refers to them, so it lives only as long as
+// the call.
+struct KnobArgs {
+  const c10::optional<at::Tensor>& temperature_rows;
+  const c10::optional<at::Tensor>& top_k_rows;
+  const c10::optional<at::Tensor>& top_p_rows;
+  const c10::optional<at::Tensor>& min_p_rows;
+  const c10::optional<at::Tensor>& repetition_rows;
+  const c10::optional<at::Tensor>& presence_rows;
+  const c10::optional<at::Tensor>& frequency_rows;
+  double temperature;
+  int64_t top_k;
+  double top_p, min_p, repetition, presence, frequency;
+};
+
 // The knobs, prev_tokens and seed of pk.sample's draw for logits [B, ..., V] (sample and
 // unmask_step): checked and packed into in.p (B, V, per-row pointers, scalars, seed).
 inline void set_sample_knobs(Inputs& in, const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
-                             const at::Tensor& seed, const c10::optional<at::Tensor>& temperature_rows,
-                             const c10::optional<at::Tensor>& top_k_rows, const c10::optional<at::Tensor>& top_p_rows,
-                             const c10::optional<at::Tensor>& min_p_rows,
-                             const c10::optional<at::Tensor>& repetition_rows,
-                             const c10::optional<at::Tensor>& presence_rows,
-                             const c10::optional<at::Tensor>& frequency_rows, double temperature, int64_t top_k,
-                             double top_p, double min_p, double repetition, double presence, double frequency) {
-  check_knob_scalars(temperature, top_k, top_p, min_p, repetition, presence, frequency);
+                             const at::Tensor& seed, const KnobArgs& k) {
+  check_knob_scalars(k.temperature, k.top_k, k.top_p, k.min_p, k.repetition, k.presence, k.frequency);
   const int64_t B = logits.size(0), V = logits.size(-1);
   Params& p = in.p;
   p.B = B;
   p.V = V;
-  in.temperature = row_tensor(temperature_rows, "temperature", logits, false);
-  in.top_k = row_tensor(top_k_rows, "top_k", logits, true);
-  in.top_p = row_tensor(top_p_rows, "top_p", logits, false);
-  in.min_p = row_tensor(min_p_rows, "min_p", logits, false);
-  in.repetition = row_tensor(repetition_rows, "repetition_penalty", logits, false);
-  in.presence = row_tensor(presence_rows, "presence_penalty", logits, false);
-  in.frequency = row_tensor(frequency_rows, "frequency_penalty", logits, false);
+  in.temperature = row_tensor(k.temperature_rows, "temperature", logits, false);
+  in.top_k = row_tensor(k.top_k_rows, "top_k", logits, true);
+  in.top_p = row_tensor(k.top_p_rows, "top_p", logits, false);
+  in.min_p = row_tensor(k.min_p_rows, "min_p", logits, false);
+  in.repetition = row_tensor(k.repetition_rows, "repetition_penalty", logits, false);
+  in.presence = row_tensor(k.presence_rows, "presence_penalty", logits, false);
+  in.frequency = row_tensor(k.frequency_rows, "frequency_penalty", logits, false);
   p.temperature_rows = in.temperature.defined() ? in.temperature.data_ptr<float>() : nullptr;
   p.top_k_rows = in.top_k.defined() ? in.top_k.data_ptr<int64_t>() : nullptr;
   p.top_p_rows = in.top_p.defined() ? in.top_p.data_ptr<float>() : nullptr;
@@ -159,13 +170,13 @@ inline void set_sample_knobs(Inputs& in, const at::Tensor& logits, const c10::op
   p.repetition_rows = in.repetition.defined() ? in.repetition.data_ptr<float>() : nullptr;
   p.presence_rows = in.presence.defined() ? in.presence.data_ptr<float>() : nullptr;
   p.frequency_rows = in.frequency.defined() ? in.frequency.data_ptr<float>() : nullptr;
-  p.temperature = knob_float(temperature);
-  p.top_k = top_k;
-  p.top_p = knob_float(top_p);
-  p.min_p = knob_float(min_p);
-  p.repetition = knob_float(repetition);
-  p.presence = knob_float(presence);
-  p.frequency = knob_float(frequency);
+  p.temperature = knob_float(k.temperature);
+  p.top_k = k.top_k;
+  p.top_p = knob_float(k.top_p);
+  p.min_p = knob_float(k.min_p);
+  p.repetition = knob_float(k.repetition);
+  p.presence = knob_float(k.presence);
+  p.frequency = knob_float(k.frequency);
   if (prev_tokens.has_value()) {
     const auto& t = *prev_tokens;
     TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "prev_tokens: expected shape [", B, ", n] (batch of logits), got ",
@@ -182,21 +193,11 @@ inline void set_sample_knobs(Inputs& in, const at::Tensor& logits, const c10::op
 }
 
 inline Inputs check_sample_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& prev_tokens,
-                                  const at::Tensor& seed, const c10::optional<at::Tensor>& temperature_rows,
-                                  const c10::optional<at::Tensor>& top_k_rows,
-                                  const c10::optional<at::Tensor>& top_p_rows,
-                                  const c10::optional<at::Tensor>& min_p_rows,
-                                  const c10::optional<at::Tensor>& repetition_rows,
-                                  const c10::optional<at::Tensor>& presence_rows,
-                                  const c10::optional<at::Tensor>& frequency_rows, double temperature,
-                                  int64_t top_k, double top_p, double min_p, double repetition, double presence,
-                                  double frequency) {
+                                  const at::Tensor& seed, const KnobArgs& knobs) {
   check_logits(logits);
   Inputs in;
   in.logits = logits.contiguous();
-  set_sample_knobs(in, logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
-                   repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p, repetition,
-                   presence, frequency);
+  set_sample_knobs(in, logits, prev_tokens, seed, knobs);
   return in;
 }
 
@@ -281,15 +282,25 @@ struct UnmaskInputs {
   int strategy = kConfidence;
 };
 
-inline UnmaskInputs check_unmask_inputs(
-    const at::Tensor& logits, const at::Tensor& tokens, const c10::optional<at::Tensor>& num_reveal_rows,
-    const c10::optional<at::Tensor>& prev_tokens, const at::Tensor& seed,
-    const c10::optional<at::Tensor>& temperature_rows, const c10::optional<at::Tensor>& top_k_rows,
-    const c10::optional<at::Tensor>& top_p_rows, const c10::optional<at::Tensor>& min_p_rows,
-    const c10::optional<at::Tensor>& repetition_rows, const c10::optional<at::Tensor>& presence_rows,
-    const c10::optional<at::Tensor>& frequency_rows, int64_t mask_token_id, int64_t num_reveal,
-    c10::string_view strategy, double temperature, int64_t top_k, double top_p, double min_p, double repetition,
-    double presence, double frequency) {
+// The arguments of unmask_step (csrc/ops.cpp) as its entry point, unmask_step_host of
+// sampling_ops.h, receives them; like KnobArgs it refers to them.
+struct UnmaskArgs {
+  const at::Tensor& logits;
+  const at::Tensor& tokens;
+  const c10::optional<at::Tensor>& num_reveal_rows;
+  const c10::optional<at::Tensor>& prev_tokens;
+  const at::Tensor& seed;
+  KnobArgs knobs;
+  int64_t mask_token_id;
+  int64_t num_reveal;
+  c10::string_view strategy;
+};
+
+inline UnmaskInputs check_unmask_inputs(const UnmaskArgs& a) {
+  const at::Tensor& logits = a.logits;
+  const at::Tensor& tokens = a.tokens;
+  const int64_t mask_token_id = a.mask_token_id, num_reveal = a.num_reveal;
+  const c10::string_view strategy = a.strategy;
   TORCH_CHECK(logits.dim() == 3, "logits: expected a 3-D tensor [batch, length, vocab], got ", logits.dim(), "-D");
   const auto dt = logits.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
@@ -321,12 +332,10 @@ inline UnmaskInputs check_unmask_inputs(
   u.mask_id = mask_token_id;
   u.num_reveal_value = num_reveal;
   u.tokens = tokens.to(at::kLong).contiguous();
-  if (num_reveal_rows.has_value()) {
-    u.num_reveal = row_tensor(num_reveal_rows, "num_reveal", logits, true);
+  if (a.num_reveal_rows.has_value()) {
+    u.num_reveal = row_tensor(a.num_reveal_rows, "num_reveal", logits, true);
   }
-  set_sample_knobs(u.in, logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
-                   repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p, repetition,
-                   presence, frequency);
+  set_sample_knobs(u.in, logits, a.prev_tokens, a.seed, a.knobs);
   return u;
 }
 

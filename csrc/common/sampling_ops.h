@@ -1,6 +1,7 @@
 // Host side of the sampling family, shared by the CPU and CUDA entry points: the op
-// signatures (one copy, matching csrc/ops.cpp's schemas), the argument checks of
-// sampling_checks.h, the output allocations and the empty cases. A backend supplies:
+// signatures (one copy, matching csrc/ops.cpp's schemas; the checks of sampling_checks.h take
+// them packed as KnobArgs / UnmaskArgs), the output allocations and the empty cases. A backend
+// supplies:
 //   Backend::Guard                          constructed from the first input's device (CUDA: the
 //                                           device guard; CPU: nothing)
 //   Backend::kReadsHostValues               true where per-row tensors can be read without a
@@ -37,9 +38,10 @@ std::tuple<at::Tensor, at::Tensor> sample_host(
     const c10::optional<at::Tensor>& frequency_rows, double temperature, int64_t top_k, double top_p, double min_p,
     double repetition, double presence, double frequency) {
   const typename Backend::Guard guard(logits.device());
-  Inputs in = check_sample_inputs(logits, prev_tokens, seed, temperature_rows, top_k_rows, top_p_rows, min_p_rows,
-                                  repetition_rows, presence_rows, frequency_rows, temperature, top_k, top_p, min_p,
-                                  repetition, presence, frequency);
+  Inputs in = check_sample_inputs(logits, prev_tokens, seed,
+                                  {temperature_rows, top_k_rows, top_p_rows, min_p_rows, repetition_rows,
+                                   presence_rows, frequency_rows, temperature, top_k, top_p, min_p, repetition,
+                                   presence, frequency});
   if constexpr (Backend::kReadsHostValues) {
     check_knob_rows(in);
     if (in.prev.defined()) check_prev_range(in.p);
@@ -88,10 +90,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unmask_step_host(
     c10::string_view strategy, double temperature, int64_t top_k, double top_p, double min_p, double repetition,
     double presence, double frequency) {
   const typename Backend::Guard guard(logits.device());
-  UnmaskInputs u = check_unmask_inputs(logits, tokens, num_reveal_rows, prev_tokens, seed, temperature_rows,
-                                       top_k_rows, top_p_rows, min_p_rows, repetition_rows, presence_rows,
-                                       frequency_rows, mask_token_id, num_reveal, strategy, temperature, top_k, top_p,
-                                       min_p, repetition, presence, frequency);
+  UnmaskInputs u = check_unmask_inputs({logits, tokens, num_reveal_rows, prev_tokens, seed,
+                                        {temperature_rows, top_k_rows, top_p_rows, min_p_rows, repetition_rows,
+                                         presence_rows, frequency_rows, temperature, top_k, top_p, min_p, repetition,
+                                         presence, frequency},
+                                        mask_token_id, num_reveal, strategy});
   if constexpr (Backend::kReadsHostValues) {
     check_unmask_rows(u);
     if (u.in.prev.defined()) check_prev_range(u.in.p);

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from .ops.attention import (_check_bool, _check_cu, _check_qkv_shapes, _check_same, _check_softcap,
-                            _check_window, _max_seqlen, _resolve_scale)
+                            _check_window, _max_seqlen, _NO_WINDOW, _resolve_scale)
 
 __all__ = ["context_parallel_attention", "shard_sequence", "unshard_sequence"]
 
@@ -594,7 +594,7 @@ def _check_attention_args(q, k, v, causal, scale, softcap, cu_seqlens, max_seqle
 @torch.compiler.disable
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = True,
                                scale=None, softcap: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                               max_seqlen: int | None = None, return_lse: bool = False, window=(-1, -1)):
+                               max_seqlen: int | None = None, return_lse: bool = False, window=_NO_WINDOW):
     """Exact attention over a sequence sharded across the ranks of `group`, differentiable.
 
     q: (batch, seqlen_local, heads, head_dim), k, v: (batch, seqlen_local, kv_heads,

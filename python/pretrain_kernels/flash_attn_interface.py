@@ -37,7 +37,7 @@ import numbers
 
 import torch
 
-from .ops.attention import flash_attention, flash_attention_with_kvcache
+from .ops.attention import _NO_WINDOW, flash_attention, flash_attention_with_kvcache
 from .ops.rotary import rotary_embedding
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
@@ -91,7 +91,7 @@ def _finish(out_lse, return_attn_probs):
 # ---- dense --------------------------------------------------------------------------------
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=_NO_WINDOW, softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, kv_heads, head_dim) ->
     out (batch, seqlen_q, heads, head_dim) [, softmax_lse (batch, heads, seqlen_q), None]."""
@@ -100,7 +100,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return _finish(res, return_attn_probs)
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=_NO_WINDOW,
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv (batch, seqlen, 3, heads, head_dim)."""
     _check_packed("qkv", qkv, 5, 3, "(batch, seqlen, 3, heads, head_dim)")
@@ -109,7 +109,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            deterministic, return_attn_probs)
 
 
-def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=_NO_WINDOW,
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, heads, head_dim), kv (batch, seqlen_k, 2, kv_heads, head_dim)."""
     _check_packed("kv", kv, 5, 2, "(batch, seqlen_k, 2, kv_heads, head_dim)")
@@ -129,7 +129,7 @@ def _check_packed(name, t, nd, n, layout):
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           softmax_scale=None, causal=False, window_size=_NO_WINDOW, softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     """q (total_q, heads, head_dim), k/v (total_k, kv_heads, head_dim), cu_seqlens_* int32
     [batch + 1] -> out (total_q, heads, head_dim) [, softmax_lse (heads, total_q), None]."""
@@ -144,7 +144,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     window_size=_NO_WINDOW, softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
     """qkv (total, 3, heads, head_dim), cu_seqlens int32 [batch + 1]."""
     _check_packed("qkv", qkv, 4, 3, "(total_tokens, 3, heads, head_dim)")
@@ -154,7 +154,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    softmax_scale=None, causal=False, window_size=_NO_WINDOW, softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (total_q, heads, head_dim), kv (total_k, 2, kv_heads, head_dim)."""
     _check_packed("kv", kv, 4, 2, "(total_tokens, 2, kv_heads, head_dim)")
@@ -196,7 +196,7 @@ def _check_rotary(rotary_cos, rotary_sin, device):
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            softmax_scale=None, causal=False, window_size=_NO_WINDOW, softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
     """Decode / chunked prefill against a KV cache (FlashAttention 2's flash_attn_with_kvcache):
     q (batch, seqlen_q, heads, head_dim); k_cache/v_cache (batch_cache, seqlen_cache, kv_heads,
@@ -221,7 +221,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             _unsupported("cache_batch_idx", "not supported together with block_table")
         kw["block_table"] = block_table
     window_size = tuple(window_size)
-    if window_size != (-1, -1):
+    if window_size != _NO_WINDOW:
         kw["window"] = window_size
     kw.update(_score_mod_kwargs(softcap, alibi_slopes))
     if return_softmax_lse:
@@ -246,7 +246,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,):
             raise ValueError(f"cache_seqlens: expected an int32 tensor of shape ({B},) with rotary_cos")
         base = cache_seqlens.to(torch.long)[:, None]
-        if causal or window_size != (-1, -1):
+        if causal or window_size != _NO_WINDOW:
             q_pos = base + torch.arange(Sq, device=q.device)[None]
         else:  # FlashAttention: every query at the position cache_seqlens
             q_pos = base.expand(B, Sq)

@@ -45,7 +45,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..ops.attention import flash_attention, scaled_dot_product_attention
+from ..ops.attention import _NO_WINDOW, flash_attention, scaled_dot_product_attention
 
 __all__ = ["NAME", "register", "attention_forward", "attention_mask", "apply_kernels"]
 
@@ -159,7 +159,7 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
 def _window(sliding_window, causal: bool) -> tuple[int, int]:
     if sliding_window is None or sliding_window <= 0:
-        return (-1, -1)
+        return _NO_WINDOW
     if causal:  # transformers: kv_idx > q_idx - sliding_window
         return (int(sliding_window) - 1, 0)
     return (int(sliding_window), int(sliding_window))  # |q_idx - kv_idx| <= sliding_window

@@ -159,25 +159,84 @@ def needs_autograd(*args) -> bool:
     return _needs_autograd(args)
 
 
+# ---- calling an op -------------------------------------------------------------------------
+#
+# torch._C._dispatch_call_boxed(handle, *args) runs an op through the dispatcher like the
+# OpOverload's builtin, without the OpOverload's Python frame and its __torch_function__
+# handling: about a microsecond less per call, which on a tiny input is a fifth of the call.
+# It is taken only where that handling has nothing to do (eager, no torch function mode, no
+# argument overriding __torch_function__); everything the dispatcher does (autograd, autocast,
+# dispatch modes, functorch) still happens. The module-level names below are looked up once.
+
+_Tensor = torch.Tensor
+_grad_enabled = torch._C.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_has_torch_function = torch._C._has_torch_function  # an argument overriding it, or a torch function mode
+BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch < 2.3: never
+
+if hasattr(torch._C, "_dispatch_call_boxed") and hasattr(torch._C, "_dispatch_find_schema_or_throw"):
+    call_boxed = torch._C._dispatch_call_boxed
+
+    def op_handle(qualname: str, overload_name: str = ""):
+        """The dispatcher's handle of the op `qualname` ("ns::name"), for call_boxed."""
+        return torch._C._dispatch_find_schema_or_throw(qualname, overload_name)
+else:  # pragma: no cover - older torch: the overload's builtin
+    def call_boxed(op, *args):
+        return op(*args)
+
+    def op_handle(qualname: str, overload_name: str = ""):
+        ns, name = qualname.split("::")
+        overload = getattr(getattr(getattr(torch.ops, ns), name), overload_name or "default")
+        return getattr(overload, "_op", overload)
+
+_HANDLES: dict = {}  # OpOverload -> its handle (call_below_autograd)
+
+
+def raw_op(qualname: str):
+    """call(*args): the op `qualname` on positional arguments, through call_boxed where that is
+    the same call (eager, and nothing among the arguments or modes overrides
+    __torch_function__), else through its OpOverload (torch.compile traces that one)."""
+    overload = _op(qualname)
+    handle = op_handle(qualname)
+
+    def call(*args):
+        if _compiling() or _has_torch_function(args):
+            return overload(*args)
+        return call_boxed(handle, *args)
+
+    call.__name__ = call.__qualname__ = qualname.split("::")[1]
+    return call
+
+
 def plain_call(q, k, v) -> bool:
-    """Whether a call on the tensors q, k, v may go straight to the backend kernel: no
-    derivative to record (grad mode off or no input requiring grad, no forward-mode level
-    open), no torch.func transform active and no torch.compile tracing. The fast paths of the
-    public wrappers take it (exact torch.Tensor inputs only)."""
-    return (not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and _fwAD._current_level < 0 and not torch._C._are_functorch_transforms_active() and not is_compiling())
+    """Whether a call on the tensors q, k, v may go straight to the backend kernel through
+    call_boxed: exact torch.Tensor inputs, no derivative to record (grad mode off or no input
+    requiring grad, no forward-mode level open), no torch.func transform active, no torch
+    function mode and no torch.compile tracing. The attention fast paths take it."""
+    return (q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor
+            and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and _fwAD._current_level < 0 and not _functorch_active() and not _compiling()
+            and not _torch_function_mode())
 
 
 def call_below_autograd(op, *args):
-    """op(*args) for a call that needs no derivative (needs_autograd said so): straight to the
-    backend kernel, past the op's Autograd kernel of register_autograd_function, a Python
-    function whose boxing and checks cost more than a small kernel. While torch.compile traces
-    or a torch.func transform is active the call takes the ordinary route (the transforms keep
-    their own dispatch state)."""
-    if is_compiling() or torch._C._are_functorch_transforms_active():
+    """op(*args) (op an OpOverload) for a call that needs no derivative (needs_autograd said
+    so): straight to the backend kernel, past the op's Autograd kernel of
+    register_autograd_function, a Python function whose boxing and checks cost more than a
+    small kernel, and through call_boxed where raw_op would take it. While torch.compile
+    traces or a torch.func transform is active the call takes the ordinary route (the
+    transforms keep their own dispatch state)."""
+    if _compiling() or _functorch_active():
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+    with BelowAutograd():
+        if _has_torch_function(args):
+            return op(*args)
+        handle = _HANDLES.get(op)
+        if handle is None:
+            handle = _HANDLES[op] = op_handle(op._schema.name, op._schema.overload_name)
+        return call_boxed(handle, *args)
 
 
 def register_autograd_function(qualname: str, function, extra_args=(), public: str = "") -> None:
@@ -276,6 +335,8 @@ def not_differentiable(qualname: str, what: str, reason: str = "double backward 
 
     def call(*args):
         # torch.compile: AOTAutograd traces the backward once and refuses double backward itself
-        return apply_function(fn, *args) if _needs_autograd(args) and not is_compiling() else op(*args)
+        if _needs_autograd(args) and not _compiling():
+            return apply_function(fn, *args)
+        return call_below_autograd(op, *args)
 
     return call

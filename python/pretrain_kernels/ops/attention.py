@@ -17,21 +17,14 @@ import math
 import numbers
 
 import torch
-import torch.autograd.forward_ad as _fwAD
 
-from ._common import (apply_function, call_below_autograd, is_compiling, needs_autograd, not_differentiable,
-                      plain_call, register_autograd_function, resolve_seed)
+from ._common import (BelowAutograd, apply_function, call_below_autograd, call_boxed, is_compiling, needs_autograd,
+                      not_differentiable, op_handle, plain_call, register_autograd_function, resolve_seed)
 
-_Tensor = torch.Tensor
-# the defaults of window and dropout_p, compared by identity on the fast path of flash_attention
+# the defaults of window and dropout_p, compared by identity on the fast path of flash_attention;
+# the rest of the Python layer passes _NO_WINDOW for "no window" too
 _NO_WINDOW = (-1, -1)
 _NO_DROPOUT = 0.0
-# what the fast paths call, looked up once (each attribute lookup costs on a decode step)
-_BelowAutograd = torch._C._AutoDispatchBelowAutograd
-_grad_enabled = torch._C.is_grad_enabled
-_functorch_active = torch._C._are_functorch_transforms_active
-_compiling = torch.compiler.is_compiling
-_torch_function_mode = torch._C._is_torch_function_mode_enabled
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_FLOAT_SCALE = 1e38  # |scale| for float32/16/bf16 inputs (kMaxFloatScale, csrc/common/attention_checks.h)
@@ -100,7 +93,7 @@ def _resolve_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
 
 
 def _check_window(window) -> tuple[int, int]:
-    if window.__class__ is tuple and window == (-1, -1):  # the default, without the checks below
+    if window is _NO_WINDOW or (window.__class__ is tuple and window == _NO_WINDOW):  # the default, unchecked
         return -1, -1
     try:
         left, right = window
@@ -302,21 +295,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             and scale is None and cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None
             and max_seqlen_k is None and softcap is None and alibi_slopes is None and prefix_lens is None
             and seed is None and generator is None and (causal is False or causal is True)
-            and (deterministic is False or deterministic is True)
-            and q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor
-            and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and _fwAD._current_level < 0 and not _functorch_active() and not _compiling()
-            and not _torch_function_mode()):
-        # The common call (decode steps, plain prefill) when no derivative is recorded (plain_call
-        # in ops/_common.py, written out: each function call here costs a tenth of a decode step):
-        # the op's own checks (csrc/common/attention_checks.h) are those below but for one, made
-        # here; when the op raises, the full path below runs and raises the error that names the
-        # argument. The op is called through the dispatcher below autograd (_call_boxed).
+            and (deterministic is False or deterministic is True) and plain_call(q, k, v)):
+        # The common call (decode steps, plain prefill) when no derivative is recorded
+        # (plain_call): the op's own checks (csrc/common/attention_checks.h) are those below but
+        # for one, made here; when the op raises, the full path below runs and raises the error
+        # that names the argument. The op is called through the dispatcher below autograd
+        # (call_boxed, ops/_common.py).
         try:
             D = q.shape[-1]
             if v.shape[-1] == D:
-                with _BelowAutograd():
-                    out, lse = _call_boxed(_FWD_HANDLE, q, k, v, None, None, None, -1, -1, 1.0 / math.sqrt(D), -1,
+                with BelowAutograd():
+                    out, lse = call_boxed(_FWD_HANDLE, q, k, v, None, None, None, -1, -1, 1.0 / math.sqrt(D), -1,
                                            0 if causal else -1, True)
                 return (out, lse) if return_lse else out
         except Exception:  # noqa: BLE001 - the full path below raises the precise error
@@ -367,7 +356,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  cache_seqlens: torch.Tensor, *, k_new: torch.Tensor | None = None,
                                  v_new: torch.Tensor | None = None, causal: bool = True, scale=None,
-                                 window=(-1, -1), block_table: torch.Tensor | None = None, return_lse: bool = False,
+                                 window=_NO_WINDOW, block_table: torch.Tensor | None = None, return_lse: bool = False,
                                  softcap: float | None = None, alibi_slopes: torch.Tensor | None = None):
     """Decode / chunked prefill against a KV cache, forward only (as flash_attn_with_kvcache).
 
@@ -405,18 +394,17 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     softcap and alibi_slopes ([heads] or [batch, heads]) as in flash_attention; the ALiBi
     distance of query i to key j is |i + K - Sq - j| with K = cache_seqlens[b] + seqlen_new.
     """
-    if (q.__class__ is _Tensor and k_cache.__class__ is _Tensor and v_cache.__class__ is _Tensor
-            and cache_seqlens.__class__ is _Tensor and k_new is None and v_new is None and block_table is None
-            and scale is None and softcap is None and alibi_slopes is None and (causal is False or causal is True)
-            and window.__class__ is tuple and window == (-1, -1) and not _compiling()
-            and not _torch_function_mode()):
+    if (k_new is None and v_new is None and block_table is None and scale is None and softcap is None
+            and alibi_slopes is None and (causal is False or causal is True)
+            and (window is _NO_WINDOW or (window.__class__ is tuple and window == _NO_WINDOW))
+            and cache_seqlens.__class__ is torch.Tensor and plain_call(q, k_cache, v_cache)):
         # The common decode call, nothing written in place: as in flash_attention, the op's checks
         # are those below but for one (one head_dim), made here; when the op raises, the full path
         # below runs and raises the error that names the argument.
         try:
             D = q.shape[-1]
             if k_cache.shape[-1] == D and v_cache.shape[-1] == D:
-                out, lse = _call_boxed(_KVCACHE_HANDLE, q, k_cache, v_cache, cache_seqlens, None, None,
+                out, lse = call_boxed(_KVCACHE_HANDLE, q, k_cache, v_cache, cache_seqlens, None, None,
                                        1.0 / math.sqrt(D), causal, -1, -1, None)
                 return (out, lse) if return_lse else out
         except Exception:  # noqa: BLE001 - the full path below raises the precise error
@@ -498,18 +486,16 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     (NotImplementedError). Extra, keyword-only: deterministic, as in flash_attention (False: the
     CUDA backward may add dQ with atomics), seed and generator.
     """
-    if (query.__class__ is _Tensor and key.__class__ is _Tensor and value.__class__ is _Tensor and attn_mask is None
-            and scale is None and seed is None and generator is None and dropout_p.__class__ is float
+    if (attn_mask is None and scale is None and seed is None and generator is None and dropout_p.__class__ is float
             and dropout_p == 0.0 and (is_causal is False or is_causal is True)
-            and (deterministic is False or deterministic is True) and plain_call(query, key, value)
-            and not _torch_function_mode()):
+            and (deterministic is False or deterministic is True) and plain_call(query, key, value)):
         # (batch, heads, L, E) without a mask: as in flash_attention, the op's checks are those
         # below but for grouped-query heads without enable_gqa, made here; when the op raises, the
         # full path below runs and raises the error that names the argument.
         try:
             if query.dim() == 4 and (enable_gqa is True or query.shape[1] == key.shape[1]):
-                with _BelowAutograd():
-                    out, _ = _call_boxed(_FWD_HANDLE, query.transpose(1, 2), key.transpose(1, 2),
+                with BelowAutograd():
+                    out, _ = call_boxed(_FWD_HANDLE, query.transpose(1, 2), key.transpose(1, 2),
                                          value.transpose(1, 2), None, None, None, -1, -1,
                                          1.0 / math.sqrt(query.shape[-1]), -1, 0 if is_causal else -1, False)
                 return out.transpose(1, 2)
@@ -865,24 +851,10 @@ def _attention_fwd(*args, deterministic: bool):
 
 
 _FWD_OP = torch.ops.pretrain_kernels.flash_attn_fwd.default
-# the fast paths, never taken while torch.compile traces, call the overloads' builtins directly
-# (OpOverload.__call__ adds a Python frame to every call)
-_FWD_OP_EAGER = getattr(_FWD_OP, "_op", _FWD_OP)
-_KVCACHE_OP_EAGER = getattr(torch.ops.pretrain_kernels.flash_attn_kvcache.default, "_op",
-                            torch.ops.pretrain_kernels.flash_attn_kvcache.default)
 _FWD_DEFAULTS = [a.default_value for a in _FWD_OP._schema.arguments]
-# The fast paths' call: torch._C._dispatch_call_boxed runs the op through the dispatcher like
-# OpOverload's builtin, without its __torch_function__ handling (the fast paths take exact
-# torch.Tensor arguments and no torch function mode), about a microsecond less per call.
-if hasattr(torch._C, "_dispatch_call_boxed") and hasattr(torch._C, "_dispatch_find_schema_or_throw"):
-    _call_boxed = torch._C._dispatch_call_boxed
-    _FWD_HANDLE = torch._C._dispatch_find_schema_or_throw("pretrain_kernels::flash_attn_fwd", "")
-    _KVCACHE_HANDLE = torch._C._dispatch_find_schema_or_throw("pretrain_kernels::flash_attn_kvcache", "")
-else:  # pragma: no cover - older torch
-    def _call_boxed(op, *args):
-        return op(*args)
-
-    _FWD_HANDLE, _KVCACHE_HANDLE = _FWD_OP_EAGER, _KVCACHE_OP_EAGER
+# the fast paths' calls (call_boxed: never while torch.compile traces)
+_FWD_HANDLE = op_handle("pretrain_kernels::flash_attn_fwd")
+_KVCACHE_HANDLE = op_handle("pretrain_kernels::flash_attn_kvcache")
 
 
 def _vmap_rule(op, cu_seqlens_q_at, q_at, alibi_at, dropout_p_at):

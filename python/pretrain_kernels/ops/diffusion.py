@@ -38,10 +38,18 @@ import weakref
 
 import torch
 
-from ._common import (apply_function, call_below_autograd, call_checked, is_compiling, needs_autograd, not_differentiable,
+from ._common import (apply_function, call_below_autograd, call_checked, is_compiling, needs_autograd, not_differentiable, raw_op,
                       register_autograd_function, resolve_seed)
 
 _OPS = torch.ops.pretrain_kernels
+# the public functions' eager calls (ops/_common.py: raw_op)
+_ADD_NOISE = raw_op("pretrain_kernels::add_noise")
+_DDPM_STEP = raw_op("pretrain_kernels::ddpm_step")
+_DDIM_STEP = raw_op("pretrain_kernels::ddim_step")
+_EULER_STEP = raw_op("pretrain_kernels::euler_step")
+_HEUN_STEP = raw_op("pretrain_kernels::heun_step")
+_DPMPP_2M_STEP = raw_op("pretrain_kernels::dpmpp_2m_step")
+_FLOW_MATCH_STEP = raw_op("pretrain_kernels::flow_match_step")
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -434,7 +442,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps, alphas_cumprod: 
         t = _per_sample("timesteps", timesteps, x0)
         _sigma_unit("timesteps", t)
         acp = None if alphas_cumprod is None else _acp(alphas_cumprod, x0.device)  # the op does not read it
-        return _OPS.add_noise(x0, noise, t, acp, target)
+        return _ADD_NOISE(x0, noise, t, acp, target)
     if alphas_cumprod is None:
         raise ValueError(f"alphas_cumprod: required for target {target!r} (see pk.noise_schedule)")
     t = _per_sample_arg("timesteps", timesteps, integral=True)
@@ -444,7 +452,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps, alphas_cumprod: 
         _per_sample("timesteps", t, x0, integral=True)
         _check_timesteps("timesteps", t, _acp(alphas_cumprod, x0.device).numel())
 
-    return call_checked(_OPS.add_noise, (x0, noise, t, alphas_cumprod, target), checks)
+    return call_checked(_ADD_NOISE, (x0, noise, t, alphas_cumprod, target), checks)
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alphas_cumprod=None, *,
@@ -564,7 +572,7 @@ def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     t = _per_sample_arg("timesteps", timesteps, integral=True)
     prev = _per_sample_arg("prev_timesteps", prev_timesteps, integral=True)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, True)
-    return call_checked(_OPS.ddpm_step, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
+    return call_checked(_DDPM_STEP, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
                                          prediction_type, variance_type, bool(clip_sample), clip_sample_range),
                         lambda: _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise))
 
@@ -583,7 +591,7 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, *
     t = _per_sample_arg("timesteps", timesteps, integral=True)
     prev = _per_sample_arg("prev_timesteps", prev_timesteps, integral=True)
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, eta > 0)
-    return call_checked(_OPS.ddim_step, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
+    return call_checked(_DDIM_STEP, (model_output, sample, t, prev, alphas_cumprod, noise, seed_t,
                                          final_alpha_cumprod, eta, prediction_type, bool(clip_sample),
                                          clip_sample_range, bool(use_clipped_model_output)),
                         lambda: _schedule_checks(model_output, sample, t, prev, alphas_cumprod, noise))
@@ -638,7 +646,7 @@ def euler_step(model_output, sample, sigma, sigma_next, *, prediction_type="epsi
         _sigma_positive("sigma", sigma)  # x0 and the derivative divide by it
         _sigma_nonneg("sigma_next", sigma_next)
 
-    return call_checked(_OPS.euler_step, (model_output, sample, sigma, sigma_next, noise, seed_t, prediction_type,
+    return call_checked(_EULER_STEP, (model_output, sample, sigma, sigma_next, noise, seed_t, prediction_type,
                                           churn, s_tmin, s_tmax, s_noise), values)
 
 
@@ -667,7 +675,7 @@ def heun_step(model_output, sample, sigma, sigma_next, *, prev_derivative=None, 
             _sigma_positive("sigma", sigma)  # the first stage divides by sigma
             _sigma_nonneg("sigma_next", sigma_next)
 
-    return call_checked(_OPS.heun_step, (model_output, sample, sigma, sigma_next, prev_derivative, prev_sample,
+    return call_checked(_HEUN_STEP, (model_output, sample, sigma, sigma_next, prev_derivative, prev_sample,
                                          prediction_type, bool(clip_sample), clip_sample_range), values)
 
 
@@ -712,7 +720,7 @@ def dpmpp_2m_step(model_output, sample, sigma, sigma_next, *, prev_x0=None, sigm
             _check_distinct(sp, sigma)
 
     noise, seed_t = _noise_or_seed(noise, seed, generator, sample.device, algorithm_type == "sde-dpmsolver++")
-    return call_checked(_OPS.dpmpp_2m_step, (model_output, sample, prev_x0, sp, sigma, sigma_next, noise, seed_t,
+    return call_checked(_DPMPP_2M_STEP, (model_output, sample, prev_x0, sp, sigma, sigma_next, noise, seed_t,
                                              prediction_type, algorithm_type, solver_type, order, bool(flow_sigmas)),
                         values)
 
@@ -732,7 +740,7 @@ def flow_match_step(model_output, sample, sigma, sigma_next, *, stochastic=False
         _sigma_unit("sigma", sigma)
         _sigma_unit("sigma_next", sigma_next)
 
-    return call_checked(_OPS.flow_match_step, (model_output, sample, sigma, sigma_next, noise, seed_t,
+    return call_checked(_FLOW_MATCH_STEP, (model_output, sample, sigma, sigma_next, noise, seed_t,
                                                bool(stochastic), bool(return_x0)), values)
 
 

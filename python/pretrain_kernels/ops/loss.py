@@ -30,7 +30,8 @@ import numbers
 
 import torch
 
-from ._common import apply_function, is_compiling, needs_autograd, not_differentiable, register_autograd_function
+from ._common import (apply_function, call_below_autograd, is_compiling, needs_autograd, not_differentiable,
+                      register_autograd_function)
 
 _OPS = torch.ops.pretrain_kernels
 REDUCTIONS = ("mean", "sum", "none")
@@ -146,8 +147,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         out = apply_function(_LinearCrossEntropy, h2, weight, t1, bias, ignore_index, label_smoothing, cap, reduction,
                              fused, chunk, grads)
     else:
-        out = _OPS.linear_cross_entropy(h2, weight, t1, bias, ignore_index, label_smoothing, cap, reduction, False,
-                                        chunk)
+        out = call_below_autograd(_OPS.linear_cross_entropy.default, h2, weight, t1, bias, ignore_index,
+                                  label_smoothing, cap, reduction, False, chunk)
     loss = out[0]
     return loss.reshape(targets.shape) if reduction == "none" else loss
 

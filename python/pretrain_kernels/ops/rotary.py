@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import apply_function, needs_autograd, register_autograd_function
+from ._common import apply_function, call_below_autograd, needs_autograd, register_autograd_function
 
 _OPS = torch.ops.pretrain_kernels
+_ROTARY_OP = _OPS.rotary_embedding.default
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -69,7 +70,7 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, i
     _check(x, cos, sin, interleaved)
     if needs_autograd(x):
         return apply_function(_Rotary, x, cos, sin, interleaved, False)
-    return _OPS.rotary_embedding(x, cos, sin, interleaved, False)
+    return call_below_autograd(_ROTARY_OP, x, cos, sin, interleaved, False)
 
 
 # ---- fake kernel and autograd ----------------------------------------------------------------
@@ -87,7 +88,7 @@ def _fake(x, cos, sin, interleaved, conjugate):
 def _rotate(x, cos, sin, interleaved, conjugate):
     if needs_autograd(x):
         return apply_function(_Rotary, x, cos, sin, interleaved, conjugate)
-    return _OPS.rotary_embedding(x, cos, sin, interleaved, conjugate)
+    return call_below_autograd(_ROTARY_OP, x, cos, sin, interleaved, conjugate)
 
 
 class _Rotary(torch.autograd.Function):

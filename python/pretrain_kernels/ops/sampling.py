@@ -56,7 +56,7 @@ import numbers
 
 import torch
 
-from ._common import is_compiling, not_differentiable, resolve_seed
+from ._common import is_compiling, not_differentiable, raw_op, resolve_seed
 
 __all__ = ["sample", "top_k_top_p_filter", "speculative_accept", "unmask_step"]
 
@@ -234,7 +234,7 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
                                   presence_penalty, frequency_penalty)
     _check_prev_tokens(prev_tokens, B, logits.shape[1], device)
     seed_t = _seed_tensor(seed, generator, B, device)
-    tokens, logprobs = torch.ops.pretrain_kernels.sample(logits, prev_tokens, seed_t, *rows, *scalars)
+    tokens, logprobs = _SAMPLE(logits, prev_tokens, seed_t, *rows, *scalars)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -249,7 +249,7 @@ def top_k_top_p_filter(logits: torch.Tensor, *, top_k=0, top_p=1.0, min_p=0.0) -
     min_p, m_rows = _knob("min_p", min_p, B, device)
     if k_rows is None and top_k > 2**62:
         top_k = 2**62
-    return torch.ops.pretrain_kernels.top_k_top_p_filter(logits, k_rows, p_rows, m_rows, top_k, top_p, min_p)
+    return _FILTER(logits, k_rows, p_rows, m_rows, top_k, top_p, min_p)
 
 
 def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor, *,
@@ -297,7 +297,7 @@ def speculative_accept(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     _check_device("target_probs", target_probs, device, "draft_probs")
     _check_device("draft_token_ids", draft_token_ids, device, "draft_probs")
     seed_t = _seed_tensor(seed, generator, B, device)
-    return torch.ops.pretrain_kernels.speculative_accept(draft_probs, draft_token_ids, target_probs, seed_t)
+    return _SPECULATIVE_ACCEPT(draft_probs, draft_token_ids, target_probs, seed_t)
 
 
 _STRATEGIES = ("confidence", "random")
@@ -461,4 +461,7 @@ torch.library.register_fake("pretrain_kernels::speculative_accept")(_fake_specul
 torch.library.register_fake("pretrain_kernels::unmask_step")(_fake_unmask)
 # The confidences (a float output) have no derivative: differentiating them raises instead of
 # giving zeros.
+_SAMPLE = raw_op("pretrain_kernels::sample")
+_FILTER = raw_op("pretrain_kernels::top_k_top_p_filter")
+_SPECULATIVE_ACCEPT = raw_op("pretrain_kernels::speculative_accept")
 _unmask_op = not_differentiable("pretrain_kernels::unmask_step", "pk.unmask_step", "sampling is not differentiable")
