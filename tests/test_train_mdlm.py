@@ -175,6 +175,43 @@ def test_mdlm_loss_is_the_weighted_bound(text_dir):
     assert task.count(b) == 6 * 32
 
 
+def test_subs_never_predicts_the_special_tokens(text_dir):
+    from pretrain_kernels.models import BertMLM
+    from pretrain_kernels.train.tasks import build_task
+
+    task, plain = mdlm_task(text_dir, subs=True), mdlm_task(text_dir)
+    special = task.tok.all_special_ids
+    model, ref = task.model.double(), plain.model.double()
+    assert set(model.state_dict()) == set(ref.state_dict())       # the mask is not saved with the weights
+    ref.load_state_dict(model.state_dict())
+    b = task.batch(torch.Generator().manual_seed(7), 6)
+    ids, cu, pos, L = dense_pack(b["input_ids"])
+    with torch.no_grad():
+        logits, want = model(ids, cu, pos, L), ref(ids, cu, pos, L)
+        assert torch.isneginf(logits[:, special]).all()
+        want[:, special] = float("-inf")
+        torch.testing.assert_close(logits, want)
+        # the bound: the 1/t-weighted cross-entropy of the masked logits (fused and unfused), never above
+        # the plain model's
+        lab = b["labels"].reshape(-1)
+        sel = lab != -100
+        w = (1.0 / b["t"].double())[:, None].expand(6, 32).reshape(-1)[sel]
+        ce = F.cross_entropy(want[sel], lab[sel], reduction="none")
+        expect = (ce * w).sum()
+        torch.testing.assert_close(task.loss(model, b).double(), expect, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(task._bound(model, b)[2].double(), expect, rtol=1e-6, atol=1e-8)
+        assert (ce <= F.cross_entropy(ref(ids, cu, pos, L)[sel], lab[sel], reduction="none") + 1e-12).all()
+    # saved in the config and rebuilt (runs saved before it rebuild without it)
+    cfg = task.config()
+    assert cfg["subs"] is True and build_task(cfg, load_data=False).model.logit_mask is not None
+    del cfg["subs"]
+    assert build_task(cfg, load_data=False).model.logit_mask is None
+    m = BertMLM(BertConfig(**SIZES["mdlm"]["tiny"]))
+    with pytest.raises(ValueError, match="ids"):
+        m.never_predict([300])
+    assert m.never_predict([]).logit_mask is None
+
+
 def test_mdlm_validation_is_a_fixed_stratified_estimate(text_dir):
     task = mdlm_task(text_dir, eval_t=3)
     t = task.val["t"].reshape(16, 3).double()
@@ -203,11 +240,13 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind", ["mdlm", "mdlm-schedule", "mlm-schedule"])
+@pytest.mark.parametrize("kind", ["mdlm", "mdlm-subs", "mdlm-schedule", "mlm-schedule"])
 def test_resume_equals_uninterrupted(kind, text_dir, tmp_path):
     def make(seed=0):
         if kind == "mdlm":
             return mdlm_task(text_dir, seed)
+        if kind == "mdlm-subs":
+            return mdlm_task(text_dir, seed, subs=True)
         if kind == "mdlm-schedule":
             return mdlm_task(text_dir, seed, mask_schedule="cosine:0.3:1")
         return mlm_task(text_dir, seed, mask_schedule="linear:0.5:0.15")
@@ -258,11 +297,12 @@ TINY = ["--size", "tiny", "--steps", "4", "--batch-size", "4", "--no-progress", 
 def test_cli_mdlm_train_and_resume(text_dir, tmp_path):
     out = str(tmp_path / "mdlm")
     m = train_main(["mdlm", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32", "--eval-t", "2",
-                    "--mask-schedule", "linear:0.5:1"])
+                    "--mask-schedule", "linear:0.5:1", "--subs"])
     assert m["val_loss"] > 0 and 0 <= m["masked_accuracy"] <= 1
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)["task"]
     assert cfg["kind"] == "mdlm" and cfg["mask_schedule"] == "linear:0.5:1" and cfg["eval_t"] == 2
+    assert cfg["subs"] is True
     train_main(["mdlm", "--out", out, "--resume", "--steps", "6", "--no-progress"])
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["step"] == 6
@@ -281,6 +321,7 @@ def _error(capsys, argv):
     (["gpt", "--mask-schedule", "constant"], "--mask-schedule: only for mlm and mdlm"),
     (["mdlm", "--mask-prob", "0.2"], "--mask-prob: only for mlm"),
     (["mlm", "--eval-t", "3"], "--eval-t: only for mdlm"),
+    (["hybrid", "--subs"], "--subs: only for mdlm"),
     (["mdlm", "--eval-t", "0"], "--eval-t: expected a number > 0"),
 ])
 def test_cli_mdlm_bad_arguments(argv, message, capsys):

@@ -55,6 +55,8 @@ TASK_OPTIONS = {
     "mask_schedule": (("mlm", "mdlm"), "mlm and mdlm"),
     "eval_t": (("mdlm",), "mdlm"),
     "mix": (("hybrid",), "hybrid"),
+    "mask_targets": (("hybrid",), "hybrid"),
+    "subs": (("mdlm",), "mdlm"),
     "span_len": (("hybrid",), "hybrid"),
     "tokenizer": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
     "vocab_size": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
@@ -67,7 +69,8 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.4, span_len=3.0, arch="unet",
+TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.4, span_len=3.0,
+                            mask_targets=False, subs=False, arch="unet",
                             uncond=False, p_uncond=0.5, prediction="v_prediction", schedule="squaredcos_cap_v2",
                             eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
@@ -213,6 +216,10 @@ def train_parser() -> argparse.ArgumentParser:
                    "bound (default 4)")
     g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
                    "next-token prediction (default 0.4)")
+    g.add_argument("--mask-targets", action=argparse.BooleanOptionalAction, help="hybrid: each mask token of "
+                   "an infilling example's prefix also predicts its hole's first token (default off)")
+    g.add_argument("--subs", action=argparse.BooleanOptionalAction, help="mdlm: SUBS, the special tokens' "
+                   "logits are -inf (never predicted; default off)")
     g.add_argument("--span-len", type=_span_len, help="hybrid: mean length of a hidden span in tokens "
                    "(default 3), or a range lo:hi from which each infilling example draws its own mean")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
@@ -251,12 +258,12 @@ def _build_task(args, p):
             m["block_size"] = max(m["block_size"], seq_len)
             if args.task == "hybrid":
                 return HybridTask(GPTConfig(**m), seq_len=seq_len, mix=args.mix, mask_prob=args.mask_prob,
-                                  span_len=args.span_len, data=args.data, **tok)
+                                  span_len=args.span_len, mask_targets=args.mask_targets, data=args.data, **tok)
             return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data, **tok)
         m["max_len"] = max(m["max_len"], seq_len)
         if args.task == "mdlm":
             return MDLMTask(BertConfig(**m), seq_len=seq_len, data=args.data, eval_t=args.eval_t,
-                            mask_schedule=args.mask_schedule, **tok)
+                            mask_schedule=args.mask_schedule, subs=args.subs, **tok)
         return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
                        data=args.data, mask_schedule=args.mask_schedule, **tok)
     m = dict(SIZES[args.arch][args.size])

@@ -357,7 +357,7 @@ class MLMTask(_ScheduledTask, _TextTask):
 
 
 def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: int, bos_id: int, eos_id: int,
-                        length: int | None = None):
+                        length: int | None = None, mask_targets: bool = False):
     """One infilling example (GLM's layout) from a token row text [n] and a bool mask [n] of the
     positions to hide. The stream is
         prefix = text with each run of masked positions replaced by one mask_id, then bos_id
@@ -367,12 +367,18 @@ def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: in
     eos (its length is not given away). The prefix (bos included) is attended both ways.
     Returns (x [L], y [L], prefix_len, span_target bool [L]: the targets that are hidden tokens,
     the eos ends excluded). L = n + 2 * runs (the stream less one); with `length`, x is padded
-    with eos_id and y with -100 up to it (a ValueError when the stream is longer)."""
+    with eos_id and y with -100 up to it (a ValueError when the stream is longer).
+
+    mask_targets: each mask token of the prefix also predicts its hole's first hidden token (its
+    target in y instead of -100). The prefix attends only to itself, so nothing hidden leaks: a
+    masked-token prediction from the bidirectional context at every hole, on top of the holes'
+    left-to-right tokens (span_target still marks the spans' targets only)."""
     masked = masked.bool()
     prev = torch.cat([masked.new_zeros(1), masked[:-1]])
     nxt = torch.cat([masked[1:], masked.new_zeros(1)])
     starts, ends = masked & ~prev, masked & ~nxt
-    prefix = torch.where(starts, torch.full_like(text, mask_id), text)[~masked | starts]
+    kept = ~masked | starts
+    prefix = torch.where(starts, torch.full_like(text, mask_id), text)[kept]
     hidden = text[masked]
     spans = torch.stack([hidden, torch.full_like(hidden, eos_id)], 1).flatten()
     spans = spans[torch.stack([torch.ones_like(ends[masked]), ends[masked]], 1).flatten()]
@@ -380,6 +386,8 @@ def span_infill_example(text: torch.Tensor, masked: torch.Tensor, *, mask_id: in
     plen = prefix.numel() + 1
     x, y = stream[:-1].clone(), stream[1:].clone()
     y[:plen - 1] = -100
+    if mask_targets:
+        y[:plen - 1][starts[kept]] = text[starts]
     span_target = torch.zeros_like(y, dtype=torch.bool)
     span_target[plen - 1:] = y[plen - 1:] != eos_id
     if length is not None:
@@ -511,10 +519,11 @@ class HybridTask(GPTTask):
     name = "hybrid"
 
     def __init__(self, model_cfg: GPTConfig, *, seq_len: int = 256, mix: float = 0.4, mask_prob: float = 0.15,
-                 span_len: "float | str" = 3.0, span_positions: str = "glm", **kw):
+                 span_len: "float | str" = 3.0, span_positions: str = "glm", mask_targets: bool = False, **kw):
         if span_positions not in ("glm", "sequential"):
             raise ValueError(f"span_positions: expected 'glm' or 'sequential', got {span_positions!r}")
         self.span_positions = span_positions
+        self.mask_targets = bool(mask_targets)
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix: expected a fraction in [0, 1], got {mix}")
         if not 0.0 < mask_prob < 1.0:
@@ -537,7 +546,7 @@ class HybridTask(GPTTask):
     def config(self) -> dict:
         cfg = super().config()
         cfg.update(kind="hybrid", mix=self.mix, mask_prob=self.mask_prob, span_len=self.span_len,
-                   span_positions=self.span_positions)
+                   span_positions=self.span_positions, mask_targets=self.mask_targets)
         return cfg
 
     def positions(self, x: torch.Tensor, prefix_len: int) -> torch.Tensor:
@@ -563,7 +572,7 @@ class HybridTask(GPTTask):
     def infill_row(self, text: torch.Tensor, masked: torch.Tensor, length: int | None = None):
         tok = self.tok
         return span_infill_example(text, masked, mask_id=tok.mask_token_id, bos_id=tok.bos_token_id,
-                                   eos_id=tok.eos_token_id, length=length)
+                                   eos_id=tok.eos_token_id, length=length, mask_targets=self.mask_targets)
 
     def _infill_batch(self, w: torch.Tensor, gen: torch.Generator, infill: torch.Tensor) -> dict:
         """Windows w [B, seq_len + 1]: rows with infill[b] become infilling examples."""
@@ -654,7 +663,11 @@ class MDLMTask(_ScheduledTask, _TextTask):
     same draws every evaluation; val_loss is it in nats per byte, comparable with the GPT's.
 
     mask_schedule: the upper end t_max of the training range (0, t_max] over the run
-    (`constant`: t_max = 1, the bound itself)."""
+    (`constant`: t_max = 1, the bound itself).
+
+    subs: MDLM's SUBS parametrisation: the model never predicts the special tokens (the mask
+    among them) at a masked position, its logits there are -inf (BertMLM.never_predict), in
+    training, in the bound and in sampling; the targets are never special, so this is exact."""
 
     name = "mdlm"
     unit = "tokens"
@@ -662,7 +675,7 @@ class MDLMTask(_ScheduledTask, _TextTask):
 
     def __init__(self, model_cfg: BertConfig, *, seq_len: int = 256, data: str | None = None, eval_windows: int = 256,
                  eval_t: int = 4, load_data: bool = True, tokenizer="byte", vocab_size: int | None = None,
-                 run_dir: str | None = None, mask_schedule=None):
+                 run_dir: str | None = None, mask_schedule=None, subs: bool = False):
         if seq_len > model_cfg.max_len:
             raise ValueError(f"seq_len {seq_len} exceeds the model's max_len {model_cfg.max_len}")
         if not isinstance(eval_t, int) or eval_t < 1:
@@ -672,6 +685,9 @@ class MDLMTask(_ScheduledTask, _TextTask):
         val = self._setup_text(tokenizer, vocab_size, data, load_data, run_dir)
         self.model_cfg = self._model_cfg(model_cfg)
         self.model = BertMLM(self.model_cfg)
+        self.subs = bool(subs)
+        if self.subs:
+            self.model.never_predict(self.tok.all_special_ids)
         if load_data:
             g = torch.Generator().manual_seed(1234)
             windows = self._windows(val, eval_windows, seq_len + 1, g)[:, 1:]   # the GPT's predicted tokens
@@ -688,7 +704,7 @@ class MDLMTask(_ScheduledTask, _TextTask):
     def config(self) -> dict:
         return {"kind": "mdlm", "model": self.model_cfg.to_dict(), "seq_len": self.seq_len, "data": self.data_path,
                 "eval_windows": self.eval_windows, "eval_t": self.eval_t, "tokenizer": self.tokenizer_config(),
-                "mask_schedule": self.mask_schedule.spec()}
+                "mask_schedule": self.mask_schedule.spec(), "subs": self.subs}
 
     def _mask(self, ids, t, seed):
         return pk.mlm_mask(ids, mask_token_id=self.tok.mask_token_id, vocab_size=self.tok.vocab_size, mask_prob=t,
@@ -1091,6 +1107,7 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
     if kind == "hybrid":
         return HybridTask(GPTConfig(**cfg["model"]), seq_len=cfg["seq_len"], mix=cfg["mix"], mask_prob=cfg["mask_prob"],
                           span_len=cfg["span_len"], span_positions=cfg.get("span_positions", "sequential"),
+                          mask_targets=cfg.get("mask_targets", False),
                           data=cfg.get("data"), eval_windows=cfg.get("eval_windows", 256),
                           load_data=load_data, tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir)
     if kind == "mlm":
@@ -1102,7 +1119,7 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
         return MDLMTask(BertConfig(**cfg["model"]), seq_len=cfg["seq_len"], data=cfg.get("data"),
                         eval_windows=cfg.get("eval_windows", 256), eval_t=cfg.get("eval_t", 4), load_data=load_data,
                         tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir,
-                        mask_schedule=cfg.get("mask_schedule"))
+                        mask_schedule=cfg.get("mask_schedule"), subs=cfg.get("subs", False))
     if kind in ("diffusion", "flow"):
         model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("image_size", "in_channels", "num_classes")}
         for k in ("channel_mult", "attn_resolutions"):
