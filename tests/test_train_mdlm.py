@@ -212,6 +212,43 @@ def test_subs_never_predicts_the_special_tokens(text_dir):
     assert m.never_predict([]).logit_mask is None
 
 
+def test_count_weighting_is_the_mean_of_one_over_t_given_the_count(text_dir):
+    task = mdlm_task(text_dir, weighting="count")
+    b = task.batch(torch.Generator().manual_seed(5), 8)
+    k = (b["labels"] != -100).sum(1)
+    assert task.count_weights(b).tolist() == pytest.approx([33 / max(int(x), 1) for x in k])
+    # a special token the text holds (never masked) does not count among a row's n tokens
+    b2 = {key: v.clone() for key, v in b.items()}
+    free = (b2["labels"][0] == -100).nonzero().flatten()[0]
+    b2["input_ids"][0, free] = task.tok.eos_token_id
+    assert float(task.count_weights(b2)[0]) == pytest.approx(32 / max(int(k[0]), 1))
+    # E[1/t | k] for t uniform and k ~ binomial(n, t): the Beta(k + 1, n - k + 1) posterior, integrated numerically
+    t = torch.linspace(0, 1, 400_001, dtype=torch.float64)[1:]
+    n = 32
+    for kk in (1, 2, 7, 32):
+        like = t ** kk * (1 - t) ** (n - kk)
+        assert float((like / t).sum() / like.sum()) == pytest.approx((n + 1) / kk, rel=1e-3)
+    # the loss: the count-weighted cross-entropy of the masked tokens
+    model = task.model.double()
+    with torch.no_grad():
+        got = task.loss(model, b)
+        ids, cu, pos, L = dense_pack(b["input_ids"])
+        logits = model(ids, cu, pos, L)
+        lab = b["labels"].reshape(-1)
+        sel = lab != -100
+        w = task.count_weights(b).double()[:, None].expand(8, 32).reshape(-1)[sel]
+        ref = (F.cross_entropy(logits[sel], lab[sel], reduction="none") * w).sum()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-8)
+        # validation is the same bound whatever the training weighting
+        plain = mdlm_task(text_dir)
+        plain.model.load_state_dict(task.model.state_dict())
+        assert plain.evaluate(plain.model.double(), "cpu") == task.evaluate(model, "cpu")
+    with pytest.raises(ValueError, match="weighting"):
+        mdlm_task(text_dir, weighting="flat")
+    with pytest.raises(ValueError, match="weighting 'count' needs t uniform"):
+        mdlm_task(text_dir, weighting="count", mask_schedule="linear:0.3:1")
+
+
 def test_mdlm_validation_is_a_fixed_stratified_estimate(text_dir):
     task = mdlm_task(text_dir, eval_t=3)
     t = task.val["t"].reshape(16, 3).double()
@@ -246,7 +283,7 @@ def test_resume_equals_uninterrupted(kind, text_dir, tmp_path):
         if kind == "mdlm":
             return mdlm_task(text_dir, seed)
         if kind == "mdlm-subs":
-            return mdlm_task(text_dir, seed, subs=True)
+            return mdlm_task(text_dir, seed, subs=True, weighting="count")
         if kind == "mdlm-schedule":
             return mdlm_task(text_dir, seed, mask_schedule="cosine:0.3:1")
         return mlm_task(text_dir, seed, mask_schedule="linear:0.5:0.15")
@@ -297,15 +334,21 @@ TINY = ["--size", "tiny", "--steps", "4", "--batch-size", "4", "--no-progress", 
 def test_cli_mdlm_train_and_resume(text_dir, tmp_path):
     out = str(tmp_path / "mdlm")
     m = train_main(["mdlm", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32", "--eval-t", "2",
-                    "--mask-schedule", "linear:0.5:1", "--subs"])
+                    "--mask-schedule", "linear:0.5:1"])
     assert m["val_loss"] > 0 and 0 <= m["masked_accuracy"] <= 1
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)["task"]
     assert cfg["kind"] == "mdlm" and cfg["mask_schedule"] == "linear:0.5:1" and cfg["eval_t"] == 2
-    assert cfg["subs"] is True
     train_main(["mdlm", "--out", out, "--resume", "--steps", "6", "--no-progress"])
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["step"] == 6
+    # the MDLM options of the objectives' comparison: saved, kept on resume
+    out = str(tmp_path / "mdlm-subs")
+    train_main(["mdlm", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32", "--subs", "--weighting", "count"])
+    train_main(["mdlm", "--out", out, "--resume", "--steps", "5", "--no-progress"])
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["step"] == 5 and cfg["task"]["subs"] is True and cfg["task"]["weighting"] == "count"
 
 
 def _error(capsys, argv):
@@ -322,6 +365,9 @@ def _error(capsys, argv):
     (["mdlm", "--mask-prob", "0.2"], "--mask-prob: only for mlm"),
     (["mlm", "--eval-t", "3"], "--eval-t: only for mdlm"),
     (["hybrid", "--subs"], "--subs: only for mdlm"),
+    (["gpt", "--weighting", "count"], "--weighting: only for mdlm"),
+    (["mdlm", "--weighting", "count", "--mask-schedule", "linear:0.3:1", "--size", "tiny"],
+     "weighting 'count' needs t uniform"),
     (["mdlm", "--eval-t", "0"], "--eval-t: expected a number > 0"),
 ])
 def test_cli_mdlm_bad_arguments(argv, message, capsys):

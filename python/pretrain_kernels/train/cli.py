@@ -57,6 +57,7 @@ TASK_OPTIONS = {
     "mix": (("hybrid",), "hybrid"),
     "mask_targets": (("hybrid",), "hybrid"),
     "subs": (("mdlm",), "mdlm"),
+    "weighting": (("mdlm",), "mdlm"),
     "span_len": (("hybrid",), "hybrid"),
     "tokenizer": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
     "vocab_size": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
@@ -70,7 +71,7 @@ TASK_OPTIONS = {
     "coupling": (("flow",), "flow"),
 }
 TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.4, span_len=3.0,
-                            mask_targets=False, subs=False, arch="unet",
+                            mask_targets=False, subs=False, weighting="t", arch="unet",
                             uncond=False, p_uncond=0.5, prediction="v_prediction", schedule="squaredcos_cap_v2",
                             eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
@@ -220,6 +221,9 @@ def train_parser() -> argparse.ArgumentParser:
                    "an infilling example's prefix also predicts its hole's first token (default off)")
     g.add_argument("--subs", action=argparse.BooleanOptionalAction, help="mdlm: SUBS, the special tokens' "
                    "logits are -inf (never predicted; default off)")
+    g.add_argument("--weighting", choices=("t", "count"), help="mdlm: the training loss's weight of a masked "
+                   "token: 1/t (t, the default) or (n + 1) / k for k of the row's n tokens masked (count: its mean "
+                   "given k, the same expected loss with less noise)")
     g.add_argument("--span-len", type=_span_len, help="hybrid: mean length of a hidden span in tokens "
                    "(default 3), or a range lo:hi from which each infilling example draws its own mean")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
@@ -263,7 +267,7 @@ def _build_task(args, p):
         m["max_len"] = max(m["max_len"], seq_len)
         if args.task == "mdlm":
             return MDLMTask(BertConfig(**m), seq_len=seq_len, data=args.data, eval_t=args.eval_t,
-                            mask_schedule=args.mask_schedule, subs=args.subs, **tok)
+                            mask_schedule=args.mask_schedule, subs=args.subs, weighting=args.weighting, **tok)
         return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
                        data=args.data, mask_schedule=args.mask_schedule, **tok)
     m = dict(SIZES[args.arch][args.size])

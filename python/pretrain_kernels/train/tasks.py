@@ -667,7 +667,14 @@ class MDLMTask(_ScheduledTask, _TextTask):
 
     subs: MDLM's SUBS parametrisation: the model never predicts the special tokens (the mask
     among them) at a masked position, its logits there are -inf (BertMLM.never_predict), in
-    training, in the bound and in sampling; the targets are never special, so this is exact."""
+    training, in the bound and in sampling; the targets are never special, so this is exact.
+
+    weighting: the training loss's weight of a masked token. "t": 1/t, the bound as written. "count":
+    (n + 1) / k for a row with k of its n tokens masked, the mean of 1/t given k when t is
+    uniform in (0, 1] (t | k is Beta(k + 1, n - k + 1)): the same expected loss, the bound (up to
+    the eps clamp), with the noise of the 1/t weight averaged out (Rao-Blackwell); a row with
+    t = 0.002 and one masked token no longer weighs 500. Needs mask_schedule constant. The
+    validation bound is the same for both."""
 
     name = "mdlm"
     unit = "tokens"
@@ -675,13 +682,19 @@ class MDLMTask(_ScheduledTask, _TextTask):
 
     def __init__(self, model_cfg: BertConfig, *, seq_len: int = 256, data: str | None = None, eval_windows: int = 256,
                  eval_t: int = 4, load_data: bool = True, tokenizer="byte", vocab_size: int | None = None,
-                 run_dir: str | None = None, mask_schedule=None, subs: bool = False):
+                 run_dir: str | None = None, mask_schedule=None, subs: bool = False, weighting: str = "t"):
         if seq_len > model_cfg.max_len:
             raise ValueError(f"seq_len {seq_len} exceeds the model's max_len {model_cfg.max_len}")
+        if weighting not in ("t", "count"):
+            raise ValueError(f"weighting: expected 't' or 'count', got {weighting!r}")
         if not isinstance(eval_t, int) or eval_t < 1:
             raise ValueError(f"eval_t: expected an integer >= 1, got {eval_t!r}")
         self.seq_len, self.eval_windows, self.eval_t = seq_len, eval_windows, eval_t
         self.mask_schedule = MaskSchedule.parse(mask_schedule)
+        if weighting == "count" and self.mask_schedule.spec() not in ("constant", "constant:1"):
+            raise ValueError(f"weighting 'count' needs t uniform in (0, 1] (mask_schedule constant), got "
+                             f"mask_schedule {self.mask_schedule.spec()!r}")
+        self.weighting = weighting
         val = self._setup_text(tokenizer, vocab_size, data, load_data, run_dir)
         self.model_cfg = self._model_cfg(model_cfg)
         self.model = BertMLM(self.model_cfg)
@@ -704,7 +717,7 @@ class MDLMTask(_ScheduledTask, _TextTask):
     def config(self) -> dict:
         return {"kind": "mdlm", "model": self.model_cfg.to_dict(), "seq_len": self.seq_len, "data": self.data_path,
                 "eval_windows": self.eval_windows, "eval_t": self.eval_t, "tokenizer": self.tokenizer_config(),
-                "mask_schedule": self.mask_schedule.spec(), "subs": self.subs}
+                "mask_schedule": self.mask_schedule.spec(), "subs": self.subs, "weighting": self.weighting}
 
     def _mask(self, ids, t, seed):
         return pk.mlm_mask(ids, mask_token_id=self.tok.mask_token_id, vocab_size=self.tok.vocab_size, mask_prob=t,
@@ -741,8 +754,22 @@ class MDLMTask(_ScheduledTask, _TextTask):
         w = (1.0 / mb["t"].float())[:, None].expand(B, L).reshape(-1)
         return model(ids, cu, pos, max_len, mb["labels"].reshape(-1), weights=w, return_logits=return_logits)
 
+    def count_weights(self, mb) -> torch.Tensor:
+        """weighting "count": each row's weight (n + 1) / k [B] for its k masked tokens out of n
+        maskable ones (the row's non-special tokens), E[1/t | k] for t uniform in (0, 1]."""
+        labels, ids = mb["labels"], mb["input_ids"]
+        special = torch.as_tensor(self.tok.all_special_ids, device=ids.device)
+        n = (~(torch.isin(ids, special) & (labels == -100))).sum(1).float()
+        k = (labels != -100).sum(1).clamp_min(1).float()
+        return (n + 1) / k
+
     def loss(self, model, mb):
-        return self._bound(model, mb, return_logits=False)[2]
+        if self.weighting == "t":
+            return self._bound(model, mb, return_logits=False)[2]
+        B, L = mb["input_ids"].shape
+        ids, cu, pos, max_len = dense_pack(mb["input_ids"])
+        w = self.count_weights(mb)[:, None].expand(B, L).reshape(-1)
+        return model(ids, cu, pos, max_len, mb["labels"].reshape(-1), weights=w, return_logits=False)[2]
 
     def evaluate(self, model, device):
         tot, correct, n = 0.0, 0, 0
@@ -1119,7 +1146,8 @@ def build_task(cfg: dict, *, load_data: bool = True, run_dir: str | None = None)
         return MDLMTask(BertConfig(**cfg["model"]), seq_len=cfg["seq_len"], data=cfg.get("data"),
                         eval_windows=cfg.get("eval_windows", 256), eval_t=cfg.get("eval_t", 4), load_data=load_data,
                         tokenizer=load_tokenizer(cfg, run_dir), run_dir=run_dir,
-                        mask_schedule=cfg.get("mask_schedule"), subs=cfg.get("subs", False))
+                        mask_schedule=cfg.get("mask_schedule"), subs=cfg.get("subs", False),
+                        weighting=cfg.get("weighting", "t"))
     if kind in ("diffusion", "flow"):
         model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("image_size", "in_channels", "num_classes")}
         for k in ("channel_mult", "attn_resolutions"):
