@@ -87,7 +87,7 @@ def test_random_spans_rejects_impossible_requests():
 
 
 def test_batches_mix_both_kinds(text_dir):
-    task = make_task(text_dir, mix=0.5)
+    task = make_task(text_dir, mix=0.5, mask_targets=False)   # mask targets: test_mask_targets_batches_and_no_leak
     b = task.batch(torch.Generator().manual_seed(3), 64)
     T = task.seq_len
     assert b["x"].shape == b["y"].shape == (64, T) and b["prefix_lens"].dtype == torch.int32
@@ -123,7 +123,7 @@ def test_mask_targets_batches_and_no_leak(text_dir):
     from pretrain_kernels.train.tasks import build_task
 
     task = make_task(text_dir, mix=1.0, mask_targets=True)
-    plain = make_task(text_dir, mix=1.0)
+    plain = make_task(text_dir, mix=1.0, mask_targets=False)
     b, bp = task.batch(torch.Generator().manual_seed(3), 16), plain.batch(torch.Generator().manual_seed(3), 16)
     tok = task.tok
     assert b["x"].equal(bp["x"]) and b["positions"].equal(bp["positions"]) and b["prefix_lens"].equal(bp["prefix_lens"])
