@@ -349,6 +349,10 @@ def test_cli_mdlm_train_and_resume(text_dir, tmp_path):
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["step"] == 5 and cfg["task"]["subs"] is True and cfg["task"]["weighting"] == "count"
+    from pretrain_kernels.train.cli import generate_main
+
+    texts = generate_main(["--checkpoint", out, "--infill", "def f(x):\\n    ___\\n", "--infill-length", "5"])
+    assert len(texts) == 1 and texts[0].startswith("def f(x):\n    ") and texts[0].endswith("\n")
 
 
 def _error(capsys, argv):
