@@ -210,8 +210,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=_positive(), help="model width")
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
-    g.add_argument("--mask-prob", type=_positive(float), help="mlm, hybrid: the share of hidden tokens (default: mlm 0.15, "
-                   "hybrid 0.25)")
+    g.add_argument("--mask-prob", type=_positive(float), help="mlm, hybrid: the share of hidden tokens "
+                   "(default: mlm 0.15, hybrid 0.25)")
     g.add_argument("--mask-schedule", type=_mask_schedule, help="mlm: the training masking rate, mdlm: the upper "
                    "end of the range of t, over the run: constant (default: mlm --mask-prob, mdlm t in (0, 1]), "
                    "constant:v, linear:a:b or cosine:a:b (a at the first step, b at the last; values in (0, 1])")
