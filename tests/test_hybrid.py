@@ -135,6 +135,9 @@ def test_mask_targets_batches_and_no_leak(text_dir):
         after = torch.cat([torch.tensor([n - 1]), n + (b["x"][i, n:] == tok.eos_token_id).nonzero().flatten()])
         assert b["y"][i, :n - 1][holes].equal(b["x"][i, after[:int(holes.sum())] + 1])
     assert task.count(b) == plain.count(bp) + 16 * task.n_spans
+    # validation: the same infilling examples with or without them (infill_loss compares)
+    for key in ("x", "y", "prefix_lens", "positions", "span"):
+        assert task.val_infill[key].equal(plain.val_infill[key])
     # no leak: the prefix's logits (the mask targets' predictions) do not depend on the hidden tokens
     model = task.model.eval()
     x2 = b["x"].clone()

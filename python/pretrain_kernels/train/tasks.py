@@ -522,7 +522,8 @@ class HybridTask(GPTTask):
     windows (the same windows, the same computation: exactly comparable with a GPT run); on
     infilling examples built from those windows (a fixed mask draw), masked_accuracy is the
     share of hidden tokens predicted by argmax with the earlier hidden tokens given (teacher
-    forcing), infill_loss their mean loss per token (the eos ends included)."""
+    forcing), infill_loss their mean loss per token (the eos ends included; never the mask
+    targets, so runs with and without them compare)."""
 
     name = "hybrid"
 
@@ -549,7 +550,7 @@ class HybridTask(GPTTask):
         super().__init__(model_cfg, seq_len=seq_len, **kw)
         if hasattr(self, "val"):
             self.val_infill = self._infill_batch(self.val, torch.Generator().manual_seed(4321),
-                                                 torch.ones(self.val.shape[0], dtype=torch.bool))
+                                                 torch.ones(self.val.shape[0], dtype=torch.bool), mask_targets=False)
 
     def config(self) -> dict:
         cfg = super().config()
@@ -577,13 +578,17 @@ class HybridTask(GPTTask):
         n_text = self._seq_len - 2 * n_spans
         return n_spans, n_text, max(n_spans, round(self.mask_prob * n_text))
 
-    def infill_row(self, text: torch.Tensor, masked: torch.Tensor, length: int | None = None):
+    def infill_row(self, text: torch.Tensor, masked: torch.Tensor, length: int | None = None,
+                   mask_targets: bool | None = None):
         tok = self.tok
+        mask_targets = self.mask_targets if mask_targets is None else mask_targets
         return span_infill_example(text, masked, mask_id=tok.mask_token_id, bos_id=tok.bos_token_id,
-                                   eos_id=tok.eos_token_id, length=length, mask_targets=self.mask_targets)
+                                   eos_id=tok.eos_token_id, length=length, mask_targets=mask_targets)
 
-    def _infill_batch(self, w: torch.Tensor, gen: torch.Generator, infill: torch.Tensor) -> dict:
-        """Windows w [B, seq_len + 1]: rows with infill[b] become infilling examples."""
+    def _infill_batch(self, w: torch.Tensor, gen: torch.Generator, infill: torch.Tensor,
+                      mask_targets: bool | None = None) -> dict:
+        """Windows w [B, seq_len + 1]: rows with infill[b] become infilling examples (mask_targets:
+        None, the task's)."""
         x, y = w[:, :-1].clone(), w[:, 1:].clone()
         plen = torch.zeros(w.shape[0], dtype=torch.int32)
         span = torch.zeros_like(y, dtype=torch.bool)
@@ -594,7 +599,7 @@ class HybridTask(GPTTask):
                 u = float(torch.rand((), generator=gen, dtype=torch.float64))
                 n_spans, n_text, n_masked = self.layout(self.span_lo + (self.span_hi - self.span_lo) * u)
             masked = random_spans(n_text, n_masked, n_spans, gen)
-            x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :n_text], masked)
+            x[b], y[b], plen[b], span[b] = self.infill_row(w[b, :n_text], masked, mask_targets=mask_targets)
             pos[b] = self.positions(x[b], int(plen[b]))
         return {"x": x, "y": y, "prefix_lens": plen, "positions": pos, "span": span}
 
