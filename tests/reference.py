@@ -539,6 +539,21 @@ def span_infill_ref(text, masked, mask_id, bos_id, eos_id):
     return stream, len(prefix) + 1, hidden_at
 
 
+def infill_mask_targets_ref(text, masked, ignore=-100):
+    """The prefix targets of span_infill_ref's layout with mask targets: each run's mask predicts
+    the run's first token, every other prefix token nothing (ignore)."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        if not masked[i]:
+            out.append(ignore)
+            i += 1
+            continue
+        out.append(text[i])
+        while i < n and masked[i]:
+            i += 1
+    return out
+
+
 def infill_positions_ref(stream, prefix_len, mask_id, eos_id, length, step):
     """GLM's span positions of span_infill_ref's stream[:-1] padded to length: prefix indices, then
     hole k's block (bos or the previous eos, then its tokens) from the index of the k-th mask,

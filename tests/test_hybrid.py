@@ -16,7 +16,7 @@ from pretrain_kernels.train.loop import TrainConfig, Trainer
 from pretrain_kernels.train.tasks import (SIZES, SPAN_STEP, GPTTask, HybridTask, infill_decode_positions,
                                           infill_positions, random_spans, span_infill_example)
 
-from reference import attention_ref, infill_positions_ref, span_infill_ref
+from reference import attention_ref, infill_mask_targets_ref, infill_positions_ref, span_infill_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -63,6 +63,11 @@ def test_random_spans_and_layout_match_the_reference(n, n_masked, n_spans):
         assert y[span].tolist() == text[masked].tolist()
         xp, yp, _, sp = span_infill_example(text, masked, mask_id=257, bos_id=258, eos_id=259, length=x.numel() + 5)
         assert xp[:x.numel()].equal(x) and yp[x.numel():].eq(-100).all() and not sp[x.numel():].any()
+        # mask targets: each mask of the prefix predicts its run's first token, the rest is unchanged
+        xm, ym, pm, sm = span_infill_example(text, masked, mask_id=257, bos_id=258, eos_id=259, mask_targets=True,
+                                             length=x.numel() + 5)
+        assert xm.equal(xp) and pm == plen and sm.equal(sp) and ym[plen - 1:].equal(yp[plen - 1:])
+        assert ym[:plen - 1].tolist() == infill_mask_targets_ref(text.tolist(), masked.tolist())
         # GLM's span positions, padding included
         pos = infill_positions(xp, plen, mask_id=257, eos_id=259)
         assert pos.tolist() == infill_positions_ref(stream, ref_plen, 257, 259, xp.numel(), SPAN_STEP)
@@ -82,7 +87,7 @@ def test_random_spans_rejects_impossible_requests():
 
 
 def test_batches_mix_both_kinds(text_dir):
-    task = make_task(text_dir, mix=0.5)
+    task = make_task(text_dir, mix=0.5, mask_targets=False)   # mask targets: test_mask_targets_batches_and_no_leak
     b = task.batch(torch.Generator().manual_seed(3), 64)
     T = task.seq_len
     assert b["x"].shape == b["y"].shape == (64, T) and b["prefix_lens"].dtype == torch.int32
@@ -112,6 +117,44 @@ def test_batches_mix_both_kinds(text_dir):
     bg = gpt.batch(torch.Generator().manual_seed(5), 8)
     assert b0["x"].equal(bg["x"]) and b0["y"].equal(bg["y"]) and not b0["prefix_lens"].any()
     assert make_task(text_dir, mix=1.0).batch(torch.Generator().manual_seed(5), 8)["prefix_lens"].all()
+
+
+def test_mask_targets_batches_and_no_leak(text_dir):
+    from pretrain_kernels.train.tasks import build_task
+
+    task = make_task(text_dir, mix=1.0, mask_targets=True)
+    plain = make_task(text_dir, mix=1.0, mask_targets=False)
+    b, bp = task.batch(torch.Generator().manual_seed(3), 16), plain.batch(torch.Generator().manual_seed(3), 16)
+    tok = task.tok
+    assert b["x"].equal(bp["x"]) and b["positions"].equal(bp["positions"]) and b["prefix_lens"].equal(bp["prefix_lens"])
+    for i in range(16):
+        n = int(b["prefix_lens"][i])
+        holes = b["x"][i, :n - 1] == tok.mask_token_id
+        assert b["y"][i, n - 1:].equal(bp["y"][i, n - 1:]) and b["y"][i, :n - 1][~holes].eq(-100).all()
+        # hole k's mask predicts the first token of span k: the token after bos or after the (k-1)-th eos
+        after = torch.cat([torch.tensor([n - 1]), n + (b["x"][i, n:] == tok.eos_token_id).nonzero().flatten()])
+        assert b["y"][i, :n - 1][holes].equal(b["x"][i, after[:int(holes.sum())] + 1])
+    assert task.count(b) == plain.count(bp) + 16 * task.n_spans
+    # validation: the same infilling examples with or without them (infill_loss compares)
+    for key in ("x", "y", "prefix_lens", "positions", "span"):
+        assert task.val_infill[key].equal(plain.val_infill[key])
+    # no leak: the prefix's logits (the mask targets' predictions) do not depend on the hidden tokens
+    model = task.model.eval()
+    x2 = b["x"].clone()
+    for i in range(16):
+        n = int(b["prefix_lens"][i])
+        x2[i, n:] = torch.randint(0, 256, (x2.shape[1] - n,))
+    with torch.no_grad():
+        l1 = model(b["x"], positions=b["positions"], prefix_lens=b["prefix_lens"])
+        l2 = model(x2, positions=b["positions"], prefix_lens=b["prefix_lens"])
+    for i in range(16):
+        n = int(b["prefix_lens"][i])
+        torch.testing.assert_close(l1[i, :n], l2[i, :n])
+    # the option is saved and rebuilt; older runs' configs (without it) rebuild without it
+    cfg = task.config()
+    assert cfg["mask_targets"] is True and build_task(cfg, load_data=False).mask_targets
+    del cfg["mask_targets"]
+    assert not build_task(cfg, load_data=False).mask_targets
 
 
 def test_decode_positions_continue_the_hole():
@@ -251,11 +294,13 @@ def test_next_token_eval_is_the_gpt_tasks(text_dir):
     assert 0 <= h["masked_accuracy"] <= 1 and h["infill_loss"] > 0
 
 
-def test_hybrid_resume_equals_uninterrupted(text_dir, tmp_path):
+@pytest.mark.parametrize("mask_targets", [False, True])
+def test_hybrid_resume_equals_uninterrupted(text_dir, tmp_path, mask_targets):
     losses = lambda hist: [h["loss"] for h in hist if "loss" in h]  # noqa: E731
-    full = losses(Trainer(make_task(text_dir), tiny_cfg(), str(tmp_path / "a")).train())
-    Trainer(make_task(text_dir), tiny_cfg(steps=3), str(tmp_path / "c")).train()
-    rest = losses(Trainer(make_task(text_dir, seed=7), tiny_cfg(), str(tmp_path / "c")).train(resume=True))
+    kw = dict(mask_targets=mask_targets)
+    full = losses(Trainer(make_task(text_dir, **kw), tiny_cfg(), str(tmp_path / "a")).train())
+    Trainer(make_task(text_dir, **kw), tiny_cfg(steps=3), str(tmp_path / "c")).train()
+    rest = losses(Trainer(make_task(text_dir, seed=7, **kw), tiny_cfg(), str(tmp_path / "c")).train(resume=True))
     assert len(rest) == 3 and rest == pytest.approx(full[3:], rel=1e-6, abs=1e-7)
     assert all(torch.isfinite(torch.tensor(full)))
 
@@ -290,6 +335,8 @@ def test_cli_hybrid_train_resume_generate(text_dir, tmp_path, capsys):
     (["mlm", "--span-len", "3"], "--span-len: only for hybrid"),
     (["hybrid", "--mix", "1.5", "--size", "tiny"], "mix"),
     (["hybrid", "--span-len", "4:2", "--size", "tiny"], "--span-len: expected a mean span length >= 1 or a range"),
+    (["gpt", "--mask-targets"], "--mask-targets: only for hybrid"),
+    (["mdlm", "--no-mask-targets"], "--mask-targets: only for hybrid"),
 ])
 def test_cli_hybrid_bad_arguments(argv, message, text_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -299,10 +346,12 @@ def test_cli_hybrid_bad_arguments(argv, message, text_dir, tmp_path, capsys):
 
 def test_cli_span_len_range(text_dir, tmp_path):
     out = str(tmp_path / "hyb")
-    m = train_main(["hybrid", "--out", out, "--data", text_dir, "--steps", "2", "--span-len", "1:3.5", *TINY])
+    m = train_main(["hybrid", "--out", out, "--data", text_dir, "--steps", "2", "--span-len", "1:3.5",
+                    "--mask-targets", *TINY])
     assert m["val_loss"] > 0
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["task"]["span_len"] == "1:3.5"
+        cfg = json.load(f)["task"]
+    assert cfg["span_len"] == "1:3.5" and cfg["mask_targets"] is True
     train_main(["hybrid", "--out", out, "--resume", "--steps", "3", "--no-progress"])
     filled = generate_main(["--checkpoint", out, "--infill", "def f(x):\n    ___\n", "--max-new-tokens", "4",
                             "--temperature", "0"])

@@ -175,6 +175,80 @@ def test_mdlm_loss_is_the_weighted_bound(text_dir):
     assert task.count(b) == 6 * 32
 
 
+def test_subs_never_predicts_the_special_tokens(text_dir):
+    from pretrain_kernels.models import BertMLM
+    from pretrain_kernels.train.tasks import build_task
+
+    task, plain = mdlm_task(text_dir, subs=True), mdlm_task(text_dir)
+    special = task.tok.all_special_ids
+    model, ref = task.model.double(), plain.model.double()
+    assert set(model.state_dict()) == set(ref.state_dict())       # the mask is not saved with the weights
+    ref.load_state_dict(model.state_dict())
+    b = task.batch(torch.Generator().manual_seed(7), 6)
+    ids, cu, pos, L = dense_pack(b["input_ids"])
+    with torch.no_grad():
+        logits, want = model(ids, cu, pos, L), ref(ids, cu, pos, L)
+        assert torch.isneginf(logits[:, special]).all()
+        want[:, special] = float("-inf")
+        torch.testing.assert_close(logits, want)
+        # the bound: the 1/t-weighted cross-entropy of the masked logits (fused and unfused), never above
+        # the plain model's
+        lab = b["labels"].reshape(-1)
+        sel = lab != -100
+        w = (1.0 / b["t"].double())[:, None].expand(6, 32).reshape(-1)[sel]
+        ce = F.cross_entropy(want[sel], lab[sel], reduction="none")
+        expect = (ce * w).sum()
+        torch.testing.assert_close(task.loss(model, b).double(), expect, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(task._bound(model, b)[2].double(), expect, rtol=1e-6, atol=1e-8)
+        assert (ce <= F.cross_entropy(ref(ids, cu, pos, L)[sel], lab[sel], reduction="none") + 1e-12).all()
+    # saved in the config and rebuilt (runs saved before it rebuild without it)
+    cfg = task.config()
+    assert cfg["subs"] is True and build_task(cfg, load_data=False).model.logit_mask is not None
+    del cfg["subs"]
+    assert build_task(cfg, load_data=False).model.logit_mask is None
+    m = BertMLM(BertConfig(**SIZES["mdlm"]["tiny"]))
+    with pytest.raises(ValueError, match="ids"):
+        m.never_predict([300])
+    assert m.never_predict([]).logit_mask is None
+
+
+def test_count_weighting_is_the_mean_of_one_over_t_given_the_count(text_dir):
+    task = mdlm_task(text_dir, weighting="count")
+    b = task.batch(torch.Generator().manual_seed(5), 8)
+    k = (b["labels"] != -100).sum(1)
+    assert task.count_weights(b).tolist() == pytest.approx([33 / max(int(x), 1) for x in k])
+    # a special token the text holds (never masked) does not count among a row's n tokens
+    b2 = {key: v.clone() for key, v in b.items()}
+    free = (b2["labels"][0] == -100).nonzero().flatten()[0]
+    b2["input_ids"][0, free] = task.tok.eos_token_id
+    assert float(task.count_weights(b2)[0]) == pytest.approx(32 / max(int(k[0]), 1))
+    # E[1/t | k] for t uniform and k ~ binomial(n, t): the Beta(k + 1, n - k + 1) posterior, integrated numerically
+    t = torch.linspace(0, 1, 400_001, dtype=torch.float64)[1:]
+    n = 32
+    for kk in (1, 2, 7, 32):
+        like = t ** kk * (1 - t) ** (n - kk)
+        assert float((like / t).sum() / like.sum()) == pytest.approx((n + 1) / kk, rel=1e-3)
+    # the loss: the count-weighted cross-entropy of the masked tokens
+    model = task.model.double()
+    with torch.no_grad():
+        got = task.loss(model, b)
+        ids, cu, pos, L = dense_pack(b["input_ids"])
+        logits = model(ids, cu, pos, L)
+        lab = b["labels"].reshape(-1)
+        sel = lab != -100
+        w = task.count_weights(b).double()[:, None].expand(8, 32).reshape(-1)[sel]
+        ref = (F.cross_entropy(logits[sel], lab[sel], reduction="none") * w).sum()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-8)
+        # validation is the same bound whatever the training weighting
+        plain = mdlm_task(text_dir)
+        plain.model.load_state_dict(task.model.state_dict())
+        assert plain.evaluate(plain.model.double(), "cpu") == task.evaluate(model, "cpu")
+    with pytest.raises(ValueError, match="weighting"):
+        mdlm_task(text_dir, weighting="flat")
+    with pytest.raises(ValueError, match="weighting 'count' needs t uniform"):
+        mdlm_task(text_dir, weighting="count", mask_schedule="linear:0.3:1")
+
+
 def test_mdlm_validation_is_a_fixed_stratified_estimate(text_dir):
     task = mdlm_task(text_dir, eval_t=3)
     t = task.val["t"].reshape(16, 3).double()
@@ -203,11 +277,13 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind", ["mdlm", "mdlm-schedule", "mlm-schedule"])
+@pytest.mark.parametrize("kind", ["mdlm", "mdlm-subs", "mdlm-schedule", "mlm-schedule"])
 def test_resume_equals_uninterrupted(kind, text_dir, tmp_path):
     def make(seed=0):
         if kind == "mdlm":
             return mdlm_task(text_dir, seed)
+        if kind == "mdlm-subs":
+            return mdlm_task(text_dir, seed, subs=True, weighting="count")
         if kind == "mdlm-schedule":
             return mdlm_task(text_dir, seed, mask_schedule="cosine:0.3:1")
         return mlm_task(text_dir, seed, mask_schedule="linear:0.5:0.15")
@@ -266,6 +342,17 @@ def test_cli_mdlm_train_and_resume(text_dir, tmp_path):
     train_main(["mdlm", "--out", out, "--resume", "--steps", "6", "--no-progress"])
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["step"] == 6
+    # the MDLM options of the objectives' comparison: saved, kept on resume
+    out = str(tmp_path / "mdlm-subs")
+    train_main(["mdlm", "--out", out, "--data", text_dir, *TINY, "--seq-len", "32", "--subs", "--weighting", "count"])
+    train_main(["mdlm", "--out", out, "--resume", "--steps", "5", "--no-progress"])
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["step"] == 5 and cfg["task"]["subs"] is True and cfg["task"]["weighting"] == "count"
+    from pretrain_kernels.train.cli import generate_main
+
+    texts = generate_main(["--checkpoint", out, "--infill", "def f(x):\\n    ___\\n", "--infill-length", "5"])
+    assert len(texts) == 1 and texts[0].startswith("def f(x):\n    ") and texts[0].endswith("\n")
 
 
 def _error(capsys, argv):
@@ -281,6 +368,10 @@ def _error(capsys, argv):
     (["gpt", "--mask-schedule", "constant"], "--mask-schedule: only for mlm and mdlm"),
     (["mdlm", "--mask-prob", "0.2"], "--mask-prob: only for mlm"),
     (["mlm", "--eval-t", "3"], "--eval-t: only for mdlm"),
+    (["hybrid", "--subs"], "--subs: only for mdlm"),
+    (["gpt", "--weighting", "count"], "--weighting: only for mdlm"),
+    (["mdlm", "--weighting", "count", "--mask-schedule", "linear:0.3:1", "--size", "tiny"],
+     "weighting 'count' needs t uniform"),
     (["mdlm", "--eval-t", "0"], "--eval-t: expected a number > 0"),
 ])
 def test_cli_mdlm_bad_arguments(argv, message, capsys):

@@ -98,6 +98,8 @@ class BertMLM(nn.Module):
         self.head_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.head_ln = nn.LayerNorm(cfg.n_embd)
         self.decoder_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        # -inf at the ids the head never predicts (never_predict()); not saved with the weights
+        self.register_buffer("logit_mask", None, persistent=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -117,20 +119,39 @@ class BertMLM(nn.Module):
             x = block(x, cos, sin, cu_seqlens, max_seqlen)
         return self.ln_f(x)
 
+    def never_predict(self, ids) -> "BertMLM":
+        """The head gives these ids the logit -inf (probability 0) everywhere, in the logits and in
+        the loss: MDLM's SUBS parametrisation, where the mask and the other special tokens are
+        never the answer at a masked position, so no probability is spent on them (exact: it can
+        only lower the loss of the targets, which are never these ids). Empty: off."""
+        ids = torch.as_tensor(list(ids), dtype=torch.int64)
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.cfg.vocab_size):
+            raise ValueError(f"ids: expected token ids in [0, {self.cfg.vocab_size}), got {ids.tolist()}")
+        if not ids.numel():
+            self.logit_mask = None
+            return self
+        mask = torch.zeros(self.cfg.vocab_size, device=self.decoder_bias.device)
+        mask[ids.to(mask.device)] = float("-inf")
+        self.logit_mask = mask
+        return self
+
+    def _bias(self):
+        return self.decoder_bias if self.logit_mask is None else self.decoder_bias + self.logit_mask
+
     def head_hidden(self, h):
         """The MLM head's transform (dense, GELU, LayerNorm): the input of the tied decoder."""
         return self.head_ln(F.gelu(self.head_dense(h)))
 
     def head(self, h):
         """Hidden states [..., n_embd] -> logits [..., vocab]."""
-        return F.linear(self.head_hidden(h), self.embed.weight, self.decoder_bias)
+        return F.linear(self.head_hidden(h), self.embed.weight, self._bias())
 
     def loss(self, h, labels, reduction: str = "sum"):
         """Cross-entropy of the MLM head on encoder states h [..., n_embd] for labels [...]
         (-100 = no label), by pk.linear_cross_entropy: the [tokens, vocab] logits are never
         held. Pass only the labelled rows when most are unlabelled (the head's transform runs
         on every row given)."""
-        return pk.linear_cross_entropy(self.head_hidden(h), self.embed.weight, labels, bias=self.decoder_bias,
+        return pk.linear_cross_entropy(self.head_hidden(h), self.embed.weight, labels, bias=self._bias(),
                                        ignore_index=-100, reduction=reduction)
 
     def forward(self, ids, cu_seqlens, positions, max_seqlen, labels=None, weights=None,

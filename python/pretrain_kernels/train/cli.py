@@ -55,6 +55,9 @@ TASK_OPTIONS = {
     "mask_schedule": (("mlm", "mdlm"), "mlm and mdlm"),
     "eval_t": (("mdlm",), "mdlm"),
     "mix": (("hybrid",), "hybrid"),
+    "mask_targets": (("hybrid",), "hybrid"),
+    "subs": (("mdlm",), "mdlm"),
+    "weighting": (("mdlm",), "mdlm"),
     "span_len": (("hybrid",), "hybrid"),
     "tokenizer": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
     "vocab_size": (("gpt", "mlm", "mdlm", "hybrid"), "the text tasks (gpt, mlm, mdlm, hybrid)"),
@@ -67,7 +70,9 @@ TASK_OPTIONS = {
     "guidance": (("diffusion", "flow"), "the image tasks (diffusion, flow)"),
     "coupling": (("flow",), "flow"),
 }
-TASK_OPTION_DEFAULTS = dict(mask_prob=0.15, mask_schedule="constant", eval_t=4, mix=0.4, span_len=3.0, arch="unet",
+# (a dict value: per task)
+TASK_OPTION_DEFAULTS = dict(mask_prob={"mlm": 0.15, "hybrid": 0.25}, mask_schedule="constant", eval_t=4, mix=0.3,
+                            span_len=3.0, mask_targets=True, subs=False, weighting="t", arch="unet",
                             uncond=False, p_uncond=0.5, prediction="v_prediction", schedule="squaredcos_cap_v2",
                             eval_samples=500, guidance=1.0)
 # The files of a run folder (train/loop.py); --force removes them before a new run.
@@ -205,14 +210,22 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=_positive(), help="model width")
     g.add_argument("--heads", type=_positive())
     g.add_argument("--kv-heads", type=_positive(), help="gpt: key/value heads (GQA)")
-    g.add_argument("--mask-prob", type=_positive(float), help="mlm, hybrid: the share of hidden tokens (default 0.15)")
+    g.add_argument("--mask-prob", type=_positive(float), help="mlm, hybrid: the share of hidden tokens "
+                   "(default: mlm 0.15, hybrid 0.25)")
     g.add_argument("--mask-schedule", type=_mask_schedule, help="mlm: the training masking rate, mdlm: the upper "
                    "end of the range of t, over the run: constant (default: mlm --mask-prob, mdlm t in (0, 1]), "
                    "constant:v, linear:a:b or cosine:a:b (a at the first step, b at the last; values in (0, 1])")
     g.add_argument("--eval-t", type=_positive(), help="mdlm: stratified rates t per validation window for the "
                    "bound (default 4)")
     g.add_argument("--mix", type=_nonneg(float), help="hybrid: the fraction of infilling examples, the rest "
-                   "next-token prediction (default 0.4)")
+                   "next-token prediction (default 0.3)")
+    g.add_argument("--mask-targets", action=argparse.BooleanOptionalAction, help="hybrid: each mask token of "
+                   "an infilling example's prefix also predicts its hole's first token (default on)")
+    g.add_argument("--subs", action=argparse.BooleanOptionalAction, help="mdlm: SUBS, the special tokens' "
+                   "logits are -inf (never predicted; default off)")
+    g.add_argument("--weighting", choices=("t", "count"), help="mdlm: the training loss's weight of a masked "
+                   "token: 1/t (t, the default) or (n + 1) / k for k of the row's n tokens masked (count: its mean "
+                   "given k, the same expected loss with less noise)")
     g.add_argument("--span-len", type=_span_len, help="hybrid: mean length of a hidden span in tokens "
                    "(default 3), or a range lo:hi from which each infilling example draws its own mean")
     g.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default): bytes are tokens; bpe: a "
@@ -251,12 +264,12 @@ def _build_task(args, p):
             m["block_size"] = max(m["block_size"], seq_len)
             if args.task == "hybrid":
                 return HybridTask(GPTConfig(**m), seq_len=seq_len, mix=args.mix, mask_prob=args.mask_prob,
-                                  span_len=args.span_len, data=args.data, **tok)
+                                  span_len=args.span_len, mask_targets=args.mask_targets, data=args.data, **tok)
             return GPTTask(GPTConfig(**m), seq_len=seq_len, data=args.data, **tok)
         m["max_len"] = max(m["max_len"], seq_len)
         if args.task == "mdlm":
             return MDLMTask(BertConfig(**m), seq_len=seq_len, data=args.data, eval_t=args.eval_t,
-                            mask_schedule=args.mask_schedule, **tok)
+                            mask_schedule=args.mask_schedule, subs=args.subs, weighting=args.weighting, **tok)
         return MLMTask(BertConfig(**m), seq_len=seq_len, min_len=max(1, seq_len // 4), mask_prob=args.mask_prob,
                        data=args.data, mask_schedule=args.mask_schedule, **tok)
     m = dict(SIZES[args.arch][args.size])
@@ -314,7 +327,7 @@ def train_main(argv=None) -> dict:
             p.error(f"--{dest.replace('_', '-')}: only for {who}, not {args.task}")
     for dest, value in TASK_OPTION_DEFAULTS.items():
         if getattr(args, dest) is None:
-            setattr(args, dest, value)
+            setattr(args, dest, value.get(args.task) if isinstance(value, dict) else value)
     if args.resume and args.force:
         p.error("--force: starts a new run; it cannot go with --resume")
     if args.vocab_size and args.tokenizer != "bpe" and not args.resume:

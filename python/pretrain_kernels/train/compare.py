@@ -402,7 +402,8 @@ def _hybrid_note(h: dict | None) -> str:
     span = h["span_len"]
     span = (f"mean length {span:g}" if not isinstance(span, str)
             else f"mean length drawn per example from [{span.replace(':', ', ')}]")
-    return f"{h['mix']:.0%} of the windows infilling, {h['mask_prob']:.0%} hidden in runs of {span}"
+    targets = ", each mask also predicting its hole's first token" if h.get("mask_targets") else ""
+    return f"{h['mix']:.0%} of the windows infilling, {h['mask_prob']:.0%} hidden in runs of {span}{targets}"
 
 
 def write_report(out: str, res: dict, plots: dict) -> str:
@@ -606,7 +607,8 @@ def compare_main(argv=None) -> dict:
                     "steps": steps, "batch": batch, "seq_len": seq_len, "tokens": steps * batch * seq_len,
                     "masked_windows": n_mask, "masked_len": masked_len + 1, "infill_windows": n_inf,
                     "infill_len": inf_len, "models": models,
-                    "hybrid": {k: tasks["hybrid"].config()[k] for k in ("mix", "mask_prob", "span_len")}},
+                    "hybrid": {k: tasks["hybrid"].config()[k] for k in ("mix", "mask_prob", "span_len",
+                                                                                "mask_targets")}},
            "drift": {"judge_params": _params(judge), "judge_steps": jsteps, "judge_wall_s": jwall,
                      "judge_val_nats_per_byte": jm.get("val_loss"), "samples": n_drift, "rows": rows},
            "notes": notes}
