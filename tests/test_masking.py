@@ -133,6 +133,13 @@ def isa_cases():
                 outs.append(pk.mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=specials,
                                         attention_mask=None if mdt is None else attn.to(mdt), mask_prob=rate,
                                         replace_prob=rp, random_prob=rnd, seed=1000 + i))
+        # random replacements only, a vocab near 2^32 (uniform_int rejects about half its first
+        # draws: the scalar redraw) and next to 2^31 (int32 ids), with a few and with many special ids
+        for vocab, dtype in ((2**32 - 1, torch.int64), (3 * 2**30 + 5, torch.int64), (2**31, torch.int32)):
+            ids = torch.randint(0, 2**31 - 1, (B, L), generator=torch.Generator().manual_seed(i), dtype=dtype)
+            for specials in ([0, 5, 5, vocab - 1, vocab + 3, -1], list(range(1, 40))):
+                outs.append(pk.mlm_mask(ids, mask_token_id=3, vocab_size=vocab, special_token_ids=specials,
+                                        mask_prob=0.9, replace_prob=0.0, random_prob=1.0, seed=2000 + i))
     return outs
 
 

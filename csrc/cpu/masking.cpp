@@ -41,8 +41,9 @@ using masking::MaskParams;
 //     time; the specials leave the list and the selection masks;
 //  B. the action word of each listed token, 16 tokens per Philox call: "mask" stores the mask
 //     id into the list, "random" packs the token into a second list;
-//  C. the random replacements, 16 tokens per Philox call (the rare rejection of uniform_int,
-//     and the mapping past the special ids, scalar);
+//  C. the random replacements, 16 tokens per Philox call, uniform_int's product and, with a few
+//     special ids, the mapping past them (one compare and masked add per id) in the lanes; the rare
+//     rejection of uniform_int, and the mapping past many special ids, scalar;
 //  D. per 16 tokens, one store of each output: the list values expanded (vpexpand) into the
 //     selected lanes of the ids, and the ids blended into -100 for the labels.
 // The same Philox counters as the scalar path, so the results are bit-identical. The round keys
@@ -311,20 +312,42 @@ PK_TARGET_AVX512_BMI2 void bernoulli_segment_avx512(const MaskParams& p, const i
   if (p.n_allowed > 0) {
     const uint32_t n_allowed = static_cast<uint32_t>(p.n_allowed);
     alignas(64) uint32_t w16[16];
+    const __m512i n_allowed_v = _mm512_set1_epi32(static_cast<int32_t>(n_allowed)), one = _mm512_set1_epi32(1);
+    __m512i sp_v[kVecSpecials];
+    for (int k = 0; k < n_sp; ++k) sp_v[k] = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(sp[k])));
     for (int64_t j = 0; j < nrnd; j += 16) {
       const int64_t rem = std::min<int64_t>(16, nrnd - j);
       const __mmask16 v = rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
       const __m512i idx = _mm512_maskz_loadu_epi32(v, rnd + j);
       const __m512i lp = _mm512_mask_i32gather_epi32(zero, v, idx, pos, 4);
-      _mm512_store_si512(w16, cpu::philox16_word0(lp, row_v, masking::kRandomTokenOffset, zero, keys));
-      for (int k = 0; k < rem; ++k) {
-        const uint32_t i = rnd[j + k];
-        const uint64_t prod = static_cast<uint64_t>(w16[k]) * n_allowed;
-        if (static_cast<uint32_t>(prod) < n_allowed) {  // uniform_int may reject: the scalar draw
-          vals[i] = static_cast<id_t>(masking::apply_action(p, masking::kRandom, static_cast<int64_t>(vals[i]), b, pos[i]));
-        } else {
-          vals[i] = static_cast<id_t>(masking::nth_allowed_id(p, static_cast<int64_t>(prod >> 32)));
+      const __m512i w = cpu::philox16_word0(lp, row_v, masking::kRandomTokenOffset, zero, keys);
+      if (n_sp < 0) {  // many special ids: the scalar mapping (a binary search would not be shorter)
+        _mm512_store_si512(w16, w);
+        for (int k = 0; k < rem; ++k) {
+          const uint32_t i = rnd[j + k];
+          const uint64_t prod = static_cast<uint64_t>(w16[k]) * n_allowed;
+          if (static_cast<uint32_t>(prod) < n_allowed) {  // uniform_int may reject: the scalar draw
+            vals[i] = static_cast<id_t>(masking::apply_action(p, masking::kRandom, static_cast<int64_t>(vals[i]), b, pos[i]));
+          } else {
+            vals[i] = static_cast<id_t>(masking::nth_allowed_id(p, static_cast<int64_t>(prod >> 32)));
+          }
         }
+        continue;
+      }
+      // uniform_int's w * n_allowed per lane: the high words (the draw) and the low words (a draw
+      // with low < n_allowed may be rejected: those take the scalar path), even and odd lanes apart
+      const __m512i pe = _mm512_mul_epu32(w, n_allowed_v), po = _mm512_mul_epu32(_mm512_srli_epi64(w, 32), n_allowed_v);
+      __m512i r = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+      const __m512i lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+      const __mmask16 reject = _mm512_mask_cmplt_epu32_mask(v, lo, n_allowed_v);
+      // nth_allowed_id without a branch: past each special id (ascending) at or below r, r moves
+      // up by one; once one is above r, so are the rest
+      for (int k = 0; k < n_sp; ++k) r = _mm512_mask_add_epi32(r, _mm512_cmple_epu32_mask(sp_v[k], r), r, one);
+      _mm512_store_si512(w16, r);
+      for (int k = 0; k < rem; ++k) vals[rnd[j + k]] = static_cast<id_t>(w16[k]);
+      for (uint32_t bits = reject; bits != 0; bits &= bits - 1) {  // rare (probability < n_allowed / 2^32)
+        const uint32_t i = rnd[j + __builtin_ctz(bits)];
+        vals[i] = static_cast<id_t>(masking::apply_action(p, masking::kRandom, static_cast<int64_t>(row[pos[i]]), b, pos[i]));
       }
     }
   }
