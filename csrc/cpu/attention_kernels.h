@@ -430,12 +430,19 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
 
 // acc[u] += p[i] * v_i[16 u .. 16 u + 16) for rows v_i = v + i * ld, i < n (the last of the NV
 // vectors masked by `last`): the inner loop over one run of values, the same whether the run
-// is a step of a contiguous block or a page. Always inlined (as qk16_avx512), so that the
-// strided and the paged instances compile to the same loop with the accumulators in registers.
+// is a step of a contiguous block or a page. Row i also prefetches `bytes` bytes at ahead[i]
+// when i < n_ahead, one row's lines per row read, so that the requests go out spread over the
+// loop rather than in a burst that fills the line fill buffers. Always inlined (as
+// qk16_avx512), so that the strided and the paged instances compile to the same loop with the
+// accumulators in registers.
 template <int NV, typename scalar_t>
 PK_TARGET_AVX512 __attribute__((always_inline)) inline void pv_run(const float* p, int64_t n, const scalar_t* v,
-                                                                   int64_t ld, __mmask16 last, __m512* acc) {
+                                                                   int64_t ld, __mmask16 last, __m512* acc,
+                                                                   const char* const* ahead, int64_t n_ahead,
+                                                                   int64_t bytes) {
   for (int64_t i = 0; i < n; ++i, v += ld) {
+    if (i < n_ahead)
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead[i] + off, _MM_HINT_T0);
     const __m512 pi = _mm512_set1_ps(p[i]);
 #pragma GCC unroll 8
     for (int u = 0; u < NV; ++u)
@@ -445,7 +452,7 @@ PK_TARGET_AVX512 __attribute__((always_inline)) inline void pv_run(const float* 
 
 // Columns [d0, d0 + nd) (16 (NV - 1) < nd <= 16 NV) of O[r * Dv + d] += sum_j
 // P[r * ldp + j] * V(j)[d], the values a run at a time in steps of kRowStep rows; the first
-// row's pass fetches the values kPrefetchRows ahead.
+// row's pass fetches the values kPrefetchRows ahead (those of the sequence), one per row read.
 template <int NV, typename scalar_t, typename Rows>
 PK_TARGET_AVX512 void pv_cols_avx512(int64_t R, int64_t nk, int64_t Dv, int64_t d0, int64_t nd, const float* P,
                                      int64_t ldp, const Rows& V, float* O) {
@@ -457,12 +464,19 @@ PK_TARGET_AVX512 void pv_cols_avx512(int64_t R, int64_t nk, int64_t Dv, int64_t 
     __m512 acc[NV];
 #pragma GCC unroll 8
     for (int u = 0; u < NV; ++u) acc[u] = _mm512_maskz_loadu_ps(u == NV - 1 ? last : 0xffff, o + 16 * u);
+    const char* ahead[kRowStep];  // the rows kPrefetchRows ahead of the step's rows, on the first pass
     for (int64_t j = 0; j < nk; j += kRowStep) {
       const int64_t end = std::min(j + kRowStep, nk);
-      if (r == 0) prefetch_rows<scalar_t>(V, j + kPrefetchRows, end + kPrefetchRows, d0, bytes);
+      int64_t n_ahead = 0;
+      if (r == 0)
+        for_each_run(V, j + kPrefetchRows, std::min(end + kPrefetchRows, V.limit),
+                     [&](const scalar_t* row, int64_t, int64_t n) {
+                       for (int64_t i = 0; i < n; ++i, row += V.stride())
+                         ahead[n_ahead++] = reinterpret_cast<const char*>(row + d0);
+                     });
       for (int64_t t = j; t < end;) {  // for_each_run, written out: pv_run inlines here
         const int64_t n = std::min(V.run(t), end - t);
-        pv_run<NV>(pr + t, n, V(t) + d0, V.stride(), last, acc);
+        pv_run<NV>(pr + t, n, V(t) + d0, V.stride(), last, acc, ahead + (t - j), n_ahead - (t - j), bytes);
         t += n;
       }
     }
