@@ -513,7 +513,7 @@ void append_rows(at::Tensor& cache, const at::Tensor& src, int64_t b, int64_t po
   }
   for (int64_t t = 0; t < n;) {
     const int64_t slot = (pos + t) % page_size, take = std::min(n - t, page_size - slot);
-    cache[pages[(pos + t) / page_size]].narrow(0, slot, take).copy_(take == n ? src : src.narrow(0, t, take));
+    cache[pages[(pos + t) / page_size]].narrow(0, slot, take).copy_(src.narrow(0, t, take));
     t += take;
   }
 }

@@ -32,25 +32,26 @@ inline bool isa_amx() { return ::pk::cpu::has_isa(::pk::cpu::Isa::kAmx); }
 // row stride, or through the page table of a paged kv cache (paged_offset in
 // csrc/common/attention.h). Both give the kernels the same keys in the same order, so a paged
 // cache gives the bits of the contiguous one. Rows j .. j + run(j) - 1 lie stride() apart (one
-// run: all of them when strided, the rest of the page when paged; a page is a contiguous
-// [page_size, kv_heads, head_dim] slab), so the kernels walk the rows a run at a time
-// (for_each_run): one address per page, then the inner loop of the contiguous cache over the
-// page's rows. Rows j < limit belong to the sequence and are worth a prefetch although they
-// lie past the block; past the sequence a prefetch would not fault (strided) but costs its
-// instructions and, off the tensor, a page walk; paged, only the table entries of the
-// sequence's rows are read, not the entries past them.
+// run: all of them when strided, the rest of the page when paged), so a walk over the rows
+// (RowWalk) computes one address per page. prefetchable(j): row j is worth a prefetch although
+// it lies past the block: it belongs to the sequence (j < limit). Past the sequence a prefetch
+// would not fault (strided) but costs its instructions and, off the tensor, a page walk; paged,
+// only the table entries of the sequence's rows are checked, not the entries past them.
 template <typename T>
 struct StridedRows {
+  static constexpr bool kStrided = true;
   const T* base;
   int64_t ld;
   int64_t limit = std::numeric_limits<int64_t>::max();  // rows j < limit belong to the sequence
   const T* operator()(int64_t j) const { return base + j * ld; }
   int64_t run(int64_t) const { return std::numeric_limits<int64_t>::max(); }
   int64_t stride() const { return ld; }
+  bool prefetchable(int64_t j) const { return j < limit; }
 };
 
 template <typename T>
 struct PagedRows {
+  static constexpr bool kStrided = false;
   const T* base;          // block 0, slot 0 of the kv head
   const int32_t* pages;   // the row's block_table entries
   int64_t page_size, s_page, s_slot;
@@ -64,6 +65,8 @@ struct PagedRows {
       while ((int64_t(1) << (shift + 1)) <= page_size) ++shift;
   }
   int64_t slot(int64_t t) const { return shift >= 0 ? (t & (page_size - 1)) : t % page_size; }
+  // Whether keys j .. j + n - 1 lie in one page.
+  bool one_page(int64_t j, int64_t n) const { return slot(j0 + j) + n <= page_size; }
   const T* operator()(int64_t j) const {
     const int64_t t = j0 + j;
     if (shift >= 0)  // paged_offset (csrc/common/attention.h) with shifts
@@ -72,18 +75,34 @@ struct PagedRows {
   }
   int64_t run(int64_t j) const { return page_size - slot(j0 + j); }
   int64_t stride() const { return s_slot; }
+  bool prefetchable(int64_t j) const { return j < limit; }
 };
 
-// f(ptr, j, n) for the runs of rows [j, end) in order: rows j .. j + n - 1 at ptr, ptr +
-// stride(), ...; one table lookup per run (page).
-template <typename Rows, typename F>
-inline void for_each_run(const Rows& rows, int64_t j, int64_t end, F&& f) {
-  while (j < end) {
-    const int64_t n = std::min(rows.run(j), end - j);
-    f(rows(j), j, n);
-    j += n;
+// Addresses of rows j, j + 1, ... of `rows`, asked for in that order: one table lookup per
+// run, the rows of a run a stride apart. at(j) is row j; at_or_null(j) is row j or null when
+// it is not to be prefetched (prefetchable; then neither are the rows after it).
+template <typename Rows>
+struct RowWalk {
+  using Ptr = decltype(std::declval<const Rows&>()(0));
+  const Rows& rows;
+  Ptr ptr = nullptr;
+  int64_t left = 0;  // rows after ptr in its run
+  explicit RowWalk(const Rows& r) : rows(r) {}
+  Ptr at(int64_t j) {
+    if (left > 0) {
+      ptr += rows.stride();
+      --left;
+    } else {
+      ptr = rows(j);
+      left = rows.run(j) - 1;
+    }
+    return ptr;
   }
-}
+  Ptr at_or_null(int64_t j) {
+    if (!rows.prefetchable(j)) return nullptr;
+    return at(j);
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Portable versions.
@@ -341,8 +360,7 @@ struct RowList16 {
 };
 
 template <typename scalar_t, typename Ptr>
-PK_TARGET_AVX512 __attribute__((always_inline)) inline void qk16_avx512(int64_t R, int64_t D, const float* Q,
-                                                                        const Ptr& kp, float* S, int64_t lds) {
+PK_TARGET_AVX512 inline void qk16_avx512(int64_t R, int64_t D, const float* Q, const Ptr& kp, float* S, int64_t lds) {
   for (int64_t r = 0; r < R; ++r) {
     const float* q = Q + r * D;
     __m512 acc[16];
@@ -358,24 +376,8 @@ PK_TARGET_AVX512 __attribute__((always_inline)) inline void qk16_avx512(int64_t 
   }
 }
 
-// Rows the rows kernels fetch ahead of the one they read, in steps of kRowStep rows.
+// Rows the rows kernels fetch ahead of the one they read.
 constexpr int64_t kPrefetchRows = 32;
-constexpr int64_t kRowStep = 16;
-
-// Prefetches `bytes` bytes from column offset `col` of rows [j, end) that belong to the
-// sequence (j < limit), a run at a time. Rows of one head are far apart (other heads in
-// between), too far apart for the hardware prefetchers, and a paged cache's pages lie
-// anywhere: the rows kernels fetch their rows kPrefetchRows ahead by hand. Past the block they
-// are the next block's first rows (read after the other heads' blocks, still in L2).
-template <typename scalar_t, typename Rows>
-PK_TARGET_AVX512 inline void prefetch_rows(const Rows& rows, int64_t j, int64_t end, int64_t col, int64_t bytes) {
-  for_each_run(rows, j, std::min(end, rows.limit), [&](const scalar_t* row, int64_t, int64_t n) {
-    const char* c = reinterpret_cast<const char*>(row + col);
-    const int64_t ld = rows.stride() * static_cast<int64_t>(sizeof(scalar_t));
-    for (int64_t i = 0; i < n; ++i, c += ld)
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-  });
-}
 
 // Keys come through `K` (StridedRows or PagedRows: key j at K(j)).
 template <typename scalar_t, typename Rows>
@@ -383,15 +385,22 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
                                      int64_t lds) {
   int64_t j = 0;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  RowWalk<Rows> ahead(K);  // the keys kPrefetchRows ahead, past the block where they exist
   for (; j + 16 <= nk; j += 16) {  // sixteen keys at a time, sums transposed into one vector
-    prefetch_rows<scalar_t>(K, j + kPrefetchRows, j + kPrefetchRows + 16, 0, row_bytes);
-    if (K.run(j) >= 16) {  // the sixteen keys in one run (strided, or in one page): strided there
-      qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.stride()}, S + j, lds);
-    } else {  // paged across page boundaries: each page looked up once
+    // Rows of one head are far apart (other heads in between), too far apart for the
+    // hardware prefetchers: fetch the keys two steps ahead by hand. Past the block they are
+    // the next block's first keys (read after the other heads' blocks, still in L2).
+    for (int64_t t = j + kPrefetchRows; t < j + kPrefetchRows + 16; ++t)
+      if (const scalar_t* row = ahead.at_or_null(t))
+        for (int64_t off = 0; off < row_bytes; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(row) + off, _MM_HINT_T0);
+    if constexpr (Rows::kStrided) {
+      qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.ld}, S + j, lds);
+    } else if (K.one_page(j, 16)) {  // paged, the sixteen keys in one page: strided there
+      qk16_avx512<scalar_t>(R, D, Q, StridedRows<scalar_t>{K(j), K.s_slot}, S + j, lds);
+    } else {  // paged across a page boundary: each row looked up once
       RowList16<scalar_t> kr;
-      for_each_run(K, j, j + 16, [&](const scalar_t* row, int64_t t, int64_t n) {
-        for (int64_t i = 0; i < n; ++i, row += K.stride()) kr.rows[t - j + i] = row;
-      });
+      for (int t = 0; t < 16; ++t) kr.rows[t] = K(j + t);
       qk16_avx512<scalar_t>(R, D, Q, kr, S + j, lds);
     }
   }
@@ -428,63 +437,6 @@ PK_TARGET_AVX512 void qk_rows_avx512(int64_t R, int64_t nk, int64_t D, const flo
   }
 }
 
-// acc[u] += p[i] * v_i[16 u .. 16 u + 16) for rows v_i = v + i * ld, i < n (the last of the NV
-// vectors masked by `last`): the inner loop over one run of values, the same whether the run
-// is a step of a contiguous block or a page. Row i also prefetches `bytes` bytes at ahead[i]
-// when i < n_ahead, one row's lines per row read, so that the requests go out spread over the
-// loop rather than in a burst that fills the line fill buffers. Always inlined (as
-// qk16_avx512), so that the strided and the paged instances compile to the same loop with the
-// accumulators in registers.
-template <int NV, typename scalar_t>
-PK_TARGET_AVX512 __attribute__((always_inline)) inline void pv_run(const float* p, int64_t n, const scalar_t* v,
-                                                                   int64_t ld, __mmask16 last, __m512* acc,
-                                                                   const char* const* ahead, int64_t n_ahead,
-                                                                   int64_t bytes) {
-  for (int64_t i = 0; i < n; ++i, v += ld) {
-    if (i < n_ahead)
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead[i] + off, _MM_HINT_T0);
-    const __m512 pi = _mm512_set1_ps(p[i]);
-#pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u)
-      acc[u] = _mm512_fmadd_ps(pi, load16(v + 16 * u, u == NV - 1 ? last : 0xffff), acc[u]);
-  }
-}
-
-// Columns [d0, d0 + nd) (16 (NV - 1) < nd <= 16 NV) of O[r * Dv + d] += sum_j
-// P[r * ldp + j] * V(j)[d], the values a run at a time in steps of kRowStep rows; the first
-// row's pass fetches the values kPrefetchRows ahead (those of the sequence), one per row read.
-template <int NV, typename scalar_t, typename Rows>
-PK_TARGET_AVX512 void pv_cols_avx512(int64_t R, int64_t nk, int64_t Dv, int64_t d0, int64_t nd, const float* P,
-                                     int64_t ldp, const Rows& V, float* O) {
-  const __mmask16 last = tail_mask(nd - 16 * (NV - 1));
-  const int64_t bytes = nd * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t r = 0; r < R; ++r) {
-    float* o = O + r * Dv + d0;
-    const float* pr = P + r * ldp;
-    __m512 acc[NV];
-#pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) acc[u] = _mm512_maskz_loadu_ps(u == NV - 1 ? last : 0xffff, o + 16 * u);
-    const char* ahead[kRowStep];  // the rows kPrefetchRows ahead of the step's rows, on the first pass
-    for (int64_t j = 0; j < nk; j += kRowStep) {
-      const int64_t end = std::min(j + kRowStep, nk);
-      int64_t n_ahead = 0;
-      if (r == 0)
-        for_each_run(V, j + kPrefetchRows, std::min(end + kPrefetchRows, V.limit),
-                     [&](const scalar_t* row, int64_t, int64_t n) {
-                       for (int64_t i = 0; i < n; ++i, row += V.stride())
-                         ahead[n_ahead++] = reinterpret_cast<const char*>(row + d0);
-                     });
-      for (int64_t t = j; t < end;) {  // for_each_run, written out: pv_run inlines here
-        const int64_t n = std::min(V.run(t), end - t);
-        pv_run<NV>(pr + t, n, V(t) + d0, V.stride(), last, acc, ahead + (t - j), n_ahead - (t - j), bytes);
-        t += n;
-      }
-    }
-#pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) _mm512_mask_storeu_ps(o + 16 * u, u == NV - 1 ? last : 0xffff, acc[u]);
-  }
-}
-
 // O[r * Dv + d] += sum_j P[r * ldp + j] * V[j * ldv + d]; up to 128 columns (eight
 // independent accumulators) per pass.
 // Values come through `V` (StridedRows or PagedRows: value j at V(j)), walked one run (page)
@@ -494,15 +446,43 @@ PK_TARGET_AVX512 void pv_rows_avx512(int64_t R, int64_t nk, int64_t Dv, const fl
                                      float* O) {
   for (int64_t d0 = 0; d0 < Dv; d0 += 128) {
     const int64_t nd = std::min<int64_t>(128, Dv - d0);
-    switch ((nd + 15) / 16) {
-      case 8: pv_cols_avx512<8, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
-      case 7: pv_cols_avx512<7, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
-      case 6: pv_cols_avx512<6, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
-      case 5: pv_cols_avx512<5, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
-      case 4: pv_cols_avx512<4, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
-      case 3: pv_cols_avx512<3, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
-      case 2: pv_cols_avx512<2, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
-      default: pv_cols_avx512<1, scalar_t>(R, nk, Dv, d0, nd, P, ldp, V, O); break;
+    const int nv = static_cast<int>((nd + 15) / 16);
+    __mmask16 m[8];
+    for (int v = 0; v < 8; ++v) m[v] = tail_mask(nd - 16 * v);
+    for (int64_t r = 0; r < R; ++r) {
+      float* o = O + r * Dv + d0;
+      __m512 acc[8];
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) acc[v] = _mm512_maskz_loadu_ps(m[v], o + 16 * v);
+      const float* pr = P + r * ldp;
+      RowWalk<Rows> row(V), ahead(V);  // the values read and those kPrefetchRows ahead
+      if (nv == 8) {
+        for (int64_t j = 0; j < nk; ++j) {
+          const __m512 pj = _mm512_set1_ps(pr[j]);
+          const scalar_t* vj = row.at(j) + d0;
+          if (r == 0)
+            if (const scalar_t* next = ahead.at_or_null(j + kPrefetchRows))
+              for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(next + d0) + off, _MM_HINT_T0);
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, 0xffff), acc[v]);
+        }
+      } else {
+        for (int64_t j = 0; j < nk; ++j) {
+          const __m512 pj = _mm512_set1_ps(pr[j]);
+          const scalar_t* vj = row.at(j) + d0;
+          if (r == 0)
+            if (const scalar_t* next = ahead.at_or_null(j + kPrefetchRows))
+              for (int64_t off = 0; off < nd * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(next + d0) + off, _MM_HINT_T0);
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v)
+            if (v < nv) acc[v] = _mm512_fmadd_ps(pj, load16(vj + 16 * v, m[v]), acc[v]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v)
+        if (v < nv) _mm512_mask_storeu_ps(o + 16 * v, m[v], acc[v]);
     }
   }
 }
