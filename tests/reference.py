@@ -657,11 +657,12 @@ def contiguous_from_paged(pages, block_table):
 
 
 def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, causal=True, scale=None,
-                window=(-1, -1), block_table=None):
+                window=(-1, -1), block_table=None, softcap=None, alibi_slopes=None):
     """What flash_attn_kvcache computes, in float64: (out (B, Sq, H, D), lse (B, H, Sq), k_rows, v_rows)
     with k_rows / v_rows the logical rows of the caches after the append (contiguous layout).
     A row that does not fit, or (paged) uses a block id outside [0, num_blocks), is not written
-    and gives NaN out and lse."""
+    and gives NaN out and lse. softcap and alibi_slopes ([heads] or [batch, heads]) as in
+    attention_ref, the ALiBi distance aligned bottom-right on each row's key count."""
     if block_table is not None:
         nb, ps = k_cache.shape[:2]
         safe = block_table.clamp(0, max(nb - 1, 0))
@@ -688,8 +689,9 @@ def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, c
             continue
         if s_new:
             k_rows[b, n:n + s_new], v_rows[b, n:n + s_new] = k_new[b], v_new[b]
+        slopes = alibi_slopes[b:b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         o, lse = attention_ref(q[b:b + 1], k_rows[b:b + 1, :n + s_new], v_rows[b:b + 1, :n + s_new], scale=scale,
-                               window=(left, right))
+                               window=(left, right), softcap=softcap, alibi_slopes=slopes)
         outs.append(o.cpu())
         lses.append(lse.cpu())
     return torch.cat(outs), torch.cat(lses), k_rows, v_rows

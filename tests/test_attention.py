@@ -601,6 +601,41 @@ def test_kvcache_paged_decode_long_rows_equal_contiguous(head_dim, page_size, dt
     assert rel_err(out_c, ref) < (2e-2 if dtype != torch.float32 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("page_size", [1, 3, 16, 64])
+@pytest.mark.parametrize("case", ["plain", "window", "softcap_alibi"])
+def test_kvcache_paged_page_runs_equal_contiguous(case, page_size, dtype):
+    """The CPU decode kernels walk the keys and values a page (run) at a time, 16 keys per step:
+    steps inside one page, steps across several pages (page sizes 1 and 3), steps starting
+    inside a page (a window starts the keys anywhere), cache lengths off multiples of the page
+    size, GQA (3 query heads per kv head, 1 and 2 query rows), head dims of one full and one
+    masked vector pass. The paged cache gives the contiguous cache's bits, out and lse, and
+    both match the float64 reference, with soft-capping and ALiBi slopes per (batch, head)."""
+    g = torch.Generator().manual_seed(1000 + 10 * page_size + len(case))
+    B, H, Hk = 4, 6, 2
+    cap = -(-300 // page_size) * page_size
+    lens = torch.tensor([0, 37, 130, cap - 2], dtype=torch.int32)
+    window = (45, -1) if case == "window" else (-1, -1)
+    softcap = 0.9 if case == "softcap_alibi" else None
+    slopes = torch.rand(B, H, generator=g) * 0.3 if case == "softcap_alibi" else None
+    for D, n in ((64, 1), (40, 2)):
+        kc, vc = rand(B, cap, Hk, D, dtype=dtype, gen=g), rand(B, cap, Hk, D, dtype=dtype, gen=g)
+        kp, vp, table = paged_from_contiguous(kc, vc, page_size, gen=g)
+        for b in range(B):  # entries past the pages a row uses are never read
+            table[b, -(-(int(lens[b]) + n) // page_size):] = -1
+        q = rand(B, n, H, D, dtype=dtype, gen=g)
+        kn, vn = rand(B, n, Hk, D, dtype=dtype, gen=g), rand(B, n, Hk, D, dtype=dtype, gen=g)
+        kw = dict(k_new=kn, v_new=vn, window=window, softcap=softcap, alibi_slopes=slopes, return_lse=True)
+        out_c, lse_c = pk.flash_attention_with_kvcache(q, kc, vc, lens, **kw)
+        out_p, lse_p = pk.flash_attention_with_kvcache(q, kp, vp, lens, block_table=table, **kw)
+        assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+        ref, ref_lse, _, _ = kvcache_ref(q, kc, vc, lens + n, window=window, softcap=softcap, alibi_slopes=slopes)
+        assert rel_err(out_c, ref) < (2e-2 if dtype != torch.float32 else 1e-5)
+        live = torch.isfinite(ref_lse)
+        assert torch.equal(live, torch.isfinite(lse_c))
+        torch.testing.assert_close(lse_c[live].double(), ref_lse[live], atol=1e-4, rtol=1e-4)
+
+
 def _kv_sdpa_err(q, k_rows, v_rows, lens, s_new, causal, window, scale):
     """torch SDPA's relative error (in q's dtype) on the rows a kv-cache call attends to."""
     left, right = window
