@@ -37,9 +37,9 @@ Measured, into <out>/comparison.md, <out>/results.json and PNG plots:
   time                  wall and process CPU seconds of every phase (Phases): with --threads 1 the
                         CPU time is what a phase costs even when other jobs stretch the wall
 
---budget scales the training steps (and, below 1, the evaluation sizes); the default fits in
-about 30 minutes on 2 idle CPU cores (its phases, timed at one thread, add up to about 20
-minutes of CPU time; other jobs on the cores stretch the wall time well past that). --size tiny uses the tiny presets (the tests' end-to-end run).
+--budget scales the training steps (and, below 1, the evaluation sizes); the default takes
+about 12 minutes on 2 idle CPU cores (24 minutes of CPU time; other jobs on the cores stretch
+the wall time well past that). --size tiny uses the tiny presets (the tests' end-to-end run).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "measured comparison (Markdown table, JSON, PNG plots).")
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="run folder (default runs/compare)")
     p.add_argument("--budget", type=_positive(float), default=1.0, help="scales the training steps (1: about "
-                   "30 minutes on 2 CPU cores)")
+                   "12 minutes on 2 idle CPU cores)")
     p.add_argument("--size", choices=("tiny", "small"), default="small", help="model presets")
     p.add_argument("--data", help="a folder of text files (default: the stdlib source)")
     p.add_argument("--no-images", action="store_true", help="text objectives only")
