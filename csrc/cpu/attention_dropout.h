@@ -5,6 +5,7 @@
 // backend.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../common/attention_dropout.h"
@@ -63,23 +64,59 @@ inline const uint16_t* dropout_row_bits(const Dropout& dr, uint64_t index, int64
   return reinterpret_cast<const uint16_t*>(buf.data()) + (j0 & 7);
 }
 
+#if PK_X86
+// keep[j] = (u[j] >= t) for 16 keys from u (n of them, 1 <= n <= 16; the rest masked off).
+PK_TARGET_AVX512 inline __mmask16 dropout_keep16_avx512(const uint16_t* u, int64_t n, __m512i t) {
+  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, u));
+  return _mm512_mask_cmpge_epu32_mask(m, v, t);
+}
+
+// s[j] = keep[j] ? s[j] : 0 (sel = nullptr) or keep[j] ? *sel : 0, 16 floats at a time.
+PK_TARGET_AVX512 inline void dropout_select_avx512(const uint16_t* u, uint32_t t, int64_t n, float* s,
+                                                   const float* sel) {
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t r = n - j < 16 ? n - j : 16;
+    const __mmask16 m = r == 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1);
+    const __mmask16 keep = dropout_keep16_avx512(u + j, r, vt);
+    const __m512 x = sel != nullptr ? _mm512_set1_ps(*sel) : _mm512_maskz_loadu_ps(m, s + j);
+    _mm512_mask_storeu_ps(s + j, m, _mm512_maskz_mov_ps(keep, x));
+  }
+}
+#endif
+
 // Forward: P[j] of dropped keys j0 .. j0 + n of row `index` set to 0 (the kept ones are scaled by
 // rscale once, on the output).
 template <typename acc_t>
 void dropout_zero_row(const Dropout& dr, uint64_t index, int64_t j0, int64_t n, acc_t* s, std::vector<uint32_t>& buf) {
   const uint16_t* u = dropout_row_bits(dr, index, j0, n, buf);
   const uint32_t t = dr.threshold;
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (pk::cpu::has_isa(pk::cpu::Isa::kAvx512)) return dropout_select_avx512(u, t, n, s, nullptr);
+  }
+#endif
   for (int64_t j = 0; j < n; ++j) s[j] = u[j] >= t ? s[j] : acc_t(0);
+}
+
+// mult[j] = rscale for kept keys, 0 for dropped ones, from their 16-bit values u.
+template <typename acc_t>
+void dropout_mult_from_bits(const uint16_t* u, uint32_t t, int64_t n, acc_t* mult) {
+  const acc_t rs = static_cast<acc_t>(dropout_rscale(t));
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (pk::cpu::has_isa(pk::cpu::Isa::kAvx512)) return dropout_select_avx512(u, t, n, mult, &rs);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) mult[j] = u[j] >= t ? rs : acc_t(0);
 }
 
 // Backward: mult[j] = rscale for kept keys, 0 for dropped ones.
 template <typename acc_t>
 void dropout_mult_row(const Dropout& dr, uint64_t index, int64_t j0, int64_t n, acc_t* mult,
                       std::vector<uint32_t>& buf) {
-  const uint16_t* u = dropout_row_bits(dr, index, j0, n, buf);
-  const uint32_t t = dr.threshold;
-  const acc_t rs = static_cast<acc_t>(dropout_rscale(t));
-  for (int64_t j = 0; j < n; ++j) mult[j] = u[j] >= t ? rs : acc_t(0);
+  dropout_mult_from_bits(dropout_row_bits(dr, index, j0, n, buf), dr.threshold, n, mult);
 }
 
 // Backward, two rows at once where the keys fit one Philox call (j0 % 8 + n <= 64, AVX-512):
@@ -92,11 +129,8 @@ void dropout_mult_rows2(const Dropout& dr, uint64_t index0, uint64_t index1, int
     if (buf.size() < 64) buf.resize(64);
     dropout_words2x8_avx512(dr.seed, index0, index1, dr.offset, static_cast<uint32_t>(j0 >> 3), buf.data());
     const uint16_t* u0 = reinterpret_cast<const uint16_t*>(buf.data()) + (j0 & 7);
-    const uint16_t* u1 = u0 + 64;
-    const uint32_t t = dr.threshold;
-    const acc_t rs = static_cast<acc_t>(dropout_rscale(t));
-    for (int64_t j = 0; j < n; ++j) mult0[j] = u0[j] >= t ? rs : acc_t(0);
-    for (int64_t j = 0; j < n; ++j) mult1[j] = u1[j] >= t ? rs : acc_t(0);
+    dropout_mult_from_bits(u0, dr.threshold, n, mult0);
+    dropout_mult_from_bits(u0 + 64, dr.threshold, n, mult1);
     return;
   }
 #endif
