@@ -65,21 +65,14 @@ inline const uint16_t* dropout_row_bits(const Dropout& dr, uint64_t index, int64
 }
 
 #if PK_X86
-// keep[j] = (u[j] >= t) for 16 keys from u (n of them, 1 <= n <= 16; the rest masked off).
-PK_TARGET_AVX512 inline __mmask16 dropout_keep16_avx512(const uint16_t* u, int64_t n, __m512i t) {
-  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, u));
-  return _mm512_mask_cmpge_epu32_mask(m, v, t);
-}
-
-// s[j] = keep[j] ? s[j] : 0 (sel = nullptr) or keep[j] ? *sel : 0, 16 floats at a time.
+// s[j] = u[j] >= t ? s[j] : 0 (sel = nullptr) or u[j] >= t ? *sel : 0, 16 keys per mask compare.
 PK_TARGET_AVX512 inline void dropout_select_avx512(const uint16_t* u, uint32_t t, int64_t n, float* s,
                                                    const float* sel) {
   const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
   for (int64_t j = 0; j < n; j += 16) {
-    const int64_t r = n - j < 16 ? n - j : 16;
-    const __mmask16 m = r == 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1);
-    const __mmask16 keep = dropout_keep16_avx512(u + j, r, vt);
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, u + j));
+    const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(m, v, vt);
     const __m512 x = sel != nullptr ? _mm512_set1_ps(*sel) : _mm512_maskz_loadu_ps(m, s + j);
     _mm512_mask_storeu_ps(s + j, m, _mm512_maskz_mov_ps(keep, x));
   }

@@ -110,11 +110,8 @@ def call_checked(op, args, checks):
         raise
 
 
-def is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - torch < 2.3
-        return False
+# torch.compiler.is_compiling itself, without a wrapper frame (every op call asks); torch < 2.3: never
+is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 # ---- autograd ------------------------------------------------------------------------------
@@ -174,7 +171,6 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _torch_function_mode = torch._C._is_torch_function_mode_enabled
 _has_torch_function = torch._C._has_torch_function  # an argument overriding it, or a torch function mode
 BelowAutograd = torch._C._AutoDispatchBelowAutograd
-_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch < 2.3: never
 
 if hasattr(torch._C, "_dispatch_call_boxed") and hasattr(torch._C, "_dispatch_find_schema_or_throw"):
     call_boxed = torch._C._dispatch_call_boxed
@@ -202,7 +198,7 @@ def raw_op(qualname: str):
     handle = op_handle(qualname)
 
     def call(*args):
-        if _compiling() or _has_torch_function(args):
+        if is_compiling() or _has_torch_function(args):
             return overload(*args)
         return call_boxed(handle, *args)
 
@@ -217,7 +213,7 @@ def plain_call(q, k, v) -> bool:
     function mode and no torch.compile tracing. The attention fast paths take it."""
     return (q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor
             and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and _fwAD._current_level < 0 and not _functorch_active() and not _compiling()
+            and _fwAD._current_level < 0 and not _functorch_active() and not is_compiling()
             and not _torch_function_mode())
 
 
@@ -228,7 +224,7 @@ def call_below_autograd(op, *args):
     small kernel, and through call_boxed where raw_op would take it. While torch.compile
     traces or a torch.func transform is active the call takes the ordinary route (the
     transforms keep their own dispatch state)."""
-    if _compiling() or _functorch_active():
+    if is_compiling() or _functorch_active():
         return op(*args)
     with BelowAutograd():
         if _has_torch_function(args):
@@ -335,7 +331,7 @@ def not_differentiable(qualname: str, what: str, reason: str = "double backward 
 
     def call(*args):
         # torch.compile: AOTAutograd traces the backward once and refuses double backward itself
-        if _needs_autograd(args) and not _compiling():
+        if _needs_autograd(args) and not is_compiling():
             return apply_function(fn, *args)
         return call_below_autograd(op, *args)
 

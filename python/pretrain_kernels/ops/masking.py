@@ -180,8 +180,8 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, ma
                                                             _INT64_MAX)
     seed_t = resolve_seed(seed, generator, input_ids.device)
     return _MLM_MASK(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
-                                               mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
-                                               bool(exact_count), max_predictions)
+                     mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
+                     bool(exact_count), max_predictions)
 
 
 def span_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, mask_prob=0.15,
@@ -200,8 +200,8 @@ def span_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, m
     max_span = min(check_int("max_span", max_span, low=1), _INT64_MAX)  # longer than any row: the same
     seed_t = resolve_seed(seed, generator, input_ids.device)
     return _SPAN_MASK(input_ids, attention_mask, special, word_starts, prob_rows, seed_t,
-                                                mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
-                                                geometric_p, max_span)
+                      mask_prob, mask_token_id, vocab_size, replace_prob, random_prob,
+                      geometric_p, max_span)
 
 
 # ---- fake kernels ----------------------------------------------------------------------------
