@@ -127,3 +127,57 @@ def test_op_calls_keep_torch_function_modes():
             out = call()
         assert torch.equal(out, ref), name
         assert any(s.startswith(name) for s in mode.seen), (name, mode.seen)
+
+
+def test_attention_direct_entry():
+    """pretrain_kernels._C.attention_fwd_plain (csrc/module.cpp), the CPU fast path past the
+    dispatcher: the op's result bit for bit where it takes the call, NotImplemented wherever the
+    dispatcher would not go straight to the CPU kernel (a derivative to record, autocast, a torch
+    dispatch mode), and still seen by the profiler under the op's name."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain_kernels import _C
+
+    g = torch.Generator().manual_seed(5)
+    op = torch.ops.pretrain_kernels.flash_attn_fwd
+    for dtype in DTYPES:
+        q = torch.randn(2, 3, 4, 16, generator=g).to(dtype)
+        k = torch.randn(2, 7, 2, 16, generator=g).to(dtype)
+        v = torch.randn(2, 7, 2, 16, generator=g).to(dtype)
+        for wr, bottom_right in ((-1, True), (0, True), (0, False)):
+            out, lse = _C.attention_fwd_plain(q, k, v, 0.3, wr, bottom_right, False)
+            ref, ref_lse = op(q, k, v, None, None, None, -1, -1, 0.3, -1, wr, bottom_right)
+            assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            out, lse = _C.attention_fwd_plain(qt, kt, vt, 0.3, wr, bottom_right, True)
+            assert torch.equal(out, ref.transpose(1, 2)) and torch.equal(lse, ref_lse)
+    q = torch.randn(1, 2, 4, 16, generator=g)
+    args = (q, q, q, 0.25, -1, True, False)
+    assert _C.attention_fwd_plain(q.requires_grad_(), q, q, 0.25, -1, True, False) is NotImplemented
+    with torch.no_grad():
+        assert _C.attention_fwd_plain(q, q, q, 0.25, -1, True, False) is not NotImplemented
+    q = q.detach()
+    args = (q, q, q, 0.25, -1, True, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _C.attention_fwd_plain(*args) is NotImplemented
+        assert pk.flash_attention(q, q, q).dtype == torch.bfloat16  # the op's autocast kernel ran
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        assert _C.attention_fwd_plain(*args) is NotImplemented
+        pk.flash_attention(q, q, q)
+    assert any(s.startswith("pretrain_kernels.flash_attn_fwd") for s in mode.ops), mode.ops
+    assert _C.attention_fwd_plain(q, q, q[..., :3, :], 0.25, -1, True, False) is NotImplemented  # k, v mismatch
+    assert _C.attention_fwd_plain(q.int(), q, q, 0.25, -1, True, False) is NotImplemented
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pk.flash_attention(q, q, q)
+    assert any(e.name == "pretrain_kernels::flash_attn_fwd" for e in prof.events())

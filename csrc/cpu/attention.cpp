@@ -74,6 +74,7 @@
 #include "../common/attention_checks.h"
 
 #include "attention_impl.h"
+#include "direct_calls.h"
 
 namespace pk {
 namespace attention {
@@ -593,6 +594,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_kvcache_cpu(const at::Tensor& q_in
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 double scale, int64_t window_right, bool bottom_right) {
+  return flash_attn_fwd_cpu(q, k, v, std::nullopt, std::nullopt, std::nullopt, -1, -1, scale, -1, window_right,
+                            bottom_right,
+                            0.0, std::nullopt, std::nullopt, 0.0, std::nullopt);
+}
 
 TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd_cpu);

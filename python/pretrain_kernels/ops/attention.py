@@ -17,6 +17,7 @@ import math
 import numbers
 
 import torch
+from .. import _C
 
 from ._common import (BelowAutograd, apply_function, call_below_autograd, call_boxed, is_compiling, needs_autograd,
                       not_differentiable, op_handle, plain_call, register_autograd_function, resolve_seed)
@@ -304,10 +305,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         try:
             D = q.shape[-1]
             if v.shape[-1] == D:
-                with BelowAutograd():
-                    out, lse = call_boxed(_FWD_HANDLE, q, k, v, None, None, None, -1, -1, 1.0 / math.sqrt(D), -1,
-                                           0 if causal else -1, True)
-                return (out, lse) if return_lse else out
+                r = _fwd_plain(q, k, v, 1.0 / math.sqrt(D), 0 if causal else -1, True, False)
+                if r is NotImplemented:
+                    with BelowAutograd():
+                        r = call_boxed(_FWD_HANDLE, q, k, v, None, None, None, -1, -1, 1.0 / math.sqrt(D), -1,
+                                       0 if causal else -1, True)
+                return r if return_lse else r[0]
         except Exception:  # noqa: BLE001 - the full path below raises the precise error
             pass
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -494,10 +497,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         # full path below runs and raises the error that names the argument.
         try:
             if query.dim() == 4 and (enable_gqa is True or query.shape[1] == key.shape[1]):
+                s, wr = 1.0 / math.sqrt(query.shape[-1]), 0 if is_causal else -1
+                r = _fwd_plain(query, key, value, s, wr, False, True)
+                if r is not NotImplemented:
+                    return r[0]
                 with BelowAutograd():
-                    out, _ = call_boxed(_FWD_HANDLE, query.transpose(1, 2), key.transpose(1, 2),
-                                         value.transpose(1, 2), None, None, None, -1, -1,
-                                         1.0 / math.sqrt(query.shape[-1]), -1, 0 if is_causal else -1, False)
+                    out, _ = call_boxed(_FWD_HANDLE, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                        None, None, None, -1, -1, s, -1, wr, False)
                 return out.transpose(1, 2)
         except Exception:  # noqa: BLE001 - the full path below raises the precise error
             pass
@@ -854,6 +860,9 @@ _FWD_OP = torch.ops.pretrain_kernels.flash_attn_fwd.default
 _FWD_DEFAULTS = [a.default_value for a in _FWD_OP._schema.arguments]
 # the fast paths' calls (call_boxed: never while torch.compile traces)
 _FWD_HANDLE = op_handle("pretrain_kernels::flash_attn_fwd")
+# flash_attn_fwd's plain CPU call past the dispatcher (csrc/module.cpp): NotImplemented for any
+# call the dispatcher would not send straight to the CPU kernel, and from a build without it.
+_fwd_plain = getattr(_C, "attention_fwd_plain", None) or (lambda *args: NotImplemented)
 _KVCACHE_HANDLE = op_handle("pretrain_kernels::flash_attn_kvcache")
 
 

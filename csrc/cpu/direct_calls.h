@@ -1,0 +1,25 @@
+// CPU kernels reached straight from Python (pretrain_kernels._C, csrc/module.cpp) on the fast
+// paths of the public wrappers, without the dispatcher's boxed call. On a tiny input (one decode
+// token) boxing a dozen arguments into IValues and back costs more than the kernel itself; these
+// entries take only the arguments the fast path varies. module.cpp calls them only for dense CPU
+// tensors whose dispatch would land on the CPU kernel anyway (no autograd to record, no autocast,
+// no mode, no subclass), so the result is the op's, bit for bit.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace pk {
+namespace attention {
+namespace cpu {
+
+// flash_attn_fwd on dense (batch, seqlen, heads, head_dim) inputs with no varlen, mask, softcap,
+// ALiBi, prefix or dropout: window (-1, window_right), aligned bottom-right or top-left.
+std::tuple<at::Tensor, at::Tensor> forward_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 double scale, int64_t window_right, bool bottom_right);
+
+}  // namespace cpu
+}  // namespace attention
+}  // namespace pk
