@@ -11,6 +11,10 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <atomic>
+#include <optional>
+#include <stdexcept>
+#include <tuple>
+#include <vector>
 #include <string>
 
 #include "cpu/cpu_isa.h"
@@ -73,7 +77,8 @@ PyObject* parallel_threads(PyObject*, PyObject*) {
 bool reaches_cpu_kernel(std::initializer_list<const at::Tensor*> tensors) {
   c10::DispatchKeySet keys;
   const bool grad = c10::GradMode::is_enabled();
-  for (const at::Tensor* t : tensors) {
+  for (const at::Tensor* t : tensors) {  // nullptr: an optional argument left out
+    if (t == nullptr) continue;
     if (!t->defined() || (grad && t->requires_grad())) return false;
     keys = keys | t->key_set();
   }
@@ -84,9 +89,46 @@ bool reaches_cpu_kernel(std::initializer_list<const at::Tensor*> tensors) {
   return keys.highestPriorityTypeId() == c10::DispatchKey::CPU;
 }
 
-// The exact torch.Tensor at args[i], or nullptr (a subclass takes the dispatcher's route).
-const at::Tensor* exact_tensor(PyObject* const* args, Py_ssize_t i) {
-  return THPVariable_CheckExact(args[i]) ? &THPVariable_Unpack(args[i]) : nullptr;
+// Reading the ops' arguments: each returns false for a value of another type (the
+// entry then gives NotImplemented and the op takes the call, raising its usual errors).
+bool read(PyObject* o, std::optional<at::Tensor>& t) {
+  if (o == Py_None) return true;
+  if (!THPVariable_CheckExact(o)) return false;
+  t = THPVariable_Unpack(o);
+  return true;
+}
+
+bool read(PyObject* o, double& x) {
+  if (!PyFloat_CheckExact(o)) return false;
+  x = PyFloat_AS_DOUBLE(o);
+  return true;
+}
+
+bool read(PyObject* o, int64_t& x) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  x = PyLong_AsLongLongAndOverflow(o, &overflow);
+  return overflow == 0 && !(x == -1 && PyErr_Occurred());
+}
+
+bool read(PyObject* o, bool& x) {
+  if (!PyBool_Check(o)) return false;
+  x = o == Py_True;
+  return true;
+}
+
+PyObject* wrap_pair(std::tuple<at::Tensor, at::Tensor>&& result) {
+  PyObject* a = THPVariable_Wrap(std::move(std::get<0>(result)));
+  if (a == nullptr) return nullptr;
+  PyObject* b = THPVariable_Wrap(std::move(std::get<1>(result)));
+  if (b == nullptr) {
+    Py_DECREF(a);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, a, b);
+  Py_DECREF(a);
+  Py_DECREF(b);
+  return pair;
 }
 
 // attention_fwd_plain(q, k, v, scale, window_right, bottom_right, heads_first) -> (out, lse), or
@@ -101,18 +143,16 @@ PyObject* attention_fwd_plain(PyObject*, PyObject* const* args, Py_ssize_t nargs
                     "attention_fwd_plain: expected (q, k, v, scale, window_right, bottom_right, heads_first)");
     return nullptr;
   }
-  const at::Tensor* q = exact_tensor(args, 0);
-  const at::Tensor* k = exact_tensor(args, 1);
-  const at::Tensor* v = exact_tensor(args, 2);
-  if (q == nullptr || k == nullptr || v == nullptr || !PyFloat_CheckExact(args[3]) || !PyLong_CheckExact(args[4]) ||
-      !PyBool_Check(args[5]) || !PyBool_Check(args[6]))
+  std::optional<at::Tensor> q, k, v;
+  double scale = 0;
+  int64_t window_right = 0;
+  bool bottom_right = false, heads_first = false;  // heads_first: torch SDPA's (batch, heads, seqlen, head_dim)
+  if (!read(args[0], q) || !q || !read(args[1], k) || !k || !read(args[2], v) || !v || !read(args[3], scale) ||
+      !read(args[4], window_right) || !read(args[5], bottom_right) || !read(args[6], heads_first)) {
+    PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
-  const double scale = PyFloat_AS_DOUBLE(args[3]);
-  const long long window_right = PyLong_AsLongLong(args[4]);
-  if (window_right == -1 && PyErr_Occurred()) return nullptr;
-  const bool bottom_right = args[5] == Py_True;
-  const bool heads_first = args[6] == Py_True;  // torch SDPA's (batch, heads, seqlen, head_dim)
-  if (!reaches_cpu_kernel({q, k, v})) Py_RETURN_NOTIMPLEMENTED;
+  }
+  if (!reaches_cpu_kernel({&*q, &*k, &*v})) Py_RETURN_NOTIMPLEMENTED;
   std::tuple<at::Tensor, at::Tensor> result;
   bool ok = true;
   Py_BEGIN_ALLOW_THREADS
@@ -131,20 +171,60 @@ PyObject* attention_fwd_plain(PyObject*, PyObject* const* args, Py_ssize_t nargs
   }
   Py_END_ALLOW_THREADS
   if (!ok) Py_RETURN_NOTIMPLEMENTED;
-  PyObject* out = THPVariable_Wrap(std::move(std::get<0>(result)));
-  if (out == nullptr) return nullptr;
-  PyObject* lse = THPVariable_Wrap(std::move(std::get<1>(result)));
-  if (lse == nullptr) {
-    Py_DECREF(out);
+  return wrap_pair(std::move(result));
+}
+
+// mlm_mask_direct(*args) / span_mask_direct(*args): the ops' CPU kernels on the ops' own
+// positional arguments (schema order, as the wrappers pass them), or NotImplemented where the
+// dispatcher would not go straight to the CPU kernel or the kernel's checks fail.
+template <typename Last, typename Kernel>
+PyObject* masking_direct(PyObject* const* args, Py_ssize_t nargs, const char* name, const char* record, Kernel kernel) {
+  if (nargs != 13) {
+    PyErr_Format(PyExc_TypeError, "%s: expected the op's 13 positional arguments, got %zd", name, nargs);
     return nullptr;
   }
-  PyObject* pair = PyTuple_Pack(2, out, lse);
-  Py_DECREF(out);
-  Py_DECREF(lse);
-  return pair;
+  std::optional<at::Tensor> ids, attn, special, words, rows, seed;
+  double mask_prob = 0, replace_prob = 0, random_prob = 0;
+  int64_t mask_token_id = 0, vocab_size = 0;
+  Last last1{};
+  int64_t last2 = 0;
+  if (!read(args[0], ids) || !ids || !read(args[1], attn) || !read(args[2], special) || !read(args[3], words) ||
+      !read(args[4], rows) || !read(args[5], seed) || !seed || !read(args[6], mask_prob) ||
+      !read(args[7], mask_token_id) || !read(args[8], vocab_size) || !read(args[9], replace_prob) ||
+      !read(args[10], random_prob) || !read(args[11], last1) || !read(args[12], last2)) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const auto ptr = [](const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; };
+  if (!reaches_cpu_kernel({&*ids, ptr(attn), ptr(special), ptr(words), ptr(rows), &*seed})) Py_RETURN_NOTIMPLEMENTED;
+  std::tuple<at::Tensor, at::Tensor> result;
+  bool ok = true;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    RECORD_FUNCTION(record, std::vector<c10::IValue>());
+    result = kernel(*ids, attn, special, words, rows, *seed, mask_prob, mask_token_id, vocab_size, replace_prob,
+                    random_prob, last1, last2);
+  } catch (const std::exception&) {
+    ok = false;
+  }
+  Py_END_ALLOW_THREADS
+  if (!ok) Py_RETURN_NOTIMPLEMENTED;
+  return wrap_pair(std::move(result));
+}
+
+PyObject* mlm_mask_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return masking_direct<bool>(args, nargs, "mlm_mask_direct", "pretrain_kernels::mlm_mask", pk::cpu::mlm_mask);
+}
+
+PyObject* span_mask_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return masking_direct<double>(args, nargs, "span_mask_direct", "pretrain_kernels::span_mask", pk::cpu::span_mask);
 }
 
 PyMethodDef methods[] = {
+    {"mlm_mask_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mlm_mask_direct)), METH_FASTCALL,
+     "mlm_mask's CPU kernel, past the dispatcher (see csrc/module.cpp)."},
+    {"span_mask_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(span_mask_direct)), METH_FASTCALL,
+     "span_mask's CPU kernel, past the dispatcher (see csrc/module.cpp)."},
     {"attention_fwd_plain", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(attention_fwd_plain)),
      METH_FASTCALL, "flash_attn_fwd's plain CPU call, past the dispatcher (see csrc/module.cpp)."},
     {"build_info", build_info, METH_NOARGS, "What this build of the extension contains."},

@@ -181,3 +181,54 @@ def test_attention_direct_entry():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         pk.flash_attention(q, q, q)
     assert any(e.name == "pretrain_kernels::flash_attn_fwd" for e in prof.events())
+
+
+def test_masking_direct_entries():
+    """pretrain_kernels._C.mlm_mask_direct / span_mask_direct (csrc/module.cpp): the ops' results
+    bit for bit on the ops' own arguments, NotImplemented where the dispatcher would not go
+    straight to the CPU kernel (a torch dispatch mode) or the kernel's checks fail; pk.mlm_mask
+    under a mode still reaches the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain_kernels import _C
+
+    g = torch.Generator().manual_seed(11)
+    ops = torch.ops.pretrain_kernels
+    seed = torch.tensor([1234], dtype=torch.int64)
+    for dtype in (torch.int32, torch.int64):
+        ids = torch.randint(0, 500, (5, 67), generator=g).to(dtype)
+        attn = (torch.rand(5, 67, generator=g) > 0.2).long()
+        words = torch.rand(5, 67, generator=g) > 0.5
+        special = torch.tensor([0, 1, 2, 3])
+        rows = torch.rand(5, generator=g)
+        for a, sp, w, r, exact in ((None, None, None, None, False), (attn, special, None, None, False),
+                                   (attn.bool(), special, words, None, True), (None, special, None, rows, False)):
+            args = (ids, a, sp, w, r, seed, 0.3, 3, 500, 0.8, 0.1, exact, 0)
+            out = _C.mlm_mask_direct(*args)
+            ref = ops.mlm_mask(*args)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+            sargs = (ids, a if a is None else a.bool(), sp, w, r, seed, 0.3, 3, 500, 0.8, 0.1, 0.2, 10)
+            out = _C.span_mask_direct(*sargs)
+            ref = ops.span_mask(*sargs)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    ids = torch.randint(0, 500, (2, 9), generator=g)
+    args = (ids, None, None, None, None, seed, 0.3, 3, 500, 0.8, 0.1, False, 0)
+    assert _C.mlm_mask_direct(ids, None, None, None, None, seed, 0.3, 600, 500, 0.8, 0.1, False, 0) is NotImplemented
+    assert _C.mlm_mask_direct(ids.float(), *args[1:]) is NotImplemented
+    assert _C.mlm_mask_direct(*args[:6], 1, *args[7:]) is NotImplemented  # an int where the op takes a float
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ref = pk.mlm_mask(ids, mask_token_id=3, vocab_size=500, seed=5)
+    with Seen() as mode:
+        assert _C.mlm_mask_direct(*args) is NotImplemented
+        out = pk.mlm_mask(ids, mask_token_id=3, vocab_size=500, seed=5)
+    assert any(s.startswith("pretrain_kernels.mlm_mask") for s in mode.ops), mode.ops
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

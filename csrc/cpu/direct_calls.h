@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace pk {
@@ -22,4 +23,25 @@ std::tuple<at::Tensor, at::Tensor> forward_plain(const at::Tensor& q, const at::
 
 }  // namespace cpu
 }  // namespace attention
+
+namespace cpu {
+
+// The CPU kernels of mlm_mask and span_mask, with the ops' arguments in schema order.
+std::tuple<at::Tensor, at::Tensor> mlm_mask(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+                                            const std::optional<at::Tensor>& special_ids,
+                                            const std::optional<at::Tensor>& word_starts,
+                                            const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                            double mask_prob, int64_t mask_token_id, int64_t vocab_size,
+                                            double replace_prob, double random_prob, bool exact_count,
+                                            int64_t max_predictions);
+std::tuple<at::Tensor, at::Tensor> span_mask(const at::Tensor& input_ids,
+                                             const std::optional<at::Tensor>& attention_mask,
+                                             const std::optional<at::Tensor>& special_ids,
+                                             const std::optional<at::Tensor>& word_starts,
+                                             const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                             double mask_prob, int64_t mask_token_id, int64_t vocab_size,
+                                             double replace_prob, double random_prob, double geometric_p,
+                                             int64_t max_span);
+
+}  // namespace cpu
 }  // namespace pk

@@ -17,6 +17,7 @@
 #include "../common/masking.h"
 #include "../common/masking_checks.h"
 #include "cpu_isa.h"
+#include "direct_calls.h"
 #include "philox_avx512.h"
 
 namespace pk {
@@ -608,6 +609,33 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
 }
 
 }  // namespace
+
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> mlm_mask(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+                                            const std::optional<at::Tensor>& special_ids,
+                                            const std::optional<at::Tensor>& word_starts,
+                                            const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                            double mask_prob, int64_t mask_token_id, int64_t vocab_size,
+                                            double replace_prob, double random_prob, bool exact_count,
+                                            int64_t max_predictions) {
+  return mlm_mask_cpu(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
+                      mask_token_id, vocab_size, replace_prob, random_prob, exact_count, max_predictions);
+}
+
+std::tuple<at::Tensor, at::Tensor> span_mask(const at::Tensor& input_ids,
+                                             const std::optional<at::Tensor>& attention_mask,
+                                             const std::optional<at::Tensor>& special_ids,
+                                             const std::optional<at::Tensor>& word_starts,
+                                             const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                             double mask_prob, int64_t mask_token_id, int64_t vocab_size,
+                                             double replace_prob, double random_prob, double geometric_p,
+                                             int64_t max_span) {
+  return span_mask_cpu(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
+                       mask_token_id, vocab_size, replace_prob, random_prob, geometric_p, max_span);
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
   m.impl("mlm_mask", &mlm_mask_cpu);

@@ -2,7 +2,7 @@
 
 Read top to bottom: rotary position embedding, causal self-attention (pk.flash_attention
 for training and prefill-free forward passes, pk.flash_attention_with_kvcache for cached
-decoding), the MLP, the block, the model, and generate().
+decoding), the MLP, the RMS norm (pk.rms_norm), the block, the model, and generate().
 
 Layout follows the attention kernels: activations (batch, seqlen, heads, head_dim), so q, k
 and v are views of one projection and never transposed. Keys and values may have fewer heads
@@ -131,12 +131,21 @@ class MLP(nn.Module):
         return self.out(F.gelu(self.fc(x), approximate="tanh"))
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters, state dict and eps rule) computed by pk.rms_norm: one fused
+    pass forward and one backward per row instead of eager torch's pow, mean, rsqrt and muls."""
+
+    def forward(self, x):
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return pk.rms_norm(x, self.weight, eps=eps)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.RMSNorm(cfg.n_embd)
+        self.ln1 = RMSNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.RMSNorm(cfg.n_embd)
+        self.ln2 = RMSNorm(cfg.n_embd)
         self.mlp = MLP(cfg.n_embd, cfg.mlp_ratio)
 
     def forward(self, x, cos, sin, cache=None, layer=0, prefix_lens=None):
@@ -153,7 +162,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.RMSNorm(cfg.n_embd)
+        self.ln_f = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init)

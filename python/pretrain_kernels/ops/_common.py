@@ -190,17 +190,28 @@ else:  # pragma: no cover - older torch: the overload's builtin
 _HANDLES: dict = {}  # OpOverload -> its handle (call_below_autograd)
 
 
-def raw_op(qualname: str):
+def raw_op(qualname: str, direct=None):
     """call(*args): the op `qualname` on positional arguments, through call_boxed where that is
     the same call (eager, and nothing among the arguments or modes overrides
-    __torch_function__), else through its OpOverload (torch.compile traces that one)."""
+    __torch_function__), else through its OpOverload (torch.compile traces that one).
+
+    direct: an entry of pretrain_kernels._C taking the same arguments (csrc/module.cpp), tried
+    first on that same eager route: it runs the CPU kernel past the dispatcher, or returns
+    NotImplemented wherever the dispatcher would go elsewhere (another device, a mode)."""
     overload = _op(qualname)
     handle = op_handle(qualname)
 
-    def call(*args):
-        if is_compiling() or _has_torch_function(args):
-            return overload(*args)
-        return call_boxed(handle, *args)
+    if direct is None:
+        def call(*args):
+            if is_compiling() or _has_torch_function(args):
+                return overload(*args)
+            return call_boxed(handle, *args)
+    else:
+        def call(*args):
+            if is_compiling() or _has_torch_function(args):
+                return overload(*args)
+            r = direct(*args)
+            return call_boxed(handle, *args) if r is NotImplemented else r
 
     call.__name__ = call.__qualname__ = qualname.split("::")[1]
     return call

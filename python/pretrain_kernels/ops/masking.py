@@ -16,14 +16,16 @@ from collections.abc import Iterable
 
 import torch
 
+from .. import _C
 from ._common import check_int, check_prob, check_same_device, is_compiling, raw_op, resolve_seed
 
 _INT64_MAX = 2**63 - 1
 _ID_DTYPES = (torch.int64, torch.int32)
 # the overloads through call_boxed (ops/_common.py: raw_op); calling the packet
-# (torch.ops.pretrain_kernels.mlm_mask) would resolve the overload on every call
-_MLM_MASK = raw_op("pretrain_kernels::mlm_mask")
-_SPAN_MASK = raw_op("pretrain_kernels::span_mask")
+# (torch.ops.pretrain_kernels.mlm_mask) would resolve the overload on every call. CPU calls go
+# straight to the kernels (csrc/module.cpp) where the dispatcher would send them there.
+_MLM_MASK = raw_op("pretrain_kernels::mlm_mask", getattr(_C, "mlm_mask_direct", None))
+_SPAN_MASK = raw_op("pretrain_kernels::span_mask", getattr(_C, "span_mask_direct", None))
 _special_cache: dict = {}  # special ids given as a list: (sorted ids, device) -> tensor, (the list, its types,
 # vocab_size, device) -> (that tensor or None,)
 
