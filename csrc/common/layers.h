@@ -107,6 +107,10 @@ constexpr double kGeluSqrt1_2 = 0.70710678118654752440;     // 1 / sqrt(2)
 constexpr double kGeluInvSqrt2Pi = 0.39894228040143267794;  // 1 / sqrt(2 pi)
 constexpr double kGeluBeta = 0.79788456080286535588;        // sqrt(2 / pi)
 constexpr double kGeluKappa = 0.044715;
+// x^2 in the tanh form's derivative factor 1 + 3 kappa x^2 is capped here: beyond |x| = 1000 the
+// factor multiplies x s (1 - s) = 0 (s is 0 or 1 to far below the dtype), and an infinite factor
+// would make that 0 a NaN.
+constexpr double kGeluX2Cap = 1e6;
 
 template <typename acc_t>
 PK_HD acc_t gelu_value(acc_t x, GeluApprox approx) {
@@ -126,7 +130,8 @@ PK_HD acc_t gelu_derivative(acc_t x, GeluApprox approx) {
     const acc_t e = layers_exp(m2u);
     const acc_t s = acc_t(1) / (acc_t(1) + e);
     const acc_t one_minus_s = m2u <= acc_t(0) ? e * s : acc_t(1) - s;
-    return s + x * s * one_minus_s * (acc_t(2 * kGeluBeta) * (acc_t(1) + acc_t(3 * kGeluKappa) * x2));
+    const acc_t x2c = x2 < acc_t(kGeluX2Cap) ? x2 : acc_t(kGeluX2Cap);
+    return s + x * s * one_minus_s * (acc_t(2 * kGeluBeta) * (acc_t(1) + acc_t(3 * kGeluKappa) * x2c));
   }
   const acc_t cdf = acc_t(0.5) * layers_erfc(-x * acc_t(kGeluSqrt1_2));
   return cdf + x * acc_t(kGeluInvSqrt2Pi) * layers_exp(acc_t(-0.5) * x2);

@@ -102,9 +102,10 @@ PK_TARGET_AVX512 inline __m512 exp16(__m512 x) {
 }
 
 // erfc of sixteen lanes (see the top of the file): t = 1 / (1 + z / 2), z = |x|,
-// erfc(z) = t exp(-z^2 + P(t)); erfc(x) = 2 - erfc(z) for x < 0. NaN stays NaN.
+// erfc(z) = t exp(-z^2 + P(t)); erfc(x) = 2 - erfc(z) for x < 0. z is capped at 10.5, where
+// erfc has long underflowed (so that z^2 stays finite); NaN stays NaN.
 PK_TARGET_AVX512 inline __m512 erfc16(__m512 x) {
-  const __m512 z = _mm512_abs_ps(x);
+  const __m512 z = _mm512_min_ps(_mm512_set1_ps(10.5f), _mm512_abs_ps(x));
   const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
   __m512 p = _mm512_set1_ps(0.17087277f);
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
@@ -147,7 +148,9 @@ PK_TARGET_AVX512 inline __m512 gelu_derivative16(__m512 x, GeluApprox approx) {
     const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
     const __m512 om = _mm512_mask_mul_ps(_mm512_sub_ps(one, s), _mm512_cmp_ps_mask(m2u, _mm512_setzero_ps(), _CMP_LE_OQ),
                                          e, s);
-    const __m512 k = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(6 * kGeluKappa * kGeluBeta)), x2,
+    // x^2 capped (kGeluX2Cap) so that k stays finite where x s (1 - s) is 0 anyway
+    const __m512 k = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(6 * kGeluKappa * kGeluBeta)),
+                                     _mm512_min_ps(_mm512_set1_ps(static_cast<float>(kGeluX2Cap)), x2),
                                      _mm512_set1_ps(static_cast<float>(2 * kGeluBeta)));
     return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, s), om), k, s);
   }
