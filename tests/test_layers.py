@@ -5,6 +5,7 @@ odd sizes, empty tensors, non-contiguous inputs, forward and backward, the CUDA 
 the emulator, thread-count independence of the weight gradient, opcheck, gradcheck,
 torch.compile(fullgraph=True), autocast and bad input."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -262,18 +263,29 @@ APPROX = ["none", "tanh"]
 @pytest.mark.parametrize("shape", GELU_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_gelu_matches_reference(device, shape, dtype, approximate):
-    seed = hash((shape, str(dtype), approximate)) % 1000
+    seed = zlib.crc32(repr((shape, str(dtype), approximate)).encode()) % 1000
     x = rand(*shape, dtype=dtype, seed=seed, scale=3.0).to(device).requires_grad_()
     out = pk.gelu(x, approximate=approximate)
     xr = x.detach().double().requires_grad_()
-    want = ref.gelu_ref(xr, approximate)
+    want = ref.gelu_ref(xr, approximate)  # F.gelu in float64
+    # F.gelu's own lower-tail cancellation (gelu_tail_ref keeps it; it matters when one tail
+    # element is the whole tensor), and the rounding of results in the dtype's subnormal range
+    # (float16: gelu(-5) = -1.4e-6 keeps 5 bits there)
+    xt = x.detach().double().cpu().requires_grad_()
+    tail = ref.gelu_tail_ref(xt, approximate)
+    sub = x.numel() ** 0.5 * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
-    assert rel(out, want) < TOL[dtype], rel(out, want)
+    err = (out.double().cpu() - want.detach()).norm().item()
+    slack = sub + (tail - want).norm().item()
+    assert err <= TOL[dtype] * want.norm().item() + slack, (err, want.norm().item(), slack)
     g = rand(*shape, dtype=dtype, seed=seed + 1).to(device)
     out.backward(g)
     want.backward(g.double())
+    tail.backward(g.double().cpu())
     assert x.grad.dtype == dtype and x.grad.shape == x.shape
-    assert rel(x.grad, xr.grad) < 2 * TOL[dtype], rel(x.grad, xr.grad)
+    err = (x.grad.double().cpu() - xr.grad).norm().item()
+    slack = sub + (xt.grad - xr.grad).norm().item()
+    assert err <= 2 * TOL[dtype] * xr.grad.norm().item() + slack, (err, xr.grad.norm().item(), slack)
 
 
 @pytest.mark.parametrize("approximate", APPROX)
