@@ -15,9 +15,9 @@
 // nearest-even on store, and exp is a Cephes-style polynomial scaled by 2^n (_mm512_scalef_ps,
 // within 2 ulp of expf). gelu's tanh form is x / (1 + exp(-2u)) (csrc/common/layers.h), one
 // exp16 and a division; its exact form needs erfc, here Numerical Recipes' erfcc (Chebyshev fit,
-// fractional error below 1.2e-7) with exp(-z^2) split as exp(-hi) * exp(-lo), z^2 = hi + lo
-// exactly (an FMA), so the lower tail stays within a few ulp. Elsewhere, and for float64, plain
-// loops in the math dtype (erfcf / expf of the C library).
+// fractional error below 1.2e-7) with z^2 = hi + lo split exactly (an FMA), so that the lower
+// tail keeps its relative accuracy (within the x^2 ulps that rounding x / sqrt 2 costs anyway).
+// Elsewhere, and for float64, plain loops in the math dtype (erfcf / expf of the C library).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -103,10 +103,17 @@ PK_TARGET_AVX512 inline __m512 exp16(__m512 x) {
 
 // erfc of sixteen lanes (see the top of the file): t = 1 / (1 + z / 2), z = |x|,
 // erfc(z) = t exp(-z^2 + P(t)); erfc(x) = 2 - erfc(z) for x < 0. z is capped at 10.5, where
-// erfc has long underflowed (so that z^2 stays finite); NaN stays NaN.
-PK_TARGET_AVX512 inline __m512 erfc16(__m512 x) {
+// erfc has long underflowed (so that z^2 stays finite); NaN stays NaN. t is rcp14 refined by one
+// Newton step (relative error ~2^-28). Without `gauss` one exp: exp((P - lo) - hi), z^2 = hi + lo
+// exactly, whose rounding (half an ulp of z^2 + 1.3) stays below the error that rounding x / sqrt 2
+// itself brings (z^2 ulps); with it (the backward) exp(-hi) and exp(P - lo) apart, and *gauss =
+// exp(-x^2) = exp(-hi) (1 - lo) (lo < ulp(hi) / 2) for the normal density.
+PK_TARGET_AVX512 inline __m512 erfc16(__m512 x, __m512* gauss = nullptr) {
+  const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 z = _mm512_min_ps(_mm512_set1_ps(10.5f), _mm512_abs_ps(x));
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
+  const __m512 d = _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), one);
+  const __m512 t0 = _mm512_rcp14_ps(d);
+  const __m512 t = _mm512_mul_ps(t0, _mm512_fnmadd_ps(d, t0, _mm512_set1_ps(2.0f)));
   __m512 p = _mm512_set1_ps(0.17087277f);
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
@@ -119,8 +126,14 @@ PK_TARGET_AVX512 inline __m512 erfc16(__m512 x) {
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
   const __m512 hi = _mm512_mul_ps(z, z);
   const __m512 lo = _mm512_fmsub_ps(z, z, hi);  // z^2 - hi, exactly
-  const __m512 r = _mm512_mul_ps(_mm512_mul_ps(t, exp16(_mm512_sub_ps(_mm512_setzero_ps(), hi))),
-                                 exp16(_mm512_sub_ps(p, lo)));
+  __m512 r;
+  if (gauss == nullptr) {
+    r = _mm512_mul_ps(t, exp16(_mm512_sub_ps(_mm512_sub_ps(p, lo), hi)));
+  } else {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), hi));
+    r = _mm512_mul_ps(_mm512_mul_ps(t, e), exp16(_mm512_sub_ps(p, lo)));
+    *gauss = _mm512_fnmadd_ps(e, lo, e);
+  }
   return _mm512_mask_sub_ps(r, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_set1_ps(2.0f), r);
 }
 
@@ -154,10 +167,10 @@ PK_TARGET_AVX512 inline __m512 gelu_derivative16(__m512 x, GeluApprox approx) {
                                      _mm512_set1_ps(static_cast<float>(2 * kGeluBeta)));
     return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, s), om), k, s);
   }
-  const __m512 cdf = _mm512_mul_ps(_mm512_set1_ps(0.5f),
-                                   erfc16(_mm512_mul_ps(x, _mm512_set1_ps(static_cast<float>(-kGeluSqrt1_2)))));
-  const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(kGeluInvSqrt2Pi)),
-                                   exp16(_mm512_mul_ps(_mm512_set1_ps(-0.5f), x2)));
+  __m512 gauss;  // exp(-x^2 / 2)
+  const __m512 cdf = _mm512_mul_ps(
+      _mm512_set1_ps(0.5f), erfc16(_mm512_mul_ps(x, _mm512_set1_ps(static_cast<float>(-kGeluSqrt1_2))), &gauss));
+  const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(kGeluInvSqrt2Pi)), gauss);
   return _mm512_fmadd_ps(x, pdf, cdf);
 }
 
