@@ -122,6 +122,11 @@ TORCH_LIBRARY(pretrain_kernels, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   // -> (grad_gate, grad_up), silu recomputed from gate.
   m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // gelu(x) as torch's F.gelu, approximate "none" (the erf form) or "tanh"; math in float32
+  // (float64 for float64 x), rounded once to x's dtype. -> like x.
+  m.def("gelu(Tensor x, str approximate) -> Tensor");
+  // -> grad_x like x, gelu's derivative recomputed from x.
+  m.def("gelu_backward(Tensor grad_out, Tensor x, str approximate) -> Tensor");
   // ---- attention (csrc/{cpu,cuda}/attention*) ----
   // Layout (batch, seqlen, heads, head_dim), or packed (tokens, heads, head_dim) with int32
   // cu_seqlens_q/k (varlen). k/v may have fewer heads (GQA). Query i sees key j when

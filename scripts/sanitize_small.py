@@ -112,7 +112,7 @@ def attention():
 
 def layers():
     # pk.rms_norm (odd widths, a float32 weight for bf16 x, more rows than weight-gradient blocks)
-    # and pk.swiglu, forward and backward
+    # and pk.swiglu and pk.gelu (both forms), forward and backward
     for dtype in (torch.float32, torch.bfloat16):
         for rows, D in ((3, 7), (300, 129), (5, 1000)):
             x = torch.randn(rows, D, device="cuda", dtype=dtype, requires_grad=True)
@@ -120,6 +120,8 @@ def layers():
             pk.rms_norm(x, w, offset=1.0).float().sum().backward()
         g, u = (torch.randn(7, 333, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
         pk.swiglu(g, u).float().sum().backward()
+        for approximate in ("none", "tanh"):
+            pk.gelu(g, approximate=approximate).float().sum().backward()
 
 
 CHECKS = [masking, sampling, diffusion, attention, layers]

@@ -738,3 +738,20 @@ def swiglu_ref(gate, up):
     """pk.swiglu in float64: silu(gate) * up. Differentiable in both."""
     g = gate.to(torch.float64)
     return torch.nn.functional.silu(g) * up.to(torch.float64)
+
+
+def gelu_ref(x, approximate="none"):
+    """pk.gelu in float64: torch's F.gelu on the float64 input. Differentiable. (F.gelu computes
+    1 + erf(x / sqrt 2), resp. 1 + tanh(u), which cancels to 0 below about x = -8, resp. -5, even
+    in float64: fine for norm-wise comparisons, not for the lower tail; see gelu_tail_ref.)"""
+    return F.gelu(x.to(torch.float64), approximate=approximate)
+
+
+def gelu_tail_ref(x, approximate="none"):
+    """gelu in float64 with the lower tail kept to float64 accuracy: 0.5 x erfc(-x / sqrt 2), resp.
+    x * sigmoid(2u) (1 + tanh(u) = 2 sigmoid(2u)). Differentiable."""
+    x = x.to(torch.float64)
+    if approximate == "tanh":
+        u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+        return x * torch.sigmoid(2 * u)
+    return 0.5 * x * torch.special.erfc(-x / math.sqrt(2))

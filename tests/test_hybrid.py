@@ -224,7 +224,8 @@ def test_gpt_prefix_lens_is_the_prefix_lm_mask(monkeypatch, kv_heads):
     # the same model with the plain float64 reference attention (prefix-LM mask) in place of the kernel
     fake_pk = type("pk", (), {"flash_attention": staticmethod(_reference_attention),
                               "rotary_embedding": staticmethod(gpt_module.pk.rotary_embedding),
-                              "rms_norm": staticmethod(gpt_module.pk.rms_norm)})
+                              "rms_norm": staticmethod(gpt_module.pk.rms_norm),
+                              "gelu": staticmethod(gpt_module.pk.gelu)})
     monkeypatch.setattr(gpt_module, "pk", fake_pk)
     monkeypatch.setattr(gpt_module.CausalSelfAttention, "attend",
                         lambda self, q, k, v: _reference_attention(q, k, v, causal=True))

@@ -1,9 +1,12 @@
-"""pk.rms_norm and pk.swiglu against the float64 references of tests/reference.py and against
+"""pk.rms_norm, pk.swiglu and pk.gelu against the float64 references of tests/reference.py and against
 transformers' own formulas (LlamaRMSNorm, GemmaRMSNorm, act_fn(gate) * up, written out in
-reference.py): every dtype, with and without a weight (x's dtype or float32), Gemma's offset,
+reference.py; F.gelu for pk.gelu): every dtype, with and without a weight (x's dtype or float32), Gemma's offset,
 odd sizes, empty tensors, non-contiguous inputs, forward and backward, the CUDA kernels through
 the emulator, thread-count independence of the weight gradient, opcheck, gradcheck,
 torch.compile(fullgraph=True), autocast and bad input."""
+import math
+import zlib
+
 import pytest
 import torch
 
@@ -250,6 +253,185 @@ def test_swiglu_thread_count_does_not_change_results():
     assert torch.equal(one, many)
 
 
+# ---- gelu ------------------------------------------------------------------------------------------
+
+GELU_SHAPES = [(1,), (7,), (3, 63), (2, 5, 129), (4, 1000), (17, 33)]
+APPROX = ["none", "tanh"]
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("shape", GELU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_gelu_matches_reference(device, shape, dtype, approximate):
+    seed = zlib.crc32(repr((shape, str(dtype), approximate)).encode()) % 1000
+    x = rand(*shape, dtype=dtype, seed=seed, scale=3.0).to(device).requires_grad_()
+    out = pk.gelu(x, approximate=approximate)
+    xr = x.detach().double().requires_grad_()
+    want = ref.gelu_ref(xr, approximate)  # F.gelu in float64
+    # F.gelu's own lower-tail cancellation (gelu_tail_ref keeps it; it matters when one tail
+    # element is the whole tensor), and the rounding of results in the dtype's subnormal range
+    # (float16: gelu(-5) = -1.4e-6 keeps 5 bits there)
+    xt = x.detach().double().cpu().requires_grad_()
+    tail = ref.gelu_tail_ref(xt, approximate)
+    sub = x.numel() ** 0.5 * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    err = (out.double().cpu() - want.detach()).norm().item()
+    slack = sub + (tail - want).norm().item()
+    assert err <= TOL[dtype] * want.norm().item() + slack, (err, want.norm().item(), slack)
+    g = rand(*shape, dtype=dtype, seed=seed + 1).to(device)
+    out.backward(g)
+    want.backward(g.double())
+    tail.backward(g.double().cpu())
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    err = (x.grad.double().cpu() - xr.grad).norm().item()
+    slack = sub + (xt.grad - xr.grad).norm().item()
+    assert err <= 2 * TOL[dtype] * xr.grad.norm().item() + slack, (err, xr.grad.norm().item(), slack)
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gelu_matches_eager(device, dtype, approximate):
+    # F.gelu in the dtype computes in float32 and rounds once, as pk.gelu: above x = -2.5 the two
+    # agree to one unit in the last place (rtol = the dtype's epsilon, atol = the smallest float16
+    # subnormal). Below, torch's float32 1 + erf(x / sqrt 2) resp. 1 + tanh(u) cancels (bfloat16
+    # gelu(-7) comes out -0): there pk.gelu is held to one unit of the accurate tail value instead.
+    x = rand(8, 300, dtype=dtype, seed=53, scale=4.0).to(device).requires_grad_()
+    g = rand(8, 300, dtype=dtype, seed=54).to(device)
+    out = pk.gelu(x, approximate=approximate)
+    out.backward(g)
+    xe = x.detach().clone().requires_grad_()
+    eager = torch.nn.functional.gelu(xe, approximate=approximate)
+    eager.backward(g)
+    body = x.detach() > -2.5
+    assert body.sum() > 1500 and (~body).sum() > 20
+    torch.testing.assert_close(out[body], eager[body], rtol=ULP[dtype], atol=2.0**-24)
+    torch.testing.assert_close(x.grad[body], xe.grad[body], rtol=ULP[dtype], atol=2.0**-24)
+    tail = ref.gelu_tail_ref(x.detach()[~body].cpu(), approximate)
+    torch.testing.assert_close(out[~body].double().cpu(), tail, rtol=ULP[dtype], atol=2.0**-24)
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_gelu_float32_elementwise_error(device, approximate):
+    # every float32 value of [-12, 12] on a fine grid, against gelu_tail_ref (float64 with the
+    # lower tail intact): within (4 + 2 x^2) ulp, the error of rounding x / sqrt 2 (resp. u) once
+    # amplified by gelu's relative condition number ~x^2 in the lower tail. The derivative is
+    # measured against the size of its terms (it crosses zero near x = -0.75).
+    x = torch.linspace(-12, 12, 24001, dtype=torch.float32).to(device)
+    xd = x.double().cpu().requires_grad_()
+    want = ref.gelu_tail_ref(xd, approximate)
+    want.sum().backward()
+    eps = torch.finfo(torch.float32).eps
+    bound = (4 + 2 * xd.detach() ** 2) * eps
+    out = pk.gelu(x, approximate=approximate).double().cpu()
+    w = want.detach()
+    keep = w.abs() > 1e-36  # below, float32 subnormals
+    assert ((out - w).abs() <= bound * w.abs())[keep].all()
+    assert torch.equal(out[~keep].abs() <= 1e-36, torch.ones_like(out[~keep], dtype=torch.bool))
+    d = OPS.gelu_backward(torch.ones_like(x), x, approximate).double().cpu()
+    if approximate == "tanh":
+        s = torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xd.detach() + 0.044715 * xd.detach() ** 3))
+        scale = s + xd.detach().abs() * s * (1 - s) * math.sqrt(8 / math.pi) * (1 + 3 * 0.044715 * xd.detach() ** 2)
+    else:
+        phi = torch.exp(-0.5 * xd.detach() ** 2) / math.sqrt(2 * math.pi)
+        scale = 0.5 * torch.special.erfc(-xd.detach() / math.sqrt(2)) + xd.detach().abs() * phi
+    keep = scale > 1e-36
+    assert ((d - xd.grad).abs() <= bound * scale)[keep].all()
+
+
+def test_gelu_extremes(device):
+    # against gelu_tail_ref (F.gelu itself cancels to -0 in the lower tail, even in float64)
+    x = torch.tensor([-1e30, -200.0, -90.0, -20.0, -1e-30, -0.0, 0.0, 1e-30, 20.0, 90.0, 200.0, 1e30,
+                      float("inf")], device=device)
+    for approximate in APPROX:
+        for dtype in (torch.float32, torch.float64):
+            xt = x.to(dtype)
+            out = pk.gelu(xt, approximate=approximate)
+            xr = xt.double().cpu().requires_grad_()
+            want = ref.gelu_tail_ref(xr, approximate)
+            torch.testing.assert_close(out.cpu(), want.detach().to(dtype), rtol=1e-6, atol=0)
+            want[:-1].sum().backward()
+            d = OPS.gelu_backward(torch.ones_like(xt), xt, approximate).cpu()
+            torch.testing.assert_close(d[:-1], xr.grad[:-1].to(dtype), rtol=1e-6, atol=0)
+            assert torch.isnan(pk.gelu(torch.tensor([float("nan")], dtype=dtype, device=device),
+                                       approximate=approximate)).all()
+
+
+def test_gelu_non_contiguous(device):
+    base = rand(6, 2 * 40, dtype=torch.float32, seed=55, scale=3.0).to(device).requires_grad_()
+    x = base[:, ::2]
+    y = base.t()
+    assert not x.is_contiguous() and not y.is_contiguous()
+    for approximate in APPROX:
+        out = pk.gelu(x, approximate=approximate)
+        assert rel(out, ref.gelu_ref(x.detach(), approximate)) < TOL[torch.float32]
+        assert rel(pk.gelu(y, approximate=approximate), ref.gelu_ref(y.detach(), approximate)) < TOL[torch.float32]
+    base.grad = None
+    pk.gelu(x, approximate="tanh").sum().backward()
+    br = base.detach().double().requires_grad_()
+    ref.gelu_ref(br[:, ::2], "tanh").sum().backward()
+    assert rel(base.grad, br.grad) < 1e-5
+    gn = rand(40, 6, dtype=torch.float32, seed=56).to(device).t()  # a non-contiguous grad_out
+    assert rel(OPS.gelu_backward(gn, x.detach(), "none"), OPS.gelu_backward(gn.contiguous(), x.detach(), "none")) == 0
+
+
+def test_gelu_empty(device):
+    for shape in [(0,), (3, 0), (2, 0, 5)]:
+        x = torch.empty(shape, device=device, requires_grad=True)
+        out = pk.gelu(x, approximate="tanh")
+        out.sum().backward()
+        assert out.shape == shape and x.grad.shape == shape
+
+
+def test_gelu_thread_count_does_not_change_results():
+    x = rand(64, 1000, dtype=torch.bfloat16, seed=57, scale=3.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [pk.gelu(x, approximate=a) for a in APPROX]
+        torch.set_num_threads(max(2, threads))
+        many = [pk.gelu(x, approximate=a) for a in APPROX]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+_GELU_ISA_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+import pretrain_kernels as pk
+import reference as ref
+print("isa", pk.build_info()["cpu_isa"], flush=True)
+x = torch.linspace(-12, 12, 4001, dtype=torch.float64)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for approximate in ("none", "tanh"):
+        xt = x.to(dtype)
+        xd = xt.double().requires_grad_()
+        want = ref.gelu_tail_ref(xd, approximate)
+        want.sum().backward()
+        out = pk.gelu(xt, approximate=approximate)
+        d = torch.ops.pretrain_kernels.gelu_backward(torch.ones_like(xt), xt, approximate)
+        tol = {{torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}}[dtype]
+        for a, b in ((out, want.detach()), (d, xd.grad)):
+            err = ((a.double() - b).norm() / b.norm()).item()
+            assert err < tol, (dtype, approximate, err)
+print("ok")
+"""
+
+
+def test_gelu_generic_instruction_set():
+    """The portable loops (CPUs without AVX-512), forced through PK_CPU_ISA=generic in a fresh
+    process: every dtype, both forms, forward and backward against the float64 tail reference."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PK_CPU_ISA="generic")
+    r = subprocess.run([sys.executable, "-c", _GELU_ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert "isa generic" in r.stdout, (r.stdout[-500:], r.stderr[-2000:])
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 # ---- autograd, opcheck, compile, autocast ------------------------------------------------------------
 
 
@@ -268,10 +450,17 @@ def test_swiglu_gradcheck():
     assert torch.autograd.gradcheck(pk.swiglu, (gate, up))
 
 
+@pytest.mark.parametrize("approximate", APPROX)
+def test_gelu_gradcheck(approximate):
+    x = rand(3, 11, dtype=torch.float64, seed=58, scale=3.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: pk.gelu(t, approximate=approximate), (x,))
+
+
 def test_double_backward_raises():
     x = rand(3, 8, dtype=torch.float64, seed=29).requires_grad_()
     w = rand(8, dtype=torch.float64, seed=30).requires_grad_()
-    for fn, args in ((lambda a, b: pk.rms_norm(a, b), (x, w)), (pk.swiglu, (x, x.detach().clone().requires_grad_()))):
+    for fn, args in ((lambda a, b: pk.rms_norm(a, b), (x, w)), (pk.swiglu, (x, x.detach().clone().requires_grad_())),
+                     (lambda a: pk.gelu(a, approximate="tanh"), (x,))):
         (g,) = torch.autograd.grad(fn(*args).pow(2).sum(), args[0], create_graph=True)
         with pytest.raises(NotImplementedError, match="double backward"):
             g.sum().backward()
@@ -292,6 +481,10 @@ def test_opcheck():
         torch.library.opcheck(OPS.swiglu.default, (gate, up))
         torch.library.opcheck(OPS.swiglu_backward.default, (rand(4, 3, 10, dtype=dtype, seed=37), gate.detach(),
                                                             up.detach()))
+        for approximate in APPROX:
+            torch.library.opcheck(OPS.gelu.default, (gate, approximate))
+            torch.library.opcheck(OPS.gelu_backward.default, (rand(4, 3, 10, dtype=dtype, seed=59), gate.detach(),
+                                                              approximate))
 
 
 def test_compile_fullgraph():
@@ -302,7 +495,7 @@ def test_compile_fullgraph():
 
     def f(x, w, gate, up):
         h = pk.rms_norm(x, w, 1e-5) @ proj
-        return (pk.swiglu(gate + h, up) ** 2).sum()
+        return (pk.swiglu(gate + h, up) ** 2).sum() + pk.gelu(h * up, approximate="tanh").sum() + pk.gelu(gate).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     a = [t.clone().requires_grad_() for t in (x, w, gate, up)]
@@ -327,6 +520,11 @@ def test_func_transforms():
     torch.testing.assert_close(g, xr.grad)
     batched = torch.vmap(lambda t: pk.swiglu(t, t * 2))(x)
     torch.testing.assert_close(batched, ref.swiglu_ref(x, x * 2))
+    g = torch.func.grad(lambda t: pk.gelu(t, approximate="tanh").sum())(x)
+    xr = x.clone().requires_grad_()
+    ref.gelu_ref(xr, "tanh").sum().backward()
+    torch.testing.assert_close(g, xr.grad)
+    torch.testing.assert_close(torch.vmap(pk.gelu)(x), ref.gelu_ref(x))
 
 
 def test_autocast_cpu_is_like_torch():
@@ -339,6 +537,9 @@ def test_autocast_cpu_is_like_torch():
         out = pk.rms_norm(x, w)
         outb = pk.rms_norm(xb, w)
         s = pk.swiglu(x, x)
+        assert torch.nn.functional.gelu(x).dtype == torch.float32
+        ge, geb = pk.gelu(x), pk.gelu(xb, approximate="tanh")
+    assert ge.dtype == torch.float32 and geb.dtype == torch.bfloat16
     assert out.dtype == torch.float32 and torch.equal(out, pk.rms_norm(x, w))
     assert outb.dtype == torch.bfloat16 and torch.equal(outb, pk.rms_norm(xb, w))
     assert s.dtype == torch.float32
@@ -427,6 +628,38 @@ def test_swiglu_bad_input(name, edit, exc):
         pk.swiglu(args["gate"], 1.0)
 
 
+GELU_BAD = [
+    ("x", lambda a: a.update(x=a["x"].long()), TypeError),
+    ("x", lambda a: a.update(x=a["x"].to(torch.complex64)), TypeError),
+    ("approximate", lambda a: a.update(approximate="erf"), ValueError),
+    ("approximate", lambda a: a.update(approximate="Tanh"), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,edit,exc", GELU_BAD)
+def test_gelu_bad_input(name, edit, exc):
+    args = dict(x=rand(2, 5, dtype=torch.float32, seed=60), approximate="tanh")
+    edit(args)
+    with pytest.raises(exc, match=name):
+        pk.gelu(args["x"], approximate=args["approximate"])
+    with pytest.raises(RuntimeError, match=name):
+        OPS.gelu(args["x"], args["approximate"])
+    with pytest.raises(RuntimeError, match=name):
+        OPS.gelu_backward(torch.ones(args["x"].shape, dtype=args["x"].dtype), args["x"], args["approximate"])
+
+
+def test_gelu_bad_types_and_backward_args():
+    x = rand(2, 5, dtype=torch.float32, seed=61)
+    with pytest.raises(TypeError, match="x"):
+        pk.gelu([1.0, 2.0])
+    with pytest.raises(TypeError, match="approximate"):
+        pk.gelu(x, approximate=None)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        OPS.gelu_backward(x[:1], x, "none")
+    with pytest.raises(RuntimeError, match="grad_out"):
+        OPS.gelu_backward(x.double(), x, "none")
+
+
 @pytest.mark.emulated
 def test_bad_input_emulated_cuda(emu):
     # the CUDA entry points run the same checks (csrc/common/layers.h)
@@ -435,5 +668,9 @@ def test_bad_input_emulated_cuda(emu):
         emu.rms_norm(a["x"], a["weight"][:5], 1e-6, 0.0, True)
     with pytest.raises(RuntimeError, match="up"):
         emu.swiglu(a["x"], a["x"][:2])
+    with pytest.raises(RuntimeError, match="approximate"):
+        emu.gelu(a["x"], "erf")
+    with pytest.raises(RuntimeError, match="grad_out"):
+        emu.gelu_backward(a["x"][:1], a["x"], "tanh")
     out, _ = emu.rms_norm(a["x"], a["weight"], 1e-6, 0.0, True)
     assert rel(out, ref.rms_norm_ref(a["x"], a["weight"])) < 1e-6

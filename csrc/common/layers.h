@@ -1,4 +1,4 @@
-// Decoder-layer ops (pk.rms_norm, pk.swiglu), shared by the CPU and CUDA kernels: the
+// Decoder-layer ops (pk.rms_norm, pk.swiglu, pk.gelu), shared by the CPU and CUDA kernels: the
 // parameter structs, the argument checks (one place, RuntimeError naming the argument) and the
 // per-element / per-row math.
 //
@@ -17,6 +17,17 @@
 // swiglu(gate, up) = round(silu(gate)) * up, silu(g) = g / (1 + exp(-g)), rounded like torch's
 // eager act_fn(gate) * up (silu in x's dtype, then the product); the backward recomputes silu:
 //   dup = dy * round(silu(g)),  dgate = dy * up * s * (1 + g * (1 - s)),  s = 1 / (1 + exp(-g)).
+// gelu(x, approximate) as torch's F.gelu, computed in float32 (float64 for float64) and rounded
+// once to x's dtype:
+//   "none"  gelu(x) = x * Phi(x) = 0.5 x erfc(-x / sqrt(2))
+//           dx = dy * (Phi(x) + x * phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+//   "tanh"  gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2 / pi) (x + 0.044715 x^3)
+//                   = x * s,  s = 1 / (1 + exp(-2u))      (1 + tanh(u) = 2 s: no cancellation
+//                                                          where tanh(u) is near -1)
+//           dx = dy * (s + x * s * (1 - s) * 2 sqrt(2 / pi) (1 + 3 * 0.044715 x^2)),
+//           1 - s taken as exp(-2u) * s where u >= 0 (s near 1), else as 1 - s.
+// Phi is written with erfc so that the lower tail keeps its relative accuracy (1 + erf(x)
+// cancels there); erfc(-z) = 2 - erfc(z) for the upper half.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -39,6 +50,8 @@ PK_HD float layers_exp(float x) { return expf(x); }
 PK_HD double layers_exp(double x) { return exp(x); }
 PK_HD float layers_sqrt(float x) { return sqrtf(x); }
 PK_HD double layers_sqrt(double x) { return sqrt(x); }
+PK_HD float layers_erfc(float x) { return erfcf(x); }
+PK_HD double layers_erfc(double x) { return erfc(x); }
 
 // 1 / sqrt(mean of squares + eps), as torch.rsqrt(variance + eps) (a correctly rounded sqrt
 // and a division, never an approximate reciprocal square root).
@@ -85,6 +98,53 @@ PK_HD void swiglu_grad(acc_t dy, acc_t g, acc_t u, acc_t& dg, acc_t& du) {
   const acc_t a = static_cast<acc_t>(static_cast<scalar_t>(g / (acc_t(1) + layers_exp(-g))));
   du = dy * a;
   dg = dy * u * (s * (acc_t(1) + g * (acc_t(1) - s)));
+}
+
+// The approximations of gelu, as torch names them ("none": the exact erf form).
+enum class GeluApprox : int { kNone = 0, kTanh = 1 };
+
+constexpr double kGeluSqrt1_2 = 0.70710678118654752440;     // 1 / sqrt(2)
+constexpr double kGeluInvSqrt2Pi = 0.39894228040143267794;  // 1 / sqrt(2 pi)
+constexpr double kGeluBeta = 0.79788456080286535588;        // sqrt(2 / pi)
+constexpr double kGeluKappa = 0.044715;
+// x^2 in the tanh form's derivative factor 1 + 3 kappa x^2 is capped here: beyond |x| = 1000 the
+// factor multiplies x s (1 - s) = 0 (s is 0 or 1 to far below the dtype), and an infinite factor
+// would make that 0 a NaN.
+constexpr double kGeluX2Cap = 1e6;
+
+template <typename acc_t>
+PK_HD acc_t gelu_value(acc_t x, GeluApprox approx) {
+  if (approx == GeluApprox::kTanh) {
+    const acc_t m2u = x * (acc_t(1) + acc_t(kGeluKappa) * x * x) * acc_t(-2 * kGeluBeta);  // -2u
+    return x / (acc_t(1) + layers_exp(m2u));
+  }
+  return acc_t(0.5) * x * layers_erfc(-x * acc_t(kGeluSqrt1_2));
+}
+
+// d gelu / dx (times dy by the caller).
+template <typename acc_t>
+PK_HD acc_t gelu_derivative(acc_t x, GeluApprox approx) {
+  const acc_t x2 = x * x;
+  if (approx == GeluApprox::kTanh) {
+    const acc_t m2u = x * (acc_t(1) + acc_t(kGeluKappa) * x2) * acc_t(-2 * kGeluBeta);
+    const acc_t e = layers_exp(m2u);
+    const acc_t s = acc_t(1) / (acc_t(1) + e);
+    const acc_t one_minus_s = m2u <= acc_t(0) ? e * s : acc_t(1) - s;
+    const acc_t x2c = x2 < acc_t(kGeluX2Cap) ? x2 : acc_t(kGeluX2Cap);
+    return s + x * s * one_minus_s * (acc_t(2 * kGeluBeta) * (acc_t(1) + acc_t(3 * kGeluKappa) * x2c));
+  }
+  const acc_t cdf = acc_t(0.5) * layers_erfc(-x * acc_t(kGeluSqrt1_2));
+  return cdf + x * acc_t(kGeluInvSqrt2Pi) * layers_exp(acc_t(-0.5) * x2);
+}
+
+template <typename scalar_t, typename acc_t>
+PK_HD scalar_t gelu_out(acc_t x, GeluApprox approx) {
+  return static_cast<scalar_t>(gelu_value<acc_t>(x, approx));
+}
+
+template <typename scalar_t, typename acc_t>
+PK_HD scalar_t gelu_grad(acc_t dy, acc_t x, GeluApprox approx) {
+  return static_cast<scalar_t>(dy * gelu_derivative<acc_t>(x, approx));
 }
 
 // Rows of the weight-gradient partial sums: the rows are cut into blocks of a size fixed by the
@@ -166,6 +226,25 @@ inline void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& gate
               grad.device());
   TORCH_CHECK(grad.sizes() == gate.sizes(), "grad_out: expected the shape of gate ", gate.sizes(), ", got ",
               grad.sizes());
+}
+
+// Checks of gelu / gelu_backward; the approximation by torch's names.
+inline GeluApprox check_gelu(const at::Tensor& x, c10::string_view approximate) {
+  TORCH_CHECK(is_float_dtype(x.scalar_type()), "x: expected float32, float16, bfloat16 or float64, got ",
+              x.scalar_type());
+  if (approximate == "none") return GeluApprox::kNone;
+  if (approximate == "tanh") return GeluApprox::kTanh;
+  TORCH_CHECK(false, "approximate: expected 'none' or 'tanh', got '", approximate, "'");
+  return GeluApprox::kNone;
+}
+
+inline GeluApprox check_gelu_backward(const at::Tensor& grad, const at::Tensor& x, c10::string_view approximate) {
+  const GeluApprox a = check_gelu(x, approximate);
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad_out: expected the dtype of x (", x.scalar_type(),
+              "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == x.device(), "grad_out: expected a tensor on ", x.device(), ", got ", grad.device());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad_out: expected the shape of x ", x.sizes(), ", got ", grad.sizes());
+  return a;
 }
 
 // The weight as a contiguous float table (float64 for float64 x), or empty.

@@ -1,4 +1,4 @@
-// Host side of pk.rms_norm and pk.swiglu, shared by the CPU and CUDA entry points: contiguity,
+// Host side of pk.rms_norm, pk.swiglu and pk.gelu, shared by the CPU and CUDA entry points: contiguity,
 // the checks of layers.h, the output allocations, the empty cases and the weight table, so both
 // backends return the same shapes and dtypes and reject the same inputs. A backend supplies only
 // its kernels (each called with non-empty inputs):
@@ -9,6 +9,8 @@
 //   Backend::sum_blocks(partial, dw)          dw = partial summed over the blocks, in order
 //   Backend::swiglu_forward(g, u, out)
 //   Backend::swiglu_backward(dy, g, u, dg, du)
+//   Backend::gelu_forward(x, out, approx)
+//   Backend::gelu_backward(dy, x, dx, approx)
 // The entry points check the device (and on CUDA hold the device guard) before calling these.
 #pragma once
 #include <ATen/ATen.h>
@@ -81,6 +83,24 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_host(const at::Tensor& grad_i
   at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
   if (g.numel() > 0) Backend::swiglu_backward(dy, g, u, dg, du);
   return {dg, du};
+}
+
+template <class Backend>
+at::Tensor gelu_host(const at::Tensor& x_in, c10::string_view approximate) {
+  const GeluApprox approx = check_gelu(x_in, approximate);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() > 0) Backend::gelu_forward(x, out, approx);
+  return out;
+}
+
+template <class Backend>
+at::Tensor gelu_backward_host(const at::Tensor& grad_in, const at::Tensor& x_in, c10::string_view approximate) {
+  const GeluApprox approx = check_gelu_backward(grad_in, x_in, approximate);
+  const at::Tensor dy = grad_in.contiguous(), x = x_in.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (x.numel() > 0) Backend::gelu_backward(dy, x, dx, approx);
+  return dx;
 }
 
 }  // namespace layers

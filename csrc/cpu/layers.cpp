@@ -1,4 +1,4 @@
-// CPU kernels of the decoder-layer ops pk.rms_norm and pk.swiglu (the math, the layouts and the
+// CPU kernels of the decoder-layer ops pk.rms_norm, pk.swiglu and pk.gelu (the math, the layouts and the
 // checks are csrc/common/layers.h, the host side csrc/common/layers_ops.h, both shared with
 // csrc/cuda/layers.cu).
 //
@@ -7,12 +7,17 @@
 // sum(dy * (offset + w) * x), then dx) and adds dy * n into the weight-gradient partial sums of
 // the row's block; the blocks (csrc/common/layers.h, fixed by the row count) are summed in
 // order afterwards, so no result depends on the thread count. Only rstd per row is saved by the
-// forward. swiglu: one pass over the flattened tensors, forward and backward (silu recomputed).
+// forward. swiglu and gelu: one pass over the flattened tensors, forward and backward (the
+// activation recomputed from the input), at::parallel_for over chunks.
 //
 // With AVX-512 (picked at run time, csrc/cpu/cpu_isa.h) float32, float16 and bfloat16 rows go
 // sixteen lanes at a time: the half types are widened to float32 on load and rounded to
 // nearest-even on store, and exp is a Cephes-style polynomial scaled by 2^n (_mm512_scalef_ps,
-// within 2 ulp of expf). Elsewhere, and for float64, plain loops in the math dtype.
+// within 2 ulp of expf). gelu's tanh form is x / (1 + exp(-2u)) (csrc/common/layers.h), one
+// exp16 and a division; its exact form needs erfc, here Numerical Recipes' erfcc (Chebyshev fit,
+// fractional error below 1.2e-7) with z^2 = hi + lo split exactly (an FMA), so that the lower
+// tail keeps its relative accuracy (within the x^2 ulps that rounding x / sqrt 2 costs anyway).
+// Elsewhere, and for float64, plain loops in the math dtype (erfcf / expf of the C library).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -94,6 +99,97 @@ PK_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(y, n);
+}
+
+// erfc of sixteen lanes (see the top of the file): t = 1 / (1 + z / 2), z = |x|,
+// erfc(z) = t exp(-z^2 + P(t)); erfc(x) = 2 - erfc(z) for x < 0. z is capped at 10.5, where
+// erfc has long underflowed (so that z^2 stays finite); NaN stays NaN. t is rcp14 refined by one
+// Newton step (relative error ~2^-28). Without `gauss` one exp: exp((P - lo) - hi), z^2 = hi + lo
+// exactly, whose rounding (half an ulp of z^2 + 1.3) stays below the error that rounding x / sqrt 2
+// itself brings (z^2 ulps); with it (the backward) exp(-hi) and exp(P - lo) apart, and *gauss =
+// exp(-x^2) = exp(-hi) (1 - lo) (lo < ulp(hi) / 2) for the normal density.
+PK_TARGET_AVX512 inline __m512 erfc16(__m512 x, __m512* gauss = nullptr) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 z = _mm512_min_ps(_mm512_set1_ps(10.5f), _mm512_abs_ps(x));
+  const __m512 d = _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), one);
+  const __m512 t0 = _mm512_rcp14_ps(d);
+  const __m512 t = _mm512_mul_ps(t0, _mm512_fnmadd_ps(d, t0, _mm512_set1_ps(2.0f)));
+  __m512 p = _mm512_set1_ps(0.17087277f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
+  const __m512 hi = _mm512_mul_ps(z, z);
+  const __m512 lo = _mm512_fmsub_ps(z, z, hi);  // z^2 - hi, exactly
+  __m512 r;
+  if (gauss == nullptr) {
+    r = _mm512_mul_ps(t, exp16(_mm512_sub_ps(_mm512_sub_ps(p, lo), hi)));
+  } else {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), hi));
+    r = _mm512_mul_ps(_mm512_mul_ps(t, e), exp16(_mm512_sub_ps(p, lo)));
+    *gauss = _mm512_fnmadd_ps(e, lo, e);
+  }
+  return _mm512_mask_sub_ps(r, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_set1_ps(2.0f), r);
+}
+
+// gelu of sixteen lanes and its derivative (csrc/common/layers.h).
+PK_TARGET_AVX512 inline __m512 gelu16(__m512 x, GeluApprox approx) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  if (approx == GeluApprox::kTanh) {
+    const __m512 m2u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(kGeluKappa)),
+                                                                      _mm512_mul_ps(x, x), one)),
+                                     _mm512_set1_ps(static_cast<float>(-2 * kGeluBeta)));
+    return _mm512_div_ps(x, _mm512_add_ps(one, exp16(m2u)));
+  }
+  const __m512 c = erfc16(_mm512_mul_ps(x, _mm512_set1_ps(static_cast<float>(-kGeluSqrt1_2))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), c);
+}
+
+PK_TARGET_AVX512 inline __m512 gelu_derivative16(__m512 x, GeluApprox approx) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  if (approx == GeluApprox::kTanh) {
+    const __m512 m2u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(kGeluKappa)),
+                                                                      x2, one)),
+                                     _mm512_set1_ps(static_cast<float>(-2 * kGeluBeta)));
+    const __m512 e = exp16(m2u);
+    const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __m512 om = _mm512_mask_mul_ps(_mm512_sub_ps(one, s), _mm512_cmp_ps_mask(m2u, _mm512_setzero_ps(), _CMP_LE_OQ),
+                                         e, s);
+    // x^2 capped (kGeluX2Cap) so that k stays finite where x s (1 - s) is 0 anyway
+    const __m512 k = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(6 * kGeluKappa * kGeluBeta)),
+                                     _mm512_min_ps(_mm512_set1_ps(static_cast<float>(kGeluX2Cap)), x2),
+                                     _mm512_set1_ps(static_cast<float>(2 * kGeluBeta)));
+    return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, s), om), k, s);
+  }
+  __m512 gauss;  // exp(-x^2 / 2)
+  const __m512 cdf = _mm512_mul_ps(
+      _mm512_set1_ps(0.5f), erfc16(_mm512_mul_ps(x, _mm512_set1_ps(static_cast<float>(-kGeluSqrt1_2))), &gauss));
+  const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(kGeluInvSqrt2Pi)), gauss);
+  return _mm512_fmadd_ps(x, pdf, cdf);
+}
+
+template <typename scalar_t>
+PK_TARGET_AVX512 void gelu_fwd_avx512(const scalar_t* x, scalar_t* out, int64_t n, GeluApprox approx) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    V16<scalar_t>::store(out + i, gelu16(V16<scalar_t>::load(x + i, m), approx), m);
+  }
+}
+
+template <typename scalar_t>
+PK_TARGET_AVX512 void gelu_bwd_avx512(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
+                                      GeluApprox approx) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 d = gelu_derivative16(V16<scalar_t>::load(x + i, m), approx);
+    V16<scalar_t>::store(dx + i, _mm512_mul_ps(V16<scalar_t>::load(dy + i, m), d), m);
+  }
 }
 
 template <typename scalar_t>
@@ -272,7 +368,7 @@ void rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   });
 }
 
-constexpr int64_t kSwigluGrain = 8192;
+constexpr int64_t kElementwiseGrain = 8192;
 
 struct CpuBackend {
   static constexpr int64_t kWgradBlocks = kMaxWgradBlocks;
@@ -312,7 +408,7 @@ struct CpuBackend {
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t* up = u.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, n, kSwigluGrain, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, n, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
 #if PK_X86
         if constexpr (kVectorised<scalar_t>) {
           if (avx) {
@@ -338,7 +434,7 @@ struct CpuBackend {
       const scalar_t* up = u.data_ptr<scalar_t>();
       scalar_t* dgp = dg.data_ptr<scalar_t>();
       scalar_t* dup = du.data_ptr<scalar_t>();
-      at::parallel_for(0, n, kSwigluGrain, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, n, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
 #if PK_X86
         if constexpr (kVectorised<scalar_t>) {
           if (avx) {
@@ -354,6 +450,50 @@ struct CpuBackend {
           dgp[i] = static_cast<scalar_t>(a);
           dup[i] = static_cast<scalar_t>(b);
         }
+      });
+    });
+  }
+
+  static void gelu_forward(const at::Tensor& x, at::Tensor& out, GeluApprox approx) {
+    const int64_t n = x.numel();
+    const bool avx = use_avx512();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_gelu_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, n, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+#if PK_X86
+        if constexpr (kVectorised<scalar_t>) {
+          if (avx) {
+            gelu_fwd_avx512<scalar_t>(xp + i0, op + i0, i1 - i0, approx);
+            return;
+          }
+        }
+#endif
+        for (int64_t i = i0; i < i1; ++i) op[i] = gelu_out<scalar_t, acc_t>(static_cast<acc_t>(xp[i]), approx);
+      });
+    });
+  }
+
+  static void gelu_backward(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, GeluApprox approx) {
+    const int64_t n = x.numel();
+    const bool avx = use_avx512();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_gelu_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* dp = dy.data_ptr<scalar_t>();
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, n, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+#if PK_X86
+        if constexpr (kVectorised<scalar_t>) {
+          if (avx) {
+            gelu_bwd_avx512<scalar_t>(dp + i0, xp + i0, dxp + i0, i1 - i0, approx);
+            return;
+          }
+        }
+#endif
+        for (int64_t i = i0; i < i1; ++i)
+          dxp[i] = gelu_grad<scalar_t, acc_t>(static_cast<acc_t>(dp[i]), static_cast<acc_t>(xp[i]), approx);
       });
     });
   }
@@ -386,6 +526,16 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, c
   return swiglu_backward_host<CpuBackend>(grad, gate, up);
 }
 
+at::Tensor gelu_cpu(const at::Tensor& x, c10::string_view approximate) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  return gelu_host<CpuBackend>(x, approximate);
+}
+
+at::Tensor gelu_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::string_view approximate) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  return gelu_backward_host<CpuBackend>(grad, x, approximate);
+}
+
 }  // namespace
 }  // namespace layers
 }  // namespace pk
@@ -395,4 +545,6 @@ TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
   m.impl("rms_norm_backward", &pk::layers::rms_norm_backward_cpu);
   m.impl("swiglu", &pk::layers::swiglu_cpu);
   m.impl("swiglu_backward", &pk::layers::swiglu_backward_cpu);
+  m.impl("gelu", &pk::layers::gelu_cpu);
+  m.impl("gelu_backward", &pk::layers::gelu_backward_cpu);
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of the decoder-layer ops pk.rms_norm and pk.swiglu (math, layouts and checks in
+// CUDA kernels of the decoder-layer ops pk.rms_norm, pk.swiglu and pk.gelu (math, layouts and checks in
 // csrc/common/layers.h, shared with the CPU kernels of csrc/cpu/layers.cpp).
 //
 // rms_norm forward: one block of kThreads per row (a grid-stride loop over rows past the grid),
@@ -9,7 +9,8 @@
 // per row one block reduction for sum(dn * n), then dx, and each thread adds dy * n into its own
 // columns of the block's row of a [blocks, D] float partial buffer (no atomics). A second
 // kernel sums that buffer over the blocks in order, one thread per column, so dw is the same
-// bits run to run. swiglu: elementwise, grid-stride, silu recomputed in the backward.
+// bits run to run. swiglu and gelu: elementwise, grid-stride, the activation recomputed from
+// the input in the backward.
 // Nothing syncs with the host, so a training step stays capturable in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -135,6 +136,25 @@ __global__ void __launch_bounds__(kElemThreads)
   }
 }
 
+template <typename scalar_t>
+__global__ void __launch_bounds__(kElemThreads)
+    gelu_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, GeluApprox approx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kElemThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kElemThreads + threadIdx.x; i < n; i += stride)
+    out[i] = gelu_out<scalar_t, acc_t>(static_cast<acc_t>(x[i]), approx);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kElemThreads)
+    gelu_bwd_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                    int64_t n, GeluApprox approx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kElemThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kElemThreads + threadIdx.x; i < n; i += stride)
+    dx[i] = gelu_grad<scalar_t, acc_t>(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), approx);
+}
+
 unsigned elem_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kElemThreads - 1) / kElemThreads, 65536)));
 }
@@ -203,6 +223,26 @@ struct CudaBackend {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+
+  static void gelu_forward(const at::Tensor& x, at::Tensor& out, GeluApprox approx) {
+    const int64_t n = x.numel();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_gelu_cuda", [&] {
+      PK_LAUNCH(elem_blocks(n), kElemThreads, 0, stream, gelu_fwd_kernel<scalar_t>)(
+          x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, approx);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void gelu_backward(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, GeluApprox approx) {
+    const int64_t n = x.numel();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pk_gelu_backward_cuda", [&] {
+      PK_LAUNCH(elem_blocks(n), kElemThreads, 0, stream, gelu_bwd_kernel<scalar_t>)(
+          dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), n, approx);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
@@ -234,6 +274,18 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad, 
   return swiglu_backward_host<CudaBackend>(grad, gate, up);
 }
 
+at::Tensor gelu_cuda(const at::Tensor& x, c10::string_view approximate) {
+  TORCH_CHECK(on_kernel_device(x), "x: expected a CUDA tensor, got one on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return gelu_host<CudaBackend>(x, approximate);
+}
+
+at::Tensor gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x, c10::string_view approximate) {
+  TORCH_CHECK(on_kernel_device(x), "x: expected a CUDA tensor, got one on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return gelu_backward_host<CudaBackend>(grad, x, approximate);
+}
+
 }  // namespace
 }  // namespace layers
 
@@ -242,6 +294,8 @@ PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("rms_norm_backward", &layers::rms_norm_backward_cuda);
   m.impl("swiglu", &layers::swiglu_cuda);
   m.impl("swiglu_backward", &layers::swiglu_backward_cuda);
+  m.impl("gelu", &layers::gelu_cuda);
+  m.impl("gelu_backward", &layers::gelu_backward_cuda);
 }
 
 }  // namespace pk

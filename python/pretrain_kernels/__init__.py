@@ -13,7 +13,7 @@ from .integrations.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMul
 from .ops.attention import flash_attention, flash_attention_with_kvcache, scaled_dot_product_attention
 from .ops.diffusion import (add_noise, ddim_step, ddpm_step, diffusion_loss, dpmpp_2m_step, euler_step,
                             flow_match_step, heun_step, noise_schedule, sample_timesteps, shift_sigmas)
-from .ops.layers import rms_norm, swiglu
+from .ops.layers import gelu, rms_norm, swiglu
 from .ops.loss import linear_cross_entropy
 from .ops.masking import mlm_mask, span_mask
 from .ops.rotary import rotary_embedding
@@ -48,7 +48,7 @@ __all__ = [
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
     "DPMSolverMultistepScheduler", "SchedulerMixin",
     # decoder layers
-    "rms_norm", "swiglu",
+    "rms_norm", "swiglu", "gelu",
     # losses
     "linear_cross_entropy",
 ]

@@ -2,7 +2,8 @@
 
 Read top to bottom: rotary position embedding, causal self-attention (pk.flash_attention
 for training and prefill-free forward passes, pk.flash_attention_with_kvcache for cached
-decoding), the MLP, the RMS norm (pk.rms_norm), the block, the model, and generate().
+decoding), the MLP (GPT-2's tanh GELU, pk.gelu), the RMS norm (pk.rms_norm), the block, the
+model, and generate().
 
 Layout follows the attention kernels: activations (batch, seqlen, heads, head_dim), so q, k
 and v are views of one projection and never transposed. Keys and values may have fewer heads
@@ -128,7 +129,7 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.out(F.gelu(self.fc(x), approximate="tanh"))
+        return self.out(pk.gelu(self.fc(x), approximate="tanh"))  # F.gelu(..., approximate="tanh"), fused
 
 
 class RMSNorm(nn.RMSNorm):

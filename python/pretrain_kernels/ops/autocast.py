@@ -15,7 +15,7 @@
               the row math is float32 inside the op whatever the dtype, and the loss float32.
   layers      pk.rms_norm as torch's rms_norm: float32 policy on CUDA (x and weight cast to
               float32, output float32); on the CPU unaffected, as torch's CPU autocast leaves
-              rms_norm alone. pk.swiglu is elementwise, as silu and mul: unaffected.
+              rms_norm alone. pk.swiglu and pk.gelu are elementwise, as silu, gelu and mul: unaffected.
   masking, sampling, rotary
               unaffected (integer ids; sampling takes the logits in the dtype they come in;
               pk.rotary_embedding is elementwise, as torch's own mul/add: x keeps its dtype).

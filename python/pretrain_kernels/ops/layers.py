@@ -1,7 +1,9 @@
-"""Decoder-layer ops: pk.rms_norm and pk.swiglu (fused forward and backward each).
+"""Decoder-layer ops: pk.rms_norm, pk.swiglu and pk.gelu (fused forward and backward each).
 
     rms_norm(x, w):  y = x * rsqrt(mean(x^2, -1) + eps) * (offset + w)
     swiglu(g, u):    y = silu(g) * u
+    gelu(x):         y = x * Phi(x)  (approximate="none"), or
+                     y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (approximate="tanh")
 
 rms_norm keeps its statistics in float32 (float64 for float64 x) for every input dtype and
 returns y in x's dtype. Where the cast back to x's dtype happens follows transformers:
@@ -11,11 +13,15 @@ rounds once ((1 + w) convention, offset=1.0, round_before_weight=False). For flo
 float64 inputs both are the same. The forward saves only rstd per row; the backward gives dx and
 dw in one pass per row. swiglu rounds silu(gate) to the dtype before the product, as the eager
 act_fn(gate) * up of transformers' MLPs does; its backward recomputes silu from the inputs.
+gelu is torch's F.gelu (same approximate names, default "none"), computed in float32 (float64
+for float64) and rounded once to x's dtype as torch does; the tanh form is evaluated as
+x / (1 + exp(-2u)), which keeps its relative accuracy where tanh(u) is near -1 (torch's
+1 + tanh(u) loses digits there). Its backward recomputes from x.
 
 Autocast: as torch's own ops. rms_norm follows F.rms_norm (float32 policy on CUDA: x and weight
 are cast to float32 and the output is float32; on the CPU, where torch's CPU autocast leaves
-rms_norm alone, nothing changes); swiglu is elementwise, as silu and mul: inputs keep their
-dtype.
+rms_norm alone, nothing changes); swiglu and gelu are elementwise, as silu, gelu and mul: inputs
+keep their dtype.
 
 Kernels: csrc/cpu/layers.cpp, csrc/cuda/layers.cu, with the checks and the math in
 csrc/common/layers.h.
@@ -32,6 +38,8 @@ from ._common import (apply_function, call_below_autograd, needs_autograd, not_d
 _OPS = torch.ops.pretrain_kernels
 _RMS_NORM_OP = _OPS.rms_norm.default
 _SWIGLU_OP = _OPS.swiglu.default
+_GELU_OP = _OPS.gelu.default
+_GELU_APPROXIMATE = ("none", "tanh")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -119,6 +127,31 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return call_below_autograd(_SWIGLU_OP, gate, up)
 
 
+def _check_gelu(x, approximate):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x: expected float32, float16, bfloat16 or float64, got {x.dtype}")
+    if not isinstance(approximate, str):
+        raise TypeError(f"approximate: expected a str ('none' or 'tanh'), got {type(approximate).__name__}")
+    if approximate not in _GELU_APPROXIMATE:
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU, as torch.nn.functional.gelu (same names and default), forward and backward fused.
+
+    x: any shape (float32, float16, bfloat16, float64), any strides. approximate: "none" (the
+    exact x * Phi(x), Phi the normal CDF) or "tanh" (GPT-2's 0.5 x (1 + tanh(sqrt(2/pi) (x +
+    0.044715 x^3)))). Math in float32 (float64 for float64), rounded once to x's dtype. Returns
+    a new contiguous tensor. Differentiable; the backward recomputes from x (only x is saved).
+    """
+    _check_gelu(x, approximate)
+    if needs_autograd(x):
+        return apply_function(_GELU, x, approximate)
+    return call_below_autograd(_GELU_OP, x, approximate)
+
+
 # ---- fake kernels --------------------------------------------------------------------------------
 
 
@@ -152,6 +185,19 @@ def _fake_swiglu(gate, up):
 def _fake_swiglu_backward(grad_out, gate, up):
     torch._check(gate.shape == up.shape, lambda: "up: expected the shape of gate")
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("pretrain_kernels::gelu")
+def _fake_gelu(x, approximate):
+    torch._check(approximate in _GELU_APPROXIMATE, lambda: "approximate: expected 'none' or 'tanh'")
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("pretrain_kernels::gelu_backward")
+def _fake_gelu_backward(grad_out, x, approximate):
+    torch._check(grad_out.shape == x.shape, lambda: "grad_out: expected the shape of x")
+    torch._check(approximate in _GELU_APPROXIMATE, lambda: "approximate: expected 'none' or 'tanh'")
+    return x.new_empty(x.shape)
 
 
 # ---- autograd (see ops/_common.py) ---------------------------------------------------------------
@@ -205,7 +251,31 @@ class _SwiGLU(torch.autograd.Function):
         return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
 
 
+class _GELU(torch.autograd.Function):
+    generate_vmap_rule = True
+    forward_mode_name = "pk.gelu (pretrain_kernels::gelu)"
+
+    @staticmethod
+    def forward(x, approximate):
+        return _OPS.gelu(x, approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, approximate = inputs
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (x,) = ctx.saved_tensors
+        return _gelu_backward(grad.contiguous(), x, ctx.approximate), None
+
+
 register_autograd_function("pretrain_kernels::rms_norm", _RMSNorm, public="pk.rms_norm")
 register_autograd_function("pretrain_kernels::swiglu", _SwiGLU, public="pk.swiglu")
+register_autograd_function("pretrain_kernels::gelu", _GELU, public="pk.gelu")
 _rms_norm_backward = not_differentiable("pretrain_kernels::rms_norm_backward", "pk.rms_norm")
 _swiglu_backward = not_differentiable("pretrain_kernels::swiglu_backward", "pk.swiglu")
+_gelu_backward = not_differentiable("pretrain_kernels::gelu_backward", "pk.gelu")
