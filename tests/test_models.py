@@ -270,3 +270,28 @@ def test_denoiser_overfits_one_batch(make):
 
     first, last = _overfit(m, loss, steps=40, lr=3e-3)
     assert last < 0.6 * first, (first, last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_gpt_rms_norm_is_nn_rms_norm(dtype, scale):
+    """The GPT's norm (pk.rms_norm under nn.RMSNorm's parameters) is nn.RMSNorm: the same eps rule
+    (torch takes the epsilon of the math type, float32 for half inputs), output and gradients to
+    the dtype's rounding, on activations small enough for eps to matter."""
+    from pretrain_kernels.models.gpt import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 48, generator=g) * scale).to(dtype)
+    ours, ref = RMSNorm(48).to(dtype), torch.nn.RMSNorm(48).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(48, generator=g) + 0.5)
+        ref.weight.copy_(ours.weight)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
+    dy = torch.randn(6, 48, generator=g).to(dtype)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(xa.grad / xa.grad.abs().amax(), xb.grad / xb.grad.abs().amax(), rtol=tol, atol=tol)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=tol, atol=tol * 8)

@@ -137,7 +137,9 @@ class RMSNorm(nn.RMSNorm):
     pass forward and one backward per row instead of eager torch's pow, mean, rsqrt and muls."""
 
     def forward(self, x):
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        eps = self.eps
+        if eps is None:  # torch's rule: the epsilon of the math type (float32 for half inputs)
+            eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
         return pk.rms_norm(x, self.weight, eps=eps)
 
 
