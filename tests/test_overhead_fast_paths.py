@@ -4,8 +4,21 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pretrain_kernels as pk
+
+
+class _SeenDispatch(TorchDispatchMode):
+    """Records the ops that reach the dispatcher's Python key (a torch dispatch mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim): decode, GQA, odd sizes, a prefill
@@ -135,8 +148,6 @@ def test_attention_direct_entry():
     dispatcher would not go straight to the CPU kernel (a derivative to record, autocast, a torch
     dispatch mode), and still seen by the profiler under the op's name."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from pretrain_kernels import _C
 
     g = torch.Generator().manual_seed(5)
@@ -163,16 +174,7 @@ def test_attention_direct_entry():
         assert _C.attention_fwd_plain(*args) is NotImplemented
         assert pk.flash_attention(q, q, q).dtype == torch.bfloat16  # the op's autocast kernel ran
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Seen() as mode:
+    with _SeenDispatch() as mode:
         assert _C.attention_fwd_plain(*args) is NotImplemented
         pk.flash_attention(q, q, q)
     assert any(s.startswith("pretrain_kernels.flash_attn_fwd") for s in mode.ops), mode.ops
@@ -188,8 +190,6 @@ def test_masking_direct_entries():
     bit for bit on the ops' own arguments, NotImplemented where the dispatcher would not go
     straight to the CPU kernel (a torch dispatch mode) or the kernel's checks fail; pk.mlm_mask
     under a mode still reaches the op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from pretrain_kernels import _C
 
     g = torch.Generator().manual_seed(11)
@@ -217,17 +217,8 @@ def test_masking_direct_entries():
     assert _C.mlm_mask_direct(ids.float(), *args[1:]) is NotImplemented
     assert _C.mlm_mask_direct(*args[:6], 1, *args[7:]) is NotImplemented  # an int where the op takes a float
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     ref = pk.mlm_mask(ids, mask_token_id=3, vocab_size=500, seed=5)
-    with Seen() as mode:
+    with _SeenDispatch() as mode:
         assert _C.mlm_mask_direct(*args) is NotImplemented
         out = pk.mlm_mask(ids, mask_token_id=3, vocab_size=500, seed=5)
     assert any(s.startswith("pretrain_kernels.mlm_mask") for s in mode.ops), mode.ops

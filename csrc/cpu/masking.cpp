@@ -520,14 +520,18 @@ void mlm_mask_rows(const MaskParams& p, const masking::CheckedInputs& c, double 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids,
-                                                const c10::optional<at::Tensor>& attention_mask,
-                                                const c10::optional<at::Tensor>& special_ids,
-                                                const c10::optional<at::Tensor>& word_starts,
-                                                const c10::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
-                                                double mask_prob, int64_t mask_token_id, int64_t vocab_size,
-                                                double replace_prob, double random_prob, bool exact_count,
-                                                int64_t max_predictions) {
+}  // namespace
+
+// The ops' CPU kernels; also called straight from Python (csrc/module.cpp, direct_calls.h).
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> mlm_mask(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+                                            const std::optional<at::Tensor>& special_ids,
+                                            const std::optional<at::Tensor>& word_starts,
+                                            const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                            double mask_prob, int64_t mask_token_id, int64_t vocab_size,
+                                            double replace_prob, double random_prob, bool exact_count,
+                                            int64_t max_predictions) {
   // The Bernoulli path reads bool, uint8, int32 and int64 attention masks as they are.
   const bool bernoulli = !exact_count && !word_starts.has_value();
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
@@ -557,14 +561,14 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids,
   return {out, labels};
 }
 
-std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
-                                                 const c10::optional<at::Tensor>& attention_mask,
-                                                 const c10::optional<at::Tensor>& special_ids,
-                                                 const c10::optional<at::Tensor>& word_starts,
-                                                 const c10::optional<at::Tensor>& mask_prob_rows,
-                                                 const at::Tensor& seed, double mask_prob, int64_t mask_token_id,
-                                                 int64_t vocab_size, double replace_prob, double random_prob,
-                                                 double geometric_p, int64_t max_span) {
+std::tuple<at::Tensor, at::Tensor> span_mask(const at::Tensor& input_ids,
+                                             const std::optional<at::Tensor>& attention_mask,
+                                             const std::optional<at::Tensor>& special_ids,
+                                             const std::optional<at::Tensor>& word_starts,
+                                             const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
+                                             double mask_prob, int64_t mask_token_id, int64_t vocab_size,
+                                             double replace_prob, double random_prob, double geometric_p,
+                                             int64_t max_span) {
   auto c = masking::check_inputs(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed,
                                  mask_token_id, vocab_size, mask_prob, replace_prob, random_prob);
   const int64_t span_cap = masking::check_span_args(geometric_p, max_span, c.ids.size(1));
@@ -608,38 +612,11 @@ std::tuple<at::Tensor, at::Tensor> span_mask_cpu(const at::Tensor& input_ids,
   return {out, labels};
 }
 
-}  // namespace
-
-namespace cpu {
-
-std::tuple<at::Tensor, at::Tensor> mlm_mask(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
-                                            const std::optional<at::Tensor>& special_ids,
-                                            const std::optional<at::Tensor>& word_starts,
-                                            const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
-                                            double mask_prob, int64_t mask_token_id, int64_t vocab_size,
-                                            double replace_prob, double random_prob, bool exact_count,
-                                            int64_t max_predictions) {
-  return mlm_mask_cpu(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
-                      mask_token_id, vocab_size, replace_prob, random_prob, exact_count, max_predictions);
-}
-
-std::tuple<at::Tensor, at::Tensor> span_mask(const at::Tensor& input_ids,
-                                             const std::optional<at::Tensor>& attention_mask,
-                                             const std::optional<at::Tensor>& special_ids,
-                                             const std::optional<at::Tensor>& word_starts,
-                                             const std::optional<at::Tensor>& mask_prob_rows, const at::Tensor& seed,
-                                             double mask_prob, int64_t mask_token_id, int64_t vocab_size,
-                                             double replace_prob, double random_prob, double geometric_p,
-                                             int64_t max_span) {
-  return span_mask_cpu(input_ids, attention_mask, special_ids, word_starts, mask_prob_rows, seed, mask_prob,
-                       mask_token_id, vocab_size, replace_prob, random_prob, geometric_p, max_span);
-}
-
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) {
-  m.impl("mlm_mask", &mlm_mask_cpu);
-  m.impl("span_mask", &span_mask_cpu);
+  m.impl("mlm_mask", &cpu::mlm_mask);
+  m.impl("span_mask", &cpu::span_mask);
 }
 
 }  // namespace pk
