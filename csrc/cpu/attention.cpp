@@ -281,12 +281,21 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
         const int64_t b = t / Hk, hk = t % Hk, lk = p.len_k(b), skp = kofs[b + 1] - kofs[b];
         uint16_t* kp = Kp_all + panel(b, hk, Dp);
         uint16_t* vp = Vp_all + panel(b, hk, Dv);
-        for (int64_t j = 0; j < lk; ++j) {
-          const uint16_t* kr = reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j, hk));
-          for (int64_t d = 0; d < D; ++d) kp[(d >> 1) * skp * 2 + 2 * j + (d & 1)] = kr[d];
-          const uint16_t* vr = reinterpret_cast<const uint16_t*>(p.v_row<scalar_t>(b, j, hk));
-          for (int64_t d = 0; d < Dv; ++d) vp[(j >> 1) * Dv * 2 + 2 * d + (j & 1)] = vr[d];
+#if PK_X86
+        if constexpr (sizeof(scalar_t) == 2) {
+          // keys: kp[(d / 2) * 2 skp + 2 j + d % 2] = K[j][d], in runs of keys one stride apart
+          // (all of them, or one page); values: pairs of keys interleaved,
+          // vp[(j / 2) * 2 Dv + 2 d + j % 2] = V[j][d]
+          const int64_t run = p.paged() ? p.page_size : std::max<int64_t>(lk, 1);
+          for (int64_t j0 = 0; j0 < lk; j0 += run)
+            pack_pairs_avx512(kp + 2 * j0, skp, reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j0, hk)),
+                              p.k.ss, std::min(run, lk - j0), D);
+          for (int64_t j = 0; j < lk; j += 2)
+            interleave_rows(vp + j * Dv, reinterpret_cast<const uint16_t*>(p.v_row<scalar_t>(b, j, hk)),
+                            j + 1 < lk ? reinterpret_cast<const uint16_t*>(p.v_row<scalar_t>(b, j + 1, hk)) : nullptr,
+                            Dv);
         }
+#endif
       }
     });
   }

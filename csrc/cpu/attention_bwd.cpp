@@ -50,9 +50,32 @@ constexpr int64_t kMinItems = 8;  // split key blocks into chunks until there ar
 template <typename scalar_t>
 void pack_pairs(uint16_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t n, int64_t cols) {
   if (cols % 2) std::fill(dst + (cols / 2) * 2 * ld, dst + (cols / 2 + 1) * 2 * ld, uint16_t(0));
+#if PK_X86
+  if constexpr (sizeof(scalar_t) == 2) {
+    pack_pairs_avx512(dst, ld, reinterpret_cast<const uint16_t*>(src), rs, n, cols);
+    return;
+  }
+#endif
   for (int64_t j = 0; j < n; ++j) {
     const uint16_t* r = reinterpret_cast<const uint16_t*>(src + j * rs);
     for (int64_t c = 0; c < cols; ++c) dst[(c >> 1) * 2 * ld + 2 * j + (c & 1)] = r[c];
+  }
+}
+
+// Keys j and j + 1 (a zero key when j + 1 == end) interleaved: dst[2 d + (0, 1)] = K[j, j + 1][d].
+template <typename scalar_t>
+void interleave_key_pair(uint16_t* dst, const Problem& p, int64_t b, int64_t j, int64_t end, int64_t hk, int64_t D) {
+  const uint16_t* k0 = reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j, hk));
+  const uint16_t* k1 = j + 1 < end ? reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j + 1, hk)) : nullptr;
+#if PK_X86
+  if constexpr (sizeof(scalar_t) == 2) {
+    interleave_rows(dst, k0, k1, D);
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) {
+    dst[2 * d] = k0[d];
+    dst[2 * d + 1] = k1 ? k1[d] : uint16_t(0);
   }
 }
 
@@ -115,6 +138,49 @@ void bf16_rows(uint16_t* dst, int64_t ldd, const acc_t* src, int64_t lds, int64_
   }
 #endif
   (void)dst, (void)ldd, (void)src, (void)lds, (void)R, (void)n;
+}
+
+// dS = P (dP - Di) on a row, in place.
+template <typename acc_t>
+void ds_row(acc_t* ds, const acc_t* pr, int64_t n, acc_t di) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (isa_avx512()) {
+      ds_row_avx512(ds, pr, n, di);
+      return;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - di);
+}
+
+// Writes the nk keys from j0 of a key block's dK (times scale) and dV: [dim][key] (row
+// stride BK) when bf16, [key][dim] otherwise.
+template <typename scalar_t, typename acc_t>
+void store_dk_dv(const Problem& p, int64_t b, int64_t j0, int64_t nk, int64_t hk, acc_t scale, bool use_bf16,
+                 const acc_t* dK, const acc_t* dV, int64_t BK, scalar_t* dk, scalar_t* dv) {
+  const int64_t D = p.D, Dv = p.Dv, Hk = p.Hk, tok0 = p.tok_k(b) + j0;
+#if PK_X86
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (use_bf16) {
+      store_transposed_bf16(dk + (tok0 * Hk + hk) * D, Hk * D, dK, BK, nk, D, scale);
+      store_transposed_bf16(dv + (tok0 * Hk + hk) * Dv, Hk * Dv, dV, BK, nk, Dv, 1.f);
+      return;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < nk; ++j) {
+    const int64_t tok = tok0 + j;
+    if (use_bf16) {  // dK^T, dV^T: [dim][key], row stride BK
+      scalar_t* dkr = dk + (tok * Hk + hk) * D;
+      scalar_t* dvr = dv + (tok * Hk + hk) * Dv;
+      for (int64_t d = 0; d < D; ++d) dkr[d] = static_cast<scalar_t>(dK[d * BK + j] * scale);
+      for (int64_t d = 0; d < Dv; ++d) dvr[d] = static_cast<scalar_t>(dV[d * BK + j]);
+    } else {
+      store_row(dk + (tok * Hk + hk) * D, dK + j * D, D);
+      store_row(dv + (tok * Hk + hk) * Dv, dV + j * Dv, Dv);
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -231,15 +297,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
         if (use_bf16) {
           pack_pairs(Kp.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
           pack_pairs(Vp.data(), BK, p.v_row<scalar_t>(b, j0, hk), p.v.ss, nk, Dv);
-          for (int64_t j = 0; j < nkp; ++j) {  // Kv[(j / 2) * 2 D + 2 d + j % 2] = K[j][d], a zero key after odd nk
-            uint16_t* dst = Kv.data() + (j >> 1) * 2 * D + (j & 1);
-            if (j < nk) {
-              const uint16_t* kr = reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j0 + j, hk));
-              for (int64_t d = 0; d < D; ++d) dst[2 * d] = kr[d];
-            } else {
-              for (int64_t d = 0; d < D; ++d) dst[2 * d] = 0;
-            }
-          }
+          // Kv[(j / 2) * 2 D + 2 d + j % 2] = K[j][d], a zero key after odd nk
+          for (int64_t j = 0; j < nkp; j += 2) interleave_key_pair<scalar_t>(Kv.data() + j * D, p, b, j0 + j, j0 + nk, hk, D);
         } else {
           for (int64_t j = 0; j < nk; ++j) load_row(Kf.data() + j * D, p.k_row<scalar_t>(b, j0 + j, hk), D);
           load_transposed(Kt.data(), BK, p.k_row<scalar_t>(b, j0, hk), p.k.ss, nk, D);
@@ -308,7 +367,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
                 const acc_t* mr = Dm.data() + r * BK;
                 for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] * mr[j] - di);
               } else {
-                for (int64_t j = 0; j < nk; ++j) ds[j] = pr[j] * (ds[j] - di);
+                ds_row(ds, pr, nk, di);
               }
               if (!dCap.empty()) {  // through the soft-cap: dS_raw = dS (1 - tanh^2)
                 const acc_t* dc = dCap.data() + r * BK;
@@ -327,18 +386,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             }
           }
         }
-        for (int64_t j = 0; j < nk; ++j) {
-          const int64_t tok = p.tok_k(b) + j0 + j;
-          if (use_bf16) {  // dK^T, dV^T: [dim][key], row stride BK
-            scalar_t* dkr = dk + (tok * Hk + hk) * D;
-            scalar_t* dvr = dv + (tok * Hk + hk) * Dv;
-            for (int64_t d = 0; d < D; ++d) dkr[d] = static_cast<scalar_t>(dK[d * BK + j] * scale);
-            for (int64_t d = 0; d < Dv; ++d) dvr[d] = static_cast<scalar_t>(dV[d * BK + j]);
-          } else {
-            store_row(dk + (tok * Hk + hk) * D, dK.data() + j * D, D);
-            store_row(dv + (tok * Hk + hk) * Dv, dV.data() + j * Dv, Dv);
-          }
-        }
+        store_dk_dv(p, b, j0, nk, hk, scale, use_bf16, dK.data(), dV.data(), BK, dk, dv);
       }
     }
   });

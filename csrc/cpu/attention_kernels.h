@@ -782,6 +782,65 @@ PK_TARGET_AVX512BF16 inline void to_bf16_row_pairs(uint16_t* dst, int64_t ldd, c
   }
 }
 
+// In-register transpose of 16 rows of 16 32-bit lanes: r[c] lane i = old r[i] lane c.
+PK_TARGET_AVX512 inline void transpose16x16_epi32(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // lane L of 128 bits: rows i, i+1 interleaved, columns 4L.. 4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + k] lane L: column 4L + k of rows i.. i+3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // gather lane L of the four row groups into column 4L + k
+    const __m512i a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), b = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xdd);
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88), d = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xdd);
+    t[k] = _mm512_shuffle_i32x4(a, c, 0x88);
+    t[8 + k] = _mm512_shuffle_i32x4(a, c, 0xdd);
+    t[4 + k] = _mm512_shuffle_i32x4(b, d, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(b, d, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// Rows j < n of src (row stride rs, `cols` 16-bit values each) as pairs along the columns,
+// one pair per 32-bit word: dst[(c / 2) * 2 * ld + 2 * j + c % 2] = src[j * rs + c], an odd
+// `cols` paired with a zero. The keys' B layout of gemm_bf16 for Q K^T: a 32-bit transpose,
+// 16 keys x 16 pairs at a time. Words for j >= n are not written.
+PK_TARGET_AVX512 inline void pack_pairs_avx512(uint16_t* dst, int64_t ld, const uint16_t* src, int64_t rs, int64_t n,
+                                               int64_t cols) {
+  int32_t* d32 = reinterpret_cast<int32_t*>(dst);
+  const int64_t npairs = (cols + 1) / 2;
+  __m512i r[16];
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, n - j0);
+    const __mmask16 store = tail_mask(nj);
+    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+      const int64_t nc = std::min<int64_t>(32, cols - c0);
+      const __mmask32 load = nc >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << nc) - 1u);
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = i < nj ? _mm512_maskz_loadu_epi16(load, src + (j0 + i) * rs + c0) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t np = std::min<int64_t>(16, npairs - c0 / 2);
+      for (int64_t c = 0; c < np; ++c) _mm512_mask_storeu_epi32(d32 + (c0 / 2 + c) * ld + j0, store, r[c]);
+    }
+  }
+}
+
+// Two rows of n 16-bit values interleaved: dst[2 c] = r0[c], dst[2 c + 1] = r1[c], or 0 when
+// r1 is null. A pair of keys (values) in the pair-of-rows B layout of gemm_bf16.
+PK_TARGET_AVX512 inline void interleave_rows(uint16_t* dst, const uint16_t* r0, const uint16_t* r1, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = tail_mask(n - c);
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + c));
+    const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + c)) : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(dst + 2 * c, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
 // The transpose of rows i < n of src (row stride rs, `cols` bf16 each) in pairs of rows, the A
 // layout of gemm_bf16 with the pair index along the rows of src:
 // dst[c * ld + i] = src[i * rs + c]; an odd n gets a zero at dst[c * ld + n].
@@ -789,18 +848,63 @@ template <typename scalar_t>
 PK_TARGET_AVX512 inline void transpose_pairs(uint16_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t n,
                                              int64_t cols) {
   static_assert(sizeof(scalar_t) == 2, "16-bit elements");
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(ld / 2)));
-  for (int64_t i = 0; i < n; i += 2) {
-    const uint16_t* r0 = reinterpret_cast<const uint16_t*>(src + i * rs);
-    const uint16_t* r1 = i + 1 < n ? r0 + rs : nullptr;
-    int32_t* d = reinterpret_cast<int32_t*>(dst + i);
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 m = tail_mask(cols - c);
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + c));
-      const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + c)) : _mm512_setzero_si512();
-      _mm512_mask_i32scatter_epi32(d + c * (ld / 2), m, idx, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)), 4);
+  // 32 rows (16 pairs) x 16 columns at a time: pair k of rows interleaved into 32-bit lanes
+  // (lane c: rows 2k, 2k + 1 of column c), then a 32-bit transpose (lane k of word row c).
+  int32_t* d32 = reinterpret_cast<int32_t*>(dst);
+  const int64_t npairs = (n + 1) / 2;
+  __m512i r[16];
+  for (int64_t k0 = 0; k0 < npairs; k0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, npairs - k0);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 m = tail_mask(cols - c0);
+      for (int64_t k = 0; k < 16; ++k) {
+        const int64_t i = 2 * (k0 + k);
+        if (k >= nk) {
+          r[k] = _mm512_setzero_si512();
+          continue;
+        }
+        const uint16_t* r0 = reinterpret_cast<const uint16_t*>(src + i * rs) + c0;
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0));
+        const __m512i hi =
+            i + 1 < n ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + rs)) : _mm512_setzero_si512();
+        r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+      transpose16x16_epi32(r);
+      const int64_t nc = std::min<int64_t>(16, cols - c0);
+      for (int64_t c = 0; c < nc; ++c) _mm512_mask_storeu_epi32(d32 + (c0 + c) * (ld / 2) + k0, tail_mask(nk), r[c]);
     }
+  }
+}
+
+// dst[j * rs + d] = bf16(src[d * lds + j] * mul) for j < n, d < cols: a transposed float tile
+// ([dim][key]) stored as bfloat16 rows, 16 x 16 at a time, rounded as c10::BFloat16.
+PK_TARGET_AVX512 inline void store_transposed_bf16(c10::BFloat16* dst, int64_t rs, const float* src, int64_t lds,
+                                                   int64_t n, int64_t cols, float mul) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  __m512i r[16];
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, n - j0);
+    const __mmask16 mj = tail_mask(nj);
+    for (int64_t d0 = 0; d0 < cols; d0 += 16) {
+      const int64_t nd = std::min<int64_t>(16, cols - d0);
+      for (int64_t d = 0; d < 16; ++d)
+        r[d] = d < nd ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mj, src + (d0 + d) * lds + j0)) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      for (int64_t j = 0; j < nj; ++j) {
+        const __m512i b = ::pk::cpu::bf16_bits_avx512(_mm512_mul_ps(_mm512_castsi512_ps(r[j]), vm));
+        _mm256_mask_storeu_epi16(dst + (j0 + j) * rs + d0, tail_mask(nd), _mm512_cvtepi32_epi16(b));
+      }
+    }
+  }
+}
+
+// ds[j] = p[j] * (ds[j] - di), j < n: dS from dP in place.
+PK_TARGET_AVX512 inline void ds_row_avx512(float* ds, const float* p, int64_t n, float di) {
+  const __m512 vd = _mm512_set1_ps(di);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail_mask(n - j);
+    const __m512 x = _mm512_maskz_loadu_ps(t, ds + j);
+    _mm512_mask_storeu_ps(ds + j, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, p + j), _mm512_sub_ps(x, vd)));
   }
 }
 #endif  // PK_X86

@@ -103,5 +103,16 @@ inline const char* isa_name(Isa isa) {
   }
 }
 
+#if PK_X86
+// The bfloat16 bits of 16 floats, rounded as c10::BFloat16 rounds (to nearest even, NaN to
+// 0x7fc0), in the low half of each 32-bit lane. Unlike vcvtneps2bf16 it keeps denormals.
+PK_TARGET_AVX512 inline __m512i bf16_bits_avx512(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+#endif
+
 }  // namespace cpu
 }  // namespace pk

@@ -48,12 +48,7 @@ struct V16<float> {
   PK_TARGET_AVX512 static __m512 round(__m512 v) { return v; }
 };
 
-PK_TARGET_AVX512 inline __m512i bf16_bits(__m512 v) {  // round to nearest even, NaN -> quiet NaN
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-}
+PK_TARGET_AVX512 inline __m512i bf16_bits(__m512 v) { return ::pk::cpu::bf16_bits_avx512(v); }
 
 template <>
 struct V16<c10::BFloat16> {
