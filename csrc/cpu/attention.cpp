@@ -124,6 +124,33 @@ void softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t R, int64_t np
   }
 }
 
+#if PK_X86
+// softmax_tile for the bf16 forward on unscaled scores (scale > 0, no score modifier, no
+// float mask, no dropout), writing P in bf16 to Pb (row stride lds, rows zero-padded to
+// nkp) for the P V product: the window and boolean mask only set -inf, which scaling keeps,
+// and max(scale s) = scale max(s), so the results are those of scale_row_avx512,
+// softmax_tile and to_bf16_row, bit for bit, in one pass over each row instead of four.
+void softmax_tile_bf16(const Problem& p, float* S, int64_t lds, int64_t R, int64_t np, int64_t nk, int64_t nkp,
+                       const Window& w, int64_t b, int64_t h0, int64_t i0, int64_t j0, bool full, float scale, float* m,
+                       float* l, float* O, uint16_t* Pb) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / np, i = i0 + r % np;
+    float* s = S + r * lds;
+    if (!full || p.has_mask()) p.mask_row(s, nk, w, b, h0 + g, i, j0, full);
+    const float mnew = std::max(m[r], row_max_avx512(s, nk) * scale);
+    if (mnew == ninf) {
+      std::fill(Pb + r * lds, Pb + r * lds + nkp, uint16_t(0));
+      continue;
+    }
+    const float alpha = m[r] == ninf ? 0.f : std::exp(m[r] - mnew);
+    l[r] = l[r] * alpha + exp_row_bf16(s, nk, nkp, scale, mnew, Pb + r * lds);
+    m[r] = mnew;
+    if (alpha != 1.f) scale_row_avx512(O + r * p.Dv, p.Dv, alpha);
+  }
+}
+#endif
+
 // Writes O / l and the lse of R rows (see softmax_tile for the row order).
 template <typename scalar_t, typename acc_t>
 void finish_rows(const Problem& p, scalar_t* out, acc_t* lse, int64_t R, int64_t np, int64_t b, int64_t h0, int64_t i0,
@@ -322,6 +349,8 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
       const int64_t i1 = std::min(i0 + BQ, lq), np = i1 - i0, R = np * G;
       const Window w = p.window(b);
       const FwdPath path = rows_ok && R <= kSmallRows ? FwdPath::kRows : packed_path;
+      const bool fused_bf16 = path == FwdPath::kPackedBf16 && !p.has_score_mod() && p.mask_float == nullptr &&
+                              !p.has_dropout() && scale > 0;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t r = 0; r < np; ++r) {
           const scalar_t* src = p.q_row<scalar_t>(b, i0 + r, hk * G + g);
@@ -355,6 +384,14 @@ void forward_kernel(const Problem& p, scalar_t* out, acc_t* lse) {
           } else if (path == FwdPath::kPackedBf16) {
             gemm_bf16(R, nk, Dp / 2, Qb.data(), Dp, Kp_all + panel(b, hk, Dp) + 2 * j0, 2 * skp, S.data(), BK,
                       false);
+            if (fused_bf16) {  // softmax and P in bf16 in one pass, then O += P V
+              const int64_t nkp = round_up(nk, 2);
+              softmax_tile_bf16(p, S.data(), BK, R, np, nk, nkp, w, b, hk * G, i0, j0, full, scale, m.data(), l.data(),
+                                O.data(), Pb.data());
+              gemm_bf16(R, Dv, nkp / 2, Pb.data(), BK, Vp_all + panel(b, hk, Dv) + j0 * Dv, 2 * Dv, O.data(), Dv,
+                        true);
+              continue;
+            }
             for (int64_t r = 0; r < R; ++r) scale_row_avx512(S.data() + r * BK, nk, scale);
           }
         }

@@ -763,6 +763,25 @@ PK_TARGET_AVX512BF16 inline void to_bf16_row(uint16_t* dst, const float* src, in
   for (j = n; j < n_pad; ++j) dst[j] = 0;
 }
 
+// One row of the bf16 forward's online softmax, fused: P = exp(scale * s - mnew) on unscaled
+// scores s[0, n), rounded to bf16 into pb (zeros up to n_pad); returns the float sum of P. The
+// same operations, in the same order, as scale_row_avx512, exp_sum_avx512 and to_bf16_row in
+// turn, so the same bits, in one pass and without writing the float row back.
+PK_TARGET_AVX512BF16 inline float exp_row_bf16(const float* s, int64_t n, int64_t n_pad, float scale, float mnew,
+                                               uint16_t* pb) {
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(mnew);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail_mask(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, s + j), vs);
+    const __m512 e = _mm512_maskz_mov_ps(t, exp512(_mm512_sub_ps(x, vm)));
+    acc = _mm512_add_ps(acc, e);
+    _mm256_mask_storeu_epi16(pb + j, t, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  for (int64_t j = n; j < n_pad; ++j) pb[j] = 0;
+  return _mm512_reduce_add_ps(acc);
+}
+
 // Rows r < R of src (row stride lds, n floats each) rounded to bf16 and interleaved in pairs of
 // rows, the B layout of gemm_bf16 with the pair index along the rows:
 // dst[(r / 2) * ldd + 2 * j + r % 2] = bf16(src[r * lds + j]); an odd R gets a zero row.
