@@ -128,6 +128,40 @@ void bf16_pv_dv(uint16_t* dst, int64_t ldd, const acc_t* src, int64_t lds, int64
   (void)dst, (void)ldd, (void)src, (void)lds, (void)R, (void)n;
 }
 
+// The fused bf16 rows of the plain backward (no score modifier, float mask or dropout), two
+// query rows at a time (exp_rows_bf16_pair, ds_rows_bf16_pair); float accumulation only.
+// P: S[r] (unscaled scores, masked) -> exp(scale S[r] - L[r]) in place, and in bf16 to Pv.
+template <typename acc_t>
+void bf16_p_rows(acc_t* S, int64_t lds, const acc_t* L, int64_t R, int64_t n, acc_t scale, uint16_t* Pv) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64_t r = 0; r < R; r += 2)
+      exp_rows_bf16_pair(S + r * lds, r + 1 < R ? S + (r + 1) * lds : nullptr, n, scale, L[r], r + 1 < R ? L[r + 1] : 0.f,
+                         Pv + r * lds);
+    return;
+  }
+#endif
+  (void)S, (void)lds, (void)L, (void)R, (void)n, (void)scale, (void)Pv;
+}
+
+// dS[r] = P[r] (dP[r] - Di[r]) in bf16, as rows (dSb, padded to even n) and in pairs of rows (dSv).
+template <typename acc_t>
+void bf16_ds_rows(const acc_t* dP, const acc_t* P, int64_t lds, const acc_t* Di, int64_t R, int64_t n, uint16_t* dSb,
+                  uint16_t* dSv) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64_t r = 0; r < R; r += 2) {
+      const bool two = r + 1 < R;
+      ds_rows_bf16_pair(dP + r * lds, two ? dP + (r + 1) * lds : nullptr, P + r * lds, two ? P + (r + 1) * lds : nullptr,
+                        n, (n + 1) / 2 * 2, Di[r], two ? Di[r + 1] : 0.f, dSb + r * lds,
+                        two ? dSb + (r + 1) * lds : nullptr, dSv + r * lds);
+    }
+    return;
+  }
+#endif
+  (void)dP, (void)P, (void)lds, (void)Di, (void)R, (void)n, (void)dSb, (void)dSv;
+}
+
 // dst = rows r < R of src (n floats each) in bf16, each padded with a zero to even n.
 template <typename acc_t>
 void bf16_rows(uint16_t* dst, int64_t ldd, const acc_t* src, int64_t lds, int64_t R, int64_t n) {
@@ -242,8 +276,11 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
   std::vector<uint16_t> Qb_own, dOb_own, Qt_own, dOt_own;
   acc_t* Qs_all = use_bf16 ? nullptr : scratch<acc_t>(2, static_cast<size_t>(H * T * D), Qs_own);
   acc_t* dO_all = use_bf16 ? nullptr : scratch<acc_t>(3, static_cast<size_t>(H * T * Dv), dO_own);
-  uint16_t* Qb_all = use_bf16 ? scratch<uint16_t>(2, static_cast<size_t>(H * T * Dp), Qb_own) : nullptr;
-  uint16_t* dOb_all = use_bf16 ? scratch<uint16_t>(3, static_cast<size_t>(H * T * Dvp), dOb_own) : nullptr;
+  // bf16 Q and dO rows of even length serve as A operands in place (rows q.ss and H Dv apart);
+  // odd ones are copied with a zero pad.
+  const bool q_in_place = D % 2 == 0, do_in_place = Dv % 2 == 0;
+  uint16_t* Qb_all = use_bf16 && !q_in_place ? scratch<uint16_t>(2, static_cast<size_t>(H * T * Dp), Qb_own) : nullptr;
+  uint16_t* dOb_all = use_bf16 && !do_in_place ? scratch<uint16_t>(3, static_cast<size_t>(H * T * Dvp), dOb_own) : nullptr;
   uint16_t* Qt_all = use_bf16 ? scratch<uint16_t>(5, static_cast<size_t>(H * D * Tp), Qt_own) : nullptr;
   uint16_t* dOt_all = use_bf16 ? scratch<uint16_t>(6, static_cast<size_t>(H * Dv * Tp), dOt_own) : nullptr;
   at::parallel_for(0, p.batch * H, 1, [&](int64_t t0, int64_t t1) {
@@ -253,8 +290,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
         const scalar_t* qr = p.q_row<scalar_t>(b, i, h);
         const scalar_t* dor = dout + ((tok0 + i) * H + h) * Dv;
         if (use_bf16) {
-          copy_padded(Qb_all + (h * T + tok0 + i) * Dp, qr, D, Dp);
-          copy_padded(dOb_all + (h * T + tok0 + i) * Dvp, dor, Dv, Dvp);
+          if (!q_in_place) copy_padded(Qb_all + (h * T + tok0 + i) * Dp, qr, D, Dp);
+          if (!do_in_place) copy_padded(dOb_all + (h * T + tok0 + i) * Dvp, dor, Dv, Dvp);
         } else {
           load_row(Qs_all + (h * T + tok0 + i) * D, qr, D, scale);
           load_row(dO_all + (h * T + tok0 + i) * Dv, dor, Dv);
@@ -283,6 +320,9 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
         dSv(use_bf16 ? (BQ + 1) * BK : 0), dSb(use_bf16 ? BQ * BK : 0);
     const bool drop = p.has_dropout();
     std::vector<acc_t> Dm(drop ? BQ * BK : 0), Pd(drop ? BQ * BK : 0);  // dropout factors, P M
+    // the fused bf16 path (plain attention): lse and Di of the block's rows
+    const bool fused = use_bf16 && !mod && p.mask_float == nullptr && !drop;
+    std::vector<acc_t> Lr(fused ? BQ : 0), Dr(fused ? BQ : 0);
     std::vector<uint32_t> bits;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % n_chunks, hk = (t / n_chunks) % Hk, b = t / (n_chunks * Hk);
@@ -319,9 +359,33 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             const acc_t* Qf = use_bf16 ? nullptr : Qs_all + row0 * D;
             const acc_t* dOf = use_bf16 ? nullptr : dO_all + row0 * Dv;
             const int64_t col0 = qofs[b] + i0, npp = (np + 1) / 2;  // bf16: panel column of query i0, query pairs
+            // bf16 A operands of S = Q K^T and dP = dO V^T
+            const uint16_t* Qa = !use_bf16 ? nullptr
+                                 : q_in_place ? reinterpret_cast<const uint16_t*>(p.q_row<scalar_t>(b, i0, h))
+                                              : Qb_all + row0 * Dp;
+            const uint16_t* dOa = !use_bf16 ? nullptr
+                                  : do_in_place ? reinterpret_cast<const uint16_t*>(dout + ((p.tok_q(b) + i0) * H + h) * Dv)
+                                                : dOb_all + row0 * Dvp;
+            const int64_t lda_q = q_in_place ? p.q.ss : Dp, lda_do = do_in_place ? H * Dv : Dvp;
+            if (fused) {  // S unscaled, masked; P = exp(scale S - lse) in place and in bf16 pairs
+              bf16_gemm(np, nk, Dp / 2, Qa, lda_q, Kp.data(), 2 * BK, S.data(), BK, false);
+              for (int64_t r = 0; r < np; ++r) {
+                if (!full || p.has_mask()) p.mask_row(S.data() + r * BK, nk, w, b, h, i0 + r, j0, full);
+                Lr[r] = lse[p.lse_index(b, h, i0 + r)];
+                Dr[r] = Di[p.lse_index(b, h, i0 + r)];
+              }
+              bf16_p_rows(S.data(), BK, Lr.data(), np, nk, scale, Pv.data());
+              bf16_gemm(Dv, nk, npp, dOt_all + h * Dv * Tp + col0, Tp, Pv.data(), 2 * BK, dV.data(), BK, true);
+              // dP = dO V^T; dS = P (dP - Di) in bf16; dK^T += Q^T dS;  dQ += dS K
+              bf16_gemm(np, nk, Dvp / 2, dOa, lda_do, Vp.data(), 2 * BK, dP.data(), BK, false);
+              bf16_ds_rows(dP.data(), S.data(), BK, Dr.data(), np, nk, dSb.data(), dSv.data());
+              bf16_gemm(D, nk, npp, Qt_all + h * D * Tp + col0, Tp, dSv.data(), 2 * BK, dK.data(), BK, true);
+              bf16_gemm(np, D, nkp / 2, dSb.data(), BK, Kv.data(), 2 * D, dq_c + row0 * D, D, true);
+              continue;
+            }
             // S, then P = exp(S - lse) in place.
             if (use_bf16)
-              qk_bf16(np, nk, Dp / 2, Qb_all + row0 * Dp, Dp, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
+              qk_bf16(np, nk, Dp / 2, Qa, lda_q, Kp.data(), BK, S.data(), BK, static_cast<float>(scale));
             else
               gemm<acc_t>(np, nk, D, Qf, D, 1, Kt.data(), BK, S.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {
@@ -356,7 +420,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
             }
             // dP = dO V^T, then dS = P * (dP - Di) in place.
             if (use_bf16)
-              qk_bf16(np, nk, Dvp / 2, dOb_all + row0 * Dvp, Dvp, Vp.data(), BK, dP.data(), BK, 1.f);
+              qk_bf16(np, nk, Dvp / 2, dOa, lda_do, Vp.data(), BK, dP.data(), BK, 1.f);
             else
               gemm<acc_t>(np, nk, Dv, dOf, Dv, 1, Vt.data(), BK, dP.data(), BK, false);
             for (int64_t r = 0; r < np; ++r) {

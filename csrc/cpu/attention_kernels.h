@@ -782,6 +782,56 @@ PK_TARGET_AVX512BF16 inline float exp_row_bf16(const float* s, int64_t n, int64_
   return _mm512_reduce_add_ps(acc);
 }
 
+// The backward's P for a pair of query rows, fused: p_r = exp(scale * s_r - L_r) (s_r
+// unscaled, a row of zeros where L_r = -inf), written back as float and, rounded to bf16,
+// interleaved into pv (pv[2 j + r] = bf16(p_r[j])). s1 may be null (an odd last row: a zero
+// row in pv). The same bits as scale_row_avx512, exp_sum_avx512 and to_bf16_row_pairs.
+PK_TARGET_AVX512BF16 inline void exp_rows_bf16_pair(float* s0, float* s1, int64_t n, float scale, float L0, float L1,
+                                                    uint16_t* pv) {
+  const __m512 vs = _mm512_set1_ps(scale), v0 = _mm512_set1_ps(L0), v1 = _mm512_set1_ps(L1);
+  const bool live0 = L0 != -std::numeric_limits<float>::infinity();
+  const bool live1 = s1 != nullptr && L1 != -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail_mask(n - j);
+    __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+    if (live0) e0 = _mm512_maskz_mov_ps(t, exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, s0 + j), vs), v0)));
+    if (live1) e1 = _mm512_maskz_mov_ps(t, exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, s1 + j), vs), v1)));
+    _mm512_mask_storeu_ps(s0 + j, t, e0);
+    if (s1 != nullptr) _mm512_mask_storeu_ps(s1 + j, t, e1);
+    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e0));
+    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e1));
+    _mm512_mask_storeu_epi32(pv + 2 * j, t, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+// The backward's dS for a pair of query rows, fused: ds_r = p_r (dp_r - di_r) rounded to bf16,
+// as rows (dsb_r, zero-padded to n_pad) and interleaved (dsv[2 j + r]). dp1, p1 and dsb1 may be
+// null (an odd last row: a zero row in dsv). The same bits as ds_row_avx512, then
+// to_bf16_row_pairs and to_bf16_row.
+PK_TARGET_AVX512BF16 inline void ds_rows_bf16_pair(const float* dp0, const float* dp1, const float* p0, const float* p1,
+                                                   int64_t n, int64_t n_pad, float di0, float di1, uint16_t* dsb0,
+                                                   uint16_t* dsb1, uint16_t* dsv) {
+  const __m512 v0 = _mm512_set1_ps(di0), v1 = _mm512_set1_ps(di1);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail_mask(n - j);
+    const __m512 d0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, p0 + j), _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp0 + j), v0));
+    const __m256i b0 = (__m256i)_mm512_cvtneps_pbh(d0);
+    __m256i b1 = _mm256_setzero_si256();
+    if (dp1 != nullptr) {
+      const __m512 d1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, p1 + j), _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp1 + j), v1));
+      b1 = (__m256i)_mm512_cvtneps_pbh(d1);
+      _mm256_mask_storeu_epi16(dsb1 + j, t, b1);
+    }
+    _mm256_mask_storeu_epi16(dsb0 + j, t, b0);
+    const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(b0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
+    _mm512_mask_storeu_epi32(dsv + 2 * j, t, pair);
+  }
+  for (int64_t j = n; j < n_pad; ++j) {
+    dsb0[j] = 0;
+    if (dsb1 != nullptr) dsb1[j] = 0;
+  }
+}
+
 // Rows r < R of src (row stride lds, n floats each) rounded to bf16 and interleaved in pairs of
 // rows, the B layout of gemm_bf16 with the pair index along the rows:
 // dst[(r / 2) * ldd + 2 * j + r % 2] = bf16(src[r * lds + j]); an odd R gets a zero row.
