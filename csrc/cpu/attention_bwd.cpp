@@ -234,8 +234,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* out
       for (int64_t i = 0; i < lq; ++i)
         for (int64_t h = 0; h < H; ++h) {
           const int64_t off = ((p.tok_q(b) + i) * H + h) * Dv;
-          double s = 0;  // in double: dS = P (dP - Di) cancels, Di should carry no extra error
-          for (int64_t d = 0; d < Dv; ++d) s += static_cast<double>(dout[off + d]) * static_cast<double>(out[off + d]);
+          // in double: dS = P (dP - Di) cancels, Di should carry no extra error
+          const double s = dot_f64(dout + off, out + off, Dv);
           const int64_t li = p.lse_index(b, h, i);
           Di[li] = static_cast<acc_t>(s - (dlse ? static_cast<double>(dlse[li]) : 0.0));
         }

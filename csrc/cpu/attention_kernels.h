@@ -1027,9 +1027,63 @@ inline void load_row(acc_t* dst, const scalar_t* src, int64_t n, acc_t mul = acc
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * mul;
 }
 
+#if PK_X86
+// store_row for float to bfloat16 / half, 16 at a time, rounded as c10's conversions round.
+template <typename scalar_t>
+PK_TARGET_AVX512 inline void store_row_avx512(scalar_t* dst, const float* src, int64_t n, float mul) {
+  static_assert(sizeof(scalar_t) == 2, "bfloat16 or half");
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 t = tail_mask(n - i);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + i), vm);
+    __m256i h;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      h = _mm512_cvtepi32_epi16(::pk::cpu::bf16_bits_avx512(x));
+    else
+      h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(dst + i, t, h);
+  }
+}
+
+// sum over d < n of a[d] * b[d] in double (each product exact), eight lanes at a time.
+template <typename scalar_t>
+PK_TARGET_AVX512 inline double dot_f64_avx512(const scalar_t* a, const scalar_t* b, int64_t n) {
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 t = tail_mask(n - d);
+    const __m512 x = load16(a + d, t), y = load16(b + d, t);
+    acc0 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), _mm512_cvtps_pd(_mm512_castps512_ps256(y)), acc0);
+    acc1 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))),
+                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1))), acc1);
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 inline void store_row(scalar_t* dst, const acc_t* src, int64_t n, acc_t mul = acc_t(1)) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+    if (isa_avx512()) {
+      store_row_avx512(dst, src, n, mul);
+      return;
+    }
+  }
+#endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * mul);
+}
+
+// sum over d < n of a[d] * b[d], in double.
+template <typename scalar_t>
+inline double dot_f64(const scalar_t* a, const scalar_t* b, int64_t n) {
+#if PK_X86
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (isa_avx512()) return dot_f64_avx512(a, b, n);
+  }
+#endif
+  double s = 0;
+  for (int64_t d = 0; d < n; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
+  return s;
 }
 
 // dst[d * ld + j] = src_j[d] for rows j of src (row stride rs): a transposed tile.
