@@ -220,7 +220,55 @@ PyObject* span_mask_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return masking_direct<double>(args, nargs, "span_mask_direct", "pretrain_kernels::span_mask", pk::cpu::span_mask);
 }
 
+bool read(PyObject* o, c10::string_view& x) {
+  if (!PyUnicode_CheckExact(o)) return false;
+  Py_ssize_t n = 0;
+  const char* c = PyUnicode_AsUTF8AndSize(o, &n);
+  if (c == nullptr) return false;
+  x = c10::string_view(c, static_cast<size_t>(n));
+  return true;
+}
+
+// diffusion_loss_direct(pred, target, timesteps, alphas_cumprod, weighting, gamma,
+// prediction_type, mean): the op's CPU kernel on its arguments, then, when `mean`, their mean
+// (the wrapper's reduction="mean", at::mean as Tensor.mean); NotImplemented where the dispatcher
+// would not go straight to the CPU kernel or the kernel's checks fail (the wrapper then calls the
+// op, which raises).
+PyObject* diffusion_loss_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_Format(PyExc_TypeError, "diffusion_loss_direct: expected the op's 7 arguments and `mean`, got %zd", nargs);
+    return nullptr;
+  }
+  std::optional<at::Tensor> pred, target, timesteps, acp;
+  c10::string_view weighting, prediction_type;
+  double gamma = 0;
+  bool mean = false;
+  if (!read(args[0], pred) || !pred || !read(args[1], target) || !target || !read(args[2], timesteps) ||
+      !read(args[3], acp) || !read(args[4], weighting) || !read(args[5], gamma) || !read(args[6], prediction_type) ||
+      !read(args[7], mean)) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const auto ptr = [](const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; };
+  if (!reaches_cpu_kernel({&*pred, &*target, ptr(timesteps), ptr(acp)})) Py_RETURN_NOTIMPLEMENTED;
+  at::Tensor result;
+  bool ok = true;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    RECORD_FUNCTION("pretrain_kernels::diffusion_loss", std::vector<c10::IValue>());
+    result = pk::cpu::diffusion_loss(*pred, *target, timesteps, acp, weighting, gamma, prediction_type);
+    if (mean) result = result.mean();
+  } catch (const std::exception&) {
+    ok = false;
+  }
+  Py_END_ALLOW_THREADS
+  if (!ok) Py_RETURN_NOTIMPLEMENTED;
+  return THPVariable_Wrap(std::move(result));
+}
+
 PyMethodDef methods[] = {
+    {"diffusion_loss_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(diffusion_loss_direct)),
+     METH_FASTCALL, "diffusion_loss's CPU kernel (and the mean), past the dispatcher (see csrc/module.cpp)."},
     {"mlm_mask_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mlm_mask_direct)), METH_FASTCALL,
      "mlm_mask's CPU kernel, past the dispatcher (see csrc/module.cpp)."},
     {"span_mask_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(span_mask_direct)), METH_FASTCALL,

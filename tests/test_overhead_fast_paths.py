@@ -223,3 +223,56 @@ def test_masking_direct_entries():
         out = pk.mlm_mask(ids, mask_token_id=3, vocab_size=500, seed=5)
     assert any(s.startswith("pretrain_kernels.mlm_mask") for s in mode.ops), mode.ops
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_diffusion_loss_direct_entry():
+    """pretrain_kernels._C.diffusion_loss_direct (csrc/module.cpp): the op's per-sample losses,
+    or their mean as Tensor.mean gives it, bit for bit, for every dtype and weighting;
+    NotImplemented for inputs that need a derivative, under autocast and a dispatch mode, and
+    where the op's checks fail (pk.diffusion_loss then raises its own error); the profiler
+    still sees the op."""
+    from pretrain_kernels import _C
+
+    g = torch.Generator().manual_seed(12)
+    ops = torch.ops.pretrain_kernels
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape in ((3, 4, 5, 5), (1, 7), (17, 2, 3)):
+            pred = torch.randn(shape, generator=g).to(dtype)
+            target = torch.randn(shape, generator=g).to(dtype)
+            t = torch.randint(0, 1000, (shape[0],), generator=g)
+            for weighting, ts, tab in (("none", None, None), ("min_snr", t, acp), ("min_snr", t, acp.float())):
+                for prediction_type in ("epsilon", "v_prediction", "sample"):
+                    args = (pred, target, ts, tab, weighting, 5.0, prediction_type)
+                    ref = ops.diffusion_loss(*args)
+                    assert torch.equal(_C.diffusion_loss_direct(*args, False), ref)
+                    mean = _C.diffusion_loss_direct(*args, True)
+                    assert mean.dim() == 0 and torch.equal(mean, ref.mean())
+                    got = pk.diffusion_loss(pred, target, ts, tab, weighting=weighting,
+                                            prediction_type=prediction_type)
+                    assert torch.equal(got, ref.mean())
+    pred, target = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    args = (pred, target, None, None, "none", 5.0, "epsilon")
+    # a derivative to record, autocast, a dispatch mode: the dispatcher goes elsewhere
+    assert _C.diffusion_loss_direct(pred.requires_grad_(), *args[1:], True) is NotImplemented
+    with torch.no_grad():
+        assert _C.diffusion_loss_direct(pred, *args[1:], True) is not NotImplemented
+    pred = pred.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _C.diffusion_loss_direct(pred, *args[1:], True) is NotImplemented
+    with _SeenDispatch() as mode:
+        assert _C.diffusion_loss_direct(pred, *args[1:], True) is NotImplemented
+        out = pk.diffusion_loss(pred, target)
+    assert any(s.startswith("pretrain_kernels.diffusion_loss") for s in mode.ops), mode.ops
+    assert torch.equal(out, pk.diffusion_loss(pred, target))
+    # arguments of another type or values the op rejects
+    assert _C.diffusion_loss_direct(pred, target, None, None, "none", 5, "epsilon", True) is NotImplemented
+    assert _C.diffusion_loss_direct(pred, target[:1], None, None, "none", 5.0, "epsilon", True) is NotImplemented
+    assert _C.diffusion_loss_direct(pred, target, None, None, "min_snr", 5.0, "epsilon", True) is NotImplemented
+    with pytest.raises(ValueError, match="target"):
+        pk.diffusion_loss(pred, target[:1])
+    with pytest.raises(TypeError, match="expected the op's 7 arguments"):
+        _C.diffusion_loss_direct(pred, target)
+    with torch.profiler.profile() as prof:
+        pk.diffusion_loss(pred, target)
+    assert any(e.name == "pretrain_kernels::diffusion_loss" for e in prof.events())

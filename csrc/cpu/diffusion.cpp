@@ -23,6 +23,7 @@
 #include "../common/diffusion.h"
 #include "../common/diffusion_ops.h"
 #include "cpu_isa.h"
+#include "direct_calls.h"
 
 namespace pk {
 namespace diffusion {
@@ -246,5 +247,15 @@ struct CpuBackend {
 }  // namespace diffusion
 
 TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) { PK_REGISTER_DIFFUSION_OPS(m, ::pk::diffusion::CpuBackend); }
+
+// diffusion_loss's CPU kernel for the direct entry of csrc/module.cpp (direct_calls.h): the
+// function registered above.
+at::Tensor cpu::diffusion_loss(const at::Tensor& pred, const at::Tensor& target,
+                               const std::optional<at::Tensor>& timesteps,
+                               const std::optional<at::Tensor>& alphas_cumprod, c10::string_view weighting,
+                               double gamma, c10::string_view prediction_type) {
+  return diffusion::Ops<diffusion::CpuBackend>::diffusion_loss(pred, target, timesteps, alphas_cumprod, weighting,
+                                                               gamma, prediction_type);
+}
 
 }  // namespace pk

@@ -43,5 +43,10 @@ std::tuple<at::Tensor, at::Tensor> span_mask(const at::Tensor& input_ids,
                                              double replace_prob, double random_prob, double geometric_p,
                                              int64_t max_span);
 
+// The CPU kernel of diffusion_loss (the per-sample losses), with the op's arguments.
+at::Tensor diffusion_loss(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& timesteps,
+                          const std::optional<at::Tensor>& alphas_cumprod, c10::string_view weighting, double gamma,
+                          c10::string_view prediction_type);
+
 }  // namespace cpu
 }  // namespace pk

@@ -38,10 +38,13 @@ import weakref
 
 import torch
 
+from .. import _C
 from ._common import (apply_function, call_below_autograd, call_checked, is_compiling, needs_autograd, not_differentiable, raw_op,
                       register_autograd_function, resolve_seed)
 
 _OPS = torch.ops.pretrain_kernels
+_has_torch_function = torch._C._has_torch_function
+_loss_direct = getattr(_C, "diffusion_loss_direct", None) or (lambda *args: NotImplemented)
 # the public functions' eager calls (ops/_common.py: raw_op)
 _ADD_NOISE = raw_op("pretrain_kernels::add_noise")
 _DDPM_STEP = raw_op("pretrain_kernels::ddpm_step")
@@ -491,6 +494,11 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps=None, alp
     if needs_autograd(pred, target):
         per_sample = call_checked(apply_function, (_DiffusionLoss, *args), checks)
     else:
+        if not is_compiling() and not _has_torch_function(args):
+            # CPU tensors: the kernel and the mean in one C call (csrc/module.cpp), or NotImplemented
+            r = _loss_direct(*args, reduction == "mean")
+            if r is not NotImplemented:
+                return r
         per_sample = call_checked(call_below_autograd, (_OPS.diffusion_loss.default, *args), checks)
     return per_sample.mean() if reduction == "mean" else per_sample
 
