@@ -1022,8 +1022,47 @@ inline acc_t exp_sum(acc_t* s, int64_t n, acc_t sub) {
 }
 
 // Element conversions between storage and accumulation types.
+#if PK_X86
+template <typename scalar_t>
+PK_TARGET_AVX512 inline void load_row_avx512(float* dst, const scalar_t* src, int64_t n, float mul) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 t = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, t, _mm512_mul_ps(load16(src + i, t), vm));
+  }
+}
+
+// load_transposed for float accumulation: 16 rows x 16 columns at a time, an in-register
+// transpose of the converted values.
+template <typename scalar_t>
+PK_TARGET_AVX512 inline void load_transposed_avx512(float* dst, int64_t ld, const scalar_t* src, int64_t rs,
+                                                    int64_t rows, int64_t cols) {
+  __m512i r[16];
+  for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, rows - j0);
+    for (int64_t d0 = 0; d0 < cols; d0 += 16) {
+      const __mmask16 m = tail_mask(cols - d0);
+      for (int64_t j = 0; j < 16; ++j)
+        r[j] = j < nj ? _mm512_castps_si512(load16(src + (j0 + j) * rs + d0, m)) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t nd = std::min<int64_t>(16, cols - d0);
+      for (int64_t d = 0; d < nd; ++d)
+        _mm512_mask_storeu_ps(dst + (d0 + d) * ld + j0, tail_mask(nj), _mm512_castsi512_ps(r[d]));
+    }
+  }
+}
+#endif
+
 template <typename acc_t, typename scalar_t>
 inline void load_row(acc_t* dst, const scalar_t* src, int64_t n, acc_t mul = acc_t(1)) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
+    if (isa_avx512()) {
+      load_row_avx512(dst, src, n, mul);
+      return;
+    }
+  }
+#endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * mul;
 }
 
@@ -1089,6 +1128,14 @@ inline double dot_f64(const scalar_t* a, const scalar_t* b, int64_t n) {
 // dst[d * ld + j] = src_j[d] for rows j of src (row stride rs): a transposed tile.
 template <typename acc_t, typename scalar_t>
 inline void load_transposed(acc_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t rows, int64_t cols) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
+    if (isa_avx512()) {
+      load_transposed_avx512(dst, ld, src, rs, rows, cols);
+      return;
+    }
+  }
+#endif
   for (int64_t j = 0; j < rows; ++j) {
     const scalar_t* s = src + j * rs;
     for (int64_t d = 0; d < cols; ++d) dst[d * ld + j] = static_cast<acc_t>(s[d]);
