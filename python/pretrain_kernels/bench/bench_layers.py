@@ -84,25 +84,31 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
     print(f"device {a.device}, threads {torch.get_num_threads()}, torch {torch.__version__}; "
-          f"median of {a.rounds} forward + backward passes after one warm-up (ms)\n")
+          f"median of {a.rounds} forward + backward passes after {a.warmup} warm-ups, pk and eager "
+          f"alternating (ms)\n")
     print("| op | size | dtype | pk | eager torch | eager / pk |")
     print("|---|---|---|---:|---:|---:|")
     for dtype in a.dtype:
         for size in SIZES:
             for op in OPS:
-                ms = {}
-                for impl in IMPLS:
-                    run = _synced(make_run(op, impl, size, getattr(torch, dtype), a.device), a.device)
-                    run()
-                    times = []
-                    for _ in range(a.rounds):
+                # alternating calls: the allocator's state (whether a call's large outputs come
+                # back from the heap or fault in fresh pages) and the machine drift alike for both
+                runs = {impl: _synced(make_run(op, impl, size, getattr(torch, dtype), a.device), a.device)
+                        for impl in IMPLS}
+                for _ in range(a.warmup):
+                    for impl in IMPLS:
+                        runs[impl]()
+                times = {impl: [] for impl in IMPLS}
+                for _ in range(a.rounds):
+                    for impl in IMPLS:
                         t0 = time.perf_counter()
-                        run()
-                        times.append(time.perf_counter() - t0)
-                    ms[impl] = statistics.median(times) * 1e3
+                        runs[impl]()
+                        times[impl].append(time.perf_counter() - t0)
+                ms = {impl: statistics.median(times[impl]) * 1e3 for impl in IMPLS}
                 print(f"| {op} | {size} | {dtype} | {ms['pk']:.2f} | {ms['eager']:.2f} | "
                       f"{ms['eager'] / ms['pk']:.2f}x |", flush=True)
 
