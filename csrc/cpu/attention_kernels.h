@@ -199,6 +199,21 @@ PK_TARGET_AVX512 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// s[j] = -inf for j < lo and j >= hi (j < n): the window's invisible keys of a row.
+PK_TARGET_AVX512 inline void mask_outside_avx512(float* s, int64_t n, int64_t lo, int64_t hi) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  lo = std::min<int64_t>(std::max<int64_t>(lo, -1), n + 1);  // the compares below run on 32-bit lanes
+  hi = std::min<int64_t>(std::max<int64_t>(hi, -1), n + 1);
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int32_t>(lo)), vhi = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), lane);
+    const __mmask16 out = static_cast<__mmask16>((_mm512_cmplt_epi32_mask(idx, vlo) | _mm512_cmpge_epi32_mask(idx, vhi)) &
+                                                 tail_mask(n - j));
+    _mm512_mask_storeu_ps(s + j, out, ninf);
+  }
+}
+
 PK_TARGET_AVX512 inline float row_max_avx512(const float* s, int64_t n) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
