@@ -50,7 +50,10 @@
 //    pairs and both products go through gemm_bf16 (exact products, float sums): AMX tiles
 //    (tdpbf16ps) where the CPU and the OS allow them, vdpbf16ps otherwise; P is rounded to
 //    bf16 for the P V product, as FlashAttention does on GPUs. The backward does the same
-//    for its five products (P and dS rounded to bf16; attention_bwd.cpp).
+//    for its five products (P and dS rounded to bf16; attention_bwd.cpp). The packing is
+//    in-register 16x16 transposes; without score modifiers, float masks or dropout the
+//    scaling, softmax and rounding of P take one pass per row (softmax_tile_bf16), and the
+//    backward's P and dS one pass per pair of rows (the same bits as the separate passes).
 //  - rows path: blocks of at most kSmallRows query rows (decode, short chunks) read the keys
 //    in place with dot products, 16 keys per transposed reduction; when every sequence is
 //    that short, decode_kernel walks the keys of all heads of a sequence together, in
