@@ -120,18 +120,7 @@ void softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t R, int64_t np
     const acc_t sum = exp_sum(s, nk, mnew);
     l[r] = l[r] * alpha + sum;
     m[r] = mnew;
-    if (alpha != acc_t(1)) {
-      acc_t* o = O + r * p.Dv;
-#if PK_X86
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (isa_avx512()) {
-          scale_row_avx512(o, p.Dv, alpha);
-          continue;
-        }
-      }
-#endif
-      for (int64_t d = 0; d < p.Dv; ++d) o[d] *= alpha;
-    }
+    if (alpha != acc_t(1)) scale_row(O + r * p.Dv, p.Dv, alpha);
   }
 }
 

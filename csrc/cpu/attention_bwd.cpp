@@ -56,13 +56,12 @@ void pack_pairs(uint16_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int6
     return;
   }
 #endif
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* r = reinterpret_cast<const uint16_t*>(src + j * rs);
-    for (int64_t c = 0; c < cols; ++c) dst[(c >> 1) * 2 * ld + 2 * j + (c & 1)] = r[c];
-  }
+  (void)ld, (void)src, (void)rs, (void)n;
+  TORCH_CHECK(false, "flash_attn_bwd: the bf16 path needs 16-bit inputs and AVX512-BF16");
 }
 
 // Keys j and j + 1 (a zero key when j + 1 == end) interleaved: dst[2 d + (0, 1)] = K[j, j + 1][d].
+// pack_pairs and this run only on the bf16 path (use_bf16: bfloat16 inputs, AVX512-BF16).
 template <typename scalar_t>
 void interleave_key_pair(uint16_t* dst, const Problem& p, int64_t b, int64_t j, int64_t end, int64_t hk, int64_t D) {
   const uint16_t* k0 = reinterpret_cast<const uint16_t*>(p.k_row<scalar_t>(b, j, hk));
@@ -73,10 +72,8 @@ void interleave_key_pair(uint16_t* dst, const Problem& p, int64_t b, int64_t j, 
     return;
   }
 #endif
-  for (int64_t d = 0; d < D; ++d) {
-    dst[2 * d] = k0[d];
-    dst[2 * d + 1] = k1 ? k1[d] : uint16_t(0);
-  }
+  (void)dst, (void)k0, (void)k1, (void)D;
+  TORCH_CHECK(false, "flash_attn_bwd: the bf16 path needs 16-bit inputs and AVX512-BF16");
 }
 
 template <typename scalar_t>
@@ -172,20 +169,6 @@ void bf16_rows(uint16_t* dst, int64_t ldd, const acc_t* src, int64_t lds, int64_
   }
 #endif
   (void)dst, (void)ldd, (void)src, (void)lds, (void)R, (void)n;
-}
-
-// dS = P (dP - Di) on a row, in place.
-template <typename acc_t>
-void ds_row(acc_t* ds, const acc_t* pr, int64_t n, acc_t di) {
-#if PK_X86
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (isa_avx512()) {
-      ds_row_avx512(ds, pr, n, di);
-      return;
-    }
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - di);
 }
 
 // Writes the nk keys from j0 of a key block's dK (times scale) and dV: [dim][key] (row

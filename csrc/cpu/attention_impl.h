@@ -178,19 +178,7 @@ struct Problem {
   void mask_row(acc_t* s, int64_t n, const Window& w, int64_t b, int64_t h, int64_t i, int64_t j0, bool full) const {
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     if (!full) {
-      const int64_t lo = key_lo(w, i) - j0, hi = key_hi(w, i, j0 + n) - j0;
-      bool done = false;
-#if PK_X86
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (isa_avx512() && n < (int64_t(1) << 30)) {
-          mask_outside_avx512(s, n, lo, hi);
-          done = true;
-        }
-      }
-#endif
-      if (!done)
-        for (int64_t j = 0; j < n; ++j)
-          if (j < lo || j >= hi) s[j] = ninf;
+      mask_outside(s, n, key_lo(w, i) - j0, key_hi(w, i, j0 + n) - j0);
     }
     if (mask_bool) {
       const bool* m = mask_bool + b * m_sb + h * m_sh + i * m_si + j0 * m_sj;

@@ -214,6 +214,11 @@ PK_TARGET_AVX512 inline void mask_outside_avx512(float* s, int64_t n, int64_t lo
   }
 }
 
+// Two rows of 16 16-bit values as 16 32-bit words, lo in the low half: word c = (lo[c], hi[c]).
+PK_TARGET_AVX512 inline __m512i pair_words(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+
 PK_TARGET_AVX512 inline float row_max_avx512(const float* s, int64_t n) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
@@ -813,9 +818,7 @@ PK_TARGET_AVX512BF16 inline void exp_rows_bf16_pair(float* s0, float* s1, int64_
     if (live1) e1 = _mm512_maskz_mov_ps(t, exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, s1 + j), vs), v1)));
     _mm512_mask_storeu_ps(s0 + j, t, e0);
     if (s1 != nullptr) _mm512_mask_storeu_ps(s1 + j, t, e1);
-    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e0));
-    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e1));
-    _mm512_mask_storeu_epi32(pv + 2 * j, t, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    _mm512_mask_storeu_epi32(pv + 2 * j, t, pair_words((__m256i)_mm512_cvtneps_pbh(e0), (__m256i)_mm512_cvtneps_pbh(e1)));
   }
 }
 
@@ -838,8 +841,7 @@ PK_TARGET_AVX512BF16 inline void ds_rows_bf16_pair(const float* dp0, const float
       _mm256_mask_storeu_epi16(dsb1 + j, t, b1);
     }
     _mm256_mask_storeu_epi16(dsb0 + j, t, b0);
-    const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(b0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
-    _mm512_mask_storeu_epi32(dsv + 2 * j, t, pair);
+    _mm512_mask_storeu_epi32(dsv + 2 * j, t, pair_words(b0, b1));
   }
   for (int64_t j = n; j < n_pad; ++j) {
     dsb0[j] = 0;
@@ -858,10 +860,9 @@ PK_TARGET_AVX512BF16 inline void to_bf16_row_pairs(uint16_t* dst, int64_t ldd, c
     uint16_t* d = dst + (r / 2) * ldd;
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 m = tail_mask(n - j);
-      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s0 + j)));
-      const __m512i hi = s1 ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s1 + j)))
-                            : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(d + 2 * j, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s0 + j));
+      const __m256i hi = s1 ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s1 + j)) : _mm256_setzero_si256();
+      _mm512_mask_storeu_epi32(d + 2 * j, m, pair_words(lo, hi));
     }
   }
 }
@@ -919,9 +920,8 @@ PK_TARGET_AVX512 inline void pack_pairs_avx512(uint16_t* dst, int64_t ld, const 
 PK_TARGET_AVX512 inline void interleave_rows(uint16_t* dst, const uint16_t* r0, const uint16_t* r1, int64_t n) {
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 m = tail_mask(n - c);
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + c));
-    const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + c)) : _mm512_setzero_si512();
-    _mm512_mask_storeu_epi32(dst + 2 * c, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    const __m256i hi = r1 ? _mm256_maskz_loadu_epi16(m, r1 + c) : _mm256_setzero_si256();
+    _mm512_mask_storeu_epi32(dst + 2 * c, m, pair_words(_mm256_maskz_loadu_epi16(m, r0 + c), hi));
   }
 }
 
@@ -948,10 +948,8 @@ PK_TARGET_AVX512 inline void transpose_pairs(uint16_t* dst, int64_t ld, const sc
           continue;
         }
         const uint16_t* r0 = reinterpret_cast<const uint16_t*>(src + i * rs) + c0;
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0));
-        const __m512i hi =
-            i + 1 < n ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + rs)) : _mm512_setzero_si512();
-        r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+        const __m256i hi = i + 1 < n ? _mm256_maskz_loadu_epi16(m, r0 + rs) : _mm256_setzero_si256();
+        r[k] = pair_words(_mm256_maskz_loadu_epi16(m, r0), hi);
       }
       transpose16x16_epi32(r);
       const int64_t nc = std::min<int64_t>(16, cols - c0);
@@ -1034,6 +1032,40 @@ inline acc_t exp_sum(acc_t* s, int64_t n, acc_t sub) {
   }
 #endif
   return exp_sum_ref(s, n, sub);
+}
+
+// s[j] *= f, j < n.
+template <typename acc_t>
+inline void scale_row(acc_t* s, int64_t n, acc_t f) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (isa_avx512()) return scale_row_avx512(s, n, f);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) s[j] *= f;
+}
+
+// s[j] = -inf for j < lo and j >= hi (j < n): the keys of a row outside its window.
+template <typename acc_t>
+inline void mask_outside(acc_t* s, int64_t n, int64_t lo, int64_t hi) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (isa_avx512() && n < (int64_t(1) << 30)) return mask_outside_avx512(s, n, lo, hi);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    if (j < lo || j >= hi) s[j] = -std::numeric_limits<acc_t>::infinity();
+}
+
+// dS = P (dP - Di) on a row, in place: ds[j] = p[j] * (ds[j] - di).
+template <typename acc_t>
+inline void ds_row(acc_t* ds, const acc_t* p, int64_t n, acc_t di) {
+#if PK_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (isa_avx512()) return ds_row_avx512(ds, p, n, di);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - di);
 }
 
 // Element conversions between storage and accumulation types.

@@ -249,7 +249,7 @@ struct CpuBackend {
 TORCH_LIBRARY_IMPL(pretrain_kernels, CPU, m) { PK_REGISTER_DIFFUSION_OPS(m, ::pk::diffusion::CpuBackend); }
 
 // diffusion_loss's CPU kernel for the direct entry of csrc/module.cpp (direct_calls.h): the
-// function registered above.
+// Ops member registered above, under a name module.cpp can reach.
 at::Tensor cpu::diffusion_loss(const at::Tensor& pred, const at::Tensor& target,
                                const std::optional<at::Tensor>& timesteps,
                                const std::optional<at::Tensor>& alphas_cumprod, c10::string_view weighting,

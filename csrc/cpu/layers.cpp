@@ -48,17 +48,15 @@ struct V16<float> {
   PK_TARGET_AVX512 static __m512 round(__m512 v) { return v; }
 };
 
-PK_TARGET_AVX512 inline __m512i bf16_bits(__m512 v) { return ::pk::cpu::bf16_bits_avx512(v); }
-
 template <>
 struct V16<c10::BFloat16> {
   PK_TARGET_AVX512 static __m512 load(const c10::BFloat16* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
   }
   PK_TARGET_AVX512 static void store(c10::BFloat16* p, __m512 v, __mmask16 m) {
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(cpu::bf16_bits_avx512(v)));
   }
-  PK_TARGET_AVX512 static __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
+  PK_TARGET_AVX512 static __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(cpu::bf16_bits_avx512(v), 16)); }
 };
 
 template <>

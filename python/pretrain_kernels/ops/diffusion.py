@@ -39,11 +39,10 @@ import weakref
 import torch
 
 from .. import _C
-from ._common import (apply_function, call_below_autograd, call_checked, is_compiling, needs_autograd, not_differentiable, raw_op,
-                      register_autograd_function, resolve_seed)
+from ._common import (_has_torch_function, apply_function, call_below_autograd, call_checked, is_compiling,
+                      needs_autograd, not_differentiable, raw_op, register_autograd_function, resolve_seed)
 
 _OPS = torch.ops.pretrain_kernels
-_has_torch_function = torch._C._has_torch_function
 _loss_direct = getattr(_C, "diffusion_loss_direct", None) or (lambda *args: NotImplemented)
 # the public functions' eager calls (ops/_common.py: raw_op)
 _ADD_NOISE = raw_op("pretrain_kernels::add_noise")
